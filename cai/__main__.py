@@ -1,0 +1,3 @@
+from cai.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""Forward-pass helpers shared by every stage that scores text: position ids under left padding,
+per-token log-probabilities, and the last non-pad token's scalar score."""
+
+from __future__ import annotations
+
+
+def position_ids(attention_mask):
+    """Positions that start at 0 on the first real token of each row, whatever the left padding."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0):
+    """log p(token_t | tokens_<t) for t = 1..T-1, shape [B, T-1]; logits are divided by `temperature`."""
+    from trl.trainer.utils import selective_log_softmax
+
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    logits = out.logits[:, :-1, :].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return selective_log_softmax(logits, input_ids[:, 1:])
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token in each row (works for left and right padding)."""
+    import torch
+
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
+
+
+def continuation_logprob(model, tokenizer, prompts: list[str], continuations: list[str], batch_size: int = 8):
+    """Sum of log p(continuation | prompt) for each (prompt, continuation), robust to tokenizer merges at the
+    boundary: the continuation's tokens are the suffix of tokenize(prompt + continuation) after tokenize(prompt)
+    when that is a prefix, else tokenize(continuation) appended to tokenize(prompt)."""
+    import torch
+
+    device = next(model.parameters()).device
+    seqs, starts = [], []
+    for p, c in zip(prompts, continuations):
+        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        full = tokenizer(p + c, add_special_tokens=False)["input_ids"]
+        if full[: len(p_ids)] != p_ids or len(full) == len(p_ids):
+            full = p_ids + tokenizer(c, add_special_tokens=False)["input_ids"]
+        seqs.append(full)
+        starts.append(len(p_ids))
+    out = []
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            chunk, st = seqs[i : i + batch_size], starts[i : i + batch_size]
+            T = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for j, s in enumerate(chunk):  # left padding
+                ids[j, T - len(s) :] = torch.tensor(s)
+                mask[j, T - len(s) :] = 1
+            lp = token_logprobs(model, ids.to(device), mask.to(device))
+            for j, s in enumerate(chunk):
+                offset = T - len(s)
+                # token k of the sequence (k >= start) is predicted at logprob index offset + k - 1
+                out.append(float(lp[j, offset + st[j] - 1 : offset + len(s) - 1].sum()))
+    return out

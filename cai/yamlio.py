@@ -1,0 +1,112 @@
+"""Safe YAML reading that remembers the line of every key, and pydantic errors turned into `file:line` lines."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cai.errors import UserError, where
+
+
+def load_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
+    """Parse a YAML file with the safe loader; return (data, {key path: 1-based line})."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{where(path, line)}: YAML does not parse: {problem}") from None
+    lines: dict[tuple, int] = {}
+    if node is not None:
+        _walk(node, (), lines)
+    return data, lines
+
+
+def _walk(node, prefix: tuple, lines: dict[tuple, int]) -> None:
+    lines.setdefault(prefix, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            k = key.value
+            lines[prefix + (k,)] = key.start_mark.line + 1
+            _walk(value, prefix + (k,), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[prefix + (i,)] = item.start_mark.line + 1
+            _walk(item, prefix + (i,), lines)
+
+
+def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    """The line of the deepest known prefix of `loc` (a missing key points at its parent)."""
+    loc = tuple(loc)
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return lines.get(())
+
+
+def dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validation_error(path, exc, lines: dict[tuple, int], model_cls=None) -> UserError:
+    """Turn the first pydantic ValidationError entry into a one-line `file:line: key: problem` error."""
+    errors = exc.errors()
+    # A misspelt key also makes its correct name "missing": report the misspelling, with a suggestion.
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    kind = err["type"]
+    key = dotted(loc) or "(top level)"
+    if kind == "extra_forbidden":
+        hint = ""
+        if model_cls is not None:
+            fields = _fields_at(model_cls, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(fields))}"
+        msg = f"unknown key '{key}'{hint}"
+    elif kind == "missing":
+        msg = f"missing key '{key}'"
+    else:
+        expected = err["msg"]
+        got = err.get("input")
+        shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+        msg = f"key '{key}': {expected} (got {shown[:60]})"
+    return UserError(f"{where(path, line_of(lines, loc))}: {msg}")
+
+
+def _fields_at(model_cls, loc: tuple) -> list[str]:
+    """Field names of the (nested) pydantic model reached by following `loc` from `model_cls`."""
+
+    cls = model_cls
+    for part in loc:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = _model_in(field.annotation)
+    return list(getattr(cls, "model_fields", {}).keys()) if cls else []
+
+
+def _model_in(annotation):
+    import typing
+
+    if hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
