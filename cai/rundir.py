@@ -126,6 +126,13 @@ class StageContext:
     inputs: dict[str, Path]
     summary: dict = field(default_factory=dict)  # key metrics the stage wants in its manifest and the run summary
     started: float = field(default_factory=time.time)
+    cache_dir: Path | None = None  # where work shared between arms goes (e.g. sampled responses); default out_dir
+
+    def shared_path(self, name: str) -> Path:
+        """A file that arms of a comparison share (the pipeline points cache_dir at a shared folder)."""
+        base = self.cache_dir or self.out_dir
+        base.mkdir(parents=True, exist_ok=True)
+        return base / name
 
     def input_dir(self, stage: str) -> Path:
         if stage not in self.inputs:
