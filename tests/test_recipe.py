@@ -1,0 +1,310 @@
+"""Recipes: every shipped recipe parses (and points at files that exist); errors name key, suggestion and line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cai import cli
+from cai.config import STAGES, Recipe, load_recipe, parse_value, validate_dotted_key
+from cai.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))  # a glob, so recipes added later are covered too
+
+MINI = """\
+name: mini
+seed: 3
+models:
+  policy: tiny-random-llama
+prompts:
+  sources:
+    - {type: builtin, kinds: [red_team], limit: 4}
+sft:
+  batch_size: 2
+  learning_rate: 1.0e-3
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def error_of(path: Path, overrides=None) -> str:
+    with pytest.raises(UserError) as info:
+        load_recipe(path, overrides)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+# --- every recipe in the repository -------------------------------------------------------------------
+
+
+def test_the_two_foundation_recipes_exist():
+    assert {"tiny.yaml", "quickstart.yaml"} <= {p.name for p in RECIPES}
+
+
+def _local_model_ref(ref: str | None) -> Path | None:
+    """A model reference that names a local file or folder (not an alias or hub id)."""
+    from cai.models import ALIASES
+
+    if not ref or ref in ALIASES or ref in ("sft", "base"):
+        return None
+    if ref.startswith((".", "/", "~")) or ref.endswith(".gguf") or ref.count("/") != 1:
+        return Path(ref).expanduser()
+    return None
+
+
+def _shipped(f: str) -> bool:
+    """A path into the repository (a folder it has) or into the shared data beside it."""
+    parts = Path(f).parts
+    return parts[:2] == ("..", "shared") or (not Path(f).is_absolute() and (ROOT / parts[0]).is_dir())
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_parses_and_its_files_exist(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name their files relative to the repository root
+    r = load_recipe(path)
+    assert r.name
+    assert list(r.stages) == [s for s in STAGES if s in r.stages]
+    files = [r.constitution, r.feedback_constitution, r.critique_revise.few_shot, r.feedback.few_shot]
+    data = [
+        s.path for s in r.prompts.sources if s.type in ("hh", "jsonl") or (s.type == "dataset" and s.path)
+    ]
+    data += [x.path for x in (r.feedback.check_set, r.feedback.human_mix) if x is not None]
+    # Data the user downloads first (GPU recipes say how, e.g. into data/) is not checked; data the
+    # project ships or reads from ../shared/data must be there.
+    files += [f for f in data if f and _shipped(f)]
+    for f in filter(None, files):
+        assert Path(f).exists(), f"{path.name}: {f} does not exist"
+    for c in filter(None, [r.constitution, r.feedback_constitution]):
+        from cai.constitution import load_constitution
+
+        load_constitution(c)
+    for ref in [
+        r.models.policy,
+        r.models.feedback,
+        r.models.reward_backbone,
+        r.models.judge,
+        r.feedback.policy,
+    ]:
+        local = _local_model_ref(ref)
+        assert local is None or local.exists(), f"{path.name}: model {ref} does not exist"
+    for arm in r.arms or []:
+        for key in arm.set:
+            validate_dotted_key(key)
+    for key in r.sweep or {}:
+        validate_dotted_key(key)
+
+
+def test_recipe_validate_cli_on_all_recipes(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    rc = cli.main(["recipe", "validate", *[str(p.relative_to(ROOT)) for p in RECIPES]])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert out.out.count("ok  ") == len(RECIPES)
+
+
+def test_defaults_are_safe():
+    r = Recipe(name="x")
+    assert r.trust_remote_code is False
+    assert r.device == "auto" and r.dtype == "auto"
+    assert list(r.stages) == list(STAGES)
+
+
+# --- misspelt keys ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "old, new, line, key, suggestion",
+    [
+        ("sft:\n  batch_size: 2", "sft:\n  batchsize: 2", 9, "sft.batchsize", "batch_size"),
+        ("models:", "modles:", 3, "modles", "models"),
+        (
+            "kinds: [red_team], limit: 4}",
+            "kinds: [red_team], limt: 4}",
+            7,
+            "prompts.sources[0].limt",
+            "limit",
+        ),
+        ("seed: 3", "sed: 3", 2, "sed", "seed"),
+    ],
+)
+def test_misspelt_key_names_key_line_and_suggestion(tmp_path, old, new, line, key, suggestion):
+    assert old in MINI
+    p = write(tmp_path, MINI.replace(old, new))
+    msg = error_of(p)
+    assert msg.startswith(f"{p}:{line}:"), msg
+    assert f"unknown key '{key}'" in msg and f"did you mean '{suggestion}'" in msg
+
+
+def test_misspelt_key_through_the_process_exits_2(tmp_path):
+    p = write(tmp_path, MINI.replace("learning_rate", "lerning_rate"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cai", "recipe", "validate", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {p}:10: unknown key 'sft.lerning_rate'; did you mean 'learning_rate'?"
+    ]
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    p = write(tmp_path, MINI + "seed: 4\n")
+    assert error_of(p) == f"{p}:11: duplicate key 'seed' (first on line 2)"
+
+
+def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
+    msg = error_of(write(tmp_path, MINI + "ppo:\n  zzzzzz: 1\n"))
+    assert "unknown key 'ppo.zzzzzz'" in msg and "valid keys:" in msg and "kl_coef" in msg
+
+
+@pytest.mark.parametrize(
+    "text, line, expected",
+    [
+        ("name: x\nseed: many\n", 2, "key 'seed'"),
+        ("name: x\nsft:\n  batch_size: 0\n", 3, "greater than or equal to 1"),
+        ("name: x\ndevice: tpu\n", 2, "'auto', 'cpu' or 'cuda'"),
+        ("seed: 1\n", 1, "missing key 'name'"),
+        ("name: x\nsft: [1, 2\n", 2, "YAML does not parse"),
+    ],
+)
+def test_other_errors_name_line_and_key(tmp_path, text, line, expected):
+    p = write(tmp_path, text)
+    msg = error_of(p)
+    assert msg.startswith(f"{p}:{line}:") and expected in msg, msg
+
+
+def test_every_recipe_given_is_checked(tmp_path, capsys):
+    bad = write(tmp_path, MINI.replace("seed", "sede"), "bad.yaml")
+    good = write(tmp_path, MINI, "good.yaml")
+    bad2 = write(tmp_path, "- a list\n", "bad2.yaml")
+    rc = cli.main(["recipe", "validate", str(bad), str(good), str(bad2)])
+    out = capsys.readouterr()
+    assert rc == 2
+    assert f"ok  {good}" in out.out
+    assert [line.split(":")[1].strip() for line in out.err.strip().splitlines()] == [str(bad), str(bad2)]
+
+
+# --- --set overrides -------------------------------------------------------------------------------------
+
+
+def test_set_overrides_with_parsed_types(tmp_path):
+    p = write(tmp_path, MINI)
+    r = load_recipe(
+        p,
+        [
+            "seed=7",
+            "sft.learning_rate=3e-4",
+            "trust_remote_code=true",
+            "models.feedback=null",
+            "models.judge=smollm2-135m-instruct",
+            "report.suites=[pairs, mine]",
+            "sft.lora.r=4",  # creates the sft.lora block
+            "ppo.kl_coef = 0.2",
+        ],
+    )
+    assert r.seed == 7 and isinstance(r.seed, int)
+    assert r.sft.learning_rate == pytest.approx(3e-4)
+    assert r.trust_remote_code is True
+    assert r.models.feedback is None and r.models.judge == "smollm2-135m-instruct"
+    assert r.report.suites == ["pairs", "mine"]
+    assert r.sft.lora is not None and r.sft.lora.r == 4 and r.sft.lora.alpha == 32
+    assert r.ppo.kl_coef == pytest.approx(0.2)
+    assert r.sft.batch_size == 2  # untouched keys keep the file's values
+
+
+def test_set_values_are_read_safely(tmp_path):
+    marker = tmp_path / "pwned"
+    value = f'!!python/object/apply:os.system ["touch {marker}"]'
+    assert parse_value(value) == value  # not a YAML tag that runs code: just a string
+    r = load_recipe(write(tmp_path, MINI), [f"name={value}"])
+    assert r.name == value
+    assert not marker.exists()
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("0.5") == 0.5 and parse_value("no") is False
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("sft.batchsize=1", "--set sft.batchsize=1: unknown key 'sft.batchsize'; did you mean 'batch_size'?"),
+        ("sft.batch_size=abc", "--set sft.batch_size=abc: key 'sft.batch_size'"),
+        ("sedd=1", "--set sedd=1: unknown key 'sedd'; did you mean 'seed'?"),
+        ("seed", "--set 'seed': key.path=value is expected"),
+        ("name.first=x", "'name' is not a mapping"),
+    ],
+)
+def test_bad_set_is_an_error_naming_the_override(tmp_path, override, expected):
+    assert expected in error_of(write(tmp_path, MINI), [override])
+
+
+def test_bad_set_through_cai_run_exits_2_before_running(tmp_path, capsys):
+    p = write(tmp_path, MINI)
+    rc = cli.main(["run", str(p), "--run-dir", str(tmp_path / "run"), "--set", "ppo.kl_coeff=0.1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "unknown key 'ppo.kl_coeff'; did you mean 'kl_coef'?" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_dotted_key():
+    validate_dotted_key("ppo.kl_coef")
+    validate_dotted_key("sft.lora.r")
+    with pytest.raises(UserError, match="did you mean 'learning_rate'"):
+        validate_dotted_key("sft.learning_rat")
+
+
+# --- stage order ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stages, ok",
+    [
+        ("[critique_revise, sft]", True),
+        ("[preference_model, ppo, report]", True),
+        ("[sft, critique_revise]", False),
+        ("[sft, sft]", False),
+        ("[ppo, feedback]", False),
+        ("[critique_revise, rlhf]", False),
+    ],
+)
+def test_stage_order(tmp_path, stages, ok):
+    p = write(tmp_path, MINI + f"stages: {stages}\n")
+    if ok:
+        assert load_recipe(p).stages == [s.strip() for s in stages.strip("[]").split(",")]
+    else:
+        msg = error_of(p)
+        assert msg.startswith(f"{p}:11:") and "stages" in msg
+
+
+def test_stage_order_error_says_the_order(tmp_path):
+    msg = error_of(write(tmp_path, MINI + "stages: [sft, critique_revise]\n"))
+    assert ", ".join(STAGES) in msg
+
+
+# --- schema export ----------------------------------------------------------------------------------------
+
+
+def test_recipe_schema_export(capsys):
+    assert cli.main(["recipe", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema == Recipe.model_json_schema()
+    assert set(schema["properties"]) == set(Recipe.model_fields)
+    assert {"critique_revise", "sft", "feedback", "preference_model", "ppo", "report"} <= set(
+        schema["properties"]
+    )
+    # every field of every block is documented for editors
+    for name, block in schema["$defs"].items():
+        for key, prop in block.get("properties", {}).items():
+            assert prop.get("description"), f"{name}.{key} has no description"
