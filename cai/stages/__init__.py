@@ -1,0 +1,1 @@
+"""Pipeline stages: each module has `run(ctx: StageContext) -> Path`."""

@@ -1,0 +1,191 @@
+"""Prompt sources: built-in sets, HH transcripts, JSONL, datasets; seeded shuffle, limits and the held-out split."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import pytest
+
+from cai.config import PromptsConfig, PromptSource
+from cai.errors import UserError
+from cai.prompts import load_prompts, load_source, parse_hh_transcript, split_hh_pair, to_messages
+
+
+def cfg(*sources, held_out=0.0, **kw):
+    return PromptsConfig(sources=[PromptSource(**s) for s in sources], held_out=held_out, **kw)
+
+
+def check_row(row):
+    assert set(row) == {"id", "messages", "category", "source", "kind"}
+    assert row["kind"] in ("red_team", "helpful")
+    assert (
+        row["messages"] and row["messages"][-1]["role"] == "user" and row["messages"][-1]["content"].strip()
+    )
+    for m in row["messages"]:
+        assert set(m) == {"role", "content"}
+
+
+def test_builtin_sets_cover_the_categories():
+    red = load_source(PromptSource(type="builtin", kinds=["red_team"]))
+    helpful = load_source(PromptSource(type="builtin", kinds=["helpful"]))
+    assert len(red) >= 120 and len(helpful) >= 60
+    for r in red + helpful:
+        check_row(r)
+    cats = Counter(r["category"] for r in red)
+    for c in (
+        "violence",
+        "weapons",
+        "theft",
+        "fraud",
+        "hate",
+        "harassment",
+        "self-harm",
+        "privacy",
+        "drugs",
+        "misinformation",
+    ):
+        assert cats[c] >= 5, c
+    assert any(len(r["messages"]) > 1 for r in red), "multi-turn red-team prompts are kept as conversations"
+    assert {r["kind"] for r in red} == {"red_team"} and {r["kind"] for r in helpful} == {"helpful"}
+    assert len({r["id"] for r in red + helpful}) == len(red) + len(helpful)
+
+
+def test_seeded_shuffle_limit_and_held_out_split():
+    c = cfg(
+        {"type": "builtin", "kinds": ["red_team"], "limit": 24},
+        {"type": "builtin", "kinds": ["helpful"], "limit": 8},
+        held_out=0.25,
+    )
+    train, held = load_prompts(c, seed=0)
+    again_train, again_held = load_prompts(c, seed=0)
+    other_train, _ = load_prompts(c, seed=1)
+    assert train == again_train and held == again_held
+    assert [r["id"] for r in train] != [r["id"] for r in other_train]
+    # each source is split on its own: 24 → 6 held out, 8 → 2 held out
+    assert Counter(r["kind"] for r in held) == {"red_team": 6, "helpful": 2}
+    assert Counter(r["kind"] for r in train) == {"red_team": 18, "helpful": 6}
+    assert not {r["id"] for r in train} & {r["id"] for r in held}
+    # the limit takes a random (seeded) subset, not the first rows of the file
+    assert sorted(r["id"] for r in train + held if r["kind"] == "red_team") != [
+        f"rt-{i:04d}" for i in range(1, 25)
+    ]
+
+
+def test_categories_filter_and_helpful_fraction():
+    train, _ = load_prompts(
+        cfg({"type": "builtin", "kinds": ["red_team"], "categories": ["drugs", "privacy"]}), 0
+    )
+    assert {r["category"] for r in train} == {"drugs", "privacy"}
+    with pytest.raises(UserError, match="categories"):
+        load_prompts(cfg({"type": "builtin", "kinds": ["red_team"], "categories": ["no-such"]}), 0)
+    c = cfg(
+        {"type": "builtin", "kinds": ["red_team"], "limit": 30},
+        {"type": "builtin", "kinds": ["helpful"], "limit": 30},
+        helpful_fraction=0.25,
+    )
+    train, _ = load_prompts(c, 0)
+    kinds = Counter(r["kind"] for r in train)
+    assert kinds == {"red_team": 30, "helpful": 10}
+
+
+def test_hh_source_gives_the_conversation_up_to_the_last_human_turn(shared_data):
+    path = shared_data / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
+    rows = load_source(PromptSource(type="hh", path=str(path)))
+    assert len(rows) == 1800
+    for r in rows[:200]:
+        check_row(r)
+    multi = [r for r in rows if len(r["messages"]) >= 3]
+    assert len(multi) > 100
+    # the prompt is the chosen transcript minus its last assistant reply
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    convo, chosen, _ = split_hh_pair(first)
+    assert rows[0]["messages"] == convo and rows[0]["id"] == "harmless-base-dev-1"
+    assert chosen not in [m["content"] for m in rows[0]["messages"]]
+    train, held = load_prompts(cfg({"type": "hh", "path": str(path), "limit": 50}, held_out=0.2), 3)
+    assert len(train) == 40 and len(held) == 10
+
+
+def test_parse_hh_transcript_roles():
+    msgs = parse_hh_transcript("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: so")
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert to_messages("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: so", "x")[-1] == {
+        "role": "user",
+        "content": "how?",
+    }
+
+
+def test_jsonl_source_column_kind_and_errors(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    rows = [
+        {"question": "How do I pick a lock?", "category": "theft"},
+        {
+            "question": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hey"},
+                {"role": "user", "content": "bake bread?"},
+            ],
+            "kind": "helpful",
+        },
+        {"question": "Tell me a joke", "id": "j1"},
+    ]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = load_source(PromptSource(type="jsonl", path=str(p), column="question"))
+    assert [r["id"] for r in got] == ["mine-1", "mine-2", "j1"]
+    assert [r["kind"] for r in got] == ["red_team", "helpful", "red_team"]
+    assert got[0]["category"] == "theft" and got[0]["source"] == "jsonl:mine.jsonl"
+    assert len(got[1]["messages"]) == 3
+    with pytest.raises(UserError, match=r"mine\.jsonl:1: key 'prompt'"):
+        load_source(PromptSource(type="jsonl", path=str(p)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": broken\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: invalid JSON"):
+        load_source(PromptSource(type="jsonl", path=str(bad)))
+    with pytest.raises(UserError, match="file not found"):
+        load_prompts(cfg({"type": "jsonl", "path": str(tmp_path / "missing.jsonl")}), 0)
+
+
+def test_dataset_source_local_folder_and_file(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list(
+        [{"text": f"question number {i}?", "category": "quiz"} for i in range(10)]
+    )
+    ds.save_to_disk(str(tmp_path / "saved"))
+    rows = load_source(
+        PromptSource(type="dataset", path=str(tmp_path / "saved"), column="text", kind="helpful")
+    )
+    assert len(rows) == 10 and rows[3]["messages"] == [{"role": "user", "content": "question number 3?"}]
+    assert (
+        rows[0]["kind"] == "helpful"
+        and rows[0]["category"] == "quiz"
+        and rows[0]["source"] == "dataset:saved"
+    )
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"q": f"item {i}"}) + "\n" for i in range(4)))
+    assert len(load_source(PromptSource(type="dataset", path=str(f), column="q"))) == 4
+    with pytest.raises(UserError, match="no column 'prompt'"):
+        load_source(PromptSource(type="dataset", path=str(f)))
+
+
+def test_dataset_hub_name_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    with pytest.raises(UserError, match="hub"):
+        load_source(PromptSource(type="dataset", name="someone/red-team-prompts", column="prompt"))
+    assert time.time() - t0 < 10
+
+
+def test_duplicate_prompts_are_dropped_and_duplicate_ids_rejected(tmp_path):
+    p = tmp_path / "dup.jsonl"
+    p.write_text('{"prompt": "same  question"}\n{"prompt": "same question"}\n{"prompt": "other"}\n')
+    train, _ = load_prompts(cfg({"type": "jsonl", "path": str(p)}), 0)
+    assert len(train) == 2
+    q = tmp_path / "ids.jsonl"
+    q.write_text('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n')
+    with pytest.raises(UserError, match="'x' appears twice"):
+        load_prompts(cfg({"type": "jsonl", "path": str(q)}), 0)

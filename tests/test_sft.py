@@ -1,0 +1,189 @@
+"""sft on the tiny model: completion-only labels, likelihood of the revisions rises, resume, LoRA merge."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cai.rundir import StageContext, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe_with(run_dir, *sets):
+    from cai.config import load_recipe
+
+    return load_recipe(ROOT / "recipes/tiny.yaml", [f"run_dir={run_dir}", *sets])
+
+
+@pytest.fixture(scope="module")
+def cr_dir(tmp_path_factory, tiny_dir):
+    """critique_revise output of the tiny recipe, made once for this module."""
+    from cai import pipeline
+
+    run_dir = tmp_path_factory.mktemp("sft") / "run"
+    old = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        pipeline.run(recipe_with(run_dir), only=["critique_revise"])
+    finally:
+        os.chdir(old)
+    return run_dir / "critique_revise"
+
+
+def run_sft(cr_dir, out_dir, *sets):
+    from cai.stages import sft
+
+    ctx = StageContext(
+        recipe=recipe_with(out_dir.parent, *sets),
+        stage="sft",
+        out_dir=out_dir,
+        inputs={"critique_revise": cr_dir},
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sft.run(ctx)
+    return ctx
+
+
+def mean_loglik(model, tok, records) -> float:
+    """Mean per-token log-likelihood of each record's final text (plus end of turn) after its prompt."""
+    from cai.scoring import continuation_logprob
+
+    prompts = [
+        tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in records
+    ]
+    conts = [r["final"] + tok.eos_token for r in records]
+    total = sum(continuation_logprob(model, tok, prompts, conts))
+    return total / sum(len(tok(c, add_special_tokens=False)["input_ids"]) for c in conts)
+
+
+def test_loss_is_on_the_completion_only(tiny, cr_dir, tmp_path):
+    from cai.stages.sft import build_trainer, sft_examples
+
+    model, tok = tiny
+    records = read_jsonl(cr_dir / "data.jsonl")
+    examples = sft_examples(records)
+    assert len(examples) == len(records)
+    assert len(sft_examples(records, include_helpful=False)) == sum(r["kind"] == "red_team" for r in records)
+    import copy
+
+    trainer = build_trainer(recipe_with(tmp_path), copy.deepcopy(model), tok, examples[:3], tmp_path / "ck")
+    for ex, row in zip(examples[:3], trainer.train_dataset):
+        ids, labels = row["input_ids"], row["labels"]
+        first = next(i for i, x in enumerate(labels) if x != -100)
+        assert all(x != -100 for x in labels[first:])  # one contiguous span at the end
+        prompt_text = tok.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True)
+        assert tok.decode(ids[:first]) == prompt_text
+        assert tok.decode(labels[first:]) == ex["completion"][0]["content"] + "<|im_end|>\n"  # learns to stop
+
+
+def test_sft_raises_the_likelihood_of_the_revisions(tiny, cr_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cai.models import load_model
+
+    base, tok = tiny
+    ctx = run_sft(cr_dir, tmp_path / "sft")
+    out = tmp_path / "sft"
+    revisions = [r for r in read_jsonl(cr_dir / "data.jsonl") if r["kind"] == "red_team"]
+    assert revisions
+    trained = load_model(str(out / "model"))
+    before, after = mean_loglik(base, tok, revisions), mean_loglik(trained, tok, revisions)
+    assert after > before + 0.05, (before, after)
+    hf = AutoModelForCausalLM.from_pretrained(str(out / "model"))
+    assert hf.config.vocab_size == base.config.vocab_size
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert {"loss", "learning_rate", "grad_norm", "epoch"} <= set(r)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert not (out / "checkpoints").exists()  # removed once the model is saved
+    assert ctx.summary["steps"] == 4 and ctx.summary["examples"] == len(read_jsonl(cr_dir / "data.jsonl"))
+
+
+def test_interrupted_sft_resumes_from_its_last_checkpoint(cr_dir, tmp_path, monkeypatch, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from cai.stages import sft
+
+    original = sft._callback
+
+    def stopping_callback(log):
+        cb = original(log)
+
+        class StopAtThree(type(cb)):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == 3:  # after checkpoint-2 was written, before step 3 is logged
+                    raise KeyboardInterrupt
+
+        cb.__class__ = StopAtThree
+        return cb
+
+    out = tmp_path / "sft"
+    monkeypatch.setattr(sft, "_callback", stopping_callback)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(cr_dir, out)
+    assert (out / "checkpoints" / "checkpoint-2").is_dir() and not (out / "model").exists()
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    monkeypatch.setattr(sft, "_callback", original)
+    run_sft(cr_dir, out)
+    assert "resuming from" in capsys.readouterr().out
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    # the resumed run ends where an uninterrupted one does
+    ref = tmp_path / "ref" / "sft"
+    run_sft(cr_dir, ref)
+    a, b = (
+        load_file(str(out / "model" / "model.safetensors")),
+        load_file(str(ref / "model" / "model.safetensors")),
+    )
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_lora_is_merged_on_save(tiny, cr_dir, tmp_path):
+    import torch
+
+    from cai.models import load_model
+
+    base, _ = tiny
+    out = tmp_path / "sft"
+    run_sft(cr_dir, out, "sft.lora={r: 4, alpha: 8}", "sft.learning_rate=1.0e-2")
+    files = {p.name for p in (out / "model").iterdir()}
+    assert "config.json" in files and "model.safetensors" in files and "adapter_config.json" not in files
+    merged = load_model(str(out / "model"))
+    base_sd, merged_sd = base.state_dict(), merged.state_dict()
+    assert base_sd.keys() == merged_sd.keys()  # plain weights, no lora_A/lora_B left
+    changed = [k for k in base_sd if not torch.equal(base_sd[k], merged_sd[k])]
+    assert any("q_proj" in k for k in changed)
+    assert not any("embed_tokens" in k or "norm" in k for k in changed)  # LoRA touches the linear layers only
+    shutil.rmtree(out)
+
+
+def test_unmerged_lora_saves_an_adapter_both_loaders_open(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cai.config import LoraConfig
+    from cai.models import load_model, load_tokenizer, wrap_lora
+    from cai.stages.sft import save_model
+
+    model = wrap_lora(load_model("tiny-random-llama"), LoraConfig(r=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)  # a non-zero adapter
+    save_model(model, load_tokenizer("tiny-random-llama"), tmp_path / "model", merge=False)
+    assert (tmp_path / "model" / "adapter_config.json").is_file()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    want = model(input_ids=ids).logits
+    for loaded in (
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")),
+        load_model(str(tmp_path / "model")),
+    ):
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
