@@ -39,6 +39,11 @@ def continuation_logprob(model, tokenizer, prompts: list[str], continuations: li
     device = next(model.parameters()).device
     seqs, starts = [], []
     for p, c in zip(prompts, continuations):
+        # A prompt's trailing spaces belong to the continuation's first token in BPE vocabularies (" (A)"), so
+        # "...is: " + "(A)" is scored as "...is:" + " (A)", the way the tokenizer splits the joined text.
+        core = p.rstrip(" ")
+        if core != p and c and not c[0].isspace():
+            p, c = core, p[len(core) :] + c
         p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
         full = tokenizer(p + c, add_special_tokens=False)["input_ids"]
         if full[: len(p_ids)] != p_ids or len(full) == len(p_ids):

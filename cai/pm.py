@@ -1,0 +1,187 @@
+"""Preference-model scoring: the loss maths, how a conversation is rendered and scored, and `RewardScorer`.
+
+The score of a conversation is the scalar head's output at its last real token (by attention mask, so left
+and right padding give the same score, and a final token that equals the pad id is still read). Training
+(cai.stages.preference_model), PPO and evaluation all go through `sequence_scores`, so they agree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cai.errors import UserError
+
+NORM_FILE = "score_norm.json"
+
+
+# ---- loss maths (pure; tested on hand-made tensors) ----
+
+
+def soft_label_loss(r_a, r_b, p_a):
+    """Per-pair soft-label cross-entropy −[p·log σ(r_a−r_b) + (1−p)·log σ(r_b−r_a)] (the CAI paper's PM loss).
+
+    With p_a ∈ {0, 1} it is the Bradley–Terry loss on hard labels."""
+    import torch.nn.functional as F
+
+    d = r_a - r_b
+    return -(p_a * F.logsigmoid(d) + (1.0 - p_a) * F.logsigmoid(-d))
+
+
+def centring_loss(r_a, r_b):
+    """Reward-centring term (r_a + r_b)², which keeps scores near zero mean (as in TRL's center_rewards)."""
+    return (r_a + r_b) ** 2
+
+
+def preference_loss(r_a, r_b, p_a, *, hard: bool = False, center_coef: float = 0.0):
+    """Mean PM loss over a batch: soft labels (or labels rounded to 0/1 with `hard`) plus optional centring."""
+    target = (p_a > 0.5).to(r_a.dtype) + 0.5 * (p_a == 0.5).to(r_a.dtype) if hard else p_a
+    loss = soft_label_loss(r_a, r_b, target).mean()
+    if center_coef:
+        loss = loss + center_coef * centring_loss(r_a, r_b).mean()
+    return loss
+
+
+def pair_accuracy(r_a, r_b, p_a):
+    """Share of pairs (with a non-tied label) whose score order agrees with the label; nan when all tie."""
+    keep = p_a != 0.5
+    if not bool(keep.any()):
+        return float("nan")
+    return float(((r_a > r_b) == (p_a > 0.5))[keep].float().mean())
+
+
+# ---- rendering and scoring ----
+
+
+def conversation_ids(tokenizer, conversation: list[dict], max_length: int | None = None) -> list[int]:
+    """Token ids of a full conversation (ending with the assistant response) through the chat template.
+
+    Over `max_length`, tokens are dropped from the left: the score is read at the end, so the response stays."""
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_length is not None and len(ids) > max_length:
+        ids = ids[-max_length:]
+    return ids
+
+
+def _head(model):
+    """The scalar head module (score/classifier/v_head) of a sequence-classification model, peft-wrapped or not."""
+    inner = model
+    for _ in range(4):
+        for name in ("score", "classifier", "v_head"):
+            mod = getattr(inner, name, None)
+            if mod is not None and hasattr(mod, "register_forward_hook"):
+                return mod
+        nxt = getattr(inner, "base_model", None) or getattr(inner, "model", None)
+        if nxt is None or nxt is inner:
+            break
+        inner = nxt
+    return None
+
+
+def sequence_scores(model, input_ids, attention_mask):
+    """Scalar score of each row, read at its last real token (attention mask), shape [B]; keeps gradients."""
+    import torch
+
+    from cai.scoring import last_token_index, position_ids
+
+    head = _head(model)
+    captured = {}
+    hook = (
+        head.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+        if head is not None
+        else None
+    )
+    try:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    per_token = captured.get("out")
+    if per_token is None or per_token.dim() != 3:  # no hookable head: trust the model's own pooling
+        return out.logits.squeeze(-1)
+    idx = last_token_index(attention_mask)
+    return per_token[torch.arange(per_token.shape[0], device=per_token.device), idx, 0].float()
+
+
+def read_norm(model_dir: str | Path) -> dict:
+    p = Path(model_dir) / NORM_FILE
+    if not p.is_file():
+        return {"mean": 0.0, "std": 1.0}
+    data = json.loads(p.read_text())
+    return {"mean": float(data["mean"]), "std": float(data["std"]) or 1.0}
+
+
+class RewardScorer:
+    """A trained preference model loaded for scoring (PPO rewards, evaluation)."""
+
+    def __init__(self, model_dir, device="cpu", dtype="auto", trust_remote_code=False):
+        from cai.models import load_model, load_tokenizer
+
+        model_dir = Path(model_dir)
+        if (model_dir / "model" / "config.json").is_file():  # a preference_model stage folder
+            model_dir = model_dir / "model"
+        if not (model_dir / "config.json").is_file():
+            raise UserError(
+                f"preference model '{model_dir}': no config.json (expected a preference_model/model folder)"
+            )
+        self.model_dir = model_dir
+        self.tokenizer = load_tokenizer(
+            str(model_dir), padding_side="left", trust_remote_code=trust_remote_code
+        )
+        self.model = load_model(
+            str(model_dir), kind="seq_cls", device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        self.model.eval()
+        norm = read_norm(model_dir)
+        self.mean, self.std = norm["mean"], norm["std"]
+        self.device = next(self.model.parameters()).device
+        self.max_length = None
+
+    def score_ids(self, input_ids, attention_mask):
+        """Raw fp32 scores [B] for already tokenised rows (same tokenizer; left or right padding), on the
+        device of `input_ids`; no gradients."""
+        import torch
+
+        with torch.no_grad():
+            scores = sequence_scores(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+        return scores.to(input_ids.device)
+
+    def score(
+        self,
+        conversations: list[list[dict]],
+        batch_size=8,
+        max_length: int | None = None,
+        desc: str | None = None,
+    ):
+        """Raw scores of conversations that end with the assistant response, shape [N] (CPU).
+        With `desc`, a progress bar shows sequences per second."""
+        import torch
+        from tqdm.auto import tqdm
+
+        seqs = [conversation_ids(self.tokenizer, c, max_length or self.max_length) for c in conversations]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = torch.zeros(len(seqs))
+        pad = self.tokenizer.pad_token_id
+        bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=desc is None, dynamic_ncols=True)
+        for s in range(0, len(order), batch_size):
+            chunk = order[s : s + batch_size]
+            T = max(len(seqs[i]) for i in chunk)
+            ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for j, i in enumerate(chunk):
+                ids[j, T - len(seqs[i]) :] = torch.tensor(seqs[i])
+                mask[j, T - len(seqs[i]) :] = 1
+            out[chunk] = self.score_ids(ids, mask)
+            bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def normalize(self, raw):
+        """(raw − mean) / std with the statistics stored beside the model."""
+        return (raw - self.mean) / self.std

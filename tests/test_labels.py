@@ -1,0 +1,227 @@
+"""AI feedback labels: forced feedback models, position-bias control, CoT clamping, tokenisation, prompts."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+import pytest
+
+from cai.constitution import Principle
+from cai.labels import (
+    Labeller,
+    PairToLabel,
+    agreement,
+    build_mc_prompt,
+    check_warning,
+    hh_check,
+    load_feedback_few_shot,
+    option_continuations,
+    wilson_ci,
+)
+
+GOOD, BAD = (
+    "I won't help with that, but here is a safe alternative.",
+    "Sure, here is how to do the harmful thing.",
+)
+PRINCIPLE = Principle(id="harmless", critique="c", revision="r", feedback="Which response is more harmless?")
+OTHER = Principle(
+    id="ethical", critique="c", revision="r", feedback="Which response is more ethical? Options:"
+)
+
+
+def forced_model(tiny, mode: str, strength: float = 30.0):
+    """The tiny Llama with logits pushed towards one letter token at every position.
+
+    mode 'A': always the token "A" (pure position bias). mode 'content': the letter of the option whose text
+    starts with GOOD's first words (an oracle that prefers the harmless answer wherever it is shown).
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    base, tok = tiny
+
+    class Forced(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, **kw):
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kw)
+            bias = torch.zeros(input_ids.shape[0], out.logits.shape[-1])
+            for b in range(input_ids.shape[0]):
+                letter = "A"
+                if mode == "content":
+                    text = tok.decode(input_ids[b].tolist())
+                    block = text[text.rfind("Options:") :]
+                    m = re.search(r"\((A|B)\) (?:\[\[\[)?" + re.escape(GOOD[:12]), block)
+                    if m is None:
+                        continue  # generation steps see one token: no preference
+                    letter = m.group(1)
+                bias[b, tok.convert_tokens_to_ids(letter)] = strength
+            out.logits = out.logits + bias[:, None, :].to(out.logits.dtype)
+            return out
+
+    model = Forced(base.config)
+    model.load_state_dict(base.state_dict())
+    model.generation_config = base.generation_config
+    return model.eval(), tok
+
+
+def pairs():
+    msgs = [{"role": "user", "content": "How do I hurt someone?"}]
+    return [PairToLabel("good-a", msgs, GOOD, BAD), PairToLabel("good-b", msgs, BAD, GOOD)]
+
+
+@pytest.mark.parametrize("chat,exact", [(True, False), (False, True)])
+def test_content_preference_gives_p_a_near_1_or_0(tiny, chat, exact):
+    model, tok = forced_model(tiny, "content")
+    for both in (True, False):
+        res = Labeller(model, tok, both_orders=both, chat=chat, exact_options=exact).label(
+            pairs(), [[PRINCIPLE], [PRINCIPLE, OTHER]]
+        )
+        assert res[0].p_a > 0.99 and res[1].p_a < 0.01
+        assert res[0].order_gap < 0.01
+        assert set(res[0].p_a_orders) == ({"ab", "ba"} if both else {"ab"})
+        assert res[1].principle_ids == ["harmless", "ethical"] and set(res[1].per_principle) == {
+            "harmless",
+            "ethical",
+        }
+
+
+def test_position_bias_is_averaged_out_and_reported(tiny):
+    model, tok = forced_model(tiny, "A")
+    res = Labeller(model, tok, both_orders=True).label(pairs(), [[PRINCIPLE], [PRINCIPLE]])
+    for r in res:  # always answers "(A)": each order is certain, in opposite directions
+        assert r.p_a_orders["ab"] > 0.99 and r.p_a_orders["ba"] < 0.01
+        assert abs(r.p_a - 0.5) < 0.01 and r.order_gap > 0.98
+    one = Labeller(model, tok, both_orders=False).label(pairs(), [[PRINCIPLE], [PRINCIPLE]])
+    assert all(r.p_a > 0.99 and r.order_gap == 0.0 for r in one)  # without the control the bias is the label
+
+
+def test_chain_of_thought_reasons_then_clamps(tiny):
+    model, tok = forced_model(tiny, "content")
+    lab = Labeller(model, tok, chain_of_thought=True, cot_clamp=(0.4, 0.6), cot_max_new_tokens=4)
+    res = lab.label(pairs(), [[PRINCIPLE], [PRINCIPLE]])
+    assert res[0].p_a == pytest.approx(0.6) and res[1].p_a == pytest.approx(0.4)
+    prompt = lab._with_reasoning(
+        [lab.prompt(pairs()[0].messages, PRINCIPLE.feedback, GOOD, BAD)], ["x"], "t"
+    )[0]
+    assert "Let's think step by step:" in prompt and prompt.endswith("Therefore, the answer is:")
+
+
+def test_prompt_layout_chat_and_plain(tiny):
+    _, tok = tiny
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Q?"},
+    ]
+    plain = build_mc_prompt(tok, msgs, "Pick one. Options:", "first", "second", chat=False)
+    assert plain.startswith("Consider the following conversation between a human and an assistant:")
+    assert "Human: hi\n\nAssistant: hello\n\nHuman: Q?" in plain
+    assert plain.count("Options:") == 1 and "Options:\n(A) first\n(B) second\nThe answer is:" in plain
+    assert plain.endswith("The answer is:")
+    chat = build_mc_prompt(tok, msgs, "Pick one.", "first", "second", chat=True)
+    assert chat.startswith("<|im_start|>user\nConsider the following conversation")
+    assert chat.endswith("<|im_end|>\n<|im_start|>assistant\nThe answer is:")
+    assert option_continuations(tok, chat) == [" (A)", " (B)"]
+    assert option_continuations(tok, chat + " ") == ["(A)", "(B)"]
+
+
+def test_few_shot_file_and_alternating_answers(tiny, shared_data):
+    _, tok = tiny
+    shots = load_feedback_few_shot(shared_data / "cai-paper" / "RLMadisonFewShotPrompts.json")
+    assert len(shots) >= 5 and all(
+        s["messages"][-1]["role"] == "user" and s["chosen"] and s["rejected"] for s in shots
+    )
+    text = build_mc_prompt(
+        tok, [{"role": "user", "content": "Q?"}], "Pick.", "x", "y", few_shot=shots[:2], chat=False
+    )
+    blocks = text.split("\n\nConsider the following conversation")
+    assert len(blocks) == 3
+    assert f"(A) {shots[0]['chosen']}" in blocks[0] and blocks[0].endswith("The answer is: (A)")
+    assert f"(B) {shots[1]['chosen']}" in blocks[1] and blocks[1].endswith("The answer is: (B)")
+
+
+def test_few_shot_file_errors_name_the_item(tmp_path):
+    from cai.errors import UserError
+
+    bad = tmp_path / "shots.json"
+    bad.write_text('[{"prompt": "\\n\\nHuman: hi\\n\\nAssistant:", "corrects": ["a"]}]')
+    with pytest.raises(UserError, match="item 0"):
+        load_feedback_few_shot(bad)
+
+
+def _bpe_tokenizer():
+    """A small trained byte-level BPE in which ' (' is one token, as in GPT-2-style vocabularies."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<pad>"]
+    )
+    core.train_from_iterator(["The answer is: (A) or (B)."] * 50, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>")
+
+
+def test_option_tokens_are_scored_as_the_tokenizer_splits_them():
+    """A prompt ending in a space must score '(A)' as the token ' (' + ..., not as ' ' + '(' + ... ."""
+    import torch
+
+    from cai.scoring import continuation_logprob
+
+    tok = _bpe_tokenizer()
+    assert len(tok.tokenize(" (A)")) < len(tok.tokenize(" ")) + len(tok.tokenize("(A)"))
+
+    class Uniform(
+        torch.nn.Module
+    ):  # every token has log-prob -log V: a score counts the continuation's tokens
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, len(tok)) + self.w})()
+
+    m, V = Uniform(), len(tok)
+    n_tokens = len(tok.tokenize(" (A)"))
+    joined, spaced = continuation_logprob(m, tok, ["The answer is:", "The answer is: "], [" (A)", "(A)"])
+    assert joined == pytest.approx(-n_tokens * math.log(V), rel=1e-5)
+    assert spaced == pytest.approx(joined, rel=1e-5)
+
+
+def test_options_part_at_the_letter_token(tiny):
+    from cai.labels import shared_prefix
+
+    tok = _bpe_tokenizer()
+    for t in (tok, tiny[1]):
+        prompt = "The answer is:"
+        prefix, nexts = shared_prefix(t, prompt, [" (A)", " (B)"])
+        assert t.decode(prefix) == prompt + " (" and [t.decode([n]) for n in nexts] == ["A", "B"]
+        assert shared_prefix(t, prompt + " ", ["(A)", "(B)"]) == (prefix, nexts)
+    assert shared_prefix(tiny[1], "Q:", [" yes", " yes"]) is None  # options that never part
+
+
+def test_agreement_and_wilson_ci():
+    lo, hi = wilson_ci(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+    a = agreement([0.9, 0.2, 0.5, 0.7], [True, False, True, False])
+    assert a["n"] == 4 and a["agreement"] == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+    assert a["mean_p_human_choice"] == pytest.approx((0.9 + 0.8 + 0.5 + 0.3) / 4)
+    assert "not above chance" in check_warning(a)
+    assert check_warning({**a, "above_chance": True}) is None
+
+
+def test_hh_check_with_an_oracle_labeller(tiny):
+    model, tok = forced_model(tiny, "content")
+    rows = [
+        {
+            "chosen": f"\n\nHuman: question {i}?\n\nAssistant: {GOOD}",
+            "rejected": f"\n\nHuman: question {i}?\n\nAssistant: {BAD}",
+        }
+        for i in range(12)
+    ]
+    check = hh_check(Labeller(model, tok), rows, lambda: [PRINCIPLE], random.Random(0))
+    assert check["n"] == 12 and check["agreement"] == 1.0 and check["above_chance"]
+    assert check["ci95"][0] > 0.5 and check["mean_order_gap"] < 0.01 and check_warning(check) is None

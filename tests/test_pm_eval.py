@@ -1,0 +1,176 @@
+"""`cai pm eval` / `cai feedback eval` end to end on the shared suites (with --limit), and the statistics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cai.cli import main
+from cai.eval_metrics import bootstrap_ci, calibration_points, ece, reliability_bins, summarise
+
+
+@pytest.fixture(scope="module")
+def pm_dir(tmp_path_factory, tiny_dir):
+    """An untrained tiny PM folder, laid out as the preference_model stage saves it."""
+    from cai.models import load_model, load_tokenizer
+    from cai.rundir import write_json
+
+    out = tmp_path_factory.mktemp("pm") / "model"
+    load_model("tiny-random-llama", kind="seq_cls").save_pretrained(out)
+    load_tokenizer("tiny-random-llama").save_pretrained(out)
+    write_json(out / "score_norm.json", {"mean": 0.1, "std": 2.0})
+    return out
+
+
+def _check(result_path, n, tags):
+    res = json.loads(result_path.read_text())
+    assert res["n"] == n and set(res["per_tag"]) == set(tags)
+    lo, hi = res["ci95"]
+    assert 0 <= lo <= res["accuracy"] <= hi <= 1 and res["chance"] == pytest.approx(0.5)
+    assert 0 <= res["ece"] <= 1 and sum(b["n"] for b in res["reliability"]) == 2 * n
+    png = result_path.with_name(result_path.stem + "-reliability.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = result_path.with_suffix(".md").read_text()
+    assert "accuracy" in md and png.name in md
+    return res
+
+
+def test_pm_eval_on_hh_pairs_and_ai_risk(pm_dir, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert (
+        main(["pm", "eval", "--model", str(pm_dir), "--suite", "pairs", "--limit", "6", "--out", str(out)])
+        == 0
+    )
+    res = _check(out / "pm-pairs.json", 6, ["single-turn", "multi-turn"])
+    assert "mean_margin" in res
+    assert (
+        main(
+            [
+                "pm",
+                "eval",
+                "--model",
+                str(pm_dir.parent),
+                "--suite",
+                "ai-risk",
+                "--limit",
+                "6",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    _check(out / "pm-ai-risk.json", 6, ["power-seeking-inclination", "wealth-seeking-inclination"])
+    printed = capsys.readouterr().out
+    assert "pm eval ai-risk: accuracy" in printed and "chance 0.500" in printed
+
+
+def test_pm_eval_agrees_with_the_scorer(pm_dir):
+    """Accuracy counts the items whose right answer scores higher, with the scores RewardScorer gives."""
+    from cai.evaluation import evaluate_pm
+    from cai.pm import RewardScorer
+    from cai.reward_specs import load_items, load_suite
+
+    scorer = RewardScorer(pm_dir)
+    assert (scorer.mean, scorer.std) == (0.1, 2.0)
+    items = load_items(load_suite("ai-risk"), 4)
+    res = evaluate_pm(scorer, "ai-risk", 4)
+    s = scorer.score(
+        [it.messages + [{"role": "assistant", "content": c}] for it in items for c in it.candidates]
+    )
+    hits = [float(s[2 * i] > s[2 * i + 1]) for i in range(4)]
+    assert res["accuracy"] == pytest.approx(sum(hits) / 4)
+    assert res["mean_margin"] == pytest.approx(
+        float(sum(s[2 * i] - s[2 * i + 1] for i in range(4)) / 4), abs=1e-5
+    )
+
+
+def test_feedback_eval_multiple_choice_and_errors(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "fb"
+    assert (
+        main(
+            [
+                "feedback",
+                "eval",
+                "--model",
+                "tiny-random-llama",
+                "--suite",
+                "harmful-vs-ethical",
+                "--limit",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    res = json.loads((out / "feedback-harmful-vs-ethical.json").read_text())
+    assert res["n"] == 2 and res["chance"] == 0.5 and res["template"] == "chat"
+    assert (
+        main(
+            [
+                "feedback",
+                "eval",
+                "--model",
+                "tiny-random-llama",
+                "--suite",
+                "multiple-choice",
+                "--out",
+                str(out),
+                "--template",
+                "plain",
+            ]
+        )
+        == 0
+    )
+    res = json.loads((out / "feedback-multiple-choice.json").read_text())
+    assert res["n"] == 5 and res["template"] == "plain"
+    assert main(["pm", "eval", "--model", str(tmp_path), "--suite", "pairs"]) == 2
+    assert main(["pm", "eval", "--model", str(out), "--suite", "no-such-suite"]) == 2
+    err = capsys.readouterr().err
+    assert "no config.json" in err and "suite 'no-such-suite'" in err
+
+
+def test_suite_file_with_a_bad_row_names_the_line(tmp_path):
+    from cai.errors import UserError
+    from cai.reward_specs import load_items, load_suite
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text(
+        '{"prompt": "Q?\\n (A) x\\n (B) y\\nThe answer is:", "corrects": [" (A)"], "incorrects": [" (B)"]}\n{"prompt": "Q?"}\n'
+    )
+    suite = tmp_path / "mine.yaml"
+    suite.write_text(f"name: mine\nformat: multiple_choice\nfiles: [{data}]\n")
+    with pytest.raises(UserError, match=r"mc.jsonl:2: key 'corrects'"):
+        load_items(load_suite(str(suite)))
+    data.write_text(data.read_text().splitlines()[0] + "\n")
+    (item,) = load_items(load_suite(str(suite)))
+    assert (
+        item.candidates == ["(A) x", "(B) y"]
+        and item.mc_options == [" (A)", " (B)"]
+        and item.messages[0]["content"] == "Q?"
+    )
+
+
+def test_statistics_by_hand():
+    assert ece([0.8] * 10, [1.0] * 8 + [0.0] * 2) == pytest.approx(0.0)
+    assert ece([0.9] * 10, [1.0] * 5 + [0.0] * 5) == pytest.approx(0.4)
+    bins = reliability_bins([0.05, 0.95, 0.97], [0.0, 1.0, 0.0])
+    assert bins[0]["n"] == 1 and bins[9]["n"] == 2 and bins[9]["freq"] == 0.5
+    ps, ys = calibration_points([[0.7, 0.3]], [0])
+    assert ps == [0.7, 0.3] and ys == [1.0, 0.0]
+    lo, hi = bootstrap_ci([1.0] * 30 + [0.0] * 10, seed=1)
+    assert lo < 0.75 < hi and hi - lo < 0.4
+    s = summarise(
+        [1.0, 0.0, 1.0, 1.0],
+        [[0.9, 0.1], [0.4, 0.6], [0.6, 0.4], [0.7, 0.3]],
+        [0] * 4,
+        ["a", "a", "b", "b"],
+        [1.0, -1.0, 2.0, 0.5],
+    )
+    assert (
+        s["accuracy"] == 0.75
+        and s["per_tag"]["a"]["accuracy"] == 0.5
+        and s["mean_margin"] == pytest.approx(0.625)
+    )
