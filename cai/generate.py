@@ -55,6 +55,7 @@ class Generated:
     response_ids: object  # LongTensor [B, R]
     response_mask: object  # LongTensor [B, R], 1 up to and including EOS
     finished: object  # BoolTensor [B]: ended with EOS
+    logits: object = None  # FloatTensor [B, R, V]: raw next-token logits (before temperature), with_logits only
 
 
 class Backend(Protocol):
@@ -68,7 +69,9 @@ class HFBackend:
         self.model = model
         self.tokenizer = tokenizer
 
-    def generate_ids(self, prompts: list[list[int]], sampling: Sampling, seed: int) -> Generated:
+    def generate_ids(self, prompts: list[list[int]], sampling: Sampling, seed: int, with_logits: bool = False) -> Generated:
+        """Sample responses; `with_logits` also returns the raw logits of every step (PPO reads its old
+        log-probabilities from them instead of a second forward pass)."""
         import torch
 
         tok = self.tokenizer
@@ -98,7 +101,13 @@ class HFBackend:
         self.model.eval()
         torch.manual_seed(seed)
         with torch.no_grad():
+            if with_logits:
+                kwargs.update(output_logits=True, return_dict_in_generate=True)
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        logits = None
+        if with_logits:
+            logits = torch.stack(out.logits, 1)
+            out = out.sequences
         if was_training:
             self.model.train()
         resp = out[:, P:].cpu()
@@ -107,7 +116,7 @@ class HFBackend:
         rmask = (~seen_eos_before).long()
         resp = torch.where(rmask.bool(), resp, torch.full_like(resp, pad))
         finished = (is_eos & rmask.bool()).any(-1)
-        return Generated(ids, mask, resp, rmask, finished)
+        return Generated(ids, mask, resp, rmask, finished, logits)
 
 
 def make_backend(name: str, model, tokenizer) -> Backend:

@@ -1,0 +1,459 @@
+"""Seconds per PPO update: TRL 1.12.0's PPOTrainer against ours (cai.rl.trainer), same settings, one run.
+
+    .venv/bin/python bench/ppo_vs_trl.py [--rounds 3] [--updates 2]
+
+Settings (both sides): SmolLM2-135M-Instruct as policy, reference, value and reward model (a sequence-classifier
+head on the same weights), full fine-tune, a separate value model, batch 8, response length 48, 4 PPO epochs,
+1 minibatch, temperature 0.7, no gradient checkpointing, fp32 on CPU. The same 8 prompts every update.
+Also timed: our default configuration (LoRA policy with the reference = adapters off, LoRA critic).
+
+TRL 1.12.0 runs in its own virtualenv, made by this script on first use (`--venv`, default
+~/.cache/cai/bench/trl112: `pip install torch==2.13.0`, then trl==1.12.0 and the project's transformers,
+accelerate and datasets). Each round starts one process per configuration, alternating, so that load on a
+shared machine hits every side; each process runs one warm-up update and then `--updates` timed ones.
+Reported: the median seconds per update over all timed updates, the median of each phase, and the peak RSS
+of the processes. The last line is `speedup X.XX` = TRL's seconds per update / ours at equal settings, the
+median over rounds of the ratio of the two back-to-back processes (robust to load that changes between rounds).
+`--summarize` prints the summary again from the saved per-process results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = dict(
+    batch=8, response_length=48, epochs=4, minibatches=1, temperature=0.7, lr=1e-5, kl_coef=0.05, seed=0
+)
+PHASES = ["generate", "ref", "value", "reward", "train_forward", "backward", "optimizer"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Clock:
+    """Adds the wall time of wrapped calls to named phases."""
+
+    def __init__(self):
+        self.total = defaultdict(float)
+
+    def wrap(self, fn, name):
+        def timed(*args, **kwargs):
+            key = name(*args, **kwargs) if callable(name) else name
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total[key] += time.perf_counter() - t0
+
+        return timed
+
+    def snapshot(self) -> dict:
+        return dict(self.total)
+
+
+def diff(a: dict, b: dict) -> dict:
+    return {k: b.get(k, 0.0) - a.get(k, 0.0) for k in set(a) | set(b)}
+
+
+def make_reward_dir(model_dir: str, out: Path) -> Path:
+    """The reward model: SmolLM2 with a seeded sequence-classification head, saved once (both sides load it)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(1234)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+# ---------------------------------------------------------------- TRL 1.12 worker (runs in its own venv)
+def worker_trl(args) -> dict:
+    import torch
+    import trl.experimental.ppo.ppo_trainer as T
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    s = SETTINGS
+    prompts = json.loads(Path(args.prompts).read_text())["input_ids"]
+    tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    torch.manual_seed(s["seed"])
+    load = dict(dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(args.model, **load)
+    ref = AutoModelForCausalLM.from_pretrained(args.model, **load)
+    value = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1, **load)
+    reward = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1, **load)
+    n = args.updates + 1
+    cfg = PPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-ppo-"),
+        per_device_train_batch_size=s["batch"],
+        gradient_accumulation_steps=1,
+        num_mini_batches=s["minibatches"],
+        num_ppo_epochs=s["epochs"],
+        response_length=s["response_length"],
+        temperature=s["temperature"],
+        learning_rate=s["lr"],
+        kl_coef=s["kl_coef"],
+        total_episodes=s["batch"] * n,
+        local_rollout_forward_batch_size=s["batch"],
+        stop_token="eos",
+        num_sample_generations=0,
+        report_to=[],
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        logging_steps=1,
+        seed=s["seed"],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    data = Dataset.from_dict({"input_ids": prompts})
+    trainer = PPOTrainer(
+        args=cfg,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        train_dataset=data,
+        value_model=value,
+        eval_dataset=data,
+    )
+    clock = Clock()
+    T.batch_generation = clock.wrap(T.batch_generation, "generate")
+    T.forward = clock.wrap(T.forward, lambda *a, **k: "train_forward" if torch.is_grad_enabled() else "ref")
+    T.get_reward = clock.wrap(
+        T.get_reward, lambda m, *a, **k: "reward" if m is trainer.reward_model else "value"
+    )
+    trainer.accelerator.backward = clock.wrap(trainer.accelerator.backward, "backward")
+    trainer.optimizer.step = clock.wrap(trainer.optimizer.step, "optimizer")
+    marks = []
+
+    class Mark(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            marks.append((time.perf_counter(), time.process_time(), clock.snapshot()))
+
+    trainer.add_callback(Mark())
+    marks.append((time.perf_counter(), time.process_time(), clock.snapshot()))
+    trainer.train()
+    updates = [
+        {"seconds": t1 - t0, "cpu_seconds": c1 - c0, **diff(p0, p1)}
+        for (t0, c0, p0), (t1, c1, p1) in zip(marks, marks[1:])
+    ]
+    return {"updates": updates[1:], "warmup": updates[0], "peak_rss_mb": peak_rss_mb()}
+
+
+# ---------------------------------------------------------------- our worker (project venv)
+def worker_ours(args, lora: bool) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from cai.config import LoraConfig, PPOConfig
+    from cai.models import load_model, load_tokenizer, wrap_lora
+    from cai.rl import trainer as tr
+    from cai.rl.modules import PolicyModel, ValueModel
+    from cai.rl.rewards import PreferenceModelReward
+
+    s = SETTINGS
+    rows = json.loads(Path(args.prompts).read_text())["messages"]
+    tok = load_tokenizer(args.model, padding_side="left")
+    torch.manual_seed(s["seed"])
+    n_updates = args.updates + 1
+    cfg = PPOConfig(
+        updates=10**4,
+        rollout_batch_size=s["batch"],
+        response_length=s["response_length"],
+        ppo_epochs=s["epochs"],
+        num_minibatches=s["minibatches"],
+        temperature=s["temperature"],
+        learning_rate=s["lr"],
+        kl_coef=s["kl_coef"],
+        save_every=10**6,
+        lora=LoraConfig(r=16, alpha=32) if lora else None,
+    )
+    lm = load_model(args.model)
+    ref = None
+    if lora:
+        lm = wrap_lora(lm, cfg.lora)
+    else:
+        ref = load_model(args.model)
+    seq = load_model(args.reward, kind="seq_cls")
+    if lora:
+        seq.model = wrap_lora(seq.model, cfg.lora, task_type="FEATURE_EXTRACTION")
+    critic = ValueModel(seq)
+    reward = PreferenceModelReward(args.reward)
+    clock = Clock()
+    trainer = tr.PPOTrainer(
+        cfg,
+        policy=PolicyModel(lm),
+        tokenizer=tok,
+        reward=reward,
+        prompts=rows,
+        out_dir=tempfile.mkdtemp(prefix="cai-ppo-"),
+        critic=critic,
+        ref_model=ref,
+        show_progress=False,
+    )
+    import cai.generate as G
+
+    G.HFBackend.generate_ids = clock.wrap(G.HFBackend.generate_ids, "generate")
+    # policy-shaped forwards without grad are the reference's (old log-probs come from the sampling logits)
+    PolicyModel.forward = clock.wrap(
+        PolicyModel.forward, lambda *a, **k: "train_forward" if torch.is_grad_enabled() else "ref"
+    )
+    ValueModel.forward = clock.wrap(
+        ValueModel.forward, lambda *a, **k: "train_forward" if torch.is_grad_enabled() else "value"
+    )
+    trainer.reward = clock.wrap(trainer.reward, "reward")
+    trainer.acc.backward = clock.wrap(trainer.acc.backward, "backward")
+    trainer.opt_p.step = clock.wrap(trainer.opt_p.step, "optimizer")
+    trainer.opt_c.step = clock.wrap(trainer.opt_c.step, "optimizer")
+    updates = []
+    for _ in range(
+        n_updates
+    ):  # cfg.updates is large so that no final checkpoint is written inside the timing
+        p0, t0, c0 = clock.snapshot(), time.perf_counter(), time.process_time()
+        trainer.train(until=trainer.step + 1)
+        updates.append(
+            {
+                "seconds": time.perf_counter() - t0,
+                "cpu_seconds": time.process_time() - c0,
+                **diff(p0, clock.snapshot()),
+            }
+        )
+    return {"updates": updates[1:], "warmup": updates[0], "peak_rss_mb": peak_rss_mb()}
+
+
+# ---------------------------------------------------------------- driver
+def ensure_venv(venv: Path) -> Path:
+    py = venv / "bin" / "python"
+    if (
+        py.is_file()
+        and subprocess.run(
+            [str(py), "-c", "import trl, sys; sys.exit(trl.__version__ != '1.12.0')"]
+        ).returncode
+        == 0
+    ):
+        return py
+    print(f"[bench] creating the TRL 1.12.0 virtualenv in {venv} (once, ~2 min)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True)
+    subprocess.run(
+        pip + ["trl==1.12.0", "transformers==5.23.0", "accelerate==1.15.0", "datasets==5.2.0"], check=True
+    )
+    return py
+
+
+def prepare_inputs(work: Path) -> tuple[str, str, str]:
+    sys.path.insert(0, str(ROOT))
+    from cai.models import load_tokenizer, prepare
+    from cai.prompts import BUILTIN_DIR
+    from cai.rundir import read_jsonl
+
+    model = str(prepare("smollm2-135m-instruct"))
+    tok = load_tokenizer(model)
+    rows = [r for r in read_jsonl(BUILTIN_DIR / "red_team.jsonl") if isinstance(r.get("prompt"), str)][
+        : SETTINGS["batch"]
+    ]
+    messages = [{"messages": [{"role": "user", "content": r["prompt"]}]} for r in rows]
+    ids = [
+        tok(
+            tok.apply_chat_template(m["messages"], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
+        for m in messages
+    ]
+    prompts = work / "prompts.json"
+    prompts.write_text(json.dumps({"messages": messages, "input_ids": ids}))
+    reward = make_reward_dir(model, work / "reward-model")
+    return model, str(reward), str(prompts)
+
+
+def run_worker(python: str, kind: str, args, common: list[str]) -> dict:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [python, str(Path(__file__).resolve()), "--worker", kind, *common]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"[bench] worker {kind} failed (exit {proc.returncode})")
+    out = json.loads(lines[-1][len("RESULT ") :])
+    secs = ", ".join(f"{u['seconds']:.1f} (cpu {u['cpu_seconds']:.1f})" for u in out["updates"])
+    print(
+        f"[bench] {kind}: updates {secs} s (warm-up {out['warmup']['seconds']:.1f} s), peak RSS {out['peak_rss_mb']:.0f} MB, process {time.time() - t0:.0f} s",
+        flush=True,
+    )
+    return out
+
+
+def summarize(results: dict[str, list[dict]]) -> dict:
+    out = {}
+    for kind, runs in results.items():
+        ups = [u for r in runs for u in r["updates"]]
+        row = {
+            "seconds": statistics.median(u["seconds"] for u in ups),
+            "n": len(ups),
+            "cpu_seconds": statistics.median(u["cpu_seconds"] for u in ups),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        }
+        for p in PHASES:
+            row[p] = statistics.median(u.get(p, 0.0) for u in ups)
+        row["other"] = row["seconds"] - sum(row[p] for p in PHASES)
+        out[kind] = row
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds (one process per configuration each)"
+    )
+    ap.add_argument(
+        "--updates", type=int, default=1, help="timed updates per process, after one warm-up update"
+    )
+    ap.add_argument("--venv", default=str(Path.home() / ".cache" / "cai" / "bench" / "trl112"))
+    ap.add_argument(
+        "--lora-rounds",
+        type=int,
+        default=None,
+        help="time our LoRA configuration in the first N rounds only (default: all)",
+    )
+    ap.add_argument(
+        "--results",
+        default=str(Path.home() / ".cache" / "cai" / "bench" / "ppo" / "results.jsonl"),
+        help="each worker's result is appended here (a fresh file per run)",
+    )
+    ap.add_argument("--summarize", action="store_true", help="only print the summary of the --results file")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads in every worker (0: torch's default)"
+    )
+    ap.add_argument("--json", help="also write the summary here")
+    ap.add_argument("--worker", choices=["trl", "ours", "ours-lora"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--reward", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        fn = {
+            "trl": worker_trl,
+            "ours": lambda a: worker_ours(a, False),
+            "ours-lora": lambda a: worker_ours(a, True),
+        }[args.worker]
+        print("RESULT " + json.dumps(fn(args)), flush=True)
+        return
+
+    if args.summarize:
+        results: dict[str, list[dict]] = defaultdict(list)
+        for line in Path(args.results).read_text().splitlines():
+            row = json.loads(line)
+            results[row["kind"]].append(row)
+        report(results, args)
+        return
+    trl_python = str(ensure_venv(Path(args.venv)))
+    work = Path.home() / ".cache" / "cai" / "bench" / "ppo"
+    work.mkdir(parents=True, exist_ok=True)
+    model, reward, prompts = prepare_inputs(work)
+    common = [
+        "--model",
+        model,
+        "--reward",
+        reward,
+        "--prompts",
+        prompts,
+        "--updates",
+        str(args.updates),
+        "--threads",
+        str(args.threads),
+    ]
+    kinds = [("trl", trl_python), ("ours", sys.executable), ("ours-lora", sys.executable)]
+    lora_rounds = args.rounds if args.lora_rounds is None else args.lora_rounds
+    Path(args.results).unlink(missing_ok=True)
+    print(
+        f"[bench] load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch threads: {args.threads or 'default'}",
+        flush=True,
+    )
+    results: dict[str, list[dict]] = defaultdict(list)
+    for r in range(args.rounds):
+        order = kinds if r % 2 == 0 else kinds[::-1]  # alternate which side goes first
+        for kind, py in order:
+            if kind == "ours-lora" and r >= lora_rounds:
+                continue
+            out = run_worker(py, kind, args, common)
+            results[kind].append(out)
+            with open(args.results, "a") as f:
+                f.write(json.dumps({"kind": kind, "round": r, "load": os.getloadavg()[0], **out}) + "\n")
+    print(f"[bench] load average after: {os.getloadavg()[0]:.1f}", flush=True)
+    report(results, args)
+
+
+def report(results: dict, args) -> None:
+    summary = summarize(results)
+    names = {
+        "trl": "TRL 1.12.0 PPOTrainer",
+        "ours": "ours, equal settings (full FT)",
+        "ours-lora": "ours, default (LoRA r=16)",
+    }
+    cols = PHASES + ["other"]
+    print("\n| configuration | s/update | CPU s/update | " + " | ".join(cols) + " | peak RSS MB | n |")
+    print("|---|---:|---:|" + "---:|" * len(cols) + "---:|---:|")
+    for kind, row in summary.items():
+        print(
+            f"| {names[kind]} | {row['seconds']:.1f} | {row['cpu_seconds']:.1f} | "
+            + " | ".join(f"{row[c]:.1f}" for c in cols)
+            + f" | {row['peak_rss_mb']:.0f} | {row['n']} |"
+        )
+    trl_s, trl_c = summary["trl"]["seconds"], summary["trl"]["cpu_seconds"]
+    paired = [
+        t["updates"][0]["seconds"] / o["updates"][0]["seconds"]
+        for t, o in zip(results["trl"], results["ours"])
+    ]
+    print(
+        "\nper-round ratios TRL/ours (wall): "
+        + ", ".join(f"{x:.2f}" for x in paired)
+        + f"; load averages: {', '.join(str(round(r.get('load', float('nan')), 1)) for r in results['ours'])}"
+    )
+    print(f"ratio of the medians TRL/ours (wall): {trl_s / summary['ours']['seconds']:.2f}")
+    print(f"CPU-time ratio TRL/ours (equal settings): {trl_c / summary['ours']['cpu_seconds']:.2f}")
+    if "ours-lora" in summary:
+        lora = [
+            t["updates"][0]["seconds"] / o["updates"][0]["seconds"]
+            for t, o in zip(results["trl"], results["ours-lora"])
+        ]
+        print(f"speedup of our LoRA default over TRL (full FT), same rounds: {statistics.median(lora):.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    # the speedup: the median of the per-round ratios (each round's TRL and our processes ran back to back, so a
+    # change of load between rounds cancels out; the ratio of the medians is printed above for reference)
+    print(f"speedup {statistics.median(paired):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""PPO checkpoints for an exact resume: trainable weights (safetensors), optimizer state and RNG states
+(torch.save, read back with weights_only=True), and a JSON file with the step, schedulers and KL controller.
+
+Layout: <dir>/step-000012/{policy.safetensors, critic.safetensors, optimizers.pt, rng-rank0.pt, state.json}.
+A checkpoint is written to a temporary folder and renamed when complete; only the newest is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+PREFIX = "step-"
+
+
+def latest(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    if not ckpt_dir.is_dir():
+        return None
+    done = [
+        p
+        for p in ckpt_dir.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()
+    ]
+    return max(done, key=lambda p: int(p.name[len(PREFIX) :]), default=None)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, (tuple, list)) else x
+
+
+def save(
+    ckpt_dir: Path,
+    step: int,
+    *,
+    weights: dict[str, dict],
+    optimizers: dict,
+    state: dict,
+    rank: int = 0,
+    is_main: bool = True,
+    barrier=lambda: None,
+    name: str | None = None,
+) -> Path:
+    """Write a checkpoint. Every rank writes its RNG state; the main process writes the rest and renames."""
+    from safetensors.torch import save_file
+
+    final = ckpt_dir / (name or f"{PREFIX}{step:06d}")
+    tmp = final.with_name(final.name + ".tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if is_main:
+        for key, tensors in weights.items():
+            save_file(tensors, str(tmp / f"{key}.safetensors"))
+        torch.save({k: opt.state_dict() for k, opt in optimizers.items()}, tmp / "optimizers.pt")
+    barrier()
+    if is_main:
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        if name is None:  # keep only the newest regular checkpoint
+            for old in ckpt_dir.iterdir():
+                if old.is_dir() and old.name.startswith(PREFIX) and old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load(path: Path, rank: int = 0) -> tuple[dict, dict, dict, dict | None]:
+    """(weights by key, optimizer states by key, state.json, this rank's RNG state or None)."""
+    from safetensors.torch import load_file
+
+    weights = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
+    optimizers = torch.load(path / "optimizers.pt", weights_only=True, map_location="cpu")
+    state = json.loads((path / "state.json").read_text())
+    rng_file = path / f"rng-rank{rank}.pt"
+    rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+    return weights, optimizers, state, rng
+
+
+def resume(trainer) -> None:
+    """Load the newest checkpoint of a cai.rl.trainer.PPOTrainer (if any) into it: trainable weights,
+    optimizers, schedulers, KL controller, RNG state and step; metrics rows logged after it are dropped."""
+    from cai import distributed as dist
+    from cai.rl.modules import load_trainable_state
+    from cai.rundir import append_jsonl, read_jsonl
+
+    path = latest(trainer.ckpt_dir)
+    if path is None:
+        return
+    weights, optims, state, rng = load(path, dist.rank())
+    load_trainable_state(trainer.acc.unwrap_model(trainer.policy), weights["policy"])
+    if trainer.critic is not None:
+        load_trainable_state(trainer.acc.unwrap_model(trainer.critic), weights["critic"])
+    trainer.opt_p.load_state_dict(optims["policy"])
+    trainer.opt_c.load_state_dict(optims["critic"])
+    for k, s in trainer.sched.items():
+        s.load_state_dict(state["schedulers"][k])
+    trainer.kl_ctl.load_state_dict(state["kl_controller"])
+    if rng is not None:
+        set_rng_state(rng)
+    trainer.step = int(state["step"])
+    if trainer.acc.is_main_process:
+        if trainer.metrics is not None:  # the updates after the checkpoint are logged again
+            rows = [r for r in read_jsonl(trainer.metrics.path) if r.get("step", 0) <= trainer.step]
+            Path(trainer.metrics.path).unlink(missing_ok=True)
+            append_jsonl(trainer.metrics.path, rows)
+        print(f"[ppo] resumed from {path} (update {trainer.step})", flush=True)
+
+
+def save_trainer(trainer, step: int, name: str | None = None) -> Path:
+    """Checkpoint a cai.rl.trainer.PPOTrainer: trainable weights of policy and critic, optimizers, schedulers,
+    KL controller and every rank's RNG state."""
+    from cai import distributed as dist
+    from cai.rl.modules import trainable_state
+
+    weights = {"policy": trainable_state(trainer.acc.unwrap_model(trainer.policy))}
+    if trainer.critic is not None:
+        weights["critic"] = trainable_state(trainer.acc.unwrap_model(trainer.critic))
+    state = {
+        "kl_controller": trainer.kl_ctl.state_dict(),
+        "schedulers": {k: s.state_dict() for k, s in trainer.sched.items()},
+    }
+    optimizers = {"policy": trainer.opt_p, "critic": trainer.opt_c}
+    return save(
+        trainer.ckpt_dir,
+        step,
+        weights=weights,
+        optimizers=optimizers,
+        state=state,
+        rank=dist.rank(),
+        is_main=trainer.acc.is_main_process,
+        barrier=dist.barrier,
+        name=name,
+    )

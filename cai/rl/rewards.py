@@ -1,0 +1,116 @@
+"""Where PPO's sequence scores come from: the trained preference model, or a Python function named by an
+import path in the recipe (`ppo.reward: "package.module:function"`).
+
+A reward function has the signature
+
+    fn(prompts: list[list[dict]], responses: list[str], **kwargs) -> list[float]
+
+- `prompts`: each prompt's chat messages (up to and including the last user turn);
+- `responses`: the decoded responses (special tokens removed, cut at `ppo.stop_string`);
+- keyword arguments, which a function may ignore (so always accept `**kwargs`):
+  `response_ids` (list[list[int]]: the response token ids the policy produced, EOS included when present),
+  `finished` (list[bool]: ended with EOS or the stop string), `tokenizer` (the policy's tokenizer).
+
+It returns one finite float per response. Its value is logged as `objective/score` and used as the reward
+as is (a preference model's score is normalised with the mean and std stored beside it).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from cai.errors import UserError
+
+
+def load_function(path: str, where: str = "ppo.reward"):
+    """Import `module:function` (the module must be importable; nothing else is evaluated)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"{where}: '{path}': 'pm' or an import path 'module:function' expected")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"{where}: cannot import module '{module_name}': {exc}") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise UserError(f"{where}: module '{module_name}' has no attribute '{attr}'")
+    if not callable(fn):
+        raise UserError(f"{where}: '{path}' is not callable")
+    return fn
+
+
+class FunctionReward:
+    """Scores from a user function (see the module docstring for its signature)."""
+
+    def __init__(self, fn, name: str = "reward function"):
+        self.fn, self.name = fn, name
+
+    def __call__(self, prompts, responses, **kwargs):
+        import torch
+
+        out = self.fn(prompts, responses, **kwargs)
+        try:
+            raw = torch.tensor([float(x) for x in out], dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise UserError(f"{self.name}: must return a list of numbers, got {type(out).__name__}") from None
+        if raw.shape[0] != len(responses):
+            raise UserError(f"{self.name}: returned {raw.shape[0]} scores for {len(responses)} responses")
+        return raw, raw.clone()
+
+
+def make_reward(
+    spec: str, pm_dir=None, device="cpu", dtype="auto", trust_remote_code: bool = False, batch_size: int = 8
+):
+    """'pm' → the preference model in `pm_dir`; anything else → an import path to a reward function."""
+    if spec == "pm":
+        if pm_dir is None:
+            raise UserError("ppo.reward: 'pm' needs the preference_model stage's output")
+        return PreferenceModelReward(
+            pm_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code, batch_size=batch_size
+        )
+    return FunctionReward(load_function(spec), name=f"ppo.reward '{spec}'")
+
+
+class PreferenceModelReward:
+    """Scores from a trained preference model (cai.pm.RewardScorer), normalised with its stored mean/std.
+
+    The response is appended to the prompt as an assistant turn and rendered with the PM's own chat template,
+    exactly as the PM saw conversations in training.
+    """
+
+    def __init__(
+        self, model_dir, device="cpu", dtype="auto", trust_remote_code: bool = False, batch_size: int = 8
+    ):
+        from cai.pm import RewardScorer
+        from cai.rl.modules import disable_dropout
+
+        self.scorer = RewardScorer(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        disable_dropout(self.scorer.model)
+        self.batch_size = batch_size
+
+    def __call__(self, prompts, responses, **kwargs):
+        import torch
+
+        from cai.pm import conversation_ids
+        from cai.rl.modules import response_states, varlen_supported
+
+        convs = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+        model = self.scorer.model
+        head = getattr(model, "score", None)
+        if not isinstance(head, torch.nn.Linear) or not varlen_supported(model):
+            raw = self.scorer.score(convs, batch_size=self.batch_size).float()
+            return raw, self.scorer.normalize(raw)
+        # the score at each conversation's last token (as cai.pm.sequence_scores reads it), from a packed forward
+        seqs = [conversation_ids(self.scorer.tokenizer, c, self.scorer.max_length) for c in convs]
+        raw = torch.zeros(len(seqs))
+        for s in range(0, len(seqs), self.batch_size):
+            chunk = seqs[s : s + self.batch_size]
+            T = max(len(x) for x in chunk)
+            ids = torch.tensor([[0] * (T - len(x)) + x for x in chunk], device=self.scorer.device)
+            mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in chunk], device=self.scorer.device)
+            with torch.no_grad():
+                h = response_states(model, ids, mask, 1, varlen=True, shift=0)
+                raw[s : s + len(chunk)] = head(h).squeeze(-1).float().cpu()
+        return raw, self.scorer.normalize(raw)

@@ -1,0 +1,434 @@
+"""The PPO loop (Ziegler et al. 2019; Stiennon et al. 2020), written to be read top to bottom.
+
+One update:
+1. Rollout: the policy samples responses to a batch of prompts with the one generation engine
+   (cai.generate.HFBackend); its logits give the old log-probabilities (temperature applied).
+2. Scoring: reference log-probs (frozen SFT model, or the policy with LoRA adapters disabled), critic values
+   and the sequence score (preference model or reward function) — forwards read only response positions.
+3. Rewards −β·KL per token plus the score on the last token; GAE; advantage whitening.
+4. `ppo_epochs` passes over shuffled minibatches (gradient accumulation inside), clipped policy and value
+   losses, gradient clipping, one LR-schedule step per update.
+
+Under `accelerate launch` each process rolls out its own share of the prompts with its own sampling seed;
+whitening statistics, the KL fed to the controller and all logged metrics are all-reduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from cai import distributed as dist
+from cai.errors import UserError
+from cai.rl import checkpoint as ckpt
+from cai.rl import ppo_math as pm
+from cai.rl.modules import PolicyModel, disable_dropout
+from cai.rl.rollout import Rollout, cut_at_stop, global_stats, prompt_indices, seed_of
+
+
+class PPOTrainer:
+    """PPO on a causal LM. `policy` is a PolicyModel; `critic` a ValueModel (or None with a value head);
+    `ref_model` a frozen causal LM (or None with a LoRA policy: adapters disabled); `reward(prompts, responses,
+    **kw) -> (raw [B], reward [B])` (cai.rl.rewards); `prompts` rows with chat 'messages'."""
+
+    def __init__(
+        self,
+        cfg,
+        *,
+        policy: PolicyModel,
+        tokenizer,
+        reward,
+        prompts: list[dict],
+        out_dir,
+        critic=None,
+        ref_model=None,
+        accelerator=None,
+        seed: int = 0,
+        metrics=None,
+        show_progress: bool = True,
+    ):
+        from accelerate import Accelerator
+
+        self.cfg, self.tok, self.reward, self.seed = cfg, tokenizer, reward, seed
+        self.out_dir = Path(out_dir)
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.show_progress, self.metrics = show_progress, metrics
+        if cfg.rollout_batch_size < cfg.num_minibatches * cfg.grad_accum:
+            raise UserError("ppo.rollout_batch_size: must be at least num_minibatches × grad_accum")
+        if (critic is None) == (policy.v_head is None):
+            raise ValueError("give either a separate critic or a policy with a value head")
+        if ref_model is None and not hasattr(policy.lm, "disable_adapter"):
+            raise ValueError(
+                "without a reference model the policy must be LoRA-wrapped (reference = adapters off)"
+            )
+        for m in (policy, critic, ref_model):
+            if m is not None:
+                disable_dropout(m)
+        self.ref = None
+        if ref_model is not None:
+            ref_model.requires_grad_(False).eval()
+            self.ref = PolicyModel(ref_model).to(self.acc.device)
+            if getattr(self.acc.state, "deepspeed_plugin", None) is not None:
+                from trl.models.utils import prepare_deepspeed
+
+                self.ref = prepare_deepspeed(self.ref, self.acc)
+        self.prompt_ids = [self._encode(row["messages"]) for row in prompts]
+        self.prompt_msgs = [row["messages"] for row in prompts]
+        if not self.prompt_ids:
+            raise UserError("ppo: no training prompts")
+
+        def adamw(params, lr):
+            params = [p for p in params if p.requires_grad]
+            try:
+                return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0, fused=True)
+            except (RuntimeError, TypeError):
+                return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0)
+
+        critic_lr = cfg.critic_learning_rate or cfg.learning_rate
+        head = policy.v_head
+        trunk_params = [p for n, p in policy.named_parameters() if not n.startswith("v_head.")]
+        opt_p = adamw(trunk_params, cfg.learning_rate)
+        opt_c = adamw(critic.parameters() if critic is not None else head.parameters(), critic_lr)
+        lam = lambda u: pm.lr_factor(u, cfg.updates, cfg.warmup_updates, cfg.lr_decay)  # noqa: E731
+        # schedulers are stepped once per update by us (not prepared: accelerate would step them per process)
+        self.sched = {
+            "policy": torch.optim.lr_scheduler.LambdaLR(opt_p, lam),
+            "critic": torch.optim.lr_scheduler.LambdaLR(opt_c, lam),
+        }
+        if critic is not None:
+            self.policy, self.critic, self.opt_p, self.opt_c = self.acc.prepare(policy, critic, opt_p, opt_c)
+        else:
+            self.policy, self.opt_p, self.opt_c = self.acc.prepare(policy, opt_p, opt_c)
+            self.critic = None
+        self.kl_ctl = pm.make_kl_controller(cfg)
+        self._value_graph, self.reuse_values = None, True
+        self._check_varlen()
+        self.step = 0
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        ckpt.resume(self)
+
+    # ---- helpers ----
+    def _encode(self, messages) -> list[int]:
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return ids[-self.cfg.max_prompt_length :]
+
+    def _unwrap(self, m):
+        return self.acc.unwrap_model(m)
+
+    def _mean(self, x) -> float:
+        """Mean of a scalar over processes."""
+        t = torch.as_tensor(float(x), dtype=torch.float64, device=self.acc.device)
+        return float(dist.all_reduce_mean(t))
+
+    def _check_varlen(self) -> None:
+        """Packed (padding-free) forwards must give what padded ones give on this model; else use padded ones."""
+        from cai.rl.modules import check_varlen
+
+        models = [self._unwrap(self.policy), self.critic and self._unwrap(self.critic), self.ref]
+        rows = [self.prompt_ids[0][-12:], self.prompt_ids[-1][-7:] + [self.tok.eos_token_id]]
+        if not check_varlen(
+            [m for m in models if m is not None], rows, self.tok.pad_token_id, self.acc.device
+        ):
+            print(
+                "[ppo] packed forwards differ from padded ones on this model: using padded batches",
+                flush=True,
+            )
+
+    def _fail(self, what: str, update: int):
+        path = self.save(update, name=f"diverged-step-{update:06d}")
+        raise UserError(
+            f"ppo: non-finite {what} at update {update + 1}; stopped (state saved to {path}). "
+            "Lower ppo.learning_rate, set ppo.reward_clip, or check the reward."
+        )
+
+    # ---- 1-3. rollout, scoring, advantages ----
+    @torch.no_grad()
+    def rollout(self, update: int) -> Rollout:
+        from trl.models.utils import unwrap_model_for_generation
+        from trl.trainer.utils import selective_log_softmax
+
+        from cai.generate import HFBackend, Sampling
+
+        cfg, dev = self.cfg, self.acc.device
+        idx = prompt_indices(len(self.prompt_ids), cfg.rollout_batch_size, update, self.seed)
+        stops = (cfg.stop_string,) if cfg.stop_string else ()
+        sampling = Sampling(
+            max_new_tokens=cfg.response_length,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            stop_strings=stops,
+        )
+        t0 = time.perf_counter()
+        with unwrap_model_for_generation(self.policy, self.acc) as unwrapped:
+            gen = HFBackend(unwrapped.lm, self.tok).generate_ids(
+                [self.prompt_ids[i] for i in idx],
+                sampling,
+                seed_of(self.seed, "sample", update, dist.rank()),
+                with_logits=cfg.logprobs_from_generation,
+            )
+        texts, mask, finished = cut_at_stop(self.tok, gen, cfg.stop_string)
+        R = max(int(mask.sum(1).max()), 1)
+        resp, mask = gen.response_ids[:, :R].to(dev), mask[:, :R].to(dev).float()
+        input_ids = torch.cat([gen.prompt_ids.to(dev), resp], 1)
+        attn = torch.cat([gen.prompt_mask.to(dev), mask.long()], 1)
+        t_gen = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        n_chunk = max(1, len(idx) // cfg.num_minibatches)
+        reuse_values = (
+            self.reuse_values and self.critic is not None and cfg.num_minibatches == 1 and cfg.grad_accum == 1
+        )
+        parts = {"logprobs": [], "entropy": [], "ref": [], "values": []}
+        for s in range(0, len(idx), n_chunk):
+            ids, am = input_ids[s : s + n_chunk], attn[s : s + n_chunk]
+            if gen.logits is not None:
+                logits = gen.logits[s : s + n_chunk, :R].to(dev).float() / cfg.temperature
+                parts["logprobs"].append(selective_log_softmax(logits, resp[s : s + n_chunk]))
+                parts["entropy"].append(pm.entropy_from_logits(logits))
+                own = self.policy(ids, am, R, logprobs=False, values=True) if self.critic is None else {}
+            else:
+                own = self.policy(ids, am, R, cfg.temperature, values=self.critic is None, entropy=True)
+                parts["logprobs"].append(own["logprobs"])
+                parts["entropy"].append(own["entropy"])
+            if self.critic is None:
+                parts["values"].append(own["values"])
+            elif (
+                reuse_values
+            ):  # the critic is unchanged until the first step: its graph serves epoch 0 (exact)
+                with torch.enable_grad():
+                    self._value_graph = self.critic(ids, am, R)
+                parts["values"].append(self._value_graph.detach())
+            else:
+                parts["values"].append(self.critic(ids, am, R))
+            if self.ref is not None:
+                parts["ref"].append(self.ref(ids, am, R, cfg.temperature)["logprobs"])
+            else:
+                with self._unwrap(self.policy).reference() as ref:
+                    parts["ref"].append(ref(ids, am, R, cfg.temperature)["logprobs"])
+        logprobs, entropy, ref_logprobs, values = (
+            torch.cat(parts[k]).float() for k in ("logprobs", "entropy", "ref", "values")
+        )
+        t_fwd = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        raw, score = self.reward(
+            [self.prompt_msgs[i] for i in idx],
+            texts,
+            finished=finished.tolist(),
+            tokenizer=self.tok,
+            response_ids=[resp[j, : int(mask[j].sum())].tolist() for j in range(len(idx))],
+        )
+        t_score = time.perf_counter() - t0
+        raw, score = raw.to(dev).float(), score.to(dev).float()
+        finished = finished.to(dev)
+        if not bool(torch.isfinite(raw).all() and torch.isfinite(score).all()):
+            self._fail("reward", update)
+        if cfg.missing_eos_penalty is not None:
+            score = score - cfg.missing_eos_penalty * (~finished).float()
+        if cfg.reward_clip is not None:
+            score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
+
+        kl = pm.kl_per_token(logprobs, ref_logprobs, mask, cfg.kl_estimator)
+        beta = self.kl_ctl.value
+        rewards, non_score = pm.token_rewards(score, kl, beta, mask)
+        if cfg.whiten_rewards:
+            rewards = pm.whiten(rewards, mask, shift_mean=False, stats=global_stats(rewards, mask))
+        advantages, returns = pm.gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = pm.whiten(advantages, mask, stats=global_stats(advantages, mask))
+        kl_seq = self._mean(kl.sum(1).mean())
+        self.kl_ctl.update(kl_seq, n_steps=len(idx) * dist.world_size())
+        lengths = mask.sum(1)
+        stats = {
+            "objective/score": self._mean(raw.mean()),
+            "objective/reward": self._mean(score.mean()),
+            "objective/kl": kl_seq,
+            "objective/sqrt_kl": math.sqrt(max(kl_seq, 0.0)),
+            "objective/kl_coef": beta,
+            "objective/entropy": self._mean((entropy * mask).sum(1).mean()),
+            "objective/non_score_reward": self._mean(non_score.sum(1).mean()),
+            "val/explained_variance": self._mean(
+                pm.explained_variance(values, returns, mask).nan_to_num(0.0)
+            ),
+            "response/length": self._mean(lengths.mean()),
+            "response/eos_fraction": self._mean(finished.float().mean()),
+            "time/generate": t_gen,
+            "time/forward": t_fwd,
+            "time/score": t_score,
+            "_tokens": float(dist.all_reduce_sum(lengths.sum().double())),
+        }
+        return Rollout(
+            input_ids, attn, mask, logprobs, ref_logprobs, values * mask, advantages, returns, stats
+        )
+
+    # ---- 4. optimisation ----
+    def train_on(self, batch: Rollout, update: int) -> dict:
+        cfg = self.cfg
+        B, R = batch.mask.shape
+        critic_only = update < cfg.critic_warmup_updates
+        g = torch.Generator().manual_seed(seed_of(self.seed, "shuffle", update))
+        logs = {
+            "policy/approx_kl": [],
+            "policy/clipfrac": [],
+            "loss/policy": [],
+            "loss/value": [],
+            "val/clipfrac": [],
+        }
+        models = [self.policy] + ([self.critic] if self.critic is not None else [])
+        epochs_done = 0
+        for _epoch in range(cfg.ppo_epochs):
+            epoch_kl = []
+            for mb in torch.tensor_split(torch.randperm(B, generator=g), cfg.num_minibatches):
+                micro = [m for m in torch.tensor_split(mb, cfg.grad_accum) if len(m)]
+                for k, mi in enumerate(micro):
+                    mi = mi.to(batch.mask.device)
+                    sync = k == len(micro) - 1
+                    with contextlib.ExitStack() as stack:
+                        if not sync:
+                            for m in models:
+                                stack.enter_context(self.acc.no_sync(m))
+                        ids, am, mask = batch.input_ids[mi], batch.attention_mask[mi], batch.mask[mi]
+                        loss = torch.zeros((), device=mask.device)
+                        need_policy = not critic_only or self.critic is None
+                        out = (
+                            self.policy(
+                                ids,
+                                am,
+                                R,
+                                cfg.temperature,
+                                logprobs=not critic_only,
+                                values=self.critic is None,
+                            )
+                            if need_policy
+                            else {}
+                        )
+                        if not critic_only:
+                            pg, st = pm.policy_loss(
+                                out["logprobs"],
+                                batch.logprobs[mi],
+                                batch.advantages[mi],
+                                mask,
+                                cfg.clip_range,
+                            )
+                            loss = loss + pg
+                            logs["loss/policy"].append(pg.item())
+                            logs["policy/approx_kl"].append(float(st["approx_kl"]))
+                            logs["policy/clipfrac"].append(float(st["clipfrac"]))
+                            epoch_kl.append(float(st["approx_kl"]))
+                        if self.critic is None:
+                            vpred = out["values"]
+                        elif self._value_graph is not None:
+                            vpred, self._value_graph = self._value_graph[mi], None
+                        else:
+                            vpred = self.critic(ids, am, R)
+                        vf, vclip = pm.value_loss(
+                            vpred, batch.values[mi], batch.returns[mi], mask, cfg.clip_range_value
+                        )
+                        loss = loss + cfg.vf_coef * vf
+                        logs["loss/value"].append(vf.item())
+                        logs["val/clipfrac"].append(float(vclip))
+                        if not torch.isfinite(loss):
+                            self._fail("loss", update)
+                        self.acc.backward(loss * (len(mi) / len(mb)))
+                if not critic_only:
+                    self.acc.clip_grad_norm_(
+                        [
+                            p
+                            for n, p in self.policy.named_parameters()
+                            if "v_head." not in n and p.requires_grad
+                        ],
+                        cfg.max_grad_norm,
+                    )
+                critic_params = (
+                    self.critic.parameters()
+                    if self.critic is not None
+                    else self._unwrap(self.policy).v_head.parameters()
+                )
+                self.acc.clip_grad_norm_(list(critic_params), cfg.max_grad_norm)
+                if not critic_only:
+                    self.opt_p.step()
+                self.opt_c.step()
+                self.opt_p.zero_grad(set_to_none=True)
+                self.opt_c.zero_grad(set_to_none=True)
+            epochs_done += 1
+            if (
+                cfg.early_stop_kl is not None
+                and epoch_kl
+                and self._mean(sum(epoch_kl) / len(epoch_kl)) > cfg.early_stop_kl
+            ):
+                break
+        lr = self.sched["policy"].get_last_lr()[0]  # the LR this update used
+        with warnings.catch_warnings():  # the policy optimizer does not step during critic warm-up
+            warnings.simplefilter("ignore", UserWarning)
+            for s in self.sched.values():
+                s.step()
+        out = {k: self._mean(sum(v) / len(v)) for k, v in logs.items() if v}
+        out.update({"ppo/epochs": epochs_done, "lr": lr})
+        return out
+
+    # ---- the loop ----
+    def train(self, until: int | None = None) -> list[dict]:
+        """Run updates from the current step up to `until` (default: cfg.updates); returns their metrics."""
+        from tqdm.auto import tqdm
+
+        end = min(until or self.cfg.updates, self.cfg.updates)
+        history = []
+        bar = tqdm(
+            total=self.cfg.updates,
+            initial=self.step,
+            desc="ppo",
+            unit="update",
+            dynamic_ncols=True,
+            disable=not (self.show_progress and self.acc.is_main_process),
+        )
+        while self.step < end:
+            u = self.step
+            t0 = time.perf_counter()
+            batch = self.rollout(u)
+            t1 = time.perf_counter()
+            train_stats = self.train_on(batch, u)
+            row = {**{k: v for k, v in batch.stats.items() if not k.startswith("_")}, **train_stats}
+            row["policy/approx_kl"] = row.get("policy/approx_kl", 0.0)
+            row["policy/clipfrac"] = row.get("policy/clipfrac", 0.0)
+            row["loss/policy"] = row.get("loss/policy", 0.0)
+            row["time/train"] = time.perf_counter() - t1
+            row["time/update"] = time.perf_counter() - t0
+            row["tokens_per_s"] = batch.stats["_tokens"] / row["time/update"]
+            self.step = u + 1
+            if self.metrics is not None and self.acc.is_main_process:
+                self.metrics.log(row, step=self.step)
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(
+                score=f"{row['objective/score']:.3f}",
+                kl=f"{row['objective/kl']:.3f}",
+                tok_s=f"{row['tokens_per_s']:.1f}",
+            )
+            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.updates:
+                self.save(self.step)
+        bar.close()
+        return history
+
+    # ---- checkpoints ----
+    def save(self, step: int, name: str | None = None) -> Path:
+        """Checkpoint everything an exact resume needs (cai.rl.checkpoint)."""
+        return ckpt.save_trainer(self, step, name)
+
+    def save_policy(self, path) -> Path:
+        """The trained policy as a Hugging Face folder (LoRA merged into the weights) with its tokenizer."""
+        path = Path(path)
+        lm = self._unwrap(self.policy).lm
+        if hasattr(lm, "merge_and_unload"):
+            lm = lm.merge_and_unload()
+        if self.acc.is_main_process:
+            lm.save_pretrained(str(path), safe_serialization=True)
+            self.tok.save_pretrained(str(path))
+        dist.barrier()
+        return path

@@ -1,0 +1,150 @@
+"""RL-CAI: PPO of the SFT policy against the preference model (or a reward function), with a KL penalty
+to the SFT model. The loop lives in cai.rl.trainer; this stage loads the models and writes ppo/.
+
+- policy: RUN/sft/model, fully fine-tuned or with LoRA (`ppo.lora`);
+- reference: a frozen copy of RUN/sft/model, or with LoRA the same weights with the adapters disabled;
+- critic (`ppo.critic`): 'separate' — a value model (the SFT trunk with a zero-initialised scalar head; with
+  LoRA it gets its own adapters), or 'value_head' — a scalar head on the policy's trunk;
+- reward (`ppo.reward`): 'pm' — RUN/preference_model/model, normalised with its stored mean/std — or an
+  import path 'module:function' (signature in cai.rl.rewards);
+- prompts: RUN/critique_revise/prompts.jsonl.
+
+Outputs: metrics.jsonl (one row per update), score_vs_kl.png, checkpoints/ (the newest; a rerun resumes from
+it), policy/ (HF causal-LM folder with tokenizer, LoRA merged).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cai.errors import UserError
+from cai.rundir import MetricsLog, read_jsonl
+
+
+def load_prompts(path: Path) -> list[dict]:
+    rows = read_jsonl(path)
+    for i, row in enumerate(rows, 1):
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "user":
+            raise UserError(f"{path}:{i}: a prompt row with 'messages' ending in a user turn is expected")
+    if not rows:
+        raise UserError(f"{path}: no prompts")
+    return rows
+
+
+def build_models(recipe, sft_dir: str, device: str):
+    """(policy, reference or None, critic or None, tokenizer) as the recipe's ppo block asks."""
+    from cai.models import load_model, load_tokenizer, wrap_lora
+    from cai.rl.modules import PolicyModel, ValueModel
+
+    cfg = recipe.ppo
+    common = dict(device=device, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
+    tok = load_tokenizer(sft_dir, padding_side="left", trust_remote_code=recipe.trust_remote_code)
+    lm = load_model(sft_dir, kind="causal_lm", **common)
+    ref = None
+    if cfg.lora is not None:
+        lm = wrap_lora(lm, cfg.lora)
+    else:
+        ref = load_model(sft_dir, kind="causal_lm", **common)
+    policy = PolicyModel(lm, value_head=cfg.critic == "value_head")
+    critic = None
+    if cfg.critic == "separate":
+        seq = load_model(sft_dir, kind="seq_cls", **common)
+        seq.config.pad_token_id = tok.pad_token_id
+        if cfg.lora is not None:
+            prefix = seq.base_model_prefix
+            setattr(seq, prefix, wrap_lora(getattr(seq, prefix), cfg.lora, task_type="FEATURE_EXTRACTION"))
+        critic = ValueModel(seq)
+    return policy, ref, critic, tok
+
+
+def plot(metrics_path: Path, out: Path) -> None:
+    from cai.plots import line_chart
+
+    rows = read_jsonl(metrics_path)
+    if not rows:
+        return
+    line_chart(
+        out,
+        {"objective/score": ([r["objective/sqrt_kl"] for r in rows], [r["objective/score"] for r in rows])},
+        title="PPO: score against √KL to the SFT policy",
+        xlabel="objective/sqrt_kl (√nats)",
+        ylabel="objective/score",
+    )
+
+
+def run(ctx) -> Path:
+    import torch
+    from accelerate import Accelerator
+
+    from cai import distributed as dist
+    from cai.models import resolve_device
+    from cai.rl.rewards import make_reward
+    from cai.rl.trainer import PPOTrainer
+
+    recipe, cfg, out = ctx.recipe, ctx.recipe.ppo, ctx.out_dir
+    if dist.engine() not in (
+        "single",
+        "ddp",
+    ):  # one engine would have to hold policy + critic (docs/scaling.md)
+        raise UserError(
+            f"ppo: launched with {dist.engine()}, which the PPO trainer does not support yet; run this stage "
+            "under DDP (accelerate launch --config_file recipes/accelerate/multi_gpu.yaml ...), with "
+            "ppo.lora for large policies"
+        )
+    device = resolve_device(recipe.device)
+    acc = Accelerator(cpu=device == "cpu", log_with=recipe.tracker, project_dir=str(out))
+    if recipe.tracker:
+        acc.init_trackers("ppo", config=cfg.model_dump(mode="json"))
+    device = str(acc.device)
+    torch.manual_seed(recipe.seed)
+
+    sft_dir = ctx.input_dir("sft") / "model"
+    if not (sft_dir / "config.json").is_file():
+        raise UserError(f"{sft_dir}: the SFT model is missing (run the sft stage first)")
+    prompts = load_prompts(ctx.input_dir("critique_revise") / "prompts.jsonl")
+    pm_dir = None
+    if cfg.reward == "pm":
+        pm_dir = ctx.input_dir("preference_model") / "model"
+    reward = make_reward(
+        cfg.reward,
+        pm_dir=pm_dir,
+        device=device,
+        dtype=recipe.dtype,
+        trust_remote_code=recipe.trust_remote_code,
+    )
+    policy, ref, critic, tok = build_models(recipe, str(sft_dir), device)
+
+    metrics = MetricsLog(out / "metrics.jsonl", tracker=acc if recipe.tracker else None)
+    trainer = PPOTrainer(
+        cfg,
+        policy=policy,
+        tokenizer=tok,
+        reward=reward,
+        prompts=prompts,
+        out_dir=out,
+        critic=critic,
+        ref_model=ref,
+        accelerator=acc,
+        seed=recipe.seed,
+        metrics=metrics,
+    )
+    history = trainer.train()
+    trainer.save_policy(out / "policy")
+    if acc.is_main_process:
+        plot(out / "metrics.jsonl", out / "score_vs_kl.png")
+        rows = read_jsonl(out / "metrics.jsonl") or history
+        first, last = rows[0], rows[-1]
+        ctx.summary.update(
+            {
+                "updates": len(rows),
+                "score_first": round(first["objective/score"], 4),
+                "score_last": round(last["objective/score"], 4),
+                "kl_last": round(last["objective/kl"], 4),
+                "seconds_per_update": round(sum(r["time/update"] for r in rows) / len(rows), 2),
+            }
+        )
+    if recipe.tracker:
+        acc.end_training()
+    dist.barrier()
+    return out

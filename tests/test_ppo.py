@@ -1,0 +1,297 @@
+"""PPO end to end on the tiny random model (CPU): the reward rises, the KL controller steers, LoRA's reference
+is the base model, a resumed run equals a straight one, and the stage writes ppo/."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cai.config import LoraConfig, PPOConfig
+from cai.errors import UserError
+from cai.models import load_model, load_tokenizer, wrap_lora
+from cai.rl.modules import PolicyModel, ValueModel
+from cai.rl.rewards import FunctionReward, make_reward
+from cai.rl.trainer import PPOTrainer
+from cai.rundir import MetricsLog, read_jsonl
+
+PROMPTS = [{"messages": [{"role": "user", "content": f"Write something, please ({i})."}]} for i in range(16)]
+
+
+def lowercase_fraction(prompts, responses, **kwargs):
+    """Synthetic reward: the share of the response's characters that are ASCII lower-case letters."""
+    return [sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matrices: one thread is faster, and the result does not depend on the machine's core count
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_trainer(tmp_path, *, lora=False, value_head=False, reward=None, **overrides):
+    settings = dict(
+        updates=8,
+        rollout_batch_size=16,
+        response_length=10,
+        ppo_epochs=4,
+        num_minibatches=2,
+        learning_rate=5e-3,
+        kl_coef=0.02,
+        temperature=1.0,
+        save_every=100,
+    )
+    settings.update(overrides)
+    cfg = PPOConfig(
+        lora=LoraConfig(r=8, alpha=16) if lora else None,
+        critic="value_head" if value_head else "separate",
+        **settings,
+    )
+    torch.manual_seed(0)
+    tok = load_tokenizer("tiny-random-llama")
+    lm = load_model("tiny-random-llama")
+    ref = None
+    if lora:
+        lm = wrap_lora(lm, cfg.lora)
+    else:
+        ref = load_model("tiny-random-llama")
+    critic = None if value_head else ValueModel(load_model("tiny-random-llama", kind="seq_cls"))
+    return PPOTrainer(
+        cfg,
+        policy=PolicyModel(lm, value_head=value_head),
+        tokenizer=tok,
+        reward=reward or FunctionReward(lowercase_fraction),
+        prompts=PROMPTS,
+        out_dir=tmp_path,
+        critic=critic,
+        ref_model=ref,
+        seed=0,
+        metrics=MetricsLog(tmp_path / "metrics.jsonl"),
+        show_progress=False,
+    )
+
+
+def test_reward_rises_and_kl_stays_finite(tmp_path, monkeypatch):
+    # the reward function comes from an import path, as in a recipe
+    (tmp_path / "my_reward.py").write_text(
+        textwrap.dedent("""
+        def lowercase(prompts, responses, **kwargs):
+            return [sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses]
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    trainer = make_trainer(tmp_path / "run", reward=make_reward("my_reward:lowercase"))
+    hist = trainer.train()
+    scores = [h["objective/score"] for h in hist]
+    first, last = sum(scores[:2]) / 2, sum(scores[-2:]) / 2
+    assert last > first + 0.15, scores
+    assert all(math.isfinite(h["objective/kl"]) for h in hist)
+    assert hist[-1]["objective/kl"] > 0  # the policy moved away from the reference
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 8
+    for key in (
+        "objective/score",
+        "objective/kl",
+        "objective/sqrt_kl",
+        "objective/kl_coef",
+        "objective/entropy",
+        "policy/approx_kl",
+        "policy/clipfrac",
+        "loss/policy",
+        "loss/value",
+        "val/explained_variance",
+        "response/length",
+        "response/eos_fraction",
+        "time/generate",
+        "time/score",
+        "time/train",
+        "tokens_per_s",
+    ):
+        assert key in rows[-1] and math.isfinite(rows[-1][key]), key
+
+
+def test_packed_forward_equals_padded():
+    """The padding-free (packed) forward gives the padded batch's log-probs, values and gradients."""
+    policy = PolicyModel(load_model("tiny-random-llama"), value_head=True)
+    torch.nn.init.normal_(policy.v_head.weight)
+    from cai.rl.modules import shared_prefix
+
+    ids = torch.randint(0, 250, (3, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[1, :1] = 0
+    mask[0, -2:] = 0  # response padding after EOS
+    mask[2, -4:] = 0
+    common = torch.arange(40, 50)  # the rows' real tokens start alike (a system prompt)
+    ids[0, 3:13], ids[1, 1:11], ids[2, 0:10] = common, common, common
+    assert shared_prefix([ids[i][mask[i].bool()] for i in range(3)]) == 10
+    results = []
+    for packed in (True, False):
+        policy.varlen = packed
+        policy.zero_grad()
+        out = policy(ids, mask, 5, 0.7, values=True, entropy=True)
+        (out["logprobs"].sum() + out["values"].sum()).backward()
+        results.append((out, [p.grad.clone() for p in policy.parameters()]))
+    (a, ga), (b, gb) = results
+    for key in ("logprobs", "values", "entropy"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        assert (a[key][mask[:, -5:] == 0] == 0).all()  # padding positions are 0
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
+
+
+def test_adaptive_controller_steers_kl_toward_target(tmp_path):
+    target = 0.5
+    trainer = make_trainer(
+        tmp_path, updates=6, adaptive_kl=True, target_kl=target, kl_horizon=16, kl_coef=0.5
+    )
+    hist = trainer.train()
+    kls = [h["objective/kl"] for h in hist]
+    betas = [h["objective/kl_coef"] for h in hist]
+    assert abs(kls[-1] - target) < abs(kls[0] - target), kls
+    # below the target the coefficient shrinks (error clipped at -0.2: x(1 - 0.2*16/16) per update)
+    for kl, b0, b1 in zip(kls, betas, betas[1:]):
+        if kl < 0.8 * target:
+            assert b1 == pytest.approx(b0 * 0.8, rel=1e-6)
+
+
+def test_lora_reference_is_the_base_model(tmp_path):
+    trainer = make_trainer(tmp_path, lora=True, value_head=True, updates=2)
+    trainer.train()
+    base = PolicyModel(load_model("tiny-random-llama")).eval()
+    ids = torch.tensor([[258, 258, 65, 66, 67, 68, 69, 70], [71, 72, 73, 74, 75, 76, 77, 78]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    policy = trainer._unwrap(trainer.policy)
+    with torch.no_grad():
+        want = base(ids, mask, 4)["logprobs"]
+        with policy.reference() as ref:
+            got = ref(ids, mask, 4)["logprobs"]
+        moved = policy(ids, mask, 4)["logprobs"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (moved - want).abs().max() > 1e-3
+
+
+def _params(trainer):
+    out = {"p." + n: p.detach().clone() for n, p in trainer._unwrap(trainer.policy).named_parameters()}
+    out.update({"c." + n: p.detach().clone() for n, p in trainer._unwrap(trainer.critic).named_parameters()})
+    return out
+
+
+def test_resume_equals_straight_run(tmp_path):
+    settings = dict(updates=3, ppo_epochs=2, adaptive_kl=True, save_every=1, critic_warmup_updates=1)
+    straight = make_trainer(tmp_path / "a", **settings)
+    straight.train()
+    first = make_trainer(tmp_path / "b", **settings)
+    first.train(until=2)  # stop after 2 updates (a checkpoint is written after each)
+    resumed = make_trainer(tmp_path / "b", **settings)
+    assert resumed.step == 2
+    resumed.train()
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    for name in a:  # same seed on CPU: equal up to float rounding (tolerance 1e-6)
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    rows_a, rows_b = (
+        read_jsonl(tmp_path / "a" / "metrics.jsonl"),
+        read_jsonl(tmp_path / "b" / "metrics.jsonl"),
+    )
+    assert [r["step"] for r in rows_b] == [1, 2, 3]
+    assert (
+        rows_b[0]["policy/approx_kl"] == 0 and rows_b[0]["loss/policy"] == 0
+    )  # critic warm-up: no policy step
+    assert rows_b[1]["policy/approx_kl"] > 0
+    assert rows_b[-1]["objective/kl_coef"] == pytest.approx(rows_a[-1]["objective/kl_coef"], rel=1e-9)
+    assert rows_b[-1]["objective/score"] == pytest.approx(rows_a[-1]["objective/score"], abs=1e-9)
+
+
+def test_reusing_the_rollout_critic_graph_is_exact(tmp_path):
+    """With one minibatch, epoch 0 reuses the critic's rollout forward (with its graph): same result as recomputing."""
+    runs = []
+    for reuse in (True, False):
+        trainer = make_trainer(tmp_path / str(reuse), updates=2, ppo_epochs=2, num_minibatches=1)
+        trainer.reuse_values = reuse
+        trainer.train()
+        runs.append(_params(trainer))
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_stop_string_truncates_and_counts_as_finished(tmp_path):
+    from cai.generate import Generated
+    from cai.rl.rollout import cut_at_stop
+
+    trainer = make_trainer(tmp_path, updates=1, stop_string="lo w")
+    tok = trainer.tok
+    rows = [
+        tok("hello world", add_special_tokens=False)["input_ids"],
+        tok("abc", add_special_tokens=False)["input_ids"],
+    ]
+    R = max(len(r) for r in rows)
+    resp = torch.tensor([r + [tok.pad_token_id] * (R - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in rows])
+    gen = Generated(None, None, resp, mask, torch.tensor([False, False]))
+    texts, cut, finished = cut_at_stop(trainer.tok, gen, "lo w")
+    assert texts == ["hel", "abc"]
+    assert (
+        cut[0].tolist() == [1] * len("hello w") + [0] * 4
+    )  # tokens up to the one completing the stop string
+    assert finished.tolist() == [True, False]
+
+
+def test_non_finite_reward_stops_with_a_checkpoint(tmp_path):
+    bad = FunctionReward(lambda prompts, responses, **kw: [float("nan")] * len(responses))
+    trainer = make_trainer(tmp_path, reward=bad, updates=1)
+    with pytest.raises(UserError, match="non-finite reward"):
+        trainer.train()
+    assert (tmp_path / "checkpoints" / "diverged-step-000000" / "policy.safetensors").is_file()
+
+
+def test_stage_writes_metrics_and_policy(tmp_path, tiny_recipe, tiny_dir, monkeypatch):
+    """`cai run --only ppo` on a run folder with an SFT model and prompts, and an import-path reward."""
+    from cai.pipeline import run
+
+    (tmp_path / "rewards_mod.py").write_text(
+        "def short(prompts, responses, **kw):\n    return [-len(r) / 10 for r in responses]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tiny_recipe(
+        "stages=[critique_revise, sft, ppo]",
+        "ppo.reward=rewards_mod:short",
+        "ppo.updates=2",
+        "ppo.rollout_batch_size=4",
+        "ppo.response_length=8",
+    )
+    rdir = tmp_path / "run"
+    model = load_model(str(tiny_dir))
+    model.save_pretrained(str(rdir / "sft" / "model"))
+    load_tokenizer(str(tiny_dir)).save_pretrained(str(rdir / "sft" / "model"))
+    (rdir / "critique_revise").mkdir(parents=True)
+    (rdir / "critique_revise" / "prompts.jsonl").write_text(
+        "".join(json.dumps({"id": f"p{i}", **p}) + "\n" for i, p in enumerate(PROMPTS[:6]))
+    )
+    for stage in ("critique_revise", "sft"):
+        (rdir / stage / "manifest.json").write_text(
+            json.dumps({"status": "complete", "fingerprint": stage, "output": stage})
+        )
+    run(recipe, only=["ppo"])
+    out = rdir / "ppo"
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (out / "policy" / "config.json").is_file() and (out / "score_vs_kl.png").is_file()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    again = load_model(str(out / "policy"))
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in model.parameters())
+    # a bad prompts file names its line
+    (rdir / "critique_revise" / "prompts.jsonl").write_text('{"id": "x", "messages": []}\n')
+    with pytest.raises(UserError, match="prompts.jsonl:1"):
+        run(recipe, only=["ppo"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -1,0 +1,135 @@
+"""PPO maths against values computed by hand on small tensors; padding never contributes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cai.rl import ppo_math as pm
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), rtol=1e-5, atol=1e-6)
+
+
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def test_masked_mean_var_whiten_ignore_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 1000.0]])
+    assert float(pm.masked_mean(x, MASK)) == pytest.approx(3.0)  # (1+2+3+4+5)/5
+    assert pm.masked_mean(x, MASK, dim=1).tolist() == pytest.approx([2.0, 4.5])
+    assert float(pm.masked_var(x, MASK)) == pytest.approx(2.5)  # unbiased: 10/4
+    assert float(pm.masked_var(x, MASK, unbiased=False)) == pytest.approx(2.0)
+    w = pm.whiten(x, MASK)
+    assert w[1, 2] == 0  # padding comes out as 0
+    assert w[0, 0] == pytest.approx((1 - 3) / math.sqrt(2.5), rel=1e-5)
+    assert float(pm.masked_mean(w, MASK)) == pytest.approx(0.0, abs=1e-6)
+    scaled = pm.whiten(x, MASK, shift_mean=False)  # scale only: the mean is kept
+    assert scaled[0, 0] == pytest.approx((1 - 3) / math.sqrt(2.5) + 3, rel=1e-5)
+    # a different value under the padding changes nothing
+    x2 = x.clone()
+    x2[1, 2] = -7.0
+    assert torch.equal(pm.whiten(x2, MASK), w)
+
+
+def test_kl_estimators():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    mask = torch.tensor([[1.0, 1.0]])
+    close(pm.kl_per_token(logp, ref, mask, "k1"), [[0.5, -1.0]])
+    # k3 = (r - 1) - log r with log r = ref - logp
+    k3 = [math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0]
+    close(pm.kl_per_token(logp, ref, mask, "k3"), [k3])
+    assert (pm.kl_k3(torch.randn(50), torch.randn(50)) >= 0).all()
+    close(pm.kl_per_token(logp, ref, torch.tensor([[1.0, 0.0]]), "k1"), [[0.5, 0.0]])
+    with pytest.raises(ValueError):
+        pm.kl_per_token(logp, ref, mask, "k2")
+
+
+def test_token_rewards_put_score_on_last_real_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]])
+    rewards, non_score = pm.token_rewards(torch.tensor([1.0, 2.0]), kl, 0.5, MASK)
+    close(non_score, [[-0.05, -0.1, -0.15], [-0.2, -0.25, 0.0]])
+    close(rewards, [[-0.05, -0.1, 0.85], [-0.2, 1.75, 0.0]])
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 1.0, 7.0]])
+    values = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.6, 5.0]])
+    adv, ret = pm.gae(rewards, values, MASK, gamma=0.9, lam=0.8)
+    # row 0: d2 = 1 - 0.3 = 0.7; d1 = 0 + 0.9*0.3 - 0.2 = 0.07; d0 = 0.9*0.2 - 0.1 = 0.08
+    a2 = 0.7
+    a1 = 0.07 + 0.72 * a2
+    a0 = 0.08 + 0.72 * a1
+    # row 1 ends at t=1: d1 = 1 - 0.6 = 0.4; d0 = 0.5 + 0.9*0.6 - 0.4 = 0.64; padding (r=7, V=5) ignored
+    b1 = 0.4
+    b0 = 0.64 + 0.72 * b1
+    close(adv, [[a0, a1, a2], [b0, b1, 0.0]])
+    close(ret, [[a0 + 0.1, a1 + 0.2, a2 + 0.3], [b0 + 0.4, b1 + 0.6, 0.0]])
+    # gamma = lam = 1: advantages are reward-to-go minus value
+    adv1, _ = pm.gae(rewards, values, MASK, 1.0, 1.0)
+    assert adv1[0].tolist() == pytest.approx([0.9, 0.8, 0.7], rel=1e-5)
+
+
+def test_policy_loss_clips_by_hand():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    adv = torch.tensor([[1.0, 1.0, -2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, st = pm.policy_loss(logp, old, adv, mask, clip_range=0.2)
+    # token 0: ratio 1.5, A=1 -> max(-1.5, -1.2) = -1.2 (clipped); token 1: ratio .5 -> max(-.5, -.8) = -.5
+    assert float(loss) == pytest.approx((-1.2 - 0.5) / 2, rel=1e-5)
+    assert float(st["clipfrac"]) == pytest.approx(0.5)
+    approx_kl = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2
+    assert float(st["approx_kl"]) == pytest.approx(approx_kl, rel=1e-5)
+    # gradient flows only through the unclipped token
+    logp = logp.clone().requires_grad_(True)
+    pm.policy_loss(logp, old, adv, mask, 0.2)[0].backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 2] == 0 and logp.grad[0, 1] != 0
+
+
+def test_value_loss_clips_by_hand():
+    v = torch.tensor([[1.0, 0.9, 3.0]])
+    old = torch.tensor([[0.5, 0.0, 0.0]])
+    ret = torch.tensor([[0.0, 1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clipfrac = pm.value_loss(v, old, ret, mask, clip_range=0.2)
+    # token 0: (1-0)^2 = 1 vs clipped (0.7-0)^2 = .49 -> 1; token 1: (0.9-1)^2 = .01 vs clipped (0.2-1)^2 = .64 -> .64
+    assert float(loss) == pytest.approx(0.5 * (1.0 + 0.64) / 2, rel=1e-5)
+    assert float(clipfrac) == pytest.approx(0.5)
+
+
+def test_explained_variance():
+    ret = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0]])
+    assert float(pm.explained_variance(ret, ret, MASK)) == pytest.approx(1.0)
+    assert float(pm.explained_variance(torch.zeros_like(ret), ret - 3.0, MASK)) == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert math.isnan(float(pm.explained_variance(ret, torch.ones_like(ret), MASK)))
+
+
+def test_entropy_from_logits():
+    assert float(pm.entropy_from_logits(torch.zeros(4))) == pytest.approx(math.log(4))
+
+
+def test_adaptive_controller_by_hand_and_state():
+    c = pm.AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    assert c.update(9.0, n_steps=100) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error 0.5 clipped to 0.2
+    c2 = pm.AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    c2.update(5.4, n_steps=100)  # error -0.1
+    assert c2.value == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    c3 = pm.AdaptiveKLController(1.0, 1.0, 1)
+    c3.load_state_dict(c.state_dict())
+    assert c3.state_dict() == c.state_dict()
+    f = pm.FixedKLController(0.3)
+    assert f.update(100.0, 8) == 0.3
+
+
+def test_lr_factor():
+    assert [pm.lr_factor(u, 4, 2, "linear") for u in range(4)] == pytest.approx([0.5, 1.0, 1.0, 0.5])
+    assert pm.lr_factor(3, 4, 0, "constant") == 1.0
+    assert pm.lr_factor(0, 4, 0, "cosine") == pytest.approx(1.0)
+    assert pm.lr_factor(2, 4, 0, "cosine") == pytest.approx(0.5)
