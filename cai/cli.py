@@ -28,8 +28,12 @@ def _cmd_run(a) -> int:
     from cai.config import load_recipe
 
     recipe = load_recipe(a.recipe, a.set)
-    rdir = pipeline.run(recipe, run_dir=a.run_dir, only=a.only, start=a.start)
-    print(f"[cai] run directory: {rdir}")
+    rdir = pipeline.run(recipe, run_dir=a.run_dir, only=a.only, start=a.start, arms=a.arm)
+    from cai import distributed as dist
+
+    if dist.is_main():
+        print(f"[cai] run directory: {rdir}")
+    dist.shutdown()  # multi-process: all ranks done, leave the process group cleanly
     return 0
 
 
@@ -135,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", action="append", metavar="STAGE", help="run only this stage (repeatable)")
     r.add_argument("--from", dest="start", metavar="STAGE", help="rerun from this stage on")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. ppo.kl_coef=0.1")
+    r.add_argument("--arm", action="append", metavar="ARM", help="run only this arm's own stages (repeatable)")
     r.set_defaults(func=_cmd_run)
 
     rc = sub.add_parser("recipe", help="check recipes").add_subparsers(dest="sub", required=True, metavar="SUB")

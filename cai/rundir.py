@@ -127,6 +127,7 @@ class StageContext:
     summary: dict = field(default_factory=dict)  # key metrics the stage wants in its manifest and the run summary
     started: float = field(default_factory=time.time)
     cache_dir: Path | None = None  # where work shared between arms goes (e.g. sampled responses); default out_dir
+    tracker: Any = None  # the recipe's tracker (set by the pipeline), passed to MetricsLog by metrics()
 
     def shared_path(self, name: str) -> Path:
         """A file that arms of a comparison share (the pipeline points cache_dir at a shared folder)."""
@@ -142,4 +143,4 @@ class StageContext:
         return self.inputs[stage]
 
     def metrics(self, name: str = "metrics.jsonl") -> MetricsLog:
-        return MetricsLog(self.out_dir / name)
+        return MetricsLog(self.out_dir / name, tracker=self.tracker)

@@ -1,0 +1,99 @@
+"""The sqrt(KL) fit on synthetic data with known a and b, the over-optimisation warning, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from cai.analysis import fit_sqrt_kl, kl_reward, linear_fit, overoptimisation
+from cai.cli import main
+from cai.rundir import append_jsonl
+
+
+def _synthetic(a, b, n=40, noise=0.0, seed=0, kl_max=16.0):
+    rng = random.Random(seed)
+    kl = [kl_max * (i / (n - 1)) ** 2 for i in range(n)]
+    return kl, [a + b * math.sqrt(k) + rng.gauss(0, noise) for k in kl]
+
+
+def test_fit_recovers_known_a_and_b():
+    kl, r = _synthetic(-0.7, 0.45)
+    f = fit_sqrt_kl(kl, r)
+    assert f["a"] == pytest.approx(-0.7, abs=1e-9) and f["b"] == pytest.approx(0.45, abs=1e-9)
+    assert f["r2"] == pytest.approx(1.0) and f["n"] == 40
+    kl, r = _synthetic(1.5, 0.3, n=200, noise=0.1, seed=1)
+    f = fit_sqrt_kl(kl, r)
+    assert f["a"] == pytest.approx(1.5, abs=0.05) and f["b"] == pytest.approx(0.3, abs=0.02)
+    assert 0.8 < f["r2"] < 1.0
+    assert overoptimisation(kl, r, f) is None
+
+
+def test_linear_fit_by_hand_and_negative_kl_counts_as_zero():
+    f = linear_fit([0.0, 1.0, 2.0], [1.0, 2.0, 4.0])  # b = 1.5, a = 5/6
+    assert f["b"] == pytest.approx(1.5) and f["a"] == pytest.approx(5 / 6)
+    assert f["r2"] == pytest.approx(1 - (1 / 36 + 1 / 9 + 1 / 36) / (14 / 3))
+    assert fit_sqrt_kl([-0.01, 1.0, 4.0], [0.0, 1.0, 2.0])["b"] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        linear_fit([1.0], [1.0])
+
+
+def test_warns_when_reward_flattens_or_falls_at_high_kl():
+    kl = [0.25 * i * i for i in range(30)]  # sqrt(KL) from 0 to 7.25
+    rising_then_flat = [min(math.sqrt(k), 3.0) for k in kl]
+    assert "flattens" in overoptimisation(kl, rising_then_flat)
+    rising_then_falling = [math.sqrt(k) if math.sqrt(k) < 4 else 8 - math.sqrt(k) for k in kl]
+    assert "falls" in overoptimisation(kl, rising_then_falling)
+    assert "does not rise" in overoptimisation(kl, [-0.1 * math.sqrt(k) for k in kl])
+    assert overoptimisation(kl, [0.5 + 0.2 * math.sqrt(k) for k in kl]) is None
+
+
+def test_cli_writes_png_and_json_for_runs_and_arms(tmp_path, capsys):
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    kl, r = _synthetic(0.1, 0.5, n=12)
+    append_jsonl(
+        run_a / "ppo" / "metrics.jsonl",
+        [
+            {"step": i, "objective/kl": k, "objective/score": s, "loss/policy": 0.1}
+            for i, (k, s) in enumerate(zip(kl, r))
+        ],
+    )
+    kl2, r2 = _synthetic(-0.2, 0.25, n=10)
+    for arm in ("x", "y"):
+        append_jsonl(
+            run_b / "arms" / arm / "ppo" / "metrics.jsonl",
+            [{"step": i, "objective/kl": k, "objective/score": s} for i, (k, s) in enumerate(zip(kl2, r2))],
+        )
+    out = tmp_path / "out"
+    assert main(["analyze", "kl-reward", str(run_a), str(run_b), "--out", str(out)]) == 0
+    data = json.loads((out / "kl_reward.json").read_text())
+    assert [s["label"] for s in data["series"]] == ["a", "b/x", "b/y"]
+    assert data["series"][0]["a"] == pytest.approx(0.1) and data["series"][0]["b"] == pytest.approx(0.5)
+    assert data["series"][2]["b"] == pytest.approx(0.25)
+    png = (out / "kl_reward.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "score = 0.1 + 0.5·sqrt(KL)" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["analyze", "kl-reward", str(tmp_path / "missing")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["analyze", "kl-reward", str(tmp_path / "empty")]) == 2
+    assert "no PPO log found" in capsys.readouterr().err
+    assert not kl_reward.__doc__.startswith(" ")
+
+
+def test_a_run_directory_gives_its_current_arms_in_recipe_order(tmp_path, root, monkeypatch):
+    from cai.analysis import find_ppo_logs
+    from cai.config import load_recipe
+    from cai.rundir import write_json
+
+    monkeypatch.chdir(root)
+    run = tmp_path / "run"
+    recipe = load_recipe(root / "recipes/tiny.yaml", ["sweep={ppo.kl_coef: [0.2, 0.02]}"])
+    write_json(run / "recipe.json", recipe.model_dump(mode="json"))
+    for d in ("ppo", "arms/kl_coef=0.02/ppo", "arms/kl_coef=0.2/ppo", "arms/old/ppo"):  # ppo/ and old/: stale
+        append_jsonl(run / d / "metrics.jsonl", [{"step": 1, "objective/kl": 0.1, "objective/score": 0.2}])
+    assert [label for label, _ in find_ppo_logs(run)] == ["kl_coef=0.2", "kl_coef=0.02"]

@@ -1,0 +1,295 @@
+"""`cai run`: skipping, reruns on config change, --only/--from, resume, arms and sweeps, trackers, summary.
+
+Most tests swap the stage modules for small stand-ins (fast, and they record what ran and with what);
+one test runs the real tiny recipe end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+
+from cai import pipeline
+from cai.config import load_recipe
+from cai.errors import UserError
+from cai.rundir import read_jsonl, read_manifest
+
+BODY = ["critique_revise", "sft", "feedback", "preference_model", "ppo"]
+
+
+class FakeStages:
+    """Stand-ins that write an output depending on their config and inputs, and record every call."""
+
+    def __init__(self, run_dir: Path, fail_once: set[str] | None = None):
+        self.run_dir = run_dir
+        self.calls: list[str] = []
+        self.ctxs: dict[str, object] = {}
+        self.fail_once = set(fail_once or ())
+
+    def load(self, stage: str):
+        def run(ctx):
+            key = str(ctx.out_dir.relative_to(self.run_dir))
+            self.calls.append(key)
+            self.ctxs[key] = ctx
+            parts = [json.dumps(pipeline.stage_config(ctx.recipe, stage), sort_keys=True)]
+            for name, d in sorted(ctx.inputs.items()):
+                parts.append(f"{name}:{(d / 'out.txt').read_text() if (d / 'out.txt').is_file() else '-'}")
+            partial = ctx.out_dir / "partial.txt"
+            if stage in self.fail_once:
+                self.fail_once.discard(stage)
+                partial.write_text("half")
+                raise RuntimeError("killed half-way")
+            resumed = partial.is_file()
+            (ctx.out_dir / "out.txt").write_text(str(hash("|".join(parts))))
+            if stage == "feedback":
+                rows = read_jsonl(ctx.shared_path("responses.jsonl"))
+                if not rows:
+                    (ctx.shared_path("responses.jsonl")).write_text('{"id": "p0-0", "text": "sampled"}\n')
+                    ctx.summary["sampled"] = 1
+                else:
+                    ctx.summary["sampled"] = 0
+            ctx.metrics().log({"loss": 1.0 / (1 + len(self.calls))}, step=1)
+            ctx.summary.update(resumed=resumed, calls=len(self.calls))
+
+        return types.SimpleNamespace(run=run)
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    stages = FakeStages(tmp_path / "run")
+    monkeypatch.setattr(pipeline, "_load_stage", stages.load)
+    return stages
+
+
+@pytest.fixture
+def recipe(tmp_path, root, monkeypatch):
+    monkeypatch.chdir(root)
+
+    def make(*overrides: str, path: str = "recipes/tiny.yaml"):
+        return load_recipe(root / path, [f"run_dir={tmp_path / 'run'}", *overrides])
+
+    return make
+
+
+def test_rerun_skips_every_stage_whose_manifest_matches(fake, recipe, capsys):
+    rdir = pipeline.run(recipe(), quiet=True)
+    assert fake.calls == BODY + ["report"]
+    for s in BODY + ["report"]:
+        m = read_manifest(rdir / s)
+        assert m["status"] == "complete" and m["fingerprint"] and m["output"] and "seconds" in m
+        assert m["inputs"].keys() == set(pipeline.DEPENDS[s][1])
+    fake.calls.clear()
+    capsys.readouterr()
+    pipeline.run(recipe())
+    assert fake.calls == []
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 6
+    assert "0 stage(s) ran, 6 skipped" in out
+    summary = json.loads((rdir / "summary.json").read_text())
+    assert [r["status"] for r in summary["stages"]] == ["skipped"] * 6
+
+
+def test_config_change_reruns_the_stage_and_everything_downstream(fake, recipe):
+    pipeline.run(recipe(), quiet=True)
+    fake.calls.clear()
+    pipeline.run(recipe("ppo.kl_coef=0.2"), quiet=True)
+    assert fake.calls == ["ppo", "report"]
+    fake.calls.clear()
+    pipeline.run(recipe("ppo.kl_coef=0.2", "sft.learning_rate=0.01"), quiet=True)
+    assert fake.calls == ["sft", "feedback", "preference_model", "ppo", "report"]
+    fake.calls.clear()
+    pipeline.run(recipe("ppo.kl_coef=0.2", "sft.learning_rate=0.01"), quiet=True)
+    assert fake.calls == []
+
+
+def test_only_and_from(fake, recipe, tmp_path):
+    with pytest.raises(UserError, match="'feedback' needs 'critique_revise'"):
+        pipeline.run(recipe(), only=["feedback"], quiet=True)
+    pipeline.run(recipe(), quiet=True)
+    fake.calls.clear()
+    pipeline.run(recipe(), only=["sft"], quiet=True)
+    assert fake.calls == ["sft"]  # --only reruns the named stage, nothing else
+    fake.calls.clear()
+    pipeline.run(recipe(), quiet=True)  # its new output makes everything downstream stale
+    assert fake.calls == ["feedback", "preference_model", "ppo", "report"]
+    fake.calls.clear()
+    pipeline.run(recipe(), start="preference_model", quiet=True)
+    assert fake.calls == ["preference_model", "ppo", "report"]
+    with pytest.raises(UserError, match="unknown stage 'sfx'"):
+        pipeline.run(recipe(), only=["sfx"], quiet=True)
+
+
+def test_an_interrupted_stage_resumes_in_place_and_a_changed_one_starts_clean(fake, recipe, capsys):
+    fake.fail_once = {"sft"}
+    with pytest.raises(RuntimeError):
+        pipeline.run(recipe(), quiet=True)
+    rdir = fake.run_dir
+    assert read_manifest(rdir / "sft")["status"] == "failed"
+    assert (rdir / "sft" / "partial.txt").is_file()
+    fake.calls.clear()
+    pipeline.run(recipe(), quiet=True)
+    assert fake.calls == BODY[1:] + ["report"]
+    assert "resuming an interrupted run" in capsys.readouterr().out
+    m = read_manifest(rdir / "sft")
+    assert m["status"] == "complete" and m["resumed"] and m["summary"]["resumed"]  # partial output kept
+    # a stage killed under another config does not resume the stale partial output
+    fake.fail_once = {"ppo"}
+    with pytest.raises(RuntimeError):
+        pipeline.run(recipe("ppo.kl_coef=0.3"), quiet=True)
+    pipeline.run(recipe("ppo.kl_coef=0.4"), quiet=True)
+    assert read_manifest(rdir / "ppo")["summary"]["resumed"] is False
+
+
+def test_sweep_expands_into_arms_that_share_upstream_stages(fake, recipe):
+    r = recipe("sweep={ppo.kl_coef: [0.02, 0.1]}")
+    layout = pipeline.plan(r, fake.run_dir)
+    assert list(layout.arms) == ["kl_coef=0.02", "kl_coef=0.1"]
+    assert layout.arms["kl_coef=0.1"].ppo.kl_coef == 0.1
+    assert [u.key for u in layout.units.values()] == BODY[:4] + [
+        "arms/kl_coef=0.02/ppo",
+        "arms/kl_coef=0.1/ppo",
+        "report",
+    ]
+    assert layout.stage_dir("sft", "kl_coef=0.1") == fake.run_dir / "sft"
+    pipeline.run(r, quiet=True)
+    assert fake.calls == BODY[:4] + ["arms/kl_coef=0.02/ppo", "arms/kl_coef=0.1/ppo", "report"]
+    assert set(read_manifest(fake.run_dir / "report")["inputs"]) == {u for u in fake.calls if u != "report"}
+    summary = json.loads((fake.run_dir / "summary.json").read_text())
+    assert set(summary["seconds_by_arm"]) == {"shared", "kl_coef=0.02", "kl_coef=0.1", "report"}
+    fake.calls.clear()
+    pipeline.run(r, quiet=True, arms=["kl_coef=0.1"], start="ppo")
+    assert fake.calls == ["arms/kl_coef=0.1/ppo", "report"]
+
+
+def _arms_recipe(recipe, tmp_path, root):
+    gfh = tmp_path / "gfh.yaml"
+    shutil.copy(root / "constitutions/good-for-humanity.yaml", gfh)
+    return recipe(*_arms_args(gfh)), gfh
+
+
+def test_arms_share_responses_and_a_changed_constitution_reruns_only_that_arm(fake, recipe, tmp_path, root):
+    r, gfh = _arms_recipe(recipe, tmp_path, root)
+    pipeline.run(r, quiet=True)
+    own = ["feedback", "preference_model", "ppo"]
+    assert fake.calls == ["critique_revise", "sft"] + [f"arms/specific/{s}" for s in own] + [
+        f"arms/general/{s}" for s in own
+    ] + ["report"]
+    caches = {k: fake.ctxs[k].cache_dir for k in ("arms/specific/feedback", "arms/general/feedback")}
+    assert len(set(caches.values())) == 1 and next(iter(caches.values())).parent == fake.run_dir / "shared"
+    assert read_manifest(fake.run_dir / "arms/specific/feedback")["summary"]["sampled"] == 1
+    assert (
+        read_manifest(fake.run_dir / "arms/general/feedback")["summary"]["sampled"] == 0
+    )  # reused the pairs
+    fake.calls.clear()
+    gfh.write_text(gfh.read_text() + "\n# edited\n")
+    pipeline.run(r, quiet=True)
+    assert fake.calls == [f"arms/general/{s}" for s in own] + ["report"]
+    assert fake.ctxs["arms/general/feedback"].cache_dir == caches["arms/general/feedback"]
+    # a sampling setting is part of the cache key: new responses, for both arms
+    fake.calls.clear()
+    pipeline.run(recipe(*_arms_args(gfh), "feedback.responses_per_prompt=3"), quiet=True)
+    assert fake.ctxs["arms/general/feedback"].cache_dir != caches["arms/general/feedback"]
+
+
+def _arms_args(gfh):
+    return (
+        "arms=[{name: specific, set: {feedback_constitution: constitutions/harmless-specific.yaml}},"
+        f" {{name: general, set: {{feedback_constitution: {gfh}}}}}]",
+    )
+
+
+def test_arm_and_sweep_keys_are_validated(recipe, tmp_path):
+    rdir = tmp_path / "run"
+    with pytest.raises(
+        UserError, match=r"arms\.0 \(a\)\.ppo\.kl_cof: unknown key 'ppo\.kl_cof'; did you mean 'kl_coef'"
+    ):
+        pipeline.plan(recipe("arms=[{name: a, set: {ppo.kl_cof: 0.1}}]"), rdir)
+    with pytest.raises(UserError, match="cannot differ between arms"):
+        pipeline.plan(recipe("arms=[{name: a, set: {run_dir: x}}]"), rdir)
+    with pytest.raises(UserError, match="used twice"):
+        pipeline.plan(recipe("arms=[{name: a}, {name: a}]"), rdir)
+    with pytest.raises(UserError, match="must use only"):
+        pipeline.plan(recipe("arms=[{name: a/b}]"), rdir)
+    with pytest.raises(UserError, match=r"sweep\.ppo\.kl_coef: a non-empty list"):
+        pipeline.plan(recipe("sweep={ppo.kl_coef: []}"), rdir)
+    with pytest.raises(UserError, match=r"ppo\.kl_coef: Input should be"):
+        pipeline.plan(recipe("sweep={ppo.kl_coef: [-1]}"), rdir)
+    # names from values: a file path gives its stem; arms × sweep points
+    layout = pipeline.plan(
+        recipe(
+            "arms=[{name: a}, {name: b, set: {ppo: {updates: 3}}}]",
+            "sweep={feedback_constitution: [x/gfh.yaml, y/hs.yaml]}",
+        ),
+        rdir,
+    )
+    assert list(layout.arms) == ["a_gfh", "a_hs", "b_gfh", "b_hs"]
+    assert (
+        layout.arms["b_hs"].ppo.updates == 3 and layout.arms["b_hs"].ppo.kl_coef == 0.05
+    )  # merged, not replaced
+
+
+def test_tracker_gets_live_and_replayed_metrics_with_stage_prefixes(fake, recipe, monkeypatch):
+    from cai import runlog
+
+    class Fake:
+        def __init__(self):
+            self.logged, self.finished = [], False
+
+        def log(self, values, step=None):
+            self.logged.append((step, values))
+
+        def finish(self):
+            self.finished = True
+
+    tracker = Fake()
+    monkeypatch.setattr(runlog, "make_tracker", lambda recipe, rdir: tracker)
+    pipeline.run(recipe("tracker=tensorboard"), quiet=True)
+    keys = {k for _, v in tracker.logged for k in v}
+    assert {"sft/loss", "ppo/loss", "report/loss"} <= keys and tracker.finished
+    # a stage that writes metrics.jsonl itself gets replayed after it finishes
+    t2 = runlog.StageTracker(tracker, "arms/x/ppo")
+    p = fake.run_dir / "m.jsonl"
+    p.write_text('{"step": 3, "objective/kl": 0.5, "note": "text"}\n')
+    t2.replay_if_silent(p)
+    assert tracker.logged[-1] == (3, {"arms/x/ppo/objective/kl": 0.5})
+
+
+def test_tensorboard_without_the_package_is_a_user_error(recipe, tmp_path):
+    import importlib.util
+
+    from cai import runlog
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        runlog.make_tracker(recipe("tracker=tensorboard"), tmp_path)
+    assert runlog.make_tracker(recipe(), tmp_path) is None
+
+
+def test_summary_lists_stages_times_and_key_metrics(fake, recipe, capsys):
+    pipeline.run(recipe())
+    out = capsys.readouterr().out
+    assert "[cai] summary of" in out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("ppo "))
+    assert "ran" in line and "resumed=False" in line and "s " in line
+
+
+def test_real_tiny_run_completes_and_a_rerun_skips_every_stage(tiny_run, root, monkeypatch, capsys):
+    """The real stages, end to end (the session's tiny run), then the same recipe again: nothing reruns."""
+    monkeypatch.chdir(root)
+    recipe = pipeline.load_run_recipe(tiny_run)
+    for s in BODY + ["report"]:
+        m = read_manifest(tiny_run / s)
+        assert m["status"] == "complete" and m["seconds"] > 0 and m["summary"], s
+    assert (tiny_run / "report" / "report.md").is_file() and (
+        tiny_run / "ppo" / "policy" / "config.json"
+    ).is_file()
+    capsys.readouterr()
+    pipeline.run(recipe)
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 6 and "0 stage(s) ran" in out
+    assert "report: " in out and "ppo " in out

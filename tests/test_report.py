@@ -1,0 +1,156 @@
+"""`report` stage and `cai report`: every section on a tiny run, and one column per arm on a comparison run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+
+from cai.cli import main
+from cai.rundir import read_manifest
+
+SECTIONS = [
+    "## Stages",
+    "## SL-CAI: critique → revision",
+    "### SFT loss",
+    "## AI feedback",
+    "### Labeller check",
+    "## Preference model",
+    "### Evaluation suites",
+    "## PPO",
+    "### Reward against sqrt(KL)",
+    "## Harmlessness win rate against the initial model",
+    "## Examples",
+]
+
+
+def _images_exist(report_dir: Path, md: str) -> list[str]:
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    for link in links:
+        p = report_dir / link
+        assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG", link
+    return links
+
+
+def test_report_of_a_tiny_run_has_every_section(tiny_run):
+    rep = tiny_run / "report"
+    md = (rep / "report.md").read_text()
+    for heading in SECTIONS:
+        assert heading in md, heading
+    links = _images_exist(rep, md)
+    assert {"sft_loss.png", "ppo_curves.png", "kl_reward.png"} <= set(links)
+    assert any("reliability" in link for link in links)  # calibration plot
+    for stage in ("critique_revise", "sft", "feedback", "preference_model", "ppo"):
+        assert re.search(rf"\| {stage} \| complete \| [0-9.]+ s \|", md), stage
+    check = json.loads((tiny_run / "feedback" / "check.json").read_text())
+    assert ("**Warning:**" in md and "not above chance" in md) == (not check["above_chance"])
+    data = json.loads((rep / "report.json").read_text())
+    final = data["win_rate"]["results"]["final:tiny"]
+    assert (
+        final["n"] == 4
+        and 0.0 <= final["win_rate"] <= 1.0
+        and final["ci95"][0] <= final["win_rate"] <= final["ci95"][1]
+    )
+    assert data["win_rate"]["judge"] == "tiny-random-llama"
+    assert (
+        set(data["pm_eval"]["tiny"]) == {"pairs", "ai-risk"} and data["pm_eval"]["tiny"]["pairs"]["n"] == 16
+    )
+    fit = data["kl_fit"]["tiny"]
+    assert fit["n"] >= 2 and set(fit) >= {"a", "b", "r2"}
+    m = read_manifest(rep)
+    assert m["status"] == "complete" and "win_rate" in m["summary"]
+
+
+def test_cai_report_rebuilds_a_run_and_rejects_a_non_run(tiny_run, tmp_path, capsys):
+    before = (tiny_run / "report" / "report.md").read_text()
+    assert main(["report", str(tiny_run)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    after = (tiny_run / "report" / "report.md").read_text()
+    strip = lambda t: re.sub(r"generated [0-9: -]+", "", t)  # noqa: E731
+    assert strip(after) == strip(before)  # cached generations and the same seed: the same report
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def _documented_tiny_command(root: Path) -> list[str]:
+    """The `--set` arguments of the tiny-model command in the comparison recipe's header."""
+    lines = (root / "recipes/compare-specific-general.yaml").read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if "--set models.policy=tiny-random-llama" in ln)
+    while not lines[start - 1].lstrip("# ").startswith("cai run"):
+        start -= 1
+    cmd = []
+    for ln in lines[start - 1 :]:
+        text = ln.lstrip("#").strip()
+        cmd.append(text.rstrip("\\").strip())
+        if not text.endswith("\\"):
+            break
+    args = shlex.split(" ".join(cmd))
+    assert args[:3] == ["cai", "run", "recipes/compare-specific-general.yaml"]
+    return args[3:]
+
+
+def test_comparison_run_on_the_tiny_model_has_one_column_per_arm(tmp_path, root, tiny_dir, capsys):
+    args = _documented_tiny_command(root)
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    old = Path.cwd()
+    os.chdir(root)
+    try:
+        rdir = tmp_path / "cmp"
+        assert (
+            main(
+                [
+                    "run",
+                    "recipes/compare-specific-general.yaml",
+                    "--run-dir",
+                    str(rdir),
+                    *[f"--set={s}" for s in sets],
+                ]
+            )
+            == 0
+        )
+    finally:
+        os.chdir(old)
+    arms = ["harmless-specific", "good-for-humanity"]
+    for arm in arms:
+        for stage in ("feedback", "preference_model", "ppo"):
+            assert read_manifest(rdir / "arms" / arm / stage)["status"] == "complete"
+    assert not (rdir / "feedback").exists()  # nothing of the arms' own stages at the top level
+    assert (
+        len(list((rdir / "shared").glob("feedback-*/responses.jsonl"))) == 1
+    )  # one set of sampled responses
+    md = (rdir / "report" / "report.md").read_text()
+    header = f"|  | {arms[0]} | {arms[1]} |"
+    assert f"| stage | {arms[0]} | {arms[1]} |" in md
+    assert f"| suite | {arms[0]} | {arms[1]} |" in md  # PM evaluation per arm
+    for section in (
+        "### Labels",
+        "### Reward against sqrt(KL)",
+        "## Harmlessness win rate against the initial model",
+        "### Agreement between the arms' AI labels",
+    ):
+        i = md.index(section)
+        assert header in md[i : i + 2000], section
+    assert re.search(r"\| critique_revise \| shared · complete · [0-9.]+ s \| shared · complete", md)
+    assert "| final policy (ppo) vs initial | 0." in md or "| final policy (ppo) vs initial | 1." in md
+    data = json.loads((rdir / "report" / "report.json").read_text())
+    agreement = data["label_agreement"]["pairs"][f"{arms[0]}|{arms[1]}"]
+    assert agreement["n"] > 0 and 0.0 <= agreement["agreement"] <= 1.0
+    assert set(data["kl_fit"]) == set(arms)
+    assert {f"final:{a}" for a in arms} <= set(data["win_rate"]["results"])
+    _images_exist(rdir / "report", md)
+    assert "time by arm" in capsys.readouterr().out
+
+
+def test_a_missing_arm_constitution_is_a_user_error_before_anything_runs(tmp_path, root, capsys):
+    old = Path.cwd()
+    os.chdir(root)
+    try:
+        bad = "arms=[{name: x, set: {feedback_constitution: nope.yaml}}, {name: y}]"
+        assert main(["run", "recipes/tiny.yaml", "--run-dir", str(tmp_path / "r"), "--set", bad]) == 2
+    finally:
+        os.chdir(old)
+    err = capsys.readouterr().err
+    assert err.startswith("error: arm 'x': feedback_constitution: file not found: nope.yaml")
+    assert not (tmp_path / "r" / "critique_revise").exists()

@@ -1,0 +1,110 @@
+"""`kill -9` at any point, then the same command again, finishes the run.
+
+`python -m cai run <tiny recipe>` is killed with SIGKILL three times — during critique_revise generation
+(after a batch was streamed to its JSONL), during SFT training (after a checkpoint) and during PPO (after
+a checkpoint) — and the same command is then run to the end. Every stage's manifest must be complete,
+the killed stages must say they resumed, and what was saved before a kill must have been reused.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cai.rundir import read_jsonl, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["critique_revise", "sft", "feedback", "preference_model", "ppo"]
+SETS = [
+    "stages=[critique_revise,sft,feedback,preference_model,ppo]",
+    "sft.max_steps=8",
+    "sft.save_steps=2",
+    "ppo.updates=4",
+    "ppo.save_every=1",
+]
+
+
+def _status(rdir: Path, stage: str) -> str | None:
+    return (read_manifest(rdir / stage) or {}).get("status")
+
+
+def _run_until(cmd: list[str], log: Path, point, what: str, timeout: float = 240.0) -> None:
+    """Start the command and SIGKILL it as soon as `point()` holds."""
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        try:
+            while time.time() - t0 < timeout:
+                if point():
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return
+                if proc.poll() is not None:
+                    pytest.fail(
+                        f"the run ended (rc {proc.returncode}) before the kill point '{what}':\n{log.read_text()[-3000:]}"
+                    )
+                time.sleep(0.05)
+            pytest.fail(f"no kill point '{what}' within {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_sigkill_in_three_stages_then_the_same_command_finishes(tmp_path, tiny_dir):
+    rdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cai", "run", "recipes/tiny.yaml", "--run-dir", str(rdir)]
+    for s in SETS:
+        cmd += ["--set", s]
+    log = tmp_path / "log.txt"
+    steps = rdir / "critique_revise" / "steps"
+
+    def generated_a_batch():
+        return _status(rdir, "critique_revise") == "running" and any(
+            read_jsonl(p) for p in steps.glob("*.jsonl")
+        )
+
+    _run_until(cmd, log, generated_a_batch, "critique_revise wrote a batch")
+    assert _status(rdir, "critique_revise") == "running"
+    kept = {p.name: len(read_jsonl(p)) for p in steps.glob("*.jsonl")}
+
+    def sft_checkpointed():
+        return _status(rdir, "sft") == "running" and any(
+            (rdir / "sft" / "checkpoints").glob("checkpoint-*/trainer_state.json")
+        )
+
+    _run_until(cmd, log, sft_checkpointed, "sft saved a checkpoint")
+    assert _status(rdir, "critique_revise") == "complete" and _status(rdir, "sft") == "running"
+
+    def ppo_checkpointed():
+        return _status(rdir, "ppo") == "running" and any(
+            (rdir / "ppo" / "checkpoints").glob("step-*/state.json")
+        )
+
+    _run_until(cmd, log, ppo_checkpointed, "ppo saved a checkpoint")
+    assert _status(rdir, "sft") == "complete" and _status(rdir, "ppo") == "running"
+
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ppo: resuming an interrupted run" in done.stdout
+    assert "critique_revise: up to date, skipped" in done.stdout and "sft: up to date, skipped" in done.stdout
+    for stage in STAGES:
+        m = read_manifest(rdir / stage)
+        assert m["status"] == "complete" and m["output"] and m["fingerprint"], stage
+    for stage in ("critique_revise", "sft", "ppo"):
+        assert read_manifest(rdir / stage)["resumed"] is True, stage
+    # the rows streamed before the first kill were reused, not generated again
+    stats = json.loads((rdir / "critique_revise" / "stats.json").read_text())
+    for name, n in kept.items():
+        assert stats["timing"]["steps"][name.removesuffix(".jsonl")]["resumed"] >= n > 0 or n == 0
+    # training resumed from checkpoints: the SFT loss log has one row per step, the PPO log one per update
+    assert [r["step"] for r in read_jsonl(rdir / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert (rdir / "sft" / "model" / "config.json").is_file() and (
+        rdir / "ppo" / "policy" / "config.json"
+    ).is_file()
