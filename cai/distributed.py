@@ -21,10 +21,60 @@ def init_from_env() -> None:
     import torch
     import torch.distributed as dist
 
-    backend = "nccl" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true") else "gloo"
-    dist.init_process_group(backend=backend)
+    backend = (
+        "nccl"
+        if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+        else "gloo"
+    )
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before the group: collectives use it
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            # as accelerate does for FSDP: full state dicts are gathered on CPU
+            backend = "cuda:nccl,cpu:gloo"
+    dist.init_process_group(backend=backend)
+
+
+def shutdown() -> None:
+    """End of a multi-process run: wait for every rank, then leave the group (a gloo group left open can
+    abort the process at exit). A no-op in a single process."""
+    d = _dist()
+    if d:
+        d.barrier()
+        d.destroy_process_group()
+
+
+def engine() -> str:
+    """How the processes were launched, from accelerate's launcher environment: 'single', 'ddp',
+    'deepspeed-zero<N>' or 'fsdp'. Recorded in each stage manifest."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        cfg = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+        if not stage and cfg.endswith(".json") and os.path.isfile(cfg):
+            import json
+
+            with open(cfg, encoding="utf-8") as f:
+                stage = (json.load(f).get("zero_optimization") or {}).get("stage")
+        return f"deepspeed-zero{stage}" if stage is not None else "deepspeed"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    return "ddp" if world_size() > 1 else "single"
+
+
+def release_stage_state() -> None:
+    """After a stage: forget the DeepSpeed config its trainer registered process-wide (transformers keeps a
+    reference, and a later `from_pretrained` would then build ZeRO-3-partitioned models outside any engine),
+    and free the stage's memory before the next stage loads its models."""
+    import gc
+    import sys
+
+    ds = sys.modules.get("transformers.integrations.deepspeed")
+    if ds is not None:
+        ds.unset_hf_deepspeed_config()
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def world_size() -> int:

@@ -1,0 +1,339 @@
+"""Multi-process runs under `accelerate launch`: two CPU processes over gloo reproduce a single-process run.
+
+The recipe is recipes/tiny.yaml, shortened (8 new tokens, 2 SFT and 2 PM steps, 1 PPO update). The same
+global batch is kept by halving the per-device batch sizes in the 2-process run. Checks:
+- every stage manifest records world size 2 (engine 'ddp'), and 1 ('single') in the reference run;
+- generation stages: the 2-process outputs equal the single-process ones, row for row in file order;
+- SFT and PM: per-step losses and gradient norms agree within LOSS_RTOL / GRAD_RTOL, and the saved weights
+  within WEIGHT_ATOL (DDP averages gradients over ranks, so the maths is the same up to float summation
+  order: measured differences are ~1e-7 relative);
+- PPO runs one update with rollouts sharded over the two processes.
+DeepSpeed (when installed): one-process ZeRO-2 and ZeRO-3 runs of the SFT and PM stages through
+recipes/accelerate/zero{2,3}.yaml match the reference run (losses, gradient norms, saved weights), and every
+shipped DeepSpeed config passes DeepSpeed's own config parser. (With 2 CPU processes accelerate gives
+DeepSpeed a world of 1 on each rank, so multi-process DeepSpeed is left to GPUs: docs/scaling.md.)
+The launcher line is the one that really starts two CPU processes (`--cpu --num_processes 2` starts one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cai.rundir import read_jsonl, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+CONFIGS = ROOT / "recipes" / "accelerate"
+LOSS_RTOL = 1e-4  # relative, per logged step
+GRAD_RTOL = 1e-3  # relative, per logged step
+WEIGHT_ATOL = 1e-5  # absolute, every saved tensor
+GLOBAL_BATCH = 4
+
+COMMON = [
+    "stages=[critique_revise, sft, feedback, preference_model, ppo]",
+    "generation.max_new_tokens=8",
+    "sft.max_steps=2",
+    "preference_model.max_steps=2",
+    "ppo.updates=1",
+    "ppo.ppo_epochs=1",
+    "ppo.response_length=8",
+]
+
+
+def per_device(n: int) -> list[str]:
+    b = GLOBAL_BATCH // n
+    return [f"sft.batch_size={b}", f"preference_model.batch_size={b}", f"ppo.rollout_batch_size={b}"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    cmd: list[str], env_extra: dict | None = None, unset: tuple[str, ...] = (), timeout: int = 600
+) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    for k in unset:
+        env.pop(k, None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}"
+    return out
+
+
+def cai_run(run_dir: Path, sets: list[str], only: list[str] | None = None) -> list[str]:
+    args = ["-m", "cai", "run", "recipes/tiny.yaml", "--run-dir", str(run_dir)]
+    for s in only or []:
+        args += ["--only", s]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def two_cpu_processes() -> list[str]:
+    return [
+        str(ACCELERATE),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_dir):
+    """A single-process reference run (no PPO) and a 2-process run of the whole pipeline body."""
+    if not ACCELERATE.is_file():
+        pytest.fail(f"{ACCELERATE} is missing: accelerate is a dependency of cai")
+    base = tmp_path_factory.mktemp("dist")
+    one, two = base / "one", base / "two"
+    launch(
+        [sys.executable]
+        + cai_run(one, COMMON + per_device(1) + ["stages=[critique_revise, sft, feedback, preference_model]"])
+    )
+    log = launch(two_cpu_processes() + cai_run(two, COMMON + per_device(2)), {"ACCELERATE_USE_CPU": "1"})
+    return one, two, log
+
+
+def assert_close(a: float, b: float, rtol: float, what: str) -> None:
+    assert math.isfinite(a) and math.isfinite(b), what
+    assert abs(a - b) <= rtol * max(abs(a), abs(b), 1e-8), f"{what}: {a} vs {b} (rtol {rtol})"
+
+
+def compare_metrics(
+    one: Path, two: Path, stage: str, steps: int, batch_metrics: tuple[str, ...] = ()
+) -> None:
+    """Per-step loss and gradient norm agree; so do `batch_metrics` (statistics of the global batch, which a
+    multi-process run must gather from every rank: within 1e-5 absolute)."""
+    rows1 = [r for r in read_jsonl(one / stage / "metrics.jsonl") if "loss" in r]
+    rows2 = [r for r in read_jsonl(two / stage / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == list(range(1, steps + 1))
+    for a, b in zip(rows1, rows2):
+        assert_close(a["loss"], b["loss"], LOSS_RTOL, f"{stage} loss at step {a['step']}")
+        assert_close(a["grad_norm"], b["grad_norm"], GRAD_RTOL, f"{stage} grad_norm at step {a['step']}")
+        for k in batch_metrics:
+            assert abs(a[k] - b[k]) <= 1e-5, f"{stage} {k} at step {a['step']}: {a[k]} vs {b[k]}"
+
+
+def compare_weights(a: Path, b: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    tied = {
+        "lm_head.weight": "model.embed_tokens.weight"
+    }  # a gathered (DeepSpeed) save writes tied weights out
+    for w in (wa, wb):
+        for k, src in tied.items():
+            if k in w and src in w:
+                assert torch.equal(w[k], w[src]), f"{k} is not tied to {src}"
+                del w[k]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        diff = float((wa[k].float() - wb[k].float()).abs().max())
+        assert diff <= WEIGHT_ATOL, f"{a}: tensor {k} differs by {diff}"
+
+
+def test_two_processes_world_size_and_engine(runs):
+    one, two, log = runs
+    for stage in ("critique_revise", "sft", "feedback", "preference_model", "ppo"):
+        m = read_manifest(two / stage)
+        assert m["status"] == "complete" and m["world_size"] == 2 and m["engine"] == "ddp", (stage, m)
+        if stage != "ppo":
+            m1 = read_manifest(one / stage)
+            assert m1["world_size"] == 1 and m1["engine"] == "single", (stage, m1)
+    # only the main process prints the pipeline's lines and writes files
+    assert log.count("[cai] sft: running") == 1
+    assert read_jsonl(two / "sft" / "metrics.jsonl")  # written once, not once per rank
+    assert len(read_jsonl(two / "sft" / "metrics.jsonl")) == len(read_jsonl(one / "sft" / "metrics.jsonl"))
+
+
+def test_generation_stages_match_single_process(runs):
+    one, two, _ = runs
+    for name in ("prompts.jsonl", "held_out.jsonl", "data.jsonl", "rejected.jsonl"):
+        rows1, rows2 = read_jsonl(one / "critique_revise" / name), read_jsonl(two / "critique_revise" / name)
+        assert rows1 == rows2, f"critique_revise/{name} differs between 1 and 2 processes"
+    assert read_jsonl(one / "critique_revise" / "data.jsonl")
+    r1, r2 = (
+        read_jsonl(one / "feedback" / "responses.jsonl"),
+        read_jsonl(two / "feedback" / "responses.jsonl"),
+    )
+    assert r1 and r1 == r2, "feedback/responses.jsonl differs between 1 and 2 processes"
+    p1, p2 = read_jsonl(one / "feedback" / "pairs.jsonl"), read_jsonl(two / "feedback" / "pairs.jsonl")
+    assert len(p1) == len(p2) >= 2 * GLOBAL_BATCH
+    for a, b in zip(p1, p2):  # labels come from forward passes on other batch shapes: equal up to float error
+        fa, fb = (
+            {k: v for k, v in a.items() if not isinstance(v, float)},
+            {k: v for k, v in b.items() if not isinstance(v, float)},
+        )
+        assert fa == fb
+        for k, v in a.items():
+            if isinstance(v, float):
+                assert abs(v - b[k]) <= 1e-5, (k, v, b[k])
+
+
+def test_training_losses_match_single_process(runs):
+    one, two, _ = runs
+    compare_metrics(one, two, "sft", steps=2)
+    compare_metrics(
+        one, two, "preference_model", steps=2, batch_metrics=("accuracy", "margin", "mean_reward")
+    )
+    compare_weights(one / "sft" / "model", two / "sft" / "model")
+    compare_weights(one / "preference_model" / "model", two / "preference_model" / "model")
+
+
+def test_ppo_update_on_two_processes(runs):
+    _, two, _ = runs
+    rows = read_jsonl(two / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1]
+    for k in ("objective/score", "objective/kl", "loss/value", "response/length"):
+        assert math.isfinite(rows[0][k]), k
+    assert (two / "ppo" / "policy" / "config.json").is_file()
+    assert read_manifest(two / "ppo")["summary"]["updates"] == 1
+
+
+# ------------------------------------------------------------------------------------------- DeepSpeed
+def filled_deepspeed_config(ds_file: Path, micro_batch: int = 2, grad_accum: int = 1, world: int = 1) -> dict:
+    """A DeepSpeed JSON with its "auto" entries filled the way accelerate and the HF Trainer fill them."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin(hf_ds_config=str(ds_file))
+    hidden = 4096
+    plugin.deepspeed_config_process(
+        must_match=False,
+        train_micro_batch_size_per_gpu=micro_batch,
+        train_batch_size=micro_batch * grad_accum * world,
+        gradient_accumulation_steps=grad_accum,
+        gradient_clipping=1.0,
+        **{
+            "bf16.enabled": True,
+            "fp16.enabled": False,
+            "zero_optimization.reduce_bucket_size": hidden * hidden,
+            "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,
+        },
+    )
+    return plugin.deepspeed_config
+
+
+ENGINE_FILES = ["multi_gpu.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "fsdp.yaml"]
+EXPECTED = {  # config file -> (distributed type, ZeRO stage, offload device)
+    "multi_gpu.yaml": ("MULTI_GPU", None, None),
+    "zero2.yaml": ("DEEPSPEED", 2, None),
+    "zero3.yaml": ("DEEPSPEED", 3, None),
+    "zero3_offload.yaml": ("DEEPSPEED", 3, "cpu"),
+    "fsdp.yaml": ("FSDP", None, None),
+}
+
+
+@pytest.mark.parametrize("name", ENGINE_FILES)
+def test_accelerate_configs_parse(name):
+    """accelerate reads every shipped config; the DeepSpeed ones pass DeepSpeed's own parser once filled."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(CONFIGS / name))
+    kind, stage, offload = EXPECTED[name]
+    assert str(cfg.distributed_type).endswith(kind)
+    assert (CONFIGS / name).read_text().lstrip().startswith("#"), "each config starts with when to pick it"
+    if kind == "FSDP":
+        assert cfg.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # stage outputs are HF folders
+    if kind != "DEEPSPEED":
+        return
+    ds_file = ROOT / cfg.deepspeed_config["deepspeed_config_file"]
+    assert ds_file.is_file() and ds_file.parent == CONFIGS
+    raw = json.loads(ds_file.read_text())
+    assert raw["zero_optimization"]["stage"] == stage
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    filled = filled_deepspeed_config(ds_file)
+    assert "auto" not in json.dumps(filled), "an 'auto' entry that neither accelerate nor the Trainer fills"
+    parsed = DeepSpeedConfig(filled)
+    assert parsed.zero_optimization_stage == stage
+    assert parsed.train_micro_batch_size_per_gpu == 2
+    got = parsed.zero_config.offload_optimizer.device if parsed.zero_config.offload_optimizer else None
+    assert (str(got.value if hasattr(got, "value") else got) if got else None) == offload
+    if stage == 3:
+        assert parsed.zero_config.gather_16bit_weights_on_model_save, "ZeRO-3 must save whole weights"
+
+
+def test_deepspeed_parser_rejects_a_bad_config(tmp_path):
+    """The check above can fail: a misspelt ZeRO key is refused by DeepSpeed's parser."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    raw = json.loads((CONFIGS / "ds_zero3.json").read_text())
+    raw["zero_optimization"]["stage3_prefetch_bucket_sz"] = 5
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(raw))
+    with pytest.raises(Exception, match="stage3_prefetch_bucket_sz"):
+        DeepSpeedConfig(filled_deepspeed_config(bad))
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_training_stages_under_deepspeed(runs, tmp_path, engine):
+    """One process through recipes/accelerate/<engine>.yaml: SFT and PM train as without DeepSpeed, and the
+    saved models (ZeRO-3: gathered from the shards on save) equal the reference run's."""
+    pytest.importorskip("deepspeed")
+    one, _, _ = runs
+    run_dir = tmp_path / engine
+    run_dir.mkdir()
+    for stage in ("critique_revise", "feedback"):
+        shutil.copytree(one / stage, run_dir / stage)
+    shutil.copy(one / "recipe.json", run_dir / "recipe.json")
+    cmd = [
+        str(ACCELERATE),
+        "launch",
+        "--config_file",
+        str(CONFIGS / f"{engine}.yaml"),
+        "--num_processes",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    # no ACCELERATE_USE_CPU here: it would turn the DeepSpeed launch into a plain CPU one
+    launch(
+        cmd + cai_run(run_dir, COMMON + per_device(1), only=["sft", "preference_model"]),
+        unset=("ACCELERATE_USE_CPU",),
+    )
+    for stage in ("sft", "preference_model"):
+        m = read_manifest(run_dir / stage)
+        assert m["status"] == "complete" and m["engine"] == f"deepspeed-{engine}" and m["world_size"] == 1
+        compare_metrics(one, run_dir, stage, steps=2)
+        compare_weights(one / stage / "model", run_dir / stage / "model")
+
+
+def test_ppo_refuses_unsupported_engines(monkeypatch, tiny_recipe, tmp_path):
+    """PPO under DeepSpeed or FSDP stops at once with a one-line error naming the DDP config."""
+    from cai.errors import UserError
+    from cai.rundir import StageContext
+    from cai.stages import ppo
+
+    ctx = StageContext(recipe=tiny_recipe(), stage="ppo", out_dir=tmp_path / "ppo", inputs={})
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(CONFIGS / "ds_zero3.json"))
+    with pytest.raises(UserError, match="deepspeed-zero3.*multi_gpu.yaml"):
+        ppo.run(ctx)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError, match="fsdp"):
+        ppo.run(ctx)
