@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cai.errors import UserError
 from cai.yamlio import load_yaml, validation_error
@@ -66,6 +66,7 @@ class PromptSource(Strict):
     kinds: list[Literal["red_team", "helpful"]] = Field(["red_team", "helpful"], description="builtin: which sets.")
     categories: list[str] | None = Field(None, description="Keep only these categories (builtin/jsonl with a category field).")
     limit: int | None = Field(None, ge=1, description="Take at most this many prompts from this source (after shuffling).")
+    kind: Literal["red_team", "helpful"] = Field("red_team", description="hh/jsonl/dataset: kind of these prompts (a row's own 'kind' field wins).")
 
 
 class PromptsConfig(Strict):
@@ -181,8 +182,10 @@ class PPOConfig(Strict):
     critic_warmup_updates: int = Field(0, ge=0, description="Updates that train only the critic.")
     early_stop_kl: float | None = Field(None, gt=0, description="Stop an update's epochs once approx-KL exceeds this.")
     lora: LoraConfig | None = Field(None, description="LoRA policy; the reference is the base with adapters disabled.")
-    reward: str = Field("pm", description="'pm' (the trained preference model) or an import path 'module:function'.")
+    reward: str = Field("pm", description="'pm' (the trained preference model) or an import path 'module:function' to fn(prompts, responses, **kwargs) -> list[float] (see cai.rl.rewards).")
     save_every: int = Field(1, ge=1, description="Checkpoint every this many updates (for resume).")
+    max_prompt_length: int = Field(512, ge=1, description="Keep at most this many prompt tokens (the last ones).")
+    logprobs_from_generation: bool = Field(True, description="Old log-probs from the sampling logits (no second forward); off: recompute them with a forward pass.")
 
 
 class ReportConfig(Strict):
@@ -220,11 +223,12 @@ class Recipe(Strict):
     arms: list[Arm] | None = Field(None, description="Arms that share upstream stages and differ by overrides.")
     sweep: dict[str, list[Any]] | None = Field(None, description="A sweep over one or more dotted keys, run as arms.")
 
-    @model_validator(mode="after")
-    def _stage_order(self):
-        if list(self.stages) != [s for s in STAGES if s in self.stages]:
-            raise ValueError(f"stages must follow the pipeline order {', '.join(STAGES)}")
-        return self
+    @field_validator("stages")
+    @classmethod
+    def _stage_order(cls, stages):
+        if list(stages) != [s for s in STAGES if s in stages]:
+            raise ValueError(f"stages must follow the pipeline order {', '.join(STAGES)}, each once")
+        return stages
 
 
 def parse_value(text: str) -> Any:
@@ -266,7 +270,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(path, exc, lines, Recipe) from None
+        err = validation_error(path, exc, lines, Recipe)
+        for item in overrides or []:  # a bad --set value is reported as such, not at a line of the file
+            key = item.partition("=")[0].strip()
+            if any(f"'{key}{end}" in str(err) for end in ("'", ".", "[")):
+                raise validation_error(f"--set {item}", exc, {}, Recipe) from None
+        raise err from None
 
 
 def validate_dotted_key(key: str) -> None:

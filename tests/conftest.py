@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models gain nothing from a second thread, and the 2-process and subprocess tests would oversubscribe
+# the 2 cores: one torch thread per process (inherited by subprocesses) keeps the suite fast.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -55,3 +58,21 @@ def tiny_recipe(tmp_path, tiny_dir):
     os.chdir(ROOT)  # recipes name constitutions relative to the repository root
     yield make
     os.chdir(old)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_dir):
+    """recipes/tiny.yaml run once per session, every stage, with a small labeller check and 3 PPO updates (enough
+    for the sqrt(KL) fit); the run directory."""
+    from cai import pipeline
+    from cai.config import load_recipe
+
+    rdir = tmp_path_factory.mktemp("tiny_run") / "run"
+    check = "feedback.check_set={path: ../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz, limit: 8}"
+    old = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        pipeline.run(load_recipe(ROOT / "recipes/tiny.yaml", [f"run_dir={rdir}", check, "ppo.updates=3"]), quiet=True)
+    finally:
+        os.chdir(old)
+    return rdir
