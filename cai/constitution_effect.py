@@ -19,12 +19,12 @@ prompt: it is labelled once and shares that label (no second forward pass, no fl
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 from pathlib import Path
 
 from cai.errors import UserError
+from cai.yamlio import iter_jsonl
 
 TOUCH_KEYS = ("added", "removed", "changed")
 
@@ -50,18 +50,8 @@ def read_pairs(path: str | Path) -> list[dict]:
     """AI-labelled rows of a feedback pairs.jsonl as {id, messages, response_a, response_b, p_a_run}; the chat
     messages may be under "messages" or "prompt". Human-mix rows are skipped. Errors name file:line."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
     rows = []
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{n}: a JSON object per line is expected ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{n}: a JSON object per line is expected")
+    for n, row in iter_jsonl(path):
         if row.get("source") == "human":  # human-mix pairs carry human labels, not AI feedback
             continue
         msgs = row.get("prompt", row.get("messages"))

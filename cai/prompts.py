@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import re
 from pathlib import Path
 
 from cai.errors import UserError
+from cai.yamlio import iter_jsonl
 
 _TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
@@ -105,25 +105,6 @@ def _need_file(src, where: str) -> Path:
     return p
 
 
-def _iter_jsonl(path: Path):
-    """(line number, parsed object) for each non-empty line of a .jsonl or .jsonl.gz file."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{path}:{n}: a JSON object is expected")
-                yield n, obj
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
-
-
 def to_messages(value, where: str) -> list[dict]:
     """A prompt value as chat messages: a string (a single user turn, or an HH transcript), or a message list.
 
@@ -161,7 +142,7 @@ def to_messages(value, where: str) -> list[dict]:
 def _read_builtin(kind: str) -> list[dict]:
     path = BUILTIN_DIR / BUILTIN_FILES[kind]
     rows = []
-    for n, obj in _iter_jsonl(path):
+    for n, obj in iter_jsonl(path):
         where = f"{path}:{n}"
         if "id" not in obj or "category" not in obj or ("prompt" in obj) == ("turns" in obj):
             raise UserError(f"{where}: 'id', 'category' and one of 'prompt' or 'turns' are expected")
@@ -180,7 +161,7 @@ def _read_builtin(kind: str) -> list[dict]:
 
 def _read_hh(path: Path, kind: str) -> list[dict]:
     rows, stem = [], _stem(path)
-    for n, obj in _iter_jsonl(path):
+    for n, obj in iter_jsonl(path):
         text = obj.get("chosen", obj.get("prompt"))
         if not isinstance(text, str):
             raise UserError(f"{path}:{n}: an HH transcript in 'chosen' is expected")
@@ -199,7 +180,7 @@ def _read_hh(path: Path, kind: str) -> list[dict]:
 
 def _read_jsonl(path: Path, column: str, kind: str) -> list[dict]:
     rows, stem = [], _stem(path)
-    for n, obj in _iter_jsonl(path):
+    for n, obj in iter_jsonl(path):
         if column not in obj:
             raise UserError(f"{path}:{n}: key '{column}' (prompts column) is missing")
         row_kind = obj.get("kind", kind)

@@ -9,7 +9,6 @@ responses, the first of which is the right one.
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import random
 import re
@@ -20,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cai.errors import UserError
+from cai.yamlio import iter_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC_DIR = REPO_ROOT / "reward_models"
@@ -150,10 +150,8 @@ class Item:
 def _rows(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise UserError(f"{path}: suite data file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
     if path.suffix == ".json":
+        text = path.read_text(encoding="utf-8")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -161,14 +159,7 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
         if not isinstance(data, list):
             raise UserError(f"{path}: a JSON list of items is expected")
         return list(enumerate(data, 1))
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{n}: not valid JSON: {exc.msg}") from None
-    return rows
+    return list(iter_jsonl(path))
 
 
 _OPTION_LINE = re.compile(r"^\s*\(([A-Z])\)\s*(.+?)\s*$", re.M)

@@ -1,4 +1,5 @@
-"""Safe YAML reading that remembers the line of every key, and pydantic errors turned into `file:line` lines."""
+"""Reading user files with `file:line` errors: safe YAML that remembers the line of every key, JSON Lines,
+and pydantic errors turned into one-line messages."""
 
 from __future__ import annotations
 
@@ -126,3 +127,30 @@ def _model_in(annotation):
         if found is not None:
             return found
     return None
+
+
+def iter_jsonl(path: str | Path, what: str = "a JSON object"):
+    """(line number, object) for each non-empty line of a .jsonl or .jsonl.gz file; errors name file:line."""
+    import gzip
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(
+                        f"{path}:{n}: invalid JSON ({exc.msg}); {what} per line is expected"
+                    ) from None
+                if not isinstance(obj, dict):
+                    raise UserError(f"{path}:{n}: {what} per line is expected")
+                yield n, obj
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read: {exc}") from None

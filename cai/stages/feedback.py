@@ -8,7 +8,6 @@ batch by batch and a rerun continues where it stopped.
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
 import random
@@ -18,28 +17,18 @@ from pathlib import Path
 from cai import distributed as dist
 from cai.errors import UserError
 from cai.rundir import append_jsonl, read_jsonl, repair_jsonl, write_json
+from cai.yamlio import iter_jsonl
 
 LABEL_CHUNK = 32  # pairs labelled (and appended to pairs.jsonl) at a time
 
 
 def read_hh(path: str | Path) -> list[dict]:
     """HH preference rows ({"chosen", "rejected"}) from a .jsonl or .jsonl.gz file; errors name file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found (HH-format chosen/rejected JSONL expected)")
-    opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{n}: not valid JSON: {exc.msg}") from None
-            if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
-                raise UserError(f"{path}:{n}: an object with 'chosen' and 'rejected' transcripts is expected")
-            rows.append(row)
+    for n, row in iter_jsonl(path, "an object with 'chosen' and 'rejected' transcripts"):
+        if "chosen" not in row or "rejected" not in row:
+            raise UserError(f"{path}:{n}: an object with 'chosen' and 'rejected' transcripts is expected")
+        rows.append(row)
     return rows
 
 
