@@ -78,6 +78,10 @@ def _view(recipe: Recipe, keys: list[str]) -> dict:
         if key in FILE_KEYS and value:
             p = Path(value)
             value = {"path": value, "sha256": sha256_file(p) if p.is_file() else None}
+        if key == "preference_model" and value.get("spec"):  # a named spec's content decides the PM too
+            from cai.reward_specs import pm_spec_path
+
+            value["spec_sha256"] = sha256_file(pm_spec_path(value["spec"]))
         view[key] = value
     return view
 

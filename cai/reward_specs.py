@@ -130,8 +130,13 @@ def load_suite(name_or_file: str) -> SuiteSpec:
     return _load(_find(name_or_file, SUITE_DIR, "suite"), SuiteSpec)
 
 
+def pm_spec_path(name_or_file: str) -> Path:
+    """The file behind a named preference-model spec (or the file itself)."""
+    return _find(name_or_file, SPEC_DIR, "preference-model spec")
+
+
 def load_pm_spec(name_or_file: str) -> PMSpec:
-    return _load(_find(name_or_file, SPEC_DIR, "preference-model spec"), PMSpec)
+    return _load(pm_spec_path(name_or_file), PMSpec)
 
 
 @dataclass

@@ -293,3 +293,13 @@ def test_real_tiny_run_completes_and_a_rerun_skips_every_stage(tiny_run, root, m
     out = capsys.readouterr().out
     assert out.count("up to date, skipped") == 6 and "0 stage(s) ran" in out
     assert "report: " in out and "ppo " in out
+
+
+def test_editing_a_named_pm_spec_changes_the_preference_model_fingerprint(tmp_path, tiny_recipe, root):
+    spec = tmp_path / "my-pm.yaml"
+    spec.write_text((root / "reward_models" / "soft-full.yaml").read_text())
+    recipe = tiny_recipe(f"preference_model.spec={spec}")
+    before = pipeline.fingerprint(recipe, "preference_model", {})[0]
+    assert pipeline.fingerprint(recipe, "preference_model", {})[0] == before
+    spec.write_text(spec.read_text() + "\n# an edit: the spec's content decides the PM\n")
+    assert pipeline.fingerprint(recipe, "preference_model", {})[0] != before
