@@ -143,9 +143,18 @@ class PreferenceModelConfig(TrainConfig):
     loss: Literal["soft", "bradley_terry"] = Field("soft", description="Soft-label cross-entropy (paper) or Bradley–Terry on hard labels.")
     center_coef: float = Field(0.0, ge=0.0, description="Weight of the reward-centring term (r_a + r_b)^2.")
     head: Literal["classifier", "value_head"] = Field("classifier", description="Scalar head: sequence classifier or value head on a causal LM.")
+    lm_coef: float = Field(0.0, ge=0.0, description="value_head only: weight of a language-modelling loss on the preferred response, which keeps the PM a language model (Askell et al. 2021).")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of pairs held out for PM evaluation.")
     norm_sample: int = Field(64, ge=2, description="Responses scored after training to store the score mean and std.")
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+
+    @field_validator("lm_coef")
+    @classmethod
+    def _lm_coef_needs_value_head(cls, v, info):
+        # with a spec, the head may come from it: checked once merged (cai.stages.preference_model)
+        if v > 0 and info.data.get("head") == "classifier" and not info.data.get("spec"):
+            raise ValueError("an LM loss needs head: value_head (a classifier PM has no LM head)")
+        return v
 
 
 class PPOConfig(Strict):

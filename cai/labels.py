@@ -10,7 +10,8 @@ For each pair and each sampled principle the feedback model sees the multiple-ch
     (B) <response shown second>
     The answer is:
 
-and the log-probabilities of the continuations " (A)" and " (B)" are normalised over the two options.
+and the log-probabilities of the continuations " (A)" and " (B)" are normalised over the two options
+(cai.option_scoring reads them).
 With `both_orders` the pair is also shown swapped and the two estimates of p_a are averaged (position-bias
 control); their disagreement is reported as `order_gap`. Probabilities are averaged over the principles.
 With `chain_of_thought` the model first writes "Let's think step by step" reasoning with the one generation
@@ -18,23 +19,32 @@ Engine; the option probabilities read after it are clamped to `cot_clamp`, as in
 
 Prompts are rendered through the tokenizer's chat template by default (the question as a user turn, the
 answer cue "The answer is:" as the start of the assistant turn), or as plain text with `chat=False`.
+
+Under several processes, `Labeller.label(..., shard=True)` (and `hh_check(..., shard=True)`) is a collective
+call: every rank passes the same pairs, each scores every W-th batch, and all return the one-process labels.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cai.errors import UserError
 from cai.eval_metrics import agreement, wilson_ci  # noqa: F401  (pure; re-exported for callers)
+from cai.option_scoring import (  # noqa: F401  (re-exported: the labeller's option reading lives there)
+    OPTION_LETTERS,
+    normalise,
+    option_continuations,
+    option_probs,
+    option_token_ids,
+    shared_prefix,
+)
 
 INTRO = "Consider the following conversation between a human and an assistant:"
 ANSWER_CUE = "The answer is:"
 COT_CUE = "Let's think step by step:"
 COT_ANSWER_CUE = "Therefore, the answer is:"
-OPTION_LETTERS = "ABCDEFGHIJ"
 
 
 @dataclass
@@ -153,134 +163,6 @@ def load_feedback_few_shot(path) -> list[dict]:
     return out
 
 
-def normalise(logps: list[float]) -> list[float]:
-    """Softmax of option log-probabilities: each option's probability among the options."""
-    m = max(logps)
-    ex = [math.exp(x - m) for x in logps]
-    s = sum(ex)
-    return [x / s for x in ex]
-
-
-def option_continuations(tokenizer, prompt: str, n: int = 2) -> list[str]:
-    """ " (A)", " (B)", ... after a prompt ending in non-space; "(A)", ... after one ending in a space."""
-    sep = "" if prompt[-1:].isspace() else " "
-    return [f"{sep}({OPTION_LETTERS[i]})" for i in range(n)]
-
-
-def option_token_ids(tokenizer, prompt: str, option: str) -> list[int]:
-    """Token ids of prompt + option as cai.scoring.continuation_logprob splits them (the prompt's trailing spaces
-    go with the option, and the tokenizer's own merge at the boundary is kept)."""
-    core = prompt.rstrip(" ")
-    if core != prompt and option and not option[0].isspace():
-        prompt, option = core, prompt[len(core) :] + option
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full = tokenizer(prompt + option, add_special_tokens=False)["input_ids"]
-    if full[: len(p_ids)] != p_ids or len(full) == len(p_ids):
-        full = p_ids + tokenizer(option, add_special_tokens=False)["input_ids"]
-    return full
-
-
-def shared_prefix(tokenizer, prompt: str, options: list[str]) -> tuple[list[int], list[int]] | None:
-    """(common token prefix, the distinct next token of each option) when the options' token sequences part at
-    one token (" (A)" vs " (B)" part at "A"/"B"); else None."""
-    seqs = [option_token_ids(tokenizer, prompt, o) for o in options]
-    n = 0
-    while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
-        n += 1
-    if any(len(s) <= n for s in seqs):
-        return None
-    nexts = [s[n] for s in seqs]
-    return (seqs[0][:n], nexts) if len(set(nexts)) == len(nexts) else None
-
-
-def option_probs(
-    model,
-    tokenizer,
-    prompts: list[str],
-    options: list[list[str]],
-    batch_size: int = 8,
-    desc: str | None = None,
-    exact: bool = False,
-) -> list[list[float]]:
-    """For each prompt, the model's probabilities of its options, normalised over the options.
-
-    Options that part at one token (" (A)" / " (B)") are read from one forward pass of the prompt and their
-    common prefix: the probabilities of the parting tokens (the option letters). Other options, or every
-    option with `exact`, are scored by their summed token log-probabilities (cai.scoring.continuation_logprob).
-    Requests are sorted by length to pad less.
-    """
-    from tqdm.auto import tqdm
-
-    from cai.scoring import continuation_logprob
-
-    split = [None if exact else shared_prefix(tokenizer, p, o) for p, o in zip(prompts, options)]
-    fast = [i for i, sp in enumerate(split) if sp is not None]
-    flat = [(i, p, o) for i, (p, opts) in enumerate(zip(prompts, options)) if split[i] is None for o in opts]
-    bar = tqdm(
-        total=len(fast) + len(flat),
-        desc=desc or "score options",
-        unit="seq",
-        disable=desc is None,
-        dynamic_ncols=True,
-    )
-    logps: dict[int, list[float]] = {}
-    fast.sort(key=lambda i: -len(split[i][0]))
-    for s in range(0, len(fast), batch_size):
-        chunk = fast[s : s + batch_size]
-        rows = _next_token_logprobs(model, tokenizer, [split[i][0] for i in chunk])
-        for i, row in zip(chunk, rows):
-            logps[i] = [float(row[t]) for t in split[i][1]]
-        bar.update(len(chunk))
-    order = sorted(range(len(flat)), key=lambda k: -len(flat[k][1]) - len(flat[k][2]))
-    scores = [0.0] * len(flat)
-    for s in range(0, len(order), batch_size):
-        chunk = order[s : s + batch_size]
-        lps = continuation_logprob(
-            model, tokenizer, [flat[k][1] for k in chunk], [flat[k][2] for k in chunk], batch_size
-        )
-        for k, lp in zip(chunk, lps):
-            scores[k] = lp
-        bar.update(len(chunk))
-    bar.close()
-    for (i, _, _), sc in zip(flat, scores):
-        logps.setdefault(i, []).append(sc)
-    return [normalise(logps[i]) for i in range(len(prompts))]
-
-
-def _next_token_logprobs(model, tokenizer, seqs: list[list[int]]):
-    """log p(next token | seq) for each token sequence (left-padded batch), as a [B, V] tensor on the CPU."""
-    import torch
-
-    from cai.scoring import position_ids
-
-    device = next(model.parameters()).device
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, T - len(s) :] = torch.tensor(s)
-        mask[j, T - len(s) :] = 1
-    kwargs = {"logits_to_keep": 1} if _keeps_logits(model) else {}
-    with torch.no_grad():
-        out = model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=position_ids(mask).to(device),
-            **kwargs,
-        )
-    return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
-
-
-def _keeps_logits(model) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (HF causal LMs do; it saves the full-vocab projection)."""
-    import inspect
-
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class Labeller:
     """Soft AI preference labels from a feedback model (see the module docstring)."""
 
@@ -329,7 +211,12 @@ class Labeller:
             self.tokenizer, messages, instruction, first, second, self.few_shot, chat=self.chat
         )
 
-    def label(self, pairs: list[PairToLabel], principles: list[list], desc="label") -> list[LabelResult]:
+    def label(
+        self, pairs: list[PairToLabel], principles: list[list], desc="label", shard: bool = False
+    ) -> list[LabelResult]:
+        """Labels of `pairs`, each judged under its sampled principles. With `shard`, a collective call under
+        several processes: every rank passes the same pairs, splits the option scoring (and, through the
+        Engine, the chain-of-thought generation) with the others, and returns the same labels."""
         if len(principles) != len(pairs):
             raise ValueError("principles needs one list of sampled principles per pair")
         orders = ("ab", "ba") if self.both_orders else ("ab",)
@@ -358,6 +245,7 @@ class Labeller:
             self.batch_size,
             desc=desc,
             exact=self.exact_options,
+            shard=shard,
         )
         lo, hi = self.cot_clamp
         acc: list[dict] = [{"ab": [], "ba": [], "per": {}} for _ in pairs]
@@ -392,12 +280,18 @@ class Labeller:
 
 
 def hh_check(
-    labeller: Labeller, rows: list[dict], sample_principles, rng, desc: str = "labeller check"
+    labeller: Labeller,
+    rows: list[dict],
+    sample_principles,
+    rng,
+    desc: str = "labeller check",
+    shard: bool = False,
 ) -> dict:
     """Agreement of the labeller with HH human labels, with the real labelling's prompt, principles and orders.
 
     rows: HH {"chosen", "rejected"} transcripts; the chosen reply is put at A or B at random (rng), so a
-    position-biased labeller cannot score above chance by always answering the same letter.
+    position-biased labeller cannot score above chance by always answering the same letter. With `shard`, a
+    collective call (see Labeller.label): the ranks split the work and all return the one-process result.
     """
     from cai.prompts import split_hh_pair
 
@@ -415,7 +309,7 @@ def hh_check(
         raise UserError(
             "labeller check: no usable HH pairs (chosen/rejected transcripts ending with an Assistant turn)"
         )
-    results = labeller.label(pairs, [sample_principles() for _ in pairs], desc=desc)
+    results = labeller.label(pairs, [sample_principles() for _ in pairs], desc=desc, shard=shard)
     out = agreement([r.p_a for r in results], human_a)
     out["mean_order_gap"] = sum(r.order_gap for r in results) / len(results)
     out["both_orders"] = labeller.both_orders

@@ -1,7 +1,8 @@
 """Preference-model scoring: the loss maths, how a conversation is rendered and scored, and `RewardScorer`.
 
 The score of a conversation is the scalar head's output at its last real token (by attention mask, so left
-and right padding give the same score, and a final token that equals the pad id is still read). Training
+and right padding give the same score, and a final token that equals the pad id is still read). The head is a
+sequence classifier's `score`, or the `v_head` of a causal LM with a value head (cai.pm_value_head). Training
 (cai.stages.preference_model), PPO and evaluation all go through `sequence_scores`, so they agree.
 """
 
@@ -65,22 +66,30 @@ def conversation_ids(tokenizer, conversation: list[dict], max_length: int | None
 
 
 def _head(model):
-    """The scalar head module (score/classifier/v_head) of a sequence-classification model, peft-wrapped or not."""
+    """The scalar head module (score/classifier of a sequence classifier, v_head of a cai.pm_value_head PM), under
+    peft or DDP wrappers or not."""
     inner = model
     for _ in range(4):
         for name in ("score", "classifier", "v_head"):
             mod = getattr(inner, name, None)
             if mod is not None and hasattr(mod, "register_forward_hook"):
                 return mod
-        nxt = getattr(inner, "base_model", None) or getattr(inner, "model", None)
+        nxt = (
+            getattr(inner, "module", None)
+            or getattr(inner, "base_model", None)
+            or getattr(inner, "model", None)
+        )
         if nxt is None or nxt is inner:
             break
         inner = nxt
     return None
 
 
-def sequence_scores(model, input_ids, attention_mask):
-    """Scalar score of each row, read at its last real token (attention mask), shape [B]; keeps gradients."""
+def sequence_scores(model, input_ids, attention_mask, return_output: bool = False, **forward_kwargs):
+    """Scalar score of each row, read at its last real token (attention mask), shape [B]; keeps gradients.
+
+    `forward_kwargs` go to the model's forward (a value-head PM takes `lm_labels`); with `return_output`, the
+    forward's output comes too: (scores, output)."""
     import torch
 
     from cai.scoring import last_token_index, position_ids
@@ -98,15 +107,18 @@ def sequence_scores(model, input_ids, attention_mask):
             attention_mask=attention_mask,
             position_ids=position_ids(attention_mask),
             use_cache=False,
+            **forward_kwargs,
         )
     finally:
         if hook is not None:
             hook.remove()
     per_token = captured.get("out")
     if per_token is None or per_token.dim() != 3:  # no hookable head: trust the model's own pooling
-        return out.logits.squeeze(-1)
-    idx = last_token_index(attention_mask)
-    return per_token[torch.arange(per_token.shape[0], device=per_token.device), idx, 0].float()
+        scores = out.logits.squeeze(-1)
+    else:
+        idx = last_token_index(attention_mask)
+        scores = per_token[torch.arange(per_token.shape[0], device=per_token.device), idx, 0].float()
+    return (scores, out) if return_output else scores
 
 
 def read_norm(model_dir: str | Path) -> dict:
@@ -118,7 +130,8 @@ def read_norm(model_dir: str | Path) -> dict:
 
 
 class RewardScorer:
-    """A trained preference model loaded for scoring (PPO rewards, evaluation)."""
+    """A trained preference model loaded for scoring (PPO rewards, evaluation): a sequence classifier
+    (num_labels=1) or, when the folder has the marker of cai.pm_value_head, a causal LM with a value head."""
 
     def __init__(self, model_dir, device="cpu", dtype="auto", trust_remote_code=False):
         from cai.models import load_model, load_tokenizer
@@ -134,9 +147,21 @@ class RewardScorer:
         self.tokenizer = load_tokenizer(
             str(model_dir), padding_side="left", trust_remote_code=trust_remote_code
         )
-        self.model = load_model(
-            str(model_dir), kind="seq_cls", device=device, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        from cai.pm_value_head import ValueHeadPM, is_value_head_dir
+
+        self.head = "value_head" if is_value_head_dir(model_dir) else "classifier"
+        if self.head == "value_head":
+            self.model = ValueHeadPM.from_pretrained(
+                model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+        else:
+            self.model = load_model(
+                str(model_dir),
+                kind="seq_cls",
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
         self.model.eval()
         norm = read_norm(model_dir)
         self.mean, self.std = norm["mean"], norm["std"]

@@ -77,8 +77,14 @@ class PMSpec(_Strict):
         None,
         description="Model reference of the PM backbone; default models.reward_backbone or models.policy.",
     )
+    head: Literal["classifier", "value_head"] | None = Field(
+        None, description="Scalar head: sequence classifier or value head on a causal LM."
+    )
     loss: Literal["soft", "bradley_terry"] | None = Field(None, description="PM loss.")
     center_coef: float | None = Field(None, ge=0, description="Reward-centring weight.")
+    lm_coef: float | None = Field(
+        None, ge=0, description="value_head only: weight of an LM loss on the preferred response."
+    )
     learning_rate: float | None = Field(None, gt=0, description="Peak learning rate.")
     epochs: float | None = Field(None, gt=0, description="Passes over the pairs.")
     batch_size: int | None = Field(None, ge=1, description="Pairs per device batch.")
@@ -89,7 +95,17 @@ class PMSpec(_Strict):
     )
 
     def overrides(self) -> dict:
-        keys = ("loss", "center_coef", "learning_rate", "epochs", "batch_size", "max_length", "lora")
+        keys = (
+            "head",
+            "loss",
+            "center_coef",
+            "lm_coef",
+            "learning_rate",
+            "epochs",
+            "batch_size",
+            "max_length",
+            "lora",
+        )
         return {
             k: getattr(self, k).model_dump() if k == "lora" else getattr(self, k)
             for k in keys

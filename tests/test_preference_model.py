@@ -214,3 +214,216 @@ def test_specs_and_suites_validate(root):
             load_suite("tmp-bad-suite")
     finally:
         tmp.unlink()
+
+
+# ---- the value-head PM (cai.pm_value_head): a causal LM that keeps its LM head, plus a scalar head
+
+
+def test_response_lm_labels_by_hand():
+    from cai.pm_value_head import IGNORE_INDEX as X
+    from cai.pm_value_head import preferred_rows, response_lm_labels
+
+    ids = torch.tensor([[1, 2, 3, 4, 0], [0, 0, 5, 6, 7], [8, 9, 10, 0, 0], [11, 12, 13, 14, 15]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    rows = torch.tensor([True, True, False, True])
+    got = response_lm_labels(ids, mask, torch.tensor([2, 1, 2, 5]), rows)
+    assert got.tolist() == [
+        [X, X, 3, 4, X],  # right padding: the last 2 real tokens
+        [X, X, X, X, 7],  # left padding: the last one
+        [X, X, X, X, X],  # not selected
+        [11, 12, 13, 14, 15],
+    ]
+    # rows of a preference batch: A sequences then B; the preferred one per pair, none on a tie
+    assert preferred_rows(torch.tensor([0.9, 0.2, 0.5])).tolist() == [True, False, False, False, True, False]
+
+
+def test_value_head_forward_scores_and_lm_nll(tiny_dir):
+    """The value head is read at the last real token whatever the padding, and each row's LM NLL is the causal
+    LM's own next-token NLL of its labelled tokens; the per-pair LM loss divides by the number of pairs."""
+    from cai.models import load_model
+    from cai.pm_value_head import ValueHeadPM, pair_lm_loss, response_lm_labels
+
+    pm = ValueHeadPM.from_pretrained("tiny-random-llama", seed=3).eval()
+    lm = load_model("tiny-random-llama").eval()
+    a, b = [5, 6, 7, 8, 9], [10, 11, 12]
+    ids = torch.tensor([a, [0, 0] + b])
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    labels = response_lm_labels(ids, mask, torch.tensor([3, 2]), torch.tensor([True, True]))
+    with torch.no_grad():
+        scores, out = sequence_scores(pm, ids, mask, return_output=True, lm_labels=labels)
+        alone = [
+            float(sequence_scores(pm, torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long)))
+            for x in (a, b)
+        ]
+        want = []
+        for x, n in ((a, 3), (b, 2)):
+            logp = torch.log_softmax(lm(torch.tensor([x])).logits[0, :-1].float(), -1)
+            want.append(-float(sum(logp[t - 1, x[t]] for t in range(len(x) - n, len(x)))) / n)
+    assert scores.tolist() == pytest.approx(alone, abs=1e-5)
+    assert out.lm_tokens.tolist() == [3, 2] and out.lm_nll.tolist() == pytest.approx(want, abs=1e-4)
+    assert float(pair_lm_loss(out.lm_nll, 4)) == pytest.approx(sum(want) / 4, abs=1e-4)
+
+
+def test_value_head_pm_learns_a_signal_and_round_trips(tiny_recipe, tmp_path):
+    """Through the pipeline with the shipped value-head-lm spec (LM loss weight 0.1)."""
+    from transformers import AutoModelForCausalLM
+
+    from cai import pipeline
+    from cai.pm import RewardScorer
+    from cai.rl.rewards import make_reward
+    from cai.stages.preference_model import split_pairs
+
+    recipe = tiny_recipe(
+        "stages=[feedback,preference_model]",
+        "preference_model.spec=value-head-lm",
+        "preference_model.max_steps=16",
+        "preference_model.batch_size=8",
+        "preference_model.learning_rate=3e-3",
+        "preference_model.eval_fraction=0.25",
+        "preference_model.save_steps=50",
+    )
+    run = tmp_path / "run"
+    rows = synthetic_pairs(96)
+    feedback_fixture(run, rows)
+    pipeline.run(recipe, only=["preference_model"])
+    out = run / "preference_model"
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["head"] == "value_head" and ev["lm_coef"] == 0.1 and ev["held_out"]["n"] == 24
+    assert 0.25 <= ev["held_out_before"]["accuracy"] <= 0.75
+    assert ev["held_out"]["accuracy"] >= 0.9
+    # the LM loss on the preferred responses fell too, in training and on the held-out pairs
+    metrics = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
+    assert len(metrics) == 16 and metrics[-1]["lm_loss"] < metrics[0]["lm_loss"] - 0.5
+    assert ev["held_out"]["lm_loss"] < ev["held_out_before"]["lm_loss"] - 0.5
+
+    # the folder: a causal LM transformers loads as is, the value head, the marker; safetensors only
+    folder = out / "model"
+    names = {p.name for p in folder.iterdir()}
+    assert {"value_head.json", "value_head.safetensors", "model.safetensors", "score_norm.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
+    lm = AutoModelForCausalLM.from_pretrained(folder).eval()
+    scorer = RewardScorer(folder)
+    assert scorer.head == "value_head"
+    conv = [{"role": "user", "content": "q1?"}]
+    convs = [conv + [{"role": "assistant", "content": f"tango kilo {w}."}] for w in ("yes", "no")]
+    raw = scorer.score(convs)
+    assert raw[0] > raw[1]
+    # the score by hand: the value head on the reloaded trunk's last hidden state at the last token
+    from safetensors.torch import load_file
+
+    head = load_file(str(folder / "value_head.safetensors"))
+    for c, r in zip(convs, raw):
+        ids = torch.tensor([scorer.tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]])
+        with torch.no_grad():
+            h = lm.model(input_ids=ids).last_hidden_state[0, -1]
+        assert float(h @ head["weight"][0] + head["bias"][0]) == pytest.approx(float(r), abs=1e-4)
+    # score_norm.json was computed in memory after training (the A responses of the first norm_sample training
+    # pairs): the reloaded PM gives the same statistics
+    train, _ = split_pairs(rows, 0.25, recipe.seed)
+    k = recipe.preference_model.norm_sample
+    again = scorer.score(
+        [r["messages"] + [{"role": "assistant", "content": r["response_a"]}] for r in train[:k]]
+    )
+    norm = json.loads((folder / "score_norm.json").read_text())
+    assert float(again.mean()) == pytest.approx(norm["mean"], abs=1e-4)
+    assert float(again.std()) == pytest.approx(norm["std"], abs=1e-4)
+    # `cai pm eval` and PPO's reward read it through the same scorer
+    from cai.evaluation import evaluate_pm
+
+    res = evaluate_pm(scorer, "ai-risk", limit=4)
+    assert res["n"] == 4 and 0.0 <= res["accuracy"] <= 1.0
+    reward = make_reward("pm", pm_dir=folder)
+    got, normed = reward([conv, conv], ["tango kilo yes.", "tango kilo no."])
+    assert got.tolist() == pytest.approx(raw.tolist(), abs=1e-5)
+    assert normed.tolist() == pytest.approx(((raw - norm["mean"]) / norm["std"]).tolist(), abs=1e-5)
+
+
+def stage_run(recipe, run, out_name="preference_model"):
+    from cai.rundir import StageContext
+    from cai.stages import preference_model as stage
+
+    out = run / out_name
+    stage.run(
+        StageContext(
+            recipe=recipe, stage="preference_model", out_dir=out, inputs={"feedback": run / "feedback"}
+        )
+    )
+    return out
+
+
+def test_lm_coef_keeps_the_value_head_pm_a_language_model(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    feedback_fixture(run, synthetic_pairs(48))
+    common = (
+        "preference_model.head=value_head",
+        "preference_model.max_steps=8",
+        "preference_model.batch_size=8",
+        "preference_model.learning_rate=3e-3",
+        "preference_model.eval_fraction=0.25",
+        "preference_model.save_steps=50",
+    )
+    ev = {}
+    for coef in (0.0, 1.0):
+        out = stage_run(tiny_recipe(*common, f"preference_model.lm_coef={coef}"), run, f"pm-{coef}")
+        ev[coef] = json.loads((out / "eval.json").read_text())
+        logged = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
+        assert all(("lm_loss" in m) == (coef > 0) for m in logged)
+    before = ev[0.0]["held_out_before"]["lm_loss"]
+    assert ev[1.0]["held_out_before"]["lm_loss"] == pytest.approx(before)  # the same seeded start
+    # with the LM loss the PM models the preferred responses much better; without it, it does not learn them
+    assert ev[1.0]["held_out"]["lm_loss"] < before - 1.0
+    assert ev[1.0]["held_out"]["lm_loss"] < ev[0.0]["held_out"]["lm_loss"] - 1.0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_value_head_resume_matches_an_uninterrupted_run(tiny_recipe, tmp_path, lora, capsys):
+    """4 steps, then resumed to 6, gives the weights of 6 steps in one go: the checkpoint (the LM or its
+    LoRA adapters, the value head, the optimizer) is loaded back."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    feedback_fixture(run, synthetic_pairs(24))
+    common = [
+        "preference_model.head=value_head",
+        "preference_model.lm_coef=0.5",
+        "preference_model.batch_size=4",
+        "preference_model.learning_rate=5e-3",
+        "preference_model.lr_scheduler=constant",
+        "preference_model.save_steps=2",
+    ]
+    if lora:
+        common.append("preference_model.lora={r: 4, alpha: 8}")
+    whole = stage_run(tiny_recipe(*common, "preference_model.max_steps=6"), run, "whole")
+    part = stage_run(tiny_recipe(*common, "preference_model.max_steps=4"), run, "part")
+    ckpt = part / "checkpoints" / "checkpoint-4"
+    assert (ckpt / "value_head.safetensors").is_file()
+    assert (ckpt / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
+    capsys.readouterr()
+    stage_run(tiny_recipe(*common, "preference_model.max_steps=6"), run, "part")
+    assert "resuming from" in capsys.readouterr().out
+    assert [m["step"] for m in read_jsonl(part / "metrics.jsonl") if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    for name in ("value_head.safetensors", "model.safetensors"):
+        a, b = load_file(str(whole / "model" / name)), load_file(str(part / "model" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6), (name, k)
+    # LoRA is merged into the saved LM, which loads as a plain causal LM
+    lm = AutoModelForCausalLM.from_pretrained(part / "model")
+    assert not any("lora" in n for n, _ in lm.named_parameters())
+
+
+def test_lm_coef_needs_a_value_head(tiny_recipe, tmp_path):
+    from cai.errors import UserError
+    from cai.stages.preference_model import effective_config
+
+    with pytest.raises(UserError, match=r"preference_model\.lm_coef.*value_head"):
+        tiny_recipe("preference_model.lm_coef=0.1")
+    assert tiny_recipe("preference_model.lm_coef=0.1", "preference_model.head=value_head")
+    # with a spec the head may come from it: checked on the merged settings
+    cfg, spec = effective_config(
+        tiny_recipe("preference_model.spec=value-head-lm", "preference_model.lm_coef=0.5")
+    )
+    assert spec.name == "value-head-lm" and cfg.head == "value_head" and cfg.lm_coef == 0.5
+    with pytest.raises(UserError, match=r"preference_model\.lm_coef.*value_head.*bt-lora"):
+        effective_config(tiny_recipe("preference_model.spec=bt-lora", "preference_model.lm_coef=0.1"))

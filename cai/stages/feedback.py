@@ -144,12 +144,13 @@ def run_check(ctx, labeller, sample_principles) -> dict | None:
         rng = random.Random(f"{ctx.recipe.seed}:check")
         rows = rng.sample(rows, min(cs.limit, len(rows)))
         t0 = time.time()
-        check = hh_check(labeller, rows, sample_principles, rng, desc="feedback: labeller check")
+        # every rank takes part and scores its share; rank 0 writes the (one-process) result
+        check = hh_check(labeller, rows, sample_principles, rng, desc="feedback: labeller check", shard=True)
         check.update(path=cs.path, seconds=round(time.time() - t0, 1))
         check["warning"] = check_warning(check)
         if dist.is_main():
             write_json(path, check)
-    if check.get("warning"):
+    if check.get("warning") and dist.is_main():
         print(f"[cai] feedback: WARNING: {check['warning']}", flush=True)
     return check
 
@@ -242,26 +243,22 @@ def run(ctx) -> Path:
     done = {row["id"] for row in read_jsonl(out)}
     todo = [i for i, p in enumerate(pairs) if p["id"] not in done]
     chunks = [todo[s : s + LABEL_CHUNK] for s in range(0, len(todo), LABEL_CHUNK)]
-    W, rank = dist.world_size(), dist.rank()
-    for start in range(0, len(chunks), W):  # each rank labels one chunk per round; rank 0 appends them all
-        group = chunks[start : start + W]
-        mine = group[rank] if rank < len(group) else []
-        rows = []
-        if mine:
-            results = labeller.label(
-                [
-                    PairToLabel(
-                        pairs[i]["id"], pairs[i]["messages"], pairs[i]["response_a"], pairs[i]["response_b"]
-                    )
-                    for i in mine
-                ],
-                [principles[i] for i in mine],
-                desc=f"feedback: label {start + 1}/{len(chunks)}",
-            )
-            rows = [{**pairs[i], **res.to_dict(), "source": "ai"} for i, res in zip(mine, results)]
-        all_rows = [row for part in dist.gather_objects(rows) for row in part]
+    for n, chunk in enumerate(chunks):  # all ranks label each chunk together (sharded); rank 0 appends it
+        results = labeller.label(
+            [
+                PairToLabel(
+                    pairs[i]["id"], pairs[i]["messages"], pairs[i]["response_a"], pairs[i]["response_b"]
+                )
+                for i in chunk
+            ],
+            [principles[i] for i in chunk],
+            desc=f"feedback: label {n + 1}/{len(chunks)}",
+            shard=True,
+        )
         if dist.is_main():
-            append_jsonl(out, all_rows)
+            append_jsonl(
+                out, [{**pairs[i], **res.to_dict(), "source": "ai"} for i, res in zip(chunk, results)]
+            )
     if (
         cfg.human_mix is not None
         and dist.is_main()

@@ -6,8 +6,14 @@ plus an optional reward-centring term: `PreferenceTrainer` only replaces RewardT
 way PPO and evaluation read them. After training, the mean and std of the scores of a reference sample of
 responses are stored in model/score_norm.json so PPO can normalise rewards.
 
-Outputs (RUN/preference_model/): model/ (AutoModelForSequenceClassification, num_labels=1, tokenizer,
-score_norm.json), metrics.jsonl, eval.json (held-out pair accuracy before/after), checkpoints/ (resume).
+`preference_model.head` picks the backbone: 'classifier' (AutoModelForSequenceClassification, num_labels=1)
+or 'value_head' (a causal LM that keeps its LM head, with a scalar head on its trunk: cai.pm_value_head), which
+can add a language-modelling loss on the preferred responses (`lm_coef`). With LoRA, the classifier's score
+head and the value head are trained in full.
+
+Outputs (RUN/preference_model/): model/ (the PM folder with its tokenizer and score_norm.json), metrics.jsonl,
+eval.json (held-out pair accuracy before/after; for a value-head PM also the LM loss on the preferred responses),
+checkpoints/ (resume).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ def effective_config(recipe):
     cfg = recipe.preference_model
     if not cfg.spec:
         return cfg, None
+    from pydantic import ValidationError
+
     from cai.reward_specs import load_pm_spec
 
     spec = load_pm_spec(cfg.spec)
@@ -37,7 +45,17 @@ def effective_config(recipe):
         **base,
         **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in explicit.items()},
     }
-    return type(cfg).model_validate(merged), spec
+    # the spec is applied: validate the merged settings as a whole (lm_coef needs a value head)
+    merged["spec"] = None
+    try:
+        return type(cfg).model_validate(merged).model_copy(update={"spec": cfg.spec}), spec
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise UserError(
+            f"preference_model.{key}: {err['msg'].removeprefix('Value error, ')} (recipe block on top of spec "
+            f"'{spec.name}')"
+        ) from None
 
 
 def split_pairs(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -53,94 +71,62 @@ def split_pairs(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list
     ]
 
 
-def tokenise_pairs(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+def response_token_count(tokenizer, messages: list[dict], full_ids: list[int]) -> int:
+    """How many of a conversation's final tokens are the assistant response (its header included): the tokens
+    after the longest common prefix with the prompt rendered with the generation prompt."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    n = 0
+    while n < min(len(p_ids), len(full_ids)) and p_ids[n] == full_ids[n]:
+        n += 1
+    return len(full_ids) - n
+
+
+def tokenise_pairs(tokenizer, rows: list[dict], max_length: int, response_len: bool = False) -> list[dict]:
+    """Token ids of each pair's two conversations (left-truncated to max_length) and p_a; with `response_len`,
+    also how many final tokens of each are the response (for the value-head PM's LM loss)."""
     from cai.pm import conversation_ids
 
     out = []
     for r in rows:
-        a = conversation_ids(
-            tokenizer, r["messages"] + [{"role": "assistant", "content": r["response_a"]}], max_length
-        )
-        b = conversation_ids(
-            tokenizer, r["messages"] + [{"role": "assistant", "content": r["response_b"]}], max_length
-        )
-        out.append({"chosen_ids": a, "rejected_ids": b, "p_a": float(r["p_a"])})
+        row = {"p_a": float(r["p_a"])}
+        for side, key in (("a", "chosen"), ("b", "rejected")):
+            conv = r["messages"] + [{"role": "assistant", "content": r[f"response_{side}"]}]
+            full = conversation_ids(tokenizer, conv)
+            ids = full[-max_length:]
+            row[f"{key}_ids"] = ids
+            if response_len:
+                row[f"{key}_response_len"] = min(
+                    response_token_count(tokenizer, r["messages"], full), len(ids)
+                )
+        out.append(row)
     return out
 
 
-def make_trainer_class():
-    """RewardTrainer with the soft-label / Bradley–Terry loss on p_a and last-real-token scores."""
-    import torch
-    from trl import RewardTrainer
-    from trl.trainer.reward_trainer import DataCollatorForPreference
-
-    from cai.pm import pair_accuracy, preference_loss, sequence_scores
-
-    class SoftLabelCollator(DataCollatorForPreference):
-        def torch_call(self, examples):
-            out = super().torch_call([{k: e[k] for k in ("chosen_ids", "rejected_ids")} for e in examples])
-            out["p_a"] = torch.tensor([float(e["p_a"]) for e in examples], dtype=torch.float)
-            return out
-
-    class PreferenceTrainer(RewardTrainer):
-        def __init__(self, *args, loss: str = "soft", center_coef: float = 0.0, **kwargs):
-            self.pm_loss, self.pm_center = loss, center_coef
-            super().__init__(*args, **kwargs)
-
-        def _set_signature_columns_if_needed(self):
-            if self._signature_columns is None:
-                self._signature_columns = ["chosen_ids", "rejected_ids", "p_a"]
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            mode = "train" if self.model.training else "eval"
-            scores = sequence_scores(model, inputs["input_ids"], inputs["attention_mask"])
-            r_a, r_b = torch.chunk(scores, 2)
-            p_a = inputs["p_a"].to(r_a.device)
-            loss = preference_loss(
-                r_a, r_b, p_a, hard=self.pm_loss == "bradley_terry", center_coef=self.pm_center
-            )
-            with torch.no_grad():
-                m = self._metrics[mode]
-                # metrics over the global batch: every process's pairs (equal shapes: accelerate evens batches)
-                r_a, r_b, p_a = self.accelerator.gather_for_metrics(
-                    torch.stack([r_a.detach().float(), r_b.detach().float(), p_a.float()], 1)
-                ).unbind(1)
-                both = torch.cat([r_a, r_b])
-                m["accuracy"].append(pair_accuracy(r_a, r_b, p_a))
-                m["margin"].append(float(((r_a - r_b) * torch.sign(p_a - 0.5)).mean()))
-                m["mean_reward"].append(float(both.mean()))
-                if both.numel() > 1:
-                    m["reward_std"].append(float(both.std()))
-            return (loss, {"scores": scores}) if return_outputs else loss
-
-    return PreferenceTrainer, SoftLabelCollator
-
-
-def metrics_callback(log):
-    from transformers import TrainerCallback
-
-    class ToMetrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and state.is_world_process_zero:
-                clean = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and v == v}
-                log.log({"epoch": state.epoch, **clean}, step=state.global_step)
-
-    return ToMetrics()
-
-
 def held_out_eval(model, tokenizer, rows: list[dict], max_length: int, batch_size: int) -> dict:
-    """Pair accuracy (against p_a > 0.5), mean margin and soft loss of a PM on pairs."""
+    """Pair accuracy (against p_a > 0.5), mean margin and soft loss of a PM on pairs; for a value-head PM also
+    `lm_loss`, the preferred responses' mean next-token NLL averaged over the pairs that prefer one (as the
+    training loss has it), and `lm_tokens`."""
     import torch
 
     from cai.pm import pair_accuracy, preference_loss, sequence_scores
+    from cai.pm_value_head import ValueHeadPM, preferred_rows, response_lm_labels
 
     if not rows:
         return {"n": 0}
-    toks = tokenise_pairs(tokenizer, rows, max_length)
+    vh = isinstance(model, ValueHeadPM)
+    toks = tokenise_pairs(tokenizer, rows, max_length, response_len=vh)
     was = model.training
     model.eval()
     seqs = [t["chosen_ids"] for t in toks] + [t["rejected_ids"] for t in toks]
+    p_a = torch.tensor([t["p_a"] for t in toks])
+    if vh:
+        resp = torch.tensor(
+            [t["chosen_response_len"] for t in toks] + [t["rejected_response_len"] for t in toks]
+        )
+        keep = preferred_rows(p_a)
     scores = torch.zeros(len(seqs))
+    nll, n_tok = torch.zeros(len(seqs)), 0
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -152,18 +138,31 @@ def held_out_eval(model, tokenizer, rows: list[dict], max_length: int, batch_siz
             for j, x in enumerate(chunk):
                 ids[j, : len(x)] = torch.tensor(x)
                 mask[j, : len(x)] = 1
-            scores[s : s + len(chunk)] = sequence_scores(model, ids.to(device), mask.to(device)).float().cpu()
+            kwargs = {}
+            if vh:
+                sl = slice(s, s + len(chunk))
+                kwargs["lm_labels"] = response_lm_labels(ids, mask, resp[sl], keep[sl]).to(device)
+            out_scores, out = sequence_scores(
+                model, ids.to(device), mask.to(device), return_output=True, **kwargs
+            )
+            scores[s : s + len(chunk)] = out_scores.float().cpu()
+            if vh:
+                nll[s : s + len(chunk)] = out.lm_nll.float().cpu()
+                n_tok += int(out.lm_tokens.sum())
     model.train(was)
     n = len(toks)
     r_a, r_b = scores[:n], scores[n:]
-    p_a = torch.tensor([t["p_a"] for t in toks])
-    return {
+    result = {
         "n": n,
         "accuracy": pair_accuracy(r_a, r_b, p_a),
         "mean_margin": float(((r_a - r_b) * torch.sign(p_a - 0.5)).mean()),
         "soft_loss": float(preference_loss(r_a, r_b, p_a)),
         "scores": scores.tolist(),
     }
+    if vh:
+        n_pref = int(keep.sum())
+        result.update(lm_loss=float(nll.sum()) / n_pref if n_pref else None, lm_tokens=n_tok)
+    return result
 
 
 def run(ctx) -> Path:
@@ -172,15 +171,12 @@ def run(ctx) -> Path:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import RewardConfig
 
-    from cai.models import load_model, load_tokenizer, peft_config, resolve_device
+    from cai.models import load_model, load_tokenizer, peft_config, resolve_device, wrap_lora
+    from cai.pm_value_head import ValueHeadPM
 
     r = ctx.recipe
     cfg, spec = effective_config(r)
-    if cfg.head != "classifier":
-        raise UserError(
-            "preference_model.head: only 'classifier' (AutoModelForSequenceClassification, num_labels=1) is "
-            "implemented; a separate value head on a causal LM is not"
-        )
+    value_head = cfg.head == "value_head"
     t0 = time.time()
     rows = [
         row for row in read_jsonl(ctx.input_dir("feedback") / "pairs.jsonl") if row.get("p_a") is not None
@@ -199,10 +195,14 @@ def run(ctx) -> Path:
     ref = (spec.backbone if spec and spec.backbone else None) or r.models.reward_backbone or r.models.policy
     device = resolve_device(r.device)
     tok = load_tokenizer(ref, padding_side="right", trust_remote_code=r.trust_remote_code)
-    torch.manual_seed(r.seed)  # the new score head's initialisation
-    model = load_model(
-        ref, kind="seq_cls", device=device, dtype=r.dtype, trust_remote_code=r.trust_remote_code
-    )
+    common = dict(device=device, dtype=r.dtype, trust_remote_code=r.trust_remote_code)
+    if value_head:  # causal LM + value head (seeded); LoRA on the LM, the value head trained in full
+        model = ValueHeadPM.from_pretrained(ref, seed=r.seed, **common)
+        if cfg.lora:
+            model.lm = wrap_lora(model.lm, cfg.lora, task_type="CAUSAL_LM")
+    else:
+        torch.manual_seed(r.seed)  # the new score head's initialisation
+        model = load_model(ref, kind="seq_cls", **common)
     model.config.pad_token_id = tok.pad_token_id
     before = held_out_eval(model, tok, eval_rows, cfg.max_length, cfg.batch_size)
 
@@ -222,25 +222,36 @@ def run(ctx) -> Path:
         save_total_limit=2,
         bf16=device != "cpu" and str(model.dtype) == "torch.bfloat16",
         gradient_checkpointing=False,
-        use_cpu=device == "cpu",
+        use_cpu=dist.accelerator_cpu(device),
         report_to=[],
         seed=r.seed,
         max_length=None,  # sequences are left-truncated to cfg.max_length when tokenised
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=not dist.is_main(),
+        # a value-head PM leaves only an untied LM head unused, and only without the LM loss
+        ddp_find_unused_parameters=(
+            cfg.lm_coef == 0 and not model.config.get_text_config().tie_word_embeddings
+            if value_head
+            else None
+        ),
     )
+    from cai.pm_trainer import make_trainer_class, metrics_callback
+
     Trainer, Collator = make_trainer_class()
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(tokenise_pairs(tok, train_rows, cfg.max_length)),
+        train_dataset=Dataset.from_list(
+            tokenise_pairs(tok, train_rows, cfg.max_length, response_len=value_head)
+        ),
         processing_class=tok,
         data_collator=Collator(pad_token_id=tok.pad_token_id),
-        peft_config=peft_config(cfg.lora, task_type="SEQ_CLS") if cfg.lora else None,
+        peft_config=peft_config(cfg.lora, task_type="SEQ_CLS") if cfg.lora and not value_head else None,
         callbacks=[metrics_callback(ctx.metrics())],
         loss=cfg.loss,
         center_coef=cfg.center_coef,
+        lm_coef=cfg.lm_coef,
     )
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if last:
@@ -280,8 +291,10 @@ def run(ctx) -> Path:
         report = {
             "backbone": ref,
             "spec": cfg.spec,
+            "head": cfg.head,
             "loss": cfg.loss,
             "center_coef": cfg.center_coef,
+            "lm_coef": cfg.lm_coef,
             "lora": cfg.lora is not None,
             "train_pairs": len(train_rows),
             "held_out": {k: v for k, v in after.items() if k != "scores"},
