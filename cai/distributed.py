@@ -61,6 +61,13 @@ def engine() -> str:
     return "ddp" if world_size() > 1 else "single"
 
 
+def accelerator_cpu(device: str) -> bool:
+    """The `cpu` flag for accelerate (Accelerator(cpu=...), TrainingArguments.use_cpu) on `device`: True on a
+    CPU, except under a DeepSpeed launch, where it would silently switch DeepSpeed off (DeepSpeed runs on CPU
+    by itself when no GPU is found)."""
+    return device == "cpu" and not engine().startswith("deepspeed")
+
+
 def release_stage_state() -> None:
     """After a stage: forget the DeepSpeed config its trainer registered process-wide (transformers keeps a
     reference, and a later `from_pretrained` would then build ZeRO-3-partitioned models outside any engine),

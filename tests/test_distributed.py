@@ -46,6 +46,7 @@ COMMON = [
     "ppo.updates=1",
     "ppo.ppo_epochs=1",
     "ppo.response_length=8",
+    f"feedback.check_set={{path: {ROOT.parent / 'shared/data/hh-rlhf/harmless-base-dev.jsonl.gz'}, limit: 6}}",
 ]
 
 
@@ -106,10 +107,7 @@ def runs(tmp_path_factory, tiny_dir):
         pytest.fail(f"{ACCELERATE} is missing: accelerate is a dependency of cai")
     base = tmp_path_factory.mktemp("dist")
     one, two = base / "one", base / "two"
-    launch(
-        [sys.executable]
-        + cai_run(one, COMMON + per_device(1) + ["stages=[critique_revise, sft, feedback, preference_model]"])
-    )
+    launch([sys.executable] + cai_run(one, COMMON + per_device(1)))
     log = launch(two_cpu_processes() + cai_run(two, COMMON + per_device(2)), {"ACCELERATE_USE_CPU": "1"})
     return one, two, log
 
@@ -158,9 +156,8 @@ def test_two_processes_world_size_and_engine(runs):
     for stage in ("critique_revise", "sft", "feedback", "preference_model", "ppo"):
         m = read_manifest(two / stage)
         assert m["status"] == "complete" and m["world_size"] == 2 and m["engine"] == "ddp", (stage, m)
-        if stage != "ppo":
-            m1 = read_manifest(one / stage)
-            assert m1["world_size"] == 1 and m1["engine"] == "single", (stage, m1)
+        m1 = read_manifest(one / stage)
+        assert m1["world_size"] == 1 and m1["engine"] == "single", (stage, m1)
     # only the main process prints the pipeline's lines and writes files
     assert log.count("[cai] sft: running") == 1
     assert read_jsonl(two / "sft" / "metrics.jsonl")  # written once, not once per rank
@@ -178,6 +175,9 @@ def test_generation_stages_match_single_process(runs):
         read_jsonl(two / "feedback" / "responses.jsonl"),
     )
     assert r1 and r1 == r2, "feedback/responses.jsonl differs between 1 and 2 processes"
+    c1, c2 = (json.loads((run / "feedback" / "check.json").read_text()) for run in (one, two))
+    assert c1["n"] == 6 and c1["agreement"] == c2["agreement"], "the labeller check is split across ranks"
+    assert abs(c1["mean_order_gap"] - c2["mean_order_gap"]) <= 1e-6
     p1, p2 = read_jsonl(one / "feedback" / "pairs.jsonl"), read_jsonl(two / "feedback" / "pairs.jsonl")
     assert len(p1) == len(p2) >= 2 * GLOBAL_BATCH
     for a, b in zip(p1, p2):  # labels come from forward passes on other batch shapes: equal up to float error
@@ -291,8 +291,8 @@ def test_deepspeed_parser_rejects_a_bad_config(tmp_path):
 
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_training_stages_under_deepspeed(runs, tmp_path, engine):
-    """One process through recipes/accelerate/<engine>.yaml: SFT and PM train as without DeepSpeed, and the
-    saved models (ZeRO-3: gathered from the shards on save) equal the reference run's."""
+    """One process through recipes/accelerate/<engine>.yaml: SFT, PM and a PPO update train as without
+    DeepSpeed, and the saved models (ZeRO-3: gathered from the shards on save) equal the reference run's."""
     pytest.importorskip("deepspeed")
     one, _, _ = runs
     run_dir = tmp_path / engine
@@ -312,28 +312,74 @@ def test_training_stages_under_deepspeed(runs, tmp_path, engine):
     ]
     # no ACCELERATE_USE_CPU here: it would turn the DeepSpeed launch into a plain CPU one
     launch(
-        cmd + cai_run(run_dir, COMMON + per_device(1), only=["sft", "preference_model"]),
+        cmd + cai_run(run_dir, COMMON + per_device(1), only=["sft", "preference_model", "ppo"]),
         unset=("ACCELERATE_USE_CPU",),
     )
-    for stage in ("sft", "preference_model"):
+    for stage in ("sft", "preference_model", "ppo"):
         m = read_manifest(run_dir / stage)
         assert m["status"] == "complete" and m["engine"] == f"deepspeed-{engine}" and m["world_size"] == 1
+    for stage in ("sft", "preference_model"):
         compare_metrics(one, run_dir, stage, steps=2)
         compare_weights(one / stage / "model", run_dir / stage / "model")
+    # PPO: the engine's own checkpoint, the same update as the reference run, and the gathered policy
+    assert (run_dir / "ppo" / "checkpoints" / "step-000001" / "deepspeed").is_dir()
+    (a,), (b,) = read_jsonl(one / "ppo" / "metrics.jsonl"), read_jsonl(run_dir / "ppo" / "metrics.jsonl")
+    for k in ("objective/score", "objective/kl", "loss/value", "loss/policy"):
+        assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), f"ppo {k}: {a[k]} vs {b[k]}"
+    compare_weights(one / "ppo" / "policy", run_dir / "ppo" / "policy")
 
 
-def test_ppo_refuses_unsupported_engines(monkeypatch, tiny_recipe, tmp_path):
-    """PPO under DeepSpeed or FSDP stops at once with a one-line error naming the DDP config."""
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_ppo_trainer_under_deepspeed_matches_and_resumes(tmp_path, engine):
+    """The PPO trainer under DeepSpeed (one process) trains exactly as without an engine, with minibatches,
+    gradient accumulation and a critic warm-up, and resumes from its DeepSpeed checkpoint to the same weights."""
+    pytest.importorskip("deepspeed")
+    import ppo_engine_run
+    import torch
+    from safetensors.torch import load_file
+
+    cmd = [
+        str(ACCELERATE),
+        "launch",
+        "--config_file",
+        str(CONFIGS / f"{engine}.yaml"),
+        "--num_processes",
+        "1",
+    ]
+    cmd += ["--main_process_port", str(free_port()), str(ROOT / "tests" / "ppo_engine_run.py"), str(tmp_path)]
+    launch(cmd, unset=("ACCELERATE_USE_CPU",))
+    assert (tmp_path / "resumed" / "checkpoints" / "step-000003" / "deepspeed").is_dir()
+    plain = ppo_engine_run.build(tmp_path / "plain")
+    plain.train()
+    want = ppo_engine_run.weights(plain)
+    for run in ("straight", "resumed"):
+        got = load_file(str(tmp_path / f"{run}.safetensors"))
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=WEIGHT_ATOL, msg=f"{run} {name}")
+    rows = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    assert [r["loss/policy"] == 0 for r in rows] == [True, False, False]  # the critic warm-up update
+    for a, b in zip(rows, read_jsonl(tmp_path / "plain" / "metrics.jsonl")):
+        assert_close(a["loss/value"], b["loss/value"], LOSS_RTOL, f"loss/value at update {a['step']}")
+        assert_close(a["objective/score"], b["objective/score"], LOSS_RTOL, f"score at update {a['step']}")
+
+
+def test_deepspeed_launch_keeps_deepspeed_on_cpu(monkeypatch):
+    """accelerate switches DeepSpeed off when told cpu=True: under a DeepSpeed launch the stages must not."""
+    from cai import distributed as dist
+
+    assert dist.accelerator_cpu("cpu") and not dist.accelerator_cpu("cuda")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert not dist.accelerator_cpu("cpu")
+
+
+def test_ppo_refuses_fsdp(monkeypatch, tiny_recipe, tmp_path):
+    """PPO under FSDP stops at once with a one-line error naming the engines that work."""
     from cai.errors import UserError
     from cai.rundir import StageContext
     from cai.stages import ppo
 
     ctx = StageContext(recipe=tiny_recipe(), stage="ppo", out_dir=tmp_path / "ppo", inputs={})
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(CONFIGS / "ds_zero3.json"))
-    with pytest.raises(UserError, match="deepspeed-zero3.*multi_gpu.yaml"):
-        ppo.run(ctx)
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(UserError, match="fsdp"):
+    with pytest.raises(UserError, match="fsdp.*zero3.yaml"):
         ppo.run(ctx)

@@ -168,7 +168,7 @@ def test_lora_reference_is_the_base_model(tmp_path):
     base = PolicyModel(load_model("tiny-random-llama")).eval()
     ids = torch.tensor([[258, 258, 65, 66, 67, 68, 69, 70], [71, 72, 73, 74, 75, 76, 77, 78]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
-    policy = trainer._unwrap(trainer.policy)
+    policy = trainer.policy
     with torch.no_grad():
         want = base(ids, mask, 4)["logprobs"]
         with policy.reference() as ref:
@@ -179,8 +179,8 @@ def test_lora_reference_is_the_base_model(tmp_path):
 
 
 def _params(trainer):
-    out = {"p." + n: p.detach().clone() for n, p in trainer._unwrap(trainer.policy).named_parameters()}
-    out.update({"c." + n: p.detach().clone() for n, p in trainer._unwrap(trainer.critic).named_parameters()})
+    out = {"p." + n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    out.update({"c." + n: p.detach().clone() for n, p in trainer.critic.named_parameters()})
     return out
 
 

@@ -1,7 +1,9 @@
 """PPO checkpoints for an exact resume: trainable weights (safetensors), optimizer state and RNG states
 (torch.save, read back with weights_only=True), and a JSON file with the step, schedulers and KL controller.
 
-Layout: <dir>/step-000012/{policy.safetensors, critic.safetensors, optimizers.pt, rng-rank0.pt, state.json}.
+Layout: <dir>/step-000012/{policy.safetensors, critic.safetensors, optimizer.pt, rng-rank0.pt, state.json}.
+Under DeepSpeed the weights and the (partitioned) optimizer state are the engine's own checkpoint instead, in
+deepspeed/ (DeepSpeed writes and reads it with torch.save/torch.load; it holds only trainable parameters).
 A checkpoint is written to a temporary folder and renamed when complete; only the newest is kept.
 """
 
@@ -13,6 +15,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from cai.errors import UserError
 
 PREFIX = "step-"
 
@@ -56,14 +60,16 @@ def save(
     step: int,
     *,
     weights: dict[str, dict],
-    optimizers: dict,
+    optimizer,
     state: dict,
+    engine=None,
     rank: int = 0,
     is_main: bool = True,
     barrier=lambda: None,
     name: str | None = None,
 ) -> Path:
-    """Write a checkpoint. Every rank writes its RNG state; the main process writes the rest and renames."""
+    """Write a checkpoint. Every rank writes its RNG state (and its part of a DeepSpeed `engine`'s checkpoint);
+    the main process writes the rest and renames."""
     from safetensors.torch import save_file
 
     final = ckpt_dir / (name or f"{PREFIX}{step:06d}")
@@ -73,10 +79,15 @@ def save(
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if engine is not None:
+        engine.save_checkpoint(
+            str(tmp / "deepspeed"), tag="engine", save_latest=False, exclude_frozen_parameters=True
+        )
     if is_main:
         for key, tensors in weights.items():
             save_file(tensors, str(tmp / f"{key}.safetensors"))
-        torch.save({k: opt.state_dict() for k, opt in optimizers.items()}, tmp / "optimizers.pt")
+        if engine is None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     barrier()
     if is_main:
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
@@ -90,16 +101,17 @@ def save(
     return final
 
 
-def load(path: Path, rank: int = 0) -> tuple[dict, dict, dict, dict | None]:
-    """(weights by key, optimizer states by key, state.json, this rank's RNG state or None)."""
+def load(path: Path, rank: int = 0) -> tuple[dict, dict | None, dict, dict | None]:
+    """(weights by key, optimizer state or None (DeepSpeed), state.json, this rank's RNG state or None)."""
     from safetensors.torch import load_file
 
     weights = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
-    optimizers = torch.load(path / "optimizers.pt", weights_only=True, map_location="cpu")
+    opt_file = path / "optimizer.pt"
+    optimizer = torch.load(opt_file, weights_only=True, map_location="cpu") if opt_file.is_file() else None
     state = json.loads((path / "state.json").read_text())
     rng_file = path / f"rng-rank{rank}.pt"
     rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
-    return weights, optimizers, state, rng
+    return weights, optimizer, state, rng
 
 
 def resume(trainer) -> None:
@@ -112,14 +124,21 @@ def resume(trainer) -> None:
     path = latest(trainer.ckpt_dir)
     if path is None:
         return
-    weights, optims, state, rng = load(path, dist.rank())
-    load_trainable_state(trainer.acc.unwrap_model(trainer.policy), weights["policy"])
-    if trainer.critic is not None:
-        load_trainable_state(trainer.acc.unwrap_model(trainer.critic), weights["critic"])
-    trainer.opt_p.load_state_dict(optims["policy"])
-    trainer.opt_c.load_state_dict(optims["critic"])
-    for k, s in trainer.sched.items():
-        s.load_state_dict(state["schedulers"][k])
+    weights, optim, state, rng = load(path, dist.rank())
+    if trainer.stepper.deepspeed:
+        if not (path / "deepspeed").is_dir():
+            raise UserError(f"{path}: not a DeepSpeed checkpoint; resume with the engine that wrote it")
+        trainer.model.load_checkpoint(
+            str(path / "deepspeed"), tag="engine", load_module_strict=False, load_lr_scheduler_states=False
+        )
+    else:
+        if optim is None:
+            raise UserError(f"{path}: a DeepSpeed checkpoint; resume under the same DeepSpeed config")
+        load_trainable_state(trainer.policy, weights["policy"])
+        if trainer.critic is not None:
+            load_trainable_state(trainer.critic, weights["critic"])
+        trainer.opt.load_state_dict(optim)
+    trainer.sched.load_state_dict(state["scheduler"])
     trainer.kl_ctl.load_state_dict(state["kl_controller"])
     if rng is not None:
         set_rng_state(rng)
@@ -133,24 +152,24 @@ def resume(trainer) -> None:
 
 
 def save_trainer(trainer, step: int, name: str | None = None) -> Path:
-    """Checkpoint a cai.rl.trainer.PPOTrainer: trainable weights of policy and critic, optimizers, schedulers,
-    KL controller and every rank's RNG state."""
+    """Checkpoint a cai.rl.trainer.PPOTrainer: trainable weights of policy and critic, the optimizer, the
+    scheduler, the KL controller and every rank's RNG state."""
     from cai import distributed as dist
     from cai.rl.modules import trainable_state
 
-    weights = {"policy": trainable_state(trainer.acc.unwrap_model(trainer.policy))}
-    if trainer.critic is not None:
-        weights["critic"] = trainable_state(trainer.acc.unwrap_model(trainer.critic))
-    state = {
-        "kl_controller": trainer.kl_ctl.state_dict(),
-        "schedulers": {k: s.state_dict() for k, s in trainer.sched.items()},
-    }
-    optimizers = {"policy": trainer.opt_p, "critic": trainer.opt_c}
+    ds = trainer.stepper.deepspeed
+    weights = {}
+    if not ds:  # a DeepSpeed engine checkpoints its (possibly partitioned) weights itself
+        weights["policy"] = trainable_state(trainer.policy)
+        if trainer.critic is not None:
+            weights["critic"] = trainable_state(trainer.critic)
+    state = {"kl_controller": trainer.kl_ctl.state_dict(), "scheduler": trainer.sched.state_dict()}
     return save(
         trainer.ckpt_dir,
         step,
         weights=weights,
-        optimizers=optimizers,
+        optimizer=trainer.opt,
+        engine=trainer.model if ds else None,
         state=state,
         rank=dist.rank(),
         is_main=trainer.acc.is_main_process,

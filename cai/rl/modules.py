@@ -15,6 +15,16 @@ from torch import nn
 from cai.scoring import position_ids
 
 
+def gathered(params: list):
+    """Context in which parameters built already partitioned by DeepSpeed ZeRO-3 (`zero3_init_flag`) are whole
+    and writable (changes are kept); a no-op for ordinary parameters."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 def disable_dropout(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
@@ -231,6 +241,10 @@ class PolicyModel(nn.Module):
             self.v_head.to(next(lm.parameters()).device)
 
     @property
+    def config(self):  # read by accelerate / trl when preparing a DeepSpeed engine (hidden size)
+        return base_of(self.lm).config
+
+    @property
     def is_gradient_checkpointing(self) -> bool:  # read by trl's unwrap_model_for_generation
         base = base_of(self.lm)
         flag = getattr(base, "is_activation_checkpointing", None)  # transformers 5 name; the old one warns
@@ -275,6 +289,67 @@ class PolicyModel(nn.Module):
             yield self
 
 
+class ActorCritic(nn.Module):
+    """The policy and its critic (a separate ValueModel, or the policy's value head) as one module, so that one
+    engine and one optimizer hold both: accelerate's DeepSpeed integration drives exactly one model and one
+    optimizer. The optimizer gets two parameter groups (`param_groups`), so each keeps its learning rate."""
+
+    def __init__(self, policy: PolicyModel, critic: nn.Module | None = None):
+        super().__init__()
+        if (critic is None) == (policy.v_head is None):
+            raise ValueError("give either a separate critic or a policy with a value head")
+        self.policy, self.critic = policy, critic
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.policy.is_gradient_checkpointing
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.policy.gradient_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.policy.gradient_checkpointing_disable()
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        n_response: int,
+        temperature: float = 1.0,
+        logprobs: bool = True,
+        values: bool = True,
+        entropy: bool = False,
+    ):
+        """dict(logprobs, entropy, values) as PolicyModel.forward, the values from whichever critic there is;
+        the policy trunk runs only when something of the policy is asked for."""
+        head_values = values and self.critic is None
+        out = {}
+        if logprobs or entropy or head_values:
+            out = self.policy(
+                input_ids, attention_mask, n_response, temperature, logprobs, head_values, entropy
+            )
+        if values and self.critic is not None:
+            out["values"] = self.critic(input_ids, attention_mask, n_response)
+        return out
+
+    def critic_parameters(self) -> list:
+        return list((self.critic or self.policy.v_head).parameters())
+
+    def param_groups(self, policy_lr: float, critic_lr: float) -> list[dict]:
+        """Trainable parameters in two optimizer groups: 'policy' (the LM or its adapters) and 'critic'."""
+        critic = [p for p in self.critic_parameters() if p.requires_grad]
+        ids = {id(p) for p in critic}
+        policy = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in ids]
+        return [
+            {"name": "policy", "params": policy, "lr": policy_lr},
+            {"name": "critic", "params": critic, "lr": critic_lr},
+        ]
+
+
 class ValueModel(nn.Module):
     """A separate critic: a transformer trunk and a linear head giving one value per response token.
 
@@ -290,7 +365,7 @@ class ValueModel(nn.Module):
         if not isinstance(head, nn.Linear):
             raise ValueError(f"critic: {type(base).__name__} has no Linear score head")
         if zero_head:
-            with torch.no_grad():
+            with gathered(list(head.parameters())), torch.no_grad():
                 head.weight.zero_()
                 if head.bias is not None:
                     head.bias.zero_()

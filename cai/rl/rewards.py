@@ -90,6 +90,16 @@ class PreferenceModelReward:
         disable_dropout(self.scorer.model)
         self.batch_size = batch_size
 
+    def prepare(self, acc) -> None:
+        """Under DeepSpeed, make the PM an inference engine (sharded under ZeRO-3; cai.rl.engine) and score
+        through its module, whose parameters the engine's hooks gather as each layer runs."""
+        from cai.rl import engine
+
+        if engine.is_deepspeed(acc):
+            self._engine = engine.prepare_frozen(self.scorer.model, acc)
+            self.scorer.model = self._engine.module
+            self.scorer.device = acc.device
+
     def __call__(self, prompts, responses, **kwargs):
         import torch
 
@@ -99,6 +109,8 @@ class PreferenceModelReward:
         convs = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
         model = self.scorer.model
         head = getattr(model, "score", None)
+        if hasattr(model, "v_head") and hasattr(model, "lm"):  # a value-head PM (cai.pm_value_head)
+            model, head = model.lm, model.v_head
         if not isinstance(head, torch.nn.Linear) or not varlen_supported(model):
             raw = self.scorer.score(convs, batch_size=self.batch_size).float()
             return raw, self.scorer.normalize(raw)

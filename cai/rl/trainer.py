@@ -10,12 +10,13 @@ One update:
    losses, gradient clipping, one LR-schedule step per update.
 
 Under `accelerate launch` each process rolls out its own share of the prompts with its own sampling seed;
-whitening statistics, the KL fed to the controller and all logged metrics are all-reduced.
+whitening statistics, the KL fed to the controller and all logged metrics are all-reduced. Policy and critic
+are one module with one optimizer (a parameter group each), so DDP and DeepSpeed ZeRO take them as they
+are; what differs per engine is in cai.rl.engine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -26,8 +27,9 @@ import torch
 from cai import distributed as dist
 from cai.errors import UserError
 from cai.rl import checkpoint as ckpt
+from cai.rl import engine
 from cai.rl import ppo_math as pm
-from cai.rl.modules import PolicyModel, disable_dropout
+from cai.rl.modules import ActorCritic, PolicyModel, disable_dropout
 from cai.rl.rollout import Rollout, cut_at_stop, global_stats, prompt_indices, seed_of
 
 
@@ -60,8 +62,6 @@ class PPOTrainer:
         self.show_progress, self.metrics = show_progress, metrics
         if cfg.rollout_batch_size < cfg.num_minibatches * cfg.grad_accum:
             raise UserError("ppo.rollout_batch_size: must be at least num_minibatches × grad_accum")
-        if (critic is None) == (policy.v_head is None):
-            raise ValueError("give either a separate critic or a policy with a value head")
         if ref_model is None and not hasattr(policy.lm, "disable_adapter"):
             raise ValueError(
                 "without a reference model the policy must be LoRA-wrapped (reference = adapters off)"
@@ -69,42 +69,29 @@ class PPOTrainer:
         for m in (policy, critic, ref_model):
             if m is not None:
                 disable_dropout(m)
-        self.ref = None
-        if ref_model is not None:
-            ref_model.requires_grad_(False).eval()
-            self.ref = PolicyModel(ref_model).to(self.acc.device)
-            if getattr(self.acc.state, "deepspeed_plugin", None) is not None:
-                from trl.models.utils import prepare_deepspeed
-
-                self.ref = prepare_deepspeed(self.ref, self.acc)
         self.prompt_ids = [self._encode(row["messages"]) for row in prompts]
         self.prompt_msgs = [row["messages"] for row in prompts]
         if not self.prompt_ids:
             raise UserError("ppo: no training prompts")
 
-        def adamw(params, lr):
-            params = [p for p in params if p.requires_grad]
-            try:
-                return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0, fused=True)
-            except (RuntimeError, TypeError):
-                return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0)
-
+        # one module and one optimizer (a parameter group each for policy and critic): every engine takes them
+        joint = ActorCritic(policy, critic)
         critic_lr = cfg.critic_learning_rate or cfg.learning_rate
-        head = policy.v_head
-        trunk_params = [p for n, p in policy.named_parameters() if not n.startswith("v_head.")]
-        opt_p = adamw(trunk_params, cfg.learning_rate)
-        opt_c = adamw(critic.parameters() if critic is not None else head.parameters(), critic_lr)
+        groups = joint.param_groups(cfg.learning_rate, critic_lr)
+        opt = engine.make_optimizer(groups)
         lam = lambda u: pm.lr_factor(u, cfg.updates, cfg.warmup_updates, cfg.lr_decay)  # noqa: E731
-        # schedulers are stepped once per update by us (not prepared: accelerate would step them per process)
-        self.sched = {
-            "policy": torch.optim.lr_scheduler.LambdaLR(opt_p, lam),
-            "critic": torch.optim.lr_scheduler.LambdaLR(opt_c, lam),
-        }
-        if critic is not None:
-            self.policy, self.critic, self.opt_p, self.opt_c = self.acc.prepare(policy, critic, opt_p, opt_c)
-        else:
-            self.policy, self.opt_p, self.opt_c = self.acc.prepare(policy, opt_p, opt_c)
-            self.critic = None
+        # stepped once per update by us (not prepared: accelerate would step it once per process)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        engine.fill_deepspeed_config(self.acc, cfg)
+        self.model, self.opt = self.acc.prepare(joint, opt)
+        self.stepper = engine.Stepper(self.acc, self.model, self.opt, cfg.max_grad_norm)
+        self.policy, self.critic = joint.policy, joint.critic  # the unwrapped parts, for reading
+        self.ref = None
+        if ref_model is not None:  # after the engine: its DeepSpeed config is complete only then
+            ref_model.requires_grad_(False).eval()
+            self.ref = engine.prepare_frozen(PolicyModel(ref_model), self.acc)
+        if hasattr(self.reward, "prepare"):
+            self.reward.prepare(self.acc)
         self.kl_ctl = pm.make_kl_controller(cfg)
         self._value_graph, self.reuse_values = None, True
         self._check_varlen()
@@ -118,9 +105,6 @@ class PPOTrainer:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         return ids[-self.cfg.max_prompt_length :]
 
-    def _unwrap(self, m):
-        return self.acc.unwrap_model(m)
-
     def _mean(self, x) -> float:
         """Mean of a scalar over processes."""
         t = torch.as_tensor(float(x), dtype=torch.float64, device=self.acc.device)
@@ -130,7 +114,7 @@ class PPOTrainer:
         """Packed (padding-free) forwards must give what padded ones give on this model; else use padded ones."""
         from cai.rl.modules import check_varlen
 
-        models = [self._unwrap(self.policy), self.critic and self._unwrap(self.critic), self.ref]
+        models = [self.policy, self.critic, self.ref and getattr(self.ref, "module", self.ref)]
         rows = [self.prompt_ids[0][-12:], self.prompt_ids[-1][-7:] + [self.tok.eos_token_id]]
         if not check_varlen(
             [m for m in models if m is not None], rows, self.tok.pad_token_id, self.acc.device
@@ -166,8 +150,8 @@ class PPOTrainer:
             stop_strings=stops,
         )
         t0 = time.perf_counter()
-        with unwrap_model_for_generation(self.policy, self.acc) as unwrapped:
-            gen = HFBackend(unwrapped.lm, self.tok).generate_ids(
+        with unwrap_model_for_generation(self.model, self.acc) as unwrapped:
+            gen = HFBackend(unwrapped.policy.lm, self.tok).generate_ids(
                 [self.prompt_ids[i] for i in idx],
                 sampling,
                 seed_of(self.seed, "sample", update, dist.rank()),
@@ -182,8 +166,15 @@ class PPOTrainer:
 
         t0 = time.perf_counter()
         n_chunk = max(1, len(idx) // cfg.num_minibatches)
+        # one process, one minibatch: the critic is unchanged until the first step, so its graph from here
+        # serves epoch 0 (exact; tests/test_ppo.py)
         reuse_values = (
-            self.reuse_values and self.critic is not None and cfg.num_minibatches == 1 and cfg.grad_accum == 1
+            self.reuse_values
+            and self.critic is not None
+            and cfg.num_minibatches == 1
+            and cfg.grad_accum == 1
+            and dist.world_size() == 1
+            and not self.stepper.deepspeed
         )
         parts = {"logprobs": [], "entropy": [], "ref": [], "values": []}
         for s in range(0, len(idx), n_chunk):
@@ -192,25 +183,21 @@ class PPOTrainer:
                 logits = gen.logits[s : s + n_chunk, :R].to(dev).float() / cfg.temperature
                 parts["logprobs"].append(selective_log_softmax(logits, resp[s : s + n_chunk]))
                 parts["entropy"].append(pm.entropy_from_logits(logits))
-                own = self.policy(ids, am, R, logprobs=False, values=True) if self.critic is None else {}
+                own = self.model(ids, am, R, logprobs=False, values=not reuse_values)
             else:
-                own = self.policy(ids, am, R, cfg.temperature, values=self.critic is None, entropy=True)
+                own = self.model(ids, am, R, cfg.temperature, values=not reuse_values, entropy=True)
                 parts["logprobs"].append(own["logprobs"])
                 parts["entropy"].append(own["entropy"])
-            if self.critic is None:
-                parts["values"].append(own["values"])
-            elif (
-                reuse_values
-            ):  # the critic is unchanged until the first step: its graph serves epoch 0 (exact)
+            if reuse_values:
                 with torch.enable_grad():
                     self._value_graph = self.critic(ids, am, R)
                 parts["values"].append(self._value_graph.detach())
             else:
-                parts["values"].append(self.critic(ids, am, R))
+                parts["values"].append(own["values"])
             if self.ref is not None:
                 parts["ref"].append(self.ref(ids, am, R, cfg.temperature)["logprobs"])
             else:
-                with self._unwrap(self.policy).reference() as ref:
+                with self.policy.reference() as ref:
                     parts["ref"].append(ref(ids, am, R, cfg.temperature)["logprobs"])
         logprobs, entropy, ref_logprobs, values = (
             torch.cat(parts[k]).float() for k in ("logprobs", "entropy", "ref", "values")
@@ -281,7 +268,6 @@ class PPOTrainer:
             "loss/value": [],
             "val/clipfrac": [],
         }
-        models = [self.policy] + ([self.critic] if self.critic is not None else [])
         epochs_done = 0
         for _epoch in range(cfg.ppo_epochs):
             epoch_kl = []
@@ -289,26 +275,14 @@ class PPOTrainer:
                 micro = [m for m in torch.tensor_split(mb, cfg.grad_accum) if len(m)]
                 for k, mi in enumerate(micro):
                     mi = mi.to(batch.mask.device)
-                    sync = k == len(micro) - 1
-                    with contextlib.ExitStack() as stack:
-                        if not sync:
-                            for m in models:
-                                stack.enter_context(self.acc.no_sync(m))
+                    last = k == len(micro) - 1
+                    with self.stepper.no_sync(last):
                         ids, am, mask = batch.input_ids[mi], batch.attention_mask[mi], batch.mask[mi]
-                        loss = torch.zeros((), device=mask.device)
-                        need_policy = not critic_only or self.critic is None
-                        out = (
-                            self.policy(
-                                ids,
-                                am,
-                                R,
-                                cfg.temperature,
-                                logprobs=not critic_only,
-                                values=self.critic is None,
-                            )
-                            if need_policy
-                            else {}
+                        reuse = self._value_graph is not None
+                        out = self.model(
+                            ids, am, R, cfg.temperature, logprobs=not critic_only, values=not reuse
                         )
+                        loss = torch.zeros((), device=mask.device)
                         if not critic_only:
                             pg, st = pm.policy_loss(
                                 out["logprobs"],
@@ -322,12 +296,10 @@ class PPOTrainer:
                             logs["policy/approx_kl"].append(float(st["approx_kl"]))
                             logs["policy/clipfrac"].append(float(st["clipfrac"]))
                             epoch_kl.append(float(st["approx_kl"]))
-                        if self.critic is None:
-                            vpred = out["values"]
-                        elif self._value_graph is not None:
+                        if reuse:
                             vpred, self._value_graph = self._value_graph[mi], None
                         else:
-                            vpred = self.critic(ids, am, R)
+                            vpred = out["values"]
                         vf, vclip = pm.value_loss(
                             vpred, batch.values[mi], batch.returns[mi], mask, cfg.clip_range_value
                         )
@@ -336,27 +308,8 @@ class PPOTrainer:
                         logs["val/clipfrac"].append(float(vclip))
                         if not torch.isfinite(loss):
                             self._fail("loss", update)
-                        self.acc.backward(loss * (len(mi) / len(mb)))
-                if not critic_only:
-                    self.acc.clip_grad_norm_(
-                        [
-                            p
-                            for n, p in self.policy.named_parameters()
-                            if "v_head." not in n and p.requires_grad
-                        ],
-                        cfg.max_grad_norm,
-                    )
-                critic_params = (
-                    self.critic.parameters()
-                    if self.critic is not None
-                    else self._unwrap(self.policy).v_head.parameters()
-                )
-                self.acc.clip_grad_norm_(list(critic_params), cfg.max_grad_norm)
-                if not critic_only:
-                    self.opt_p.step()
-                self.opt_c.step()
-                self.opt_p.zero_grad(set_to_none=True)
-                self.opt_c.zero_grad(set_to_none=True)
+                        self.stepper.backward(loss * (len(mi) / len(mb)), last)
+                self.stepper.step(critic_only)
             epochs_done += 1
             if (
                 cfg.early_stop_kl is not None
@@ -364,11 +317,12 @@ class PPOTrainer:
                 and self._mean(sum(epoch_kl) / len(epoch_kl)) > cfg.early_stop_kl
             ):
                 break
-        lr = self.sched["policy"].get_last_lr()[0]  # the LR this update used
-        with warnings.catch_warnings():  # the policy optimizer does not step during critic warm-up
+        lr = self.sched.get_last_lr()[0]  # the policy's LR in this update
+        with (
+            warnings.catch_warnings()
+        ):  # "scheduler stepped before the optimizer": DeepSpeed steps its own copy
             warnings.simplefilter("ignore", UserWarning)
-            for s in self.sched.values():
-                s.step()
+            self.sched.step()
         out = {k: self._mean(sum(v) / len(v)) for k, v in logs.items() if v}
         out.update({"ppo/epochs": epochs_done, "lr": lr})
         return out
@@ -421,13 +375,33 @@ class PPOTrainer:
         """Checkpoint everything an exact resume needs (cai.rl.checkpoint)."""
         return ckpt.save_trainer(self, step, name)
 
-    def save_policy(self, path) -> Path:
-        """The trained policy as a Hugging Face folder (LoRA merged into the weights) with its tokenizer."""
+    def save_policy(self, path, fresh_policy=None) -> Path:
+        """The trained policy as a Hugging Face folder (LoRA merged into the weights) with its tokenizer.
+
+        Under ZeRO-3 the weights are sharded: every process takes part in gathering them, and the main process
+        loads them into `fresh_policy()`, a CPU copy of the policy's LM built as it was (LoRA-wrapped alike)."""
         path = Path(path)
-        lm = self._unwrap(self.policy).lm
-        if hasattr(lm, "merge_and_unload"):
-            lm = lm.merge_and_unload()
+        lm = self.policy.lm
+        if engine.zero_stage(self.acc) == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(lm.parameters())):
+                state = lm.state_dict() if self.acc.is_main_process else None
+                if state is not None:
+                    state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            if self.acc.is_main_process:
+                if fresh_policy is None:
+                    raise ValueError(
+                        "save_policy under ZeRO-3 needs fresh_policy to load the gathered weights"
+                    )
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()  # else from_pretrained would build a partitioned (empty) copy
+                lm = fresh_policy()
+                lm.load_state_dict(state)
         if self.acc.is_main_process:
+            if hasattr(lm, "merge_and_unload"):
+                lm = lm.merge_and_unload()
             lm.save_pretrained(str(path), safe_serialization=True)
             self.tok.save_pretrained(str(path))
         dist.barrier()

@@ -58,6 +58,20 @@ def build_models(recipe, sft_dir: str, device: str):
     return policy, ref, critic, tok
 
 
+def fresh_policy(recipe, sft_dir: str):
+    """A CPU copy of the policy's LM as build_models makes it (for gathering sharded weights into)."""
+    from cai.models import load_model, wrap_lora
+
+    lm = load_model(
+        sft_dir,
+        kind="causal_lm",
+        device="cpu",
+        dtype=recipe.dtype,
+        trust_remote_code=recipe.trust_remote_code,
+    )
+    return wrap_lora(lm, recipe.ppo.lora) if recipe.ppo.lora is not None else lm
+
+
 def plot(metrics_path: Path, out: Path) -> None:
     from cai.plots import line_chart
 
@@ -76,6 +90,7 @@ def plot(metrics_path: Path, out: Path) -> None:
 def run(ctx) -> Path:
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     from cai import distributed as dist
     from cai.models import resolve_device
@@ -83,17 +98,21 @@ def run(ctx) -> Path:
     from cai.rl.trainer import PPOTrainer
 
     recipe, cfg, out = ctx.recipe, ctx.recipe.ppo, ctx.out_dir
-    if dist.engine() not in (
-        "single",
-        "ddp",
-    ):  # one engine would have to hold policy + critic (docs/scaling.md)
+    if (
+        dist.engine() == "fsdp"
+    ):  # generation would need FSDP's unsharded root outside its forward (docs/scaling.md)
         raise UserError(
-            f"ppo: launched with {dist.engine()}, which the PPO trainer does not support yet; run this stage "
-            "under DDP (accelerate launch --config_file recipes/accelerate/multi_gpu.yaml ...), with "
-            "ppo.lora for large policies"
+            "ppo: launched with fsdp, which the PPO stage does not support; run it under DeepSpeed "
+            "(recipes/accelerate/zero3.yaml or zero2.yaml) or DDP (recipes/accelerate/multi_gpu.yaml)"
         )
     device = resolve_device(recipe.device)
-    acc = Accelerator(cpu=device == "cpu", log_with=recipe.tracker, project_dir=str(out))
+    handlers = []
+    if cfg.critic_warmup_updates and cfg.critic == "separate":
+        # warm-up updates leave the policy out of the loss: DDP must expect parameters without gradients
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    acc = Accelerator(
+        cpu=dist.accelerator_cpu(device), log_with=recipe.tracker, project_dir=str(out), kwargs_handlers=handlers
+    )
     if recipe.tracker:
         acc.init_trackers("ppo", config=cfg.model_dump(mode="json"))
     device = str(acc.device)
@@ -130,7 +149,7 @@ def run(ctx) -> Path:
         metrics=metrics,
     )
     history = trainer.train()
-    trainer.save_policy(out / "policy")
+    trainer.save_policy(out / "policy", fresh_policy=lambda: fresh_policy(recipe, str(sft_dir)))
     if acc.is_main_process:
         plot(out / "metrics.jsonl", out / "score_vs_kl.png")
         rows = read_jsonl(out / "metrics.jsonl") or history

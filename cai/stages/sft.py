@@ -180,7 +180,7 @@ def build_trainer(
         bf16=bf16,
         fp16=False,
         activation_checkpointing=False,  # (TRL defaults gradient_checkpointing on: ~12x slower on CPU, not needed)
-        use_cpu=on_cpu,
+        use_cpu=dist.accelerator_cpu("cpu" if on_cpu else "cuda"),
         report_to="none",  # the pipeline's tracker gets metrics.jsonl through ctx.metrics()
         dataloader_num_workers=0,
         disable_tqdm=not dist.is_main(),

@@ -1,0 +1,115 @@
+"""How one PPO optimisation step runs under each engine accelerate drives.
+
+The trainer holds one module (cai.rl.modules.ActorCritic: policy + critic) and one optimizer with a
+parameter group each, prepared once by accelerate. What differs per engine is only here:
+
+- one process, or DDP: accelerate's `backward` (DDP all-reduces gradients on the last micro-batch of a
+  minibatch; the others run under `no_sync`), then each group's gradients are clipped to
+  `ppo.max_grad_norm` on its own and the optimizer steps.
+- DeepSpeed ZeRO-2/3: the engine's `backward` and `step`. The engine is told where a minibatch ends
+  (`set_gradient_accumulation_boundary`), reduces and partitions the gradients, clips them jointly (its
+  `gradient_clipping`, filled from `ppo.max_grad_norm`) and steps its ZeRO-wrapped copy of the optimizer.
+  The frozen reference model and preference model become inference engines (`trl`'s `prepare_deepspeed`):
+  sharded under ZeRO-3, whole otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+
+def is_deepspeed(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(acc) -> int | None:
+    return acc.state.deepspeed_plugin.zero_stage if is_deepspeed(acc) else None
+
+
+def fill_deepspeed_config(acc, cfg) -> None:
+    """Fill the "auto" entries that accelerate cannot infer without a dataloader, from the ppo block: the
+    micro-batch (one gradient-accumulation slice of a minibatch), accumulation (1: the trainer marks
+    minibatch boundaries itself) and clipping."""
+    if not is_deepspeed(acc):
+        return
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    micro = math.ceil(cfg.rollout_batch_size / (cfg.num_minibatches * cfg.grad_accum))
+    for key, value in (
+        ("train_micro_batch_size_per_gpu", micro),
+        ("gradient_accumulation_steps", 1),
+        ("gradient_clipping", cfg.max_grad_norm),
+    ):
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+
+
+def prepare_frozen(model, acc):
+    """A frozen model (reference policy, preference model) ready for inference under the engine in use."""
+    if is_deepspeed(acc):
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(model, acc)
+    return model.to(acc.device)
+
+
+class Stepper:
+    """backward / clip / step of the prepared ActorCritic `model` and its optimizer `opt`."""
+
+    def __init__(self, acc, model, opt, max_grad_norm: float):
+        self.acc, self.model, self.opt, self.max_grad_norm = acc, model, opt, max_grad_norm
+        self.deepspeed = is_deepspeed(acc)
+
+    def no_sync(self, last: bool):
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of a minibatch."""
+        if last or self.deepspeed:
+            return contextlib.nullcontext()
+        return self.acc.no_sync(self.model)
+
+    def backward(self, loss, last: bool) -> None:
+        """Accumulate the gradients of `loss` (already weighted by the micro-batch's share of the minibatch)."""
+        if self.deepspeed:
+            self.model.set_gradient_accumulation_boundary(last)
+            # the engine divides by its gradient_accumulation_steps (1 unless a config fixes it): undo that
+            self.model.backward(loss * self.model.gradient_accumulation_steps())
+        else:
+            self.acc.backward(loss)
+
+    def step(self, critic_only: bool) -> None:
+        """Clip and apply the accumulated gradients. During critic warm-up the policy group is frozen: no step
+        and no optimizer state, under every engine (DeepSpeed steps all groups, so the optimizer skips it)."""
+        for group in self.opt.param_groups:
+            group["frozen"] = critic_only and group.get("name") == "policy"
+        if self.deepspeed:
+            self.model.step()  # clips jointly, steps and zeroes the gradients
+            return
+        for group in self.opt.param_groups:
+            if not group["frozen"]:
+                self.acc.clip_grad_norm_(group["params"], self.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class GroupAdamW(torch.optim.AdamW):
+    """AdamW over named parameter groups that passes over any group flagged 'frozen' (no update, no state)."""
+
+    def step(self, closure=None):
+        frozen = [(g, g["params"]) for g in self.param_groups if g.get("frozen")]
+        for g, _ in frozen:
+            g["params"] = []
+        try:
+            return super().step(closure)
+        finally:
+            for g, params in frozen:
+                g["params"] = params
+
+
+def make_optimizer(param_groups: list[dict]) -> GroupAdamW:
+    try:
+        return GroupAdamW(param_groups, eps=1e-5, weight_decay=0.0, fused=True)
+    except (RuntimeError, TypeError):
+        return GroupAdamW(param_groups, eps=1e-5, weight_decay=0.0)
