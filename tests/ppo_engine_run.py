@@ -1,7 +1,9 @@
 """PPO trainer runs for tests/test_distributed.py: the same tiny PPO run built the same way in-process (no engine)
-and, through `python tests/ppo_engine_run.py OUT` under `accelerate launch --config_file
-recipes/accelerate/zero{2,3}.yaml`, under DeepSpeed: a straight run, and a run stopped after 2 of 3 updates and
-resumed from its DeepSpeed checkpoint. Each run's trainable weights go to OUT/<run>.safetensors.
+and under an engine: `accelerate launch --config_file recipes/accelerate/zero{2,3}.yaml tests/ppo_engine_run.py
+OUT deepspeed` (DeepSpeed) or `python tests/ppo_engine_run.py OUT fsdp` (FSDP2, see fsdp_accelerator), with
+`lora` after the engine for a LoRA policy with a value head: a straight run,
+and a run stopped after 2 of 3 updates and resumed from its checkpoint. Each run's trainable weights go to
+OUT/<run>.safetensors, and the straight run's saved policy to OUT/policy.
 
 The settings exercise what the engine changes: 2 minibatches of 2 micro-batches each (the trainer marks the
 accumulation boundary), a critic warm-up update (policy learning rate 0), and a separate critic. Gradient
@@ -22,8 +24,9 @@ def lowercase_fraction(prompts, responses, **kwargs):
     return [sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses]
 
 
-def build(out_dir: Path, accelerator=None):
-    from cai.config import PPOConfig
+def build(out_dir: Path, accelerator=None, lora: bool = False):
+    """The separate-critic run, or with `lora` a LoRA policy with a value head (reference = adapters off)."""
+    from cai.config import LoraConfig, PPOConfig
     from cai.models import load_model, load_tokenizer
     from cai.rl.modules import PolicyModel, ValueModel
     from cai.rl.rewards import FunctionReward
@@ -42,19 +45,21 @@ def build(out_dir: Path, accelerator=None):
         critic_warmup_updates=1,
         max_grad_norm=1e9,
         save_every=1,
+        lora=LoraConfig(r=8, alpha=16) if lora else None,
+        critic="value_head" if lora else "separate",
     )
     torch.manual_seed(0)
     tok = load_tokenizer("tiny-random-llama")
-    critic = ValueModel(load_model("tiny-random-llama", kind="seq_cls"))
+    critic = None if lora else ValueModel(load_model("tiny-random-llama", kind="seq_cls"))
     return PPOTrainer(
         cfg,
-        policy=PolicyModel(load_model("tiny-random-llama")),
+        policy=PolicyModel(fresh_policy(lora), value_head=lora),
         tokenizer=tok,
         reward=FunctionReward(lowercase_fraction),
         prompts=PROMPTS,
         out_dir=out_dir,
         critic=critic,
-        ref_model=load_model("tiny-random-llama"),
+        ref_model=None if lora else load_model("tiny-random-llama"),
         accelerator=accelerator,
         seed=0,
         metrics=MetricsLog(out_dir / "metrics.jsonl"),
@@ -62,29 +67,76 @@ def build(out_dir: Path, accelerator=None):
     )
 
 
+def fresh_policy(lora: bool = False):
+    """The policy's LM as built (also to gather sharded weights into, as cai.stages.ppo.fresh_policy does)."""
+    from cai.config import LoraConfig
+    from cai.models import load_model, wrap_lora
+
+    lm = load_model("tiny-random-llama")
+    return wrap_lora(lm, LoraConfig(r=8, alpha=16)) if lora else lm
+
+
 def weights(trainer) -> dict:
-    """Every trainable tensor of policy and critic, whole (gathered when ZeRO-3 partitions them)."""
+    """Every trainable tensor of policy and critic, whole (gathered when ZeRO-3 or FSDP shard them)."""
+    from cai.rl.engine import full_state
     from cai.rl.modules import gathered
 
+    if trainer.stepper.fsdp:
+        return {n: t.clone().contiguous() for n, t in full_state(trainer.model)[0].items()}
     named = [("policy." + n, p) for n, p in trainer.policy.named_parameters() if p.requires_grad]
-    named += [("critic." + n, p) for n, p in trainer.critic.named_parameters() if p.requires_grad]
+    if trainer.critic is not None:
+        named += [("critic." + n, p) for n, p in trainer.critic.named_parameters() if p.requires_grad]
     with gathered([p for _, p in named]):
         return {n: p.detach().cpu().clone().contiguous() for n, p in named}
 
 
-def main(out: Path) -> None:
+def fsdp_accelerator():
+    """An Accelerator in FSDP2 mode on this CPU machine. accelerate selects FSDP only on GPUs, so the state is
+    switched after creation; the sharding is then torch's real fully_shard over a gloo group, as on GPUs with
+    NCCL (the same code path in cai.rl; only the device differs)."""
+    import os
+
+    import torch.distributed as tdist
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if not tdist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        tdist.init_process_group("gloo", rank=0, world_size=1)
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT"
+    )
+
+    class CPUFSDPAccelerator(Accelerator):
+        def prepare(self, *args, **kwargs):
+            out = super().prepare(*args, **kwargs)
+            self.state.distributed_type = DistributedType.FSDP  # preparing re-derives it from the CPU device
+            return out
+
+    acc = CPUFSDPAccelerator(fsdp_plugin=plugin)
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    return acc
+
+
+def main(out: Path, engine: str, lora: bool) -> None:
     from accelerate import Accelerator
     from safetensors.torch import save_file
 
-    from cai.rl.engine import is_deepspeed
+    from cai.rl.engine import is_deepspeed, is_fsdp
 
-    acc = Accelerator()
-    assert is_deepspeed(acc), f"launched without DeepSpeed ({acc.distributed_type})"
-    straight = build(out / "straight", acc)
+    if engine == "fsdp":
+        acc = fsdp_accelerator()
+        assert is_fsdp(acc)
+    else:
+        acc = Accelerator()
+        assert is_deepspeed(acc), f"launched without DeepSpeed ({acc.distributed_type})"
+    straight = build(out / "straight", acc, lora)
     straight.train()
     save_file(weights(straight), str(out / "straight.safetensors"))
-    build(out / "resumed", acc).train(until=2)
-    resumed = build(out / "resumed", acc)
+    straight.save_policy(out / "policy", fresh_policy=lambda: fresh_policy(lora))
+    build(out / "resumed", acc, lora).train(until=2)
+    resumed = build(out / "resumed", acc, lora)
     assert resumed.step == 2, resumed.step
     resumed.train()
     save_file(weights(resumed), str(out / "resumed.safetensors"))
@@ -93,4 +145,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2], "lora" in sys.argv[3:])

@@ -2,6 +2,8 @@
 (torch.save, read back with weights_only=True), and a JSON file with the step, schedulers and KL controller.
 
 Layout: <dir>/step-000012/{policy.safetensors, critic.safetensors, optimizer.pt, rng-rank0.pt, state.json}.
+Under FSDP: model.safetensors (trainable tensors by their names in the ActorCritic, gathered whole) and
+optimizer.pt keyed by parameter name (torch.distributed.checkpoint's full state dicts).
 Under DeepSpeed the weights and the (partitioned) optimizer state are the engine's own checkpoint instead, in
 deepspeed/ (DeepSpeed writes and reads it with torch.save/torch.load; it holds only trainable parameters).
 A checkpoint is written to a temporary folder and renamed when complete; only the newest is kept.
@@ -60,7 +62,7 @@ def save(
     step: int,
     *,
     weights: dict[str, dict],
-    optimizer,
+    optimizer_state: dict | None,
     state: dict,
     engine=None,
     rank: int = 0,
@@ -86,8 +88,8 @@ def save(
     if is_main:
         for key, tensors in weights.items():
             save_file(tensors, str(tmp / f"{key}.safetensors"))
-        if engine is None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
     barrier()
     if is_main:
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
@@ -118,6 +120,7 @@ def resume(trainer) -> None:
     """Load the newest checkpoint of a cai.rl.trainer.PPOTrainer (if any) into it: trainable weights,
     optimizers, schedulers, KL controller, RNG state and step; metrics rows logged after it are dropped."""
     from cai import distributed as dist
+    from cai.rl import engine
     from cai.rl.modules import load_trainable_state
     from cai.rundir import append_jsonl, read_jsonl
 
@@ -131,9 +134,15 @@ def resume(trainer) -> None:
         trainer.model.load_checkpoint(
             str(path / "deepspeed"), tag="engine", load_module_strict=False, load_lr_scheduler_states=False
         )
+    elif optim is None:
+        raise UserError(f"{path}: a DeepSpeed checkpoint; resume under the same DeepSpeed config")
+    elif trainer.stepper.fsdp:
+        if "model" not in weights:
+            raise UserError(f"{path}: not an FSDP checkpoint; resume with the engine that wrote it")
+        engine.load_full_state(trainer.model, trainer.opt, weights["model"], optim)
     else:
-        if optim is None:
-            raise UserError(f"{path}: a DeepSpeed checkpoint; resume under the same DeepSpeed config")
+        if "policy" not in weights:
+            raise UserError(f"{path}: an FSDP checkpoint; resume under the same FSDP config")
         load_trainable_state(trainer.policy, weights["policy"])
         if trainer.critic is not None:
             load_trainable_state(trainer.critic, weights["critic"])
@@ -155,20 +164,24 @@ def save_trainer(trainer, step: int, name: str | None = None) -> Path:
     """Checkpoint a cai.rl.trainer.PPOTrainer: trainable weights of policy and critic, the optimizer, the
     scheduler, the KL controller and every rank's RNG state."""
     from cai import distributed as dist
+    from cai.rl import engine
     from cai.rl.modules import trainable_state
 
     ds = trainer.stepper.deepspeed
-    weights = {}
-    if not ds:  # a DeepSpeed engine checkpoints its (possibly partitioned) weights itself
+    weights, optimizer_state = {}, None
+    if trainer.stepper.fsdp:  # whole tensors gathered from the shards (every rank takes part)
+        weights["model"], optimizer_state = engine.full_state(trainer.model, trainer.opt)
+    elif not ds:  # a DeepSpeed engine checkpoints its (possibly partitioned) weights itself
         weights["policy"] = trainable_state(trainer.policy)
         if trainer.critic is not None:
             weights["critic"] = trainable_state(trainer.critic)
+        optimizer_state = trainer.opt.state_dict()
     state = {"kl_controller": trainer.kl_ctl.state_dict(), "scheduler": trainer.sched.state_dict()}
     return save(
         trainer.ckpt_dir,
         step,
         weights=weights,
-        optimizer=trainer.opt,
+        optimizer_state=optimizer_state,
         engine=trainer.model if ds else None,
         state=state,
         rank=dist.rank(),

@@ -31,6 +31,61 @@ def zero_stage(acc) -> int | None:
     return acc.state.deepspeed_plugin.zero_stage if is_deepspeed(acc) else None
 
 
+def is_fsdp(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+@contextlib.contextmanager
+def unwrapped_for_generation(model, acc):
+    """The prepared ActorCritic with whole weights, for generating outside its forward: ZeRO-3 parameters are
+    gathered (`trl`'s `unwrap_model_for_generation`); under FSDP the root's own parameters (embeddings, final
+    norm, LM head) are unsharded for the duration, while each sharded block gathers itself as it runs."""
+    if is_fsdp(acc):
+        model.unshard()
+        try:
+            yield acc.unwrap_model(model)
+        finally:
+            model.reshard()
+        return
+    from trl.models.utils import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(model, acc) as unwrapped:
+        yield unwrapped
+
+
+def full_state(model, optimizer=None, trainable_only: bool = True):
+    """(model state, optimizer state) with whole tensors on the CPU of the main process, for FSDP's sharded
+    module; every process must call it. Optimizer state is keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    model.reshard()  # the root stays unsharded after a forward without backward: its params are the shards again
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        msd, osd = get_model_state_dict(model, options=opts), None
+    else:
+        msd, osd = get_state_dict(model, optimizer, options=opts)
+    if trainable_only:
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+        msd = {k: v for k, v in msd.items() if k in keep}
+    return msd, osd
+
+
+def load_full_state(model, optimizer, model_state: dict, optim_state: dict) -> None:
+    """Inverse of full_state: every process loads the whole tensors and keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model.reshard()
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optim_state,
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
+
+
 def fill_deepspeed_config(acc, cfg) -> None:
     """Fill the "auto" entries that accelerate cannot infer without a dataloader, from the ppo block: the
     micro-batch (one gradient-accumulation slice of a minibatch), accumulation (1: the trainer marks
@@ -62,7 +117,7 @@ class Stepper:
 
     def __init__(self, acc, model, opt, max_grad_norm: float):
         self.acc, self.model, self.opt, self.max_grad_norm = acc, model, opt, max_grad_norm
-        self.deepspeed = is_deepspeed(acc)
+        self.deepspeed, self.fsdp = is_deepspeed(acc), is_fsdp(acc)
 
     def no_sync(self, last: bool):
         """Skip DDP's gradient all-reduce on all but the last micro-batch of a minibatch."""
@@ -109,6 +164,7 @@ class GroupAdamW(torch.optim.AdamW):
 
 
 def make_optimizer(param_groups: list[dict]) -> GroupAdamW:
+    param_groups = [{"frozen": False, **g} for g in param_groups]  # every group has the key from the start
     try:
         return GroupAdamW(param_groups, eps=1e-5, weight_decay=0.0, fused=True)
     except (RuntimeError, TypeError):

@@ -308,6 +308,11 @@ class ActorCritic(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return self.policy.is_gradient_checkpointing
 
+    @property
+    def _no_split_modules(self) -> list[str]:  # the block classes FSDP shards one by one
+        models = [base_of(self.policy.lm)] + ([base_of(self.critic.model)] if self.critic is not None else [])
+        return sorted({name for m in models for name in (getattr(m, "_no_split_modules", None) or [])})
+
     def gradient_checkpointing_enable(self, **kwargs):
         self.policy.gradient_checkpointing_enable(**kwargs)
 
@@ -323,15 +328,18 @@ class ActorCritic(nn.Module):
         logprobs: bool = True,
         values: bool = True,
         entropy: bool = False,
+        adapters: bool = True,
     ):
         """dict(logprobs, entropy, values) as PolicyModel.forward, the values from whichever critic there is;
-        the policy trunk runs only when something of the policy is asked for."""
+        the policy trunk runs only when something of the policy is asked for. `adapters=False` gives the
+        reference policy of a LoRA policy (its adapters disabled), through this module's forward as FSDP needs."""
         head_values = values and self.critic is None
         out = {}
         if logprobs or entropy or head_values:
-            out = self.policy(
-                input_ids, attention_mask, n_response, temperature, logprobs, head_values, entropy
-            )
+            with contextlib.nullcontext() if adapters else self.policy.reference():
+                out = self.policy(
+                    input_ids, attention_mask, n_response, temperature, logprobs, head_values, entropy
+                )
         if values and self.critic is not None:
             out["values"] = self.critic(input_ids, attention_mask, n_response)
         return out

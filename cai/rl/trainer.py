@@ -82,19 +82,30 @@ class PPOTrainer:
         lam = lambda u: pm.lr_factor(u, cfg.updates, cfg.warmup_updates, cfg.lr_decay)  # noqa: E731
         # stepped once per update by us (not prepared: accelerate would step it once per process)
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        self.policy, self.critic = joint.policy, joint.critic  # the unwrapped parts, for reading
+        ref = PolicyModel(ref_model.requires_grad_(False).eval()) if ref_model is not None else None
+        # plain forwards of the parts: before FSDP shards them; under DeepSpeed after (ZeRO-3 hooks gather)
+        deepspeed = engine.is_deepspeed(self.acc)
+        if not deepspeed:
+            self._check_varlen(ref)
         engine.fill_deepspeed_config(self.acc, cfg)
         self.model, self.opt = self.acc.prepare(joint, opt)
         self.stepper = engine.Stepper(self.acc, self.model, self.opt, cfg.max_grad_norm)
-        self.policy, self.critic = joint.policy, joint.critic  # the unwrapped parts, for reading
-        self.ref = None
-        if ref_model is not None:  # after the engine: its DeepSpeed config is complete only then
-            ref_model.requires_grad_(False).eval()
-            self.ref = engine.prepare_frozen(PolicyModel(ref_model), self.acc)
+        if (
+            self.stepper.fsdp
+        ):  # FSDP takes the module of the first forward as its root: run it through the root
+            with torch.no_grad():
+                probe = torch.tensor([self.prompt_ids[0][-8:]], device=self.acc.device)
+                self.model(probe, torch.ones_like(probe), 1)
+            self.model.reshard()
+        # frozen models after the engine: its DeepSpeed config is complete only then
+        self.ref = engine.prepare_frozen(ref, self.acc) if ref is not None else None
         if hasattr(self.reward, "prepare"):
             self.reward.prepare(self.acc)
+        if deepspeed:
+            self._check_varlen(ref)
         self.kl_ctl = pm.make_kl_controller(cfg)
         self._value_graph, self.reuse_values = None, True
-        self._check_varlen()
         self.step = 0
         self.ckpt_dir = self.out_dir / "checkpoints"
         ckpt.resume(self)
@@ -110,11 +121,11 @@ class PPOTrainer:
         t = torch.as_tensor(float(x), dtype=torch.float64, device=self.acc.device)
         return float(dist.all_reduce_mean(t))
 
-    def _check_varlen(self) -> None:
+    def _check_varlen(self, ref) -> None:
         """Packed (padding-free) forwards must give what padded ones give on this model; else use padded ones."""
         from cai.rl.modules import check_varlen
 
-        models = [self.policy, self.critic, self.ref and getattr(self.ref, "module", self.ref)]
+        models = [self.policy, self.critic, ref]
         rows = [self.prompt_ids[0][-12:], self.prompt_ids[-1][-7:] + [self.tok.eos_token_id]]
         if not check_varlen(
             [m for m in models if m is not None], rows, self.tok.pad_token_id, self.acc.device
@@ -134,7 +145,6 @@ class PPOTrainer:
     # ---- 1-3. rollout, scoring, advantages ----
     @torch.no_grad()
     def rollout(self, update: int) -> Rollout:
-        from trl.models.utils import unwrap_model_for_generation
         from trl.trainer.utils import selective_log_softmax
 
         from cai.generate import HFBackend, Sampling
@@ -150,7 +160,7 @@ class PPOTrainer:
             stop_strings=stops,
         )
         t0 = time.perf_counter()
-        with unwrap_model_for_generation(self.model, self.acc) as unwrapped:
+        with engine.unwrapped_for_generation(self.model, self.acc) as unwrapped:
             gen = HFBackend(unwrapped.policy.lm, self.tok).generate_ids(
                 [self.prompt_ids[i] for i in idx],
                 sampling,
@@ -196,9 +206,9 @@ class PPOTrainer:
                 parts["values"].append(own["values"])
             if self.ref is not None:
                 parts["ref"].append(self.ref(ids, am, R, cfg.temperature)["logprobs"])
-            else:
-                with self.policy.reference() as ref:
-                    parts["ref"].append(ref(ids, am, R, cfg.temperature)["logprobs"])
+            else:  # the LoRA policy with its adapters off
+                off = self.model(ids, am, R, cfg.temperature, values=False, adapters=False)
+                parts["ref"].append(off["logprobs"])
         logprobs, entropy, ref_logprobs, values = (
             torch.cat(parts[k]).float() for k in ("logprobs", "entropy", "ref", "values")
         )
@@ -378,27 +388,28 @@ class PPOTrainer:
     def save_policy(self, path, fresh_policy=None) -> Path:
         """The trained policy as a Hugging Face folder (LoRA merged into the weights) with its tokenizer.
 
-        Under ZeRO-3 the weights are sharded: every process takes part in gathering them, and the main process
-        loads them into `fresh_policy()`, a CPU copy of the policy's LM built as it was (LoRA-wrapped alike)."""
+        Under ZeRO-3 or FSDP the weights are sharded: every process takes part in gathering them, and the main
+        process loads them into `fresh_policy()`, a CPU copy of the policy's LM built as it was (LoRA-wrapped
+        alike)."""
         path = Path(path)
-        lm = self.policy.lm
+        lm, state = self.policy.lm, None
         if engine.zero_stage(self.acc) == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(lm.parameters())):
-                state = lm.state_dict() if self.acc.is_main_process else None
-                if state is not None:
-                    state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-            if self.acc.is_main_process:
-                if fresh_policy is None:
-                    raise ValueError(
-                        "save_policy under ZeRO-3 needs fresh_policy to load the gathered weights"
-                    )
-                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+                if self.acc.is_main_process:
+                    state = {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
+        elif self.stepper.fsdp:
+            whole, _ = engine.full_state(self.model, trainable_only=False)
+            state = {k[len("policy.lm.") :]: v for k, v in whole.items() if k.startswith("policy.lm.")}
+        if state is not None and self.acc.is_main_process:
+            if fresh_policy is None:
+                raise ValueError("save_policy of sharded weights needs fresh_policy to load them into")
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-                unset_hf_deepspeed_config()  # else from_pretrained would build a partitioned (empty) copy
-                lm = fresh_policy()
-                lm.load_state_dict(state)
+            unset_hf_deepspeed_config()  # else from_pretrained would build a ZeRO-3-partitioned (empty) copy
+            lm = fresh_policy()
+            lm.load_state_dict(state)
         if self.acc.is_main_process:
             if hasattr(lm, "merge_and_unload"):
                 lm = lm.merge_and_unload()

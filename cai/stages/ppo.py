@@ -98,20 +98,16 @@ def run(ctx) -> Path:
     from cai.rl.trainer import PPOTrainer
 
     recipe, cfg, out = ctx.recipe, ctx.recipe.ppo, ctx.out_dir
-    if (
-        dist.engine() == "fsdp"
-    ):  # generation would need FSDP's unsharded root outside its forward (docs/scaling.md)
-        raise UserError(
-            "ppo: launched with fsdp, which the PPO stage does not support; run it under DeepSpeed "
-            "(recipes/accelerate/zero3.yaml or zero2.yaml) or DDP (recipes/accelerate/multi_gpu.yaml)"
-        )
     device = resolve_device(recipe.device)
     handlers = []
     if cfg.critic_warmup_updates and cfg.critic == "separate":
         # warm-up updates leave the policy out of the loss: DDP must expect parameters without gradients
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     acc = Accelerator(
-        cpu=dist.accelerator_cpu(device), log_with=recipe.tracker, project_dir=str(out), kwargs_handlers=handlers
+        cpu=dist.accelerator_cpu(device),
+        log_with=recipe.tracker,
+        project_dir=str(out),
+        kwargs_handlers=handlers,
     )
     if recipe.tracker:
         acc.init_trackers("ppo", config=cfg.model_dump(mode="json"))
