@@ -29,14 +29,9 @@ def option_continuations(tokenizer, prompt: str, n: int = 2) -> list[str]:
 def option_token_ids(tokenizer, prompt: str, option: str) -> list[int]:
     """Token ids of prompt + option as cai.scoring.continuation_logprob splits them (the prompt's trailing spaces
     go with the option, and the tokenizer's own merge at the boundary is kept)."""
-    core = prompt.rstrip(" ")
-    if core != prompt and option and not option[0].isspace():
-        prompt, option = core, prompt[len(core) :] + option
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full = tokenizer(prompt + option, add_special_tokens=False)["input_ids"]
-    if full[: len(p_ids)] != p_ids or len(full) == len(p_ids):
-        full = p_ids + tokenizer(option, add_special_tokens=False)["input_ids"]
-    return full
+    from cai.scoring import joined_ids
+
+    return joined_ids(tokenizer, prompt, option)[0]
 
 
 def shared_prefix(tokenizer, prompt: str, options: list[str]) -> tuple[list[int], list[int]] | None:

@@ -30,6 +30,22 @@ def last_token_index(attention_mask):
     return torch.where(attention_mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
 
 
+def joined_ids(tokenizer, prompt: str, continuation: str) -> tuple[list[int], int]:
+    """(token ids of prompt + continuation, index of the continuation's first token), as the tokenizer splits
+    the joined text: the continuation's tokens are the suffix after tokenize(prompt) when that is a prefix, else
+    tokenize(continuation) appended to tokenize(prompt)."""
+    # A prompt's trailing spaces belong to the continuation's first token in BPE vocabularies (" (A)"), so
+    # "...is: " + "(A)" is split as "...is:" + " (A)".
+    core = prompt.rstrip(" ")
+    if core != prompt and continuation and not continuation[0].isspace():
+        prompt, continuation = core, prompt[len(core) :] + continuation
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+    if full[: len(p_ids)] != p_ids or len(full) == len(p_ids):
+        full = p_ids + tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    return full, len(p_ids)
+
+
 def continuation_logprob(model, tokenizer, prompts: list[str], continuations: list[str], batch_size: int = 8):
     """Sum of log p(continuation | prompt) for each (prompt, continuation), robust to tokenizer merges at the
     boundary: the continuation's tokens are the suffix of tokenize(prompt + continuation) after tokenize(prompt)
@@ -39,17 +55,9 @@ def continuation_logprob(model, tokenizer, prompts: list[str], continuations: li
     device = next(model.parameters()).device
     seqs, starts = [], []
     for p, c in zip(prompts, continuations):
-        # A prompt's trailing spaces belong to the continuation's first token in BPE vocabularies (" (A)"), so
-        # "...is: " + "(A)" is scored as "...is:" + " (A)", the way the tokenizer splits the joined text.
-        core = p.rstrip(" ")
-        if core != p and c and not c[0].isspace():
-            p, c = core, p[len(core) :] + c
-        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-        full = tokenizer(p + c, add_special_tokens=False)["input_ids"]
-        if full[: len(p_ids)] != p_ids or len(full) == len(p_ids):
-            full = p_ids + tokenizer(c, add_special_tokens=False)["input_ids"]
+        full, start = joined_ids(tokenizer, p, c)
         seqs.append(full)
-        starts.append(len(p_ids))
+        starts.append(start)
     out = []
     pad = tokenizer.pad_token_id
     with torch.no_grad():
