@@ -29,6 +29,18 @@ def metric_series(path: Path, keys: list[str]) -> dict[str, tuple[list, list]]:
     return out
 
 
+def epoch_means(rows: list[dict], key: str = "loss") -> list[float]:
+    """Mean of `key` over the logged steps of each epoch, in order (a step logged at epoch e counts toward epoch
+    ceil(e)); [] when rows carry no epoch. Per-step losses of small runs are noisy (a partial last batch), so
+    the epoch means are what shows whether a fine-tune learned."""
+    groups: dict[int, list[float]] = {}
+    for r in rows:
+        e, v = r.get("epoch"), r.get(key)
+        if isinstance(e, (int, float)) and isinstance(v, (int, float)) and math.isfinite(v):
+            groups.setdefault(max(1, math.ceil(e - 1e-6)), []).append(float(v))
+    return [sum(vs) / len(vs) for _, vs in sorted(groups.items())]
+
+
 def first_key(path: Path, candidates: list[str]) -> str | None:
     """The first candidate metric name that occurs in a metrics.jsonl."""
     rows = read_jsonl(path)

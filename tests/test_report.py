@@ -154,3 +154,13 @@ def test_a_missing_arm_constitution_is_a_user_error_before_anything_runs(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: arm 'x': feedback_constitution: file not found: nope.yaml")
     assert not (tmp_path / "r" / "critique_revise").exists()
+
+
+def test_epoch_means_group_logged_steps_by_epoch():
+    """A noisy partial last batch must not hide a falling loss: per-epoch means, by hand."""
+    from cai.reporting import epoch_means
+
+    rows = [{"epoch": e, "loss": v} for e, v in [(0.25, 2.0), (0.5, 3.0), (1.0, 4.0), (1.5, 1.0), (2.0, 2.0)]]
+    assert epoch_means(rows) == [3.0, 1.5]
+    assert epoch_means([{"loss": 1.0}]) == []  # no epoch logged
+    assert epoch_means(rows + [{"epoch": 2.0, "loss": float("nan")}]) == [3.0, 1.5]

@@ -11,6 +11,10 @@ parameter group each, prepared once by accelerate. What differs per engine is on
   `gradient_clipping`, filled from `ppo.max_grad_norm`) and steps its ZeRO-wrapped copy of the optimizer.
   The frozen reference model and preference model become inference engines (`trl`'s `prepare_deepspeed`):
   sharded under ZeRO-3, whole otherwise.
+- FSDP2: as DDP for backward and clipping (DTensor-aware); the root's own parameters are unsharded for
+  generation, and checkpoints are full state dicts gathered from the shards (`full_state`).
+During the critic warm-up the policy's group is flagged 'frozen' and `GroupAdamW` passes over it, which works
+the same under every engine (DeepSpeed steps all groups of its optimizer).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from cai.rundir import read_manifest, write_json
+from cai.rundir import read_jsonl, read_manifest, write_json
 
 PPO_PANELS = [
     ("objective/score", "PM score (reward)"),
@@ -160,7 +160,7 @@ def build(run_dir: str | Path, recipe, out_dir: str | Path | None = None) -> dic
     sft_logs = dict({str(v): (k, v) for k, v in sft_logs.items()}.values())  # shared SFT: one line
     if sft_logs:
         from cai.plots import line_chart
-        from cai.reporting import first_key, metric_series
+        from cai.reporting import epoch_means, first_key, metric_series
 
         series = {}
         for name, p in sft_logs.items():
@@ -170,8 +170,13 @@ def build(run_dir: str | Path, recipe, out_dir: str | Path | None = None) -> dic
         if series:
             line_chart(out / "sft_loss.png", series, title="SFT loss", xlabel="step", ylabel="loss")
             first, last = next(iter(series.values()))[1][0], next(iter(series.values()))[1][-1]
-            md.append(f"### SFT loss\n\nLoss {first:.3f} → {last:.3f}.\n\n![SFT loss](sft_loss.png)\n")
-            data["sft_loss"] = {"first": first, "last": last}
+            per_epoch = epoch_means(read_jsonl(next(iter(sft_logs.values()))), key)
+            line = f"Logged loss, first → last step: {first:.3f} → {last:.3f}."
+            if len(per_epoch) > 1:
+                means = " → ".join(f"{v:.3f}" for v in per_epoch)
+                line = f"Mean loss per epoch: {means}. {line} (a step with a partial batch is noisy)"
+            md.append(f"### SFT loss\n\n{line}\n\n![SFT loss](sft_loss.png)\n")
+            data["sft_loss"] = {"first": first, "last": last, "epoch_means": per_epoch}
 
     # -- feedback: labeller check and label stats
     from cai import report_sections as sections

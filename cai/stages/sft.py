@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cai import distributed as dist
 from cai.errors import UserError
+from cai.reporting import epoch_means
 from cai.rundir import append_jsonl, read_jsonl
 
 LOGGED = ("loss", "learning_rate", "grad_norm", "epoch", "mean_token_accuracy", "entropy", "num_tokens")
@@ -127,11 +128,14 @@ def run(ctx) -> Path:
             )
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     dist.barrier()
-    rows = read_jsonl(metrics_path)
+    rows = [r for r in read_jsonl(metrics_path) if "loss" in r]
+    per_epoch = epoch_means(rows)
     ctx.summary.update(
         examples=len(examples),
         steps=int(trainer.state.global_step),
         lora=bool(cfg.lora),
+        loss_first_epoch=round(per_epoch[0], 4) if per_epoch else None,  # mean over the epoch's steps
+        loss_last_epoch=round(per_epoch[-1], 4) if per_epoch else None,
         loss_first=rows[0]["loss"] if rows else None,
         loss_last=rows[-1]["loss"] if rows else None,
         train_seconds=round(float(result.metrics.get("train_runtime", 0.0)), 1),
