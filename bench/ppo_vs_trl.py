@@ -228,8 +228,7 @@ def worker_ours(args, lora: bool) -> dict:
     )
     trainer.reward = clock.wrap(trainer.reward, "reward")
     trainer.acc.backward = clock.wrap(trainer.acc.backward, "backward")
-    trainer.opt_p.step = clock.wrap(trainer.opt_p.step, "optimizer")
-    trainer.opt_c.step = clock.wrap(trainer.opt_c.step, "optimizer")
+    trainer.opt.step = clock.wrap(trainer.opt.step, "optimizer")  # one optimizer: policy and critic groups
     updates = []
     for _ in range(
         n_updates

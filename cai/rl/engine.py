@@ -59,6 +59,15 @@ def unwrapped_for_generation(model, acc):
         yield unwrapped
 
 
+@torch.no_grad()
+def fsdp_root_forward(model, token_ids: list[int], device) -> None:
+    """FSDP takes the module of the first forward as its root. Generation and the plain forwards of parts call
+    submodules directly, so the prepared module runs one forward first (on a few prompt tokens)."""
+    probe = torch.tensor([token_ids], device=device)
+    model(probe, torch.ones_like(probe), 1)
+    model.reshard()
+
+
 def full_state(model, optimizer=None, trainable_only: bool = True):
     """(model state, optimizer state) with whole tensors on the CPU of the main process, for FSDP's sharded
     module; every process must call it. Optimizer state is keyed by parameter name."""

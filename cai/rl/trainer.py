@@ -91,13 +91,8 @@ class PPOTrainer:
         engine.fill_deepspeed_config(self.acc, cfg)
         self.model, self.opt = self.acc.prepare(joint, opt)
         self.stepper = engine.Stepper(self.acc, self.model, self.opt, cfg.max_grad_norm)
-        if (
-            self.stepper.fsdp
-        ):  # FSDP takes the module of the first forward as its root: run it through the root
-            with torch.no_grad():
-                probe = torch.tensor([self.prompt_ids[0][-8:]], device=self.acc.device)
-                self.model(probe, torch.ones_like(probe), 1)
-            self.model.reshard()
+        if self.stepper.fsdp:
+            engine.fsdp_root_forward(self.model, self.prompt_ids[0][-8:], self.acc.device)
         # frozen models after the engine: its DeepSpeed config is complete only then
         self.ref = engine.prepare_frozen(ref, self.acc) if ref is not None else None
         if hasattr(self.reward, "prepare"):
