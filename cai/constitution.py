@@ -42,6 +42,15 @@ class FewShot(BaseModel):
     feedback: str | None = Field(default=None, description="Few-shot feedback file (paper JSON).")
 
 
+def check_unique_ids(items, noun: str, field: str) -> None:
+    """ValueError naming the first repeated `.id` among `items` (a list field of a pydantic model)."""
+    seen = set()
+    for i, item in enumerate(items):
+        if item.id in seen:
+            raise ValueError(f"duplicate {noun} id '{item.id}' ({field}[{i}])")
+        seen.add(item.id)
+
+
 class Constitution(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -53,11 +62,7 @@ class Constitution(BaseModel):
 
     @model_validator(mode="after")
     def _unique_ids(self):
-        seen = set()
-        for i, p in enumerate(self.principles):
-            if p.id in seen:
-                raise ValueError(f"duplicate principle id '{p.id}' (principles[{i}])")
-            seen.add(p.id)
+        check_unique_ids(self.principles, "principle", "principles")
         return self
 
     def by_id(self) -> dict[str, Principle]:

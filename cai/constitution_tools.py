@@ -46,6 +46,19 @@ def _few_shot_file(arg: str | None, constitution) -> str | None:
     return arg or constitution.few_shot.feedback
 
 
+def _labeller(a, constitution):
+    """The labeller the `test` and `effect` subcommands' options ask for."""
+    return make_labeller(
+        a.model,
+        device=a.device,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        both_orders=not a.one_order,
+        few_shot=_few_shot_file(a.few_shot, constitution),
+        num_few_shot=a.num_few_shot,
+    )
+
+
 # ---------------------------------------------------------------- test
 
 
@@ -97,15 +110,7 @@ def _cmd_test(a) -> int:
     unknown = [pid for pid in a.require or [] if pid not in c.by_id()]
     if unknown:
         raise UserError(f"--require: unknown principle(s) {', '.join(unknown)} in constitution '{c.name}'")
-    lab = make_labeller(
-        a.model,
-        device=a.device,
-        batch_size=a.batch_size,
-        seed=a.seed,
-        both_orders=not a.one_order,
-        few_shot=_few_shot_file(a.few_shot, c),
-        num_few_shot=a.num_few_shot,
-    )
+    lab = _labeller(a, c)
     rows, summary = run_test(c, probes, lab, seed=a.seed, max_probes=a.max_probes)
     table = format_table(summary)
     print(
@@ -245,15 +250,7 @@ def _cmd_effect(a) -> int:
     old, new = load_constitution(a.old), load_constitution(a.new)
     every = read_pairs(a.pairs)
     pairs = sample_pairs(every, a.limit, a.seed)
-    lab = make_labeller(
-        a.model,
-        device=a.device,
-        batch_size=a.batch_size,
-        seed=a.seed,
-        both_orders=not a.one_order,
-        few_shot=_few_shot_file(a.few_shot, old),
-        num_few_shot=a.num_few_shot,
-    )
+    lab = _labeller(a, old)
     rows, summary = run_effect(
         old,
         new,

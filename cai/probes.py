@@ -23,6 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cai.constitution import check_unique_ids
 from cai.errors import UserError
 from cai.yamlio import line_of, load_yaml, validation_error
 
@@ -82,11 +83,7 @@ class ProbeSet(BaseModel):
 
     @model_validator(mode="after")
     def _unique_ids(self):
-        seen = set()
-        for i, p in enumerate(self.probes):
-            if p.id in seen:
-                raise ValueError(f"duplicate probe id '{p.id}' (probes[{i}])")
-            seen.add(p.id)
+        check_unique_ids(self.probes, "probe", "probes")
         return self
 
     def coverage(self) -> dict[str, int]:
