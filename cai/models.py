@@ -249,6 +249,19 @@ def load_tokenizer(ref: str, *, padding_side: str = "left", trust_remote_code: b
     return tok
 
 
+def load_for_inference(ref: str, recipe):
+    """(model in eval mode, tokenizer with left padding) of `ref` on the recipe's device, with its dtype and
+    trust_remote_code: what the generation and scoring steps of the stages load."""
+    tok = load_tokenizer(ref, trust_remote_code=recipe.trust_remote_code)
+    model = load_model(
+        ref,
+        device=resolve_device(recipe.device),
+        dtype=recipe.dtype,
+        trust_remote_code=recipe.trust_remote_code,
+    )
+    return model.eval(), tok
+
+
 def load_model(
     ref: str,
     *,

@@ -130,18 +130,12 @@ def generate(recipe, model_ref: str, requests: list[dict], out_path: Path, desc:
     import gc
 
     from cai.generate import Engine, Sampling
-    from cai.models import load_model, load_tokenizer, resolve_device
+    from cai.models import load_for_inference
 
     if not requests:
         return {}
     gen = recipe.generation
-    tok = load_tokenizer(model_ref, trust_remote_code=recipe.trust_remote_code)
-    model = load_model(
-        model_ref,
-        device=resolve_device(recipe.device),
-        dtype=recipe.dtype,
-        trust_remote_code=recipe.trust_remote_code,
-    ).eval()
+    model, tok = load_for_inference(model_ref, recipe)
     engine = Engine(
         model,
         tok,
@@ -174,16 +168,10 @@ def win_rates(
 
     from cai.constitution import Principle
     from cai.labels import Labeller, PairToLabel, wilson_ci
-    from cai.models import load_model, load_tokenizer, resolve_device
+    from cai.models import load_for_inference
 
     ref = judge_model_ref(recipe)
-    tok = load_tokenizer(ref, trust_remote_code=recipe.trust_remote_code)
-    model = load_model(
-        ref,
-        device=resolve_device(recipe.device),
-        dtype=recipe.dtype,
-        trust_remote_code=recipe.trust_remote_code,
-    ).eval()
+    model, tok = load_for_inference(ref, recipe)
     labeller = Labeller(
         model, tok, both_orders=True, batch_size=recipe.feedback.score_batch_size, seed=recipe.seed
     )

@@ -61,14 +61,12 @@ def sample_responses(ctx, prompts: list[dict]) -> list[dict]:
     """k responses per prompt from the policy through the one Engine, streamed to the shared responses file."""
     from cai.config import merged_generation
     from cai.generate import Engine, Sampling
-    from cai.models import load_model, load_tokenizer
+    from cai.models import load_for_inference
 
     r, cfg = ctx.recipe, ctx.recipe.feedback
     ref = policy_ref(ctx)
     gen = merged_generation(r.generation, cfg.generation)
-    device = _device(r)
-    tok = load_tokenizer(ref, trust_remote_code=r.trust_remote_code)
-    model = load_model(ref, device=device, dtype=r.dtype, trust_remote_code=r.trust_remote_code).eval()
+    model, tok = load_for_inference(ref, r)
     engine = Engine(
         model, tok, Sampling.from_config(gen), batch_size=gen.batch_size, seed=r.seed, backend=gen.backend
     )
@@ -87,12 +85,6 @@ def sample_responses(ctx, prompts: list[dict]) -> list[dict]:
         local.unlink(missing_ok=True)
         append_jsonl(local, rows)
     return rows
-
-
-def _device(recipe) -> str:
-    from cai.models import resolve_device
-
-    return resolve_device(recipe.device)
 
 
 def form_pairs(
@@ -187,7 +179,7 @@ def human_pairs(path, ratio: float, n_ai: int, seed: int) -> list[dict]:
 
 def run(ctx) -> Path:
     from cai.labels import Labeller, PairToLabel
-    from cai.models import load_model, load_tokenizer
+    from cai.models import load_for_inference
 
     r, cfg = ctx.recipe, ctx.recipe.feedback
     t0 = time.time()
@@ -207,8 +199,7 @@ def run(ctx) -> Path:
     principles = [constitution.sample(prin_rng, cfg.num_principles) for _ in pairs]  # fixed before resuming
 
     ref = r.models.feedback or r.models.policy
-    tok = load_tokenizer(ref, trust_remote_code=r.trust_remote_code)
-    model = load_model(ref, device=_device(r), dtype=r.dtype, trust_remote_code=r.trust_remote_code).eval()
+    model, tok = load_for_inference(ref, r)
     engine = None
     if cfg.chain_of_thought:
         from cai.config import merged_generation
