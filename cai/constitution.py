@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import random
 import re
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cai.errors import UserError
-from cai.yamlio import line_of, load_yaml, validation_error
+from cai.yamlio import line_of, load_json, load_yaml, validation_error
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -180,18 +179,12 @@ def _clean_paper_text(text: str, label: str) -> str:
 
 def import_paper(critique_json: str | Path, feedback_json: str | Path | None, name: str) -> Constitution:
     """Convert the CAI paper's JSON files into our format. The two lists pair by position."""
-    try:
-        cr = json.loads(Path(critique_json).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{critique_json}: cannot read critique/revision JSON: {exc}") from None
+    cr = load_json(critique_json, "critique/revision JSON")
     if not isinstance(cr, dict) or not cr:
         raise UserError(f"{critique_json}: a non-empty object {{name: {{prompt, edit_request}}}} is expected")
     fb: list[str] = []
     if feedback_json:
-        try:
-            fb = json.loads(Path(feedback_json).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{feedback_json}: cannot read feedback JSON: {exc}") from None
+        fb = load_json(feedback_json, "feedback JSON")
         if not isinstance(fb, list) or not all(isinstance(x, str) for x in fb):
             raise UserError(f"{feedback_json}: a list of instruction strings is expected")
     principles = []

@@ -13,11 +13,11 @@ also be given directly as a list of {"role", "content"} messages.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from cai.errors import UserError
+from cai.yamlio import load_json
 
 ROLES = {
     "Human": "user",
@@ -58,12 +58,7 @@ def load_fewshot(path: str | Path, n: int | None = None) -> list[list[dict]]:
     Every transcript must contain a critique and a revision. Errors name the file and the item.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the few-shot file: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    data = load_json(path, "few-shot file")
     if not isinstance(data, list) or not data:
         raise UserError(f"{path}: a non-empty JSON list of transcripts is expected")
     out = []

@@ -26,7 +26,6 @@ call: every rank passes the same pairs, each scores every W-th batch, and all re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from cai.option_scoring import (  # noqa: F401  (re-exported: the labeller's opt
     option_token_ids,
     shared_prefix,
 )
+from cai.yamlio import load_json
 
 INTRO = "Consider the following conversation between a human and an assistant:"
 ANSWER_CUE = "The answer is:"
@@ -140,12 +140,7 @@ def load_feedback_few_shot(path) -> list[dict]:
     from cai.prompts import parse_hh_transcript
 
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read few-shot file: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    data = load_json(path, "few-shot file")
     if not isinstance(data, list):
         raise UserError(f"{path}: a JSON list of {{prompt, corrects, incorrects}} objects is expected")
     out = []

@@ -129,6 +129,20 @@ def _model_in(annotation):
     return None
 
 
+def load_json(path: str | Path, what: str = "JSON file"):
+    """The parsed content of a JSON file; a missing or unreadable file or bad JSON is a UserError naming the
+    file (and the line, for bad JSON)."""
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON in the {what} ({exc.msg})") from None
+
+
 def iter_jsonl(path: str | Path, what: str = "a JSON object"):
     """(line number, object) for each non-empty line of a .jsonl or .jsonl.gz file; errors name file:line."""
     import gzip
