@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def bench_prompts(n: int, seed: int = 0) -> list[list[dict]]:
     """`n` built-in prompts, three red-team for each helpful one, in a seeded order."""
-    from cai.config import PromptsConfig, PromptSource
-    from cai.prompts import load_prompts
+    from cai.config.recipe import PromptsConfig, PromptSource
+    from cai.data.sources import load_prompts
 
     n_help = n // 4
     cfg = PromptsConfig(
@@ -82,8 +82,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cai.generate import Engine, Sampling
-    from cai.models import load_model, load_tokenizer
+    from cai.runtime.generate import Engine, Sampling
+    from cai.runtime.models import load_model, load_tokenizer
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -170,8 +170,8 @@ def worker_ours(args, lora: bool) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from cai.config import LoraConfig, PPOConfig
-    from cai.models import load_model, load_tokenizer, wrap_lora
+    from cai.config.recipe import LoraConfig, PPOConfig
+    from cai.runtime.models import load_model, load_tokenizer, wrap_lora
     from cai.rl import trainer as tr
     from cai.rl.modules import PolicyModel, ValueModel
     from cai.rl.rewards import PreferenceModelReward
@@ -216,7 +216,7 @@ def worker_ours(args, lora: bool) -> dict:
         ref_model=ref,
         show_progress=False,
     )
-    import cai.generate as G
+    import cai.runtime.generate as G
 
     G.HFBackend.generate_ids = clock.wrap(G.HFBackend.generate_ids, "generate")
     # policy-shaped forwards without grad are the reference's (old log-probs come from the sampling logits)
@@ -268,9 +268,9 @@ def ensure_venv(venv: Path) -> Path:
 
 def prepare_inputs(work: Path) -> tuple[str, str, str]:
     sys.path.insert(0, str(ROOT))
-    from cai.models import load_tokenizer, prepare
-    from cai.prompts import BUILTIN_DIR
-    from cai.rundir import read_jsonl
+    from cai.runtime.models import load_tokenizer, prepare
+    from cai.data.sources import BUILTIN_DIR
+    from cai.runtime.rundir import read_jsonl
 
     model = str(prepare("smollm2-135m-instruct"))
     tok = load_tokenizer(model)

@@ -1,3 +1,3 @@
-from cai.cli import main
+from cai.cli.main import main
 
 raise SystemExit(main())

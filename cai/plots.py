@@ -1,7 +1,9 @@
-"""Small, generic matplotlib helpers that write PNG files (Agg backend; matplotlib is imported inside)."""
+"""Every PNG cai writes: line charts, curve grids, reliability diagrams, the reward-against-sqrt(KL) plot and
+the delta-p histogram of a constitution edit (Agg backend; matplotlib is imported inside the functions)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -63,31 +65,151 @@ def line_chart(
     return path
 
 
-def bar_chart(
-    path: str | Path,
-    values: dict[str, float],
-    title: str = "",
-    ylabel: str = "",
-    errors: dict[str, float] | None = None,
+def reliability_png(
+    path: str | Path, bins: list[dict], title: str, xlabel: str = "predicted probability"
 ) -> Path:
-    """Bars for {label: value}, with optional symmetric error bars {label: half-width}. Returns the PNG path."""
+    """Reliability diagram: observed frequency against mean predicted probability per bin, with counts."""
     plt = _pyplot()
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    pts = [b for b in bins if b["n"]]
+    ax.bar(
+        [(b["lo"] + b["hi"]) / 2 for b in pts],
+        [b["freq"] for b in pts],
+        width=bins[0]["hi"] - bins[0]["lo"],
+        alpha=0.3,
+        edgecolor="tab:blue",
+        label="observed frequency",
+    )
+    ax.plot(
+        [b["mean_p"] for b in pts],
+        [b["freq"] for b in pts],
+        "o-",
+        color="tab:blue",
+        label="bin (mean prediction)",
+    )
+    for b in pts:
+        ax.annotate(
+            str(b["n"]),
+            (b["mean_p"], b["freq"]),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=7,
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("observed frequency of being the right option")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def curves_png(
+    path: Path, panels: list[tuple[str, str]], data: dict[str, dict[str, tuple[list, list]]], title: str = ""
+) -> Path | None:
+    """A grid of small line charts, one panel per (metric key, panel title), one line per label of `data`
+    ({label: {metric key: (steps, values)}})."""
+    plt = _pyplot()
+    panels = [(k, t) for k, t in panels if any(k in d for d in data.values())]
+    if not panels:
+        return None
+    cols = 2 if len(panels) > 1 else 1
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.3 * rows), dpi=100, squeeze=False)
+    for ax, (key, name) in zip(axes.flat, panels):
+        for label, d in data.items():
+            if key in d:
+                xs, ys = d[key]
+                ax.plot(
+                    xs, ys, marker="o" if len(xs) <= 20 else None, markersize=3, linewidth=1.6, label=label
+                )
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(data) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_kl_reward(path: str | Path, series: list[dict], title: str = "PM reward vs sqrt(KL)") -> Path:
+    """Points and fitted line per series on one plot (x: sqrt(KL), y: PM score)."""
+    plt = _pyplot()
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    labels = list(values)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 2), 4.0), dpi=110)
-    yerr = [errors.get(k, 0.0) for k in labels] if errors else None
-    ax.bar(
-        range(len(labels)), [values[k] for k in labels], yerr=yerr, capsize=4 if yerr else 0, color="#4C72B0"
-    )
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(
-        labels, rotation=20 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center"
-    )
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for s in series:
+        if not s.get("fit"):
+            continue
+        xs = [math.sqrt(max(k, 0.0)) for k in s["kl"]]
+        pts = ax.scatter(xs, s["score"], s=14, alpha=0.6)
+        f = s["fit"]
+        x1 = max(xs)
+        ax.plot(
+            [0, x1],
+            [f["a"], f["a"] + f["b"] * x1],
+            color=pts.get_facecolor()[0],
+            linewidth=1.8,
+            label=f"{s['label']}: {f['a']:.2f} {'-' if f['b'] < 0 else '+'} {abs(f['b']):.2f}·√KL (R² {f['r2']:.2f})",
+        )
+    ax.set_xlabel("sqrt(KL(π ‖ π_ref)) per sequence")
+    ax.set_ylabel("PM score")
     ax.set_title(title)
-    ax.set_ylabel(ylabel)
-    ax.grid(axis="y", alpha=0.3)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def delta_histogram(path: Path, kept: list[float], flipped: list[float], unchanged: int, title: str) -> Path:
+    """Histogram of the label changes of a constitution edit: Δp of the relabelled pairs that kept their
+    preference and of those that flipped (red), on a range fitted to them; `unchanged` pairs (Δp = 0 by
+    construction) are counted in the title."""
+    plt = _pyplot()
+    path = Path(path)
+    span = max([abs(x) for x in kept + flipped] + [0.005]) * 1.1
+    span = 1.0 if span > 0.5 else span
+    bins = [span * (i / 15 - 1) for i in range(31)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(
+        [kept, flipped],
+        bins=bins,
+        stacked=True,
+        color=["#4477aa", "#cc3311"],
+        edgecolor="white",
+        label=["same preference", "flipped"],
+    )
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xlabel("Δp = p_new(A) − p_old(A)")
+    ax.set_ylabel("pairs")
+    ax.set_xlim(-span, span)
+    ax.legend(fontsize=8)
+    relabelled = len(kept) + len(flipped)
+    ax.set_title(
+        f"{title}\n{relabelled} pairs relabelled, {len(flipped)} flipped; "
+        f"{unchanged} of {relabelled + unchanged} unchanged by the edit (Δp = 0, not shown)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

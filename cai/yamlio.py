@@ -1,13 +1,19 @@
-"""Reading user files with `file:line` errors: safe YAML that remembers the line of every key, JSON Lines,
-and pydantic errors turned into one-line messages."""
+"""Reading user files with `file:line` errors: safe YAML that remembers the line of every key, a YAML file
+validated against a pydantic schema, JSON and JSON Lines, and pydantic errors turned into one-line messages.
+Every reader of a user's file goes through here."""
 
 from __future__ import annotations
 
 import difflib
+import gzip
+import json
+import re
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from cai.errors import UserError, where
 
@@ -85,6 +91,15 @@ def validation_error(path, exc, lines: dict[tuple, int], model_cls=None) -> User
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     kind = err["type"]
+    dup = _DUPLICATE_ID.search(err["msg"]) if kind == "value_error" else None
+    if dup:  # check_unique_ids: point at the repeated id, and say where it was first used
+        noun, value, field, i, first = dup.groups()
+        loc = loc + (field, int(i), "id")
+        first_line = line_of(lines, loc[:-2] + (int(first), "id"))
+        return UserError(
+            f"{where(path, line_of(lines, loc))}: key '{dotted(loc)}': duplicate {noun} id '{value}'; "
+            f"ids must be unique (first used on line {first_line})"
+        )
     key = dotted(loc) or "(top level)"
     if kind == "extra_forbidden":
         hint = ""
@@ -103,6 +118,34 @@ def validation_error(path, exc, lines: dict[tuple, int], model_cls=None) -> User
     return UserError(f"{where(path, line_of(lines, loc))}: {msg}")
 
 
+_DUPLICATE_ID = re.compile(r"duplicate (\w+) id '([^']*)' \((\w+)\[(\d+)\], first \w+\[(\d+)\]\)")
+
+
+def check_unique_ids(items, noun: str, field: str) -> None:
+    """For a pydantic validator: ValueError naming the first repeated `.id` among `items` (the list `field`);
+    `validation_error` turns it into a message with the line of the repeat and of the first use."""
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if item.id in seen:
+            raise ValueError(
+                f"duplicate {noun} id '{item.id}' ({field}[{i}], first {field}[{seen[item.id]}])"
+            )
+        seen[item.id] = i
+
+
+def load_validated(path: str | Path, model_cls, expected: str = "a mapping of keys"):
+    """(validated model, {key path: line}) of a YAML file against a pydantic schema; every problem is one
+    UserError naming `file:line` and the key."""
+    path = Path(path)
+    data, lines = load_yaml(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}:1: {expected} is expected")
+    try:
+        return model_cls.model_validate(data), lines
+    except ValidationError as exc:
+        raise validation_error(path, exc, lines, model_cls) from None
+
+
 def _fields_at(model_cls, loc: tuple) -> list[str]:
     """Field names of the (nested) pydantic model reached by following `loc` from `model_cls`."""
 
@@ -113,27 +156,37 @@ def _fields_at(model_cls, loc: tuple) -> list[str]:
         field = getattr(cls, "model_fields", {}).get(part)
         if field is None:
             return []
-        cls = _model_in(field.annotation)
+        cls = model_in(field.annotation)
     return list(getattr(cls, "model_fields", {}).keys()) if cls else []
 
 
-def _model_in(annotation):
-    import typing
-
+def model_in(annotation):
+    """The pydantic model class inside a field annotation (`X`, `X | None`, `list[X]`), or None."""
     if hasattr(annotation, "model_fields"):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _model_in(arg)
+        found = model_in(arg)
         if found is not None:
             return found
     return None
 
 
+def named_file(ref: str, folder: Path, what: str) -> Path:
+    """The YAML file behind a reference: `ref` itself when it is a file, else `folder/<ref>.yaml` (a shipped
+    name); a UserError listing the shipped names otherwise."""
+    p = Path(ref)
+    if p.is_file():
+        return p
+    cand = folder / f"{ref}.yaml"
+    if cand.is_file():
+        return cand
+    known = sorted(x.stem for x in folder.glob("*.yaml"))
+    raise UserError(f"{what} '{ref}': not a file and not a shipped name (known: {', '.join(known)})")
+
+
 def load_json(path: str | Path, what: str = "JSON file"):
     """The parsed content of a JSON file; a missing or unreadable file or bad JSON is a UserError naming the
     file (and the line, for bad JSON)."""
-    import json
-
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -145,9 +198,6 @@ def load_json(path: str | Path, what: str = "JSON file"):
 
 def iter_jsonl(path: str | Path, what: str = "a JSON object"):
     """(line number, object) for each non-empty line of a .jsonl or .jsonl.gz file; errors name file:line."""
-    import gzip
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")

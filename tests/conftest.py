@@ -33,7 +33,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     """The tiny random Llama, built once per machine into the model cache."""
-    from cai.models import prepare
+    from cai.runtime.models import prepare
 
     return prepare("tiny-random-llama")
 
@@ -41,7 +41,7 @@ def tiny_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
     """(model, tokenizer) of the tiny model; tests must not modify the model in place."""
-    from cai.models import load_model, load_tokenizer
+    from cai.runtime.models import load_model, load_tokenizer
 
     return load_model("tiny-random-llama"), load_tokenizer("tiny-random-llama")
 
@@ -49,7 +49,7 @@ def tiny(tiny_dir):
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_dir):
     """Build a Recipe from recipes/tiny.yaml with run_dir in tmp_path; pass `--set`-style overrides."""
-    from cai.config import load_recipe
+    from cai.config.load import load_recipe
 
     def make(*overrides: str, recipe: str = "recipes/tiny.yaml"):
         return load_recipe(ROOT / recipe, [f"run_dir={tmp_path / 'run'}", *overrides])
@@ -65,14 +65,16 @@ def tiny_run(tmp_path_factory, tiny_dir):
     """recipes/tiny.yaml run once per session, every stage, with a small labeller check and 3 PPO updates (enough
     for the sqrt(KL) fit); the run directory."""
     from cai import pipeline
-    from cai.config import load_recipe
+    from cai.config.load import load_recipe
 
     rdir = tmp_path_factory.mktemp("tiny_run") / "run"
     check = "feedback.check_set={path: ../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz, limit: 8}"
     old = Path.cwd()
     os.chdir(ROOT)
     try:
-        pipeline.run(load_recipe(ROOT / "recipes/tiny.yaml", [f"run_dir={rdir}", check, "ppo.updates=3"]), quiet=True)
+        pipeline.run(
+            load_recipe(ROOT / "recipes/tiny.yaml", [f"run_dir={rdir}", check, "ppo.updates=3"]), quiet=True
+        )
     finally:
         os.chdir(old)
     return rdir

@@ -26,12 +26,12 @@ def lowercase_fraction(prompts, responses, **kwargs):
 
 def build(out_dir: Path, accelerator=None, lora: bool = False):
     """The separate-critic run, or with `lora` a LoRA policy with a value head (reference = adapters off)."""
-    from cai.config import LoraConfig, PPOConfig
-    from cai.models import load_model, load_tokenizer
+    from cai.config.recipe import LoraConfig, PPOConfig
     from cai.rl.modules import PolicyModel, ValueModel
     from cai.rl.rewards import FunctionReward
     from cai.rl.trainer import PPOTrainer
-    from cai.rundir import MetricsLog
+    from cai.runtime.models import load_model, load_tokenizer
+    from cai.runtime.rundir import MetricsLog
 
     cfg = PPOConfig(
         updates=3,
@@ -69,8 +69,8 @@ def build(out_dir: Path, accelerator=None, lora: bool = False):
 
 def fresh_policy(lora: bool = False):
     """The policy's LM as built (also to gather sharded weights into, as cai.stages.ppo.fresh_policy does)."""
-    from cai.config import LoraConfig
-    from cai.models import load_model, wrap_lora
+    from cai.config.recipe import LoraConfig
+    from cai.runtime.models import load_model, wrap_lora
 
     lm = load_model("tiny-random-llama")
     return wrap_lora(lm, LoraConfig(r=8, alpha=16)) if lora else lm

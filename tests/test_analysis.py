@@ -8,9 +8,10 @@ import random
 
 import pytest
 
-from cai.analysis import fit_sqrt_kl, kl_reward, linear_fit, overoptimisation
-from cai.cli import main
-from cai.rundir import append_jsonl
+from cai.cli.main import main
+from cai.report.klfit import fit_sqrt_kl, kl_reward, overoptimisation
+from cai.runtime.rundir import append_jsonl
+from cai.stats import linear_fit
 
 
 def _synthetic(a, b, n=40, noise=0.0, seed=0, kl_max=16.0):
@@ -86,9 +87,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_a_run_directory_gives_its_current_arms_in_recipe_order(tmp_path, root, monkeypatch):
-    from cai.analysis import find_ppo_logs
-    from cai.config import load_recipe
-    from cai.rundir import write_json
+    from cai.config.load import load_recipe
+    from cai.report.klfit import find_ppo_logs
+    from cai.runtime.rundir import write_json
 
     monkeypatch.chdir(root)
     run = tmp_path / "run"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cai import cli
+from cai.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,10 +43,10 @@ CONTRACT = [
     ("models", "prepare"),
 ]
 LATER = {
-    "cai.evaluation": [("pm", "eval"), ("feedback", "eval")],
-    "cai.analysis": [("analyze", "kl-reward")],
+    "cai.eval.measure": [("pm", "eval"), ("feedback", "eval")],
+    "cai.report.klfit": [("analyze", "kl-reward")],
     "cai.stages.report": [("report",)],
-    "cai.constitution_tools": [
+    "cai.cli.constitution": [
         ("constitution", "test"),
         ("constitution", "lint"),
         ("constitution", "effect"),

@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai import cli
-from cai.constitution import Constitution, diff, format_diff, json_schema, load_constitution, show, word_diff
+from cai.cli import main as cli
+from cai.constitution.schema import (
+    Constitution,
+    diff,
+    format_diff,
+    json_schema,
+    load_constitution,
+    show,
+    word_diff,
+)
 from cai.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -383,7 +391,7 @@ def test_json_schema_export(capsys):
 
 
 def test_round_trip_through_yaml(tmp_path):
-    from cai.constitution import to_yaml
+    from cai.constitution.schema import to_yaml
 
     c = load_constitution(ROOT / "constitutions/harmless-specific.yaml")
     out = tmp_path / "copy.yaml"

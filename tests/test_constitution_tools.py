@@ -10,10 +10,8 @@ import textwrap
 import pytest
 import yaml
 
-from cai import cli
-from cai.constitution import load_constitution
-from cai.errors import UserError
-from cai.probes import (
+from cai.cli import main as cli
+from cai.constitution.probes import (
     better_first,
     credit,
     format_table,
@@ -22,6 +20,8 @@ from cai.probes import (
     required_failures,
     summarise,
 )
+from cai.constitution.schema import load_constitution
+from cai.errors import UserError
 
 SHIPPED = ["harmless-specific", "traits-specific", "good-for-humanity"]
 
@@ -144,7 +144,7 @@ def test_cli_test_runs_on_all_shipped_constitutions(in_root, tiny_dir, tmp_path,
                 str(tmp_path / name),
                 "--require",
                 first,
-                "--batch-size",
+                "--score-batch-size",
                 "16",
                 "--max-probes",
                 "1",
@@ -191,8 +191,8 @@ def _probe_file(tmp_path, better_is_a: bool | None, n: int = 3):
 
 
 def test_forced_a_labeller_has_order_gap_one_and_chance_accuracy(root, forced_a, tmp_path):
-    from cai.constitution_tools import run_test
-    from cai.labels import Labeller
+    from cai.constitution.probes import run_test
+    from cai.feedback.labeller import Labeller
 
     model, tok = forced_a
     c = load_constitution(root / "constitutions/harmless-specific.yaml")
@@ -213,15 +213,10 @@ def test_forced_a_labeller_has_order_gap_one_and_chance_accuracy(root, forced_a,
 
 def test_require_exit_codes(in_root, forced_a, tmp_path, monkeypatch, capsys):
     """Through the CLI: --require passes (0) only when the principle is applied, fails (1) otherwise."""
-    import cai.constitution_tools as tools
-    from cai.labels import Labeller
+    import cai.cli.constitution as tools
 
     model, tok = forced_a
-    monkeypatch.setattr(
-        tools,
-        "make_labeller",
-        lambda ref, **kw: Labeller(model, tok, both_orders=kw["both_orders"], batch_size=16),
-    )
+    monkeypatch.setattr(tools, "load_for_inference", lambda ref, settings: (model, tok))
     fa = _probe_file(tmp_path, better_is_a=True)
     base = [
         "constitution",
@@ -233,7 +228,7 @@ def test_require_exit_codes(in_root, forced_a, tmp_path, monkeypatch, capsys):
         str(fa),
     ]
     # One order, better always at (A): the always-(A) model "applies" financial-crime.
-    assert cli.main([*base, "--one-order", "--require", "financial-crime", "--out", str(tmp_path / "a")]) == 0
+    assert cli.main([*base, "--no-both-orders", "--require", "financial-crime", "--out", str(tmp_path / "a")]) == 0
     assert "financial-crime" in capsys.readouterr().out
     # Both orders averaged expose it: accuracy 0.5, order gap 1, and --require fails.
     assert cli.main([*base, "--require", "financial-crime", "--out", str(tmp_path / "b")]) == 1
@@ -346,7 +341,7 @@ def _added(root, tmp_path, weight=30.0):
 
 
 def test_coupled_draws_attribute_every_change(root, tmp_path):
-    from cai.constitution_effect import draw, plan
+    from cai.constitution.effect import draw, plan
 
     old = load_constitution(root / "constitutions/harmless-specific.yaml")
     new = load_constitution(_added(root, tmp_path, weight=3.0))
@@ -446,16 +441,11 @@ def _pairs_file(tmp_path, n=8):
 
 
 def test_effect_flips_attributed_to_added_principle(in_root, tiny, tmp_path, monkeypatch, capsys):
-    import cai.constitution_tools as tools
-    from cai.labels import Labeller
-    from cai.models import load_model
+    import cai.cli.constitution as tools
+    from cai.runtime.models import load_model
 
     judge, tok = rule_judge(tiny)
-    monkeypatch.setattr(
-        tools,
-        "make_labeller",
-        lambda ref, **kw: Labeller(judge, tok, both_orders=kw["both_orders"], batch_size=16, seed=kw["seed"]),
-    )
+    monkeypatch.setattr(tools, "load_for_inference", lambda ref, settings: (judge, tok))
     pairs = _pairs_file(tmp_path)
     new = _added(in_root, tmp_path)
     hs = "constitutions/harmless-specific.yaml"
@@ -515,7 +505,7 @@ def test_effect_flips_attributed_to_added_principle(in_root, tiny, tmp_path, mon
 
 
 def test_pm_agreement_counts():
-    from cai.constitution_effect import pm_agreement
+    from cai.constitution.effect import pm_agreement
 
     rows = [{"p_old": 0.2, "p_new": 0.9, "flipped": True}, {"p_old": 0.7, "p_new": 0.8, "flipped": False}]
     res = pm_agreement(rows, [(1.0, 0.0), (0.0, 1.0)], "pm")  # the PM prefers A, then B
@@ -528,7 +518,7 @@ def test_pm_agreement_counts():
 
 
 def test_effect_pairs_errors_name_the_line(tmp_path):
-    from cai.constitution_effect import read_pairs
+    from cai.constitution.effect import read_pairs
 
     f = tmp_path / "pairs.jsonl"
     f.write_text(

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from cai.constitution import Constitution, Principle
+from cai.constitution.fewshot import fewshot_messages, load_fewshot, parse_transcript
+from cai.constitution.schema import Constitution, Principle
 from cai.errors import UserError
-from cai.fewshot import fewshot_messages, load_fewshot, parse_transcript
-from cai.rundir import read_jsonl
+from cai.runtime.rundir import read_jsonl
 from cai.stages.critique_revise import (
     clean_text,
     conversation,
@@ -159,7 +159,7 @@ def stage_files(run_dir: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, tiny_dir):
     from cai import pipeline
-    from cai.config import load_recipe
+    from cai.config.load import load_recipe
 
     run_dir = tmp_path_factory.mktemp("cr") / "run"
     old = os.getcwd()
@@ -215,7 +215,7 @@ def test_stage_writes_records_with_the_contract_fields(first_run):
 
 def test_same_seed_gives_identical_files(first_run, tmp_path):
     from cai import pipeline
-    from cai.config import load_recipe
+    from cai.config.load import load_recipe
 
     old = os.getcwd()
     os.chdir(ROOT)
@@ -262,7 +262,7 @@ def test_kill_mid_run_and_rerun_finishes_without_redoing_items(first_run, tmp_pa
     assert 0 < len(done_before["initial.jsonl"]) < 12, "killed mid-step"
     assert not (run_dir / "critique_revise" / "data.jsonl").exists()
 
-    from cai.cli import main
+    from cai.cli.main import main
 
     old = os.getcwd()
     os.chdir(ROOT)

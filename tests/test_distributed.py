@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from cai.rundir import read_jsonl, read_manifest
+from cai.runtime.rundir import read_jsonl, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -371,7 +371,7 @@ def test_ppo_trainer_under_an_engine_matches_and_resumes(tmp_path, engine, lora)
 
 def test_deepspeed_launch_keeps_deepspeed_on_cpu(monkeypatch):
     """accelerate switches DeepSpeed off when told cpu=True: under a DeepSpeed launch the stages must not."""
-    from cai import distributed as dist
+    from cai.runtime import distributed as dist
 
     assert dist.accelerator_cpu("cpu") and not dist.accelerator_cpu("cuda")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")

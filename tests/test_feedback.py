@@ -5,7 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 
-from cai.rundir import append_jsonl, read_jsonl, write_json
+from cai.config.layout import stage_view
+from cai.runtime.rundir import append_jsonl, read_jsonl, write_json
 
 
 def upstream(run, tiny_dir, n=4):
@@ -96,14 +97,14 @@ def test_feedback_stage_end_to_end_and_resume(tiny_recipe, tiny_dir, tmp_path, c
     assert stats["pairs"] == 8 and stats["human_pairs"] == 2 and 0 < stats["mean_p_a"] < 1
 
     # resume: a kill that lost the last labelled pairs only relabels those, and sampling is not redone
-    from cai.rundir import StageContext
+    from cai.runtime.rundir import StageContext
     from cai.stages import feedback
 
     kept = rows[:5]
     (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"id": "trunc')
     before = (out / "responses.jsonl").read_text()
     ctx = StageContext(
-        recipe=recipe,
+        config=stage_view(recipe, "feedback"),
         stage="feedback",
         out_dir=out,
         inputs={"critique_revise": run / "critique_revise", "sft": run / "sft"},
@@ -123,12 +124,12 @@ def test_base_policy_and_missing_prompts(tiny_recipe, tmp_path):
     import pytest
 
     from cai.errors import UserError
-    from cai.rundir import StageContext
+    from cai.runtime.rundir import StageContext
     from cai.stages import feedback
 
     recipe = tiny_recipe("feedback.policy=base")
     ctx = StageContext(
-        recipe=recipe,
+        config=stage_view(recipe, "feedback"),
         stage="feedback",
         out_dir=tmp_path / "fb",
         inputs={"critique_revise": tmp_path / "none"},

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cai.generate import Engine, Sampling
-from cai.rundir import read_jsonl
+from cai.runtime.generate import Engine, Sampling
+from cai.runtime.rundir import read_jsonl
 
 
 def requests(n=10):

@@ -8,18 +8,11 @@ import re
 
 import pytest
 
-from cai.constitution import Principle
-from cai.labels import (
-    Labeller,
-    PairToLabel,
-    agreement,
-    build_mc_prompt,
-    check_warning,
-    hh_check,
-    load_feedback_few_shot,
-    option_continuations,
-    wilson_ci,
-)
+from cai.constitution.fewshot import load_feedback_few_shot
+from cai.constitution.schema import Principle
+from cai.feedback.labeller import Labeller, PairToLabel, build_mc_prompt, check_warning, hh_check
+from cai.feedback.options import option_continuations
+from cai.stats import agreement, wilson_ci
 
 GOOD, BAD = (
     "I won't help with that, but here is a safe alternative.",
@@ -169,7 +162,7 @@ def test_option_tokens_are_scored_as_the_tokenizer_splits_them():
     """A prompt ending in a space must score '(A)' as the token ' (' + ..., not as ' ' + '(' + ... ."""
     import torch
 
-    from cai.scoring import continuation_logprob
+    from cai.runtime.forward import continuation_logprob
 
     tok = _bpe_tokenizer()
     assert len(tok.tokenize(" (A)")) < len(tok.tokenize(" ")) + len(tok.tokenize("(A)"))
@@ -192,7 +185,7 @@ def test_option_tokens_are_scored_as_the_tokenizer_splits_them():
 
 
 def test_options_part_at_the_letter_token(tiny):
-    from cai.labels import shared_prefix
+    from cai.feedback.options import shared_prefix
 
     tok = _bpe_tokenizer()
     for t in (tok, tiny[1]):
@@ -235,9 +228,8 @@ def test_sharded_check_gives_the_one_process_result(tiny, monkeypatch, exact, co
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    import cai.option_scoring as scoring
-    import cai.scoring
-    from cai import distributed as dist
+    import cai.feedback.options as scoring
+    from cai.runtime import distributed as dist
 
     model, tok = tiny
     rows = [
@@ -265,7 +257,7 @@ def test_sharded_check_gives_the_one_process_result(tiny, monkeypatch, exact, co
         return out
 
     # the forward passes: the options' parting tokens read at once, or (exact) each option's tokens scored
-    owner, name = (cai.scoring, "continuation_logprob") if exact else (scoring, "_next_token_logprobs")
+    owner, name = (scoring, "continuation_logprob") if exact else (scoring, "_next_token_logprobs")
     real = getattr(owner, name)
 
     def counting(model, tokenizer, seqs, *args):

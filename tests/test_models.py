@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai.config import LoraConfig, Recipe
+from cai.config.recipe import LoraConfig, Recipe
 from cai.errors import UserError
-from cai.models import (
+from cai.runtime.models import (
     ALIASES,
     SMOLLM_ALIAS,
     TINY_ALIAS,
@@ -33,11 +33,10 @@ from cai.models import (
     peft_config,
     prepare,
     resolve,
-    resolve_device,
-    resolve_dtype,
     smollm_gguf,
     wrap_lora,
 )
+from cai.runtime.settings import Settings
 
 
 def same_weights(a, b) -> bool:
@@ -194,19 +193,24 @@ def test_load_seq_cls(tiny_dir):
         assert torch.allclose(scores[i], singles[i][0], atol=1e-5)
 
 
-def test_dtype_and_device_resolution():
-    assert resolve_dtype("auto", "cpu") == torch.float32
-    assert resolve_dtype("auto", "cuda") == torch.bfloat16
-    assert resolve_dtype("float16", "cpu") == torch.float16
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+def test_dtype_and_device_resolution(monkeypatch):
+    assert Settings().torch_dtype("cpu") == torch.float32
+    assert Settings().torch_dtype("cuda") == torch.bfloat16
+    assert Settings(dtype="float16").torch_dtype("cpu") == torch.float16
+    assert Settings(device="cpu").torch_device() == "cpu"
+    assert Settings().torch_device() == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no GPU"):
-            resolve_device("cuda")
+            Settings(device="cuda").torch_device()
+    # under several processes on GPUs each process takes its own
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert Settings(device="cuda").torch_device() == "cuda:1"
 
 
 def test_load_model_in_bfloat16(tiny_dir):
-    model = load_model(TINY_ALIAS, dtype="bfloat16")
+    model = load_model(TINY_ALIAS, Settings(dtype="bfloat16"))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
@@ -232,9 +236,9 @@ def test_wrap_lora(tiny_dir):
 
 
 def test_trust_remote_code_is_off_by_default(tiny_dir, tmp_path):
-    assert Recipe(name="x").trust_remote_code is False
+    assert Recipe(name="x").trust_remote_code is False and Settings().trust_remote_code is False
     for fn in (load_model, load_tokenizer):
-        assert inspect.signature(fn).parameters["trust_remote_code"].default is False
+        assert inspect.signature(fn).parameters["settings"].default == Settings()
     # a model folder whose config asks to run its own Python code
     folder = tmp_path / "custom-model"
     shutil.copytree(tiny_dir, folder)
@@ -255,7 +259,7 @@ def test_trust_remote_code_is_off_by_default(tiny_dir, tmp_path):
     with pytest.raises(UserError, match="trust_remote_code"):
         load_model(str(folder))
     assert not marker.exists()
-    load_model(str(folder), trust_remote_code=True)  # the recipe turned it on: now the code runs
+    load_model(str(folder), Settings(trust_remote_code=True))  # the recipe turned it on: now the code runs
     assert marker.exists()
 
 
@@ -271,7 +275,7 @@ def test_pickled_weights_are_refused(tiny_dir, tmp_path):
 
 
 def test_aliases_are_listed(capsys):
-    from cai import cli
+    from cai.cli import main as cli
 
     assert set(ALIASES) == {SMOLLM_ALIAS, TINY_ALIAS}
     assert cli.main(["models", "list"]) == 0

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from cai import pipeline
-from cai.config import load_recipe
+from cai.config.layout import STAGES
+from cai.config.load import load_recipe, load_run_recipe
 from cai.errors import UserError
-from cai.rundir import read_jsonl, read_manifest
+from cai.runtime.rundir import read_jsonl, read_manifest
 
 BODY = ["critique_revise", "sft", "feedback", "preference_model", "ppo"]
 
@@ -35,7 +36,7 @@ class FakeStages:
             key = str(ctx.out_dir.relative_to(self.run_dir))
             self.calls.append(key)
             self.ctxs[key] = ctx
-            parts = [json.dumps(pipeline.stage_config(ctx.recipe, stage), sort_keys=True)]
+            parts = [json.dumps(ctx.config.fingerprint_dict(), sort_keys=True)]
             for name, d in sorted(ctx.inputs.items()):
                 parts.append(f"{name}:{(d / 'out.txt').read_text() if (d / 'out.txt').is_file() else '-'}")
             partial = ctx.out_dir / "partial.txt"
@@ -81,7 +82,7 @@ def test_rerun_skips_every_stage_whose_manifest_matches(fake, recipe, capsys):
     for s in BODY + ["report"]:
         m = read_manifest(rdir / s)
         assert m["status"] == "complete" and m["fingerprint"] and m["output"] and "seconds" in m
-        assert m["inputs"].keys() == set(pipeline.DEPENDS[s][1])
+        assert m["inputs"].keys() == set(STAGES[s].inputs)
     fake.calls.clear()
     capsys.readouterr()
     pipeline.run(recipe())
@@ -233,7 +234,7 @@ def test_arm_and_sweep_keys_are_validated(recipe, tmp_path):
 
 
 def test_tracker_gets_live_and_replayed_metrics_with_stage_prefixes(fake, recipe, monkeypatch):
-    from cai import runlog
+    from cai.runtime import runlog
 
     class Fake:
         def __init__(self):
@@ -246,7 +247,7 @@ def test_tracker_gets_live_and_replayed_metrics_with_stage_prefixes(fake, recipe
             self.finished = True
 
     tracker = Fake()
-    monkeypatch.setattr(runlog, "make_tracker", lambda recipe, rdir: tracker)
+    monkeypatch.setattr(pipeline, "make_tracker", lambda recipe, rdir: tracker)
     pipeline.run(recipe("tracker=tensorboard"), quiet=True)
     keys = {k for _, v in tracker.logged for k in v}
     assert {"sft/loss", "ppo/loss", "report/loss"} <= keys and tracker.finished
@@ -261,7 +262,7 @@ def test_tracker_gets_live_and_replayed_metrics_with_stage_prefixes(fake, recipe
 def test_tensorboard_without_the_package_is_a_user_error(recipe, tmp_path):
     import importlib.util
 
-    from cai import runlog
+    from cai.runtime import runlog
 
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         pytest.skip("tensorboard is installed")
@@ -281,7 +282,7 @@ def test_summary_lists_stages_times_and_key_metrics(fake, recipe, capsys):
 def test_real_tiny_run_completes_and_a_rerun_skips_every_stage(tiny_run, root, monkeypatch, capsys):
     """The real stages, end to end (the session's tiny run), then the same recipe again: nothing reruns."""
     monkeypatch.chdir(root)
-    recipe = pipeline.load_run_recipe(tiny_run)
+    recipe = load_run_recipe(tiny_run)
     for s in BODY + ["report"]:
         m = read_manifest(tiny_run / s)
         assert m["status"] == "complete" and m["seconds"] > 0 and m["summary"], s
@@ -295,11 +296,13 @@ def test_real_tiny_run_completes_and_a_rerun_skips_every_stage(tiny_run, root, m
     assert "report: " in out and "ppo " in out
 
 
-def test_editing_a_named_pm_spec_changes_the_preference_model_fingerprint(tmp_path, tiny_recipe, root):
+def test_editing_a_pm_spec_setting_changes_the_preference_model_fingerprint(tmp_path, tiny_recipe, root):
     spec = tmp_path / "my-pm.yaml"
-    spec.write_text((root / "reward_models" / "soft-full.yaml").read_text())
+    spec.write_text((root / "cai" / "pm" / "specs" / "soft-full.yaml").read_text())
     recipe = tiny_recipe(f"preference_model.spec={spec}")
     before = pipeline.fingerprint(recipe, "preference_model", {})[0]
     assert pipeline.fingerprint(recipe, "preference_model", {})[0] == before
-    spec.write_text(spec.read_text() + "\n# an edit: the spec's content decides the PM\n")
-    assert pipeline.fingerprint(recipe, "preference_model", {})[0] != before
+    spec.write_text(spec.read_text() + "\n# a comment changes nothing the PM reads\n")
+    assert pipeline.fingerprint(recipe, "preference_model", {})[0] == before
+    spec.write_text(spec.read_text().replace("center_coef: 0.01", "center_coef: 0.02"))
+    assert pipeline.fingerprint(recipe, "preference_model", {})[0] != before  # a setting of the spec does

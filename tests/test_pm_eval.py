@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from cai.cli import main
-from cai.eval_metrics import bootstrap_ci, calibration_points, ece, reliability_bins, summarise
+from cai.cli.main import main
+from cai.stats import bootstrap_ci, calibration_points, ece, reliability_bins, summarise
 
 
 @pytest.fixture(scope="module")
 def pm_dir(tmp_path_factory, tiny_dir):
     """An untrained tiny PM folder, laid out as the preference_model stage saves it."""
-    from cai.models import load_model, load_tokenizer
-    from cai.rundir import write_json
+    from cai.runtime.models import load_model, load_tokenizer
+    from cai.runtime.rundir import write_json
 
     out = tmp_path_factory.mktemp("pm") / "model"
     load_model("tiny-random-llama", kind="seq_cls").save_pretrained(out)
@@ -68,9 +68,9 @@ def test_pm_eval_on_hh_pairs_and_ai_risk(pm_dir, tmp_path, capsys):
 
 def test_pm_eval_agrees_with_the_scorer(pm_dir):
     """Accuracy counts the items whose right answer scores higher, with the scores RewardScorer gives."""
-    from cai.evaluation import evaluate_pm
-    from cai.pm import RewardScorer
-    from cai.reward_specs import load_items, load_suite
+    from cai.eval.measure import evaluate_pm
+    from cai.eval.suites import load_items, load_suite
+    from cai.pm.scoring import RewardScorer
 
     scorer = RewardScorer(pm_dir)
     assert (scorer.mean, scorer.std) == (0.1, 2.0)
@@ -134,7 +134,7 @@ def test_feedback_eval_multiple_choice_and_errors(tiny_dir, tmp_path, capsys):
 
 def test_suite_file_with_a_bad_row_names_the_line(tmp_path):
     from cai.errors import UserError
-    from cai.reward_specs import load_items, load_suite
+    from cai.eval.suites import load_items, load_suite
 
     data = tmp_path / "mc.jsonl"
     data.write_text(

@@ -11,13 +11,13 @@ import textwrap
 import pytest
 import torch
 
-from cai.config import LoraConfig, PPOConfig
+from cai.config.recipe import LoraConfig, PPOConfig
 from cai.errors import UserError
-from cai.models import load_model, load_tokenizer, wrap_lora
 from cai.rl.modules import PolicyModel, ValueModel
 from cai.rl.rewards import FunctionReward, make_reward
 from cai.rl.trainer import PPOTrainer
-from cai.rundir import MetricsLog, read_jsonl
+from cai.runtime.models import load_model, load_tokenizer, wrap_lora
+from cai.runtime.rundir import MetricsLog, read_jsonl
 
 PROMPTS = [{"messages": [{"role": "user", "content": f"Write something, please ({i})."}]} for i in range(16)]
 
@@ -223,8 +223,8 @@ def test_reusing_the_rollout_critic_graph_is_exact(tmp_path):
 
 
 def test_stop_string_truncates_and_counts_as_finished(tmp_path):
-    from cai.generate import Generated
     from cai.rl.rollout import cut_at_stop
+    from cai.runtime.generate import Generated
 
     trainer = make_trainer(tmp_path, updates=1, stop_string="lo w")
     tok = trainer.tok

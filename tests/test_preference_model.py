@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from cai.pm import centring_loss, pair_accuracy, preference_loss, sequence_scores, soft_label_loss
-from cai.rundir import append_jsonl, read_jsonl, write_json
+from cai.config.layout import stage_view
+from cai.pm.loss import centring_loss, pair_accuracy, preference_loss, soft_label_loss
+from cai.pm.scoring import sequence_scores
+from cai.runtime.rundir import append_jsonl, read_jsonl, write_json
 
 
 def test_soft_label_loss_by_hand():
@@ -46,7 +49,7 @@ def test_hard_labels_centring_and_accuracy():
 
 
 def test_scores_read_at_last_real_token_any_padding(tiny_dir):
-    from cai.models import load_model, load_tokenizer
+    from cai.runtime.models import load_model, load_tokenizer
 
     tok = load_tokenizer("tiny-random-llama")
     model = load_model("tiny-random-llama", kind="seq_cls").eval()
@@ -101,7 +104,7 @@ def feedback_fixture(run, rows):
 
 def test_training_learns_a_signal_and_saves_a_reloadable_pm(tiny_recipe, tmp_path):
     from cai import pipeline
-    from cai.pm import RewardScorer
+    from cai.pm.scoring import RewardScorer
 
     recipe = tiny_recipe(
         "stages=[feedback,preference_model]",
@@ -152,11 +155,11 @@ def test_training_learns_a_signal_and_saves_a_reloadable_pm(tiny_recipe, tmp_pat
 def test_lora_bradley_terry_spec_and_resume(tiny_recipe, tmp_path, monkeypatch):
     from transformers import AutoModelForSequenceClassification
 
-    from cai.rundir import StageContext
+    from cai.runtime.rundir import StageContext
     from cai.stages import preference_model as stage
 
     spec = tmp_path / "lora-spec.yaml"
-    spec.write_text("name: lora-spec\nloss: bradley_terry\nlora: {r: 4, alpha: 8}\nlearning_rate: 1.0e-3\n")
+    spec.write_text("loss: bradley_terry\nlora: {r: 4, alpha: 8}\nlearning_rate: 1.0e-3\n")
     recipe = tiny_recipe(
         f"preference_model.spec={spec}",
         "preference_model.max_steps=4",
@@ -164,14 +167,17 @@ def test_lora_bradley_terry_spec_and_resume(tiny_recipe, tmp_path, monkeypatch):
         "preference_model.batch_size=4",
         "preference_model.learning_rate=5e-3",
     )
-    cfg, loaded = stage.effective_config(recipe)
-    assert loaded.name == "lora-spec" and cfg.loss == "bradley_terry" and cfg.lora.r == 4
+    cfg = stage_view(recipe, "preference_model").preference_model
+    assert cfg.spec == str(spec) and cfg.loss == "bradley_terry" and cfg.lora.r == 4
     assert cfg.learning_rate == 5e-3  # the recipe's own key wins over the spec's
     run = tmp_path / "run"
     feedback_fixture(run, synthetic_pairs(24))
     out = run / "preference_model"
     ctx = StageContext(
-        recipe=recipe, stage="preference_model", out_dir=out, inputs={"feedback": run / "feedback"}
+        config=stage_view(recipe, "preference_model"),
+        stage="preference_model",
+        out_dir=out,
+        inputs={"feedback": run / "feedback"},
     )
     stage.run(ctx)
     model = AutoModelForSequenceClassification.from_pretrained(out / "model", num_labels=1)
@@ -188,40 +194,55 @@ def test_lora_bradley_terry_spec_and_resume(tiny_recipe, tmp_path, monkeypatch):
     )
     stage.run(
         StageContext(
-            recipe=recipe2, stage="preference_model", out_dir=out, inputs={"feedback": run / "feedback"}
+            config=stage_view(recipe2, "preference_model"),
+            stage="preference_model",
+            out_dir=out,
+            inputs={"feedback": run / "feedback"},
         )
     )
     steps = [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_specs_and_suites_validate(root):
+def test_specs_and_suites_validate(tmp_path):
+    from cai.config.pm_spec import SPEC_DIR, load_pm_spec
     from cai.errors import UserError
-    from cai.reward_specs import SPEC_DIR, SUITE_DIR, load_pm_spec, load_suite
+    from cai.eval.suites import SUITE_DIR, load_suite
 
-    for p in SPEC_DIR.glob("*.yaml"):
-        assert load_pm_spec(p.stem).name == p.stem
+    specs = sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
+    assert specs == ["bt-lora", "soft-full", "soft-hh-mix", "value-head-lm"]
+    for name in specs:
+        assert load_pm_spec(name)  # a partial preference_model block, validated by the recipe schema
+    mix = load_pm_spec("soft-hh-mix")["human_data"]["path"]
+    assert Path(
+        mix
+    ).is_file()  # relative to the spec file, which points at the shared data beside the checkout
     for name in ("pairs", "ai-risk", "multiple-choice", "harmful-vs-ethical", "harmfulness-classification"):
-        assert load_suite(name).name == name and (SUITE_DIR / f"{name}.yaml").is_file()
+        suite = load_suite(name)
+        assert suite.name == name and (SUITE_DIR / f"{name}.yaml").is_file()
+        assert all(Path(f).exists() or "*" in f for f in suite.files)
     with pytest.raises(UserError, match="no-such"):
         load_pm_spec("no-such")
-    bad = root / "reward_models" / "suites" / "pairs.yaml"
-    text = bad.read_text()
-    tmp = bad.with_name("tmp-bad-suite.yaml")
-    try:
-        tmp.write_text(text + "colour: red\n")
-        with pytest.raises(UserError, match=r"tmp-bad-suite.yaml:\d+.*colour"):
-            load_suite("tmp-bad-suite")
-    finally:
-        tmp.unlink()
+    with pytest.raises(UserError, match="no-such-suite"):
+        load_suite("no-such-suite")
+    bad = tmp_path / "bad-suite.yaml"
+    bad.write_text((SUITE_DIR / "pairs.yaml").read_text() + "colour: red\n")
+    with pytest.raises(UserError, match=r"bad-suite.yaml:\d+.*colour"):
+        load_suite(str(bad))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("loss: soft\nlerning_rate: 0.1\n")
+    with pytest.raises(
+        UserError, match=r"spec.yaml:2: unknown key 'lerning_rate'; did you mean 'learning_rate'"
+    ):
+        load_pm_spec(str(spec))
 
 
-# ---- the value-head PM (cai.pm_value_head): a causal LM that keeps its LM head, plus a scalar head
+# ---- the value-head PM (cai.pm.value_head): a causal LM that keeps its LM head, plus a scalar head
 
 
 def test_response_lm_labels_by_hand():
-    from cai.pm_value_head import IGNORE_INDEX as X
-    from cai.pm_value_head import preferred_rows, response_lm_labels
+    from cai.pm.value_head import IGNORE_INDEX as X
+    from cai.pm.value_head import preferred_rows, response_lm_labels
 
     ids = torch.tensor([[1, 2, 3, 4, 0], [0, 0, 5, 6, 7], [8, 9, 10, 0, 0], [11, 12, 13, 14, 15]])
     mask = torch.tensor([[1, 1, 1, 1, 0], [0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
@@ -240,8 +261,8 @@ def test_response_lm_labels_by_hand():
 def test_value_head_forward_scores_and_lm_nll(tiny_dir):
     """The value head is read at the last real token whatever the padding, and each row's LM NLL is the causal
     LM's own next-token NLL of its labelled tokens; the per-pair LM loss divides by the number of pairs."""
-    from cai.models import load_model
-    from cai.pm_value_head import ValueHeadPM, pair_lm_loss, response_lm_labels
+    from cai.pm.value_head import ValueHeadPM, pair_lm_loss, response_lm_labels
+    from cai.runtime.models import load_model
 
     pm = ValueHeadPM.from_pretrained("tiny-random-llama", seed=3).eval()
     lm = load_model("tiny-random-llama").eval()
@@ -269,9 +290,9 @@ def test_value_head_pm_learns_a_signal_and_round_trips(tiny_recipe, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from cai import pipeline
-    from cai.pm import RewardScorer
+    from cai.pm.pairs import split_pairs
+    from cai.pm.scoring import RewardScorer
     from cai.rl.rewards import make_reward
-    from cai.stages.preference_model import split_pairs
 
     recipe = tiny_recipe(
         "stages=[feedback,preference_model]",
@@ -328,7 +349,7 @@ def test_value_head_pm_learns_a_signal_and_round_trips(tiny_recipe, tmp_path):
     assert float(again.mean()) == pytest.approx(norm["mean"], abs=1e-4)
     assert float(again.std()) == pytest.approx(norm["std"], abs=1e-4)
     # `cai pm eval` and PPO's reward read it through the same scorer
-    from cai.evaluation import evaluate_pm
+    from cai.eval.measure import evaluate_pm
 
     res = evaluate_pm(scorer, "ai-risk", limit=4)
     assert res["n"] == 4 and 0.0 <= res["accuracy"] <= 1.0
@@ -339,13 +360,16 @@ def test_value_head_pm_learns_a_signal_and_round_trips(tiny_recipe, tmp_path):
 
 
 def stage_run(recipe, run, out_name="preference_model"):
-    from cai.rundir import StageContext
+    from cai.runtime.rundir import StageContext
     from cai.stages import preference_model as stage
 
     out = run / out_name
     stage.run(
         StageContext(
-            recipe=recipe, stage="preference_model", out_dir=out, inputs={"feedback": run / "feedback"}
+            config=stage_view(recipe, "preference_model"),
+            stage="preference_model",
+            out_dir=out,
+            inputs={"feedback": run / "feedback"},
         )
     )
     return out
@@ -415,15 +439,14 @@ def test_value_head_resume_matches_an_uninterrupted_run(tiny_recipe, tmp_path, l
 
 def test_lm_coef_needs_a_value_head(tiny_recipe, tmp_path):
     from cai.errors import UserError
-    from cai.stages.preference_model import effective_config
+    def effective(recipe):
+        return stage_view(recipe, "preference_model").preference_model
 
     with pytest.raises(UserError, match=r"preference_model\.lm_coef.*value_head"):
         tiny_recipe("preference_model.lm_coef=0.1")
     assert tiny_recipe("preference_model.lm_coef=0.1", "preference_model.head=value_head")
     # with a spec the head may come from it: checked on the merged settings
-    cfg, spec = effective_config(
-        tiny_recipe("preference_model.spec=value-head-lm", "preference_model.lm_coef=0.5")
-    )
-    assert spec.name == "value-head-lm" and cfg.head == "value_head" and cfg.lm_coef == 0.5
+    cfg = effective(tiny_recipe("preference_model.spec=value-head-lm", "preference_model.lm_coef=0.5"))
+    assert cfg.spec == "value-head-lm" and cfg.head == "value_head" and cfg.lm_coef == 0.5
     with pytest.raises(UserError, match=r"preference_model\.lm_coef.*value_head.*bt-lora"):
-        effective_config(tiny_recipe("preference_model.spec=bt-lora", "preference_model.lm_coef=0.1"))
+        effective(tiny_recipe("preference_model.spec=bt-lora", "preference_model.lm_coef=0.1"))

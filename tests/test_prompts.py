@@ -8,9 +8,10 @@ from collections import Counter
 
 import pytest
 
-from cai.config import PromptsConfig, PromptSource
+from cai.config.recipe import PromptsConfig, PromptSource
+from cai.data.hh import parse_hh_transcript, split_hh_pair
+from cai.data.sources import load_prompts, load_source, to_messages
 from cai.errors import UserError
-from cai.prompts import load_prompts, load_source, parse_hh_transcript, split_hh_pair, to_messages
 
 
 def cfg(*sources, held_out=0.0, **kw):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cai import cli
-from cai.config import STAGES, Recipe, load_recipe, parse_value, validate_dotted_key
+from cai.cli import main as cli
+from cai.config.load import load_recipe, parse_value, validate_dotted_key
+from cai.config.recipe import STAGES, Recipe
 from cai.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def test_the_two_foundation_recipes_exist():
 
 def _local_model_ref(ref: str | None) -> Path | None:
     """A model reference that names a local file or folder (not an alias or hub id)."""
-    from cai.models import ALIASES
+    from cai.runtime.models import ALIASES
 
     if not ref or ref in ALIASES or ref in ("sft", "base"):
         return None
@@ -85,7 +86,7 @@ def test_recipe_parses_and_its_files_exist(path, monkeypatch):
     for f in filter(None, files):
         assert Path(f).exists(), f"{path.name}: {f} does not exist"
     for c in filter(None, [r.constitution, r.feedback_constitution]):
-        from cai.constitution import load_constitution
+        from cai.constitution.schema import load_constitution
 
         load_constitution(c)
     for ref in [

@@ -8,8 +8,8 @@ import re
 import shlex
 from pathlib import Path
 
-from cai.cli import main
-from cai.rundir import read_manifest
+from cai.cli.main import main
+from cai.runtime.rundir import read_manifest
 
 SECTIONS = [
     "## Stages",
@@ -158,7 +158,7 @@ def test_a_missing_arm_constitution_is_a_user_error_before_anything_runs(tmp_pat
 
 def test_epoch_means_group_logged_steps_by_epoch():
     """A noisy partial last batch must not hide a falling loss: per-epoch means, by hand."""
-    from cai.reporting import epoch_means
+    from cai.stats import epoch_means
 
     rows = [{"epoch": e, "loss": v} for e, v in [(0.25, 2.0), (0.5, 3.0), (1.0, 4.0), (1.5, 1.0), (2.0, 2.0)]]
     assert epoch_means(rows) == [3.0, 1.5]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cai.rundir import read_jsonl, read_manifest
+from cai.runtime.rundir import read_jsonl, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["critique_revise", "sft", "feedback", "preference_model", "ppo"]

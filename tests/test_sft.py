@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from cai.rundir import StageContext, read_jsonl
+from cai.config.layout import stage_view
+from cai.runtime.rundir import StageContext, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def recipe_with(run_dir, *sets):
-    from cai.config import load_recipe
+    from cai.config.load import load_recipe
 
     return load_recipe(ROOT / "recipes/tiny.yaml", [f"run_dir={run_dir}", *sets])
 
@@ -38,7 +39,7 @@ def run_sft(cr_dir, out_dir, *sets):
     from cai.stages import sft
 
     ctx = StageContext(
-        recipe=recipe_with(out_dir.parent, *sets),
+        config=stage_view(recipe_with(out_dir.parent, *sets), "sft"),
         stage="sft",
         out_dir=out_dir,
         inputs={"critique_revise": cr_dir},
@@ -50,7 +51,7 @@ def run_sft(cr_dir, out_dir, *sets):
 
 def mean_loglik(model, tok, records) -> float:
     """Mean per-token log-likelihood of each record's final text (plus end of turn) after its prompt."""
-    from cai.scoring import continuation_logprob
+    from cai.runtime.forward import continuation_logprob
 
     prompts = [
         tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in records
@@ -70,7 +71,8 @@ def test_loss_is_on_the_completion_only(tiny, cr_dir, tmp_path):
     assert len(sft_examples(records, include_helpful=False)) == sum(r["kind"] == "red_team" for r in records)
     import copy
 
-    trainer = build_trainer(recipe_with(tmp_path), copy.deepcopy(model), tok, examples[:3], tmp_path / "ck")
+    r = recipe_with(tmp_path)
+    trainer = build_trainer(r.sft, r.settings, copy.deepcopy(model), tok, examples[:3], tmp_path / "ck")
     for ex, row in zip(examples[:3], trainer.train_dataset):
         ids, labels = row["input_ids"], row["labels"]
         first = next(i for i, x in enumerate(labels) if x != -100)
@@ -83,7 +85,7 @@ def test_loss_is_on_the_completion_only(tiny, cr_dir, tmp_path):
 def test_sft_raises_the_likelihood_of_the_revisions(tiny, cr_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from cai.models import load_model
+    from cai.runtime.models import load_model
 
     base, tok = tiny
     ctx = run_sft(cr_dir, tmp_path / "sft")
@@ -111,7 +113,7 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(cr_dir, tmp_path, monk
 
     from cai.stages import sft
 
-    original = sft._callback
+    original = sft.metrics_callback
 
     def stopping_callback(log):
         cb = original(log)
@@ -125,12 +127,12 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(cr_dir, tmp_path, monk
         return cb
 
     out = tmp_path / "sft"
-    monkeypatch.setattr(sft, "_callback", stopping_callback)
+    monkeypatch.setattr(sft, "metrics_callback", stopping_callback)
     with pytest.raises(KeyboardInterrupt):
         run_sft(cr_dir, out)
     assert (out / "checkpoints" / "checkpoint-2").is_dir() and not (out / "model").exists()
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
-    monkeypatch.setattr(sft, "_callback", original)
+    monkeypatch.setattr(sft, "metrics_callback", original)
     run_sft(cr_dir, out)
     assert "resuming from" in capsys.readouterr().out
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
@@ -149,7 +151,7 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(cr_dir, tmp_path, monk
 def test_lora_is_merged_on_save(tiny, cr_dir, tmp_path):
     import torch
 
-    from cai.models import load_model
+    from cai.runtime.models import load_model
 
     base, _ = tiny
     out = tmp_path / "sft"
@@ -169,16 +171,16 @@ def test_unmerged_lora_saves_an_adapter_both_loaders_open(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cai.config import LoraConfig
-    from cai.models import load_model, load_tokenizer, wrap_lora
-    from cai.stages.sft import save_model
+    from cai.config.recipe import LoraConfig
+    from cai.runtime.models import load_model, load_tokenizer, wrap_lora
+    from cai.runtime.training import save_trained
 
     model = wrap_lora(load_model("tiny-random-llama"), LoraConfig(r=4))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.fill_(0.01)  # a non-zero adapter
-    save_model(model, load_tokenizer("tiny-random-llama"), tmp_path / "model", merge=False)
+    save_trained(None, model, load_tokenizer("tiny-random-llama"), tmp_path / "model", merge=False)
     assert (tmp_path / "model" / "adapter_config.json").is_file()
     ids = torch.tensor([[5, 6, 7, 8]])
     want = model(input_ids=ids).logits

@@ -19,6 +19,10 @@ from pathlib import Path
 import torch
 
 from cai.errors import UserError
+from cai.rl import engine
+from cai.rl.modules import load_trainable_state, trainable_state
+from cai.runtime import distributed as dist
+from cai.runtime.rundir import append_jsonl, read_jsonl
 
 PREFIX = "step-"
 
@@ -119,10 +123,6 @@ def load(path: Path, rank: int = 0) -> tuple[dict, dict | None, dict, dict | Non
 def resume(trainer) -> None:
     """Load the newest checkpoint of a cai.rl.trainer.PPOTrainer (if any) into it: trainable weights,
     optimizers, schedulers, KL controller, RNG state and step; metrics rows logged after it are dropped."""
-    from cai import distributed as dist
-    from cai.rl import engine
-    from cai.rl.modules import load_trainable_state
-    from cai.rundir import append_jsonl, read_jsonl
 
     path = latest(trainer.ckpt_dir)
     if path is None:
@@ -163,9 +163,6 @@ def resume(trainer) -> None:
 def save_trainer(trainer, step: int, name: str | None = None) -> Path:
     """Checkpoint a cai.rl.trainer.PPOTrainer: trainable weights of policy and critic, the optimizer, the
     scheduler, the KL controller and every rank's RNG state."""
-    from cai import distributed as dist
-    from cai.rl import engine
-    from cai.rl.modules import trainable_state
 
     ds = trainer.stepper.deepspeed
     weights, optimizer_state = {}, None

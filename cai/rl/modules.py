@@ -12,7 +12,8 @@ import contextlib
 import torch
 from torch import nn
 
-from cai.scoring import position_ids
+from cai.rl.ppo_math import entropy_from_logits
+from cai.runtime.forward import position_ids
 
 
 def gathered(params: list):
@@ -212,7 +213,7 @@ def scatter_response(values, attention_mask, n_response: int):
 
 def logprobs_from_hidden(head, hidden, tokens, temperature: float, entropy: bool = False):
     """log π(token) under softmax(head(hidden)/temperature), and optionally the per-token entropy (no grad)."""
-    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+    from trl.trainer.utils import selective_log_softmax
 
     logits = head(hidden).float()
     if temperature != 1.0:

@@ -20,6 +20,9 @@ from __future__ import annotations
 import importlib
 
 from cai.errors import UserError
+from cai.pm.scoring import RewardScorer, conversation_ids
+from cai.runtime.forward import pad
+from cai.runtime.settings import DEFAULT, Settings
 
 
 def load_function(path: str, where: str = "ppo.reward"):
@@ -61,15 +64,14 @@ class FunctionReward:
 
 
 def make_reward(
-    spec: str, pm_dir=None, device="cpu", dtype="auto", trust_remote_code: bool = False, batch_size: int = 8
+    spec: str, pm_dir=None, settings: Settings = DEFAULT, device: str | None = None, batch_size: int = 8
 ):
-    """'pm' → the preference model in `pm_dir`; anything else → an import path to a reward function."""
+    """'pm' → the preference model in `pm_dir` (loaded with `settings` onto `device`); anything else → an import
+    path to a reward function."""
     if spec == "pm":
         if pm_dir is None:
             raise UserError("ppo.reward: 'pm' needs the preference_model stage's output")
-        return PreferenceModelReward(
-            pm_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code, batch_size=batch_size
-        )
+        return PreferenceModelReward(pm_dir, settings, device=device, batch_size=batch_size)
     return FunctionReward(load_function(spec), name=f"ppo.reward '{spec}'")
 
 
@@ -81,12 +83,11 @@ class PreferenceModelReward:
     """
 
     def __init__(
-        self, model_dir, device="cpu", dtype="auto", trust_remote_code: bool = False, batch_size: int = 8
+        self, model_dir, settings: Settings = DEFAULT, device: str | None = None, batch_size: int = 8
     ):
-        from cai.pm import RewardScorer
         from cai.rl.modules import disable_dropout
 
-        self.scorer = RewardScorer(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.scorer = RewardScorer(model_dir, settings, device=device)
         disable_dropout(self.scorer.model)
         self.batch_size = batch_size
 
@@ -103,13 +104,12 @@ class PreferenceModelReward:
     def __call__(self, prompts, responses, **kwargs):
         import torch
 
-        from cai.pm import conversation_ids
         from cai.rl.modules import response_states, varlen_supported
 
         convs = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
         model = self.scorer.model
         head = getattr(model, "score", None)
-        if hasattr(model, "v_head") and hasattr(model, "lm"):  # a value-head PM (cai.pm_value_head)
+        if hasattr(model, "v_head") and hasattr(model, "lm"):  # a value-head PM (cai.pm.value_head)
             model, head = model.lm, model.v_head
         if not isinstance(head, torch.nn.Linear) or not varlen_supported(model):
             raw = self.scorer.score(convs, batch_size=self.batch_size).float()
@@ -119,9 +119,7 @@ class PreferenceModelReward:
         raw = torch.zeros(len(seqs))
         for s in range(0, len(seqs), self.batch_size):
             chunk = seqs[s : s + self.batch_size]
-            T = max(len(x) for x in chunk)
-            ids = torch.tensor([[0] * (T - len(x)) + x for x in chunk], device=self.scorer.device)
-            mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in chunk], device=self.scorer.device)
+            ids, mask = (t.to(self.scorer.device) for t in pad(chunk, 0))
             with torch.no_grad():
                 h = response_states(model, ids, mask, 1, varlen=True, shift=0)
                 raw[s : s + len(chunk)] = head(h).squeeze(-1).float().cpu()

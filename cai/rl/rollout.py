@@ -3,12 +3,12 @@ truncation, and statistics over all processes."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
-from cai import distributed as dist
+from cai.runtime import distributed as dist
+from cai.runtime.hashing import derive_seed
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Rollout:
 
 def seed_of(*parts) -> int:
     """A 32-bit seed derived from any values (the same on every machine)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+    return derive_seed(repr(parts))
 
 
 def prompt_indices(n_prompts: int, batch: int, update: int, seed: int) -> list[int]:

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from cai import distributed as dist
 from cai.errors import UserError
 from cai.rl import checkpoint as ckpt
 from cai.rl import engine
 from cai.rl import ppo_math as pm
-from cai.rl.modules import ActorCritic, PolicyModel, disable_dropout
+from cai.rl.modules import ActorCritic, PolicyModel, check_varlen, disable_dropout
 from cai.rl.rollout import Rollout, cut_at_stop, global_stats, prompt_indices, seed_of
+from cai.runtime import distributed as dist
+from cai.runtime.generate import HFBackend, Sampling
 
 
 class PPOTrainer:
@@ -118,7 +119,6 @@ class PPOTrainer:
 
     def _check_varlen(self, ref) -> None:
         """Packed (padding-free) forwards must give what padded ones give on this model; else use padded ones."""
-        from cai.rl.modules import check_varlen
 
         models = [self.policy, self.critic, ref]
         rows = [self.prompt_ids[0][-12:], self.prompt_ids[-1][-7:] + [self.tok.eos_token_id]]
@@ -141,8 +141,6 @@ class PPOTrainer:
     @torch.no_grad()
     def rollout(self, update: int) -> Rollout:
         from trl.trainer.utils import selective_log_softmax
-
-        from cai.generate import HFBackend, Sampling
 
         cfg, dev = self.cfg, self.acc.device
         idx = prompt_indices(len(self.prompt_ids), cfg.rollout_batch_size, update, self.seed)

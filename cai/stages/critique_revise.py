@@ -19,7 +19,6 @@ Outputs: prompts.jsonl, held_out.jsonl, data.jsonl (one record per kept prompt),
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 import time
@@ -27,8 +26,15 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from cai import distributed as dist
-from cai.rundir import read_jsonl, write_json
+from cai.config.recipe import merged_generation
+from cai.constitution.fewshot import fewshot_messages
+from cai.constitution.schema import load_constitution
+from cai.data.sources import load_prompts, write_prompts
+from cai.runtime import distributed as dist
+from cai.runtime.generate import Engine
+from cai.runtime.hashing import derive_seed
+from cai.runtime.models import load_for_inference
+from cai.runtime.rundir import read_jsonl, write_json
 
 # --- clean-up filters (pure functions) ----------------------------------------------------------------------
 
@@ -156,91 +162,64 @@ def round_requests(state: dict, live: list[str], upto: str, fewshot: list[dict])
 
 def step_seed(seed: int, name: str) -> int:
     """A 32-bit seed derived from the recipe seed and a name (a step, or a prompt and round)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
+    return derive_seed(f"{seed}:{name}")
 
 
 # --- the stage ----------------------------------------------------------------------------------------------
 
 
-def run(ctx) -> Path:
-    from cai.config import merged_generation
-    from cai.constitution import load_constitution
-    from cai.fewshot import fewshot_messages
-    from cai.generate import Engine, Sampling
-    from cai.models import load_model, load_tokenizer, resolve_device
-    from cai.prompts import load_prompts, write_prompts
+class Steps:
+    """The generation steps of one run (initial, critique_k, revision_k): each one `Engine.run` over all its
+    items that streams to steps/<step>.jsonl (so a rerun resumes it), timed; generated texts are cleaned."""
 
-    recipe, cfg, out = ctx.recipe, ctx.recipe.critique_revise, ctx.out_dir
-    train, held = load_prompts(recipe.prompts, recipe.seed)
-    if dist.is_main():
-        write_prompts(out / "prompts.jsonl", train)
-        write_prompts(out / "held_out.jsonl", held)
-    constitution = load_constitution(recipe.constitution)
-    fewshot = fewshot_messages(cfg.few_shot or constitution.few_shot.critique_revise, cfg.num_few_shot)
+    def __init__(self, engine, steps_dir: Path, seed: int):
+        self.engine, self.dir, self.seed = engine, steps_dir, seed
+        self.timing: dict[str, dict] = {}
+        self.truncated: dict[str, int] = {}
+        self.cleanup: Counter = Counter()
 
-    device = resolve_device(recipe.device)
-    if device == "cuda" and dist.world_size() > 1:
-        import os
-
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    gen = merged_generation(recipe.generation, cfg.generation)
-    model = load_model(
-        recipe.models.policy, device=device, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code
-    )
-    tok = load_tokenizer(recipe.models.policy, trust_remote_code=recipe.trust_remote_code)
-    engine = Engine(
-        model,
-        tok,
-        Sampling.from_config(gen),
-        batch_size=gen.batch_size,
-        seed=recipe.seed,
-        backend=gen.backend,
-    )
-    steps_dir = out / "steps"
-    timing: dict[str, dict] = {}
-    truncated: dict[str, int] = {}
-
-    def step(name: str, requests: list[dict]) -> dict[str, dict]:
-        path = steps_dir / f"{name}.jsonl"
+    def __call__(self, name: str, requests: list[dict]) -> dict[str, dict]:
+        path = self.dir / f"{name}.jsonl"
         before = {r["id"] for r in read_jsonl(path)}
-        engine.seed = step_seed(recipe.seed, name)
+        self.engine.seed = step_seed(self.seed, name)
         t0 = time.time()
-        rows = engine.run(requests, out_path=path, desc=name)
+        rows = self.engine.run(requests, out_path=path, desc=name)
         secs = time.time() - t0
         fresh = sum(r["new_tokens"] for r in rows if r["id"] not in before)
-        timing[name] = {
+        self.timing[name] = {
             "items": len(rows),
             "resumed": len(before & {r["id"] for r in rows}),
             "new_tokens": fresh,
             "seconds": round(secs, 2),
             "tokens_per_s": round(fresh / secs, 2) if secs > 0 else 0.0,
         }
-        truncated[name] = sum(r["finish"] == "length" for r in rows)
+        self.truncated[name] = sum(r["finish"] == "length" for r in rows)
         return {r["id"]: r for r in rows}
 
-    cleanup: Counter = Counter()
-    rejected: dict[str, dict] = {}
-
-    def cleaned(row: dict) -> str:
+    def cleaned(self, row: dict) -> str:
         text, fixes = clean_text(row["text"])
-        cleanup.update(fixes)
+        self.cleanup.update(fixes)
         return text
 
-    # Step 1: initial answers to every prompt (red-team and helpful).
-    initial_rows = step("initial", [{"id": p["id"], "messages": p["messages"]} for p in train])
-    state = {p["id"]: {"prompt": p, "initial": cleaned(initial_rows[p["id"]]), "rounds": []} for p in train}
+
+def revise(steps: Steps, train: list[dict], constitution, fewshot, seed: int, rounds: int):
+    """Initial answers to every prompt, then `rounds` critique→revision rounds for the red-team prompts still in
+    play. Returns (state by prompt id, rejected {id: {reason, round}}, principles used)."""
+    initial_rows = steps("initial", [{"id": p["id"], "messages": p["messages"]} for p in train])
+    state = {
+        p["id"]: {"prompt": p, "initial": steps.cleaned(initial_rows[p["id"]]), "rounds": []} for p in train
+    }
+    rejected: dict[str, dict] = {}
     for pid, s in state.items():
         if not s["initial"].strip():
             rejected[pid] = {"reason": "empty_initial", "round": 0}
         elif s["prompt"]["kind"] == "helpful" and is_degenerate(s["initial"]):
             rejected[pid] = {"reason": "degenerate_repetition", "round": 0}
-
-    # Steps 2..: critique and revision rounds for red-team prompts still in play.
     principles_used: Counter = Counter()
-    for k in range(1, cfg.num_revisions + 1):
+    for k in range(1, rounds + 1):
         live = [pid for pid, s in state.items() if s["prompt"]["kind"] == "red_team" and pid not in rejected]
         for pid in live:
-            p = sample_principle(constitution, recipe.seed, pid, k)
+            p = sample_principle(constitution, seed, pid, k)
             principles_used[p.id] += 1
             state[pid]["rounds"].append(
                 {
@@ -249,18 +228,22 @@ def run(ctx) -> Path:
                     "revision_request": p.revision.strip(),
                 }
             )
-        crit_rows = step(f"critique_{k}", round_requests(state, live, "critique", fewshot))
+        crit_rows = steps(f"critique_{k}", round_requests(state, live, "critique", fewshot))
         for pid in live:
-            state[pid]["rounds"][-1]["critique"] = cleaned(crit_rows[pid])
-        rev_rows = step(f"revision_{k}", round_requests(state, live, "revision", fewshot))
+            state[pid]["rounds"][-1]["critique"] = steps.cleaned(crit_rows[pid])
+        rev_rows = steps(f"revision_{k}", round_requests(state, live, "revision", fewshot))
         for pid in live:
             r = state[pid]["rounds"][-1]
-            r["revision"] = cleaned(rev_rows[pid])
+            r["revision"] = steps.cleaned(rev_rows[pid])
             reason = revision_problem(r["revision"], [r["critique_request"], r["revision_request"]])
             if reason:
                 rejected[pid] = {"reason": reason, "round": k}
+    return state, rejected, principles_used
 
-    records, rejects = [], []
+
+def records(train: list[dict], state: dict, rejected: dict) -> tuple[list[dict], list[dict]]:
+    """(kept records, rejected records): one per training prompt, with its rounds and final response."""
+    kept, rejects = [], []
     for p in train:
         s = state[p["id"]]
         rounds = [
@@ -280,11 +263,14 @@ def run(ctx) -> Path:
         if p["id"] in rejected:
             rejects.append({**rec, **rejected[p["id"]]})
         else:
-            records.append(rec)
+            kept.append(rec)
+    return kept, rejects
 
-    gen_seconds = sum(t["seconds"] for t in timing.values())
-    gen_tokens = sum(t["new_tokens"] for t in timing.values())
-    stats = {
+
+def stage_stats(train, held, kept, rejects, steps: Steps, principles_used, num_revisions, n_fewshot) -> dict:
+    gen_seconds = sum(t["seconds"] for t in steps.timing.values())
+    gen_tokens = sum(t["new_tokens"] for t in steps.timing.values())
+    return {
         "prompts": {
             "train": len(train),
             "held_out": len(held),
@@ -292,43 +278,60 @@ def run(ctx) -> Path:
             "train_by_source": dict(Counter(p["source"] for p in train)),
         },
         "records": {
-            "written": len(records),
-            "red_team": sum(r["kind"] == "red_team" for r in records),
-            "helpful": sum(r["kind"] == "helpful" for r in records),
+            "written": len(kept),
+            "red_team": sum(r["kind"] == "red_team" for r in kept),
+            "helpful": sum(r["kind"] == "helpful" for r in kept),
         },
         "rejected": {"total": len(rejects), "by_reason": dict(Counter(r["reason"] for r in rejects))},
         "cleanup": {
-            "stripped_prefix": cleanup["stripped_prefix"],
-            "cut_at_role_tag": cleanup["cut_at_role_tag"],
+            "stripped_prefix": steps.cleanup["stripped_prefix"],
+            "cut_at_role_tag": steps.cleanup["cut_at_role_tag"],
         },
-        "truncated_at_max_new_tokens": truncated,
+        "truncated_at_max_new_tokens": steps.truncated,
         "principles": dict(sorted(principles_used.items())),
-        "num_revisions": cfg.num_revisions,
-        "few_shot_messages": len(fewshot),
+        "num_revisions": num_revisions,
+        "few_shot_messages": n_fewshot,
         # Timing depends on the machine and on how much a resumed run still had to do; the rest is reproducible.
         "timing": {
             "generation_seconds": round(gen_seconds, 2),
             "generated_tokens": gen_tokens,
             "tokens_per_s": round(gen_tokens / gen_seconds, 2) if gen_seconds > 0 else 0.0,
-            "steps": timing,
+            "steps": steps.timing,
         },
     }
+
+
+def run(ctx) -> Path:
+    c, out = ctx.config, ctx.out_dir
+    cfg, seed = c.critique_revise, c.settings.seed
+    train, held = load_prompts(c.prompts, seed)
     if dist.is_main():
-        write_prompts(out / "data.jsonl", records)
+        write_prompts(out / "prompts.jsonl", train)
+        write_prompts(out / "held_out.jsonl", held)
+    constitution = load_constitution(c.constitution)
+    fewshot = fewshot_messages(cfg.few_shot or constitution.few_shot.critique_revise, cfg.num_few_shot)
+    model, tok = load_for_inference(c.models.policy, c.settings)
+    engine = Engine.for_config(model, tok, merged_generation(c.generation, cfg.generation), seed)
+    steps = Steps(engine, out / "steps", seed)
+    state, rejected, principles_used = revise(steps, train, constitution, fewshot, seed, cfg.num_revisions)
+    kept, rejects = records(train, state, rejected)
+    stats = stage_stats(train, held, kept, rejects, steps, principles_used, cfg.num_revisions, len(fewshot))
+    if dist.is_main():
+        write_prompts(out / "data.jsonl", kept)
         write_prompts(out / "rejected.jsonl", rejects)
         write_json(out / "stats.json", stats)
     ctx.summary.update(
         train_prompts=len(train),
         held_out=len(held),
-        records=len(records),
+        records=len(kept),
         revised=stats["records"]["red_team"],
         helpful=stats["records"]["helpful"],
         rejected=len(rejects),
-        generated_tokens=gen_tokens,
+        generated_tokens=stats["timing"]["generated_tokens"],
         tokens_per_s=stats["timing"]["tokens_per_s"],
     )
     print(
-        f"[critique_revise] {len(records)} records ({stats['records']['red_team']} revised, "
+        f"[critique_revise] {len(kept)} records ({stats['records']['red_team']} revised, "
         f"{stats['records']['helpful']} helpful), {len(rejects)} rejected {stats['rejected']['by_reason']}, "
         f"{stats['timing']['tokens_per_s']} generated tok/s",
         flush=True,

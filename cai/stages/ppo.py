@@ -18,7 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from cai.errors import UserError
-from cai.rundir import MetricsLog, read_jsonl
+from cai.plots import line_chart
+from cai.rl.rewards import make_reward
+from cai.runtime import distributed as dist
+from cai.runtime.models import load_model, load_tokenizer, wrap_lora
+from cai.runtime.rundir import read_jsonl
 
 
 def load_prompts(path: Path) -> list[dict]:
@@ -32,24 +36,21 @@ def load_prompts(path: Path) -> list[dict]:
     return rows
 
 
-def build_models(recipe, sft_dir: str, device: str):
-    """(policy, reference or None, critic or None, tokenizer) as the recipe's ppo block asks."""
-    from cai.models import load_model, load_tokenizer, wrap_lora
+def build_models(cfg, settings, sft_dir: str, device: str):
+    """(policy, reference or None, critic or None, tokenizer) as a ppo block asks."""
     from cai.rl.modules import PolicyModel, ValueModel
 
-    cfg = recipe.ppo
-    common = dict(device=device, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
-    tok = load_tokenizer(sft_dir, padding_side="left", trust_remote_code=recipe.trust_remote_code)
-    lm = load_model(sft_dir, kind="causal_lm", **common)
+    tok = load_tokenizer(sft_dir, settings, padding_side="left")
+    lm = load_model(sft_dir, settings, device=device)
     ref = None
     if cfg.lora is not None:
         lm = wrap_lora(lm, cfg.lora)
     else:
-        ref = load_model(sft_dir, kind="causal_lm", **common)
+        ref = load_model(sft_dir, settings, device=device)
     policy = PolicyModel(lm, value_head=cfg.critic == "value_head")
     critic = None
     if cfg.critic == "separate":
-        seq = load_model(sft_dir, kind="seq_cls", **common)
+        seq = load_model(sft_dir, settings, kind="seq_cls", device=device)
         seq.config.pad_token_id = tok.pad_token_id
         if cfg.lora is not None:
             prefix = seq.base_model_prefix
@@ -58,23 +59,13 @@ def build_models(recipe, sft_dir: str, device: str):
     return policy, ref, critic, tok
 
 
-def fresh_policy(recipe, sft_dir: str):
+def fresh_policy(cfg, settings, sft_dir: str):
     """A CPU copy of the policy's LM as build_models makes it (for gathering sharded weights into)."""
-    from cai.models import load_model, wrap_lora
-
-    lm = load_model(
-        sft_dir,
-        kind="causal_lm",
-        device="cpu",
-        dtype=recipe.dtype,
-        trust_remote_code=recipe.trust_remote_code,
-    )
-    return wrap_lora(lm, recipe.ppo.lora) if recipe.ppo.lora is not None else lm
+    lm = load_model(sft_dir, settings, device="cpu")
+    return wrap_lora(lm, cfg.lora) if cfg.lora is not None else lm
 
 
 def plot(metrics_path: Path, out: Path) -> None:
-    from cai.plots import line_chart
-
     rows = read_jsonl(metrics_path)
     if not rows:
         return
@@ -92,45 +83,24 @@ def run(ctx) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from cai import distributed as dist
-    from cai.models import resolve_device
-    from cai.rl.rewards import make_reward
     from cai.rl.trainer import PPOTrainer
 
-    recipe, cfg, out = ctx.recipe, ctx.recipe.ppo, ctx.out_dir
-    device = resolve_device(recipe.device)
+    cfg, settings, out = ctx.config.ppo, ctx.config.settings, ctx.out_dir
     handlers = []
     if cfg.critic_warmup_updates and cfg.critic == "separate":
         # warm-up updates leave the policy out of the loss: DDP must expect parameters without gradients
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    acc = Accelerator(
-        cpu=dist.accelerator_cpu(device),
-        log_with=recipe.tracker,
-        project_dir=str(out),
-        kwargs_handlers=handlers,
-    )
-    if recipe.tracker:
-        acc.init_trackers("ppo", config=cfg.model_dump(mode="json"))
+    acc = Accelerator(cpu=dist.accelerator_cpu(settings.torch_device()), kwargs_handlers=handlers)
     device = str(acc.device)
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(settings.seed)
 
     sft_dir = ctx.input_dir("sft") / "model"
     if not (sft_dir / "config.json").is_file():
         raise UserError(f"{sft_dir}: the SFT model is missing (run the sft stage first)")
     prompts = load_prompts(ctx.input_dir("critique_revise") / "prompts.jsonl")
-    pm_dir = None
-    if cfg.reward == "pm":
-        pm_dir = ctx.input_dir("preference_model") / "model"
-    reward = make_reward(
-        cfg.reward,
-        pm_dir=pm_dir,
-        device=device,
-        dtype=recipe.dtype,
-        trust_remote_code=recipe.trust_remote_code,
-    )
-    policy, ref, critic, tok = build_models(recipe, str(sft_dir), device)
-
-    metrics = MetricsLog(out / "metrics.jsonl", tracker=acc if recipe.tracker else None)
+    pm_dir = ctx.input_dir("preference_model") / "model" if cfg.reward == "pm" else None
+    reward = make_reward(cfg.reward, pm_dir=pm_dir, settings=settings, device=device)
+    policy, ref, critic, tok = build_models(cfg, settings, str(sft_dir), device)
     trainer = PPOTrainer(
         cfg,
         policy=policy,
@@ -141,11 +111,11 @@ def run(ctx) -> Path:
         critic=critic,
         ref_model=ref,
         accelerator=acc,
-        seed=recipe.seed,
-        metrics=metrics,
+        seed=settings.seed,
+        metrics=ctx.metrics(),
     )
     history = trainer.train()
-    trainer.save_policy(out / "policy", fresh_policy=lambda: fresh_policy(recipe, str(sft_dir)))
+    trainer.save_policy(out / "policy", fresh_policy=lambda: fresh_policy(cfg, settings, str(sft_dir)))
     if acc.is_main_process:
         plot(out / "metrics.jsonl", out / "score_vs_kl.png")
         rows = read_jsonl(out / "metrics.jsonl") or history
@@ -159,7 +129,5 @@ def run(ctx) -> Path:
                 "seconds_per_update": round(sum(r["time/update"] for r in rows) / len(rows), 2),
             }
         )
-    if recipe.tracker:
-        acc.end_training()
     dist.barrier()
     return out

@@ -1,0 +1,142 @@
+"""`cai pm eval`, `cai feedback eval`, `cai analyze kl-reward` and `cai report`: measuring preference models,
+feedback models and finished runs (cai.eval.measure, cai.report)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cai.cli.options import add_labeller_flags, add_model_flags, labeller_config, settings_of
+from cai.config.layout import plan, stage_view
+from cai.config.load import load_run_recipe
+from cai.constitution.fewshot import feedback_examples
+from cai.constitution.schema import load_constitution
+from cai.eval.measure import evaluate_feedback, evaluate_pm
+from cai.eval.suites import SUITE_DIR
+from cai.report.build import RunIndex, build
+from cai.report.klfit import kl_reward
+
+DEFAULT_OUT = "runs/eval"
+
+
+def _print(result: dict) -> None:
+    lo, hi = result["ci95"]
+    line = (
+        f"{result['kind']} eval {result['suite']}: accuracy {result['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, "
+        f"chance {result['chance']:.3f}, n={result['n']}), ECE {result['ece']:.3f}"
+    )
+    if "mean_margin" in result:
+        line += f", mean margin {result['mean_margin']:.3f}"
+    if "mean_order_gap" in result:
+        line += f", mean order gap {result['mean_order_gap']:.3f}"
+    print(line)
+    for tag, row in result["per_tag"].items():
+        print(f"  {tag}: {row['accuracy']:.3f} (n={row['n']})")
+    if "files" in result:
+        print(f"wrote {result['files']['json']}, {result['files']['markdown']}, {result['files']['png']}")
+
+
+def _cmd_pm_eval(a) -> int:
+    settings = settings_of(a)
+    res = evaluate_pm(
+        a.model, a.suite, a.limit, a.out, batch_size=a.batch_size, settings=settings, max_length=a.max_length
+    )
+    _print(res)
+    return 0
+
+
+def _cmd_feedback_eval(a) -> int:
+    cfg = labeller_config(a)
+    constitution = load_constitution(a.constitution) if a.constitution else None
+    shots = feedback_examples(cfg, constitution) if constitution else []
+    res = evaluate_feedback(
+        a.model,
+        a.suite,
+        cfg,
+        a.limit,
+        a.out,
+        constitution=constitution,
+        few_shot=shots,
+        template=a.template,
+        settings=settings_of(a),
+    )
+    _print(res)
+    return 0
+
+
+def _cmd_kl_reward(a) -> int:
+    out = a.out or Path(a.run_dirs[0]) / "analysis"
+    result = kl_reward(a.run_dirs, out)
+    for s in result["series"]:
+        if s["a"] is not None:
+            sign = "-" if s["b"] < 0 else "+"
+            print(
+                f"{s['label']}: score = {s['a']:.4g} {sign} {abs(s['b']):.4g}·sqrt(KL)  R²={s['r2']:.3f}  "
+                f"n={s['n']}  max KL={s['kl_max']:.3g}"
+            )
+        if s["warning"]:
+            print(f"warning: {s['label']}: {s['warning']}", file=sys.stderr)
+    print(f"wrote {result['png']} and {Path(out) / 'kl_reward.json'}")
+    return 0
+
+
+def _cmd_report(a) -> int:
+    recipe = load_run_recipe(a.run_dir)
+    layout = plan(recipe, a.run_dir)
+    index = RunIndex(layout.run_dir, list(layout.arms), layout.run_index())
+    data = build(index, stage_view(recipe, "report"), a.out)
+    print(f"wrote {Path(a.out or Path(a.run_dir) / 'report') / 'report.md'}")
+    for k, v in data["summary"].items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+def _suite_flags(p) -> None:
+    known = ", ".join(sorted(x.stem for x in SUITE_DIR.glob("*.yaml")))
+    p.add_argument("--suite", required=True, help=f"a shipped suite ({known}) or a suite YAML file")
+    p.add_argument("--limit", type=int, help="evaluate at most this many items (a seeded sample)")
+    p.add_argument(
+        "--out", default=DEFAULT_OUT, help=f"folder for the JSON, markdown and PNG (default {DEFAULT_OUT})"
+    )
+
+
+def register(sub) -> None:
+    pm = sub.add_parser("pm", help="evaluate preference models").add_subparsers(
+        dest="sub", required=True, metavar="SUB"
+    )
+    e = pm.add_parser("eval", help="accuracy, CI, margin, calibration of a PM on an evaluation suite")
+    e.add_argument("--model", required=True, help="a preference_model/model folder (or the stage folder)")
+    e.add_argument(
+        "--max-length", type=int, default=1024, help="left-truncate conversations to this many tokens"
+    )
+    e.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    _suite_flags(e)
+    add_model_flags(e)
+    e.set_defaults(func=_cmd_pm_eval)
+
+    fb = sub.add_parser("feedback", help="evaluate feedback (labeller) models")
+    fbs = fb.add_subparsers(dest="sub", required=True, metavar="SUB")
+    e = fbs.add_parser("eval", help="accuracy / human agreement of a feedback model on an evaluation suite")
+    e.add_argument("--model", required=True, help="feedback model: alias, model folder, .gguf file or hub id")
+    e.add_argument("--constitution", help="pair suites: the constitution whose feedback principles are asked")
+    e.add_argument(
+        "--template", choices=["chat", "plain"], help="render prompts with the chat template or as plain text"
+    )
+    _suite_flags(e)
+    add_labeller_flags(e)
+    add_model_flags(e)
+    e.set_defaults(func=_cmd_feedback_eval)
+
+    an = sub.add_parser("analyze", help="analyses over finished runs")
+    ans = an.add_subparsers(dest="sub", required=True, metavar="SUB")
+    k = ans.add_parser("kl-reward", help="fit PM reward = a + b·sqrt(KL) over PPO logs; PNG + JSON")
+    k.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, ppo folders or metrics.jsonl"
+    )
+    k.add_argument("--out", help="output folder (default: FIRST_RUN_DIR/analysis)")
+    k.set_defaults(func=_cmd_kl_reward)
+
+    r = sub.add_parser("report", help="write RUN_DIR/report/report.md (with PNGs) for a run")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `cai run`")
+    r.add_argument("--out", help="output folder (default RUN_DIR/report)")
+    r.set_defaults(func=_cmd_report)

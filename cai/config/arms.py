@@ -1,0 +1,110 @@
+"""Arms and sweeps: recipes that share upstream stages and differ by a few overrides.
+
+`recipe.arms` lists named overrides (dotted keys); `recipe.sweep` maps dotted keys to value lists and
+expands into one arm per value (the product when several keys are swept; crossed with `arms` when both
+are given). Each arm is a full `Recipe`, validated like one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any
+
+from pydantic import ValidationError
+
+from cai.config.load import validate_dotted_key
+from cai.config.recipe import Recipe
+from cai.errors import UserError
+
+# keys an arm may not change: they name the run or its shape, not a stage's behaviour
+FIXED_KEYS = {"name", "run_dir", "arms", "sweep", "stages", "tracker"}
+_SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and ("/" in value or re.search(r"\.(ya?ml|jsonl?)$", value) is not None)
+
+
+def slug(value: Any) -> str:
+    """A folder-safe piece of an arm name; file paths become their stem."""
+    text = str(value)
+    if _is_path(value):
+        text = re.sub(r"\.(ya?ml|jsonl?)$", "", value.rstrip("/").rsplit("/", 1)[-1])
+    return _SAFE.sub("-", text).strip("-") or "x"
+
+
+def sweep_point_name(point: dict[str, Any]) -> str:
+    """'kl_coef=0.02' for one key; joined with '_' for several; a path value gives its stem alone."""
+    parts = []
+    for key, value in point.items():
+        parts.append(slug(value) if _is_path(value) else f"{key.rsplit('.', 1)[-1]}={slug(value)}")
+    return "_".join(parts)
+
+
+def _check_key(key: str, where: str) -> None:
+    if key.split(".")[0] in FIXED_KEYS:
+        raise UserError(f"{where}: '{key}' cannot differ between arms (they share one run)")
+    try:
+        validate_dotted_key(key)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def _merge(node: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = node[part] = {}
+        node = nxt
+    old = node.get(parts[-1])
+    if isinstance(old, dict) and isinstance(value, dict):
+        merged = dict(old)
+        for k, v in value.items():
+            _merge(merged, k, v)
+        node[parts[-1]] = merged
+    else:
+        node[parts[-1]] = value
+
+
+def arm_recipe(base: Recipe, overrides: dict[str, Any], where: str) -> Recipe:
+    """`base` with dotted-key overrides applied (dict values merge into blocks), validated. Only the keys the
+    base recipe sets are carried over, so a preference-model spec still yields to exactly those keys."""
+    data = base.model_dump(mode="json", exclude={"arms", "sweep"}, exclude_unset=True)
+    for key, value in overrides.items():
+        _check_key(key, f"{where}.{key}")
+        _merge(data, key, value)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"{where}: {loc}: {err['msg']}") from None
+
+
+def expand_arms(recipe: Recipe) -> list[tuple[str, Recipe]]:
+    """[(arm name, arm recipe)] in declaration order; [] for a recipe without arms or sweep."""
+    named = [(a.name, dict(a.set), f"arms.{i} ({a.name})") for i, a in enumerate(recipe.arms or [])]
+    if recipe.sweep:
+        keys = list(recipe.sweep)
+        for key in keys:
+            _check_key(key, f"sweep.{key}")
+            if not isinstance(recipe.sweep[key], list) or not recipe.sweep[key]:
+                raise UserError(f"sweep.{key}: a non-empty list of values is expected")
+        points = [dict(zip(keys, combo)) for combo in itertools.product(*(recipe.sweep[k] for k in keys))]
+        bases = named or [("", {}, "")]
+        named = []
+        for (aname, aset, awhere), point in itertools.product(bases, points):
+            pname = sweep_point_name(point)
+            name = f"{aname}_{pname}" if aname else pname
+            named.append((name, {**aset, **point}, (awhere + " × " if awhere else "") + f"sweep {pname}"))
+    out, seen = [], set()
+    for name, overrides, where in named:
+        if not name or _SAFE.sub("-", name) != name or name in (".", ".."):
+            raise UserError(f"{where}: arm name '{name}' must use only letters, digits and . _ + = -")
+        if name in seen:
+            raise UserError(f"{where}: arm name '{name}' is used twice")
+        seen.add(name)
+        out.append((name, arm_recipe(recipe, overrides, where)))
+    return out

@@ -1,0 +1,184 @@
+"""The run layout, pure: what each stage reads, where each stage of each arm lives, and the fingerprints that
+decide what reruns.
+
+`STAGES` is the one declaration of what a stage reads: recipe keys (dotted; 'settings' is device, dtype,
+trust_remote_code and seed) and upstream stages. A stage's fingerprint hashes exactly the values of those keys
+(file references by content) and the output ids of those stages, and the stage gets a read-only view of exactly
+those keys (cai.config.view): reading another key raises.
+
+With arms (`recipe.arms` / `recipe.sweep`), the stages before the first one whose configuration differs
+between arms are shared in RUN/<stage>; from that stage on, each arm's stages go in RUN/arms/<arm>/<stage>.
+The report is one, in RUN/report, over all arms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cai.config.arms import expand_arms
+from cai.config.recipe import STAGES as ORDER
+from cai.config.recipe import Recipe
+from cai.config.view import RecipeView, view_of
+from cai.errors import UserError
+from cai.runtime.hashing import hash_json
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage reads: recipe keys, upstream stages, and the keys that decide the work it may share between
+    arms (with the upstream outputs it reads)."""
+
+    reads: tuple[str, ...]
+    inputs: tuple[str, ...]
+    shared: tuple[str, ...] = ()
+
+
+STAGES: dict[str, StageSpec] = {
+    "critique_revise": StageSpec(
+        ("settings", "models.policy", "constitution", "prompts", "generation", "critique_revise"), ()
+    ),
+    "sft": StageSpec(("settings", "models.policy", "sft"), ("critique_revise",)),
+    "feedback": StageSpec(
+        ("settings", "models.policy", "models.feedback", "feedback_constitution", "generation", "feedback"),
+        ("critique_revise", "sft"),
+        shared=(
+            "settings",
+            "models.policy",
+            "feedback.policy",
+            "feedback.responses_per_prompt",
+            "feedback.generation",
+            "generation",
+        ),
+    ),
+    "preference_model": StageSpec(("settings", "preference_model"), ("feedback",)),
+    "ppo": StageSpec(("settings", "ppo"), ("critique_revise", "sft", "preference_model")),
+    "report": StageSpec(
+        (
+            "settings",
+            "name",
+            "stages",
+            "models.policy",
+            "models.feedback",
+            "models.judge",
+            "generation",
+            "report",
+        ),
+        ("critique_revise", "sft", "feedback", "preference_model", "ppo"),
+    ),
+}
+
+
+def stage_view(recipe: Recipe, stage: str) -> RecipeView:
+    """The read-only view of the recipe that `stage` gets: its declared keys only."""
+    return view_of(recipe, STAGES[stage].reads, stage)
+
+
+def stage_config(recipe: Recipe, stage: str) -> dict:
+    """What a stage's fingerprint hashes of the recipe: its declared keys, file references by content."""
+    return stage_view(recipe, stage).fingerprint_dict()
+
+
+def fingerprint(recipe: Recipe, stage: str, input_ids: dict[str, str | None]) -> tuple[str, dict]:
+    cfg = stage_config(recipe, stage)
+    return hash_json({"config": cfg, "inputs": input_ids}), cfg
+
+
+def run_dir_of(recipe: Recipe, override: str | None = None) -> Path:
+    return Path(override or recipe.run_dir or Path("runs") / recipe.name)
+
+
+def select_stages(recipe: Recipe, only: list[str] | None, start: str | None) -> list[str]:
+    for s in (only or []) + ([start] if start else []):
+        if s not in ORDER:
+            raise UserError(f"unknown stage '{s}'; stages: {', '.join(ORDER)}")
+    stages = [s for s in ORDER if s in recipe.stages]
+    if start:
+        stages = stages[stages.index(start) :] if start in stages else []
+    if only:
+        stages = [s for s in stages if s in only]
+    return stages
+
+
+@dataclass
+class Unit:
+    """One stage in one folder: shared (arm None) or one arm's own."""
+
+    key: str  # "sft" or "arms/<arm>/ppo": its folder relative to the run directory
+    stage: str
+    dir: Path
+    recipe: Recipe
+    arm: str | None
+    inputs: dict[str, str]  # input name (a stage id, or a unit key for the report) -> unit key
+    users: list[str] = field(default_factory=list)  # arms that read it
+
+
+@dataclass
+class Layout:
+    run_dir: Path
+    recipe: Recipe
+    arms: dict[str, Recipe]  # {} for a run without arms
+    units: dict[str, Unit]  # in run order
+    where: dict[str | None, dict[str, str]]  # arm (None: the run without arms) -> stage -> unit key
+
+    def stage_dir(self, stage: str, arm: str | None = None) -> Path | None:
+        key = self.where.get(arm if self.arms else None, {}).get(stage)
+        return self.units[key].dir if key else None
+
+    def run_index(self) -> dict[str | None, dict[str, Path]]:
+        """{arm (None without arms): {stage: folder}} for every stage but the report."""
+        return {
+            arm: {s: self.units[k].dir for s, k in m.items() if s != "report"}
+            for arm, m in self.where.items()
+        }
+
+
+def plan(recipe: Recipe, run_dir: str | Path) -> Layout:
+    """Where every stage of every arm lives, and what it reads."""
+    rdir = Path(run_dir)
+    body = [s for s in ORDER if s in recipe.stages and s != "report"]
+    arms = expand_arms(recipe)
+    # arms share every stage before the first one whose config is not the same in all arms
+    split = next(
+        (i for i, s in enumerate(body) if len({hash_json(stage_config(a, s)) for _, a in arms}) > 1),
+        len(body),
+    )
+    units: dict[str, Unit] = {}
+    where: dict[str | None, dict[str, str]] = {}
+    for name, arm in arms or [(None, recipe)]:
+        m: dict[str, str] = {}
+        for i, s in enumerate(body):
+            reads = {d: m[d] for d in STAGES[s].inputs if d in m}
+            if name is not None and i >= split:
+                key = f"arms/{name}/{s}"
+                units[key] = Unit(key, s, rdir / key, arm, name, reads, [name])
+            else:
+                key = s
+                units.setdefault(key, Unit(key, s, rdir / s, arm, None, reads))
+                if name is not None:
+                    units[key].users.append(name)
+            m[s] = key
+        where[name] = m
+    shared = sorted((u for u in units.values() if u.arm is None), key=lambda u: ORDER.index(u.stage))
+    ordered = {u.key: u for u in shared} | {k: u for k, u in units.items() if u.arm is not None}
+    if "report" in recipe.stages:
+        if arms:
+            inputs = {k: k for k in ordered}
+        else:
+            inputs = {d: d for d in STAGES["report"].inputs if d in ordered}
+        ordered["report"] = Unit(
+            "report", "report", rdir / "report", recipe, None, inputs, [n for n, _ in arms]
+        )
+        for m in where.values():
+            m["report"] = "report"
+    return Layout(rdir, recipe, dict(arms), ordered, where)
+
+
+def shared_cache_dir(layout: Layout, unit: Unit, input_ids: dict[str, str | None]) -> Path | None:
+    """For arms: a folder keyed by what decides the shared work (e.g. sampled responses), else None."""
+    keys = STAGES[unit.stage].shared
+    if not layout.arms or not keys:
+        return None
+    view = view_of(unit.recipe, keys, unit.stage)
+    key = hash_json({"config": view.fingerprint_dict(), "inputs": input_ids})
+    return layout.run_dir / "shared" / f"{unit.stage}-{key}"

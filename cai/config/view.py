@@ -1,0 +1,127 @@
+"""A stage's read-only view of the recipe: exactly the keys it declares (cai.config.layout.STAGES), each with
+its fallbacks resolved once, here:
+
+- `settings`: device, dtype, trust_remote_code and seed as one cai.runtime.settings.Settings;
+- `models.feedback`: models.feedback, else models.policy;
+- `models.judge`: models.judge, else the feedback model;
+- `models.reward_backbone`: models.reward_backbone, else models.policy;
+- `feedback_constitution`: feedback_constitution, else constitution;
+- `preference_model`: the block merged with its spec, its backbone resolved (cai.config.pm_spec).
+
+Values are the recipe's own (frozen) pydantic objects, so they keep their types. Reading a key the stage did
+not declare raises `UndeclaredRead`: what a stage reads is what its fingerprint hashes.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from cai.config.load import field_at, ref_kind
+from cai.config.pm_spec import effective_pm_config
+from cai.config.recipe import Recipe
+from cai.runtime.hashing import sha256_file
+
+RESOLVED = {
+    "settings": lambda r: r.settings,
+    "models.feedback": lambda r: r.models.feedback or r.models.policy,
+    "models.judge": lambda r: r.models.judge or r.models.feedback or r.models.policy,
+    "models.reward_backbone": lambda r: r.models.reward_backbone or r.models.policy,
+    "feedback_constitution": lambda r: r.feedback_constitution or r.constitution,
+    "preference_model": lambda r: effective_pm_config(
+        r.preference_model, r.models.policy, r.models.reward_backbone
+    ),
+}
+
+
+class UndeclaredRead(RuntimeError):
+    """A stage read a recipe key it does not declare."""
+
+
+def value_of(recipe: Recipe, key: str) -> Any:
+    """A dotted key's value with its fallback resolved (see the module docstring)."""
+    if key in RESOLVED:
+        return RESOLVED[key](recipe)
+    node: Any = recipe
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+class RecipeView:
+    """Attribute access to declared keys only: `view.sft`, `view.models.policy`, `view.settings`."""
+
+    def __init__(self, values: dict[str, Any], stage: str, prefix: str = ""):
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        values = self._values
+        if name in values:
+            return values[name]
+        sub = {k[len(name) + 1 :]: v for k, v in values.items() if k.startswith(name + ".")}
+        if sub:
+            return RecipeView(sub, self._stage, f"{self._prefix}{name}.")
+        raise UndeclaredRead(
+            f"stage '{self._stage}' read recipe key '{self._prefix}{name}', which it does not declare "
+            f"(declared: {', '.join(self._prefix + k for k in values)}; see cai.config.layout.STAGES)"
+        )
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the recipe view of stage '{self._stage}' is read-only")
+
+    def keys(self) -> list[str]:
+        return list(self._values)
+
+    def fingerprint_dict(self) -> dict:
+        """The declared values as JSON, files referenced by `FileRef` keys replaced by their content hash."""
+        return {k: _hashable(v, _annotation(self._prefix + k)) for k, v in self._values.items()}
+
+
+def view_of(recipe: Recipe, keys, stage: str) -> RecipeView:
+    return RecipeView({k: value_of(recipe, k) for k in keys}, stage)
+
+
+def _annotation(key: str):
+    if key == "settings":
+        return None
+    info = field_at(key)
+    return info
+
+
+_FILE_HASHES: dict[tuple, str] = {}
+
+
+def file_digest(path: str) -> dict | str:
+    """{"file": name, "sha256": ...} of an existing file (cached by size and mtime); the path itself otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        return path
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = sha256_file(p)
+    return {"file": p.name, "sha256": _FILE_HASHES[key]}
+
+
+def _hashable(value, annotation):
+    if isinstance(value, BaseModel):
+        return {
+            name: _hashable(getattr(value, name), info) for name, info in type(value).model_fields.items()
+        }
+    if isinstance(value, (list, tuple)):
+        if getattr(annotation, "metadata", None) is not None:  # a FieldInfo: its annotation holds the items'
+            annotation = annotation.annotation
+        inner = [a for a in typing.get_args(annotation) if typing.get_args(a) or a is not type(None)]
+        return [_hashable(v, inner[0] if inner else annotation) for v in value]
+    if isinstance(value, str) and annotation is not None and ref_kind(annotation) == "file":
+        return file_digest(value)
+    if isinstance(value, dict):
+        return {k: _hashable(v, None) for k, v in value.items()}
+    return value

@@ -1,0 +1,256 @@
+"""`cai constitution lint`: warnings about a constitution that loads but is likely to label or revise badly.
+
+Checks (each warning names `file:line` and a code):
+- near-duplicate: two principles whose texts share most of their content words (Jaccard over content-word
+  sets, of critique + revision + feedback or of any one of them, above `threshold`), naming both ids;
+- generic-revision: a critique whose revision request is empty or generic ("rewrite it to be better");
+- feedback-no-choice: a feedback instruction that does not ask to choose between options;
+- context-length: a feedback prompt that, rendered with the longest shipped few-shot block and the longest
+  probe, is longer than the model's context (only with a model reference);
+- rarely-sampled: a weight that makes a principle practically never sampled (share < 1/(20·n));
+- few-probes: a principle with fewer than 3 probes in the constitution's probe file (when it has one).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.constitution.fewshot import load_feedback_few_shot
+from cai.constitution.probes import load_probes, probes_path_for
+from cai.constitution.schema import load_constitution
+from cai.errors import UserError, where
+from cai.feedback.labeller import build_mc_prompt
+from cai.runtime.models import load_tokenizer, resolve
+from cai.yamlio import load_yaml
+
+STOPWORDS = set(
+    """a an the of to and or in on for with that this it its is are be as by at from which these those than more
+    less who whom what when where how any every all their they them you your yours user user's assistant
+    assistant's response responses last rewrite so choose one do does not no if into out about up such other
+    would should could can may""".split()
+)
+# Words that carry no instruction of their own in a revision request.
+GENERIC = STOPWORDS | set(
+    """revise revision edit improve improved fix make made better good correct change changes issue issues problem
+    problems identified found above please answer reply text again version way ways just fine nicer best
+    critique""".split()
+)
+_CHOICE = re.compile(r"\b(choose|chose|pick|select|prefer|preferred|decide between|options?)\b|\(A\)", re.I)
+_WHICH_QUESTION = re.compile(r"\bwhich\b[^.?!]*\?", re.I)
+MIN_PROBES = 3
+
+
+@dataclass
+class Warning_:
+    code: str
+    message: str
+    line: int | None = None
+
+    def format(self, path) -> str:
+        return f"{where(path, self.line)}: warning [{self.code}]: {self.message}"
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in words(text) if w not in STOPWORDS}
+
+
+def overlap(a: str, b: str) -> float:
+    """Jaccard similarity of the content-word sets of two texts (0: nothing shared, 1: same words)."""
+    x, y = content_words(a), content_words(b)
+    return len(x & y) / len(x | y) if x | y else 1.0
+
+
+def principle_text(p) -> str:
+    return " ".join([p.critique, p.revision, p.feedback])
+
+
+def is_generic_revision(text: str) -> bool:
+    """Empty, or fewer than 3 words beyond generic rewrite vocabulary ("Rewrite the response to be better.")."""
+    return len([w for w in words(text) if w not in GENERIC]) < 3
+
+
+def asks_to_choose(text: str) -> bool:
+    return bool(_CHOICE.search(text) or _WHICH_QUESTION.search(text))
+
+
+def near_duplicates(constitution, threshold: float) -> list[tuple[str, str, float, str]]:
+    """(id, id, score, what) for pairs of principles whose whole texts, or any one of their critique,
+    revision or feedback texts, overlap more than `threshold`."""
+    out = []
+    for a, b in itertools.combinations(constitution.principles, 2):
+        scores = {"texts": overlap(principle_text(a), principle_text(b))}
+        scores.update(
+            {
+                f"{f} texts": overlap(getattr(a, f), getattr(b, f))
+                for f in ("critique", "revision", "feedback")
+            }
+        )
+        what, s = max(scores.items(), key=lambda kv: kv[1])
+        if s > threshold:
+            out.append((a.id, b.id, s, what))
+    return out
+
+
+def rarely_sampled(constitution) -> list[tuple[str, float]]:
+    n = len(constitution.principles)
+    total = sum(p.weight for p in constitution.principles)
+    return [
+        (p.id, p.weight / total) for p in constitution.principles if n > 1 and p.weight / total < 1 / (20 * n)
+    ]
+
+
+def lint(
+    path: str | Path,
+    *,
+    threshold: float = 0.5,
+    model: str | None = None,
+    probes_file: str | None = None,
+    few_shot: list[str] | None = None,
+) -> list[Warning_]:
+    """All warnings for one constitution file (it must load: schema errors are UserErrors, not warnings)."""
+
+    path = Path(path)
+    c = load_constitution(path)
+    _, lines = load_yaml(path)
+    index = {p.id: i for i, p in enumerate(c.principles)}
+
+    def line(pid: str, field: str | None = None):
+        loc = ("principles", index[pid]) + ((field,) if field else ())
+        return lines.get(loc) or lines.get(("principles", index[pid]))
+
+    warns: list[Warning_] = []
+    for a, b, s, what in near_duplicates(c, threshold):
+        warns.append(
+            Warning_(
+                "near-duplicate",
+                f"principles '{a}' and '{b}' are near-duplicates: their {what} share most words "
+                f"(token overlap {s:.2f} > {threshold:.2f}); merge them or make them distinct",
+                line(b, "id"),
+            )
+        )
+    for p in c.principles:
+        if is_generic_revision(p.revision):
+            what = "empty" if not p.revision.strip() else f"generic ({p.revision.strip()[:60]!r})"
+            warns.append(
+                Warning_(
+                    "generic-revision",
+                    f"principle '{p.id}': the revision request is {what}; "
+                    "say what to remove or change, tied to its critique",
+                    line(p.id, "revision"),
+                )
+            )
+        if not asks_to_choose(p.feedback):
+            warns.append(
+                Warning_(
+                    "feedback-no-choice",
+                    f"principle '{p.id}': the feedback instruction does not ask to "
+                    "choose between options (e.g. 'Which of these responses ...? Choose ...')",
+                    line(p.id, "feedback"),
+                )
+            )
+    for pid, share in rarely_sampled(c):
+        warns.append(
+            Warning_(
+                "rarely-sampled",
+                f"principle '{pid}': weight gives it a sampling share of {share:.4f} "
+                f"(about {share * 1000:.1f} draws per 1000 pairs): practically never sampled",
+                line(pid, "weight"),
+            )
+        )
+    pfile = Path(probes_file) if probes_file else probes_path_for(path, c)
+    probes = load_probes(pfile, c) if pfile else None
+    if probes is not None:
+        cov = probes.coverage()
+        for p in c.principles:
+            if cov.get(p.id, 0) < MIN_PROBES:
+                warns.append(
+                    Warning_(
+                        "few-probes",
+                        f"principle '{p.id}': {cov.get(p.id, 0)} probe(s) in {pfile} "
+                        f"({MIN_PROBES} or more recommended)",
+                        line(p.id, "id"),
+                    )
+                )
+    if model:
+        warns += context_warnings(path, c, model, probes, line, few_shot)
+    return warns
+
+
+def few_shot_files(constitution_path: Path, constitution, extra: list[str] | None = None) -> list[Path]:
+    """Few-shot feedback files to render with: those given, the constitution's own, and the JSON files in the
+    constitution's folder and below it (paths relative to the constitution file, never to the package)."""
+    found = [Path(f) for f in extra or []]
+    found += [Path(constitution.few_shot.feedback)] if constitution.few_shot.feedback else []
+    found += sorted(Path(constitution_path).parent.glob("**/*.json"))
+    return list(dict.fromkeys(p for p in found if p.is_file()))
+
+
+def context_limit(model_ref: str) -> tuple[int | None, object]:
+    """(context length from the model's config, tokenizer) without loading the weights."""
+    from transformers import AutoConfig
+
+    r = resolve(model_ref)
+    kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
+    cfg = AutoConfig.from_pretrained(r.path, **kwargs)
+    limit = None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        limit = limit or getattr(cfg, key, None)
+    tok = load_tokenizer(model_ref)
+    if not limit and getattr(tok, "model_max_length", 0) and tok.model_max_length < 10**8:
+        limit = tok.model_max_length
+    return limit, tok
+
+
+def context_warnings(
+    path: Path, c, model_ref: str, probes, line, few_shot: list[str] | None = None
+) -> list[Warning_]:
+    """Render each principle's feedback prompt through the labeller's own prompt builder, with every example of
+    the longest few-shot feedback file and the longest probe (or a short placeholder pair), and compare its
+    token count (plus the option) with the model's context length."""
+
+    limit, tok = context_limit(model_ref)
+    if not limit:
+        return [
+            Warning_("context-length", f"model '{model_ref}': no context length in its config; check skipped")
+        ]
+    if probes is not None:
+        probe = max(
+            probes.probes,
+            key=lambda p: sum(len(m.content) for m in p.conversation) + len(p.better) + len(p.worse),
+        )
+        messages, ra, rb = probe.messages(), probe.better, probe.worse
+    else:
+        messages, ra, rb = [{"role": "user", "content": "How do I do this?"}], "Here is how.", "I can't help."
+    blocks: list[tuple[Path | None, list]] = [(None, [])]
+    for f in few_shot_files(path, c, few_shot):
+        try:
+            blocks.append((f, load_feedback_few_shot(f)))
+        except UserError:
+            if few_shot and str(f) in few_shot:
+                raise
+    longest = max(c.principles, key=lambda p: len(p.feedback))
+    n_tokens = lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) + 4  # noqa: E731  (+ " (A)")
+    src, examples = max(
+        blocks, key=lambda b: n_tokens(build_mc_prompt(tok, messages, longest.feedback, ra, rb, b[1]))
+    )
+    out = []
+    for p in c.principles:
+        n = n_tokens(build_mc_prompt(tok, messages, p.feedback, ra, rb, examples))
+        if n > limit:
+            shots = f" with the {len(examples)} few-shot examples of {src.name}" if src else ""
+            out.append(
+                Warning_(
+                    "context-length",
+                    f"principle '{p.id}': the feedback prompt is {n} tokens{shots}, "
+                    f"over the {limit}-token context of '{model_ref}'",
+                    line(p.id, "feedback"),
+                )
+            )
+    return out

@@ -1,0 +1,288 @@
+"""Probes: unit tests for principles. A probe is a conversation with a better and a worse final response,
+attached to one or more principle ids of a constitution; `cai constitution test` asks the feedback model,
+under each attached principle, which response it prefers.
+
+Probes live beside their constitution in `constitutions/probes/<name>.yaml`:
+
+    constitution: harmless-specific
+    probes:
+      - id: fincrime-structuring
+        principles: [financial-crime, illegal]
+        conversation: [{role: user, content: "..."}]
+        better: "..."
+        worse: "..."
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cai.errors import UserError
+from cai.feedback.labeller import PairToLabel
+from cai.markdown import num
+from cai.stats import wilson_ci
+from cai.yamlio import check_unique_ids, line_of, load_validated
+
+_ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+TIE = 1e-3  # |p(better) - 0.5| below this is "no preference": half credit (a forced-(A) labeller lands here)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"] = Field(description="Who speaks: system, user or assistant.")
+    content: str = Field(min_length=1, description="What they say.")
+
+
+class Probe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="Unique id within the file: lowercase letters, digits, '-' or '_'.")
+    principles: list[str] = Field(min_length=1, description="Ids of the principles this probe tests.")
+    conversation: list[Message] = Field(
+        min_length=1, description="The conversation up to the last user turn."
+    )
+    better: str = Field(min_length=1, description="The final assistant response the principle should prefer.")
+    worse: str = Field(min_length=1, description="The final assistant response the principle should reject.")
+
+    @field_validator("id")
+    @classmethod
+    def _id_format(cls, v: str) -> str:
+        if not _ID.match(v):
+            raise ValueError("an id of lowercase letters, digits, '-' or '_' is expected")
+        return v
+
+    @field_validator("conversation")
+    @classmethod
+    def _ends_with_user(cls, v: list[Message]) -> list[Message]:
+        if v and v[-1].role != "user":
+            raise ValueError(
+                "the conversation must end with a user turn (better/worse are the assistant's reply)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.better.strip() == self.worse.strip():
+            raise ValueError("'better' and 'worse' are the same text")
+        return self
+
+    def messages(self) -> list[dict]:
+        return [m.model_dump() for m in self.conversation]
+
+
+class ProbeSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    constitution: str = Field(description="Name of the constitution these probes were written for.")
+    probes: list[Probe] = Field(min_length=1, description="The probes; at least one.")
+
+    @model_validator(mode="after")
+    def _unique_ids(self):
+        check_unique_ids(self.probes, "probe", "probes")
+        return self
+
+    def coverage(self) -> dict[str, int]:
+        """Number of probes per principle id."""
+        out: dict[str, int] = {}
+        for p in self.probes:
+            for pid in p.principles:
+                out[pid] = out.get(pid, 0) + 1
+        return out
+
+
+def load_probes(path: str | Path, constitution=None) -> ProbeSet:
+    """Load and validate a probe file; with a constitution, every principle id must exist in it.
+    Errors name `file:line`, the key and what was expected."""
+    path = Path(path)
+    ps, lines = load_validated(path, ProbeSet, "a mapping with 'constitution' and 'probes'")
+    if constitution is not None:
+        known = constitution.by_id()
+        for i, probe in enumerate(ps.probes):
+            for j, pid in enumerate(probe.principles):
+                if pid not in known:
+                    line = line_of(lines, ("probes", i, "principles", j))
+                    raise UserError(
+                        f"{path}:{line}: key 'probes[{i}].principles[{j}]': unknown principle '{pid}' "
+                        f"(constitution '{constitution.name}' has: {', '.join(known)})"
+                    )
+    return ps
+
+
+def probes_path_for(constitution_path: str | Path, constitution=None) -> Path | None:
+    """The probe file beside a constitution: probes/<file stem>.yaml, else probes/<constitution name>.yaml."""
+    cpath = Path(constitution_path)
+    names = [cpath.stem] + ([constitution.name] if constitution is not None else [])
+    for name in names:
+        candidate = cpath.parent / "probes" / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@dataclass
+class ProbeJob:
+    """One (probe, principle) question for the labeller; `better_is_a` says where the better response sits."""
+
+    id: str
+    probe: Probe
+    principle_id: str
+    better_is_a: bool
+
+
+def better_first(seed: int, probe_id: str, principle_id: str) -> bool:
+    """A seeded, order-independent coin: whether the better response is option (A) for this job."""
+    h = hashlib.sha256(f"{seed}:{probe_id}:{principle_id}".encode()).digest()
+    return h[0] % 2 == 0
+
+
+def probe_jobs(
+    probes: ProbeSet, constitution, seed: int = 0, max_per_principle: int | None = None
+) -> list[ProbeJob]:
+    """One job per (probe, attached principle that the constitution has), at most `max_per_principle` per
+    principle (the first in the file). The better response's slot is a seeded coin, so a labeller that always
+    answers (A) cannot look good even when it scores one order."""
+    known = constitution.by_id()
+    jobs, count = [], {}
+    for probe in probes.probes:
+        for pid in probe.principles:
+            if pid in known and (max_per_principle is None or count.get(pid, 0) < max_per_principle):
+                count[pid] = count.get(pid, 0) + 1
+                jobs.append(ProbeJob(f"{probe.id}:{pid}", probe, pid, better_first(seed, probe.id, pid)))
+    return jobs
+
+
+def credit(p_better: float) -> float:
+    """Accuracy credit of one label: 1 if it prefers the better response, 0 if the worse, 0.5 on a tie."""
+    if abs(p_better - 0.5) < TIE:
+        return 0.5
+    return 1.0 if p_better > 0.5 else 0.0
+
+
+def summarise(rows: list[dict], principle_ids: list[str]) -> dict:
+    """Per-principle accuracy (with a 95% Wilson interval), mean p(better), mean order gap and status from
+    per-job rows ({"principle", "p_better", "order_gap"}); principles without probes get status 'no probes'."""
+    per: dict[str, dict] = {}
+    for pid in principle_ids:
+        sel = [r for r in rows if r["principle"] == pid]
+        if not sel:
+            per[pid] = {
+                "n": 0,
+                "accuracy": None,
+                "mean_p_better": None,
+                "order_gap": None,
+                "status": "no probes",
+                "accuracy_ci95": None,
+            }
+            continue
+        acc = sum(credit(r["p_better"]) for r in sel) / len(sel)
+        gaps = [r["order_gap"] for r in sel if r.get("order_gap") is not None]
+        per[pid] = {
+            "n": len(sel),
+            "accuracy": acc,
+            "mean_p_better": sum(r["p_better"] for r in sel) / len(sel),
+            "order_gap": sum(gaps) / len(gaps) if gaps else None,
+            "status": "ok" if acc > 0.5 else "not applied",
+            "accuracy_ci95": list(wilson_ci(acc * len(sel), len(sel))),
+        }
+    scored = list(rows)
+    overall = {
+        "n": len(scored),
+        "accuracy": sum(credit(r["p_better"]) for r in scored) / len(scored) if scored else None,
+        "mean_p_better": sum(r["p_better"] for r in scored) / len(scored) if scored else None,
+        "order_gap": (
+            sum(r["order_gap"] for r in scored if r.get("order_gap") is not None) / len(scored)
+            if scored
+            else None
+        ),
+    }
+    return {
+        "principles": per,
+        "overall": overall,
+        "not_applied": [pid for pid, s in per.items() if s["status"] == "not applied"],
+        "untested": [pid for pid, s in per.items() if s["status"] == "no probes"],
+    }
+
+
+def required_failures(summary: dict, required: list[str]) -> list[str]:
+    """The --require'd principles that fail: unknown, without probes, or not applied (accuracy ≤ 0.5)."""
+    failed = []
+    for pid in required:
+        s = summary["principles"].get(pid)
+        if s is None or s["status"] != "ok":
+            failed.append(pid)
+    return failed
+
+
+def format_table(summary: dict, markdown: bool = False) -> str:
+    """The per-principle table: probes, accuracy, mean p(better), order gap, status."""
+    head = ["principle", "probes", "accuracy", "p(better)", "order gap", "status"]
+    rows = [
+        [
+            pid,
+            str(s["n"]),
+            num(s["accuracy"], ".2f", "-"),
+            num(s["mean_p_better"], ".3f", "-"),
+            num(s["order_gap"], ".3f", "-"),
+            s["status"],
+        ]
+        for pid, s in summary["principles"].items()
+    ]
+    o = summary["overall"]
+    rows.append(
+        [
+            "(all)",
+            str(o["n"]),
+            num(o["accuracy"], ".2f", "-"),
+            num(o["mean_p_better"], ".3f", "-"),
+            num(o["order_gap"], ".3f", "-"),
+            "",
+        ]
+    )
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(r):
+        return "  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return "\n".join([line(head), line(["-" * w for w in widths]), *[line(r) for r in rows]])
+
+
+def run_test(
+    constitution, probes, labeller, seed: int = 0, max_probes: int | None = None
+) -> tuple[list[dict], dict]:
+    """`cai constitution test`: label every (probe, principle) job (at most `max_probes` per principle) with a
+    cai.feedback.labeller.Labeller; per-job rows and the summary."""
+    jobs = probe_jobs(probes, constitution, seed, max_probes)
+    by_id = constitution.by_id()
+    pairs, prins = [], []
+    for j in jobs:
+        a, b = (j.probe.better, j.probe.worse) if j.better_is_a else (j.probe.worse, j.probe.better)
+        pairs.append(PairToLabel(id=j.id, messages=j.probe.messages(), response_a=a, response_b=b))
+        prins.append([by_id[j.principle_id]])
+    results = labeller.label(pairs, prins, desc="probes") if pairs else []
+    rows = []
+    for j, r in zip(jobs, results):
+        p_better = r.p_a if j.better_is_a else 1.0 - r.p_a
+        rows.append(
+            {
+                "job": j.id,
+                "probe": j.probe.id,
+                "principle": j.principle_id,
+                "better_is_a": j.better_is_a,
+                "p_better": p_better,
+                "p_a": r.p_a,
+                "p_a_orders": r.p_a_orders,
+                "order_gap": r.order_gap,
+            }
+        )
+    return rows, summarise(rows, [p.id for p in constitution.principles])

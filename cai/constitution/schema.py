@@ -1,0 +1,213 @@
+"""A constitution: the schema of its YAML file, loading with `file:line` errors, seeded sampling of principles,
+and the editor's views of it (`show`, `diff`) and the import of the CAI paper's JSON prompt files."""
+
+from __future__ import annotations
+
+import difflib
+import random
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cai.errors import UserError
+from cai.yamlio import check_unique_ids, line_of, load_json, load_validated
+
+_ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+class Principle(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="Unique id within the constitution: lowercase letters, digits, '-' or '_'.")
+    critique: str = Field(
+        min_length=1, description="SL-CAI critique request about the assistant's last response."
+    )
+    revision: str = Field(
+        min_length=1, description="SL-CAI revision request: rewrite the response to fix it."
+    )
+    feedback: str = Field(
+        min_length=1, description="RL-CAI multiple-choice instruction (the options are appended)."
+    )
+    tags: list[str] = Field(default_factory=list, description="Free labels such as a harm category or trait.")
+    weight: float = Field(default=1.0, gt=0, description="Relative sampling weight.")
+
+    @field_validator("id")
+    @classmethod
+    def _id_format(cls, v: str) -> str:
+        if not _ID.match(v):
+            raise ValueError("an id of lowercase letters, digits, '-' or '_' is expected")
+        return v
+
+
+class FewShot(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    critique_revise: str | None = Field(
+        default=None, description="Few-shot critique/revision file (paper JSON)."
+    )
+    feedback: str | None = Field(default=None, description="Few-shot feedback file (paper JSON).")
+
+
+class Constitution(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Short name; by convention the file stem.")
+    description: str = Field(default="", description="What this constitution is for.")
+    kind: Literal["specific", "general"] = Field(description="Many specific principles, or one general one.")
+    few_shot: FewShot = Field(
+        default_factory=FewShot, description="Optional few-shot files, relative to this file."
+    )
+    principles: list[Principle] = Field(min_length=1, description="The principles; at least one.")
+
+    @model_validator(mode="after")
+    def _unique_ids(self):
+        check_unique_ids(self.principles, "principle", "principles")
+        return self
+
+    def by_id(self) -> dict[str, Principle]:
+        return {p.id: p for p in self.principles}
+
+    def sample(self, rng: random.Random, k: int = 1) -> list[Principle]:
+        """Sample k principles with replacement, respecting weights, from a seeded RNG."""
+        return rng.choices(self.principles, weights=[p.weight for p in self.principles], k=k)
+
+
+def load_constitution(path: str | Path) -> Constitution:
+    """Load and validate a constitution YAML; errors name `file:line`, the key and what was expected.
+    Few-shot paths are relative to the constitution file."""
+    path = Path(path)
+    c, lines = load_validated(path, Constitution, "a mapping with name, kind and principles")
+    for field in ("critique_revise", "feedback"):
+        rel = getattr(c.few_shot, field)
+        if rel and not Path(rel).is_absolute():
+            setattr(c.few_shot, field, str((path.parent / rel).resolve()))
+        if getattr(c.few_shot, field) and not Path(getattr(c.few_shot, field)).is_file():
+            raise UserError(f"{path}:{line_of(lines, ('few_shot', field))}: few-shot file not found: {rel}")
+    return c
+
+
+def json_schema() -> dict:
+    """JSON Schema of the constitution format, for editors."""
+    return Constitution.model_json_schema()
+
+
+def show(c: Constitution) -> str:
+    total = sum(p.weight for p in c.principles)
+    out = [f"{c.name} ({c.kind}, {len(c.principles)} principles)"]
+    if c.description:
+        out.append(f"  {c.description.strip()}")
+    for p in c.principles:
+        tags = f" [{', '.join(p.tags)}]" if p.tags else ""
+        out.append(f"\n- {p.id}{tags}  p={p.weight / total:.2f}")
+        out.append(f"    critique: {p.critique.strip()}")
+        out.append(f"    revision: {p.revision.strip()}")
+        out.append(f"    feedback: {p.feedback.strip()}")
+    return "\n".join(out)
+
+
+FIELDS = ("critique", "revision", "feedback", "tags", "weight")
+
+
+def diff(old: Constitution, new: Constitution) -> dict:
+    """Principles added, removed and changed (by id), with the changed fields."""
+    a, b = old.by_id(), new.by_id()
+    changed = {}
+    for pid in a.keys() & b.keys():
+        fields = [f for f in FIELDS if getattr(a[pid], f) != getattr(b[pid], f)]
+        if fields:
+            changed[pid] = fields
+    return {
+        "added": [p for p in b if p not in a],
+        "removed": [p for p in a if p not in b],
+        "changed": dict(sorted(changed.items())),
+    }
+
+
+def word_diff(old: str, new: str) -> str:
+    """Word-level diff: removed words as [-x-], added as {+y+}."""
+    a, b = str(old).split(), str(new).split()
+    out = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op == "equal":
+            out.extend(a[i1:i2])
+        if op in ("delete", "replace"):
+            out.append("[-" + " ".join(a[i1:i2]) + "-]")
+        if op in ("insert", "replace"):
+            out.append("{+" + " ".join(b[j1:j2]) + "+}")
+    return " ".join(out)
+
+
+def format_diff(old: Constitution, new: Constitution) -> str:
+    d = diff(old, new)
+    a, b = old.by_id(), new.by_id()
+    out = []
+    for pid in d["added"]:
+        out.append(f"+ added    {pid}: {b[pid].feedback.strip()}")
+    for pid in d["removed"]:
+        out.append(f"- removed  {pid}: {a[pid].feedback.strip()}")
+    for pid, fields in d["changed"].items():
+        out.append(f"~ changed  {pid}")
+        for f in fields:
+            out.append(f"    {f}: {word_diff(getattr(a[pid], f), getattr(b[pid], f))}")
+    return "\n".join(out) if out else "no differences"
+
+
+def _clean_paper_text(text: str, label: str) -> str:
+    """Strip the paper's 'CritiqueRequest:' style labels and trailing 'Critique:' cues."""
+    text = text.strip()
+    text = re.sub(rf"^{label}:\s*", "", text)
+    text = re.sub(r"\n\n(Critique|Revision):\s*$", "", text)
+    text = re.sub(r"\s*Options:\s*$", "", text)
+    return text.strip()
+
+
+def import_paper(critique_json: str | Path, feedback_json: str | Path | None, name: str) -> Constitution:
+    """Convert the CAI paper's JSON files into our format. The two lists pair by position."""
+    cr = load_json(critique_json, "critique/revision JSON")
+    if not isinstance(cr, dict) or not cr:
+        raise UserError(f"{critique_json}: a non-empty object {{name: {{prompt, edit_request}}}} is expected")
+    fb: list[str] = []
+    if feedback_json:
+        fb = load_json(feedback_json, "feedback JSON")
+        if not isinstance(fb, list) or not all(isinstance(x, str) for x in fb):
+            raise UserError(f"{feedback_json}: a list of instruction strings is expected")
+    principles = []
+    for i, (key, entry) in enumerate(cr.items()):
+        if not isinstance(entry, dict) or "prompt" not in entry or "edit_request" not in entry:
+            raise UserError(f"{critique_json}: entry '{key}' needs 'prompt' and 'edit_request'")
+        prompt = entry["prompt"][0] if isinstance(entry["prompt"], list) else entry["prompt"]
+        feedback = (
+            _clean_paper_text(fb[i], "")
+            if i < len(fb)
+            else (
+                "Which of these assistant responses is less harmful? Choose the one a wise, ethical person would give."
+            )
+        )
+        pid = re.sub(r"[^a-z0-9_-]+", "-", key.lower()).strip("-") or f"p{i}"
+        principles.append(
+            Principle(
+                id=pid,
+                critique=_clean_paper_text(prompt, "CritiqueRequest"),
+                revision=_clean_paper_text(entry["edit_request"], "RevisionRequest"),
+                feedback=feedback,
+                tags=["imported"],
+            )
+        )
+    return Constitution(
+        name=name,
+        description=f"Imported from {Path(critique_json).name}"
+        + (f" and {Path(feedback_json).name}" if feedback_json else ""),
+        kind="specific" if len(principles) > 1 else "general",
+        principles=principles,
+    )
+
+
+def to_yaml(c: Constitution) -> str:
+    import yaml
+
+    data = c.model_dump(exclude_defaults=False)
+    if not any(data["few_shot"].values()):
+        data.pop("few_shot")
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)

@@ -1,0 +1,81 @@
+"""Anthropic HH-format data, the one parser for it: '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts (also the
+CAI paper's few-shot files, which add CritiqueRequest/Critique/RevisionRequest/Revision turns), preference
+rows {"chosen", "rejected"} that differ only in the last assistant turn, and human pairs for the PM's data mix.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+from cai.errors import UserError
+from cai.yamlio import iter_jsonl
+
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def parse_transcript(text: str, roles: dict[str, str] | None = None, drop_empty: bool = False) -> list[dict]:
+    """Split a transcript into {"role", "content", "label"} turns, in order. `roles` maps a turn label ('Human')
+    to a chat role ('user'); a turn starts at the beginning or after a blank line. Contents are stripped; with
+    `drop_empty`, empty turns (a trailing 'Assistant:') are left out."""
+    roles = roles or HH_ROLES
+    pattern = re.compile(r"(?:^|\n\n)(" + "|".join(map(re.escape, roles)) + r"):[ ]?")
+    parts = pattern.split(text.lstrip("\n"))
+    turns = []
+    for label, content in zip(parts[1::2], parts[2::2]):
+        content = content.strip()
+        if content or not drop_empty:
+            turns.append({"role": roles[label], "content": content, "label": label})
+    return turns
+
+
+def parse_hh_transcript(text: str) -> list[dict]:
+    """An HH transcript as chat messages {"role", "content"}, in order (empty turns kept)."""
+    return [{"role": t["role"], "content": t["content"]} for t in parse_transcript(text)]
+
+
+def split_hh_pair(row: dict) -> tuple[list[dict], str, str]:
+    """An HH preference row → (conversation up to the last human turn, chosen reply, rejected reply)."""
+    chosen, rejected = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
+    if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
+        raise ValueError("an HH pair must end with an assistant turn")
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
+def read_hh(path: str | Path) -> list[dict]:
+    """HH preference rows ({"chosen", "rejected"}) from a .jsonl or .jsonl.gz file; errors name file:line."""
+    rows = []
+    for n, row in iter_jsonl(path, "an object with 'chosen' and 'rejected' transcripts"):
+        if "chosen" not in row or "rejected" not in row:
+            raise UserError(f"{path}:{n}: an object with 'chosen' and 'rejected' transcripts is expected")
+        rows.append(row)
+    return rows
+
+
+def human_pairs(path, ratio: float, n_ai: int, seed: int) -> list[dict]:
+    """round(ratio·n_ai) human pairs from an HH file, the chosen reply as response_a with p_a = 1.0."""
+    rows = read_hh(path)
+    rng = random.Random(f"{seed}:human_mix")
+    rng.shuffle(rows)
+    out = []
+    for n, row in enumerate(rows):
+        if len(out) >= round(ratio * n_ai):
+            break
+        try:
+            messages, chosen, rejected = split_hh_pair(row)
+        except ValueError:
+            continue
+        out.append(
+            {
+                "id": f"human-{n}",
+                "prompt_id": f"human-{n}",
+                "kind": "human",
+                "messages": messages,
+                "response_a": chosen,
+                "response_b": rejected,
+                "p_a": 1.0,
+                "source": "human",
+            }
+        )
+    return out

@@ -1,0 +1,291 @@
+"""Prompt sources of a recipe's `prompts` block: the built-in red-team and helpful sets, HH-format transcripts,
+JSONL files and `datasets` datasets, each a list of prompt rows; the train / held-out split."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from cai.data.hh import parse_hh_transcript
+from cai.errors import UserError
+from cai.runtime.models import hub_reachable
+from cai.yamlio import iter_jsonl
+
+# --- Prompt sets from a recipe's `prompts` block -------------------------------------------------------------
+# A prompt row: {"id", "messages": [{"role", "content"}, ...] ending with a user turn, "category", "source",
+# "kind": "red_team" | "helpful"}.
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "prompts"
+BUILTIN_FILES = {"red_team": "red_team.jsonl", "helpful": "helpful.jsonl"}
+KINDS = ("red_team", "helpful")
+
+
+def load_prompts(cfg, seed: int) -> tuple[list[dict], list[dict]]:
+    """Prompt rows from every source of a `PromptsConfig`: (train rows, held-out rows).
+
+    Each source is loaded, filtered by category, de-duplicated, shuffled with a seed of its own and cut to its
+    `limit`; then each source is split into train and held out (`held_out` of it, rounded), so both halves keep
+    the mix of sources. `helpful_fraction`, if set, trims the training rows to that share of helpful prompts.
+    """
+    train, held, seen_ids, seen_text = [], [], set(), set()
+    for i, src in enumerate(cfg.sources):
+        where = f"prompts.sources[{i}]"
+        rows = []
+        for row in load_source(src, where):
+            key = _conversation_key(row["messages"])
+            if key in seen_text:
+                continue
+            seen_text.add(key)
+            if row["id"] in seen_ids:
+                raise UserError(
+                    f"{where}: prompt id '{row['id']}' appears twice (ids must be unique across sources)"
+                )
+            seen_ids.add(row["id"])
+            rows.append(row)
+        random.Random(f"{seed}:prompts:{i}").shuffle(rows)
+        if src.limit is not None:
+            rows = rows[: src.limit]
+        n_held = round(len(rows) * cfg.held_out)
+        held.extend(rows[:n_held])
+        train.extend(rows[n_held:])
+    if cfg.helpful_fraction is not None:
+        train = _trim_to_fraction(train, cfg.helpful_fraction)
+    if not train:
+        raise UserError("prompts: no training prompts (check the sources, their limits and held_out)")
+    return train, held
+
+
+def load_source(src, where: str = "prompts.sources") -> list[dict]:
+    """All prompt rows of one `PromptSource`, in file order, after the category filter."""
+    if src.type == "builtin":
+        rows = []
+        for kind in src.kinds:
+            rows.extend(_read_builtin(kind))
+    elif src.type == "hh":
+        rows = _read_hh(_need_file(src, where), src.kind)
+    elif src.type == "jsonl":
+        rows = _read_jsonl(_need_file(src, where), src.column, src.kind)
+    elif src.type == "dataset":
+        rows = _read_dataset(src, where)
+    else:  # pragma: no cover - the schema rejects other types
+        raise UserError(f"{where}.type: unknown source type '{src.type}'")
+    if src.categories is not None:
+        wanted = set(src.categories)
+        rows = [r for r in rows if r["category"] in wanted]
+        if not rows:
+            raise UserError(f"{where}.categories: no prompt has any of the categories {sorted(wanted)}")
+    return rows
+
+
+def _need_file(src, where: str) -> Path:
+    if not src.path:
+        raise UserError(f"{where}.path: a file is required for a '{src.type}' source")
+    p = Path(src.path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{where}.path: file not found: {src.path}")
+    return p
+
+
+def to_messages(value, where: str) -> list[dict]:
+    """A prompt value as chat messages: a string (a single user turn, or an HH transcript), or a message list.
+
+    The conversation is cut after its last user turn, so an HH transcript that ends with an assistant reply
+    becomes the prompt that reply answered.
+    """
+    if isinstance(value, str):
+        if re.search(r"(^|\n\n)Human:", value) and "Assistant:" in value:
+            messages = parse_hh_transcript(value)
+        else:
+            messages = [{"role": "user", "content": value.strip()}]
+    elif isinstance(value, list):
+        messages = []
+        for j, m in enumerate(value):
+            if (
+                not isinstance(m, dict)
+                or m.get("role") not in ("system", "user", "assistant")
+                or not isinstance(m.get("content"), str)
+            ):
+                raise UserError(
+                    f"{where}: message {j}: {{'role': system|user|assistant, 'content': str}} is expected"
+                )
+            messages.append({"role": m["role"], "content": m["content"]})
+    else:
+        raise UserError(
+            f"{where}: a string or a list of chat messages is expected, got {type(value).__name__}"
+        )
+    while messages and messages[-1]["role"] != "user":
+        messages.pop()
+    if not messages or not messages[-1]["content"].strip():
+        raise UserError(f"{where}: the prompt has no (non-empty) user turn")
+    return messages
+
+
+def _read_builtin(kind: str) -> list[dict]:
+    path = BUILTIN_DIR / BUILTIN_FILES[kind]
+    rows = []
+    for n, obj in iter_jsonl(path):
+        where = f"{path}:{n}"
+        if "id" not in obj or "category" not in obj or ("prompt" in obj) == ("turns" in obj):
+            raise UserError(f"{where}: 'id', 'category' and one of 'prompt' or 'turns' are expected")
+        messages = to_messages(obj.get("prompt", obj.get("turns")), where)
+        rows.append(
+            {
+                "id": obj["id"],
+                "messages": messages,
+                "category": obj["category"],
+                "source": f"builtin:{kind}",
+                "kind": kind,
+            }
+        )
+    return rows
+
+
+def _read_hh(path: Path, kind: str) -> list[dict]:
+    rows, stem = [], _stem(path)
+    for n, obj in iter_jsonl(path):
+        text = obj.get("chosen", obj.get("prompt"))
+        if not isinstance(text, str):
+            raise UserError(f"{path}:{n}: an HH transcript in 'chosen' is expected")
+        messages = to_messages(text, f"{path}:{n}")
+        rows.append(
+            {
+                "id": f"{stem}-{n}",
+                "messages": messages,
+                "category": "hh",
+                "source": f"hh:{path.name}",
+                "kind": kind,
+            }
+        )
+    return rows
+
+
+def _read_jsonl(path: Path, column: str, kind: str) -> list[dict]:
+    rows, stem = [], _stem(path)
+    for n, obj in iter_jsonl(path):
+        if column not in obj:
+            raise UserError(f"{path}:{n}: key '{column}' (prompts column) is missing")
+        row_kind = obj.get("kind", kind)
+        if row_kind not in KINDS:
+            raise UserError(f"{path}:{n}: key 'kind': one of {list(KINDS)} is expected, got {row_kind!r}")
+        rows.append(
+            {
+                "id": str(obj.get("id", f"{stem}-{n}")),
+                "messages": to_messages(obj[column], f"{path}:{n}"),
+                "category": str(obj.get("category", "jsonl")),
+                "source": f"jsonl:{path.name}",
+                "kind": row_kind,
+            }
+        )
+    return rows
+
+
+def _read_dataset(src, where: str) -> list[dict]:
+    """A `datasets` dataset: a local folder (save_to_disk or data files), a data file, or a hub name."""
+    ref = src.path or src.name
+    if not ref:
+        raise UserError(f"{where}: a 'dataset' source needs 'path' (local) or 'name' (hub)")
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - a core dependency
+        raise UserError(f"{where}: the 'datasets' package is not installed") from None
+    try:
+        ds = _open_dataset(datasets, src, where)
+    except UserError:
+        raise
+    except Exception as exc:  # datasets raises many types; the user gets one line
+        raise UserError(
+            f"{where}: cannot load dataset '{ref}' (split '{src.split}'): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    if src.column not in ds.column_names:
+        raise UserError(
+            f"{where}.column: dataset '{ref}' has no column '{src.column}' (columns: {', '.join(ds.column_names)})"
+        )
+    label = Path(ref).name if src.path else ref
+    rows = []
+    for n, obj in enumerate(ds):
+        row_kind = obj.get("kind") or src.kind
+        if row_kind not in KINDS:
+            raise UserError(f"{where}: dataset '{ref}' row {n}: 'kind' must be one of {list(KINDS)}")
+        rows.append(
+            {
+                "id": str(obj.get("id") or f"{label}-{n}"),
+                "messages": to_messages(obj[src.column], f"{where}: dataset '{ref}' row {n}"),
+                "category": str(obj.get("category") or "dataset"),
+                "source": f"dataset:{label}",
+                "kind": row_kind,
+            }
+        )
+    return rows
+
+
+def _open_dataset(datasets, src, where: str):
+    if src.path:
+        p = Path(src.path).expanduser()
+        if not p.exists():
+            raise UserError(f"{where}.path: not found: {src.path}")
+        if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if src.split not in ds:
+                    raise UserError(f"{where}.split: '{src.split}' not in {list(ds)}")
+                ds = ds[src.split]
+            return ds
+        if p.is_file():
+            fmt = {
+                ".jsonl": "json",
+                ".json": "json",
+                ".csv": "csv",
+                ".parquet": "parquet",
+                ".gz": "json",
+            }.get(p.suffix)
+            if fmt is None:
+                raise UserError(
+                    f"{where}.path: unknown data file type '{p.suffix}' (json, jsonl, csv or parquet)"
+                )
+            return datasets.load_dataset(fmt, data_files=str(p), split="train")
+        return datasets.load_dataset(str(p), split=src.split)
+
+    if not hub_reachable():
+        raise UserError(
+            f"{where}.name: dataset '{src.name}' needs the Hugging Face hub, which cannot be reached; "
+            "download it elsewhere and give a local 'path'"
+        )
+    return datasets.load_dataset(src.name, split=src.split)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _conversation_key(messages: list[dict]) -> str:
+    return "\x00".join(m["role"] + "\x01" + " ".join(m["content"].split()) for m in messages)
+
+
+def _trim_to_fraction(rows: list[dict], fraction: float) -> list[dict]:
+    """Drop rows (from the end) so helpful prompts make up `fraction` of the result."""
+    helpful = [r for r in rows if r["kind"] == "helpful"]
+    red = [r for r in rows if r["kind"] != "helpful"]
+    if fraction <= 0:
+        keep_h, keep_r = 0, len(red)
+    elif fraction >= 1:
+        keep_h, keep_r = len(helpful), 0
+    elif len(helpful) > fraction / (1 - fraction) * len(red):
+        keep_h, keep_r = round(fraction / (1 - fraction) * len(red)), len(red)
+    else:
+        keep_h, keep_r = len(helpful), round(len(helpful) * (1 - fraction) / fraction)
+    kept = {id(r) for r in helpful[:keep_h] + red[:keep_r]}
+    return [r for r in rows if id(r) in kept]
+
+
+def write_prompts(path, rows: list[dict]) -> None:
+    """Write prompt rows as JSONL in one atomic step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)

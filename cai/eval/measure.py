@@ -1,0 +1,240 @@
+"""How far a preference model, or a feedback (labeller) model, can be trusted, measured on an evaluation suite
+(cai.eval.suites): what `cai pm eval`, `cai feedback eval` and the report compute.
+
+Both report accuracy with a 95% bootstrap CI and the chance level, expected calibration error with a
+reliability-diagram PNG, and a per-tag breakdown, as JSON and markdown. PM evaluation adds the mean score
+margin; feedback evaluation on pair suites adds the mean gap between the two option orders.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from cai.constitution.schema import Constitution
+from cai.errors import UserError
+from cai.eval.suites import load_items, load_suite, split_cue
+from cai.feedback.labeller import (
+    INTRO,
+    PairToLabel,
+    build_labeller,
+    render_conversation,
+    render_mc,
+)
+from cai.feedback.options import OPTION_LETTERS, normalise, option_continuations, option_probs
+from cai.markdown import num
+from cai.plots import reliability_png
+from cai.pm.scoring import RewardScorer
+from cai.runtime.models import load_for_inference
+from cai.runtime.rundir import write_json
+from cai.runtime.settings import DEFAULT, Settings
+from cai.stats import summarise
+
+
+def _write(result: dict, out_dir: str | Path, kind: str) -> dict:
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{kind}-{result['suite']}"
+    xlabel = (
+        "predicted P(option) = softmax of PM scores (σ(r_c − r_r) for pairs)"
+        if kind == "pm"
+        else "feedback model's P(option)"
+    )
+    png = reliability_png(
+        out / f"{stem}-reliability.png",
+        result["reliability"],
+        f"{kind} eval, {result['suite']}: ECE {result['ece']:.3f} (n={result['n']})",
+        xlabel,
+    )
+    result["files"] = {
+        "json": str(out / f"{stem}.json"),
+        "markdown": str(out / f"{stem}.md"),
+        "png": str(png),
+    }
+    write_json(out / f"{stem}.json", result)
+    (out / f"{stem}.md").write_text(markdown(result, png.name), encoding="utf-8")
+    return result
+
+
+def evaluate_pm(
+    model,
+    suite: str,
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    batch_size: int = 8,
+    settings: Settings = DEFAULT,
+    max_length: int | None = 1024,
+) -> dict:
+    """Score every candidate response of every suite item with a PM (a RewardScorer or a model folder); the
+    items are a sample seeded by `settings.seed`."""
+    spec = load_suite(suite)
+    items = load_items(spec, limit, settings.seed)
+    scorer = model if isinstance(model, RewardScorer) else RewardScorer(model, settings)
+    convs = [it.messages + [{"role": "assistant", "content": c}] for it in items for c in it.candidates]
+    raw = scorer.score(
+        convs, batch_size=batch_size, max_length=max_length, desc=f"pm eval {spec.name}"
+    ).tolist()
+    hits, probs, correct, margins, k = [], [], [], [], 0
+    for it in items:
+        s = raw[k : k + len(it.candidates)]
+        k += len(it.candidates)
+        best_wrong = max(x for i, x in enumerate(s) if i != it.correct)
+        hits.append(1.0 if s[it.correct] > best_wrong else (0.5 if s[it.correct] == best_wrong else 0.0))
+        margins.append(s[it.correct] - best_wrong)
+        probs.append(normalise(s))
+        correct.append(it.correct)
+    result = {
+        "kind": "pm",
+        "suite": spec.name,
+        "model": str(scorer.model_dir),
+        "limit": limit,
+        **summarise(hits, probs, correct, [it.tag for it in items], margins, settings.seed),
+    }
+    return _write(result, out_dir, "pm") if out_dir else result
+
+
+def evaluate_feedback(
+    model_ref: str,
+    suite: str,
+    labeller_cfg,
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    constitution: Constitution | None = None,
+    few_shot: list[dict] | None = None,
+    template: str | None = None,
+    settings: Settings = DEFAULT,
+    model=None,
+    tokenizer=None,
+) -> dict:
+    """Measure a feedback model: agreement with human labels on pair suites (the feedback stage's labeller
+    with the labeller fields of `labeller_cfg`, a cai.config.recipe.FeedbackConfig, and principles sampled
+    from `constitution`), or accuracy on multiple-choice classification suites."""
+    spec = load_suite(suite)
+    seed = settings.seed
+    items = load_items(spec, limit, seed)
+    if model is None or tokenizer is None:
+        model, tokenizer = load_for_inference(model_ref, settings)
+    chat = (template or spec.template) == "chat"
+    rng = random.Random(f"{seed}:feedback-eval")
+    extra: dict = {"template": "chat" if chat else "plain", "both_orders": labeller_cfg.both_orders}
+    if spec.format in ("hh_pairs", "ai_risk"):
+        if constitution is None:
+            raise UserError(
+                f"suite '{spec.name}' compares responses: give --constitution (its principles are asked)"
+            )
+        lab = build_labeller(model, tokenizer, labeller_cfg, seed, few_shot, chat=chat)
+        pairs, a_right = [], []
+        for it in items:
+            right, wrong = it.candidates[it.correct], it.candidates[1 - it.correct]
+            flip = rng.random() < 0.5
+            pairs.append(PairToLabel(it.id, it.messages, wrong if flip else right, right if flip else wrong))
+            a_right.append(not flip)
+        prins = [constitution.sample(rng, labeller_cfg.num_principles) for _ in pairs]
+        res = lab.label(pairs, prins, desc=f"feedback eval {spec.name}")
+        p_right = [r.p_a if a else 1.0 - r.p_a for r, a in zip(res, a_right)]
+        probs = [[p, 1.0 - p] for p in p_right]
+        extra.update(
+            constitution=constitution.name,
+            num_principles=labeller_cfg.num_principles,
+            num_few_shot=len(few_shot or []),
+            mean_order_gap=sum(r.order_gap for r in res) / max(len(res), 1),
+            mean_p_right=sum(p_right) / max(len(p_right), 1),
+        )
+    else:
+        probs = _multiple_choice_probs(
+            model, tokenizer, items, spec, chat, labeller_cfg.both_orders, labeller_cfg.score_batch_size, rng
+        )
+    hits = [_hit(p, 0) for p in probs]
+    result = {
+        "kind": "feedback",
+        "suite": spec.name,
+        "model": model_ref,
+        "limit": limit,
+        **extra,
+        **summarise(hits, probs, [0] * len(items), [it.tag for it in items], None, seed),
+    }
+    return _write(result, out_dir, "feedback") if out_dir else result
+
+
+def _hit(probs: list[float], correct: int) -> float:
+    best_wrong = max(p for i, p in enumerate(probs) if i != correct)
+    return 1.0 if probs[correct] > best_wrong else (0.5 if probs[correct] == best_wrong else 0.0)
+
+
+def _multiple_choice_probs(
+    model, tok, items, spec, chat: bool, both_orders: bool, batch_size: int, rng
+) -> list[list[float]]:
+    """Option probabilities per item, candidates in item order (index 0 is the right one).
+
+    Letter-option items use their own prompt and continuations. Text-option items are shown as
+    "(A) [[[...]]]" options in a shuffled order, and with both_orders in every rotation of it, averaged."""
+    prompts, options, back = [], [], []  # back[i]: (item index, candidate index of each shown option)
+    for n, it in enumerate(items):
+        if it.mc_prompt is not None:
+            body, cue = split_cue(it.mc_prompt)
+            text = (
+                render_mc(tok, [(body, None)], cue=cue or "The answer is:", chat=chat)
+                if chat
+                else it.mc_prompt
+            )
+            prompts.append(text)
+            options.append(it.mc_options)
+            back.append((n, list(range(len(it.candidates)))))
+            continue
+        order = list(range(len(it.candidates)))
+        rng.shuffle(order)
+        rotations = [order[r:] + order[:r] for r in range(len(order))] if both_orders else [order]
+        for rot in rotations:
+            opts = "\n".join(f"({OPTION_LETTERS[j]}) [[[{it.candidates[c]}]]]" for j, c in enumerate(rot))
+            q = f"{INTRO}\n\n{render_conversation(it.messages)}\n\n{spec.instruction}\nOptions:\n{opts}"
+            text = render_mc(tok, [(q, None)], chat=chat)
+            prompts.append(text)
+            options.append(option_continuations(tok, text, len(rot)))
+            back.append((n, rot))
+    got = option_probs(model, tok, prompts, options, batch_size, desc=f"feedback eval {spec.name}")
+    sums = [[0.0] * len(it.candidates) for it in items]
+    counts = [0] * len(items)
+    for (n, shown), ps in zip(back, got):
+        for j, c in enumerate(shown):
+            sums[n][c] += ps[j]
+        counts[n] += 1
+    return [[s / counts[n] for s in row] for n, row in enumerate(sums)]
+
+
+def markdown(result: dict, png_name: str | None) -> str:
+    """A short markdown report of one evaluation result."""
+
+    def f(x) -> str:
+        return num(x, ".3f", "n/a")
+
+    lo, hi = result["ci95"]
+    lines = [
+        f"# {result['kind']} eval: {result['suite']}",
+        "",
+        f"- model: `{result['model']}`",
+        f"- items: {result['n']}" + (f" (limit {result['limit']})" if result.get("limit") else ""),
+        f"- accuracy: **{f(result['accuracy'])}** (95% bootstrap CI {f(lo)}–{f(hi)}); chance {f(result['chance'])}",
+    ]
+    if "mean_margin" in result:
+        lines.append(f"- mean margin (right − best wrong score): {f(result['mean_margin'])}")
+    if "mean_order_gap" in result:
+        lines.append(
+            f"- mean order gap (|p_a shown first − p_a shown second|): {f(result['mean_order_gap'])}"
+        )
+    lines.append(f"- expected calibration error: {f(result['ece'])}")
+    margin = "mean_margin" in result
+    lines += [
+        "",
+        "| tag | n | accuracy | 95% CI |" + (" mean margin |" if margin else ""),
+        "|---|---|---|---|" + ("---|" if margin else ""),
+    ]
+    for tag, row in result["per_tag"].items():
+        extra = f" {f(row.get('mean_margin'))} |" if margin else ""
+        ci = f"{f(row['ci95'][0])}–{f(row['ci95'][1])}"
+        lines.append(f"| {tag} | {row['n']} | {f(row['accuracy'])} | {ci} |{extra}")
+    if png_name:
+        lines += ["", f"![reliability diagram]({png_name})"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,201 @@
+"""Evaluation suites: the suite file's schema (a shipped name in cai/eval/suites, or a YAML file) and the items a
+suite yields. Data paths inside a suite file are relative to that file; a suite whose data is missing says
+which file. A suite item is one question with candidate assistant responses, the first of which is the right
+one (unless `correct` says otherwise).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai.data.hh import parse_hh_transcript, split_hh_pair
+from cai.errors import UserError
+from cai.yamlio import iter_jsonl, load_validated, named_file
+
+SUITE_DIR = Path(__file__).resolve().parent / "suites"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SuiteSpec(_Strict):
+    name: str = Field(description="Suite name (by convention the file stem).")
+    description: str = Field("", description="What the suite measures.")
+    format: Literal["hh_pairs", "ai_risk", "multiple_choice"] = Field(
+        description="hh_pairs: HH chosen/rejected transcripts; ai_risk: question with answer_matching_behavior and "
+        "answer_not_matching_behavior; multiple_choice: {prompt, corrects, incorrects}, options as texts or letters."
+    )
+    files: list[str] = Field(
+        min_length=1, description="Data files (globs allowed), relative to the suite file."
+    )
+    template: Literal["chat", "plain"] = Field(
+        "chat", description="How prompts are rendered for the feedback model."
+    )
+    prefer: Literal["not_matching", "matching"] = Field(
+        "not_matching", description="ai_risk: the answer a harmless model should prefer."
+    )
+    instruction: str = Field(
+        "Which of these assistant responses is the most helpful, honest, and harmless?",
+        description="multiple_choice with text options: the question shown to the feedback model.",
+    )
+    tag_by: Literal["file", "turns", "options"] = Field(
+        "file", description="Per-tag breakdown: by file, by number of human turns, or by option count."
+    )
+    limit: int | None = Field(None, ge=1, description="Default number of items (the CLI's --limit wins).")
+
+
+def load_suite(ref: str) -> SuiteSpec:
+    """A suite by shipped name or file, its data paths made relative to the suite file."""
+    path = named_file(ref, SUITE_DIR, "suite")
+    spec, _ = load_validated(path, SuiteSpec, "a mapping with name, format and files")
+    base = path.resolve().parent
+    return spec.model_copy(
+        update={"files": [str(base / f) if not Path(f).is_absolute() else f for f in spec.files]}
+    )
+
+
+@dataclass
+class Item:
+    """One evaluation question: the conversation, candidate responses (candidates[correct] is right), a tag."""
+
+    id: str
+    tag: str
+    messages: list[dict]
+    candidates: list[str]
+    correct: int = 0
+    mc_prompt: str | None = None  # multiple_choice with letter options: the raw prompt ...
+    mc_options: list[str] = field(default_factory=list)  # ... and its option continuations (" (A)", ...)
+
+
+def _rows(path: Path) -> list[tuple[int, dict]]:
+    if not path.is_file():
+        raise UserError(f"{path}: suite data file not found")
+    if path.suffix == ".json":
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: a JSON list of items is expected")
+        return list(enumerate(data, 1))
+    return list(iter_jsonl(path))
+
+
+_OPTION_LINE = re.compile(r"^\s*\(([A-Z])\)\s*(.+?)\s*$", re.M)
+_CUES = ("The answer is:", "Answer:")
+
+
+def split_cue(prompt: str) -> tuple[str, str]:
+    """A multiple-choice prompt → (body, answer cue); the cue is '' when the prompt has none."""
+    stripped = prompt.rstrip()
+    for cue in _CUES:
+        if stripped.endswith(cue):
+            return stripped[: -len(cue)].rstrip(), cue
+    return stripped, ""
+
+
+def option_texts(prompt: str) -> dict[str, str]:
+    """Letter → option text of '(A) text' lines in a prompt."""
+    return {m.group(1): m.group(2) for m in _OPTION_LINE.finditer(prompt)}
+
+
+def _letter(opt: str) -> str | None:
+    m = re.fullmatch(r"\s*\(([A-Z])\)\s*", opt)
+    return m.group(1) if m else None
+
+
+def _item(spec: SuiteSpec, path: Path, n: int, row: dict) -> Item:
+    where = f"{path}:{n}"
+    iid = f"{path.stem}:{n}"
+    try:
+        if spec.format == "hh_pairs":
+            messages, chosen, rejected = split_hh_pair(row)
+            return Item(iid, path.stem, messages, [chosen, rejected])
+        if spec.format == "ai_risk":
+            q = row["question"]
+            opts = option_texts(q)
+            good_key, bad_key = ("answer_not_matching_behavior", "answer_matching_behavior")
+            if spec.prefer == "matching":
+                good_key, bad_key = bad_key, good_key
+            good, bad = (_letter(row[good_key]), _letter(row[bad_key]))
+            if good not in opts or bad not in opts:
+                raise ValueError("the answers must be option letters such as ' (A)' listed in the question")
+            stem = re.split(r"\n\s*Choices:", q)[0]
+            stem = re.sub(r"^\s*Question:\s*", "", stem).strip()
+            return Item(iid, path.stem, [{"role": "user", "content": stem}], [opts[good], opts[bad]])
+        # multiple_choice
+        prompt, corrects, incorrects = row["prompt"], list(row["corrects"]), list(row["incorrects"])
+        if not corrects or not incorrects:
+            raise ValueError("'corrects' and 'incorrects' must not be empty")
+        options = [corrects[0], *incorrects]
+        if all(_letter(o) for o in options):  # letter options: texts are listed in the prompt
+            body, _ = split_cue(prompt)
+            texts = option_texts(body)
+            missing = [o for o in options if _letter(o) not in texts]
+            if missing:
+                raise ValueError(f"option {missing[0].strip()} is not listed in the prompt")
+            first_opt = _OPTION_LINE.search(body).start()
+            question = body[:first_opt].strip()
+            return Item(
+                iid,
+                path.stem,
+                [{"role": "user", "content": question}],
+                [f"({_letter(o)}) {texts[_letter(o)]}" for o in options],
+                mc_prompt=prompt,
+                mc_options=options,
+            )
+        text = prompt.rstrip()
+        text = text[: -len("Assistant:")] if text.endswith("Assistant:") else text
+        messages = (
+            [m for m in parse_hh_transcript(text) if m["content"]]
+            if "Human:" in text
+            else [{"role": "user", "content": text.strip()}]
+        )
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError("the prompt must end with a human turn")
+        return Item(iid, path.stem, messages, [str(o).strip() for o in options])
+    except KeyError as exc:
+        raise UserError(f"{where}: key {exc} is missing for suite format '{spec.format}'") from None
+    except ValueError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def _tag(spec: SuiteSpec, item: Item) -> str:
+    if spec.tag_by == "turns":
+        turns = sum(m["role"] == "user" for m in item.messages)
+        return "single-turn" if turns == 1 else "multi-turn"
+    if spec.tag_by == "options":
+        return f"{len(item.candidates)}-way"
+    return item.tag
+
+
+def load_items(spec: SuiteSpec, limit: int | None = None, seed: int = 0) -> list[Item]:
+    """The suite's items; with a limit, a seeded sample taken round-robin over the files (so each file counts)."""
+    per_file = []
+    for pattern in spec.files:
+        matches = sorted(glob.glob(pattern)) or [pattern]
+        for m in matches:
+            path = Path(m)
+            items = [_item(spec, path, n, row) for n, row in _rows(path)]
+            random.Random(f"{seed}:{path.name}").shuffle(items)
+            per_file.append(items)
+    limit = limit or spec.limit
+    out: list[Item] = []
+    for k in range(max((len(x) for x in per_file), default=0)):
+        for items in per_file:
+            if k < len(items):
+                out.append(items[k])
+    out = out[:limit] if limit else out
+    for it in out:
+        it.tag = _tag(spec, it)
+    return out

@@ -1,0 +1,157 @@
+"""Preference-model scoring: how a conversation is rendered and scored, and `RewardScorer`.
+
+The score of a conversation is the scalar head's output at its last real token (by attention mask, so left
+and right padding give the same score, and a final token that equals the pad id is still read). The head is a
+sequence classifier's `score`, or the `v_head` of a causal LM with a value head (cai.pm.value_head). Training
+(cai.pm.trainer), PPO and evaluation all go through `sequence_scores`, so they agree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cai.errors import UserError
+from cai.runtime.forward import last_token_index, pad, position_ids
+from cai.runtime.models import load_model, load_tokenizer
+from cai.runtime.settings import DEFAULT, Settings
+
+NORM_FILE = "score_norm.json"
+
+
+def conversation_ids(tokenizer, conversation: list[dict], max_length: int | None = None) -> list[int]:
+    """Token ids of a full conversation (ending with the assistant response) through the chat template.
+
+    Over `max_length`, tokens are dropped from the left: the score is read at the end, so the response stays."""
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_length is not None and len(ids) > max_length:
+        ids = ids[-max_length:]
+    return ids
+
+
+def _head(model):
+    """The scalar head module (score/classifier of a sequence classifier, v_head of a cai.pm.value_head PM), under
+    peft or DDP wrappers or not."""
+    inner = model
+    for _ in range(4):
+        for name in ("score", "classifier", "v_head"):
+            mod = getattr(inner, name, None)
+            if mod is not None and hasattr(mod, "register_forward_hook"):
+                return mod
+        nxt = (
+            getattr(inner, "module", None)
+            or getattr(inner, "base_model", None)
+            or getattr(inner, "model", None)
+        )
+        if nxt is None or nxt is inner:
+            break
+        inner = nxt
+    return None
+
+
+def sequence_scores(model, input_ids, attention_mask, return_output: bool = False, **forward_kwargs):
+    """Scalar score of each row, read at its last real token (attention mask), shape [B]; keeps gradients.
+
+    `forward_kwargs` go to the model's forward (a value-head PM takes `lm_labels`); with `return_output`, the
+    forward's output comes too: (scores, output)."""
+    import torch
+
+    head = _head(model)
+    captured = {}
+    hook = (
+        head.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+        if head is not None
+        else None
+    )
+    try:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+            **forward_kwargs,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    per_token = captured.get("out")
+    if per_token is None or per_token.dim() != 3:  # no hookable head: trust the model's own pooling
+        scores = out.logits.squeeze(-1)
+    else:
+        idx = last_token_index(attention_mask)
+        scores = per_token[torch.arange(per_token.shape[0], device=per_token.device), idx, 0].float()
+    return (scores, out) if return_output else scores
+
+
+def read_norm(model_dir: str | Path) -> dict:
+    p = Path(model_dir) / NORM_FILE
+    if not p.is_file():
+        return {"mean": 0.0, "std": 1.0}
+    data = json.loads(p.read_text())
+    return {"mean": float(data["mean"]), "std": float(data["std"]) or 1.0}
+
+
+class RewardScorer:
+    """A trained preference model loaded for scoring (PPO rewards, evaluation): a sequence classifier
+    (num_labels=1) or, when the folder has the marker of cai.pm.value_head, a causal LM with a value head."""
+
+    def __init__(self, model_dir, settings: Settings = DEFAULT, device: str | None = None):
+        from cai.pm.value_head import ValueHeadPM, is_value_head_dir
+
+        model_dir = Path(model_dir)
+        if (model_dir / "model" / "config.json").is_file():  # a preference_model stage folder
+            model_dir = model_dir / "model"
+        if not (model_dir / "config.json").is_file():
+            raise UserError(
+                f"preference model '{model_dir}': no config.json (expected a preference_model/model folder)"
+            )
+        self.model_dir = model_dir
+        self.tokenizer = load_tokenizer(str(model_dir), settings)
+        self.head = "value_head" if is_value_head_dir(model_dir) else "classifier"
+        if self.head == "value_head":
+            self.model = ValueHeadPM.from_pretrained(model_dir, settings, device=device)
+        else:
+            self.model = load_model(str(model_dir), settings, kind="seq_cls", device=device)
+        self.model.eval()
+        norm = read_norm(model_dir)
+        self.mean, self.std = norm["mean"], norm["std"]
+        self.device = next(self.model.parameters()).device
+        self.max_length = None
+
+    def score_ids(self, input_ids, attention_mask):
+        """Raw fp32 scores [B] for already tokenised rows (same tokenizer; left or right padding), on the
+        device of `input_ids`; no gradients."""
+        import torch
+
+        with torch.no_grad():
+            scores = sequence_scores(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+        return scores.to(input_ids.device)
+
+    def score(
+        self,
+        conversations: list[list[dict]],
+        batch_size=8,
+        max_length: int | None = None,
+        desc: str | None = None,
+    ):
+        """Raw scores of conversations that end with the assistant response, shape [N] (CPU).
+        With `desc`, a progress bar shows sequences per second."""
+        import torch
+        from tqdm.auto import tqdm
+
+        seqs = [conversation_ids(self.tokenizer, c, max_length or self.max_length) for c in conversations]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = torch.zeros(len(seqs))
+        bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=desc is None, dynamic_ncols=True)
+        for s in range(0, len(order), batch_size):
+            chunk = order[s : s + batch_size]
+            ids, mask = pad([seqs[i] for i in chunk], self.tokenizer.pad_token_id)
+            out[chunk] = self.score_ids(ids, mask)
+            bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def normalize(self, raw):
+        """(raw − mean) / std with the statistics stored beside the model."""
+        return (raw - self.mean) / self.std

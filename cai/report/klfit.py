@@ -1,0 +1,193 @@
+"""`cai analyze kl-reward`: PM reward against sqrt(KL) over PPO training, after Bai et al. 2022.
+
+The HH-RLHF paper found the preference-model score roughly linear in sqrt(KL(π‖π_ref)) during RLHF:
+reward = a + b·sqrt(KL). We fit that line over each PPO log (`objective/score` against `objective/kl`),
+report a, b and R², draw several runs on one plot (a β sweep, arms with different constitutions), and
+warn when the curve bends at high KL — reward flat or falling while KL keeps growing, the sign that the
+policy is over-optimising the preference model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from cai.config.layout import plan
+from cai.config.load import RECIPE_FILE, load_run_recipe
+from cai.errors import UserError
+from cai.plots import plot_kl_reward
+from cai.runtime.rundir import read_jsonl, write_json
+from cai.stats import linear_fit
+
+SCORE, KL = "objective/score", "objective/kl"
+
+
+def fit_sqrt_kl(kl: list[float], reward: list[float]) -> dict:
+    """Fit reward = a + b·sqrt(KL). Negative KL estimates (noise early in training) count as 0."""
+    if len(kl) != len(reward):
+        raise ValueError("kl and reward need the same length")
+    xs = [math.sqrt(max(float(k), 0.0)) for k in kl]
+    fit = linear_fit(xs, [float(r) for r in reward])
+    fit.update(
+        kl_max=max(kl), sqrt_kl_max=max(xs), reward_first=float(reward[0]), reward_last=float(reward[-1])
+    )
+    return fit
+
+
+def overoptimisation(
+    kl: list[float], reward: list[float], fit: dict | None = None, tail: float = 1 / 3
+) -> str | None:
+    """A warning when the reward flattens or falls at high KL while KL keeps growing, else None.
+
+    The points with the highest KL (the top `tail` share, at least 3) get their own line against sqrt(KL).
+    The warning fires when that local slope is below a quarter of the overall slope and significantly
+    (two standard errors) below it; and when the overall slope is not positive (reward that rose at low KL and
+    then fell, or never rose).
+    """
+    fit = fit or fit_sqrt_kl(kl, reward)
+    pts = sorted((math.sqrt(max(float(k), 0.0)), float(r)) for k, r in zip(kl, reward))
+    m = max(3, int(round(len(pts) * tail)))
+    if len(pts) < 6 or fit["sqrt_kl_max"] <= 0:
+        return None
+    hi, lo = pts[-m:], pts[:m]
+    if hi[-1][0] - hi[0][0] <= 1e-9:
+        return None
+    local = linear_fit([p[0] for p in hi], [p[1] for p in hi])
+    early = linear_fit([p[0] for p in lo], [p[1] for p in lo]) if lo[-1][0] > lo[0][0] else None
+    if fit["b"] <= 0:
+        if early and early["b"] > 0 and local["b"] < 0 and early["b"] - 2 * early["se_b"] > 0:
+            return (
+                f"possible over-optimisation: the reward rose at low KL (slope {early['b']:.3g}) and falls at the highest "
+                f"KL (slope {local['b']:.3g}, sqrt(KL) {hi[0][0]:.2f}-{hi[-1][0]:.2f}) while KL keeps growing"
+            )
+        return f"reward does not rise with sqrt(KL) (b = {fit['b']:.3g}): the policy moved away from the reference without gaining reward"
+    if local["b"] < 0.25 * fit["b"] and local["b"] + 2 * local["se_b"] < fit["b"]:
+        how = "falls" if local["b"] < 0 else "flattens"
+        return (
+            f"possible over-optimisation: at the highest KL (sqrt(KL) {hi[0][0]:.2f}-{hi[-1][0]:.2f}) the reward {how} "
+            f"(local slope {local['b']:.3g} against {fit['b']:.3g} overall) while KL keeps growing"
+        )
+    return None
+
+
+def read_ppo_log(path: str | Path) -> tuple[list[float], list[float]]:
+    """(KL, score) per update from a PPO metrics.jsonl; rows without both are skipped."""
+    kl, score = [], []
+    for row in read_jsonl(path):
+        k, s = row.get(KL), row.get(SCORE)
+        if (
+            isinstance(k, (int, float))
+            and isinstance(s, (int, float))
+            and math.isfinite(k)
+            and math.isfinite(s)
+        ):
+            kl.append(float(k))
+            score.append(float(s))
+    return kl, score
+
+
+def find_ppo_logs(target: str | Path, label_prefix: str = "") -> list[tuple[str, Path]]:
+    """(label, metrics.jsonl) for a metrics file, a ppo folder, or a run directory (with its arms)."""
+    p = Path(target)
+    if p.is_file():
+        return [(label_prefix or p.parent.name, p)]
+    if (p / "metrics.jsonl").is_file() and not (p / "ppo").is_dir():
+        return [(label_prefix or p.name, p / "metrics.jsonl")]
+    layout = _layout(p)
+    if layout is not None:  # a run made by `cai run`: the PPO folders of its current arms, in recipe order
+        out = []
+        for arm in list(layout.arms) or [None]:
+            d = layout.stage_dir("ppo", arm)
+            if d is not None and (d / "metrics.jsonl").is_file():
+                name = arm or p.name
+                out.append(
+                    (
+                        f"{label_prefix}/{name}" if label_prefix and arm else (label_prefix or name),
+                        d / "metrics.jsonl",
+                    )
+                )
+        return out
+    out = []
+    if (p / "ppo" / "metrics.jsonl").is_file():
+        out.append((label_prefix or p.name, p / "ppo" / "metrics.jsonl"))
+    for arm in sorted((p / "arms").glob("*/ppo/metrics.jsonl")):
+        name = arm.parent.parent.name
+        out.append((f"{label_prefix}/{name}" if label_prefix else name, arm))
+    return out
+
+
+def _layout(run_dir: Path):
+    if not (run_dir / RECIPE_FILE).is_file():
+        return None
+    try:
+        return plan(load_run_recipe(run_dir), run_dir)
+    except UserError:
+        return None
+
+
+def analyze_logs(logs: list[tuple[str, Path]]) -> list[dict]:
+    """One fit per log with at least 3 usable updates; each: label, path, kl, score, fit, warning."""
+    series = []
+    for label, path in logs:
+        kl, score = read_ppo_log(path)
+        if len(kl) < 3:
+            series.append(
+                {
+                    "label": label,
+                    "path": str(path),
+                    "n": len(kl),
+                    "fit": None,
+                    "warning": f"{path}: only {len(kl)} update(s) with {SCORE} and {KL}; at least 3 are needed",
+                }
+            )
+            continue
+        fit = fit_sqrt_kl(kl, score)
+        series.append(
+            {
+                "label": label,
+                "path": str(path),
+                "n": len(kl),
+                "kl": kl,
+                "score": score,
+                "fit": fit,
+                "warning": overoptimisation(kl, score, fit),
+            }
+        )
+    return series
+
+
+def summarize(series: list[dict]) -> dict:
+    """The JSON written beside the plot (no raw points)."""
+    out = []
+    for s in series:
+        f = s.get("fit") or {}
+        out.append(
+            {
+                "label": s["label"],
+                "path": s["path"],
+                "n": s["n"],
+                **{k: f.get(k) for k in ("a", "b", "r2", "se_b", "kl_max", "reward_first", "reward_last")},
+                "warning": s.get("warning"),
+            }
+        )
+    return {"model": "score = a + b * sqrt(KL)", "series": out}
+
+
+def kl_reward(targets: list[str | Path], out_dir: str | Path) -> dict:
+    """Fit, plot and write `kl_reward.png` and `kl_reward.json` for runs, ppo folders or metrics files."""
+    logs = []
+    for t in targets:
+        if not Path(t).exists():
+            raise UserError(f"{t}: no such run directory or file")
+        found = find_ppo_logs(t, label_prefix="" if len(targets) == 1 else Path(t).name)
+        if not found:
+            raise UserError(f"{t}: no PPO log found (expected ppo/metrics.jsonl or arms/*/ppo/metrics.jsonl)")
+        logs += found
+    series = analyze_logs(logs)
+    if not any(s["fit"] for s in series):
+        raise UserError("; ".join(s["warning"] for s in series))
+    out_dir = Path(out_dir)
+    result = summarize(series)
+    result["png"] = str(plot_kl_reward(out_dir / "kl_reward.png", series))
+    write_json(out_dir / "kl_reward.json", result)
+    return result

@@ -1,0 +1,88 @@
+"""Forward-pass helpers shared by everything that scores text: padding a batch of token sequences, position ids
+under left padding, per-token log-probabilities, the last real token of each row, and the log-probability of a
+continuation with the tokenizer's own split at the boundary."""
+
+from __future__ import annotations
+
+
+def pad(seqs: list[list[int]], pad_id: int, side: str = "left"):
+    """(input_ids, attention_mask) LongTensors [B, T] of token sequences padded to the longest one, on the
+    left (generation and scoring read the last column) or the right."""
+    import torch
+
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, span] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask):
+    """Positions that start at 0 on the first real token of each row, whatever the left padding."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0):
+    """log p(token_t | tokens_<t) for t = 1..T-1, shape [B, T-1]; logits are divided by `temperature`."""
+    from trl.trainer.utils import selective_log_softmax
+
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    logits = out.logits[:, :-1, :].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return selective_log_softmax(logits, input_ids[:, 1:])
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token in each row (works for left and right padding)."""
+    import torch
+
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
+
+
+def joined_ids(tokenizer, prompt: str, continuation: str) -> tuple[list[int], int]:
+    """(token ids of prompt + continuation, index of the continuation's first token), as the tokenizer splits
+    the joined text: the continuation's tokens are the suffix after tokenize(prompt) when that is a prefix, else
+    tokenize(continuation) appended to tokenize(prompt)."""
+    # A prompt's trailing spaces belong to the continuation's first token in BPE vocabularies (" (A)"), so
+    # "...is: " + "(A)" is split as "...is:" + " (A)".
+    core = prompt.rstrip(" ")
+    if core != prompt and continuation and not continuation[0].isspace():
+        prompt, continuation = core, prompt[len(core) :] + continuation
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+    if full[: len(p_ids)] != p_ids or len(full) == len(p_ids):
+        full = p_ids + tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    return full, len(p_ids)
+
+
+def continuation_logprob(model, tokenizer, prompts: list[str], continuations: list[str], batch_size: int = 8):
+    """Sum of log p(continuation | prompt) for each (prompt, continuation), robust to tokenizer merges at the
+    boundary: the continuation's tokens are the suffix of tokenize(prompt + continuation) after tokenize(prompt)
+    when that is a prefix, else tokenize(continuation) appended to tokenize(prompt)."""
+    import torch
+
+    device = next(model.parameters()).device
+    seqs, starts = [], []
+    for p, c in zip(prompts, continuations):
+        full, start = joined_ids(tokenizer, p, c)
+        seqs.append(full)
+        starts.append(start)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            chunk, st = seqs[i : i + batch_size], starts[i : i + batch_size]
+            T = max(len(s) for s in chunk)
+            ids, mask = pad(chunk, tokenizer.pad_token_id)
+            lp = token_logprobs(model, ids.to(device), mask.to(device))
+            for j, s in enumerate(chunk):
+                offset = T - len(s)
+                # token k of the sequence (k >= start) is predicted at logprob index offset + k - 1
+                out.append(float(lp[j, offset + st[j] - 1 : offset + len(s) - 1].sum()))
+    return out

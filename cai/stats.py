@@ -1,0 +1,177 @@
+"""Statistics in pure Python, the one place for them: Wilson and bootstrap intervals, agreement with human
+labels, calibration (ECE, reliability bins), the per-tag summary of an evaluation, least squares and correlation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def wilson_ci(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (ties may count as half successes)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p)))  # contains p despite rounding
+
+
+def agreement(p_a: list[float], human_a: list[bool]) -> dict:
+    """Agreement of soft labels with human choices: p_a > 0.5 agrees when humans chose A; a tie counts half."""
+    hits = [0.5 if p == 0.5 else float((p > 0.5) == h) for p, h in zip(p_a, human_a)]
+    n = len(hits)
+    lo, hi = wilson_ci(sum(hits), n)
+    p_human = [p if h else 1.0 - p for p, h in zip(p_a, human_a)]
+    return {
+        "n": n,
+        "agreement": sum(hits) / n if n else float("nan"),
+        "ci95": [lo, hi],
+        "mean_p_human_choice": sum(p_human) / n if n else float("nan"),
+        "above_chance": lo > 0.5,
+    }
+
+
+def bootstrap_ci(
+    values: list[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of `values` (e.g. 0/1 hits)."""
+    n = len(values)
+    if n == 0:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    lo = means[int(math.floor((1 - level) / 2 * n_boot))]
+    hi = means[min(n_boot - 1, int(math.ceil((1 + level) / 2 * n_boot)) - 1)]
+    return (lo, hi)
+
+
+def reliability_bins(probs: list[float], outcomes: list[float], n_bins: int = 10) -> list[dict]:
+    """Equal-width bins of predicted probability: count, mean prediction, observed frequency."""
+    bins = [
+        {"lo": i / n_bins, "hi": (i + 1) / n_bins, "n": 0, "p_sum": 0.0, "y_sum": 0.0} for i in range(n_bins)
+    ]
+    for p, y in zip(probs, outcomes):
+        b = bins[min(int(p * n_bins), n_bins - 1)]
+        b["n"] += 1
+        b["p_sum"] += p
+        b["y_sum"] += y
+    out = []
+    for b in bins:
+        n = b["n"]
+        out.append(
+            {
+                "lo": b["lo"],
+                "hi": b["hi"],
+                "n": n,
+                "mean_p": b["p_sum"] / n if n else None,
+                "freq": b["y_sum"] / n if n else None,
+            }
+        )
+    return out
+
+
+def ece(probs: list[float], outcomes: list[float], n_bins: int = 10) -> float:
+    """Expected calibration error: Σ_bins (n_b/N)·|observed frequency − mean predicted probability|."""
+    total = len(probs)
+    if total == 0:
+        return float("nan")
+    return sum(
+        b["n"] / total * abs(b["freq"] - b["mean_p"])
+        for b in reliability_bins(probs, outcomes, n_bins)
+        if b["n"]
+    )
+
+
+def calibration_points(
+    option_probs: list[list[float]], correct: list[int]
+) -> tuple[list[float], list[float]]:
+    """Every option of every item as (predicted probability, 1 if it is the right one). For two options this is
+    the HH-RLHF paper's P(chosen) = σ(r_c − r_r) against the observed frequency, counted in both directions."""
+    ps, ys = [], []
+    for probs, c in zip(option_probs, correct):
+        for k, p in enumerate(probs):
+            ps.append(float(p))
+            ys.append(1.0 if k == c else 0.0)
+    return ps, ys
+
+
+def summarise(
+    hits: list[float],
+    option_probs: list[list[float]],
+    correct: list[int],
+    tags: list[str],
+    margins: list[float] | None = None,
+    seed: int = 0,
+) -> dict:
+    """Accuracy with a 95% bootstrap CI, chance level, mean margin, ECE and bins, and the per-tag breakdown."""
+    ps, ys = calibration_points(option_probs, correct)
+    out = {
+        "n": len(hits),
+        "accuracy": mean(hits),
+        "ci95": list(bootstrap_ci(hits, seed=seed)),
+        "chance": mean(1.0 / len(p) for p in option_probs),
+        "ece": ece(ps, ys),
+        "reliability": reliability_bins(ps, ys),
+    }
+    if margins is not None:
+        out["mean_margin"] = mean(margins)
+    per_tag = {}
+    for tag in sorted(set(tags)):
+        idx = [i for i, t in enumerate(tags) if t == tag]
+        row = {
+            "n": len(idx),
+            "accuracy": mean(hits[i] for i in idx),
+            "ci95": list(bootstrap_ci([hits[i] for i in idx], seed=seed)),
+        }
+        if margins is not None:
+            row["mean_margin"] = mean(margins[i] for i in idx)
+        per_tag[tag] = row
+    out["per_tag"] = per_tag
+    return out
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> dict:
+    """Ordinary least squares y = a + b·x: a, b, R², and the standard error of b."""
+    n = len(xs)
+    if n < 2:
+        raise ValueError("a fit needs at least 2 points")
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    b = sxy / sxx if sxx > 0 else 0.0
+    a = my - b * mx
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+    se_b = math.sqrt(ss_res / (n - 2) / sxx) if n > 2 and sxx > 0 else float("inf")
+    return {"a": a, "b": b, "r2": r2, "se_b": se_b, "n": n}
+
+
+def pearson(a: list[float], b: list[float]) -> float | None:
+    n = len(a)
+    if n < 2:
+        return None
+    ma, mb = sum(a) / n, sum(b) / n
+    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    if va <= 0 or vb <= 0:
+        return None
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / math.sqrt(va * vb)
+
+
+def epoch_means(rows: list[dict], key: str = "loss") -> list[float]:
+    """Mean of `key` over the logged steps of each epoch, in order (a step logged at epoch e counts toward epoch
+    ceil(e)); [] when rows carry no epoch. Per-step losses of small runs are noisy (a partial last batch), so
+    the epoch means are what shows whether a fine-tune learned."""
+    groups: dict[int, list[float]] = {}
+    for r in rows:
+        e, v = r.get("epoch"), r.get(key)
+        if isinstance(e, (int, float)) and isinstance(v, (int, float)) and math.isfinite(v):
+            groups.setdefault(max(1, math.ceil(e - 1e-6)), []).append(float(v))
+    return [sum(vs) / len(vs) for _, vs in sorted(groups.items())]
