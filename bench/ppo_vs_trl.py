@@ -171,10 +171,10 @@ def worker_ours(args, lora: bool) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from cai.config.recipe import LoraConfig, PPOConfig
-    from cai.runtime.models import load_model, load_tokenizer, wrap_lora
     from cai.rl import trainer as tr
     from cai.rl.modules import PolicyModel, ValueModel
     from cai.rl.rewards import PreferenceModelReward
+    from cai.runtime.models import load_model, load_tokenizer, wrap_lora
 
     s = SETTINGS
     rows = json.loads(Path(args.prompts).read_text())["messages"]
@@ -268,8 +268,8 @@ def ensure_venv(venv: Path) -> Path:
 
 def prepare_inputs(work: Path) -> tuple[str, str, str]:
     sys.path.insert(0, str(ROOT))
-    from cai.runtime.models import load_tokenizer, prepare
     from cai.data.sources import BUILTIN_DIR
+    from cai.runtime.models import load_tokenizer, prepare
     from cai.runtime.rundir import read_jsonl
 
     model = str(prepare("smollm2-135m-instruct"))

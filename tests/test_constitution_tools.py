@@ -228,7 +228,10 @@ def test_require_exit_codes(in_root, forced_a, tmp_path, monkeypatch, capsys):
         str(fa),
     ]
     # One order, better always at (A): the always-(A) model "applies" financial-crime.
-    assert cli.main([*base, "--no-both-orders", "--require", "financial-crime", "--out", str(tmp_path / "a")]) == 0
+    assert (
+        cli.main([*base, "--no-both-orders", "--require", "financial-crime", "--out", str(tmp_path / "a")])
+        == 0
+    )
     assert "financial-crime" in capsys.readouterr().out
     # Both orders averaged expose it: accuracy 0.5, order gap 1, and --require fails.
     assert cli.main([*base, "--require", "financial-crime", "--out", str(tmp_path / "b")]) == 1

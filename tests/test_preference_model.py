@@ -439,6 +439,7 @@ def test_value_head_resume_matches_an_uninterrupted_run(tiny_recipe, tmp_path, l
 
 def test_lm_coef_needs_a_value_head(tiny_recipe, tmp_path):
     from cai.errors import UserError
+
     def effective(recipe):
         return stage_view(recipe, "preference_model").preference_model
 

@@ -349,7 +349,10 @@ class Recipe(Strict):
         None, description="Experiment tracker via accelerate; none by default."
     )
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="Model references.")
-    constitution: FileRef | None = Field(None, description="Constitution for SL-CAI (and feedback by default); the stages that read it need it.")
+    constitution: FileRef | None = Field(
+        None,
+        description="Constitution for SL-CAI (and feedback by default); the stages that read it need it.",
+    )
     feedback_constitution: FileRef | None = Field(
         None, description="Constitution for RL-CAI feedback; default: `constitution`."
     )
