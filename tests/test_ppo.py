@@ -121,7 +121,7 @@ def test_packed_forward_equals_padded():
     """The padding-free (packed) forward gives the padded batch's log-probs, values and gradients."""
     policy = PolicyModel(load_model("tiny-random-llama"), value_head=True)
     torch.nn.init.normal_(policy.v_head.weight)
-    from cai.rl.modules import shared_prefix
+    from cai.rl.packing import shared_prefix
 
     ids = torch.randint(0, 250, (3, 24), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from cai.cli.options import add_labeller_flags, add_model_flags, labeller_config, settings_of
+from cai.cli.options import add_labeller_flags, add_model_flags, labeller_config, settings_of, validate_each
 from cai.constitution import effect, probes
 from cai.constitution.fewshot import feedback_examples
 from cai.constitution.lint import lint
@@ -30,15 +30,9 @@ from cai.runtime.rundir import write_json
 
 
 def _cmd_validate(a) -> int:
-    failed = 0
-    for f in a.files:
-        try:
-            c = load_constitution(f)
-            print(f"ok  {f}  ({c.name}, {c.kind}, {len(c.principles)} principles)")
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failed += 1
-    return 2 if failed else 0
+    return validate_each(
+        a.files, load_constitution, lambda c: f"{c.name}, {c.kind}, {len(c.principles)} principles"
+    )
 
 
 def _cmd_show(a) -> int:

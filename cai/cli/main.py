@@ -15,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from cai import pipeline
 from cai.cli import constitution, evaluate
+from cai.cli.options import validate_each
 from cai.config.load import load_recipe
 from cai.config.recipe import STAGES, Recipe
 from cai.errors import UserError
@@ -32,15 +33,7 @@ def _cmd_run(a) -> int:
 
 
 def _cmd_recipe_validate(a) -> int:
-    failed = 0
-    for f in a.files:
-        try:
-            r = load_recipe(f)
-            print(f"ok  {f}  ({r.name}: {', '.join(r.stages)})")
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failed += 1
-    return 2 if failed else 0
+    return validate_each(a.files, load_recipe, lambda r: f"{r.name}: {', '.join(r.stages)}")
 
 
 def _cmd_recipe_schema(a) -> int:

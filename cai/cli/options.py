@@ -1,13 +1,15 @@
-"""Command-line flags built from the schemas, once: the model flags (device, dtype, trust_remote_code, seed)
-from cai.runtime.settings.Settings, and the labeller flags from the feedback block of the recipe schema, so a
-flag's name, type, choices, default and help are the schema's own."""
+"""What several commands share: flags built from the schemas, once (the model flags from
+cai.runtime.settings.Settings, the labeller flags from the feedback block of the recipe schema, so a flag's
+name, type, choices, default and help are the schema's own), and checking every file given."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import typing
 
 from cai.config.recipe import FeedbackConfig
+from cai.errors import UserError
 from cai.runtime.settings import Settings
 
 # The feedback block's fields that configure a labeller (what `cai feedback eval` and
@@ -59,3 +61,16 @@ def add_labeller_flags(parser) -> None:
 def labeller_config(args) -> FeedbackConfig:
     """A feedback block holding the labeller flags' values (the rest at their defaults)."""
     return FeedbackConfig(**{name: getattr(args, name) for name in LABELLER_FIELDS})
+
+
+def validate_each(files: list[str], load, describe) -> int:
+    """Load every file (a bad one does not stop the others); 'ok  FILE  (what)' or the one-line error of
+    each; exit code 2 when any failed."""
+    failed = 0
+    for f in files:
+        try:
+            print(f"ok  {f}  ({describe(load(f))})")
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0

@@ -173,7 +173,7 @@ def report_markdown(summary: dict, rows: list[dict], meta: dict, diff_text: str)
         "",
         f"- pairs: {s['pairs']} sampled (seed {meta['seed']}) of {meta['pairs_total']} in `{meta['pairs_file']}`",
         f"- feedback model: `{meta['model']}`; both orders averaged: {meta['both_orders']}; "
-        f"principles per pair: {meta['num_principles']} (coupled seeded draw, see `cai/constitution_effect.py`)",
+        f"principles per pair: {meta['num_principles']} (coupled seeded draw, see `cai/constitution/effect.py`)",
         f"- pairs relabelled under NEW (their drawn principles' feedback text differs): {s['relabelled']}; the "
         "others get the same prompt, hence the same label, under OLD and NEW (Δp = 0, no flip)",
         "",
@@ -225,10 +225,14 @@ def report_markdown(summary: dict, rows: list[dict], meta: dict, diff_text: str)
             "",
         ]
     out += ["## Δp", "", "![histogram of Δp](delta_p.png)", ""]
+    return "\n".join(out + flipped_markdown(s["top_flipped"], rows))
+
+
+def flipped_markdown(top: list[str], rows: list[dict]) -> list[str]:
+    """The most-changed flipped pairs: prompt, both responses, which label prefers which."""
     by_id = {r["id"]: r for r in rows}
-    if s["top_flipped"]:
-        out += ["## Top flipped pairs", ""]
-    for i, pid in enumerate(s["top_flipped"], 1):
+    out = ["## Top flipped pairs", ""] if top else []
+    for i, pid in enumerate(top, 1):
         r = by_id[pid]
         last_user = next((m["content"] for m in reversed(r["messages"]) if m["role"] == "user"), "")
         out += [
@@ -249,7 +253,7 @@ def report_markdown(summary: dict, rows: list[dict], meta: dict, diff_text: str)
             quote(r["response_b"]),
             "",
         ]
-    return "\n".join(out)
+    return out
 
 
 def pm_agreement(rows: list[dict], scores: list[tuple[float, float]], pm_dir: str) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -58,9 +59,8 @@ def load_suite(ref: str) -> SuiteSpec:
     path = named_file(ref, SUITE_DIR, "suite")
     spec, _ = load_validated(path, SuiteSpec, "a mapping with name, format and files")
     base = path.resolve().parent
-    return spec.model_copy(
-        update={"files": [str(base / f) if not Path(f).is_absolute() else f for f in spec.files]}
-    )
+    files = [f if Path(f).is_absolute() else os.path.normpath(base / f) for f in spec.files]
+    return spec.model_copy(update={"files": files})
 
 
 @dataclass

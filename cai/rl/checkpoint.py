@@ -186,3 +186,37 @@ def save_trainer(trainer, step: int, name: str | None = None) -> Path:
         barrier=dist.barrier,
         name=name,
     )
+
+
+def save_policy(trainer, path, fresh_policy=None) -> Path:
+    """The trained policy of a PPOTrainer as a Hugging Face folder (LoRA merged into the weights) with its tokenizer.
+
+    Under ZeRO-3 or FSDP the weights are sharded: every process takes part in gathering them, and the main
+    process loads them into `fresh_policy()`, a CPU copy of the policy's LM built as it was (LoRA-wrapped
+    alike)."""
+    path = Path(path)
+    lm, state = trainer.policy.lm, None
+    if engine.zero_stage(trainer.acc) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(lm.parameters())):
+            if trainer.acc.is_main_process:
+                state = {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
+    elif trainer.stepper.fsdp:
+        whole, _ = engine.full_state(trainer.model, trainable_only=False)
+        state = {k[len("policy.lm.") :]: v for k, v in whole.items() if k.startswith("policy.lm.")}
+    if state is not None and trainer.acc.is_main_process:
+        if fresh_policy is None:
+            raise ValueError("save_policy of sharded weights needs fresh_policy to load them into")
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # else from_pretrained would build a ZeRO-3-partitioned (empty) copy
+        lm = fresh_policy()
+        lm.load_state_dict(state)
+    if trainer.acc.is_main_process:
+        if hasattr(lm, "merge_and_unload"):
+            lm = lm.merge_and_unload()
+        lm.save_pretrained(str(path), safe_serialization=True)
+        trainer.tok.save_pretrained(str(path))
+    dist.barrier()
+    return path

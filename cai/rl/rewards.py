@@ -104,7 +104,7 @@ class PreferenceModelReward:
     def __call__(self, prompts, responses, **kwargs):
         import torch
 
-        from cai.rl.modules import response_states, varlen_supported
+        from cai.rl.packing import response_states, varlen_supported
 
         convs = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
         model = self.scorer.model

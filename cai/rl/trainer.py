@@ -28,7 +28,8 @@ from cai.errors import UserError
 from cai.rl import checkpoint as ckpt
 from cai.rl import engine
 from cai.rl import ppo_math as pm
-from cai.rl.modules import ActorCritic, PolicyModel, check_varlen, disable_dropout
+from cai.rl.modules import ActorCritic, PolicyModel, disable_dropout
+from cai.rl.packing import check_varlen
 from cai.rl.rollout import Rollout, cut_at_stop, global_stats, prompt_indices, seed_of
 from cai.runtime import distributed as dist
 from cai.runtime.generate import HFBackend, Sampling
@@ -138,21 +139,17 @@ class PPOTrainer:
         )
 
     # ---- 1-3. rollout, scoring, advantages ----
-    @torch.no_grad()
-    def rollout(self, update: int) -> Rollout:
-        from trl.trainer.utils import selective_log_softmax
-
+    def _generate(self, idx: list[int], update: int):
+        """Sample responses to the prompts `idx` with the policy's current weights; (generation, texts, response
+        mask [B, R] (float), finished [B], input ids and attention mask of prompt + response)."""
         cfg, dev = self.cfg, self.acc.device
-        idx = prompt_indices(len(self.prompt_ids), cfg.rollout_batch_size, update, self.seed)
-        stops = (cfg.stop_string,) if cfg.stop_string else ()
         sampling = Sampling(
             max_new_tokens=cfg.response_length,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             top_k=cfg.top_k,
-            stop_strings=stops,
+            stop_strings=(cfg.stop_string,) if cfg.stop_string else (),
         )
-        t0 = time.perf_counter()
         with engine.unwrapped_for_generation(self.model, self.acc) as unwrapped:
             gen = HFBackend(unwrapped.policy.lm, self.tok).generate_ids(
                 [self.prompt_ids[i] for i in idx],
@@ -165,10 +162,16 @@ class PPOTrainer:
         resp, mask = gen.response_ids[:, :R].to(dev), mask[:, :R].to(dev).float()
         input_ids = torch.cat([gen.prompt_ids.to(dev), resp], 1)
         attn = torch.cat([gen.prompt_mask.to(dev), mask.long()], 1)
-        t_gen = time.perf_counter() - t0
+        return gen, texts, mask, finished, input_ids, attn
 
-        t0 = time.perf_counter()
-        n_chunk = max(1, len(idx) // cfg.num_minibatches)
+    def _forwards(self, gen, input_ids, attn, R: int):
+        """Old log-probs, entropy, reference log-probs and values of the sampled responses, in chunks of a
+        minibatch: [B, R] each."""
+        from trl.trainer.utils import selective_log_softmax
+
+        cfg, dev = self.cfg, self.acc.device
+        resp = input_ids[:, -R:]
+        n_chunk = max(1, len(input_ids) // cfg.num_minibatches)
         # one process, one minibatch: the critic is unchanged until the first step, so its graph from here
         # serves epoch 0 (exact; tests/test_ppo.py)
         reuse_values = (
@@ -180,7 +183,7 @@ class PPOTrainer:
             and not self.stepper.deepspeed
         )
         parts = {"logprobs": [], "entropy": [], "ref": [], "values": []}
-        for s in range(0, len(idx), n_chunk):
+        for s in range(0, len(input_ids), n_chunk):
             ids, am = input_ids[s : s + n_chunk], attn[s : s + n_chunk]
             if gen.logits is not None:
                 logits = gen.logits[s : s + n_chunk, :R].to(dev).float() / cfg.temperature
@@ -202,12 +205,11 @@ class PPOTrainer:
             else:  # the LoRA policy with its adapters off
                 off = self.model(ids, am, R, cfg.temperature, values=False, adapters=False)
                 parts["ref"].append(off["logprobs"])
-        logprobs, entropy, ref_logprobs, values = (
-            torch.cat(parts[k]).float() for k in ("logprobs", "entropy", "ref", "values")
-        )
-        t_fwd = time.perf_counter() - t0
+        return (torch.cat(parts[k]).float() for k in ("logprobs", "entropy", "ref", "values"))
 
-        t0 = time.perf_counter()
+    def _score(self, idx: list[int], texts, finished, resp, mask, update: int):
+        """(raw score, the reward PPO uses: the score normalised, with the missing-EOS penalty and clipping)."""
+        cfg, dev = self.cfg, self.acc.device
         raw, score = self.reward(
             [self.prompt_msgs[i] for i in idx],
             texts,
@@ -215,15 +217,27 @@ class PPOTrainer:
             tokenizer=self.tok,
             response_ids=[resp[j, : int(mask[j].sum())].tolist() for j in range(len(idx))],
         )
-        t_score = time.perf_counter() - t0
         raw, score = raw.to(dev).float(), score.to(dev).float()
-        finished = finished.to(dev)
         if not bool(torch.isfinite(raw).all() and torch.isfinite(score).all()):
             self._fail("reward", update)
         if cfg.missing_eos_penalty is not None:
-            score = score - cfg.missing_eos_penalty * (~finished).float()
+            score = score - cfg.missing_eos_penalty * (~finished.to(dev)).float()
         if cfg.reward_clip is not None:
             score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
+        return raw, score
+
+    @torch.no_grad()
+    def rollout(self, update: int) -> Rollout:
+        cfg = self.cfg
+        idx = prompt_indices(len(self.prompt_ids), cfg.rollout_batch_size, update, self.seed)
+        t0 = time.perf_counter()
+        gen, texts, mask, finished, input_ids, attn = self._generate(idx, update)
+        t_gen, t0 = time.perf_counter() - t0, time.perf_counter()
+        R = mask.shape[1]
+        logprobs, entropy, ref_logprobs, values = self._forwards(gen, input_ids, attn, R)
+        t_fwd, t0 = time.perf_counter() - t0, time.perf_counter()
+        raw, score = self._score(idx, texts, finished, input_ids[:, -R:], mask, update)
+        t_score = time.perf_counter() - t0
 
         kl = pm.kl_per_token(logprobs, ref_logprobs, mask, cfg.kl_estimator)
         beta = self.kl_ctl.value
@@ -379,34 +393,5 @@ class PPOTrainer:
         return ckpt.save_trainer(self, step, name)
 
     def save_policy(self, path, fresh_policy=None) -> Path:
-        """The trained policy as a Hugging Face folder (LoRA merged into the weights) with its tokenizer.
-
-        Under ZeRO-3 or FSDP the weights are sharded: every process takes part in gathering them, and the main
-        process loads them into `fresh_policy()`, a CPU copy of the policy's LM built as it was (LoRA-wrapped
-        alike)."""
-        path = Path(path)
-        lm, state = self.policy.lm, None
-        if engine.zero_stage(self.acc) == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(lm.parameters())):
-                if self.acc.is_main_process:
-                    state = {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
-        elif self.stepper.fsdp:
-            whole, _ = engine.full_state(self.model, trainable_only=False)
-            state = {k[len("policy.lm.") :]: v for k, v in whole.items() if k.startswith("policy.lm.")}
-        if state is not None and self.acc.is_main_process:
-            if fresh_policy is None:
-                raise ValueError("save_policy of sharded weights needs fresh_policy to load them into")
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()  # else from_pretrained would build a ZeRO-3-partitioned (empty) copy
-            lm = fresh_policy()
-            lm.load_state_dict(state)
-        if self.acc.is_main_process:
-            if hasattr(lm, "merge_and_unload"):
-                lm = lm.merge_and_unload()
-            lm.save_pretrained(str(path), safe_serialization=True)
-            self.tok.save_pretrained(str(path))
-        dist.barrier()
-        return path
+        """The trained policy as a Hugging Face folder (cai.rl.checkpoint.save_policy)."""
+        return ckpt.save_policy(self, path, fresh_policy)

@@ -1,1 +1,0 @@
-"""Pipeline stages: each module has `run(ctx: StageContext) -> Path`."""

@@ -25,7 +25,6 @@ from pathlib import Path
 from cai.data.hh import human_pairs
 from cai.errors import UserError
 from cai.pm.pairs import held_out_eval, split_pairs, tokenise_pairs
-from cai.pm.trainer import make_trainer_class
 from cai.runtime import distributed as dist
 from cai.runtime.models import load_model, load_tokenizer, peft_config, wrap_lora
 from cai.runtime.rundir import read_jsonl, write_json
@@ -69,6 +68,8 @@ def build_trainer(cfg, settings, model, tok, train_rows: list[dict], ckpt_dir: P
     from datasets import Dataset
     from trl import RewardConfig
 
+    from cai.pm.trainer import PreferenceTrainer, SoftLabelCollator
+
     value_head = cfg.head == "value_head"
     device = settings.torch_device()
     args = training_args(
@@ -87,15 +88,14 @@ def build_trainer(cfg, settings, model, tok, train_rows: list[dict], ckpt_dir: P
             else None
         ),
     )
-    Trainer, Collator = make_trainer_class()
-    return Trainer(
+    return PreferenceTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(
             tokenise_pairs(tok, train_rows, cfg.max_length, response_len=value_head)
         ),
         processing_class=tok,
-        data_collator=Collator(pad_token_id=tok.pad_token_id),
+        data_collator=SoftLabelCollator(pad_token_id=tok.pad_token_id),
         peft_config=peft_config(cfg.lora, task_type="SEQ_CLS") if cfg.lora and not value_head else None,
         callbacks=callbacks,
         loss=cfg.loss,
