@@ -30,7 +30,7 @@ from cai.config.recipe import Recipe
 from cai.errors import UserError
 from cai.runtime import distributed as dist
 from cai.runtime.hashing import hash_json
-from cai.runtime.rundir import StageContext, package_versions, read_manifest, write_json
+from cai.runtime.rundir import StageContext, package_versions, read_manifest, run_info, write_json
 from cai.runtime.runlog import StageTracker, Summary, make_tracker
 from cai.stages import critique_revise, feedback, ppo, preference_model, report, sft
 
@@ -80,13 +80,15 @@ def run(
     if dist.is_main():
         rdir.mkdir(parents=True, exist_ok=True)
         write_json(rdir / RECIPE_FILE, recipe.model_dump(mode="json", exclude_unset=True))
+        run_info(rdir)
     dist.barrier()
+    token = dist.broadcast_object(run_info(rdir)["run_token"] if dist.is_main() else None)
     tracker = make_tracker(recipe, rdir)
     summary = Summary(layout, quiet=quiet)
     outputs: dict[str, str | None] = {}  # unit key -> output id of its complete manifest
     try:
         for unit in layout.units.values():
-            _step(layout, unit, outputs, selected, forced, arms, tracker, summary)
+            _step(layout, unit, outputs, selected, forced, arms, tracker, summary, token)
     finally:
         if tracker is not None:
             tracker.finish()
@@ -124,6 +126,7 @@ def _step(
     arms: list[str] | None,
     tracker,
     summary,
+    token: str,
 ) -> None:
     input_ids = {name: outputs.get(k) for name, k in unit.inputs.items()}
     fp, cfg = fingerprint(unit.recipe, unit.stage, input_ids)
@@ -173,6 +176,7 @@ def _step(
         tracker,
         resumed=old is not None and not complete,
         arms=list(layout.arms),
+        token=token,
     )
     outputs[unit.key] = manifest["output"]
     summary.add(unit, manifest, ran=True)
@@ -203,6 +207,7 @@ def _run_stage(
     tracker,
     resumed: bool = False,
     arms: list[str] | None = None,
+    token: str | None = None,
 ) -> dict:
     module = _load_stage(unit.stage)
     out_dir = unit.dir
@@ -218,6 +223,7 @@ def _run_stage(
         "inputs": input_ids,
         "cache_dir": str(cache_dir) if cache_dir else None,
         "resumed": resumed,
+        "run_token": token,
         "world_size": dist.world_size(),
         "engine": dist.engine(),
         "versions": package_versions(),
@@ -233,6 +239,7 @@ def _run_stage(
         cache_dir=cache_dir,
         tracker=stage_tracker,
         arms=list(arms or []),
+        run_token=token,
     )
     _say(f"{unit.key}: running -> {out_dir}")
     t0 = time.time()

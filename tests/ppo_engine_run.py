@@ -6,8 +6,8 @@ and a run stopped after 2 of 3 updates and resumed from its checkpoint. Each run
 OUT/<run>.safetensors, and the straight run's saved policy to OUT/policy.
 
 The settings exercise what the engine changes: 2 minibatches of 2 micro-batches each (the trainer marks the
-accumulation boundary), a critic warm-up update (policy learning rate 0), and a separate critic. Gradient
-clipping is effectively off (DeepSpeed clips policy and critic jointly, the plain trainer per group).
+accumulation boundary), a critic warm-up update (policy learning rate 0), a separate critic, and gradient
+clipping that is active (every engine clips policy and critic jointly, as DeepSpeed does).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def lowercase_fraction(prompts, responses, **kwargs):
 
 def build(out_dir: Path, accelerator=None, lora: bool = False):
     """The separate-critic run, or with `lora` a LoRA policy with a value head (reference = adapters off)."""
-    from cai.config.recipe import LoraConfig, PPOConfig
+    from cai.config.blocks import PPOConfig
+    from cai.config.fields import LoraConfig
     from cai.rl.modules import PolicyModel, ValueModel
     from cai.rl.rewards import FunctionReward
     from cai.rl.trainer import PPOTrainer
@@ -43,7 +44,7 @@ def build(out_dir: Path, accelerator=None, lora: bool = False):
         learning_rate=5e-3,
         temperature=1.0,
         critic_warmup_updates=1,
-        max_grad_norm=1e9,
+        max_grad_norm=0.2,  # clipping active: the joint norm of policy and critic, under every engine
         save_every=1,
         lora=LoraConfig(r=8, alpha=16) if lora else None,
         critic="value_head" if lora else "separate",
@@ -69,7 +70,7 @@ def build(out_dir: Path, accelerator=None, lora: bool = False):
 
 def fresh_policy(lora: bool = False):
     """The policy's LM as built (also to gather sharded weights into, as cai.stages.ppo.fresh_policy does)."""
-    from cai.config.recipe import LoraConfig
+    from cai.config.fields import LoraConfig
     from cai.runtime.models import load_model, wrap_lora
 
     lm = load_model("tiny-random-llama")
@@ -119,6 +120,38 @@ def fsdp_accelerator():
     return acc
 
 
+def nan_on_rank_1(out: Path) -> None:
+    """Two DDP processes whose reward turns non-finite on rank 1 only, at the second update: both must stop
+    with the same one-line error (neither left waiting in a collective), after a checkpoint of that state."""
+    from accelerate import Accelerator
+
+    from cai.errors import UserError
+    from cai.rl.rewards import FunctionReward
+    from cai.runtime import distributed as dist
+
+    calls = []
+
+    def reward(prompts, responses, **kwargs):
+        calls.append(1)
+        bad = dist.rank() == 1 and len(calls) == 2
+        return [float("nan") if bad else 0.5 for _ in responses]
+
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # the critic warm-up update leaves the policy out of the loss (as the ppo stage sets up DDP for it)
+    acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    trainer = build(out / "run", acc)
+    trainer.reward = FunctionReward(reward)
+    try:
+        trainer.train()
+        message = "no error"
+    except UserError as exc:
+        message = str(exc)
+    (out / f"rank{dist.rank()}.txt").write_text(message)
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
 def main(out: Path, engine: str, lora: bool) -> None:
     from accelerate import Accelerator
     from safetensors.torch import save_file
@@ -145,4 +178,7 @@ def main(out: Path, engine: str, lora: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], "lora" in sys.argv[3:])
+    if sys.argv[2] == "nan":
+        nan_on_rank_1(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]), sys.argv[2], "lora" in sys.argv[3:])

@@ -36,6 +36,7 @@ CONFIGS = ROOT / "recipes" / "accelerate"
 LOSS_RTOL = 1e-4  # relative, per logged step
 GRAD_RTOL = 1e-3  # relative, per logged step
 WEIGHT_ATOL = 1e-5  # absolute, every saved tensor
+PPO_TOL = 1e-5  # PPO metrics of one update: absolute, or relative above 1
 GLOBAL_BATCH = 4
 
 COMMON = [
@@ -46,6 +47,7 @@ COMMON = [
     "ppo.updates=1",
     "ppo.ppo_epochs=1",
     "ppo.response_length=8",
+    "ppo.generation_batch_size=2",  # each process's share: sampling seeded by place, not by process
     f"feedback.check_set={{path: {ROOT.parent / 'shared/data/hh-rlhf/harmless-base-dev.jsonl.gz'}, limit: 6}}",
 ]
 
@@ -201,14 +203,34 @@ def test_training_losses_match_single_process(runs):
     compare_weights(one / "preference_model" / "model", two / "preference_model" / "model")
 
 
-def test_ppo_update_on_two_processes(runs):
-    _, two, _ = runs
-    rows = read_jsonl(two / "ppo" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1]
-    for k in ("objective/score", "objective/kl", "loss/value", "response/length"):
-        assert math.isfinite(rows[0][k]), k
-    assert (two / "ppo" / "policy" / "config.json").is_file()
-    assert read_manifest(two / "ppo")["summary"]["updates"] == 1
+def test_ppo_update_on_two_processes_equals_one_process(runs, tmp_path):
+    """DDP PPO with the global batch split over 2 processes, from the very same SFT model and PM, gives the
+    one-process update: the same samples (each generate call seeded by its place in the global batch), the same
+    rewards and advantages (global whitening statistics), the same step (losses are token sums over the global
+    token count). What remains is float summation order: PPO_TOL on the metrics, WEIGHT_ATOL on the policy."""
+    one, two, _ = runs
+    assert (
+        read_manifest(two / "ppo")["world_size"] == 2
+        and read_manifest(two / "ppo")["summary"]["updates"] == 1
+    )
+    split = tmp_path / "split"
+    shutil.copytree(one, split)
+    shutil.rmtree(split / "ppo")
+    sets = COMMON + per_device(1)[:2] + [f"ppo.rollout_batch_size={GLOBAL_BATCH // 2}"]
+    launch(two_cpu_processes() + cai_run(split, sets, only=["ppo"]), {"ACCELERATE_USE_CPU": "1"})
+    assert read_manifest(split / "ppo")["world_size"] == 2
+    (a,), (b,) = read_jsonl(one / "ppo" / "metrics.jsonl"), read_jsonl(split / "ppo" / "metrics.jsonl")
+    assert a["response/length"] == b["response/length"] and a["objective/entropy"] == b["objective/entropy"]
+    for k in (
+        "objective/score",
+        "objective/reward",
+        "objective/kl",
+        "loss/value",
+        "loss/policy",
+        "grad/norm",
+    ):
+        assert abs(a[k] - b[k]) <= PPO_TOL * max(1.0, abs(a[k])), f"ppo {k}: {a[k]} vs {b[k]}"
+    compare_weights(one / "ppo" / "policy", split / "ppo" / "policy")
 
 
 # ------------------------------------------------------------------------------------------- DeepSpeed
@@ -365,8 +387,20 @@ def test_ppo_trainer_under_an_engine_matches_and_resumes(tmp_path, engine, lora)
     for a, b in zip(rows, read_jsonl(tmp_path / "plain" / "metrics.jsonl")):
         assert_close(a["loss/value"], b["loss/value"], LOSS_RTOL, f"loss/value at update {a['step']}")
         assert_close(a["objective/score"], b["objective/score"], LOSS_RTOL, f"score at update {a['step']}")
+    # clipping was active once the policy trains (the largest gradient norm of the update over max_grad_norm)
+    assert all(r["grad/norm"] > 0.2 for r in rows[1:]), [r["grad/norm"] for r in rows]
     plain.save_policy(tmp_path / "plain_policy")
     compare_weights(tmp_path / "plain_policy", tmp_path / "policy")
+
+
+def test_a_non_finite_reward_on_one_process_stops_every_process(tmp_path):
+    """Rank 1's reward turns NaN at the second update: both processes raise the same one-line error (none is
+    left waiting in the next collective) and a checkpoint of the diverged state is written."""
+    script = [str(ROOT / "tests" / "ppo_engine_run.py"), str(tmp_path), "nan"]
+    launch(two_cpu_processes() + script, {"ACCELERATE_USE_CPU": "1"}, timeout=300)
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert msgs[0] == msgs[1] and "non-finite reward at update 2 on 1 of 2 process(es)" in msgs[0], msgs
+    assert (tmp_path / "run" / "checkpoints" / "diverged-step-000001" / "state.json").is_file()
 
 
 def test_deepspeed_launch_keeps_deepspeed_on_cpu(monkeypatch):

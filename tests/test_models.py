@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai.config.recipe import LoraConfig, Recipe
+from cai.config.fields import LoraConfig
+from cai.config.recipe import Recipe
 from cai.errors import UserError
 from cai.runtime.models import (
     ALIASES,

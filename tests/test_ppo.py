@@ -11,7 +11,8 @@ import textwrap
 import pytest
 import torch
 
-from cai.config.recipe import LoraConfig, PPOConfig
+from cai.config.blocks import PPOConfig
+from cai.config.fields import LoraConfig
 from cai.errors import UserError
 from cai.rl.modules import PolicyModel, ValueModel
 from cai.rl.rewards import FunctionReward, make_reward
@@ -90,8 +91,8 @@ def test_reward_rises_and_kl_stays_finite(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path / "run", reward=make_reward("my_reward:lowercase"))
     hist = trainer.train()
     scores = [h["objective/score"] for h in hist]
-    first, last = sum(scores[:2]) / 2, sum(scores[-2:]) / 2
-    assert last > first + 0.15, scores
+    first, last = scores[0], sum(scores[-3:]) / 3
+    assert last > first + 0.12, scores
     assert all(math.isfinite(h["objective/kl"]) for h in hist)
     assert hist[-1]["objective/kl"] > 0  # the policy moved away from the reference
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")

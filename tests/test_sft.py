@@ -171,7 +171,7 @@ def test_unmerged_lora_saves_an_adapter_both_loaders_open(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cai.config.recipe import LoraConfig
+    from cai.config.fields import LoraConfig
     from cai.runtime.models import load_model, load_tokenizer, wrap_lora
     from cai.runtime.training import save_trained
 

@@ -8,7 +8,7 @@ import argparse
 import sys
 import typing
 
-from cai.config.recipe import FeedbackConfig
+from cai.config.blocks import FeedbackConfig
 from cai.errors import UserError
 from cai.runtime.settings import Settings
 

@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cai.config.recipe import Recipe, Ref
+from cai.config.fields import Ref
+from cai.config.recipe import Recipe
 from cai.errors import UserError
 from cai.yamlio import load_yaml, model_in, validation_error
 

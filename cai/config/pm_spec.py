@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from cai.config.blocks import PreferenceModelConfig
 from cai.config.load import anchor_refs
-from cai.config.recipe import PreferenceModelConfig
 from cai.errors import UserError
 from cai.yamlio import load_yaml, named_file, validation_error
 

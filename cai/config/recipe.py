@@ -1,41 +1,31 @@
-"""The recipe schema: one pydantic model per stage, each field documented once, unknown keys rejected.
-
-A recipe is YAML validated against `Recipe` (cai.config.load reads it). Fields that name a file are marked
-`FileRef` (a path), `ModelRef` (an alias, a model folder, a .gguf file or a hub id) or `NamedRef` (a shipped
-name or a file): the loader makes their paths relative to the recipe file, and preflight checks them.
-A preference-model spec file is a partial `preference_model` block (cai.config.pm_spec).
+"""The recipe schema: the top-level keys of a recipe (name, seed, device, models, constitution, prompts,
+generation, arms, sweeps) and one block per stage (cai.config.blocks), each field documented once, unknown
+keys rejected. A recipe is YAML validated against `Recipe` (cai.config.load reads it); fields that name files
+are marked (cai.config.fields) and anchored at the recipe's folder. A preference-model spec file is a partial
+`preference_model` block (cai.config.pm_spec).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from cai.config.blocks import (
+    CritiqueReviseConfig,
+    FeedbackConfig,
+    PPOConfig,
+    PreferenceModelConfig,
+    ReportConfig,
+    SFTConfig,
+)
+from cai.config.fields import FileRef, GenerationConfig, ModelRef, Strict
 from cai.runtime.settings import Device, DType, Settings
 
-
-@dataclass(frozen=True)
-class Ref:
-    """Marks a recipe field whose value points at a file: kind 'file' (always a path), 'model' (a path when it
-    looks like one: a folder, a .gguf file, './x'; else an alias or hub id) or 'named' (a shipped name, else a
-    file path)."""
-
-    kind: str
-
-
-FileRef = Annotated[str, Ref("file")]
-ModelRef = Annotated[str, Ref("model")]
-NamedRef = Annotated[str, Ref("named")]
 _SETTING = Settings.model_fields
 
 STAGES = ("critique_revise", "sft", "feedback", "preference_model", "ppo", "report")
 StageId = Literal["critique_revise", "sft", "feedback", "preference_model", "ppo", "report"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelsConfig(Strict):
@@ -52,35 +42,6 @@ class ModelsConfig(Strict):
     judge: ModelRef | None = Field(
         None, description="Common judge for win rates in reports; default: the feedback model."
     )
-
-
-class GenerationConfig(Strict):
-    backend: Literal["hf", "vllm"] = Field(
-        "hf", description="Generation backend; 'vllm' needs vllm installed and a GPU."
-    )
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
-    max_new_tokens: int = Field(128, ge=1, description="Cap on generated tokens per response.")
-    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 means greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables it.")
-    repetition_penalty: float = Field(1.0, gt=0.0, description="HF repetition penalty; 1.0 disables it.")
-
-
-class GenerationOverride(Strict):
-    """Per-stage overrides of `generation`; unset fields inherit the recipe's `generation` block."""
-
-    batch_size: int | None = Field(None, ge=1, description="Overrides generation.batch_size.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Overrides generation.max_new_tokens.")
-    temperature: float | None = Field(None, ge=0.0, description="Overrides generation.temperature.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Overrides generation.top_p.")
-    top_k: int | None = Field(None, ge=0, description="Overrides generation.top_k.")
-
-
-def merged_generation(base: GenerationConfig, over: GenerationOverride | None) -> GenerationConfig:
-    """The recipe's generation settings with a stage's overrides applied."""
-    if over is None:
-        return base
-    return base.model_copy(update={k: v for k, v in over.model_dump().items() if v is not None})
 
 
 class PromptSource(Strict):
@@ -124,210 +85,6 @@ class PromptsConfig(Strict):
     )
 
 
-class LoraConfig(Strict):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA alpha.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
-    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules to adapt.")
-
-
-class TrainConfig(Strict):
-    """Settings shared by the training stages."""
-
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
-    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
-    batch_size: int = Field(8, ge=1, description="Per-device batch size.")
-    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
-    max_length: int = Field(512, ge=8, description="Truncate sequences to this many tokens.")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps for LR warm-up.")
-    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="LR schedule after warm-up."
-    )
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    save_steps: int = Field(20, ge=1, description="Checkpoint every this many steps (for resume).")
-    logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
-    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
-
-
-class CritiqueReviseConfig(Strict):
-    num_revisions: int = Field(1, ge=1, description="Critique→revision rounds per prompt.")
-    few_shot: FileRef | None = Field(
-        None, description="Few-shot file (paper JSON); overrides the constitution's."
-    )
-    num_few_shot: int = Field(1, ge=0, description="How many few-shot transcripts to prepend.")
-    generation: GenerationOverride | None = Field(None, description="Generation overrides for this stage.")
-
-
-class SFTConfig(TrainConfig):
-    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
-    merge_lora: bool = Field(True, description="Merge LoRA adapters into the saved model.")
-    include_helpful: bool = Field(
-        True, description="Train on helpful prompts' initial answers too, as the paper does."
-    )
-
-
-class CheckSet(Strict):
-    path: FileRef = Field(description="Human-labelled pairs in HH format (chosen/rejected).")
-    limit: int = Field(64, ge=1, description="Pairs sampled from it.")
-
-
-class HumanMix(Strict):
-    path: FileRef = Field(description="Human preference pairs in HH format, label 1.0 for chosen.")
-    ratio: float = Field(0.5, gt=0.0, description="Human pairs per AI-labelled pair.")
-
-
-class FeedbackConfig(Strict):
-    policy: str = Field(
-        "sft",
-        description="Who samples the responses: 'sft' (the SFT output), 'base' (models.policy) or a model ref.",
-    )
-    responses_per_prompt: int = Field(
-        2, ge=2, description="k responses sampled per prompt; pairs are formed from them."
-    )
-    max_pairs_per_prompt: int = Field(1, ge=1, description="Pairs kept per prompt (of the k·(k-1)/2).")
-    both_orders: bool = Field(
-        True, description="Score both option orders and average (position-bias control)."
-    )
-    num_principles: int = Field(
-        1, ge=1, description="Ensemble over this many sampled principles (probabilities averaged)."
-    )
-    chain_of_thought: bool = Field(
-        False, description="Generate step-by-step reasoning before reading the option probabilities."
-    )
-    cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="Clamp CoT probabilities to this range.")
-    few_shot: FileRef | None = Field(
-        None, description="Few-shot feedback file (paper JSON); overrides the constitution's."
-    )
-    num_few_shot: int = Field(0, ge=0, description="How many few-shot examples to prepend.")
-    score_batch_size: int = Field(8, ge=1, description="Batch size of the option-scoring forward passes.")
-    check_set: CheckSet | None = Field(
-        None, description="Measure labeller agreement with humans before labelling."
-    )
-    human_mix: HumanMix | None = Field(None, description="Mix in human preference pairs.")
-    generation: GenerationOverride | None = Field(
-        None, description="Generation overrides for response sampling."
-    )
-
-
-class PreferenceModelConfig(TrainConfig):
-    spec: NamedRef | None = Field(
-        None,
-        description="A preference-model spec (a name in cai/pm/specs, or a YAML file): a partial preference_model block whose keys this block's own keys override.",
-    )
-    backbone: ModelRef | None = Field(
-        None,
-        description="Backbone of the preference model; default: models.reward_backbone, then models.policy.",
-    )
-    human_data: HumanMix | None = Field(
-        None, description="Human preference pairs mixed into the PM's training pairs (HH format)."
-    )
-    loss: Literal["soft", "bradley_terry"] = Field(
-        "soft", description="Soft-label cross-entropy (paper) or Bradley–Terry on hard labels."
-    )
-    center_coef: float = Field(0.0, ge=0.0, description="Weight of the reward-centring term (r_a + r_b)^2.")
-    head: Literal["classifier", "value_head"] = Field(
-        "classifier", description="Scalar head: sequence classifier or value head on a causal LM."
-    )
-    lm_coef: float = Field(
-        0.0,
-        ge=0.0,
-        description="value_head only: weight of a language-modelling loss on the preferred response, which keeps the PM a language model (Askell et al. 2021).",
-    )
-    eval_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Share of pairs held out for PM evaluation."
-    )
-    norm_sample: int = Field(
-        64, ge=2, description="Responses scored after training to store the score mean and std."
-    )
-    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
-
-    @field_validator("lm_coef")
-    @classmethod
-    def _lm_coef_needs_value_head(cls, v, info):
-        # with a spec, the head may come from it: checked once merged (cai.config.pm_spec)
-        if v > 0 and info.data.get("head") == "classifier" and not info.data.get("spec"):
-            raise ValueError("an LM loss needs head: value_head (a classifier PM has no LM head)")
-        return v
-
-
-class PPOConfig(Strict):
-    updates: int = Field(8, ge=1, description="PPO updates (one rollout batch each).")
-    rollout_batch_size: int = Field(8, ge=1, description="Prompts per rollout batch (per process).")
-    response_length: int = Field(48, ge=1, description="Max new tokens per response.")
-    temperature: float = Field(
-        0.7, gt=0.0, description="Rollout sampling temperature (also applied to the log-probs)."
-    )
-    top_k: int = Field(0, ge=0, description="Rollout top-k; 0 disables it.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Rollout nucleus mass.")
-    ppo_epochs: int = Field(4, ge=1, description="Optimisation epochs over each rollout batch.")
-    num_minibatches: int = Field(1, ge=1, description="Minibatches per epoch.")
-    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps per minibatch.")
-    learning_rate: float = Field(1e-5, gt=0, description="Policy learning rate.")
-    critic_learning_rate: float | None = Field(
-        None, gt=0, description="Critic learning rate; default: learning_rate."
-    )
-    warmup_updates: int = Field(0, ge=0, description="Updates of linear LR warm-up.")
-    lr_decay: Literal["linear", "cosine", "constant"] = Field("linear", description="LR decay after warm-up.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    clip_range: float = Field(0.2, gt=0, description="Policy ratio clip ε.")
-    clip_range_value: float = Field(0.2, gt=0, description="Value clip range.")
-    vf_coef: float = Field(0.1, ge=0, description="Value loss weight.")
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount γ.")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
-    kl_coef: float = Field(
-        0.05, ge=0, description="β of the per-token KL penalty (initial value when adaptive)."
-    )
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator.")
-    adaptive_kl: bool = Field(False, description="Adapt β with the Ziegler et al. controller.")
-    target_kl: float = Field(6.0, gt=0, description="Controller target KL (nats per sequence).")
-    kl_horizon: int = Field(10000, ge=1, description="Controller horizon (samples).")
-    reward_clip: float | None = Field(None, gt=0, description="Clip normalised scores to ±this.")
-    whiten_rewards: bool = Field(False, description="Whiten per-token rewards before GAE.")
-    whiten_advantages: bool = Field(True, description="Whiten advantages.")
-    missing_eos_penalty: float | None = Field(
-        None, description="Subtract this from the score of responses without EOS."
-    )
-    stop_string: str | None = Field(None, description="Truncate responses at this string.")
-    critic: Literal["separate", "value_head"] = Field(
-        "separate", description="Separate value model, or a value head on the policy trunk."
-    )
-    critic_warmup_updates: int = Field(0, ge=0, description="Updates that train only the critic.")
-    early_stop_kl: float | None = Field(
-        None, gt=0, description="Stop an update's epochs once approx-KL exceeds this."
-    )
-    lora: LoraConfig | None = Field(
-        None, description="LoRA policy; the reference is the base with adapters disabled."
-    )
-    reward: str = Field(
-        "pm",
-        description="'pm' (the trained preference model) or an import path 'module:function' to fn(prompts, responses, **kwargs) -> list[float] (see cai.rl.rewards).",
-    )
-    save_every: int = Field(1, ge=1, description="Checkpoint every this many updates (for resume).")
-    max_prompt_length: int = Field(
-        512, ge=1, description="Keep at most this many prompt tokens (the last ones)."
-    )
-    logprobs_from_generation: bool = Field(
-        True,
-        description="Old log-probs from the sampling logits (no second forward); off: recompute them with a forward pass.",
-    )
-
-
-class ReportConfig(Strict):
-    suites: list[NamedRef] = Field(
-        ["pairs", "ai-risk"],
-        description="PM evaluation suites (names in cai/eval/suites, or suite or data files).",
-    )
-    eval_limit: int = Field(64, ge=1, description="Items per evaluation suite.")
-    win_rate_prompts: int = Field(
-        16, ge=0, description="Held-out prompts for the harmlessness win rate (0 disables)."
-    )
-    examples: int = Field(3, ge=0, description="Example responses shown side by side.")
-    batch_size: int = Field(
-        8, ge=1, description="Sequences per scoring forward pass (PM evaluation, the judge)."
-    )
-
-
 class Arm(Strict):
     name: str = Field(description="Arm name (a folder under arms/).")
     set: dict[str, Any] = Field(
@@ -345,6 +102,9 @@ class Recipe(Strict):
     device: Device = Field("auto", description=_SETTING["device"].description)
     dtype: DType = Field("auto", description=_SETTING["dtype"].description)
     trust_remote_code: bool = Field(False, description=_SETTING["trust_remote_code"].description)
+    save_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description=_SETTING["save_dtype"].description
+    )
     tracker: Literal["tensorboard", "wandb"] | None = Field(
         None, description="Experiment tracker via accelerate; none by default."
     )
@@ -390,5 +150,9 @@ class Recipe(Strict):
     def settings(self) -> Settings:
         """device, dtype, trust_remote_code and seed as the one settings object models are loaded with."""
         return Settings(
-            device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code, seed=self.seed
+            device=self.device,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+            seed=self.seed,
+            save_dtype=self.save_dtype,
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 from cai.errors import UserError
 from cai.runtime.forward import last_token_index, pad, position_ids
 from cai.runtime.models import load_model, load_tokenizer
+from cai.runtime.precision import fp32_head
 from cai.runtime.settings import DEFAULT, Settings
 
 NORM_FILE = "score_norm.json"
@@ -30,7 +31,7 @@ def conversation_ids(tokenizer, conversation: list[dict], max_length: int | None
     return ids
 
 
-def _head(model):
+def scalar_head(model):
     """The scalar head module (score/classifier of a sequence classifier, v_head of a cai.pm.value_head PM), under
     peft or DDP wrappers or not."""
     inner = model
@@ -57,7 +58,7 @@ def sequence_scores(model, input_ids, attention_mask, return_output: bool = Fals
     forward's output comes too: (scores, output)."""
     import torch
 
-    head = _head(model)
+    head = scalar_head(model)
     captured = {}
     hook = (
         head.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
@@ -113,6 +114,7 @@ class RewardScorer:
             self.model = ValueHeadPM.from_pretrained(model_dir, settings, device=device)
         else:
             self.model = load_model(str(model_dir), settings, kind="seq_cls", device=device)
+            fp32_head(scalar_head(self.model))  # scores in fp32 on any trunk (cai.runtime.precision)
         self.model.eval()
         norm = read_norm(model_dir)
         self.mean, self.std = norm["mean"], norm["std"]

@@ -27,6 +27,7 @@ from torch import nn
 from cai.errors import UserError
 from cai.runtime.forward import last_token_index
 from cai.runtime.models import load_model, resolve
+from cai.runtime.precision import fp32_head
 from cai.runtime.settings import DEFAULT, Settings
 
 MARKER = "value_head.json"
@@ -100,8 +101,7 @@ class ValueHeadPM(nn.Module):
     def __init__(self, lm, v_head: nn.Linear):
         super().__init__()
         self.lm = lm
-        p = next(lm.parameters())
-        self.v_head = v_head.to(device=p.device, dtype=p.dtype)
+        self.v_head = fp32_head(v_head.to(device=next(lm.parameters()).device))  # fp32 on any trunk
         self.lm.config.num_labels = 1  # one output, the score (TRL's RewardTrainer checks it)
 
     # ---- what Trainer / RewardTrainer read from a model
@@ -136,7 +136,7 @@ class ValueHeadPM(nn.Module):
         h = trunk(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
         ).last_hidden_state
-        out = ValueHeadOutput(values=self.v_head(h).squeeze(-1).float())
+        out = ValueHeadOutput(values=self.v_head(h).squeeze(-1))
         if lm_labels is not None:
             target = lm_labels[:, 1:]
             keep = target != IGNORE_INDEX

@@ -39,6 +39,17 @@ def latest(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[len(PREFIX) :]), default=None)
 
 
+def check_token(path: Path, found: str | None, expected: str | None) -> None:
+    """Resume only from a checkpoint this run wrote: its run token must be the run's (RUN/run.json). A
+    checkpoint holds pickled optimizer state (and, under DeepSpeed, pickles read with weights_only=False), so one
+    copied in from elsewhere is refused before anything of it is loaded."""
+    if expected is not None and found != expected:
+        raise UserError(
+            f"{path}: not written by this run (its run token differs from RUN/run.json's); "
+            "a checkpoint is loaded only by the run that wrote it: delete it, or start a new run directory"
+        )
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate())}
     if torch.cuda.is_available():
@@ -127,6 +138,7 @@ def resume(trainer) -> None:
     path = latest(trainer.ckpt_dir)
     if path is None:
         return
+    check_token(path, json.loads((path / "state.json").read_text()).get("run_token"), trainer.run_token)
     weights, optim, state, rng = load(path, dist.rank())
     if trainer.stepper.deepspeed:
         if not (path / "deepspeed").is_dir():
@@ -173,7 +185,11 @@ def save_trainer(trainer, step: int, name: str | None = None) -> Path:
         if trainer.critic is not None:
             weights["critic"] = trainable_state(trainer.critic)
         optimizer_state = trainer.opt.state_dict()
-    state = {"kl_controller": trainer.kl_ctl.state_dict(), "scheduler": trainer.sched.state_dict()}
+    state = {
+        "kl_controller": trainer.kl_ctl.state_dict(),
+        "scheduler": trainer.sched.state_dict(),
+        "run_token": trainer.run_token,
+    }
     return save(
         trainer.ckpt_dir,
         step,
@@ -216,6 +232,7 @@ def save_policy(trainer, path, fresh_policy=None) -> Path:
     if trainer.acc.is_main_process:
         if hasattr(lm, "merge_and_unload"):
             lm = lm.merge_and_unload()
+        lm.to(getattr(torch, trainer.precision.save))  # the precision policy's save dtype (fp32 by default)
         lm.save_pretrained(str(path), safe_serialization=True)
         trainer.tok.save_pretrained(str(path))
     dist.barrier()

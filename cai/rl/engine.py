@@ -4,14 +4,14 @@ The trainer holds one module (cai.rl.modules.ActorCritic: policy + critic) and o
 parameter group each, prepared once by accelerate. What differs per engine is only here:
 
 - one process, or DDP: accelerate's `backward` (DDP all-reduces gradients on the last micro-batch of a
-  minibatch; the others run under `no_sync`), then each group's gradients are clipped to
-  `ppo.max_grad_norm` on its own and the optimizer steps.
+  minibatch; the others run under `no_sync`), then the gradients of policy and critic together are clipped
+  to `ppo.max_grad_norm` (one global norm, as DeepSpeed clips) and the optimizer steps.
 - DeepSpeed ZeRO-2/3: the engine's `backward` and `step`. The engine is told where a minibatch ends
   (`set_gradient_accumulation_boundary`), reduces and partitions the gradients, clips them jointly (its
   `gradient_clipping`, filled from `ppo.max_grad_norm`) and steps its ZeRO-wrapped copy of the optimizer.
   The frozen reference model and preference model become inference engines (`trl`'s `prepare_deepspeed`):
   sharded under ZeRO-3, whole otherwise.
-- FSDP2: as DDP for backward and clipping (DTensor-aware); the root's own parameters are unsharded for
+- FSDP2: as DDP for backward and the same joint clipping (DTensor-aware); the root's own parameters are unsharded for
   generation, and checkpoints are full state dicts gathered from the shards (`full_state`).
 During the critic warm-up the policy's group is flagged 'frozen' and `GroupAdamW` passes over it, which works
 the same under every engine (DeepSpeed steps all groups of its optimizer).
@@ -147,19 +147,26 @@ class Stepper:
         else:
             self.acc.backward(loss)
 
-    def step(self, critic_only: bool) -> None:
+    def step(self, critic_only: bool) -> float:
         """Clip and apply the accumulated gradients. During critic warm-up the policy group is frozen: no step
         and no optimizer state, under every engine (DeepSpeed steps all groups, so the optimizer skips it)."""
         for group in self.opt.param_groups:
             group["frozen"] = critic_only and group.get("name") == "policy"
         if self.deepspeed:
             self.model.step()  # clips jointly, steps and zeroes the gradients
-            return
-        for group in self.opt.param_groups:
-            if not group["frozen"]:
-                self.acc.clip_grad_norm_(group["params"], self.max_grad_norm)
+            norm = self.model.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        # one rule under every engine, DeepSpeed's: the global norm of policy and critic gradients together
+        # (parameters without a gradient, frozen or warming up, do not count)
+        self.acc.unscale_gradients()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.fsdp:  # sharded gradients: the norm is gathered over the shards (DTensor-aware)
+            norm = self.acc._clip_grad_norm_dtensor_aware(params, self.max_grad_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 class GroupAdamW(torch.optim.AdamW):

@@ -14,6 +14,7 @@ from torch import nn
 
 from cai.rl.packing import base_of, response_states, scatter_response, trunk_of, varlen_supported
 from cai.rl.ppo_math import entropy_from_logits
+from cai.runtime.precision import fp32_head
 
 
 def gathered(params: list):
@@ -64,7 +65,7 @@ class PolicyModel(nn.Module):
             self.v_head = nn.Linear(hidden, 1)
             nn.init.zeros_(self.v_head.weight)
             nn.init.zeros_(self.v_head.bias)
-            self.v_head.to(next(lm.parameters()).device)
+            fp32_head(self.v_head.to(next(lm.parameters()).device))  # values in fp32 on any trunk
 
     @property
     def config(self):  # read by accelerate / trl when preparing a DeepSpeed engine (hidden size)
@@ -103,7 +104,7 @@ class PolicyModel(nn.Module):
             out["logprobs"] = scatter_response(lp, attention_mask, R)
             out["entropy"] = scatter_response(ent, attention_mask, R) if ent is not None else None
         if values and self.v_head is not None:
-            out["values"] = scatter_response(self.v_head(h).squeeze(-1).float(), attention_mask, n_response)
+            out["values"] = scatter_response(self.v_head(h).squeeze(-1), attention_mask, n_response)
         return out
 
     @contextlib.contextmanager
@@ -204,6 +205,7 @@ class ValueModel(nn.Module):
                 if head.bias is not None:
                     head.bias.zero_()
         head.requires_grad_(True)  # a LoRA-wrapped critic still trains its head
+        fp32_head(head)  # values are fp32 on any trunk
         self.varlen = varlen_supported(seq_cls_model)
 
     def forward(self, input_ids, attention_mask, n_response: int):

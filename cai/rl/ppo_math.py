@@ -120,30 +120,41 @@ def gae(
 # ---- losses ----
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip_range: float):
-    """Clipped surrogate: mean over tokens of max(−A·ρ, −A·clip(ρ, 1±ε)), ρ = exp(logp − old_logp).
+def token_mean(x: torch.Tensor, mask: torch.Tensor, n_tokens=None) -> torch.Tensor:
+    """Mean over the masked-in entries, or their sum over `n_tokens` when given: the token count of the whole
+    minibatch (over every micro-batch and process), so that summed micro-batch gradients, averaged over processes
+    and multiplied by the number of processes, are exactly the minibatch's token mean."""
+    return masked_mean(x, mask) if n_tokens is None else masked_sum(x, mask) / n_tokens
 
-    Returns (loss, stats) with stats approx_kl = mean ½(logp − old_logp)², clipfrac = share of clipped tokens.
+
+def policy_loss(logp, old_logp, advantages, mask, clip_range: float, n_tokens=None):
+    """Clipped surrogate: mean over tokens of max(−A·ρ, −A·clip(ρ, 1±ε)), ρ = exp(logp − old_logp) (over
+    `n_tokens` tokens when given, see token_mean).
+
+    Returns (loss, stats): approx_kl = mean ½(logp − old_logp)², clipfrac = share of clipped tokens, ratio = mean
+    ρ, ratio_dev = max |ρ − 1| (the first-step check: 0 before any step when old and new log-probs agree).
     """
     diff = (logp - old_logp) * mask.to(logp.dtype)
     ratio = torch.exp(diff)
     loss1 = -advantages * ratio
     loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(loss1, loss2), mask)
+    loss = token_mean(torch.maximum(loss1, loss2), mask, n_tokens)
     with torch.no_grad():
         stats = {
             "approx_kl": masked_mean(0.5 * diff.pow(2), mask),
             "clipfrac": masked_mean((loss2 > loss1).to(logp.dtype), mask),
             "ratio": masked_mean(ratio, mask),
+            "ratio_dev": ((ratio - 1).abs() * mask.to(ratio.dtype)).max(),
         }
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, clip_range: float):
-    """Clipped value loss ½·mean max((V − R)², (clip(V, V_old ± c) − R)²); returns (loss, clipfrac)."""
+def value_loss(values, old_values, returns, mask, clip_range: float, n_tokens=None):
+    """Clipped value loss ½·mean max((V − R)², (clip(V, V_old ± c) − R)²) (over `n_tokens` tokens when given);
+    returns (loss, clipfrac)."""
     clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     l1, l2 = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
+    loss = 0.5 * token_mean(torch.maximum(l1, l2), mask, n_tokens)
     with torch.no_grad():
         clipfrac = masked_mean((l2 > l1).to(values.dtype), mask)
     return loss, clipfrac
@@ -221,3 +232,22 @@ def lr_factor(update: int, total: int, warmup: int, decay: str) -> float:
     if decay == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def first_step_warning(
+    approx_kl: float, ratio_dev: float, tolerance: float, from_generation: bool
+) -> str | None:
+    """Before an update's first step the policy that is trained is the one that sampled, so ratio = 1 and
+    approx-KL = 0 up to rounding; a message naming the likely cause when approx-KL exceeds `tolerance`."""
+    if approx_kl <= tolerance:
+        return None
+    cause = (
+        "old log-probs come from the sampling logits, which the training forward does not reproduce in this "
+        "dtype (set ppo.logprobs_from_generation: false)"
+        if from_generation
+        else "the training forward is not deterministic (dropout, or a non-deterministic kernel)"
+    )
+    return (
+        f"before the first step approx-KL is {approx_kl:.3g} (max |ratio - 1| {ratio_dev:.3g}), over the "
+        f"tolerance {tolerance:g} (ppo.first_step_tolerance); likely cause: {cause}"
+    )

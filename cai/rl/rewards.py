@@ -122,5 +122,5 @@ class PreferenceModelReward:
             ids, mask = (t.to(self.scorer.device) for t in pad(chunk, 0))
             with torch.no_grad():
                 h = response_states(model, ids, mask, 1, varlen=True, shift=0)
-                raw[s : s + len(chunk)] = head(h).squeeze(-1).float().cpu()
+                raw[s : s + len(chunk)] = head(h).squeeze(-1).float().cpu()  # an fp32 head (precision)
         return raw, self.scorer.normalize(raw)

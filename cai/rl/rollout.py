@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from cai.runtime import distributed as dist
+from cai.runtime.generate import Generated, Sampling
 from cai.runtime.hashing import derive_seed
 
 
@@ -42,6 +43,35 @@ def prompt_indices(n_prompts: int, batch: int, update: int, seed: int) -> list[i
         g = torch.Generator().manual_seed(seed_of(seed, "prompts", epoch))
         out.append(int(torch.randperm(n_prompts, generator=g)[pos]))
     return out
+
+
+def sample(backend, prompts: list[list[int]], cfg, seed_for, *, with_logits: bool, autocast, device):
+    """Sample responses to `prompts` (token ids) as a ppo block says, in generate calls of
+    `generation_batch_size` rows, call k of n seeded by `seed_for(k, n)` (its place in the global batch, so that
+    sampling does not depend on the number of processes). Returns (generation, decoded texts, response mask
+    [B, R] (float), finished [B], input ids and attention mask of prompt + response [B, P + R])."""
+    sampling = Sampling(
+        max_new_tokens=cfg.response_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        stop_strings=(cfg.stop_string,) if cfg.stop_string else (),
+    )
+    size = cfg.generation_batch_size or cfg.rollout_batch_size
+    shards = [prompts[s : s + size] for s in range(0, len(prompts), size)]
+    parts = [
+        backend.generate_ids(
+            shard, sampling, seed_for(k, len(shards)), with_logits=with_logits, autocast=autocast
+        )
+        for k, shard in enumerate(shards)
+    ]
+    gen = parts[0] if len(parts) == 1 else Generated.concat(parts, backend.tokenizer.pad_token_id)
+    texts, mask, finished = cut_at_stop(backend.tokenizer, gen, cfg.stop_string)
+    R = max(int(mask.sum(1).max()), 1)
+    resp, mask = gen.response_ids[:, :R].to(device), mask[:, :R].to(device).float()
+    input_ids = torch.cat([gen.prompt_ids.to(device), resp], 1)
+    attn = torch.cat([gen.prompt_mask.to(device), mask.long()], 1)
+    return gen, texts, mask, finished, input_ids, attn
 
 
 def cut_at_stop(tokenizer, gen, stop: str | None):

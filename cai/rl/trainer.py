@@ -1,13 +1,17 @@
 """The PPO loop (Ziegler et al. 2019; Stiennon et al. 2020), written to be read top to bottom.
 
 One update:
-1. Rollout: the policy samples responses to a batch of prompts with the one generation engine
-   (cai.generate.HFBackend); its logits give the old log-probabilities (temperature applied).
+1. Rollout: the policy samples responses to a batch of prompts with the one generation backend
+   (cai.runtime.generate), from exactly softmax(logits / temperature); the old log-probabilities come from its
+   logits in fp32, or from a forward pass like the training one in bf16 (ratio 1 before the first step).
 2. Scoring: reference log-probs (frozen SFT model, or the policy with LoRA adapters disabled), critic values
    and the sequence score (preference model or reward function) — forwards read only response positions.
 3. Rewards −β·KL per token plus the score on the last token; GAE; advantage whitening.
 4. `ppo_epochs` passes over shuffled minibatches (gradient accumulation inside), clipped policy and value
-   losses, gradient clipping, one LR-schedule step per update.
+   losses as exact token means over the minibatch (over every process), one global gradient-norm clip, one
+   LR-schedule step per update.
+
+The rollout machinery, the update loop and checkpoints are shared with other on-policy trainers (cai.rl.loop).
 
 Under `accelerate launch` each process rolls out its own share of the prompts with its own sampling seed;
 whitening statistics, the KL fed to the controller and all logged metrics are all-reduced. Policy and critic
@@ -20,22 +24,20 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-from cai.errors import UserError
 from cai.rl import checkpoint as ckpt
 from cai.rl import engine
 from cai.rl import ppo_math as pm
+from cai.rl.loop import OnPolicyTrainer
 from cai.rl.modules import ActorCritic, PolicyModel, disable_dropout
 from cai.rl.packing import check_varlen
-from cai.rl.rollout import Rollout, cut_at_stop, global_stats, prompt_indices, seed_of
+from cai.rl.rollout import Rollout, global_stats, prompt_indices, seed_of
 from cai.runtime import distributed as dist
-from cai.runtime.generate import HFBackend, Sampling
 
 
-class PPOTrainer:
+class PPOTrainer(OnPolicyTrainer):
     """PPO on a causal LM. `policy` is a PolicyModel; `critic` a ValueModel (or None with a value head);
     `ref_model` a frozen causal LM (or None with a LoRA policy: adapters disabled); `reward(prompts, responses,
     **kw) -> (raw [B], reward [B])` (cai.rl.rewards); `prompts` rows with chat 'messages'."""
@@ -45,25 +47,11 @@ class PPOTrainer:
         cfg,
         *,
         policy: PolicyModel,
-        tokenizer,
-        reward,
-        prompts: list[dict],
-        out_dir,
         critic=None,
         ref_model=None,
-        accelerator=None,
-        seed: int = 0,
-        metrics=None,
-        show_progress: bool = True,
+        **kwargs,
     ):
-        from accelerate import Accelerator
-
-        self.cfg, self.tok, self.reward, self.seed = cfg, tokenizer, reward, seed
-        self.out_dir = Path(out_dir)
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        self.show_progress, self.metrics = show_progress, metrics
-        if cfg.rollout_batch_size < cfg.num_minibatches * cfg.grad_accum:
-            raise UserError("ppo.rollout_batch_size: must be at least num_minibatches × grad_accum")
+        super().__init__(cfg, **kwargs)
         if ref_model is None and not hasattr(policy.lm, "disable_adapter"):
             raise ValueError(
                 "without a reference model the policy must be LoRA-wrapped (reference = adapters off)"
@@ -71,10 +59,6 @@ class PPOTrainer:
         for m in (policy, critic, ref_model):
             if m is not None:
                 disable_dropout(m)
-        self.prompt_ids = [self._encode(row["messages"]) for row in prompts]
-        self.prompt_msgs = [row["messages"] for row in prompts]
-        if not self.prompt_ids:
-            raise UserError("ppo: no training prompts")
 
         # one module and one optimizer (a parameter group each for policy and critic): every engine takes them
         joint = ActorCritic(policy, critic)
@@ -103,20 +87,7 @@ class PPOTrainer:
             self._check_varlen(ref)
         self.kl_ctl = pm.make_kl_controller(cfg)
         self._value_graph, self.reuse_values = None, True
-        self.step = 0
-        self.ckpt_dir = self.out_dir / "checkpoints"
         ckpt.resume(self)
-
-    # ---- helpers ----
-    def _encode(self, messages) -> list[int]:
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        return ids[-self.cfg.max_prompt_length :]
-
-    def _mean(self, x) -> float:
-        """Mean of a scalar over processes."""
-        t = torch.as_tensor(float(x), dtype=torch.float64, device=self.acc.device)
-        return float(dist.all_reduce_mean(t))
 
     def _check_varlen(self, ref) -> None:
         """Packed (padding-free) forwards must give what padded ones give on this model; else use padded ones."""
@@ -131,39 +102,7 @@ class PPOTrainer:
                 flush=True,
             )
 
-    def _fail(self, what: str, update: int):
-        path = self.save(update, name=f"diverged-step-{update:06d}")
-        raise UserError(
-            f"ppo: non-finite {what} at update {update + 1}; stopped (state saved to {path}). "
-            "Lower ppo.learning_rate, set ppo.reward_clip, or check the reward."
-        )
-
     # ---- 1-3. rollout, scoring, advantages ----
-    def _generate(self, idx: list[int], update: int):
-        """Sample responses to the prompts `idx` with the policy's current weights; (generation, texts, response
-        mask [B, R] (float), finished [B], input ids and attention mask of prompt + response)."""
-        cfg, dev = self.cfg, self.acc.device
-        sampling = Sampling(
-            max_new_tokens=cfg.response_length,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            stop_strings=(cfg.stop_string,) if cfg.stop_string else (),
-        )
-        with engine.unwrapped_for_generation(self.model, self.acc) as unwrapped:
-            gen = HFBackend(unwrapped.policy.lm, self.tok).generate_ids(
-                [self.prompt_ids[i] for i in idx],
-                sampling,
-                seed_of(self.seed, "sample", update, dist.rank()),
-                with_logits=cfg.logprobs_from_generation,
-            )
-        texts, mask, finished = cut_at_stop(self.tok, gen, cfg.stop_string)
-        R = max(int(mask.sum(1).max()), 1)
-        resp, mask = gen.response_ids[:, :R].to(dev), mask[:, :R].to(dev).float()
-        input_ids = torch.cat([gen.prompt_ids.to(dev), resp], 1)
-        attn = torch.cat([gen.prompt_mask.to(dev), mask.long()], 1)
-        return gen, texts, mask, finished, input_ids, attn
-
     def _forwards(self, gen, input_ids, attn, R: int):
         """Old log-probs, entropy, reference log-probs and values of the sampled responses, in chunks of a
         minibatch: [B, R] each."""
@@ -206,25 +145,6 @@ class PPOTrainer:
                 off = self.model(ids, am, R, cfg.temperature, values=False, adapters=False)
                 parts["ref"].append(off["logprobs"])
         return (torch.cat(parts[k]).float() for k in ("logprobs", "entropy", "ref", "values"))
-
-    def _score(self, idx: list[int], texts, finished, resp, mask, update: int):
-        """(raw score, the reward PPO uses: the score normalised, with the missing-EOS penalty and clipping)."""
-        cfg, dev = self.cfg, self.acc.device
-        raw, score = self.reward(
-            [self.prompt_msgs[i] for i in idx],
-            texts,
-            finished=finished.tolist(),
-            tokenizer=self.tok,
-            response_ids=[resp[j, : int(mask[j].sum())].tolist() for j in range(len(idx))],
-        )
-        raw, score = raw.to(dev).float(), score.to(dev).float()
-        if not bool(torch.isfinite(raw).all() and torch.isfinite(score).all()):
-            self._fail("reward", update)
-        if cfg.missing_eos_penalty is not None:
-            score = score - cfg.missing_eos_penalty * (~finished.to(dev)).float()
-        if cfg.reward_clip is not None:
-            score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
-        return raw, score
 
     @torch.no_grad()
     def rollout(self, update: int) -> Rollout:
@@ -275,58 +195,40 @@ class PPOTrainer:
     # ---- 4. optimisation ----
     def train_on(self, batch: Rollout, update: int) -> dict:
         cfg = self.cfg
-        B, R = batch.mask.shape
+        B = batch.mask.shape[0]
         critic_only = update < cfg.critic_warmup_updates
         g = torch.Generator().manual_seed(seed_of(self.seed, "shuffle", update))
         logs = {
-            "policy/approx_kl": [],
-            "policy/clipfrac": [],
-            "loss/policy": [],
-            "loss/value": [],
-            "val/clipfrac": [],
+            k: []
+            for k in ("policy/approx_kl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac")
         }
+        first, grad_norms = {}, []
         epochs_done = 0
-        for _epoch in range(cfg.ppo_epochs):
+        for epoch in range(cfg.ppo_epochs):
             epoch_kl = []
-            for mb in torch.tensor_split(torch.randperm(B, generator=g), cfg.num_minibatches):
-                micro = [m for m in torch.tensor_split(mb, cfg.grad_accum) if len(m)]
+            for m, mb in enumerate(torch.tensor_split(torch.randperm(B, generator=g), cfg.num_minibatches)):
+                # the minibatch's token count over every process: micro-batch losses are sums over it, times the
+                # number of processes (gradients are averaged over them), so the step is the exact token mean
+                n_tokens = dist.all_reduce_sum(batch.mask[mb.to(batch.mask.device)].sum().double()).float()
+                n_tokens = n_tokens.clamp(min=1) / dist.world_size()
+                micro = [x for x in torch.tensor_split(mb, cfg.grad_accum) if len(x)]
+                losses = {"loss/policy": 0.0, "loss/value": 0.0}  # the minibatch's token means (summed below)
                 for k, mi in enumerate(micro):
-                    mi = mi.to(batch.mask.device)
                     last = k == len(micro) - 1
                     with self.stepper.no_sync(last):
-                        ids, am, mask = batch.input_ids[mi], batch.attention_mask[mi], batch.mask[mi]
-                        reuse = self._value_graph is not None
-                        out = self.model(
-                            ids, am, R, cfg.temperature, logprobs=not critic_only, values=not reuse
+                        st = self._micro_step(
+                            batch, mi.to(batch.mask.device), n_tokens, critic_only, last, update, logs, losses
                         )
-                        loss = torch.zeros((), device=mask.device)
-                        if not critic_only:
-                            pg, st = pm.policy_loss(
-                                out["logprobs"],
-                                batch.logprobs[mi],
-                                batch.advantages[mi],
-                                mask,
-                                cfg.clip_range,
-                            )
-                            loss = loss + pg
-                            logs["loss/policy"].append(pg.item())
-                            logs["policy/approx_kl"].append(float(st["approx_kl"]))
-                            logs["policy/clipfrac"].append(float(st["clipfrac"]))
-                            epoch_kl.append(float(st["approx_kl"]))
-                        if reuse:
-                            vpred, self._value_graph = self._value_graph[mi], None
-                        else:
-                            vpred = out["values"]
-                        vf, vclip = pm.value_loss(
-                            vpred, batch.values[mi], batch.returns[mi], mask, cfg.clip_range_value
-                        )
-                        loss = loss + cfg.vf_coef * vf
-                        logs["loss/value"].append(vf.item())
-                        logs["val/clipfrac"].append(float(vclip))
-                        if not torch.isfinite(loss):
-                            self._fail("loss", update)
-                        self.stepper.backward(loss * (len(mi) / len(mb)), last)
-                self.stepper.step(critic_only)
+                    if st is not None and epoch == 0 and m == 0 and k == 0:
+                        first = st
+                    if st is not None:
+                        epoch_kl.append(float(st["approx_kl"]))
+                grad_norms.append(self.stepper.step(critic_only))
+                # the sums of the micro-batch losses, averaged over processes (in `out` below): the exact token
+                # mean of the minibatch, whatever the number of processes
+                for key, value in losses.items():
+                    if key != "loss/policy" or not critic_only:
+                        logs[key].append(value)
             epochs_done += 1
             if (
                 cfg.early_stop_kl is not None
@@ -341,57 +243,44 @@ class PPOTrainer:
             warnings.simplefilter("ignore", UserWarning)
             self.sched.step()
         out = {k: self._mean(sum(v) / len(v)) for k, v in logs.items() if v}
-        out.update({"ppo/epochs": epochs_done, "lr": lr})
+        out.update({"ppo/epochs": epochs_done, "lr": lr, "grad/norm": max(grad_norms, default=0.0)})
+        if first:
+            out.update(self._first_step(first, update))
         return out
 
-    # ---- the loop ----
-    def train(self, until: int | None = None) -> list[dict]:
-        """Run updates from the current step up to `until` (default: cfg.updates); returns their metrics."""
-        from tqdm.auto import tqdm
-
-        end = min(until or self.cfg.updates, self.cfg.updates)
-        history = []
-        bar = tqdm(
-            total=self.cfg.updates,
-            initial=self.step,
-            desc="ppo",
-            unit="update",
-            dynamic_ncols=True,
-            disable=not (self.show_progress and self.acc.is_main_process),
-        )
-        while self.step < end:
-            u = self.step
-            t0 = time.perf_counter()
-            batch = self.rollout(u)
-            t1 = time.perf_counter()
-            train_stats = self.train_on(batch, u)
-            row = {**{k: v for k, v in batch.stats.items() if not k.startswith("_")}, **train_stats}
-            row["policy/approx_kl"] = row.get("policy/approx_kl", 0.0)
-            row["policy/clipfrac"] = row.get("policy/clipfrac", 0.0)
-            row["loss/policy"] = row.get("loss/policy", 0.0)
-            row["time/train"] = time.perf_counter() - t1
-            row["time/update"] = time.perf_counter() - t0
-            row["tokens_per_s"] = batch.stats["_tokens"] / row["time/update"]
-            self.step = u + 1
-            if self.metrics is not None and self.acc.is_main_process:
-                self.metrics.log(row, step=self.step)
-            history.append(row)
-            bar.update(1)
-            bar.set_postfix(
-                score=f"{row['objective/score']:.3f}",
-                kl=f"{row['objective/kl']:.3f}",
-                tok_s=f"{row['tokens_per_s']:.1f}",
-            )
-            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.updates:
-                self.save(self.step)
-        bar.close()
-        return history
-
-    # ---- checkpoints ----
-    def save(self, step: int, name: str | None = None) -> Path:
-        """Checkpoint everything an exact resume needs (cai.rl.checkpoint)."""
-        return ckpt.save_trainer(self, step, name)
-
-    def save_policy(self, path, fresh_policy=None) -> Path:
-        """The trained policy as a Hugging Face folder (cai.rl.checkpoint.save_policy)."""
-        return ckpt.save_policy(self, path, fresh_policy)
+    def _micro_step(
+        self,
+        batch: Rollout,
+        mi,
+        n_tokens,
+        critic_only: bool,
+        last: bool,
+        update: int,
+        logs: dict,
+        losses: dict,
+    ):
+        """Forward, loss and backward of one micro-batch; the policy-loss stats (None during critic warm-up)."""
+        cfg, R = self.cfg, batch.mask.shape[1]
+        ids, am, mask = batch.input_ids[mi], batch.attention_mask[mi], batch.mask[mi]
+        reuse = self._value_graph is not None
+        out = self.model(ids, am, R, cfg.temperature, logprobs=not critic_only, values=not reuse)
+        loss, st = torch.zeros((), device=mask.device), None
+        if not critic_only:
+            args = (out["logprobs"], batch.logprobs[mi], batch.advantages[mi], mask, cfg.clip_range)
+            pg, st = pm.policy_loss(*args, n_tokens=n_tokens)
+            loss = loss + pg
+            losses["loss/policy"] += float(pg.detach())
+            logs["policy/approx_kl"].append(float(st["approx_kl"]))
+            logs["policy/clipfrac"].append(float(st["clipfrac"]))
+        if reuse:
+            vpred, self._value_graph = self._value_graph[mi], None
+        else:
+            vpred = out["values"]
+        vargs = (vpred, batch.values[mi], batch.returns[mi], mask, cfg.clip_range_value)
+        vf, vclip = pm.value_loss(*vargs, n_tokens=n_tokens)
+        loss = loss + cfg.vf_coef * vf
+        losses["loss/value"] += float(vf.detach())
+        logs["val/clipfrac"].append(float(vclip))
+        self._check_finite(loss.detach(), "loss", update)
+        self.stepper.backward(loss, last)
+        return st

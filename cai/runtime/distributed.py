@@ -78,6 +78,9 @@ def release_stage_state() -> None:
     ds = sys.modules.get("transformers.integrations.deepspeed")
     if ds is not None:
         ds.unset_hf_deepspeed_config()
+    acc_state = sys.modules.get("accelerate.state")
+    if acc_state is not None:  # the next stage may set up its accelerator differently (e.g. another engine)
+        acc_state.AcceleratorState._reset_state()
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
@@ -140,4 +143,13 @@ def all_reduce_sum(tensor):
         return tensor
     t = tensor.clone()
     d.all_reduce(t)
+    return t
+
+
+def all_reduce_max(tensor):
+    d = _dist()
+    if not d:
+        return tensor
+    t = tensor.clone()
+    d.all_reduce(t, op=d.ReduceOp.MAX)
     return t

@@ -7,12 +7,14 @@
 - `Engine.run(..., out_path=...)` appends each finished batch to a JSONL file; a rerun skips finished ids,
   so a killed run loses at most one batch.
 
-Backends implement `generate_ids`. `HFBackend` uses `transformers.generate`. A vLLM backend is future
+Generation settings come from the recipe alone: a model's own generation_config.json never applies (see
+`recipe_settings_only`). Backends implement `generate_ids`. `HFBackend` uses `transformers.generate`. A vLLM backend is future
 work (docs/generation.md): it is not shipped until it can be tested on a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +58,34 @@ class Generated:
     response_ids: object  # LongTensor [B, R]
     response_mask: object  # LongTensor [B, R], 1 up to and including EOS
     finished: object  # BoolTensor [B]: ended with EOS
-    logits: object = (
-        None  # FloatTensor [B, R, V]: raw next-token logits (before temperature), with_logits only
-    )
+    logits: object = None  # FloatTensor [B, R, V]: raw next-token logits, with_logits only
+
+    @classmethod
+    def concat(cls, parts: list[Generated], pad_id: int) -> Generated:
+        """Several generated batches as one: prompts left-padded and responses right-padded to the widest."""
+        import torch
+        import torch.nn.functional as F
+
+        P = max(g.prompt_ids.shape[1] for g in parts)
+        R = max(g.response_ids.shape[1] for g in parts)
+
+        def left(x, value):
+            return F.pad(x, (P - x.shape[1], 0), value=value)
+
+        def right(x, value):
+            return F.pad(x, (0, R - x.shape[1]), value=value)
+
+        logits = None
+        if parts[0].logits is not None:
+            logits = torch.cat([F.pad(g.logits, (0, 0, 0, R - g.logits.shape[1])) for g in parts])
+        return cls(
+            torch.cat([left(g.prompt_ids, pad_id) for g in parts]),
+            torch.cat([left(g.prompt_mask, 0) for g in parts]),
+            torch.cat([right(g.response_ids, pad_id) for g in parts]),
+            torch.cat([right(g.response_mask, 0) for g in parts]),
+            torch.cat([g.finished for g in parts]),
+            logits,
+        )
 
 
 class Backend(Protocol):
@@ -73,10 +100,17 @@ class HFBackend:
         self.tokenizer = tokenizer
 
     def generate_ids(
-        self, prompts: list[list[int]], sampling: Sampling, seed: int, with_logits: bool = False
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        seed: int,
+        with_logits: bool = False,
+        autocast=None,
     ) -> Generated:
-        """Sample responses; `with_logits` also returns the raw logits of every step (PPO reads its old
-        log-probabilities from them instead of a second forward pass)."""
+        """Sample responses from exactly the distribution `sampling` describes; `with_logits` also returns the
+        raw logits of every step. `autocast` is a context (cai.runtime.precision) to generate under."""
+        import contextlib
+
         import torch
 
         tok = self.tokenizer
@@ -84,35 +118,20 @@ class HFBackend:
         device = next(self.model.parameters()).device
         ids, mask = left_pad(prompts, pad)
         P = ids.shape[1]
-        kwargs = dict(
-            max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=eos,
-            use_cache=True,
+        config = generation_config(sampling, tok, with_logits)
+        kwargs = (
+            dict(stop_strings=list(sampling.stop_strings), tokenizer=tok) if sampling.stop_strings else {}
         )
-        if sampling.temperature > 0:
-            kwargs.update(
-                do_sample=True,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k or None,
-            )
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if sampling.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = sampling.repetition_penalty
-        if sampling.stop_strings:
-            kwargs.update(stop_strings=list(sampling.stop_strings), tokenizer=tok)
         was_training = self.model.training
         self.model.eval()
         torch.manual_seed(seed)
-        with torch.no_grad():
-            if with_logits:
-                kwargs.update(output_logits=True, return_dict_in_generate=True)
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        with torch.no_grad(), recipe_settings_only(self.model), autocast or contextlib.nullcontext():
+            out = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, **kwargs
+            )
         logits = None
         if with_logits:
-            logits = torch.stack(out.logits, 1)
+            logits = torch.stack(out.logits, 1).float()
             out = out.sequences
         if was_training:
             self.model.train()
@@ -123,6 +142,43 @@ class HFBackend:
         resp = torch.where(rmask.bool(), resp, torch.full_like(resp, pad))
         finished = (is_eos & rmask.bool()).any(-1)
         return Generated(ids, mask, resp, rmask, finished, logits)
+
+
+def generation_config(sampling: Sampling, tokenizer, with_logits: bool = False):
+    """The transformers GenerationConfig of `sampling`, every setting that shapes the sampling distribution given
+    explicitly: temperature (0: greedy), top-k (0: off), top-p, repetition penalty, and nothing else."""
+    from transformers import GenerationConfig
+
+    sample = sampling.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=sample,
+        temperature=sampling.temperature if sample else 1.0,
+        top_k=sampling.top_k if sample else 0,
+        top_p=sampling.top_p if sample else 1.0,
+        repetition_penalty=sampling.repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+        output_logits=with_logits,
+        return_dict_in_generate=with_logits,
+    )
+
+
+@contextlib.contextmanager
+def recipe_settings_only(model):
+    """While generating, the model's own generation_config.json (a published repetition penalty, top-k, ...)
+    is set aside: transformers would otherwise fill every setting we leave unset from it, silently sampling
+    from another distribution than the one a recipe names (and PPO optimises)."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 def make_backend(name: str, model, tokenizer) -> Backend:

@@ -27,14 +27,34 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def read_manifest(stage_dir: str | Path) -> dict | None:
-    p = Path(stage_dir) / MANIFEST
+RUN_FILE = "run.json"
+
+
+def run_info(run_dir: Path) -> dict:
+    """RUN/run.json: facts about the run directory itself, made once when the run starts: a random run token
+    (checkpoints carry it, and resume loads only those with the run's own), and when it was made."""
+    import secrets
+
+    p = Path(run_dir) / RUN_FILE
+    info = read_json(p) or {}
+    if not info.get("run_token"):
+        info = {"run_token": secrets.token_hex(16), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        write_json(p, info)
+    return info
+
+
+def read_json(p: Path) -> dict | None:
+    """A JSON file the run wrote itself, or None when it is missing or damaged (a kill mid-write)."""
     if not p.is_file():
         return None
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError:
         return None
+
+
+def read_manifest(stage_dir: str | Path) -> dict | None:
+    return read_json(Path(stage_dir) / MANIFEST)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -117,6 +137,7 @@ class StageContext:
     cache_dir: Path | None = None  # where work shared between arms goes (sampled responses); default out_dir
     tracker: Any = None  # the run's tracker for this stage (set by the pipeline), used by metrics()
     arms: list[str] = field(default_factory=list)  # the run's arms, in order ([] without arms)
+    run_token: str | None = None  # the run's random token (RUN/run.json): its checkpoints carry it
 
     def shared_path(self, name: str) -> Path:
         """A file that arms of a comparison share (the pipeline points cache_dir at a shared folder)."""

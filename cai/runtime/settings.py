@@ -24,6 +24,9 @@ class Settings(BaseModel):
         False, description="Allow model repos to run their own code. Off by default."
     )
     seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
+    save_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of trained models written to disk (training keeps fp32 master weights)."
+    )
 
     def with_(self, **changes) -> Settings:
         """A copy with some settings changed (e.g. dtype='float32' for trainable weights)."""
@@ -49,7 +52,8 @@ class Settings(BaseModel):
         import torch
 
         if self.dtype == "auto":
-            return torch.float32 if (device or self.torch_device()) == "cpu" else torch.bfloat16
+            on_cpu = torch.device(device or self.torch_device()).type == "cpu"  # 'cpu', or e.g. 'cpu:0'
+            return torch.float32 if on_cpu else torch.bfloat16
         return getattr(torch, self.dtype)
 
 

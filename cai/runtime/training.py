@@ -8,14 +8,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from cai.errors import UserError
 from cai.runtime import distributed as dist
 from cai.runtime.rundir import append_jsonl, read_jsonl
 
 
-def training_args(args_cls, cfg, out_dir: Path, seed: int, device: str, bf16: bool, **extra):
+def training_args(args_cls, cfg, out_dir: Path, seed: int, device: str, precision, **extra):
     """`args_cls` (TRL's SFTConfig or RewardConfig) filled from a cai.config.recipe.TrainConfig block:
-    schedule, batch, checkpoints every `save_steps` (the newest two kept), no hub, no gradient checkpointing
-    (TRL defaults it on; ~12x slower on a CPU), the CPU flag accelerate needs; `extra` adds or overrides."""
+    schedule, batch, checkpoints every `save_steps` (the newest two kept), mixed precision as the precision
+    policy says (fp32 weights, autocast to the compute dtype), no hub, no gradient checkpointing (TRL defaults
+    it on; ~12x slower on a CPU), the CPU flag accelerate needs; `extra` adds or overrides."""
     common = dict(
         output_dir=str(out_dir),
         num_train_epochs=cfg.epochs,
@@ -32,8 +34,8 @@ def training_args(args_cls, cfg, out_dir: Path, seed: int, device: str, bf16: bo
         save_total_limit=2,
         seed=seed,
         data_seed=seed,
-        bf16=bf16,
-        fp16=False,
+        bf16=precision.mixed == "bf16",
+        fp16=precision.mixed == "fp16",
         activation_checkpointing=False,
         use_cpu=dist.accelerator_cpu(device),
         report_to="none",  # the pipeline's tracker gets metrics.jsonl through the stage's MetricsLog
@@ -57,12 +59,38 @@ def metrics_callback(log):
     return ToMetrics()
 
 
-def resume_point(ckpt_dir: Path, metrics_path: Path, what: str) -> str | None:
+TOKEN_FILE = "cai_run_token"
+
+
+def token_callback(run_token: str | None):
+    """A TrainerCallback that writes the run token into every checkpoint the trainer saves."""
+    from transformers import TrainerCallback
+
+    class WriteToken(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if run_token and state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    (folder / TOKEN_FILE).write_text(run_token + "\n")
+
+    return WriteToken()
+
+
+def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str | None = None) -> str | None:
     """The newest checkpoint in `ckpt_dir` to resume from, or None; the metrics rows logged after it are dropped
-    (the resumed run logs those steps again), and a fresh start clears the metrics file."""
+    (the resumed run logs those steps again), and a fresh start clears the metrics file. A checkpoint without
+    this run's token (token_callback) is refused: checkpoints hold pickles, so only the run that wrote one
+    loads it."""
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last and run_token is not None:
+        token = Path(last) / TOKEN_FILE
+        if not token.is_file() or token.read_text().strip() != run_token:
+            raise UserError(
+                f"{last}: not written by this run (its run token differs from RUN/run.json's); a checkpoint is "
+                "loaded only by the run that wrote it: delete it, or start a new run directory"
+            )
     if dist.is_main():
         if last:
             step = int(Path(last).name.split("-")[-1])
@@ -81,11 +109,13 @@ def is_sharded(trainer) -> bool:
     return bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
 
 
-def save_trained(trainer, model, tokenizer, path: Path, merge: bool) -> None:
+def save_trained(trainer, model, tokenizer, path: Path, merge: bool, dtype: str = "float32") -> None:
     """Write the trained model as a folder of safetensors with its tokenizer (left padding), atomically (a
-    temporary folder renamed into place). With `merge`, LoRA adapters are merged into the weights and this
-    process's copy is saved; otherwise sharded weights are gathered by the trainer, every process taking part
-    (so every process calls this)."""
+    temporary folder renamed into place), its weights in `dtype` (the precision policy's save dtype). With
+    `merge`, LoRA adapters are merged into the weights and this process's copy is saved; otherwise sharded
+    weights are gathered by the trainer, every process taking part (so every process calls this)."""
+    import torch
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if dist.is_main():
@@ -98,6 +128,7 @@ def save_trained(trainer, model, tokenizer, path: Path, merge: bool) -> None:
     elif dist.is_main():
         if merge and hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
+        model.to(getattr(torch, dtype))
         model.save_pretrained(str(tmp), safe_serialization=True)
     if dist.is_main():
         tokenizer.padding_side = "left"  # the loader's and the generation engine's convention

@@ -26,7 +26,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from cai.config.recipe import merged_generation
+from cai.config.fields import merged_generation
 from cai.constitution.fewshot import fewshot_messages
 from cai.constitution.schema import load_constitution
 from cai.data.sources import load_prompts, write_prompts

@@ -14,7 +14,7 @@ import random
 import time
 from pathlib import Path
 
-from cai.config.recipe import merged_generation
+from cai.config.fields import merged_generation
 from cai.constitution.fewshot import feedback_examples
 from cai.constitution.schema import load_constitution
 from cai.data.hh import human_pairs

@@ -22,6 +22,7 @@ from cai.plots import line_chart
 from cai.rl.rewards import make_reward
 from cai.runtime import distributed as dist
 from cai.runtime.models import load_model, load_tokenizer, wrap_lora
+from cai.runtime.precision import Precision
 from cai.runtime.rundir import read_jsonl
 
 
@@ -37,11 +38,13 @@ def load_prompts(path: Path) -> list[dict]:
 
 
 def build_models(cfg, settings, sft_dir: str, device: str):
-    """(policy, reference or None, critic or None, tokenizer) as a ppo block asks."""
+    """(policy, reference or None, critic or None, tokenizer) as a ppo block asks: the policy and critic with fp32
+    master weights, the frozen reference in the recipe's dtype (cai.runtime.precision)."""
     from cai.rl.modules import PolicyModel, ValueModel
 
+    trainable = Precision.of(settings, device).trainable(settings)
     tok = load_tokenizer(sft_dir, settings, padding_side="left")
-    lm = load_model(sft_dir, settings, device=device)
+    lm = load_model(sft_dir, trainable, device=device)
     ref = None
     if cfg.lora is not None:
         lm = wrap_lora(lm, cfg.lora)
@@ -50,7 +53,7 @@ def build_models(cfg, settings, sft_dir: str, device: str):
     policy = PolicyModel(lm, value_head=cfg.critic == "value_head")
     critic = None
     if cfg.critic == "separate":
-        seq = load_model(sft_dir, settings, kind="seq_cls", device=device)
+        seq = load_model(sft_dir, trainable, kind="seq_cls", device=device)
         seq.config.pad_token_id = tok.pad_token_id
         if cfg.lora is not None:
             prefix = seq.base_model_prefix
@@ -61,7 +64,7 @@ def build_models(cfg, settings, sft_dir: str, device: str):
 
 def fresh_policy(cfg, settings, sft_dir: str):
     """A CPU copy of the policy's LM as build_models makes it (for gathering sharded weights into)."""
-    lm = load_model(sft_dir, settings, device="cpu")
+    lm = load_model(sft_dir, settings.with_(dtype="float32"), device="cpu")
     return wrap_lora(lm, cfg.lora) if cfg.lora is not None else lm
 
 
@@ -90,7 +93,12 @@ def run(ctx) -> Path:
     if cfg.critic_warmup_updates and cfg.critic == "separate":
         # warm-up updates leave the policy out of the loss: DDP must expect parameters without gradients
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    acc = Accelerator(cpu=dist.accelerator_cpu(settings.torch_device()), kwargs_handlers=handlers)
+    precision = Precision.of(settings)
+    acc = Accelerator(
+        cpu=dist.accelerator_cpu(settings.torch_device()),
+        mixed_precision=precision.mixed,
+        kwargs_handlers=handlers,
+    )
     device = str(acc.device)
     torch.manual_seed(settings.seed)
 
@@ -113,6 +121,8 @@ def run(ctx) -> Path:
         accelerator=acc,
         seed=settings.seed,
         metrics=ctx.metrics(),
+        precision=precision,
+        run_token=ctx.run_token,
     )
     history = trainer.train()
     trainer.save_policy(out / "policy", fresh_policy=lambda: fresh_policy(cfg, settings, str(sft_dir)))
@@ -127,6 +137,7 @@ def run(ctx) -> Path:
                 "score_last": round(last["objective/score"], 4),
                 "kl_last": round(last["objective/kl"], 4),
                 "seconds_per_update": round(sum(r["time/update"] for r in rows) / len(rows), 2),
+                "precision": precision.record(),
             }
         )
     dist.barrier()

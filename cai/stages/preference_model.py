@@ -25,10 +25,18 @@ from pathlib import Path
 from cai.data.hh import human_pairs
 from cai.errors import UserError
 from cai.pm.pairs import held_out_eval, split_pairs, tokenise_pairs
+from cai.pm.scoring import scalar_head
 from cai.runtime import distributed as dist
 from cai.runtime.models import load_model, load_tokenizer, peft_config, wrap_lora
+from cai.runtime.precision import Precision, fp32_head
 from cai.runtime.rundir import read_jsonl, write_json
-from cai.runtime.training import metrics_callback, resume_point, save_trained, training_args
+from cai.runtime.training import (
+    metrics_callback,
+    resume_point,
+    save_trained,
+    token_callback,
+    training_args,
+)
 
 
 def load_pairs(ctx, cfg, seed: int) -> list[dict]:
@@ -50,15 +58,17 @@ def build_model(cfg, settings):
     from cai.pm.value_head import ValueHeadPM
 
     tok = load_tokenizer(cfg.backbone, settings, padding_side="right")
+    trainable = Precision.of(settings).trainable(settings)  # fp32 master weights (cai.runtime.precision)
     if (
         cfg.head == "value_head"
-    ):  # causal LM + value head (seeded); LoRA on the LM, the value head trained in full
-        model = ValueHeadPM.from_pretrained(cfg.backbone, settings, seed=settings.seed)
+    ):  # a causal LM + a seeded value head; LoRA on the LM, the head trained in full
+        model = ValueHeadPM.from_pretrained(cfg.backbone, trainable, seed=settings.seed)
         if cfg.lora:
             model.lm = wrap_lora(model.lm, cfg.lora, task_type="CAUSAL_LM")
     else:
         torch.manual_seed(settings.seed)  # the new score head's initialisation
-        model = load_model(cfg.backbone, settings, kind="seq_cls")
+        model = load_model(cfg.backbone, trainable, kind="seq_cls")
+        fp32_head(scalar_head(model))  # scores in fp32 under autocast
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
 
@@ -78,7 +88,7 @@ def build_trainer(cfg, settings, model, tok, train_rows: list[dict], ckpt_dir: P
         ckpt_dir,
         settings.seed,
         device,
-        bf16=device != "cpu" and str(model.dtype) == "torch.bfloat16",
+        Precision.of(settings, device),
         max_length=None,  # sequences are left-truncated to cfg.max_length when tokenised
         remove_unused_columns=False,
         # a value-head PM leaves only an untied LM head unused, and only without the LM loss
@@ -128,15 +138,17 @@ def run(ctx) -> Path:
     model, tok = build_model(cfg, settings)
     before = held_out_eval(model, tok, eval_rows, cfg.max_length, cfg.batch_size)
     ckpt_dir, metrics = ctx.out_dir / "checkpoints", ctx.metrics()
-    last = resume_point(ckpt_dir, metrics.path, "preference_model")
-    trainer = build_trainer(cfg, settings, model, tok, train_rows, ckpt_dir, [metrics_callback(metrics)])
+    last = resume_point(ckpt_dir, metrics.path, "preference_model", ctx.run_token)
+    callbacks = [metrics_callback(metrics), token_callback(ctx.run_token)]
+    trainer = build_trainer(cfg, settings, model, tok, train_rows, ckpt_dir, callbacks)
     trainer.train(resume_from_checkpoint=last)
 
     model = trainer.model.merge_and_unload() if cfg.lora else trainer.model
     after = held_out_eval(model, tok, eval_rows, cfg.max_length, cfg.batch_size)
     norm, train_eval = score_norm(model, tok, cfg, train_rows)
     out = ctx.out_dir / "model"
-    save_trained(trainer, model, tok, out, merge=bool(cfg.lora))
+    precision = Precision.of(settings)
+    save_trained(trainer, model, tok, out, merge=bool(cfg.lora), dtype=precision.save)
     if dist.is_main():
         write_json(out / "score_norm.json", norm)
         report = {
@@ -163,5 +175,6 @@ def run(ctx) -> Path:
         held_out_accuracy_before=before.get("accuracy"),
         score_mean=norm["mean"],
         score_std=norm["std"],
+        precision=precision.record(),
     )
     return ctx.out_dir

@@ -20,8 +20,15 @@ from cai.errors import UserError
 from cai.plots import line_chart
 from cai.runtime import distributed as dist
 from cai.runtime.models import load_model, load_tokenizer, peft_config
+from cai.runtime.precision import Precision
 from cai.runtime.rundir import read_jsonl
-from cai.runtime.training import metrics_callback, resume_point, save_trained, training_args
+from cai.runtime.training import (
+    metrics_callback,
+    resume_point,
+    save_trained,
+    token_callback,
+    training_args,
+)
 from cai.stats import epoch_means
 
 
@@ -40,9 +47,8 @@ def sft_examples(records: list[dict], include_helpful: bool = True) -> list[dict
 
 def build_trainer(cfg, settings, model, tok, examples: list[dict], ckpt_dir: Path, callbacks=None):
     """TRL SFTTrainer on conversational prompt/completion examples; loss on the completion tokens only. fp32
-    weights; on a GPU with bf16 support, bf16 autocast (mixed precision); on a CPU bf16 is much slower."""
+    weights, autocast to the recipe's dtype (cai.runtime.precision; on a CPU bf16 is slow: fp32 by default)."""
     import datasets
-    import torch
     from trl import SFTConfig, SFTTrainer
 
     device = settings.torch_device()
@@ -52,7 +58,7 @@ def build_trainer(cfg, settings, model, tok, examples: list[dict], ckpt_dir: Pat
         ckpt_dir,
         settings.seed,
         device,
-        bf16=device != "cpu" and torch.cuda.is_bf16_supported(),
+        Precision.of(settings, device),
         max_length=cfg.max_length,
         completion_only_loss=True,
         assistant_only_loss=False,
@@ -75,13 +81,16 @@ def run(ctx) -> Path:
     examples = sft_examples(read_jsonl(data_path), cfg.include_helpful)
     if not examples:
         raise UserError(f"{data_path}: no usable records to fine-tune on (critique_revise kept none)")
-    model = load_model(c.models.policy, c.settings.with_(dtype="float32"))
+    precision = Precision.of(c.settings)
+    model = load_model(c.models.policy, precision.trainable(c.settings))
     tok = load_tokenizer(c.models.policy, c.settings, padding_side="right")
     ckpt_dir, metrics = out / "checkpoints", ctx.metrics()
-    last = resume_point(ckpt_dir, metrics.path, "sft")
-    trainer = build_trainer(cfg, c.settings, model, tok, examples, ckpt_dir, [metrics_callback(metrics)])
+    last = resume_point(ckpt_dir, metrics.path, "sft", ctx.run_token)
+    callbacks = [metrics_callback(metrics), token_callback(ctx.run_token)]
+    trainer = build_trainer(cfg, c.settings, model, tok, examples, ckpt_dir, callbacks)
     result = trainer.train(resume_from_checkpoint=last)
-    save_trained(trainer, trainer.model, tok, out / "model", merge=bool(cfg.lora) and cfg.merge_lora)
+    merge = bool(cfg.lora) and cfg.merge_lora
+    save_trained(trainer, trainer.model, tok, out / "model", merge=merge, dtype=precision.save)
     rows = [r for r in read_jsonl(metrics.path) if "loss" in r]
     if trainer.is_world_process_zero():
         if rows:
@@ -105,5 +114,6 @@ def run(ctx) -> Path:
         loss_first=rows[0]["loss"] if rows else None,
         loss_last=rows[-1]["loss"] if rows else None,
         train_seconds=round(float(result.metrics.get("train_runtime", 0.0)), 1),
+        precision=precision.record(),
     )
     return out

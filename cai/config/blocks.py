@@ -1,0 +1,232 @@
+"""One block of the recipe schema per stage (critique_revise, sft, feedback, preference_model, ppo, report),
+each field documented once; unknown keys are errors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from cai.config.fields import FileRef, GenerationOverride, LoraConfig, ModelRef, NamedRef, Strict, TrainConfig
+
+
+class CritiqueReviseConfig(Strict):
+    num_revisions: int = Field(1, ge=1, description="Critique→revision rounds per prompt.")
+    few_shot: FileRef | None = Field(
+        None, description="Few-shot file (paper JSON); overrides the constitution's."
+    )
+    num_few_shot: int = Field(1, ge=0, description="How many few-shot transcripts to prepend.")
+    generation: GenerationOverride | None = Field(None, description="Generation overrides for this stage.")
+
+
+class SFTConfig(TrainConfig):
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    merge_lora: bool = Field(True, description="Merge LoRA adapters into the saved model.")
+    include_helpful: bool = Field(
+        True, description="Train on helpful prompts' initial answers too, as the paper does."
+    )
+
+
+class CheckSet(Strict):
+    path: FileRef = Field(description="Human-labelled pairs in HH format (chosen/rejected).")
+    limit: int = Field(64, ge=1, description="Pairs sampled from it.")
+
+
+class HumanMix(Strict):
+    path: FileRef = Field(description="Human preference pairs in HH format, label 1.0 for chosen.")
+    ratio: float = Field(0.5, gt=0.0, description="Human pairs per AI-labelled pair.")
+
+
+class FeedbackConfig(Strict):
+    policy: str = Field(
+        "sft",
+        description="Who samples the responses: 'sft' (the SFT output), 'base' (models.policy) or a model ref.",
+    )
+    responses_per_prompt: int = Field(
+        2, ge=2, description="k responses sampled per prompt; pairs are formed from them."
+    )
+    max_pairs_per_prompt: int = Field(1, ge=1, description="Pairs kept per prompt (of the k·(k-1)/2).")
+    both_orders: bool = Field(
+        True, description="Score both option orders and average (position-bias control)."
+    )
+    num_principles: int = Field(
+        1, ge=1, description="Ensemble over this many sampled principles (probabilities averaged)."
+    )
+    chain_of_thought: bool = Field(
+        False, description="Generate step-by-step reasoning before reading the option probabilities."
+    )
+    cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="Clamp CoT probabilities to this range.")
+    few_shot: FileRef | None = Field(
+        None, description="Few-shot feedback file (paper JSON); overrides the constitution's."
+    )
+    num_few_shot: int = Field(0, ge=0, description="How many few-shot examples to prepend.")
+    score_batch_size: int = Field(8, ge=1, description="Batch size of the option-scoring forward passes.")
+    check_set: CheckSet | None = Field(
+        None, description="Measure labeller agreement with humans before labelling."
+    )
+    human_mix: HumanMix | None = Field(None, description="Mix in human preference pairs.")
+    generation: GenerationOverride | None = Field(
+        None, description="Generation overrides for response sampling."
+    )
+
+
+class PreferenceModelConfig(TrainConfig):
+    spec: NamedRef | None = Field(
+        None,
+        description="A preference-model spec (a name in cai/pm/specs, or a YAML file): a partial preference_model block whose keys this block's own keys override.",
+    )
+    backbone: ModelRef | None = Field(
+        None,
+        description="Backbone of the preference model; default: models.reward_backbone, then models.policy.",
+    )
+    human_data: HumanMix | None = Field(
+        None, description="Human preference pairs mixed into the PM's training pairs (HH format)."
+    )
+    loss: Literal["soft", "bradley_terry"] = Field(
+        "soft", description="Soft-label cross-entropy (paper) or Bradley–Terry on hard labels."
+    )
+    center_coef: float = Field(0.0, ge=0.0, description="Weight of the reward-centring term (r_a + r_b)^2.")
+    head: Literal["classifier", "value_head"] = Field(
+        "classifier", description="Scalar head: sequence classifier or value head on a causal LM."
+    )
+    lm_coef: float = Field(
+        0.0,
+        ge=0.0,
+        description="value_head only: weight of a language-modelling loss on the preferred response, which keeps the PM a language model (Askell et al. 2021).",
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of pairs held out for PM evaluation."
+    )
+    norm_sample: int = Field(
+        64, ge=2, description="Responses scored after training to store the score mean and std."
+    )
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+
+    @field_validator("lm_coef")
+    @classmethod
+    def _lm_coef_needs_value_head(cls, v, info):
+        # with a spec, the head may come from it: checked once merged (cai.config.pm_spec)
+        if v > 0 and info.data.get("head") == "classifier" and not info.data.get("spec"):
+            raise ValueError("an LM loss needs head: value_head (a classifier PM has no LM head)")
+        return v
+
+
+class PPOConfig(Strict):
+    updates: int = Field(8, ge=1, description="PPO updates (one rollout batch each).")
+    rollout_batch_size: int = Field(8, ge=1, description="Prompts per rollout batch (per process).")
+    generation_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Rows per generate call, each seeded by its place in the global batch, so sampling does not depend on the number of processes; default: rollout_batch_size.",
+    )
+    response_length: int = Field(48, ge=1, description="Max new tokens per response.")
+    temperature: float = Field(
+        0.7, gt=0.0, description="Rollout sampling temperature (also applied to the log-probs)."
+    )
+    top_k: int = Field(
+        0,
+        ge=0,
+        description="Rollout top-k; only 0 (off): PPO optimises the plain softmax(logits / temperature) it samples from.",
+    )
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="Rollout nucleus mass; only 1.0 (off), for the same reason as top_k."
+    )
+    ppo_epochs: int = Field(4, ge=1, description="Optimisation epochs over each rollout batch.")
+    num_minibatches: int = Field(1, ge=1, description="Minibatches per epoch.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps per minibatch.")
+    learning_rate: float = Field(1e-5, gt=0, description="Policy learning rate.")
+    critic_learning_rate: float | None = Field(
+        None, gt=0, description="Critic learning rate; default: learning_rate."
+    )
+    warmup_updates: int = Field(0, ge=0, description="Updates of linear LR warm-up.")
+    lr_decay: Literal["linear", "cosine", "constant"] = Field("linear", description="LR decay after warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    clip_range: float = Field(0.2, gt=0, description="Policy ratio clip ε.")
+    clip_range_value: float = Field(0.2, gt=0, description="Value clip range.")
+    vf_coef: float = Field(0.1, ge=0, description="Value loss weight.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount γ.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    kl_coef: float = Field(
+        0.05, ge=0, description="β of the per-token KL penalty (initial value when adaptive)."
+    )
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1",
+        description="Per-token KL estimator in the reward: k1 (log π − log π_ref). k3 is refused: as a per-token reward its policy gradient is not the KL's gradient.",
+    )
+    adaptive_kl: bool = Field(False, description="Adapt β with the Ziegler et al. controller.")
+    target_kl: float = Field(6.0, gt=0, description="Controller target KL (nats per sequence).")
+    kl_horizon: int = Field(10000, ge=1, description="Controller horizon (samples).")
+    reward_clip: float | None = Field(None, gt=0, description="Clip normalised scores to ±this.")
+    whiten_rewards: bool = Field(False, description="Whiten per-token rewards before GAE.")
+    whiten_advantages: bool = Field(True, description="Whiten advantages.")
+    missing_eos_penalty: float | None = Field(
+        None,
+        description="Subtract this from the score of responses without EOS (the PM scores a truncated reply as if "
+        "it were finished).",
+    )
+    stop_string: str | None = Field(None, description="Truncate responses at this string.")
+    critic: Literal["separate", "value_head"] = Field(
+        "separate", description="Separate value model, or a value head on the policy trunk."
+    )
+    critic_warmup_updates: int = Field(0, ge=0, description="Updates that train only the critic.")
+    early_stop_kl: float | None = Field(
+        None, gt=0, description="Stop an update's epochs once approx-KL exceeds this."
+    )
+    lora: LoraConfig | None = Field(
+        None, description="LoRA policy; the reference is the base with adapters disabled."
+    )
+    reward: str = Field(
+        "pm",
+        description="'pm' (the trained preference model) or an import path 'module:function' to fn(prompts, responses, **kwargs) -> list[float] (see cai.rl.rewards).",
+    )
+    save_every: int = Field(1, ge=1, description="Checkpoint every this many updates (for resume).")
+    max_prompt_length: int = Field(
+        512, ge=1, description="Keep at most this many prompt tokens (the last ones)."
+    )
+    logprobs_from_generation: bool | None = Field(
+        None,
+        description="Old log-probs from the sampling logits (no second forward) or from a forward pass like the "
+        "training one; default: the sampling logits in fp32 (exact there), a forward pass in bf16/fp16 (so the "
+        "ratio is 1 before the first step).",
+    )
+    first_step_tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="Largest approx-KL between old and new log-probs allowed before the first step of an update "
+        "before a warning; default 1e-6 in fp32, 1e-3 in bf16/fp16.",
+    )
+
+    @field_validator("top_k", "top_p")
+    @classmethod
+    def _plain_softmax(cls, v, info):
+        if (info.field_name == "top_k" and v != 0) or (info.field_name == "top_p" and v != 1.0):
+            raise ValueError(
+                "PPO computes log-probs, ratios and the KL under softmax(logits / temperature); sampling with "
+                f"{info.field_name} would optimise another distribution than the one sampled (use 0 / 1.0)"
+            )
+        return v
+
+    @field_validator("kl_estimator")
+    @classmethod
+    def _k1_reward(cls, v):
+        if v == "k3":
+            raise ValueError(
+                "k3 as a per-token reward gives a policy gradient that is not the KL's gradient; use k1 "
+                "(the metrics log the non-negative k3 estimate as objective/kl_k3)"
+            )
+        return v
+
+
+class ReportConfig(Strict):
+    suites: list[NamedRef] = Field(
+        ["pairs", "ai-risk"],
+        description="PM evaluation suites (names in cai/eval/suites, or suite or data files).",
+    )
+    eval_limit: int = Field(64, ge=1, description="Items per evaluation suite.")
+    win_rate_prompts: int = Field(
+        16, ge=0, description="Held-out prompts for the harmlessness win rate (0 disables)."
+    )
+    examples: int = Field(3, ge=0, description="Example responses shown side by side.")
+    batch_size: int = Field(
+        8, ge=1, description="Sequences per scoring forward pass (PM evaluation, the judge)."
+    )

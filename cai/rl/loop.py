@@ -1,0 +1,206 @@
+"""What every on-policy trainer of a language model shares, whatever its algorithm: the accelerator and precision
+policy, the prompts, sampling with the policy's current weights, scoring the samples, stopping every process
+together on a non-finite value, the first-step check, the update loop with its metrics and progress, and
+checkpoints (cai.rl.checkpoint). A subclass (cai.rl.trainer.PPOTrainer) adds its models, `rollout(update)` and
+`train_on(batch, update)`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from cai.errors import UserError
+from cai.rl import checkpoint as ckpt
+from cai.rl import engine
+from cai.rl import ppo_math as pm
+from cai.rl.rollout import sample, seed_of
+from cai.runtime import distributed as dist
+from cai.runtime.generate import HFBackend
+from cai.runtime.precision import Precision
+from cai.runtime.rundir import append_jsonl, read_jsonl
+
+
+class OnPolicyTrainer:
+    """The shared part of an on-policy trainer; `cfg` is a block with the rollout settings of cai.config.blocks
+    (PPOConfig), `reward(prompts, responses, **kw) -> (raw [B], reward [B])` (cai.rl.rewards)."""
+
+    name = "ppo"
+
+    def __init__(
+        self,
+        cfg,
+        *,
+        tokenizer,
+        reward,
+        prompts: list[dict],
+        out_dir,
+        accelerator=None,
+        seed: int = 0,
+        metrics=None,
+        show_progress: bool = True,
+        precision: Precision | None = None,
+        run_token: str | None = None,
+    ):
+        from accelerate import Accelerator
+
+        self.cfg, self.tok, self.reward, self.seed = cfg, tokenizer, reward, seed
+        self.out_dir = Path(out_dir)
+        self.precision = precision or Precision(compute="float32")
+        self.acc = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=self.precision.mixed
+        )
+        self.show_progress, self.metrics, self.run_token = show_progress, metrics, run_token
+        # old log-probs: from the sampling logits where that is exact (fp32), else from a training-like forward
+        lfg = cfg.logprobs_from_generation
+        self.logprobs_from_generation = self.precision.compute == "float32" if lfg is None else lfg
+        tol = cfg.first_step_tolerance
+        self.first_step_tolerance = tol or (1e-6 if self.precision.compute == "float32" else 1e-3)
+        if cfg.rollout_batch_size < cfg.num_minibatches * cfg.grad_accum:
+            raise UserError(f"{self.name}.rollout_batch_size: must be at least num_minibatches × grad_accum")
+        self.prompt_ids = [self._encode(row["messages"]) for row in prompts]
+        self.prompt_msgs = [row["messages"] for row in prompts]
+        if not self.prompt_ids:
+            raise UserError(f"{self.name}: no training prompts")
+        self.step = 0
+        self.ckpt_dir = self.out_dir / "checkpoints"
+
+    # ---- helpers ----
+    def _encode(self, messages) -> list[int]:
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return ids[-self.cfg.max_prompt_length :]
+
+    def _mean(self, x) -> float:
+        """Mean of a scalar over processes."""
+        t = torch.as_tensor(float(x), dtype=torch.float64, device=self.acc.device)
+        return float(dist.all_reduce_mean(t))
+
+    def _check_finite(self, value, what: str, update: int) -> None:
+        """Stop every process together when `value` is not finite on any of them: each saves its part of a
+        checkpoint of the state that diverged, and all raise the same one-line error (a process that stopped
+        alone would leave the others waiting in their next collective)."""
+        bad = torch.tensor(0.0 if bool(torch.isfinite(value).all()) else 1.0, device=self.acc.device)
+        if float(dist.all_reduce_sum(bad)) == 0:
+            return
+        path = self.save(update, name=f"diverged-step-{update:06d}")
+        raise UserError(
+            f"{self.name}: non-finite {what} at update {update + 1} on {int(float(dist.all_reduce_sum(bad)))} of "
+            f"{dist.world_size()} process(es); every process stopped (state saved to {path}). "
+            "Lower ppo.learning_rate, set ppo.reward_clip, or check the reward."
+        )
+
+    def _generate(self, idx: list[int], update: int):
+        """Sample responses to the prompts `idx` with the policy's current weights (cai.rl.rollout.sample)."""
+        with engine.unwrapped_for_generation(self.model, self.acc) as unwrapped:
+            return sample(
+                HFBackend(unwrapped.policy.lm, self.tok),
+                [self.prompt_ids[i] for i in idx],
+                self.cfg,
+                lambda k, n: seed_of(self.seed, "sample", update, dist.rank() * n + k),
+                with_logits=self.logprobs_from_generation,
+                autocast=self.precision.autocast(self.acc.device),
+                device=self.acc.device,
+            )
+
+    def _score(self, idx: list[int], texts, finished, resp, mask, update: int):
+        """(raw score, the reward PPO uses: the score normalised, with the missing-EOS penalty and clipping)."""
+        cfg, dev = self.cfg, self.acc.device
+        raw, score = self.reward(
+            [self.prompt_msgs[i] for i in idx],
+            texts,
+            finished=finished.tolist(),
+            tokenizer=self.tok,
+            response_ids=[resp[j, : int(mask[j].sum())].tolist() for j in range(len(idx))],
+        )
+        raw, score = raw.to(dev).float(), score.to(dev).float()
+        self._check_finite(torch.stack([raw, score]), "reward", update)
+        self._log_samples(update, idx, texts, raw)
+        if cfg.missing_eos_penalty is not None:
+            score = score - cfg.missing_eos_penalty * (~finished.to(dev)).float()
+        if cfg.reward_clip is not None:
+            score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
+        return raw, score
+
+    def _log_samples(self, update: int, idx: list[int], texts: list[str], raw) -> None:
+        """samples.jsonl: every sampled response of the update with its prompt index and raw score, from every
+        process (what the report scores with other judges, and what a reader looks at to see what was learned).
+        Rows of an update are kept only once, so a resumed update rewrites its own."""
+        rows = [
+            {"update": update + 1, "prompt": i, "response": t, "score": float(s)}
+            for i, t, s in zip(idx, texts, raw.tolist())
+        ]
+        gathered = [r for part in dist.gather_objects(rows) for r in part]
+        if self.acc.is_main_process:
+            path = self.out_dir / "samples.jsonl"
+            kept = [r for r in read_jsonl(path) if r.get("update", 0) <= update]
+            if len(kept) != len(read_jsonl(path)):  # a resumed update: drop what the killed run logged of it
+                path.unlink()
+                append_jsonl(path, kept)
+            append_jsonl(path, gathered)
+
+    def _first_step(self, st: dict, update: int) -> dict:
+        """Before an update's first step the policy is the one that sampled: ratio 1, approx-KL 0, up to the
+        dtype's rounding. Logged every update; a warning names the likely cause when it is exceeded."""
+        kl, dev = self._mean(st["approx_kl"]), float(dist.all_reduce_max(st["ratio_dev"].detach().float()))
+        warning = pm.first_step_warning(kl, dev, self.first_step_tolerance, self.logprobs_from_generation)
+        if warning and self.acc.is_main_process:
+            print(
+                f"[{self.name}] warning: update {update + 1} ({self.precision.compute}): {warning}",
+                flush=True,
+            )
+        return {"policy/first_step_approx_kl": kl, "policy/first_step_ratio_dev": dev}
+
+    # ---- the loop ----
+    def train(self, until: int | None = None) -> list[dict]:
+        """Run updates from the current step up to `until` (default: cfg.updates); returns their metrics."""
+        from tqdm.auto import tqdm
+
+        end = min(until or self.cfg.updates, self.cfg.updates)
+        history = []
+        bar = tqdm(
+            total=self.cfg.updates,
+            initial=self.step,
+            desc="ppo",
+            unit="update",
+            dynamic_ncols=True,
+            disable=not (self.show_progress and self.acc.is_main_process),
+        )
+        while self.step < end:
+            u = self.step
+            t0 = time.perf_counter()
+            batch = self.rollout(u)
+            t1 = time.perf_counter()
+            train_stats = self.train_on(batch, u)
+            row = {**{k: v for k, v in batch.stats.items() if not k.startswith("_")}, **train_stats}
+            row["policy/approx_kl"] = row.get("policy/approx_kl", 0.0)
+            row["policy/clipfrac"] = row.get("policy/clipfrac", 0.0)
+            row["loss/policy"] = row.get("loss/policy", 0.0)
+            row["time/train"] = time.perf_counter() - t1
+            row["time/update"] = time.perf_counter() - t0
+            row["tokens_per_s"] = batch.stats["_tokens"] / row["time/update"]
+            self.step = u + 1
+            if self.metrics is not None and self.acc.is_main_process:
+                self.metrics.log(row, step=self.step)
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(
+                score=f"{row['objective/score']:.3f}",
+                kl=f"{row['objective/kl']:.3f}",
+                tok_s=f"{row['tokens_per_s']:.1f}",
+            )
+            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.updates:
+                self.save(self.step)
+        bar.close()
+        return history
+
+    # ---- checkpoints ----
+    def save(self, step: int, name: str | None = None) -> Path:
+        """Checkpoint everything an exact resume needs (cai.rl.checkpoint)."""
+        return ckpt.save_trainer(self, step, name)
+
+    def save_policy(self, path, fresh_policy=None) -> Path:
+        """The trained policy as a Hugging Face folder (cai.rl.checkpoint.save_policy)."""
+        return ckpt.save_policy(self, path, fresh_policy)

@@ -1,0 +1,241 @@
+"""The precision policy at the settings GPU users run, proved on the CPU with the tiny model in bf16: every
+training stage learns (fp32 master weights), heads and scores stay fp32, the first step of a PPO update starts
+at ratio 1, rollouts come from the recipe's sampling settings alone, and a checkpoint another run wrote is
+refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_ppo import lowercase_fraction
+from test_preference_model import feedback_fixture, synthetic_pairs
+from test_sft import cr_dir, mean_loglik, run_sft  # noqa: F401  (cr_dir: a fixture)
+
+from cai.config.blocks import PPOConfig
+from cai.config.fields import LoraConfig
+from cai.errors import UserError
+from cai.rl import checkpoint
+from cai.rl.modules import PolicyModel, ValueModel
+from cai.rl.rewards import FunctionReward
+from cai.rl.trainer import PPOTrainer
+from cai.runtime.models import load_model, load_tokenizer, wrap_lora
+from cai.runtime.precision import Precision, fp32_head
+from cai.runtime.rundir import MetricsLog, read_jsonl, read_manifest
+from cai.runtime.settings import Settings
+
+PROMPTS = [{"messages": [{"role": "user", "content": f"Write something, please ({i})."}]} for i in range(8)]
+BF16 = Settings(dtype="bfloat16")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed-precision mode cannot change: these tests switch
+    between fp32 and bf16 in one process (a run does not: one recipe, one dtype)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def saved_dtypes(folder) -> set:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {f.get_tensor(k).dtype for k in f.keys()}
+
+
+def test_policy_and_fp32_heads():
+    p = Precision.of(BF16, "cpu")
+    assert (p.compute, p.master, p.frozen, p.heads, p.save, p.mixed) == (
+        "bfloat16",
+        "float32",
+        "bfloat16",
+        "float32",
+        "float32",
+        "bf16",
+    )
+    assert (
+        Precision.of(Settings(), "cpu").mixed == "no"
+        and Precision.of(Settings(), "cuda:0").compute == "bfloat16"
+    )
+    # a head on a bf16 trunk under autocast: fp32 weights, fp32 maths, an unquantised score
+    head = torch.nn.Linear(64, 1).to(torch.bfloat16)
+    fp32_head(head)
+    h = torch.randn(3, 64).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(h)
+    assert out.dtype == torch.float32 and head.weight.dtype == torch.float32
+    assert torch.allclose(out, h.float() @ head.weight.T + head.bias, atol=1e-6)
+
+
+def test_sft_learns_in_bf16_and_saves_fp32_master_weights(tiny, cr_dir, tmp_path):  # noqa: F811
+    base, tok = tiny
+    ctx = run_sft(cr_dir, tmp_path / "sft", "dtype=bfloat16")
+    revisions = [r for r in read_jsonl(cr_dir / "data.jsonl") if r["kind"] == "red_team"]
+    trained = load_model(str(tmp_path / "sft" / "model"))
+    assert mean_loglik(trained, tok, revisions) > mean_loglik(base, tok, revisions) + 0.05
+    assert saved_dtypes(tmp_path / "sft" / "model") == {torch.float32}
+    assert ctx.summary["precision"]["compute"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "head,lora", [("classifier", False), ("classifier", True), ("value_head", False), ("value_head", True)]
+)
+def test_pm_learns_in_bf16(tiny_recipe, tmp_path, head, lora):
+    """bf16 compute (autocast) on fp32 master weights: the PM learns a learnable preference, for both heads,
+    full and LoRA; the saved weights are the fp32 masters; the manifest records the policy."""
+    from cai import pipeline
+
+    sets = [
+        "dtype=bfloat16",
+        "stages=[feedback,preference_model]",
+        f"preference_model.head={head}",
+        "preference_model.max_steps=16",
+        "preference_model.batch_size=8",
+        f"preference_model.learning_rate={1e-2 if lora else 3e-3}",
+        "preference_model.eval_fraction=0.25",
+        "preference_model.save_steps=50",
+    ]
+    if lora:
+        sets.append("preference_model.lora={r: 8, alpha: 16}")
+    run = tmp_path / "run"
+    feedback_fixture(run, synthetic_pairs(96))
+    pipeline.run(tiny_recipe(*sets), only=["preference_model"], quiet=True)
+    out = run / "preference_model"
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["held_out"]["accuracy"] >= 0.85 > ev["held_out_before"]["accuracy"], ev
+    assert saved_dtypes(out / "model") == {torch.float32}
+    assert read_manifest(out)["summary"]["precision"]["compute"] == "bfloat16"
+
+
+def ppo_trainer(tmp_path, *, lora: bool, value_head: bool, dtype: str = "bfloat16", lm_dir=None, **over):
+    """One tiny PPO trainer as the ppo stage builds it: fp32 master policy (and critic), reference in `dtype`."""
+    from accelerate import Accelerator
+
+    settings = Settings(dtype=dtype)
+    precision = Precision.of(settings, "cpu")
+    ref_dir = lm_dir or "tiny-random-llama"
+    cfg = PPOConfig(
+        updates=1,
+        rollout_batch_size=8,
+        response_length=8,
+        ppo_epochs=1,
+        learning_rate=1e-5,
+        temperature=1.0,
+        lora=LoraConfig(r=8, alpha=16) if lora else None,
+        critic="value_head" if value_head else "separate",
+        **over,
+    )
+    torch.manual_seed(0)
+    lm = load_model(ref_dir, precision.trainable(settings))
+    ref = None if lora else load_model(ref_dir, settings)
+    if lora:
+        lm = wrap_lora(lm, cfg.lora)
+    critic = (
+        None if value_head else ValueModel(load_model(ref_dir, precision.trainable(settings), kind="seq_cls"))
+    )
+    return PPOTrainer(
+        cfg,
+        policy=PolicyModel(lm, value_head=value_head),
+        tokenizer=load_tokenizer(ref_dir),
+        reward=FunctionReward(lowercase_fraction),
+        prompts=PROMPTS,
+        out_dir=tmp_path,
+        critic=critic,
+        ref_model=ref,
+        accelerator=Accelerator(cpu=True, mixed_precision=precision.mixed),
+        seed=0,
+        metrics=MetricsLog(tmp_path / "metrics.jsonl"),
+        show_progress=False,
+        precision=precision,
+        run_token="token-a",
+    )
+
+
+@pytest.mark.parametrize("lora,value_head", [(False, False), (False, True), (True, False), (True, True)])
+def test_ppo_learns_in_bf16_and_starts_each_update_at_ratio_one(tmp_path, lora, value_head):
+    """One update at lr 1e-5 in bf16 changes at least 90% of the trained tensors (AdamW on bf16 weights would
+    leave most of them exactly as they were), the first step starts at ratio 1 within the bf16 tolerance
+    (old log-probs from a training-like forward), and values are fp32."""
+    trainer = ppo_trainer(tmp_path, lora=lora, value_head=value_head)
+    assert trainer.logprobs_from_generation is False
+    trained = {n: p for n, p in trainer.policy.named_parameters() if p.requires_grad and "v_head" not in n}
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    if lora:  # LoRA's B matrices start at 0, so only they move on the first step (A's gradient is B-weighted)
+        trained = {n: p for n, p in trained.items() if "lora_B" in n}
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    (row,) = trainer.train()
+    changed = sum(not torch.equal(before[n], p) for n, p in trained.items())
+    assert changed >= 0.9 * len(trained), f"{changed} of {len(trained)} tensors changed"
+    assert row["policy/first_step_approx_kl"] <= trainer.first_step_tolerance == 1e-3
+    batch = trainer.rollout(1)
+    assert batch.values.dtype == torch.float32
+
+
+def test_first_step_ratio_is_exactly_one_in_fp32(tmp_path):
+    """In fp32 the old log-probs come from the sampling logits, and the training forward reproduces them."""
+    trainer = ppo_trainer(tmp_path, lora=False, value_head=True, dtype="float32")
+    assert trainer.logprobs_from_generation is True
+    (row,) = trainer.train()
+    assert row["policy/first_step_approx_kl"] < 1e-10 and row["policy/first_step_ratio_dev"] < 1e-4
+
+
+def test_first_step_warning_names_the_cause(tmp_path, capsys):
+    """In bf16 the sampling logits (KV cache) are not what the training forward computes: with old log-probs
+    from them the ratio is not 1 before the first step, and the warning names that cause."""
+    trainer = ppo_trainer(tmp_path, lora=False, value_head=True, logprobs_from_generation=True)
+    (row,) = trainer.train()
+    assert row["policy/first_step_approx_kl"] > 0
+    trainer.first_step_tolerance = 1e-30
+    trainer.cfg = trainer.cfg.model_copy(update={"updates": 2})
+    trainer.train()
+    out = capsys.readouterr().out
+    assert "before the first step approx-KL" in out and "logprobs_from_generation: false" in out
+
+
+def test_a_model_generation_config_does_not_change_ppo_rollouts(tmp_path, tiny_dir):
+    """A model folder whose generation_config.json sets a repetition penalty and top-k (as instruct models
+    publish) gives exactly the rollouts of the same weights without it: PPO samples from the distribution it
+    optimises, the recipe's alone."""
+    plain, published = tmp_path / "plain", tmp_path / "published"
+    for d in (plain, published):
+        shutil.copytree(tiny_dir, d)
+    cfg = json.loads((published / "generation_config.json").read_text())
+    cfg.update(repetition_penalty=1.3, top_k=5, do_sample=True)
+    (published / "generation_config.json").write_text(json.dumps(cfg))
+    a = ppo_trainer(tmp_path / "a", lora=False, value_head=True, dtype="float32", lm_dir=str(plain)).rollout(
+        0
+    )
+    b = ppo_trainer(
+        tmp_path / "b", lora=False, value_head=True, dtype="float32", lm_dir=str(published)
+    ).rollout(0)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.logprobs, b.logprobs)
+
+
+def test_ppo_refuses_sampling_settings_it_does_not_model():
+    for key, value in (("top_k", 5), ("top_p", 0.9), ("kl_estimator", "k3")):
+        with pytest.raises(ValueError, match=key):
+            PPOConfig(**{key: value})
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    trainer = ppo_trainer(tmp_path, lora=True, value_head=True, dtype="float32", save_every=1)
+    trainer.train()
+    assert (tmp_path / "checkpoints" / "step-000001" / "state.json").is_file()
+    trainer.run_token = "token-b"  # a run directory whose checkpoint another run wrote
+    with pytest.raises(UserError, match="not written by this run"):
+        checkpoint.resume(trainer)
+    # the HF trainers' checkpoints (SFT, PM) carry the token in a file beside them
+    from cai.runtime.training import TOKEN_FILE, resume_point
+
+    ck = tmp_path / "hf" / "checkpoint-2"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text("{}")
+    (ck / TOKEN_FILE).write_text("token-a\n")
+    assert resume_point(tmp_path / "hf", tmp_path / "m.jsonl", "sft", "token-a") == str(ck)
+    with pytest.raises(UserError, match="not written by this run"):
+        resume_point(tmp_path / "hf", tmp_path / "m.jsonl", "sft", "token-b")
+    assert read_jsonl(tmp_path / "m.jsonl") == []
