@@ -25,7 +25,7 @@ from cai.runtime.models import list_models, load_model, load_tokenizer, prepare
 
 def _cmd_run(a) -> int:
     recipe = load_recipe(a.recipe, a.set)
-    rdir = pipeline.run(recipe, run_dir=a.run_dir, only=a.only, start=a.start, arms=a.arm)
+    rdir = pipeline.run(recipe, run_dir=a.run_dir, only=a.only, start=a.start, force=a.force, arms=a.arm)
     if dist.is_main():
         print(f"[cai] run directory: {rdir}")
     dist.shutdown()  # multi-process: all ranks done, leave the process group cleanly
@@ -77,9 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("recipe", metavar="RECIPE", help="recipe YAML")
     r.add_argument("--run-dir", help="run directory (default runs/<name>)")
     r.add_argument(
-        "--only", action="append", metavar="STAGE", help=f"run only this stage (repeatable): {names}"
+        "--only",
+        action="append",
+        metavar="STAGE",
+        help=f"run only this stage when it is out of date (repeatable): {names}",
     )
-    r.add_argument("--from", dest="start", metavar="STAGE", help=f"rerun from this stage on: {names}")
+    r.add_argument(
+        "--from",
+        dest="start",
+        metavar="STAGE",
+        help=f"run this stage and the later ones that are out of date: {names}",
+    )
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="rerun the selected stages (all, or --only/--from) even when up to date",
+    )
     r.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. ppo.kl_coef=0.1"
     )
