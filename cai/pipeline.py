@@ -26,9 +26,10 @@ from cai.config.layout import (
     shared_cache_dir,
     stage_view,
 )
-from cai.config.load import RECIPE_FILE, field_at, ref_kind
+from cai.config.load import RECIPE_FILE
 from cai.config.recipe import Recipe
 from cai.errors import UserError
+from cai.preflight import preflight
 from cai.runtime import distributed as dist
 from cai.runtime.hashing import hash_outputs
 from cai.runtime.rundir import StageContext, package_versions, read_manifest, write_json
@@ -66,14 +67,14 @@ def run(
     """
     dist.init_from_env()  # under `accelerate launch`/torchrun: join the process group once, before any stage
     rdir = run_dir_of(recipe, str(run_dir) if run_dir else None)
+    selected = set(select_stages(recipe, only, start))
+    forced = selected if force else set()
+    preflight(recipe, [s for s in recipe.stages if s in selected], arms)
     layout = plan(recipe, rdir)
     if arms:
         unknown = [a for a in arms if a not in layout.arms]
         if unknown:
             raise UserError(f"--arm {unknown[0]}: no such arm; arms: {', '.join(layout.arms) or 'none'}")
-    _check_files(layout)
-    selected = set(select_stages(recipe, only, start))
-    forced = selected if force else set()
     if dist.is_main():
         rdir.mkdir(parents=True, exist_ok=True)
         write_json(rdir / RECIPE_FILE, recipe.model_dump(mode="json", exclude_unset=True))
@@ -89,22 +90,6 @@ def run(
             tracker.finish()
     summary.finish()
     return rdir
-
-
-def _check_files(layout: Layout) -> None:
-    """Files named by the top-level keys the stages read (constitutions) must exist, before anything runs."""
-    for unit in layout.units.values():
-        where = f"arm '{unit.arm}': " if unit.arm else ""
-        view = stage_view(unit.recipe, unit.stage)
-        for key in view.keys():
-            info = field_at(key) if key != "settings" else None
-            value = getattr(view, key)
-            if info is None or ref_kind(info) != "file":
-                continue
-            if not value:
-                raise UserError(f"{where}{key}: not set; stage '{unit.stage}' needs a file here")
-            if not Path(value).is_file():
-                raise UserError(f"{where}{key}: file not found: {value}")
 
 
 def _say(msg: str) -> None:

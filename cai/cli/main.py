@@ -19,6 +19,7 @@ from cai.cli.options import validate_each
 from cai.config.load import load_recipe
 from cai.config.recipe import STAGES, Recipe
 from cai.errors import UserError
+from cai.preflight import preflight
 from cai.runtime import distributed as dist
 from cai.runtime.models import list_models, load_model, load_tokenizer, prepare
 
@@ -32,8 +33,15 @@ def _cmd_run(a) -> int:
     return 0
 
 
+def _checked_recipe(path: str) -> Recipe:
+    """A recipe that loads and whose files and models are all there (the preflight of `cai run`)."""
+    recipe = load_recipe(path)
+    preflight(recipe)
+    return recipe
+
+
 def _cmd_recipe_validate(a) -> int:
-    return validate_each(a.files, load_recipe, lambda r: f"{r.name}: {', '.join(r.stages)}")
+    return validate_each(a.files, _checked_recipe, lambda r: f"{r.name}: {', '.join(r.stages)}")
 
 
 def _cmd_recipe_schema(a) -> int:
@@ -104,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc = sub.add_parser("recipe", help="check recipes").add_subparsers(
         dest="sub", required=True, metavar="SUB"
     )
-    v = rc.add_parser("validate", help="validate recipe files; every file given is checked")
+    v = rc.add_parser(
+        "validate",
+        help="check recipe files: the schema, and every file and model they name (as `cai run` does first)",
+    )
     v.add_argument("files", nargs="+", metavar="FILE", help="recipe YAML files")
     v.set_defaults(func=_cmd_recipe_validate)
     rc.add_parser("schema", help="print the recipe JSON Schema").set_defaults(func=_cmd_recipe_schema)
