@@ -458,12 +458,20 @@ def test_effect_flips_attributed_to_added_principle(in_root, tiny, tmp_path, mon
     assert res["pairs"] == 8 and res["pairs_total"] == 8  # the human-mix row is not an AI label
     per = res["per_principle"]["crypto-scams"]
     assert per["change"] == "added" and 0 < per["pairs"] == res["relabelled"] < 8
-    # Every pair that drew the added principle flips (its rule reverses the judge), and only those.
-    assert (
-        per["flips"] == res["flips"] == per["pairs"]
-        and per["flip_rate"] == 1.0
-        and res["unattributed_flips"] == []
-    )
+    # Every pair that drew the added principle flips (its rule reverses the judge), and only those; but fewer
+    # than 10 pairs drew it, so its rate is not measured, and the output says how to measure it.
+    assert per["flips"] == res["flips"] == per["pairs"] and res["unattributed_flips"] == []
+    assert per["flip_rate"] is None and not per["measured"] and not res["measured"]
+    out = capsys.readouterr().out
+    assert f"not measured: {per['pairs']} pair(s) drew it (fewer than 10); rerun with --draw-edited" in out
+    # --draw-edited labels every pair under the added principle: measured, and every pair flips
+    (tmp_path / "ten").mkdir()
+    pairs10 = _pairs_file(tmp_path / "ten", n=10)
+    args = ["constitution", "effect", hs, str(new), "--pairs", str(pairs10), "--model", "tiny-random-llama"]
+    assert cli.main([*args, "--draw-edited", "--out", str(tmp_path / "e2")]) == 0
+    per2 = json.loads((tmp_path / "e2" / "effect.json").read_text())["per_principle"]["crypto-scams"]
+    assert per2["measured"] and per2["pairs"] == 10 and per2["flip_rate"] == 1.0 and per2["ci95"][0] > 0.6
+    assert "flip rate 1.000 (95% CI" in capsys.readouterr().out
     assert (
         res["flip_rate"] == pytest.approx(res["flips"] / 8)
         and res["ci95"][0] < res["flip_rate"] < res["ci95"][1]
@@ -502,6 +510,8 @@ def test_effect_flips_attributed_to_added_principle(in_root, tiny, tmp_path, mon
     )
     assert res0["per_principle"] == {} and "flip rate 0.000" in capsys.readouterr().out
     assert res0["pm"]["agree_old"] == res0["pm"]["agree_new"] and res0["pm"]["agree_old_flipped"] is None
+    # no pair was relabelled: no conclusion about the PM
+    assert res0["pm"]["relabelled"] == 0 and res0["pm"]["verdict"].startswith("Not measured: 0 pair(s)")
     labels0 = [json.loads(x) for x in (tmp_path / "e0" / "labels.jsonl").read_text().splitlines()]
     assert all(r["p_old"] == r["p_new"] is not None for r in labels0)
     assert "Preference model agreement" in (tmp_path / "e0" / "effect.md").read_text()
@@ -518,6 +528,29 @@ def test_pm_agreement_counts():
         0.0,
         1.0,
     )
+
+
+def test_a_flip_crosses_half_by_more_than_the_margin():
+    from cai.constitution.effect import flipped
+
+    assert not flipped(0.499, 0.503)  # noise around 0.5 is not a change of preference
+    assert flipped(0.3, 0.7) and flipped(0.56, 0.44) and not flipped(0.56, 0.46)
+    assert flipped(0.499, 0.503, margin=0.0)
+
+
+def test_draw_edited_forces_the_edited_principle_into_coupled_draws(root, tmp_path):
+    from cai.constitution.effect import plan
+
+    old = load_constitution(root / "constitutions/harmless-specific.yaml")
+    new = load_constitution(_added(root, tmp_path, weight=1.0))
+    pairs = [{"id": f"p{i}", "messages": [], "response_a": "", "response_b": ""} for i in range(40)]
+    steps = plan(pairs, old, new, seed=0, k=2, draw_edited=True)
+    assert len(steps) == 40 and all(s["touched"] == ["crypto-scams"] for s in steps)
+    for s in steps:  # NEW = the added principle in the last slot of OLD's draw: the edit alone differs
+        assert s["new"][0].id == "crypto-scams" and [p.id for p in s["new"][1:]] == [
+            p.id for p in s["old"][:1]
+        ]
+    assert sum(s["new"][0].id == "crypto-scams" for s in plan(pairs, old, new, seed=0)) < 10
 
 
 def test_effect_pairs_errors_name_the_line(tmp_path):
