@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
 from pathlib import Path
 
 from cai.cli.main import main
-from cai.runtime.rundir import read_manifest
+from cai.runtime.rundir import read_jsonl, read_manifest
 
 SECTIONS = [
     "## Stages",
@@ -61,6 +62,16 @@ def test_report_of_a_tiny_run_has_every_section(tiny_run):
     assert fit["n"] >= 2 and set(fit) >= {"a", "b", "r2"}
     m = read_manifest(rep)
     assert m["status"] == "complete" and "win_rate" in m["summary"]
+
+
+def test_ppo_logs_a_non_negative_kl_for_the_fit_and_the_report_says_which(tiny_run):
+    rows = read_jsonl(tiny_run / "ppo" / "metrics.jsonl")
+    assert rows and all("objective/kl" in r for r in rows)  # the reward's own estimator, as before
+    for r in rows:
+        assert r["objective/kl_k3"] >= 0 and r["objective/sqrt_kl"] == math.sqrt(r["objective/kl_k3"])
+    md = (tiny_run / "report" / "report.md").read_text()
+    assert "`objective/kl_k3`, the k3 estimate (never negative)" in md
+    assert "the reward's KL penalty used the k1 estimator (`objective/kl`)" in md
 
 
 def test_cai_report_rebuilds_a_run_and_rejects_a_non_run(tiny_run, tmp_path, capsys):
@@ -152,7 +163,9 @@ def test_a_missing_arm_constitution_is_a_user_error_before_anything_runs(tmp_pat
     finally:
         os.chdir(old)
     err = capsys.readouterr().err
-    assert err.startswith("error: arm 'x': feedback_constitution: file not found: nope.yaml")
+    assert err.startswith(
+        f"error: --set {bad}: arm 'x': key 'feedback_constitution': file not found: nope.yaml"
+    )
     assert not (tmp_path / "r" / "critique_revise").exists()
 
 

@@ -72,8 +72,10 @@ def _cmd_kl_reward(a) -> int:
             sign = "-" if s["b"] < 0 else "+"
             print(
                 f"{s['label']}: score = {s['a']:.4g} {sign} {abs(s['b']):.4g}·sqrt(KL)  R²={s['r2']:.3f}  "
-                f"n={s['n']}  max KL={s['kl_max']:.3g}"
+                f"n={s['n']}  max KL={s['kl_max']:.3g}  (KL: {s['kl_key']}, {s['kl']})"
             )
+        if s["note"]:
+            print(f"note: {s['label']}: {s['note']}", file=sys.stderr)
         if s["warning"]:
             print(f"warning: {s['label']}: {s['warning']}", file=sys.stderr)
     print(f"wrote {result['png']} and {Path(out) / 'kl_reward.json'}")

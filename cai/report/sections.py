@@ -13,13 +13,14 @@ from cai.feedback.labeller import check_warning
 from cai.markdown import clean, table, with_ci
 from cai.plots import curves_png, plot_kl_reward
 from cai.report.compute import generate, label_agreement, metric_series, pm_evaluations, win_rates
-from cai.report.klfit import analyze_logs
+from cai.report.klfit import KL_NAMES, analyze_logs
 from cai.runtime.hashing import hash_json
 from cai.runtime.rundir import read_jsonl, read_manifest
 
 PPO_PANELS = [
     ("objective/score", "PM score (reward)"),
-    ("objective/kl", "KL(π‖π_ref)"),
+    ("objective/kl_k3", "KL(π‖π_ref), k3 estimate (≥ 0)"),
+    ("objective/kl", "KL(π‖π_ref), the reward's estimator"),
     ("objective/entropy", "entropy"),
     ("policy/clipfrac", "clip fraction"),
 ]
@@ -182,8 +183,12 @@ def ppo_section(rep) -> list[str]:
     data["kl_fit"] = {s["label"]: s["fit"] for s in series if s.get("fit")}
     md.append("### Reward against sqrt(KL)\n")
     md.append(
-        "Fit of the PM score = a + b·sqrt(KL) over the PPO updates (Bai et al. 2022 found it roughly linear).\n"
+        "Fit of the PM score = a + b·sqrt(KL) over the PPO updates (Bai et al. 2022 found it roughly linear). "
+        f"KL per sequence: {_kl_used(series, logs)}.\n"
     )
+    for s in series:
+        if s.get("note"):
+            md.append(f"> **Note ({s['label']}):** {s['note']}.\n")
     fitted = [s for s in series if s.get("fit")]
     if fitted:
         fits = [s["fit"] for s in fitted]
@@ -207,6 +212,16 @@ def ppo_section(rep) -> list[str]:
         if s.get("warning"):
             md.append(f"> **Warning ({s['label']}):** {s['warning']}.\n")
     return md
+
+
+def _kl_used(series: list[dict], logs: dict) -> str:
+    """Which KL column the fit used, and which estimator the reward's penalty used (from the PPO manifest)."""
+    fitted = sorted({f"`{s['kl_key']}`, the {KL_NAMES[s['kl_key']]}" for s in series})
+    est = {
+        str(((read_manifest(p.parent) or {}).get("config") or {}).get("ppo", {}).get("kl_estimator"))
+        for p in logs.values()
+    }
+    return f"{'; '.join(fitted)}; the reward's KL penalty used the {', '.join(sorted(est))} estimator (`objective/kl`)"
 
 
 def generations_section(rep) -> list[str]:
