@@ -31,8 +31,15 @@ from cai.config.recipe import Recipe
 from cai.errors import UserError
 from cai.preflight import preflight
 from cai.runtime import distributed as dist
-from cai.runtime.hashing import hash_outputs
-from cai.runtime.rundir import StageContext, package_versions, read_manifest, write_json
+from cai.runtime.hashing import hash_outputs, sha256_file
+from cai.runtime.rundir import (
+    StageContext,
+    code_version,
+    package_versions,
+    read_manifest,
+    update_run_info,
+    write_json,
+)
 from cai.runtime.runlog import StageTracker, Summary, make_tracker
 from cai.stages import critique_revise, feedback, ppo, preference_model, report, sft
 
@@ -78,6 +85,7 @@ def run(
     if dist.is_main():
         rdir.mkdir(parents=True, exist_ok=True)
         write_json(rdir / RECIPE_FILE, recipe.model_dump(mode="json", exclude_unset=True))
+        update_run_info(rdir, run_info(recipe, layout))
     dist.barrier()
     tracker = make_tracker(recipe, rdir)
     summary = Summary(layout, quiet=quiet)
@@ -90,6 +98,32 @@ def run(
             tracker.finish()
     summary.finish()
     return rdir
+
+
+def run_info(recipe: Recipe, layout: Layout) -> dict:
+    """What this `cai run` runs with, for RUN/run.json (the report shows it): the recipe file and its hash, the
+    `--set` items, the constitutions (of every arm) and their hashes, the seed, cai's version and commit, and
+    the package versions."""
+    src = recipe.source
+    constitutions: dict[str, str] = {}
+    for r in [recipe, *layout.arms.values()]:
+        for path in (r.constitution, r.feedback_constitution):
+            if path and Path(path).is_file():
+                constitutions.setdefault(str(Path(path).resolve()), sha256_file(path))
+    return {
+        "recipe": {
+            "file": str(src.path.resolve()),
+            "sha256": sha256_file(src.path),
+            "set": list(src.overrides.values()),
+        }
+        if src is not None and Path(src.path).is_file()
+        else None,
+        "constitutions": constitutions,
+        "seed": recipe.seed,
+        "cai": code_version(),
+        "packages": package_versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def _say(msg: str) -> None:

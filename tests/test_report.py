@@ -74,6 +74,32 @@ def test_ppo_logs_a_non_negative_kl_for_the_fit_and_the_report_says_which(tiny_r
     assert "the reward's KL penalty used the k1 estimator (`objective/kl`)" in md
 
 
+def test_the_report_says_what_ran_and_flags_small_samples_and_an_unchecked_judge(tiny_run, root):
+    from cai.runtime.hashing import sha256_file
+    from cai.runtime.rundir import read_run_info, update_run_info
+
+    md = (tiny_run / "report" / "report.md").read_text()
+    what = md[md.index("## What ran") : md.index("## Stages")]
+    assert sha256_file(root / "recipes/tiny.yaml")[:16] in what and "recipes/tiny.yaml" in what
+    assert sha256_file(root / "constitutions/harmless-specific.yaml")[:16] in what
+    assert "| seed | 0 |" in what and "| cai | 0.1" in what and "torch " in what and "transformers " in what
+    assert "--set feedback.check_set=" in what
+    # n beside every proportion, marked when small; the held-out PM accuracy is a proportion too
+    assert re.search(
+        r"held-out pair accuracy \(AI labels\) \[95% CI\] \| [01]\.\d+ \[[0-9.]+, [0-9.]+\] \(n = \d+, small\)",
+        md,
+    )
+    assert "(n = 4, small)" in md and "only 4 held-out prompts (fewer than 30)" in md
+    check = json.loads((tiny_run / "feedback" / "check.json").read_text())
+    if not check["above_chance"]:  # the judge is the feedback model, and it failed its check
+        assert "**Caveat (†):** the judge `tiny-random-llama` failed its labeller check" in md
+        assert md.count("(n = 4, small) †") == 2
+    # run.json is a dict others extend: a key another writer put there survives the next update
+    update_run_info(tiny_run, {"run_token": "abc"})
+    update_run_info(tiny_run, {"seed": 0})
+    assert read_run_info(tiny_run)["run_token"] == "abc" and read_run_info(tiny_run)["recipe"]["sha256"]
+
+
 def test_cai_report_rebuilds_a_run_and_rejects_a_non_run(tiny_run, tmp_path, capsys):
     before = (tiny_run / "report" / "report.md").read_text()
     assert main(["report", str(tiny_run)]) == 0

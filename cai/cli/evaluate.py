@@ -15,6 +15,7 @@ from cai.eval.measure import evaluate_feedback, evaluate_pm
 from cai.eval.suites import SUITE_DIR
 from cai.report.build import RunIndex, build
 from cai.report.klfit import kl_reward
+from cai.stats import small_n_note
 
 DEFAULT_OUT = "runs/eval"
 
@@ -31,7 +32,10 @@ def _print(result: dict) -> None:
         line += f", mean order gap {result['mean_order_gap']:.3f}"
     print(line)
     for tag, row in result["per_tag"].items():
-        print(f"  {tag}: {row['accuracy']:.3f} (n={row['n']})")
+        tlo, thi = row["ci95"]
+        print(f"  {tag}: {row['accuracy']:.3f} (95% CI {tlo:.3f}-{thi:.3f}, n={row['n']})")
+    if small_n_note(result["n"]):
+        print(f"warning: {small_n_note(result['n'])}", file=sys.stderr)
     if "files" in result:
         print(f"wrote {result['files']['json']}, {result['files']['markdown']}, {result['files']['png']}")
 

@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 from cai import pipeline
 from cai.cli import constitution, evaluate
@@ -22,6 +21,7 @@ from cai.errors import UserError
 from cai.preflight import preflight
 from cai.runtime import distributed as dist
 from cai.runtime.models import list_models, load_model, load_tokenizer, prepare
+from cai.runtime.rundir import code_version
 
 
 def _cmd_run(a) -> int:
@@ -67,15 +67,27 @@ def _cmd_models_prepare(a) -> int:
 
 
 def cai_version() -> str:
-    try:
-        return version("cai")
-    except PackageNotFoundError:  # a source tree that was never installed
-        return "unknown"
+    """'0.1.0', with the commit when cai runs from a git checkout ('0.1.0 (commit 1a2b3c4d, modified)')."""
+    v = code_version()
+    if not v["commit"]:
+        return v["version"]
+    return f"{v['version']} (commit {v['commit'][:8]}{', modified' if v['modified'] else ''})"
+
+
+class _Version(argparse.Action):
+    """--version, worked out only when asked (it may run git)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"cai {cai_version()}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cai", description="Constitutional AI and RLHF training from recipes.")
-    p.add_argument("--version", action="version", version=f"cai {cai_version()}")
+    p.add_argument("--version", action=_Version, help="print cai's version (and commit) and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     names = ", ".join(STAGES)
 
