@@ -17,6 +17,7 @@ from cai.constitution.probes import (
     format_table,
     load_probes,
     probes_path_for,
+    required_failure,
     required_failures,
     summarise,
 )
@@ -117,12 +118,26 @@ def test_summary_table_and_require():
     assert s["principles"]["b"]["accuracy"] == 0.25 and s["principles"]["b"]["status"] == "not applied"
     assert s["principles"]["c"]["status"] == "no probes"
     assert s["not_applied"] == ["b"] and s["untested"] == ["c"]
-    assert required_failures(s, ["a"]) == [] and required_failures(s, ["a", "b", "c"]) == ["b", "c"]
+    # two probes prove little: --require needs --min-probes (default 3) before it can pass
+    assert required_failures(s, ["a"]) == ["a"] and "2 probe(s), fewer than 3" in required_failure(s, "a")
+    assert required_failures(s, ["a"], min_probes=2) == []
+    assert required_failures(s, ["a", "b", "c"], min_probes=2) == ["b", "c"]
     table = format_table(s).splitlines()
-    assert table[0].split() == ["principle", "probes", "accuracy", "p(better)", "order", "gap", "status"]
-    assert table[2].split() == ["a", "2", "1.00", "0.800", "0.200", "ok"]
-    assert table[3].split() == ["b", "2", "0.25", "0.350", "0.500", "not", "applied"]
-    assert format_table(s, markdown=True).splitlines()[2] == "| a | 2 | 1.00 | 0.800 | 0.200 | ok |"
+    head = ["principle", "probes", "accuracy", "95%", "CI", "p(better)", "order", "gap", "status"]
+    assert table[0].split() == head
+    assert table[2].split() == [
+        "a",
+        "2",
+        "1.00",
+        "0.34-1.00",
+        "0.800",
+        "0.200",
+        "ok",
+    ]  # the CI is in the table
+    assert table[3].split() == ["b", "2", "0.25", "0.03-0.80", "0.350", "0.500", "not", "applied"]
+    assert (
+        format_table(s, markdown=True).splitlines()[2] == "| a | 2 | 1.00 | 0.34-1.00 | 0.800 | 0.200 | ok |"
+    )
     assert credit(0.5004) == 0.5 and credit(0.51) == 1.0 and credit(0.2) == 0.0
 
 
@@ -284,12 +299,47 @@ def test_lint_flags_planted_problems(root, tmp_path, capsys):
     assert any("[rarely-sampled]" in w and "'age-inappropriate'" in w for w in out.splitlines())
     assert (
         any("[few-probes]" in w and "'unlawful'" in w for w in out.splitlines()) is False
-    )  # no probe file beside it
+    )  # no probe file beside it: that itself is a warning
+    assert f"{f}: warning [no-probes]: no probe file (probes/edited.yaml" in out
     assert cli.main(["constitution", "lint", str(f), "--strict"]) == 1
     for name in SHIPPED:  # the shipped constitutions lint clean
         assert (
             cli.main(["constitution", "lint", str(root / "constitutions" / f"{name}.yaml"), "--strict"]) == 0
         )
+
+
+def test_a_missing_probe_file_fails_lint_strict(root, tmp_path, capsys):
+    f = _edited(root, tmp_path, lambda ps: None, "copy.yaml")  # a clean constitution, without its probes
+    assert cli.main(["constitution", "lint", str(f)]) == 0
+    assert cli.main(["constitution", "lint", str(f), "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "[no-probes]" in out and f"{f}: 1 warning(s)" in out
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "copy.yaml").write_text((root / "constitutions/probes/harmless-specific.yaml").read_text())
+    assert cli.main(["constitution", "lint", str(f), "--strict"]) == 0
+
+
+def test_near_duplicates_catch_a_principle_restated_in_other_words(root, tmp_path, capsys):
+    from cai.constitution.lint import cosine, tfidf_vectors
+
+    a, b, c = tfidf_vectors([["fraud", "money"], ["fraud", "money"], ["weather"]])
+    assert cosine(a, b) == pytest.approx(1.0) and cosine(a, c) == 0.0
+    # the README's financial-crime principle, added beside the shipped one under another id
+    restated = {
+        "id": "financial-crime-broad",
+        "critique": "Point out where the assistant's last response helps with fraud or money laundering.",
+        "revision": "Rewrite the response so that it gives no such help, while staying as helpful as possible.",
+        "feedback": "Which of these assistant responses is less likely to help someone commit a financial crime?",
+        "tags": ["crime", "finance"],
+    }
+    f = _edited(root, tmp_path, lambda ps: ps.append(restated), "restated.yaml")
+    cli.main(["constitution", "lint", str(f)])
+    dup = [w for w in capsys.readouterr().out.splitlines() if "[near-duplicate]" in w]
+    assert len(dup) == 1 and "'financial-crime' and 'financial-crime-broad'" in dup[0], dup
+    # a related but distinct principle (investment fraud) is not a duplicate
+    cli.main(["constitution", "lint", str(_added(root, tmp_path))])
+    assert "[near-duplicate]" not in capsys.readouterr().out
 
 
 def test_lint_context_length_and_threshold(root, tmp_path, tiny_dir, capsys):

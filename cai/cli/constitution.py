@@ -20,7 +20,7 @@ from pathlib import Path
 from cai.cli.options import add_labeller_flags, add_model_flags, labeller_config, settings_of, validate_each
 from cai.constitution import effect, effect_report, probes
 from cai.constitution.fewshot import feedback_examples
-from cai.constitution.lint import lint
+from cai.constitution.lint import NEAR_DUPLICATE, lint
 from cai.constitution.schema import format_diff, import_paper, json_schema, load_constitution, show, to_yaml
 from cai.errors import UserError
 from cai.feedback.labeller import build_labeller
@@ -88,7 +88,7 @@ def _cmd_test(a) -> int:
     if summary["untested"]:
         print(f"no probes: {', '.join(summary['untested'])}")
     out = Path(a.out or Path("runs") / "constitution-test" / Path(a.constitution).stem)
-    failed = probes.required_failures(summary, a.require or [])
+    failed = probes.required_failures(summary, a.require or [], a.min_probes)
     result = {
         "constitution": c.name,
         "file": str(a.constitution),
@@ -99,6 +99,7 @@ def _cmd_test(a) -> int:
         "max_probes": a.max_probes,
         **summary,
         "required": a.require or [],
+        "min_probes": a.min_probes,
         "required_failed": failed,
         "jobs": rows,
     }
@@ -109,7 +110,8 @@ def _cmd_test(a) -> int:
     )
     print(f"wrote {out / 'test.json'} and {out / 'test.md'}")
     if failed:
-        print(f"FAIL: required principle(s) not applied: {', '.join(failed)}", file=sys.stderr)
+        why = "; ".join(f"{pid}: {probes.required_failure(summary, pid, a.min_probes)}" for pid in failed)
+        print(f"FAIL: required principle(s) not shown to be applied: {why}", file=sys.stderr)
         return 1
     return 0
 
@@ -219,7 +221,19 @@ def register(sub) -> None:
     )
     t.add_argument("constitution", metavar="CONSTITUTION", help="constitution YAML")
     t.add_argument("--probes", help="probe file (default: probes/<name>.yaml beside the constitution)")
-    t.add_argument("--require", action="append", metavar="ID", help="exit 1 unless this principle is applied")
+    t.add_argument(
+        "--require",
+        action="append",
+        metavar="ID",
+        help="exit 1 unless this principle is applied (accuracy > 0.5) on at least --min-probes probes",
+    )
+    t.add_argument(
+        "--min-probes",
+        type=int,
+        default=probes.MIN_PROBES,
+        metavar="N",
+        help=f"probes a --require'd principle needs (default {probes.MIN_PROBES})",
+    )
     t.add_argument(
         "--max-probes", type=int, metavar="N", help="at most N probes per principle (a quick check)"
     )
@@ -233,7 +247,10 @@ def register(sub) -> None:
     lt.add_argument("--strict", action="store_true", help="exit 1 when there is any warning")
     lt.add_argument("--model", help="model whose context length the rendered prompts must fit")
     lt.add_argument(
-        "--threshold", type=float, default=0.5, help="near-duplicate overlap threshold (default 0.5)"
+        "--threshold",
+        type=float,
+        default=NEAR_DUPLICATE,
+        help=f"near-duplicate threshold of the TF-IDF similarity of two principles (default {NEAR_DUPLICATE})",
     )
     lt.add_argument("--probes", help="probe file (default: probes/<name>.yaml beside the constitution)")
     lt.add_argument("--few-shot", action="append", metavar="FILE", help="also render with this few-shot file")
