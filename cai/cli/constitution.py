@@ -117,7 +117,14 @@ def _cmd_test(a) -> int:
 
 
 def _cmd_lint(a) -> int:
-    warns = lint(a.file, threshold=a.threshold, model=a.model, probes_file=a.probes, few_shot=a.few_shot)
+    warns = lint(
+        a.file,
+        threshold=a.threshold,
+        model=a.model,
+        probes_file=a.probes,
+        few_shot=a.few_shot,
+        settings=settings_of(a),
+    )
     for w in warns:
         print(w.format(a.file))
     print(f"{a.file}: {len(warns)} warning(s)")
@@ -254,6 +261,7 @@ def register(sub) -> None:
     )
     lt.add_argument("--probes", help="probe file (default: probes/<name>.yaml beside the constitution)")
     lt.add_argument("--few-shot", action="append", metavar="FILE", help="also render with this few-shot file")
+    add_model_flags(lt)
     lt.set_defaults(func=_cmd_lint)
 
     _effect_command(cs)

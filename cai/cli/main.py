@@ -14,7 +14,7 @@ import time
 
 from cai import pipeline
 from cai.cli import constitution, evaluate
-from cai.cli.options import validate_each
+from cai.cli.options import add_model_flags, settings_of, validate_each
 from cai.config.load import load_recipe
 from cai.config.recipe import STAGES, Recipe
 from cai.errors import UserError
@@ -60,8 +60,8 @@ def _cmd_models_prepare(a) -> int:
     t0 = time.time()
     path = prepare(a.name)
     t1 = time.time()
-    load_tokenizer(a.name)
-    load_model(a.name)
+    load_tokenizer(a.name, settings_of(a))
+    load_model(a.name, settings_of(a))
     print(f"{a.name}: ready at {path} (prepare {t1 - t0:.1f}s, load {time.time() - t1:.1f}s)")
     return 0
 
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_parser("list", help="list aliases and whether they are cached").set_defaults(func=_cmd_models_list)
     pr = ms.add_parser("prepare", help="convert/cache an alias once (e.g. smollm2-135m-instruct)")
     pr.add_argument("name", metavar="ALIAS", help="a built-in model alias (see `cai models list`)")
+    add_model_flags(pr)
     pr.set_defaults(func=_cmd_models_prepare)
 
     constitution.register(sub)

@@ -28,6 +28,7 @@ from cai.constitution.schema import load_constitution
 from cai.errors import UserError, where
 from cai.feedback.labeller import build_mc_prompt
 from cai.runtime.models import load_tokenizer, resolve
+from cai.runtime.settings import DEFAULT, Settings
 from cai.yamlio import load_yaml
 
 STOPWORDS = set(
@@ -153,6 +154,7 @@ def lint(
     model: str | None = None,
     probes_file: str | None = None,
     few_shot: list[str] | None = None,
+    settings: Settings = DEFAULT,
 ) -> list[Warning_]:
     """All warnings for one constitution file (it must load: schema errors are UserErrors, not warnings)."""
 
@@ -227,7 +229,7 @@ def lint(
                     )
                 )
     if model:
-        warns += context_warnings(path, c, model, probes, line, few_shot)
+        warns += context_warnings(path, c, model, probes, line, few_shot, settings)
     return warns
 
 
@@ -240,30 +242,36 @@ def few_shot_files(constitution_path: Path, constitution, extra: list[str] | Non
     return list(dict.fromkeys(p for p in found if p.is_file()))
 
 
-def context_limit(model_ref: str) -> tuple[int | None, object]:
+def context_limit(model_ref: str, settings: Settings = DEFAULT) -> tuple[int | None, object]:
     """(context length from the model's config, tokenizer) without loading the weights."""
     from transformers import AutoConfig
 
     r = resolve(model_ref)
     kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
-    cfg = AutoConfig.from_pretrained(r.path, **kwargs)
+    cfg = AutoConfig.from_pretrained(r.path, trust_remote_code=settings.trust_remote_code, **kwargs)
     limit = None
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         limit = limit or getattr(cfg, key, None)
-    tok = load_tokenizer(model_ref)
+    tok = load_tokenizer(model_ref, settings)
     if not limit and getattr(tok, "model_max_length", 0) and tok.model_max_length < 10**8:
         limit = tok.model_max_length
     return limit, tok
 
 
 def context_warnings(
-    path: Path, c, model_ref: str, probes, line, few_shot: list[str] | None = None
+    path: Path,
+    c,
+    model_ref: str,
+    probes,
+    line,
+    few_shot: list[str] | None = None,
+    settings: Settings = DEFAULT,
 ) -> list[Warning_]:
     """Render each principle's feedback prompt through the labeller's own prompt builder, with every example of
     the longest few-shot feedback file and the longest probe (or a short placeholder pair), and compare its
     token count (plus the option) with the model's context length."""
 
-    limit, tok = context_limit(model_ref)
+    limit, tok = context_limit(model_ref, settings)
     if not limit:
         return [
             Warning_("context-length", f"model '{model_ref}': no context length in its config; check skipped")

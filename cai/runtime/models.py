@@ -6,8 +6,10 @@ Heavy imports (torch, transformers, peft) happen inside functions so that `impor
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -182,10 +184,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def local_problem(ref: str) -> str | None:
-    """Why a model reference cannot be loaded, as far as this machine can tell without loading it or asking the
-    hub: an alias whose source is missing, a .gguf file or a folder that is not there or not a model folder, or
-    a name that is none of an alias, a path and a hub id `org/name`. None when it looks loadable (a hub id:
-    see `hub_problem`)."""
+    """Why a model reference cannot load, found without loading it or asking the hub (an alias whose source is
+    missing, a missing .gguf file or folder, a name that is no alias, path or hub id `org/name`), or None."""
     if ref in ALIASES:
         if ref == SMOLLM_ALIAS and not _is_complete(alias_dir(ref)):
             try:
@@ -237,8 +237,7 @@ def hub_problem(ref: str, timeout: float = 10.0) -> str | None:
 
 
 def model_problem(ref: str) -> str | None:
-    """Why a model reference will not load (preflight), or None: `local_problem`, then for a hub id
-    `hub_problem`."""
+    """Why a model reference will not load (preflight), or None: `local_problem`, then `hub_problem`."""
     problem = local_problem(ref)
     if problem or ref in ALIASES or Path(ref).expanduser().exists():
         return problem
@@ -305,10 +304,12 @@ def load_model(
     kind: str = "causal_lm",
     device: str | None = None,
     num_labels: int = 1,
+    role: str | None = None,
 ):
     """Load a model with the settings' dtype and trust_remote_code onto `device` (default: the settings'
     device): kind 'causal_lm' or 'seq_cls' (a scalar head, `num_labels`). Weights are read from safetensors
-    only. Dropout is left to the caller."""
+    only. Dropout is left to the caller. A scalar head that the checkpoint lacks (a PM or critic built on a
+    causal LM) is expected: instead of the library's load report, one line names the model's `role`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     r = resolve(ref)
@@ -316,16 +317,20 @@ def load_model(
     kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {"use_safetensors": True}  # never pickled weights
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     if kind == "seq_cls":
-        kwargs["num_labels"] = num_labels
+        kwargs.update(num_labels=num_labels, output_loading_info=True)
     try:
-        model = cls.from_pretrained(
-            r.path,
-            dtype=settings.torch_dtype(device),
-            trust_remote_code=settings.trust_remote_code,
-            **kwargs,
-        )
+        with _quiet_load_report(kind == "seq_cls"):
+            model = cls.from_pretrained(
+                r.path,
+                dtype=settings.torch_dtype(device),
+                trust_remote_code=settings.trust_remote_code,
+                **kwargs,
+            )
     except (OSError, ValueError) as exc:
         raise UserError(f"model '{ref}': cannot load weights: {_load_problem(exc)}") from None
+    if kind == "seq_cls":
+        model, info = model
+        _say_new_head(ref, role, info)
     if r.gguf_file:  # dequantised in memory: make it trainable and saveable like any other model
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -333,6 +338,36 @@ def load_model(
     if kind == "seq_cls" and model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(ref, settings).pad_token_id
     return model.to(device)
+
+
+@contextlib.contextmanager
+def _quiet_load_report(quiet: bool):
+    """Drop transformers' loading report (a table of newly initialised keys) while a scalar-head model loads."""
+    log, drop = (
+        logging.getLogger("transformers.modeling_utils"),
+        lambda rec: "LOAD REPORT" not in rec.getMessage(),
+    )
+    if quiet:
+        log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+def _say_new_head(ref: str, role: str | None, info: dict) -> None:
+    """One line when a scalar head was newly initialised (expected: it is trained next); other missing or
+    unexpected weights are a warning that lists them."""
+    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
+    head = [k for k in missing if k.split(".")[0] in ("score", "classifier")]
+    who, other = f"{role or 'model'} '{ref}'", [k for k in missing if k not in head]
+    if head and os.environ.get("RANK", "0") == "0":
+        print(
+            f"[cai] {who}: new scalar head ({', '.join(head)}), randomly initialised, to be trained",
+            flush=True,
+        )
+    if other or unexpected:
+        print(f"[cai] warning: {who}: weights missing {other[:5]}, unexpected {unexpected[:5]}", flush=True)
 
 
 def wrap_lora(model, lora, task_type: str = "CAUSAL_LM"):

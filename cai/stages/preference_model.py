@@ -58,7 +58,7 @@ def build_model(cfg, settings):
             model.lm = wrap_lora(model.lm, cfg.lora, task_type="CAUSAL_LM")
     else:
         torch.manual_seed(settings.seed)  # the new score head's initialisation
-        model = load_model(cfg.backbone, settings, kind="seq_cls")
+        model = load_model(cfg.backbone, settings, kind="seq_cls", role="preference model backbone")
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
 
