@@ -208,29 +208,32 @@ def lint(
         )
     pfile = Path(probes_file) if probes_file else probes_path_for(path, c)
     probes = load_probes(pfile, c) if pfile else None
+    warns += probe_warnings(path, c, pfile, probes, line)
+    if model:
+        warns += context_warnings(path, c, model, probes, line, few_shot, settings)
+    return warns
+
+
+def probe_warnings(path: Path, c, pfile: Path | None, probes, line) -> list[Warning_]:
+    """no-probes (no probe file at all) and few-probes (a principle with fewer than MIN_PROBES)."""
     if pfile is None:
-        warns.append(
+        return [
             Warning_(
                 "no-probes",
                 f"no probe file (probes/{path.stem}.yaml beside the constitution): `cai constitution test` can "
                 "check none of its principles; write probes, or give --probes FILE",
             )
+        ]
+    cov = probes.coverage()
+    return [
+        Warning_(
+            "few-probes",
+            f"principle '{p.id}': {cov.get(p.id, 0)} probe(s) in {pfile} ({MIN_PROBES} or more recommended)",
+            line(p.id, "id"),
         )
-    if probes is not None:
-        cov = probes.coverage()
-        for p in c.principles:
-            if cov.get(p.id, 0) < MIN_PROBES:
-                warns.append(
-                    Warning_(
-                        "few-probes",
-                        f"principle '{p.id}': {cov.get(p.id, 0)} probe(s) in {pfile} "
-                        f"({MIN_PROBES} or more recommended)",
-                        line(p.id, "id"),
-                    )
-                )
-    if model:
-        warns += context_warnings(path, c, model, probes, line, few_shot, settings)
-    return warns
+        for p in c.principles
+        if cov.get(p.id, 0) < MIN_PROBES
+    ]
 
 
 def few_shot_files(constitution_path: Path, constitution, extra: list[str] | None = None) -> list[Path]:

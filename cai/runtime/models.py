@@ -6,7 +6,6 @@ Heavy imports (torch, transformers, peft) happen inside functions so that `impor
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import importlib.util
 import logging
@@ -318,16 +317,17 @@ def load_model(
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     if kind == "seq_cls":
         kwargs.update(num_labels=num_labels, output_loading_info=True)
+    log = logging.getLogger("transformers.modeling_utils")
+    if kind == "seq_cls":  # a new scalar head is expected: `_say_new_head` reports it in one line
+        log.addFilter(_no_load_report)
     try:
-        with _quiet_load_report(kind == "seq_cls"):
-            model = cls.from_pretrained(
-                r.path,
-                dtype=settings.torch_dtype(device),
-                trust_remote_code=settings.trust_remote_code,
-                **kwargs,
-            )
+        model = cls.from_pretrained(
+            r.path, dtype=settings.torch_dtype(device), trust_remote_code=settings.trust_remote_code, **kwargs
+        )
     except (OSError, ValueError) as exc:
         raise UserError(f"model '{ref}': cannot load weights: {_load_problem(exc)}") from None
+    finally:
+        log.removeFilter(_no_load_report)
     if kind == "seq_cls":
         model, info = model
         _say_new_head(ref, role, info)
@@ -340,19 +340,9 @@ def load_model(
     return model.to(device)
 
 
-@contextlib.contextmanager
-def _quiet_load_report(quiet: bool):
-    """Drop transformers' loading report (a table of newly initialised keys) while a scalar-head model loads."""
-    log, drop = (
-        logging.getLogger("transformers.modeling_utils"),
-        lambda rec: "LOAD REPORT" not in rec.getMessage(),
-    )
-    if quiet:
-        log.addFilter(drop)
-    try:
-        yield
-    finally:
-        log.removeFilter(drop)
+def _no_load_report(record) -> bool:
+    """A logging filter that drops transformers' loading report (a table of newly initialised keys)."""
+    return "LOAD REPORT" not in record.getMessage()
 
 
 def _say_new_head(ref: str, role: str | None, info: dict) -> None:
@@ -362,10 +352,7 @@ def _say_new_head(ref: str, role: str | None, info: dict) -> None:
     head = [k for k in missing if k.split(".")[0] in ("score", "classifier")]
     who, other = f"{role or 'model'} '{ref}'", [k for k in missing if k not in head]
     if head and os.environ.get("RANK", "0") == "0":
-        print(
-            f"[cai] {who}: new scalar head ({', '.join(head)}), randomly initialised, to be trained",
-            flush=True,
-        )
+        print(f"[cai] {who}: new scalar head ({', '.join(head)}), randomly initialised, to be trained")
     if other or unexpected:
         print(f"[cai] warning: {who}: weights missing {other[:5]}, unexpected {unexpected[:5]}", flush=True)
 
