@@ -110,20 +110,20 @@ def run_info(recipe: Recipe, layout: Layout) -> dict:
         for path in (r.constitution, r.feedback_constitution):
             if path and Path(path).is_file():
                 constitutions.setdefault(str(Path(path).resolve()), sha256_file(path))
-    return {
-        "recipe": {
-            "file": str(src.path.resolve()),
-            "sha256": sha256_file(src.path),
-            "set": list(src.overrides.values()),
-        }
-        if src is not None and Path(src.path).is_file()
-        else None,
+    info = {
         "constitutions": constitutions,
         "seed": recipe.seed,
         "cai": code_version(),
         "packages": package_versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if src is not None and Path(src.path).is_file():  # a recipe rebuilt from RUN/recipe.json keeps the entry
+        info["recipe"] = {
+            "file": str(src.path.resolve()),
+            "sha256": sha256_file(src.path),
+            "set": list(src.overrides.values()),
+        }
+    return info
 
 
 def _say(msg: str) -> None:

@@ -137,13 +137,12 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
     """One line per problem with the references that `stages` (default: the recipe's) read, in the recipe
     and in each of its arms (`arms`: only these)."""
     lines, seen = [], set()
-    variants = [(None, recipe)] + [(n, r) for n, r in expand_arms(recipe) if not arms or n in arms]
+    # with arms, the stages run in each arm's recipe (the report in the recipe's own)
+    variants = [(n, r) for n, r in expand_arms(recipe) if not arms or n in arms] or [(None, recipe)]
     for stage in stages if stages is not None else list(recipe.stages):
-        for arm, variant in variants if stage != "report" else variants[:1]:
+        for arm, variant in variants if stage != "report" else [(None, recipe)]:
             for loc, kind, value, what in stage_refs(variant, stage):
                 own = arm if arm and _get(recipe, loc) != _get(variant, loc) else None
-                if arm and not own:
-                    continue  # the same value as the recipe's own: checked there
                 here = _locate(recipe, loc, own)
                 key = "".join(
                     f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(loc)
