@@ -17,7 +17,6 @@ from cai.constitution.probes import (
     format_table,
     load_probes,
     probes_path_for,
-    required_failure,
     required_failures,
     summarise,
 )
@@ -104,6 +103,8 @@ def test_probe_errors_name_file_and_line(root, tmp_path, body, line, words):
 
 
 def test_summary_table_and_require():
+    from cai.constitution.probes import required_failure
+
     rows = [
         {"principle": "a", "p_better": 0.9, "order_gap": 0.1},
         {"principle": "a", "p_better": 0.7, "order_gap": 0.3},
