@@ -329,7 +329,7 @@ def test_summary_lists_stages_times_and_key_metrics(fake, recipe, capsys):
     assert "ran" in line and "resumed=False" in line and "s " in line
 
 
-def test_real_tiny_run_completes_and_a_rerun_skips_every_stage(tiny_run, root, monkeypatch, capsys):
+def test_real_tiny_run_completes_and_a_rerun_skips_every_stage(tiny_run, root, monkeypatch, capsys, tmp_path):
     """The real stages, end to end (the session's tiny run), then the same recipe again: nothing reruns."""
     monkeypatch.chdir(root)
     recipe = load_run_recipe(tiny_run)
@@ -344,12 +344,15 @@ def test_real_tiny_run_completes_and_a_rerun_skips_every_stage(tiny_run, root, m
     out = capsys.readouterr().out
     assert out.count("up to date, skipped") == 6 and "0 stage(s) ran" in out
     assert "report: " in out and "ppo " in out
-    # the README's `--only critique_revise`, forced: the same files again, so nothing after it goes stale
-    before = {s: read_manifest(tiny_run / s)["output"] for s in BODY}
-    pipeline.run(recipe, only=["critique_revise", "sft"], force=True, quiet=True)
-    assert {s: read_manifest(tiny_run / s)["output"] for s in BODY} == before
+    # the README's `--only critique_revise`, forced (on a copy: the session's run stays as it is): the same
+    # files again, so nothing after it goes stale
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    before = {s: read_manifest(copy / s)["output"] for s in BODY}
+    pipeline.run(recipe, run_dir=copy, only=["critique_revise", "sft"], force=True, quiet=True)
+    assert {s: read_manifest(copy / s)["output"] for s in BODY} == before
     capsys.readouterr()
-    pipeline.run(recipe)
+    pipeline.run(recipe, run_dir=copy)
     assert capsys.readouterr().out.count("up to date, skipped") == 6
 
 
