@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from cai.stats import small_n
+
 
 def num(x, spec: str = ".3f", missing: str = "—") -> str:
     """A number for a table: `spec`-formatted; None or NaN is `missing`."""
@@ -32,13 +34,13 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def with_ci(res: dict | None, key: str = "accuracy") -> str:
-    """'0.812 [0.71, 0.89] (n = 64)' from a result dict with `key`, optional 'ci95' and 'n'; '—' when absent,
-    'error: ...' when the result is an error."""
+    """'0.812 [0.71, 0.89] (n = 64)' from a result dict with `key`, optional 'ci95' and 'n' ('(n = 8, small)'
+    below cai.stats.SMALL_N); '—' when absent, 'error: ...' when the result is an error."""
     if not res or res.get(key) is None:
         return "—" if not res or "error" not in res else f"error: {res['error'][:80]}"
     ci, n = res.get("ci95"), res.get("n")
     text = f"{res[key]:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{res[key]:.3f}"
-    return text + (f" (n = {n})" if n is not None else "")
+    return text + (f" (n = {n}{', small' if small_n(n) else ''})" if n is not None else "")
 
 
 def clean(text: str, limit: int = 600) -> str:

@@ -1,8 +1,10 @@
 """`cai run`: runs a recipe's stages in order in a run directory, skipping stages whose manifest matches.
 
 What each stage reads and where each stage of each arm lives is decided in cai.config.layout; this module
-runs the plan. A stage reruns when its fingerprint changes; a rerun gives it a new output id, so everything
-downstream reruns too. A stage whose manifest says `running` (killed) with the same fingerprint resumes in
+runs the plan. A stage reruns when its fingerprint changes. Its output id is the hash of the content of the
+outputs it declares (cai.config.layout.STAGES), so a rerun that writes the same files leaves everything
+downstream up to date, and one that writes different files makes it rerun. `--only` and `--from` select
+stages; a selected stage that is up to date is skipped unless forced. A stage whose manifest says `running` (killed) with the same fingerprint resumes in
 place: generation from its JSONL, training from its last checkpoint. Every stage gets a read-only view of
 the recipe keys it declares (cai.config.view), its own folder, and the folders of the stages it reads.
 """
@@ -24,13 +26,21 @@ from cai.config.layout import (
     shared_cache_dir,
     stage_view,
 )
-from cai.config.load import RECIPE_FILE, field_at, ref_kind
-from cai.config.recipe import STAGES as ORDER
+from cai.config.load import RECIPE_FILE
 from cai.config.recipe import Recipe
 from cai.errors import UserError
+from cai.preflight import preflight
 from cai.runtime import distributed as dist
-from cai.runtime.hashing import hash_json
-from cai.runtime.rundir import StageContext, package_versions, read_manifest, run_info, write_json
+from cai.runtime.hashing import hash_outputs, sha256_file
+from cai.runtime.rundir import (
+    StageContext,
+    code_version,
+    package_versions,
+    read_manifest,
+    run_token,
+    update_run_info,
+    write_json,
+)
 from cai.runtime.runlog import StageTracker, Summary, make_tracker
 from cai.stages import critique_revise, feedback, ppo, preference_model, report, sft
 
@@ -54,41 +64,38 @@ def run(
     run_dir: str | Path | None = None,
     only: list[str] | None = None,
     start: str | None = None,
-    force: list[str] | None = None,
+    force: bool = False,
     arms: list[str] | None = None,
     quiet: bool = False,
 ) -> Path:
-    """Run the selected stages; return the run directory.
+    """Run the selected stages that are out of date; return the run directory.
 
-    `only` restricts to these stages and reruns them; `start` reruns that stage and runs everything after
-    it; `force` reruns the named stages; `arms` restricts arm-specific stages to these arms.
+    `only` restricts to these stages; `start` selects that stage and everything after it; `force` reruns the
+    selected stages even when they are up to date; `arms` restricts arm-specific stages to these arms.
     """
     dist.init_from_env()  # under `accelerate launch`/torchrun: join the process group once, before any stage
     rdir = run_dir_of(recipe, str(run_dir) if run_dir else None)
+    selected = set(select_stages(recipe, only, start))
+    forced = selected if force else set()
+    preflight(recipe, [s for s in recipe.stages if s in selected], arms)
     layout = plan(recipe, rdir)
     if arms:
         unknown = [a for a in arms if a not in layout.arms]
         if unknown:
             raise UserError(f"--arm {unknown[0]}: no such arm; arms: {', '.join(layout.arms) or 'none'}")
-    _check_files(layout)
-    selected = set(select_stages(recipe, only, start))
-    forced = (
-        set(force or [])
-        | set(only or [])
-        | ({s for s in ORDER if ORDER.index(s) >= ORDER.index(start)} if start else set())
-    )
     if dist.is_main():
         rdir.mkdir(parents=True, exist_ok=True)
         write_json(rdir / RECIPE_FILE, recipe.model_dump(mode="json", exclude_unset=True))
-        run_info(rdir)
+        update_run_info(rdir, run_info(recipe, layout))
+        run_token(rdir)
     dist.barrier()
-    token = dist.broadcast_object(run_info(rdir)["run_token"] if dist.is_main() else None)
+    token = dist.broadcast_object(run_token(rdir) if dist.is_main() else None)
     tracker = make_tracker(recipe, rdir)
     summary = Summary(layout, quiet=quiet)
     outputs: dict[str, str | None] = {}  # unit key -> output id of its complete manifest
     try:
         for unit in layout.units.values():
-            _step(layout, unit, outputs, selected, forced, arms, tracker, summary, token)
+            _step(layout, unit, outputs, selected, forced, arms, tracker, summary, bool(only or start), token)
     finally:
         if tracker is not None:
             tracker.finish()
@@ -96,20 +103,30 @@ def run(
     return rdir
 
 
-def _check_files(layout: Layout) -> None:
-    """Files named by the top-level keys the stages read (constitutions) must exist, before anything runs."""
-    for unit in layout.units.values():
-        where = f"arm '{unit.arm}': " if unit.arm else ""
-        view = stage_view(unit.recipe, unit.stage)
-        for key in view.keys():
-            info = field_at(key) if key != "settings" else None
-            value = getattr(view, key)
-            if info is None or ref_kind(info) != "file":
-                continue
-            if not value:
-                raise UserError(f"{where}{key}: not set; stage '{unit.stage}' needs a file here")
-            if not Path(value).is_file():
-                raise UserError(f"{where}{key}: file not found: {value}")
+def run_info(recipe: Recipe, layout: Layout) -> dict:
+    """What this `cai run` runs with, for RUN/run.json (the report shows it): the recipe file and its hash, the
+    `--set` items, the constitutions (of every arm) and their hashes, the seed, cai's version and commit, and
+    the package versions."""
+    src = recipe.source
+    constitutions: dict[str, str] = {}
+    for r in [recipe, *layout.arms.values()]:
+        for path in (r.constitution, r.feedback_constitution):
+            if path and Path(path).is_file():
+                constitutions.setdefault(str(Path(path).resolve()), sha256_file(path))
+    info = {
+        "constitutions": constitutions,
+        "seed": recipe.seed,
+        "cai": code_version(),
+        "packages": package_versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if src is not None and Path(src.path).is_file():  # a recipe rebuilt from RUN/recipe.json keeps the entry
+        info["recipe"] = {
+            "file": str(src.path.resolve()),
+            "sha256": sha256_file(src.path),
+            "set": list(src.overrides.values()),
+        }
+    return info
 
 
 def _say(msg: str) -> None:
@@ -126,7 +143,8 @@ def _step(
     arms: list[str] | None,
     tracker,
     summary,
-    token: str,
+    explicit: bool = False,
+    token: str | None = None,
 ) -> None:
     input_ids = {name: outputs.get(k) for name, k in unit.inputs.items()}
     fp, cfg = fingerprint(unit.recipe, unit.stage, input_ids)
@@ -150,7 +168,7 @@ def _step(
                 f"warning: {unit.key} reads {k}, which is out of date with the recipe (not selected in this run)"
             )
     if complete and old.get("fingerprint") == fp and unit.stage not in forced:
-        _say(f"{unit.key}: up to date, skipped ({unit.dir})")
+        _say(f"{unit.key}: up to date, skipped ({unit.dir}){'; --force reruns it' if explicit else ''}")
         outputs[unit.key] = old.get("output")
         summary.add(unit, old, ran=False)
         return
@@ -180,6 +198,13 @@ def _step(
     )
     outputs[unit.key] = manifest["output"]
     summary.add(unit, manifest, ran=True)
+
+
+def _output_id(out_dir: Path, stage: str, fp: str) -> str:
+    """The content hash of what the stage writes for later stages; a stage that declares no outputs (the
+    report) gets its fingerprint."""
+    names = STAGES[stage].outputs
+    return hash_outputs(out_dir, names) if names else fp
 
 
 def _reset_stage(out_dir: Path) -> None:
@@ -256,13 +281,12 @@ def _run_stage(
     seconds = round(time.time() - t0, 2)
     if stage_tracker is not None:
         stage_tracker.replay_if_silent(out_dir / "metrics.jsonl")
-    ended = time.strftime("%Y-%m-%dT%H:%M:%S")
     manifest.update(
         status="complete",
-        ended=ended,
+        ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
         seconds=seconds,
         summary=ctx.summary,
-        output=hash_json({"fingerprint": fp, "ended": ended, "t": time.time()}),
+        output=_output_id(out_dir, unit.stage, fp) if dist.is_main() else None,
     )
     manifest = dist.broadcast_object(manifest)  # one output id on every rank
     _write_manifest(out_dir, manifest)

@@ -157,7 +157,7 @@ def plot_kl_reward(path: str | Path, series: list[dict], title: str = "PM reward
     for s in series:
         if not s.get("fit"):
             continue
-        xs = [math.sqrt(max(k, 0.0)) for k in s["kl"]]
+        xs = [math.sqrt(k) for k in s["kl"]]  # KL ≥ 0: cai.report.klfit leaves negative estimates out
         pts = ax.scatter(xs, s["score"], s=14, alpha=0.6)
         f = s["fit"]
         x1 = max(xs)

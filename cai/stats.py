@@ -1,10 +1,29 @@
 """Statistics in pure Python, the one place for them: Wilson and bootstrap intervals, agreement with human
-labels, calibration (ECE, reliability bins), the per-tag summary of an evaluation, least squares and correlation."""
+labels, calibration (ECE, reliability bins), the per-tag summary of an evaluation, least squares and correlation.
+
+Proportions (accuracy, agreement, win rate) get Wilson intervals, which stay honest at small n: 0 of 8 is
+[0, 0.32], where a bootstrap says [0, 0]. Below SMALL_N items a proportion is flagged as a small sample."""
 
 from __future__ import annotations
 
 import math
 import random
+
+SMALL_N = 30  # below this many items a 95% interval of a proportion is wider than ±0.17: flagged as small
+
+
+def small_n(n: int | None) -> bool:
+    """Whether a proportion over n items is a small sample (n < SMALL_N)."""
+    return n is not None and n < SMALL_N
+
+
+def small_n_note(n: int | None, what: str = "items") -> str | None:
+    """A warning for a proportion over fewer than SMALL_N items, else None."""
+    if not small_n(n):
+        return None
+    return (
+        f"only {n} {what} (fewer than {SMALL_N}): the 95% interval is wide; read it, not the point estimate"
+    )
 
 
 def mean(xs) -> float:
@@ -92,13 +111,15 @@ def ece(probs: list[float], outcomes: list[float], n_bins: int = 10) -> float:
 def calibration_points(
     option_probs: list[list[float]], correct: list[int]
 ) -> tuple[list[float], list[float]]:
-    """Every option of every item as (predicted probability, 1 if it is the right one). For two options this is
-    the HH-RLHF paper's P(chosen) = σ(r_c − r_r) against the observed frequency, counted in both directions."""
+    """One point per item: (the probability of the option the model prefers, 1 if that option is the right
+    one; a tie between the top options counts its share). A pair counts once, not twice as p and 1 − p, so a
+    reliability diagram's counts are items and its x-axis is the model's confidence (0.5 to 1 for pairs)."""
     ps, ys = [], []
     for probs, c in zip(option_probs, correct):
-        for k, p in enumerate(probs):
-            ps.append(float(p))
-            ys.append(1.0 if k == c else 0.0)
+        top = max(probs)
+        best = [k for k, p in enumerate(probs) if p == top]
+        ps.append(float(top))
+        ys.append(1.0 / len(best) if c in best else 0.0)
     return ps, ys
 
 
@@ -110,12 +131,16 @@ def summarise(
     margins: list[float] | None = None,
     seed: int = 0,
 ) -> dict:
-    """Accuracy with a 95% bootstrap CI, chance level, mean margin, ECE and bins, and the per-tag breakdown."""
+    """Accuracy with a 95% Wilson interval (a tie is half a hit), chance level, mean margin, ECE and reliability
+    bins over items, and the per-tag breakdown; `small_sample` when n < SMALL_N. (`seed` is unused: kept for
+    callers.)"""
     ps, ys = calibration_points(option_probs, correct)
     out = {
         "n": len(hits),
         "accuracy": mean(hits),
-        "ci95": list(bootstrap_ci(hits, seed=seed)),
+        "ci95": list(wilson_ci(sum(hits), len(hits))),
+        "interval": "wilson",
+        "small_sample": small_n(len(hits)),
         "chance": mean(1.0 / len(p) for p in option_probs),
         "ece": ece(ps, ys),
         "reliability": reliability_bins(ps, ys),
@@ -128,7 +153,7 @@ def summarise(
         row = {
             "n": len(idx),
             "accuracy": mean(hits[i] for i in idx),
-            "ci95": list(bootstrap_ci([hits[i] for i in idx], seed=seed)),
+            "ci95": list(wilson_ci(sum(hits[i] for i in idx), len(idx))),
         }
         if margins is not None:
             row["mean_margin"] = mean(margins[i] for i in idx)

@@ -32,13 +32,51 @@ def test_fit_recovers_known_a_and_b():
     assert overoptimisation(kl, r, f) is None
 
 
-def test_linear_fit_by_hand_and_negative_kl_counts_as_zero():
+def test_linear_fit_by_hand_and_negative_kl_is_never_clamped():
     f = linear_fit([0.0, 1.0, 2.0], [1.0, 2.0, 4.0])  # b = 1.5, a = 5/6
     assert f["b"] == pytest.approx(1.5) and f["a"] == pytest.approx(5 / 6)
     assert f["r2"] == pytest.approx(1 - (1 / 36 + 1 / 9 + 1 / 36) / (14 / 3))
-    assert fit_sqrt_kl([-0.01, 1.0, 4.0], [0.0, 1.0, 2.0])["b"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="KL >= 0"):
+        fit_sqrt_kl([-0.01, 1.0, 4.0], [0.0, 1.0, 2.0])
     with pytest.raises(ValueError):
         linear_fit([1.0], [1.0])
+
+
+def test_the_fit_uses_k3_and_leaves_negative_k1_out_with_a_note(tmp_path, capsys):
+    """The quickstart's PPO log had objective/kl -0.099, -0.028, -0.025: they were fitted at sqrt(KL) = 0."""
+    kl, r = _synthetic(0.2, 0.5, n=8)
+    k1 = [-0.099, -0.028, -0.025] + kl[3:]  # the reward's k1 estimates: noisy, negative early on
+    rows = [
+        {"step": i, "objective/kl": a, "objective/kl_k3": b, "objective/score": s}
+        for i, (a, b, s) in enumerate(zip(k1, kl, r))
+    ]
+    append_jsonl(tmp_path / "new" / "ppo" / "metrics.jsonl", rows)
+    old = [{k: v for k, v in row.items() if k != "objective/kl_k3"} for row in rows]  # a log from before k3
+    append_jsonl(tmp_path / "old" / "ppo" / "metrics.jsonl", old)
+    assert (
+        main(
+            [
+                "analyze",
+                "kl-reward",
+                str(tmp_path / "new"),
+                str(tmp_path / "old"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    new_s, old_s = json.loads((tmp_path / "o" / "kl_reward.json").read_text())["series"]
+    assert new_s["kl_key"] == "objective/kl_k3" and new_s["n"] == 8 and new_s["dropped"] == 0
+    assert new_s["b"] == pytest.approx(0.5) and new_s["note"] is None
+    assert old_s["kl_key"] == "objective/kl" and old_s["n"] == 5 and old_s["dropped"] == 3
+    assert old_s["b"] == pytest.approx(0.5)  # the five non-negative points lie on the line; nothing sits at 0
+    out = capsys.readouterr()
+    assert "(KL: objective/kl_k3, k3 estimate (never negative))" in out.out
+    assert (
+        "3 of 8 updates have a negative KL estimate (objective/kl" in out.err
+        and "left out of the fit" in out.err
+    )
 
 
 def test_warns_when_reward_flattens_or_falls_at_high_kl():

@@ -96,6 +96,72 @@ def test_every_command_has_help(path, capsys):
     assert out.startswith("usage: cai" + "".join(f" {p}" for p in path))
 
 
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, path + (name,))
+
+
+def test_every_argument_has_help_positionals_too():
+    missing = [
+        f"{' '.join(path)}: {a.dest}"
+        for path, parser in _parsers(cli.build_parser())
+        for a in parser._actions
+        if not isinstance(a, argparse._SubParsersAction) and not a.help
+    ]
+    assert not missing, missing
+
+
+def test_every_command_that_loads_a_model_has_the_same_model_flags():
+    from cai.cli.options import add_model_flags
+
+    probe = argparse.ArgumentParser()
+    add_model_flags(probe)
+    model_flags = {o for a in probe._actions for o in a.option_strings if o not in ("-h", "--help")}
+    loaders = [
+        path
+        for path, parser in _parsers(cli.build_parser())
+        if any("--model" in a.option_strings for a in parser._actions) or path == ("models", "prepare")
+    ]
+    assert ("constitution", "lint") in loaders and len(loaders) >= 6
+    for path, parser in _parsers(cli.build_parser()):
+        if path in loaders:
+            flags = {o for a in parser._actions for o in a.option_strings}
+            assert model_flags <= flags, (path, model_flags - flags)
+
+
+def test_stage_names_in_the_help_and_version_with_commit(capsys):
+    from cai.config.recipe import STAGES
+
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for flag in ("--only STAGE", "--from STAGE"):
+        text = out[out.index(flag, out.index("options:")) :][:300]
+        assert all(s in text for s in STAGES), (flag, text)
+    assert "--force" in out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    version = capsys.readouterr().out
+    assert version.startswith("cai ") and ("(commit " in version) == (ROOT / ".git").exists()
+
+
+def test_a_new_score_head_is_one_line_naming_the_role(capfd, tiny_dir):
+    from cai.runtime.models import load_model
+
+    load_model("tiny-random-llama", kind="seq_cls", role="preference model backbone")
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err  # the library's table is gone
+    lines = [ln for ln in (out + err).splitlines() if "score.weight" in ln]
+    assert lines == [
+        "[cai] preference model backbone 'tiny-random-llama': new scalar head (score.weight), randomly "
+        "initialised, to be trained"
+    ]
+
+
 def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main([])

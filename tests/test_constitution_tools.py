@@ -103,6 +103,8 @@ def test_probe_errors_name_file_and_line(root, tmp_path, body, line, words):
 
 
 def test_summary_table_and_require():
+    from cai.constitution.probes import required_failure
+
     rows = [
         {"principle": "a", "p_better": 0.9, "order_gap": 0.1},
         {"principle": "a", "p_better": 0.7, "order_gap": 0.3},
@@ -117,12 +119,26 @@ def test_summary_table_and_require():
     assert s["principles"]["b"]["accuracy"] == 0.25 and s["principles"]["b"]["status"] == "not applied"
     assert s["principles"]["c"]["status"] == "no probes"
     assert s["not_applied"] == ["b"] and s["untested"] == ["c"]
-    assert required_failures(s, ["a"]) == [] and required_failures(s, ["a", "b", "c"]) == ["b", "c"]
+    # two probes prove little: --require needs --min-probes (default 3) before it can pass
+    assert required_failures(s, ["a"]) == ["a"] and "2 probe(s), fewer than 3" in required_failure(s, "a")
+    assert required_failures(s, ["a"], min_probes=2) == []
+    assert required_failures(s, ["a", "b", "c"], min_probes=2) == ["b", "c"]
     table = format_table(s).splitlines()
-    assert table[0].split() == ["principle", "probes", "accuracy", "p(better)", "order", "gap", "status"]
-    assert table[2].split() == ["a", "2", "1.00", "0.800", "0.200", "ok"]
-    assert table[3].split() == ["b", "2", "0.25", "0.350", "0.500", "not", "applied"]
-    assert format_table(s, markdown=True).splitlines()[2] == "| a | 2 | 1.00 | 0.800 | 0.200 | ok |"
+    head = ["principle", "probes", "accuracy", "95%", "CI", "p(better)", "order", "gap", "status"]
+    assert table[0].split() == head
+    assert table[2].split() == [
+        "a",
+        "2",
+        "1.00",
+        "0.34-1.00",
+        "0.800",
+        "0.200",
+        "ok",
+    ]  # the CI is in the table
+    assert table[3].split() == ["b", "2", "0.25", "0.03-0.80", "0.350", "0.500", "not", "applied"]
+    assert (
+        format_table(s, markdown=True).splitlines()[2] == "| a | 2 | 1.00 | 0.34-1.00 | 0.800 | 0.200 | ok |"
+    )
     assert credit(0.5004) == 0.5 and credit(0.51) == 1.0 and credit(0.2) == 0.0
 
 
@@ -284,12 +300,47 @@ def test_lint_flags_planted_problems(root, tmp_path, capsys):
     assert any("[rarely-sampled]" in w and "'age-inappropriate'" in w for w in out.splitlines())
     assert (
         any("[few-probes]" in w and "'unlawful'" in w for w in out.splitlines()) is False
-    )  # no probe file beside it
+    )  # no probe file beside it: that itself is a warning
+    assert f"{f}: warning [no-probes]: no probe file (probes/edited.yaml" in out
     assert cli.main(["constitution", "lint", str(f), "--strict"]) == 1
     for name in SHIPPED:  # the shipped constitutions lint clean
         assert (
             cli.main(["constitution", "lint", str(root / "constitutions" / f"{name}.yaml"), "--strict"]) == 0
         )
+
+
+def test_a_missing_probe_file_fails_lint_strict(root, tmp_path, capsys):
+    f = _edited(root, tmp_path, lambda ps: None, "copy.yaml")  # a clean constitution, without its probes
+    assert cli.main(["constitution", "lint", str(f)]) == 0
+    assert cli.main(["constitution", "lint", str(f), "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "[no-probes]" in out and f"{f}: 1 warning(s)" in out
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "copy.yaml").write_text((root / "constitutions/probes/harmless-specific.yaml").read_text())
+    assert cli.main(["constitution", "lint", str(f), "--strict"]) == 0
+
+
+def test_near_duplicates_catch_a_principle_restated_in_other_words(root, tmp_path, capsys):
+    from cai.constitution.lint import cosine, tfidf_vectors
+
+    a, b, c = tfidf_vectors([["fraud", "money"], ["fraud", "money"], ["weather"]])
+    assert cosine(a, b) == pytest.approx(1.0) and cosine(a, c) == 0.0
+    # the README's financial-crime principle, added beside the shipped one under another id
+    restated = {
+        "id": "financial-crime-broad",
+        "critique": "Point out where the assistant's last response helps with fraud or money laundering.",
+        "revision": "Rewrite the response so that it gives no such help, while staying as helpful as possible.",
+        "feedback": "Which of these assistant responses is less likely to help someone commit a financial crime?",
+        "tags": ["crime", "finance"],
+    }
+    f = _edited(root, tmp_path, lambda ps: ps.append(restated), "restated.yaml")
+    cli.main(["constitution", "lint", str(f)])
+    dup = [w for w in capsys.readouterr().out.splitlines() if "[near-duplicate]" in w]
+    assert len(dup) == 1 and "'financial-crime' and 'financial-crime-broad'" in dup[0], dup
+    # a related but distinct principle (investment fraud) is not a duplicate
+    cli.main(["constitution", "lint", str(_added(root, tmp_path))])
+    assert "[near-duplicate]" not in capsys.readouterr().out
 
 
 def test_lint_context_length_and_threshold(root, tmp_path, tiny_dir, capsys):
@@ -458,12 +509,20 @@ def test_effect_flips_attributed_to_added_principle(in_root, tiny, tmp_path, mon
     assert res["pairs"] == 8 and res["pairs_total"] == 8  # the human-mix row is not an AI label
     per = res["per_principle"]["crypto-scams"]
     assert per["change"] == "added" and 0 < per["pairs"] == res["relabelled"] < 8
-    # Every pair that drew the added principle flips (its rule reverses the judge), and only those.
-    assert (
-        per["flips"] == res["flips"] == per["pairs"]
-        and per["flip_rate"] == 1.0
-        and res["unattributed_flips"] == []
-    )
+    # Every pair that drew the added principle flips (its rule reverses the judge), and only those; but fewer
+    # than 10 pairs drew it, so its rate is not measured, and the output says how to measure it.
+    assert per["flips"] == res["flips"] == per["pairs"] and res["unattributed_flips"] == []
+    assert per["flip_rate"] is None and not per["measured"] and not res["measured"]
+    out = capsys.readouterr().out
+    assert f"not measured: {per['pairs']} pair(s) drew it (fewer than 10); rerun with --draw-edited" in out
+    # --draw-edited labels every pair under the added principle: measured, and every pair flips
+    (tmp_path / "ten").mkdir()
+    pairs10 = _pairs_file(tmp_path / "ten", n=10)
+    args = ["constitution", "effect", hs, str(new), "--pairs", str(pairs10), "--model", "tiny-random-llama"]
+    assert cli.main([*args, "--draw-edited", "--out", str(tmp_path / "e2")]) == 0
+    per2 = json.loads((tmp_path / "e2" / "effect.json").read_text())["per_principle"]["crypto-scams"]
+    assert per2["measured"] and per2["pairs"] == 10 and per2["flip_rate"] == 1.0 and per2["ci95"][0] > 0.6
+    assert "flip rate 1.000 (95% CI" in capsys.readouterr().out
     assert (
         res["flip_rate"] == pytest.approx(res["flips"] / 8)
         and res["ci95"][0] < res["flip_rate"] < res["ci95"][1]
@@ -502,6 +561,8 @@ def test_effect_flips_attributed_to_added_principle(in_root, tiny, tmp_path, mon
     )
     assert res0["per_principle"] == {} and "flip rate 0.000" in capsys.readouterr().out
     assert res0["pm"]["agree_old"] == res0["pm"]["agree_new"] and res0["pm"]["agree_old_flipped"] is None
+    # no pair was relabelled: no conclusion about the PM
+    assert res0["pm"]["relabelled"] == 0 and res0["pm"]["verdict"].startswith("Not measured: 0 pair(s)")
     labels0 = [json.loads(x) for x in (tmp_path / "e0" / "labels.jsonl").read_text().splitlines()]
     assert all(r["p_old"] == r["p_new"] is not None for r in labels0)
     assert "Preference model agreement" in (tmp_path / "e0" / "effect.md").read_text()
@@ -518,6 +579,29 @@ def test_pm_agreement_counts():
         0.0,
         1.0,
     )
+
+
+def test_a_flip_crosses_half_by_more_than_the_margin():
+    from cai.constitution.effect import flipped
+
+    assert not flipped(0.499, 0.503)  # noise around 0.5 is not a change of preference
+    assert flipped(0.3, 0.7) and flipped(0.56, 0.44) and not flipped(0.56, 0.46)
+    assert flipped(0.499, 0.503, margin=0.0)
+
+
+def test_draw_edited_forces_the_edited_principle_into_coupled_draws(root, tmp_path):
+    from cai.constitution.effect import plan
+
+    old = load_constitution(root / "constitutions/harmless-specific.yaml")
+    new = load_constitution(_added(root, tmp_path, weight=1.0))
+    pairs = [{"id": f"p{i}", "messages": [], "response_a": "", "response_b": ""} for i in range(40)]
+    steps = plan(pairs, old, new, seed=0, k=2, draw_edited=True)
+    assert len(steps) == 40 and all(s["touched"] == ["crypto-scams"] for s in steps)
+    for s in steps:  # NEW = the added principle in the last slot of OLD's draw: the edit alone differs
+        assert s["new"][0].id == "crypto-scams" and [p.id for p in s["new"][1:]] == [
+            p.id for p in s["old"][:1]
+        ]
+    assert sum(s["new"][0].id == "crypto-scams" for s in plan(pairs, old, new, seed=0)) < 10
 
 
 def test_effect_pairs_errors_name_the_line(tmp_path):

@@ -15,7 +15,7 @@ HEAVY = {"torch", "transformers", "trl", "peft", "deepspeed", "vllm", "accelerat
 # Floors, top to bottom: a module imports only from its own floor or below.
 FLOORS = [
     {"cli"},
-    {"pipeline"},
+    {"pipeline", "preflight"},
     {"stages"},
     {"report"},
     {"eval"},

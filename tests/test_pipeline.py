@@ -30,6 +30,7 @@ class FakeStages:
         self.calls: list[str] = []
         self.ctxs: dict[str, object] = {}
         self.fail_once = set(fail_once or ())
+        self.vary: set[str] = set()  # stages whose output differs on every call (not reproducible)
 
     def load(self, stage: str):
         def run(ctx):
@@ -45,7 +46,12 @@ class FakeStages:
                 partial.write_text("half")
                 raise RuntimeError("killed half-way")
             resumed = partial.is_file()
-            (ctx.out_dir / "out.txt").write_text(str(hash("|".join(parts))))
+            text = str(hash("|".join(parts))) + (f"#{len(self.calls)}" if stage in self.vary else "")
+            (ctx.out_dir / "out.txt").write_text(text)
+            for name in STAGES[stage].outputs:  # what the output id hashes: the same text
+                out = ctx.out_dir / name if "." in name else ctx.out_dir / name / "out.txt"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(text)
             if stage == "feedback":
                 rows = read_jsonl(ctx.shared_path("responses.jsonl"))
                 if not rows:
@@ -107,21 +113,65 @@ def test_config_change_reruns_the_stage_and_everything_downstream(fake, recipe):
     assert fake.calls == []
 
 
-def test_only_and_from(fake, recipe, tmp_path):
+def test_only_and_from(fake, recipe, tmp_path, capsys):
     with pytest.raises(UserError, match="'feedback' needs 'critique_revise'"):
         pipeline.run(recipe(), only=["feedback"], quiet=True)
     pipeline.run(recipe(), quiet=True)
     fake.calls.clear()
-    pipeline.run(recipe(), only=["sft"], quiet=True)
-    assert fake.calls == ["sft"]  # --only reruns the named stage, nothing else
+    capsys.readouterr()
+    pipeline.run(recipe(), only=["sft"])
+    assert fake.calls == []  # --only runs a stage that is out of date; this one is not
+    out = capsys.readouterr().out
+    assert "sft: up to date, skipped" in out and "--force reruns it" in out
+    pipeline.run(recipe(), only=["sft"], force=True, quiet=True)
+    assert fake.calls == ["sft"]  # --force reruns it, nothing else
     fake.calls.clear()
-    pipeline.run(recipe(), quiet=True)  # its new output makes everything downstream stale
-    assert fake.calls == ["feedback", "preference_model", "ppo", "report"]
-    fake.calls.clear()
+    pipeline.run(recipe(), quiet=True)  # it wrote the same files: everything downstream is still fresh
+    assert fake.calls == []
     pipeline.run(recipe(), start="preference_model", quiet=True)
+    assert fake.calls == []
+    pipeline.run(recipe(), start="preference_model", force=True, quiet=True)
     assert fake.calls == ["preference_model", "ppo", "report"]
     with pytest.raises(UserError, match="unknown stage 'sfx'"):
         pipeline.run(recipe(), only=["sfx"], quiet=True)
+
+
+def test_a_rerun_that_writes_different_files_makes_what_follows_stale(fake, recipe):
+    fake.vary = {"sft"}
+    pipeline.run(recipe(), quiet=True)
+    fake.calls.clear()
+    pipeline.run(recipe(), only=["sft"], force=True, quiet=True)
+    assert fake.calls == ["sft"]
+    fake.calls.clear()
+    pipeline.run(recipe(), quiet=True)
+    assert fake.calls == ["feedback", "preference_model", "ppo", "report"]
+
+
+def test_contradictory_or_impossible_selections_are_errors(fake, recipe):
+    with pytest.raises(UserError, match="--only sft and --from ppo contradict each other"):
+        pipeline.run(recipe(), only=["sft"], start="ppo", quiet=True)
+    with pytest.raises(UserError, match="--only ppo: stage 'ppo' is not in this recipe's stages"):
+        pipeline.run(recipe("stages=[critique_revise, sft]"), only=["ppo"], quiet=True)
+    with pytest.raises(UserError, match="--from report: stage 'report' is not in"):
+        pipeline.run(recipe("stages=[critique_revise, sft]"), start="report", quiet=True)
+    assert fake.calls == []
+
+
+def test_output_ids_hash_content_not_time(tmp_path):
+    from cai.runtime.hashing import hash_outputs
+
+    d = tmp_path / "stage"
+    (d / "model").mkdir(parents=True)
+    (d / "model" / "w.bin").write_bytes(b"\x00\x01")
+    (d / "stats.json").write_text(json.dumps({"n": 3, "timing": {"gen": {"seconds": 1.5, "items": 3}}}))
+    (d / "metrics.jsonl").write_text('{"time/generate": 0.1}\n')
+    first = hash_outputs(d, ("model", "stats.json"))
+    (d / "stats.json").write_text(json.dumps({"n": 3, "timing": {"gen": {"seconds": 9.0, "items": 3}}}))
+    (d / "metrics.jsonl").write_text('{"time/generate": 0.7}\n')
+    assert hash_outputs(d, ("model", "stats.json")) == first  # timings and logs are not outputs
+    (d / "model" / "w.bin").write_bytes(b"\x00\x02")
+    assert hash_outputs(d, ("model", "stats.json")) != first
+    assert hash_outputs(d, ("absent",)) != hash_outputs(d, ("model",))
 
 
 def test_an_interrupted_stage_resumes_in_place_and_a_changed_one_starts_clean(fake, recipe, capsys):
@@ -162,7 +212,7 @@ def test_sweep_expands_into_arms_that_share_upstream_stages(fake, recipe):
     summary = json.loads((fake.run_dir / "summary.json").read_text())
     assert set(summary["seconds_by_arm"]) == {"shared", "kl_coef=0.02", "kl_coef=0.1", "report"}
     fake.calls.clear()
-    pipeline.run(r, quiet=True, arms=["kl_coef=0.1"], start="ppo")
+    pipeline.run(r, quiet=True, arms=["kl_coef=0.1"], start="ppo", force=True)
     assert fake.calls == ["arms/kl_coef=0.1/ppo", "report"]
 
 
@@ -279,7 +329,7 @@ def test_summary_lists_stages_times_and_key_metrics(fake, recipe, capsys):
     assert "ran" in line and "resumed=False" in line and "s " in line
 
 
-def test_real_tiny_run_completes_and_a_rerun_skips_every_stage(tiny_run, root, monkeypatch, capsys):
+def test_real_tiny_run_completes_and_a_rerun_skips_every_stage(tiny_run, root, monkeypatch, capsys, tmp_path):
     """The real stages, end to end (the session's tiny run), then the same recipe again: nothing reruns."""
     monkeypatch.chdir(root)
     recipe = load_run_recipe(tiny_run)
@@ -294,6 +344,16 @@ def test_real_tiny_run_completes_and_a_rerun_skips_every_stage(tiny_run, root, m
     out = capsys.readouterr().out
     assert out.count("up to date, skipped") == 6 and "0 stage(s) ran" in out
     assert "report: " in out and "ppo " in out
+    # the README's `--only critique_revise`, forced (on a copy: the session's run stays as it is): the same
+    # files again, so nothing after it goes stale
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    before = {s: read_manifest(copy / s)["output"] for s in BODY}
+    pipeline.run(recipe, run_dir=copy, only=["critique_revise", "sft"], force=True, quiet=True)
+    assert {s: read_manifest(copy / s)["output"] for s in BODY} == before
+    capsys.readouterr()
+    pipeline.run(recipe, run_dir=copy)
+    assert capsys.readouterr().out.count("up to date, skipped") == 6
 
 
 def test_editing_a_pm_spec_setting_changes_the_preference_model_fingerprint(tmp_path, tiny_recipe, root):

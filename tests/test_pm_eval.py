@@ -28,7 +28,7 @@ def _check(result_path, n, tags):
     assert res["n"] == n and set(res["per_tag"]) == set(tags)
     lo, hi = res["ci95"]
     assert 0 <= lo <= res["accuracy"] <= hi <= 1 and res["chance"] == pytest.approx(0.5)
-    assert 0 <= res["ece"] <= 1 and sum(b["n"] for b in res["reliability"]) == 2 * n
+    assert 0 <= res["ece"] <= 1 and sum(b["n"] for b in res["reliability"]) == n  # items, not mirrored twice
     png = result_path.with_name(result_path.stem + "-reliability.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = result_path.with_suffix(".md").read_text()
@@ -153,13 +153,28 @@ def test_suite_file_with_a_bad_row_names_the_line(tmp_path):
     )
 
 
+def test_small_samples_get_honest_intervals_and_a_warning(capsys):
+    """`pm eval --limit 8` printed 0.000 (95% CI 0.000-0.000): a bootstrap of eight zeros."""
+    from cai.cli.evaluate import _print
+
+    s = summarise([0.0] * 8, [[0.4, 0.6]] * 8, [0] * 8, ["t"] * 8)
+    assert s["ci95"] == [0.0, pytest.approx(0.3244, abs=1e-4)] and s["small_sample"]  # Wilson, 0 of 8
+    assert s["per_tag"]["t"]["ci95"] == s["ci95"] and sum(b["n"] for b in s["reliability"]) == 8
+    _print({"kind": "pm", "suite": "x", **s})
+    out = capsys.readouterr()
+    assert "accuracy 0.000 (95% CI 0.000-0.324, chance 0.500, n=8)" in out.out
+    assert "t: 0.000 (95% CI 0.000-0.324, n=8)" in out.out
+    assert "warning: only 8 items (fewer than 30)" in out.err
+    assert not summarise([1.0] * 30, [[0.9, 0.1]] * 30, [0] * 30, ["t"] * 30)["small_sample"]
+
+
 def test_statistics_by_hand():
     assert ece([0.8] * 10, [1.0] * 8 + [0.0] * 2) == pytest.approx(0.0)
     assert ece([0.9] * 10, [1.0] * 5 + [0.0] * 5) == pytest.approx(0.4)
     bins = reliability_bins([0.05, 0.95, 0.97], [0.0, 1.0, 0.0])
     assert bins[0]["n"] == 1 and bins[9]["n"] == 2 and bins[9]["freq"] == 0.5
-    ps, ys = calibration_points([[0.7, 0.3]], [0])
-    assert ps == [0.7, 0.3] and ys == [1.0, 0.0]
+    ps, ys = calibration_points([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5], [0.1, 0.3, 0.6]], [0, 0, 0, 2])
+    assert ps == [0.7, 0.8, 0.5, 0.6] and ys == [1.0, 0.0, 0.5, 1.0]  # one point per item: confidence, right?
     lo, hi = bootstrap_ci([1.0] * 30 + [0.0] * 10, seed=1)
     assert lo < 0.75 < hi and hi - lo < 0.4
     s = summarise(

@@ -291,7 +291,7 @@ def test_stage_writes_metrics_and_policy(tmp_path, tiny_recipe, tiny_dir, monkey
     # a bad prompts file names its line
     (rdir / "critique_revise" / "prompts.jsonl").write_text('{"id": "x", "messages": []}\n')
     with pytest.raises(UserError, match="prompts.jsonl:1"):
-        run(recipe, only=["ppo"])
+        run(recipe, only=["ppo"], force=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

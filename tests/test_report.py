@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
 from pathlib import Path
 
 from cai.cli.main import main
-from cai.runtime.rundir import read_manifest
+from cai.runtime.rundir import read_jsonl, read_manifest
 
 SECTIONS = [
     "## Stages",
@@ -61,6 +62,42 @@ def test_report_of_a_tiny_run_has_every_section(tiny_run):
     assert fit["n"] >= 2 and set(fit) >= {"a", "b", "r2"}
     m = read_manifest(rep)
     assert m["status"] == "complete" and "win_rate" in m["summary"]
+
+
+def test_ppo_logs_a_non_negative_kl_for_the_fit_and_the_report_says_which(tiny_run):
+    rows = read_jsonl(tiny_run / "ppo" / "metrics.jsonl")
+    assert rows and all("objective/kl" in r for r in rows)  # the reward's own estimator, as before
+    for r in rows:
+        assert r["objective/kl_k3"] >= 0 and r["objective/sqrt_kl"] == math.sqrt(r["objective/kl_k3"])
+    md = (tiny_run / "report" / "report.md").read_text()
+    assert "`objective/kl_k3`, the k3 estimate (never negative)" in md
+    assert "the reward's KL penalty used the k1 estimator (`objective/kl`)" in md
+
+
+def test_the_report_says_what_ran_and_flags_small_samples_and_an_unchecked_judge(tiny_run, root):
+    from cai.runtime.hashing import sha256_file
+    from cai.runtime.rundir import read_run_info, update_run_info
+
+    md = (tiny_run / "report" / "report.md").read_text()
+    what = md[md.index("## What ran") : md.index("## Stages")]
+    assert sha256_file(root / "recipes/tiny.yaml")[:16] in what and "recipes/tiny.yaml" in what
+    assert sha256_file(root / "constitutions/harmless-specific.yaml")[:16] in what
+    assert "| seed | 0 |" in what and "| cai | 0.1" in what and "torch " in what and "transformers " in what
+    assert "--set feedback.check_set=" in what
+    # n beside every proportion, marked when small; the held-out PM accuracy is a proportion too
+    assert re.search(
+        r"held-out pair accuracy \(AI labels\) \[95% CI\] \| [01]\.\d+ \[[0-9.]+, [0-9.]+\] \(n = \d+, small\)",
+        md,
+    )
+    assert "(n = 4, small)" in md and "only 4 held-out prompts (fewer than 30)" in md
+    check = json.loads((tiny_run / "feedback" / "check.json").read_text())
+    if not check["above_chance"]:  # the judge is the feedback model, and it failed its check
+        assert "**Caveat (†):** the judge `tiny-random-llama` failed its labeller check" in md
+        assert md.count("(n = 4, small) †") == 2
+    # run.json is a dict others extend: a key another writer put there survives the next update
+    update_run_info(tiny_run, {"run_token": "abc"})
+    update_run_info(tiny_run, {"seed": 0})
+    assert read_run_info(tiny_run)["run_token"] == "abc" and read_run_info(tiny_run)["recipe"]["sha256"]
 
 
 def test_cai_report_rebuilds_a_run_and_rejects_a_non_run(tiny_run, tmp_path, capsys):
@@ -152,7 +189,9 @@ def test_a_missing_arm_constitution_is_a_user_error_before_anything_runs(tmp_pat
     finally:
         os.chdir(old)
     err = capsys.readouterr().err
-    assert err.startswith("error: arm 'x': feedback_constitution: file not found: nope.yaml")
+    assert err.startswith(
+        f"error: --set {bad}: arm 'x': key 'feedback_constitution': file not found: nope.yaml"
+    )
     assert not (tmp_path / "r" / "critique_revise").exists()
 
 

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from cai.cli.options import add_labeller_flags, add_model_flags, labeller_config, settings_of, validate_each
-from cai.constitution import effect, probes
+from cai.constitution import effect, effect_report, probes
 from cai.constitution.fewshot import feedback_examples
-from cai.constitution.lint import lint
+from cai.constitution.lint import NEAR_DUPLICATE, lint
 from cai.constitution.schema import format_diff, import_paper, json_schema, load_constitution, show, to_yaml
 from cai.errors import UserError
 from cai.feedback.labeller import build_labeller
@@ -88,7 +88,7 @@ def _cmd_test(a) -> int:
     if summary["untested"]:
         print(f"no probes: {', '.join(summary['untested'])}")
     out = Path(a.out or Path("runs") / "constitution-test" / Path(a.constitution).stem)
-    failed = probes.required_failures(summary, a.require or [])
+    failed = probes.required_failures(summary, a.require or [], a.min_probes)
     result = {
         "constitution": c.name,
         "file": str(a.constitution),
@@ -99,6 +99,7 @@ def _cmd_test(a) -> int:
         "max_probes": a.max_probes,
         **summary,
         "required": a.require or [],
+        "min_probes": a.min_probes,
         "required_failed": failed,
         "jobs": rows,
     }
@@ -109,13 +110,21 @@ def _cmd_test(a) -> int:
     )
     print(f"wrote {out / 'test.json'} and {out / 'test.md'}")
     if failed:
-        print(f"FAIL: required principle(s) not applied: {', '.join(failed)}", file=sys.stderr)
+        why = "; ".join(f"{pid}: {probes.required_failure(summary, pid, a.min_probes)}" for pid in failed)
+        print(f"FAIL: required principle(s) not shown to be applied: {why}", file=sys.stderr)
         return 1
     return 0
 
 
 def _cmd_lint(a) -> int:
-    warns = lint(a.file, threshold=a.threshold, model=a.model, probes_file=a.probes, few_shot=a.few_shot)
+    warns = lint(
+        a.file,
+        threshold=a.threshold,
+        model=a.model,
+        probes_file=a.probes,
+        few_shot=a.few_shot,
+        settings=settings_of(a),
+    )
     for w in warns:
         print(w.format(a.file))
     print(f"{a.file}: {len(warns)} warning(s)")
@@ -147,10 +156,13 @@ def _cmd_effect(a) -> int:
         num_principles=a.num_principles,
         top=a.top,
         all_pairs=a.all_pairs or bool(a.pm),
+        draw_edited=a.draw_edited,
+        margin=a.flip_margin,
+        min_pairs=a.min_pairs,
     )
     if a.pm:
         scores = pm_scores(a.pm, rows, a.score_batch_size, settings_of(a))
-        summary["pm"] = effect.pm_agreement(rows, scores, a.pm)
+        summary["pm"] = effect.pm_agreement(rows, scores, a.pm, a.min_pairs)
     out = Path(a.out or Path("runs") / "constitution-effect" / f"{Path(a.old).stem}-vs-{Path(a.new).stem}")
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -158,41 +170,25 @@ def _cmd_effect(a) -> int:
         "new": str(a.new),
         "pairs_file": str(a.pairs),
         "pairs_total": len(every),
+        "sampled": len(pairs),
         "model": a.model,
         "seed": a.seed,
         "both_orders": a.both_orders,
         "num_principles": a.num_principles,
+        "margin": a.flip_margin,
     }
     effect.write_histogram(rows, out / "delta_p.png", f"{Path(a.old).stem} → {Path(a.new).stem}")
     (out / "effect.md").write_text(
-        effect.report_markdown(summary, rows, meta, format_diff(old, new)), encoding="utf-8"
+        effect_report.report_markdown(summary, rows, meta, format_diff(old, new)), encoding="utf-8"
     )
     write_json(out / "effect.json", {**meta, **summary})
     with open(out / "labels.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
             kept = {k: v for k, v in r.items() if k not in ("messages", "response_a", "response_b")}
             f.write(json.dumps(kept) + "\n")
-    _print_effect(summary)
+    print("\n".join(effect_report.summary_lines(summary)))
     print(f"wrote {out / 'effect.md'}, {out / 'effect.json'}, {out / 'delta_p.png'}, {out / 'labels.jsonl'}")
     return 0
-
-
-def _print_effect(s: dict) -> None:
-    lo, hi = s["ci95"]
-    print(
-        f"pairs {s['pairs']}  relabelled {s['relabelled']}  flips {s['flips']}  "
-        f"flip rate {s['flip_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f})  mean |dp| {s['mean_abs_dp']:.4f}"
-    )
-    for pid, r in s["per_principle"].items():
-        rate = "-" if r["flip_rate"] is None else f"{r['flip_rate']:.3f}"
-        print(f"  {pid:24s} {r['change']:28s} drew {r['pairs']:4d}  flips {r['flips']:4d}  rate {rate}")
-    if s["unattributed_flips"]:
-        print(f"  flips not attributable to an edited principle: {len(s['unattributed_flips'])}")
-    if "pm" in s:
-        pm = s["pm"]
-        print(
-            f"PM agreement: old labels {pm['agree_old']:.3f}, new labels {pm['agree_new']:.3f}. {pm['verdict']}"
-        )
 
 
 def _labeller_command(cs, name: str, help: str):
@@ -232,7 +228,19 @@ def register(sub) -> None:
     )
     t.add_argument("constitution", metavar="CONSTITUTION", help="constitution YAML")
     t.add_argument("--probes", help="probe file (default: probes/<name>.yaml beside the constitution)")
-    t.add_argument("--require", action="append", metavar="ID", help="exit 1 unless this principle is applied")
+    t.add_argument(
+        "--require",
+        action="append",
+        metavar="ID",
+        help="exit 1 unless this principle is applied (accuracy > 0.5) on at least --min-probes probes",
+    )
+    t.add_argument(
+        "--min-probes",
+        type=int,
+        default=probes.MIN_PROBES,
+        metavar="N",
+        help=f"probes a --require'd principle needs (default {probes.MIN_PROBES})",
+    )
     t.add_argument(
         "--max-probes", type=int, metavar="N", help="at most N probes per principle (a quick check)"
     )
@@ -246,12 +254,20 @@ def register(sub) -> None:
     lt.add_argument("--strict", action="store_true", help="exit 1 when there is any warning")
     lt.add_argument("--model", help="model whose context length the rendered prompts must fit")
     lt.add_argument(
-        "--threshold", type=float, default=0.5, help="near-duplicate overlap threshold (default 0.5)"
+        "--threshold",
+        type=float,
+        default=NEAR_DUPLICATE,
+        help=f"near-duplicate threshold of the TF-IDF similarity of two principles (default {NEAR_DUPLICATE})",
     )
     lt.add_argument("--probes", help="probe file (default: probes/<name>.yaml beside the constitution)")
     lt.add_argument("--few-shot", action="append", metavar="FILE", help="also render with this few-shot file")
+    add_model_flags(lt)
     lt.set_defaults(func=_cmd_lint)
 
+    _effect_command(cs)
+
+
+def _effect_command(cs) -> None:
     e = _labeller_command(
         cs, "effect", "re-label a run's pairs under OLD and NEW: flip rate, attribution, |dp|"
     )
@@ -266,6 +282,24 @@ def register(sub) -> None:
     )
     e.add_argument(
         "--all-pairs", action="store_true", help="also label pairs the edit cannot change (implied by --pm)"
+    )
+    e.add_argument(
+        "--draw-edited",
+        action="store_true",
+        help="label every pair under each edited principle (forced into both draws, so OLD and NEW still "
+        "differ by the edit alone): measures a principle that few pairs draw",
+    )
+    e.add_argument(
+        "--min-pairs",
+        type=int,
+        default=effect.MIN_PAIRS,
+        help=f"an edited principle drawn by fewer pairs is 'not measured' (default {effect.MIN_PAIRS})",
+    )
+    e.add_argument(
+        "--flip-margin",
+        type=float,
+        default=effect.FLIP_MARGIN,
+        help=f"a flip: p(A) crosses 0.5 by more than this on both sides (default {effect.FLIP_MARGIN})",
     )
     e.add_argument("--top", type=int, default=5, help="flipped pairs shown in the report")
     e.add_argument("--out", help="report folder (default runs/constitution-effect/<old>-vs-<new>)")

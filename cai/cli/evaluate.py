@@ -15,6 +15,7 @@ from cai.eval.measure import evaluate_feedback, evaluate_pm
 from cai.eval.suites import SUITE_DIR
 from cai.report.build import RunIndex, build
 from cai.report.klfit import kl_reward
+from cai.stats import small_n_note
 
 DEFAULT_OUT = "runs/eval"
 
@@ -31,7 +32,10 @@ def _print(result: dict) -> None:
         line += f", mean order gap {result['mean_order_gap']:.3f}"
     print(line)
     for tag, row in result["per_tag"].items():
-        print(f"  {tag}: {row['accuracy']:.3f} (n={row['n']})")
+        tlo, thi = row["ci95"]
+        print(f"  {tag}: {row['accuracy']:.3f} (95% CI {tlo:.3f}-{thi:.3f}, n={row['n']})")
+    if small_n_note(result["n"]):
+        print(f"warning: {small_n_note(result['n'])}", file=sys.stderr)
     if "files" in result:
         print(f"wrote {result['files']['json']}, {result['files']['markdown']}, {result['files']['png']}")
 
@@ -72,8 +76,10 @@ def _cmd_kl_reward(a) -> int:
             sign = "-" if s["b"] < 0 else "+"
             print(
                 f"{s['label']}: score = {s['a']:.4g} {sign} {abs(s['b']):.4g}·sqrt(KL)  R²={s['r2']:.3f}  "
-                f"n={s['n']}  max KL={s['kl_max']:.3g}"
+                f"n={s['n']}  max KL={s['kl_max']:.3g}  (KL: {s['kl_key']}, {s['kl']})"
             )
+        if s["note"]:
+            print(f"note: {s['label']}: {s['note']}", file=sys.stderr)
         if s["warning"]:
             print(f"warning: {s['label']}: {s['warning']}", file=sys.stderr)
     print(f"wrote {result['png']} and {Path(out) / 'kl_reward.json'}")

@@ -11,29 +11,37 @@ import argparse
 import json
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 from cai import pipeline
 from cai.cli import constitution, evaluate
-from cai.cli.options import validate_each
+from cai.cli.options import add_model_flags, settings_of, validate_each
 from cai.config.load import load_recipe
 from cai.config.recipe import STAGES, Recipe
 from cai.errors import UserError
+from cai.preflight import preflight
 from cai.runtime import distributed as dist
 from cai.runtime.models import list_models, load_model, load_tokenizer, prepare
+from cai.runtime.rundir import code_version
 
 
 def _cmd_run(a) -> int:
     recipe = load_recipe(a.recipe, a.set)
-    rdir = pipeline.run(recipe, run_dir=a.run_dir, only=a.only, start=a.start, arms=a.arm)
+    rdir = pipeline.run(recipe, run_dir=a.run_dir, only=a.only, start=a.start, force=a.force, arms=a.arm)
     if dist.is_main():
         print(f"[cai] run directory: {rdir}")
     dist.shutdown()  # multi-process: all ranks done, leave the process group cleanly
     return 0
 
 
+def _checked_recipe(path: str) -> Recipe:
+    """A recipe that loads and whose files and models are all there (the preflight of `cai run`)."""
+    recipe = load_recipe(path)
+    preflight(recipe)
+    return recipe
+
+
 def _cmd_recipe_validate(a) -> int:
-    return validate_each(a.files, load_recipe, lambda r: f"{r.name}: {', '.join(r.stages)}")
+    return validate_each(a.files, _checked_recipe, lambda r: f"{r.name}: {', '.join(r.stages)}")
 
 
 def _cmd_recipe_schema(a) -> int:
@@ -52,22 +60,34 @@ def _cmd_models_prepare(a) -> int:
     t0 = time.time()
     path = prepare(a.name)
     t1 = time.time()
-    load_tokenizer(a.name)
-    load_model(a.name)
+    load_tokenizer(a.name, settings_of(a))
+    load_model(a.name, settings_of(a))
     print(f"{a.name}: ready at {path} (prepare {t1 - t0:.1f}s, load {time.time() - t1:.1f}s)")
     return 0
 
 
 def cai_version() -> str:
-    try:
-        return version("cai")
-    except PackageNotFoundError:  # a source tree that was never installed
-        return "unknown"
+    """'0.1.0', with the commit when cai runs from a git checkout ('0.1.0 (commit 1a2b3c4d, modified)')."""
+    v = code_version()
+    if not v["commit"]:
+        return v["version"]
+    return f"{v['version']} (commit {v['commit'][:8]}{', modified' if v['modified'] else ''})"
+
+
+class _Version(argparse.Action):
+    """--version, worked out only when asked (it may run git)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"cai {cai_version()}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cai", description="Constitutional AI and RLHF training from recipes.")
-    p.add_argument("--version", action="version", version=f"cai {cai_version()}")
+    p.add_argument("--version", action=_Version, help="print cai's version (and commit) and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     names = ", ".join(STAGES)
 
@@ -77,9 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("recipe", metavar="RECIPE", help="recipe YAML")
     r.add_argument("--run-dir", help="run directory (default runs/<name>)")
     r.add_argument(
-        "--only", action="append", metavar="STAGE", help=f"run only this stage (repeatable): {names}"
+        "--only",
+        action="append",
+        metavar="STAGE",
+        help=f"run only this stage when it is out of date (repeatable): {names}",
     )
-    r.add_argument("--from", dest="start", metavar="STAGE", help=f"rerun from this stage on: {names}")
+    r.add_argument(
+        "--from",
+        dest="start",
+        metavar="STAGE",
+        help=f"run this stage and the later ones that are out of date: {names}",
+    )
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="rerun the selected stages (all, or --only/--from) even when up to date",
+    )
     r.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. ppo.kl_coef=0.1"
     )
@@ -91,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc = sub.add_parser("recipe", help="check recipes").add_subparsers(
         dest="sub", required=True, metavar="SUB"
     )
-    v = rc.add_parser("validate", help="validate recipe files; every file given is checked")
+    v = rc.add_parser(
+        "validate",
+        help="check recipe files: the schema, and every file and model they name (as `cai run` does first)",
+    )
     v.add_argument("files", nargs="+", metavar="FILE", help="recipe YAML files")
     v.set_defaults(func=_cmd_recipe_validate)
     rc.add_parser("schema", help="print the recipe JSON Schema").set_defaults(func=_cmd_recipe_schema)
@@ -101,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_parser("list", help="list aliases and whether they are cached").set_defaults(func=_cmd_models_list)
     pr = ms.add_parser("prepare", help="convert/cache an alias once (e.g. smollm2-135m-instruct)")
     pr.add_argument("name", metavar="ALIAS", help="a built-in model alias (see `cai models list`)")
+    add_model_flags(pr)
     pr.set_defaults(func=_cmd_models_prepare)
 
     constitution.register(sub)

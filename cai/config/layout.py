@@ -27,18 +27,22 @@ from cai.runtime.hashing import hash_json
 @dataclass(frozen=True)
 class StageSpec:
     """What a stage reads: recipe keys, upstream stages, and the keys that decide the work it may share between
-    arms (with the upstream outputs it reads)."""
+    arms (with the upstream outputs it reads); and what it writes for later stages: the files and folders whose
+    content is its output id (logs, checkpoints and plots are not part of it)."""
 
     reads: tuple[str, ...]
     inputs: tuple[str, ...]
     shared: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
 
 
 STAGES: dict[str, StageSpec] = {
     "critique_revise": StageSpec(
-        ("settings", "models.policy", "constitution", "prompts", "generation", "critique_revise"), ()
+        ("settings", "models.policy", "constitution", "prompts", "generation", "critique_revise"),
+        (),
+        outputs=("prompts.jsonl", "held_out.jsonl", "data.jsonl", "stats.json"),
     ),
-    "sft": StageSpec(("settings", "models.policy", "sft"), ("critique_revise",)),
+    "sft": StageSpec(("settings", "models.policy", "sft"), ("critique_revise",), outputs=("model",)),
     "feedback": StageSpec(
         ("settings", "models.policy", "models.feedback", "feedback_constitution", "generation", "feedback"),
         ("critique_revise", "sft"),
@@ -50,9 +54,12 @@ STAGES: dict[str, StageSpec] = {
             "feedback.generation",
             "generation",
         ),
+        outputs=("pairs.jsonl", "check.json"),
     ),
-    "preference_model": StageSpec(("settings", "preference_model"), ("feedback",)),
-    "ppo": StageSpec(("settings", "ppo"), ("critique_revise", "sft", "preference_model")),
+    "preference_model": StageSpec(("settings", "preference_model"), ("feedback",), outputs=("model",)),
+    "ppo": StageSpec(
+        ("settings", "ppo"), ("critique_revise", "sft", "preference_model"), outputs=("policy",)
+    ),
     "report": StageSpec(
         (
             "settings",
@@ -89,12 +96,24 @@ def run_dir_of(recipe: Recipe, override: str | None = None) -> Path:
 
 
 def select_stages(recipe: Recipe, only: list[str] | None, start: str | None) -> list[str]:
-    for s in (only or []) + ([start] if start else []):
+    """The stages `--only` and `--from` select, in pipeline order; a selection that names an unknown stage, a
+    stage the recipe does not run, or `--only` stages before `--from` (nothing would run) is an error."""
+    for flag, s in [("--only", s) for s in only or []] + ([("--from", start)] if start else []):
         if s not in ORDER:
-            raise UserError(f"unknown stage '{s}'; stages: {', '.join(ORDER)}")
+            raise UserError(f"{flag} {s}: unknown stage '{s}'; stages: {', '.join(ORDER)}")
+        if s not in recipe.stages:
+            raise UserError(
+                f"{flag} {s}: stage '{s}' is not in this recipe's stages ({', '.join(recipe.stages)})"
+            )
     stages = [s for s in ORDER if s in recipe.stages]
     if start:
-        stages = stages[stages.index(start) :] if start in stages else []
+        before = [s for s in only or [] if ORDER.index(s) < ORDER.index(start)]
+        if before:
+            raise UserError(
+                f"--only {before[0]} and --from {start} contradict each other: {before[0]} comes before {start}, "
+                "so nothing would run; give one of them"
+            )
+        stages = stages[stages.index(start) :]
     if only:
         stages = [s for s in stages if s in only]
     return stages

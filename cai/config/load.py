@@ -8,6 +8,7 @@ import difflib
 import json
 import os
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ from pydantic import ValidationError
 
 from cai.config.fields import Ref
 from cai.config.recipe import Recipe
-from cai.errors import UserError
-from cai.yamlio import load_yaml, model_in, validation_error
+from cai.errors import UserError, where
+from cai.yamlio import line_of, load_yaml, model_in, validation_error
 
 RECIPE_FILE = "recipe.json"
 
@@ -146,6 +147,23 @@ def _anchor_dotted(value, base: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- load
+@dataclass(frozen=True)
+class RecipeSource:
+    """Where a recipe was read from: its file, the line of every key, and the `--set` items by dotted key."""
+
+    path: Path
+    lines: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
+
+    def locate(self, loc: tuple) -> str:
+        """'--set KEY=VALUE' when an override set this key (or a block above it), else 'file:line'."""
+        for n in range(len(loc), 0, -1):
+            key = ".".join(str(p) for p in loc[:n] if not isinstance(p, int))
+            if key in self.overrides:
+                return f"--set {self.overrides[key]}"
+        return where(self.path, line_of(self.lines, loc))
+
+
 def apply_overrides(data: dict, overrides: list[str] | None, base: Path | None = None) -> None:
     """`--set key.path=value` items into raw recipe data; file references in them are relative to `base`
     (default: the current directory)."""
@@ -177,7 +195,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     anchor_refs(data, Recipe, path.resolve().parent)
     apply_overrides(data, overrides)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         err = validation_error(path, exc, lines, Recipe)
         for item in overrides or []:  # a bad --set value is reported as such, not at a line of the file
@@ -185,6 +203,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             if any(f"'{key}{end}" in str(err) for end in ("'", ".", "[")):
                 raise validation_error(f"--set {item}", exc, {}, Recipe) from None
         raise err from None
+    sets = {item.partition("=")[0].strip(): item for item in overrides or []}
+    recipe._source = RecipeSource(path, lines, sets)
+    return recipe
 
 
 def load_run_recipe(run_dir: str | Path) -> Recipe:

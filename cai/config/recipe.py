@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from cai.config.blocks import (
     CritiqueReviseConfig,
@@ -138,6 +138,7 @@ class Recipe(Strict):
     sweep: dict[str, list[Any]] | None = Field(
         None, description="A sweep over one or more dotted keys, run as arms."
     )
+    _source: Any = PrivateAttr(default=None)  # cai.config.load.RecipeSource: for messages naming file:line
 
     @field_validator("stages")
     @classmethod
@@ -145,6 +146,11 @@ class Recipe(Strict):
         if list(stages) != [s for s in STAGES if s in stages]:
             raise ValueError(f"stages must follow the pipeline order {', '.join(STAGES)}, each once")
         return stages
+
+    @property
+    def source(self):
+        """The file, key lines and `--set` overrides it was loaded from (None for a recipe built in code)."""
+        return self._source
 
     @property
     def settings(self) -> Settings:

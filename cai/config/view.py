@@ -25,12 +25,15 @@ from cai.config.pm_spec import effective_pm_config
 from cai.config.recipe import Recipe
 from cai.runtime.hashing import sha256_file
 
+# A key whose value falls back to other keys: the first one set in the recipe gives it.
+FALLBACKS = {
+    "models.feedback": ("models.feedback", "models.policy"),
+    "models.judge": ("models.judge", "models.feedback", "models.policy"),
+    "models.reward_backbone": ("models.reward_backbone", "models.policy"),
+    "feedback_constitution": ("feedback_constitution", "constitution"),
+}
 RESOLVED = {
     "settings": lambda r: r.settings,
-    "models.feedback": lambda r: r.models.feedback or r.models.policy,
-    "models.judge": lambda r: r.models.judge or r.models.feedback or r.models.policy,
-    "models.reward_backbone": lambda r: r.models.reward_backbone or r.models.policy,
-    "feedback_constitution": lambda r: r.feedback_constitution or r.constitution,
     "preference_model": lambda r: effective_pm_config(
         r.preference_model, r.models.policy, r.models.reward_backbone
     ),
@@ -41,14 +44,24 @@ class UndeclaredRead(RuntimeError):
     """A stage read a recipe key it does not declare."""
 
 
-def value_of(recipe: Recipe, key: str) -> Any:
-    """A dotted key's value with its fallback resolved (see the module docstring)."""
-    if key in RESOLVED:
-        return RESOLVED[key](recipe)
+def source_key(recipe: Recipe, key: str) -> str:
+    """The key whose value `key` takes: itself, or the first of its fallbacks that the recipe sets."""
+    chain = FALLBACKS.get(key, (key,))
+    return next((k for k in chain if _raw(recipe, k)), chain[-1])
+
+
+def _raw(recipe: Recipe, key: str) -> Any:
     node: Any = recipe
     for part in key.split("."):
         node = getattr(node, part)
     return node
+
+
+def value_of(recipe: Recipe, key: str) -> Any:
+    """A dotted key's value with its fallback resolved (see the module docstring)."""
+    if key in RESOLVED:
+        return RESOLVED[key](recipe)
+    return _raw(recipe, source_key(recipe, key))
 
 
 class RecipeView:

@@ -14,6 +14,13 @@ Because a principle's key depends only on (seed, pair, its own id, its weight):
   pairs whose old or new draw contains it; rewording one changes only the pairs that drew it.
 A pair whose drawn principles have the same feedback texts under OLD and NEW has, by construction, the same
 prompt: it is labelled once and shares that label (no second forward pass, no floating-point noise).
+
+An edited principle that few pairs draw is not measured: below `min_pairs` its result is "not measured: N
+pairs drew it", with what to do. `draw_edited` measures it anyway: every pair is labelled once per edited
+principle with that principle forced into both draws where it exists (an added principle takes the last slot
+of the pair's OLD draw, exactly what happens when it wins the race; a removed one is forced into OLD only), so
+OLD and NEW still differ by the edit alone, and the rates are conditional on drawing the principle. A flip is a
+label that crosses 0.5 by more than `margin` on both sides (0.499 → 0.503 is not one).
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ from pathlib import Path
 from cai.constitution.schema import diff
 from cai.errors import UserError
 from cai.feedback.labeller import PairToLabel
-from cai.markdown import quote
 from cai.plots import delta_histogram
 from cai.stats import wilson_ci
 from cai.yamlio import iter_jsonl
+
+MIN_PAIRS = 10  # an edited principle drawn by fewer pairs is "not measured"
+FLIP_MARGIN = 0.05  # a flip crosses 0.5 by more than this on both sides
 
 
 def race_key(seed: int, pair_id: str, principle_id: str, weight: float) -> float:
@@ -38,10 +47,28 @@ def race_key(seed: int, pair_id: str, principle_id: str, weight: float) -> float
     return -math.log(u) / weight
 
 
+def ranked(constitution, pair_id: str, seed: int) -> list:
+    """Every principle in the order of this pair's race (smallest key first)."""
+    return sorted(constitution.principles, key=lambda p: (race_key(seed, pair_id, p.id, p.weight), p.id))
+
+
 def draw(constitution, pair_id: str, seed: int, k: int = 1) -> list:
     """The k principles this pair draws from the constitution (coupled weighted sampling, see module doc)."""
-    ranked = sorted(constitution.principles, key=lambda p: (race_key(seed, pair_id, p.id, p.weight), p.id))
-    return ranked[: max(1, min(k, len(ranked)))]
+    order = ranked(constitution, pair_id, seed)
+    return order[: max(1, min(k, len(order)))]
+
+
+def forced_draws(old, new, pid: str, kind: str, pair_id: str, seed: int, k: int = 1) -> tuple[list, list]:
+    """(OLD draw, NEW draw) of a pair with the edited principle `pid` forced in: first in both where it exists,
+    the other k-1 slots from the pair's own race, so the two differ by the edit alone."""
+    k = max(1, k)
+    ro, rn = ranked(old, pair_id, seed), ranked(new, pair_id, seed)
+    rest_o, rest_n = [p for p in ro if p.id != pid], [p for p in rn if p.id != pid]
+    if kind == "added":
+        return ro[:k], [new.by_id()[pid]] + rest_n[: k - 1]
+    if kind == "removed":
+        return [old.by_id()[pid]] + rest_o[: k - 1], rn[:k]
+    return [old.by_id()[pid]] + rest_o[: k - 1], [new.by_id()[pid]] + rest_n[: k - 1]
 
 
 def prompt_key(principles) -> tuple:
@@ -97,24 +124,40 @@ def sample_pairs(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
     return [r for i, r in enumerate(rows) if i in keep]
 
 
-def plan(pairs: list[dict], old, new, seed: int, k: int = 1) -> list[dict]:
-    """Per pair: the OLD and NEW draws, whether NEW needs its own label, and the edited principles it touches."""
+def edits(old, new) -> dict[str, str]:
+    """{principle id: 'added' | 'removed' | 'changed: field, ...'} of an edit."""
     d = diff(old, new)
-    edited = {pid: kind for kind in ("added", "removed") for pid in d[kind]}
-    edited.update({pid: "changed" for pid in d["changed"]})
+    out = {pid: kind for kind in ("added", "removed") for pid in d[kind]}
+    out.update({pid: "changed: " + ", ".join(fields) for pid, fields in d["changed"].items()})
+    return out
+
+
+def _step(pair: dict, po: list, pn: list, touched: list[str], forced: str | None = None) -> dict:
+    return {
+        "pair": pair,
+        "old": po,
+        "new": pn,
+        "same_prompt": prompt_key(po) == prompt_key(pn),
+        "touched": touched,
+        "forced": forced,
+    }
+
+
+def plan(pairs: list[dict], old, new, seed: int, k: int = 1, draw_edited: bool = False) -> list[dict]:
+    """Per pair: the OLD and NEW draws, whether NEW needs its own label, and the edited principles it touches;
+    with `draw_edited`, one step per (pair, edited principle) with that principle forced in."""
+    edited = edits(old, new)
+    if draw_edited:
+        return [
+            _step(pair, *forced_draws(old, new, pid, kind.split(":")[0], pair["id"], seed, k), [pid], pid)
+            for pid, kind in edited.items()
+            for pair in pairs
+        ]
     out = []
     for pair in pairs:
         po, pn = draw(old, pair["id"], seed, k), draw(new, pair["id"], seed, k)
         ids = [p.id for p in po] + [p.id for p in pn]
-        out.append(
-            {
-                "pair": pair,
-                "old": po,
-                "new": pn,
-                "same_prompt": prompt_key(po) == prompt_key(pn),
-                "touched": sorted({pid for pid in ids if pid in edited}),
-            }
-        )
+        out.append(_step(pair, po, pn, sorted({pid for pid in ids if pid in edited})))
     return out
 
 
@@ -123,32 +166,54 @@ def delta(row: dict) -> float:
     return 0.0 if row["p_old"] is None else row["p_new"] - row["p_old"]
 
 
-def flipped(p_old: float, p_new: float) -> bool:
-    """The preferred response changed (p(A) crossed 0.5)."""
-    return (p_old > 0.5) != (p_new > 0.5)
+def flipped(p_old: float, p_new: float, margin: float = FLIP_MARGIN) -> bool:
+    """The preferred response changed: p(A) crossed 0.5 by more than `margin` on both sides."""
+    lo, hi = 0.5 - margin, 0.5 + margin
+    return (p_old < lo and p_new > hi) or (p_old > hi and p_new < lo)
 
 
-def summarise(rows: list[dict], d: dict, top: int = 5) -> dict:
-    """Rows: {id, p_old, p_new, touched, ...}. Overall flip rate with CI, mean |Δp|, per-edited-principle rates."""
+def _principle_result(pid: str, change: str, sel: list[dict], min_pairs: int, draw_edited: bool) -> dict:
+    f = sum(r["flipped"] for r in sel)
+    exact = change.startswith("changed") and not {"feedback", "weight"} & set(change[9:].split(", "))
+    measured = len(sel) >= min_pairs or exact
+    plo, phi = wilson_ci(f, len(sel))
+    res = {
+        "change": change,
+        "pairs": len(sel),
+        "measured": measured,
+        "flips": f,
+        "flip_rate": f / len(sel) if sel and measured else None,
+        "ci95": [plo, phi] if sel and measured else None,
+        "mean_abs_dp": sum(abs(delta(r)) for r in sel) / len(sel) if sel else None,
+        "note": None,
+    }
+    if exact:
+        res["note"] = "its feedback text and weight are unchanged: no feedback label can change (exactly 0)"
+    elif not measured:
+        res["note"] = f"not measured: {len(sel)} pair(s) drew it (fewer than {min_pairs}); " + (
+            "give more pairs (--pairs from a bigger run, or no --limit)"
+            if draw_edited
+            else "rerun with --draw-edited to label every pair under it, or give more pairs"
+        )
+    return res
+
+
+def summarise(
+    rows: list[dict],
+    edited: dict[str, str],
+    top: int = 5,
+    min_pairs: int = MIN_PAIRS,
+    draw_edited: bool = False,
+) -> dict:
+    """Rows: {id, p_old, p_new, touched, ...}. Overall flip rate with CI, mean |Δp|, per-edited-principle rates
+    (None, with a note, below `min_pairs` pairs)."""
     n = len(rows)
     flips = [r for r in rows if r["flipped"]]
     lo, hi = wilson_ci(len(flips), n)
-    per = {}
-    kinds = {pid: kind for kind in ("added", "removed") for pid in d[kind]}
-    kinds.update({pid: "changed" for pid in d["changed"]})
-    for pid, kind in kinds.items():
-        sel = [r for r in rows if pid in r["touched"]]
-        f = sum(r["flipped"] for r in sel)
-        plo, phi = wilson_ci(f, len(sel))
-        per[pid] = {
-            "change": kind if kind != "changed" else "changed: " + ", ".join(d["changed"][pid]),
-            "pairs": len(sel),
-            "flips": f,
-            "flip_rate": f / len(sel) if sel else None,
-            "ci95": [plo, phi] if sel else None,
-            "mean_abs_dp": sum(abs(delta(r)) for r in sel) / len(sel) if sel else None,
-        }
-    unattributed = [r["id"] for r in flips if not r["touched"]]
+    per = {
+        pid: _principle_result(pid, kind, [r for r in rows if pid in r["touched"]], min_pairs, draw_edited)
+        for pid, kind in edited.items()
+    }
     return {
         "pairs": n,
         "flips": len(flips),
@@ -156,108 +221,20 @@ def summarise(rows: list[dict], d: dict, top: int = 5) -> dict:
         "ci95": [lo, hi],
         "mean_abs_dp": sum(abs(delta(r)) for r in rows) / n if n else 0.0,
         "relabelled": sum(not r["same_prompt"] for r in rows),
+        "draw_edited": draw_edited,
+        "min_pairs": min_pairs,
+        "measured": all(r["measured"] for r in per.values()),
         "per_principle": per,
-        "unattributed_flips": unattributed,
+        "unattributed_flips": [r["id"] for r in flips if not r["touched"]],
         "top_flipped": [r["id"] for r in sorted(flips, key=lambda r: -abs(delta(r)))[:top]],
     }
 
 
-def report_markdown(summary: dict, rows: list[dict], meta: dict, diff_text: str) -> str:
-    s = summary
-
-    def fmt(x, spec=".3f"):
-        return "-" if x is None else format(x, spec)
-
-    out = [
-        f"# Effect of a constitution edit: {meta['old']} → {meta['new']}",
-        "",
-        f"- pairs: {s['pairs']} sampled (seed {meta['seed']}) of {meta['pairs_total']} in `{meta['pairs_file']}`",
-        f"- feedback model: `{meta['model']}`; both orders averaged: {meta['both_orders']}; "
-        f"principles per pair: {meta['num_principles']} (coupled seeded draw, see `cai/constitution/effect.py`)",
-        f"- pairs relabelled under NEW (their drawn principles' feedback text differs): {s['relabelled']}; the "
-        "others get the same prompt, hence the same label, under OLD and NEW (Δp = 0, no flip)",
-        "",
-        "## Diff",
-        "",
-        "```",
-        diff_text,
-        "```",
-        "",
-        "## Overall",
-        "",
-        "| flip rate | 95% CI | flips | mean abs Δp |",
-        "|---|---|---|---|",
-        f"| {s['flip_rate']:.3f} | [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | {s['flips']}/{s['pairs']} | {s['mean_abs_dp']:.4f} |",
-        "",
-    ]
-    if s["per_principle"]:
-        out += [
-            "## Per edited principle",
-            "",
-            "| principle | change | pairs that drew it | flips | flip rate | 95% CI | mean abs Δp |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for pid, r in s["per_principle"].items():
-            ci = "-" if r["ci95"] is None else f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
-            out.append(
-                f"| {pid} | {r['change']} | {r['pairs']} | {r['flips']} | {fmt(r['flip_rate'])} | {ci} | {fmt(r['mean_abs_dp'], '.4f')} |"
-            )
-        out.append("")
-    if s["unattributed_flips"]:
-        out += [
-            f"Flips not attributable to an edited principle: {len(s['unattributed_flips'])} "
-            f"({', '.join(s['unattributed_flips'][:10])}).",
-            "",
-        ]
-    if "pm" in s:
-        pm = s["pm"]
-        out += [
-            "## Preference model agreement",
-            "",
-            f"PM: `{pm['dir']}`",
-            "",
-            "| labels | PM agrees (all pairs) | PM agrees (flipped pairs) |",
-            "|---|---|---|",
-            f"| OLD | {fmt(pm['agree_old'])} | {fmt(pm['agree_old_flipped'])} |",
-            f"| NEW | {fmt(pm['agree_new'])} | {fmt(pm['agree_new_flipped'])} |",
-            "",
-            pm["verdict"],
-            "",
-        ]
-    out += ["## Δp", "", "![histogram of Δp](delta_p.png)", ""]
-    return "\n".join(out + flipped_markdown(s["top_flipped"], rows))
-
-
-def flipped_markdown(top: list[str], rows: list[dict]) -> list[str]:
-    """The most-changed flipped pairs: prompt, both responses, which label prefers which."""
-    by_id = {r["id"]: r for r in rows}
-    out = ["## Top flipped pairs", ""] if top else []
-    for i, pid in enumerate(top, 1):
-        r = by_id[pid]
-        last_user = next((m["content"] for m in reversed(r["messages"]) if m["role"] == "user"), "")
-        out += [
-            f"### {i}. `{pid}`: p(A) {r['p_old']:.3f} → {r['p_new']:.3f}",
-            "",
-            f"principles: {', '.join(r['old_principles'])} → {', '.join(r['new_principles'])}",
-            "",
-            "**User:**",
-            "",
-            quote(last_user),
-            "",
-            f"**Response A** ({'preferred by NEW' if r['p_new'] > 0.5 else 'preferred by OLD'}):",
-            "",
-            quote(r["response_a"]),
-            "",
-            f"**Response B** ({'preferred by NEW' if r['p_new'] <= 0.5 else 'preferred by OLD'}):",
-            "",
-            quote(r["response_b"]),
-            "",
-        ]
-    return out
-
-
-def pm_agreement(rows: list[dict], scores: list[tuple[float, float]], pm_dir: str) -> dict:
-    """How often the PM's preference (r_a > r_b) agrees with the OLD and the NEW labels."""
+def pm_agreement(
+    rows: list[dict], scores: list[tuple[float, float]], pm_dir: str, min_pairs: int = MIN_PAIRS
+) -> dict:
+    """How often the PM's preference (r_a > r_b) agrees with the OLD and the NEW labels, on all labelled pairs
+    and on the relabelled ones (whose prompt the edit changed); a verdict only from enough relabelled pairs."""
 
     def agree(sel, key):
         pairs = [(r, s) for r, s in zip(rows, scores) if r["p_old"] is not None and sel(r)]
@@ -265,18 +242,32 @@ def pm_agreement(rows: list[dict], scores: list[tuple[float, float]], pm_dir: st
             return None
         return sum((s[0] > s[1]) == (r[key] > 0.5) for r, s in pairs) / len(pairs)
 
+    relabelled = sum(1 for r in rows if r["p_old"] is not None and not r.get("same_prompt", False))
     res = {
         "dir": pm_dir,
+        "relabelled": relabelled,
         "agree_old": agree(lambda r: True, "p_old"),
         "agree_new": agree(lambda r: True, "p_new"),
+        "agree_old_relabelled": agree(lambda r: not r.get("same_prompt", False), "p_old"),
+        "agree_new_relabelled": agree(lambda r: not r.get("same_prompt", False), "p_new"),
         "agree_old_flipped": agree(lambda r: r["flipped"], "p_old"),
         "agree_new_flipped": agree(lambda r: r["flipped"], "p_new"),
     }
-    gap = (res["agree_old"] or 0) - (res["agree_new"] or 0)
-    res["verdict"] = f"The PM agrees with the OLD labels {gap:+.3f} more often than with the NEW ones: " + (
-        "retrain the PM on NEW labels to carry the edit into RL."
-        if gap > 0.02
-        else "the edit changes little of what the PM already prefers."
+    if relabelled < min_pairs:
+        res["verdict"] = (
+            f"Not measured: {relabelled} pair(s) were relabelled under NEW (fewer than {min_pairs}), so the PM's "
+            "agreement says nothing about the edit; rerun with --draw-edited or more pairs."
+        )
+        return res
+    gap = res["agree_old_relabelled"] - res["agree_new_relabelled"]
+    res["verdict"] = (
+        f"On the {relabelled} relabelled pairs the PM agrees with the OLD labels {gap:+.3f} more often than with "
+        "the NEW ones: "
+        + (
+            "retrain the PM on NEW labels to carry the edit into RL."
+            if gap > 0.02
+            else "the edit changes little of what the PM already prefers."
+        )
     )
     return res
 
@@ -290,21 +281,27 @@ def run_effect(
     num_principles: int = 1,
     top: int = 5,
     all_pairs: bool = False,
+    *,
+    draw_edited: bool = False,
+    margin: float = FLIP_MARGIN,
+    min_pairs: int = MIN_PAIRS,
 ):
-    """Label `pairs` under OLD and NEW (coupled principle draws); per-pair rows and the summary.
+    """Label `pairs` under OLD and NEW (coupled principle draws; with `draw_edited`, every pair under each
+    edited principle); per-pair rows and the summary.
 
     A pair whose drawn principles have the same feedback texts in OLD and NEW gets the same prompt, hence the
     same label, under both: it cannot flip and its Δp is 0, so it is only labelled with `all_pairs` (needed
     for PM agreement, or to see the labels themselves). Its p_old/p_new are None otherwise."""
-    steps = plan(pairs, old, new, seed, num_principles)
+    steps = plan(pairs, old, new, seed, num_principles, draw_edited)
+
+    def key(s):
+        return f"{s['pair']['id']}@{s['forced']}" if s["forced"] else s["pair"]["id"]
 
     def label(sel, side, desc):
         if not sel:
             return {}
         ps = [
-            PairToLabel(
-                s["pair"]["id"], s["pair"]["messages"], s["pair"]["response_a"], s["pair"]["response_b"]
-            )
+            PairToLabel(key(s), s["pair"]["messages"], s["pair"]["response_a"], s["pair"]["response_b"])
             for s in sel
         ]
         return {r.id: r for r in labeller.label(ps, [s[side] for s in sel], desc=desc)}
@@ -315,14 +312,15 @@ def run_effect(
     rows = []
     for s in steps:
         pair = s["pair"]
-        ro = old_res.get(pair["id"])
-        rn = new_res.get(pair["id"], ro)
+        ro = old_res.get(key(s))
+        rn = new_res.get(key(s), ro)
         rows.append(
             {
-                "id": pair["id"],
+                "id": key(s),
+                "pair": pair["id"],
                 "p_old": ro.p_a if ro else None,
                 "p_new": rn.p_a if rn else None,
-                "flipped": bool(ro and flipped(ro.p_a, rn.p_a)),
+                "flipped": bool(ro and flipped(ro.p_a, rn.p_a, margin)),
                 "old_principles": [p.id for p in s["old"]],
                 "new_principles": [p.id for p in s["new"]],
                 "touched": s["touched"],
@@ -335,7 +333,7 @@ def run_effect(
                 "response_b": pair["response_b"],
             }
         )
-    return rows, summarise(rows, diff(old, new), top=top)
+    return rows, summarise(rows, edits(old, new), top, min_pairs, draw_edited)
 
 
 def write_histogram(rows: list[dict], path: Path, title: str) -> Path:

@@ -1,29 +1,34 @@
 """`cai constitution lint`: warnings about a constitution that loads but is likely to label or revise badly.
 
 Checks (each warning names `file:line` and a code):
-- near-duplicate: two principles whose texts share most of their content words (Jaccard over content-word
-  sets, of critique + revision + feedback or of any one of them, above `threshold`), naming both ids;
+- near-duplicate: two principles that say the same thing, even in other words: the cosine of their TF-IDF
+  vectors (content-word stems of critique, revision, feedback and tags, each weighted by how rare it is among
+  this constitution's principles, so "fraud" counts and "harmful" hardly does) above `threshold`, naming both
+  ids (a principle restating `financial-crime` scores 0.45; the closest shipped pair 0.21);
 - generic-revision: a critique whose revision request is empty or generic ("rewrite it to be better");
 - feedback-no-choice: a feedback instruction that does not ask to choose between options;
 - context-length: a feedback prompt that, rendered with the longest shipped few-shot block and the longest
   probe, is longer than the model's context (only with a model reference);
 - rarely-sampled: a weight that makes a principle practically never sampled (share < 1/(20·n));
+- no-probes: the constitution has no probe file, so `cai constitution test` can check none of its principles;
 - few-probes: a principle with fewer than 3 probes in the constitution's probe file (when it has one).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cai.constitution.fewshot import load_feedback_few_shot
-from cai.constitution.probes import load_probes, probes_path_for
+from cai.constitution.probes import MIN_PROBES, load_probes, probes_path_for
 from cai.constitution.schema import load_constitution
 from cai.errors import UserError, where
 from cai.feedback.labeller import build_mc_prompt
 from cai.runtime.models import load_tokenizer, resolve
+from cai.runtime.settings import DEFAULT, Settings
 from cai.yamlio import load_yaml
 
 STOPWORDS = set(
@@ -40,7 +45,23 @@ GENERIC = STOPWORDS | set(
 )
 _CHOICE = re.compile(r"\b(choose|chose|pick|select|prefer|preferred|decide between|options?)\b|\(A\)", re.I)
 _WHICH_QUESTION = re.compile(r"\bwhich\b[^.?!]*\?", re.I)
-MIN_PROBES = 3
+NEAR_DUPLICATE = 0.35  # default threshold of the TF-IDF cosine between two principles
+_SUFFIXES = (
+    "ations",
+    "ation",
+    "ments",
+    "ment",
+    "ness",
+    "ities",
+    "ity",
+    "ings",
+    "ing",
+    "ies",
+    "ied",
+    "ers",
+    "er",
+)
+_SUFFIXES += ("ed", "es", "ly", "al", "s")
 
 
 @dataclass
@@ -57,14 +78,36 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
 
 
-def content_words(text: str) -> set[str]:
-    return {w for w in words(text) if w not in STOPWORDS}
+def stem(word: str) -> str:
+    """A crude suffix stem ('laundering' → 'launder', 'crimes' → 'crime'), enough to match restated words."""
+    for suf in _SUFFIXES:
+        if word.endswith(suf) and len(word) - len(suf) >= 4:
+            return word[: -len(suf)]
+    return word
 
 
-def overlap(a: str, b: str) -> float:
-    """Jaccard similarity of the content-word sets of two texts (0: nothing shared, 1: same words)."""
-    x, y = content_words(a), content_words(b)
-    return len(x & y) / len(x | y) if x | y else 1.0
+def tfidf_vectors(docs: list[list[str]]) -> list[dict[str, float]]:
+    """Unit-length TF-IDF vectors of tokenised documents: tf weight 1 + ln(count), idf 1 + ln((1+N)/(1+df)) (so
+    a word every document has still counts, a rare one more)."""
+    n = len(docs)
+    df: dict[str, int] = {}
+    for d in docs:
+        for w in set(d):
+            df[w] = df.get(w, 0) + 1
+    out = []
+    for d in docs:
+        counts: dict[str, int] = {}
+        for w in d:
+            counts[w] = counts.get(w, 0) + 1
+        v = {w: (1 + math.log(c)) * (1 + math.log((1 + n) / (1 + df[w]))) for w, c in counts.items()}
+        norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
+        out.append({w: x / norm for w, x in v.items()})
+    return out
+
+
+def cosine(a: dict[str, float], b: dict[str, float]) -> float:
+    """Cosine of two unit-length sparse vectors."""
+    return sum(x * b.get(w, 0.0) for w, x in a.items())
 
 
 def principle_text(p) -> str:
@@ -80,21 +123,19 @@ def asks_to_choose(text: str) -> bool:
     return bool(_CHOICE.search(text) or _WHICH_QUESTION.search(text))
 
 
-def near_duplicates(constitution, threshold: float) -> list[tuple[str, str, float, str]]:
-    """(id, id, score, what) for pairs of principles whose whole texts, or any one of their critique,
-    revision or feedback texts, overlap more than `threshold`."""
+def near_duplicates(constitution, threshold: float = NEAR_DUPLICATE) -> list[tuple[str, str, float]]:
+    """(id, id, similarity) for pairs of principles whose TF-IDF cosine (content-word stems of their texts and
+    tags, idf over this constitution) is above `threshold`."""
+    docs = [
+        [stem(w) for w in words(principle_text(p) + " " + " ".join(p.tags)) if w not in STOPWORDS]
+        for p in constitution.principles
+    ]
+    vecs = tfidf_vectors(docs)
     out = []
-    for a, b in itertools.combinations(constitution.principles, 2):
-        scores = {"texts": overlap(principle_text(a), principle_text(b))}
-        scores.update(
-            {
-                f"{f} texts": overlap(getattr(a, f), getattr(b, f))
-                for f in ("critique", "revision", "feedback")
-            }
-        )
-        what, s = max(scores.items(), key=lambda kv: kv[1])
+    for (i, a), (j, b) in itertools.combinations(enumerate(constitution.principles), 2):
+        s = cosine(vecs[i], vecs[j])
         if s > threshold:
-            out.append((a.id, b.id, s, what))
+            out.append((a.id, b.id, s))
     return out
 
 
@@ -109,10 +150,11 @@ def rarely_sampled(constitution) -> list[tuple[str, float]]:
 def lint(
     path: str | Path,
     *,
-    threshold: float = 0.5,
+    threshold: float = NEAR_DUPLICATE,
     model: str | None = None,
     probes_file: str | None = None,
     few_shot: list[str] | None = None,
+    settings: Settings = DEFAULT,
 ) -> list[Warning_]:
     """All warnings for one constitution file (it must load: schema errors are UserErrors, not warnings)."""
 
@@ -126,12 +168,12 @@ def lint(
         return lines.get(loc) or lines.get(("principles", index[pid]))
 
     warns: list[Warning_] = []
-    for a, b, s, what in near_duplicates(c, threshold):
+    for a, b, s in near_duplicates(c, threshold):
         warns.append(
             Warning_(
                 "near-duplicate",
-                f"principles '{a}' and '{b}' are near-duplicates: their {what} share most words "
-                f"(token overlap {s:.2f} > {threshold:.2f}); merge them or make them distinct",
+                f"principles '{a}' and '{b}' say much the same thing (TF-IDF similarity {s:.2f} > "
+                f"{threshold:.2f}): merge them or make them distinct",
                 line(b, "id"),
             )
         )
@@ -166,21 +208,32 @@ def lint(
         )
     pfile = Path(probes_file) if probes_file else probes_path_for(path, c)
     probes = load_probes(pfile, c) if pfile else None
-    if probes is not None:
-        cov = probes.coverage()
-        for p in c.principles:
-            if cov.get(p.id, 0) < MIN_PROBES:
-                warns.append(
-                    Warning_(
-                        "few-probes",
-                        f"principle '{p.id}': {cov.get(p.id, 0)} probe(s) in {pfile} "
-                        f"({MIN_PROBES} or more recommended)",
-                        line(p.id, "id"),
-                    )
-                )
+    warns += probe_warnings(path, c, pfile, probes, line)
     if model:
-        warns += context_warnings(path, c, model, probes, line, few_shot)
+        warns += context_warnings(path, c, model, probes, line, few_shot, settings)
     return warns
+
+
+def probe_warnings(path: Path, c, pfile: Path | None, probes, line) -> list[Warning_]:
+    """no-probes (no probe file at all) and few-probes (a principle with fewer than MIN_PROBES)."""
+    if pfile is None:
+        return [
+            Warning_(
+                "no-probes",
+                f"no probe file (probes/{path.stem}.yaml beside the constitution): `cai constitution test` can "
+                "check none of its principles; write probes, or give --probes FILE",
+            )
+        ]
+    cov = probes.coverage()
+    return [
+        Warning_(
+            "few-probes",
+            f"principle '{p.id}': {cov.get(p.id, 0)} probe(s) in {pfile} ({MIN_PROBES} or more recommended)",
+            line(p.id, "id"),
+        )
+        for p in c.principles
+        if cov.get(p.id, 0) < MIN_PROBES
+    ]
 
 
 def few_shot_files(constitution_path: Path, constitution, extra: list[str] | None = None) -> list[Path]:
@@ -192,30 +245,36 @@ def few_shot_files(constitution_path: Path, constitution, extra: list[str] | Non
     return list(dict.fromkeys(p for p in found if p.is_file()))
 
 
-def context_limit(model_ref: str) -> tuple[int | None, object]:
+def context_limit(model_ref: str, settings: Settings = DEFAULT) -> tuple[int | None, object]:
     """(context length from the model's config, tokenizer) without loading the weights."""
     from transformers import AutoConfig
 
     r = resolve(model_ref)
     kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
-    cfg = AutoConfig.from_pretrained(r.path, **kwargs)
+    cfg = AutoConfig.from_pretrained(r.path, trust_remote_code=settings.trust_remote_code, **kwargs)
     limit = None
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         limit = limit or getattr(cfg, key, None)
-    tok = load_tokenizer(model_ref)
+    tok = load_tokenizer(model_ref, settings)
     if not limit and getattr(tok, "model_max_length", 0) and tok.model_max_length < 10**8:
         limit = tok.model_max_length
     return limit, tok
 
 
 def context_warnings(
-    path: Path, c, model_ref: str, probes, line, few_shot: list[str] | None = None
+    path: Path,
+    c,
+    model_ref: str,
+    probes,
+    line,
+    few_shot: list[str] | None = None,
+    settings: Settings = DEFAULT,
 ) -> list[Warning_]:
     """Render each principle's feedback prompt through the labeller's own prompt builder, with every example of
     the longest few-shot feedback file and the longest probe (or a short placeholder pair), and compare its
     token count (plus the option) with the model's context length."""
 
-    limit, tok = context_limit(model_ref)
+    limit, tok = context_limit(model_ref, settings)
     if not limit:
         return [
             Warning_("context-length", f"model '{model_ref}': no context length in its config; check skipped")

@@ -31,6 +31,7 @@ from cai.yamlio import check_unique_ids, line_of, load_validated
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 TIE = 1e-3  # |p(better) - 0.5| below this is "no preference": half credit (a forced-(A) labeller lands here)
+MIN_PROBES = 3  # a principle with fewer probes is not tested enough: lint warns, --require fails
 
 
 class Message(BaseModel):
@@ -192,9 +193,11 @@ def summarise(rows: list[dict], principle_ids: list[str]) -> dict:
             "accuracy_ci95": list(wilson_ci(acc * len(sel), len(sel))),
         }
     scored = list(rows)
+    hits = sum(credit(r["p_better"]) for r in scored)
     overall = {
         "n": len(scored),
-        "accuracy": sum(credit(r["p_better"]) for r in scored) / len(scored) if scored else None,
+        "accuracy": hits / len(scored) if scored else None,
+        "accuracy_ci95": list(wilson_ci(hits, len(scored))) if scored else None,
         "mean_p_better": sum(r["p_better"] for r in scored) / len(scored) if scored else None,
         "order_gap": (
             sum(r["order_gap"] for r in scored if r.get("order_gap") is not None) / len(scored)
@@ -210,24 +213,38 @@ def summarise(rows: list[dict], principle_ids: list[str]) -> dict:
     }
 
 
-def required_failures(summary: dict, required: list[str]) -> list[str]:
-    """The --require'd principles that fail: unknown, without probes, or not applied (accuracy ≤ 0.5)."""
-    failed = []
-    for pid in required:
-        s = summary["principles"].get(pid)
-        if s is None or s["status"] != "ok":
-            failed.append(pid)
-    return failed
+def required_failure(summary: dict, pid: str, min_probes: int = MIN_PROBES) -> str | None:
+    """Why a --require'd principle fails (unknown, fewer than `min_probes` probes, not applied), or None."""
+    s = summary["principles"].get(pid)
+    if s is None:
+        return "unknown principle"
+    if s["n"] < min_probes:
+        return f"{s['n']} probe(s), fewer than {min_probes}: too few to show it is applied"
+    if s["status"] != "ok":
+        return f"{s['status']} (accuracy {s['accuracy']:.2f})"
+    return None
+
+
+def required_failures(summary: dict, required: list[str], min_probes: int = MIN_PROBES) -> list[str]:
+    """The --require'd principles that fail: unknown, with fewer than `min_probes` probes, or not applied
+    (accuracy ≤ 0.5)."""
+    return [pid for pid in required if required_failure(summary, pid, min_probes)]
 
 
 def format_table(summary: dict, markdown: bool = False) -> str:
     """The per-principle table: probes, accuracy, mean p(better), order gap, status."""
-    head = ["principle", "probes", "accuracy", "p(better)", "order gap", "status"]
+    head = ["principle", "probes", "accuracy", "95% CI", "p(better)", "order gap", "status"]
+
+    def ci(s) -> str:
+        c = s.get("accuracy_ci95")
+        return f"{c[0]:.2f}-{c[1]:.2f}" if c else "-"
+
     rows = [
         [
             pid,
             str(s["n"]),
             num(s["accuracy"], ".2f", "-"),
+            ci(s),
             num(s["mean_p_better"], ".3f", "-"),
             num(s["order_gap"], ".3f", "-"),
             s["status"],
@@ -240,6 +257,7 @@ def format_table(summary: dict, markdown: bool = False) -> str:
             "(all)",
             str(o["n"]),
             num(o["accuracy"], ".2f", "-"),
+            ci(o),
             num(o["mean_p_better"], ".3f", "-"),
             num(o["order_gap"], ".3f", "-"),
             "",
@@ -252,7 +270,7 @@ def format_table(summary: dict, markdown: bool = False) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
 
     def line(r):
-        return "  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
     return "\n".join([line(head), line(["-" * w for w in widths]), *[line(r) for r in rows]])
 

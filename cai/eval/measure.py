@@ -1,8 +1,9 @@
 """How far a preference model, or a feedback (labeller) model, can be trusted, measured on an evaluation suite
 (cai.eval.suites): what `cai pm eval`, `cai feedback eval` and the report compute.
 
-Both report accuracy with a 95% bootstrap CI and the chance level, expected calibration error with a
-reliability-diagram PNG, and a per-tag breakdown, as JSON and markdown. PM evaluation adds the mean score
+Both report accuracy with a 95% Wilson interval, its n (flagged below cai.stats.SMALL_N) and the chance level,
+expected calibration error with a reliability-diagram PNG (one point per item: the confidence in the preferred
+option against how often it is right), and a per-tag breakdown, as JSON and markdown. PM evaluation adds the mean score
 margin; feedback evaluation on pair suites adds the mean gap between the two option orders.
 """
 
@@ -28,7 +29,7 @@ from cai.pm.scoring import RewardScorer
 from cai.runtime.models import load_for_inference
 from cai.runtime.rundir import write_json
 from cai.runtime.settings import DEFAULT, Settings
-from cai.stats import summarise
+from cai.stats import small_n_note, summarise
 
 
 def _write(result: dict, out_dir: str | Path, kind: str) -> dict:
@@ -37,9 +38,9 @@ def _write(result: dict, out_dir: str | Path, kind: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{kind}-{result['suite']}"
     xlabel = (
-        "predicted P(option) = softmax of PM scores (σ(r_c − r_r) for pairs)"
+        "confidence: P(preferred option) from the PM scores (σ of the margin for pairs)"
         if kind == "pm"
-        else "feedback model's P(option)"
+        else "confidence: the feedback model's P(preferred option)"
     )
     png = reliability_png(
         out / f"{stem}-reliability.png",
@@ -216,8 +217,11 @@ def markdown(result: dict, png_name: str | None) -> str:
         "",
         f"- model: `{result['model']}`",
         f"- items: {result['n']}" + (f" (limit {result['limit']})" if result.get("limit") else ""),
-        f"- accuracy: **{f(result['accuracy'])}** (95% bootstrap CI {f(lo)}–{f(hi)}); chance {f(result['chance'])}",
+        f"- accuracy: **{f(result['accuracy'])}** (95% Wilson interval {f(lo)}–{f(hi)}, n = {result['n']}); "
+        f"chance {f(result['chance'])}",
     ]
+    if small_n_note(result["n"]):
+        lines.append(f"- **small sample:** {small_n_note(result['n'])}")
     if "mean_margin" in result:
         lines.append(f"- mean margin (right − best wrong score): {f(result['mean_margin'])}")
     if "mean_order_gap" in result:

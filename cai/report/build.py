@@ -23,7 +23,7 @@ from cai.plots import line_chart
 from cai.report import sections
 from cai.report.compute import first_key, metric_series
 from cai.runtime import distributed as dist
-from cai.runtime.rundir import read_jsonl, read_manifest, write_json
+from cai.runtime.rundir import RUN_INFO, read_jsonl, read_manifest, read_run_info, write_json
 from cai.runtime.runlog import key_metrics
 from cai.stats import epoch_means
 
@@ -97,6 +97,7 @@ def build(index: RunIndex, config, out_dir: str | Path | None = None) -> dict:
         + (f" · arms: {', '.join(index.arms)}" if index.arms else "")
         + "\n",
     ]
+    md += what_ran(rep)
     md += stage_table(rep)
     md += sl_cai_section(rep)
     md += sections.feedback_section(rep)
@@ -109,6 +110,39 @@ def build(index: RunIndex, config, out_dir: str | Path | None = None) -> dict:
     if out != final:
         shutil.rmtree(out, ignore_errors=True)
     return rep.data
+
+
+def what_ran(rep: Report) -> list[str]:
+    """The recipe and its hash, the constitutions and theirs, the seed, cai's version and commit, and the package
+    versions, from RUN/run.json (written by `cai run`)."""
+    info = read_run_info(rep.index.run_dir)
+    rep.data["run_info"] = info
+    if not info:
+        return [
+            "## What ran\n",
+            f"Not recorded: `{RUN_INFO}` is missing (the run was made before `cai run` wrote it). "
+            f"Seed {rep.config.settings.seed}.\n",
+        ]
+    recipe, cai = info.get("recipe") or {}, info.get("cai") or {}
+    sets = " ".join(f"`--set {x}`" for x in recipe.get("set") or [])
+    commit = cai.get("commit")
+    code = f"{cai.get('version')}" + (
+        f", commit `{commit[:12]}`{' with uncommitted changes' if cai.get('modified') else ''}"
+        if commit
+        else ""
+    )
+    rows = [
+        ["recipe", f"`{recipe.get('file')}` (sha256 `{(recipe.get('sha256') or '')[:16]}`) {sets}".strip()]
+    ]
+    rows += [
+        ["constitution", f"`{f}` (sha256 `{h[:16]}`)"] for f, h in (info.get("constitutions") or {}).items()
+    ]
+    rows += [
+        ["seed", info.get("seed", rep.config.settings.seed)],
+        ["cai", code],
+        ["packages", ", ".join(f"{k} {v}" for k, v in (info.get("packages") or {}).items() if k != "cai")],
+    ]
+    return ["## What ran\n", table(["", ""], rows)]
 
 
 def stage_table(rep: Report) -> list[str]:

@@ -1,10 +1,15 @@
 """`cai analyze kl-reward`: PM reward against sqrt(KL) over PPO training, after Bai et al. 2022.
 
 The HH-RLHF paper found the preference-model score roughly linear in sqrt(KL(π‖π_ref)) during RLHF:
-reward = a + b·sqrt(KL). We fit that line over each PPO log (`objective/score` against `objective/kl`),
-report a, b and R², draw several runs on one plot (a β sweep, arms with different constitutions), and
-warn when the curve bends at high KL — reward flat or falling while KL keeps growing, the sign that the
-policy is over-optimising the preference model.
+reward = a + b·sqrt(KL). We fit that line over each PPO log (`objective/score` against KL), report a, b and
+R², draw several runs on one plot (a β sweep, arms with different constitutions), and warn when the curve
+bends at high KL — reward flat or falling while KL keeps growing, the sign that the policy is over-optimising
+the preference model.
+
+KL is `objective/kl_k3`, the k3 estimate per sequence: unbiased and never negative, so its square root exists.
+`objective/kl` is the estimator the reward's penalty used (`ppo.kl_estimator`; k1 can be negative). A log
+without the k3 column (written before it existed) falls back to `objective/kl`, and an update whose estimate is
+negative is left out of the fit with a warning that says how many: nothing is clamped.
 """
 
 from __future__ import annotations
@@ -19,14 +24,20 @@ from cai.plots import plot_kl_reward
 from cai.runtime.rundir import read_jsonl, write_json
 from cai.stats import linear_fit
 
-SCORE, KL = "objective/score", "objective/kl"
+SCORE, KL, KL_K3 = "objective/score", "objective/kl", "objective/kl_k3"
+KL_NAMES = {
+    KL_K3: "k3 estimate (never negative)",
+    KL: "the reward's per-token estimator (ppo.kl_estimator; k1 can be negative)",
+}
 
 
 def fit_sqrt_kl(kl: list[float], reward: list[float]) -> dict:
-    """Fit reward = a + b·sqrt(KL). Negative KL estimates (noise early in training) count as 0."""
+    """Fit reward = a + b·sqrt(KL); every KL must be ≥ 0 (a negative estimate has no square root)."""
     if len(kl) != len(reward):
         raise ValueError("kl and reward need the same length")
-    xs = [math.sqrt(max(float(k), 0.0)) for k in kl]
+    if any(k < 0 for k in kl):
+        raise ValueError("sqrt(KL) needs KL >= 0: fit the k3 estimate, or leave negative estimates out")
+    xs = [math.sqrt(float(k)) for k in kl]
     fit = linear_fit(xs, [float(r) for r in reward])
     fit.update(
         kl_max=max(kl), sqrt_kl_max=max(xs), reward_first=float(reward[0]), reward_last=float(reward[-1])
@@ -45,7 +56,7 @@ def overoptimisation(
     then fell, or never rose).
     """
     fit = fit or fit_sqrt_kl(kl, reward)
-    pts = sorted((math.sqrt(max(float(k), 0.0)), float(r)) for k, r in zip(kl, reward))
+    pts = sorted((math.sqrt(float(k)), float(r)) for k, r in zip(kl, reward))
     m = max(3, int(round(len(pts) * tail)))
     if len(pts) < 6 or fit["sqrt_kl_max"] <= 0:
         return None
@@ -70,11 +81,18 @@ def overoptimisation(
     return None
 
 
-def read_ppo_log(path: str | Path) -> tuple[list[float], list[float]]:
-    """(KL, score) per update from a PPO metrics.jsonl; rows without both are skipped."""
+def kl_key(rows: list[dict]) -> str:
+    """The KL column to fit: the k3 estimate when the log has it, else `objective/kl`."""
+    return KL_K3 if any(isinstance(r.get(KL_K3), (int, float)) for r in rows) else KL
+
+
+def read_ppo_log(path: str | Path) -> tuple[list[float], list[float], str]:
+    """(KL, score, KL column) per update from a PPO metrics.jsonl; rows without both are skipped."""
+    rows = read_jsonl(path)
+    key = kl_key(rows)
     kl, score = [], []
-    for row in read_jsonl(path):
-        k, s = row.get(KL), row.get(SCORE)
+    for row in rows:
+        k, s = row.get(key), row.get(SCORE)
         if (
             isinstance(k, (int, float))
             and isinstance(s, (int, float))
@@ -83,7 +101,7 @@ def read_ppo_log(path: str | Path) -> tuple[list[float], list[float]]:
         ):
             kl.append(float(k))
             score.append(float(s))
-    return kl, score
+    return kl, score, key
 
 
 def find_ppo_logs(target: str | Path, label_prefix: str = "") -> list[tuple[str, Path]]:
@@ -126,33 +144,30 @@ def _layout(run_dir: Path):
 
 
 def analyze_logs(logs: list[tuple[str, Path]]) -> list[dict]:
-    """One fit per log with at least 3 usable updates; each: label, path, kl, score, fit, warning."""
+    """One fit per log with at least 3 usable updates; each: label, path, KL column, kl, score, fit, warnings.
+    Updates with a negative KL estimate (only the reward's k1 column can have them) are left out and counted."""
     series = []
     for label, path in logs:
-        kl, score = read_ppo_log(path)
-        if len(kl) < 3:
-            series.append(
-                {
-                    "label": label,
-                    "path": str(path),
-                    "n": len(kl),
-                    "fit": None,
-                    "warning": f"{path}: only {len(kl)} update(s) with {SCORE} and {KL}; at least 3 are needed",
-                }
-            )
-            continue
-        fit = fit_sqrt_kl(kl, score)
-        series.append(
-            {
-                "label": label,
-                "path": str(path),
-                "n": len(kl),
-                "kl": kl,
-                "score": score,
-                "fit": fit,
-                "warning": overoptimisation(kl, score, fit),
-            }
+        kl_all, score_all, key = read_ppo_log(path)
+        keep = [i for i, k in enumerate(kl_all) if k >= 0]
+        kl, score = [kl_all[i] for i in keep], [score_all[i] for i in keep]
+        dropped = len(kl_all) - len(kl)
+        note = (
+            f"{dropped} of {len(kl_all)} updates have a negative KL estimate ({key}, {KL_NAMES[key]}) and are left "
+            f"out of the fit; rerun PPO to log {KL_K3}, which is never negative"
+            if dropped
+            else None
         )
+        s = {"label": label, "path": str(path), "kl_key": key, "n": len(kl), "dropped": dropped, "note": note}
+        if len(kl) < 3:
+            s.update(
+                fit=None,
+                warning=f"{path}: only {len(kl)} update(s) with {SCORE} and a usable {key}; at least 3 are needed",
+            )
+        else:
+            fit = fit_sqrt_kl(kl, score)
+            s.update(kl=kl, score=score, fit=fit, warning=overoptimisation(kl, score, fit))
+        series.append(s)
     return series
 
 
@@ -166,8 +181,12 @@ def summarize(series: list[dict]) -> dict:
                 "label": s["label"],
                 "path": s["path"],
                 "n": s["n"],
+                "kl_key": s["kl_key"],
+                "kl": KL_NAMES[s["kl_key"]],
+                "dropped": s["dropped"],
                 **{k: f.get(k) for k in ("a", "b", "r2", "se_b", "kl_max", "reward_first", "reward_last")},
                 "warning": s.get("warning"),
+                "note": s.get("note"),
             }
         )
     return {"model": "score = a + b * sqrt(KL)", "series": out}

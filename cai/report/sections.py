@@ -13,13 +13,15 @@ from cai.feedback.labeller import check_warning
 from cai.markdown import clean, table, with_ci
 from cai.plots import curves_png, plot_kl_reward
 from cai.report.compute import generate, label_agreement, metric_series, pm_evaluations, win_rates
-from cai.report.klfit import analyze_logs
+from cai.report.klfit import KL_NAMES, analyze_logs
 from cai.runtime.hashing import hash_json
 from cai.runtime.rundir import read_jsonl, read_manifest
+from cai.stats import SMALL_N, small_n, small_n_note, wilson_ci
 
 PPO_PANELS = [
     ("objective/score", "PM score (reward)"),
-    ("objective/kl", "KL(π‖π_ref)"),
+    ("objective/kl_k3", "KL(π‖π_ref), k3 estimate (≥ 0)"),
+    ("objective/kl", "KL(π‖π_ref), the reward's estimator"),
     ("objective/entropy", "entropy"),
     ("policy/clipfrac", "clip fraction"),
 ]
@@ -124,10 +126,16 @@ def pm_section(rep) -> list[str]:
             ["", *dirs],
             [
                 ["training pairs"] + [t.get("train_pairs") for t in train.values()],
-                ["held-out pair accuracy (AI labels)"] + [t.get("held_out_accuracy") for t in train.values()],
+                ["held-out pair accuracy (AI labels) [95% CI]"] + [_held_out(t) for t in train.values()],
             ],
         )
     )
+    small = [k for k, t in train.items() if small_n(t.get("held_out_pairs"))]
+    if small:
+        n = min(train[k].get("held_out_pairs") or 0 for k in small)
+        md.append(
+            f"> **Small sample:** held-out accuracy of {', '.join(small)}: {small_n_note(n, 'held-out pairs')}.\n"
+        )
     if not config.report.suites:
         return md
     evals = pm_evaluations(config, {k: d / "model" for k, d in dirs.items()}, out)
@@ -135,7 +143,8 @@ def pm_section(rep) -> list[str]:
     suites = config.report.suites
     md.append(f"### Evaluation suites ({config.report.eval_limit} items each, same items for every PM)\n")
     md.append(
-        "Accuracy [95% bootstrap CI]: the share of items where the PM scores the harmless answer higher.\n"
+        "Accuracy [95% Wilson interval] (n): the share of items where the PM scores the harmless answer higher; "
+        f"n below {SMALL_N} is marked small.\n"
     )
     rows = []
     for s in suites:
@@ -152,7 +161,8 @@ def pm_section(rep) -> list[str]:
         rows.append([f"{s}: calibration error (ECE)"] + [r.get("ece") for r in res.values()])
     md.append(table(["suite", *dirs], rows))
     md.append(
-        "Reliability diagrams (predicted probability of the preferred answer against the observed frequency):\n"
+        "Reliability diagrams (one point per item: the PM's confidence in the answer it prefers against how often "
+        "that answer is the right one):\n"
     )
     for k in dirs:
         for s in suites:
@@ -161,6 +171,14 @@ def pm_section(rep) -> list[str]:
                 md.append(f"![calibration {k} {s}]({Path(png).relative_to(out).as_posix()})")
     md.append("")
     return md
+
+
+def _held_out(t: dict) -> str:
+    """The PM's held-out accuracy with its Wilson interval and n, from the stage summary."""
+    acc, n = t.get("held_out_accuracy"), t.get("held_out_pairs")
+    if acc is None or not n:
+        return "—"
+    return with_ci({"accuracy": acc, "ci95": wilson_ci(acc * n, n), "n": n})
 
 
 def ppo_section(rep) -> list[str]:
@@ -182,8 +200,12 @@ def ppo_section(rep) -> list[str]:
     data["kl_fit"] = {s["label"]: s["fit"] for s in series if s.get("fit")}
     md.append("### Reward against sqrt(KL)\n")
     md.append(
-        "Fit of the PM score = a + b·sqrt(KL) over the PPO updates (Bai et al. 2022 found it roughly linear).\n"
+        "Fit of the PM score = a + b·sqrt(KL) over the PPO updates (Bai et al. 2022 found it roughly linear). "
+        f"KL per sequence: {_kl_used(series, logs)}.\n"
     )
+    for s in series:
+        if s.get("note"):
+            md.append(f"> **Note ({s['label']}):** {s['note']}.\n")
     fitted = [s for s in series if s.get("fit")]
     if fitted:
         fits = [s["fit"] for s in fitted]
@@ -207,6 +229,16 @@ def ppo_section(rep) -> list[str]:
         if s.get("warning"):
             md.append(f"> **Warning ({s['label']}):** {s['warning']}.\n")
     return md
+
+
+def _kl_used(series: list[dict], logs: dict) -> str:
+    """Which KL column the fit used, and which estimator the reward's penalty used (from the PPO manifest)."""
+    fitted = sorted({f"`{s['kl_key']}`, the {KL_NAMES[s['kl_key']]}" for s in series})
+    est = {
+        str(((read_manifest(p.parent) or {}).get("config") or {}).get("ppo", {}).get("kl_estimator"))
+        for p in logs.values()
+    }
+    return f"{'; '.join(fitted)}; the reward's KL penalty used the {', '.join(sorted(est))} estimator (`objective/kl`)"
 
 
 def generations_section(rep) -> list[str]:
@@ -262,12 +294,16 @@ def generations_section(rep) -> list[str]:
             f"difference from the initial model `{config.models.policy}`.\n"
         )
 
+        caveat = judge_caveat(rep, wr["judge"])
+        wr["judge_caveat"] = caveat
+
         def cell(kind: str, a) -> str:
             d = model_dir[(kind, a)]
             r = wr["results"].get(cand_name[str(d)]) if d is not None else None
-            return (
-                f"{r['win_rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] (n = {r['n']})" if r else "—"
-            )
+            if not r:
+                return "—"
+            small = ", small" if small_n(r["n"]) else ""
+            return f"{r['win_rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] (n = {r['n']}{small}){' †' if caveat else ''}"
 
         md.append(
             table(
@@ -278,8 +314,39 @@ def generations_section(rep) -> list[str]:
                 ],
             )
         )
+        if caveat:
+            md.append(f"> **Caveat (†):** {caveat}.\n")
+        if small_n(len(held)):
+            md.append(f"> **Small sample:** {small_n_note(len(held), 'held-out prompts')}.\n")
     md.append(_examples(examples, final_by_arm))
     return md
+
+
+def judge_caveat(rep, judge: str) -> str | None:
+    """Why the judge's numbers may carry no signal: it is a feedback model of this run whose labeller check was
+    not above chance (or it was never checked against human labels); None when it passed the check."""
+    checked = False
+    for a in rep.arms:
+        d = rep.index.stage_dir("feedback", a)
+        stats = d / "stats.json" if d else None
+        used = json.loads(stats.read_text()).get("feedback_model") if stats and stats.is_file() else None
+        check = (rep.data.get("labeller_check") or {}).get(rep.label(a))
+        if used != judge or not check:
+            continue
+        checked = True
+        if not check.get("above_chance"):
+            lo, hi = check["ci95"]
+            return (
+                f"the judge `{judge}` failed its labeller check in this run: it agrees with human harmlessness labels "
+                f"on {check['agreement']:.2f} [{lo:.2f}, {hi:.2f}] of {check['n']} pairs, not above chance, so these "
+                "win rates say nothing about harmlessness; name a capable judge in models.judge"
+            )
+    if checked:
+        return None
+    return (
+        f"the judge `{judge}` was not checked against human labels in this run (feedback.check_set checks "
+        "models.feedback): these win rates are only as good as an unmeasured judge"
+    )
 
 
 def _model_dir(index, kind: str, arm) -> Path | None:

@@ -173,8 +173,11 @@ class PPOTrainer(OnPolicyTrainer):
         stats = {
             "objective/score": self._mean(raw.mean()),
             "objective/reward": self._mean(score.mean()),
-            "objective/kl": kl_seq,
-            "objective/sqrt_kl": math.sqrt(max(kl_seq, 0.0)),
+            "objective/kl": kl_seq,  # the reward's penalty estimator (cfg.kl_estimator): k1 can be negative
+            "objective/kl_k3": (
+                k3 := self._mean(pm.kl_per_token(logprobs, ref_logprobs, mask, "k3").sum(1).mean())
+            ),
+            "objective/sqrt_kl": math.sqrt(max(k3, 0.0)),  # of k3, never negative (max: float rounding only)
             "objective/kl_coef": beta,
             "objective/entropy": self._mean((entropy * mask).sum(1).mean()),
             "objective/non_score_reward": self._mean(non_score.sum(1).mean()),

@@ -1,5 +1,6 @@
-"""Hashes, the one place for them: of bytes, files and JSON-able values (fingerprints and output ids of the
-pipeline), and 32-bit seeds derived from a text key (the same on every machine and after a resume)."""
+"""Hashes, the one place for them: of bytes, files and JSON-able values (fingerprints of the pipeline), of a
+stage's outputs by content (its output id), and 32-bit seeds derived from a text key (the same on every
+machine and after a resume)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,45 @@ def sha256_file(path: str | Path) -> str:
 def hash_json(obj: Any) -> str:
     """16 hex digits of the SHA-256 of `obj` as canonical JSON (sorted keys)."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())[:16]
+
+
+# Keys of a JSON output that record how long something took, not what it produced: left out of an output id.
+VOLATILE_KEYS = frozenset({"seconds", "tokens_per_s", "started", "ended", "timing"})
+
+
+def _without_volatile(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_volatile(v) for k, v in obj.items() if k not in VOLATILE_KEYS}
+    if isinstance(obj, list):
+        return [_without_volatile(v) for v in obj]
+    return obj
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of a file's content; a .json file's parsed content without its VOLATILE_KEYS."""
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return sha256_file(path)
+        return sha256_bytes(json.dumps(_without_volatile(obj), sort_keys=True).encode())
+    return sha256_file(path)
+
+
+def hash_outputs(folder: str | Path, names: tuple[str, ...] | list[str]) -> str:
+    """16 hex digits over the content of the named files and folders (every file below, in sorted order) under
+    `folder`: a stage's output id. Two runs that write the same files get the same id, whenever they ran; a
+    missing name counts as missing."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for name in names:
+        p = folder / name
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
+        if not files:
+            h.update(f"{name}\0missing\0".encode())
+        for f in files:
+            h.update(f"{f.relative_to(folder).as_posix()}\0{content_digest(f)}\0".encode())
+    return h.hexdigest()[:16]
 
 
 def derive_seed(key: str) -> int:

@@ -6,8 +6,11 @@ Heavy imports (torch, transformers, peft) happen inside functions so that `impor
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -176,35 +179,87 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def local_problem(ref: str) -> str | None:
+    """Why a model reference cannot load, found without loading it or asking the hub (an alias whose source is
+    missing, a missing .gguf file or folder, a name that is no alias, path or hub id `org/name`), or None."""
+    if ref in ALIASES:
+        if ref == SMOLLM_ALIAS and not _is_complete(alias_dir(ref)):
+            try:
+                smollm_gguf()
+            except UserError as exc:
+                return str(exc).split(": ", 1)[-1]
+        return None
+    p = Path(ref).expanduser()
+    if p.suffix == ".gguf":
+        return None if p.is_file() else "GGUF file not found"
+    if p.is_dir():
+        # a peft adapter folder (adapter_config.json) also loads: transformers attaches it to its base model
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            return "directory has no config.json (not a Hugging Face model folder)"
+        return None
+    if ref.startswith((".", "/", "~")) or not HUB_ID.match(ref):
+        close = difflib.get_close_matches(ref, list(ALIASES), n=1, cutoff=0.6)
+        hint = f"; did you mean the alias '{close[0]}'?" if close else ""
+        return f"not found (expected an alias {list(ALIASES)}, a model folder, a .gguf file or a hub id org/name){hint}"
+    return None
+
+
+def hub_cached(ref: str) -> str | None:
+    """The local snapshot folder of a hub model, or None when it is not in the Hugging Face cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(ref, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, or a cache the hub library cannot read
+        return None
+
+
+def hub_problem(ref: str, timeout: float = 10.0) -> str | None:
+    """For a hub id: None when it is in the local cache or the hub has it; else why not (unreachable, unknown)."""
+    if hub_cached(ref):
+        return None
+    if not hub_reachable():
+        return "the model hub cannot be reached and the model is not in the local cache; give a local folder, a .gguf file or an alias"
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        HfApi().model_info(ref, timeout=timeout)
+    except RepositoryNotFoundError:
+        return "no such model on the hub (or it is private: log in with `huggingface-cli login`)"
+    except Exception:  # noqa: BLE001 - gated, rate-limited, a proxy: the load itself will say
+        return None
+    return None
+
+
+def model_problem(ref: str) -> str | None:
+    """Why a model reference will not load (preflight), or None: `local_problem`, then `hub_problem`."""
+    problem = local_problem(ref)
+    if problem or ref in ALIASES or Path(ref).expanduser().exists():
+        return problem
+    return hub_problem(ref)
+
+
 def resolve(ref: str) -> Resolved:
     """Resolve a model reference: alias → cache dir, local dir, .gguf file, or hub id (checked reachable)."""
+    problem = local_problem(ref)
+    if problem:
+        raise UserError(f"model '{ref}': {problem}")
     if ref in ALIASES:
         return Resolved(ref, "dir", str(prepare(ref)))
     p = Path(ref).expanduser()
     if p.suffix == ".gguf":
-        if not p.is_file():
-            raise UserError(f"model '{ref}': GGUF file not found")
         return Resolved(ref, "gguf", str(p.parent), gguf_file=p.name)
     if p.is_dir():
-        # a peft adapter folder (adapter_config.json) also loads: transformers attaches it to its base model
-        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
-            raise UserError(f"model '{ref}': directory has no config.json (not a Hugging Face model folder)")
         return Resolved(ref, "dir", str(p))
-    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") != 1
-    if looks_local:
-        raise UserError(
-            f"model '{ref}': not found (expected an alias {list(ALIASES)}, a model folder, a .gguf file or a hub id org/name)"
-        )
-    if not hub_reachable():
-        try:  # an offline machine may still have it in the HF cache
-            from huggingface_hub import snapshot_download
-
-            return Resolved(ref, "dir", snapshot_download(ref, local_files_only=True))
-        except Exception:
-            raise UserError(
-                f"model '{ref}': the model hub cannot be reached and the model is not in the local cache; "
-                "give a local folder, a .gguf file or an alias"
-            ) from None
+    if not hub_reachable():  # an offline machine may still have it in the HF cache
+        cached = hub_cached(ref)
+        if cached is None:
+            raise UserError(f"model '{ref}': {hub_problem(ref)}")
+        return Resolved(ref, "dir", cached)
     return Resolved(ref, "hub", ref)
 
 
@@ -248,10 +303,12 @@ def load_model(
     kind: str = "causal_lm",
     device: str | None = None,
     num_labels: int = 1,
+    role: str | None = None,
 ):
     """Load a model with the settings' dtype and trust_remote_code onto `device` (default: the settings'
     device): kind 'causal_lm' or 'seq_cls' (a scalar head, `num_labels`). Weights are read from safetensors
-    only. Dropout is left to the caller."""
+    only. Dropout is left to the caller. A scalar head that the checkpoint lacks (a PM or critic built on a
+    causal LM) is expected: instead of the library's load report, one line names the model's `role`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     r = resolve(ref)
@@ -259,16 +316,21 @@ def load_model(
     kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {"use_safetensors": True}  # never pickled weights
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     if kind == "seq_cls":
-        kwargs["num_labels"] = num_labels
+        kwargs.update(num_labels=num_labels, output_loading_info=True)
+    log = logging.getLogger("transformers.modeling_utils")
+    if kind == "seq_cls":  # a new scalar head is expected: `_say_new_head` reports it in one line
+        log.addFilter(_no_load_report)
     try:
         model = cls.from_pretrained(
-            r.path,
-            dtype=settings.torch_dtype(device),
-            trust_remote_code=settings.trust_remote_code,
-            **kwargs,
+            r.path, dtype=settings.torch_dtype(device), trust_remote_code=settings.trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"model '{ref}': cannot load weights: {_load_problem(exc)}") from None
+    finally:
+        log.removeFilter(_no_load_report)
+    if kind == "seq_cls":
+        model, info = model
+        _say_new_head(ref, role, info)
     if r.gguf_file:  # dequantised in memory: make it trainable and saveable like any other model
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -276,6 +338,23 @@ def load_model(
     if kind == "seq_cls" and model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(ref, settings).pad_token_id
     return model.to(device)
+
+
+def _no_load_report(record) -> bool:
+    """A logging filter that drops transformers' loading report (a table of newly initialised keys)."""
+    return "LOAD REPORT" not in record.getMessage()
+
+
+def _say_new_head(ref: str, role: str | None, info: dict) -> None:
+    """One line when a scalar head was newly initialised (expected: it is trained next); other missing or
+    unexpected weights are a warning that lists them."""
+    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
+    head = [k for k in missing if k.split(".")[0] in ("score", "classifier")]
+    who, other = f"{role or 'model'} '{ref}'", [k for k in missing if k not in head]
+    if head and os.environ.get("RANK", "0") == "0":
+        print(f"[cai] {who}: new scalar head ({', '.join(head)}), randomly initialised, to be trained")
+    if other or unexpected:
+        print(f"[cai] warning: {who}: weights missing {other[:5]}, unexpected {unexpected[:5]}", flush=True)
 
 
 def wrap_lora(model, lora, task_type: str = "CAUSAL_LM"):

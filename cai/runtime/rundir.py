@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 from cai.errors import UserError
 
 MANIFEST = "manifest.json"
+RUN_INFO = "run.json"  # RUN/run.json: what the latest `cai run` ran with (recipe, constitutions, code)
 
 
 def package_versions() -> dict[str, str]:
@@ -27,20 +29,60 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-RUN_FILE = "run.json"
+def code_version() -> dict:
+    """cai's version and, when it runs from a git checkout of its own, the commit and whether files under cai/
+    differ from it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        out: dict = {"version": version("cai"), "commit": None, "modified": None}
+    except PackageNotFoundError:  # a source tree that was never installed
+        out = {"version": "unknown", "commit": None, "modified": None}
+    src = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top and Path(top).resolve() == src:  # not a repository that merely contains an installed copy
+        out["commit"] = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no", "--", "cai")
+        out["modified"] = bool(status) if status is not None else None
+    return out
 
 
-def run_info(run_dir: Path) -> dict:
-    """RUN/run.json: facts about the run directory itself, made once when the run starts: a random run token
-    (checkpoints carry it, and resume loads only those with the run's own), and when it was made."""
+def update_run_info(run_dir: str | Path, fields: dict) -> dict:
+    """Set `fields` in RUN/run.json and return it; keys other writers put there are kept."""
+    path = Path(run_dir) / RUN_INFO
+    info = read_run_info(run_dir) or {}
+    info.update(fields)
+    write_json(path, info)
+    return info
+
+
+def read_run_info(run_dir: str | Path) -> dict | None:
+    """RUN/run.json, or None when the run has none (made before it existed) or it does not parse."""
+    p = Path(run_dir) / RUN_INFO
+    try:
+        info = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def run_token(run_dir: str | Path) -> str:
+    """The run's random token in RUN/run.json, made when the run first starts: checkpoints carry it, and resume
+    loads only those with the run's own."""
     import secrets
 
-    p = Path(run_dir) / RUN_FILE
-    info = read_json(p) or {}
+    info = read_run_info(run_dir) or {}
     if not info.get("run_token"):
-        info = {"run_token": secrets.token_hex(16), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-        write_json(p, info)
-    return info
+        info = update_run_info(run_dir, {"run_token": secrets.token_hex(16)})
+    return info["run_token"]
 
 
 def read_json(p: Path) -> dict | None:

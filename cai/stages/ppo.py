@@ -53,7 +53,7 @@ def build_models(cfg, settings, sft_dir: str, device: str):
     policy = PolicyModel(lm, value_head=cfg.critic == "value_head")
     critic = None
     if cfg.critic == "separate":
-        seq = load_model(sft_dir, trainable, kind="seq_cls", device=device)
+        seq = load_model(sft_dir, trainable, kind="seq_cls", device=device, role="PPO critic (value model)")
         seq.config.pad_token_id = tok.pad_token_id
         if cfg.lora is not None:
             prefix = seq.base_model_prefix

@@ -67,7 +67,7 @@ def build_model(cfg, settings):
             model.lm = wrap_lora(model.lm, cfg.lora, task_type="CAUSAL_LM")
     else:
         torch.manual_seed(settings.seed)  # the new score head's initialisation
-        model = load_model(cfg.backbone, trainable, kind="seq_cls")
+        model = load_model(cfg.backbone, trainable, kind="seq_cls", role="preference model backbone")
         fp32_head(scalar_head(model))  # scores in fp32 under autocast
     model.config.pad_token_id = tok.pad_token_id
     return model, tok

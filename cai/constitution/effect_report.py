@@ -1,0 +1,141 @@
+"""What `cai constitution effect` shows: the lines it prints and effect.md (cai.constitution.effect computes).
+
+Every edited principle gets a measured flip rate with its interval, or "not measured: N pairs drew it" and
+what to do; the PM verdict only comes from relabelled pairs.
+"""
+
+from __future__ import annotations
+
+from cai.markdown import num, quote
+
+
+def _rate(r: dict) -> str:
+    if r["flip_rate"] is None:
+        return r["note"] or "-"
+    ci = r["ci95"]
+    text = f"flip rate {r['flip_rate']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+    return text + (f"; {r['note']}" if r["note"] else "")
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The lines the command prints."""
+    lo, hi = s["ci95"]
+    unit = "pair x edited principle rows" if s["draw_edited"] else "pairs"
+    out = [
+        f"{unit} {s['pairs']}  relabelled {s['relabelled']}  flips {s['flips']}  "
+        f"flip rate {s['flip_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f})  mean |dp| {s['mean_abs_dp']:.4f}"
+    ]
+    for pid, r in s["per_principle"].items():
+        out.append(f"  {pid:24s} {r['change']:22s} drew {r['pairs']:4d}  flips {r['flips']:4d}  {_rate(r)}")
+    if s["draw_edited"]:
+        out.append(
+            "  (--draw-edited: every pair was labelled under each edited principle; rates are conditional on "
+            "drawing it, the run's labels change by about rate x its sampling share)"
+        )
+    if s["unattributed_flips"]:
+        out.append(f"  flips not attributable to an edited principle: {len(s['unattributed_flips'])}")
+    if "pm" in s:
+        pm = s["pm"]
+        out.append(
+            f"PM agreement (all labelled pairs): old labels {num(pm['agree_old'])}, new labels "
+            f"{num(pm['agree_new'])}. {pm['verdict']}"
+        )
+    return out
+
+
+def report_markdown(summary: dict, rows: list[dict], meta: dict, diff_text: str) -> str:
+    s = summary
+    out = [
+        f"# Effect of a constitution edit: {meta['old']} → {meta['new']}",
+        "",
+        f"- pairs: {meta['sampled']} sampled (seed {meta['seed']}) of {meta['pairs_total']} in `{meta['pairs_file']}`",
+        f"- feedback model: `{meta['model']}`; both orders averaged: {meta['both_orders']}; "
+        f"principles per pair: {meta['num_principles']} (coupled seeded draw, see `cai/constitution/effect.py`)",
+        f"- a flip: p(A) crosses 0.5 by more than {meta['margin']} on both sides; an edited principle drawn by "
+        f"fewer than {s['min_pairs']} pairs is not measured",
+        (
+            "- every pair was labelled under each edited principle (`--draw-edited`): rates are conditional on "
+            "drawing the principle"
+            if s["draw_edited"]
+            else f"- pairs relabelled under NEW (their drawn principles' feedback text differs): {s['relabelled']}; "
+            "the others get the same prompt, hence the same label, under OLD and NEW (Δp = 0, no flip)"
+        ),
+        "",
+        "## Diff",
+        "",
+        "```",
+        diff_text,
+        "```",
+        "",
+        "## Overall",
+        "",
+        "| flip rate | 95% CI | flips | mean abs Δp |",
+        "|---|---|---|---|",
+        f"| {s['flip_rate']:.3f} | [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | {s['flips']}/{s['pairs']} | {s['mean_abs_dp']:.4f} |",
+        "",
+    ]
+    if s["per_principle"]:
+        out += [
+            "## Per edited principle",
+            "",
+            "| principle | change | pairs that drew it | flips | flip rate | 95% CI | mean abs Δp | note |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for pid, r in s["per_principle"].items():
+            ci = "-" if r["ci95"] is None else f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+            out.append(
+                f"| {pid} | {r['change']} | {r['pairs']} | {r['flips']} | {num(r['flip_rate'], '.3f', 'not measured')} "
+                f"| {ci} | {num(r['mean_abs_dp'], '.4f', '-')} | {r['note'] or ''} |"
+            )
+        out.append("")
+    if s["unattributed_flips"]:
+        out += [
+            f"Flips not attributable to an edited principle: {len(s['unattributed_flips'])} "
+            f"({', '.join(s['unattributed_flips'][:10])}).",
+            "",
+        ]
+    if "pm" in s:
+        pm = s["pm"]
+        out += [
+            "## Preference model agreement",
+            "",
+            f"PM: `{pm['dir']}`",
+            "",
+            "| labels | PM agrees (all pairs) | PM agrees (relabelled pairs) | PM agrees (flipped pairs) |",
+            "|---|---|---|---|",
+            f"| OLD | {num(pm['agree_old'])} | {num(pm['agree_old_relabelled'])} | {num(pm['agree_old_flipped'])} |",
+            f"| NEW | {num(pm['agree_new'])} | {num(pm['agree_new_relabelled'])} | {num(pm['agree_new_flipped'])} |",
+            "",
+            f"Relabelled pairs: {pm['relabelled']}. {pm['verdict']}",
+            "",
+        ]
+    out += ["## Δp", "", "![histogram of Δp](delta_p.png)", ""]
+    return "\n".join(out + flipped_markdown(s["top_flipped"], rows))
+
+
+def flipped_markdown(top: list[str], rows: list[dict]) -> list[str]:
+    """The most-changed flipped pairs: prompt, both responses, which label prefers which."""
+    by_id = {r["id"]: r for r in rows}
+    out = ["## Top flipped pairs", ""] if top else []
+    for i, pid in enumerate(top, 1):
+        r = by_id[pid]
+        last_user = next((m["content"] for m in reversed(r["messages"]) if m["role"] == "user"), "")
+        out += [
+            f"### {i}. `{pid}`: p(A) {r['p_old']:.3f} → {r['p_new']:.3f}",
+            "",
+            f"principles: {', '.join(r['old_principles'])} → {', '.join(r['new_principles'])}",
+            "",
+            "**User:**",
+            "",
+            quote(last_user),
+            "",
+            f"**Response A** ({'preferred by NEW' if r['p_new'] > 0.5 else 'preferred by OLD'}):",
+            "",
+            quote(r["response_a"]),
+            "",
+            f"**Response B** ({'preferred by NEW' if r['p_new'] <= 0.5 else 'preferred by OLD'}):",
+            "",
+            quote(r["response_b"]),
+            "",
+        ]
+    return out

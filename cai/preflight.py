@@ -1,0 +1,180 @@
+"""Preflight: every file and model a recipe names, checked before any stage runs (`cai run`) and by
+`cai recipe validate`, so a typo in `models.feedback` fails in a second, not after an hour of SL-CAI.
+
+For each stage to run (in every arm), the recipe keys it reads (cai.config.layout.STAGES) are walked, with
+their fallbacks resolved the way the stage sees them (cai.config.view), and every value the schema marks as a
+reference (FileRef, ModelRef, NamedRef in cai.config.recipe) is checked: a file exists; a constitution loads;
+a model is an alias whose source is there, a model folder, a .gguf file, or a hub id `org/name` that is in the
+local cache or on a reachable hub (cai.runtime.models.model_problem); an evaluation suite loads and its data
+files are there; a preference-model spec loads. Each problem is one line naming the recipe file and line (or
+the `--set` item, or the arm) and the key.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from cai.config.arms import expand_arms
+from cai.config.layout import STAGES
+from cai.config.load import field_at, ref_kind
+from cai.config.recipe import Recipe
+from cai.config.view import source_key, value_of
+from cai.constitution.schema import load_constitution
+from cai.errors import UserError
+from cai.eval.suites import load_suite
+from cai.runtime.models import model_problem
+
+NOT_REFS = {"settings", "name", "stages"}
+REQUIRED = {"constitution", "feedback_constitution"}  # files a stage that reads them cannot do without
+
+
+def refs_of(value, info, loc: tuple) -> Iterator[tuple[tuple, str, str]]:
+    """(location, kind, value) of every reference inside a value of the recipe (a block, a list, a string)."""
+    if isinstance(value, BaseModel):
+        for name, finfo in type(value).model_fields.items():
+            yield from refs_of(getattr(value, name), finfo, loc + (name,))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from refs_of(item, info, loc + (i,))
+    elif isinstance(value, str) and value and info is not None:
+        kind = ref_kind(info)
+        if kind:
+            yield loc, kind, value
+
+
+def _get(recipe, loc: tuple):
+    node = recipe
+    for part in loc:
+        try:
+            node = node[part] if isinstance(part, int) else getattr(node, part)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return None
+    return node
+
+
+def stage_refs(recipe: Recipe, stage: str) -> Iterator[tuple[tuple, str, str | None, str]]:
+    """(location of the key that sets it, kind, value, what) of every reference stage `stage` reads; a value
+    that comes from a preference-model spec is located at `preference_model.spec`."""
+    for key in STAGES[stage].reads:
+        if key in NOT_REFS:
+            continue
+        if key == "preference_model":
+            yield from _pm_refs(recipe)
+            continue
+        src = source_key(recipe, key)
+        loc = tuple(src.split("."))
+        value = value_of(recipe, key)
+        if src in REQUIRED:
+            yield loc, "constitution", value, ""
+            continue
+        for where, kind, v in refs_of(value, field_at(src), loc):
+            yield where, "suite" if where[:2] == ("report", "suites") else kind, v, ""
+    if stage == "feedback" and recipe.feedback.policy not in ("sft", "base"):
+        yield ("feedback", "policy"), "model", recipe.feedback.policy, ""
+
+
+def _pm_refs(recipe: Recipe) -> Iterator[tuple[tuple, str, str | None, str]]:
+    own = recipe.preference_model
+    try:
+        pm = value_of(recipe, "preference_model")
+    except UserError as exc:
+        yield ("preference_model", "spec"), "error", str(exc), ""
+        return
+    for loc, kind, v in refs_of(pm, None, ("preference_model",)):
+        if loc == ("preference_model", "spec"):
+            continue  # it loaded
+        if _get(own, loc[1:]) == v:
+            yield loc, kind, v, ""
+        elif loc == ("preference_model", "backbone") and v == value_of(recipe, "models.reward_backbone"):
+            yield tuple(source_key(recipe, "models.reward_backbone").split(".")), kind, v, ""
+        else:
+            yield (
+                ("preference_model", "spec"),
+                kind,
+                v,
+                f"{'.'.join(map(str, loc[1:]))} of spec '{own.spec}': ",
+            )
+
+
+def problem(kind: str, value: str | None, stage: str) -> str | None:
+    """What is wrong with one reference, or None."""
+    if kind == "error":
+        return value
+    if kind == "constitution":
+        if not value:
+            return f"not set; stage '{stage}' needs a constitution file here"
+        if not Path(value).is_file():
+            return f"file not found: {value}"
+        try:
+            load_constitution(value)
+        except UserError as exc:
+            return f"the constitution does not load: {exc}"
+        return None
+    if kind == "file":
+        return None if Path(value).exists() else f"file not found: {value}"
+    if kind == "model":
+        p = model_problem(value)
+        return f"model '{value}': {p}" if p else None
+    if kind == "suite":
+        try:
+            spec = load_suite(value)
+        except UserError as exc:
+            return str(exc)
+        missing = [f for f in spec.files if not glob.glob(f)]
+        return (
+            f"suite '{value}': data file not found: {missing[0]} (put it there, or remove the suite)"
+            if missing
+            else None
+        )
+    return None
+
+
+def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | None = None) -> list[str]:
+    """One line per problem with the references that `stages` (default: the recipe's) read, in the recipe
+    and in each of its arms (`arms`: only these)."""
+    lines, seen = [], set()
+    # with arms, the stages run in each arm's recipe (the report in the recipe's own)
+    variants = [(n, r) for n, r in expand_arms(recipe) if not arms or n in arms] or [(None, recipe)]
+    for stage in stages if stages is not None else list(recipe.stages):
+        for arm, variant in variants if stage != "report" else [(None, recipe)]:
+            for loc, kind, value, what in stage_refs(variant, stage):
+                own = arm if arm and _get(recipe, loc) != _get(variant, loc) else None
+                here = _locate(recipe, loc, own)
+                key = "".join(
+                    f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(loc)
+                )
+                if (here, key, value) in seen:
+                    continue
+                seen.add((here, key, value))
+                p = problem(kind, value, stage)
+                if p:
+                    lines.append(f"{here}: {f'arm {own!r}: ' if own else ''}key '{key}': {what}{p}")
+    return lines
+
+
+def _locate(recipe: Recipe, loc: tuple, arm: str | None) -> str:
+    """file:line of the key (an arm's own override when the arm changed it), or the --set item."""
+    src = recipe.source
+    if src is None:
+        return "recipe"
+    if arm is not None:
+        key = ".".join(str(p) for p in loc if not isinstance(p, int))
+        for i, a in enumerate(recipe.arms or []):
+            for k in a.set:
+                if arm.startswith(a.name) and (key == k or key.startswith(k + ".")):
+                    return src.locate(("arms", i, "set", k))
+        for k in recipe.sweep or {}:
+            if key == k or key.startswith(k + "."):
+                return src.locate(("sweep", k))
+    return src.locate(loc)
+
+
+def preflight(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | None = None) -> None:
+    """A UserError listing every problem (one per line), before anything runs."""
+    lines = check(recipe, stages, arms)
+    if lines:
+        raise UserError("\nerror: ".join(lines))

@@ -1,0 +1,108 @@
+"""Preflight: `cai recipe validate` and `cai run` check every file and model a recipe names (all arms, the
+stages to run) before anything runs; each problem is one line naming the recipe file, line and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cai import pipeline
+from cai.cli import main as cli
+from cai.config.load import load_recipe
+from cai.errors import UserError
+from cai.preflight import check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BAD = """\
+name: bad
+models:
+  policy: tiny-random-llama
+  feedback: tiny-randm-llama
+  judge: ./no-such-model-folder
+constitution: nope.yaml
+prompts:
+  sources:
+    - {type: builtin, kinds: [red_team], limit: 4}
+    - {type: jsonl, path: data/prompts.jsonl}
+report:
+  suites: [pairs, nosuite]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_validate_names_file_line_and_key_of_every_problem(tmp_path, capsys):
+    p = write(tmp_path, BAD)
+    assert cli.main(["recipe", "validate", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert all(line.startswith(f"error: {p}:") for line in err), err
+    want = {
+        6: "key 'constitution': file not found",
+        10: "key 'prompts.sources[1].path': file not found",
+        4: "key 'models.feedback': model 'tiny-randm-llama': not found",
+        5: f"key 'models.judge': model '{tmp_path / 'no-such-model-folder'}': not found",
+        12: "key 'report.suites[1]': suite 'nosuite': not a file and not a shipped name",
+    }
+    for line, text in want.items():
+        assert any(e.startswith(f"error: {p}:{line}: {text}") for e in err), (line, err)
+    assert len(err) == len(want)
+    assert "did you mean the alias 'tiny-random-llama'" in "\n".join(err)
+
+
+def test_run_fails_before_any_stage_on_a_bad_model_an_arm_or_a_set_value(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    ran = []
+    monkeypatch.setattr(pipeline, "_load_stage", lambda s: ran.append(s))
+    rdir = tmp_path / "run"
+    base = [f"run_dir={rdir}"]
+    # a typo in the feedback model, which only the third stage loads
+    with pytest.raises(UserError) as info:
+        pipeline.run(load_recipe(ROOT / "recipes/tiny.yaml", [*base, "models.feedback=tiny-randm-llama"]))
+    assert str(info.value).startswith("--set models.feedback=tiny-randm-llama: key 'models.feedback': model")
+    assert ran == [] and not rdir.exists()
+    # an arm's own constitution: the arm's line in the recipe
+    p = write(
+        tmp_path,
+        (ROOT / "recipes/tiny.yaml").read_text().replace("../constitutions", str(ROOT / "constitutions"))
+        + "arms:\n  - {name: a}\n  - {name: b, set: {feedback_constitution: missing.yaml}}\n",
+    )
+    lines = check(load_recipe(p))
+    assert len(lines) == 1 and lines[0].startswith(
+        f"{p}:45: arm 'b': key 'feedback_constitution': file not found"
+    )
+    # only the stages to run: sft reads no constitution
+    assert check(load_recipe(p, ["constitution=gone.yaml"]), ["sft"]) == []
+    assert "constitution" in check(load_recipe(p, ["constitution=gone.yaml"]), ["critique_revise"])[0]
+
+
+def test_a_constitution_that_does_not_load_and_a_model_folder_without_config(tmp_path):
+    (tmp_path / "c.yaml").write_text("name: c\nkind: specific\nprinciples: []\n")
+    (tmp_path / "empty-model").mkdir()
+    p = write(tmp_path, "name: x\nconstitution: c.yaml\nmodels:\n  policy: empty-model\n")
+    lines = check(load_recipe(p))
+    assert lines[0].startswith(
+        f"{p}:4: key 'models.policy': model '{tmp_path / 'empty-model'}': directory has no"
+    )
+    assert any(
+        ln.startswith(f"{p}:2: key 'constitution': the constitution does not load: {tmp_path}")
+        for ln in lines
+    )
+
+
+def test_shipped_cpu_recipes_pass_and_gpu_recipes_name_their_downloads(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    ok = ["recipes/tiny.yaml", "recipes/quickstart.yaml", "recipes/compare-specific-general.yaml"]
+    assert cli.main(["recipe", "validate", *ok]) == 0
+    assert capsys.readouterr().out.count("ok  ") == 3
+    lines = check(load_recipe(ROOT / "recipes/gpu-1b-single.yaml"))
+    # data the user downloads first and hub models (not in this machine's cache, no hub here): named, with lines
+    assert all(
+        ": key 'prompts.sources[" in ln or "check_set.path': file not found" in ln or "Qwen/" in ln
+        for ln in lines
+    ), lines
