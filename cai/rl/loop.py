@@ -16,8 +16,10 @@ from cai.errors import UserError
 from cai.rl import checkpoint as ckpt
 from cai.rl import engine
 from cai.rl import ppo_math as pm
+from cai.rl.colocate import VLLMRollouts
 from cai.rl.rollout import sample, seed_of
 from cai.runtime import distributed as dist
+from cai.runtime import vllm_engine
 from cai.runtime.generate import HFBackend
 from cai.runtime.precision import Precision
 from cai.runtime.rundir import append_jsonl, read_jsonl
@@ -53,11 +55,21 @@ class OnPolicyTrainer:
             cpu=not torch.cuda.is_available(), mixed_precision=self.precision.mixed
         )
         self.show_progress, self.metrics, self.run_token = show_progress, metrics, run_token
-        # old log-probs: from the sampling logits where that is exact (fp32), else from a training-like forward
-        lfg = cfg.logprobs_from_generation
-        self.logprobs_from_generation = self.precision.compute == "float32" if lfg is None else lfg
+        # old log-probs: from the sampling logits where that is exact (fp32), else from a training-like forward;
+        # always from the forward when vLLM samples (cai.rl.colocate)
+        lfg, self.vllm = cfg.logprobs_from_generation, None
+        self.use_vllm = getattr(cfg, "rollout_backend", "hf") == "vllm"
+        self.logprobs_from_generation = (self.precision.compute == "float32" if lfg is None else lfg) and (
+            not self.use_vllm
+        )
         tol = cfg.first_step_tolerance
         self.first_step_tolerance = tol or (1e-6 if self.precision.compute == "float32" else 1e-3)
+        if self.use_vllm:
+            vllm_engine.require(f"{self.name}.rollout_backend 'vllm'")
+            if engine.is_fsdp(self.acc):
+                raise UserError(
+                    f"{self.name}.rollout_backend 'vllm' does not run under FSDP; use DDP or DeepSpeed"
+                )
         if cfg.rollout_batch_size < cfg.num_minibatches * cfg.grad_accum:
             raise UserError(f"{self.name}.rollout_batch_size: must be at least num_minibatches × grad_accum")
         self.prompt_ids = [self._encode(row["messages"]) for row in prompts]
@@ -95,8 +107,8 @@ class OnPolicyTrainer:
     def _generate(self, idx: list[int], update: int):
         """Sample responses to the prompts `idx` with the policy's current weights (cai.rl.rollout.sample)."""
         with engine.unwrapped_for_generation(self.model, self.acc) as unwrapped:
-            return sample(
-                HFBackend(unwrapped.policy.lm, self.tok),
+            out = sample(
+                self._backend(unwrapped.policy.lm),
                 [self.prompt_ids[i] for i in idx],
                 self.cfg,
                 lambda k, n: seed_of(self.seed, "sample", update, dist.rank() * n + k),
@@ -104,6 +116,17 @@ class OnPolicyTrainer:
                 autocast=self.precision.autocast(self.acc.device),
                 device=self.acc.device,
             )
+        if self.vllm is not None:
+            self.vllm.rest()
+        return out
+
+    def _backend(self, lm):
+        """HF generate on the policy itself, or the colocated vLLM engine given its current weights."""
+        if not self.use_vllm:
+            return HFBackend(lm, self.tok)
+        if self.vllm is None:
+            self.vllm = VLLMRollouts(lm, self.tok, self.cfg, self.precision.compute, self.seed)
+        return self.vllm.backend_for(lm)
 
     def _score(self, idx: list[int], texts, finished, resp, mask, update: int):
         """(raw score, the reward PPO uses: the score normalised, with the missing-EOS penalty and clipping)."""

@@ -8,8 +8,8 @@
   so a killed run loses at most one batch.
 
 Generation settings come from the recipe alone: a model's own generation_config.json never applies (see
-`recipe_settings_only`). Backends implement `generate_ids`. `HFBackend` uses `transformers.generate`. A vLLM backend is future
-work (docs/generation.md): it is not shipped until it can be tested on a GPU.
+`recipe_settings_only`). Backends implement `generate_ids`. `HFBackend` uses `transformers.generate`; `VLLMBackend`
+a vLLM engine in this process (cai.runtime.vllm_engine), started from the model's folder.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from typing import Protocol
 
 from cai.errors import UserError
 from cai.runtime import distributed as dist
+from cai.runtime import vllm_engine
 from cai.runtime.forward import pad as left_pad
 from cai.runtime.hashing import derive_seed
+from cai.runtime.models import load_for_inference, load_tokenizer, resolve
 from cai.runtime.rundir import append_jsonl, read_jsonl, repair_jsonl
 
 
@@ -181,11 +183,45 @@ def recipe_settings_only(model):
         inner.generation_config = saved
 
 
-def make_backend(name: str, model, tokenizer) -> Backend:
+class VLLMBackend:
+    """Generation through a vLLM engine in this process (cai.runtime.vllm_engine), packed as HFBackend packs its
+    output; each prompt is sampled with its own seed, derived from the batch seed and its place."""
+
+    def __init__(self, llm, tokenizer):
+        self.llm, self.tokenizer = llm, tokenizer
+
+    def generate_ids(
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        seed: int,
+        with_logits: bool = False,
+        autocast=None,
+    ) -> Generated:
+        """As HFBackend.generate_ids, without logits (a forward pass computes log-probs); `autocast` does not
+        apply (the engine runs in its own dtype)."""
+        import torch
+
+        if with_logits:
+            raise ValueError("the vLLM backend does not return logits: compute log-probs with a forward pass")
+        responses = vllm_engine.generate(self.llm, prompts, sampling, seed)
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        ids, mask = left_pad(prompts, pad)
+        cut = [
+            r[: r.index(eos) + 1] if eos in r else r for r in responses
+        ]  # up to and including the first EOS
+        resp, rmask = left_pad(cut, pad, side="right")
+        finished = torch.tensor([eos in r for r in responses], dtype=torch.bool)
+        return Generated(ids, mask, resp, rmask, finished)
+
+
+def make_backend(name: str, model, tokenizer, settings=None, memory: float | None = None) -> Backend:
+    """The backend a recipe names. For 'vllm', `model` is a model folder (or hub id), or a loaded HF model whose
+    folder the engine starts from."""
     if name == "hf":
         return HFBackend(model, tokenizer)
     if name == "vllm":
-        raise UserError("generation.backend 'vllm' is not available yet (see docs/generation.md); use 'hf'")
+        return VLLMBackend(vllm_engine.start_for(model, settings, memory), tokenizer)
     raise UserError(f"generation.backend '{name}': 'hf' or 'vllm' expected")
 
 
@@ -207,15 +243,17 @@ class Engine:
         batch_size: int = 16,
         seed: int = 0,
         backend: str = "hf",
+        settings=None,
+        memory: float | None = None,
     ):
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.batch_size = batch_size
         self.seed = seed
-        self.backend = make_backend(backend, model, tokenizer)
+        self.backend = make_backend(backend, model, tokenizer, settings, memory)
 
     @classmethod
-    def for_config(cls, model, tokenizer, gen, seed: int) -> Engine:
+    def for_config(cls, model, tokenizer, gen, seed: int, settings=None) -> Engine:
         """The engine a generation block asks for (a recipe's `generation`, with a stage's overrides merged):
         its sampling settings, batch size and backend."""
         return cls(
@@ -225,7 +263,20 @@ class Engine:
             batch_size=gen.batch_size,
             seed=seed,
             backend=gen.backend,
+            settings=settings,
+            memory=gen.vllm_memory,
         )
+
+    @classmethod
+    def load(cls, ref: str, settings, gen, seed: int) -> Engine:
+        """The engine of a generation block on a model reference: the HF model is loaded only for the 'hf'
+        backend; 'vllm' starts its engine from the model's folder (an alias's cached folder, a local folder or
+        a hub id)."""
+        if gen.backend != "vllm":
+            model, tok = load_for_inference(ref, settings)
+            return cls.for_config(model, tok, gen, seed, settings)
+        vllm_engine.require("generation.backend 'vllm'")
+        return cls.for_config(resolve(ref).path, load_tokenizer(ref, settings), gen, seed, settings)
 
     def encode(self, request: dict) -> list[int]:
         """Token ids of a request: {'messages': [...]} through the chat template, or {'text': ...} as is."""

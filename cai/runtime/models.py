@@ -134,24 +134,24 @@ def build_tiny_tokenizer():
     return tok
 
 
-def build_tiny_model(tokenizer=None, seed: int = 0):
-    """A 2-layer Llama with random weights from a fixed seed: identical on every machine with this torch."""
+def build_tiny_model(tokenizer=None, seed: int = 0, **shape):
+    """A 2-layer Llama with random weights from a fixed seed: identical on every machine with this torch.
+    `shape` overrides LlamaConfig fields (vLLM's CPU attention needs head_dim >= 32: hidden_size=128,
+    num_attention_heads=2)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tokenizer or build_tiny_tokenizer()
+    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2) | shape
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=4096,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
+        **shape,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

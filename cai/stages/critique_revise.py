@@ -33,7 +33,6 @@ from cai.data.sources import load_prompts, write_prompts
 from cai.runtime import distributed as dist
 from cai.runtime.generate import Engine
 from cai.runtime.hashing import derive_seed
-from cai.runtime.models import load_for_inference
 from cai.runtime.rundir import read_jsonl, write_json
 
 # --- clean-up filters (pure functions) ----------------------------------------------------------------------
@@ -310,8 +309,7 @@ def run(ctx) -> Path:
         write_prompts(out / "held_out.jsonl", held)
     constitution = load_constitution(c.constitution)
     fewshot = fewshot_messages(cfg.few_shot or constitution.few_shot.critique_revise, cfg.num_few_shot)
-    model, tok = load_for_inference(c.models.policy, c.settings)
-    engine = Engine.for_config(model, tok, merged_generation(c.generation, cfg.generation), seed)
+    engine = Engine.load(c.models.policy, c.settings, merged_generation(c.generation, cfg.generation), seed)
     steps = Steps(engine, out / "steps", seed)
     state, rejected, principles_used = revise(steps, train, constitution, fewshot, seed, cfg.num_revisions)
     kept, rejects = records(train, state, rejected)
