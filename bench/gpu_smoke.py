@@ -9,7 +9,11 @@ Phases, each with its invariants (an AssertionError names the phase and what fai
 - pm-classifier, pm-value-head: a few preference-model steps; weights change, scores are fp32;
 - ppo-{full,lora}-{separate,value_head}: PPO updates at lr 1e-5; at least 90% of the trained tensors change
   (LoRA: every B matrix), the first step of each update starts at ratio 1 within the bf16 tolerance, values fp32;
-- packed-forward-256: one packed (padding-free) policy forward over 256 rows, the batch size of GPU rollouts.
+- packed-forward-256: one packed (padding-free) policy forward over 256 rows, the batch size of GPU rollouts;
+- generate-hf, generate-vllm: the same chat prompts through the Engine on each backend (greedy, `--gen-tokens` new
+  tokens each), tokens/s; the vLLM phase also prints how many greedy responses equal HF's (near-ties of a random
+  model's flat logits can flip in bf16, so that share is shown, not asserted). It needs vLLM installed (`cai[vllm]`);
+  without it the phase says so and is skipped.
 Not part of CI (no GPU there); run it whenever a GPU is available and copy the table into docs/benchmarks.md.
 """
 
@@ -34,11 +38,11 @@ SHAPES = {  # Llama-shaped; the byte-level tokenizer's vocabulary padded to a re
         num_key_value_heads=8,
         vocab=32768,
     ),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
+    "tiny": dict(  # head_dim 64: vLLM's CPU attention refuses less than 32
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=2,
         num_key_value_heads=2,
         vocab=512,
     ),
@@ -260,6 +264,39 @@ def packed_forward_phase(model_dir, settings, a):
     return int(mask.sum())
 
 
+def generation_phases(phases, model_dir, settings, a) -> None:
+    """HF against vLLM on the same prompts through the one Engine (cai.runtime.generate); callable on its own."""
+    from cai.runtime import vllm_engine
+    from cai.runtime.generate import Engine, Sampling
+    from cai.runtime.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    requests = [
+        {"id": str(i), "messages": e["prompt"]} for i, e in enumerate(chat_examples(a.gen_prompts, 24))
+    ]
+    sampling = Sampling(max_new_tokens=a.gen_tokens, temperature=0.0)
+    out = {}
+
+    def run(backend: str, model):
+        engine = Engine(model, tok, sampling, batch_size=a.gen_prompts, backend=backend, settings=settings)
+        rows = engine.run(requests, show=False)
+        assert all(r["new_tokens"] > 0 for r in rows), f"generate-{backend}: an empty response"
+        out[backend] = rows
+        return sum(r["new_tokens"] for r in rows)
+
+    model = load_model(str(model_dir), settings).eval()
+    phases.run("generate-hf", lambda: run("hf", model))
+    model = None  # free the HF copy before vLLM starts
+    if not vllm_engine.available():
+        print("generate-vllm: skipped, vLLM is not installed (pip install -e '.[vllm]')", flush=True)
+        return
+    vllm_engine.start_for(str(model_dir), settings)  # engine start outside the timed phase (printed by vLLM)
+    phases.run("generate-vllm", lambda: run("vllm", str(model_dir)))
+    same = sum(x["text"] == y["text"] for x, y in zip(out["hf"], out["vllm"]))
+    print(f"generate-vllm: {same} of {len(requests)} greedy responses equal HF's", flush=True)
+    vllm_engine.release()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -270,6 +307,10 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--packed-rows", type=int, default=256)
+    p.add_argument("--gen-prompts", type=int, default=256, help="prompts of the generation phases")
+    p.add_argument(
+        "--gen-tokens", type=int, default=128, help="new tokens per prompt in the generation phases"
+    )
     p.add_argument("--out", help="write the table as JSON here")
     a = p.parse_args()
     import torch
@@ -278,6 +319,7 @@ def main() -> int:
 
     if a.tiny:
         a.steps, a.updates, a.batch, a.length, a.packed_rows = 2, 1, 4, 32, 16
+        a.gen_prompts, a.gen_tokens = 8, 16
         settings = Settings(device="cpu", dtype="bfloat16")
     else:
         if not torch.cuda.is_available():
@@ -296,6 +338,7 @@ def main() -> int:
                 name = f"ppo-{'lora' if lora else 'full'}-{critic}"
                 phases.run(name, lambda lo=lora, c=critic: ppo_phase(model_dir, settings, work, a, lo, c))
         phases.run(f"packed-forward-{a.packed_rows}", lambda: packed_forward_phase(model_dir, settings, a))
+        generation_phases(phases, model_dir, settings, a)
     print("| phase | s | tokens/s | peak GiB | checks |\n|---|---:|---:|---:|---|")
     for r in phases.rows:
         print(f"| {r['phase']} | {r['seconds']} | {r['tokens_per_s']} | {r['peak_gib']} | {r['checks']} |")

@@ -26,6 +26,7 @@ from cai.config.view import source_key, value_of
 from cai.constitution.schema import load_constitution
 from cai.errors import UserError
 from cai.eval.suites import load_suite
+from cai.runtime import vllm_engine
 from cai.runtime.models import model_problem
 
 NOT_REFS = {"settings", "name", "stages"}
@@ -153,7 +154,23 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
                 p = problem(kind, value, stage)
                 if p:
                     lines.append(f"{here}: {f'arm {own!r}: ' if own else ''}key '{key}': {what}{p}")
-    return lines
+    return lines + vllm_problems(recipe, stages if stages is not None else list(recipe.stages))
+
+
+def vllm_problems(recipe: Recipe, stages: list[str]) -> list[str]:
+    """A line for each key that asks a stage to run on vLLM when vLLM is not installed, naming the extra."""
+    if vllm_engine.available():
+        return []
+    asked = []
+    if recipe.generation.backend == "vllm" and {"critique_revise", "feedback", "report"} & set(stages):
+        asked.append(("generation", "backend"))
+    if recipe.ppo.rollout_backend == "vllm" and "ppo" in stages:
+        asked.append(("ppo", "rollout_backend"))
+    return [
+        f"{_locate(recipe, loc, None)}: key '{'.'.join(loc)}': vLLM is not installed; install the extra: "
+        f"{vllm_engine.EXTRA}"
+        for loc in asked
+    ]
 
 
 def _locate(recipe: Recipe, loc: tuple, arm: str | None) -> str:

