@@ -451,3 +451,56 @@ def test_lm_coef_needs_a_value_head(tiny_recipe, tmp_path):
     assert cfg.spec == "value-head-lm" and cfg.head == "value_head" and cfg.lm_coef == 0.5
     with pytest.raises(UserError, match=r"preference_model\.lm_coef.*value_head.*bt-lora"):
         effective(tiny_recipe("preference_model.spec=bt-lora", "preference_model.lm_coef=0.1"))
+
+
+@pytest.mark.parametrize("head", ["classifier", "value_head"])
+def test_packed_pair_scores_equal_the_padded_ones_with_their_gradients(tiny_dir, head):
+    """PM training scores each pair in one packed forward, its shared conversation once: the same scores and
+    the same gradients as the padded batch, for both heads."""
+    from cai.pm.scoring import can_pack, pair_scores
+    from cai.pm.value_head import ValueHeadPM
+    from cai.runtime.forward import pad
+    from cai.runtime.models import load_model
+
+    torch.manual_seed(0)
+    if head == "value_head":
+        pm = ValueHeadPM.from_pretrained("tiny-random-llama", seed=3)
+    else:
+        pm = load_model("tiny-random-llama", kind="seq_cls")
+    assert can_pack(pm)
+    conv = [list(torch.randint(5, 200, (n,)).tolist()) for n in (12, 20, 9)]
+    a = [c + torch.randint(5, 200, (k,)).tolist() for c, k in zip(conv, (3, 7, 1))]
+    b = [c + torch.randint(5, 200, (k,)).tolist() for c, k in zip(conv, (5, 2, 4))]
+    ids, mask = pad(a + b, 0, side="right")
+
+    def run(fn):
+        pm.zero_grad()
+        scores = fn(pm, ids, mask)
+        (scores * torch.arange(1.0, 7.0)).sum().backward()
+        return scores.detach(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+
+    padded, g_padded = run(sequence_scores)
+    packed, g_packed = run(pair_scores)
+    assert packed.tolist() == pytest.approx(padded.tolist(), abs=1e-5)
+    assert g_packed.keys() == g_padded.keys() and len(g_packed) > 5
+    for name, g in g_padded.items():
+        assert torch.allclose(g_packed[name], g, atol=1e-5), name
+
+
+def test_pm_eval_scores_packed_and_padded_alike(tiny_dir, tmp_path, monkeypatch):
+    """`cai pm eval` scores an item's replies in one packed forward (their conversation once): the result is
+    the padded one's."""
+    import cai.pm.scoring as scoring
+    from cai.eval.measure import evaluate_pm
+    from cai.runtime.models import load_model, load_tokenizer
+
+    model = load_model("tiny-random-llama", kind="seq_cls")
+    model.save_pretrained(tmp_path / "pm")
+    load_tokenizer("tiny-random-llama").save_pretrained(tmp_path / "pm")
+    packed = evaluate_pm(tmp_path / "pm", "pairs", limit=12)
+    monkeypatch.setattr(scoring, "PACKED", False)
+    padded = evaluate_pm(tmp_path / "pm", "pairs", limit=12)
+    assert packed["n"] == padded["n"] == 12
+    assert packed["accuracy"] == padded["accuracy"] and packed["mean_margin"] == pytest.approx(
+        padded["mean_margin"], abs=1e-4
+    )

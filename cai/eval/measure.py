@@ -9,6 +9,7 @@ margin; feedback evaluation on pair suites adds the mean gap between the two opt
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -74,8 +75,12 @@ def evaluate_pm(
     items = load_items(spec, limit, settings.seed)
     scorer = model if isinstance(model, RewardScorer) else RewardScorer(model, settings)
     convs = [it.messages + [{"role": "assistant", "content": c}] for it in items for c in it.candidates]
+    starts = list(itertools.accumulate((len(it.candidates) for it in items), initial=0))
+    groups = [
+        list(range(a, b)) for a, b in zip(starts, starts[1:])
+    ]  # an item's replies share its conversation
     raw = scorer.score(
-        convs, batch_size=batch_size, max_length=max_length, desc=f"pm eval {spec.name}"
+        convs, batch_size=batch_size, max_length=max_length, desc=f"pm eval {spec.name}", groups=groups
     ).tolist()
     hits, probs, correct, margins, k = [], [], [], [], 0
     for it in items:

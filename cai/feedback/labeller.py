@@ -26,6 +26,7 @@ call: every rank passes the same pairs, each scores every W-th batch, and all re
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from cai.data.hh import split_hh_pair
@@ -228,6 +229,7 @@ class Labeller:
             desc=desc,
             exact=self.exact_options,
             shard=shard,
+            groups=[list(g) for _, g in itertools.groupby(range(len(jobs)), key=lambda n: jobs[n][0])],
         )
         lo, hi = self.cot_clamp
         acc: list[dict] = [{"ab": [], "ba": [], "per": {}} for _ in pairs]
