@@ -38,12 +38,20 @@ SHAPES = {  # Llama-shaped; the byte-level tokenizer's vocabulary padded to a re
         num_key_value_heads=8,
         vocab=32768,
     ),
-    "tiny": dict(  # head_dim 64: vLLM's CPU attention refuses less than 32
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab=512,
+    ),
+    "tiny-head64": dict(  # the generation phases' tiny model: vLLM's CPU attention needs head_dim >= 32
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=2,
-        num_key_value_heads=2,
+        num_key_value_heads=1,
         vocab=512,
     ),
 }
@@ -338,6 +346,8 @@ def main() -> int:
                 name = f"ppo-{'lora' if lora else 'full'}-{critic}"
                 phases.run(name, lambda lo=lora, c=critic: ppo_phase(model_dir, settings, work, a, lo, c))
         phases.run(f"packed-forward-{a.packed_rows}", lambda: packed_forward_phase(model_dir, settings, a))
+        if a.tiny:
+            model_dir = build_model(work / "model-head64", SHAPES["tiny-head64"])
         generation_phases(phases, model_dir, settings, a)
     print("| phase | s | tokens/s | peak GiB | checks |\n|---|---:|---:|---:|---|")
     for r in phases.rows:

@@ -248,6 +248,8 @@ def test_the_gpu_smoke_script_runs_its_phases_on_the_cpu(tmp_path):
     import sys
     from pathlib import Path
 
+    from cai.runtime import vllm_engine as vllm
+
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "table.json"
     proc = subprocess.run(
@@ -258,4 +260,7 @@ def test_the_gpu_smoke_script_runs_its_phases_on_the_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     phases = [r["phase"] for r in json.loads(out.read_text())]
-    assert phases[:3] == ["sft", "pm-classifier", "pm-value_head"] and len(phases) == 8
+    assert phases[:3] == ["sft", "pm-classifier", "pm-value_head"] and len(phases) == 10 - (
+        not vllm.available()
+    )
+    assert phases[8:] == ["generate-hf", "generate-vllm"][: len(phases) - 8]  # vLLM's when it is installed

@@ -6,6 +6,7 @@ continues as the updated policy does. The engine runs in this process and starts
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,8 +184,10 @@ def test_a_tiny_run_on_vllm_finishes_and_resumes_after_an_interruption(model_dir
         "ppo.rollout_backend=vllm",
         "ppo.updates=2",
         "ppo.save_every=1",
+        "report.eval_limit=4",
+        "report.win_rate_prompts=2",
     )
-    rdir = recipe.run_dir and __import__("pathlib").Path(recipe.run_dir)
+    rdir = Path(recipe.run_dir)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(recipe, quiet=True)
     assert read_manifest(rdir / "ppo")["status"] == "interrupted"
