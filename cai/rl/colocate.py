@@ -88,15 +88,16 @@ class VLLMRollouts:
     backend for cai.rl.rollout.sample; `rest()` frees the engine's memory until the next rollout."""
 
     def __init__(self, lm, tokenizer, cfg, dtype: str, seed: int):
-        self.tokenizer, self.sleep_mode = tokenizer, cfg.vllm_sleep
+        # a trainer's block names rollout_backend; the memory share and sleep keys are optional (PPOConfig has them)
+        self.tokenizer, self.sleep_mode = tokenizer, getattr(cfg, "vllm_sleep", True)
         self.llm = vllm_engine.start(
             str(engine_folder(lm, tokenizer)),
             dtype=dtype,
             seed=seed,
-            memory=cfg.vllm_memory,
+            memory=getattr(cfg, "vllm_memory", None),
             gpu_default=GPU_SHARE,
             dummy=True,
-            sleep_mode=cfg.vllm_sleep,
+            sleep_mode=self.sleep_mode,
         )
         self.synced, self.asleep = False, False
         self.sent = 0  # tensors sent at the last sync (what a test or a log can check)

@@ -59,8 +59,8 @@ class OnPolicyTrainer:
         # always from the forward when vLLM samples (cai.rl.colocate)
         lfg, self.vllm = cfg.logprobs_from_generation, None
         self.use_vllm = getattr(cfg, "rollout_backend", "hf") == "vllm"
-        self.logprobs_from_generation = (self.precision.compute == "float32" if lfg is None else lfg) and (
-            not self.use_vllm
+        self.logprobs_from_generation = (
+            self.precision.compute == "float32" and not self.use_vllm if lfg is None else lfg
         )
         tol = cfg.first_step_tolerance
         self.first_step_tolerance = tol or (1e-6 if self.precision.compute == "float32" else 1e-3)
