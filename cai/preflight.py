@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from cai.config.arms import expand_arms
-from cai.config.layout import STAGES
+from cai.config.layout import reads_of
 from cai.config.load import field_at, ref_kind
 from cai.config.recipe import Recipe
 from cai.config.view import source_key, value_of
@@ -59,7 +59,7 @@ def _get(recipe, loc: tuple):
 def stage_refs(recipe: Recipe, stage: str) -> Iterator[tuple[tuple, str, str | None, str]]:
     """(location of the key that sets it, kind, value, what) of every reference stage `stage` reads; a value
     that comes from a preference-model spec is located at `preference_model.spec`."""
-    for key in STAGES[stage].reads:
+    for key in reads_of(recipe, stage):
         if key in NOT_REFS:
             continue
         if key == "preference_model":

@@ -1,5 +1,5 @@
 """PPO end to end on the tiny random model (CPU): the reward rises, the KL controller steers, LoRA's reference
-is the base model, a resumed run equals a straight one, and the stage writes ppo/."""
+is the base model, a resumed run equals a straight one, and the stage writes policy/."""
 
 from __future__ import annotations
 
@@ -280,8 +280,8 @@ def test_stage_writes_metrics_and_policy(tmp_path, tiny_recipe, tiny_dir, monkey
         (rdir / stage / "manifest.json").write_text(
             json.dumps({"status": "complete", "fingerprint": stage, "output": stage})
         )
-    run(recipe, only=["ppo"])
-    out = rdir / "ppo"
+    run(recipe, only=["ppo"])  # the stage's former name still selects it
+    out = rdir / "policy"
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert (out / "policy" / "config.json").is_file() and (out / "score_vs_kl.png").is_file()

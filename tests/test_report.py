@@ -43,7 +43,7 @@ def test_report_of_a_tiny_run_has_every_section(tiny_run):
     links = _images_exist(rep, md)
     assert {"sft_loss.png", "ppo_curves.png", "kl_reward.png"} <= set(links)
     assert any("reliability" in link for link in links)  # calibration plot
-    for stage in ("critique_revise", "sft", "feedback", "preference_model", "ppo"):
+    for stage in ("critique_revise", "sft", "feedback", "preference_model", "policy"):
         assert re.search(rf"\| {stage} \| complete \| [0-9.]+ s \|", md), stage
     check = json.loads((tiny_run / "feedback" / "check.json").read_text())
     assert ("**Warning:**" in md and "not above chance" in md) == (not check["above_chance"])
@@ -65,7 +65,7 @@ def test_report_of_a_tiny_run_has_every_section(tiny_run):
 
 
 def test_ppo_logs_a_non_negative_kl_for_the_fit_and_the_report_says_which(tiny_run):
-    rows = read_jsonl(tiny_run / "ppo" / "metrics.jsonl")
+    rows = read_jsonl(tiny_run / "policy" / "metrics.jsonl")
     assert rows and all("objective/kl" in r for r in rows)  # the reward's own estimator, as before
     for r in rows:
         assert r["objective/kl_k3"] >= 0 and r["objective/sqrt_kl"] == math.sqrt(r["objective/kl_k3"])
@@ -151,7 +151,7 @@ def test_comparison_run_on_the_tiny_model_has_one_column_per_arm(tmp_path, root,
         os.chdir(old)
     arms = ["harmless-specific", "good-for-humanity"]
     for arm in arms:
-        for stage in ("feedback", "preference_model", "ppo"):
+        for stage in ("feedback", "preference_model", "policy"):
             assert read_manifest(rdir / "arms" / arm / stage)["status"] == "complete"
     assert not (rdir / "feedback").exists()  # nothing of the arms' own stages at the top level
     assert (
@@ -170,7 +170,7 @@ def test_comparison_run_on_the_tiny_model_has_one_column_per_arm(tmp_path, root,
         i = md.index(section)
         assert header in md[i : i + 2000], section
     assert re.search(r"\| critique_revise \| shared · complete · [0-9.]+ s \| shared · complete", md)
-    assert "| final policy (ppo) vs initial | 0." in md or "| final policy (ppo) vs initial | 1." in md
+    assert "| final policy vs initial | 0." in md or "| final policy vs initial | 1." in md
     data = json.loads((rdir / "report" / "report.json").read_text())
     agreement = data["label_agreement"]["pairs"][f"{arms[0]}|{arms[1]}"]
     assert agreement["n"] > 0 and 0.0 <= agreement["agreement"] <= 1.0

@@ -135,9 +135,11 @@ def register(sub) -> None:
 
     an = sub.add_parser("analyze", help="analyses over finished runs")
     ans = an.add_subparsers(dest="sub", required=True, metavar="SUB")
-    k = ans.add_parser("kl-reward", help="fit PM reward = a + b·sqrt(KL) over PPO logs; PNG + JSON")
+    k = ans.add_parser(
+        "kl-reward", help="fit PM reward = a + b·sqrt(KL) over policy logs (any algorithm); PNG + JSON"
+    )
     k.add_argument(
-        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, ppo folders or metrics.jsonl"
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, policy folders or metrics.jsonl"
     )
     k.add_argument("--out", help="output folder (default: FIRST_RUN_DIR/analysis)")
     k.set_defaults(func=_cmd_kl_reward)

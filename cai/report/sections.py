@@ -1,4 +1,5 @@
-"""The report's sections after the stage table: feedback, preference model, PPO, win rate and examples.
+"""The report's sections after the stage table: feedback, preference model, policy optimisation (any algorithm),
+win rate and examples.
 
 Each returns markdown blocks and records its numbers in `data` (written to report.json). Tables have one
 column per arm (one column for a run without arms); a missing stage output gives a short note, not an error.
@@ -182,17 +183,19 @@ def _held_out(t: dict) -> str:
 
 
 def ppo_section(rep) -> list[str]:
-    """Training curves of every PPO log and the fit of score against sqrt(KL)."""
+    """Training curves of every policy-stage log (PPO, RLOO, GRPO, DPO's probes) and the fit of score against
+    sqrt(KL)."""
     arms, label, out, data = rep.arms, rep.label, rep.out, rep.data
     logs = {
-        label(a): rep.index.stage_dir("ppo", a) / "metrics.jsonl"
+        label(a): rep.index.stage_dir("policy", a) / "metrics.jsonl"
         for a in arms
-        if rep.index.stage_dir("ppo", a)
+        if rep.index.stage_dir("policy", a)
     }
     logs = {k: p for k, p in _unique(logs).items() if p.is_file()}
     if not logs:
         return []
-    md = ["## PPO\n"]
+    algorithms = sorted({_algorithm(p.parent) for p in logs.values()})
+    md = [f"## Policy optimisation ({', '.join(a.upper() for a in algorithms)})\n"]
     curves = {k: metric_series(p, [key for key, _ in PPO_PANELS]) for k, p in logs.items()}
     if curves_png(out / "ppo_curves.png", PPO_PANELS, curves):
         md.append("![PPO curves](ppo_curves.png)\n")
@@ -200,7 +203,8 @@ def ppo_section(rep) -> list[str]:
     data["kl_fit"] = {s["label"]: s["fit"] for s in series if s.get("fit")}
     md.append("### Reward against sqrt(KL)\n")
     md.append(
-        "Fit of the PM score = a + b·sqrt(KL) over the PPO updates (Bai et al. 2022 found it roughly linear). "
+        "Fit of the PM score = a + b·sqrt(KL) over the updates (DPO: its probes; Bai et al. 2022 found it roughly "
+        "linear). "
         f"KL per sequence: {_kl_used(series, logs)}.\n"
     )
     for s in series:
@@ -229,6 +233,12 @@ def ppo_section(rep) -> list[str]:
         if s.get("warning"):
             md.append(f"> **Warning ({s['label']}):** {s['warning']}.\n")
     return md
+
+
+def _algorithm(stage_dir: Path) -> str:
+    """The algorithm a policy stage ran (its manifest's config; 'ppo' for a run made before there was a choice)."""
+    cfg = (read_manifest(stage_dir) or {}).get("config") or {}
+    return str((cfg.get("policy") or {}).get("algorithm", "ppo"))
 
 
 def _kl_used(series: list[dict], logs: dict) -> str:
@@ -310,7 +320,7 @@ def generations_section(rep) -> list[str]:
                 ["", *[label(a) for a in arms]],
                 [
                     ["SL-CAI model (sft) vs initial"] + [cell("sl-cai", a) for a in arms],
-                    ["final policy (ppo) vs initial"] + [cell("final", a) for a in arms],
+                    ["final policy vs initial"] + [cell("final", a) for a in arms],
                 ],
             )
         )
@@ -318,6 +328,7 @@ def generations_section(rep) -> list[str]:
             md.append(f"> **Caveat (†):** {caveat}.\n")
         if small_n(len(held)):
             md.append(f"> **Small sample:** {small_n_note(len(held), 'held-out prompts')}.\n")
+    rep.generated = {"held": held_req, "responses": responses, "names": cand_name, "dirs": model_dir}
     md.append(_examples(examples, final_by_arm))
     return md
 
@@ -350,7 +361,7 @@ def judge_caveat(rep, judge: str) -> str | None:
 
 
 def _model_dir(index, kind: str, arm) -> Path | None:
-    stage, sub = {"sl-cai": ("sft", "model"), "final": ("ppo", "policy")}[kind]
+    stage, sub = {"sl-cai": ("sft", "model"), "final": ("policy", "policy")}[kind]
     d = index.stage_dir(stage, arm)
     return d / sub if d is not None and (d / sub / "config.json").is_file() else None
 
