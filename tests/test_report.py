@@ -20,10 +20,11 @@ SECTIONS = [
     "### Labeller check",
     "## Preference model",
     "### Evaluation suites",
-    "## PPO",
+    "## Policy optimisation (PPO)",
     "### Reward against sqrt(KL)",
     "## Harmlessness win rate against the initial model",
     "## Examples",
+    "## Policies side by side",
 ]
 
 
@@ -60,6 +61,9 @@ def test_report_of_a_tiny_run_has_every_section(tiny_run):
     )
     fit = data["kl_fit"]["tiny"]
     assert fit["n"] >= 2 and set(fit) >= {"a", "b", "r2"}
+    side = data["policies"]["arms"]["tiny"]  # the final policy against the SFT model, beside its baseline
+    assert side["pm_score"]["n"] == 4 and side["win_rate_vs_sft"]["n"] == 4 and side["sqrt_kl"] >= 0
+    assert data["policies"]["sft_pm_score"]["n"] == 4 and "| peak memory of the policy stage | " in md
     m = read_manifest(rep)
     assert m["status"] == "complete" and "win_rate" in m["summary"]
 
@@ -166,6 +170,7 @@ def test_comparison_run_on_the_tiny_model_has_one_column_per_arm(tmp_path, root,
         "### Reward against sqrt(KL)",
         "## Harmlessness win rate against the initial model",
         "### Agreement between the arms' AI labels",
+        "## Policies side by side",
     ):
         i = md.index(section)
         assert header in md[i : i + 2000], section

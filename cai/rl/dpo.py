@@ -283,7 +283,7 @@ def probe_callback(probe: Probe, metrics, every: int, ref_lm=None):
             row = probe(model, ref_lm)
             metrics.log(row, step=state.global_step)
             self.done.add(state.global_step)
-            if self.trainer is not None:
+            if self.trainer is not None and self.trainer._t_last is not None:  # inside a timed stretch
                 self.trainer.probe_seconds += time.perf_counter() - t0
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
