@@ -11,7 +11,7 @@ from cai.markdown import num, table, with_ci
 from cai.report.compute import win_rates
 from cai.rl.rewards import PreferenceModelReward
 from cai.runtime.rundir import read_json, read_jsonl, read_manifest
-from cai.stats import bootstrap_ci, small_n, small_n_note
+from cai.stats import bootstrap_ci, small_n, small_n_note, wilson_ci
 
 
 def _policy_dirs(rep) -> dict:
@@ -181,5 +181,7 @@ def _round_row(r: dict, fb_stats: dict | None, pm_sum: dict) -> list:
         pairs.get("pairs"),
         num(pairs.get("mean_confidence")),
         "— (the feedback stage's labels)" if first else with_ci(r.get("pm_agreement")),
-        f"{num(acc)} (n = {n})" if n else "—",
+        with_ci({"accuracy": acc, "ci95": list(wilson_ci(acc * n, n)), "n": n})
+        if n and acc is not None
+        else "—",
     ]

@@ -179,7 +179,8 @@ class ActorCritic(nn.Module):
         return list(critic.parameters()) if critic is not None else []
 
     def param_groups(self, policy_lr: float, critic_lr: float) -> list[dict]:
-        """Trainable parameters in two optimizer groups: 'policy' (the LM or its adapters) and 'critic'."""
+        """Trainable parameters in optimizer groups: 'policy' (the LM or its adapters) and 'critic' (none when
+        critic-free)."""
         critic = [p for p in self.critic_parameters() if p.requires_grad]
         ids = {id(p) for p in critic}
         policy = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in ids]

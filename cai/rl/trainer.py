@@ -12,8 +12,9 @@ One update:
    LR-schedule step per update.
 
 The rollout machinery, the update loop and checkpoints are shared with other on-policy trainers (cai.rl.loop);
-the critic-free learners (cai.rl.group: RLOO, GRPO) subclass this one and replace only the advantages and the
-micro-batch loss.
+the critic-free learners (cai.rl.group: RLOO, GRPO) subclass this one and replace the advantages (group
+baselines instead of a critic's GAE) and the micro-batch loss; the forwards, the optimisation and the engines
+are these.
 
 Under `accelerate launch` each process rolls out its own share of the prompts with its own sampling seed;
 whitening statistics, the KL fed to the controller and all logged metrics are all-reduced. Policy and critic
