@@ -115,7 +115,15 @@ def test_dpo_learns_a_learnable_preference_and_its_lora_reference_is_the_base(tm
     trainer = dpo_trainer(tmp_path, learnable_pairs(), lora=True, lr=1e-2)
     before = implicit_accuracy(trainer)
     assert before["n"] == 24 and before["accuracy"] == 0.5  # policy = reference: every margin is 0, a tie
+    batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
+    with torch.no_grad():
+        policy0, ref0 = trainer.pair_logps(trainer.model, batch)
     trainer.train()
+    with torch.no_grad():
+        policy1, ref1 = trainer.pair_logps(trainer.model, batch)
+    for a, b in zip(ref1, ref0):  # the reference (adapters off) did not move while the policy did
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert (policy1[0] - policy0[0]).abs().max() > 1e-2
     after = implicit_accuracy(trainer)
     assert after["accuracy"] >= 0.9 and after["mean_margin"] > 0.5, after
     rows = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
