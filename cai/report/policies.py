@@ -83,13 +83,16 @@ def comparison_section(rep) -> list[str]:
         if pm_dir and sft_any
         else None
     )
+    against: dict[str, dict] = {}  # arms by the SFT model they are judged against (one judge load for each)
     for a in dirs:
         final, sft = answers("final", a), answers("sl-cai", a)
         if final and pm_dir:
             scores[a] = pm_scores(pm_dir, config.settings, held, final, config.report.batch_size)
         if final and sft:
-            res = win_rates(config, held, sft, {"final": final})
-            wins[a] = res["results"].get("final")
+            against.setdefault(str(models[("sl-cai", a)]), {"sft": sft, "arms": {}})["arms"][a] = final
+    for group in against.values():
+        res = win_rates(config, held, group["sft"], {str(a): final for a, final in group["arms"].items()})
+        wins.update({a: res["results"].get(str(a)) for a in group["arms"]})
     rows = [["algorithm"] + [algorithm_label(d) for d in dirs.values()]]
     if pm_dir:
         rows.append(
