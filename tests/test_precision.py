@@ -258,4 +258,5 @@ def test_the_gpu_smoke_script_runs_its_phases_on_the_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     phases = [r["phase"] for r in json.loads(out.read_text())]
-    assert phases[:3] == ["sft", "pm-classifier", "pm-value_head"] and len(phases) == 8
+    assert phases[:3] == ["sft", "pm-classifier", "pm-value_head"] and len(phases) == 10
+    assert phases[-3:] == ["forward-16-padded", "forward-16-batched", "forward-16-loop"]

@@ -504,3 +504,19 @@ def test_pm_eval_scores_packed_and_padded_alike(tiny_dir, tmp_path, monkeypatch)
     assert packed["accuracy"] == padded["accuracy"] and packed["mean_margin"] == pytest.approx(
         padded["mean_margin"], abs=1e-4
     )
+
+
+def test_held_out_eval_packed_equals_padded(tiny_dir, monkeypatch):
+    """The PM stage's held-out evaluation (and its score normalisation) reads pairs packed: same numbers."""
+    import cai.pm.scoring as scoring
+    from cai.pm.pairs import held_out_eval
+    from cai.runtime.models import load_model, load_tokenizer
+
+    tok = load_tokenizer("tiny-random-llama", padding_side="right")
+    model = load_model("tiny-random-llama", kind="seq_cls")
+    rows = synthetic_pairs(7)
+    packed = held_out_eval(model, tok, rows, max_length=64, batch_size=4)
+    monkeypatch.setattr(scoring, "PACKED", False)
+    padded = held_out_eval(model, tok, rows, max_length=64, batch_size=4)
+    assert packed["n"] == padded["n"] == 7 and packed["accuracy"] == padded["accuracy"]
+    assert packed["scores"] == pytest.approx(padded["scores"], abs=1e-5)
