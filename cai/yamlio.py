@@ -188,12 +188,20 @@ def load_json(path: str | Path, what: str = "JSON file"):
     """The parsed content of a JSON file; a missing or unreadable file or bad JSON is a UserError naming the
     file (and the line, for bad JSON)."""
     path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:  # missing, unreadable, or not gzip
         raise UserError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    except (EOFError, UnicodeDecodeError) as exc:  # truncated gzip, binary content
+        raise UserError(f"{path}: cannot read the {what}: not UTF-8 JSON text ({exc})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{exc.lineno}: invalid JSON in the {what} ({exc.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: the {what} nests too deeply") from None
 
 
 def iter_jsonl(path: str | Path, what: str = "a JSON object"):
