@@ -82,7 +82,7 @@ def test_rerun_skips_every_stage_whose_manifest_matches(fake, recipe, capsys):
     for s in BODY + ["report"]:
         m = read_manifest(rdir / s)
         assert m["status"] == "complete" and m["fingerprint"] and m["output"] and "seconds" in m
-        assert m["inputs"].keys() == set(STAGES[s].inputs)
+        assert m["inputs"].keys() == set(STAGES[s].inputs) - {"gold"}  # the gold judge is off
     fake.calls.clear()
     capsys.readouterr()
     pipeline.run(recipe())

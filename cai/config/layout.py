@@ -52,6 +52,7 @@ STAGES: dict[str, StageSpec] = {
         ),
     ),
     "preference_model": StageSpec(("settings", "preference_model"), ("feedback",)),
+    "gold": StageSpec(("settings", "gold"), ()),
     "ppo": StageSpec(("settings", "ppo"), ("critique_revise", "sft", "preference_model")),
     "report": StageSpec(
         (
@@ -64,9 +65,14 @@ STAGES: dict[str, StageSpec] = {
             "generation",
             "report",
         ),
-        ("critique_revise", "sft", "feedback", "preference_model", "ppo"),
+        ("gold", "critique_revise", "sft", "feedback", "preference_model", "ppo"),
     ),
 }
+
+
+def active(recipe: Recipe, stage: str) -> bool:
+    """Whether a stage the recipe lists runs: the optional gold judge only with `gold.enabled`."""
+    return stage != "gold" or recipe.gold.enabled
 
 
 def stage_view(recipe: Recipe, stage: str) -> RecipeView:
@@ -92,7 +98,10 @@ def select_stages(recipe: Recipe, only: list[str] | None, start: str | None) -> 
     for s in (only or []) + ([start] if start else []):
         if s not in ORDER:
             raise UserError(f"unknown stage '{s}'; stages: {', '.join(ORDER)}")
-    stages = [s for s in ORDER if s in recipe.stages]
+    for s in only or []:
+        if not active(recipe, s):
+            raise UserError(f"--only {s}: the stage is off; set {s}.enabled: true")
+    stages = [s for s in ORDER if s in recipe.stages and active(recipe, s)]
     if start:
         stages = stages[stages.index(start) :] if start in stages else []
     if only:
@@ -136,7 +145,7 @@ class Layout:
 def plan(recipe: Recipe, run_dir: str | Path) -> Layout:
     """Where every stage of every arm lives, and what it reads."""
     rdir = Path(run_dir)
-    body = [s for s in ORDER if s in recipe.stages and s != "report"]
+    body = [s for s in ORDER if s in recipe.stages and s != "report" and active(recipe, s)]
     arms = expand_arms(recipe)
     # arms share every stage before the first one whose config is not the same in all arms
     split = next(

@@ -8,34 +8,29 @@ A preference-model spec file is a partial `preference_model` block (cai.config.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from cai.config.blocks import (  # noqa: F401 - re-exported: the recipe's blocks are imported from here
+    FileRef,
+    GoldConfig,
+    HumanMix,
+    LoraConfig,
+    ModelRef,
+    NamedRef,
+    PreferenceModelConfig,
+    Ref,
+    SFTConfig,
+    Strict,
+    TrainConfig,
+)
 from cai.runtime.settings import Device, DType, Settings
 
-
-@dataclass(frozen=True)
-class Ref:
-    """Marks a recipe field whose value points at a file: kind 'file' (always a path), 'model' (a path when it
-    looks like one: a folder, a .gguf file, './x'; else an alias or hub id) or 'named' (a shipped name, else a
-    file path)."""
-
-    kind: str
-
-
-FileRef = Annotated[str, Ref("file")]
-ModelRef = Annotated[str, Ref("model")]
-NamedRef = Annotated[str, Ref("named")]
 _SETTING = Settings.model_fields
 
-STAGES = ("critique_revise", "sft", "feedback", "preference_model", "ppo", "report")
-StageId = Literal["critique_revise", "sft", "feedback", "preference_model", "ppo", "report"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+STAGES = ("gold", "critique_revise", "sft", "feedback", "preference_model", "ppo", "report")
+StageId = Literal["gold", "critique_revise", "sft", "feedback", "preference_model", "ppo", "report"]
 
 
 class ModelsConfig(Strict):
@@ -124,32 +119,6 @@ class PromptsConfig(Strict):
     )
 
 
-class LoraConfig(Strict):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA alpha.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
-    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules to adapt.")
-
-
-class TrainConfig(Strict):
-    """Settings shared by the training stages."""
-
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
-    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
-    batch_size: int = Field(8, ge=1, description="Per-device batch size.")
-    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
-    max_length: int = Field(512, ge=8, description="Truncate sequences to this many tokens.")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps for LR warm-up.")
-    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="LR schedule after warm-up."
-    )
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    save_steps: int = Field(20, ge=1, description="Checkpoint every this many steps (for resume).")
-    logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
-    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
-
-
 class CritiqueReviseConfig(Strict):
     num_revisions: int = Field(1, ge=1, description="Critique→revision rounds per prompt.")
     few_shot: FileRef | None = Field(
@@ -159,22 +128,9 @@ class CritiqueReviseConfig(Strict):
     generation: GenerationOverride | None = Field(None, description="Generation overrides for this stage.")
 
 
-class SFTConfig(TrainConfig):
-    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
-    merge_lora: bool = Field(True, description="Merge LoRA adapters into the saved model.")
-    include_helpful: bool = Field(
-        True, description="Train on helpful prompts' initial answers too, as the paper does."
-    )
-
-
 class CheckSet(Strict):
     path: FileRef = Field(description="Human-labelled pairs in HH format (chosen/rejected).")
     limit: int = Field(64, ge=1, description="Pairs sampled from it.")
-
-
-class HumanMix(Strict):
-    path: FileRef = Field(description="Human preference pairs in HH format, label 1.0 for chosen.")
-    ratio: float = Field(0.5, gt=0.0, description="Human pairs per AI-labelled pair.")
 
 
 class FeedbackConfig(Strict):
@@ -208,47 +164,6 @@ class FeedbackConfig(Strict):
     generation: GenerationOverride | None = Field(
         None, description="Generation overrides for response sampling."
     )
-
-
-class PreferenceModelConfig(TrainConfig):
-    spec: NamedRef | None = Field(
-        None,
-        description="A preference-model spec (a name in cai/pm/specs, or a YAML file): a partial preference_model block whose keys this block's own keys override.",
-    )
-    backbone: ModelRef | None = Field(
-        None,
-        description="Backbone of the preference model; default: models.reward_backbone, then models.policy.",
-    )
-    human_data: HumanMix | None = Field(
-        None, description="Human preference pairs mixed into the PM's training pairs (HH format)."
-    )
-    loss: Literal["soft", "bradley_terry"] = Field(
-        "soft", description="Soft-label cross-entropy (paper) or Bradley–Terry on hard labels."
-    )
-    center_coef: float = Field(0.0, ge=0.0, description="Weight of the reward-centring term (r_a + r_b)^2.")
-    head: Literal["classifier", "value_head"] = Field(
-        "classifier", description="Scalar head: sequence classifier or value head on a causal LM."
-    )
-    lm_coef: float = Field(
-        0.0,
-        ge=0.0,
-        description="value_head only: weight of a language-modelling loss on the preferred response, which keeps the PM a language model (Askell et al. 2021).",
-    )
-    eval_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Share of pairs held out for PM evaluation."
-    )
-    norm_sample: int = Field(
-        64, ge=2, description="Responses scored after training to store the score mean and std."
-    )
-    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
-
-    @field_validator("lm_coef")
-    @classmethod
-    def _lm_coef_needs_value_head(cls, v, info):
-        # with a spec, the head may come from it: checked once merged (cai.config.pm_spec)
-        if v > 0 and info.data.get("head") == "classifier" and not info.data.get("spec"):
-            raise ValueError("an LM loss needs head: value_head (a classifier PM has no LM head)")
-        return v
 
 
 class PPOConfig(Strict):
@@ -369,6 +284,9 @@ class Recipe(Strict):
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig, description="RL-CAI AI feedback.")
     preference_model: PreferenceModelConfig = Field(
         default_factory=PreferenceModelConfig, description="Preference model training."
+    )
+    gold: GoldConfig = Field(
+        default_factory=GoldConfig, description="Optional gold judge: a PM trained on human preference pairs."
     )
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO against the preference model.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Report and evaluation.")

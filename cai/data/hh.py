@@ -36,7 +36,10 @@ def parse_hh_transcript(text: str) -> list[dict]:
 
 
 def split_hh_pair(row: dict) -> tuple[list[dict], str, str]:
-    """An HH preference row → (conversation up to the last human turn, chosen reply, rejected reply)."""
+    """An HH preference row → (conversation up to the last human turn, chosen reply, rejected reply); a ValueError
+    for a row that is not one."""
+    if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
+        raise ValueError("'chosen' and 'rejected' must be transcript strings")
     chosen, rejected = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
     if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
         raise ValueError("an HH pair must end with an assistant turn")
@@ -79,3 +82,35 @@ def human_pairs(path, ratio: float, n_ai: int, seed: int) -> list[dict]:
             }
         )
     return out
+
+
+def hh_pair_rows(path: str | Path) -> tuple[list[dict], int]:
+    """The preference pairs of an HH file as PM training rows (the chosen reply as response_a, p_a 1.0, ids by
+    line), and how many rows were skipped: not a pair (no final assistant turn on each side) or identical
+    replies. A row that is not an object with transcript strings is a UserError naming its line."""
+    out, skipped = [], 0
+    for n, row in iter_jsonl(path, "an object with 'chosen' and 'rejected' transcripts"):
+        if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
+            raise UserError(f"{path}:{n}: 'chosen' and 'rejected' transcript strings are expected")
+        try:
+            messages, chosen, rejected = split_hh_pair(row)
+        except ValueError:
+            skipped += 1
+            continue
+        if chosen.strip() == rejected.strip() or not chosen.strip() or not rejected.strip():
+            skipped += 1
+            continue
+        pid = f"hh-{n}"
+        out.append(
+            {
+                "id": pid,
+                "prompt_id": pid,
+                "kind": "human",
+                "messages": messages,
+                "response_a": chosen,
+                "response_b": rejected,
+                "p_a": 1.0,
+                "source": "human",
+            }
+        )
+    return out, skipped

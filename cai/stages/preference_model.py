@@ -32,6 +32,7 @@ from cai.errors import UserError
 from cai.pm.build import fit, fresh_pm, write_origin
 from cai.pm.pairs import held_out_eval, split_pairs
 from cai.pm.scoring import NORM_FILE, read_norm
+from cai.rl.rewards import PreferenceModelReward
 from cai.runtime import distributed as dist
 from cai.runtime.rundir import read_jsonl, write_json
 from cai.runtime.training import save_trained
@@ -96,8 +97,6 @@ def reference_responses(ctx, train_rows: list[dict], eval_rows: list[dict], cap:
 def score_norm(model_dir: Path, settings, held: list[dict], record: dict) -> dict:
     """Mean and std of the saved PM's scores of the reference responses, scored exactly as PPO scores them."""
     import torch
-
-    from cai.rl.rewards import PreferenceModelReward
 
     reward = PreferenceModelReward(model_dir, settings)
     raw, _ = (
