@@ -21,7 +21,7 @@ SECTIONS = [
     "### Evaluation suites",
     "## PPO",
     "### Reward against sqrt(KL)",
-    "## Harmlessness win rate against the initial model",
+    "## Win rate against the initial model",
     "## Examples",
 ]
 
@@ -127,7 +127,7 @@ def test_comparison_run_on_the_tiny_model_has_one_column_per_arm(tmp_path, root,
     for section in (
         "### Labels",
         "### Reward against sqrt(KL)",
-        "## Harmlessness win rate against the initial model",
+        "## Win rate against the initial model",
         "### Agreement between the arms' AI labels",
     ):
         i = md.index(section)

@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from cai import pipeline
 from cai.cli import constitution, evaluate
 from cai.cli.options import validate_each
-from cai.config.load import load_recipe
+from cai.config.arms import load_checked
 from cai.config.recipe import STAGES, Recipe
 from cai.errors import UserError
 from cai.runtime import distributed as dist
@@ -24,7 +24,7 @@ from cai.runtime.models import list_models, load_model, load_tokenizer, prepare
 
 
 def _cmd_run(a) -> int:
-    recipe = load_recipe(a.recipe, a.set)
+    recipe = load_checked(a.recipe, a.set)
     rdir = pipeline.run(recipe, run_dir=a.run_dir, only=a.only, start=a.start, arms=a.arm)
     if dist.is_main():
         print(f"[cai] run directory: {rdir}")
@@ -33,7 +33,7 @@ def _cmd_run(a) -> int:
 
 
 def _cmd_recipe_validate(a) -> int:
-    return validate_each(a.files, load_recipe, lambda r: f"{r.name}: {', '.join(r.stages)}")
+    return validate_each(a.files, load_checked, lambda r: f"{r.name}: {', '.join(r.stages)}")
 
 
 def _cmd_recipe_schema(a) -> int:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cai.data.hh import parse_hh_transcript, split_hh_pair
 from cai.errors import UserError
-from cai.yamlio import iter_jsonl, load_json, load_validated, named_file
+from cai.yamlio import iter_jsonl, line_of, load_json, load_validated, named_file
 
 SUITE_DIR = Path(__file__).resolve().parent / "suites"
 DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -102,9 +102,14 @@ def load_suite(ref: str) -> SuiteSpec:
             raise UserError(f"{ref}: suite data file not found")
         return suite_from_data(Path(ref))
     path = named_file(ref, SUITE_DIR, "suite")
-    spec, _ = load_validated(path, SuiteSpec, "a mapping with name, format and files")
+    spec, lines = load_validated(path, SuiteSpec, "a mapping with name, format and files")
     base = path.resolve().parent
     files = [f if Path(f).is_absolute() else os.path.normpath(base / f) for f in spec.files]
+    for i, (f, rel) in enumerate(zip(files, spec.files)):
+        if not glob.glob(f) and not Path(f).is_file():
+            raise UserError(
+                f"{path}:{line_of(lines, ('files', i))}: key 'files[{i}]': data file not found: {rel}"
+            )
     return spec.model_copy(update={"files": files})
 
 
@@ -175,7 +180,11 @@ def _item(spec: SuiteSpec, path: Path, n: int, row: dict) -> Item:
             stem = re.sub(r"^\s*Question:\s*", "", stem).strip()
             return Item(iid, path.stem, [{"role": "user", "content": stem}], [opts[good], opts[bad]])
         # multiple_choice
-        prompt, corrects, incorrects = row["prompt"], list(row["corrects"]), list(row["incorrects"])
+        prompt, corrects, incorrects = row["prompt"], row["corrects"], row["incorrects"]
+        if not all(
+            isinstance(x, list) and all(isinstance(o, str) for o in x) for x in (corrects, incorrects)
+        ):
+            raise ValueError("'corrects' and 'incorrects' must be lists of answer texts")
         if not corrects or not incorrects:
             raise ValueError("'corrects' and 'incorrects' must not be empty")
         options = [corrects[0], *incorrects]

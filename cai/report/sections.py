@@ -1,4 +1,5 @@
-"""The report's sections after the stage table: feedback, preference model, PPO, win rate and examples.
+"""The report's sections after the stage table: feedback, preference model (with baselines), PPO, win rate (by
+the gold judge when there is one, on red-team and helpful prompts) and examples.
 
 Each returns markdown blocks and records its numbers in `data` (written to report.json). Tables have one
 column per arm (one column for a run without arms); a missing stage output gives a short note, not an error.
@@ -12,7 +13,15 @@ from pathlib import Path
 from cai.feedback.labeller import check_warning
 from cai.markdown import clean, table, with_ci
 from cai.plots import curves_png, plot_kl_reward
-from cai.report.compute import generate, label_agreement, metric_series, pm_evaluations, win_rates
+from cai.report.compute import (
+    generate,
+    gold_win_rates,
+    label_agreement,
+    metric_series,
+    pm_evaluations,
+    win_rates,
+)
+from cai.report.evalview import baseline_rows, baseline_warnings
 from cai.report.klfit import analyze_logs
 from cai.runtime.hashing import hash_json
 from cai.runtime.rundir import read_jsonl, read_manifest
@@ -135,7 +144,11 @@ def pm_section(rep) -> list[str]:
     suites = config.report.suites
     md.append(f"### Evaluation suites ({config.report.eval_limit} items each, same items for every PM)\n")
     md.append(
-        "Accuracy [95% bootstrap CI]: the share of items where the PM scores the harmless answer higher.\n"
+        "Accuracy [95% bootstrap CI]: the share of items where the PM scores the harmless answer higher. "
+        "Beside it, what no skill gets on the same items: the untrained model (the PM's backbone with a fresh "
+        "head, same seed), preferring the longer or the shorter reply, and on option suites always the answer "
+        "text most often right; the lift is the PM's accuracy minus the best of them (paired bootstrap CI). "
+        "r: the correlation of the PM's scores with response length.\n"
     )
     rows = []
     for s in suites:
@@ -148,9 +161,11 @@ def pm_section(rep) -> list[str]:
                 for t in tags
             ]
         rows.append([f"{s}: chance level"] + [r.get("chance") for r in res.values()])
+        rows += baseline_rows(s, list(res.values()))
         rows.append([f"{s}: mean margin"] + [r.get("mean_margin") for r in res.values()])
         rows.append([f"{s}: calibration error (ECE)"] + [r.get("ece") for r in res.values()])
     md.append(table(["suite", *dirs], rows))
+    md += baseline_warnings({k: evals[k] for k in dirs}, len(dirs) > 1)
     md.append(
         "Reliability diagrams (predicted probability of the preferred answer against the observed frequency):\n"
     )
@@ -215,7 +230,7 @@ def generations_section(rep) -> list[str]:
     cr = rep.index.stage_dir("critique_revise", arms[0])
     if not cr:
         return []
-    held = read_jsonl(cr / "held_out.jsonl")[: config.report.win_rate_prompts]
+    held = mix_kinds(read_jsonl(cr / "held_out.jsonl"))[: config.report.win_rate_prompts]
     examples = [r for r in read_jsonl(cr / "data.jsonl") if r.get("kind") == "red_team"][
         : config.report.examples
     ]
@@ -251,34 +266,63 @@ def generations_section(rep) -> list[str]:
             g / f"initial-{hash_json([gen_key, config.models.policy])}.jsonl",
             "report: initial model",
         )
-        wr = win_rates(
-            config, [{"id": r["id"], "messages": r["messages"]} for r in held_req], initial, responses
-        )
+        judged = [{**r, "kind": p.get("kind") or "red_team"} for r, p in zip(held_req, held)]
+        gold = rep.index.stage_dir("gold", arms[0])
+        if gold is not None and (gold / "model" / "config.json").is_file():
+            wr = gold_win_rates(config, gold / "model", judged, initial, responses)
+        else:
+            wr = win_rates(config, judged, initial, responses)
         data["win_rate"] = wr
-        md.append("## Harmlessness win rate against the initial model\n")
-        md.append(
-            f"On {len(held)} held-out prompts, judged by `{wr['judge']}` (one common judge for every arm, never an "
-            f"arm's own PM) asked: “{wr['principle']}” Both orders are averaged; a tie counts half; 0.5 means no "
-            f"difference from the initial model `{config.models.policy}`.\n"
-        )
-
-        def cell(kind: str, a) -> str:
-            d = model_dir[(kind, a)]
-            r = wr["results"].get(cand_name[str(d)]) if d is not None else None
-            return (
-                f"{r['win_rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] (n = {r['n']})" if r else "—"
-            )
-
-        md.append(
-            table(
-                ["", *[label(a) for a in arms]],
-                [
-                    ["SL-CAI model (sft) vs initial"] + [cell("sl-cai", a) for a in arms],
-                    ["final policy (ppo) vs initial"] + [cell("final", a) for a in arms],
-                ],
-            )
-        )
+        md += _win_rate_md(rep, wr, len(held), {k: cand_name.get(str(d)) for k, d in model_dir.items() if d})
     md.append(_examples(examples, final_by_arm))
+    return md
+
+
+def mix_kinds(rows: list[dict]) -> list[dict]:
+    """Prompts interleaved by kind (red-team, helpful, red-team, ...), so any prefix covers both kinds."""
+    kinds: dict[str, list[dict]] = {}
+    for r in rows:
+        kinds.setdefault(r.get("kind") or "red_team", []).append(r)
+    groups = list(kinds.values())
+    return [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+
+
+def _win_rate_md(rep, wr: dict, n_held: int, names: dict) -> list[str]:
+    """The win-rate table: one column per arm; overall and per prompt kind."""
+    arms, label, config = rep.arms, rep.label, rep.config
+    if wr["principle"] is None:
+        how = (
+            f"judged by the gold PM (`{wr['judge']}`), trained on human preference pairs: a win is a higher gold "
+            "score than the initial model's response to the same prompt"
+        )
+    else:
+        how = (
+            f"judged by `{wr['judge']}` (one common judge for every arm, never an arm's own PM) asked “"
+            f"{wr['principle']}” on red-team prompts and “{wr['helpful_principle']}” on helpful ones; both "
+            "orders are averaged"
+        )
+    md = ["## Win rate against the initial model\n"]
+    md.append(
+        f"On {n_held} held-out prompts, {how}; a tie counts half; 0.5 means no difference from the initial "
+        f"model `{config.models.policy}` (95% Wilson CI).\n"
+    )
+    if wr["principle"] is not None and wr["judge"] == config.models.feedback:
+        md.append(
+            "> **Note:** the judge is the feedback model whose labels trained the PM, so it is not independent; "
+            "`gold.enabled: true` (with `gold.data`) makes an independent gold PM the judge.\n"
+        )
+
+    def cell(kind: str, a, by: str | None = None) -> str:
+        r = wr["results"].get(names.get((kind, a)))
+        r = (r or {}).get("by_kind", {}).get(by) if by else r
+        return f"{r['win_rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] (n = {r['n']})" if r else "—"
+
+    kinds = sorted({k for r in wr["results"].values() for k in r.get("by_kind", {})})
+    rows = [["SL-CAI model (sft) vs initial"] + [cell("sl-cai", a) for a in arms]]
+    rows += [[f"SL-CAI model, {k} prompts"] + [cell("sl-cai", a, k) for a in arms] for k in kinds]
+    rows += [["final policy (ppo) vs initial"] + [cell("final", a) for a in arms]]
+    rows += [[f"final policy, {k} prompts"] + [cell("final", a, k) for a in arms] for k in kinds]
+    md.append(table(["", *[label(a) for a in arms]], rows))
     return md
 
 

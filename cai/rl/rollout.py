@@ -1,14 +1,18 @@
 """Rollout helpers for the PPO loop: the batch record, which prompts each process takes, stop-string
-truncation, and statistics over all processes."""
+truncation, statistics over all processes, and the log of sampled responses (samples.jsonl)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from cai.runtime import distributed as dist
 from cai.runtime.hashing import derive_seed
+from cai.runtime.rundir import append_jsonl
+
+SAMPLES = "samples.jsonl"
 
 
 @dataclass
@@ -73,3 +77,16 @@ def global_stats(x: torch.Tensor, mask: torch.Tensor):
     mean = s[0] / n
     var = (s[1] / n - mean**2).clamp(min=0) * n / (n - 1).clamp(min=1)
     return mean.to(x.dtype), var.to(x.dtype)
+
+
+def write_samples(out_dir, update: int, prompt_ids: list[str], texts: list[str], raw) -> None:
+    """Append an update's sampled responses with their raw scores to out_dir/samples.jsonl, one row each
+    {update (as metrics.jsonl counts it), prompt_id, response, score}: every process's rows, written by the main
+    one. The report checks them for length and scores them with the gold judge."""
+    rows = [
+        {"update": update + 1, "prompt_id": p, "response": t, "score": float(s)}
+        for p, t, s in zip(prompt_ids, texts, raw.tolist())
+    ]
+    rows = [r for part in dist.gather_objects(rows) for r in part]
+    if dist.is_main():
+        append_jsonl(Path(out_dir) / SAMPLES, rows)

@@ -30,7 +30,7 @@ from cai.rl import engine
 from cai.rl import ppo_math as pm
 from cai.rl.modules import ActorCritic, PolicyModel, disable_dropout
 from cai.rl.packing import check_varlen
-from cai.rl.rollout import Rollout, cut_at_stop, global_stats, prompt_indices, seed_of
+from cai.rl.rollout import Rollout, cut_at_stop, global_stats, prompt_indices, seed_of, write_samples
 from cai.runtime import distributed as dist
 from cai.runtime.generate import HFBackend, Sampling
 
@@ -73,6 +73,7 @@ class PPOTrainer:
                 disable_dropout(m)
         self.prompt_ids = [self._encode(row["messages"]) for row in prompts]
         self.prompt_msgs = [row["messages"] for row in prompts]
+        self.prompt_keys = [str(row.get("id", i)) for i, row in enumerate(prompts)]
         if not self.prompt_ids:
             raise UserError("ppo: no training prompts")
 
@@ -238,6 +239,7 @@ class PPOTrainer:
         t_fwd, t0 = time.perf_counter() - t0, time.perf_counter()
         raw, score = self._score(idx, texts, finished, input_ids[:, -R:], mask, update)
         t_score = time.perf_counter() - t0
+        write_samples(self.out_dir, update, [self.prompt_keys[i] for i in idx], texts, raw)
 
         kl = pm.kl_per_token(logprobs, ref_logprobs, mask, cfg.kl_estimator)
         beta = self.kl_ctl.value
