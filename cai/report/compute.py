@@ -156,7 +156,7 @@ def gold_win_rates(
     """Win rates judged by the gold PM: a win is a higher gold score than the baseline's response to the same
     prompt (a tie counts half), on red-team and helpful prompts alike; mean_p is the mean σ(score difference)."""
     scorer = RewardScorer(gold_model, config.settings)
-    out: dict = {"judge": f"gold PM ({gold_model})", "principle": None, "results": {}}
+    out: dict = {"judge": str(gold_model), "principle": None, "results": {}}
     for name, responses in candidates.items():
         todo = _pairs(prompts, baseline, responses)
         if not todo:
