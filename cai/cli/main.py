@@ -17,6 +17,7 @@ from cai import pipeline
 from cai.cli import constitution, evaluate
 from cai.cli.options import validate_each
 from cai.config.arms import load_checked
+from cai.config.layout import active
 from cai.config.recipe import STAGES, Recipe
 from cai.errors import UserError
 from cai.runtime import distributed as dist
@@ -33,7 +34,9 @@ def _cmd_run(a) -> int:
 
 
 def _cmd_recipe_validate(a) -> int:
-    return validate_each(a.files, load_checked, lambda r: f"{r.name}: {', '.join(r.stages)}")
+    return validate_each(
+        a.files, load_checked, lambda r: f"{r.name}: {', '.join(s for s in r.stages if active(r, s))}"
+    )
 
 
 def _cmd_recipe_schema(a) -> int:

@@ -25,15 +25,15 @@ SAMPLES = "samples.jsonl"  # written by PPO (cai.rl.rollout.write_samples)
 
 
 def read_samples(path: Path) -> dict[int, list[dict]]:
-    """{update: its sampled rows}; an update logged twice (a resumed run) keeps its last block of rows."""
+    """{update: its sampled rows}; an update logged twice (a run resumed before its checkpoint) keeps the rows of
+    its last rollout (a new rollout starts again at i = 0)."""
     out: dict[int, list[dict]] = {}
-    last = None
     for r in read_jsonl(path):
         u = r.get("update")
         if not isinstance(u, int) or not isinstance(r.get("response"), str):
             continue
-        if u != last:
-            out[u], last = [], u
+        if u not in out or r.get("i") == 0:
+            out[u] = []
         out[u].append(r)
     return out
 

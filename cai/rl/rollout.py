@@ -81,12 +81,13 @@ def global_stats(x: torch.Tensor, mask: torch.Tensor):
 
 def write_samples(out_dir, update: int, prompt_ids: list[str], texts: list[str], raw) -> None:
     """Append an update's sampled responses with their raw scores to out_dir/samples.jsonl, one row each
-    {update (as metrics.jsonl counts it), prompt_id, response, score}: every process's rows, written by the main
-    one. The report checks them for length and scores them with the gold judge."""
+    {i (its place in the update's batch), update (as metrics.jsonl counts it), prompt_id, response, score}: every
+    process's rows, written by the main one. The report checks them for length and scores them with the gold
+    judge."""
     rows = [
         {"update": update + 1, "prompt_id": p, "response": t, "score": float(s)}
         for p, t, s in zip(prompt_ids, texts, raw.tolist())
     ]
-    rows = [r for part in dist.gather_objects(rows) for r in part]
+    rows = [{"i": i, **r} for i, r in enumerate(r for part in dist.gather_objects(rows) for r in part)]
     if dist.is_main():
         append_jsonl(Path(out_dir) / SAMPLES, rows)
