@@ -48,6 +48,9 @@ def test_report_of_a_tiny_run_has_every_section(tiny_run):
         assert re.search(rf"\| {stage} \| complete \| [0-9.]+ s \|", md), stage
     check = json.loads((tiny_run / "feedback" / "check.json").read_text())
     assert ("**Warning:**" in md and "not above chance" in md) == (not check["above_chance"])
+    assert len(check["hits"]) == len(check["lengths"]) == check["n"]  # per pair, for the baselines beside it
+    assert sum(check["hits"]) / check["n"] == check["agreement"]
+    assert "| baseline, prefer shorter (agreement) |" in md
     data = json.loads((rep / "report.json").read_text())
     final = data["win_rate"]["results"]["final:tiny"]
     assert (

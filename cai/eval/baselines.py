@@ -56,15 +56,19 @@ def answer_prior(candidates: list[list[str]], correct: list[int]) -> list[list[f
     return out
 
 
+def length_hits(lengths: list[list[float]], correct: list[int]) -> dict[str, list[float]]:
+    """Per-item credit of preferring the longest and the shortest candidate, from the candidates' lengths."""
+    return {
+        LONGER: [credit(ls, c) for ls, c in zip(lengths, correct)],
+        SHORTER: [credit([-x for x in ls], c) for ls, c in zip(lengths, correct)],
+    }
+
+
 def trivial_hits(
     candidates: list[list[str]], correct: list[int], option_suite: bool
 ) -> dict[str, list[float]]:
     """Per-item credit of the trivial baselines that fit the suite's format."""
-    lengths = [[float(len(t)) for t in cands] for cands in candidates]
-    out = {
-        LONGER: [credit(ls, c) for ls, c in zip(lengths, correct)],
-        SHORTER: [credit([-x for x in ls], c) for ls, c in zip(lengths, correct)],
-    }
+    out = length_hits([[float(len(t)) for t in cands] for cands in candidates], correct)
     if option_suite:
         prior = answer_prior(candidates, correct)
         out[COMMON] = [credit(p, c) for p, c in zip(prior, correct)]

@@ -4,7 +4,7 @@ baseline far from chance, a PM that mostly measures length). The numbers come fr
 
 from __future__ import annotations
 
-from cai.eval.baselines import describe
+from cai.eval.baselines import compare, describe, length_hits
 from cai.markdown import with_ci
 
 
@@ -50,3 +50,23 @@ def baseline_warnings(evals: dict[str, dict[str, dict]], name_pm: bool) -> list[
             who = f"{suite}, {pm}" if name_pm else suite
             out += [f"> **Warning ({who}):** {w}.\n" for w in warnings]
     return out
+
+
+def check_baseline_rows(checks: list[dict | None]) -> list[list]:
+    """Rows for the labeller check: how often preferring the longer or the shorter reply agrees with the human
+    choice on the same pairs, and the labeller's lift over the better of the two (checks from feedback/check.json
+    that carry per-pair `hits` and `lengths`)."""
+    res = []
+    for c in checks:
+        if not c or not c.get("hits") or len(c.get("lengths") or []) != len(c["hits"]):
+            res.append({})
+            continue
+        res.append(compare(c["hits"], length_hits(c["lengths"], [0] * len(c["hits"])), 0.5, 0))
+    if not any(res):
+        return []
+    rows = [
+        [f"baseline, {k} (agreement)"] + [with_ci(r.get("baselines", {}).get(k)) for r in res]
+        for k in ("prefer longer", "prefer shorter")
+    ]
+    rows.append(["lift over the best baseline"] + [lift_cell(r.get("lift")) for r in res])
+    return rows

@@ -21,7 +21,7 @@ from cai.report.compute import (
     pm_evaluations,
     win_rates,
 )
-from cai.report.evalview import baseline_rows, baseline_warnings
+from cai.report.evalview import baseline_rows, baseline_warnings, check_baseline_rows
 from cai.report.klfit import analyze_logs
 from cai.runtime.hashing import hash_json
 from cai.runtime.rundir import read_jsonl, read_manifest
@@ -70,6 +70,7 @@ def feedback_section(rep) -> list[str]:
             ["pairs checked"] + [c.get("n") if c else None for c in checks.values()],
             ["above chance"] + [c.get("above_chance") if c else None for c in checks.values()],
         ]
+        rows += check_baseline_rows(list(checks.values()))
         md.append(table(["", *cols], rows))
         for a, c in checks.items():
             w = c and (c.get("warning") or check_warning(c))
