@@ -31,8 +31,7 @@ from cai.data.hh import human_pairs
 from cai.errors import UserError
 from cai.pm.build import fit, fresh_pm, write_origin
 from cai.pm.pairs import held_out_eval, split_pairs
-from cai.pm.scoring import NORM_FILE, read_norm
-from cai.rl.rewards import PreferenceModelReward
+from cai.pm.scoring import NORM_FILE, RewardScorer
 from cai.runtime import distributed as dist
 from cai.runtime.rundir import read_jsonl, write_json
 from cai.runtime.training import save_trained
@@ -89,25 +88,24 @@ def reference_responses(ctx, train_rows: list[dict], eval_rows: list[dict], cap:
         "from": str(path) if path.is_file() else str(ctx.input_dir("feedback") / "pairs.jsonl"),
         "policy": sorted({str(h["policy"]) for h in held if h["policy"]}) or None,
         "prompts": len({json.dumps(h["messages"]) for h in held}),
-        "scored_as": "PPO scores: cai.rl.rewards.PreferenceModelReward on the saved PM, untruncated",
+        "scored_as": "as PPO scores them: the score at the last token of the untruncated conversation",
     }
     return held, record
 
 
-def score_norm(model_dir: Path, settings, held: list[dict], record: dict) -> dict:
-    """Mean and std of the saved PM's scores of the reference responses, scored exactly as PPO scores them."""
-    import torch
-
-    reward = PreferenceModelReward(model_dir, settings)
-    raw, _ = (
-        reward([h["messages"] for h in held], [h["text"] for h in held]) if held else (torch.zeros(0), None)
-    )
-    scores = raw.float() if raw.numel() else torch.zeros(1)
-    return {
-        "mean": float(scores.mean()),
-        "std": (float(scores.std()) or 1.0) if scores.numel() > 1 else 1.0,
-        **record,
-    }
+def score_norm(model, tok, held: list[dict], record: dict, batch_size: int) -> dict:
+    """Mean and std of the trained PM's scores of the reference responses, scored as PPO scores them: the score at
+    the last token of the whole conversation, untruncated (cai.pm.scoring). Every process takes part (a sharded
+    model's forward is collective)."""
+    scorer, was = RewardScorer.wrap(model, tok, "trained PM"), model.training
+    convs = [h["messages"] + [{"role": "assistant", "content": h["text"]}] for h in held]
+    model.eval()  # no dropout, as PPO's reward
+    scores = scorer.score(convs, batch_size=batch_size).tolist() if convs else []
+    model.train(was)
+    n = len(scores)
+    mean = sum(scores) / n if n else 0.0
+    std = (sum((x - mean) ** 2 for x in scores) / (n - 1)) ** 0.5 if n > 1 else 1.0
+    return {"mean": mean, "std": std or 1.0, **record}
 
 
 def run(ctx) -> Path:
@@ -123,12 +121,12 @@ def run(ctx) -> Path:
     )
     after = held_out_eval(model, tok, eval_rows, cfg.max_length, cfg.batch_size)
     train_eval = held_out_eval(model, tok, train_rows[: cfg.norm_sample], cfg.max_length, cfg.batch_size)
+    held, record = reference_responses(ctx, train_rows, eval_rows, cfg.norm_sample, settings.seed)
+    norm = score_norm(model, tok, held, record, cfg.batch_size)
     out = ctx.out_dir / "model"
     save_trained(trainer, model, tok, out, merge=bool(cfg.lora))
     if dist.is_main():
         write_origin(out, cfg.backbone, cfg.head, settings.seed)
-        held, record = reference_responses(ctx, train_rows, eval_rows, cfg.norm_sample, settings.seed)
-        norm = score_norm(out, settings, held, record)
         write_json(out / NORM_FILE, norm)
         report = {
             "backbone": cfg.backbone,
@@ -147,7 +145,6 @@ def run(ctx) -> Path:
         }
         write_json(ctx.out_dir / "eval.json", report)
     dist.barrier()
-    norm = read_norm(out)
     ctx.summary.update(
         train_pairs=len(train_rows),
         held_out_pairs=after.get("n", 0),
