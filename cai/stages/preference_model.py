@@ -3,7 +3,7 @@
 The loss is the CAI paper's soft-label cross-entropy on p_a (or Bradley–Terry on labels rounded at 0.5),
 plus an optional reward-centring term: `PreferenceTrainer` only replaces RewardTrainer.compute_loss
 (maths in cai.pm.loss). Scores are read at each sequence's last real token (cai.pm.scoring), the same
-way PPO and evaluation read them. After training, the mean and std of the saved PM's scores of held-out
+way PPO and evaluation read them. After training, the mean and std of the trained PM's scores of held-out
 reference responses (the sampling policy's responses the PM did not train on, both sides of the held-out pairs,
 scored exactly as PPO scores them) are stored in model/score_norm.json, with their number and source, so PPO
 can normalise rewards.
