@@ -76,6 +76,10 @@ def test_report_of_a_tiny_run_has_every_section(tiny_run):
     gold = json.loads((tiny_run / "gold" / "eval.json").read_text())["held_out"]
     assert gold["n"] == 16 and "untrained" in gold["baselines"] and "lift" in gold
     assert f"The gold PM on {gold['n']} held-out human pairs" in md
+    # a gold PM without demonstrated skill is called so, beside its curve and its win rates
+    assert md.count("the gold PM does not beat its best baseline") == (
+        2 if gold["lift"]["ci95"][0] <= 0 else 0
+    )
     fit = data["kl_fit"]["tiny"]
     assert fit["n"] >= 2 and set(fit) >= {"a", "b", "r2"}
     m = read_manifest(rep)

@@ -194,7 +194,25 @@ def _gold_block(rep, results: dict) -> list[str]:
                 f"chance {held['chance']:.2f}; lift over the best baseline ({lift['over']}) {lift['value']:+.3f} "
                 f"(95% CI {lo:+.3f} to {hi:+.3f}).\n"
             )
+        warning = gold_warning(Path(g))
+        if warning:
+            md.append(f"> **Warning:** {warning}.\n")
     return md
+
+
+def gold_warning(gold_dir: Path) -> str | None:
+    """A plain warning when the gold PM does not beat its baselines on its held-out human pairs (the lower end
+    of the lift's CI at or below 0): then its scores carry no demonstrated signal."""
+    held = (_read_json(Path(gold_dir) / "eval.json") or {}).get("held_out") or {}
+    lift = held.get("lift")
+    if not lift or lift["ci95"][0] > 0:
+        return None
+    lo, hi = lift["ci95"]
+    return (
+        f"the gold PM does not beat its best baseline ({lift['over']}) on {held['n']} held-out human pairs (lift "
+        f"{lift['value']:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}): its scores carry no demonstrated signal, so "
+        "neither do the gold curve and the gold-judged win rates; give it a larger backbone or more pairs"
+    )
 
 
 def _read_json(path: Path) -> dict | None:

@@ -23,6 +23,7 @@ from cai.report.compute import (
 )
 from cai.report.evalview import baseline_rows, baseline_warnings, check_baseline_rows
 from cai.report.klfit import analyze_logs
+from cai.report.overopt import gold_warning
 from cai.runtime.hashing import hash_json
 from cai.runtime.rundir import read_jsonl, read_manifest
 
@@ -307,6 +308,8 @@ def _win_rate_md(rep, wr: dict, n_held: int, names: dict) -> list[str]:
         f"On {n_held} held-out prompts, {how}; a tie counts half; 0.5 means no difference from the initial "
         f"model `{config.models.policy}` (95% Wilson CI).\n"
     )
+    if wr["principle"] is None and gold_warning(Path(wr["judge"]).parent):
+        md.append(f"> **Warning:** {gold_warning(Path(wr['judge']).parent)}.\n")
     if wr["principle"] is not None and wr["judge"] == config.models.feedback:
         md.append(
             "> **Note:** the judge is the feedback model whose labels trained the PM, so it is not independent; "
