@@ -104,6 +104,10 @@ def test_gao_form_recovers_its_parameters_and_the_peak():
     rising = fit_gao([x * x for x in d], [0.5 * x for x in d])  # linear in d: no peak (beta = 0)
     assert rising["beta"] == pytest.approx(0.0, abs=1e-9) and rising["d_peak"] is None
     assert fit_gao([0.0, 0.0, 1.0], [0.0, 0.0, 1.0]) is None  # fewer than 3 points away from d = 0
+    falling = fit_gao([x * x for x in d], [x * (-0.5 - 0.3 * math.log(x)) if x > 0 else 0.0 for x in d])
+    assert (
+        falling["alpha"] == pytest.approx(-0.5) and falling["d_peak"] is None
+    )  # never rose: no peak to report
 
 
 def test_samples_of_a_resumed_update_keep_the_last_block_and_gains_by_hand(tmp_path):

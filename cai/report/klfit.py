@@ -36,9 +36,9 @@ def fit_sqrt_kl(kl: list[float], reward: list[float]) -> dict:
 
 def fit_gao(kl: list[float], gain: list[float]) -> dict | None:
     """Gao et al. 2022's form for RL, gain = d·(α − β·ln d) with d = sqrt(KL), by least squares through the origin
-    (`gain` is the score minus the initial policy's, so it is 0 at d = 0). With β > 0 the predicted gain peaks
-    at d* = exp(α/β − 1): past that KL, optimising the proxy lowers this score. None with fewer than 3 points
-    at d > 0 or collinear features."""
+    (`gain` is the score minus the initial policy's, so it is 0 at d = 0; R² is the uncentred one of a fit through
+    the origin). With α > 0 and β > 0 the predicted gain rises, then peaks at d* = exp(α/β − 1): past that KL,
+    optimising the proxy lowers this score. None with fewer than 3 points at d > 0 or collinear features."""
     d = [math.sqrt(max(float(k), 0.0)) for k in kl]
     f2 = [-x * math.log(x) if x > 0 else 0.0 for x in d]
     if sum(x > 0 for x in d) < 3:
@@ -48,10 +48,9 @@ def fit_gao(kl: list[float], gain: list[float]) -> dict | None:
     except ValueError:
         return None
     pred = [alpha * a + beta * b for a, b in zip(d, f2)]
-    mean = sum(gain) / len(gain)
-    ss_tot = sum((g - mean) ** 2 for g in gain)
+    ss_tot = sum(g * g for g in gain)
     ss_res = sum((g - p) ** 2 for g, p in zip(gain, pred))
-    d_peak = math.exp(alpha / beta - 1) if beta > 0 and alpha / beta < 50 else None
+    d_peak = math.exp(alpha / beta - 1) if alpha > 0 and beta > 0 and alpha / beta < 50 else None
     return {
         "alpha": alpha,
         "beta": beta,

@@ -115,7 +115,10 @@ def _fit_rows(results: dict) -> list[list]:
                     f"{lin['a']:+.3f} {'-' if lin['b'] < 0 else '+'} {abs(lin['b']):.3f}·d (R² {lin['r2']:.2f})"
                     if lin
                     else "—",
-                    f"d·({gao['alpha']:.3f} − {gao['beta']:.3f}·ln d) (R² {gao['r2']:.2f})" if gao else "—",
+                    f"d·({gao['alpha']:.3f} {'+' if gao['beta'] < 0 else '−'} {abs(gao['beta']):.3f}·ln d) "
+                    f"(R² {gao['r2']:.2f})"
+                    if gao
+                    else "—",
                     gao.get("kl_peak"),
                     f"{gain[0]:+.2f} → {gain[-1]:+.2f}",
                     len(gain),
@@ -164,8 +167,8 @@ def _gold_block(rep, results: dict) -> list[str]:
         "Every update's sampled responses scored by the proxy PM (the one PPO optimises) and by the gold PM "
         "(trained on human preference pairs, independent of the labeller), as the gain of the mean score over the "
         "first update, in score SDs. Fits: a + b·d (dashed) and Gao et al.'s d(α − β·ln d) (solid), d = "
-        "sqrt(KL); with β > 0 the gold score is predicted to peak at the KL shown. A proxy that keeps rising "
-        "while the gold score falls is over-optimised.\n"
+        "sqrt(KL), fitted through the origin (uncentred R²); with α > 0 and β > 0 the score is predicted to "
+        "peak at the KL shown. A proxy that keeps rising while the gold score falls is over-optimised.\n"
     )
     series = []
     for label, res in results.items():
