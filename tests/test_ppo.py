@@ -312,6 +312,14 @@ def test_stage_writes_metrics_and_policy(tmp_path, tiny_recipe, tiny_dir, monkey
     out = rdir / "ppo"
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
+    # samples.jsonl: every sampled response with the raw score it got, by update (as metrics.jsonl counts them)
+    samples = read_jsonl(out / "samples.jsonl")
+    assert [(s["update"], s["i"]) for s in samples] == [(u, i) for u in (1, 2) for i in range(4)]
+    assert all(s["score"] == pytest.approx(-len(s["response"]) / 10) for s in samples)
+    assert {s["prompt_id"] for s in samples} <= {f"p{i}" for i in range(6)}
+    for r in rows:
+        mine = [s["score"] for s in samples if s["update"] == r["step"]]
+        assert sum(mine) / len(mine) == pytest.approx(r["objective/score"], abs=1e-5)
     assert (out / "policy" / "config.json").is_file() and (out / "score_vs_kl.png").is_file()
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
     again = load_model(str(out / "policy"))

@@ -338,14 +338,22 @@ def test_value_head_pm_learns_a_signal_and_round_trips(tiny_recipe, tmp_path):
         with torch.no_grad():
             h = lm.model(input_ids=ids).last_hidden_state[0, -1]
         assert float(h @ head["weight"][0] + head["bias"][0]) == pytest.approx(float(r), abs=1e-4)
-    # score_norm.json was computed in memory after training (the A responses of the first norm_sample training
-    # pairs): the reloaded PM gives the same statistics
-    train, _ = split_pairs(rows, 0.25, recipe.seed)
+    # score_norm.json: responses the PM did not train on (both sides of held-out pairs), scored as PPO scores
+    # them; the reloaded PM gives the same statistics, and the file says how many and from where
+    from types import SimpleNamespace
+
+    from cai.stages.preference_model import reference_responses
+
+    train, held_out = split_pairs(rows, 0.25, recipe.seed)
     k = recipe.preference_model.norm_sample
-    again = scorer.score(
-        [r["messages"] + [{"role": "assistant", "content": r["response_a"]}] for r in train[:k]]
-    )
+    ctx = SimpleNamespace(input_dir=lambda stage: run / stage)
+    ref, _ = reference_responses(ctx, train, held_out, k, recipe.seed)
+    held_texts = {s: {r[f"response_{s}"] for r in held_out} for s in "ab"}
+    assert len(ref) == k and all(h["text"] in held_texts["a"] | held_texts["b"] for h in ref)
+    assert {s for h in ref for s in "ab" if h["text"] in held_texts[s]} == {"a", "b"}  # both sides
+    again = scorer.score([h["messages"] + [{"role": "assistant", "content": h["text"]}] for h in ref])
     norm = json.loads((folder / "score_norm.json").read_text())
+    assert norm["n"] == k and "did not train on" in norm["sample"]
     assert float(again.mean()) == pytest.approx(norm["mean"], abs=1e-4)
     assert float(again.std()) == pytest.approx(norm["std"], abs=1e-4)
     # `cai pm eval` and PPO's reward read it through the same scorer

@@ -37,6 +37,7 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {
+    "gold": StageSpec(("settings", "gold"), (), outputs=("model", "eval.json")),
     "critique_revise": StageSpec(
         ("settings", "models.policy", "constitution", "prompts", "generation", "critique_revise"),
         (),
@@ -71,9 +72,14 @@ STAGES: dict[str, StageSpec] = {
             "generation",
             "report",
         ),
-        ("critique_revise", "sft", "feedback", "preference_model", "ppo"),
+        ("gold", "critique_revise", "sft", "feedback", "preference_model", "ppo"),
     ),
 }
+
+
+def active(recipe: Recipe, stage: str) -> bool:
+    """Whether a stage the recipe lists runs: the optional gold judge only with `gold.enabled`."""
+    return stage != "gold" or recipe.gold.enabled
 
 
 def stage_view(recipe: Recipe, stage: str) -> RecipeView:
@@ -105,7 +111,10 @@ def select_stages(recipe: Recipe, only: list[str] | None, start: str | None) -> 
             raise UserError(
                 f"{flag} {s}: stage '{s}' is not in this recipe's stages ({', '.join(recipe.stages)})"
             )
-    stages = [s for s in ORDER if s in recipe.stages]
+    for s in only or []:
+        if not active(recipe, s):
+            raise UserError(f"--only {s}: the stage is off; set {s}.enabled: true")
+    stages = [s for s in ORDER if s in recipe.stages and active(recipe, s)]
     if start:
         before = [s for s in only or [] if ORDER.index(s) < ORDER.index(start)]
         if before:
@@ -155,7 +164,7 @@ class Layout:
 def plan(recipe: Recipe, run_dir: str | Path) -> Layout:
     """Where every stage of every arm lives, and what it reads."""
     rdir = Path(run_dir)
-    body = [s for s in ORDER if s in recipe.stages and s != "report"]
+    body = [s for s in ORDER if s in recipe.stages and s != "report" and active(recipe, s)]
     arms = expand_arms(recipe)
     # arms share every stage before the first one whose config is not the same in all arms
     split = next(

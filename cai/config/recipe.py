@@ -14,6 +14,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from cai.config.blocks import (
     CritiqueReviseConfig,
     FeedbackConfig,
+    GoldConfig,
     PPOConfig,
     PreferenceModelConfig,
     ReportConfig,
@@ -24,8 +25,8 @@ from cai.runtime.settings import Device, DType, Settings
 
 _SETTING = Settings.model_fields
 
-STAGES = ("critique_revise", "sft", "feedback", "preference_model", "ppo", "report")
-StageId = Literal["critique_revise", "sft", "feedback", "preference_model", "ppo", "report"]
+STAGES = ("gold", "critique_revise", "sft", "feedback", "preference_model", "ppo", "report")
+StageId = Literal["gold", "critique_revise", "sft", "feedback", "preference_model", "ppo", "report"]
 
 
 class ModelsConfig(Strict):
@@ -132,6 +133,9 @@ class Recipe(Strict):
     )
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO against the preference model.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Report and evaluation.")
+    gold: GoldConfig = Field(
+        default_factory=GoldConfig, description="Optional gold judge: a PM trained on human preference pairs."
+    )
     arms: list[Arm] | None = Field(
         None, description="Arms that share upstream stages and differ by overrides."
     )

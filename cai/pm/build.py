@@ -1,0 +1,137 @@
+"""Building a preference model, the one way every PM is made (the preference_model and gold stages, and the
+untrained baseline of an evaluation): a fresh model from a backbone with a seeded head, TRL's RewardTrainer with
+cai's loss around it, training with resume, and the origin record that lets an evaluation rebuild the untrained
+model the PM started from.
+
+`pm_origin.json` beside the weights holds the backbone reference, the head and the seed; with it,
+`untrained_scorer` gives the backbone with the same freshly initialised head (what training added is the lift
+over it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cai.pm.pairs import tokenise_pairs
+from cai.pm.scoring import RewardScorer, scalar_head
+from cai.runtime.models import load_model, load_tokenizer, peft_config, resolve, wrap_lora
+from cai.runtime.precision import Precision, fp32_head
+from cai.runtime.rundir import write_json
+from cai.runtime.training import metrics_callback, resume_point, token_callback, training_args
+
+ORIGIN_FILE = "pm_origin.json"
+
+
+def fresh_pm(backbone: str, head: str, settings, lora=None, role: str = "preference model backbone"):
+    """(PM to train, tokenizer): a sequence classifier with a new score head, or a causal LM with a value head
+    (both initialised from the seed), with fp32 master weights and an fp32 head (cai.runtime.precision); LoRA
+    on the LM of a value-head PM here, the classifier's through TRL."""
+    import torch
+
+    from cai.pm.value_head import ValueHeadPM
+
+    tok = load_tokenizer(backbone, settings, padding_side="right")
+    trainable = Precision.of(settings).trainable(settings)
+    if (
+        head == "value_head"
+    ):  # causal LM + value head (seeded); LoRA on the LM, the value head trained in full
+        model = ValueHeadPM.from_pretrained(backbone, trainable, seed=settings.seed)
+        if lora:
+            model.lm = wrap_lora(model.lm, lora, task_type="CAUSAL_LM")
+    else:
+        torch.manual_seed(settings.seed)  # the new score head's initialisation
+        model = load_model(backbone, trainable, kind="seq_cls", role=role)
+        fp32_head(scalar_head(model))  # scores in fp32 under autocast
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def build_trainer(
+    cfg,
+    settings,
+    model,
+    tok,
+    train_rows,
+    ckpt_dir: Path,
+    callbacks,
+    *,
+    loss: str,
+    center_coef=0.0,
+    lm_coef=0.0,
+):
+    """TRL's RewardTrainer with cai's loss (cai.pm.trainer) on the tokenised training pairs; `cfg` is a
+    training block with `head`, `lora` and `max_length` (cai.config.recipe.TrainConfig)."""
+    from datasets import Dataset
+    from trl import RewardConfig
+
+    from cai.pm.trainer import PreferenceTrainer, SoftLabelCollator
+
+    value_head = cfg.head == "value_head"
+    device = settings.torch_device()
+    args = training_args(
+        RewardConfig,
+        cfg,
+        ckpt_dir,
+        settings.seed,
+        device,
+        Precision.of(settings, device),
+        max_length=None,  # sequences are left-truncated to cfg.max_length when tokenised
+        remove_unused_columns=False,
+        # a value-head PM leaves only an untied LM head unused, and only without the LM loss
+        ddp_find_unused_parameters=(
+            lm_coef == 0 and not model.config.get_text_config().tie_word_embeddings if value_head else None
+        ),
+    )
+    return PreferenceTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(
+            tokenise_pairs(tok, train_rows, cfg.max_length, response_len=value_head)
+        ),
+        processing_class=tok,
+        data_collator=SoftLabelCollator(pad_token_id=tok.pad_token_id),
+        peft_config=peft_config(cfg.lora, task_type="SEQ_CLS") if cfg.lora and not value_head else None,
+        callbacks=callbacks,
+        loss=loss,
+        center_coef=center_coef,
+        lm_coef=lm_coef,
+    )
+
+
+def fit(cfg, settings, model, tok, train_rows, out_dir: Path, metrics, what: str, run_token=None, **loss):
+    """Train `model` on the pairs, resuming from out_dir/checkpoints (only from a checkpoint of this run:
+    `run_token`); (trained model, LoRA merged; trainer)."""
+    ckpt_dir = out_dir / "checkpoints"
+    last = resume_point(ckpt_dir, metrics.path, what, run_token)
+    callbacks = [metrics_callback(metrics), token_callback(run_token)]
+    trainer = build_trainer(cfg, settings, model, tok, train_rows, ckpt_dir, callbacks, **loss)
+    trainer.train(resume_from_checkpoint=last)
+    trained = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+    return trained, trainer
+
+
+def write_origin(model_dir: Path, backbone: str, head: str, seed: int) -> None:
+    """Record what the PM in `model_dir` was trained from; a backbone folder is stored as an absolute path."""
+    r = resolve(backbone)
+    ref = str(Path(r.path).resolve()) if r.kind == "dir" and Path(backbone).exists() else backbone
+    write_json(Path(model_dir) / ORIGIN_FILE, {"backbone": ref, "head": head, "seed": seed})
+
+
+def read_origin(model_dir) -> dict | None:
+    """The origin record of a PM folder (or of a preference_model stage folder), or None."""
+    d = Path(model_dir)
+    for p in (d / ORIGIN_FILE, d / "model" / ORIGIN_FILE):
+        if p.is_file():
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return None
+            return data if isinstance(data, dict) and isinstance(data.get("backbone"), str) else None
+    return None
+
+
+def untrained_scorer(backbone: str, head: str, settings) -> RewardScorer:
+    """The backbone with a freshly initialised head from `settings.seed`, as a RewardScorer (no normalisation)."""
+    model, tok = fresh_pm(backbone, head, settings, role="untrained baseline")
+    return RewardScorer.wrap(model.eval(), tok, f"untrained {backbone}")
