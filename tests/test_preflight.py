@@ -70,7 +70,9 @@ def test_run_fails_before_any_stage_on_a_bad_model_an_arm_or_a_set_value(tmp_pat
     text = (ROOT / "recipes/tiny.yaml").read_text().replace("../constitutions", str(ROOT / "constitutions"))
     text = text.rstrip("\n") + "\n"
     arm_line = text.count("\n") + 3  # after "arms:" and arm a
-    p = write(tmp_path, text + "arms:\n  - {name: a}\n  - {name: b, set: {feedback_constitution: missing.yaml}}\n")
+    p = write(
+        tmp_path, text + "arms:\n  - {name: a}\n  - {name: b, set: {feedback_constitution: missing.yaml}}\n"
+    )
     lines = check(load_recipe(p))
     assert len(lines) == 1 and lines[0].startswith(
         f"{p}:{arm_line}: arm 'b': key 'feedback_constitution': file not found"
