@@ -12,7 +12,9 @@ TRL 1.12.0 runs in its own virtualenv, made by this script on first use (`--venv
 accelerate and datasets). Each round starts one process per configuration, alternating, so that load on a
 shared machine hits every side; each process runs one warm-up update and then `--updates` timed ones.
 Reported: the median seconds per update over all timed updates, the median of each phase, and the peak RSS
-of the processes. The last line is `speedup X.XX` = TRL's seconds per update / ours at equal settings, the
+of the processes. The compute floor (bench/floor.py): the FLOPs of an update from the model's shapes and the
+token counts, at the fp32 matmul rate and copy rate measured by this process at the start of each round; each
+configuration's share of the floor = floor seconds / its seconds per update. The last line is `speedup X.XX` = TRL's seconds per update / ours at equal settings, the
 median over rounds of the ratio of the two back-to-back processes (robust to load that changes between rounds).
 `--summarize` prints the summary again from the saved per-process results.
 """
@@ -30,6 +32,8 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from floor import decoder_shapes, floor_seconds, machine_rates, update_work
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(
@@ -374,7 +378,7 @@ def main() -> None:
         results: dict[str, list[dict]] = defaultdict(list)
         for line in Path(args.results).read_text().splitlines():
             row = json.loads(line)
-            results[row["kind"]].append(row)
+            results[row["kind"]].append(row)  # "rates" rows: each round's measured rates
         report(results, args)
         return
     trl_python = str(ensure_venv(Path(args.venv)))
@@ -401,12 +405,26 @@ def main() -> None:
         flush=True,
     )
     results: dict[str, list[dict]] = defaultdict(list)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     for r in range(args.rounds):
+        rates = machine_rates()
+        results["rates"].append({"round": r, **rates, **work_of(model, prompts)})
+        print(
+            f"[bench] round {r}: matmul {rates['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
+            f"{rates['copy_bytes'] / 1e9:.1f} GB/s",
+            flush=True,
+        )
+        with open(args.results, "a") as f:
+            f.write(json.dumps({"kind": "rates", **results["rates"][-1]}) + "\n")
         order = kinds if r % 2 == 0 else kinds[::-1]  # alternate which side goes first
         for kind, py in order:
             if kind == "ours-lora" and r >= lora_rounds:
                 continue
             out = run_worker(py, kind, args, common)
+            out["round"] = r
             results[kind].append(out)
             with open(args.results, "a") as f:
                 f.write(json.dumps({"kind": kind, "round": r, "load": os.getloadavg()[0], **out}) + "\n")
@@ -414,7 +432,36 @@ def main() -> None:
     report(results, args)
 
 
+def work_of(model_dir: str, prompts: str) -> dict:
+    """The FLOPs and decoding bytes of an update at SETTINGS, full fine-tune and LoRA (bench/floor.py)."""
+    shapes = decoder_shapes(json.loads((Path(model_dir) / "config.json").read_text()))
+    lens = [len(x) for x in json.loads(Path(prompts).read_text())["input_ids"]]
+    args = (shapes, lens, SETTINGS["response_length"], SETTINGS["epochs"])
+    return {"full": update_work(*args), "lora": update_work(*args, lora=True)}
+
+
+def floor_shares(results: dict) -> dict:
+    """Per configuration: (median floor seconds, median share of the floor) over the rounds, each round's
+    processes against the rates measured at its start."""
+    rates = {r["round"]: r for r in results.get("rates", [])}
+    out = {}
+    for kind in ("trl", "ours", "ours-lora"):
+        floors, shares = [], []
+        for run in results.get(kind, []):
+            r = rates.get(run.get("round"))
+            if r is None:
+                continue
+            f = floor_seconds(r["lora" if kind == "ours-lora" else "full"], r)
+            floors += [f]
+            shares += [f / statistics.median(u["seconds"] for u in run["updates"])]
+        if shares:
+            out[kind] = (statistics.median(floors), statistics.median(shares))
+    return out
+
+
 def report(results: dict, args) -> None:
+    shares = floor_shares(results)
+    results = {k: v for k, v in results.items() if k != "rates"}
     summary = summarize(results)
     names = {
         "trl": "TRL 1.12.0 PPOTrainer",
@@ -422,14 +469,20 @@ def report(results: dict, args) -> None:
         "ours-lora": "ours, default (LoRA r=16)",
     }
     cols = PHASES + ["other"]
-    print("\n| configuration | s/update | CPU s/update | " + " | ".join(cols) + " | peak RSS MB | n |")
-    print("|---|---:|---:|" + "---:|" * len(cols) + "---:|---:|")
+    print(
+        "\n| configuration | s/update | CPU s/update | "
+        + " | ".join(cols)
+        + " | peak RSS MB | n | floor s | share of floor |"
+    )
+    print("|---|---:|---:|" + "---:|" * len(cols) + "---:|---:|---:|---:|")
     for kind, row in summary.items():
+        floor, share = shares.get(kind, (float("nan"), float("nan")))
         print(
             f"| {names[kind]} | {row['seconds']:.1f} | {row['cpu_seconds']:.1f} | "
             + " | ".join(f"{row[c]:.1f}" for c in cols)
-            + f" | {row['peak_rss_mb']:.0f} | {row['n']} |"
+            + f" | {row['peak_rss_mb']:.0f} | {row['n']} | {floor:.1f} | {share:.0%} |"
         )
+
     trl_s, trl_c = summary["trl"]["seconds"], summary["trl"]["cpu_seconds"]
     paired = [
         t["updates"][0]["seconds"] / o["updates"][0]["seconds"]
@@ -439,6 +492,10 @@ def report(results: dict, args) -> None:
         "\nper-round ratios TRL/ours (wall): "
         + ", ".join(f"{x:.2f}" for x in paired)
         + f"; load averages: {', '.join(str(round(r.get('load', float('nan')), 1)) for r in results['ours'])}"
+    )
+    print(
+        "share of the compute floor (floor s / s per update, median over rounds): "
+        + ", ".join(f"{names[k]} {v[1]:.2f}" for k, v in shares.items())
     )
     print(f"ratio of the medians TRL/ours (wall): {trl_s / summary['ours']['seconds']:.2f}")
     print(f"CPU-time ratio TRL/ours (equal settings): {trl_c / summary['ours']['cpu_seconds']:.2f}")

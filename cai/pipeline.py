@@ -42,9 +42,10 @@ from cai.runtime.rundir import (
     write_json,
 )
 from cai.runtime.runlog import StageTracker, Summary, make_tracker, peak_memory, reset_peak_memory
-from cai.stages import critique_revise, feedback, policy, preference_model, report, sft
+from cai.stages import critique_revise, feedback, gold, policy, preference_model, report, sft
 
 STAGE_MODULES = {
+    "gold": gold,
     "critique_revise": critique_revise,
     "sft": sft,
     "feedback": feedback,

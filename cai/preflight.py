@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from cai.config.arms import expand_arms
-from cai.config.layout import reads_of
+from cai.config.layout import active, reads_of
 from cai.config.load import field_at, ref_kind
 from cai.config.recipe import Recipe
 from cai.config.view import source_key, value_of
@@ -139,7 +139,7 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
     lines, seen = [], set()
     # with arms, the stages run in each arm's recipe (the report in the recipe's own)
     variants = [(n, r) for n, r in expand_arms(recipe) if not arms or n in arms] or [(None, recipe)]
-    for stage in stages if stages is not None else list(recipe.stages):
+    for stage in stages if stages is not None else [s for s in recipe.stages if active(recipe, s)]:
         for arm, variant in variants if stage != "report" else [(None, recipe)]:
             for loc, kind, value, what in stage_refs(variant, stage):
                 own = arm if arm and _get(recipe, loc) != _get(variant, loc) else None

@@ -24,6 +24,14 @@ OTHER = Principle(
 )
 
 
+@pytest.fixture
+def unpacked(monkeypatch):
+    """Padded option reads: the forced models below read each row's text in their forward."""
+    from cai.feedback import options
+
+    monkeypatch.setattr(options, "PACKED", False)
+
+
 def forced_model(tiny, mode: str, strength: float = 30.0):
     """The tiny Llama with logits pushed towards one letter token at every position.
 
@@ -64,7 +72,7 @@ def pairs():
 
 
 @pytest.mark.parametrize("chat,exact", [(True, False), (False, True)])
-def test_content_preference_gives_p_a_near_1_or_0(tiny, chat, exact):
+def test_content_preference_gives_p_a_near_1_or_0(unpacked, tiny, chat, exact):
     model, tok = forced_model(tiny, "content")
     for both in (True, False):
         res = Labeller(model, tok, both_orders=both, chat=chat, exact_options=exact).label(
@@ -79,7 +87,7 @@ def test_content_preference_gives_p_a_near_1_or_0(tiny, chat, exact):
         }
 
 
-def test_position_bias_is_averaged_out_and_reported(tiny):
+def test_position_bias_is_averaged_out_and_reported(unpacked, tiny):
     model, tok = forced_model(tiny, "A")
     res = Labeller(model, tok, both_orders=True).label(pairs(), [[PRINCIPLE], [PRINCIPLE]])
     for r in res:  # always answers "(A)": each order is certain, in opposite directions
@@ -89,7 +97,7 @@ def test_position_bias_is_averaged_out_and_reported(tiny):
     assert all(r.p_a > 0.99 and r.order_gap == 0.0 for r in one)  # without the control the bias is the label
 
 
-def test_chain_of_thought_reasons_then_clamps(tiny):
+def test_chain_of_thought_reasons_then_clamps(unpacked, tiny):
     model, tok = forced_model(tiny, "content")
     lab = Labeller(model, tok, chain_of_thought=True, cot_clamp=(0.4, 0.6), cot_max_new_tokens=4)
     res = lab.label(pairs(), [[PRINCIPLE], [PRINCIPLE]])
@@ -206,7 +214,7 @@ def test_agreement_and_wilson_ci():
     assert check_warning({**a, "above_chance": True}) is None
 
 
-def test_hh_check_with_an_oracle_labeller(tiny):
+def test_hh_check_with_an_oracle_labeller(unpacked, tiny):
     model, tok = forced_model(tiny, "content")
     rows = [
         {
@@ -260,8 +268,8 @@ def test_sharded_check_gives_the_one_process_result(tiny, monkeypatch, exact, co
     owner, name = (scoring, "continuation_logprob") if exact else (scoring, "_next_token_logprobs")
     real = getattr(owner, name)
 
-    def counting(model, tokenizer, seqs, *args):
-        scored[local.rank] += len(seqs)
+    def counting(model, tokenizer, seqs, *args):  # fast reads come in groups of sequences
+        scored[local.rank] += len(seqs) if exact else sum(map(len, seqs))
         return real(model, tokenizer, seqs, *args)
 
     monkeypatch.setattr(owner, name, counting)
@@ -278,3 +286,30 @@ def test_sharded_check_gives_the_one_process_result(tiny, monkeypatch, exact, co
     assert both[0] == both[1] == one
     n_scored = 10 * 2 * (2 if exact else 1)  # pairs × orders (× options when each option is scored)
     assert scored[0] + scored[1] == n_scored and scored[0] > 0 and scored[1] > 0
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_packed_option_reads_equal_the_padded_ones(tiny, monkeypatch, chat):
+    """The labeller reads a pair's option orders and principles in one packed forward, their shared beginning
+    (few-shot block, conversation) once: the same probabilities as the padded batch."""
+    from cai.feedback import options
+    from cai.feedback.labeller import Labeller, PairToLabel
+
+    model, tok = tiny
+    assert options.packable(model)
+    pairs = [
+        PairToLabel(f"p{i}", [{"role": "user", "content": f"question {i} about {w}"}], f"yes {w}", f"no {i}")
+        for i, w in enumerate(["locks", "cakes", "birds", "rain", "tax"])
+    ]
+    few = [{"messages": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": "go away"}]
+    principles = [[PRINCIPLE, PRINCIPLE]] * len(pairs)
+
+    def labels():
+        lab = Labeller(model, tok, batch_size=3, chat=chat, few_shot=few)
+        return [r.p_a_orders for r in lab.label(pairs, principles)]
+
+    packed = labels()
+    monkeypatch.setattr(options, "PACKED", False)
+    padded = labels()
+    assert [sorted(a) for a in packed] == [sorted(b) for b in padded]
+    assert [a[k] for a in packed for k in a] == pytest.approx([b[k] for b in padded for k in b], abs=1e-5)

@@ -118,11 +118,16 @@ def test_reward_rises_and_kl_stays_finite(tmp_path, monkeypatch):
         assert key in rows[-1] and math.isfinite(rows[-1][key]), key
 
 
-def test_packed_forward_equals_padded():
-    """The padding-free (packed) forward gives the padded batch's log-probs, values and gradients."""
+@pytest.mark.parametrize("batched", [True, False])
+def test_packed_forward_equals_padded(monkeypatch, batched):
+    """The padding-free (packed) forward gives the padded batch's log-probs, values and gradients, with the
+    sequences' attention in one batched call per layer or one call per sequence."""
+    from cai.runtime import packing
+
+    monkeypatch.setattr(packing, "BATCHED_ATTENTION", batched)
     policy = PolicyModel(load_model("tiny-random-llama"), value_head=True)
     torch.nn.init.normal_(policy.v_head.weight)
-    from cai.rl.packing import shared_prefix
+    from cai.runtime.packing import common_prefix as shared_prefix
 
     ids = torch.randint(0, 250, (3, 24), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -146,6 +151,29 @@ def test_packed_forward_equals_padded():
         assert (a[key][mask[:, -5:] == 0] == 0).all()  # padding positions are 0
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
+
+
+def test_the_shared_prefix_path_runs_and_is_exact_in_a_rollout(tmp_path, monkeypatch):
+    """Prompts that share a system prompt: the rollout's forwards pack the shared prefix once (checked), and the
+    training forward reproduces the sampling distribution exactly (fp32: approx-KL ~0 before the first step)."""
+    from cai.runtime import packing
+
+    seen = []
+    original = packing.Packing.__init__
+
+    def spy(self, start, length, parent_start, parent_len, device):
+        original(self, start, length, parent_start, parent_len, device)
+        seen.append((max(parent_len), len(start) - 1, self.batched))  # prefix, sequences, one call per layer
+
+    monkeypatch.setattr(packing.Packing, "__init__", spy)
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly and politely."}
+    prompts = [{"messages": [system, *p["messages"]]} for p in PROMPTS[:8]]
+    trainer = make_trainer(tmp_path, updates=1, rollout_batch_size=8, ppo_epochs=1, num_minibatches=1)
+    trainer.prompt_ids = [trainer._encode(p["messages"]) for p in prompts]
+    trainer.prompt_msgs = [p["messages"] for p in prompts]
+    (row,) = trainer.train()
+    assert any(prefix >= 20 and n == 8 and batched for prefix, n, batched in seen), seen[:4]
+    assert row["policy/first_step_approx_kl"] < 1e-9
 
 
 def test_adaptive_controller_steers_kl_toward_target(tmp_path):
@@ -284,6 +312,14 @@ def test_stage_writes_metrics_and_policy(tmp_path, tiny_recipe, tiny_dir, monkey
     out = rdir / "policy"
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
+    # samples.jsonl: every sampled response with the raw score it got, by update (as metrics.jsonl counts them)
+    samples = read_jsonl(out / "samples.jsonl")
+    assert [(s["update"], s["i"]) for s in samples] == [(u, i) for u in (1, 2) for i in range(4)]
+    assert all(s["score"] == pytest.approx(-len(s["response"]) / 10) for s in samples)
+    assert {s["prompt_id"] for s in samples} <= {f"p{i}" for i in range(6)}
+    for r in rows:
+        mine = [s["score"] for s in samples if s["update"] == r["step"]]
+        assert sum(mine) / len(mine) == pytest.approx(r["objective/score"], abs=1e-5)
     assert (out / "policy" / "config.json").is_file() and (out / "score_vs_kl.png").is_file()
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
     again = load_model(str(out / "policy"))

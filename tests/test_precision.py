@@ -239,3 +239,24 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     with pytest.raises(UserError, match="not written by this run"):
         resume_point(tmp_path / "hf", tmp_path / "m.jsonl", "sft", "token-b")
     assert read_jsonl(tmp_path / "m.jsonl") == []
+
+
+def test_the_gpu_smoke_script_runs_its_phases_on_the_cpu(tmp_path):
+    """bench/gpu_smoke.py is for a GPU; its --tiny mode runs every phase (and every invariant check) on the CPU
+    with a tiny model, so the script does not rot between GPU runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "table.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "gpu_smoke.py"), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    phases = [r["phase"] for r in json.loads(out.read_text())]
+    assert phases[:3] == ["sft", "pm-classifier", "pm-value_head"] and len(phases) == 10
+    assert phases[-3:] == ["forward-16-padded", "forward-16-batched", "forward-16-loop"]

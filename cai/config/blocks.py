@@ -1,12 +1,13 @@
-"""One block of the recipe schema per stage (critique_revise, sft, feedback, preference_model, policy, report),
-each field documented once; unknown keys are errors. The policy stage has three: `policy` (which algorithm, how
-many online rounds), `ppo` (the on-policy settings PPO, RLOO and GRPO share, and PPO's critic) and `dpo`."""
+"""One block of the recipe schema per stage (gold, critique_revise, sft, feedback, preference_model, policy,
+report), each field documented once; unknown keys are errors. The policy stage has three: `policy` (which
+algorithm, how many online rounds), `ppo` (the on-policy settings PPO, RLOO and GRPO share, and PPO's critic) and
+`dpo`."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cai.config.fields import FileRef, GenerationOverride, LoraConfig, ModelRef, NamedRef, Strict, TrainConfig
 
@@ -309,3 +310,37 @@ class ReportConfig(Strict):
     batch_size: int = Field(
         8, ge=1, description="Sequences per scoring forward pass (PM evaluation, the judge)."
     )
+
+
+class GoldConfig(TrainConfig):
+    """The gold judge (Gao et al. 2022): a PM trained on human preference pairs, independent of the labeller."""
+
+    enabled: bool = Field(
+        False,
+        description="Train the gold PM (stage 'gold'): the report then scores the policy's samples with it (proxy and gold against sqrt(KL)) and judges win rates with it.",
+    )
+    data: FileRef | None = Field(
+        None, description="Human preference pairs in HH format (chosen/rejected); needed when enabled."
+    )
+    backbone: ModelRef | None = Field(
+        None, description="Backbone of the gold PM; default: models.reward_backbone, then models.policy."
+    )
+    train_pairs: int = Field(256, ge=2, description="Pairs of `data` it trains on (a seeded sample).")
+    eval_pairs: int = Field(
+        128, ge=1, description="Other pairs of `data`, never trained on, that evaluate it with its baselines."
+    )
+    loss: Literal["soft", "bradley_terry"] = Field(
+        "bradley_terry",
+        description="Bradley–Terry on the human choice, or the soft-label loss (the same here).",
+    )
+    head: Literal["classifier", "value_head"] = Field(
+        "classifier", description="Scalar head: sequence classifier or value head on a causal LM."
+    )
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    max_length: int = Field(384, ge=8, description="Truncate sequences to this many tokens (from the left).")
+
+    @model_validator(mode="after")
+    def _data_when_enabled(self):
+        if self.enabled and not self.data:
+            raise ValueError("gold.enabled needs gold.data: a file of human preference pairs (HH format)")
+        return self

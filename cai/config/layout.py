@@ -50,6 +50,7 @@ def _policy_reads(recipe: Recipe) -> tuple[str, ...]:
 
 
 STAGES: dict[str, StageSpec] = {
+    "gold": StageSpec(("settings", "gold"), (), outputs=("model", "eval.json")),
     "critique_revise": StageSpec(
         ("settings", "models.policy", "constitution", "prompts", "generation", "critique_revise"),
         (),
@@ -87,7 +88,7 @@ STAGES: dict[str, StageSpec] = {
             "generation",
             "report",
         ),
-        ("critique_revise", "sft", "feedback", "preference_model", "policy"),
+        ("gold", "critique_revise", "sft", "feedback", "preference_model", "policy"),
     ),
 }
 
@@ -96,6 +97,11 @@ def reads_of(recipe: Recipe, stage: str) -> tuple[str, ...]:
     """The recipe keys `stage` reads in this recipe: its declared ones and those its configuration adds."""
     spec = STAGES[stage]
     return spec.reads + (spec.more(recipe) if spec.more else ())
+
+
+def active(recipe: Recipe, stage: str) -> bool:
+    """Whether a stage the recipe lists runs: the optional gold judge only with `gold.enabled`."""
+    return stage != "gold" or recipe.gold.enabled
 
 
 def stage_view(recipe: Recipe, stage: str) -> RecipeView:
@@ -130,7 +136,10 @@ def select_stages(recipe: Recipe, only: list[str] | None, start: str | None) -> 
             raise UserError(
                 f"{flag} {s}: stage '{s}' is not in this recipe's stages ({', '.join(recipe.stages)})"
             )
-    stages = [s for s in ORDER if s in recipe.stages]
+    for s in only or []:
+        if not active(recipe, s):
+            raise UserError(f"--only {s}: the stage is off; set {s}.enabled: true")
+    stages = [s for s in ORDER if s in recipe.stages and active(recipe, s)]
     if start:
         before = [s for s in only or [] if ORDER.index(s) < ORDER.index(start)]
         if before:
@@ -180,7 +189,7 @@ class Layout:
 def plan(recipe: Recipe, run_dir: str | Path) -> Layout:
     """Where every stage of every arm lives, and what it reads."""
     rdir = Path(run_dir)
-    body = [s for s in ORDER if s in recipe.stages and s != "report"]
+    body = [s for s in ORDER if s in recipe.stages and s != "report" and active(recipe, s)]
     arms = expand_arms(recipe)
     # arms share every stage before the first one whose config is not the same in all arms
     split = next(

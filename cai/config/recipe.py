@@ -15,6 +15,7 @@ from cai.config.blocks import (
     CritiqueReviseConfig,
     DPOConfig,
     FeedbackConfig,
+    GoldConfig,
     PolicyConfig,
     PPOConfig,
     PreferenceModelConfig,
@@ -26,8 +27,8 @@ from cai.runtime.settings import Device, DType, Settings
 
 _SETTING = Settings.model_fields
 
-STAGES = ("critique_revise", "sft", "feedback", "preference_model", "policy", "report")
-StageId = Literal["critique_revise", "sft", "feedback", "preference_model", "policy", "report"]
+STAGES = ("gold", "critique_revise", "sft", "feedback", "preference_model", "policy", "report")
+StageId = Literal["gold", "critique_revise", "sft", "feedback", "preference_model", "policy", "report"]
 # Former stage names, still accepted in `stages:`, `--only` and `--from` (the policy stage was 'ppo').
 LEGACY_STAGES = {"ppo": "policy"}
 
@@ -145,6 +146,9 @@ class Recipe(Strict):
     )
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="Soft-label DPO on the feedback pairs.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Report and evaluation.")
+    gold: GoldConfig = Field(
+        default_factory=GoldConfig, description="Optional gold judge: a PM trained on human preference pairs."
+    )
     arms: list[Arm] | None = Field(
         None, description="Arms that share upstream stages and differ by overrides."
     )

@@ -11,8 +11,12 @@ import math
 
 from cai.runtime import distributed as dist
 from cai.runtime.forward import continuation_logprob, joined_ids, position_ids
+from cai.runtime.packing import base_of, chunk_groups, pack, varlen_attention, varlen_supported
 
 OPTION_LETTERS = "ABCDEFGHIJ"
+PACKED = (
+    True  # packed one-pass reads where the model allows; the benchmark turns it off to time the padded ones
+)
 
 
 def normalise(logps: list[float]) -> list[float]:
@@ -58,13 +62,16 @@ def option_probs(
     desc: str | None = None,
     exact: bool = False,
     shard: bool = False,
+    groups: list[list[int]] | None = None,
 ) -> list[list[float]]:
     """For each prompt, the model's probabilities of its options, normalised over the options.
 
     Options that part at one token (" (A)" / " (B)") are read from one forward pass of the prompt and their
     common prefix: the probabilities of the parting tokens (the option letters). Other options, or every
     option with `exact`, are scored by their summed token log-probabilities (cai.scoring.continuation_logprob).
-    Requests are sorted by length to pad less.
+    Where the model allows, the one-pass reads are packed (cai.runtime.packing): no padding, and prompts named
+    together in `groups` (lists of prompt indices: one pair's option orders and principles) compute their
+    shared beginning once. Otherwise requests are sorted by length to pad less.
 
     With `shard`, a collective call under several processes (every rank passes the same prompts): rank r scores
     every W-th batch and the log-probabilities are gathered, so each rank returns what one process would, from
@@ -76,12 +83,11 @@ def option_probs(
     split = [None if exact else shared_prefix(tokenizer, p, o) for p, o in zip(prompts, options)]
     fast = [i for i, sp in enumerate(split) if sp is not None]
     flat = [(i, p, o) for i, (p, opts) in enumerate(zip(prompts, options)) if split[i] is None for o in opts]
-    fast.sort(key=lambda i: -len(split[i][0]))
     order = sorted(range(len(flat)), key=lambda k: -len(flat[k][1]) - len(flat[k][2]))
-    fast_batches = [fast[s : s + batch_size] for s in range(0, len(fast), batch_size)][rank::W]
+    fast_batches = _fast_batches(model, split, fast, groups, batch_size)[rank::W]
     flat_batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)][rank::W]
     bar = tqdm(
-        total=sum(map(len, fast_batches + flat_batches)),
+        total=sum(len(g) for c in fast_batches for g in c) + sum(map(len, flat_batches)),
         desc=desc or "score options",
         unit="seq",
         disable=desc is None or rank != 0,
@@ -89,10 +95,11 @@ def option_probs(
     )
     fast_logps: dict[int, list[float]] = {}  # prompt index -> option log-probs
     for chunk in fast_batches:
-        rows = _next_token_logprobs(model, tokenizer, [split[i][0] for i in chunk])
-        for i, row in zip(chunk, rows):
+        rows = _next_token_logprobs(model, tokenizer, [[split[i][0] for i in g] for g in chunk])
+        flat_chunk = [i for g in chunk for i in g]
+        for i, row in zip(flat_chunk, rows):
             fast_logps[i] = [float(row[t]) for t in split[i][1]]
-        bar.update(len(chunk))
+        bar.update(len(flat_chunk))
     scores: dict[int, float] = {}  # index into flat -> summed log-prob
     for chunk in flat_batches:
         lps = continuation_logprob(
@@ -111,11 +118,44 @@ def option_probs(
     return [normalise(logps[i]) for i in range(len(prompts))]
 
 
-def _next_token_logprobs(model, tokenizer, seqs: list[list[int]]):
-    """log p(next token | seq) for each token sequence (left-padded batch), as a [B, V] tensor on the CPU."""
+def _fast_batches(model, split, fast: list[int], groups, batch_size: int) -> list[list[list[int]]]:
+    """Batches of groups of one-pass prompts: packed, the groups as given (the rest alone); padded, one prompt
+    per group, longest first."""
+    if not packable(model):
+        fast = sorted(fast, key=lambda i: -len(split[i][0]))
+        return [[[i] for i in fast[s : s + batch_size]] for s in range(0, len(fast), batch_size)]
+    todo = set(fast)
+    given = [[i for i in g if i in todo] for g in groups or []]
+    seen = {i for g in given for i in g}
+    given = [g for g in given if g] + [[i] for i in fast if i not in seen]
+    return list(chunk_groups(given, batch_size))
+
+
+def packable(model) -> bool:
+    """Whether next-token reads may run packed: a plain decoder whose forward keeps chosen logits
+    (cai.runtime.packing)."""
+    return PACKED and varlen_supported(model) and _keeps_logits(base_of(model))
+
+
+def _next_token_logprobs(model, tokenizer, groups: list[list[list[int]]]):
+    """log p(next token | seq) for each token sequence, in group order, as a [B, V] tensor on the CPU: one
+    packed forward (each group's shared beginning once), or a left-padded batch."""
     import torch
 
     device = next(model.parameters()).device
+    if packable(model):  # the model's own forward on the packed row, logits at each sequence's end only
+        packed = pack(groups, device)
+        last = torch.tensor([int(w[-1]) for w in packed.where], device=device)
+        with torch.no_grad(), varlen_attention(model):
+            out = base_of(model)(
+                input_ids=packed.ids,
+                position_ids=packed.positions,
+                use_cache=False,
+                cai_packing=packed.packing,
+                logits_to_keep=last,
+            )
+        return torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
+    seqs = [s for g in groups for s in g]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)

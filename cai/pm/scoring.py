@@ -14,10 +14,12 @@ from pathlib import Path
 from cai.errors import UserError
 from cai.runtime.forward import last_token_index, pad, position_ids
 from cai.runtime.models import load_model, load_tokenizer
+from cai.runtime.packing import chunk_groups, pack, varlen_attention, varlen_supported
 from cai.runtime.precision import fp32_head
 from cai.runtime.settings import DEFAULT, Settings
 
 NORM_FILE = "score_norm.json"
+PACKED = True  # packed, prefix-shared scoring where the model allows (cai.runtime.packing)
 
 
 def conversation_ids(tokenizer, conversation: list[dict], max_length: int | None = None) -> list[int]:
@@ -85,6 +87,53 @@ def sequence_scores(model, input_ids, attention_mask, return_output: bool = Fals
     return (scores, out) if return_output else scores
 
 
+def packed_scores(model, packed):
+    """Scores of packed sequences (cai.runtime.packing.pack: a pair's or an item's replies share their
+    conversation, computed once), read at each sequence's last token; keeps gradients. The model's own forward
+    runs (so a DDP wrapper sees the call), with the packed layout passed to its trunk; the scalar head's output
+    is read where `sequence_scores` reads it for a padded batch, so the scores are the same."""
+    import torch
+
+    head = scalar_head(model)
+    captured = {}
+    hook = head.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+    try:
+        with varlen_attention(model):
+            model(
+                input_ids=packed.ids,
+                position_ids=packed.positions,
+                use_cache=False,
+                cai_packing=packed.packing,
+            )
+    finally:
+        hook.remove()
+    last = torch.tensor([int(w[-1]) for w in packed.where], device=packed.ids.device)
+    return captured["out"][0, last, 0].float()
+
+
+def can_pack(model) -> bool:
+    """Whether a PM's scores may come from a packed forward: a plain decoder trunk and a hookable head (and
+    `PACKED`, the switch the benchmark turns off to time the padded forward)."""
+    return PACKED and scalar_head(model) is not None and varlen_supported(_unwrapped(model))
+
+
+def pair_scores(model, input_ids, attention_mask):
+    """Scores [2B] of a stacked pair batch (rows 0..B-1 the A sides, B..2B-1 the B sides; either padding), in a
+    packed forward where each pair's shared conversation is computed once; keeps gradients."""
+    import torch
+
+    B = input_ids.shape[0] // 2
+    seqs = [row[m.bool()] for row, m in zip(input_ids, attention_mask)]
+    scores = packed_scores(model, pack([[seqs[i], seqs[B + i]] for i in range(B)], input_ids.device))
+    return torch.cat([scores[0::2], scores[1::2]])
+
+
+def _unwrapped(model):
+    """Under a DDP (or similar) wrapper, the module it wraps; a ValueHeadPM, its LM."""
+    model = getattr(model, "module", model)
+    return getattr(model, "lm", model)
+
+
 def read_norm(model_dir: str | Path) -> dict:
     p = Path(model_dir) / NORM_FILE
     if not p.is_file():
@@ -121,6 +170,16 @@ class RewardScorer:
         self.device = next(self.model.parameters()).device
         self.max_length = None
 
+    @classmethod
+    def wrap(cls, model, tokenizer, name: str, mean: float = 0.0, std: float = 1.0) -> RewardScorer:
+        """A scorer around a PM already in memory (an untrained baseline, a model just trained)."""
+        self = cls.__new__(cls)
+        self.model_dir, self.model, self.tokenizer = name, model, tokenizer
+        self.head = "value_head" if hasattr(model, "v_head") else "classifier"
+        self.mean, self.std, self.max_length = mean, std, None
+        self.device = next(model.parameters()).device
+        return self
+
     def score_ids(self, input_ids, attention_mask):
         """Raw fp32 scores [B] for already tokenised rows (same tokenizer; left or right padding), on the
         device of `input_ids`; no gradients."""
@@ -136,23 +195,40 @@ class RewardScorer:
         batch_size=8,
         max_length: int | None = None,
         desc: str | None = None,
+        groups: list[list[int]] | None = None,
     ):
-        """Raw scores of conversations that end with the assistant response, shape [N] (CPU).
-        With `desc`, a progress bar shows sequences per second."""
+        """Raw scores of conversations that end with the assistant response, shape [N] (CPU). `groups` (lists of
+        indices) names conversations that share their beginning (an item's candidate replies): each group's
+        shared part is computed once, in a packed forward of about `batch_size` conversations. With `desc`, a
+        progress bar shows sequences per second."""
         import torch
         from tqdm.auto import tqdm
 
         seqs = [conversation_ids(self.tokenizer, c, max_length or self.max_length) for c in conversations]
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out = torch.zeros(len(seqs))
         bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=desc is None, dynamic_ncols=True)
-        for s in range(0, len(order), batch_size):
-            chunk = order[s : s + batch_size]
-            ids, mask = pad([seqs[i] for i in chunk], self.tokenizer.pad_token_id)
-            out[chunk] = self.score_ids(ids, mask)
-            bar.update(len(chunk))
+        if can_pack(
+            self.model
+        ):  # conversations grouped as given (an item's replies), each group's start once
+            groups = groups or [[i] for i in range(len(seqs))]
+            for chunk in chunk_groups(groups, batch_size):
+                packed = pack([[seqs[i] for i in g] for g in chunk], self.device)
+                with torch.no_grad():
+                    scores = packed_scores(self.model, packed).cpu()
+                out[[i for g in chunk for i in g]] = scores
+                bar.update(len(scores))
+        else:
+            order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+            for s in range(0, len(order), batch_size):
+                chunk = order[s : s + batch_size]
+                ids, mask = pad([seqs[i] for i in chunk], self.tokenizer.pad_token_id)
+                out[chunk] = self.score_ids(ids, mask)
+                bar.update(len(chunk))
         bar.close()
         return out
+
+    def __repr__(self) -> str:
+        return f"RewardScorer({self.model_dir}, head={self.head})"
 
     def normalize(self, raw):
         """(raw − mean) / std with the statistics stored beside the model."""

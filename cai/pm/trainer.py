@@ -14,7 +14,7 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from cai.pm.loss import pair_accuracy, preference_loss
-from cai.pm.scoring import sequence_scores
+from cai.pm.scoring import can_pack, pair_scores, sequence_scores
 from cai.pm.value_head import ValueHeadPM, pair_lm_loss, preferred_rows, response_lm_labels
 
 
@@ -76,9 +76,12 @@ class PreferenceTrainer(RewardTrainer):
             kwargs["lm_labels"] = response_lm_labels(
                 inputs["input_ids"], inputs["attention_mask"], inputs["response_len"], rows
             )
-        scores, out = sequence_scores(
-            model, inputs["input_ids"], inputs["attention_mask"], return_output=True, **kwargs
-        )
+        if not kwargs and can_pack(model):  # each pair's conversation computed once (same scores and grads)
+            scores = pair_scores(model, inputs["input_ids"], inputs["attention_mask"])
+        else:
+            scores, out = sequence_scores(
+                model, inputs["input_ids"], inputs["attention_mask"], return_output=True, **kwargs
+            )
         r_a, r_b = torch.chunk(scores, 2)
         p_a = p_a.to(r_a.device)
         loss = preference_loss(

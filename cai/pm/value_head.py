@@ -128,13 +128,20 @@ class ValueHeadPM(nn.Module):
             self.lm = self.lm.merge_and_unload()
         return self
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, lm_labels=None):
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, use_cache=False, lm_labels=None, **kwargs
+    ):
         """Values [B, T]; with `lm_labels` ([B, T], -100 where ignored) also each row's mean next-token NLL of
-        its labelled tokens, the LM head applied only at the positions that predict them."""
+        its labelled tokens, the LM head applied only at the positions that predict them. Other keyword
+        arguments go to the trunk (a packed forward's layout: cai.runtime.packing)."""
         base = _base(self.lm)
         trunk = getattr(base, base.base_model_prefix)
         h = trunk(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **kwargs,
         ).last_hidden_state
         out = ValueHeadOutput(values=self.v_head(h).squeeze(-1))
         if lm_labels is not None:

@@ -22,14 +22,14 @@ from pathlib import Path
 
 from cai.markdown import table
 from cai.plots import line_chart
-from cai.report import policies, sections
+from cai.report import overopt, policies, sections
 from cai.report.compute import first_key, metric_series
 from cai.runtime import distributed as dist
 from cai.runtime.rundir import RUN_INFO, read_jsonl, read_manifest, read_run_info, write_json
 from cai.runtime.runlog import key_metrics
 from cai.stats import epoch_means
 
-BODY = ("critique_revise", "sft", "feedback", "preference_model", "policy")
+BODY = ("gold", "critique_revise", "sft", "feedback", "preference_model", "policy")
 SFT_LOSS_KEYS = ["loss", "train/loss", "train_loss"]
 
 
@@ -106,6 +106,7 @@ def build(index: RunIndex, config, out_dir: str | Path | None = None) -> dict:
     md += sections.feedback_section(rep)
     md += sections.pm_section(rep)
     md += sections.ppo_section(rep)
+    md += overopt.section(rep)
     md += sections.generations_section(rep)
     md += policies.comparison_section(rep)
     md += policies.rounds_section(rep)
@@ -152,8 +153,8 @@ def what_ran(rep: Report) -> list[str]:
 
 def stage_table(rep: Report) -> list[str]:
     """Status and time of each stage (and its key metrics, or with arms which folders they share)."""
-    stage_ids = [s for s in BODY if s in rep.config.stages]
     idx = rep.index
+    stage_ids = [s for s in BODY if s in rep.config.stages and (s != "gold" or idx.stage_dir(s, rep.arms[0]))]
     manifests = {
         (s, a): read_manifest(idx.stage_dir(s, a)) if idx.stage_dir(s, a) else None
         for s in stage_ids

@@ -23,7 +23,7 @@ from cai.config.load import RECIPE_FILE, load_run_recipe
 from cai.errors import UserError
 from cai.plots import plot_kl_reward
 from cai.runtime.rundir import read_jsonl, write_json
-from cai.stats import linear_fit
+from cai.stats import fit_through_origin, linear_fit
 
 SCORE, KL, KL_K3 = "objective/score", "objective/kl", "objective/kl_k3"
 STAGE_DIRS = ("policy", "ppo")  # the policy stage's folder; 'ppo' in runs made before it was renamed
@@ -45,6 +45,33 @@ def fit_sqrt_kl(kl: list[float], reward: list[float]) -> dict:
         kl_max=max(kl), sqrt_kl_max=max(xs), reward_first=float(reward[0]), reward_last=float(reward[-1])
     )
     return fit
+
+
+def fit_gao(kl: list[float], gain: list[float]) -> dict | None:
+    """Gao et al. 2022's form for RL, gain = d·(α − β·ln d) with d = sqrt(KL), by least squares through the origin
+    (`gain` is the score minus the initial policy's, so it is 0 at d = 0; R² is the uncentred one of a fit through
+    the origin). With α > 0 and β > 0 the predicted gain rises, then peaks at d* = exp(α/β − 1): past that KL,
+    optimising the proxy lowers this score. None with fewer than 3 points at d > 0 or collinear features."""
+    d = [math.sqrt(max(float(k), 0.0)) for k in kl]
+    f2 = [-x * math.log(x) if x > 0 else 0.0 for x in d]
+    if sum(x > 0 for x in d) < 3:
+        return None
+    try:
+        alpha, beta = fit_through_origin(d, f2, [float(g) for g in gain])
+    except ValueError:
+        return None
+    pred = [alpha * a + beta * b for a, b in zip(d, f2)]
+    ss_tot = sum(g * g for g in gain)
+    ss_res = sum((g - p) ** 2 for g, p in zip(gain, pred))
+    d_peak = math.exp(alpha / beta - 1) if alpha > 0 and beta > 0 and alpha / beta < 50 else None
+    return {
+        "alpha": alpha,
+        "beta": beta,
+        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0,
+        "n": len(d),
+        "d_peak": d_peak,
+        "kl_peak": d_peak**2 if d_peak is not None else None,
+    }
 
 
 def overoptimisation(

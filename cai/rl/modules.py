@@ -12,8 +12,9 @@ import contextlib
 import torch
 from torch import nn
 
-from cai.rl.packing import base_of, response_states, scatter_response, trunk_of, varlen_supported
+from cai.rl.packing import response_states, scatter_response
 from cai.rl.ppo_math import entropy_from_logits
+from cai.runtime.packing import base_of, trunk_of, varlen_supported
 from cai.runtime.precision import fp32_head
 
 

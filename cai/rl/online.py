@@ -3,7 +3,7 @@ of RL-policy samples: round 1 is the policy stage as usual (against RUN/preferen
 round r, the policy that round r − 1 ended with samples fresh response pairs, the feedback model labels them under
 the feedback constitution, and the PM of round r − 1 trains further on the new pairs together with all the old
 ones. The policy then continues from its checkpoint against the new PM. The steps are the feedback stage's
-(cai.feedback.pairs) and the preference_model stage's (cai.pm.fit).
+(cai.feedback.pairs) and the preference_model stage's (cai.pm.build).
 
 Layout in the policy stage's folder: rounds/round-<r>/round.json (what the round did, its status), and for a
 round after the first responses.jsonl, pairs.jsonl, pm/ (checkpoints/, metrics.jsonl, model/); each round but the
@@ -23,7 +23,7 @@ from cai.constitution.fewshot import feedback_examples
 from cai.constitution.schema import load_constitution
 from cai.feedback.labeller import build_labeller
 from cai.feedback.pairs import form_pairs, label_pairs, pair_stats, sample_responses
-from cai.pm.fit import fit_pm
+from cai.pm.build import responses_of, train_pm
 from cai.pm.pairs import held_out_eval, split_pairs
 from cai.pm.scoring import RewardScorer
 from cai.runtime import distributed as dist
@@ -141,19 +141,31 @@ def refresh(ctx, r: int, prev_pm: Path, prompts: list[dict]) -> Path:
         old += read_jsonl(round_dir(out, q) / "pairs.jsonl")
     train, held = split_pairs(old + new, cfg.eval_fraction, c.settings.seed)
     new_ids = {row["id"] for row in new}
-    norm_rows = [row for row in train if row["id"] in new_ids] or train  # normalise on the current policy's
+    # the reward normalisation: the responses of the current policy (the new pairs), those the PM trains on when
+    # every new pair went to training
+    norm_rows, sample = (
+        [row for row in held if row["id"] in new_ids],
+        "responses of the newest pairs, held out",
+    )
+    if not norm_rows:
+        norm_rows = [row for row in train if row["id"] in new_ids] or train
+        sample = "responses of the newest pairs (trained on: none was held out)"
+    ref = responses_of(norm_rows)
+    random.Random(f"{c.settings.seed}:round-{r}:norm-sample").shuffle(ref)
+    ref = ref[: cfg.norm_sample]
+    record = {"n": len(ref), "sample": sample, "from": str(rd / "pairs.jsonl"), "policy": [f"round-{r - 1}"]}
     log = MetricsLog(rd / "pm" / "metrics.jsonl")
-    fit = fit_pm(
+    fit = train_pm(
         cfg,
         c.settings,
         train,
         held,
         rd / "pm",
         log,
+        f"policy round {r}: preference model",
         ctx.run_token,
+        (ref, record),
         init=str(prev_pm),
-        norm_rows=norm_rows,
-        what=f"policy round {r}: preference model",
     )
     dist.release_stage_state()  # the policy's own accelerator comes next
     held_out = {k: v for k, v in fit["after"].items() if k != "scores"}

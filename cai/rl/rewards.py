@@ -20,8 +20,7 @@ from __future__ import annotations
 import importlib
 
 from cai.errors import UserError
-from cai.pm.scoring import RewardScorer, conversation_ids
-from cai.runtime.forward import pad
+from cai.pm.scoring import RewardScorer
 from cai.runtime.settings import DEFAULT, Settings
 
 
@@ -102,25 +101,9 @@ class PreferenceModelReward:
             self.scorer.device = acc.device
 
     def __call__(self, prompts, responses, **kwargs):
-        import torch
-
-        from cai.rl.packing import response_states, varlen_supported
-
         convs = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-        model = self.scorer.model
-        head = getattr(model, "score", None)
-        if hasattr(model, "v_head") and hasattr(model, "lm"):  # a value-head PM (cai.pm.value_head)
-            model, head = model.lm, model.v_head
-        if not isinstance(head, torch.nn.Linear) or not varlen_supported(model):
-            raw = self.scorer.score(convs, batch_size=self.batch_size).float()
-            return raw, self.scorer.normalize(raw)
-        # the score at each conversation's last token (as cai.pm.sequence_scores reads it), from a packed forward
-        seqs = [conversation_ids(self.scorer.tokenizer, c, self.scorer.max_length) for c in convs]
-        raw = torch.zeros(len(seqs))
-        for s in range(0, len(seqs), self.batch_size):
-            chunk = seqs[s : s + self.batch_size]
-            ids, mask = (t.to(self.scorer.device) for t in pad(chunk, 0))
-            with torch.no_grad():
-                h = response_states(model, ids, mask, 1, varlen=True, shift=0)
-                raw[s : s + len(chunk)] = head(h).squeeze(-1).float().cpu()  # an fp32 head (precision)
-        return raw, self.scorer.normalize(raw)
+        # one group: the rollout's conversations share the chat template's system prompt, computed once
+        raw = self.scorer.score(
+            convs, batch_size=max(self.batch_size, len(convs)), groups=[list(range(len(convs)))]
+        )
+        return raw.float(), self.scorer.normalize(raw.float())

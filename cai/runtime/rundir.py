@@ -17,6 +17,9 @@ MANIFEST = "manifest.json"
 RUN_INFO = "run.json"  # RUN/run.json: what the latest `cai run` ran with (recipe, constitutions, code)
 
 
+SAMPLES = "samples.jsonl"  # an on-policy stage's sampled responses with their scores (cai.rl.loop)
+
+
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -1,0 +1,226 @@
+"""Packed (padding-free) forwards that compute a shared prefix once: the one way cai runs a trunk over several
+sequences that share their beginning — PPO's rollouts (a chat template's system prompt, or one prompt sampled k
+times), a preference pair's two replies to one conversation, a labeller's two option orders of one question.
+
+Sequences come in groups; a group's prefix is the longest beginning all its sequences share (each keeps at
+least one token of its own). Every token goes once into one packed row: each group's prefix, then each
+sequence's own part. Attention (`Packing`): a prefix token attends causally within its prefix; an own token
+attends to its group's prefix and causally to its own part. Position ids continue from the prefix, so the hidden
+states are those of each sequence run alone — the same values and gradients as the padded batch (tested), with
+no padding computed and no prefix computed twice. Attention runs as one batched call per layer over every
+segment (gathered into a padded batch for attention only), or one call per segment as the fallback.
+torch is imported inside the functions: this module is imported by light ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+VARLEN = "cai_varlen"
+BATCHED_ATTENTION = True  # one attention call per layer for every segment; False: one call per segment
+
+
+def base_of(model):
+    """The transformers model under a peft wrapper (LoRA layers stay injected)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def trunk_of(model):
+    """(trunk, lm_head or None) of a transformers model: the backbone that returns hidden states, and its head."""
+    base = base_of(model)
+    trunk = getattr(base, base.base_model_prefix)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return trunk, head
+
+
+def common_prefix(seqs: list, min_len: int = 8) -> int:
+    """Length of the beginning every token sequence shares (each keeps at least one token of its own); 0 when
+    shorter than `min_len` or for a single sequence."""
+    if len(seqs) < 2:
+        return 0
+    limit = min(len(x) for x in seqs) - 1
+    first = list(seqs[0][:limit])
+    n = limit
+    for x in seqs[1:]:
+        x = list(x[:n])
+        k = next((i for i, (a, b) in enumerate(zip(x, first)) if a != b), n)
+        n = min(n, k)
+    return n if n >= min_len else 0
+
+
+class Packing:
+    """The attention layout of a packed row, made once per forward and read by every layer. Segment s owns
+    packed positions [start[s], start[s] + length[s]) and attends causally to them, after all of its parent's
+    (the group prefix: parent_len[s] tokens from parent_start[s]; 0 for a prefix or an unshared sequence)."""
+
+    def __init__(
+        self, start: list[int], length: list[int], parent_start: list[int], parent_len: list[int], device
+    ):
+        import torch
+
+        self.segments = list(zip(start, length, parent_start, parent_len))
+        self.batched = BATCHED_ATTENTION and len(start) > 1
+        if not self.batched:
+            return
+        lengths = torch.tensor(length, device=device)
+        plens = torch.tensor(parent_len, device=device)
+        T, P = int(lengths.max()), int(plens.max())
+        t = torch.arange(T, device=device)
+        valid = t[None, :] < lengths[:, None]
+        q_index = torch.tensor(start, device=device)[:, None] + torch.where(valid, t, 0)
+        p = torch.arange(P, device=device)
+        pvalid = p[None, :] < plens[:, None]
+        p_index = torch.tensor(parent_start, device=device)[:, None] + torch.where(pvalid, p, 0)
+        self.shape = (len(start), T, P)
+        self.q_index = q_index.reshape(-1)
+        self.k_index = torch.cat([p_index, q_index], 1).reshape(-1)
+        own = torch.ones(T, T, dtype=torch.bool, device=device).tril() & valid[:, None, :]
+        self.mask = torch.cat([pvalid[:, None, :].expand(-1, T, -1), own], 2).unsqueeze(1)
+        # packed position n <- its (segment, step) place in the padded batch: the output is a gather
+        n = int(lengths.sum())
+        inverse = torch.empty(n, dtype=torch.long, device=device)
+        inverse[q_index[valid]] = torch.arange(len(start) * T, device=device).reshape(len(start), T)[valid]
+        self.inverse = inverse
+
+
+def _varlen_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, cai_packing=None, **kwargs
+):
+    """transformers attention function for a packed row ([1, heads, N, D]) laid out by `cai_packing`."""
+    import torch
+    import torch.nn.functional as F
+
+    if cai_packing is None:  # an ordinary forward while another caller packs (threads sharing a model)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if attention_mask is not None or query.shape[0] != 1:
+        raise RuntimeError("cai_varlen attention takes one packed row and no attention mask")
+    for key_name in ("softcap", "sliding_window", "s_aux"):
+        if kwargs.get(key_name) is not None:
+            raise NotImplementedError(f"cai_varlen attention does not support {key_name}")
+    pk, gqa = cai_packing, query.shape[1] != key.shape[1]
+    if pk.batched:
+        S, T, P = pk.shape
+
+        def rows(x, index, width):  # [1, H, N, D] -> [S, H, width, D] gathered at `index`
+            return x[0][:, index].reshape(x.shape[1], S, width, x.shape[3]).transpose(0, 1)
+
+        q, k, v = rows(query, pk.q_index, T), rows(key, pk.k_index, P + T), rows(value, pk.k_index, P + T)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=pk.mask, scale=scaling, enable_gqa=gqa)
+        out = o.transpose(0, 1).reshape(o.shape[1], S * T, o.shape[3])[:, pk.inverse]
+        return out.unsqueeze(0).transpose(1, 2).contiguous(), None
+    outs = [None] * len(pk.segments)
+    for i, (s, n, ps, pn) in enumerate(pk.segments):
+        q = query[:, :, s : s + n]
+        k = torch.cat([key[:, :, ps : ps + pn], key[:, :, s : s + n]], 2)
+        v = torch.cat([value[:, :, ps : ps + pn], value[:, :, s : s + n]], 2)
+        allowed = torch.ones(n, pn + n, dtype=torch.bool, device=q.device).tril(diagonal=pn)
+        outs[i] = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+    order = sorted(range(len(outs)), key=lambda i: pk.segments[i][0])
+    return torch.cat([outs[i] for i in order], 2).transpose(1, 2).contiguous(), None
+
+
+def varlen_supported(model) -> bool:
+    """Packed forwards for plain decoder configs: no sliding window, no logit soft-capping, no logit scaling
+    outside the LM head (the packed path reads the trunk, then applies the head itself)."""
+    cfg = base_of(model).config.get_text_config()
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return False
+    if any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling")):
+        return False
+    soft = ("attn_logit_softcapping", "final_logit_softcapping", "layer_types_sliding")
+    return not any(getattr(cfg, k, None) for k in soft)
+
+
+def chunk_groups(groups: list[list], size: int):
+    """Consecutive groups, about `size` sequences per chunk (a group is never split)."""
+    chunk, n = [], 0
+    for g in groups:
+        if chunk and n + len(g) > size:
+            yield chunk
+            chunk, n = [], 0
+        chunk.append(g)
+        n += len(g)
+    if chunk:
+        yield chunk
+
+
+_LOCK = threading.Lock()
+_USERS: dict[int, list] = {}  # id(config) -> [callers inside, the implementation to restore]
+
+
+@contextlib.contextmanager
+def varlen_attention(model):
+    """While inside, the model's attention is the packed one (`_varlen_attention`; an unpacked call meanwhile
+    runs as sdpa); the model may be wrapped (DDP's `.module`, a value-head PM's `.lm`, peft). Callers may
+    nest or overlap (threads sharing a model): the last one out restores the model's own implementation."""
+    from transformers import AttentionInterface
+
+    if VARLEN not in AttentionInterface._global_mapping:
+        AttentionInterface.register(VARLEN, _varlen_attention)
+    inner = getattr(model, "module", model)
+    cfg = base_of(getattr(inner, "lm", inner)).config
+    with _LOCK:
+        users = _USERS.setdefault(id(cfg), [0, cfg._attn_implementation])
+        users[0] += 1
+        cfg._attn_implementation = VARLEN
+    try:
+        yield
+    finally:
+        with _LOCK:
+            users[0] -= 1
+            if users[0] == 0:
+                cfg._attn_implementation = users[1]
+                del _USERS[id(cfg)]
+
+
+@dataclass
+class Packed:
+    """A packed row: `ids` and `positions` [1, N], the attention layout, and `where[i]`: the packed position of
+    every token of sequence i, in order."""
+
+    ids: object
+    positions: object
+    packing: Packing
+    where: list
+
+
+def pack(groups: list[list], device, min_prefix: int = 8) -> Packed:
+    """Pack groups of token sequences (lists or 1-d tensors of ids); sequences in one group share their common
+    beginning (`common_prefix`), computed once. `where` follows the sequences in group order."""
+    import torch
+
+    ids, pos, start, length, pstart, plen, where = [], [], [], [], [], [], []
+    n = 0
+    for group in groups:
+        seqs = [torch.as_tensor(s, dtype=torch.long) for s in group]
+        p = common_prefix(seqs, min_prefix)
+        if p:
+            ids.append(seqs[0][:p])
+            pos.append(torch.arange(p))
+            start.append(n), length.append(p), pstart.append(0), plen.append(0)
+        prefix_at, n = n, n + p
+        for s in seqs:
+            own = len(s) - p
+            ids.append(s[p:])
+            pos.append(torch.arange(p, len(s)))
+            start.append(n), length.append(own), pstart.append(prefix_at), plen.append(p)
+            where.append(torch.cat([torch.arange(prefix_at, prefix_at + p), torch.arange(n, n + own)]))
+            n += own
+    packing = Packing(start, length, pstart, plen, device)
+    return Packed(torch.cat(ids)[None].to(device), torch.cat(pos)[None].to(device), packing, where)
+
+
+def packed_states(model, packed: Packed):
+    """The trunk's last hidden states over a packed row: [N, H]."""
+    trunk, _ = trunk_of(model)
+    with varlen_attention(model):
+        out = trunk(
+            input_ids=packed.ids, position_ids=packed.positions, use_cache=False, cai_packing=packed.packing
+        )
+    return out.last_hidden_state[0]
