@@ -152,8 +152,8 @@ def pm_phase(model_dir, settings, work, a, head: str):
     import torch
 
     from cai.config.blocks import PreferenceModelConfig
+    from cai.pm.build import build_trainer, fresh_pm
     from cai.pm.scoring import sequence_scores
-    from cai.stages.preference_model import build_model, build_trainer
 
     cfg = PreferenceModelConfig(
         head=head,
@@ -164,7 +164,7 @@ def pm_phase(model_dir, settings, work, a, head: str):
         max_length=a.length,
         save_steps=10**6,
     )
-    model, tok = build_model(cfg, settings)
+    model, tok = fresh_pm(cfg.backbone, cfg.head, settings)
     rows = [
         {
             "id": f"p{i}",
@@ -177,7 +177,7 @@ def pm_phase(model_dir, settings, work, a, head: str):
         for i, e in enumerate(chat_examples(a.steps * a.batch, a.length // 8))
     ]
     before = snapshot(model)
-    trainer = build_trainer(cfg, settings, model, tok, rows, work / f"pm-{head}", callbacks=[])
+    trainer = build_trainer(cfg, settings, model, tok, rows, work / f"pm-{head}", callbacks=[], loss=cfg.loss)
     trainer.train()
     n, total = changed(before, trainer.model)
     assert n >= 0.9 * total, f"pm-{head}: {n} of {total} trained tensors changed"
