@@ -119,7 +119,9 @@ def test_the_report_says_what_ran_and_flags_small_samples_and_an_unchecked_judge
     assert "(n = 4, small)" in md and "only 4 held-out prompts (fewer than 30)" in md
     check = json.loads((tiny_run / "feedback" / "check.json").read_text())
     wr = json.loads((tiny_run / "report" / "report.json").read_text())["win_rate"]
-    if wr["principle"] is None:  # the gold PM judged (the session's tiny run trains one): said so, no labeller caveat
+    if (
+        wr["principle"] is None
+    ):  # the gold PM judged (the session's tiny run trains one): said so, no labeller caveat
         assert f"judged by the gold PM (`{wr['judge']}`)" in md and wr["judge_caveat"] is None
     elif not check["above_chance"]:  # the judge is the feedback model, and it failed its check
         assert "**Caveat (†):** the judge `tiny-random-llama` failed its labeller check" in md
