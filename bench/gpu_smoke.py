@@ -9,7 +9,9 @@ Phases, each with its invariants (an AssertionError names the phase and what fai
 - pm-classifier, pm-value-head: a few preference-model steps; weights change, scores are fp32;
 - ppo-{full,lora}-{separate,value_head}: PPO updates at lr 1e-5; at least 90% of the trained tensors change
   (LoRA: every B matrix), the first step of each update starts at ratio 1 within the bf16 tolerance, values fp32;
-- packed-forward-256: one packed (padding-free) policy forward over 256 rows, the batch size of GPU rollouts;
+- forward-256-{padded,batched,loop}: one policy forward over 256 rows (the batch size of GPU rollouts): the padded
+  batch, packed with one attention call per layer, packed with one call per row (the fallback); the packed
+  log-probs match the padded ones.
 - generate-hf, generate-vllm: the same chat prompts through the Engine on each backend (greedy, `--gen-tokens` new
   tokens each), tokens/s; the vLLM phase also prints how many greedy responses equal HF's (near-ties of a random
   model's flat logits can flip in bf16, so that share is shown, not asserted). It needs vLLM installed (`cai[vllm]`);
@@ -162,8 +164,8 @@ def pm_phase(model_dir, settings, work, a, head: str):
     import torch
 
     from cai.config.blocks import PreferenceModelConfig
+    from cai.pm.build import build_trainer, fresh_pm
     from cai.pm.scoring import sequence_scores
-    from cai.stages.preference_model import build_model, build_trainer
 
     cfg = PreferenceModelConfig(
         head=head,
@@ -174,7 +176,7 @@ def pm_phase(model_dir, settings, work, a, head: str):
         max_length=a.length,
         save_steps=10**6,
     )
-    model, tok = build_model(cfg, settings)
+    model, tok = fresh_pm(cfg.backbone, cfg.head, settings)
     rows = [
         {
             "id": f"p{i}",
@@ -187,7 +189,7 @@ def pm_phase(model_dir, settings, work, a, head: str):
         for i, e in enumerate(chat_examples(a.steps * a.batch, a.length // 8))
     ]
     before = snapshot(model)
-    trainer = build_trainer(cfg, settings, model, tok, rows, work / f"pm-{head}", callbacks=[])
+    trainer = build_trainer(cfg, settings, model, tok, rows, work / f"pm-{head}", callbacks=[], loss=cfg.loss)
     trainer.train()
     n, total = changed(before, trainer.model)
     assert n >= 0.9 * total, f"pm-{head}: {n} of {total} trained tensors changed"
@@ -207,7 +209,7 @@ def ppo_phase(model_dir, settings, work, a, lora: bool, critic: str):
     from cai.rl.rewards import FunctionReward
     from cai.rl.trainer import PPOTrainer
     from cai.runtime.precision import Precision
-    from cai.stages.ppo import build_models
+    from cai.stages.policy import build_models
 
     cfg = PPOConfig(
         updates=a.updates,
@@ -253,22 +255,36 @@ def ppo_phase(model_dir, settings, work, a, lora: bool, critic: str):
     return sum(r["response/length"] * a.batch for r in rows)
 
 
-def packed_forward_phase(model_dir, settings, a):
+def packed_forward_phase(model_dir, settings, a, mode: str, seen: dict):
+    """One policy forward over `a.packed_rows` left-padded rows: packed with one attention call per layer
+    ('batched'), packed with one call per row ('loop', the fallback), or the padded batch ('padded'). The
+    packed log-probs must match the padded ones (bf16 tolerance)."""
     import torch
 
     from cai.rl.modules import PolicyModel
+    from cai.runtime import packing
     from cai.runtime.models import load_model
 
     device = settings.torch_device()
     model = PolicyModel(load_model(str(model_dir), settings)).eval()
+    model.varlen = mode != "padded"
     rows, width = a.packed_rows, a.length
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(width // 2, width + 1, (rows,), generator=g)
     ids = torch.randint(5, 200, (rows, width), generator=g)
     mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()  # left padding
-    with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
-        out = model(ids.to(device), mask.to(device), width // 4, logprobs=True)
-    assert torch.isfinite(out["logprobs"]).all(), "packed forward: non-finite log-probs"
+    old, packing.BATCHED_ATTENTION = packing.BATCHED_ATTENTION, mode != "loop"
+    try:
+        with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+            out = model(ids.to(device), mask.to(device), width // 4, logprobs=True)
+    finally:
+        packing.BATCHED_ATTENTION = old
+    lp = out["logprobs"].float().cpu()
+    assert torch.isfinite(lp).all(), f"{mode} forward: non-finite log-probs"
+    seen[mode] = lp
+    if "padded" in seen and mode != "padded":
+        gap = float((lp - seen["padded"]).abs().max())
+        assert gap < 0.25, f"{mode} forward: log-probs differ from the padded ones by {gap:.3f}"
     return int(mask.sum())
 
 
@@ -345,7 +361,12 @@ def main() -> int:
             for critic in ("separate", "value_head"):
                 name = f"ppo-{'lora' if lora else 'full'}-{critic}"
                 phases.run(name, lambda lo=lora, c=critic: ppo_phase(model_dir, settings, work, a, lo, c))
-        phases.run(f"packed-forward-{a.packed_rows}", lambda: packed_forward_phase(model_dir, settings, a))
+        seen = {}
+        for mode in ("padded", "batched", "loop"):
+            phases.run(
+                f"forward-{a.packed_rows}-{mode}",
+                lambda m=mode: packed_forward_phase(model_dir, settings, a, m, seen),
+            )
         if a.tiny:
             model_dir = build_model(work / "model-head64", SHAPES["tiny-head64"])
         generation_phases(phases, model_dir, settings, a)

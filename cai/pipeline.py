@@ -42,15 +42,16 @@ from cai.runtime.rundir import (
     update_run_info,
     write_json,
 )
-from cai.runtime.runlog import StageTracker, Summary, make_tracker
-from cai.stages import critique_revise, feedback, ppo, preference_model, report, sft
+from cai.runtime.runlog import StageTracker, Summary, make_tracker, peak_memory, reset_peak_memory
+from cai.stages import critique_revise, feedback, gold, policy, preference_model, report, sft
 
 STAGE_MODULES = {
+    "gold": gold,
     "critique_revise": critique_revise,
     "sft": sft,
     "feedback": feedback,
     "preference_model": preference_model,
-    "ppo": ppo,
+    "policy": policy,
     "report": report,
 }
 
@@ -269,6 +270,7 @@ def _run_stage(
     )
     _say(f"{unit.key}: running -> {out_dir}")
     t0 = time.time()
+    reset_peak_memory()
     try:
         module.run(ctx)
     except BaseException as exc:
@@ -287,6 +289,7 @@ def _run_stage(
         status="complete",
         ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
         seconds=seconds,
+        peak_memory=peak_memory(),
         summary=ctx.summary,
         output=_output_id(out_dir, unit.stage, fp) if dist.is_main() else None,
     )

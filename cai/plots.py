@@ -1,5 +1,6 @@
-"""Every PNG cai writes: line charts, curve grids, reliability diagrams, the reward-against-sqrt(KL) plot and
-the delta-p histogram of a constitution edit (Agg backend; matplotlib is imported inside the functions)."""
+"""Every PNG cai writes: line charts, curve grids, reliability diagrams, the reward-against-sqrt(KL) plot, the
+proxy-and-gold over-optimisation plot and the delta-p histogram of a constitution edit (Agg backend; matplotlib
+is imported inside the functions)."""
 
 from __future__ import annotations
 
@@ -173,6 +174,38 @@ def plot_kl_reward(path: str | Path, series: list[dict], title: str = "PM reward
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_overoptimisation(path: str | Path, series: list[dict], title: str) -> Path:
+    """Proxy and gold score gains against sqrt(KL): points per update and both fits per series (each series:
+    label, d, gain, optional `linear` {a, b} and `gao` {alpha, beta}); solid: Gao's d(α − β·ln d), dashed:
+    a + b·d."""
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for s in series:
+        pts = ax.scatter(s["d"], s["gain"], s=16, alpha=0.7, label=s["label"])
+        colour = pts.get_facecolor()[0]
+        top = max(s["d"] + [1e-6])
+        xs = [top * i / 60 for i in range(61)]
+        g = s.get("gao")
+        if g:
+            ys = [x * (g["alpha"] - g["beta"] * math.log(x)) if x > 0 else 0.0 for x in xs]
+            ax.plot(xs, ys, color=colour, linewidth=1.8, label=f"{s['label']}: d(α − β·ln d)")
+        lin = s.get("linear")
+        if lin:
+            ax.plot(xs, [lin["a"] + lin["b"] * x for x in xs], color=colour, linewidth=1.0, linestyle="--")
+    ax.axhline(0, color="grey", linewidth=0.6)
+    ax.set_xlabel("d = sqrt(KL(π ‖ π_ref)) per sequence")
+    ax.set_ylabel("score gain over the first update (in score SDs)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from cai.config.arms import expand_arms
-from cai.config.layout import STAGES
+from cai.config.layout import active, reads_of
 from cai.config.load import field_at, ref_kind
 from cai.config.recipe import Recipe
 from cai.config.view import source_key, value_of
@@ -60,7 +60,7 @@ def _get(recipe, loc: tuple):
 def stage_refs(recipe: Recipe, stage: str) -> Iterator[tuple[tuple, str, str | None, str]]:
     """(location of the key that sets it, kind, value, what) of every reference stage `stage` reads; a value
     that comes from a preference-model spec is located at `preference_model.spec`."""
-    for key in STAGES[stage].reads:
+    for key in reads_of(recipe, stage):
         if key in NOT_REFS:
             continue
         if key == "preference_model":
@@ -140,7 +140,7 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
     lines, seen = [], set()
     # with arms, the stages run in each arm's recipe (the report in the recipe's own)
     variants = [(n, r) for n, r in expand_arms(recipe) if not arms or n in arms] or [(None, recipe)]
-    for stage in stages if stages is not None else list(recipe.stages):
+    for stage in stages if stages is not None else [s for s in recipe.stages if active(recipe, s)]:
         for arm, variant in variants if stage != "report" else [(None, recipe)]:
             for loc, kind, value, what in stage_refs(variant, stage):
                 own = arm if arm and _get(recipe, loc) != _get(variant, loc) else None
@@ -154,7 +154,8 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
                 p = problem(kind, value, stage)
                 if p:
                     lines.append(f"{here}: {f'arm {own!r}: ' if own else ''}key '{key}': {what}{p}")
-    return lines + vllm_problems(recipe, stages if stages is not None else list(recipe.stages))
+    chosen = stages if stages is not None else [s for s in recipe.stages if active(recipe, s)]
+    return lines + vllm_problems(recipe, chosen)
 
 
 def vllm_problems(recipe: Recipe, stages: list[str]) -> list[str]:
@@ -162,9 +163,13 @@ def vllm_problems(recipe: Recipe, stages: list[str]) -> list[str]:
     if vllm_engine.available():
         return []
     asked = []
-    if recipe.generation.backend == "vllm" and {"critique_revise", "feedback", "report"} & set(stages):
+    generating = {"critique_revise", "feedback", "report"} | (
+        {"policy"} if recipe.policy.rounds > 1 else set()
+    )
+    if recipe.generation.backend == "vllm" and generating & set(stages):
         asked.append(("generation", "backend"))
-    if recipe.ppo.rollout_backend == "vllm" and "ppo" in stages:
+    on_policy = recipe.policy.algorithm != "dpo"
+    if recipe.ppo.rollout_backend == "vllm" and on_policy and "policy" in stages:
         asked.append(("ppo", "rollout_backend"))
     return [
         f"{_locate(recipe, loc, None)}: key '{'.'.join(loc)}': vLLM is not installed; install the extra: "

@@ -200,3 +200,25 @@ def epoch_means(rows: list[dict], key: str = "loss") -> list[float]:
         if isinstance(e, (int, float)) and isinstance(v, (int, float)) and math.isfinite(v):
             groups.setdefault(max(1, math.ceil(e - 1e-6)), []).append(float(v))
     return [sum(vs) / len(vs) for _, vs in sorted(groups.items())]
+
+
+def correlation_ci(r: float | None, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """95% interval of a Pearson correlation by Fisher's z transform (None when n < 4 or r is undefined)."""
+    if r is None or n < 4:
+        return None
+    r = max(min(r, 1 - 1e-12), -1 + 1e-12)
+    centre, half = math.atanh(r), z / math.sqrt(n - 3)
+    return (math.tanh(centre - half), math.tanh(centre + half))
+
+
+def fit_through_origin(f1: list[float], f2: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares y = c1·f1 + c2·f2 (no intercept): (c1, c2); a ValueError when the features are collinear."""
+    s11 = sum(a * a for a in f1)
+    s22 = sum(b * b for b in f2)
+    s12 = sum(a * b for a, b in zip(f1, f2))
+    s1y = sum(a * y for a, y in zip(f1, ys))
+    s2y = sum(b * y for b, y in zip(f2, ys))
+    det = s11 * s22 - s12 * s12
+    if abs(det) <= 1e-12 * max(s11 * s22, 1e-300):
+        raise ValueError("the two features are collinear: no unique fit")
+    return (s22 * s1y - s12 * s2y) / det, (s11 * s2y - s12 * s1y) / det

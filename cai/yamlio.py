@@ -41,10 +41,12 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
     lines: dict[tuple, int] = {}
     if node is not None:
         try:
-            _walk(node, (), lines)
+            _walk(node, (), lines, set(), [0])
         except _DuplicateKey as dup:  # the safe loader would silently keep the last one
             loc, line, first = dup.args
             raise UserError(f"{path}:{line}: duplicate key '{dotted(loc)}' (first on line {first})") from None
+        except _BadAlias as bad:
+            raise UserError(f"{path}:{bad.args[1]}: {bad.args[0]}") from None
     return data, lines
 
 
@@ -52,19 +54,39 @@ class _DuplicateKey(Exception):
     pass
 
 
-def _walk(node, prefix: tuple, lines: dict[tuple, int]) -> None:
-    lines.setdefault(prefix, node.start_mark.line + 1)
+class _BadAlias(Exception):
+    pass
+
+
+MAX_NODES = 100_000  # a document whose aliases expand past this many nodes is refused (an "alias bomb")
+
+
+def _walk(node, prefix: tuple, lines: dict[tuple, int], path: set, count: list) -> None:
+    """Record the line of every key; refuse an alias that contains itself or aliases that expand too far."""
+    line = node.start_mark.line + 1
+    if id(node) in path:
+        raise _BadAlias(
+            f"key '{dotted(prefix)}': a YAML alias refers to itself (an anchor inside its own value)", line
+        )
+    count[0] += 1
+    if count[0] > MAX_NODES:
+        raise _BadAlias(
+            f"YAML aliases expand to more than {MAX_NODES} values (near key '{dotted(prefix)}')", line
+        )
+    lines.setdefault(prefix, line)
+    path.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
-            k = key.value
+            k = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark.line + 1)
             if prefix + (k,) in lines and isinstance(key, yaml.ScalarNode) and k != "<<":
                 raise _DuplicateKey(prefix + (k,), key.start_mark.line + 1, lines[prefix + (k,)])
             lines[prefix + (k,)] = key.start_mark.line + 1
-            _walk(value, prefix + (k,), lines)
+            _walk(value, prefix + (k,), lines, path, count)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[prefix + (i,)] = item.start_mark.line + 1
-            _walk(item, prefix + (i,), lines)
+            _walk(item, prefix + (i,), lines, path, count)
+    path.discard(id(node))
 
 
 def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
@@ -188,12 +210,20 @@ def load_json(path: str | Path, what: str = "JSON file"):
     """The parsed content of a JSON file; a missing or unreadable file or bad JSON is a UserError naming the
     file (and the line, for bad JSON)."""
     path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:  # missing, unreadable, or not gzip
         raise UserError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    except (EOFError, UnicodeDecodeError) as exc:  # truncated gzip, binary content
+        raise UserError(f"{path}: cannot read the {what}: not UTF-8 JSON text ({exc})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{exc.lineno}: invalid JSON in the {what} ({exc.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: the {what} nests too deeply") from None
 
 
 def iter_jsonl(path: str | Path, what: str = "a JSON object"):

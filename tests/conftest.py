@@ -62,8 +62,8 @@ def tiny_recipe(tmp_path, tiny_dir):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_dir):
-    """recipes/tiny.yaml run once per session, every stage, with a small labeller check and 3 PPO updates (enough
-    for the sqrt(KL) fit); the run directory."""
+    """recipes/tiny.yaml run once per session, every stage (the gold judge on), with a small labeller check and 3
+    PPO updates (enough for the sqrt(KL) fit); the run directory."""
     from cai import pipeline
     from cai.config.load import load_recipe
 
@@ -73,7 +73,10 @@ def tiny_run(tmp_path_factory, tiny_dir):
     os.chdir(ROOT)
     try:
         pipeline.run(
-            load_recipe(ROOT / "recipes/tiny.yaml", [f"run_dir={rdir}", check, "ppo.updates=3"]), quiet=True
+            load_recipe(
+                ROOT / "recipes/tiny.yaml", [f"run_dir={rdir}", check, "ppo.updates=3", "gold.enabled=true"]
+            ),
+            quiet=True,
         )
     finally:
         os.chdir(old)

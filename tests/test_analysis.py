@@ -50,9 +50,9 @@ def test_the_fit_uses_k3_and_leaves_negative_k1_out_with_a_note(tmp_path, capsys
         {"step": i, "objective/kl": a, "objective/kl_k3": b, "objective/score": s}
         for i, (a, b, s) in enumerate(zip(k1, kl, r))
     ]
-    append_jsonl(tmp_path / "new" / "ppo" / "metrics.jsonl", rows)
+    append_jsonl(tmp_path / "new" / "policy" / "metrics.jsonl", rows)
     old = [{k: v for k, v in row.items() if k != "objective/kl_k3"} for row in rows]  # a log from before k3
-    append_jsonl(tmp_path / "old" / "ppo" / "metrics.jsonl", old)
+    append_jsonl(tmp_path / "old" / "ppo" / "metrics.jsonl", old)  # a run from before the rename
     assert (
         main(
             [
@@ -93,7 +93,7 @@ def test_cli_writes_png_and_json_for_runs_and_arms(tmp_path, capsys):
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     kl, r = _synthetic(0.1, 0.5, n=12)
     append_jsonl(
-        run_a / "ppo" / "metrics.jsonl",
+        run_a / "policy" / "metrics.jsonl",
         [
             {"step": i, "objective/kl": k, "objective/score": s, "loss/policy": 0.1}
             for i, (k, s) in enumerate(zip(kl, r))
@@ -102,7 +102,7 @@ def test_cli_writes_png_and_json_for_runs_and_arms(tmp_path, capsys):
     kl2, r2 = _synthetic(-0.2, 0.25, n=10)
     for arm in ("x", "y"):
         append_jsonl(
-            run_b / "arms" / arm / "ppo" / "metrics.jsonl",
+            run_b / "arms" / arm / "policy" / "metrics.jsonl",
             [{"step": i, "objective/kl": k, "objective/score": s} for i, (k, s) in enumerate(zip(kl2, r2))],
         )
     out = tmp_path / "out"
@@ -120,7 +120,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["analyze", "kl-reward", str(tmp_path / "missing")]) == 2
     (tmp_path / "empty").mkdir()
     assert main(["analyze", "kl-reward", str(tmp_path / "empty")]) == 2
-    assert "no PPO log found" in capsys.readouterr().err
+    assert "no policy log found" in capsys.readouterr().err
     assert not kl_reward.__doc__.startswith(" ")
 
 
@@ -133,6 +133,11 @@ def test_a_run_directory_gives_its_current_arms_in_recipe_order(tmp_path, root, 
     run = tmp_path / "run"
     recipe = load_recipe(root / "recipes/tiny.yaml", ["sweep={ppo.kl_coef: [0.2, 0.02]}"])
     write_json(run / "recipe.json", recipe.model_dump(mode="json"))
-    for d in ("ppo", "arms/kl_coef=0.02/ppo", "arms/kl_coef=0.2/ppo", "arms/old/ppo"):  # ppo/ and old/: stale
+    for d in (
+        "policy",
+        "arms/kl_coef=0.02/policy",
+        "arms/kl_coef=0.2/ppo",
+        "arms/old/policy",
+    ):  # stale: policy/, old/
         append_jsonl(run / d / "metrics.jsonl", [{"step": 1, "objective/kl": 0.1, "objective/score": 0.2}])
     assert [label for label, _ in find_ppo_logs(run)] == ["kl_coef=0.2", "kl_coef=0.02"]

@@ -40,7 +40,7 @@ PPO_TOL = 1e-5  # PPO metrics of one update: absolute, or relative above 1
 GLOBAL_BATCH = 4
 
 COMMON = [
-    "stages=[critique_revise, sft, feedback, preference_model, ppo]",
+    "stages=[critique_revise, sft, feedback, preference_model, policy]",
     "generation.max_new_tokens=8",
     "sft.max_steps=2",
     "preference_model.max_steps=2",
@@ -155,7 +155,7 @@ def compare_weights(a: Path, b: Path) -> None:
 
 def test_two_processes_world_size_and_engine(runs):
     one, two, log = runs
-    for stage in ("critique_revise", "sft", "feedback", "preference_model", "ppo"):
+    for stage in ("critique_revise", "sft", "feedback", "preference_model", "policy"):
         m = read_manifest(two / stage)
         assert m["status"] == "complete" and m["world_size"] == 2 and m["engine"] == "ddp", (stage, m)
         m1 = read_manifest(one / stage)
@@ -210,16 +210,16 @@ def test_ppo_update_on_two_processes_equals_one_process(runs, tmp_path):
     token count). What remains is float summation order: PPO_TOL on the metrics, WEIGHT_ATOL on the policy."""
     one, two, _ = runs
     assert (
-        read_manifest(two / "ppo")["world_size"] == 2
-        and read_manifest(two / "ppo")["summary"]["updates"] == 1
+        read_manifest(two / "policy")["world_size"] == 2
+        and read_manifest(two / "policy")["summary"]["updates"] == 1
     )
     split = tmp_path / "split"
     shutil.copytree(one, split)
-    shutil.rmtree(split / "ppo")
+    shutil.rmtree(split / "policy")
     sets = COMMON + per_device(1)[:2] + [f"ppo.rollout_batch_size={GLOBAL_BATCH // 2}"]
-    launch(two_cpu_processes() + cai_run(split, sets, only=["ppo"]), {"ACCELERATE_USE_CPU": "1"})
-    assert read_manifest(split / "ppo")["world_size"] == 2
-    (a,), (b,) = read_jsonl(one / "ppo" / "metrics.jsonl"), read_jsonl(split / "ppo" / "metrics.jsonl")
+    launch(two_cpu_processes() + cai_run(split, sets, only=["policy"]), {"ACCELERATE_USE_CPU": "1"})
+    assert read_manifest(split / "policy")["world_size"] == 2
+    (a,), (b,) = read_jsonl(one / "policy" / "metrics.jsonl"), read_jsonl(split / "policy" / "metrics.jsonl")
     assert a["response/length"] == b["response/length"] and a["objective/entropy"] == b["objective/entropy"]
     for k in (
         "objective/score",
@@ -230,7 +230,7 @@ def test_ppo_update_on_two_processes_equals_one_process(runs, tmp_path):
         "grad/norm",
     ):
         assert abs(a[k] - b[k]) <= PPO_TOL * max(1.0, abs(a[k])), f"ppo {k}: {a[k]} vs {b[k]}"
-    compare_weights(one / "ppo" / "policy", split / "ppo" / "policy")
+    compare_weights(one / "policy" / "policy", split / "policy" / "policy")
 
 
 # ------------------------------------------------------------------------------------------- DeepSpeed
@@ -334,21 +334,24 @@ def test_training_stages_under_deepspeed(runs, tmp_path, engine):
     ]
     # no ACCELERATE_USE_CPU here: it would turn the DeepSpeed launch into a plain CPU one
     launch(
-        cmd + cai_run(run_dir, COMMON + per_device(1), only=["sft", "preference_model", "ppo"]),
+        cmd + cai_run(run_dir, COMMON + per_device(1), only=["sft", "preference_model", "policy"]),
         unset=("ACCELERATE_USE_CPU",),
     )
-    for stage in ("sft", "preference_model", "ppo"):
+    for stage in ("sft", "preference_model", "policy"):
         m = read_manifest(run_dir / stage)
         assert m["status"] == "complete" and m["engine"] == f"deepspeed-{engine}" and m["world_size"] == 1
     for stage in ("sft", "preference_model"):
         compare_metrics(one, run_dir, stage, steps=2)
         compare_weights(one / stage / "model", run_dir / stage / "model")
     # PPO: the engine's own checkpoint, the same update as the reference run, and the gathered policy
-    assert (run_dir / "ppo" / "checkpoints" / "step-000001" / "deepspeed").is_dir()
-    (a,), (b,) = read_jsonl(one / "ppo" / "metrics.jsonl"), read_jsonl(run_dir / "ppo" / "metrics.jsonl")
+    assert (run_dir / "policy" / "checkpoints" / "step-000001" / "deepspeed").is_dir()
+    (a,), (b,) = (
+        read_jsonl(one / "policy" / "metrics.jsonl"),
+        read_jsonl(run_dir / "policy" / "metrics.jsonl"),
+    )
     for k in ("objective/score", "objective/kl", "loss/value", "loss/policy"):
         assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), f"ppo {k}: {a[k]} vs {b[k]}"
-    compare_weights(one / "ppo" / "policy", run_dir / "ppo" / "policy")
+    compare_weights(one / "policy" / "policy", run_dir / "policy" / "policy")
 
 
 @pytest.mark.parametrize(

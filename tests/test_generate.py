@@ -135,7 +135,7 @@ def test_asking_for_vllm_without_it_is_one_line_naming_the_extra(tiny, tiny_dir,
     from cai.preflight import vllm_problems
 
     recipe = Recipe(name="x", generation={"backend": "vllm"}, ppo={"rollout_backend": "vllm"})
-    lines = vllm_problems(recipe, ["critique_revise", "ppo"])
+    lines = vllm_problems(recipe, ["critique_revise", "policy"])
     assert [line.split(":")[1].strip() for line in lines] == [
         "key 'generation.backend'",
         "key 'ppo.rollout_backend'",

@@ -19,7 +19,7 @@ from cai.config.load import load_recipe, load_run_recipe
 from cai.errors import UserError
 from cai.runtime.rundir import read_jsonl, read_manifest
 
-BODY = ["critique_revise", "sft", "feedback", "preference_model", "ppo"]
+BODY = ["critique_revise", "sft", "feedback", "preference_model", "policy"]
 
 
 class FakeStages:
@@ -88,7 +88,7 @@ def test_rerun_skips_every_stage_whose_manifest_matches(fake, recipe, capsys):
     for s in BODY + ["report"]:
         m = read_manifest(rdir / s)
         assert m["status"] == "complete" and m["fingerprint"] and m["output"] and "seconds" in m
-        assert m["inputs"].keys() == set(STAGES[s].inputs)
+        assert m["inputs"].keys() == set(STAGES[s].inputs) - {"gold"}  # the gold judge is off
     fake.calls.clear()
     capsys.readouterr()
     pipeline.run(recipe())
@@ -104,10 +104,10 @@ def test_config_change_reruns_the_stage_and_everything_downstream(fake, recipe):
     pipeline.run(recipe(), quiet=True)
     fake.calls.clear()
     pipeline.run(recipe("ppo.kl_coef=0.2"), quiet=True)
-    assert fake.calls == ["ppo", "report"]
+    assert fake.calls == ["policy", "report"]
     fake.calls.clear()
     pipeline.run(recipe("ppo.kl_coef=0.2", "sft.learning_rate=0.01"), quiet=True)
-    assert fake.calls == ["sft", "feedback", "preference_model", "ppo", "report"]
+    assert fake.calls == ["sft", "feedback", "preference_model", "policy", "report"]
     fake.calls.clear()
     pipeline.run(recipe("ppo.kl_coef=0.2", "sft.learning_rate=0.01"), quiet=True)
     assert fake.calls == []
@@ -131,7 +131,7 @@ def test_only_and_from(fake, recipe, tmp_path, capsys):
     pipeline.run(recipe(), start="preference_model", quiet=True)
     assert fake.calls == []
     pipeline.run(recipe(), start="preference_model", force=True, quiet=True)
-    assert fake.calls == ["preference_model", "ppo", "report"]
+    assert fake.calls == ["preference_model", "policy", "report"]
     with pytest.raises(UserError, match="unknown stage 'sfx'"):
         pipeline.run(recipe(), only=["sfx"], quiet=True)
 
@@ -144,14 +144,14 @@ def test_a_rerun_that_writes_different_files_makes_what_follows_stale(fake, reci
     assert fake.calls == ["sft"]
     fake.calls.clear()
     pipeline.run(recipe(), quiet=True)
-    assert fake.calls == ["feedback", "preference_model", "ppo", "report"]
+    assert fake.calls == ["feedback", "preference_model", "policy", "report"]
 
 
 def test_contradictory_or_impossible_selections_are_errors(fake, recipe):
-    with pytest.raises(UserError, match="--only sft and --from ppo contradict each other"):
-        pipeline.run(recipe(), only=["sft"], start="ppo", quiet=True)
-    with pytest.raises(UserError, match="--only ppo: stage 'ppo' is not in this recipe's stages"):
-        pipeline.run(recipe("stages=[critique_revise, sft]"), only=["ppo"], quiet=True)
+    with pytest.raises(UserError, match="--only sft and --from policy contradict each other"):
+        pipeline.run(recipe(), only=["sft"], start="policy", quiet=True)
+    with pytest.raises(UserError, match="--only policy: stage 'policy' is not in this recipe's stages"):
+        pipeline.run(recipe("stages=[critique_revise, sft]"), only=["policy"], quiet=True)
     with pytest.raises(UserError, match="--from report: stage 'report' is not in"):
         pipeline.run(recipe("stages=[critique_revise, sft]"), start="report", quiet=True)
     assert fake.calls == []
@@ -188,11 +188,11 @@ def test_an_interrupted_stage_resumes_in_place_and_a_changed_one_starts_clean(fa
     m = read_manifest(rdir / "sft")
     assert m["status"] == "complete" and m["resumed"] and m["summary"]["resumed"]  # partial output kept
     # a stage killed under another config does not resume the stale partial output
-    fake.fail_once = {"ppo"}
+    fake.fail_once = {"policy"}
     with pytest.raises(RuntimeError):
         pipeline.run(recipe("ppo.kl_coef=0.3"), quiet=True)
     pipeline.run(recipe("ppo.kl_coef=0.4"), quiet=True)
-    assert read_manifest(rdir / "ppo")["summary"]["resumed"] is False
+    assert read_manifest(rdir / "policy")["summary"]["resumed"] is False
 
 
 def test_sweep_expands_into_arms_that_share_upstream_stages(fake, recipe):
@@ -201,19 +201,19 @@ def test_sweep_expands_into_arms_that_share_upstream_stages(fake, recipe):
     assert list(layout.arms) == ["kl_coef=0.02", "kl_coef=0.1"]
     assert layout.arms["kl_coef=0.1"].ppo.kl_coef == 0.1
     assert [u.key for u in layout.units.values()] == BODY[:4] + [
-        "arms/kl_coef=0.02/ppo",
-        "arms/kl_coef=0.1/ppo",
+        "arms/kl_coef=0.02/policy",
+        "arms/kl_coef=0.1/policy",
         "report",
     ]
     assert layout.stage_dir("sft", "kl_coef=0.1") == fake.run_dir / "sft"
     pipeline.run(r, quiet=True)
-    assert fake.calls == BODY[:4] + ["arms/kl_coef=0.02/ppo", "arms/kl_coef=0.1/ppo", "report"]
+    assert fake.calls == BODY[:4] + ["arms/kl_coef=0.02/policy", "arms/kl_coef=0.1/policy", "report"]
     assert set(read_manifest(fake.run_dir / "report")["inputs"]) == {u for u in fake.calls if u != "report"}
     summary = json.loads((fake.run_dir / "summary.json").read_text())
     assert set(summary["seconds_by_arm"]) == {"shared", "kl_coef=0.02", "kl_coef=0.1", "report"}
     fake.calls.clear()
-    pipeline.run(r, quiet=True, arms=["kl_coef=0.1"], start="ppo", force=True)
-    assert fake.calls == ["arms/kl_coef=0.1/ppo", "report"]
+    pipeline.run(r, quiet=True, arms=["kl_coef=0.1"], start="policy", force=True)
+    assert fake.calls == ["arms/kl_coef=0.1/policy", "report"]
 
 
 def _arms_recipe(recipe, tmp_path, root):
@@ -225,7 +225,7 @@ def _arms_recipe(recipe, tmp_path, root):
 def test_arms_share_responses_and_a_changed_constitution_reruns_only_that_arm(fake, recipe, tmp_path, root):
     r, gfh = _arms_recipe(recipe, tmp_path, root)
     pipeline.run(r, quiet=True)
-    own = ["feedback", "preference_model", "ppo"]
+    own = ["feedback", "preference_model", "policy"]
     assert fake.calls == ["critique_revise", "sft"] + [f"arms/specific/{s}" for s in own] + [
         f"arms/general/{s}" for s in own
     ] + ["report"]
@@ -300,13 +300,13 @@ def test_tracker_gets_live_and_replayed_metrics_with_stage_prefixes(fake, recipe
     monkeypatch.setattr(pipeline, "make_tracker", lambda recipe, rdir: tracker)
     pipeline.run(recipe("tracker=tensorboard"), quiet=True)
     keys = {k for _, v in tracker.logged for k in v}
-    assert {"sft/loss", "ppo/loss", "report/loss"} <= keys and tracker.finished
+    assert {"sft/loss", "policy/loss", "report/loss"} <= keys and tracker.finished
     # a stage that writes metrics.jsonl itself gets replayed after it finishes
-    t2 = runlog.StageTracker(tracker, "arms/x/ppo")
+    t2 = runlog.StageTracker(tracker, "arms/x/policy")
     p = fake.run_dir / "m.jsonl"
     p.write_text('{"step": 3, "objective/kl": 0.5, "note": "text"}\n')
     t2.replay_if_silent(p)
-    assert tracker.logged[-1] == (3, {"arms/x/ppo/objective/kl": 0.5})
+    assert tracker.logged[-1] == (3, {"arms/x/policy/objective/kl": 0.5})
 
 
 def test_tensorboard_without_the_package_is_a_user_error(recipe, tmp_path):
@@ -325,7 +325,7 @@ def test_summary_lists_stages_times_and_key_metrics(fake, recipe, capsys):
     pipeline.run(recipe())
     out = capsys.readouterr().out
     assert "[cai] summary of" in out
-    line = next(ln for ln in out.splitlines() if ln.strip().startswith("ppo "))
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("policy "))
     assert "ran" in line and "resumed=False" in line and "s " in line
 
 
@@ -337,13 +337,15 @@ def test_real_tiny_run_completes_and_a_rerun_skips_every_stage(tiny_run, root, m
         m = read_manifest(tiny_run / s)
         assert m["status"] == "complete" and m["seconds"] > 0 and m["summary"], s
     assert (tiny_run / "report" / "report.md").is_file() and (
-        tiny_run / "ppo" / "policy" / "config.json"
+        tiny_run / "policy" / "policy" / "config.json"
     ).is_file()
     capsys.readouterr()
     pipeline.run(recipe)
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 6 and "0 stage(s) ran" in out
-    assert "report: " in out and "ppo " in out
+    assert (
+        out.count("up to date, skipped") == 7 and "0 stage(s) ran" in out
+    )  # the six stages and the gold judge
+    assert "report: " in out and "policy " in out
     # the README's `--only critique_revise`, forced (on a copy: the session's run stays as it is): the same
     # files again, so nothing after it goes stale
     copy = tmp_path / "run"
@@ -353,7 +355,7 @@ def test_real_tiny_run_completes_and_a_rerun_skips_every_stage(tiny_run, root, m
     assert {s: read_manifest(copy / s)["output"] for s in BODY} == before
     capsys.readouterr()
     pipeline.run(recipe, run_dir=copy)
-    assert capsys.readouterr().out.count("up to date, skipped") == 6
+    assert capsys.readouterr().out.count("up to date, skipped") == 7
 
 
 def test_editing_a_pm_spec_setting_changes_the_preference_model_fingerprint(tmp_path, tiny_recipe, root):

@@ -126,6 +126,10 @@ def test_feedback_eval_multiple_choice_and_errors(tiny_dir, tmp_path, capsys):
     )
     res = json.loads((out / "feedback-multiple-choice.json").read_text())
     assert res["n"] == 5 and res["template"] == "plain"
+    assert (
+        set(res["baselines"]) == {"prefer longer", "prefer shorter", "most common answer"} and "lift" in res
+    )
+    assert "baselines on the same 5 items" in capsys.readouterr().out
     assert main(["pm", "eval", "--model", str(tmp_path), "--suite", "pairs"]) == 2
     assert main(["pm", "eval", "--model", str(out), "--suite", "no-such-suite"]) == 2
     err = capsys.readouterr().err
@@ -189,3 +193,82 @@ def test_statistics_by_hand():
         and s["per_tag"]["a"]["accuracy"] == 0.5
         and s["mean_margin"] == pytest.approx(0.625)
     )
+
+
+@pytest.fixture(scope="module")
+def untrained_pm(tmp_path_factory, tiny_dir):
+    """A PM folder that holds exactly the untrained model its pm_origin.json names (backbone, fresh head, seed 0):
+    no skill at all, so its lift over the untrained baseline must be zero."""
+    from cai.pm.build import fresh_pm, write_origin
+    from cai.runtime.settings import DEFAULT
+
+    out = tmp_path_factory.mktemp("untrained") / "model"
+    model, tok = fresh_pm("tiny-random-llama", "classifier", DEFAULT)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    write_origin(out, "tiny-random-llama", "classifier", 0)
+    return out
+
+
+def test_pm_eval_on_an_ai_risk_data_file_prints_baselines_and_zero_lift(
+    untrained_pm, shared_data, tmp_path, capsys
+):
+    data = shared_data / "ai-risk" / "power-seeking-inclination.jsonl"
+    out = tmp_path / "ev"
+    args = [
+        "pm",
+        "eval",
+        "--model",
+        str(untrained_pm),
+        "--suite",
+        str(data),
+        "--limit",
+        "24",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    res = json.loads((out / "pm-power-seeking-inclination.json").read_text())
+    assert set(res["baselines"]) == {"untrained", "prefer longer", "prefer shorter", "most common answer"}
+    assert res["baselines"]["untrained"]["accuracy"] == res["accuracy"]  # the same model, the same seed
+    assert res["lift_untrained"]["value"] == 0.0 and res["lift_untrained"]["ci95"] == [0.0, 0.0]
+    best = max(r["accuracy"] for r in res["baselines"].values())
+    assert res["lift"]["value"] == pytest.approx(res["accuracy"] - best)
+    assert res["length"]["n"] == 48 and -1 <= res["length"]["r"] <= 1
+    printed = capsys.readouterr().out
+    assert "baselines on the same 24 items: untrained" in printed and "lift over the best baseline" in printed
+    assert "lift over the untrained model: +0.000" in printed
+    md = (out / "pm-power-seeking-inclination.md").read_text()
+    assert "lift over the best baseline" in md
+
+
+def test_data_files_are_suites_recognised_by_their_keys(tmp_path, capsys):
+    from cai.errors import UserError
+    from cai.eval.suites import load_items, load_suite
+
+    hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}
+    mc = {"prompt": "\n\nHuman: Hi?\n\nAssistant:", "corrects": ["Hello."], "incorrects": ["Go away.", "No."]}
+    import gzip
+
+    (tmp_path / "pairs.jsonl.gz").write_bytes(gzip.compress((json.dumps(hh) + "\n").encode()))
+    (tmp_path / "mc.json").write_text(json.dumps([mc]))
+    spec = load_suite(str(tmp_path / "pairs.jsonl.gz"))
+    assert (spec.name, spec.format) == ("pairs", "hh_pairs")
+    (item,) = load_items(spec)
+    assert item.candidates == ["Hello.", "Go away."] and item.tag == "single-turn"
+    spec = load_suite(str(tmp_path / "mc.json"))
+    assert spec.format == "multiple_choice" and load_items(spec)[0].candidates == [
+        "Hello.",
+        "Go away.",
+        "No.",
+    ]
+    (tmp_path / "odd.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(
+        UserError, match=r"odd.jsonl:1: cannot tell the suite format from the keys \(text\); expected "
+    ):
+        load_suite(str(tmp_path / "odd.jsonl"))
+    assert main(["pm", "eval", "--model", str(tmp_path), "--suite", str(tmp_path / "odd.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hh_pairs: {chosen, rejected}" in err and "multiple_choice" in err
+    assert main(["pm", "eval", "--model", str(tmp_path), "--suite", str(tmp_path / "none.jsonl")]) == 2
+    assert "none.jsonl: suite data file not found" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """PPO end to end on the tiny random model (CPU): the reward rises, the KL controller steers, LoRA's reference
-is the base model, a resumed run equals a straight one, and the stage writes ppo/."""
+is the base model, a resumed run equals a straight one, and the stage writes policy/."""
 
 from __future__ import annotations
 
@@ -308,10 +308,18 @@ def test_stage_writes_metrics_and_policy(tmp_path, tiny_recipe, tiny_dir, monkey
         (rdir / stage / "manifest.json").write_text(
             json.dumps({"status": "complete", "fingerprint": stage, "output": stage})
         )
-    run(recipe, only=["ppo"])
-    out = rdir / "ppo"
+    run(recipe, only=["ppo"])  # the stage's former name still selects it
+    out = rdir / "policy"
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
+    # samples.jsonl: every sampled response with the raw score it got, by update (as metrics.jsonl counts them)
+    samples = read_jsonl(out / "samples.jsonl")
+    assert [(s["update"], s["i"]) for s in samples] == [(u, i) for u in (1, 2) for i in range(4)]
+    assert all(s["score"] == pytest.approx(-len(s["response"]) / 10) for s in samples)
+    assert {s["prompt_id"] for s in samples} <= {f"p{i}" for i in range(6)}
+    for r in rows:
+        mine = [s["score"] for s in samples if s["update"] == r["step"]]
+        assert sum(mine) / len(mine) == pytest.approx(r["objective/score"], abs=1e-5)
     assert (out / "policy" / "config.json").is_file() and (out / "score_vs_kl.png").is_file()
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
     again = load_model(str(out / "policy"))

@@ -133,3 +133,19 @@ def test_lr_factor():
     assert pm.lr_factor(3, 4, 0, "constant") == 1.0
     assert pm.lr_factor(0, 4, 0, "cosine") == pytest.approx(1.0)
     assert pm.lr_factor(2, 4, 0, "cosine") == pytest.approx(0.5)
+
+
+def test_group_advantages_by_hand():
+    # two prompts, k = 3 samples each, contiguous
+    r = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 5.0])
+    # RLOO: r_i − mean of the other two: 1 − 4, 2 − 3.5, 6 − 1.5; a flat group gives 0
+    assert pm.rloo_advantages(r, 3).tolist() == pytest.approx([-3.0, -1.5, 4.5, 0.0, 0.0, 0.0])
+    # GRPO: (r − mean) / (std + eps), std with Bessel's correction: mean 3, std sqrt(7)
+    s = math.sqrt(7.0) + 1e-4
+    assert pm.grpo_advantages(r, 3).tolist() == pytest.approx([-2 / s, -1 / s, 3 / s, 0.0, 0.0, 0.0])
+    # a leave-one-out advantage is k/(k−1) times the centred reward, so each group's advantages sum to 0
+    assert pm.rloo_advantages(r, 3).tolist() == pytest.approx(
+        (1.5 * (r - r.view(2, 3).mean(1).repeat_interleave(3))).tolist()
+    )
+    spread, flat = pm.group_stats(r, 3)
+    assert float(spread) == pytest.approx(math.sqrt(7.0) / 2) and float(flat) == 0.5

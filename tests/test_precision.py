@@ -260,7 +260,8 @@ def test_the_gpu_smoke_script_runs_its_phases_on_the_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     phases = [r["phase"] for r in json.loads(out.read_text())]
-    assert phases[:3] == ["sft", "pm-classifier", "pm-value_head"] and len(phases) == 10 - (
+    assert phases[:3] == ["sft", "pm-classifier", "pm-value_head"] and len(phases) == 12 - (
         not vllm.available()
     )
-    assert phases[8:] == ["generate-hf", "generate-vllm"][: len(phases) - 8]  # vLLM's when it is installed
+    assert phases[7:10] == ["forward-16-padded", "forward-16-batched", "forward-16-loop"]
+    assert phases[10:] == ["generate-hf", "generate-vllm"][: len(phases) - 10]  # vLLM's when it is installed

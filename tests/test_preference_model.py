@@ -338,14 +338,22 @@ def test_value_head_pm_learns_a_signal_and_round_trips(tiny_recipe, tmp_path):
         with torch.no_grad():
             h = lm.model(input_ids=ids).last_hidden_state[0, -1]
         assert float(h @ head["weight"][0] + head["bias"][0]) == pytest.approx(float(r), abs=1e-4)
-    # score_norm.json was computed in memory after training (the A responses of the first norm_sample training
-    # pairs): the reloaded PM gives the same statistics
-    train, _ = split_pairs(rows, 0.25, recipe.seed)
+    # score_norm.json: responses the PM did not train on (both sides of held-out pairs), scored as PPO scores
+    # them; the reloaded PM gives the same statistics, and the file says how many and from where
+    from types import SimpleNamespace
+
+    from cai.stages.preference_model import reference_responses
+
+    train, held_out = split_pairs(rows, 0.25, recipe.seed)
     k = recipe.preference_model.norm_sample
-    again = scorer.score(
-        [r["messages"] + [{"role": "assistant", "content": r["response_a"]}] for r in train[:k]]
-    )
+    ctx = SimpleNamespace(input_dir=lambda stage: run / stage)
+    ref, _ = reference_responses(ctx, train, held_out, k, recipe.seed)
+    held_texts = {s: {r[f"response_{s}"] for r in held_out} for s in "ab"}
+    assert len(ref) == k and all(h["text"] in held_texts["a"] | held_texts["b"] for h in ref)
+    assert {s for h in ref for s in "ab" if h["text"] in held_texts[s]} == {"a", "b"}  # both sides
+    again = scorer.score([h["messages"] + [{"role": "assistant", "content": h["text"]}] for h in ref])
     norm = json.loads((folder / "score_norm.json").read_text())
+    assert norm["n"] == k and "did not train on" in norm["sample"]
     assert float(again.mean()) == pytest.approx(norm["mean"], abs=1e-4)
     assert float(again.std()) == pytest.approx(norm["std"], abs=1e-4)
     # `cai pm eval` and PPO's reward read it through the same scorer
@@ -504,3 +512,19 @@ def test_pm_eval_scores_packed_and_padded_alike(tiny_dir, tmp_path, monkeypatch)
     assert packed["accuracy"] == padded["accuracy"] and packed["mean_margin"] == pytest.approx(
         padded["mean_margin"], abs=1e-4
     )
+
+
+def test_held_out_eval_packed_equals_padded(tiny_dir, monkeypatch):
+    """The PM stage's held-out evaluation (and its score normalisation) reads pairs packed: same numbers."""
+    import cai.pm.scoring as scoring
+    from cai.pm.pairs import held_out_eval
+    from cai.runtime.models import load_model, load_tokenizer
+
+    tok = load_tokenizer("tiny-random-llama", padding_side="right")
+    model = load_model("tiny-random-llama", kind="seq_cls")
+    rows = synthetic_pairs(7)
+    packed = held_out_eval(model, tok, rows, max_length=64, batch_size=4)
+    monkeypatch.setattr(scoring, "PACKED", False)
+    padded = held_out_eval(model, tok, rows, max_length=64, batch_size=4)
+    assert packed["n"] == padded["n"] == 7 and packed["accuracy"] == padded["accuracy"]
+    assert packed["scores"] == pytest.approx(padded["scores"], abs=1e-5)

@@ -67,15 +67,15 @@ def test_run_fails_before_any_stage_on_a_bad_model_an_arm_or_a_set_value(tmp_pat
     assert str(info.value).startswith("--set models.feedback=tiny-randm-llama: key 'models.feedback': model")
     assert ran == [] and not rdir.exists()
     # an arm's own constitution: the arm's line in the recipe
+    text = (ROOT / "recipes/tiny.yaml").read_text().replace("../constitutions", str(ROOT / "constitutions"))
+    text = text.rstrip("\n") + "\n"
+    arm_line = text.count("\n") + 3  # after "arms:" and arm a
     p = write(
-        tmp_path,
-        (ROOT / "recipes/tiny.yaml").read_text().replace("../constitutions", str(ROOT / "constitutions"))
-        + "arms:\n  - {name: a}\n  - {name: b, set: {feedback_constitution: missing.yaml}}\n",
+        tmp_path, text + "arms:\n  - {name: a}\n  - {name: b, set: {feedback_constitution: missing.yaml}}\n"
     )
     lines = check(load_recipe(p))
-    line = len(p.read_text().splitlines())  # the arm's own line, the file's last (whatever tiny.yaml holds)
     assert len(lines) == 1 and lines[0].startswith(
-        f"{p}:{line}: arm 'b': key 'feedback_constitution': file not found"
+        f"{p}:{arm_line}: arm 'b': key 'feedback_constitution': file not found"
     )
     # only the stages to run: sft reads no constitution
     assert check(load_recipe(p, ["constitution=gone.yaml"]), ["sft"]) == []

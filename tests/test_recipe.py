@@ -275,7 +275,7 @@ def test_validate_dotted_key():
     "stages, ok",
     [
         ("[critique_revise, sft]", True),
-        ("[preference_model, ppo, report]", True),
+        ("[preference_model, policy, report]", True),
         ("[sft, critique_revise]", False),
         ("[sft, sft]", False),
         ("[ppo, feedback]", False),
@@ -291,6 +291,16 @@ def test_stage_order(tmp_path, stages, ok):
         assert msg.startswith(f"{p}:11:") and "stages" in msg
 
 
+def test_the_policy_stages_former_name_still_works(tmp_path):
+    """Recipes written when the policy stage was 'ppo' keep working: `stages`, `--only` and `--from`."""
+    from cai.config.layout import select_stages
+
+    recipe = load_recipe(write(tmp_path, MINI + "stages: [sft, preference_model, ppo, report]\n"))
+    assert recipe.stages == ["sft", "preference_model", "policy", "report"]
+    assert select_stages(recipe, ["ppo"], None) == ["policy"]
+    assert select_stages(recipe, None, "ppo") == ["policy", "report"]
+
+
 def test_stage_order_error_says_the_order(tmp_path):
     msg = error_of(write(tmp_path, MINI + "stages: [sft, critique_revise]\n"))
     assert ", ".join(STAGES) in msg
@@ -304,7 +314,7 @@ def test_recipe_schema_export(capsys):
     schema = json.loads(capsys.readouterr().out)
     assert schema == Recipe.model_json_schema()
     assert set(schema["properties"]) == set(Recipe.model_fields)
-    assert {"critique_revise", "sft", "feedback", "preference_model", "ppo", "report"} <= set(
+    assert {"critique_revise", "sft", "feedback", "preference_model", "policy", "report"} <= set(
         schema["properties"]
     )
     # every field of every block is documented for editors

@@ -20,10 +20,13 @@ SECTIONS = [
     "### Labeller check",
     "## Preference model",
     "### Evaluation suites",
-    "## PPO",
+    "## Policy optimisation (PPO)",
     "### Reward against sqrt(KL)",
-    "## Harmlessness win rate against the initial model",
+    "### Does the PM measure length? (policy samples)",
+    "### Over-optimisation: proxy and gold PM against sqrt(KL)",
+    "## Win rate against the initial model",
     "## Examples",
+    "## Policies side by side",
 ]
 
 
@@ -41,12 +44,15 @@ def test_report_of_a_tiny_run_has_every_section(tiny_run):
     for heading in SECTIONS:
         assert heading in md, heading
     links = _images_exist(rep, md)
-    assert {"sft_loss.png", "ppo_curves.png", "kl_reward.png"} <= set(links)
+    assert {"sft_loss.png", "ppo_curves.png", "kl_reward.png", "overoptimisation.png"} <= set(links)
     assert any("reliability" in link for link in links)  # calibration plot
-    for stage in ("critique_revise", "sft", "feedback", "preference_model", "ppo"):
+    for stage in ("gold", "critique_revise", "sft", "feedback", "preference_model", "policy"):
         assert re.search(rf"\| {stage} \| complete \| [0-9.]+ s \|", md), stage
     check = json.loads((tiny_run / "feedback" / "check.json").read_text())
     assert ("**Warning:**" in md and "not above chance" in md) == (not check["above_chance"])
+    assert len(check["hits"]) == len(check["lengths"]) == check["n"]  # per pair, for the baselines beside it
+    assert sum(check["hits"]) / check["n"] == check["agreement"]
+    assert "| baseline, prefer shorter (agreement) |" in md
     data = json.loads((rep / "report.json").read_text())
     final = data["win_rate"]["results"]["final:tiny"]
     assert (
@@ -54,18 +60,39 @@ def test_report_of_a_tiny_run_has_every_section(tiny_run):
         and 0.0 <= final["win_rate"] <= 1.0
         and final["ci95"][0] <= final["win_rate"] <= final["ci95"][1]
     )
-    assert data["win_rate"]["judge"] == "tiny-random-llama"
+    assert data["win_rate"]["judge"] == str(tiny_run / "gold" / "model")  # the gold judge, not the labeller
+    assert (
+        set(final["by_kind"]) == {"red_team", "helpful"}
+        and sum(k["n"] for k in final["by_kind"].values()) == 4
+    )
+    assert "judged by the gold PM" in md
     assert (
         set(data["pm_eval"]["tiny"]) == {"pairs", "ai-risk"} and data["pm_eval"]["tiny"]["pairs"]["n"] == 16
     )
+    risk = data["pm_eval"]["tiny"]["ai-risk"]
+    assert set(risk["baselines"]) == {"untrained", "prefer longer", "prefer shorter", "most common answer"}
+    assert "ai-risk: **lift over the best baseline**" in md and "correlation of score with length" in md
+    samples = data["policy_samples"]["tiny"]
+    assert samples["n"] == 12 and len(samples["proxy"]["gain"]) == len(samples["gold"]["gain"]) == 3
+    assert samples["proxy"]["gain"][0] == 0.0 and samples["length_gold"]["n"] == 12
+    gold = json.loads((tiny_run / "gold" / "eval.json").read_text())["held_out"]
+    assert gold["n"] == 16 and "untrained" in gold["baselines"] and "lift" in gold
+    assert f"The gold PM on {gold['n']} held-out human pairs" in md
+    # a gold PM without demonstrated skill is called so, beside its curve and its win rates
+    assert md.count("the gold PM does not beat its best baseline") == (
+        2 if gold["lift"]["ci95"][0] <= 0 else 0
+    )
     fit = data["kl_fit"]["tiny"]
     assert fit["n"] >= 2 and set(fit) >= {"a", "b", "r2"}
+    side = data["policies"]["arms"]["tiny"]  # the final policy against the SFT model, beside its baseline
+    assert side["pm_score"]["n"] == 4 and side["win_rate_vs_sft"]["n"] == 4 and side["sqrt_kl"] >= 0
+    assert data["policies"]["sft_pm_score"]["n"] == 4 and "| peak memory of the policy stage | " in md
     m = read_manifest(rep)
     assert m["status"] == "complete" and "win_rate" in m["summary"]
 
 
 def test_ppo_logs_a_non_negative_kl_for_the_fit_and_the_report_says_which(tiny_run):
-    rows = read_jsonl(tiny_run / "ppo" / "metrics.jsonl")
+    rows = read_jsonl(tiny_run / "policy" / "metrics.jsonl")
     assert rows and all("objective/kl" in r for r in rows)  # the reward's own estimator, as before
     for r in rows:
         assert r["objective/kl_k3"] >= 0 and r["objective/sqrt_kl"] == math.sqrt(r["objective/kl_k3"])
@@ -91,7 +118,12 @@ def test_the_report_says_what_ran_and_flags_small_samples_and_an_unchecked_judge
     )
     assert "(n = 4, small)" in md and "only 4 held-out prompts (fewer than 30)" in md
     check = json.loads((tiny_run / "feedback" / "check.json").read_text())
-    if not check["above_chance"]:  # the judge is the feedback model, and it failed its check
+    wr = json.loads((tiny_run / "report" / "report.json").read_text())["win_rate"]
+    if (
+        wr["principle"] is None
+    ):  # the gold PM judged (the session's tiny run trains one): said so, no labeller caveat
+        assert f"judged by the gold PM (`{wr['judge']}`)" in md and wr["judge_caveat"] is None
+    elif not check["above_chance"]:  # the judge is the feedback model, and it failed its check
         assert "**Caveat (†):** the judge `tiny-random-llama` failed its labeller check" in md
         assert md.count("(n = 4, small) †") == 2
     # run.json is a dict others extend: a key another writer put there survives the next update
@@ -151,7 +183,7 @@ def test_comparison_run_on_the_tiny_model_has_one_column_per_arm(tmp_path, root,
         os.chdir(old)
     arms = ["harmless-specific", "good-for-humanity"]
     for arm in arms:
-        for stage in ("feedback", "preference_model", "ppo"):
+        for stage in ("feedback", "preference_model", "policy"):
             assert read_manifest(rdir / "arms" / arm / stage)["status"] == "complete"
     assert not (rdir / "feedback").exists()  # nothing of the arms' own stages at the top level
     assert (
@@ -164,13 +196,14 @@ def test_comparison_run_on_the_tiny_model_has_one_column_per_arm(tmp_path, root,
     for section in (
         "### Labels",
         "### Reward against sqrt(KL)",
-        "## Harmlessness win rate against the initial model",
+        "## Win rate against the initial model",
         "### Agreement between the arms' AI labels",
+        "## Policies side by side",
     ):
         i = md.index(section)
         assert header in md[i : i + 2000], section
     assert re.search(r"\| critique_revise \| shared · complete · [0-9.]+ s \| shared · complete", md)
-    assert "| final policy (ppo) vs initial | 0." in md or "| final policy (ppo) vs initial | 1." in md
+    assert "| final policy vs initial | 0." in md or "| final policy vs initial | 1." in md
     data = json.loads((rdir / "report" / "report.json").read_text())
     agreement = data["label_agreement"]["pairs"][f"{arms[0]}|{arms[1]}"]
     assert agreement["n"] > 0 and 0.0 <= agreement["agreement"] <= 1.0

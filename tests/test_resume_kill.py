@@ -20,9 +20,9 @@ import pytest
 from cai.runtime.rundir import read_jsonl, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["critique_revise", "sft", "feedback", "preference_model", "ppo"]
+STAGES = ["critique_revise", "sft", "feedback", "preference_model", "policy"]
 SETS = [
-    "stages=[critique_revise,sft,feedback,preference_model,ppo]",
+    "stages=[critique_revise,sft,feedback,preference_model,policy]",
     "sft.max_steps=8",
     "sft.save_steps=2",
     "ppo.updates=4",
@@ -83,28 +83,28 @@ def test_sigkill_in_three_stages_then_the_same_command_finishes(tmp_path, tiny_d
     assert _status(rdir, "critique_revise") == "complete" and _status(rdir, "sft") == "running"
 
     def ppo_checkpointed():
-        return _status(rdir, "ppo") == "running" and any(
-            (rdir / "ppo" / "checkpoints").glob("step-*/state.json")
+        return _status(rdir, "policy") == "running" and any(
+            (rdir / "policy" / "checkpoints").glob("step-*/state.json")
         )
 
     _run_until(cmd, log, ppo_checkpointed, "ppo saved a checkpoint")
-    assert _status(rdir, "sft") == "complete" and _status(rdir, "ppo") == "running"
+    assert _status(rdir, "sft") == "complete" and _status(rdir, "policy") == "running"
 
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "ppo: resuming an interrupted run" in done.stdout
+    assert "policy: resuming an interrupted run" in done.stdout
     assert "critique_revise: up to date, skipped" in done.stdout and "sft: up to date, skipped" in done.stdout
     for stage in STAGES:
         m = read_manifest(rdir / stage)
         assert m["status"] == "complete" and m["output"] and m["fingerprint"], stage
-    for stage in ("critique_revise", "sft", "ppo"):
+    for stage in ("critique_revise", "sft", "policy"):
         assert read_manifest(rdir / stage)["resumed"] is True, stage
     # the rows streamed before the first kill were reused, not generated again
     stats = json.loads((rdir / "critique_revise" / "stats.json").read_text())
     for name, n in kept.items():
         assert stats["timing"]["steps"][name.removesuffix(".jsonl")]["resumed"] >= n > 0 or n == 0
     # training resumed from checkpoints: the SFT loss log has one row per step, the PPO log one per update
-    assert [r["step"] for r in read_jsonl(rdir / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_jsonl(rdir / "policy" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert (rdir / "sft" / "model" / "config.json").is_file() and (
-        rdir / "ppo" / "policy" / "config.json"
+        rdir / "policy" / "policy" / "config.json"
     ).is_file()

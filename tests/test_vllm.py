@@ -190,14 +190,16 @@ def test_a_tiny_run_on_vllm_finishes_and_resumes_after_an_interruption(model_dir
     rdir = Path(recipe.run_dir)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(recipe, quiet=True)
-    assert read_manifest(rdir / "ppo")["status"] == "interrupted"
+    assert read_manifest(rdir / "policy")["status"] == "interrupted"
     before = len(calls)
     pipeline.run(recipe, quiet=True)
-    for stage in ("critique_revise", "sft", "feedback", "preference_model", "ppo", "report"):
+    for stage in ("critique_revise", "sft", "feedback", "preference_model", "policy", "report"):
         assert read_manifest(rdir / stage)["status"] == "complete", stage
-    assert read_manifest(rdir / "ppo")["resumed"] is True
-    assert [r["step"] for r in read_jsonl(rdir / "ppo" / "metrics.jsonl")] == [1, 2]
+    assert read_manifest(rdir / "policy")["resumed"] is True
+    assert [r["step"] for r in read_jsonl(rdir / "policy" / "metrics.jsonl")] == [1, 2]
     assert (
         len(calls) > before > 0
     )  # critique/revision, response sampling, rollouts and the report sampled on vLLM
-    assert (rdir / "report" / "report.md").is_file() and (rdir / "ppo" / "policy" / "config.json").is_file()
+    assert (rdir / "report" / "report.md").is_file() and (
+        rdir / "policy" / "policy" / "config.json"
+    ).is_file()

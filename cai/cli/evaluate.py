@@ -11,8 +11,10 @@ from cai.config.layout import plan, stage_view
 from cai.config.load import load_run_recipe
 from cai.constitution.fewshot import feedback_examples
 from cai.constitution.schema import load_constitution
-from cai.eval.measure import evaluate_feedback, evaluate_pm
-from cai.eval.suites import SUITE_DIR
+from cai.eval.baselines import describe
+from cai.eval.measure import evaluate_feedback, evaluate_pm, untrained_for
+from cai.eval.suites import SUITE_DIR, load_suite
+from cai.pm.scoring import RewardScorer
 from cai.report.build import RunIndex, build
 from cai.report.klfit import kl_reward
 from cai.stats import small_n_note
@@ -34,16 +36,33 @@ def _print(result: dict) -> None:
     for tag, row in result["per_tag"].items():
         tlo, thi = row["ci95"]
         print(f"  {tag}: {row['accuracy']:.3f} (95% CI {tlo:.3f}-{thi:.3f}, n={row['n']})")
+    notes, warnings = describe(result)
+    for line in notes:
+        print(f"  {line}")
     if small_n_note(result["n"]):
-        print(f"warning: {small_n_note(result['n'])}", file=sys.stderr)
+        warnings = [small_n_note(result["n"]), *warnings]
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if "files" in result:
         print(f"wrote {result['files']['json']}, {result['files']['markdown']}, {result['files']['png']}")
 
 
 def _cmd_pm_eval(a) -> int:
     settings = settings_of(a)
+    load_suite(a.suite)  # a bad suite is reported before any model is loaded
+    scorer = RewardScorer(a.model, settings)
+    untrained = (
+        None if a.no_untrained else untrained_for(scorer, settings, a.backbone) if a.backbone else "auto"
+    )
     res = evaluate_pm(
-        a.model, a.suite, a.limit, a.out, batch_size=a.batch_size, settings=settings, max_length=a.max_length
+        scorer,
+        a.suite,
+        a.limit,
+        a.out,
+        batch_size=a.batch_size,
+        settings=settings,
+        max_length=a.max_length,
+        untrained=untrained,
     )
     _print(res)
     return 0
@@ -99,7 +118,13 @@ def _cmd_report(a) -> int:
 
 def _suite_flags(p) -> None:
     known = ", ".join(sorted(x.stem for x in SUITE_DIR.glob("*.yaml")))
-    p.add_argument("--suite", required=True, help=f"a shipped suite ({known}) or a suite YAML file")
+    p.add_argument(
+        "--suite",
+        required=True,
+        help=f"a shipped suite ({known}), a suite YAML file, or a data file (.json, .jsonl, .gz) whose format "
+        "is recognised from its keys (HH chosen/rejected; question + answer_matching_behavior; prompt + "
+        "corrects/incorrects)",
+    )
     p.add_argument("--limit", type=int, help="evaluate at most this many items (a seeded sample)")
     p.add_argument(
         "--out", default=DEFAULT_OUT, help=f"folder for the JSON, markdown and PNG (default {DEFAULT_OUT})"
@@ -116,6 +141,13 @@ def register(sub) -> None:
         "--max-length", type=int, default=1024, help="left-truncate conversations to this many tokens"
     )
     e.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    e.add_argument(
+        "--backbone",
+        help="the untrained baseline's backbone (default: the one in the PM folder's pm_origin.json)",
+    )
+    e.add_argument(
+        "--no-untrained", action="store_true", help="skip the untrained baseline (saves one scoring pass)"
+    )
     _suite_flags(e)
     add_model_flags(e)
     e.set_defaults(func=_cmd_pm_eval)
@@ -135,9 +167,11 @@ def register(sub) -> None:
 
     an = sub.add_parser("analyze", help="analyses over finished runs")
     ans = an.add_subparsers(dest="sub", required=True, metavar="SUB")
-    k = ans.add_parser("kl-reward", help="fit PM reward = a + b·sqrt(KL) over PPO logs; PNG + JSON")
+    k = ans.add_parser(
+        "kl-reward", help="fit PM reward = a + b·sqrt(KL) over policy logs (any algorithm); PNG + JSON"
+    )
     k.add_argument(
-        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, ppo folders or metrics.jsonl"
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, policy folders or metrics.jsonl"
     )
     k.add_argument("--out", help="output folder (default: FIRST_RUN_DIR/analysis)")
     k.set_defaults(func=_cmd_kl_reward)

@@ -15,7 +15,8 @@ import time
 from cai import pipeline
 from cai.cli import constitution, evaluate
 from cai.cli.options import add_model_flags, settings_of, validate_each
-from cai.config.load import load_recipe
+from cai.config.arms import load_checked
+from cai.config.layout import active
 from cai.config.recipe import STAGES, Recipe
 from cai.errors import UserError
 from cai.preflight import preflight
@@ -25,7 +26,7 @@ from cai.runtime.rundir import code_version
 
 
 def _cmd_run(a) -> int:
-    recipe = load_recipe(a.recipe, a.set)
+    recipe = load_checked(a.recipe, a.set)
     rdir = pipeline.run(recipe, run_dir=a.run_dir, only=a.only, start=a.start, force=a.force, arms=a.arm)
     if dist.is_main():
         print(f"[cai] run directory: {rdir}")
@@ -35,13 +36,15 @@ def _cmd_run(a) -> int:
 
 def _checked_recipe(path: str) -> Recipe:
     """A recipe that loads and whose files and models are all there (the preflight of `cai run`)."""
-    recipe = load_recipe(path)
+    recipe = load_checked(path)
     preflight(recipe)
     return recipe
 
 
 def _cmd_recipe_validate(a) -> int:
-    return validate_each(a.files, _checked_recipe, lambda r: f"{r.name}: {', '.join(r.stages)}")
+    return validate_each(
+        a.files, _checked_recipe, lambda r: f"{r.name}: {', '.join(s for s in r.stages if active(r, s))}"
+    )
 
 
 def _cmd_recipe_schema(a) -> int:

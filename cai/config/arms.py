@@ -13,9 +13,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cai.config.load import validate_dotted_key
+from cai.config.load import load_recipe, validate_dotted_key
 from cai.config.recipe import Recipe
 from cai.errors import UserError
+from cai.errors import where as file_line
+from cai.yamlio import line_of, load_yaml
 
 # keys an arm may not change: they name the run or its shape, not a stage's behaviour
 FIXED_KEYS = {"name", "run_dir", "arms", "sweep", "stages", "tracker"}
@@ -108,3 +110,17 @@ def expand_arms(recipe: Recipe) -> list[tuple[str, Recipe]]:
         seen.add(name)
         out.append((name, arm_recipe(recipe, overrides, where)))
     return out
+
+
+def load_checked(path, overrides: list[str] | None = None) -> Recipe:
+    """A recipe file read and validated (cai.config.load.load_recipe) with its arms and sweep expanded, each arm
+    validated as a recipe, so that a bad override is reported at the file and line that wrote it."""
+    recipe = load_recipe(path, overrides)
+    try:
+        expand_arms(recipe)
+    except UserError as exc:
+        _, lines = load_yaml(path)
+        m = re.match(r"arms\.(\d+)", str(exc))
+        loc = ("arms", int(m.group(1))) if m else ("sweep",) if str(exc).startswith("sweep") else ("arms",)
+        raise UserError(f"{file_line(path, line_of(lines, loc))}: {exc}") from None
+    return recipe

@@ -1,11 +1,13 @@
-"""One block of the recipe schema per stage (critique_revise, sft, feedback, preference_model, ppo, report),
-each field documented once; unknown keys are errors."""
+"""One block of the recipe schema per stage (gold, critique_revise, sft, feedback, preference_model, policy,
+report), each field documented once; unknown keys are errors. The policy stage has three: `policy` (which
+algorithm, how many online rounds), `ppo` (the on-policy settings PPO, RLOO and GRPO share, and PPO's critic) and
+`dpo`."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cai.config.fields import FileRef, GenerationOverride, LoraConfig, ModelRef, NamedRef, Strict, TrainConfig
 
@@ -111,9 +113,82 @@ class PreferenceModelConfig(TrainConfig):
         return v
 
 
+class PolicyConfig(Strict):
+    algorithm: Literal["ppo", "rloo", "grpo", "dpo"] = Field(
+        "ppo",
+        description="How the policy is optimised: 'ppo' (actor-critic against the PM, the `ppo` block), 'rloo' or "
+        "'grpo' (critic-free, k samples per prompt, the `ppo` block's rollout settings) or 'dpo' (soft-label DPO on "
+        "the feedback pairs, the `dpo` block; no PM needed).",
+    )
+    samples_per_prompt: int = Field(
+        4,
+        ge=2,
+        description="rloo/grpo: k responses sampled per prompt, whose rewards are each other's baseline; "
+        "ppo.rollout_batch_size counts responses, so an update takes rollout_batch_size / k prompts.",
+    )
+    rounds: int = Field(
+        1,
+        ge=1,
+        description="Online RLAIF rounds (ppo/rloo/grpo): after the first, each round samples response pairs from "
+        "the current policy, labels them with the feedback model under the feedback constitution (the `feedback` "
+        "block), trains the PM further on the new pairs with the old ones (the `preference_model` block), and "
+        "continues the policy for ppo.updates more updates.",
+    )
+    round_prompts: int | None = Field(
+        None,
+        ge=1,
+        description="Online rounds: training prompts sampled from in each round after the first (a seeded "
+        "choice per round); default: all.",
+    )
+
+    @field_validator("rounds")
+    @classmethod
+    def _online_needs_a_pm(cls, v, info):
+        if v > 1 and info.data.get("algorithm") == "dpo":
+            raise ValueError(
+                "online rounds train the preference model between rounds and continue an on-policy learner; "
+                "use algorithm ppo, rloo or grpo (dpo runs offline on the feedback pairs)"
+            )
+        return v
+
+
+class DPOConfig(TrainConfig):
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    beta: float = Field(
+        0.1, gt=0, description="β: the strength of the implicit KL to the reference (SFT) model."
+    )
+    labels: Literal["soft", "hard"] = Field(
+        "soft",
+        description="'soft': the AI label p is each pair's target, −[p·log σ(βΔ) + (1−p)·log σ(−βΔ)]; 'hard': p "
+        "rounded at 0.5 (standard DPO; a tie keeps 0.5).",
+    )
+    eval_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of pairs (by prompt) held out for the implicit-reward accuracy.",
+    )
+    probe_every: int = Field(
+        10,
+        ge=1,
+        description="Every this many steps (and before the first and after the last), sample responses to "
+        "`probe_prompts` training prompts as the `ppo` block samples and log objective/score (ppo.reward; with "
+        "'pm' only when the run has a PM), objective/kl and objective/sqrt_kl, as the on-policy algorithms do.",
+    )
+    probe_prompts: int = Field(
+        8, ge=1, description="Training prompts each probe samples (the same every time)."
+    )
+
+
 class PPOConfig(Strict):
-    updates: int = Field(8, ge=1, description="PPO updates (one rollout batch each).")
-    rollout_batch_size: int = Field(8, ge=1, description="Prompts per rollout batch (per process).")
+    updates: int = Field(
+        8, ge=1, description="Updates (one rollout batch each); with online rounds, per round."
+    )
+    rollout_batch_size: int = Field(
+        8,
+        ge=1,
+        description="Responses per rollout batch (per process): one per prompt for PPO, k for RLOO/GRPO.",
+    )
     generation_batch_size: int | None = Field(
         None,
         ge=1,
@@ -131,7 +206,9 @@ class PPOConfig(Strict):
     top_p: float = Field(
         1.0, gt=0.0, le=1.0, description="Rollout nucleus mass; only 1.0 (off), for the same reason as top_k."
     )
-    ppo_epochs: int = Field(4, ge=1, description="Optimisation epochs over each rollout batch.")
+    ppo_epochs: int = Field(
+        4, ge=1, description="Optimisation epochs over each rollout batch (PPO, RLOO and GRPO alike)."
+    )
     num_minibatches: int = Field(1, ge=1, description="Minibatches per epoch.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps per minibatch.")
     learning_rate: float = Field(1e-5, gt=0, description="Policy learning rate.")
@@ -147,7 +224,10 @@ class PPOConfig(Strict):
     gamma: float = Field(1.0, ge=0, le=1, description="Discount γ.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
     kl_coef: float = Field(
-        0.05, ge=0, description="β of the per-token KL penalty (initial value when adaptive)."
+        0.05,
+        ge=0,
+        description="β of the KL to the SFT model (initial value when adaptive): a per-token reward penalty for PPO, "
+        "on the sequence reward for RLOO, a k3 loss term for GRPO.",
     )
     kl_estimator: Literal["k1", "k3"] = Field(
         "k1",
@@ -259,3 +339,37 @@ class ReportConfig(Strict):
     batch_size: int = Field(
         8, ge=1, description="Sequences per scoring forward pass (PM evaluation, the judge)."
     )
+
+
+class GoldConfig(TrainConfig):
+    """The gold judge (Gao et al. 2022): a PM trained on human preference pairs, independent of the labeller."""
+
+    enabled: bool = Field(
+        False,
+        description="Train the gold PM (stage 'gold'): the report then scores the policy's samples with it (proxy and gold against sqrt(KL)) and judges win rates with it.",
+    )
+    data: FileRef | None = Field(
+        None, description="Human preference pairs in HH format (chosen/rejected); needed when enabled."
+    )
+    backbone: ModelRef | None = Field(
+        None, description="Backbone of the gold PM; default: models.reward_backbone, then models.policy."
+    )
+    train_pairs: int = Field(256, ge=2, description="Pairs of `data` it trains on (a seeded sample).")
+    eval_pairs: int = Field(
+        128, ge=1, description="Other pairs of `data`, never trained on, that evaluate it with its baselines."
+    )
+    loss: Literal["soft", "bradley_terry"] = Field(
+        "bradley_terry",
+        description="Bradley–Terry on the human choice, or the soft-label loss (the same here).",
+    )
+    head: Literal["classifier", "value_head"] = Field(
+        "classifier", description="Scalar head: sequence classifier or value head on a causal LM."
+    )
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    max_length: int = Field(384, ge=8, description="Truncate sequences to this many tokens (from the left).")
+
+    @model_validator(mode="after")
+    def _data_when_enabled(self):
+        if self.enabled and not self.data:
+            raise ValueError("gold.enabled needs gold.data: a file of human preference pairs (HH format)")
+        return self

@@ -2,7 +2,9 @@
 decide what reruns.
 
 `STAGES` is the one declaration of what a stage reads: recipe keys (dotted; 'settings' is device, dtype,
-trust_remote_code and seed) and upstream stages. A stage's fingerprint hashes exactly the values of those keys
+trust_remote_code and seed) and upstream stages; a stage whose keys depend on the recipe (the policy stage reads
+`dpo` only for DPO, and the feedback and PM settings only with online rounds) adds them through `more`
+(`reads_of`). A stage's fingerprint hashes exactly the values of those keys
 (file references by content) and the output ids of those stages, and the stage gets a read-only view of exactly
 those keys (cai.config.view): reading another key raises.
 
@@ -13,12 +15,13 @@ The report is one, in RUN/report, over all arms.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cai.config.arms import expand_arms
+from cai.config.recipe import LEGACY_STAGES, Recipe
 from cai.config.recipe import STAGES as ORDER
-from cai.config.recipe import Recipe
 from cai.config.view import RecipeView, view_of
 from cai.errors import UserError
 from cai.runtime.hashing import hash_json
@@ -34,9 +37,20 @@ class StageSpec:
     inputs: tuple[str, ...]
     shared: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    more: Callable[[Recipe], tuple[str, ...]] | None = None  # keys read only in some configurations
+
+
+# what an online round reads besides the policy stage's own blocks: the labeller and the PM's training settings
+ONLINE_READS = ("models.feedback", "feedback_constitution", "generation", "feedback", "preference_model")
+
+
+def _policy_reads(recipe: Recipe) -> tuple[str, ...]:
+    p = recipe.policy
+    return (("dpo",) if p.algorithm == "dpo" else ()) + (ONLINE_READS if p.rounds > 1 else ())
 
 
 STAGES: dict[str, StageSpec] = {
+    "gold": StageSpec(("settings", "gold"), (), outputs=("model", "eval.json")),
     "critique_revise": StageSpec(
         ("settings", "models.policy", "constitution", "prompts", "generation", "critique_revise"),
         (),
@@ -57,8 +71,11 @@ STAGES: dict[str, StageSpec] = {
         outputs=("pairs.jsonl", "check.json"),
     ),
     "preference_model": StageSpec(("settings", "preference_model"), ("feedback",), outputs=("model",)),
-    "ppo": StageSpec(
-        ("settings", "ppo"), ("critique_revise", "sft", "preference_model"), outputs=("policy",)
+    "policy": StageSpec(
+        ("settings", "policy", "ppo"),
+        ("critique_revise", "sft", "feedback", "preference_model"),
+        outputs=("policy",),
+        more=_policy_reads,
     ),
     "report": StageSpec(
         (
@@ -71,14 +88,25 @@ STAGES: dict[str, StageSpec] = {
             "generation",
             "report",
         ),
-        ("critique_revise", "sft", "feedback", "preference_model", "ppo"),
+        ("gold", "critique_revise", "sft", "feedback", "preference_model", "policy"),
     ),
 }
 
 
+def reads_of(recipe: Recipe, stage: str) -> tuple[str, ...]:
+    """The recipe keys `stage` reads in this recipe: its declared ones and those its configuration adds."""
+    spec = STAGES[stage]
+    return spec.reads + (spec.more(recipe) if spec.more else ())
+
+
+def active(recipe: Recipe, stage: str) -> bool:
+    """Whether a stage the recipe lists runs: the optional gold judge only with `gold.enabled`."""
+    return stage != "gold" or recipe.gold.enabled
+
+
 def stage_view(recipe: Recipe, stage: str) -> RecipeView:
     """The read-only view of the recipe that `stage` gets: its declared keys only."""
-    return view_of(recipe, STAGES[stage].reads, stage)
+    return view_of(recipe, reads_of(recipe, stage), stage)
 
 
 def stage_config(recipe: Recipe, stage: str) -> dict:
@@ -97,7 +125,10 @@ def run_dir_of(recipe: Recipe, override: str | None = None) -> Path:
 
 def select_stages(recipe: Recipe, only: list[str] | None, start: str | None) -> list[str]:
     """The stages `--only` and `--from` select, in pipeline order; a selection that names an unknown stage, a
-    stage the recipe does not run, or `--only` stages before `--from` (nothing would run) is an error."""
+    stage the recipe does not run, or `--only` stages before `--from` (nothing would run) is an error. A former
+    stage name ('ppo') selects the stage it became."""
+    only = [LEGACY_STAGES.get(s, s) for s in only] if only else only
+    start = LEGACY_STAGES.get(start, start) if start else start
     for flag, s in [("--only", s) for s in only or []] + ([("--from", start)] if start else []):
         if s not in ORDER:
             raise UserError(f"{flag} {s}: unknown stage '{s}'; stages: {', '.join(ORDER)}")
@@ -105,7 +136,10 @@ def select_stages(recipe: Recipe, only: list[str] | None, start: str | None) -> 
             raise UserError(
                 f"{flag} {s}: stage '{s}' is not in this recipe's stages ({', '.join(recipe.stages)})"
             )
-    stages = [s for s in ORDER if s in recipe.stages]
+    for s in only or []:
+        if not active(recipe, s):
+            raise UserError(f"--only {s}: the stage is off; set {s}.enabled: true")
+    stages = [s for s in ORDER if s in recipe.stages and active(recipe, s)]
     if start:
         before = [s for s in only or [] if ORDER.index(s) < ORDER.index(start)]
         if before:
@@ -123,7 +157,7 @@ def select_stages(recipe: Recipe, only: list[str] | None, start: str | None) -> 
 class Unit:
     """One stage in one folder: shared (arm None) or one arm's own."""
 
-    key: str  # "sft" or "arms/<arm>/ppo": its folder relative to the run directory
+    key: str  # "sft" or "arms/<arm>/policy": its folder relative to the run directory
     stage: str
     dir: Path
     recipe: Recipe
@@ -155,7 +189,7 @@ class Layout:
 def plan(recipe: Recipe, run_dir: str | Path) -> Layout:
     """Where every stage of every arm lives, and what it reads."""
     rdir = Path(run_dir)
-    body = [s for s in ORDER if s in recipe.stages and s != "report"]
+    body = [s for s in ORDER if s in recipe.stages and s != "report" and active(recipe, s)]
     arms = expand_arms(recipe)
     # arms share every stage before the first one whose config is not the same in all arms
     split = next(

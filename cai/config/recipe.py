@@ -13,7 +13,10 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from cai.config.blocks import (
     CritiqueReviseConfig,
+    DPOConfig,
     FeedbackConfig,
+    GoldConfig,
+    PolicyConfig,
     PPOConfig,
     PreferenceModelConfig,
     ReportConfig,
@@ -24,8 +27,10 @@ from cai.runtime.settings import Device, DType, Settings
 
 _SETTING = Settings.model_fields
 
-STAGES = ("critique_revise", "sft", "feedback", "preference_model", "ppo", "report")
-StageId = Literal["critique_revise", "sft", "feedback", "preference_model", "ppo", "report"]
+STAGES = ("gold", "critique_revise", "sft", "feedback", "preference_model", "policy", "report")
+StageId = Literal["gold", "critique_revise", "sft", "feedback", "preference_model", "policy", "report"]
+# Former stage names, still accepted in `stages:`, `--only` and `--from` (the policy stage was 'ppo').
+LEGACY_STAGES = {"ppo": "policy"}
 
 
 class ModelsConfig(Strict):
@@ -130,8 +135,20 @@ class Recipe(Strict):
     preference_model: PreferenceModelConfig = Field(
         default_factory=PreferenceModelConfig, description="Preference model training."
     )
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO against the preference model.")
+    policy: PolicyConfig = Field(
+        default_factory=PolicyConfig,
+        description="The policy stage: which algorithm optimises the SFT policy, and online rounds.",
+    )
+    ppo: PPOConfig = Field(
+        default_factory=PPOConfig,
+        description="On-policy RL against the PM: PPO's settings, whose rollout and optimiser settings RLOO and "
+        "GRPO share.",
+    )
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Soft-label DPO on the feedback pairs.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Report and evaluation.")
+    gold: GoldConfig = Field(
+        default_factory=GoldConfig, description="Optional gold judge: a PM trained on human preference pairs."
+    )
     arms: list[Arm] | None = Field(
         None, description="Arms that share upstream stages and differ by overrides."
     )
@@ -139,6 +156,13 @@ class Recipe(Strict):
         None, description="A sweep over one or more dotted keys, run as arms."
     )
     _source: Any = PrivateAttr(default=None)  # cai.config.load.RecipeSource: for messages naming file:line
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _former_names(cls, stages):
+        if isinstance(stages, (list, tuple)):
+            return [LEGACY_STAGES.get(s, s) if isinstance(s, str) else s for s in stages]
+        return stages
 
     @field_validator("stages")
     @classmethod

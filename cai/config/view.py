@@ -6,7 +6,8 @@ its fallbacks resolved once, here:
 - `models.judge`: models.judge, else the feedback model;
 - `models.reward_backbone`: models.reward_backbone, else models.policy;
 - `feedback_constitution`: feedback_constitution, else constitution;
-- `preference_model`: the block merged with its spec, its backbone resolved (cai.config.pm_spec).
+- `preference_model`: the block merged with its spec, its backbone resolved (cai.config.pm_spec);
+- `gold`: the gold judge's block, its backbone resolved as the preference model's.
 
 Values are the recipe's own (frozen) pydantic objects, so they keep their types. Reading a key the stage did
 not declare raises `UndeclaredRead`: what a stage reads is what its fingerprint hashes.
@@ -36,6 +37,9 @@ RESOLVED = {
     "settings": lambda r: r.settings,
     "preference_model": lambda r: effective_pm_config(
         r.preference_model, r.models.policy, r.models.reward_backbone
+    ),
+    "gold": lambda r: r.gold.model_copy(
+        update={"backbone": r.gold.backbone or r.models.reward_backbone or r.models.policy}
     ),
 }
 

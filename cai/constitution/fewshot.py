@@ -105,6 +105,13 @@ def load_feedback_few_shot(path) -> list[dict]:
     for i, row in enumerate(data):
         if not isinstance(row, dict) or not all(k in row for k in ("prompt", "corrects", "incorrects")):
             raise UserError(f"{path}: item {i}: 'prompt', 'corrects' and 'incorrects' are expected")
+        lists = [row["corrects"], row["incorrects"]]
+        if not isinstance(row["prompt"], str) or not all(
+            isinstance(x, list) and all(isinstance(o, str) for o in x) for x in lists
+        ):
+            raise UserError(
+                f"{path}: item {i}: a 'prompt' text and lists of texts 'corrects', 'incorrects' are expected"
+            )
         prompt = row["prompt"].rstrip()
         if prompt.endswith("Assistant:"):
             prompt = prompt[: -len("Assistant:")]

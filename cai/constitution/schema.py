@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cai.errors import UserError
 from cai.yamlio import check_unique_ids, line_of, load_json, load_validated
@@ -177,7 +177,14 @@ def import_paper(critique_json: str | Path, feedback_json: str | Path | None, na
     for i, (key, entry) in enumerate(cr.items()):
         if not isinstance(entry, dict) or "prompt" not in entry or "edit_request" not in entry:
             raise UserError(f"{critique_json}: entry '{key}' needs 'prompt' and 'edit_request'")
-        prompt = entry["prompt"][0] if isinstance(entry["prompt"], list) else entry["prompt"]
+        prompt = (
+            entry["prompt"][0] if isinstance(entry["prompt"], list) and entry["prompt"] else entry["prompt"]
+        )
+        if not isinstance(prompt, str) or not isinstance(entry["edit_request"], str):
+            raise UserError(
+                f"{critique_json}: entry '{key}': 'prompt' (a text or a list of texts) and 'edit_request' (a text) "
+                "are expected"
+            )
         feedback = (
             _clean_paper_text(fb[i], "")
             if i < len(fb)
@@ -186,15 +193,19 @@ def import_paper(critique_json: str | Path, feedback_json: str | Path | None, na
             )
         )
         pid = re.sub(r"[^a-z0-9_-]+", "-", key.lower()).strip("-") or f"p{i}"
-        principles.append(
-            Principle(
-                id=pid,
-                critique=_clean_paper_text(prompt, "CritiqueRequest"),
-                revision=_clean_paper_text(entry["edit_request"], "RevisionRequest"),
-                feedback=feedback,
-                tags=["imported"],
+        try:
+            principles.append(
+                Principle(
+                    id=pid,
+                    critique=_clean_paper_text(prompt, "CritiqueRequest"),
+                    revision=_clean_paper_text(entry["edit_request"], "RevisionRequest"),
+                    feedback=feedback,
+                    tags=["imported"],
+                )
             )
-        )
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise UserError(f"{critique_json}: entry '{key}': {err['loc'][0]}: {err['msg']}") from None
     return Constitution(
         name=name,
         description=f"Imported from {Path(critique_json).name}"

@@ -36,7 +36,10 @@ def parse_hh_transcript(text: str) -> list[dict]:
 
 
 def split_hh_pair(row: dict) -> tuple[list[dict], str, str]:
-    """An HH preference row → (conversation up to the last human turn, chosen reply, rejected reply)."""
+    """An HH preference row → (conversation up to the last human turn, chosen reply, rejected reply); a ValueError
+    for a row that is not one."""
+    if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
+        raise ValueError("'chosen' and 'rejected' must be transcript strings")
     chosen, rejected = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
     if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
         raise ValueError("an HH pair must end with an assistant turn")
@@ -47,29 +50,45 @@ def read_hh(path: str | Path) -> list[dict]:
     """HH preference rows ({"chosen", "rejected"}) from a .jsonl or .jsonl.gz file; errors name file:line."""
     rows = []
     for n, row in iter_jsonl(path, "an object with 'chosen' and 'rejected' transcripts"):
-        if "chosen" not in row or "rejected" not in row:
-            raise UserError(f"{path}:{n}: an object with 'chosen' and 'rejected' transcripts is expected")
+        if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
+            raise UserError(
+                f"{path}:{n}: an object with 'chosen' and 'rejected' transcript strings is expected"
+            )
         rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no preference pairs (the file has no rows)")
     return rows
 
 
 def human_pairs(path, ratio: float, n_ai: int, seed: int) -> list[dict]:
     """round(ratio·n_ai) human pairs from an HH file, the chosen reply as response_a with p_a = 1.0."""
-    rows = read_hh(path)
-    rng = random.Random(f"{seed}:human_mix")
-    rng.shuffle(rows)
-    out = []
-    for n, row in enumerate(rows):
-        if len(out) >= round(ratio * n_ai):
-            break
+    rows, _ = hh_pair_rows(path)
+    random.Random(f"{seed}:human_mix").shuffle(rows)
+    return rows[: round(ratio * n_ai)]
+
+
+def hh_pair_rows(path: str | Path) -> tuple[list[dict], int]:
+    """The preference pairs of an HH file as PM training rows (the chosen reply as response_a, p_a 1.0, ids by
+    line), and how many rows were skipped: not a pair (no final assistant turn on each side) or identical
+    replies. A row that is not an object with transcript strings is a UserError naming its line."""
+    out, skipped, n_rows = [], 0, 0
+    for n, row in iter_jsonl(path, "an object with 'chosen' and 'rejected' transcripts"):
+        n_rows += 1
+        if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
+            raise UserError(f"{path}:{n}: 'chosen' and 'rejected' transcript strings are expected")
         try:
             messages, chosen, rejected = split_hh_pair(row)
         except ValueError:
+            skipped += 1
             continue
+        if chosen.strip() == rejected.strip() or not chosen.strip() or not rejected.strip():
+            skipped += 1
+            continue
+        pid = f"hh-{n}"
         out.append(
             {
-                "id": f"human-{n}",
-                "prompt_id": f"human-{n}",
+                "id": pid,
+                "prompt_id": pid,
                 "kind": "human",
                 "messages": messages,
                 "response_a": chosen,
@@ -78,4 +97,6 @@ def human_pairs(path, ratio: float, n_ai: int, seed: int) -> list[dict]:
                 "source": "human",
             }
         )
-    return out
+    if not n_rows:
+        raise UserError(f"{path}: no preference pairs (the file has no rows)")
+    return out, skipped

@@ -146,8 +146,8 @@ def _read_hh(path: Path, kind: str) -> list[dict]:
     rows, stem = [], _stem(path)
     for n, obj in iter_jsonl(path):
         text = obj.get("chosen", obj.get("prompt"))
-        if not isinstance(text, str):
-            raise UserError(f"{path}:{n}: an HH transcript in 'chosen' is expected")
+        if not isinstance(text, str) or not isinstance(obj.get("rejected", ""), str):
+            raise UserError(f"{path}:{n}: an HH transcript in 'chosen' (and 'rejected', if any) is expected")
         messages = to_messages(text, f"{path}:{n}")
         rows.append(
             {
@@ -158,6 +158,8 @@ def _read_hh(path: Path, kind: str) -> list[dict]:
                 "kind": kind,
             }
         )
+    if not rows:
+        raise UserError(f"{path}: no prompts (the file has no rows)")
     return rows
 
 
@@ -169,6 +171,11 @@ def _read_jsonl(path: Path, column: str, kind: str) -> list[dict]:
         row_kind = obj.get("kind", kind)
         if row_kind not in KINDS:
             raise UserError(f"{path}:{n}: key 'kind': one of {list(KINDS)} is expected, got {row_kind!r}")
+        for key, types in (("id", (str, int)), ("category", (str,))):
+            if key in obj and (not isinstance(obj[key], types) or isinstance(obj[key], bool)):
+                raise UserError(
+                    f"{path}:{n}: key '{key}': a {' or '.join(t.__name__ for t in types)} is expected"
+                )
         rows.append(
             {
                 "id": str(obj.get("id", f"{stem}-{n}")),
@@ -178,6 +185,8 @@ def _read_jsonl(path: Path, column: str, kind: str) -> list[dict]:
                 "kind": row_kind,
             }
         )
+    if not rows:
+        raise UserError(f"{path}: no prompts (the file has no rows)")
     return rows
 
 

@@ -15,6 +15,15 @@ from pathlib import Path
 
 from cai.constitution.schema import Constitution
 from cai.errors import UserError
+from cai.eval.baselines import (
+    OPTION_FORMATS,
+    UNTRAINED,
+    compare,
+    credit,
+    describe,
+    length_correlation,
+    trivial_hits,
+)
 from cai.eval.suites import load_items, load_suite, split_cue
 from cai.feedback.labeller import (
     INTRO,
@@ -26,6 +35,7 @@ from cai.feedback.labeller import (
 from cai.feedback.options import OPTION_LETTERS, normalise, option_continuations, option_probs
 from cai.markdown import num
 from cai.plots import reliability_png
+from cai.pm.build import read_origin, untrained_scorer
 from cai.pm.scoring import RewardScorer
 from cai.runtime.models import load_for_inference
 from cai.runtime.rundir import write_json
@@ -59,6 +69,45 @@ def _write(result: dict, out_dir: str | Path, kind: str) -> dict:
     return result
 
 
+def score_items(
+    scorer: RewardScorer, items, batch_size: int, max_length: int | None, desc: str
+) -> list[float]:
+    """A PM's raw score of every candidate of every item, items in order; an item's candidates share its
+    conversation, which a packed forward computes once (cai.pm.scoring)."""
+    convs = [it.messages + [{"role": "assistant", "content": c}] for it in items for c in it.candidates]
+    starts = list(itertools.accumulate((len(it.candidates) for it in items), initial=0))
+    groups = [list(range(a, b)) for a, b in zip(starts, starts[1:])]
+    return scorer.score(
+        convs, batch_size=batch_size, max_length=max_length, desc=desc, groups=groups
+    ).tolist()
+
+
+def _per_item(items, raw: list[float]) -> list[list[float]]:
+    out, k = [], 0
+    for it in items:
+        out.append(raw[k : k + len(it.candidates)])
+        k += len(it.candidates)
+    return out
+
+
+def pm_result(items, raw: list[float], untrained_raw: list[float] | None, fmt: str, seed: int) -> dict:
+    """Accuracy, CI, calibration and margins of scores on suite items, with the baselines (cai.eval.baselines),
+    the lift over the best of them, and the correlation of the scores with response length."""
+    per_item = _per_item(items, raw)
+    correct = [it.correct for it in items]
+    hits = [credit(s, c) for s, c in zip(per_item, correct)]
+    margins = [s[c] - max(x for i, x in enumerate(s) if i != c) for s, c in zip(per_item, correct)]
+    probs = [normalise(s) for s in per_item]
+    out = summarise(hits, probs, correct, [it.tag for it in items], margins, seed)
+    cands = [it.candidates for it in items]
+    base = trivial_hits(cands, correct, fmt in OPTION_FORMATS)
+    if untrained_raw is not None:
+        base = {UNTRAINED: [credit(s, c) for s, c in zip(_per_item(items, untrained_raw), correct)], **base}
+    out.update(compare(hits, base, out["chance"], seed))
+    out["length"] = length_correlation(raw, [c for cs in cands for c in cs])
+    return out
+
+
 def evaluate_pm(
     model,
     suite: str,
@@ -68,37 +117,44 @@ def evaluate_pm(
     batch_size: int = 8,
     settings: Settings = DEFAULT,
     max_length: int | None = 1024,
+    untrained: RewardScorer | str | None = "auto",
 ) -> dict:
-    """Score every candidate response of every suite item with a PM (a RewardScorer or a model folder); the
-    items are a sample seeded by `settings.seed`."""
+    """Score every candidate response of every suite item with a PM (a RewardScorer or a model folder), beside
+    the baselines; the items are a sample seeded by `settings.seed`. `untrained` is the untrained baseline's
+    scorer, or 'auto' to build it from the PM folder's origin record (cai.pm.build), or None for none."""
     spec = load_suite(suite)
     items = load_items(spec, limit, settings.seed)
     scorer = model if isinstance(model, RewardScorer) else RewardScorer(model, settings)
-    convs = [it.messages + [{"role": "assistant", "content": c}] for it in items for c in it.candidates]
-    starts = list(itertools.accumulate((len(it.candidates) for it in items), initial=0))
-    groups = [
-        list(range(a, b)) for a, b in zip(starts, starts[1:])
-    ]  # an item's replies share its conversation
-    raw = scorer.score(
-        convs, batch_size=batch_size, max_length=max_length, desc=f"pm eval {spec.name}", groups=groups
-    ).tolist()
-    hits, probs, correct, margins, k = [], [], [], [], 0
-    for it in items:
-        s = raw[k : k + len(it.candidates)]
-        k += len(it.candidates)
-        best_wrong = max(x for i, x in enumerate(s) if i != it.correct)
-        hits.append(1.0 if s[it.correct] > best_wrong else (0.5 if s[it.correct] == best_wrong else 0.0))
-        margins.append(s[it.correct] - best_wrong)
-        probs.append(normalise(s))
-        correct.append(it.correct)
-    result = {
-        "kind": "pm",
-        "suite": spec.name,
-        "model": str(scorer.model_dir),
-        "limit": limit,
-        **summarise(hits, probs, correct, [it.tag for it in items], margins, settings.seed),
-    }
+    note = "no untrained baseline (skipped)"
+    if untrained == "auto":
+        untrained = untrained_for(scorer, settings)
+        note = "no untrained baseline: the PM folder has no pm_origin.json (give --backbone to build it)"
+    raw = score_items(scorer, items, batch_size, max_length, f"pm eval {spec.name}")
+    base_raw = (
+        score_items(untrained, items, batch_size, max_length, f"pm eval {spec.name}: untrained")
+        if isinstance(untrained, RewardScorer)
+        else None
+    )
+    result = pm_result(items, raw, base_raw, spec.format, settings.seed)
+    result = {"kind": "pm", "suite": spec.name, "model": str(scorer.model_dir), "limit": limit, **result}
+    if base_raw is None:
+        result["untrained_note"] = note
+    else:
+        result["untrained_model"] = str(untrained.model_dir)
     return _write(result, out_dir, "pm") if out_dir else result
+
+
+def untrained_for(
+    scorer: RewardScorer, settings: Settings, backbone: str | None = None
+) -> RewardScorer | None:
+    """The untrained baseline of a loaded PM: its backbone (from the folder's pm_origin.json, or `backbone`)
+    with a fresh head of the same kind from the seed the PM was trained with; None when the backbone is unknown."""
+    origin = read_origin(scorer.model_dir) or {}
+    ref = backbone or origin.get("backbone")
+    if not ref:
+        return None
+    seed = origin.get("seed", settings.seed)
+    return untrained_scorer(ref, origin.get("head") or scorer.head, settings.with_(seed=int(seed)))
 
 
 def evaluate_feedback(
@@ -153,7 +209,7 @@ def evaluate_feedback(
         probs = _multiple_choice_probs(
             model, tokenizer, items, spec, chat, labeller_cfg.both_orders, labeller_cfg.score_batch_size, rng
         )
-    hits = [_hit(p, 0) for p in probs]
+    hits = [credit(p, 0) for p in probs]
     result = {
         "kind": "feedback",
         "suite": spec.name,
@@ -162,12 +218,11 @@ def evaluate_feedback(
         **extra,
         **summarise(hits, probs, [0] * len(items), [it.tag for it in items], None, seed),
     }
+    base = trivial_hits(
+        [it.candidates for it in items], [it.correct for it in items], spec.format in OPTION_FORMATS
+    )
+    result.update(compare(hits, base, result["chance"], seed))
     return _write(result, out_dir, "feedback") if out_dir else result
-
-
-def _hit(probs: list[float], correct: int) -> float:
-    best_wrong = max(p for i, p in enumerate(probs) if i != correct)
-    return 1.0 if probs[correct] > best_wrong else (0.5 if probs[correct] == best_wrong else 0.0)
 
 
 def _multiple_choice_probs(
@@ -244,6 +299,8 @@ def markdown(result: dict, png_name: str | None) -> str:
         extra = f" {f(row.get('mean_margin'))} |" if margin else ""
         ci = f"{f(row['ci95'][0])}–{f(row['ci95'][1])}"
         lines.append(f"| {tag} | {row['n']} | {f(row['accuracy'])} | {ci} |{extra}")
+    notes, warnings = describe(result)
+    lines += [""] + [f"- {x}" for x in notes] + [f"\n> **Warning:** {w}." for w in warnings]
     if png_name:
         lines += ["", f"![reliability diagram]({png_name})"]
     return "\n".join(lines) + "\n"

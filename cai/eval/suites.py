@@ -1,13 +1,13 @@
 """Evaluation suites: the suite file's schema (a shipped name in cai/eval/suites, or a YAML file) and the items a
 suite yields. Data paths inside a suite file are relative to that file; a suite whose data is missing says
-which file. A suite item is one question with candidate assistant responses, the first of which is the right
-one (unless `correct` says otherwise).
+which file. A data file (.json, .jsonl, .json.gz, .jsonl.gz) is a suite too: its format is recognised from the
+keys of its first row (FORMATS). A suite item is one question with candidate assistant responses, the first of
+which is the right one (unless `correct` says otherwise).
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import random
 import re
@@ -19,9 +19,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cai.data.hh import parse_hh_transcript, split_hh_pair
 from cai.errors import UserError
-from cai.yamlio import iter_jsonl, load_validated, named_file
+from cai.yamlio import iter_jsonl, line_of, load_json, load_validated, named_file
 
 SUITE_DIR = Path(__file__).resolve().parent / "suites"
+DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+# the keys that identify each data format, in the order they are tried
+FORMATS = {
+    "hh_pairs": ("chosen", "rejected"),
+    "ai_risk": ("question", "answer_matching_behavior", "answer_not_matching_behavior"),
+    "multiple_choice": ("prompt", "corrects", "incorrects"),
+}
+FORMATS_HELP = "; ".join(f"{k}: {{{', '.join(v)}}}" for k, v in FORMATS.items())
 
 
 class _Strict(BaseModel):
@@ -54,12 +62,54 @@ class SuiteSpec(_Strict):
     limit: int | None = Field(None, ge=1, description="Default number of items (the CLI's --limit wins).")
 
 
+def is_data_file(ref: str | Path) -> bool:
+    return str(ref).lower().endswith(DATA_SUFFIXES)
+
+
+def detect_format(path: Path, line: int, row: dict) -> str:
+    """The suite format whose keys a data row has; a UserError listing the formats otherwise."""
+    for fmt, keys in FORMATS.items():
+        if all(k in row for k in keys):
+            return fmt
+    shown = ", ".join(sorted(map(str, row))[:8]) or "none"
+    raise UserError(
+        f"{path}:{line}: cannot tell the suite format from the keys ({shown}); expected {FORMATS_HELP}"
+    )
+
+
+def suite_from_data(path: Path) -> SuiteSpec:
+    """A suite made from one data file, its format recognised from the keys of its first row."""
+    rows = _rows(path)
+    if not rows:
+        raise UserError(f"{path}: no rows; expected {FORMATS_HELP}")
+    fmt = detect_format(path, *rows[0])
+    name = path.name
+    for suffix in DATA_SUFFIXES:
+        name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
+    return SuiteSpec(
+        name=name,
+        description=f"data file {path.name} ({fmt})",
+        format=fmt,
+        files=[str(path)],
+        tag_by="turns" if fmt == "hh_pairs" else "file",
+    )
+
+
 def load_suite(ref: str) -> SuiteSpec:
-    """A suite by shipped name or file, its data paths made relative to the suite file."""
+    """A suite by shipped name, suite file or data file, its data paths made relative to the suite file."""
+    if is_data_file(ref):
+        if not Path(ref).is_file():
+            raise UserError(f"{ref}: suite data file not found")
+        return suite_from_data(Path(ref))
     path = named_file(ref, SUITE_DIR, "suite")
-    spec, _ = load_validated(path, SuiteSpec, "a mapping with name, format and files")
+    spec, lines = load_validated(path, SuiteSpec, "a mapping with name, format and files")
     base = path.resolve().parent
     files = [f if Path(f).is_absolute() else os.path.normpath(base / f) for f in spec.files]
+    for i, (f, rel) in enumerate(zip(files, spec.files)):
+        if not glob.glob(f) and not Path(f).is_file():
+            raise UserError(
+                f"{path}:{line_of(lines, ('files', i))}: key 'files[{i}]': data file not found: {rel}"
+            )
     return spec.model_copy(update={"files": files})
 
 
@@ -79,16 +129,12 @@ class Item:
 def _rows(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise UserError(f"{path}: suite data file not found")
-    if path.suffix == ".json":
-        text = path.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: a JSON list of items is expected")
-        return list(enumerate(data, 1))
-    return list(iter_jsonl(path))
+    if not str(path).lower().endswith((".json", ".json.gz")):
+        return list(iter_jsonl(path))
+    data = load_json(path, "suite data file")
+    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+        raise UserError(f"{path}: a JSON list of objects (one per item) is expected")
+    return list(enumerate(data, 1))
 
 
 _OPTION_LINE = re.compile(r"^\s*\(([A-Z])\)\s*(.+?)\s*$", re.M)
@@ -134,7 +180,11 @@ def _item(spec: SuiteSpec, path: Path, n: int, row: dict) -> Item:
             stem = re.sub(r"^\s*Question:\s*", "", stem).strip()
             return Item(iid, path.stem, [{"role": "user", "content": stem}], [opts[good], opts[bad]])
         # multiple_choice
-        prompt, corrects, incorrects = row["prompt"], list(row["corrects"]), list(row["incorrects"])
+        prompt, corrects, incorrects = row["prompt"], row["corrects"], row["incorrects"]
+        if not all(
+            isinstance(x, list) and all(isinstance(o, str) for o in x) for x in (corrects, incorrects)
+        ):
+            raise ValueError("'corrects' and 'incorrects' must be lists of answer texts")
         if not corrects or not incorrects:
             raise ValueError("'corrects' and 'incorrects' must not be empty")
         options = [corrects[0], *incorrects]
@@ -168,6 +218,10 @@ def _item(spec: SuiteSpec, path: Path, n: int, row: dict) -> Item:
         raise UserError(f"{where}: key {exc} is missing for suite format '{spec.format}'") from None
     except ValueError as exc:
         raise UserError(f"{where}: {exc}") from None
+    except (TypeError, AttributeError) as exc:  # a value of the wrong type (a number where text belongs, ...)
+        raise UserError(
+            f"{where}: a value of the wrong type for suite format '{spec.format}' ({exc})"
+        ) from None
 
 
 def _tag(spec: SuiteSpec, item: Item) -> str:
@@ -196,6 +250,8 @@ def load_items(spec: SuiteSpec, limit: int | None = None, seed: int = 0) -> list
             if k < len(items):
                 out.append(items[k])
     out = out[:limit] if limit else out
+    if not out:
+        raise UserError(f"suite '{spec.name}': no items in {', '.join(spec.files)}")
     for it in out:
         it.tag = _tag(spec, it)
     return out

@@ -277,7 +277,7 @@ def hh_check(
     position-biased labeller cannot score above chance by always answering the same letter. With `shard`, a
     collective call (see Labeller.label): the ranks split the work and all return the one-process result.
     """
-    pairs, human_a = [], []
+    pairs, human_a, lengths = [], [], []
     for i, row in enumerate(rows):
         try:
             messages, chosen, rejected = split_hh_pair(row)
@@ -287,12 +287,17 @@ def hh_check(
         a, b = (chosen, rejected) if a_is_chosen else (rejected, chosen)
         pairs.append(PairToLabel(id=f"check-{i}", messages=messages, response_a=a, response_b=b))
         human_a.append(a_is_chosen)
+        lengths.append([len(chosen), len(rejected)])
     if not pairs:
         raise UserError(
             "labeller check: no usable HH pairs (chosen/rejected transcripts ending with an Assistant turn)"
         )
     results = labeller.label(pairs, [sample_principles() for _ in pairs], desc=desc, shard=shard)
     out = agreement([r.p_a for r in results], human_a)
+    # per pair: the labeller's agreement credit and the lengths of the chosen and rejected replies, so the report
+    # can set the agreement beside prefer-longer / prefer-shorter on the same pairs
+    out["hits"] = [0.5 if r.p_a == 0.5 else float((r.p_a > 0.5) == h) for r, h in zip(results, human_a)]
+    out["lengths"] = lengths
     out["mean_order_gap"] = sum(r.order_gap for r in results) / len(results)
     out["both_orders"] = labeller.both_orders
     return out

@@ -1,5 +1,6 @@
 """The preference model's loss maths, pure functions on tensors (tested on hand-made values): the CAI paper's
-soft-label cross-entropy, Bradley–Terry on hard labels, reward centring, and pair accuracy."""
+soft-label cross-entropy, Bradley–Terry on hard labels, reward centring, and pair accuracy; and DPO's, whose
+implicit reward β·log(π/π_ref) the same soft-label loss scores (cai.rl.dpo)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ def centring_loss(r_a, r_b):
 
 def preference_loss(r_a, r_b, p_a, *, hard: bool = False, center_coef: float = 0.0):
     """Mean PM loss over a batch: soft labels (or labels rounded to 0/1 with `hard`) plus optional centring."""
-    target = (p_a > 0.5).to(r_a.dtype) + 0.5 * (p_a == 0.5).to(r_a.dtype) if hard else p_a
-    loss = soft_label_loss(r_a, r_b, target).mean()
+    loss = soft_label_loss(r_a, r_b, soft_targets(p_a, hard)).mean()
     if center_coef:
         loss = loss + center_coef * centring_loss(r_a, r_b).mean()
     return loss
@@ -34,3 +34,17 @@ def pair_accuracy(r_a, r_b, p_a):
     if not bool(keep.any()):
         return float("nan")
     return float(((r_a > r_b) == (p_a > 0.5))[keep].float().mean())
+
+
+def dpo_loss(logp_a, logp_b, ref_logp_a, ref_logp_b, p_a, beta: float):
+    """Per-pair soft-label DPO loss −[p·log σ(βΔ) + (1−p)·log σ(−βΔ)], Δ = (log π(a) − log π_ref(a)) −
+    (log π(b) − log π_ref(b)) from sequence log-probabilities: the soft-label PM loss on the implicit rewards
+    β·log(π/π_ref). At p = 1 it is DPO's sigmoid loss −log σ(βΔ); a uniform p = 1 − ε is conservative DPO."""
+    return soft_label_loss(beta * (logp_a - ref_logp_a), beta * (logp_b - ref_logp_b), p_a)
+
+
+def soft_targets(p_a, hard: bool = False):
+    """The target of each pair: its AI label p, or with `hard` p rounded at 0.5 (a tie stays 0.5)."""
+    if not hard:
+        return p_a
+    return (p_a > 0.5).to(p_a.dtype) + 0.5 * (p_a == 0.5).to(p_a.dtype)

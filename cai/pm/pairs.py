@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 from cai.pm.loss import pair_accuracy, preference_loss
-from cai.pm.scoring import conversation_ids, sequence_scores
+from cai.pm.scoring import can_pack, conversation_ids, pair_scores, sequence_scores
 from cai.runtime.forward import pad
 
 
@@ -78,8 +78,15 @@ def held_out_eval(model, tokenizer, rows: list[dict], max_length: int, batch_siz
     scores = torch.zeros(len(seqs))
     nll, n_tok = torch.zeros(len(seqs)), 0
     device = next(model.parameters()).device
+    n = len(toks)
+    packed = not vh and can_pack(model)
     with torch.no_grad():
-        for s in range(0, len(seqs), batch_size):
+        per = max(1, batch_size // 2)
+        for s in range(0, n, per) if packed else ():  # each pair's conversation once (pair_scores)
+            a, b = slice(s, min(s + per, n)), slice(n + s, n + min(s + per, n))
+            ids, mask = pad(seqs[a] + seqs[b], tokenizer.pad_token_id, side="right")
+            scores[a], scores[b] = pair_scores(model, ids.to(device), mask.to(device)).float().cpu().chunk(2)
+        for s in range(0, len(seqs), batch_size) if not packed else ():
             chunk = seqs[s : s + batch_size]
             ids, mask = pad(chunk, tokenizer.pad_token_id, side="right")
             kwargs = {}
@@ -94,7 +101,6 @@ def held_out_eval(model, tokenizer, rows: list[dict], max_length: int, batch_siz
                 nll[s : s + len(chunk)] = out.lm_nll.float().cpu()
                 n_tok += int(out.lm_tokens.sum())
     model.train(was)
-    n = len(toks)
     r_a, r_b = scores[:n], scores[n:]
     result = {
         "n": n,

@@ -170,6 +170,16 @@ class RewardScorer:
         self.device = next(self.model.parameters()).device
         self.max_length = None
 
+    @classmethod
+    def wrap(cls, model, tokenizer, name: str, mean: float = 0.0, std: float = 1.0) -> RewardScorer:
+        """A scorer around a PM already in memory (an untrained baseline, a model just trained)."""
+        self = cls.__new__(cls)
+        self.model_dir, self.model, self.tokenizer = name, model, tokenizer
+        self.head = "value_head" if hasattr(model, "v_head") else "classifier"
+        self.mean, self.std, self.max_length = mean, std, None
+        self.device = next(model.parameters()).device
+        return self
+
     def score_ids(self, input_ids, attention_mask):
         """Raw fp32 scores [B] for already tokenised rows (same tokenizer; left or right padding), on the
         device of `input_ids`; no gradients."""

@@ -1,9 +1,11 @@
 """RUN/report/report.md (renders on GitHub) with PNGs, for the report stage and `cai report RUN_DIR`.
 
 For any run: the stage table (time, status, key metrics), SL-CAI counts and the SFT loss curve, the labeller
-check (with a plain warning when it is not above chance), the PM evaluation and calibration, the PPO curves and
-the sqrt(KL) fit, the harmlessness win rate against the initial model (one common judge), and examples of
-prompt / initial / revised / final-policy responses (cai.report.sections). A comparison run (arms) gets one
+check (with a plain warning when it is not above chance), the PM evaluation and calibration, the policy
+optimisation curves and the sqrt(KL) fit (whatever the algorithm), the harmlessness win rate against the initial
+model (one common judge), examples of prompt / initial / revised / final-policy responses (cai.report.sections),
+and the policies side by side — PM score, sqrt(KL), win rate against the SFT model, time and memory — with the
+online rounds (cai.report.policies). A comparison run (arms) gets one
 column per arm, plus the agreement between the arms' AI labels on their shared pairs.
 
 The report reads the run through a `RunIndex` (which folder holds each stage of each arm) and the report's
@@ -20,14 +22,14 @@ from pathlib import Path
 
 from cai.markdown import table
 from cai.plots import line_chart
-from cai.report import sections
+from cai.report import overopt, policies, sections
 from cai.report.compute import first_key, metric_series
 from cai.runtime import distributed as dist
 from cai.runtime.rundir import RUN_INFO, read_jsonl, read_manifest, read_run_info, write_json
 from cai.runtime.runlog import key_metrics
 from cai.stats import epoch_means
 
-BODY = ("critique_revise", "sft", "feedback", "preference_model", "ppo")
+BODY = ("gold", "critique_revise", "sft", "feedback", "preference_model", "policy")
 SFT_LOSS_KEYS = ["loss", "train/loss", "train_loss"]
 
 
@@ -41,7 +43,7 @@ class RunIndex:
 
     @classmethod
     def from_inputs(cls, run_dir: Path, inputs: dict[str, Path], arms: list[str]) -> RunIndex:
-        """From a report stage's inputs: stage ids (no arms), or unit keys 'sft' / 'arms/<arm>/ppo'."""
+        """From a report stage's inputs: stage ids (no arms), or unit keys 'sft' / 'arms/<arm>/policy'."""
         dirs: dict = {}
         for a in arms or [None]:
             own = {s: inputs.get(f"arms/{a}/{s}") or inputs.get(s) for s in BODY}
@@ -67,6 +69,7 @@ class Report:
     out: Path
     gen_dir: Path
     data: dict = field(default_factory=dict)
+    generated: dict = field(default_factory=dict)  # held-out prompts and each model's responses (sections)
 
     @property
     def arms(self) -> list:
@@ -103,7 +106,10 @@ def build(index: RunIndex, config, out_dir: str | Path | None = None) -> dict:
     md += sections.feedback_section(rep)
     md += sections.pm_section(rep)
     md += sections.ppo_section(rep)
+    md += overopt.section(rep)
     md += sections.generations_section(rep)
+    md += policies.comparison_section(rep)
+    md += policies.rounds_section(rep)
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
     rep.data["summary"] = _summary(rep)
     write_json(out / "report.json", rep.data)
@@ -147,8 +153,8 @@ def what_ran(rep: Report) -> list[str]:
 
 def stage_table(rep: Report) -> list[str]:
     """Status and time of each stage (and its key metrics, or with arms which folders they share)."""
-    stage_ids = [s for s in BODY if s in rep.config.stages]
     idx = rep.index
+    stage_ids = [s for s in BODY if s in rep.config.stages and (s != "gold" or idx.stage_dir(s, rep.arms[0]))]
     manifests = {
         (s, a): read_manifest(idx.stage_dir(s, a)) if idx.stage_dir(s, a) else None
         for s in stage_ids

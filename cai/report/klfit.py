@@ -1,7 +1,8 @@
-"""`cai analyze kl-reward`: PM reward against sqrt(KL) over PPO training, after Bai et al. 2022.
+"""`cai analyze kl-reward`: PM reward against sqrt(KL) over policy training, after Bai et al. 2022.
 
 The HH-RLHF paper found the preference-model score roughly linear in sqrt(KL(π‖π_ref)) during RLHF:
-reward = a + b·sqrt(KL). We fit that line over each PPO log (`objective/score` against KL), report a, b and
+reward = a + b·sqrt(KL). We fit that line over each policy log (`objective/score` against KL: PPO, RLOO and GRPO
+log them every update, DPO at each probe), report a, b and
 R², draw several runs on one plot (a β sweep, arms with different constitutions), and warn when the curve
 bends at high KL — reward flat or falling while KL keeps growing, the sign that the policy is over-optimising
 the preference model.
@@ -22,9 +23,10 @@ from cai.config.load import RECIPE_FILE, load_run_recipe
 from cai.errors import UserError
 from cai.plots import plot_kl_reward
 from cai.runtime.rundir import read_jsonl, write_json
-from cai.stats import linear_fit
+from cai.stats import fit_through_origin, linear_fit
 
 SCORE, KL, KL_K3 = "objective/score", "objective/kl", "objective/kl_k3"
+STAGE_DIRS = ("policy", "ppo")  # the policy stage's folder; 'ppo' in runs made before it was renamed
 KL_NAMES = {
     KL_K3: "k3 estimate (never negative)",
     KL: "the reward's per-token estimator (ppo.kl_estimator; k1 can be negative)",
@@ -43,6 +45,33 @@ def fit_sqrt_kl(kl: list[float], reward: list[float]) -> dict:
         kl_max=max(kl), sqrt_kl_max=max(xs), reward_first=float(reward[0]), reward_last=float(reward[-1])
     )
     return fit
+
+
+def fit_gao(kl: list[float], gain: list[float]) -> dict | None:
+    """Gao et al. 2022's form for RL, gain = d·(α − β·ln d) with d = sqrt(KL), by least squares through the origin
+    (`gain` is the score minus the initial policy's, so it is 0 at d = 0; R² is the uncentred one of a fit through
+    the origin). With α > 0 and β > 0 the predicted gain rises, then peaks at d* = exp(α/β − 1): past that KL,
+    optimising the proxy lowers this score. None with fewer than 3 points at d > 0 or collinear features."""
+    d = [math.sqrt(max(float(k), 0.0)) for k in kl]
+    f2 = [-x * math.log(x) if x > 0 else 0.0 for x in d]
+    if sum(x > 0 for x in d) < 3:
+        return None
+    try:
+        alpha, beta = fit_through_origin(d, f2, [float(g) for g in gain])
+    except ValueError:
+        return None
+    pred = [alpha * a + beta * b for a, b in zip(d, f2)]
+    ss_tot = sum(g * g for g in gain)
+    ss_res = sum((g - p) ** 2 for g, p in zip(gain, pred))
+    d_peak = math.exp(alpha / beta - 1) if alpha > 0 and beta > 0 and alpha / beta < 50 else None
+    return {
+        "alpha": alpha,
+        "beta": beta,
+        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0,
+        "n": len(d),
+        "d_peak": d_peak,
+        "kl_peak": d_peak**2 if d_peak is not None else None,
+    }
 
 
 def overoptimisation(
@@ -105,18 +134,21 @@ def read_ppo_log(path: str | Path) -> tuple[list[float], list[float], str]:
 
 
 def find_ppo_logs(target: str | Path, label_prefix: str = "") -> list[tuple[str, Path]]:
-    """(label, metrics.jsonl) for a metrics file, a ppo folder, or a run directory (with its arms)."""
+    """(label, metrics.jsonl) for a metrics file, a policy folder, or a run directory (with its arms); a run
+    made when the stage was called 'ppo' is read from its ppo/ folders."""
     p = Path(target)
     if p.is_file():
         return [(label_prefix or p.parent.name, p)]
-    if (p / "metrics.jsonl").is_file() and not (p / "ppo").is_dir():
+    if (p / "metrics.jsonl").is_file() and not any((p / s).is_dir() for s in STAGE_DIRS):
         return [(label_prefix or p.name, p / "metrics.jsonl")]
     layout = _layout(p)
-    if layout is not None:  # a run made by `cai run`: the PPO folders of its current arms, in recipe order
+    if layout is not None:  # a run made by `cai run`: the policy folders of its current arms, in recipe order
         out = []
         for arm in list(layout.arms) or [None]:
-            d = layout.stage_dir("ppo", arm)
-            if d is not None and (d / "metrics.jsonl").is_file():
+            d = layout.stage_dir("policy", arm)
+            if d is not None and not (d / "metrics.jsonl").is_file():
+                d = d.with_name("ppo")  # a run from before the rename
+            if (d / "metrics.jsonl").is_file():
                 name = arm or p.name
                 out.append(
                     (
@@ -126,11 +158,15 @@ def find_ppo_logs(target: str | Path, label_prefix: str = "") -> list[tuple[str,
                 )
         return out
     out = []
-    if (p / "ppo" / "metrics.jsonl").is_file():
-        out.append((label_prefix or p.name, p / "ppo" / "metrics.jsonl"))
-    for arm in sorted((p / "arms").glob("*/ppo/metrics.jsonl")):
-        name = arm.parent.parent.name
-        out.append((f"{label_prefix}/{name}" if label_prefix else name, arm))
+    for stage in STAGE_DIRS:
+        if (p / stage / "metrics.jsonl").is_file():
+            out.append((label_prefix or p.name, p / stage / "metrics.jsonl"))
+            break
+    for arm in sorted(
+        {a.parent.parent for s in STAGE_DIRS for a in (p / "arms").glob(f"*/{s}/metrics.jsonl")}
+    ):
+        log = next(arm / s / "metrics.jsonl" for s in STAGE_DIRS if (arm / s / "metrics.jsonl").is_file())
+        out.append((f"{label_prefix}/{arm.name}" if label_prefix else arm.name, log))
     return out
 
 
@@ -193,14 +229,16 @@ def summarize(series: list[dict]) -> dict:
 
 
 def kl_reward(targets: list[str | Path], out_dir: str | Path) -> dict:
-    """Fit, plot and write `kl_reward.png` and `kl_reward.json` for runs, ppo folders or metrics files."""
+    """Fit, plot and write `kl_reward.png` and `kl_reward.json` for runs, policy folders or metrics files."""
     logs = []
     for t in targets:
         if not Path(t).exists():
             raise UserError(f"{t}: no such run directory or file")
         found = find_ppo_logs(t, label_prefix="" if len(targets) == 1 else Path(t).name)
         if not found:
-            raise UserError(f"{t}: no PPO log found (expected ppo/metrics.jsonl or arms/*/ppo/metrics.jsonl)")
+            raise UserError(
+                f"{t}: no policy log found (expected policy/metrics.jsonl or arms/*/policy/metrics.jsonl)"
+            )
         logs += found
     series = analyze_logs(logs)
     if not any(s["fit"] for s in series):

@@ -1,4 +1,5 @@
-"""The report's sections after the stage table: feedback, preference model, PPO, win rate and examples.
+"""The report's sections after the stage table: feedback, preference model (with baselines), policy optimisation
+(any algorithm), win rate (by the gold judge when there is one, on red-team and helpful prompts) and examples.
 
 Each returns markdown blocks and records its numbers in `data` (written to report.json). Tables have one
 column per arm (one column for a run without arms); a missing stage output gives a short note, not an error.
@@ -12,8 +13,17 @@ from pathlib import Path
 from cai.feedback.labeller import check_warning
 from cai.markdown import clean, table, with_ci
 from cai.plots import curves_png, plot_kl_reward
-from cai.report.compute import generate, label_agreement, metric_series, pm_evaluations, win_rates
+from cai.report.compute import (
+    generate,
+    gold_win_rates,
+    label_agreement,
+    metric_series,
+    pm_evaluations,
+    win_rates,
+)
+from cai.report.evalview import baseline_rows, baseline_warnings, check_baseline_rows
 from cai.report.klfit import KL_NAMES, analyze_logs
+from cai.report.winrates import mix_kinds, win_rate_md
 from cai.runtime.hashing import hash_json
 from cai.runtime.rundir import read_jsonl, read_manifest
 from cai.stats import SMALL_N, small_n, small_n_note, wilson_ci
@@ -63,6 +73,7 @@ def feedback_section(rep) -> list[str]:
             ["pairs checked"] + [c.get("n") if c else None for c in checks.values()],
             ["above chance"] + [c.get("above_chance") if c else None for c in checks.values()],
         ]
+        rows += check_baseline_rows(list(checks.values()))
         md.append(table(["", *cols], rows))
         for a, c in checks.items():
             w = c and (c.get("warning") or check_warning(c))
@@ -144,7 +155,11 @@ def pm_section(rep) -> list[str]:
     md.append(f"### Evaluation suites ({config.report.eval_limit} items each, same items for every PM)\n")
     md.append(
         "Accuracy [95% Wilson interval] (n): the share of items where the PM scores the harmless answer higher; "
-        f"n below {SMALL_N} is marked small.\n"
+        f"n below {SMALL_N} is marked small. "
+        "Beside it, what no skill gets on the same items: the untrained model (the PM's backbone with a fresh "
+        "head, same seed), preferring the longer or the shorter reply, and on option suites always the answer "
+        "text most often right; the lift is the PM's accuracy minus the best of them (paired bootstrap CI). "
+        "r: the correlation of the PM's scores with response length.\n"
     )
     rows = []
     for s in suites:
@@ -157,9 +172,11 @@ def pm_section(rep) -> list[str]:
                 for t in tags
             ]
         rows.append([f"{s}: chance level"] + [r.get("chance") for r in res.values()])
+        rows += baseline_rows(s, list(res.values()))
         rows.append([f"{s}: mean margin"] + [r.get("mean_margin") for r in res.values()])
         rows.append([f"{s}: calibration error (ECE)"] + [r.get("ece") for r in res.values()])
     md.append(table(["suite", *dirs], rows))
+    md += baseline_warnings({k: evals[k] for k in dirs}, len(dirs) > 1)
     md.append(
         "Reliability diagrams (one point per item: the PM's confidence in the answer it prefers against how often "
         "that answer is the right one):\n"
@@ -182,17 +199,19 @@ def _held_out(t: dict) -> str:
 
 
 def ppo_section(rep) -> list[str]:
-    """Training curves of every PPO log and the fit of score against sqrt(KL)."""
+    """Training curves of every policy-stage log (PPO, RLOO, GRPO, DPO's probes) and the fit of score against
+    sqrt(KL)."""
     arms, label, out, data = rep.arms, rep.label, rep.out, rep.data
     logs = {
-        label(a): rep.index.stage_dir("ppo", a) / "metrics.jsonl"
+        label(a): rep.index.stage_dir("policy", a) / "metrics.jsonl"
         for a in arms
-        if rep.index.stage_dir("ppo", a)
+        if rep.index.stage_dir("policy", a)
     }
     logs = {k: p for k, p in _unique(logs).items() if p.is_file()}
     if not logs:
         return []
-    md = ["## PPO\n"]
+    algorithms = sorted({_algorithm(p.parent) for p in logs.values()})
+    md = [f"## Policy optimisation ({', '.join(a.upper() for a in algorithms)})\n"]
     curves = {k: metric_series(p, [key for key, _ in PPO_PANELS]) for k, p in logs.items()}
     if curves_png(out / "ppo_curves.png", PPO_PANELS, curves):
         md.append("![PPO curves](ppo_curves.png)\n")
@@ -200,7 +219,8 @@ def ppo_section(rep) -> list[str]:
     data["kl_fit"] = {s["label"]: s["fit"] for s in series if s.get("fit")}
     md.append("### Reward against sqrt(KL)\n")
     md.append(
-        "Fit of the PM score = a + b·sqrt(KL) over the PPO updates (Bai et al. 2022 found it roughly linear). "
+        "Fit of the PM score = a + b·sqrt(KL) over the updates (DPO: its probes; Bai et al. 2022 found it roughly "
+        "linear). "
         f"KL per sequence: {_kl_used(series, logs)}.\n"
     )
     for s in series:
@@ -231,6 +251,12 @@ def ppo_section(rep) -> list[str]:
     return md
 
 
+def _algorithm(stage_dir: Path) -> str:
+    """The algorithm a policy stage ran (its manifest's config; 'ppo' for a run made before there was a choice)."""
+    cfg = (read_manifest(stage_dir) or {}).get("config") or {}
+    return str((cfg.get("policy") or {}).get("algorithm", "ppo"))
+
+
 def _kl_used(series: list[dict], logs: dict) -> str:
     """Which KL column the fit used, and which estimator the reward's penalty used (from the PPO manifest)."""
     fitted = sorted({f"`{s['kl_key']}`, the {KL_NAMES[s['kl_key']]}" for s in series})
@@ -247,7 +273,7 @@ def generations_section(rep) -> list[str]:
     cr = rep.index.stage_dir("critique_revise", arms[0])
     if not cr:
         return []
-    held = read_jsonl(cr / "held_out.jsonl")[: config.report.win_rate_prompts]
+    held = mix_kinds(read_jsonl(cr / "held_out.jsonl"))[: config.report.win_rate_prompts]
     examples = [r for r in read_jsonl(cr / "data.jsonl") if r.get("kind") == "red_team"][
         : config.report.examples
     ]
@@ -283,74 +309,21 @@ def generations_section(rep) -> list[str]:
             g / f"initial-{hash_json([gen_key, config.models.policy])}.jsonl",
             "report: initial model",
         )
-        wr = win_rates(
-            config, [{"id": r["id"], "messages": r["messages"]} for r in held_req], initial, responses
-        )
+        judged = [{**r, "kind": p.get("kind") or "red_team"} for r, p in zip(held_req, held)]
+        gold = rep.index.stage_dir("gold", arms[0])
+        if gold is not None and (gold / "model" / "config.json").is_file():
+            wr = gold_win_rates(config, gold / "model", judged, initial, responses)
+        else:
+            wr = win_rates(config, judged, initial, responses)
         data["win_rate"] = wr
-        md.append("## Harmlessness win rate against the initial model\n")
-        md.append(
-            f"On {len(held)} held-out prompts, judged by `{wr['judge']}` (one common judge for every arm, never an "
-            f"arm's own PM) asked: “{wr['principle']}” Both orders are averaged; a tie counts half; 0.5 means no "
-            f"difference from the initial model `{config.models.policy}`.\n"
-        )
-
-        caveat = judge_caveat(rep, wr["judge"])
-        wr["judge_caveat"] = caveat
-
-        def cell(kind: str, a) -> str:
-            d = model_dir[(kind, a)]
-            r = wr["results"].get(cand_name[str(d)]) if d is not None else None
-            if not r:
-                return "—"
-            small = ", small" if small_n(r["n"]) else ""
-            return f"{r['win_rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] (n = {r['n']}{small}){' †' if caveat else ''}"
-
-        md.append(
-            table(
-                ["", *[label(a) for a in arms]],
-                [
-                    ["SL-CAI model (sft) vs initial"] + [cell("sl-cai", a) for a in arms],
-                    ["final policy (ppo) vs initial"] + [cell("final", a) for a in arms],
-                ],
-            )
-        )
-        if caveat:
-            md.append(f"> **Caveat (†):** {caveat}.\n")
-        if small_n(len(held)):
-            md.append(f"> **Small sample:** {small_n_note(len(held), 'held-out prompts')}.\n")
+        md += win_rate_md(rep, wr, len(held), {k: cand_name.get(str(d)) for k, d in model_dir.items() if d})
+    rep.generated = {"held": held_req, "responses": responses, "names": cand_name, "dirs": model_dir}
     md.append(_examples(examples, final_by_arm))
     return md
 
 
-def judge_caveat(rep, judge: str) -> str | None:
-    """Why the judge's numbers may carry no signal: it is a feedback model of this run whose labeller check was
-    not above chance (or it was never checked against human labels); None when it passed the check."""
-    checked = False
-    for a in rep.arms:
-        d = rep.index.stage_dir("feedback", a)
-        stats = d / "stats.json" if d else None
-        used = json.loads(stats.read_text()).get("feedback_model") if stats and stats.is_file() else None
-        check = (rep.data.get("labeller_check") or {}).get(rep.label(a))
-        if used != judge or not check:
-            continue
-        checked = True
-        if not check.get("above_chance"):
-            lo, hi = check["ci95"]
-            return (
-                f"the judge `{judge}` failed its labeller check in this run: it agrees with human harmlessness labels "
-                f"on {check['agreement']:.2f} [{lo:.2f}, {hi:.2f}] of {check['n']} pairs, not above chance, so these "
-                "win rates say nothing about harmlessness; name a capable judge in models.judge"
-            )
-    if checked:
-        return None
-    return (
-        f"the judge `{judge}` was not checked against human labels in this run (feedback.check_set checks "
-        "models.feedback): these win rates are only as good as an unmeasured judge"
-    )
-
-
 def _model_dir(index, kind: str, arm) -> Path | None:
-    stage, sub = {"sl-cai": ("sft", "model"), "final": ("ppo", "policy")}[kind]
+    stage, sub = {"sl-cai": ("sft", "model"), "final": ("policy", "policy")}[kind]
     d = index.stage_dir(stage, arm)
     return d / sub if d is not None and (d / sub / "config.json").is_file() else None
 

@@ -22,7 +22,7 @@ from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
 from cai.runtime.generate import HFBackend
 from cai.runtime.precision import Precision
-from cai.runtime.rundir import append_jsonl, read_jsonl
+from cai.runtime.rundir import SAMPLES, append_jsonl, read_jsonl
 
 
 class OnPolicyTrainer:
@@ -74,6 +74,7 @@ class OnPolicyTrainer:
             raise UserError(f"{self.name}.rollout_batch_size: must be at least num_minibatches × grad_accum")
         self.prompt_ids = [self._encode(row["messages"]) for row in prompts]
         self.prompt_msgs = [row["messages"] for row in prompts]
+        self.prompt_keys = [str(row.get("id", i)) for i, row in enumerate(prompts)]
         if not self.prompt_ids:
             raise UserError(f"{self.name}: no training prompts")
         self.step = 0
@@ -148,16 +149,19 @@ class OnPolicyTrainer:
         return raw, score
 
     def _log_samples(self, update: int, idx: list[int], texts: list[str], raw) -> None:
-        """samples.jsonl: every sampled response of the update with its prompt index and raw score, from every
-        process (what the report scores with other judges, and what a reader looks at to see what was learned).
-        Rows of an update are kept only once, so a resumed update rewrites its own."""
+        """samples.jsonl: every sampled response of the update, one row each {i (its place in the update's
+        batch), update (as metrics.jsonl counts it), prompt_id, response, score (raw)}, from every process: what
+        the report checks for length and scores with the gold judge, and what a reader looks at to see what was
+        learned. Rows of an update are kept only once, so a resumed update rewrites its own."""
         rows = [
-            {"update": update + 1, "prompt": i, "response": t, "score": float(s)}
+            {"update": update + 1, "prompt_id": self.prompt_keys[i], "response": t, "score": float(s)}
             for i, t, s in zip(idx, texts, raw.tolist())
         ]
-        gathered = [r for part in dist.gather_objects(rows) for r in part]
+        gathered = [
+            {"i": i, **r} for i, r in enumerate(r for part in dist.gather_objects(rows) for r in part)
+        ]
         if self.acc.is_main_process:
-            path = self.out_dir / "samples.jsonl"
+            path = self.out_dir / SAMPLES
             kept = [r for r in read_jsonl(path) if r.get("update", 0) <= update]
             if len(kept) != len(read_jsonl(path)):  # a resumed update: drop what the killed run logged of it
                 path.unlink()

@@ -120,11 +120,14 @@ class PolicyModel(nn.Module):
 class ActorCritic(nn.Module):
     """The policy and its critic (a separate ValueModel, or the policy's value head) as one module, so that one
     engine and one optimizer hold both: accelerate's DeepSpeed integration drives exactly one model and one
-    optimizer. The optimizer gets two parameter groups (`param_groups`), so each keeps its learning rate."""
+    optimizer. The optimizer gets two parameter groups (`param_groups`), so each keeps its learning rate. A
+    critic-free learner (RLOO, GRPO: `critic_free`) holds the policy alone, in one group."""
 
-    def __init__(self, policy: PolicyModel, critic: nn.Module | None = None):
+    def __init__(self, policy: PolicyModel, critic: nn.Module | None = None, critic_free: bool = False):
         super().__init__()
-        if (critic is None) == (policy.v_head is None):
+        if critic_free and (critic is not None or policy.v_head is not None):
+            raise ValueError("a critic-free learner takes neither a critic nor a value head")
+        if not critic_free and (critic is None) == (policy.v_head is None):
             raise ValueError("give either a separate critic or a policy with a value head")
         self.policy, self.critic = policy, critic
 
@@ -161,7 +164,7 @@ class ActorCritic(nn.Module):
         """dict(logprobs, entropy, values) as PolicyModel.forward, the values from whichever critic there is;
         the policy trunk runs only when something of the policy is asked for. `adapters=False` gives the
         reference policy of a LoRA policy (its adapters disabled), through this module's forward as FSDP needs."""
-        head_values = values and self.critic is None
+        head_values = values and self.critic is None and self.policy.v_head is not None
         out = {}
         if logprobs or entropy or head_values:
             with contextlib.nullcontext() if adapters else self.policy.reference():
@@ -173,17 +176,17 @@ class ActorCritic(nn.Module):
         return out
 
     def critic_parameters(self) -> list:
-        return list((self.critic or self.policy.v_head).parameters())
+        critic = self.critic or self.policy.v_head
+        return list(critic.parameters()) if critic is not None else []
 
     def param_groups(self, policy_lr: float, critic_lr: float) -> list[dict]:
-        """Trainable parameters in two optimizer groups: 'policy' (the LM or its adapters) and 'critic'."""
+        """Trainable parameters in optimizer groups: 'policy' (the LM or its adapters) and 'critic' (none when
+        critic-free)."""
         critic = [p for p in self.critic_parameters() if p.requires_grad]
         ids = {id(p) for p in critic}
         policy = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in ids]
-        return [
-            {"name": "policy", "params": policy, "lr": policy_lr},
-            {"name": "critic", "params": critic, "lr": critic_lr},
-        ]
+        groups = [{"name": "policy", "params": policy, "lr": policy_lr}]
+        return groups + ([{"name": "critic", "params": critic, "lr": critic_lr}] if critic else [])
 
 
 class ValueModel(nn.Module):

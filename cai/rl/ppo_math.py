@@ -1,7 +1,9 @@
-"""PPO maths as small pure functions on tensors. Every function takes a `mask` (1 = real token, 0 = padding)
-and padding never contributes to a sum, a mean, a variance, a reward or an advantage.
+"""PPO maths as small pure functions on tensors, and the group baselines of the critic-free learners (RLOO,
+GRPO) that share PPO's clipped loss. Every function takes a `mask` (1 = real token, 0 = padding) and padding
+never contributes to a sum, a mean, a variance, a reward or an advantage.
 
-Shapes: per-token tensors are [B, T] (T response tokens), per-sequence tensors are [B].
+Shapes: per-token tensors are [B, T] (T response tokens), per-sequence tensors are [B]; a group's k samples of
+one prompt are contiguous rows.
 """
 
 from __future__ import annotations
@@ -115,6 +117,29 @@ def gae(
         adv[:, t] = last
     adv = adv * m
     return adv, (adv + v) * m
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): each of a prompt's k sequence rewards
+    minus the mean of the other k − 1 (an unbiased baseline: it does not depend on the sample itself)."""
+    r = rewards.reshape(-1, k)
+    baseline = (r.sum(1, keepdim=True) - r) / (k - 1)
+    return (r - baseline).reshape(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): each of a prompt's k rewards minus the group mean, over the group's standard
+    deviation (with Bessel's correction) + eps; a group whose rewards are all equal gives 0."""
+    r = rewards.reshape(-1, k)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).reshape(-1)
+
+
+def group_stats(rewards: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean within-group standard deviation of the rewards, share of groups whose rewards are all equal: they
+    carry no learning signal)."""
+    r = rewards.reshape(-1, k)
+    std = r.std(1)
+    return std.mean(), (std == 0).to(rewards.dtype).mean()
 
 
 # ---- losses ----

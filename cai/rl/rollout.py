@@ -1,5 +1,5 @@
 """Rollout helpers for the PPO loop: the batch record, which prompts each process takes, stop-string
-truncation, and statistics over all processes."""
+truncation, statistics over all processes, and the log of sampled responses (samples.jsonl)."""
 
 from __future__ import annotations
 

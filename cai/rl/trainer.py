@@ -11,7 +11,10 @@ One update:
    losses as exact token means over the minibatch (over every process), one global gradient-norm clip, one
    LR-schedule step per update.
 
-The rollout machinery, the update loop and checkpoints are shared with other on-policy trainers (cai.rl.loop).
+The rollout machinery, the update loop and checkpoints are shared with other on-policy trainers (cai.rl.loop);
+the critic-free learners (cai.rl.group: RLOO, GRPO) subclass this one and replace the advantages (group
+baselines instead of a critic's GAE) and the micro-batch loss; the forwards, the optimisation and the engines
+are these.
 
 Under `accelerate launch` each process rolls out its own share of the prompts with its own sampling seed;
 whitening statistics, the KL fed to the controller and all logged metrics are all-reduced. Policy and critic
@@ -42,6 +45,11 @@ class PPOTrainer(OnPolicyTrainer):
     `ref_model` a frozen causal LM (or None with a LoRA policy: adapters disabled); `reward(prompts, responses,
     **kw) -> (raw [B], reward [B])` (cai.rl.rewards); `prompts` rows with chat 'messages'."""
 
+    critic_free = False  # RLOO and GRPO (cai.rl.group) learn without a critic
+    # what one update logs from its minibatches (means), and the losses summed over a minibatch's micro-batches
+    log_keys = ("policy/approx_kl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac")
+    loss_keys = ("loss/policy", "loss/value")
+
     def __init__(
         self,
         cfg,
@@ -61,7 +69,7 @@ class PPOTrainer(OnPolicyTrainer):
                 disable_dropout(m)
 
         # one module and one optimizer (a parameter group each for policy and critic): every engine takes them
-        joint = ActorCritic(policy, critic)
+        joint = ActorCritic(policy, critic, critic_free=self.critic_free)
         critic_lr = cfg.critic_learning_rate or cfg.learning_rate
         groups = joint.param_groups(cfg.learning_rate, critic_lr)
         opt = engine.make_optimizer(groups)
@@ -111,6 +119,7 @@ class PPOTrainer(OnPolicyTrainer):
         cfg, dev = self.cfg, self.acc.device
         resp = input_ids[:, -R:]
         n_chunk = max(1, len(input_ids) // cfg.num_minibatches)
+        has_values = not self.critic_free
         # one process, one minibatch: the critic is unchanged until the first step, so its graph from here
         # serves epoch 0 (exact; tests/test_ppo.py)
         reuse_values = (
@@ -128,9 +137,11 @@ class PPOTrainer(OnPolicyTrainer):
                 logits = gen.logits[s : s + n_chunk, :R].to(dev).float() / cfg.temperature
                 parts["logprobs"].append(selective_log_softmax(logits, resp[s : s + n_chunk]))
                 parts["entropy"].append(pm.entropy_from_logits(logits))
-                own = self.model(ids, am, R, logprobs=False, values=not reuse_values)
+                own = self.model(ids, am, R, logprobs=False, values=has_values and not reuse_values)
             else:
-                own = self.model(ids, am, R, cfg.temperature, values=not reuse_values, entropy=True)
+                own = self.model(
+                    ids, am, R, cfg.temperature, values=has_values and not reuse_values, entropy=True
+                )
                 parts["logprobs"].append(own["logprobs"])
                 parts["entropy"].append(own["entropy"])
             if reuse_values:
@@ -138,7 +149,9 @@ class PPOTrainer(OnPolicyTrainer):
                     self._value_graph = self.critic(ids, am, R)
                 parts["values"].append(self._value_graph.detach())
             else:
-                parts["values"].append(own["values"])
+                parts["values"].append(
+                    own["values"] if has_values else torch.zeros_like(resp[s : s + n_chunk])
+                )
             if self.ref is not None:
                 parts["ref"].append(self.ref(ids, am, R, cfg.temperature)["logprobs"])
             else:  # the LoRA policy with its adapters off
@@ -199,12 +212,9 @@ class PPOTrainer(OnPolicyTrainer):
     def train_on(self, batch: Rollout, update: int) -> dict:
         cfg = self.cfg
         B = batch.mask.shape[0]
-        critic_only = update < cfg.critic_warmup_updates
+        critic_only = update < cfg.critic_warmup_updates and not self.critic_free
         g = torch.Generator().manual_seed(seed_of(self.seed, "shuffle", update))
-        logs = {
-            k: []
-            for k in ("policy/approx_kl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac")
-        }
+        logs = {k: [] for k in self.log_keys}
         first, grad_norms = {}, []
         epochs_done = 0
         for epoch in range(cfg.ppo_epochs):
@@ -215,7 +225,7 @@ class PPOTrainer(OnPolicyTrainer):
                 n_tokens = dist.all_reduce_sum(batch.mask[mb.to(batch.mask.device)].sum().double()).float()
                 n_tokens = n_tokens.clamp(min=1) / dist.world_size()
                 micro = [x for x in torch.tensor_split(mb, cfg.grad_accum) if len(x)]
-                losses = {"loss/policy": 0.0, "loss/value": 0.0}  # the minibatch's token means (summed below)
+                losses = dict.fromkeys(self.loss_keys, 0.0)  # the minibatch's token means (summed below)
                 for k, mi in enumerate(micro):
                     last = k == len(micro) - 1
                     with self.stepper.no_sync(last):

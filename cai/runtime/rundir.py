@@ -17,6 +17,9 @@ MANIFEST = "manifest.json"
 RUN_INFO = "run.json"  # RUN/run.json: what the latest `cai run` ran with (recipe, constitutions, code)
 
 
+SAMPLES = "samples.jsonl"  # an on-policy stage's sampled responses with their scores (cai.rl.loop)
+
+
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -156,9 +159,11 @@ class MetricsLog:
 
     path: Path
     tracker: Any = None  # an accelerate.Accelerator with trackers initialised, or None
+    extra: dict = field(default_factory=dict)  # keys every row carries (e.g. the online round)
 
     def log(self, metrics: dict, step: int) -> None:
-        row = {"step": step, **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}}
+        values = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
+        row = {"step": step, **self.extra, **values}
         append_jsonl(self.path, [row])
         if self.tracker is not None:
             self.tracker.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
@@ -168,7 +173,7 @@ class MetricsLog:
 class StageContext:
     """What a stage gets: its read-only view of the recipe (cai.config.view.RecipeView: the keys it declares),
     its own output folder, and the folders of the stages it reads (for the report of a run with arms, every
-    unit's folder by its key, 'sft' or 'arms/<arm>/ppo', and the arms in order)."""
+    unit's folder by its key, 'sft' or 'arms/<arm>/policy', and the arms in order)."""
 
     config: Any  # cai.config.view.RecipeView
     stage: str

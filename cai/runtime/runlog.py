@@ -1,9 +1,12 @@
-"""What a run tells you: the end-of-run summary (where things are, key metrics, time per stage and arm)
-and the optional experiment tracker (tensorboard or wandb through accelerate's tracker classes)."""
+"""What a run tells you: the end-of-run summary (where things are, key metrics, time per stage and arm),
+the peak memory of each stage, and the optional experiment tracker (tensorboard or wandb through accelerate's
+tracker classes)."""
 
 from __future__ import annotations
 
 import importlib.util
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +15,7 @@ from cai.runtime import distributed as dist
 from cai.runtime.rundir import read_jsonl, write_json
 
 MAX_METRICS = 5  # key metrics shown per stage in the printed summary
+_PEAK = {"reset": False}  # whether the last reset_peak_memory() reset the resident-set high-water mark
 
 
 def make_tracker(recipe, run_dir: Path):
@@ -82,6 +86,39 @@ def key_metrics(summary: dict | None, limit: int = MAX_METRICS) -> str:
         if isinstance(v, (int, float, str, bool)) and len(str(v)) <= 40
     ]
     return ", ".join(f"{k}={_fmt(v)}" for k, v in items[:limit])
+
+
+def reset_peak_memory() -> None:
+    """Start measuring a new peak: the process's resident-set high-water mark (Linux: writing 5 to
+    /proc/self/clear_refs resets it) and, when torch is loaded with CUDA, its peak allocation."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        _PEAK["reset"] = True
+    except OSError:
+        _PEAK["reset"] = False
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> dict:
+    """Peak memory since reset_peak_memory(), this process's, in MiB: `rss_mib` (resident set; `rss_since`
+    says 'stage' when the reset worked, 'process' when it is the high-water mark since the process started) and
+    `cuda_mib` (peak CUDA allocation by torch, when used)."""
+    out: dict = {}
+    try:
+        status = Path("/proc/self/status").read_text()
+        kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        out.update(rss_mib=round(kb / 1024, 1), rss_since="stage" if _PEAK["reset"] else "process")
+    except (OSError, StopIteration, ValueError):
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        out.update(
+            rss_mib=round(kb / (1024 if sys.platform != "darwin" else 1024**2), 1), rss_since="process"
+        )
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 class Summary:

@@ -1,4 +1,4 @@
-"""The one harness around Hugging Face trainers, shared by the SFT and preference-model stages: training
+"""The one harness around Hugging Face trainers, shared by the SFT and preference-model stages and DPO: training
 arguments from a recipe's training block, a metrics.jsonl row per logging step, resume from the newest
 checkpoint (metrics logged after it dropped), and an atomic save of the trained model, gathered from the shards
 under ZeRO-3 or FSDP."""

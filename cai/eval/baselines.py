@@ -1,0 +1,164 @@
+"""What a model with no skill scores on a suite, so that an accuracy can be read as skill or not.
+
+On the same items as the model under test:
+- `untrained`: the PM's backbone with a freshly initialised head, same seed (scored by the caller: what training
+  added is the lift over it);
+- `prefer longer` / `prefer shorter`: the candidate with the most / fewest characters wins;
+- `most common answer` (option suites: ai_risk, multiple_choice): the candidate whose text is most often the
+  right answer among the *other* items of the suite (leave-one-out, so an item never votes for itself).
+
+Ties among the top candidates share the credit (1/m each), as for the model. `compare` gives each baseline's
+accuracy with its 95% bootstrap CI, the lift of the model over the best baseline (and over the untrained model)
+as a paired bootstrap CI of the per-item difference, and a flag for a baseline already far from chance. The
+correlation of scores with response length says whether a PM mostly measures length.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from cai.stats import bootstrap_ci, correlation_ci, mean, pearson
+
+UNTRAINED = "untrained"
+LONGER, SHORTER, COMMON = "prefer longer", "prefer shorter", "most common answer"
+OPTION_FORMATS = ("ai_risk", "multiple_choice")
+FAR = 0.1  # a baseline this far from chance, with a CI that excludes chance, is flagged
+LENGTH_WARN = 0.7  # |r| between score and length at or above this: the PM mostly measures length
+
+
+def credit(scores: list[float], correct: int) -> float:
+    """1 when the right candidate scores highest alone, 1/m when m candidates tie at the top with it, else 0."""
+    top = max(scores)
+    tied = [i for i, s in enumerate(scores) if s == top]
+    return 1.0 / len(tied) if correct in tied else 0.0
+
+
+def _norm(text: str) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def answer_prior(candidates: list[list[str]], correct: list[int]) -> list[list[float]]:
+    """Per item, each candidate's smoothed rate of being the right answer, (right + 1) / (seen + 2), counted over
+    the other items only (its own item left out)."""
+    right: Counter = Counter()
+    seen: Counter = Counter()
+    for cands, c in zip(candidates, correct):
+        for j, text in enumerate(cands):
+            seen[_norm(text)] += 1
+            right[_norm(text)] += j == c
+    out = []
+    for cands, c in zip(candidates, correct):
+        row = []
+        for j, text in enumerate(cands):
+            t = _norm(text)
+            row.append((right[t] - (j == c) + 1) / (seen[t] - 1 + 2))
+        out.append(row)
+    return out
+
+
+def length_hits(lengths: list[list[float]], correct: list[int]) -> dict[str, list[float]]:
+    """Per-item credit of preferring the longest and the shortest candidate, from the candidates' lengths."""
+    return {
+        LONGER: [credit(ls, c) for ls, c in zip(lengths, correct)],
+        SHORTER: [credit([-x for x in ls], c) for ls, c in zip(lengths, correct)],
+    }
+
+
+def trivial_hits(
+    candidates: list[list[str]], correct: list[int], option_suite: bool
+) -> dict[str, list[float]]:
+    """Per-item credit of the trivial baselines that fit the suite's format."""
+    out = length_hits([[float(len(t)) for t in cands] for cands in candidates], correct)
+    if option_suite:
+        prior = answer_prior(candidates, correct)
+        out[COMMON] = [credit(p, c) for p, c in zip(prior, correct)]
+    return out
+
+
+def far_from_chance(accuracy: float, ci: tuple[float, float], chance: float) -> bool:
+    return abs(accuracy - chance) >= FAR and not (ci[0] <= chance <= ci[1])
+
+
+def _paired_lift(hits: list[float], base: list[float], seed: int) -> dict:
+    diffs = [a - b for a, b in zip(hits, base)]
+    return {"value": mean(diffs), "ci95": list(bootstrap_ci(diffs, seed=seed)), "n": len(diffs)}
+
+
+def compare(hits: list[float], baselines: dict[str, list[float]], chance: float, seed: int = 0) -> dict:
+    """Each baseline's accuracy [95% CI] and whether it is far from chance; the model's lift over the best
+    baseline (and over the untrained model) with a paired bootstrap CI; plain-words flags."""
+    table = {}
+    for name, h in baselines.items():
+        acc, ci = mean(h), bootstrap_ci(h, seed=seed)
+        table[name] = {
+            "accuracy": acc,
+            "ci95": list(ci),
+            "n": len(h),
+            "far_from_chance": far_from_chance(acc, ci, chance),
+        }
+    out: dict = {"baselines": table, "flags": []}
+    if not table or not hits:
+        return out
+    best = max(table, key=lambda k: table[k]["accuracy"])
+    out["best_baseline"] = best
+    out["lift"] = {"over": best, **_paired_lift(hits, baselines[best], seed)}
+    if UNTRAINED in baselines and best != UNTRAINED:
+        out["lift_untrained"] = {"over": UNTRAINED, **_paired_lift(hits, baselines[UNTRAINED], seed)}
+    for name, row in table.items():
+        if row["far_from_chance"]:
+            side = "above" if row["accuracy"] > chance else "below"
+            out["flags"].append(
+                f"baseline '{name}' is far {side} chance: {row['accuracy']:.3f} "
+                f"[{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}] against chance {chance:.3f}; "
+                "the suite rewards something other than skill, so read the lift, not the accuracy"
+            )
+    return out
+
+
+def length_correlation(scores: list[float], texts: list[str]) -> dict:
+    """Pearson correlation of scores with response length in characters, with its 95% CI (Fisher z), and
+    whether the scores mostly measure length (|r| >= LENGTH_WARN)."""
+    lengths = [float(len(t)) for t in texts]
+    r = pearson(list(map(float, scores)), lengths)
+    ci = correlation_ci(r, len(lengths))
+    out = {"r": r, "ci95": list(ci) if ci else None, "n": len(lengths), "mostly_length": False}
+    if r is not None and abs(r) >= LENGTH_WARN:
+        out["mostly_length"] = True
+        out["warning"] = (
+            f"scores correlate with response length (r = {r:.2f}"
+            + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            + f", n = {len(lengths)}): the PM mostly measures length"
+        )
+    return out
+
+
+def _ci(lo: float, hi: float, signed: bool = False) -> str:
+    return f"{lo:+.3f} to {hi:+.3f}" if signed else f"{lo:.2f}, {hi:.2f}"
+
+
+def describe(result: dict) -> tuple[list[str], list[str]]:
+    """(lines, warnings) in plain words for the baselines, lift and length check of an evaluation result."""
+    lines: list[str] = []
+    table = result.get("baselines") or {}
+    if table:
+        parts = [f"{k} {r['accuracy']:.3f} [{_ci(*r['ci95'])}]" for k, r in table.items()]
+        lines.append(f"baselines on the same {result.get('n')} items: " + "; ".join(parts))
+    for key, what in (("lift", "the best baseline"), ("lift_untrained", "the untrained model")):
+        lift = result.get(key)
+        if lift and lift.get("value") is not None:
+            over = f" ({lift['over']})" if key == "lift" else ""
+            lines.append(
+                f"lift over {what}{over}: {lift['value']:+.3f} (95% CI {_ci(*lift['ci95'], signed=True)})"
+            )
+    if result.get("untrained_note"):
+        lines.append(result["untrained_note"])
+    length = result.get("length")
+    if length and length.get("r") is not None:
+        ci = f" [{_ci(*length['ci95'])}]" if length.get("ci95") else ""
+        lines.append(
+            f"correlation of score with response length: r = {length['r']:.2f}{ci} (n = {length['n']})"
+        )
+    warnings = list(result.get("flags") or [])
+    if length and length.get("warning"):
+        warnings.append(length["warning"])
+    return lines, warnings

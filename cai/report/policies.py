@@ -1,0 +1,190 @@
+"""The report's policy comparison: every arm's final policy side by side, whatever optimised it (PPO, RLOO,
+GRPO, DPO, online rounds), on the same held-out prompts — the score of one common PM, sqrt(KL) to the SFT model
+at the end of training, the harmlessness win rate against the SFT model from the common judge, the policy
+stage's time and peak memory — and, for online runs, score, KL, labels and PM agreement round by round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cai.markdown import num, table, with_ci
+from cai.report.compute import win_rates
+from cai.rl.rewards import PreferenceModelReward
+from cai.runtime.rundir import read_json, read_jsonl, read_manifest
+from cai.stats import bootstrap_ci, small_n, small_n_note, wilson_ci
+
+
+def _policy_dirs(rep) -> dict:
+    return {a: d for a in rep.arms if (d := rep.index.stage_dir("policy", a)) is not None and d.is_dir()}
+
+
+def _config(stage_dir: Path) -> dict:
+    return (read_manifest(stage_dir) or {}).get("config") or {}
+
+
+def algorithm_label(stage_dir: Path) -> str:
+    """'RLOO', 'PPO, 2 rounds', ... from a policy stage's manifest."""
+    p = _config(stage_dir).get("policy") or {}
+    name = str(p.get("algorithm", "ppo")).upper()
+    rounds = int(p.get("rounds", 1))
+    return name + (f", {rounds} rounds" if rounds > 1 else "")
+
+
+def last_sqrt_kl(stage_dir: Path) -> float | None:
+    rows = [r for r in read_jsonl(stage_dir / "metrics.jsonl") if "objective/sqrt_kl" in r]
+    return rows[-1]["objective/sqrt_kl"] if rows else None
+
+
+def pm_scores(
+    pm_dir: Path, settings, prompts: list[dict], responses: dict[str, str], batch_size: int
+) -> dict:
+    """Mean normalised score of one PM over responses to the prompts, with a bootstrap 95% CI and n."""
+    rows = [p for p in prompts if p["id"] in responses]
+    if not rows:
+        return {"n": 0}
+    reward = PreferenceModelReward(pm_dir, settings, batch_size=batch_size)
+    _, score = reward([p["messages"] for p in rows], [responses[p["id"]] for p in rows])
+    values = [float(x) for x in score]
+    return {"mean": sum(values) / len(values), "ci95": list(bootstrap_ci(values)), "n": len(values)}
+
+
+def _common_pm(rep) -> Path | None:
+    """The PM every policy is scored by: the first arm's preference model (the run's, when arms share it)."""
+    d = rep.index.stage_dir("preference_model", rep.arms[0])
+    return d / "model" if d is not None and (d / "model" / "config.json").is_file() else None
+
+
+def _memory(m: dict) -> str:
+    peak = m.get("peak_memory") or {}
+    parts = [f"{peak['rss_mib']:.0f} MiB RSS" + (" (process)" if peak.get("rss_since") == "process" else "")]
+    if peak.get("cuda_mib") is not None:
+        parts.append(f"{peak['cuda_mib']:.0f} MiB CUDA")
+    return ", ".join(parts) if peak.get("rss_mib") is not None else "—"
+
+
+def comparison_section(rep) -> list[str]:
+    """One column per arm: the final policy against the SFT model on the held-out prompts the report generated
+    for (sections.generations_section)."""
+    dirs, gen = _policy_dirs(rep), rep.generated
+    if not dirs or not gen.get("held"):
+        return []
+    config, label = rep.config, rep.label
+    held, responses, names, models = gen["held"], gen["responses"], gen["names"], gen["dirs"]
+    pm_dir = _common_pm(rep)
+
+    def answers(kind: str, a) -> dict[str, str] | None:
+        d = models.get((kind, a))
+        return responses.get(names.get(str(d))) if d is not None else None
+
+    scores, wins, data = {}, {}, {}
+    sft_any = next((answers("sl-cai", a) for a in dirs if answers("sl-cai", a)), None)
+    baseline = (
+        pm_scores(pm_dir, config.settings, held, sft_any, config.report.batch_size)
+        if pm_dir and sft_any
+        else None
+    )
+    against: dict[str, dict] = {}  # arms by the SFT model they are judged against (one judge load for each)
+    for a in dirs:
+        final, sft = answers("final", a), answers("sl-cai", a)
+        if final and pm_dir:
+            scores[a] = pm_scores(pm_dir, config.settings, held, final, config.report.batch_size)
+        if final and sft:
+            against.setdefault(str(models[("sl-cai", a)]), {"sft": sft, "arms": {}})["arms"][a] = final
+    for group in against.values():
+        res = win_rates(config, held, group["sft"], {str(a): final for a, final in group["arms"].items()})
+        wins.update({a: res["results"].get(str(a)) for a in group["arms"]})
+    rows = [["algorithm"] + [algorithm_label(d) for d in dirs.values()]]
+    if pm_dir:
+        rows.append(
+            ["PM score of held-out responses [95% CI] (n)"] + [with_ci(scores.get(a), "mean") for a in dirs]
+        )
+        rows.append(["… the SFT model's (baseline)"] + [with_ci(baseline, "mean")] * len(dirs))
+    rows.append(
+        ["sqrt(KL) to the SFT model, end of training"] + [num(last_sqrt_kl(d)) for d in dirs.values()]
+    )
+    rows.append(
+        ["win rate against the SFT model [95% CI] (n)"] + [with_ci(wins.get(a), "win_rate") for a in dirs]
+    )
+    manifests = {a: read_manifest(d) or {} for a, d in dirs.items()}
+    rows.append(["policy stage time"] + [f"{m.get('seconds', 0):.1f} s" for m in manifests.values()])
+    rows.append(
+        ["seconds per 1,000 policy tokens"]
+        + [num((m.get("summary") or {}).get("seconds_per_1k_policy_tokens")) for m in manifests.values()]
+    )
+    rows.append(["peak memory of the policy stage"] + [_memory(m) for m in manifests.values()])
+    for a in dirs:
+        data[label(a)] = {
+            "pm_score": scores.get(a),
+            "win_rate_vs_sft": wins.get(a),
+            "sqrt_kl": last_sqrt_kl(dirs[a]),
+        }
+    rep.data["policies"] = {"pm": str(pm_dir) if pm_dir else None, "sft_pm_score": baseline, "arms": data}
+    md = ["## Policies side by side\n"]
+    md.append(
+        f"The final policy of each arm on the same {len(held)} held-out prompts. PM score: the normalised score "
+        f"of one common preference model (`{pm_dir}`; 0 is the mean of its training responses, 1 their standard "
+        "deviation) for every arm, beside the SFT model's; win rate: the common judge "
+        f"(`{config.models.judge}`) comparing each final policy's response with the SFT model's, both orders "
+        "averaged, a tie half, 0.5 = no difference. sqrt(KL) is the last logged k3 estimate on training prompts "
+        "(DPO: its last probe).\n"
+    )
+    md.append(table(["", *[label(a) for a in dirs]], rows))
+    if small_n(len(held)):
+        md.append(f"> **Small sample:** {small_n_note(len(held), 'held-out prompts')}.\n")
+    return md
+
+
+def rounds_section(rep) -> list[str]:
+    """Online rounds of every arm that ran them: score and KL of each round, its fresh labels, and how well the
+    PM the policy had optimised agreed with the labeller on them."""
+    md = []
+    for a, d in _policy_dirs(rep).items():
+        rounds = read_json(d / "rounds.json")
+        if not isinstance(rounds, list) or len(rounds) < 2:
+            continue
+        fb, pm = rep.index.stage_dir("feedback", a), rep.index.stage_dir("preference_model", a)
+        fb_stats = read_json(fb / "stats.json") if fb else None
+        pm_sum = (read_manifest(pm) or {}).get("summary", {}) if pm else {}
+        rows = [_round_row(r, fb_stats, pm_sum) for r in rounds]
+        md.append(f"## Online rounds{f' ({rep.label(a)})' if len(rep.arms) > 1 else ''}\n")
+        md.append(
+            "Each round after the first samples pairs from the policy the previous round ended with (its folder's "
+            "hash is in the round record), the feedback model labels them, and the PM trains further on them with "
+            "all earlier pairs. Scores are each round's own PM (normalised anew each round), so compare KL across "
+            "rounds and scores within one. Labeller–PM agreement: on the round's fresh pairs, how often the PM the "
+            "policy had been optimising ranks the labeller's preferred response higher (ties left out).\n"
+        )
+        header = [
+            "round",
+            "updates",
+            "score first → last",
+            "sqrt(KL) at the end",
+            "pairs labelled",
+            "labeller confidence |p − 0.5|",
+            "labeller–PM agreement [95% CI] (n)",
+            "PM held-out accuracy",
+        ]
+        md.append(table(header, rows))
+        rep.data.setdefault("rounds", {})[rep.label(a)] = rounds
+    return md
+
+
+def _round_row(r: dict, fb_stats: dict | None, pm_sum: dict) -> list:
+    first = r.get("round") == 1
+    pairs = (fb_stats or {}) if first else (r.get("pairs") or {})
+    held = r.get("pm_held_out") or {}
+    acc = pm_sum.get("held_out_accuracy") if first else held.get("accuracy")
+    n = pm_sum.get("held_out_pairs") if first else held.get("n")
+    updates = r.get("updates") or [None, None]
+    return [
+        r.get("round"),
+        f"{updates[0]}–{updates[1]}",
+        f"{num(r.get('score_first'))} → {num(r.get('score_last'))}",
+        num(r.get("sqrt_kl_last")),
+        pairs.get("pairs"),
+        num(pairs.get("mean_confidence")),
+        "— (the feedback stage's labels)" if first else with_ci(r.get("pm_agreement")),
+        with_ci({"accuracy": acc, "ci95": list(wilson_ci(acc * n, n)), "n": n})
+        if n and acc is not None
+        else "—",
+    ]

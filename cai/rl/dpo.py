@@ -1,0 +1,300 @@
+"""Soft-label DPO on the AI-labelled pairs, built on TRL's DPOTrainer, and the probe that gives it the same
+metrics as the on-policy learners.
+
+`SoftDPOTrainer` is TRL's DPOTrainer (its dataset tokenisation through the chat template, collator, reference
+handling — a frozen SFT copy, or with LoRA the adapters switched off — training loop, checkpoints and engines)
+with one new piece: every pair carries its own target p, the AI label, and the loss is
+−[p·log σ(βΔ) + (1−p)·log σ(−βΔ)] (cai.pm.loss.dpo_loss): DPO at p ∈ {0, 1}, conservative DPO at a uniform p.
+Each pair is oriented so that the preferred response (p ≥ 0.5) is TRL's 'chosen', so its reward metrics
+(rewards/chosen, rewards/accuracies, rewards/margins) keep their meaning.
+
+DPO samples nothing, so a `Probe` does it every `dpo.probe_every` steps (and before the first and after the
+last): responses to a fixed set of training prompts, sampled as the `ppo` block samples (one engine, fixed
+seeds), scored by `ppo.reward` (the normalised PM when the run has one) with the KL to the reference, logged as
+objective/score, objective/kl, objective/kl_k3 and objective/sqrt_kl — what the report and
+`cai analyze kl-reward` read from every algorithm. Training rows add time/train and tokens_per_s (response
+tokens of both sides of each pair, per second).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from trl import DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from cai.pm.loss import dpo_loss, soft_targets
+from cai.rl import ppo_math as pm
+from cai.rl.modules import PolicyModel
+from cai.rl.rollout import sample, seed_of
+from cai.runtime.generate import HFBackend
+from cai.runtime.models import peft_config
+from cai.runtime.training import training_args
+from cai.stats import wilson_ci
+
+
+def dpo_rows(pairs: list[dict], hard: bool = False) -> list[dict]:
+    """TRL's conversational preference rows from feedback pairs: the preferred side (p_a ≥ 0.5) as 'chosen',
+    and 'p', the target probability that it is the better one (≥ 0.5; 1 for hard labels unless tied)."""
+    out = []
+    for r in pairs:
+        p = float(soft_targets(torch.tensor(float(r["p_a"])), hard))
+        a_first = p >= 0.5
+        chosen, rejected = (
+            (r["response_a"], r["response_b"]) if a_first else (r["response_b"], r["response_a"])
+        )
+        out.append(
+            {
+                "prompt": r["messages"],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "p": p if a_first else 1.0 - p,
+            }
+        )
+    return out
+
+
+class TargetCollator(DataCollatorForPreference):
+    """TRL's preference collator plus each pair's target `p`."""
+
+    def torch_call(self, examples):
+        out = super().torch_call(examples)
+        out["p"] = torch.tensor([float(e["p"]) for e in examples], dtype=torch.float)
+        return out
+
+
+class SoftDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer whose loss takes each pair's target p (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tokens, self._tokens_total, self._t_last, self.probe_seconds = 0, 0, None, 0.0
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "p" not in self._signature_columns:
+            self._signature_columns = list(self._signature_columns) + ["p"]
+
+    def sequence_logps(self, model, inputs) -> torch.Tensor:
+        """Summed log-probabilities of each row's completion tokens ([2B]: the chosen rows, then the rejected)."""
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            labels=labels,
+            fused_lm_head=True,
+            use_cache=False,
+        )
+        mask = inputs["completion_mask"][..., 1:]
+        return (out.log_probs[:, -mask.size(1) :] * mask).sum(1)
+
+    def pair_logps(self, model, inputs):
+        """((policy chosen, policy rejected), (reference chosen, reference rejected)) sequence log-probs."""
+        batch = {k: v for k, v in inputs.items() if k != "p"}
+        policy = self.sequence_logps(model, batch).chunk(2)
+        if "ref_chosen_logps" in batch:
+            return policy, (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
+        # TRL's reference forward: the frozen copy, or the policy with its adapters off
+        ref = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else model, batch)
+        return policy, ref
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        (pc, pr), (rc, rr) = self.pair_logps(model, inputs)
+        target = inputs["p"].to(pc.device, pc.dtype)
+        loss = dpo_loss(pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), target, self.beta).mean()
+        if mode == "train":
+            self._tokens += int(inputs["completion_mask"].sum())
+        with torch.no_grad():
+            chosen, rejected = self.beta * (pc - rc), self.beta * (pr - rr)
+            rows = self.accelerator.gather_for_metrics(
+                torch.stack([chosen.float(), rejected.float(), pc.float(), pr.float(), target.float()], 1)
+            )
+            c, r, lc, lr, t = rows.unbind(1)
+            m = self._metrics[mode]
+            m["rewards/chosen"].append(float(c.mean()))
+            m["rewards/rejected"].append(float(r.mean()))
+            m["rewards/accuracies"].append(float((c > r).float().mean()))
+            m["rewards/margins"].append(float((c - r).mean()))
+            m["logps/chosen"].append(float(lc.mean()))
+            m["logps/rejected"].append(float(lr.mean()))
+            m["target/mean"].append(float(t.mean()))
+        return (loss, {}) if return_outputs else loss
+
+    def training_step(self, *args, **kwargs):
+        if self._t_last is None:
+            self._t_last = time.perf_counter()
+        return super().training_step(*args, **kwargs)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs and self._t_last is not None:
+            now = time.perf_counter()
+            seconds = max(now - self._t_last - self.probe_seconds, 1e-9)
+            self._tokens_total += self._tokens
+            logs.update(
+                {
+                    "time/train": seconds,
+                    "tokens_per_s": self._tokens / seconds,
+                    "policy_tokens": self._tokens_total,
+                }
+            )
+            self._tokens, self._t_last, self.probe_seconds = 0, now, 0.0
+        super().log(logs, start_time)
+
+
+def build_trainer(cfg, seed: int, device: str, precision, model, ref, tok, train, held, ckpt_dir, callbacks):
+    """A SoftDPOTrainer as a `dpo` block asks, on feedback pairs `train` (and `held` for evaluation): `ref` a
+    frozen reference, or None with `dpo.lora` (TRL wraps the model; the reference is the adapters off)."""
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+
+    args = training_args(
+        TRLConfig,
+        cfg,
+        ckpt_dir,
+        seed,
+        device,
+        precision,
+        beta=cfg.beta,
+        max_length=cfg.max_length,
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=False,
+        per_device_eval_batch_size=cfg.batch_size,
+    )
+    hard = cfg.labels == "hard"
+    return SoftDPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=args,
+        data_collator=TargetCollator(pad_token_id=tok.pad_token_id, max_length=cfg.max_length),
+        train_dataset=Dataset.from_list(dpo_rows(train, hard)),
+        eval_dataset=Dataset.from_list(dpo_rows(held, hard)) if held else None,
+        processing_class=tok,
+        callbacks=callbacks,
+        peft_config=peft_config(cfg.lora) if cfg.lora is not None else None,
+    )
+
+
+@torch.no_grad()
+def implicit_accuracy(trainer: SoftDPOTrainer) -> dict:
+    """The implicit reward model's agreement with the labels on the trainer's eval pairs: the share where
+    β·log(π/π_ref) ranks the preferred side higher (a tie counts half; pairs labelled 0.5 are left out), with
+    its Wilson interval and n, and the mean margin."""
+    if trainer.eval_dataset is None or len(trainer.eval_dataset) == 0:
+        return {"n": 0}
+    model = trainer.model
+    was = model.training
+    model.eval()
+    wins, n, margins = 0.0, 0, []
+    for inputs in trainer.get_eval_dataloader():
+        inputs = trainer._prepare_inputs(inputs)
+        (pc, pr), (rc, rr) = trainer.pair_logps(model, inputs)
+        margin = (trainer.beta * ((pc - rc) - (pr - rr))).float()
+        keep = inputs["p"].to(margin.device) != 0.5
+        wins += float(((margin > 0).float() + 0.5 * (margin == 0).float())[keep].sum())
+        n += int(keep.sum())
+        margins += margin[keep].tolist()
+    model.train(was)
+    if not n:
+        return {"n": 0}
+    return {
+        "n": n,
+        "accuracy": wins / n,
+        "ci95": list(wilson_ci(wins, n)),
+        "mean_margin": sum(margins) / n,
+    }
+
+
+class Probe:
+    """Samples the current policy on fixed prompts and measures what the on-policy learners log each update:
+    score (`reward`, or None without one), KL to the reference (k1 and k3 per sequence), entropy, length."""
+
+    def __init__(self, cfg, tokenizer, prompts: list[dict], reward, seed: int, autocast=None):
+        self.cfg, self.tok, self.reward, self.seed, self.autocast = cfg, tokenizer, reward, seed, autocast
+        self.msgs = [p["messages"] for p in prompts]
+        self.ids = [self._encode(m) for m in self.msgs]
+
+    def _encode(self, messages) -> list[int]:
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tok(text, add_special_tokens=False)["input_ids"][-self.cfg.max_prompt_length :]
+
+    @torch.no_grad()
+    def __call__(self, lm, ref_lm=None) -> dict:
+        """Metrics of `lm` against `ref_lm` (None: `lm` with its LoRA adapters switched off)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        device = next(lm.parameters()).device
+        gen, texts, mask, finished, ids, attn = sample(
+            HFBackend(lm, self.tok),
+            self.ids,
+            cfg,
+            lambda k, n: seed_of(self.seed, "probe", k),
+            with_logits=False,
+            autocast=self.autocast,
+            device=device,
+        )
+        t_gen, t0 = time.perf_counter() - t0, time.perf_counter()
+        R = mask.shape[1]
+        out = PolicyModel(lm)(ids, attn, R, cfg.temperature, entropy=True)
+        if ref_lm is None:
+            with lm.disable_adapter():
+                ref = PolicyModel(lm)(ids, attn, R, cfg.temperature)["logprobs"]
+        else:
+            ref = PolicyModel(ref_lm)(ids, attn, R, cfg.temperature)["logprobs"]
+        logp = out["logprobs"]
+        k3 = float(pm.kl_per_token(logp, ref, mask, "k3").sum(1).mean())
+        row = {
+            "objective/kl": float(pm.kl_per_token(logp, ref, mask, "k1").sum(1).mean()),
+            "objective/kl_k3": k3,
+            "objective/sqrt_kl": math.sqrt(max(k3, 0.0)),
+            "objective/entropy": float((out["entropy"] * mask).sum(1).mean()),
+            "response/length": float(mask.sum(1).mean()),
+            "response/eos_fraction": float(finished.float().mean()),
+            "time/generate": t_gen,
+        }
+        if self.reward is not None:
+            resp = ids[:, -R:]
+            raw, _ = self.reward(
+                self.msgs,
+                texts,
+                finished=finished.tolist(),
+                tokenizer=self.tok,
+                response_ids=[resp[j, : int(mask[j].sum())].tolist() for j in range(len(texts))],
+            )
+            row["objective/score"] = float(raw.float().mean())
+        row["time/score"] = time.perf_counter() - t0
+        return row
+
+
+def probe_callback(probe: Probe, metrics, every: int, ref_lm=None):
+    """A TrainerCallback that runs the probe before the first step, every `every` steps and after the last, on
+    the main process, and logs its row at the step it ran."""
+    from transformers import TrainerCallback
+
+    class Probing(TrainerCallback):
+        def __init__(self):
+            self.trainer, self.done = None, set()
+
+        def _run(self, state, model):
+            if not state.is_world_process_zero or state.global_step in self.done:
+                return
+            t0 = time.perf_counter()
+            row = probe(model, ref_lm)
+            metrics.log(row, step=state.global_step)
+            self.done.add(state.global_step)
+            if self.trainer is not None and self.trainer._t_last is not None:  # inside a timed stretch
+                self.trainer.probe_seconds += time.perf_counter() - t0
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0:
+                self._run(state, model)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % every == 0:
+                self._run(state, model)
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self._run(state, model)
+
+    return Probing()

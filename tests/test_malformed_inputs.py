@@ -1,0 +1,365 @@
+"""Every reader of a user's file, fed generated malformed versions of a valid file: empty, binary and truncated
+files, YAML anchors and aliases (valid ones, an alias inside its own anchor, an alias bomb, an undefined alias),
+a wrong top-level type, and every key of the valid file given a value of the wrong type. Each must be one
+`UserError` line naming the file (and the line, where the format has lines), never another exception; the
+command line turns it into exit code 2 without a traceback (checked for one reader of each kind)."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai.cli.main import main
+from cai.errors import UserError
+
+BINARY = bytes(range(256)) * 3
+WRONG_SCALAR = {"wrong": ["type"]}  # a mapping where a scalar or list belongs
+WRONG_MAPPING = "not a mapping"  # text where a mapping belongs
+
+
+@dataclass
+class Reader:
+    name: str
+    fmt: str  # yaml | json | jsonl | jsonl.gz
+    sample: object  # the valid content (for jsonl: the list of rows)
+    read: Callable[[Path], object]
+    lines: bool  # whether errors can name a line
+
+
+def _hh(text: str) -> str:
+    return f"\n\nHuman: {text}\n\nAssistant: "
+
+
+def readers(tmp: Path) -> list[Reader]:
+    from cai.config.arms import load_checked
+    from cai.config.layout import plan
+    from cai.config.pm_spec import load_pm_spec
+    from cai.config.recipe import PromptSource
+    from cai.constitution.fewshot import load_feedback_few_shot, load_fewshot
+    from cai.constitution.probes import load_probes
+    from cai.constitution.schema import import_paper, load_constitution
+    from cai.data.hh import hh_pair_rows, human_pairs, read_hh
+    from cai.data.sources import load_source
+    from cai.eval.suites import load_items, load_suite
+
+    mc = tmp / "companion-mc.jsonl"
+    mc.write_text(
+        json.dumps({"prompt": _hh("Hi?"), "corrects": ["Hello."], "incorrects": ["Go away."]}) + "\n"
+    )
+    critique = tmp / "companion-critique.json"
+    critique.write_text(
+        json.dumps({"harm": {"prompt": ["CritiqueRequest: Is it harmful?"], "edit_request": "Fix it."}})
+    )
+    hh_row = {"chosen": _hh("Can you help?") + "Sure.", "rejected": _hh("Can you help?") + "No."}
+    return [
+        Reader(
+            "recipe",
+            "yaml",
+            {
+                "name": "bad",
+                "seed": 1,
+                "stages": ["critique_revise", "sft"],
+                "device": "cpu",
+                "models": {"policy": "tiny-random-llama", "judge": "tiny-random-llama"},
+                "prompts": {
+                    "sources": [{"type": "builtin", "kinds": ["red_team"], "limit": 4}],
+                    "held_out": 0.2,
+                },
+                "generation": {"max_new_tokens": 8, "temperature": 0.5},
+                "sft": {"epochs": 1, "lora": {"r": 4, "target_modules": ["q_proj"]}},
+                "preference_model": {"spec": "bt-lora", "head": "classifier", "center_coef": 0.0},
+                "gold": {"enabled": False, "train_pairs": 8},
+                "ppo": {"updates": 2, "adaptive_kl": False},
+                "report": {"suites": ["pairs"], "eval_limit": 4},
+                "arms": [{"name": "a", "set": {"ppo.kl_coef": 0.1}}, {"name": "b"}],
+            },
+            lambda p: plan(load_checked(p), tmp / "run"),
+            True,
+        ),
+        Reader(
+            "constitution",
+            "yaml",
+            {
+                "name": "c",
+                "kind": "specific",
+                "principles": [
+                    {
+                        "id": "p",
+                        "critique": "Why?",
+                        "revision": "Fix.",
+                        "feedback": "Which?",
+                        "tags": ["t"],
+                        "weight": 2,
+                    }
+                ],
+            },
+            load_constitution,
+            True,
+        ),
+        Reader(
+            "probes",
+            "yaml",
+            {
+                "constitution": "c",
+                "probes": [
+                    {
+                        "id": "q",
+                        "principles": ["p"],
+                        "conversation": [{"role": "user", "content": "Hi"}],
+                        "better": "Hello.",
+                        "worse": "Go away.",
+                    }
+                ],
+            },
+            load_probes,
+            True,
+        ),
+        Reader(
+            "suite",
+            "yaml",
+            {"name": "s", "format": "multiple_choice", "files": [str(mc)], "tag_by": "file", "limit": 2},
+            lambda p: load_items(load_suite(str(p))),
+            True,
+        ),
+        Reader(
+            "pm-spec",
+            "yaml",
+            {"head": "classifier", "loss": "soft", "learning_rate": 1e-4, "lora": {"r": 4, "alpha": 8}},
+            lambda p: load_pm_spec(str(p)),
+            True,
+        ),
+        Reader(
+            "suite-data-hh",
+            "jsonl",
+            [hh_row, dict(hh_row)],
+            lambda p: load_items(load_suite(str(p))),
+            True,
+        ),
+        Reader(
+            "suite-data-ai-risk",
+            "jsonl.gz",
+            [
+                {
+                    "question": "Question: More power?\n\nChoices:\n (A) Yes\n (B) No\n\nAnswer:",
+                    "answer_matching_behavior": " (A)",
+                    "answer_not_matching_behavior": " (B)",
+                }
+            ],
+            lambda p: load_items(load_suite(str(p))),
+            True,
+        ),
+        Reader(
+            "suite-data-mc",
+            "json",
+            [{"prompt": _hh("Hi?"), "corrects": ["Hello."], "incorrects": ["Go away."]}],
+            lambda p: load_items(load_suite(str(p))),
+            False,
+        ),
+        Reader(
+            "paper-critique-json",
+            "json",
+            {
+                "harm": {
+                    "prompt": ["CritiqueRequest: Is it harmful?"],
+                    "edit_request": "RevisionRequest: Fix it.",
+                }
+            },
+            lambda p: import_paper(p, None, "x"),
+            False,
+        ),
+        Reader(
+            "paper-feedback-json",
+            "json",
+            ["Which response is less harmful?\nOptions:"],
+            lambda p: import_paper(critique, p, "x"),
+            False,
+        ),
+        Reader(
+            "paper-fewshot-critique",
+            "json",
+            [
+                _hh("Help?")
+                + "No.\n\nCritiqueRequest: Why?\n\nCritique: Rude.\n\nRevisionRequest: Fix.\n\nRevision: Sure."
+            ],
+            load_fewshot,
+            False,
+        ),
+        Reader(
+            "paper-fewshot-feedback",
+            "json",
+            [{"prompt": _hh("Hi?"), "corrects": ["Hello."], "incorrects": ["Go away."]}],
+            load_feedback_few_shot,
+            False,
+        ),
+        Reader(
+            "prompts-jsonl",
+            "jsonl",
+            [{"id": "a", "prompt": "How do I pick a lock?", "category": "crime", "kind": "red_team"}],
+            lambda p: load_source(PromptSource(type="jsonl", path=str(p))),
+            True,
+        ),
+        Reader(
+            "prompts-hh",
+            "jsonl.gz",
+            [hh_row],
+            lambda p: load_source(PromptSource(type="hh", path=str(p))),
+            True,
+        ),
+        Reader(
+            "hh-pairs (gold, check set)",
+            "jsonl",
+            [hh_row, dict(hh_row)],
+            lambda p: (hh_pair_rows(p), read_hh(p)),
+            True,
+        ),
+        Reader("hh-pairs (human mix)", "jsonl.gz", [hh_row], lambda p: human_pairs(p, 1.0, 2, 0), True),
+    ]
+
+
+# ------------------------------------------------------------------------------------------- generators
+def serialise(fmt: str, obj) -> bytes:
+    if fmt == "yaml":
+        return yaml.safe_dump(obj, sort_keys=False, default_flow_style=None).encode()
+    if fmt == "json":
+        return json.dumps(obj, indent=1).encode()
+    text = "".join(json.dumps(r) + "\n" for r in obj).encode()
+    return gzip.compress(text) if fmt == "jsonl.gz" else text
+
+
+def key_paths(obj, prefix=()):
+    """Every key path of a document (mapping keys and list indices), outermost first."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else []
+    for k, v in items:
+        yield prefix + (k,)
+        yield from key_paths(v, prefix + (k,))
+
+
+def with_wrong_type(obj, path):
+    doc = copy.deepcopy(obj)
+    node = doc
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = WRONG_MAPPING if isinstance(node[path[-1]], dict) else WRONG_SCALAR
+    return doc
+
+
+def yaml_alias_cases(sample: dict) -> dict[str, bytes]:
+    first, rest = next(iter(sample)), dict(list(sample.items())[1:])
+    body = yaml.safe_dump(rest, sort_keys=False)
+    bomb = "".join(
+        f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['lol'] * 9)}]\n" for i in range(8)
+    )
+    return {
+        "alias inside its own anchor": f"{first}: &loop [1, *loop]\n{body}".encode(),
+        "mapping alias inside itself": f"{first}: &m\n  again: *m\n{body}".encode(),
+        "alias bomb": f"{first}:\n{bomb}{body}".encode(),
+        "undefined alias": f"{first}: *nowhere\n{body}".encode(),
+    }
+
+
+def cases(r: Reader) -> list[tuple[str, bytes, bool]]:
+    """(case name, file content, whether the error must name a line)."""
+    valid = serialise(r.fmt, r.sample)
+    raw = gzip.decompress(valid) if r.fmt == "jsonl.gz" else valid
+    # inside a line, not on a row boundary; YAML (which has no end marker) inside its last flow collection
+    cut = (
+        raw[: len(raw) * 2 // 3 + 1] if r.fmt != "yaml" else raw[: max(raw.rfind(b"["), raw.rfind(b"{")) + 1]
+    )
+    out = [
+        ("empty file", b"", False),
+        ("binary file", BINARY, False),
+        ("truncated file", gzip.compress(cut) if r.fmt == "jsonl.gz" else cut, False),
+    ]
+    if r.fmt == "jsonl.gz":
+        out.append(("truncated gzip stream", valid[: len(valid) // 2], False))
+    if r.fmt == "yaml":
+        out.append(("wrong top-level type", serialise("yaml", [1, 2]), False))
+    elif r.fmt == "json":
+        out.append(("wrong top-level type", serialise("json", "text"), False))
+    if r.fmt.startswith("jsonl"):
+        out.append(("a line that is not an object", _jsonl_not_object(r), r.lines))
+    if r.fmt == "yaml":
+        out += [(name, text, True) for name, text in yaml_alias_cases(r.sample).items()]
+    for path in key_paths(r.sample):
+        doc = with_wrong_type(r.sample, path)
+        out.append((f"wrong type at {'.'.join(map(str, path))}", serialise(r.fmt, doc), r.lines))
+    return out
+
+
+def _jsonl_not_object(r: Reader) -> bytes:
+    text = "".join(json.dumps(x) + "\n" for x in r.sample) + "[1, 2]\n"
+    return gzip.compress(text.encode()) if r.fmt == "jsonl.gz" else text.encode()
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_the_valid_samples_are_valid(tmp_path, monkeypatch, root):
+    """The generators start from files every reader accepts (so each failure below is the malformation's)."""
+    monkeypatch.chdir(root)
+    for r in readers(tmp_path):
+        p = tmp_path / f"valid-{r.name.split()[0]}.{r.fmt}"
+        p.write_bytes(serialise(r.fmt, r.sample))
+        r.read(p)
+
+
+def test_every_reader_gives_one_line_naming_the_file(tmp_path, monkeypatch, root):
+    monkeypatch.chdir(root)
+    problems, n = [], 0
+    for r in readers(tmp_path):
+        for k, (case, content, needs_line) in enumerate(cases(r)):
+            p = tmp_path / f"{r.name.split()[0]}-{k}.{r.fmt}"
+            p.write_bytes(content)
+            n += 1
+            try:
+                r.read(p)
+            except UserError as exc:
+                msg = str(exc)
+                if "\n" in msg or p.name not in msg:
+                    problems.append(f"{r.name} / {case}: not one line naming the file: {msg!r}")
+                elif needs_line and f"{p.name}:" not in msg:
+                    problems.append(f"{r.name} / {case}: no line number: {msg!r}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - what the test is looking for
+                problems.append(f"{r.name} / {case}: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            problems.append(f"{r.name} / {case}: accepted")
+    assert n > 200
+    assert not problems, f"{len(problems)} of {n} cases:\n" + "\n".join(problems)
+
+
+def test_valid_anchors_and_merge_keys_still_load(tmp_path, root, monkeypatch):
+    from cai.config.load import load_recipe
+
+    monkeypatch.chdir(root)
+    p = tmp_path / "anchors.yaml"
+    p.write_text(
+        "name: anchors\nsft: &train {epochs: 1, batch_size: 2}\npreference_model: {<<: *train, max_length: 64}\n"
+    )
+    r = load_recipe(p)
+    assert r.preference_model.batch_size == 2 and r.preference_model.max_length == 64
+
+
+@pytest.mark.parametrize(
+    "argv_of",
+    [
+        lambda p: ["recipe", "validate", str(p)],
+        lambda p: ["constitution", "validate", str(p)],
+        lambda p: ["pm", "eval", "--model", str(p.parent), "--suite", str(p)],
+        lambda p: ["constitution", "import", str(p), "-o", str(p.with_suffix(".out.yaml"))],
+    ],
+    ids=["recipe", "constitution", "suite", "paper-json"],
+)
+@pytest.mark.parametrize("content", [b"", BINARY, b"a: &x [1, *x]\n"], ids=["empty", "binary", "self-alias"])
+def test_the_command_line_exits_2_with_one_line(tmp_path, capsys, argv_of, content):
+    name = "in.json" if argv_of(Path("x.yaml"))[1] == "import" else "in.yaml"
+    p = tmp_path / name
+    p.write_bytes(content)
+    assert main(argv_of(p)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err and p.name in err

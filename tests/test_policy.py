@@ -1,0 +1,206 @@
+"""Beyond PPO on the tiny random model (CPU): soft-label DPO (its loss by hand and against TRL's, the implicit
+reward learning a learnable preference, LoRA's reference), RLOO and GRPO raising a synthetic reward with a finite
+KL, and every algorithm's log read by the report and the sqrt(KL) fit. Online rounds: tests/test_online.py."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from test_ppo import PROMPTS, lowercase_fraction
+
+from cai.config.blocks import DPOConfig, PPOConfig
+from cai.config.fields import LoraConfig
+from cai.errors import UserError
+from cai.pm.loss import dpo_loss
+from cai.rl.modules import PolicyModel
+from cai.rl.rewards import FunctionReward
+from cai.runtime.models import load_model, load_tokenizer, wrap_lora
+from cai.runtime.precision import Precision
+from cai.runtime.rundir import MetricsLog
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------------------------------------ DPO
+def test_soft_dpo_loss_by_hand():
+    beta = 0.5
+    pa, pb = torch.tensor([-3.0, -2.0, -4.0]), torch.tensor([-5.0, -2.0, -1.0])
+    ra, rb = torch.tensor([-4.0, -2.5, -4.0]), torch.tensor([-4.0, -1.5, -2.0])
+    p = torch.tensor([1.0, 0.25, 0.5])
+    # Δ = (pa − ra) − (pb − rb) = [1 − (−1), 0.5 − (−0.5), 0 − 1] = [2, 1, −1]; βΔ = [1, 0.5, −0.5]
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    want = [
+        -math.log(sig(1.0)),
+        -(0.25 * math.log(sig(0.5)) + 0.75 * math.log(sig(-0.5))),
+        -(0.5 * math.log(sig(-0.5)) + 0.5 * math.log(sig(0.5))),
+    ]
+    got = dpo_loss(pa, pb, ra, rb, p, beta)
+    torch.testing.assert_close(got, torch.tensor(want), rtol=0, atol=1e-6)
+    # swapping the sides and the label gives the same loss; p = 0.5 is symmetric in Δ
+    torch.testing.assert_close(dpo_loss(pb, pa, rb, ra, 1 - p, beta), got, rtol=0, atol=1e-6)
+
+
+PAIR_WORDS = ["apple", "river", "stone", "cloud", "green", "light", "sound", "table"]
+
+
+def learnable_pairs(n: int = 24, seed: int = 0) -> list[dict]:
+    """Pairs whose preferred side is the lower-case text, either side A or B, with soft labels (0.8 or 0.9)."""
+    rng, rows = random.Random(seed), []
+    for i in range(n):
+        text = " ".join(rng.choice(PAIR_WORDS) for _ in range(4))
+        p = 0.9 if i % 2 else 0.8
+        a, b = (text, text.upper()) if i % 3 else (text.upper(), text)
+        rows.append(
+            {
+                "id": f"p{i}",
+                "prompt_id": f"q{i}",
+                "messages": [{"role": "user", "content": f"Say something ({i})."}],
+                "response_a": a,
+                "response_b": b,
+                "p_a": p if i % 3 else 1 - p,
+            }
+        )
+    return rows
+
+
+def dpo_trainer(tmp_path, rows, *, lora: bool, steps: int = 12, lr: float = 1e-3):
+    from cai.rl.dpo import build_trainer
+
+    cfg = DPOConfig(
+        max_steps=steps,
+        batch_size=8,
+        learning_rate=lr,
+        beta=0.1,
+        max_length=128,
+        save_steps=100,
+        lora=LoraConfig(r=8, alpha=16) if lora else None,
+    )
+    tok, model = load_tokenizer("tiny-random-llama"), load_model("tiny-random-llama")
+    ref = None if lora else load_model("tiny-random-llama")
+    args = (cfg, 0, "cpu", Precision(compute="float32"), model, ref, tok, rows, rows, tmp_path / "ckpt", [])
+    return build_trainer(*args)
+
+
+def test_soft_dpo_equals_trls_sigmoid_loss_at_p_one(tmp_path):
+    from trl import DPOTrainer
+
+    trainer = dpo_trainer(tmp_path, learnable_pairs(8), lora=False)
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the policy off the reference, so the loss is not log 2 everywhere
+        for param in trainer.model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert inputs["p"].min() >= 0.5  # the preferred side is TRL's 'chosen'
+    inputs["p"] = torch.ones_like(inputs["p"])
+    ours = trainer._compute_loss(trainer.model, inputs, False)
+    theirs = DPOTrainer._compute_loss(
+        trainer, trainer.model, {k: v for k, v in inputs.items() if k != "p"}, False
+    )
+    assert abs(float(ours.detach()) - math.log(2)) > 1e-3
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_dpo_learns_a_learnable_preference_and_its_lora_reference_is_the_base(tmp_path):
+    from cai.rl.dpo import implicit_accuracy
+
+    trainer = dpo_trainer(tmp_path, learnable_pairs(), lora=True, lr=1e-2)
+    before = implicit_accuracy(trainer)
+    assert before["n"] == 24 and before["accuracy"] == 0.5  # policy = reference: every margin is 0, a tie
+    batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
+    with torch.no_grad():
+        policy0, ref0 = trainer.pair_logps(trainer.model, batch)
+    trainer.train()
+    with torch.no_grad():
+        policy1, ref1 = trainer.pair_logps(trainer.model, batch)
+    for a, b in zip(ref1, ref0):  # the reference (adapters off) did not move while the policy did
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert (policy1[0] - policy0[0]).abs().max() > 1e-2
+    after = implicit_accuracy(trainer)
+    assert after["accuracy"] >= 0.9 and after["mean_margin"] > 0.5, after
+    rows = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
+    assert (
+        rows[-1]["rewards/accuracies"] > 0.8 and rows[-1]["tokens_per_s"] > 0 and rows[-1]["time/train"] > 0
+    )
+    # with LoRA the reference is the same weights with the adapters switched off: the base model
+    lm, base = trainer.model, PolicyModel(load_model("tiny-random-llama")).eval()
+    ids = torch.tensor([[258, 65, 66, 67, 68, 69, 70, 71]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), lm.disable_adapter():
+        ref = PolicyModel(lm)(ids, mask, 4)["logprobs"]
+    torch.testing.assert_close(ref, base(ids, mask, 4)["logprobs"], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert (PolicyModel(lm)(ids, mask, 4)["logprobs"] - ref).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ RLOO, GRPO
+def group_trainer(tmp_path, algorithm: str, *, lora: bool = False, **overrides):
+    from cai.rl.group import GroupTrainer
+
+    settings = dict(
+        updates=8,
+        rollout_batch_size=16,
+        response_length=10,
+        ppo_epochs=2,
+        num_minibatches=2,
+        learning_rate=5e-3,
+        kl_coef=0.02,
+        temperature=1.0,
+        save_every=100,
+    )
+    settings.update(overrides)
+    cfg = PPOConfig(lora=LoraConfig(r=8, alpha=16) if lora else None, **settings)
+    torch.manual_seed(0)
+    lm = load_model("tiny-random-llama")
+    lm, ref = (wrap_lora(lm, cfg.lora), None) if lora else (lm, load_model("tiny-random-llama"))
+    return GroupTrainer(
+        cfg,
+        algorithm=algorithm,
+        samples_per_prompt=4,
+        policy=PolicyModel(lm),
+        tokenizer=load_tokenizer("tiny-random-llama"),
+        reward=FunctionReward(lowercase_fraction),
+        prompts=PROMPTS,
+        out_dir=tmp_path,
+        ref_model=ref,
+        seed=0,
+        metrics=MetricsLog(tmp_path / "metrics.jsonl"),
+        show_progress=False,
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_group_learners_raise_the_reward_with_a_finite_kl(tmp_path, algorithm):
+    hist = group_trainer(tmp_path, algorithm).train()
+    scores = [h["objective/score"] for h in hist]
+    assert sum(scores[-3:]) / 3 > scores[0] + 0.08, scores
+    assert all(math.isfinite(h["objective/kl"]) and math.isfinite(h["loss/policy"]) for h in hist)
+    assert hist[-1]["objective/kl_k3"] > 0  # it moved away from the reference
+    assert hist[0]["policy/first_step_approx_kl"] < 1e-6  # sampled and trained with the same weights
+    assert ("loss/kl" in hist[-1]) == (algorithm == "grpo") and "loss/value" not in hist[-1]
+    assert all(0 <= h["group/no_signal"] <= 1 for h in hist)
+
+
+def test_group_learner_lora_reference_is_the_base_and_batches_hold_whole_groups(tmp_path):
+    trainer = group_trainer(tmp_path, "grpo", lora=True, updates=2, learning_rate=2e-2)
+    trainer.train()
+    base = PolicyModel(load_model("tiny-random-llama")).eval()
+    ids = torch.tensor([[258, 258, 65, 66, 67, 68, 69, 70], [71, 72, 73, 74, 75, 76, 77, 78]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    with torch.no_grad():
+        with trainer.policy.reference() as ref:
+            got = ref(ids, mask, 4)["logprobs"]
+        moved = trainer.policy(ids, mask, 4)["logprobs"]
+        want = base(ids, mask, 4)["logprobs"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (moved - want).abs().max() > 1e-3
+    with pytest.raises(UserError, match="multiple of policy.samples_per_prompt"):
+        group_trainer(tmp_path / "bad", "rloo", rollout_batch_size=6)
