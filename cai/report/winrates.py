@@ -91,7 +91,7 @@ def win_rate_md(rep, wr: dict, n_held: int, names: dict) -> list[str]:
     kinds = sorted({k for r in wr["results"].values() for k in r.get("by_kind", {})})
     rows = [["SL-CAI model (sft) vs initial"] + [cell("sl-cai", a) for a in arms]]
     rows += [[f"SL-CAI model, {k} prompts"] + [cell("sl-cai", a, k) for a in arms] for k in kinds]
-    rows += [["final policy (ppo) vs initial"] + [cell("final", a) for a in arms]]
+    rows += [["final policy vs initial"] + [cell("final", a) for a in arms]]
     rows += [[f"final policy, {k} prompts"] + [cell("final", a, k) for a in arms] for k in kinds]
     md.append(table(["", *[label(a) for a in arms]], rows))
     if caveat:
