@@ -34,8 +34,7 @@ from cai.rl import checkpoint as ckpt
 from cai.rl import engine
 from cai.rl import ppo_math as pm
 from cai.rl.loop import OnPolicyTrainer
-from cai.rl.modules import ActorCritic, PolicyModel, disable_dropout
-from cai.rl.packing import check_varlen
+from cai.rl.modules import ActorCritic, PolicyModel, check_varlen, disable_dropout
 from cai.rl.rollout import Rollout, global_stats, prompt_indices, seed_of
 from cai.runtime import distributed as dist
 
