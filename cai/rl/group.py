@@ -24,9 +24,6 @@ is the PPO loop with two small functions swapped.
 
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 
 from cai.errors import UserError
@@ -65,14 +62,9 @@ class GroupTrainer(PPOTrainer):
         cfg, k = self.cfg, self.k
         groups = prompt_indices(len(self.prompt_ids), cfg.rollout_batch_size // k, update, self.seed)
         idx = [i for i in groups for _ in range(k)]  # each group's k samples contiguous
-        t0 = time.perf_counter()
-        gen, texts, mask, finished, input_ids, attn = self._generate(idx, update)
-        t_gen, t0 = time.perf_counter() - t0, time.perf_counter()
-        R = mask.shape[1]
-        logprobs, entropy, ref_logprobs, _ = self._forwards(gen, input_ids, attn, R)
-        t_fwd, t0 = time.perf_counter() - t0, time.perf_counter()
-        raw, score = self._score(idx, texts, finished, input_ids[:, -R:], mask, update)
-        t_score = time.perf_counter() - t0
+        s = self._sample(idx, update)
+        input_ids, attn, mask, score = s.input_ids, s.attn, s.mask, s.score
+        logprobs, ref_logprobs = s.logprobs, s.ref_logprobs
 
         beta = self.kl_ctl.value
         kl = pm.kl_per_token(logprobs, ref_logprobs, mask, cfg.kl_estimator)
@@ -84,25 +76,12 @@ class GroupTrainer(PPOTrainer):
             adv = pm.grpo_advantages(reward, k)
         kl_seq = self._mean(kl.sum(1).mean())
         self.kl_ctl.update(kl_seq, n_steps=len(idx) * dist.world_size())
-        k3 = self._mean(pm.kl_per_token(logprobs, ref_logprobs, mask, "k3").sum(1).mean())
         spread, flat = pm.group_stats(reward, k)
-        lengths = mask.sum(1)
         stats = {
-            "objective/score": self._mean(raw.mean()),
+            **self._sample_stats(s, kl_seq, beta),
             "objective/reward": self._mean(reward.mean()),
-            "objective/kl": kl_seq,
-            "objective/kl_k3": k3,
-            "objective/sqrt_kl": math.sqrt(max(k3, 0.0)),
-            "objective/kl_coef": beta,
-            "objective/entropy": self._mean((entropy * mask).sum(1).mean()),
             "group/reward_std": self._mean(spread),
             "group/no_signal": self._mean(flat),  # groups whose k rewards are all equal
-            "response/length": self._mean(lengths.mean()),
-            "response/eos_fraction": self._mean(finished.float().mean()),
-            "time/generate": t_gen,
-            "time/forward": t_fwd,
-            "time/score": t_score,
-            "_tokens": float(dist.all_reduce_sum(lengths.sum().double())),
         }
         zeros = torch.zeros_like(mask)
         return Rollout(

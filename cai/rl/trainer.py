@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from types import SimpleNamespace
 
 import torch
 
@@ -158,10 +159,10 @@ class PPOTrainer(OnPolicyTrainer):
                 parts["ref"].append(off["logprobs"])
         return (torch.cat(parts[k]).float() for k in ("logprobs", "entropy", "ref", "values"))
 
-    @torch.no_grad()
-    def rollout(self, update: int) -> Rollout:
-        cfg = self.cfg
-        idx = prompt_indices(len(self.prompt_ids), cfg.rollout_batch_size, update, self.seed)
+    def _sample(self, idx: list[int], update: int) -> SimpleNamespace:
+        """Responses to the prompts `idx` and what every on-policy rollout reads of them: the token tensors, the
+        forwards (log-probs, entropy, reference log-probs, values), the raw and shaped scores, and the seconds of
+        each phase."""
         t0 = time.perf_counter()
         gen, texts, mask, finished, input_ids, attn = self._generate(idx, update)
         t_gen, t0 = time.perf_counter() - t0, time.perf_counter()
@@ -169,7 +170,45 @@ class PPOTrainer(OnPolicyTrainer):
         logprobs, entropy, ref_logprobs, values = self._forwards(gen, input_ids, attn, R)
         t_fwd, t0 = time.perf_counter() - t0, time.perf_counter()
         raw, score = self._score(idx, texts, finished, input_ids[:, -R:], mask, update)
-        t_score = time.perf_counter() - t0
+        times = {"time/generate": t_gen, "time/forward": t_fwd, "time/score": time.perf_counter() - t0}
+        return SimpleNamespace(
+            input_ids=input_ids,
+            attn=attn,
+            mask=mask,
+            finished=finished,
+            logprobs=logprobs,
+            entropy=entropy,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            raw=raw,
+            score=score,
+            times=times,
+        )
+
+    def _sample_stats(self, s: SimpleNamespace, kl_seq: float, beta: float) -> dict:
+        """The metrics every on-policy algorithm logs of a rollout (the report and the sqrt(KL) fit read them)."""
+        k3 = self._mean(pm.kl_per_token(s.logprobs, s.ref_logprobs, s.mask, "k3").sum(1).mean())
+        lengths = s.mask.sum(1)
+        return {
+            "objective/score": self._mean(s.raw.mean()),
+            "objective/kl": kl_seq,  # the reward's penalty estimator (cfg.kl_estimator): k1 can be negative
+            "objective/kl_k3": k3,
+            "objective/sqrt_kl": math.sqrt(max(k3, 0.0)),  # of k3, never negative (max: float rounding only)
+            "objective/kl_coef": beta,
+            "objective/entropy": self._mean((s.entropy * s.mask).sum(1).mean()),
+            "response/length": self._mean(lengths.mean()),
+            "response/eos_fraction": self._mean(s.finished.float().mean()),
+            **s.times,
+            "_tokens": float(dist.all_reduce_sum(lengths.sum().double())),
+        }
+
+    @torch.no_grad()
+    def rollout(self, update: int) -> Rollout:
+        cfg = self.cfg
+        idx = prompt_indices(len(self.prompt_ids), cfg.rollout_batch_size, update, self.seed)
+        s = self._sample(idx, update)
+        input_ids, attn, mask, values, score = s.input_ids, s.attn, s.mask, s.values, s.score
+        logprobs, ref_logprobs = s.logprobs, s.ref_logprobs
 
         kl = pm.kl_per_token(logprobs, ref_logprobs, mask, cfg.kl_estimator)
         beta = self.kl_ctl.value
@@ -181,27 +220,13 @@ class PPOTrainer(OnPolicyTrainer):
             advantages = pm.whiten(advantages, mask, stats=global_stats(advantages, mask))
         kl_seq = self._mean(kl.sum(1).mean())
         self.kl_ctl.update(kl_seq, n_steps=len(idx) * dist.world_size())
-        lengths = mask.sum(1)
         stats = {
-            "objective/score": self._mean(raw.mean()),
+            **self._sample_stats(s, kl_seq, beta),
             "objective/reward": self._mean(score.mean()),
-            "objective/kl": kl_seq,  # the reward's penalty estimator (cfg.kl_estimator): k1 can be negative
-            "objective/kl_k3": (
-                k3 := self._mean(pm.kl_per_token(logprobs, ref_logprobs, mask, "k3").sum(1).mean())
-            ),
-            "objective/sqrt_kl": math.sqrt(max(k3, 0.0)),  # of k3, never negative (max: float rounding only)
-            "objective/kl_coef": beta,
-            "objective/entropy": self._mean((entropy * mask).sum(1).mean()),
             "objective/non_score_reward": self._mean(non_score.sum(1).mean()),
             "val/explained_variance": self._mean(
                 pm.explained_variance(values, returns, mask).nan_to_num(0.0)
             ),
-            "response/length": self._mean(lengths.mean()),
-            "response/eos_fraction": self._mean(finished.float().mean()),
-            "time/generate": t_gen,
-            "time/forward": t_fwd,
-            "time/score": t_score,
-            "_tokens": float(dist.all_reduce_sum(lengths.sum().double())),
         }
         return Rollout(
             input_ids, attn, mask, logprobs, ref_logprobs, values * mask, advantages, returns, stats
