@@ -50,20 +50,15 @@ def common_prefix(seqs: list, min_len: int = 8) -> int:
     return n if n >= min_len else 0
 
 
-class Packing:
-    """The attention layout of a packed row, made once per forward and read by every layer. Segment s owns
-    packed positions [start[s], start[s] + length[s]) and attends causally to them, after all of its parent's
-    (the group prefix: parent_len[s] tokens from parent_start[s]; 0 for a prefix or an unshared sequence)."""
+class _Batch:
+    """Some segments of a packed row gathered into a padded batch for one attention call: [S, T] queries (T, the
+    longest of them) and [S, P + T] keys (P, their longest parent); `mask` [S, 1, T, P + T] allows a query its
+    parent's tokens and, causally, its own; `out_src` / `out_dst`: its real queries' places in the flattened
+    [S * T] output and in the packed row."""
 
-    def __init__(
-        self, start: list[int], length: list[int], parent_start: list[int], parent_len: list[int], device
-    ):
+    def __init__(self, start, length, parent_start, parent_len, device):
         import torch
 
-        self.segments = list(zip(start, length, parent_start, parent_len))
-        self.batched = BATCHED_ATTENTION and len(start) > 1
-        if not self.batched:
-            return
         lengths = torch.tensor(length, device=device)
         plens = torch.tensor(parent_len, device=device)
         T, P = int(lengths.max()), int(plens.max())
@@ -78,11 +73,33 @@ class Packing:
         self.k_index = torch.cat([p_index, q_index], 1).reshape(-1)
         own = torch.ones(T, T, dtype=torch.bool, device=device).tril() & valid[:, None, :]
         self.mask = torch.cat([pvalid[:, None, :].expand(-1, T, -1), own], 2).unsqueeze(1)
-        # packed position n <- its (segment, step) place in the padded batch: the output is a gather
-        n = int(lengths.sum())
-        inverse = torch.empty(n, dtype=torch.long, device=device)
-        inverse[q_index[valid]] = torch.arange(len(start) * T, device=device).reshape(len(start), T)[valid]
-        self.inverse = inverse
+        self.out_src = torch.arange(len(start) * T, device=device).reshape(len(start), T)[valid]
+        self.out_dst = q_index[valid]
+
+
+class Packing:
+    """The attention layout of a packed row, made once per forward and read by every layer. Segment s owns
+    packed positions [start[s], start[s] + length[s]) and attends causally to them, after all of its parent's
+    (the group prefix: parent_len[s] tokens from parent_start[s]; 0 for a prefix or an unshared sequence).
+
+    Batched, the segments go into two padded batches, one attention call each: those without a parent (group
+    prefixes, unshared sequences) and those with one (the replies after a shared prefix). Padding a short reply to
+    the length of a long prefix, with the prefix's keys, would cost more attention than the padded batch saves:
+    an HH pair's conversation is hundreds of tokens, its replies tens."""
+
+    def __init__(
+        self, start: list[int], length: list[int], parent_start: list[int], parent_len: list[int], device
+    ):
+        self.segments = list(zip(start, length, parent_start, parent_len))
+        self.batched = BATCHED_ATTENTION and len(start) > 1
+        if not self.batched:
+            return
+        self.n = sum(length)
+        self.batches = []
+        for has_parent in (False, True):
+            chosen = [seg for seg in self.segments if (seg[3] > 0) == has_parent]
+            if chosen:
+                self.batches.append(_Batch(*map(list, zip(*chosen)), device=device))
 
 
 def _varlen_attention(
@@ -105,14 +122,18 @@ def _varlen_attention(
             raise NotImplementedError(f"cai_varlen attention does not support {key_name}")
     pk, gqa = cai_packing, query.shape[1] != key.shape[1]
     if pk.batched:
-        S, T, P = pk.shape
+        H, D = query.shape[1], query.shape[3]
+        out = query.new_zeros(H, pk.n, D)
+        for b in pk.batches:
+            S, T, P = b.shape
 
-        def rows(x, index, width):  # [1, H, N, D] -> [S, H, width, D] gathered at `index`
-            return x[0][:, index].reshape(x.shape[1], S, width, x.shape[3]).transpose(0, 1)
+            def rows(x, index, width, S=S):  # [1, H, N, D] -> [S, H, width, D] gathered at `index`
+                return x[0][:, index].reshape(x.shape[1], S, width, x.shape[3]).transpose(0, 1)
 
-        q, k, v = rows(query, pk.q_index, T), rows(key, pk.k_index, P + T), rows(value, pk.k_index, P + T)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=pk.mask, scale=scaling, enable_gqa=gqa)
-        out = o.transpose(0, 1).reshape(o.shape[1], S * T, o.shape[3])[:, pk.inverse]
+            q, k, v = rows(query, b.q_index, T), rows(key, b.k_index, P + T), rows(value, b.k_index, P + T)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scaling, enable_gqa=gqa)
+            o = o.transpose(0, 1).reshape(H, S * T, D)[:, b.out_src]
+            out = out.index_copy(1, b.out_dst, o) if len(pk.batches) > 1 else o[:, _order(b)]
         return out.unsqueeze(0).transpose(1, 2).contiguous(), None
     outs = [None] * len(pk.segments)
     for i, (s, n, ps, pn) in enumerate(pk.segments):
@@ -123,6 +144,16 @@ def _varlen_attention(
         outs[i] = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
     order = sorted(range(len(outs)), key=lambda i: pk.segments[i][0])
     return torch.cat([outs[i] for i in order], 2).transpose(1, 2).contiguous(), None
+
+
+def _order(b: _Batch):
+    """For a batch that holds every segment: the permutation that puts its real queries in packed order."""
+    import torch
+
+    if not hasattr(b, "order"):
+        b.order = torch.empty_like(b.out_dst)
+        b.order[b.out_dst] = torch.arange(len(b.out_dst), device=b.out_dst.device)
+    return b.order
 
 
 def varlen_supported(model) -> bool:
