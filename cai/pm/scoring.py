@@ -211,6 +211,8 @@ class RewardScorer:
             self.model
         ):  # conversations grouped as given (an item's replies), each group's start once
             groups = groups or [[i] for i in range(len(seqs))]
+            # longest first, as the padded path: a chunk's segments are alike in length, little is padded
+            groups = sorted(groups, key=lambda g: -max(len(seqs[i]) for i in g))
             for chunk in chunk_groups(groups, batch_size):
                 packed = pack([[seqs[i] for i in g] for g in chunk], self.device)
                 with torch.no_grad():
