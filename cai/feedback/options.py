@@ -128,6 +128,7 @@ def _fast_batches(model, split, fast: list[int], groups, batch_size: int) -> lis
     given = [[i for i in g if i in todo] for g in groups or []]
     seen = {i for g in given for i in g}
     given = [g for g in given if g] + [[i] for i in fast if i not in seen]
+    given.sort(key=lambda g: -max(len(split[i][0]) for i in g))  # longest first: chunks alike in length
     return list(chunk_groups(given, batch_size))
 
 
