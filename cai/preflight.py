@@ -140,7 +140,8 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
     lines, seen = [], set()
     # with arms, the stages run in each arm's recipe (the report in the recipe's own)
     variants = [(n, r) for n, r in expand_arms(recipe) if not arms or n in arms] or [(None, recipe)]
-    for stage in stages if stages is not None else [s for s in recipe.stages if active(recipe, s)]:
+    chosen = stages if stages is not None else [s for s in recipe.stages if active(recipe, s)]
+    for stage in chosen:
         for arm, variant in variants if stage != "report" else [(None, recipe)]:
             for loc, kind, value, what in stage_refs(variant, stage):
                 own = arm if arm and _get(recipe, loc) != _get(variant, loc) else None
@@ -154,7 +155,6 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
                 p = problem(kind, value, stage)
                 if p:
                     lines.append(f"{here}: {f'arm {own!r}: ' if own else ''}key '{key}': {what}{p}")
-    chosen = stages if stages is not None else [s for s in recipe.stages if active(recipe, s)]
     return lines + vllm_problems(recipe, chosen)
 
 

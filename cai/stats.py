@@ -31,6 +31,15 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def mean_std(xs) -> tuple[float, float]:
+    """Mean (0 when empty) and sample standard deviation, as a scale to divide by: 1.0 where it is 0 or undefined."""
+    xs = list(xs)
+    n = len(xs)
+    m = sum(xs) / n if n else 0.0
+    sd = (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return m, sd or 1.0
+
+
 def wilson_ci(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval for a proportion (ties may count as half successes)."""
     if n <= 0:

@@ -27,6 +27,7 @@ from cai.runtime.training import (
     token_callback,
     training_args,
 )
+from cai.stats import mean_std
 
 ORIGIN_FILE = "pm_origin.json"
 
@@ -147,10 +148,8 @@ def score_norm(model, tok, held: list[dict], record: dict, batch_size: int) -> d
     model.eval()  # no dropout, as PPO's reward
     scores = scorer.score(convs, batch_size=batch_size).tolist() if convs else []
     model.train(was)
-    n = len(scores)
-    mean = sum(scores) / n if n else 0.0
-    std = (sum((x - mean) ** 2 for x in scores) / (n - 1)) ** 0.5 if n > 1 else 1.0
-    return {"mean": mean, "std": std or 1.0, **record}
+    mean, std = mean_std(scores)
+    return {"mean": mean, "std": std, **record}
 
 
 def train_pm(

@@ -20,6 +20,7 @@ from cai.plots import plot_overoptimisation
 from cai.pm.scoring import RewardScorer
 from cai.report.klfit import fit_gao, fit_sqrt_kl, kl_key
 from cai.runtime.rundir import SAMPLES, read_jsonl
+from cai.stats import mean_std
 
 
 def read_samples(path: Path) -> dict[int, list[dict]]:
@@ -40,8 +41,7 @@ def gains(by_update: dict[int, list[float]]) -> list[float]:
     """Per update (in order), the mean score minus the first update's, over the SD of all scores (1 if none)."""
     updates = sorted(by_update)
     every = [x for u in updates for x in by_update[u]]
-    mean = sum(every) / len(every)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in every) / max(len(every) - 1, 1)) or 1.0
+    _, sd = mean_std(every)
     first = sum(by_update[updates[0]]) / len(by_update[updates[0]])
     return [(sum(by_update[u]) / len(by_update[u]) - first) / sd for u in updates]
 

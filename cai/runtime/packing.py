@@ -133,7 +133,7 @@ def _varlen_attention(
             q, k, v = rows(query, b.q_index, T), rows(key, b.k_index, P + T), rows(value, b.k_index, P + T)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scaling, enable_gqa=gqa)
             o = o.transpose(0, 1).reshape(H, S * T, D)[:, b.out_src]
-            out = out.index_copy(1, b.out_dst, o) if len(pk.batches) > 1 else o[:, _order(b)]
+            out = out.index_copy(1, b.out_dst, o)
         return out.unsqueeze(0).transpose(1, 2).contiguous(), None
     outs = [None] * len(pk.segments)
     for i, (s, n, ps, pn) in enumerate(pk.segments):
@@ -144,16 +144,6 @@ def _varlen_attention(
         outs[i] = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
     order = sorted(range(len(outs)), key=lambda i: pk.segments[i][0])
     return torch.cat([outs[i] for i in order], 2).transpose(1, 2).contiguous(), None
-
-
-def _order(b: _Batch):
-    """For a batch that holds every segment: the permutation that puts its real queries in packed order."""
-    import torch
-
-    if not hasattr(b, "order"):
-        b.order = torch.empty_like(b.out_dst)
-        b.order[b.out_dst] = torch.arange(len(b.out_dst), device=b.out_dst.device)
-    return b.order
 
 
 def varlen_supported(model) -> bool:

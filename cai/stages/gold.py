@@ -28,6 +28,7 @@ from cai.runtime import distributed as dist
 from cai.runtime.precision import Precision
 from cai.runtime.rundir import write_json
 from cai.runtime.training import save_trained
+from cai.stats import mean_std
 
 
 def split_human_pairs(path: str, n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list[dict], int]:
@@ -71,8 +72,7 @@ def run(ctx) -> Path:
     out = ctx.out_dir / "model"
     save_trained(trainer, model, tok, out, merge=bool(cfg.lora), dtype=Precision.of(settings).save)
     scores = [float(x) for x in raw]
-    mean = sum(scores) / len(scores)
-    std = (sum((x - mean) ** 2 for x in scores) / max(len(scores) - 1, 1)) ** 0.5 or 1.0
+    mean, std = mean_std(scores)
     if dist.is_main():
         write_origin(out, cfg.backbone, cfg.head, settings.seed)
         write_json(
