@@ -321,3 +321,20 @@ def test_recipe_schema_export(capsys):
     for name, block in schema["$defs"].items():
         for key, prop in block.get("properties", {}).items():
             assert prop.get("description"), f"{name}.{key} has no description"
+
+
+def test_a_stage_view_reads_only_its_declared_keys():
+    from cai.config.layout import stage_view
+    from cai.config.view import UndeclaredRead
+
+    recipe = Recipe(name="x", sft={"epochs": 3}, policy={"algorithm": "dpo"})
+    view = stage_view(recipe, "sft")
+    assert view.sft.epochs == 3 and view.models.policy == recipe.models.policy
+    with pytest.raises(UndeclaredRead, match=r"stage 'sft' read recipe key 'ppo'"):
+        getattr(view, "ppo")  # noqa: B009
+    with pytest.raises(AttributeError, match="read-only"):
+        view.sft = None
+    # what the policy stage reads depends on its algorithm: DPO's block only for DPO
+    assert stage_view(recipe, "policy").dpo.beta == recipe.dpo.beta
+    with pytest.raises(UndeclaredRead):
+        getattr(stage_view(Recipe(name="y"), "policy"), "dpo")  # noqa: B009
