@@ -29,7 +29,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/cai models prepare smollm2-135m-instruct
-	$(BIN)/cai run recipes/quickstart.yaml
+	$(BIN)/cai run recipes/quickstart.yaml $(if $(VLLM_EXTRA),,--set critique_revise.generation.backend=hf --set feedback.generation.backend=hf)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -163,18 +163,23 @@ def vllm_problems(recipe: Recipe, stages: list[str]) -> list[str]:
     if vllm_engine.available():
         return []
     asked = []
-    generating = {"critique_revise", "feedback", "report"} | (
-        {"policy"} if recipe.policy.rounds > 1 else set()
-    )
-    if recipe.generation.backend == "vllm" and generating & set(stages):
-        asked.append(("generation", "backend"))
+    own = {"critique_revise": recipe.critique_revise, "feedback": recipe.feedback}  # stages that may override
+    online = recipe.policy.rounds > 1 and "policy" in stages  # later rounds sample as the feedback stage does
+    for stage in ("critique_revise", "feedback", "report"):
+        block = own.get(stage)
+        over = block.generation.backend if block is not None and block.generation is not None else None
+        runs = stage in stages or (stage == "feedback" and online)
+        if runs and over == "vllm":
+            asked.append((stage, "generation", "backend"))
+        elif runs and over is None and recipe.generation.backend == "vllm":
+            asked.append(("generation", "backend"))
     on_policy = recipe.policy.algorithm != "dpo"
     if recipe.ppo.rollout_backend == "vllm" and on_policy and "policy" in stages:
         asked.append(("ppo", "rollout_backend"))
     return [
         f"{_locate(recipe, loc, None)}: key '{'.'.join(loc)}': vLLM is not installed; install the extra: "
         f"{vllm_engine.EXTRA}"
-        for loc in asked
+        for loc in dict.fromkeys(asked)
     ]
 
 

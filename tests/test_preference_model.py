@@ -461,25 +461,37 @@ def test_lm_coef_needs_a_value_head(tiny_recipe, tmp_path):
         effective(tiny_recipe("preference_model.spec=bt-lora", "preference_model.lm_coef=0.1"))
 
 
-@pytest.mark.parametrize("head", ["classifier", "value_head"])
-def test_packed_pair_scores_equal_the_padded_ones_with_their_gradients(tiny_dir, head):
-    """PM training scores each pair in one packed forward, its shared conversation once: the same scores and
-    the same gradients as the padded batch, for both heads."""
+@pytest.mark.parametrize(
+    "head,system,batched",
+    [("classifier", 0, True), ("value_head", 0, True), ("classifier", 10, True), ("value_head", 10, False)],
+)
+def test_packed_pair_scores_equal_the_padded_ones_with_their_gradients(
+    tiny_dir, monkeypatch, head, system, batched
+):
+    """PM training scores each pair in one packed forward, its shared conversation once (and, with a system
+    prompt every pair starts with, that once for the whole row): the same scores and the same gradients as the
+    padded batch, for both heads and both ways of running the attention."""
     from cai.pm.scoring import can_pack, pair_scores
     from cai.pm.value_head import ValueHeadPM
+    from cai.runtime import packing
     from cai.runtime.forward import pad
     from cai.runtime.models import load_model
 
+    monkeypatch.setattr(packing, "BATCHED_ATTENTION", batched)
     torch.manual_seed(0)
     if head == "value_head":
         pm = ValueHeadPM.from_pretrained("tiny-random-llama", seed=3)
     else:
         pm = load_model("tiny-random-llama", kind="seq_cls")
     assert can_pack(pm)
-    conv = [list(torch.randint(5, 200, (n,)).tolist()) for n in (12, 20, 9)]
+    start = torch.randint(5, 200, (system,)).tolist()
+    conv = [start + torch.randint(5, 200, (n,)).tolist() for n in (12, 20, 9)]
     a = [c + torch.randint(5, 200, (k,)).tolist() for c, k in zip(conv, (3, 7, 1))]
     b = [c + torch.randint(5, 200, (k,)).tolist() for c, k in zip(conv, (5, 2, 4))]
     ids, mask = pad(a + b, 0, side="right")
+    layout = packing.pack([[a[i], b[i]] for i in range(3)], "cpu")
+    assert layout.ids.shape[1] == system + 12 + 20 + 9 + 3 + 7 + 1 + 5 + 2 + 4  # every shared token once
+    assert [len(x) for x in layout.where] == [len(s) for pair in zip(a, b) for s in pair]
 
     def run(fn):
         pm.zero_grad()

@@ -57,6 +57,7 @@ class GenerationConfig(Strict):
 class GenerationOverride(Strict):
     """Per-stage overrides of `generation`; unset fields inherit the recipe's `generation` block."""
 
+    backend: Literal["hf", "vllm"] | None = Field(None, description="Overrides generation.backend.")
     batch_size: int | None = Field(None, ge=1, description="Overrides generation.batch_size.")
     max_new_tokens: int | None = Field(None, ge=1, description="Overrides generation.max_new_tokens.")
     temperature: float | None = Field(None, ge=0.0, description="Overrides generation.temperature.")

@@ -25,10 +25,10 @@ def response_states(model, input_ids, attention_mask, n_response: int, varlen: b
     """Last hidden states at the positions that predict each real response token (the last `n_response`
     columns where `attention_mask` is 1): [n_real, H], in row-major order of the response mask.
 
-    With `varlen`, the real tokens of all rows are packed into one sequence: no padding is computed, and a
-    prefix that every row shares (a chat template's system prompt, or one prompt sampled several times) is
-    computed once and attended to by every row. Otherwise the padded batch runs with its attention mask.
-    Both give the same states, and the same gradients. `shift=0` gives the states at the tokens themselves.
+    With `varlen`, the real tokens of all rows are packed into one sequence: no padding is computed, the prefix
+    that every row shares (a chat template's system prompt) is computed once, and so is each prompt that several
+    rows sample (RLOO's and GRPO's groups). Otherwise the padded batch runs with its attention mask. Both give the
+    same states, and the same gradients. `shift=0` gives the states at the tokens themselves.
     """
     B, T = input_ids.shape
     rmask = attention_mask[:, T - n_response :].bool()
@@ -43,12 +43,20 @@ def response_states(model, input_ids, attention_mask, n_response: int, varlen: b
         return out.last_hidden_state[:, T - n_response - shift : T - shift][rmask]
     real = attention_mask.bool()
     seqs = [input_ids[i][real[i]] for i in range(B)]
-    packed = pack([seqs], input_ids.device)
+    n_prompt = real[:, : T - n_response].sum(1).tolist()
+    by_prompt: dict[tuple, list[int]] = {}
+    for i in range(B):
+        by_prompt.setdefault(tuple(seqs[i][: n_prompt[i]].tolist()), []).append(i)
+    groups = list(by_prompt.values())
+    packed = pack([[seqs[i] for i in g] for g in groups], input_ids.device)
     h = packed_states(model, packed)
+    where = [None] * B
+    for w, i in zip(packed.where, (i for g in groups for i in g)):
+        where[i] = w
     # a row's real tokens are contiguous (left-padded prompt, then the response up to EOS): its response tokens
     # are its last r real ones, predicted by the states one position earlier
     r = rmask.sum(1).tolist()
-    idx = torch.cat([w[len(w) - n - shift : len(w) - shift] for w, n in zip(packed.where, r)]).to(h.device)
+    idx = torch.cat([w[len(w) - n - shift : len(w) - shift] for w, n in zip(where, r)]).to(h.device)
     return h[idx]
 
 

@@ -1,14 +1,15 @@
-"""Packed (padding-free) forwards that compute a shared prefix once: the one way cai runs a trunk over several
-sequences that share their beginning — PPO's rollouts (a chat template's system prompt, or one prompt sampled k
+"""Packed (padding-free) forwards that compute a shared beginning once: the one way cai runs a trunk over several
+sequences that share their start — PPO's rollouts (a chat template's system prompt, or one prompt sampled k
 times), a preference pair's two replies to one conversation, a labeller's two option orders of one question.
 
-Sequences come in groups; a group's prefix is the longest beginning all its sequences share (each keeps at
-least one token of its own). Every token goes once into one packed row: each group's prefix, then each
-sequence's own part. Attention (`Packing`): a prefix token attends causally within its prefix; an own token
-attends to its group's prefix and causally to its own part. Position ids continue from the prefix, so the hidden
-states are those of each sequence run alone — the same values and gradients as the padded batch (tested), with
-no padding computed and no prefix computed twice. Attention runs as one batched call per layer over every
-segment (gathered into a padded batch for attention only), or one call per segment as the fallback.
+Sequences come in groups. The sequences of a packed row share a prefix tree of two levels: the row's root (the
+longest beginning every sequence shares: a chat template's system prompt) and each group's prefix after it (a
+pair's conversation); every sequence keeps at least one token of its own. Every token goes once into the packed
+row: the root, then each group's prefix, then each sequence's own part. Attention (`Packing`): a segment attends
+to all of its ancestors' tokens and causally to its own. Position ids continue from the ancestors, so the hidden
+states are those of each sequence run alone — the same values and gradients as the padded batch (tested), with no
+padding computed and no shared beginning computed twice. Attention runs as one batched call per layer and tree
+depth (gathered into a padded batch for attention only), or one call per segment as the fallback.
 torch is imported inside the functions: this module is imported by light ones.
 """
 
@@ -41,65 +42,69 @@ def common_prefix(seqs: list, min_len: int = 8) -> int:
     if len(seqs) < 2:
         return 0
     limit = min(len(x) for x in seqs) - 1
-    first = list(seqs[0][:limit])
+    first = _ints(seqs[0][:limit])
     n = limit
     for x in seqs[1:]:
-        x = list(x[:n])
+        x = _ints(x[:n])
         k = next((i for i, (a, b) in enumerate(zip(x, first)) if a != b), n)
         n = min(n, k)
     return n if n >= min_len else 0
 
 
+def _ints(x) -> list:
+    return x.tolist() if hasattr(x, "tolist") else list(x)
+
+
 class _Batch:
     """Some segments of a packed row gathered into a padded batch for one attention call: [S, T] queries (T, the
-    longest of them) and [S, P + T] keys (P, their longest parent); `mask` [S, 1, T, P + T] allows a query its
-    parent's tokens and, causally, its own; `out_src` / `out_dst`: its real queries' places in the flattened
-    [S * T] output and in the packed row."""
+    longest of them) and [S, P + T] keys (P, the most ancestor tokens of any of them); `mask` [S, 1, T, P + T]
+    allows a query its ancestors' tokens and, causally, its own; `out_src` / `out_dst`: its real queries' places in
+    the flattened [S * T] output and in the packed row."""
 
-    def __init__(self, start, length, parent_start, parent_len, device):
+    def __init__(self, segments: list, device):
         import torch
 
-        lengths = torch.tensor(length, device=device)
-        plens = torch.tensor(parent_len, device=device)
-        T, P = int(lengths.max()), int(plens.max())
+        lengths = torch.tensor([seg[1] for seg in segments], device=device)
+        S, T = len(segments), int(lengths.max())
         t = torch.arange(T, device=device)
         valid = t[None, :] < lengths[:, None]
-        q_index = torch.tensor(start, device=device)[:, None] + torch.where(valid, t, 0)
-        p = torch.arange(P, device=device)
-        pvalid = p[None, :] < plens[:, None]
-        p_index = torch.tensor(parent_start, device=device)[:, None] + torch.where(pvalid, p, 0)
-        self.shape = (len(start), T, P)
+        starts = torch.tensor([seg[0] for seg in segments], device=device)
+        q_index = starts[:, None] + torch.where(valid, t, 0)
+        above = [[i for a, n in seg[2] for i in range(a, a + n)] for seg in segments]
+        P = max(len(x) for x in above)
+        p_index = torch.tensor([x + [0] * (P - len(x)) for x in above], dtype=torch.long, device=device)
+        pvalid = (
+            torch.arange(P, device=device)[None, :]
+            < torch.tensor([len(x) for x in above], device=device)[:, None]
+        )
+        self.shape = (S, T, P)
         self.q_index = q_index.reshape(-1)
-        self.k_index = torch.cat([p_index, q_index], 1).reshape(-1)
+        self.k_index = torch.cat([p_index.reshape(S, P), q_index], 1).reshape(-1)
         own = torch.ones(T, T, dtype=torch.bool, device=device).tril() & valid[:, None, :]
         self.mask = torch.cat([pvalid[:, None, :].expand(-1, T, -1), own], 2).unsqueeze(1)
-        self.out_src = torch.arange(len(start) * T, device=device).reshape(len(start), T)[valid]
+        self.out_src = torch.arange(S * T, device=device).reshape(S, T)[valid]
         self.out_dst = q_index[valid]
 
 
 class Packing:
     """The attention layout of a packed row, made once per forward and read by every layer. Segment s owns
-    packed positions [start[s], start[s] + length[s]) and attends causally to them, after all of its parent's
-    (the group prefix: parent_len[s] tokens from parent_start[s]; 0 for a prefix or an unshared sequence).
+    packed positions [start[s], start[s] + length[s]) and attends causally to them, after all the tokens of its
+    ancestors: `above[s]`, the (start, length) ranges of the root and the group prefix above it, in order (none
+    for the root, or for a sequence that shares nothing).
 
-    Batched, the segments go into two padded batches, one attention call each: those without a parent (group
-    prefixes, unshared sequences) and those with one (the replies after a shared prefix). Padding a short reply to
-    the length of a long prefix, with the prefix's keys, would cost more attention than the padded batch saves:
-    an HH pair's conversation is hundreds of tokens, its replies tens."""
+    Batched, the segments go into one padded batch per depth in the tree, one attention call each: the root, the
+    group prefixes (and sequences under the root alone), the replies. Padding a short reply to the length of a long
+    conversation, with the conversation's keys, would cost more attention than the padded batch saves: an HH
+    pair's conversation is hundreds of tokens, its replies tens."""
 
-    def __init__(
-        self, start: list[int], length: list[int], parent_start: list[int], parent_len: list[int], device
-    ):
-        self.segments = list(zip(start, length, parent_start, parent_len))
+    def __init__(self, start: list[int], length: list[int], above: list[list[tuple[int, int]]], device):
+        self.segments = list(zip(start, length, above))
         self.batched = BATCHED_ATTENTION and len(start) > 1
         if not self.batched:
             return
         self.n = sum(length)
-        self.batches = []
-        for has_parent in (False, True):
-            chosen = [seg for seg in self.segments if (seg[3] > 0) == has_parent]
-            if chosen:
-                self.batches.append(_Batch(*map(list, zip(*chosen)), device=device))
+        depths = sorted({len(seg[2]) for seg in self.segments})
+        self.batches = [_Batch([seg for seg in self.segments if len(seg[2]) == d], device) for d in depths]
 
 
 def _varlen_attention(
@@ -136,10 +141,11 @@ def _varlen_attention(
             out = out.index_copy(1, b.out_dst, o)
         return out.unsqueeze(0).transpose(1, 2).contiguous(), None
     outs = [None] * len(pk.segments)
-    for i, (s, n, ps, pn) in enumerate(pk.segments):
+    for i, (s, n, above) in enumerate(pk.segments):
         q = query[:, :, s : s + n]
-        k = torch.cat([key[:, :, ps : ps + pn], key[:, :, s : s + n]], 2)
-        v = torch.cat([value[:, :, ps : ps + pn], value[:, :, s : s + n]], 2)
+        k = torch.cat([key[:, :, a : a + m] for a, m in above] + [key[:, :, s : s + n]], 2)
+        v = torch.cat([value[:, :, a : a + m] for a, m in above] + [value[:, :, s : s + n]], 2)
+        pn = sum(m for _, m in above)
         allowed = torch.ones(n, pn + n, dtype=torch.bool, device=q.device).tril(diagonal=pn)
         outs[i] = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
     order = sorted(range(len(outs)), key=lambda i: pk.segments[i][0])
@@ -212,28 +218,30 @@ class Packed:
 
 
 def pack(groups: list[list], device, min_prefix: int = 8) -> Packed:
-    """Pack groups of token sequences (lists or 1-d tensors of ids); sequences in one group share their common
-    beginning (`common_prefix`), computed once. `where` follows the sequences in group order."""
+    """Pack groups of token sequences (lists or 1-d tensors of ids): the beginning that every sequence of the row
+    shares is computed once (the root), and after it the beginning that the sequences of one group share
+    (`common_prefix`, each at least `min_prefix` tokens). `where` follows the sequences in group order."""
     import torch
 
-    ids, pos, start, length, pstart, plen, where = [], [], [], [], [], [], []
-    n = 0
+    groups = [[torch.as_tensor(s, dtype=torch.long) for s in g] for g in groups]
+    root = common_prefix([s for g in groups for s in g], min_prefix) if len(groups) > 1 else 0
+    ids, pos, start, length, above, where = [], [], [], [], [], []
+
+    def segment(tokens, first: int, ancestors: list) -> tuple[int, int]:
+        at = sum(length)
+        ids.append(tokens), pos.append(torch.arange(first, first + len(tokens)))
+        start.append(at), length.append(len(tokens)), above.append(ancestors)
+        return at, len(tokens)
+
+    top = [segment(groups[0][0][:root], 0, [])] if root else []
     for group in groups:
-        seqs = [torch.as_tensor(s, dtype=torch.long) for s in group]
-        p = common_prefix(seqs, min_prefix)
-        if p:
-            ids.append(seqs[0][:p])
-            pos.append(torch.arange(p))
-            start.append(n), length.append(p), pstart.append(0), plen.append(0)
-        prefix_at, n = n, n + p
-        for s in seqs:
-            own = len(s) - p
-            ids.append(s[p:])
-            pos.append(torch.arange(p, len(s)))
-            start.append(n), length.append(own), pstart.append(prefix_at), plen.append(p)
-            where.append(torch.cat([torch.arange(prefix_at, prefix_at + p), torch.arange(n, n + own)]))
-            n += own
-    packing = Packing(start, length, pstart, plen, device)
+        rest = [s[root:] for s in group]
+        p = common_prefix(rest, min_prefix)
+        chain = top + [segment(rest[0][:p], root, top)] if p else top
+        for s in rest:
+            at, n = segment(s[p:], root + p, chain)
+            where.append(torch.cat([torch.arange(a, a + m) for a, m in chain] + [torch.arange(at, at + n)]))
+    packing = Packing(start, length, above, device)
     return Packed(torch.cat(ids)[None].to(device), torch.cat(pos)[None].to(device), packing, where)
 
 
