@@ -22,9 +22,14 @@ to sleep. `cai.runtime.generate.VLLMBackend` (the stages) and `cai.rl.colocate` 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import importlib.util
+import inspect
 import os
+import sys
+import types
 from pathlib import Path
 
 from cai.errors import UserError
@@ -160,11 +165,28 @@ def release() -> None:
     if not _ENGINE:
         return
     _ENGINE.clear()
+    _clear_kept_frames()
     gc.collect()
+    if sys.platform.startswith("linux"):  # hand the engine's freed heap back to the system (glibc keeps it)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _clear_kept_frames() -> None:
+    """vLLM keeps alive, by a reference held from C, frames of the calls that entered it, and through `f_back`
+    every frame that called them, with their locals: the engine and whatever its callers held (measured on the CPU
+    with SmolLM2: 2.2 GB of the engine's 2.9 GB stayed after `release`; on a GPU its KV cache would). A frame that
+    has finished is read by nobody but a traceback printer: its locals are cleared. Frames still running (this
+    call's callers, other threads) and suspended generators are left as they are."""
+    suspended = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+    for obj in gc.get_objects():
+        if isinstance(obj, types.FrameType) and not obj.f_code.co_flags & suspended:
+            with contextlib.suppress(RuntimeError):  # "cannot clear an executing frame"
+                obj.clear()
 
 
 def sampling_params(sampling, seed: int, n: int) -> list:
