@@ -163,16 +163,14 @@ def vllm_problems(recipe: Recipe, stages: list[str]) -> list[str]:
     if vllm_engine.available():
         return []
     asked = []
-    own = {"critique_revise": recipe.critique_revise, "feedback": recipe.feedback}  # stages that may override
     online = recipe.policy.rounds > 1 and "policy" in stages  # later rounds sample as the feedback stage does
+    overrides = {"critique_revise": recipe.critique_revise.generation, "feedback": recipe.feedback.generation}
     for stage in ("critique_revise", "feedback", "report"):
-        block = own.get(stage)
-        over = block.generation.backend if block is not None and block.generation is not None else None
-        runs = stage in stages or (stage == "feedback" and online)
-        if runs and over == "vllm":
-            asked.append((stage, "generation", "backend"))
-        elif runs and over is None and recipe.generation.backend == "vllm":
-            asked.append(("generation", "backend"))
+        if stage not in stages and not (stage == "feedback" and online):
+            continue
+        own = getattr(overrides.get(stage), "backend", None)  # the stage's own choice, or None: the recipe's
+        if (own or recipe.generation.backend) == "vllm":
+            asked.append((stage, "generation", "backend") if own else ("generation", "backend"))
     on_policy = recipe.policy.algorithm != "dpo"
     if recipe.ppo.rollout_backend == "vllm" and on_policy and "policy" in stages:
         asked.append(("ppo", "rollout_backend"))

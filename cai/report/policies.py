@@ -91,9 +91,8 @@ def comparison_section(rep) -> list[str]:
         if final and sft:
             against.setdefault(str(models[("sl-cai", a)]), {"sft": sft, "arms": {}})["arms"][a] = final
     for group in against.values():
-        names = {
-            a: "final policy" if a is None else str(a) for a in group["arms"]
-        }  # a run without arms: None
+        # a run without arms has one arm, None
+        names = {a: "final policy" if a is None else str(a) for a in group["arms"]}
         res = win_rates(config, held, group["sft"], {names[a]: final for a, final in group["arms"].items()})
         wins.update({a: res["results"].get(names[a]) for a in group["arms"]})
     rows = [["algorithm"] + [algorithm_label(d) for d in dirs.values()]]

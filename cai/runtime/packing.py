@@ -79,7 +79,7 @@ class _Batch:
         )
         self.shape = (S, T, P)
         self.q_index = q_index.reshape(-1)
-        self.k_index = torch.cat([p_index.reshape(S, P), q_index], 1).reshape(-1)
+        self.k_index = torch.cat([p_index, q_index], 1).reshape(-1)
         own = torch.ones(T, T, dtype=torch.bool, device=device).tril() & valid[:, None, :]
         self.mask = torch.cat([pvalid[:, None, :].expand(-1, T, -1), own], 2).unsqueeze(1)
         self.out_src = torch.arange(S * T, device=device).reshape(S, T)[valid]
