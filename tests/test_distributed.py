@@ -220,8 +220,11 @@ def test_ppo_update_on_two_processes_equals_one_process(runs, tmp_path):
     launch(two_cpu_processes() + cai_run(split, sets, only=["policy"]), {"ACCELERATE_USE_CPU": "1"})
     assert read_manifest(split / "policy")["world_size"] == 2
     (a,), (b,) = read_jsonl(one / "policy" / "metrics.jsonl"), read_jsonl(split / "policy" / "metrics.jsonl")
-    assert a["response/length"] == b["response/length"] and a["objective/entropy"] == b["objective/entropy"]
+    assert a["response/length"] == b["response/length"]
+    # the same samples: entropy differs only by float order (the logits of 2 rows against 4 take other kernel
+    # paths on some CPUs: 44.169006 against 44.169004 on an AMD EPYC), while other samples would move it by ~1e-2
     for k in (
+        "objective/entropy",
         "objective/score",
         "objective/reward",
         "objective/kl",
