@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -160,3 +161,79 @@ def tiny_model_settings():
     from cai.runtime.settings import Settings
 
     return Settings(device="cpu")
+
+
+class LinearCalls:
+    """Counts the F.linear and torch.mm calls made inside it (a torch function mode)."""
+
+    def __init__(self):
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        counts = self.counts = {"linear": 0, "mm": 0}
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func is torch.nn.functional.linear:
+                    counts["linear"] += 1
+                elif func is torch.mm:
+                    counts["mm"] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self.counts
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_decode_sized_linears_run_weight_major_with_the_same_outputs(tiny):
+    import torch
+
+    from cai.runtime.forward import weight_major_linears
+
+    model, _ = tiny
+    lin = next(m for m in model.modules() if type(m) is torch.nn.Linear)
+    few = torch.randn(2, 3, lin.in_features)  # 6 rows: a decode step
+    one = torch.randn(1, lin.in_features)  # one row: a matrix-vector product either way
+    many = torch.randn(70, lin.in_features)  # over the 64-row limit: a prefill
+    with torch.no_grad():
+        plain_few, plain_many, plain_one = lin(few), lin(many), lin(one)
+        with weight_major_linears(model), LinearCalls() as calls:
+            got_few = lin(few)
+        assert calls == {"linear": 0, "mm": 1}
+        kept = []
+        for x in (many, one):
+            with weight_major_linears(model), LinearCalls() as calls:
+                kept.append(lin(x))
+            assert calls == {"linear": 1, "mm": 0}
+    with weight_major_linears(model), LinearCalls() as calls:
+        lin(few)  # gradients on: nn.Linear's own forward
+    assert calls == {"linear": 1, "mm": 0}
+    assert got_few.shape == plain_few.shape and got_few.is_contiguous()
+    torch.testing.assert_close(got_few, plain_few, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kept[0], plain_many) and torch.equal(kept[1], plain_one)
+    # restored on exit: nothing left on the instances
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_generation_with_weight_major_linears_samples_the_same_tokens(tiny):
+    import torch
+
+    from cai.runtime import generate as gen
+
+    model, tok = tiny
+    prompts = [tok(f"the sea {'and the wind ' * i}")["input_ids"] for i in range(4)]
+    backend = gen.HFBackend(model, tok)
+    sampling = Sampling(max_new_tokens=12, temperature=1.0)
+    with LinearCalls() as calls:
+        on = backend.generate_ids(prompts, sampling, seed=3, with_logits=True)
+    assert calls["mm"] > 0  # the decode steps ran weight-major
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gen, "weight_major_linears", lambda model: contextlib.nullcontext())
+        off = backend.generate_ids(prompts, sampling, seed=3, with_logits=True)
+    assert torch.equal(on.response_ids, off.response_ids)
+    torch.testing.assert_close(on.logits, off.logits, rtol=1e-4, atol=1e-5)
