@@ -1,4 +1,4 @@
-"""HF generation with the decode steps' linears weight-major (cai.runtime.generate.weight_major_linears) against
+"""HF generation with the decode steps' linears weight-major (cai.runtime.forward.weight_major_linears) against
 `nn.Linear`'s own forward: same model, prompts, seeds and process, alternated in every round.
 
     .venv/bin/python bench/decode_linears.py                  # smollm2-135m-instruct, batches 1, 8, 32
@@ -21,21 +21,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from floor import machine_rates  # noqa: E402
 
 
-def prompt_ids(tok, n: int) -> list[list[int]]:
-    """`n` chat-templated built-in prompts (red-team and helpful, as the quickstart's), as token ids."""
+def prompt_ids(engine, n: int) -> list[list[int]]:
+    """`n` built-in prompts (red-team and helpful, as the quickstart's), as the engine encodes them: token ids."""
     from generation import bench_prompts
 
-    from cai.runtime.generate import Engine
-
-    encode = Engine.encode.__get__(SimpleNamespace(tokenizer=tok))
-    return [encode({"messages": m}) for m in bench_prompts(n)]
+    return [engine.encode({"messages": m}) for m in bench_prompts(n)]
 
 
 def main() -> None:
@@ -50,16 +46,16 @@ def main() -> None:
     import torch
 
     from cai.runtime import generate as gen
-    from cai.runtime.models import load_for_inference, load_tokenizer
+    from cai.runtime.models import load_for_inference
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    tok = load_tokenizer(args.model)
-    model, _ = load_for_inference(args.model)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    prompts = prompt_ids(tok, max(sizes))
+    model, tok = load_for_inference(args.model)
     sampling = gen.Sampling(max_new_tokens=args.max_new_tokens, temperature=0.7)
-    backend = gen.HFBackend(model, tok)
+    engine = gen.Engine(model, tok, sampling)
+    backend = engine.backend  # HF
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    prompts = prompt_ids(engine, max(sizes))
     own = gen.weight_major_linears
 
     def timed(batch: list[list[int]], weight_major: bool):

@@ -101,10 +101,10 @@ def weight_major_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
     decode steps of a batch: one row per sequence) as `W @ x.T` instead of `x @ W.T`. The same product, but MKL
     reads the weight far below memory bandwidth in the second form when x has a handful of rows. On an AMD EPYC
     the linears of a SmolLM2-135M decode step at batch 8 took 2/3 of their time this way, and generation ran
-    1.18-1.20x faster at batch 8, 1.06-1.11x at batch 32 in two runs (bench/decode_linears.py). One row, larger inputs (the prefill),
-    gradients, autocast, other devices and dtypes keep `nn.Linear`'s own forward. The sums run in another order,
-    so logits differ in the last bits (tests/test_generate.py). Modules whose forward is already replaced on the
-    instance (accelerate's hooks, ...) are left alone."""
+    1.18-1.20x faster at batch 8 and 1.06-1.11x at batch 32 in two runs (bench/decode_linears.py). One row,
+    larger inputs (the prefill), gradients, autocast, other devices and dtypes keep `nn.Linear`'s own forward.
+    The sums run in another order, so logits differ in the last bits (tests/test_generate.py). Modules whose
+    forward is already replaced on the instance (accelerate's hooks, ...) are left alone."""
     import torch
 
     cpu_fp32 = [
