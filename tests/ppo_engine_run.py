@@ -157,7 +157,9 @@ def main(out: Path, engine: str, lora: bool) -> None:
     from safetensors.torch import save_file
 
     from cai.rl.engine import is_deepspeed, is_fsdp
+    from cai.runtime import distributed as dist
 
+    dist.skip_deepspeed_shm_kernel()  # as `cai run` does before its stages
     if engine == "fsdp":
         acc = fsdp_accelerator()
         assert is_fsdp(acc)

@@ -336,10 +336,12 @@ def test_training_stages_under_deepspeed(runs, tmp_path, engine):
         str(free_port()),
     ]
     # no ACCELERATE_USE_CPU here: it would turn the DeepSpeed launch into a plain CPU one
-    launch(
+    out = launch(
         cmd + cai_run(run_dir, COMMON + per_device(1), only=["sft", "preference_model", "policy"]),
         unset=("ACCELERATE_USE_CPU",),
     )
+    # a world of one on a CPU: DeepSpeed's shared-memory all-reduce kernel is neither built nor loaded
+    assert "shm_comm" not in out, out[-2000:]
     for stage in ("sft", "preference_model", "policy"):
         m = read_manifest(run_dir / stage)
         assert m["status"] == "complete" and m["engine"] == f"deepspeed-{engine}" and m["world_size"] == 1

@@ -16,6 +16,7 @@ def _dist():
 
 def init_from_env() -> None:
     """Join the process group when launched by accelerate/torchrun (gloo on CPU, nccl on GPU)."""
+    skip_deepspeed_shm_kernel()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _dist() is not None:
         return
     import torch
@@ -32,6 +33,22 @@ def init_from_env() -> None:
             # as accelerate does for FSDP: full state dicts are gathered on CPU
             backend = "cuda:nccl,cpu:gloo"
     dist.init_process_group(backend=backend)
+
+
+def skip_deepspeed_shm_kernel() -> None:
+    """Under a DeepSpeed launch of one process on a CPU, mark DeepSpeed's shared-memory all-reduce kernel as not
+    buildable, before accelerate starts DeepSpeed's communication. The kernel serves several processes on one
+    machine; a world of one never calls it, yet DeepSpeed compiles it (about a minute of C++) in every new
+    environment. A no-op without DeepSpeed, on a GPU, or with several processes."""
+    if not engine().startswith("deepspeed") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # read by deepspeed.comm's TorchBackend
 
 
 def shutdown() -> None:
