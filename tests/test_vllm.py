@@ -170,8 +170,10 @@ def test_after_a_ppo_update_vllm_continues_as_the_updated_policy(model_dir, tmp_
 
 
 def test_a_tiny_run_on_vllm_finishes_and_resumes_after_an_interruption(model_dir, tiny_recipe, monkeypatch):
-    """recipes/tiny.yaml on the head_dim-64 model with every generation on vLLM (HF generate is made to fail):
-    PPO is interrupted after its first checkpoint, and the same run then resumes and finishes."""
+    """recipes/tiny.yaml up to the policy, on the head_dim-64 model with every generation on vLLM (HF generate is
+    made to fail): PPO is interrupted after its first checkpoint, and the same run then resumes and finishes. The
+    report is left out: its samples go through the same Engine.load as critique_revise's, and its three models
+    would cost three more engine starts (~30 s)."""
     from cai import pipeline
     from cai.rl.loop import OnPolicyTrainer
     from cai.runtime.rundir import read_manifest
@@ -199,8 +201,7 @@ def test_a_tiny_run_on_vllm_finishes_and_resumes_after_an_interruption(model_dir
         "ppo.rollout_backend=vllm",
         "ppo.updates=2",
         "ppo.save_every=1",
-        "report.eval_limit=4",
-        "report.win_rate_prompts=2",
+        "stages=[critique_revise, sft, feedback, preference_model, policy]",
     )
     rdir = Path(recipe.run_dir)
     with pytest.raises(KeyboardInterrupt):
@@ -208,13 +209,9 @@ def test_a_tiny_run_on_vllm_finishes_and_resumes_after_an_interruption(model_dir
     assert read_manifest(rdir / "policy")["status"] == "interrupted"
     before = len(calls)
     pipeline.run(recipe, quiet=True)
-    for stage in ("critique_revise", "sft", "feedback", "preference_model", "policy", "report"):
+    for stage in ("critique_revise", "sft", "feedback", "preference_model", "policy"):
         assert read_manifest(rdir / stage)["status"] == "complete", stage
     assert read_manifest(rdir / "policy")["resumed"] is True
     assert [r["step"] for r in read_jsonl(rdir / "policy" / "metrics.jsonl")] == [1, 2]
-    assert (
-        len(calls) > before > 0
-    )  # critique/revision, response sampling, rollouts and the report sampled on vLLM
-    assert (rdir / "report" / "report.md").is_file() and (
-        rdir / "policy" / "policy" / "config.json"
-    ).is_file()
+    assert len(calls) > before > 0  # critique/revision and response sampling, then the resumed rollouts
+    assert (rdir / "policy" / "policy" / "config.json").is_file()
