@@ -1,9 +1,10 @@
 """PPO trainer runs for tests/test_distributed.py: the same tiny PPO run built the same way in-process (no engine)
 and under an engine: `accelerate launch --config_file recipes/accelerate/zero{2,3}.yaml tests/ppo_engine_run.py
-OUT deepspeed` (DeepSpeed) or `python tests/ppo_engine_run.py OUT fsdp` (FSDP2, see fsdp_accelerator), with
-`lora` after the engine for a LoRA policy with a value head: a straight run,
-and a run stopped after 2 of 3 updates and resumed from its checkpoint. Each run's trainable weights go to
-OUT/<run>.safetensors, and the straight run's saved policy to OUT/policy.
+OUT zero3 full lora` (DeepSpeed) or `python tests/ppo_engine_run.py OUT fsdp full lora` (FSDP2, see
+fsdp_accelerator). Each variant named after the engine (`full`: a full fine-tune with a separate critic; `lora`: a
+LoRA policy with a value head) makes a straight run, and a run stopped after 2 of 3 updates and resumed from its
+checkpoint, in OUT/<variant>: each run's trainable weights go to <run>.safetensors, and the straight run's saved
+policy to policy/. The variants share one process and one Accelerator, as the stages of one `cai run` do.
 
 The settings exercise what the engine changes: 2 minibatches of 2 micro-batches each (the trainer marks the
 accumulation boundary), a critic warm-up update (policy learning rate 0), a separate critic, and gradient
@@ -13,6 +14,7 @@ clipping that is active (every engine clips policy and critic jointly, as DeepSp
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -152,7 +154,7 @@ def nan_on_rank_1(out: Path) -> None:
     acc.end_training()
 
 
-def main(out: Path, engine: str, lora: bool) -> None:
+def main(out: Path, engine: str, variants: list[str]) -> None:
     from accelerate import Accelerator
     from safetensors.torch import save_file
 
@@ -166,15 +168,17 @@ def main(out: Path, engine: str, lora: bool) -> None:
     else:
         acc = Accelerator()
         assert is_deepspeed(acc), f"launched without DeepSpeed ({acc.distributed_type})"
-    straight = build(out / "straight", acc, lora)
-    straight.train()
-    save_file(weights(straight), str(out / "straight.safetensors"))
-    straight.save_policy(out / "policy", fresh_policy=lambda: fresh_policy(lora))
-    build(out / "resumed", acc, lora).train(until=2)
-    resumed = build(out / "resumed", acc, lora)
-    assert resumed.step == 2, resumed.step
-    resumed.train()
-    save_file(weights(resumed), str(out / "resumed.safetensors"))
+    for variant in variants:
+        lora, sub = variant == "lora", out / variant
+        straight = build(sub / "straight", acc, lora)
+        straight.train()
+        save_file(weights(straight), str(sub / "straight.safetensors"))
+        straight.save_policy(sub / "policy", fresh_policy=partial(fresh_policy, lora))
+        build(sub / "resumed", acc, lora).train(until=2)
+        resumed = build(sub / "resumed", acc, lora)
+        assert resumed.step == 2, resumed.step
+        resumed.train()
+        save_file(weights(resumed), str(sub / "resumed.safetensors"))
     acc.wait_for_everyone()
     acc.end_training()
 
@@ -183,4 +187,4 @@ if __name__ == "__main__":
     if sys.argv[2] == "nan":
         nan_on_rank_1(Path(sys.argv[1]))
     else:
-        main(Path(sys.argv[1]), sys.argv[2], "lora" in sys.argv[3:])
+        main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])

@@ -359,10 +359,35 @@ def test_training_stages_under_deepspeed(runs, tmp_path, engine):
     compare_weights(one / "policy" / "policy", run_dir / "policy" / "policy")
 
 
-@pytest.mark.parametrize(
-    "engine,lora", [("zero2", False), ("zero3", False), ("fsdp", False), ("zero3", True), ("fsdp", True)]
-)
-def test_ppo_trainer_under_an_engine_matches_and_resumes(tmp_path, engine, lora):
+ENGINE_CASES = [("zero2", False), ("zero3", False), ("fsdp", False), ("zero3", True), ("fsdp", True)]
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory):
+    """tests/ppo_engine_run.py launched once per engine, with every variant ENGINE_CASES asks of that engine
+    (one launch, as one `cai run` trains several models): engine -> its output folder."""
+    done: dict[str, Path] = {}
+
+    def get(engine: str) -> Path:
+        if engine not in done:
+            out = tmp_path_factory.mktemp(engine)
+            variants = ["lora" if lora else "full" for e, lora in ENGINE_CASES if e == engine]
+            script = [str(ROOT / "tests" / "ppo_engine_run.py"), str(out), engine, *variants]
+            if engine == "fsdp":
+                launch([sys.executable] + script, {"MASTER_PORT": str(free_port())})
+            else:
+                pytest.importorskip("deepspeed")
+                cmd = [str(ACCELERATE), "launch", "--config_file", str(CONFIGS / f"{engine}.yaml")]
+                cmd += ["--num_processes", "1", "--main_process_port", str(free_port())]
+                launch(cmd + script, unset=("ACCELERATE_USE_CPU",))
+            done[engine] = out
+        return done[engine]
+
+    return get
+
+
+@pytest.mark.parametrize("engine,lora", ENGINE_CASES)
+def test_ppo_trainer_under_an_engine_matches_and_resumes(tmp_path, engine_runs, engine, lora):
     """The PPO trainer under DeepSpeed ZeRO-2/3 (one process) or FSDP2 (one process over gloo; see
     tests/ppo_engine_run.py for how FSDP is started on a CPU) trains exactly as without an engine, with
     minibatches, gradient accumulation and a critic warm-up; it resumes from its checkpoint to the same weights,
@@ -372,25 +397,18 @@ def test_ppo_trainer_under_an_engine_matches_and_resumes(tmp_path, engine, lora)
     import torch
     from safetensors.torch import load_file
 
-    script = [str(ROOT / "tests" / "ppo_engine_run.py"), str(tmp_path), engine] + (["lora"] if lora else [])
-    if engine == "fsdp":
-        launch([sys.executable] + script, {"MASTER_PORT": str(free_port())})
-        assert (tmp_path / "resumed" / "checkpoints" / "step-000003" / "model.safetensors").is_file()
-    else:
-        pytest.importorskip("deepspeed")
-        cmd = [str(ACCELERATE), "launch", "--config_file", str(CONFIGS / f"{engine}.yaml")]
-        cmd += ["--num_processes", "1", "--main_process_port", str(free_port())]
-        launch(cmd + script, unset=("ACCELERATE_USE_CPU",))
-        assert (tmp_path / "resumed" / "checkpoints" / "step-000003" / "deepspeed").is_dir()
+    out = engine_runs(engine) / ("lora" if lora else "full")
+    saved = "model.safetensors" if engine == "fsdp" else "deepspeed"
+    assert (out / "resumed" / "checkpoints" / "step-000003" / saved).exists()
     plain = ppo_engine_run.build(tmp_path / "plain", lora=lora)
     plain.train()
     want = ppo_engine_run.weights(plain)
     for run in ("straight", "resumed"):
-        got = load_file(str(tmp_path / f"{run}.safetensors"))
+        got = load_file(str(out / f"{run}.safetensors"))
         assert got.keys() == want.keys()
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=WEIGHT_ATOL, msg=f"{run} {name}")
-    rows = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    rows = read_jsonl(out / "straight" / "metrics.jsonl")
     assert [r["loss/policy"] == 0 for r in rows] == [True, False, False]  # the critic warm-up update
     for a, b in zip(rows, read_jsonl(tmp_path / "plain" / "metrics.jsonl")):
         assert_close(a["loss/value"], b["loss/value"], LOSS_RTOL, f"loss/value at update {a['step']}")
@@ -398,7 +416,7 @@ def test_ppo_trainer_under_an_engine_matches_and_resumes(tmp_path, engine, lora)
     # clipping was active once the policy trains (the largest gradient norm of the update over max_grad_norm)
     assert all(r["grad/norm"] > 0.2 for r in rows[1:]), [r["grad/norm"] for r in rows]
     plain.save_policy(tmp_path / "plain_policy")
-    compare_weights(tmp_path / "plain_policy", tmp_path / "policy")
+    compare_weights(tmp_path / "plain_policy", out / "policy")
 
 
 def test_a_non_finite_reward_on_one_process_stops_every_process(tmp_path):
