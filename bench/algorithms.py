@@ -122,7 +122,7 @@ def dpo(model: str, pairs_file: str, updates: int) -> dict:
     from cai.config.fields import LoraConfig
     from cai.rl.dpo import build_trainer
     from cai.runtime.models import load_model, load_tokenizer
-    from cai.runtime.precision import Precision
+    from cai.runtime.settings import Precision
 
     pairs = json.loads(Path(pairs_file).read_text())
     steps = min(2 * updates + 1, len(pairs) // 4)

@@ -144,7 +144,7 @@ def sft_phase(model_dir, settings, work, a):
 
     from cai.config.blocks import SFTConfig
     from cai.runtime.models import load_model, load_tokenizer
-    from cai.runtime.precision import Precision
+    from cai.runtime.settings import Precision
     from cai.stages.sft import build_trainer
 
     model = load_model(str(model_dir), Precision.of(settings).trainable(settings))
@@ -208,7 +208,7 @@ def ppo_phase(model_dir, settings, work, a, lora: bool, critic: str):
     from cai.config.fields import LoraConfig
     from cai.rl.rewards import FunctionReward
     from cai.rl.trainer import PPOTrainer
-    from cai.runtime.precision import Precision
+    from cai.runtime.settings import Precision
     from cai.stages.policy import build_models
 
     cfg = PPOConfig(

@@ -18,8 +18,8 @@ from cai.pm.loss import dpo_loss
 from cai.rl.modules import PolicyModel
 from cai.rl.rewards import FunctionReward
 from cai.runtime.models import load_model, load_tokenizer, wrap_lora
-from cai.runtime.precision import Precision
 from cai.runtime.rundir import MetricsLog
+from cai.runtime.settings import Precision
 
 
 @pytest.fixture(autouse=True)

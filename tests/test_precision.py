@@ -23,9 +23,8 @@ from cai.rl.modules import PolicyModel, ValueModel
 from cai.rl.rewards import FunctionReward
 from cai.rl.trainer import PPOTrainer
 from cai.runtime.models import load_model, load_tokenizer, wrap_lora
-from cai.runtime.precision import Precision, fp32_head
 from cai.runtime.rundir import MetricsLog, read_jsonl, read_manifest
-from cai.runtime.settings import Settings
+from cai.runtime.settings import Precision, Settings, fp32_head
 
 PROMPTS = [{"messages": [{"role": "user", "content": f"Write something, please ({i})."}]} for i in range(8)]
 BF16 = Settings(dtype="bfloat16")

@@ -18,8 +18,8 @@ from cai.pm.pairs import held_out_eval, tokenise_pairs
 from cai.pm.scoring import NORM_FILE, RewardScorer, scalar_head
 from cai.runtime import distributed as dist
 from cai.runtime.models import load_model, load_tokenizer, peft_config, resolve, wrap_lora
-from cai.runtime.precision import Precision, fp32_head
 from cai.runtime.rundir import write_json
+from cai.runtime.settings import Precision, fp32_head
 from cai.runtime.training import (
     metrics_callback,
     resume_point,
@@ -41,7 +41,7 @@ def fresh_pm(
     init: str | None = None,
 ):
     """(PM to train, tokenizer): a sequence classifier with a new score head, or a causal LM with a value head
-    (both initialised from the seed), with fp32 master weights and an fp32 head (cai.runtime.precision); LoRA
+    (both initialised from the seed), with fp32 master weights and an fp32 head (cai.runtime.settings); LoRA
     on the LM of a value-head PM here, the classifier's through TRL. With `init` (a PM folder), its weights and
     head are the starting point instead of the backbone's."""
     import torch

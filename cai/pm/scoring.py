@@ -15,8 +15,7 @@ from cai.errors import UserError
 from cai.runtime.forward import last_token_index, pad, position_ids
 from cai.runtime.models import load_model, load_tokenizer
 from cai.runtime.packing import chunk_groups, pack, varlen_attention, varlen_supported
-from cai.runtime.precision import fp32_head
-from cai.runtime.settings import DEFAULT, Settings
+from cai.runtime.settings import DEFAULT, Settings, fp32_head
 
 NORM_FILE = "score_norm.json"
 PACKED = True  # packed, prefix-shared scoring where the model allows (cai.runtime.packing)
@@ -163,7 +162,7 @@ class RewardScorer:
             self.model = ValueHeadPM.from_pretrained(model_dir, settings, device=device)
         else:
             self.model = load_model(str(model_dir), settings, kind="seq_cls", device=device)
-            fp32_head(scalar_head(self.model))  # scores in fp32 on any trunk (cai.runtime.precision)
+            fp32_head(scalar_head(self.model))  # scores in fp32 on any trunk (cai.runtime.settings)
         self.model.eval()
         norm = read_norm(model_dir)
         self.mean, self.std = norm["mean"], norm["std"]

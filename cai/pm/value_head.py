@@ -27,8 +27,7 @@ from torch import nn
 from cai.errors import UserError
 from cai.runtime.forward import last_token_index
 from cai.runtime.models import load_model, resolve
-from cai.runtime.precision import fp32_head
-from cai.runtime.settings import DEFAULT, Settings
+from cai.runtime.settings import DEFAULT, Settings, fp32_head
 
 MARKER = "value_head.json"
 HEAD_WEIGHTS = "value_head.safetensors"

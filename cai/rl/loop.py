@@ -21,8 +21,8 @@ from cai.rl.rollout import sample, seed_of
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
 from cai.runtime.generate import HFBackend
-from cai.runtime.precision import Precision
 from cai.runtime.rundir import SAMPLES, append_jsonl, read_jsonl
+from cai.runtime.settings import Precision
 
 
 class OnPolicyTrainer:

@@ -16,7 +16,7 @@ from torch import nn
 from cai.rl.ppo_math import entropy_from_logits
 from cai.runtime.forward import position_ids
 from cai.runtime.packing import base_of, pack, packed_states, trunk_of, varlen_supported
-from cai.runtime.precision import fp32_head
+from cai.runtime.settings import fp32_head
 
 # ---- packed forwards over prompt + response, read at the response positions ----
 

@@ -111,7 +111,7 @@ class HFBackend:
         autocast=None,
     ) -> Generated:
         """Sample responses from exactly the distribution `sampling` describes; `with_logits` also returns the
-        raw logits of every step. `autocast` is a context (cai.runtime.precision) to generate under."""
+        raw logits of every step. `autocast` is a context (cai.runtime.settings) to generate under."""
         import contextlib
 
         import torch

@@ -1,10 +1,27 @@
 """The settings every model load and every seeded step needs, as one typed object: device, dtype,
 trust_remote_code and seed. A recipe's top-level keys of the same names fill it (cai.config.recipe), the CLI's
-model flags fill it for the evaluation commands (cai.cli.options), and the model loader takes it."""
+model flags fill it for the evaluation commands (cai.cli.options), and the model loader takes it.
+
+Below it, the precision policy those settings imply (`Precision.of(settings)`), one for every training stage (SFT,
+preference model, PPO):
+
+- trainable parameters and their optimizer state are fp32 (master weights);
+- compute runs in the recipe's dtype under autocast (bf16 on a GPU by default, fp32 on a CPU);
+- frozen models (reference policy, preference model, labeller, judge) are held in the recipe's dtype;
+- scalar heads (value heads, a preference model's score head) and the scores they give are fp32 on any trunk;
+- saved models hold the fp32 master weights, unless `save_dtype` asks for another dtype.
+
+DeepSpeed and FSDP get the same effect from their own mixed-precision settings (accelerate's `mixed_precision`
+fills them): bf16 compute, fp32 master weights in the optimizer. Without this, AdamW on bf16 weights silently
+drops every update smaller than half a bf16 step (most of them at lr 1e-5), and a bf16 head quantises rewards to
+three significant digits.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,3 +75,73 @@ class Settings(BaseModel):
 
 
 DEFAULT = Settings()
+
+
+@dataclass(frozen=True)
+class Precision:
+    compute: str  # the recipe's dtype on this device: float32, bfloat16 or float16
+    save: str = "float32"
+    master: str = "float32"
+    heads: str = "float32"
+
+    @classmethod
+    def of(cls, settings: Settings, device: str | None = None) -> Precision:
+        compute = str(settings.torch_dtype(device)).removeprefix("torch.")
+        return cls(compute=compute, save=settings.save_dtype)
+
+    @property
+    def frozen(self) -> str:
+        return self.compute
+
+    @property
+    def mixed(self) -> str:
+        """accelerate's / the HF Trainer's mixed-precision mode: 'no', 'bf16' or 'fp16'."""
+        return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[self.compute]
+
+    def trainable(self, settings: Settings) -> Settings:
+        """The settings to load a model that will be trained: its weights in fp32."""
+        return settings.with_(dtype=self.master)
+
+    def autocast(self, device):
+        """Autocast to the compute dtype on `device` (a no-op in fp32), for forwards outside a prepared model
+        (generation)."""
+        import torch
+
+        if self.compute == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, self.compute))
+
+    def record(self) -> dict:
+        """What a stage's manifest records about its precision."""
+        return {**asdict(self), "frozen": self.frozen}
+
+
+def linear_fp32(linear, hidden):
+    """A scalar head applied in fp32 whatever the trunk's dtype and any autocast: the score is not quantised."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        bias = linear.bias.float() if linear.bias is not None else None
+        return F.linear(hidden.float(), linear.weight.float(), bias)
+
+
+_FP32_LINEAR = None
+
+
+def fp32_head(linear):
+    """Make a Linear head compute in fp32 (its weights kept in fp32) whatever calls it: a sequence classifier's
+    `score` runs inside the model's own forward, so the module becomes an Fp32Linear (a Linear whose forward is
+    `linear_fp32`; copies and state dicts are unchanged). Returns the module."""
+    global _FP32_LINEAR
+    if _FP32_LINEAR is None:
+        from torch import nn
+
+        class Fp32Linear(nn.Linear):
+            def forward(self, hidden):
+                return linear_fp32(self, hidden)
+
+        _FP32_LINEAR = Fp32Linear
+    linear.float()
+    linear.__class__ = _FP32_LINEAR
+    return linear

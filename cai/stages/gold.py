@@ -25,8 +25,8 @@ from cai.eval.suites import Item
 from cai.pm.build import fit, fresh_pm, write_origin
 from cai.pm.scoring import NORM_FILE, RewardScorer
 from cai.runtime import distributed as dist
-from cai.runtime.precision import Precision
 from cai.runtime.rundir import write_json
+from cai.runtime.settings import Precision
 from cai.runtime.training import save_trained
 from cai.stats import mean_std
 

@@ -35,8 +35,8 @@ from cai.rl import online
 from cai.rl.rewards import make_reward
 from cai.runtime import distributed as dist
 from cai.runtime.models import load_model, load_tokenizer, wrap_lora
-from cai.runtime.precision import Precision
 from cai.runtime.rundir import read_json, read_jsonl, write_json
+from cai.runtime.settings import Precision
 from cai.runtime.training import metrics_callback, resume_point, save_trained, token_callback
 
 

@@ -20,8 +20,8 @@ from cai.errors import UserError
 from cai.plots import line_chart
 from cai.runtime import distributed as dist
 from cai.runtime.models import load_model, load_tokenizer, peft_config
-from cai.runtime.precision import Precision
 from cai.runtime.rundir import read_jsonl
+from cai.runtime.settings import Precision
 from cai.runtime.training import (
     metrics_callback,
     resume_point,
@@ -47,7 +47,7 @@ def sft_examples(records: list[dict], include_helpful: bool = True) -> list[dict
 
 def build_trainer(cfg, settings, model, tok, examples: list[dict], ckpt_dir: Path, callbacks=None):
     """TRL SFTTrainer on conversational prompt/completion examples; loss on the completion tokens only. fp32
-    weights, autocast to the recipe's dtype (cai.runtime.precision; on a CPU bf16 is slow: fp32 by default)."""
+    weights, autocast to the recipe's dtype (cai.runtime.settings; on a CPU bf16 is slow: fp32 by default)."""
     import datasets
     from trl import SFTConfig, SFTTrainer
 
