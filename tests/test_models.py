@@ -457,3 +457,6 @@ def test_gguf_errors_name_the_file(tmp_path):
     bad.write_bytes(b"GGML" + path.read_bytes()[4:])
     with pytest.raises(UserError, match=r"bad\.gguf: not a GGUF file"):
         gguf_llama.load_llama(bad)
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty\.gguf: not a GGUF file"):
+        gguf_llama.load_llama(tmp_path / "empty.gguf")

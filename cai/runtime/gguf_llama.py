@@ -83,10 +83,10 @@ def read(path: Path) -> tuple[dict, dict]:
 
     import numpy as np
 
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(
-            f.fileno(), 0, access=mmap.ACCESS_COPY
-        )  # writable views for torch; the file is never written
+    if path.stat().st_size < 24:
+        raise UserError(f"{path}: not a GGUF file (shorter than a GGUF header)")
+    with open(path, "rb") as f:  # a private map: writable views for torch, and the file is never written
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     data = np.frombuffer(mapped, dtype=np.uint8)  # tensors: views of the map, read when dequantised
     cur = _Cursor(mapped, path)  # metadata: struct reads (a numpy view per string would be ~50x slower)
     if mapped[:4] != b"GGUF":
