@@ -48,7 +48,9 @@ def skip_deepspeed_shm_kernel() -> None:
         return
     import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # read by deepspeed.comm's TorchBackend
+    table = getattr(deepspeed.ops, "__compatible_ops__", None)  # read by deepspeed.comm's TorchBackend
+    if isinstance(table, dict):  # (another DeepSpeed version may keep it elsewhere: then it builds as before)
+        table["deepspeed_shm_comm"] = False
 
 
 def shutdown() -> None:
