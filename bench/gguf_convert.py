@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,11 +55,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             times = {}
-            for name, fn in (("transformers", by_transformers), ("cai", _convert_gguf)):
+            for name, fn in (("transformers", by_transformers), ("cai", partial(_convert_gguf, quiet=True))):
                 out = Path(tmp) / f"{name}-{r}"
                 out.mkdir()
                 t0 = time.perf_counter()
-                fn(gguf, out) if name == "transformers" else fn(gguf, out, quiet=True)
+                fn(gguf, out)
                 times[name] = time.perf_counter() - t0
             a, b = (Path(tmp) / f"{n}-{r}" / "model.safetensors" for n in ("transformers", "cai"))
             same.append(filecmp.cmp(a, b, shallow=False))

@@ -363,12 +363,15 @@ def llama_cpp_order(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, model, quant) -> None:
-    """The tiny model as a llama.cpp-style GGUF: norms in F32, matrices in `quant`, no output.weight (tied)."""
+def write_tiny_gguf(path: Path, model, quant, arch: str = "llama") -> None:
+    """The tiny model as a llama.cpp-style GGUF: norms in F32, matrices in `quant`, no output.weight (tied). The
+    tensor names come from cai's table; transformers' loader, which the test compares with, has its own."""
     import gguf
 
+    from cai.runtime.gguf_llama import LAYER_NAMES, TOP_NAMES
+
     cfg = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name("tiny")
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -382,33 +385,24 @@ def write_tiny_gguf(path: Path, model, quant) -> None:
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_bos_token_id(cfg.bos_token_id)
     writer.add_eos_token_id(cfg.eos_token_id)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    parts = {
-        "input_layernorm": "attn_norm",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
+    to_gguf = {hf: g for g, hf in TOP_NAMES.items()}
+    to_gguf |= {
+        f"model.layers.{i}.{hf}": f"blk.{i}.{g}"
+        for i in range(cfg.num_hidden_layers)
+        for g, hf in LAYER_NAMES.items()
     }
     for name, w in model.state_dict().items():
         if name == "lm_head.weight":
             continue
-        if name not in names:
-            layer, part = name.removeprefix("model.layers.").removesuffix(".weight").split(".", 1)
-            names[name] = f"blk.{layer}.{parts[part]}.weight"
         if "q_proj" in name:
             w = llama_cpp_order(w, cfg.num_attention_heads)
         elif "k_proj" in name:
             w = llama_cpp_order(w, cfg.num_key_value_heads)
         arr = w.detach().float().numpy()
         if arr.ndim == 1:
-            writer.add_tensor(names[name], arr)
+            writer.add_tensor(to_gguf[name], arr)
         else:
-            writer.add_tensor(names[name], gguf.quants.quantize(arr, quant), raw_dtype=quant)
+            writer.add_tensor(to_gguf[name], gguf.quants.quantize(arr, quant), raw_dtype=quant)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -457,6 +451,14 @@ def test_gguf_errors_name_the_file(tmp_path):
     bad.write_bytes(b"GGML" + path.read_bytes()[4:])
     with pytest.raises(UserError, match=r"bad\.gguf: not a GGUF file"):
         gguf_llama.load_llama(bad)
+    write_tiny_gguf(
+        tmp_path / "qwen.gguf",
+        build_tiny_model(build_tiny_tokenizer()),
+        gguf.GGMLQuantizationType.Q8_0,
+        "qwen2",
+    )
+    with pytest.raises(UserError, match=r"qwen\.gguf: GGUF architecture 'qwen2', expected 'llama'"):
+        gguf_llama.load_llama(tmp_path / "qwen.gguf")
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(UserError, match=r"empty\.gguf: not a GGUF file"):
         gguf_llama.load_llama(tmp_path / "empty.gguf")

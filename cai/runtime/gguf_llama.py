@@ -16,6 +16,7 @@ Format facts used (GGUF v2/v3, as written by llama.cpp's converter):
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -26,12 +27,12 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 _STRING, _ARRAY = 8, 9
 
 # GGUF tensor name (per layer: blk.N.<part>) -> Hugging Face Llama name
-_TOP = {
+TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER = {
+LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
@@ -118,10 +119,7 @@ def _tensor(data, offset: int, dims: list[int], qtype: int, path: Path):
     except ValueError:
         raise UserError(f"{path}: unknown GGML tensor type {qtype}") from None
     block, size = GGML_QUANT_SIZES[kind]
-    n = 1
-    for d in dims:
-        n *= d
-    nbytes = n // block * size
+    nbytes = math.prod(dims) // block * size
     if offset + nbytes > data.shape[0]:
         raise UserError(f"{path}: truncated GGUF file (a tensor ends past the end of the file)")
     shape = tuple(reversed(dims))  # GGUF lists the innermost dimension first
@@ -160,18 +158,18 @@ def unpermute_rotary(w, n_head: int):
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama_config(meta: dict, tied: bool):
+def llama_config(meta: dict, tied: bool, path: Path):
     """The transformers LlamaConfig described by a GGUF file's `llama.*` and tokenizer metadata."""
     from transformers import LlamaConfig
 
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise UserError(f"GGUF architecture {arch!r}: only 'llama' files are converted here")
+        raise UserError(f"{path}: GGUF architecture {arch!r}, expected 'llama' (the only one converted here)")
 
     def key(name: str, default=None):
         value = meta.get(f"llama.{name}", default)
         if value is None:
-            raise UserError(f"GGUF metadata has no 'llama.{name}'")
+            raise UserError(f"{path}: GGUF metadata has no key 'llama.{name}'")
         return value
 
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
@@ -196,27 +194,35 @@ def llama_config(meta: dict, tied: bool):
     )
 
 
+def hf_name(name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor of a Llama model, or None if it has none."""
+    if name in TOP_NAMES:
+        return TOP_NAMES[name]
+    blk, layer, part = (name.split(".", 2) + ["", ""])[:3]
+    if blk == "blk" and layer.isdigit() and part in LAYER_NAMES:
+        return f"model.layers.{int(layer)}.{LAYER_NAMES[part]}"
+    return None
+
+
 def load_llama(path: Path) -> tuple[object, dict]:
     """(LlamaConfig, fp32 state dict in Hugging Face names) of a Llama GGUF file."""
     import torch
 
     meta, tensors = read(path)
-    config = llama_config(meta, tied="output.weight" not in tensors)
+    config = llama_config(meta, tied="output.weight" not in tensors, path=path)
     state = {}
     for name, (shape, kind, raw) in tensors.items():
-        if name in _TOP:
-            hf = _TOP[name]
-        elif name.startswith("blk.") and name.split(".", 2)[2] in _LAYER:
-            _, layer, part = name.split(".", 2)
-            hf = f"model.layers.{int(layer)}.{_LAYER[part]}"
-        elif name == "rope_freqs.weight":
+        hf = hf_name(name)
+        if name == "rope_freqs.weight":
             continue  # recomputed by transformers from rope_theta
-        else:
+        if hf is None:
             raise UserError(f"{path}: unexpected tensor {name!r} for a Llama model")
         w = dequantize(raw, kind).reshape(shape)
         if hf.endswith("q_proj.weight"):
             w = unpermute_rotary(w, config.num_attention_heads)
         elif hf.endswith("k_proj.weight"):
             w = unpermute_rotary(w, config.num_key_value_heads)
-        state[hf] = torch.from_numpy(w.astype("float32", copy=False).copy())
+        state[hf] = torch.from_numpy(
+            w.astype("float32", copy=False).copy()
+        )  # F32 tensors are views of the map
     return config, state
