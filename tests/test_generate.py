@@ -237,3 +237,76 @@ def test_generation_with_weight_major_linears_samples_the_same_tokens(tiny):
         off = backend.generate_ids(prompts, sampling, seed=3, with_logits=True)
     assert torch.equal(on.response_ids, off.response_ids)
     torch.testing.assert_close(on.logits, off.logits, rtol=1e-4, atol=1e-5)
+
+
+def lora_tiny():
+    """A fresh tiny model with the recipes' default LoRA adapters, B drawn at random as after training."""
+    import torch
+
+    from cai.config.fields import LoraConfig
+    from cai.runtime.models import load_model, wrap_lora
+
+    torch.manual_seed(0)
+    model = wrap_lora(load_model("tiny-random-llama"), LoraConfig())
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
+def test_lora_layers_run_as_one_merged_linear_without_touching_the_model(tiny_dir):
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from cai.runtime.forward import merged_lora_linears
+
+    model = lora_tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
+    x = torch.randn(2, 3, layer.in_features)  # 6 rows: a decode step
+    with torch.no_grad():
+        peft_out = layer(x)
+        base_out = layer.base_layer(x)
+        with merged_lora_linears(model), LinearCalls() as calls:
+            got = layer(x)
+            merged = layer.merged_weight
+        assert calls == {"linear": 0, "mm": 1}  # one product, not base + A + B
+        with merged_lora_linears(model), model.disable_adapter():
+            assert torch.equal(layer(x), base_out)  # the reference: adapters off, peft's own forward
+    scale = layer.scaling["default"]
+    want = layer.base_layer.weight + scale * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(merged, want)
+    torch.testing.assert_close(got, peft_out, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(peft_out, base_out, atol=1e-3)  # the adapter changes the output
+    with merged_lora_linears(model), LinearCalls() as calls:
+        layer(x)  # gradients on (training): peft's forward, base and both adapter products
+        assert layer.merged_weight is None
+    assert calls["linear"] == 3
+    # restored on exit, nothing written: the base weights stay the reference
+    assert not any("forward" in m.__dict__ or "merged_weight" in m.__dict__ for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not layer.merged
+
+
+def test_lora_generation_samples_what_peft_forward_samples(tiny_dir):
+    import torch
+
+    from cai.runtime import generate as gen
+    from cai.runtime.models import load_tokenizer
+
+    model, tok = lora_tiny(), load_tokenizer("tiny-random-llama")
+    prompts = [tok(f"the sea {'and the wind ' * i}")["input_ids"] for i in range(4)]
+    backend = gen.HFBackend(model, tok)
+    sampling = Sampling(max_new_tokens=12, temperature=1.0)
+    with LinearCalls() as calls:
+        merged = backend.generate_ids(prompts, sampling, seed=3, with_logits=True)
+    with pytest.MonkeyPatch.context() as mp, LinearCalls() as peft_calls:
+        mp.setattr(gen, "merged_lora_linears", lambda model: contextlib.nullcontext())
+        peft_own = backend.generate_ids(prompts, sampling, seed=3, with_logits=True)
+    # each adapted linear: one product where peft runs three
+    assert 2 * sum(calls.values()) < sum(peft_calls.values())
+    with model.disable_adapter():
+        base = backend.generate_ids(prompts, sampling, seed=3, with_logits=True)
+    assert torch.equal(merged.response_ids, peft_own.response_ids)
+    torch.testing.assert_close(merged.logits, peft_own.logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(merged.logits, base.logits, atol=1e-2)  # the adapters were generated with

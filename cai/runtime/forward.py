@@ -1,7 +1,7 @@
 """Forward-pass helpers shared by everything that scores text: padding a batch of token sequences, position ids
 under left padding, per-token log-probabilities, the last real token of each row, and the log-probability of a
 continuation with the tokenizer's own split at the boundary; and the decode steps' linears, weight-major on the
-CPU."""
+CPU, with LoRA adapters folded into their weights while generating."""
 
 from __future__ import annotations
 
@@ -126,18 +126,91 @@ def weight_major_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
 
 
 def _weight_major_forward(self, x):
+    return _linear(x, self.weight, self.bias, self.max_rows)
+
+
+def _linear(x, weight, bias, max_rows: int):
+    """`F.linear(x, weight, bias)`, weight-major when x has 2 to `max_rows` rows outside autograd and autocast."""
     import torch
 
     rows = x.numel() // x.shape[-1] if x.numel() else 0  # one row: a matrix-vector product either way
     if (
         rows < 2
-        or rows > self.max_rows
+        or rows > max_rows
         or torch.is_grad_enabled()
-        or x.dtype != self.weight.dtype
+        or x.dtype != weight.dtype
         or torch.is_autocast_enabled("cpu")
     ):
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
-    if self.bias is not None:
-        y += self.bias
+        return torch.nn.functional.linear(x, weight, bias)
+    y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+    if bias is not None:
+        y += bias
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@contextlib.contextmanager
+def merged_lora_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
+    """While generating on the CPU in fp32, each LoRA-adapted linear of `model` (peft's `lora.Linear`) runs as one
+    linear of weight `W + scaling * B @ A` instead of peft's `W x + scaling * B(A x)`: peft's form costs two small
+    products, a scale and an add per linear per decode step, which made a LoRA policy generate slower than the
+    same model fully fine-tuned (bench/lora_decode.py). The merged weight of a layer is computed on its first
+    call inside the context, from the adapter as it is then, runs weight-major like `weight_major_linears`, and
+    is dropped on exit. Nothing of the model is written: peft's own merge would round W in place, and the base
+    weights are the frozen reference PPO's KL is measured against. A call with gradients, under autocast, with
+    the adapters disabled (the reference, `disable_adapter()`) or merged, or with peft's per-call keywords takes
+    peft's own forward; layers with several active adapters, a variant (DoRA), fan-in-fan-out weights or active
+    dropout, and other devices and dtypes are left alone. The sums run in another order, so logits differ in the
+    last bits (tests/test_generate.py)."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # peft absent: no LoRA layers to merge
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear) and _mergeable(m)]
+    for m in layers:
+        m.forward = _merged_lora_forward.__get__(m)
+        m.max_rows, m.merged_weight = max_rows, None
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward, m.max_rows, m.merged_weight
+
+
+def _mergeable(m) -> bool:
+    import torch
+
+    base = m.base_layer
+    active = list(m.active_adapters)
+    if len(active) != 1 or active[0] not in m.lora_A or active[0] in m.lora_variant:
+        return False
+    dropout = m.lora_dropout[active[0]]
+    return (
+        type(base) is torch.nn.Linear
+        and "forward" not in m.__dict__
+        and not m.fan_in_fan_out
+        and base.weight.device.type == "cpu"
+        and base.weight.dtype == torch.float32
+        and m.lora_A[active[0]].weight.dtype == torch.float32
+        and (isinstance(dropout, torch.nn.Identity) or not dropout.training)
+    )
+
+
+def _merged_lora_forward(self, x, *args, **kwargs):
+    import torch
+
+    if (
+        args
+        or kwargs
+        or torch.is_grad_enabled()
+        or self.disable_adapters
+        or self.merged
+        or torch.is_autocast_enabled("cpu")
+        or x.dtype != torch.float32
+    ):
+        return type(self).forward(self, x, *args, **kwargs)
+    if self.merged_weight is None:
+        name = self.active_adapters[0]
+        delta = self.lora_B[name].weight @ self.lora_A[name].weight
+        self.merged_weight = torch.add(self.base_layer.weight, delta, alpha=self.scaling[name])
+    return _linear(x, self.merged_weight, self.base_layer.bias, self.max_rows)

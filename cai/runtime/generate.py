@@ -24,7 +24,7 @@ from cai.errors import UserError
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
 from cai.runtime.forward import pad as left_pad
-from cai.runtime.forward import weight_major_linears
+from cai.runtime.forward import merged_lora_linears, weight_major_linears
 from cai.runtime.hashing import derive_seed
 from cai.runtime.models import load_for_inference, load_tokenizer, resolve
 from cai.runtime.rundir import append_jsonl, read_jsonl, repair_jsonl
@@ -133,6 +133,7 @@ class HFBackend:
             recipe_settings_only(self.model),
             autocast or contextlib.nullcontext(),
             weight_major_linears(self.model),
+            merged_lora_linears(self.model),
         ):
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, **kwargs

@@ -1,0 +1,110 @@
+"""HF generation from a LoRA policy with its adapters folded into the linears' weights while generating
+(cai.runtime.forward.merged_lora_linears) against peft's own forward, with the same model without adapters as the
+floor: same prompts, seeds and process, the order rotating between rounds.
+
+    .venv/bin/python bench/lora_decode.py                     # smollm2-135m-instruct, batches 8 and 32
+    .venv/bin/python bench/lora_decode.py --batch-sizes 8 --rounds 5
+
+The adapters are the recipes' default (rank 16, alpha 32, every linear but the LM head) with B drawn at random,
+as after training, so that the adapted model samples other tokens than the base. Reported per batch size: the
+median seconds of each way, the median of the per-round ratios of peft's forward to the merged one (above 1: the
+merged decode is faster) and of the merged one to the model without adapters (1: LoRA costs nothing at
+generation), their ranges, and whether peft's and the merged forward sampled the same tokens. The figures go into
+docs/benchmarks.md, section "LoRA generation".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from floor import machine_rates  # noqa: E402
+
+WAYS = ("no adapters", "peft forward", "merged")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch-sizes", default="8,32")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    import torch
+    from generation import bench_prompts
+
+    from cai.config.fields import LoraConfig
+    from cai.runtime import generate as gen
+    from cai.runtime.models import load_for_inference, wrap_lora
+
+    model, tok = load_for_inference(args.model)
+    sampling = gen.Sampling(max_new_tokens=args.max_new_tokens, temperature=0.7)
+    engine = gen.Engine(model, tok, sampling)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    prompts = [engine.encode({"messages": m}) for m in bench_prompts(max(sizes))]
+    plain = gen.HFBackend(model, tok)
+    torch.manual_seed(0)
+    lora = wrap_lora(load_for_inference(args.model)[0], LoraConfig())
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    adapted = gen.HFBackend(lora, tok)
+    own = gen.merged_lora_linears
+
+    def timed(batch: list[list[int]], way: str):
+        gen.merged_lora_linears = own if way == "merged" else (lambda m: contextlib.nullcontext())
+        try:
+            t0 = time.perf_counter()
+            out = (plain if way == "no adapters" else adapted).generate_ids(batch, sampling, seed=0)
+            return time.perf_counter() - t0, out.response_ids
+        finally:
+            gen.merged_lora_linears = own
+
+    rates = machine_rates()
+    print(
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"fp32 matmul {rates['matmul_flops'] / 1e9:.0f} GFLOP/s, copy {rates['copy_bytes'] / 1e9:.0f} GB/s",
+        flush=True,
+    )
+    timed(prompts[:2], "merged")  # warm-up
+    secs = {(b, w): [] for b in sizes for w in WAYS}
+    same = dict.fromkeys(sizes, True)
+    for r in range(args.rounds):
+        for b in sizes:
+            order = WAYS[r % 3 :] + WAYS[: r % 3]
+            ids = {}
+            for w in order:
+                s, ids[w] = timed(prompts[:b], w)
+                secs[b, w].append(s)
+            same[b] &= torch.equal(ids["peft forward"], ids["merged"])
+            print(
+                f"round {r + 1} batch {b}: " + ", ".join(f"{w} {secs[b, w][-1]:.2f} s" for w in WAYS),
+                flush=True,
+            )
+
+    print(
+        "\n| batch | no adapters s | peft forward s | merged s | peft / merged (median, range) "
+        "| merged / no adapters | same tokens |"
+    )
+    print("|---:|---:|---:|---:|---|---|---|")
+    for b in sizes:
+        med = {w: statistics.median(secs[b, w]) for w in WAYS}
+        gain = [p / m for p, m in zip(secs[b, "peft forward"], secs[b, "merged"])]
+        cost = [m / n for m, n in zip(secs[b, "merged"], secs[b, "no adapters"])]
+        print(
+            f"| {b} | {med['no adapters']:.2f} | {med['peft forward']:.2f} | {med['merged']:.2f} | "
+            f"{statistics.median(gain):.2f} ({min(gain):.2f}–{max(gain):.2f}) | "
+            f"{statistics.median(cost):.2f} ({min(cost):.2f}–{max(cost):.2f}) | {'yes' if same[b] else 'no'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
