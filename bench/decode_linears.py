@@ -1,15 +1,15 @@
-"""HF generation with the decode steps' linears weight-major (cai.runtime.forward.weight_major_linears) against
-`nn.Linear`'s own forward: same model, prompts, seeds and process, alternated in every round.
+"""HF generation with the linears of `cai.runtime.forward.weight_major_linears` (oneDNN's packed weights, or
+weight-major where packing is off) against `nn.Linear`'s own forward: same model, prompts, seeds and process.
 
     .venv/bin/python bench/decode_linears.py                  # smollm2-135m-instruct, batches 1, 8, 32
     .venv/bin/python bench/decode_linears.py --batch-sizes 8 --rounds 5 --max-new-tokens 48
 
-Each round generates every batch size once each way (the order alternating between rounds), with the same seed
-both ways. Reported per batch size: the median seconds of each way, the median of the per-round ratios
-(`nn.Linear` seconds / weight-major seconds: above 1 means the weight-major decode is faster), their range, and
-whether both ways sampled the same tokens. The machine's fp32 matmul and copy rates (bench/floor.py) are printed
-first, since the ratio depends on the CPU and its memory bandwidth. The figures go into docs/benchmarks.md,
-section "Decode-step linears".
+Each round generates every batch size once each of three ways (`nn.Linear`, weight-major, packed; the order
+rotating between rounds), with the same seed. Reported per batch size: the median seconds of each way, the
+median of the per-round ratios of `nn.Linear`'s seconds to each other way's (above 1: faster than
+`nn.Linear`), their range, and whether all ways sampled the same tokens. The machine's fp32 matmul and copy
+rates (bench/floor.py) are printed first, since the ratios depend on the CPU and its memory bandwidth. The
+figures go into docs/benchmarks.md, section "Decode-step linears".
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from floor import machine_rates  # noqa: E402
+
+WAYS = ("nn.Linear", "weight-major", "packed")
 
 
 def prompt_ids(engine, n: int) -> list[list[int]]:
@@ -45,6 +47,7 @@ def main() -> None:
 
     import torch
 
+    from cai.runtime import forward as fwd
     from cai.runtime import generate as gen
     from cai.runtime.models import load_for_inference
 
@@ -58,14 +61,15 @@ def main() -> None:
     prompts = prompt_ids(engine, max(sizes))
     own = gen.weight_major_linears
 
-    def timed(batch: list[list[int]], weight_major: bool):
-        gen.weight_major_linears = own if weight_major else (lambda m: contextlib.nullcontext())
+    def timed(batch: list[list[int]], way: str):
+        gen.weight_major_linears = own if way != "nn.Linear" else (lambda m: contextlib.nullcontext())
+        fwd._PACKING["ok"] = way == "packed"
         try:
             t0 = time.perf_counter()
             out = backend.generate_ids(batch, sampling, seed=0)
             return time.perf_counter() - t0, out.response_ids
         finally:
-            gen.weight_major_linears = own
+            gen.weight_major_linears, fwd._PACKING["ok"] = own, True
 
     rates = machine_rates()
     print(
@@ -73,29 +77,35 @@ def main() -> None:
         f"fp32 matmul {rates['matmul_flops'] / 1e9:.0f} GFLOP/s, copy {rates['copy_bytes'] / 1e9:.0f} GB/s",
         flush=True,
     )
-    timed(prompts[:1], True)  # warm-up
-    secs = {(b, w): [] for b in sizes for w in (False, True)}
+    timed(prompts[:1], "packed")  # warm-up
+    secs = {(b, w): [] for b in sizes for w in WAYS}
     same = dict.fromkeys(sizes, True)
     for r in range(args.rounds):
         for b in sizes:
-            order = (False, True) if r % 2 == 0 else (True, False)
+            order = WAYS[r % 3 :] + WAYS[: r % 3]
             ids = {}
             for w in order:
                 s, ids[w] = timed(prompts[:b], w)
                 secs[b, w].append(s)
-            same[b] &= torch.equal(ids[False], ids[True])
+            same[b] &= all(torch.equal(ids["nn.Linear"], ids[w]) for w in WAYS)
             print(
-                f"round {r + 1} batch {b}: linear {secs[b, False][-1]:.2f} s, weight-major {secs[b, True][-1]:.2f} s",
+                f"round {r + 1} batch {b}: " + ", ".join(f"{w} {secs[b, w][-1]:.2f} s" for w in WAYS),
                 flush=True,
             )
 
-    print("\n| batch | nn.Linear s | weight-major s | speed-up (median, range) | same tokens |")
-    print("|---:|---:|---:|---|---|")
+    print(
+        "\n| batch | nn.Linear s | weight-major s | packed s | nn.Linear / weight-major | nn.Linear / packed | same tokens |"
+    )
+    print("|---:|---:|---:|---:|---|---|---|")
     for b in sizes:
-        ratios = [a / w for a, w in zip(secs[b, False], secs[b, True])]
+        med = {w: statistics.median(secs[b, w]) for w in WAYS}
+        cells = []
+        for w in ("weight-major", "packed"):
+            ratios = [a / o for a, o in zip(secs[b, "nn.Linear"], secs[b, w])]
+            cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})")
         print(
-            f"| {b} | {statistics.median(secs[b, False]):.2f} | {statistics.median(secs[b, True]):.2f} | "
-            f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}) | {'yes' if same[b] else 'no'} |"
+            f"| {b} | {med['nn.Linear']:.2f} | {med['weight-major']:.2f} | {med['packed']:.2f} | "
+            f"{cells[0]} | {cells[1]} | {'yes' if same[b] else 'no'} |"
         )
 
 

@@ -164,13 +164,14 @@ def tiny_model_settings():
 
 
 class LinearCalls:
-    """Counts the F.linear and torch.mm calls made inside it (a torch function mode)."""
+    """Counts the F.linear, torch.mm and oneDNN packed-linear calls made inside it (a torch function mode)."""
 
     def __init__(self):
         import torch
         from torch.overrides import TorchFunctionMode
 
-        counts = self.counts = {"linear": 0, "mm": 0}
+        counts = self.counts = {"linear": 0, "mm": 0, "packed": 0}
+        packed = torch.ops.mkldnn._linear_pointwise
 
         class Mode(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -178,6 +179,8 @@ class LinearCalls:
                     counts["linear"] += 1
                 elif func is torch.mm:
                     counts["mm"] += 1
+                elif func is packed:
+                    counts["packed"] += 1
                 return func(*args, **(kwargs or {}))
 
         self.mode = Mode()
@@ -190,11 +193,39 @@ class LinearCalls:
         return self.mode.__exit__(*exc)
 
 
-def test_decode_sized_linears_run_weight_major_with_the_same_outputs(tiny):
+def test_generation_linears_run_packed_with_the_same_outputs(tiny):
     import torch
 
     from cai.runtime.forward import weight_major_linears
 
+    model, _ = tiny
+    lin = next(m for m in model.modules() if type(m) is torch.nn.Linear)
+    inputs = [
+        torch.randn(2, 3, lin.in_features),
+        torch.randn(1, lin.in_features),
+        torch.randn(70, lin.in_features),
+    ]
+    with torch.no_grad():
+        plain = [lin(x) for x in inputs]
+        with weight_major_linears(model), LinearCalls() as calls:
+            got = [lin(x) for x in inputs]  # decode step, one row, a prefill: all on oneDNN's packed weight
+    assert calls == {"linear": 0, "mm": 0, "packed": 3}
+    for g, p in zip(got, plain):
+        assert g.shape == p.shape
+        torch.testing.assert_close(g, p, rtol=1e-5, atol=1e-6)
+    with weight_major_linears(model), LinearCalls() as calls:
+        lin(inputs[0])  # gradients on: nn.Linear's own forward
+    assert calls == {"linear": 1, "mm": 0, "packed": 0}
+    # restored on exit: nothing left on the instances
+    assert not any("forward" in m.__dict__ or "packed" in m.__dict__ for m in model.modules())
+
+
+def test_without_packing_decode_sized_linears_run_weight_major(tiny, monkeypatch):
+    import torch
+
+    from cai.runtime import forward
+
+    monkeypatch.setitem(forward._PACKING, "ok", False)  # a torch build without oneDNN's packed linear
     model, _ = tiny
     lin = next(m for m in model.modules() if type(m) is torch.nn.Linear)
     few = torch.randn(2, 3, lin.in_features)  # 6 rows: a decode step
@@ -202,36 +233,34 @@ def test_decode_sized_linears_run_weight_major_with_the_same_outputs(tiny):
     many = torch.randn(70, lin.in_features)  # over the 64-row limit: a prefill
     with torch.no_grad():
         plain_few, plain_many, plain_one = lin(few), lin(many), lin(one)
-        with weight_major_linears(model), LinearCalls() as calls:
+        with forward.weight_major_linears(model), LinearCalls() as calls:
             got_few = lin(few)
-        assert calls == {"linear": 0, "mm": 1}
+        assert calls == {"linear": 0, "mm": 1, "packed": 0}
         kept = []
         for x in (many, one):
-            with weight_major_linears(model), LinearCalls() as calls:
+            with forward.weight_major_linears(model), LinearCalls() as calls:
                 kept.append(lin(x))
-            assert calls == {"linear": 1, "mm": 0}
-    with weight_major_linears(model), LinearCalls() as calls:
-        lin(few)  # gradients on: nn.Linear's own forward
-    assert calls == {"linear": 1, "mm": 0}
+            assert calls == {"linear": 1, "mm": 0, "packed": 0}
     assert got_few.shape == plain_few.shape and got_few.is_contiguous()
     torch.testing.assert_close(got_few, plain_few, rtol=1e-5, atol=1e-6)
     assert torch.equal(kept[0], plain_many) and torch.equal(kept[1], plain_one)
-    # restored on exit: nothing left on the instances
-    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-def test_generation_with_weight_major_linears_samples_the_same_tokens(tiny):
+@pytest.mark.parametrize("packing", [True, False])
+def test_generation_with_fast_linears_samples_the_same_tokens(tiny, monkeypatch, packing):
     import torch
 
+    from cai.runtime import forward
     from cai.runtime import generate as gen
 
+    monkeypatch.setitem(forward._PACKING, "ok", packing)
     model, tok = tiny
     prompts = [tok(f"the sea {'and the wind ' * i}")["input_ids"] for i in range(4)]
     backend = gen.HFBackend(model, tok)
     sampling = Sampling(max_new_tokens=12, temperature=1.0)
     with LinearCalls() as calls:
         on = backend.generate_ids(prompts, sampling, seed=3, with_logits=True)
-    assert calls["mm"] > 0  # the decode steps ran weight-major
+    assert calls["packed" if packing else "mm"] > 0  # the fast path ran
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gen, "weight_major_linears", lambda model: contextlib.nullcontext())
         off = backend.generate_ids(prompts, sampling, seed=3, with_logits=True)
@@ -270,7 +299,7 @@ def test_lora_layers_run_as_one_merged_linear_without_touching_the_model(tiny_di
         with merged_lora_linears(model), LinearCalls() as calls:
             got = layer(x)
             merged = layer.merged_weight
-        assert calls == {"linear": 0, "mm": 1}  # one product, not base + A + B
+        assert calls == {"linear": 0, "mm": 0, "packed": 1}  # one product, not base + A + B
         with merged_lora_linears(model), model.disable_adapter():
             assert torch.equal(layer(x), base_out)  # the reference: adapters off, peft's own forward
     scale = layer.scaling["default"]
@@ -283,7 +312,7 @@ def test_lora_layers_run_as_one_merged_linear_without_touching_the_model(tiny_di
         assert layer.merged_weight is None
     assert calls["linear"] == 3
     # restored on exit, nothing written: the base weights stay the reference
-    assert not any("forward" in m.__dict__ or "merged_weight" in m.__dict__ for m in model.modules())
+    assert not any(k in m.__dict__ for m in model.modules() for k in ("forward", "merged_weight", "packed"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not layer.merged
 

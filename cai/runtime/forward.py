@@ -93,18 +93,23 @@ def continuation_logprob(model, tokenizer, prompts: list[str], continuations: li
 
 # the most rows a linear may take to run weight-major in `weight_major_linears` (decode steps have batch rows)
 WEIGHT_MAJOR_ROWS = 64
+# whether oneDNN's packed linear works in this torch build (cleared on its first failure)
+_PACKING = {"ok": True}
 
 
 @contextlib.contextmanager
 def weight_major_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
-    """While generating on the CPU in fp32, each `nn.Linear` of `model` takes inputs of 2 to `max_rows` rows (the
-    decode steps of a batch: one row per sequence) as `W @ x.T` instead of `x @ W.T`. The same product, but MKL
-    reads the weight far below memory bandwidth in the second form when x has a handful of rows. On an AMD EPYC
-    the linears of a SmolLM2-135M decode step at batch 8 took 2/3 of their time this way, and generation ran
-    1.18-1.20x faster at batch 8 and 1.06-1.11x at batch 32 in two runs (bench/decode_linears.py). One row,
-    larger inputs (the prefill), gradients, autocast, other devices and dtypes keep `nn.Linear`'s own forward.
-    The sums run in another order, so logits differ in the last bits (tests/test_generate.py). Modules whose
-    forward is already replaced on the instance (accelerate's hooks, ...) are left alone."""
+    """While generating on the CPU in fp32, each `nn.Linear` of `model` runs on a copy of its weight packed for
+    oneDNN (`torch.ops.mkldnn`, made on the layer's first call inside the context and dropped on exit), or, where
+    this torch build has no such packing, takes inputs of 2 to `max_rows` rows (the decode steps of a batch: one
+    row per sequence) as `W @ x.T` instead of `x @ W.T`. Both are the same product; MKL's `x @ W.T` reads the
+    weight far below memory bandwidth when x has a handful of rows. On an AMD EPYC, 200 gate projections of
+    SmolLM2-135M at 8 rows took 43 ms packed, 100 ms weight-major and 124 ms as `nn.Linear` (at 480 rows, a
+    prefill: 232 against 332 ms), for a packing cost of about 0.3 s per generation of the whole model; generation
+    ran faster as bench/decode_linears.py reports. The packed copy doubles the linears' memory while generating.
+    Gradients, autocast, other devices and dtypes keep `nn.Linear`'s own forward. The sums run in another order,
+    so logits differ in the last bits (tests/test_generate.py). Modules whose forward is already replaced on the
+    instance (accelerate's hooks, ...) are left alone."""
     import torch
 
     cpu_fp32 = [
@@ -117,30 +122,34 @@ def weight_major_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
     ]
     for m in cpu_fp32:
         m.forward = _weight_major_forward.__get__(m)
-        m.max_rows = max_rows
+        m.max_rows, m.packed = max_rows, None
     try:
         yield
     finally:
         for m in cpu_fp32:
-            del m.forward, m.max_rows
+            del m.forward, m.max_rows, m.packed
 
 
 def _weight_major_forward(self, x):
-    return _linear(x, self.weight, self.bias, self.max_rows)
+    return _linear(self, x, self.weight, self.bias)
 
 
-def _linear(x, weight, bias, max_rows: int):
-    """`F.linear(x, weight, bias)`, weight-major when x has 2 to `max_rows` rows outside autograd and autocast."""
+def _linear(self, x, weight, bias):
+    """`F.linear(x, weight, bias)` outside autograd and autocast on oneDNN's packed copy of `weight` (kept in
+    `self.packed`), or weight-major when x has 2 to `self.max_rows` rows."""
     import torch
 
+    if torch.is_grad_enabled() or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
+        return torch.nn.functional.linear(x, weight, bias)
+    if self.packed is None and _PACKING["ok"]:
+        try:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, WEIGHT_MAJOR_ROWS)
+        except (AttributeError, RuntimeError):  # a build without oneDNN's packed linear
+            _PACKING["ok"] = False
+    if self.packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
     rows = x.numel() // x.shape[-1] if x.numel() else 0  # one row: a matrix-vector product either way
-    if (
-        rows < 2
-        or rows > max_rows
-        or torch.is_grad_enabled()
-        or x.dtype != weight.dtype
-        or torch.is_autocast_enabled("cpu")
-    ):
+    if rows < 2 or rows > self.max_rows:
         return torch.nn.functional.linear(x, weight, bias)
     y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
     if bias is not None:
@@ -154,7 +163,7 @@ def merged_lora_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
     linear of weight `W + scaling * B @ A` instead of peft's `W x + scaling * B(A x)`: peft's form costs two small
     products, a scale and an add per linear per decode step, which made a LoRA policy generate slower than the
     same model fully fine-tuned (bench/lora_decode.py). The merged weight of a layer is computed on its first
-    call inside the context, from the adapter as it is then, runs weight-major like `weight_major_linears`, and
+    call inside the context, from the adapter as it is then, runs as `weight_major_linears` runs a linear, and
     is dropped on exit. Nothing of the model is written: peft's own merge would round W in place, and the base
     weights are the frozen reference PPO's KL is measured against. A call with gradients, under autocast, with
     the adapters disabled (the reference, `disable_adapter()`) or merged, or with peft's per-call keywords takes
@@ -169,12 +178,12 @@ def merged_lora_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
     layers = [m for m in model.modules() if isinstance(m, LoraLinear) and _mergeable(m)]
     for m in layers:
         m.forward = _merged_lora_forward.__get__(m)
-        m.max_rows, m.merged_weight = max_rows, None
+        m.max_rows, m.merged_weight, m.packed = max_rows, None, None
     try:
         yield
     finally:
         for m in layers:
-            del m.forward, m.max_rows, m.merged_weight
+            del m.forward, m.max_rows, m.merged_weight, m.packed
 
 
 def _mergeable(m) -> bool:
@@ -213,4 +222,4 @@ def _merged_lora_forward(self, x, *args, **kwargs):
         name = self.active_adapters[0]
         delta = self.lora_B[name].weight @ self.lora_A[name].weight
         self.merged_weight = torch.add(self.base_layer.weight, delta, alpha=self.scaling[name])
-    return _linear(x, self.merged_weight, self.base_layer.bias, self.max_rows)
+    return _linear(self, x, self.merged_weight, self.base_layer.bias)
