@@ -23,8 +23,8 @@ from typing import Protocol
 from cai.errors import UserError
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
-from cai.runtime.forward import pad as left_pad
 from cai.runtime.forward import merged_lora_linears, weight_major_linears
+from cai.runtime.forward import pad as left_pad
 from cai.runtime.hashing import derive_seed
 from cai.runtime.models import load_for_inference, load_tokenizer, resolve
 from cai.runtime.rundir import append_jsonl, read_jsonl, repair_jsonl
