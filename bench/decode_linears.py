@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from floor import machine_rates  # noqa: E402
+from rounds import print_machine, rotating_rounds  # noqa: E402
 
 WAYS = ("nn.Linear", "weight-major", "packed")
 
@@ -71,27 +70,9 @@ def main() -> None:
         finally:
             gen.weight_major_linears, fwd._PACKING["ok"] = own, True
 
-    rates = machine_rates()
-    print(
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"fp32 matmul {rates['matmul_flops'] / 1e9:.0f} GFLOP/s, copy {rates['copy_bytes'] / 1e9:.0f} GB/s",
-        flush=True,
-    )
+    print_machine(torch)
     timed(prompts[:1], "packed")  # warm-up
-    secs = {(b, w): [] for b in sizes for w in WAYS}
-    same = dict.fromkeys(sizes, True)
-    for r in range(args.rounds):
-        for b in sizes:
-            order = WAYS[r % 3 :] + WAYS[: r % 3]
-            ids = {}
-            for w in order:
-                s, ids[w] = timed(prompts[:b], w)
-                secs[b, w].append(s)
-            same[b] &= all(torch.equal(ids["nn.Linear"], ids[w]) for w in WAYS)
-            print(
-                f"round {r + 1} batch {b}: " + ", ".join(f"{w} {secs[b, w][-1]:.2f} s" for w in WAYS),
-                flush=True,
-            )
+    secs, same = rotating_rounds(WAYS, sizes, args.rounds, lambda b, w: timed(prompts[:b], w), WAYS)
 
     print(
         "\n| batch | nn.Linear s | weight-major s | packed s | nn.Linear / weight-major | nn.Linear / packed | same tokens |"
