@@ -1,4 +1,4 @@
-"""HF generation with the linears of `cai.runtime.forward.weight_major_linears` (oneDNN's packed weights, or
+"""HF generation with the linears of `cai.runtime.forward.packed_linears` (oneDNN's packed weights, or
 weight-major where packing is off) against `nn.Linear`'s own forward: same model, prompts, seeds and process.
 
     .venv/bin/python bench/decode_linears.py                  # smollm2-135m-instruct, batches 1, 8, 32
@@ -58,17 +58,17 @@ def main() -> None:
     backend = engine.backend  # HF
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompts = prompt_ids(engine, max(sizes))
-    own = gen.weight_major_linears
+    own = gen.packed_linears
 
     def timed(batch: list[list[int]], way: str):
-        gen.weight_major_linears = own if way != "nn.Linear" else (lambda m: contextlib.nullcontext())
+        gen.packed_linears = own if way != "nn.Linear" else (lambda m: contextlib.nullcontext())
         fwd._PACKING["ok"] = way == "packed"
         try:
             t0 = time.perf_counter()
             out = backend.generate_ids(batch, sampling, seed=0)
             return time.perf_counter() - t0, out.response_ids
         finally:
-            gen.weight_major_linears, fwd._PACKING["ok"] = own, True
+            gen.packed_linears, fwd._PACKING["ok"] = own, True
 
     print_machine(torch)
     timed(prompts[:1], "packed")  # warm-up

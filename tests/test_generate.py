@@ -196,7 +196,7 @@ class LinearCalls:
 def test_generation_linears_run_packed_with_the_same_outputs(tiny):
     import torch
 
-    from cai.runtime.forward import weight_major_linears
+    from cai.runtime.forward import packed_linears
 
     model, _ = tiny
     lin = next(m for m in model.modules() if type(m) is torch.nn.Linear)
@@ -207,13 +207,13 @@ def test_generation_linears_run_packed_with_the_same_outputs(tiny):
     ]
     with torch.no_grad():
         plain = [lin(x) for x in inputs]
-        with weight_major_linears(model), LinearCalls() as calls:
+        with packed_linears(model), LinearCalls() as calls:
             got = [lin(x) for x in inputs]  # decode step, one row, a prefill: all on oneDNN's packed weight
     assert calls == {"linear": 0, "mm": 0, "packed": 3}
     for g, p in zip(got, plain):
         assert g.shape == p.shape
         torch.testing.assert_close(g, p, rtol=1e-5, atol=1e-6)
-    with weight_major_linears(model), LinearCalls() as calls:
+    with packed_linears(model), LinearCalls() as calls:
         lin(inputs[0])  # gradients on: nn.Linear's own forward
     assert calls == {"linear": 1, "mm": 0, "packed": 0}
     # restored on exit: nothing left on the instances
@@ -233,12 +233,12 @@ def test_without_packing_decode_sized_linears_run_weight_major(tiny, monkeypatch
     many = torch.randn(70, lin.in_features)  # over the 64-row limit: a prefill
     with torch.no_grad():
         plain_few, plain_many, plain_one = lin(few), lin(many), lin(one)
-        with forward.weight_major_linears(model), LinearCalls() as calls:
+        with forward.packed_linears(model), LinearCalls() as calls:
             got_few = lin(few)
         assert calls == {"linear": 0, "mm": 1, "packed": 0}
         kept = []
         for x in (many, one):
-            with forward.weight_major_linears(model), LinearCalls() as calls:
+            with forward.packed_linears(model), LinearCalls() as calls:
                 kept.append(lin(x))
             assert calls == {"linear": 1, "mm": 0, "packed": 0}
     assert got_few.shape == plain_few.shape and got_few.is_contiguous()
@@ -262,7 +262,7 @@ def test_generation_with_fast_linears_samples_the_same_tokens(tiny, monkeypatch,
         on = backend.generate_ids(prompts, sampling, seed=3, with_logits=True)
     assert calls["packed" if packing else "mm"] > 0  # the fast path ran
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gen, "weight_major_linears", lambda model: contextlib.nullcontext())
+        mp.setattr(gen, "packed_linears", lambda model: contextlib.nullcontext())
         off = backend.generate_ids(prompts, sampling, seed=3, with_logits=True)
     assert torch.equal(on.response_ids, off.response_ids)
     torch.testing.assert_close(on.logits, off.logits, rtol=1e-4, atol=1e-5)

@@ -1,7 +1,7 @@
 """Forward-pass helpers shared by everything that scores text: padding a batch of token sequences, position ids
 under left padding, per-token log-probabilities, the last real token of each row, and the log-probability of a
-continuation with the tokenizer's own split at the boundary; and the decode steps' linears, weight-major on the
-CPU, with LoRA adapters folded into their weights while generating."""
+continuation with the tokenizer's own split at the boundary; and generation's linears on the CPU, on weights packed
+for oneDNN (or weight-major), with LoRA adapters folded into their weights."""
 
 from __future__ import annotations
 
@@ -91,14 +91,15 @@ def continuation_logprob(model, tokenizer, prompts: list[str], continuations: li
     return out
 
 
-# the most rows a linear may take to run weight-major in `weight_major_linears` (decode steps have batch rows)
+# the most rows a linear may take to run weight-major in `packed_linears` without packing (decode steps have batch
+# rows), and the rows oneDNN packs weights for
 WEIGHT_MAJOR_ROWS = 64
 # whether oneDNN's packed linear works in this torch build (cleared on its first failure)
 _PACKING = {"ok": True}
 
 
 @contextlib.contextmanager
-def weight_major_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
+def packed_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
     """While generating on the CPU in fp32, each `nn.Linear` of `model` runs on a copy of its weight packed for
     oneDNN (`torch.ops.mkldnn`, made on the layer's first call inside the context and dropped on exit), or, where
     this torch build has no such packing, takes inputs of 2 to `max_rows` rows (the decode steps of a batch: one
@@ -120,17 +121,25 @@ def weight_major_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
         and m.weight.device.type == "cpu"
         and m.weight.dtype == torch.float32
     ]
-    for m in cpu_fp32:
-        m.forward = _weight_major_forward.__get__(m)
-        m.max_rows, m.packed = max_rows, None
+    with _forwards_replaced(cpu_fp32, _packed_forward, max_rows=max_rows, packed=None):
+        yield
+
+
+@contextlib.contextmanager
+def _forwards_replaced(modules: list, forward, **state):
+    """Each of `modules` runs `forward` (bound to it) with `state` as its attributes, until the context exits."""
+    for m in modules:
+        m.forward = forward.__get__(m)
+        m.__dict__.update(state)
     try:
         yield
     finally:
-        for m in cpu_fp32:
-            del m.forward, m.max_rows, m.packed
+        for m in modules:
+            for k in ("forward", *state):
+                m.__dict__.pop(k, None)
 
 
-def _weight_major_forward(self, x):
+def _packed_forward(self, x):
     return _linear(self, x, self.weight, self.bias)
 
 
@@ -163,7 +172,7 @@ def merged_lora_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
     linear of weight `W + scaling * B @ A` instead of peft's `W x + scaling * B(A x)`: peft's form costs two small
     products, a scale and an add per linear per decode step, which made a LoRA policy generate slower than the
     same model fully fine-tuned (bench/lora_decode.py). The merged weight of a layer is computed on its first
-    call inside the context, from the adapter as it is then, runs as `weight_major_linears` runs a linear, and
+    call inside the context, from the adapter as it is then, runs as `packed_linears` runs a linear, and
     is dropped on exit. Nothing of the model is written: peft's own merge would round W in place, and the base
     weights are the frozen reference PPO's KL is measured against. A call with gradients, under autocast, with
     the adapters disabled (the reference, `disable_adapter()`) or merged, or with peft's per-call keywords takes
@@ -176,14 +185,8 @@ def merged_lora_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
         yield
         return
     layers = [m for m in model.modules() if isinstance(m, LoraLinear) and _mergeable(m)]
-    for m in layers:
-        m.forward = _merged_lora_forward.__get__(m)
-        m.max_rows, m.merged_weight, m.packed = max_rows, None, None
-    try:
+    with _forwards_replaced(layers, _merged_lora_forward, max_rows=max_rows, merged_weight=None, packed=None):
         yield
-    finally:
-        for m in layers:
-            del m.forward, m.max_rows, m.merged_weight, m.packed
 
 
 def _mergeable(m) -> bool:

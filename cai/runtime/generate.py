@@ -23,7 +23,7 @@ from typing import Protocol
 from cai.errors import UserError
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
-from cai.runtime.forward import merged_lora_linears, weight_major_linears
+from cai.runtime.forward import merged_lora_linears, packed_linears
 from cai.runtime.forward import pad as left_pad
 from cai.runtime.hashing import derive_seed
 from cai.runtime.models import load_for_inference, load_tokenizer, resolve
@@ -132,7 +132,7 @@ class HFBackend:
             torch.no_grad(),
             recipe_settings_only(self.model),
             autocast or contextlib.nullcontext(),
-            weight_major_linears(self.model),
+            packed_linears(self.model),
             merged_lora_linears(self.model),
         ):
             out = self.model.generate(
