@@ -339,3 +339,52 @@ def test_lora_generation_samples_what_peft_forward_samples(tiny_dir):
     assert torch.equal(merged.response_ids, peft_own.response_ids)
     torch.testing.assert_close(merged.logits, peft_own.logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(merged.logits, base.logits, atol=1e-2)  # the adapters were generated with
+
+
+def test_lora_training_linears_give_peft_outputs_and_gradients_in_fewer_passes(tiny_dir):
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from cai.runtime.forward import fused_lora_linears
+
+    model = lora_tiny()
+    ids = torch.randint(0, 200, (2, 9))
+
+    def loss_and_grads(fused: bool):
+        model.zero_grad(set_to_none=True)
+        ctx = fused_lora_linears(model) if fused else contextlib.nullcontext()
+        with ctx, LinearCalls() as calls:
+            logits = model(input_ids=ids).logits
+        loss = logits.float().logsumexp(-1).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return logits.detach(), grads, calls
+
+    peft_logits, peft_grads, peft_calls = loss_and_grads(False)
+    got_logits, got_grads, calls = loss_and_grads(True)
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    # peft: three F.linear per adapted layer (base, A, B), then a scale and an add; fused: the base's, with the
+    # adapter's thin products added into it in place
+    assert peft_calls["linear"] - calls["linear"] == 2 * len(layers)
+    torch.testing.assert_close(got_logits, peft_logits, rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == peft_grads.keys() and any("lora_A" in n for n in got_grads)
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(float(g.abs().max()) > 0 for n, g in got_grads.items() if "lora_A" in n)
+    # without gradients, with the adapters off, or under ZeRO-3: peft's own forward
+    with torch.no_grad(), fused_lora_linears(model), LinearCalls() as calls:
+        model(input_ids=ids)
+    assert calls["linear"] == peft_calls["linear"]
+    with fused_lora_linears(model), model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids).logits, model.base_model.model(input_ids=ids).logits)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_lora_training_linears_stay_peft_under_zero3(tiny_dir, monkeypatch):
+    from cai.runtime import distributed as dist
+    from cai.runtime.forward import fused_lora_linears
+
+    model = lora_tiny()
+    monkeypatch.setattr(dist, "engine", lambda: "deepspeed-zero3")
+    with fused_lora_linears(model):
+        assert not any("forward" in m.__dict__ for m in model.modules())

@@ -253,6 +253,28 @@ def test_lora_reference_is_the_base_model(tmp_path):
     assert (moved - want).abs().max() > 1e-3
 
 
+def test_lora_update_with_fused_linears_equals_peft_forward(tmp_path, monkeypatch):
+    import contextlib
+
+    from cai.rl import loop
+    from cai.runtime import forward
+
+    fused = []
+    apply = forward._FusedLora.apply
+    monkeypatch.setattr(forward._FusedLora, "apply", lambda *a: fused.append(1) or apply(*a))
+    on = make_trainer(tmp_path / "fused", lora=True, updates=1)
+    on.train()
+    assert fused  # the policy's and the critic's adapted linears trained through cai's fused node
+    monkeypatch.setattr(loop, "fused_lora_linears", lambda model: contextlib.nullcontext())
+    off = make_trainer(tmp_path / "peft", lora=True, updates=1)
+    off.train()
+    a, b = _params(on), _params(off)
+    moved = [n for n in a if "lora_B" in n and float(a[n].abs().max()) > 0]
+    assert moved  # the update trained the adapters (B starts at zero)
+    for name in a:  # the same update up to float rounding
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _params(trainer):
     out = {"p." + n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
     out.update({"c." + n: p.detach().clone() for n, p in trainer.critic.named_parameters()})

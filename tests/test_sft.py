@@ -148,14 +148,19 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(cr_dir, tmp_path, monk
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-def test_lora_is_merged_on_save(tiny, cr_dir, tmp_path):
+def test_lora_is_merged_on_save(tiny, cr_dir, tmp_path, monkeypatch):
     import torch
 
+    from cai.runtime import forward
     from cai.runtime.models import load_model
 
     base, _ = tiny
     out = tmp_path / "sft"
+    fused = []
+    apply = forward._FusedLora.apply
+    monkeypatch.setattr(forward._FusedLora, "apply", lambda *a: fused.append(1) or apply(*a))
     run_sft(cr_dir, out, "sft.lora={r: 4, alpha: 8}", "sft.learning_rate=1.0e-2")
+    assert fused  # the adapted linears trained as one node each (cai.runtime.forward.fused_lora_linears)
     files = {p.name for p in (out / "model").iterdir()}
     assert "config.json" in files and "model.safetensors" in files and "adapter_config.json" not in files
     merged = load_model(str(out / "model"))

@@ -21,6 +21,7 @@ from cai.runtime.models import load_model, load_tokenizer, peft_config, resolve,
 from cai.runtime.rundir import write_json
 from cai.runtime.settings import Precision, fp32_head
 from cai.runtime.training import (
+    fuse_lora_training,
     metrics_callback,
     resume_point,
     save_trained,
@@ -101,7 +102,7 @@ def build_trainer(
             lm_coef == 0 and not model.config.get_text_config().tie_word_embeddings if value_head else None
         ),
     )
-    return PreferenceTrainer(
+    trainer = PreferenceTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(
@@ -115,6 +116,7 @@ def build_trainer(
         center_coef=center_coef,
         lm_coef=lm_coef,
     )
+    return fuse_lora_training(trainer)  # LoRA layers train in fewer passes over memory
 
 
 def fit(cfg, settings, model, tok, train_rows, out_dir: Path, metrics, what: str, run_token=None, **loss):

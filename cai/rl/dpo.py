@@ -31,7 +31,7 @@ from cai.rl.modules import PolicyModel
 from cai.rl.rollout import sample, seed_of
 from cai.runtime.generate import HFBackend
 from cai.runtime.models import peft_config
-from cai.runtime.training import training_args
+from cai.runtime.training import fuse_lora_training, training_args
 from cai.stats import wilson_ci
 
 
@@ -164,7 +164,7 @@ def build_trainer(cfg, seed: int, device: str, precision, model, ref, tok, train
         per_device_eval_batch_size=cfg.batch_size,
     )
     hard = cfg.labels == "hard"
-    return SoftDPOTrainer(
+    trainer = SoftDPOTrainer(
         model=model,
         ref_model=ref,
         args=args,
@@ -175,6 +175,7 @@ def build_trainer(cfg, seed: int, device: str, precision, model, ref, tok, train
         callbacks=callbacks,
         peft_config=peft_config(cfg.lora) if cfg.lora is not None else None,
     )
+    return fuse_lora_training(trainer)  # LoRA layers train in fewer passes over memory
 
 
 @torch.no_grad()

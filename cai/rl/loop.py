@@ -20,6 +20,7 @@ from cai.rl.colocate import VLLMRollouts
 from cai.rl.rollout import sample, seed_of
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
+from cai.runtime.forward import fused_lora_linears
 from cai.runtime.generate import HFBackend
 from cai.runtime.rundir import SAMPLES, append_jsonl, read_jsonl
 from cai.runtime.settings import Precision
@@ -200,7 +201,8 @@ class OnPolicyTrainer:
             t0 = time.perf_counter()
             batch = self.rollout(u)
             t1 = time.perf_counter()
-            train_stats = self.train_on(batch, u)
+            with fused_lora_linears(self.model):  # LoRA layers train in fewer passes over memory
+                train_stats = self.train_on(batch, u)
             row = {**{k: v for k, v in batch.stats.items() if not k.startswith("_")}, **train_stats}
             row["policy/approx_kl"] = row.get("policy/approx_kl", 0.0)
             row["policy/clipfrac"] = row.get("policy/clipfrac", 0.0)

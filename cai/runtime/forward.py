@@ -1,11 +1,14 @@
 """Forward-pass helpers shared by everything that scores text: padding a batch of token sequences, position ids
 under left padding, per-token log-probabilities, the last real token of each row, and the log-probability of a
 continuation with the tokenizer's own split at the boundary; and generation's linears on the CPU, on weights packed
-for oneDNN (or weight-major), with LoRA adapters folded into their weights."""
+for oneDNN (or weight-major), with LoRA adapters folded into their weights; and LoRA layers in training, base and
+adapter products as one autograd node."""
 
 from __future__ import annotations
 
 import contextlib
+
+from cai.runtime import distributed as dist
 
 
 def pad(seqs: list[list[int]], pad_id: int, side: str = "left"):
@@ -226,3 +229,108 @@ def _merged_lora_forward(self, x, *args, **kwargs):
         delta = self.lora_B[name].weight @ self.lora_A[name].weight
         self.merged_weight = torch.add(self.base_layer.weight, delta, alpha=self.scaling[name])
     return _linear(self, x, self.merged_weight, self.base_layer.bias)
+
+
+@contextlib.contextmanager
+def fused_lora_linears(model):
+    """While training a LoRA model on the CPU in fp32 (calls with gradients), each LoRA-adapted linear of
+    `model` (peft's `lora.Linear`) computes `W x + scaling * B(A x)` as one autograd node (`_FusedLora`): the
+    adapter's product is added in place into the base product, and in the backward the adapter's share of the
+    input gradient into the base's. Peft's forward writes three more tensors the size of the layer's output
+    per call (`B(A x)`, its scaling, the sum) and its backward two more the size of the input and output; the
+    same maths, in fewer passes over memory. Same conditions as `merged_lora_linears` for the layers it takes
+    (one adapter, no variant, no fan-in-fan-out, no active dropout, fp32 on the CPU); a call without
+    gradients, under autocast, with the adapters disabled or merged, or with peft's per-call keywords takes
+    peft's forward, and so does a layer whose base weight or bias trains. Not used under ZeRO-3 or FSDP, whose
+    hooks gather a module's weights only when that module itself is called. The sums run in another order (the
+    scaling is applied to B), so outputs and gradients differ from peft's in the last bits
+    (tests/test_generate.py)."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        yield
+        return
+    if dist.engine() not in ("single", "ddp", "deepspeed-zero0", "deepspeed-zero1", "deepspeed-zero2"):
+        yield
+        return
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, LoraLinear)
+        and _mergeable(m)
+        and not m.base_layer.weight.requires_grad
+        and (m.base_layer.bias is None or not m.base_layer.bias.requires_grad)
+    ]
+    with _forwards_replaced(layers, _fused_lora_forward):
+        yield
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    import torch
+
+    if (
+        args
+        or kwargs
+        or not torch.is_grad_enabled()
+        or self.disable_adapters
+        or self.merged
+        or torch.is_autocast_enabled(x.device.type)
+        or x.dtype != torch.float32
+    ):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    base = self.base_layer
+    return _FusedLora.apply(
+        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    )
+
+
+def _fused_lora_function():
+    import torch
+
+    class FusedLora(torch.autograd.Function):
+        """y = x W^T + b + s (x A^T) B^T, with W and b frozen; gradients for x, A and B."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+            x2 = x.reshape(-1, x.shape[-1])
+            xa = x2 @ lora_a.t()  # [N, r]
+            sb = lora_b * scaling  # [out, r]
+            y = torch.nn.functional.linear(x2, weight, bias)
+            y.addmm_(xa, sb.t())
+            ctx.save_for_backward(x2, xa, weight, lora_a, sb)
+            ctx.scaling = scaling
+            ctx.x_shape = x.shape
+            return y.view(*x.shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad):
+            x2, xa, weight, lora_a, sb = ctx.saved_tensors
+            g = grad.reshape(-1, grad.shape[-1])
+            gb = g @ sb  # [N, r]: the gradient at A x, scaled
+            grad_x = grad_a = grad_b = None
+            if ctx.needs_input_grad[0]:
+                grad_x = g @ weight
+                grad_x.addmm_(gb, lora_a)
+                grad_x = grad_x.view(ctx.x_shape)
+            if ctx.needs_input_grad[3]:
+                grad_a = gb.t() @ x2
+            if ctx.needs_input_grad[4]:
+                grad_b = (g.t() @ xa) * ctx.scaling
+            return grad_x, None, None, grad_a, grad_b, None
+
+    return FusedLora
+
+
+class _LazyFunction:
+    """The autograd Function, made on first use so that importing this module does not import torch."""
+
+    fn = None
+
+    def apply(self, *args):
+        if _LazyFunction.fn is None:
+            _LazyFunction.fn = _fused_lora_function()
+        return _LazyFunction.fn.apply(*args)
+
+
+_FusedLora = _LazyFunction()

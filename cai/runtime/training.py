@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cai.errors import UserError
 from cai.runtime import distributed as dist
+from cai.runtime.forward import fused_lora_linears
 from cai.runtime.rundir import append_jsonl, read_jsonl
 
 
@@ -52,6 +53,20 @@ def training_args(args_cls, cfg, out_dir: Path, seed: int, device: str, precisio
         disable_tqdm=not dist.is_main(),
     )
     return args_cls(**{**common, **extra})
+
+
+def fuse_lora_training(trainer):
+    """`trainer` (a transformers Trainer) with its loss forwards run under `fused_lora_linears`: a LoRA model's
+    adapted linears train as one autograd node each (cai.runtime.forward). A model without LoRA, and any forward
+    without gradients (evaluation), run as before. Returns the trainer."""
+    compute_loss = trainer.compute_loss
+
+    def fused(model, *args, **kwargs):
+        with fused_lora_linears(model):
+            return compute_loss(model, *args, **kwargs)
+
+    trainer.compute_loss = fused
+    return trainer
 
 
 def metrics_callback(log):
