@@ -52,9 +52,10 @@ class OnPolicyTrainer:
         self.cfg, self.tok, self.reward, self.seed = cfg, tokenizer, reward, seed
         self.out_dir = Path(out_dir)
         self.precision = precision or Precision(compute="float32")
-        self.acc = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=self.precision.mixed
-        )
+        if accelerator is None:
+            dist.skip_deepspeed_shm_kernel()  # as `cai run` does, for a trainer driven from Python
+            accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=self.precision.mixed)
+        self.acc = accelerator
         self.show_progress, self.metrics, self.run_token = show_progress, metrics, run_token
         # old log-probs: from the sampling logits where that is exact (fp32), else from a training-like forward;
         # always from the forward when vLLM samples (cai.rl.colocate)
