@@ -149,3 +149,32 @@ def test_group_advantages_by_hand():
     )
     spread, flat = pm.group_stats(r, 3)
     assert float(spread) == pytest.approx(math.sqrt(7.0) / 2) and float(flat) == 0.5
+
+
+def test_selected_logprobs_by_hand_and_against_log_softmax():
+    from cai.runtime.forward import selected_logprobs
+
+    # two tokens with probabilities 1/4 and 3/4; at temperature 2 the logits halve: p = [1, sqrt 3] / (1 + sqrt 3)
+    z = torch.tensor([[0.0, math.log(3.0)]])
+    assert selected_logprobs(z, torch.tensor([1])).tolist() == pytest.approx([math.log(0.75)])
+    assert selected_logprobs(z, torch.tensor([0]), 2.0).tolist() == pytest.approx(
+        [-math.log(1 + math.sqrt(3))]
+    )
+
+    # 40 rows (more than one block of rows) in [5, 8, V]: values and gradients as log_softmax + gather give
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(5, 8, 70)).requires_grad_(True)
+    tokens = torch.randint(0, 70, (5, 8))
+    upstream = torch.randn(5, 8)
+    got = selected_logprobs(logits, tokens, 0.7)
+    (got * upstream).sum().backward()
+    grad_got, logits.grad = logits.grad.clone(), None
+    want = torch.log_softmax(logits / 0.7, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    (want * upstream).sum().backward()
+    assert got.shape == (5, 8)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_got, logits.grad, rtol=1e-5, atol=1e-7)
+    # each row's gradient sums to zero (the softmax part cancels the one-hot part)
+    assert grad_got.sum(-1).abs().max() < 1e-5
+    small = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: selected_logprobs(x, torch.tensor([0, 5, 2]), 1.3), (small,))

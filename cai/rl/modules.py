@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cai.rl.ppo_math import entropy_from_logits
-from cai.runtime.forward import position_ids
+from cai.runtime.forward import position_ids, selected_logprobs
 from cai.runtime.packing import base_of, pack, packed_states, trunk_of, varlen_supported
 from cai.runtime.settings import fp32_head
 
@@ -112,16 +112,12 @@ def disable_dropout(model: nn.Module) -> None:
 
 def logprobs_from_hidden(head, hidden, tokens, temperature: float, entropy: bool = False):
     """log π(token) under softmax(head(hidden)/temperature), and optionally the per-token entropy (no grad)."""
-    from trl.trainer.utils import selective_log_softmax
-
     logits = head(hidden).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = selective_log_softmax(logits, tokens)
+    logp = selected_logprobs(logits, tokens, temperature)
     ent = None
     if entropy:
         with torch.no_grad():
-            ent = entropy_from_logits(logits.detach())
+            ent = entropy_from_logits(logits.detach() / temperature)
     return logp, ent
 
 

@@ -38,6 +38,7 @@ from cai.rl.loop import OnPolicyTrainer
 from cai.rl.modules import ActorCritic, PolicyModel, check_varlen, disable_dropout
 from cai.rl.rollout import Rollout, global_stats, prompt_indices, seed_of
 from cai.runtime import distributed as dist
+from cai.runtime.forward import selected_logprobs
 
 
 class PPOTrainer(OnPolicyTrainer):
@@ -114,8 +115,6 @@ class PPOTrainer(OnPolicyTrainer):
     def _forwards(self, gen, input_ids, attn, R: int):
         """Old log-probs, entropy, reference log-probs and values of the sampled responses, in chunks of a
         minibatch: [B, R] each."""
-        from trl.trainer.utils import selective_log_softmax
-
         cfg, dev = self.cfg, self.acc.device
         resp = input_ids[:, -R:]
         n_chunk = max(1, len(input_ids) // cfg.num_minibatches)
@@ -135,7 +134,7 @@ class PPOTrainer(OnPolicyTrainer):
             ids, am = input_ids[s : s + n_chunk], attn[s : s + n_chunk]
             if gen.logits is not None:
                 logits = gen.logits[s : s + n_chunk, :R].to(dev).float() / cfg.temperature
-                parts["logprobs"].append(selective_log_softmax(logits, resp[s : s + n_chunk]))
+                parts["logprobs"].append(selected_logprobs(logits, resp[s : s + n_chunk]))
                 parts["entropy"].append(pm.entropy_from_logits(logits))
                 own = self.model(ids, am, R, logprobs=False, values=has_values and not reuse_values)
             else:

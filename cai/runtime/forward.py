@@ -34,13 +34,77 @@ def position_ids(attention_mask):
 
 def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0):
     """log p(token_t | tokens_<t) for t = 1..T-1, shape [B, T-1]; logits are divided by `temperature`."""
-    from trl.trainer.utils import selective_log_softmax
-
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    logits = out.logits[:, :-1, :].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return selective_log_softmax(logits, input_ids[:, 1:])
+    # every position's logits as they are (no copy of a [B, T-1, V] slice); the last position predicts a stand-in
+    # token and is dropped (its gradient is zero)
+    nxt = input_ids.roll(-1, dims=1)
+    return selected_logprobs(out.logits.float(), nxt, temperature)[:, :-1]
+
+
+def selected_logprobs(logits, tokens, temperature: float = 1.0):
+    """log softmax(logits / temperature)[token] over the last axis: `logits` [..., V], `tokens` [...] -> [...].
+
+    The same numbers as dividing the logits, taking the log-softmax and gathering, in fewer passes over the
+    [..., V] logits: the log-normaliser is taken a block of rows at a time, and the backward writes the logits'
+    gradient, (onehot(token) - softmax) / temperature, into one buffer; the divided logits, the log-softmax and
+    the scattered one-hot are never made whole. At a PPO update's 384 response positions of a 49,152-token
+    vocabulary each of those is 75 MB."""
+    shape = tokens.shape
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = _SelectedLogprobs.apply(flat, tokens.reshape(-1), float(temperature))
+    return out.view(shape)
+
+
+_ROWS = 32  # rows of logits per block: 32 x 49,152 fp32 is 6 MB, reused from block to block
+
+
+def _log_normaliser(logits, temperature: float):
+    """logsumexp(logits / temperature) per row of a [N, V] tensor, a block of rows at a time."""
+    import torch
+
+    # at least fp32 (bf16 logits are normalised in fp32), fp64 kept for gradcheck
+    lse = logits.new_empty(logits.shape[0], dtype=torch.promote_types(logits.dtype, torch.float32))
+    for i in range(0, logits.shape[0], _ROWS):
+        block = logits[i : i + _ROWS].to(lse.dtype)
+        if temperature != 1.0:
+            block = block / temperature
+        torch.logsumexp(block, dim=-1, out=lse[i : i + _ROWS])
+    return lse
+
+
+def _selected_logprobs_function():
+    import torch
+
+    class SelectedLogprobs(torch.autograd.Function):
+        """log softmax(z / T)[token] per row of z [N, V]; the gradient (onehot - softmax(z / T)) g / T."""
+
+        @staticmethod
+        def forward(ctx, logits, tokens, temperature):
+            lse = _log_normaliser(logits, temperature)
+            picked = logits.gather(-1, tokens[:, None]).squeeze(-1).to(lse.dtype)
+            if temperature != 1.0:
+                picked = picked / temperature
+            ctx.save_for_backward(logits, tokens, lse)
+            ctx.temperature = temperature
+            return picked - lse
+
+        @staticmethod
+        def backward(ctx, grad):
+            logits, tokens, lse = ctx.saved_tensors
+            T = ctx.temperature
+            g = (grad / T).to(logits.dtype)
+            out = torch.empty_like(logits)
+            for i in range(0, logits.shape[0], _ROWS):
+                block = out[i : i + _ROWS]
+                if T != 1.0:
+                    torch.div(logits[i : i + _ROWS], T, out=block)
+                else:
+                    block.copy_(logits[i : i + _ROWS])
+                block.sub_(lse[i : i + _ROWS, None]).exp_().mul_(-g[i : i + _ROWS, None])
+            out.scatter_add_(-1, tokens[:, None], g[:, None])
+            return out, None, None
+
+    return SelectedLogprobs
 
 
 def last_token_index(attention_mask):
@@ -323,14 +387,16 @@ def _fused_lora_function():
 
 
 class _LazyFunction:
-    """The autograd Function, made on first use so that importing this module does not import torch."""
+    """An autograd Function, made by `factory` on first use so that importing this module does not import torch."""
 
-    fn = None
+    def __init__(self, factory):
+        self.factory, self.fn = factory, None
 
     def apply(self, *args):
-        if _LazyFunction.fn is None:
-            _LazyFunction.fn = _fused_lora_function()
-        return _LazyFunction.fn.apply(*args)
+        if self.fn is None:
+            self.fn = self.factory()
+        return self.fn.apply(*args)
 
 
-_FusedLora = _LazyFunction()
+_FusedLora = _LazyFunction(_fused_lora_function)
+_SelectedLogprobs = _LazyFunction(_selected_logprobs_function)
