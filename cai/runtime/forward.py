@@ -44,15 +44,11 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0):
 def selected_logprobs(logits, tokens, temperature: float = 1.0):
     """log softmax(logits / temperature)[token] over the last axis: `logits` [..., V], `tokens` [...] -> [...].
 
-    The same numbers as dividing the logits, taking the log-softmax and gathering, in fewer passes over the
-    [..., V] logits: the log-normaliser is taken a block of rows at a time, and the backward writes the logits'
-    gradient, (onehot(token) - softmax) / temperature, into one buffer; the divided logits, the log-softmax and
-    the scattered one-hot are never made whole. At a PPO update's 384 response positions of a 49,152-token
-    vocabulary each of those is 75 MB."""
-    shape = tokens.shape
+    What dividing, log-softmax and gather give, without their logits-sized tensors (75 MB each at a PPO update's
+    384 positions): the log-normaliser is taken a block of rows at a time, and the backward writes the gradient,
+    (onehot(token) - softmax) / temperature, into one buffer."""
     flat = logits.reshape(-1, logits.shape[-1])
-    out = _SelectedLogprobs.apply(flat, tokens.reshape(-1), float(temperature))
-    return out.view(shape)
+    return _SelectedLogprobs.apply(flat, tokens.reshape(-1), float(temperature)).view(tokens.shape)
 
 
 _ROWS = 32  # rows of logits per block: 32 x 49,152 fp32 is 6 MB, reused from block to block
