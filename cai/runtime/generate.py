@@ -8,7 +8,8 @@
   so a killed run loses at most one batch.
 
 Generation settings come from the recipe alone: a model's own generation_config.json never applies (see
-`recipe_settings_only`). Backends implement `generate_ids`. `HFBackend` uses `transformers.generate`; `VLLMBackend`
+`recipe_settings_only`). Attention reads grouped keys in place (cai.runtime.packing.grouped_kv_attention).
+Backends implement `generate_ids`. `HFBackend` uses `transformers.generate`; `VLLMBackend`
 a vLLM engine in this process (cai.runtime.vllm_engine), started from the model's folder.
 """
 
@@ -27,6 +28,7 @@ from cai.runtime.forward import merged_lora_linears, packed_linears
 from cai.runtime.forward import pad as left_pad
 from cai.runtime.hashing import derive_seed
 from cai.runtime.models import load_for_inference, load_tokenizer, resolve
+from cai.runtime.packing import grouped_kv_attention
 from cai.runtime.rundir import append_jsonl, read_jsonl, repair_jsonl
 
 
@@ -134,6 +136,7 @@ class HFBackend:
             autocast or contextlib.nullcontext(),
             packed_linears(self.model),
             merged_lora_linears(self.model),
+            grouped_kv_attention(),
         ):
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, **kwargs
