@@ -14,7 +14,6 @@ figures go into docs/benchmarks.md, section "Decode-step linears".
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import sys
@@ -23,41 +22,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rounds import print_machine, rotating_rounds  # noqa: E402
+from rounds import decode_args, decode_inputs, print_machine, ratio_cell, rotating_rounds  # noqa: E402
 
 WAYS = ("nn.Linear", "weight-major", "packed")
 
 
-def prompt_ids(engine, n: int) -> list[list[int]]:
-    """`n` built-in prompts (red-team and helpful, as the quickstart's), as the engine encodes them: token ids."""
-    from generation import bench_prompts
-
-    return [engine.encode({"messages": m}) for m in bench_prompts(n)]
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--batch-sizes", default="1,8,32")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = ap.parse_args()
+    args = decode_args(__doc__.split("\n\n")[0], batch_sizes="1,8,32", threads=True)
 
     import torch
 
     from cai.runtime import forward as fwd
     from cai.runtime import generate as gen
-    from cai.runtime.models import load_for_inference
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_for_inference(args.model)
-    sampling = gen.Sampling(max_new_tokens=args.max_new_tokens, temperature=0.7)
-    engine = gen.Engine(model, tok, sampling)
-    backend = engine.backend  # HF
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    prompts = prompt_ids(engine, max(sizes))
+    model, tok, sampling, sizes, prompts = decode_inputs(args)
+    backend = gen.HFBackend(model, tok)
     own = gen.packed_linears
 
     def timed(batch: list[list[int]], way: str):
@@ -80,10 +61,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---|---|---|")
     for b in sizes:
         med = {w: statistics.median(secs[b, w]) for w in WAYS}
-        cells = []
-        for w in ("weight-major", "packed"):
-            ratios = [a / o for a, o in zip(secs[b, "nn.Linear"], secs[b, w])]
-            cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})")
+        cells = [ratio_cell(secs[b, "nn.Linear"], secs[b, w]) for w in ("weight-major", "packed")]
         print(
             f"| {b} | {med['nn.Linear']:.2f} | {med['weight-major']:.2f} | {med['packed']:.2f} | "
             f"{cells[0]} | {cells[1]} | {'yes' if same[b] else 'no'} |"

@@ -13,7 +13,6 @@ place".
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import sys
@@ -22,30 +21,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rounds import print_machine, rotating_rounds  # noqa: E402
+from rounds import decode_args, decode_inputs, print_machine, ratio_cell, rotating_rounds  # noqa: E402
 
 WAYS = ("repeated keys", "grouped keys")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--batch-sizes", default="8,32")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    args = decode_args(__doc__.split("\n\n")[0])
 
     import torch
-    from generation import bench_prompts
 
     from cai.runtime import generate as gen
-    from cai.runtime.models import load_for_inference
 
-    model, tok = load_for_inference(args.model)
-    sampling = gen.Sampling(max_new_tokens=args.max_new_tokens, temperature=0.7)
-    engine = gen.Engine(model, tok, sampling)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    prompts = [engine.encode({"messages": m}) for m in bench_prompts(max(sizes))]
+    model, tok, sampling, sizes, prompts = decode_inputs(args)
     backend = gen.HFBackend(model, tok)
     own = gen.grouped_kv_attention
 
@@ -66,10 +54,9 @@ def main() -> None:
     print("|---:|---:|---:|---|---|")
     for b in sizes:
         med = {w: statistics.median(secs[b, w]) for w in WAYS}
-        gain = [r / g for r, g in zip(secs[b, "repeated keys"], secs[b, "grouped keys"])]
         print(
             f"| {b} | {med['repeated keys']:.2f} | {med['grouped keys']:.2f} | "
-            f"{statistics.median(gain):.2f} ({min(gain):.2f}–{max(gain):.2f}) | {'yes' if same[b] else 'no'} |"
+            f"{ratio_cell(secs[b, 'repeated keys'], secs[b, 'grouped keys'])} | {'yes' if same[b] else 'no'} |"
         )
 
 

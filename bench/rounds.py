@@ -1,4 +1,5 @@
-"""Shared by the generation benchmarks: the machine's rates line, and rounds that time each way in turn.
+"""Shared by the generation benchmarks: their command line and inputs, the machine's rates line, rounds that time
+each way in turn, and the ratio cell of their tables.
 
 Each round runs every batch size once each way, the order of the ways rotating from round to round, so that load
 on a shared machine hits every way alike.
@@ -6,7 +7,9 @@ on a shared machine hits every way alike.
 
 from __future__ import annotations
 
+import argparse
 import platform
+import statistics
 
 from floor import machine_rates
 
@@ -41,3 +44,38 @@ def rotating_rounds(ways: tuple, sizes: list[int], rounds: int, timed, same_ways
                 flush=True,
             )
     return secs, same
+
+
+def decode_args(description: str, batch_sizes: str = "8,32", threads: bool = False):
+    """The decode benchmarks' options: --model, --batch-sizes, --max-new-tokens, --rounds (and --threads)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch-sizes", default=batch_sizes)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    if threads:
+        ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return ap.parse_args()
+
+
+def decode_inputs(args):
+    """(model, tokenizer, sampling, batch sizes, prompts) of a decode benchmark: `args.model` loaded for
+    inference, temperature 0.7 and `args.max_new_tokens`, and as many built-in prompts (red-team and helpful, as
+    the quickstart's) as the largest batch, as token ids through the chat template."""
+    from generation import bench_prompts
+
+    from cai.runtime import generate as gen
+    from cai.runtime.models import load_for_inference
+
+    model, tok = load_for_inference(args.model)
+    sampling = gen.Sampling(max_new_tokens=args.max_new_tokens, temperature=0.7)
+    engine = gen.Engine(model, tok, sampling)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    prompts = [engine.encode({"messages": m}) for m in bench_prompts(max(sizes))]
+    return model, tok, sampling, sizes, prompts
+
+
+def ratio_cell(baseline: list[float], ours: list[float]) -> str:
+    """The median of the per-round ratios baseline / ours, with their range: `1.10 (1.07–1.24)`."""
+    ratios = [b / o for b, o in zip(baseline, ours)]
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
