@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rounds import print_machine, rotating_rounds  # noqa: E402
+from rounds import print_machine, ratio_cell, rotating_rounds  # noqa: E402
 
 WAYS = ("divide + TRL selective_log_softmax", "selected_logprobs")
 
@@ -84,10 +84,9 @@ def main() -> None:
     print("|---:|---:|---:|---:|---|")
     for b in sizes:
         med = {w: statistics.median(secs[b, w]) for w in WAYS}
-        gain = [p / f for p, f in zip(secs[b, WAYS[0]], secs[b, WAYS[1]])]
         print(
             f"| {b} | {b * args.response} | {med[WAYS[0]] / args.steps:.3f} | {med[WAYS[1]] / args.steps:.3f} | "
-            f"{statistics.median(gain):.2f} ({min(gain):.2f}–{max(gain):.2f}) |"
+            f"{ratio_cell(secs[b, WAYS[0]], secs[b, WAYS[1]])} |"
         )
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rounds import print_machine, rotating_rounds  # noqa: E402
+from rounds import print_machine, ratio_cell, rotating_rounds  # noqa: E402
 
 WAYS = ("peft forward", "fused")
 
@@ -100,10 +100,9 @@ def main() -> None:
     print("|---:|---:|---:|---|")
     for b in sizes:
         med = {w: statistics.median(secs[b, w]) for w in WAYS}
-        gain = [p / f for p, f in zip(secs[b, "peft forward"], secs[b, "fused"])]
         print(
             f"| {b} | {med['peft forward']:.2f} | {med['fused']:.2f} | "
-            f"{statistics.median(gain):.2f} ({min(gain):.2f}–{max(gain):.2f}) |"
+            f"{ratio_cell(secs[b, 'peft forward'], secs[b, 'fused'])} |"
         )
 
 

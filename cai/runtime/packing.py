@@ -10,6 +10,8 @@ to all of its ancestors' tokens and causally to its own. Position ids continue f
 states are those of each sequence run alone — the same values and gradients as the padded batch (tested), with no
 padding computed and no shared beginning computed twice. Attention runs as one batched call per layer and tree
 depth (gathered into a padded batch for attention only), or one call per segment as the fallback.
+`grouped_kv_attention` gives transformers' own attention (generation's padded batches) the same grouped
+keys and values without copies.
 torch is imported inside the functions: this module is imported by light ones.
 """
 
