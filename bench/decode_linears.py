@@ -1,4 +1,4 @@
-"""HF generation with the linears of `cai.runtime.forward.packed_linears` (oneDNN's packed weights, or
+"""HF generation with the linears of `cai.runtime.decode.packed_linears` (oneDNN's packed weights, or
 weight-major where packing is off) against `nn.Linear`'s own forward: same model, prompts, seeds and process.
 
     .venv/bin/python bench/decode_linears.py                  # smollm2-135m-instruct, batches 1, 8, 32
@@ -32,7 +32,7 @@ def main() -> None:
 
     import torch
 
-    from cai.runtime import forward as fwd
+    from cai.runtime import decode as fwd
     from cai.runtime import generate as gen
 
     if args.threads:

@@ -1,4 +1,4 @@
-"""HF generation with grouped keys and values read in place (cai.runtime.packing.grouped_kv_attention) against
+"""HF generation with grouped keys and values read in place (cai.runtime.decode.grouped_kv_attention) against
 transformers' own decode step on the CPU, which repeats the whole key-value cache once per query head in every
 layer and step: same prompts, seeds and process, the order rotating between rounds.
 

@@ -1,5 +1,5 @@
 """HF generation from a LoRA policy with its adapters folded into the linears' weights while generating
-(cai.runtime.forward.merged_lora_linears) against peft's own forward, with the same model without adapters as the
+(cai.runtime.decode.merged_lora_linears) against peft's own forward, with the same model without adapters as the
 floor: same prompts, seeds and process, the order rotating between rounds.
 
     .venv/bin/python bench/lora_decode.py                     # smollm2-135m-instruct, batches 8 and 32

@@ -29,10 +29,10 @@ from cai.config.layout import (
 from cai.config.load import RECIPE_FILE
 from cai.config.recipe import Recipe
 from cai.errors import UserError
+from cai.hashing import hash_outputs, sha256_file
 from cai.preflight import preflight
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
-from cai.runtime.hashing import hash_outputs, sha256_file
 from cai.runtime.rundir import (
     StageContext,
     code_version,

@@ -46,6 +46,30 @@ def tiny(tiny_dir):
     return load_model("tiny-random-llama"), load_tokenizer("tiny-random-llama")
 
 
+@pytest.fixture(scope="session")
+def sampled_reward():
+    """`score(lm, tokenizer, prompt_ids, reward) -> float`: the mean reward of 8 samples of each prompt (10 new
+    tokens, temperature 1) from seeds 0-7. Two models scored with it draw on the same random numbers, so a learning
+    test compares a trained policy with its starting point on 8 times the samples of one rollout, rather than
+    with the first rollout alone, whose mean moves with the random stream."""
+    from cai.runtime.generate import HFBackend, Sampling
+
+    def score(lm, tokenizer, prompt_ids, reward) -> float:
+        backend, sampling = HFBackend(lm, tokenizer), Sampling(max_new_tokens=10, temperature=1.0)
+        total, n = 0.0, 0
+        for seed in range(8):
+            out = backend.generate_ids(prompt_ids, sampling, seed)
+            texts = [
+                tokenizer.decode(r[: int(m.sum())].tolist(), skip_special_tokens=True)
+                for r, m in zip(out.response_ids, out.response_mask)
+            ]
+            scores = reward([""] * len(texts), texts)
+            total, n = total + sum(scores), n + len(scores)
+        return total / n
+
+    return score
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_dir):
     """Build a Recipe from recipes/tiny.yaml with run_dir in tmp_path; pass `--set`-style overrides."""

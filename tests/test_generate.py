@@ -196,7 +196,7 @@ class LinearCalls:
 def test_generation_linears_run_packed_with_the_same_outputs(tiny):
     import torch
 
-    from cai.runtime.forward import packed_linears
+    from cai.runtime.decode import packed_linears
 
     model, _ = tiny
     lin = next(m for m in model.modules() if type(m) is torch.nn.Linear)
@@ -223,9 +223,9 @@ def test_generation_linears_run_packed_with_the_same_outputs(tiny):
 def test_without_packing_decode_sized_linears_run_weight_major(tiny, monkeypatch):
     import torch
 
-    from cai.runtime import forward
+    from cai.runtime import decode
 
-    monkeypatch.setitem(forward._PACKING, "ok", False)  # a torch build without oneDNN's packed linear
+    monkeypatch.setitem(decode._PACKING, "ok", False)  # a torch build without oneDNN's packed linear
     model, _ = tiny
     lin = next(m for m in model.modules() if type(m) is torch.nn.Linear)
     few = torch.randn(2, 3, lin.in_features)  # 6 rows: a decode step
@@ -233,12 +233,12 @@ def test_without_packing_decode_sized_linears_run_weight_major(tiny, monkeypatch
     many = torch.randn(70, lin.in_features)  # over the 64-row limit: a prefill
     with torch.no_grad():
         plain_few, plain_many, plain_one = lin(few), lin(many), lin(one)
-        with forward.packed_linears(model), LinearCalls() as calls:
+        with decode.packed_linears(model), LinearCalls() as calls:
             got_few = lin(few)
         assert calls == {"linear": 0, "mm": 1, "packed": 0}
         kept = []
         for x in (many, one):
-            with forward.packed_linears(model), LinearCalls() as calls:
+            with decode.packed_linears(model), LinearCalls() as calls:
                 kept.append(lin(x))
             assert calls == {"linear": 1, "mm": 0, "packed": 0}
     assert got_few.shape == plain_few.shape and got_few.is_contiguous()
@@ -250,10 +250,10 @@ def test_without_packing_decode_sized_linears_run_weight_major(tiny, monkeypatch
 def test_generation_with_fast_linears_samples_the_same_tokens(tiny, monkeypatch, packing):
     import torch
 
-    from cai.runtime import forward
+    from cai.runtime import decode
     from cai.runtime import generate as gen
 
-    monkeypatch.setitem(forward._PACKING, "ok", packing)
+    monkeypatch.setitem(decode._PACKING, "ok", packing)
     model, tok = tiny
     prompts = [tok(f"the sea {'and the wind ' * i}")["input_ids"] for i in range(4)]
     backend = gen.HFBackend(model, tok)
@@ -287,7 +287,7 @@ def test_lora_layers_run_as_one_merged_linear_without_touching_the_model(tiny_di
     import torch
     from peft.tuners.lora import Linear as LoraLinear
 
-    from cai.runtime.forward import merged_lora_linears
+    from cai.runtime.decode import merged_lora_linears
 
     model = lora_tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -30,8 +30,8 @@ def run_copy(tiny_run, tmp_path, root, monkeypatch):
 def test_round_two_samples_round_ones_policy_and_a_kill_between_rounds_resumes(run_copy, monkeypatch):
     from cai.config.fields import merged_generation
     from cai.feedback.pairs import sample_responses
+    from cai.hashing import derive_seed
     from cai.rl.trainer import PPOTrainer
-    from cai.runtime.hashing import derive_seed
 
     rdir, make = run_copy
     recipe = make("policy.rounds=2", "ppo.updates=2", "ppo.learning_rate=0.01")

@@ -158,7 +158,7 @@ def test_contradictory_or_impossible_selections_are_errors(fake, recipe):
 
 
 def test_output_ids_hash_content_not_time(tmp_path):
-    from cai.runtime.hashing import hash_outputs
+    from cai.hashing import hash_outputs
 
     d = tmp_path / "stage"
     (d / "model").mkdir(parents=True)

@@ -102,7 +102,7 @@ def test_ppo_logs_a_non_negative_kl_for_the_fit_and_the_report_says_which(tiny_r
 
 
 def test_the_report_says_what_ran_and_flags_small_samples_and_an_unchecked_judge(tiny_run, root):
-    from cai.runtime.hashing import sha256_file
+    from cai.hashing import sha256_file
     from cai.runtime.rundir import read_run_info, update_run_info
 
     md = (tiny_run / "report" / "report.md").read_text()

@@ -24,7 +24,7 @@ from cai.config.recipe import LEGACY_STAGES, Recipe
 from cai.config.recipe import STAGES as ORDER
 from cai.config.view import RecipeView, view_of
 from cai.errors import UserError
-from cai.runtime.hashing import hash_json
+from cai.hashing import hash_json
 
 
 @dataclass(frozen=True)

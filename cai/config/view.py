@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from cai.config.load import field_at, ref_kind
 from cai.config.pm_spec import effective_pm_config
 from cai.config.recipe import Recipe
-from cai.runtime.hashing import sha256_file
+from cai.hashing import sha256_file
 
 # A key whose value falls back to other keys: the first one set in the recipe gives it.
 FALLBACKS = {

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from cai.feedback.labeller import check_warning
+from cai.hashing import hash_json
 from cai.markdown import clean, table, with_ci
 from cai.plots import curves_png, plot_kl_reward
 from cai.report.compute import (
@@ -24,7 +25,6 @@ from cai.report.compute import (
 from cai.report.evalview import baseline_rows, baseline_warnings, check_baseline_rows
 from cai.report.klfit import KL_NAMES, analyze_logs
 from cai.report.winrates import mix_kinds, win_rate_md
-from cai.runtime.hashing import hash_json
 from cai.runtime.rundir import read_jsonl, read_manifest
 from cai.stats import SMALL_N, small_n, small_n_note, wilson_ci
 

@@ -25,10 +25,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cai.hashing import hash_json
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
 from cai.runtime.generate import VLLMBackend
-from cai.runtime.hashing import hash_json
 
 GPU_SHARE = 0.3  # the engine's default share of a GPU beside training (weights, KV cache)
 

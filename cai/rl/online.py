@@ -23,12 +23,12 @@ from cai.constitution.fewshot import feedback_examples
 from cai.constitution.schema import load_constitution
 from cai.feedback.labeller import build_labeller
 from cai.feedback.pairs import form_pairs, label_pairs, pair_stats, sample_responses
+from cai.hashing import derive_seed, hash_outputs
 from cai.pm.build import responses_of, train_pm
 from cai.pm.pairs import held_out_eval, split_pairs
 from cai.pm.scoring import RewardScorer
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
-from cai.runtime.hashing import derive_seed, hash_outputs
 from cai.runtime.models import load_for_inference
 from cai.runtime.rundir import MetricsLog, read_json, read_jsonl, write_json
 from cai.stats import wilson_ci
@@ -57,7 +57,7 @@ def is_complete(out_dir: Path, r: int) -> bool:
 
 
 def folder_hash(folder: Path) -> str:
-    """The content hash of a model folder (cai.runtime.hashing.hash_outputs, as a stage's output id)."""
+    """The content hash of a model folder (cai.hashing.hash_outputs, as a stage's output id)."""
     folder = Path(folder)
     return hash_outputs(folder.parent, (folder.name,))
 

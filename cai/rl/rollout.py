@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from cai.hashing import derive_seed
 from cai.runtime import distributed as dist
 from cai.runtime.generate import Generated, Sampling
-from cai.runtime.hashing import derive_seed
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Forward-pass helpers shared by everything that scores text: padding a batch of token sequences, position ids
 under left padding, per-token log-probabilities, the last real token of each row, and the log-probability of a
-continuation with the tokenizer's own split at the boundary; and generation's linears on the CPU, on weights packed
-for oneDNN (or weight-major), with LoRA adapters folded into their weights; and LoRA layers in training, base and
-adapter products as one autograd node."""
+continuation with the tokenizer's own split at the boundary; log-probabilities at a temperature with their own
+backward; and LoRA layers in training, base and adapter products as one autograd node. Generation's own patches
+of a model (packed linears, merged adapters, grouped keys, the sampler) are in cai.runtime.decode."""
 
 from __future__ import annotations
 
@@ -154,42 +154,8 @@ def continuation_logprob(model, tokenizer, prompts: list[str], continuations: li
     return out
 
 
-# the most rows a linear may take to run weight-major in `packed_linears` without packing (decode steps have batch
-# rows), and the rows oneDNN packs weights for
-WEIGHT_MAJOR_ROWS = 64
-# whether oneDNN's packed linear works in this torch build (cleared on its first failure)
-_PACKING = {"ok": True}
-
-
 @contextlib.contextmanager
-def packed_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
-    """While generating on the CPU in fp32, each `nn.Linear` of `model` runs on a copy of its weight packed for
-    oneDNN (`torch.ops.mkldnn`, made on the layer's first call inside the context and dropped on exit), or, where
-    this torch build has no such packing, takes inputs of 2 to `max_rows` rows (the decode steps of a batch: one
-    row per sequence) as `W @ x.T` instead of `x @ W.T`. Both are the same product; MKL's `x @ W.T` reads the
-    weight far below memory bandwidth when x has a handful of rows. On an AMD EPYC, 200 gate projections of
-    SmolLM2-135M at 8 rows took 43 ms packed, 100 ms weight-major and 124 ms as `nn.Linear` (at 480 rows, a
-    prefill: 232 against 332 ms), for a packing cost of about 0.3 s per generation of the whole model; generation
-    ran faster as bench/decode_linears.py reports. The packed copy doubles the linears' memory while generating.
-    Gradients, autocast, other devices and dtypes keep `nn.Linear`'s own forward. The sums run in another order,
-    so logits differ in the last bits (tests/test_generate.py). Modules whose forward is already replaced on the
-    instance (accelerate's hooks, ...) are left alone."""
-    import torch
-
-    cpu_fp32 = [
-        m
-        for m in model.modules()
-        if type(m) is torch.nn.Linear
-        and "forward" not in m.__dict__
-        and m.weight.device.type == "cpu"
-        and m.weight.dtype == torch.float32
-    ]
-    with _forwards_replaced(cpu_fp32, _packed_forward, max_rows=max_rows, packed=None):
-        yield
-
-
-@contextlib.contextmanager
-def _forwards_replaced(modules: list, forward, **state):
+def replaced_forwards(modules: list, forward, **state):
     """Each of `modules` runs `forward` (bound to it) with `state` as its attributes, until the context exits."""
     for m in modules:
         m.forward = forward.__get__(m)
@@ -202,57 +168,9 @@ def _forwards_replaced(modules: list, forward, **state):
                 m.__dict__.pop(k, None)
 
 
-def _packed_forward(self, x):
-    return _linear(self, x, self.weight, self.bias)
-
-
-def _linear(self, x, weight, bias):
-    """`F.linear(x, weight, bias)` outside autograd and autocast on oneDNN's packed copy of `weight` (kept in
-    `self.packed`), or weight-major when x has 2 to `self.max_rows` rows."""
-    import torch
-
-    if torch.is_grad_enabled() or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
-        return torch.nn.functional.linear(x, weight, bias)
-    if self.packed is None and _PACKING["ok"]:
-        try:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, WEIGHT_MAJOR_ROWS)
-        except (AttributeError, RuntimeError):  # a build without oneDNN's packed linear
-            _PACKING["ok"] = False
-    if self.packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
-    rows = x.numel() // x.shape[-1] if x.numel() else 0  # one row: a matrix-vector product either way
-    if rows < 2 or rows > self.max_rows:
-        return torch.nn.functional.linear(x, weight, bias)
-    y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
-    if bias is not None:
-        y += bias
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-@contextlib.contextmanager
-def merged_lora_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
-    """While generating on the CPU in fp32, each LoRA-adapted linear of `model` (peft's `lora.Linear`) runs as one
-    linear of weight `W + scaling * B @ A` instead of peft's `W x + scaling * B(A x)`: peft's form costs two small
-    products, a scale and an add per linear per decode step, which made a LoRA policy generate slower than the
-    same model fully fine-tuned (bench/lora_decode.py). The merged weight of a layer is computed on its first
-    call inside the context, from the adapter as it is then, runs as `packed_linears` runs a linear, and
-    is dropped on exit. Nothing of the model is written: peft's own merge would round W in place, and the base
-    weights are the frozen reference PPO's KL is measured against. A call with gradients, under autocast, with
-    the adapters disabled (the reference, `disable_adapter()`) or merged, or with peft's per-call keywords takes
-    peft's own forward; layers with several active adapters, a variant (DoRA), fan-in-fan-out weights or active
-    dropout, and other devices and dtypes are left alone. The sums run in another order, so logits differ in the
-    last bits (tests/test_generate.py)."""
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:  # peft absent: no LoRA layers to merge
-        yield
-        return
-    layers = [m for m in model.modules() if isinstance(m, LoraLinear) and _mergeable(m)]
-    with _forwards_replaced(layers, _merged_lora_forward, max_rows=max_rows, merged_weight=None, packed=None):
-        yield
-
-
-def _mergeable(m) -> bool:
+def simple_lora(m) -> bool:
+    """Whether a peft LoRA linear is the plain case the decode and training fast paths take: one active adapter,
+    no variant (DoRA), an `nn.Linear` base without fan-in-fan-out, fp32 on the CPU, no active dropout."""
     import torch
 
     base = m.base_layer
@@ -271,26 +189,6 @@ def _mergeable(m) -> bool:
     )
 
 
-def _merged_lora_forward(self, x, *args, **kwargs):
-    import torch
-
-    if (
-        args
-        or kwargs
-        or torch.is_grad_enabled()
-        or self.disable_adapters
-        or self.merged
-        or torch.is_autocast_enabled("cpu")
-        or x.dtype != torch.float32
-    ):
-        return type(self).forward(self, x, *args, **kwargs)
-    if self.merged_weight is None:
-        name = self.active_adapters[0]
-        delta = self.lora_B[name].weight @ self.lora_A[name].weight
-        self.merged_weight = torch.add(self.base_layer.weight, delta, alpha=self.scaling[name])
-    return _linear(self, x, self.merged_weight, self.base_layer.bias)
-
-
 @contextlib.contextmanager
 def fused_lora_linears(model):
     """While training a LoRA model on the CPU in fp32 (calls with gradients), each LoRA-adapted linear of
@@ -298,7 +196,7 @@ def fused_lora_linears(model):
     adapter's product is added in place into the base product, and in the backward the adapter's share of the
     input gradient into the base's. Peft's forward writes three more tensors the size of the layer's output
     per call (`B(A x)`, its scaling, the sum) and its backward two more the size of the input and output; the
-    same maths, in fewer passes over memory. Same conditions as `merged_lora_linears` for the layers it takes
+    same maths, in fewer passes over memory. Same layers as `simple_lora` takes
     (one adapter, no variant, no fan-in-fan-out, no active dropout, fp32 on the CPU); a call without
     gradients, under autocast, with the adapters disabled or merged, or with peft's per-call keywords takes
     peft's forward, and so does a layer whose base weight or bias trains. Not used under ZeRO-3 or FSDP, whose
@@ -317,11 +215,11 @@ def fused_lora_linears(model):
         m
         for m in model.modules()
         if isinstance(m, LoraLinear)
-        and _mergeable(m)
+        and simple_lora(m)
         and not m.base_layer.weight.requires_grad
         and (m.base_layer.bias is None or not m.base_layer.bias.requires_grad)
     ]
-    with _forwards_replaced(layers, _fused_lora_forward):
+    with replaced_forwards(layers, _fused_lora_forward):
         yield
 
 

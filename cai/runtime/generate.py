@@ -8,8 +8,8 @@
   so a killed run loses at most one batch.
 
 Generation settings come from the recipe alone: a model's own generation_config.json never applies (see
-`recipe_settings_only`). Attention reads grouped keys in place (cai.runtime.packing.grouped_kv_attention).
-Backends implement `generate_ids`. `HFBackend` uses `transformers.generate`; `VLLMBackend`
+`recipe_settings_only`). Backends implement `generate_ids`. `HFBackend` uses `transformers.generate`, with
+cai.runtime.decode's linears, attention and sampler; `VLLMBackend`
 a vLLM engine in this process (cai.runtime.vllm_engine), started from the model's folder.
 """
 
@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Protocol
 
 from cai.errors import UserError
+from cai.hashing import derive_seed
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
-from cai.runtime.forward import merged_lora_linears, packed_linears
+from cai.runtime.decode import grouped_kv_attention, merged_lora_linears, packed_linears, sampling_processors
 from cai.runtime.forward import pad as left_pad
-from cai.runtime.hashing import derive_seed
 from cai.runtime.models import load_for_inference, load_tokenizer, resolve
-from cai.runtime.packing import grouped_kv_attention
 from cai.runtime.rundir import append_jsonl, read_jsonl, repair_jsonl
 
 
@@ -139,7 +138,11 @@ class HFBackend:
             grouped_kv_attention(),
         ):
             out = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, **kwargs
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=config,
+                logits_processor=sampling_processors(sampling),
+                **kwargs,
             )
         logits = None
         if with_logits:
@@ -157,17 +160,15 @@ class HFBackend:
 
 
 def generation_config(sampling: Sampling, tokenizer, with_logits: bool = False):
-    """The transformers GenerationConfig of `sampling`, every setting that shapes the sampling distribution given
-    explicitly: temperature (0: greedy), top-k (0: off), top-p, repetition penalty, and nothing else."""
+    """The transformers GenerationConfig of `sampling` for `HFBackend`: the length, the repetition penalty, and
+    transformers' own sampling off (its temperature, top-k and top-p apply only to it), because
+    `cai.runtime.decode.sampling_processors` applies the temperature, top-k and top-p and draws the token; a
+    model's own defaults are set aside by `recipe_settings_only`."""
     from transformers import GenerationConfig
 
-    sample = sampling.temperature > 0
     return GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
-        do_sample=sample,
-        temperature=sampling.temperature if sample else 1.0,
-        top_k=sampling.top_k if sample else 0,
-        top_p=sampling.top_p if sample else 1.0,
+        do_sample=False,
         repetition_penalty=sampling.repetition_penalty,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

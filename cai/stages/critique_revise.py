@@ -30,9 +30,9 @@ from cai.config.fields import merged_generation
 from cai.constitution.fewshot import fewshot_messages
 from cai.constitution.schema import load_constitution
 from cai.data.sources import load_prompts, write_prompts
+from cai.hashing import derive_seed
 from cai.runtime import distributed as dist
 from cai.runtime.generate import Engine
-from cai.runtime.hashing import derive_seed
 from cai.runtime.rundir import read_jsonl, write_json
 
 # --- clean-up filters (pure functions) ----------------------------------------------------------------------

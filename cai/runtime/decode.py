@@ -1,0 +1,186 @@
+"""What generation does to a model while it decodes on the CPU (cai.runtime.generate's HF backend), each a context
+or a logits processor that leaves the model as it was:
+
+- `packed_linears`: every linear on a copy of its weight packed for oneDNN (or weight-major), which reads the
+  weight near memory bandwidth at a decode step's handful of rows;
+- `merged_lora_linears`: each LoRA linear as one linear of weight `W + s·BA`, instead of peft's extra products;
+- `grouped_kv_attention`: attention reads the grouped keys and values in place instead of repeating them per head;
+- `sampling_processors`: the next token drawn by inverse transform from the recipe's distribution, one random
+  number per row instead of one per vocabulary entry.
+
+Each is exact in what it computes or samples; the linears' sums run in another order (last bits of the logits),
+and the sampler draws other tokens than transformers' for a seed. Figures: docs/benchmarks.md, "Decode step".
+torch is imported inside the functions: the generation engine's module is imported by light ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from cai.runtime.forward import replaced_forwards, simple_lora
+
+# the most rows a linear may take to run weight-major in `packed_linears` without packing (decode steps have batch
+# rows), and the rows oneDNN packs weights for
+WEIGHT_MAJOR_ROWS = 64
+# whether oneDNN's packed linear works in this torch build (cleared on its first failure)
+_PACKING = {"ok": True}
+
+
+@contextlib.contextmanager
+def packed_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
+    """While generating on the CPU in fp32, each `nn.Linear` of `model` runs on a copy of its weight packed for
+    oneDNN (`torch.ops.mkldnn`, made on the layer's first call inside the context and dropped on exit), or, where
+    this torch build has no such packing, takes inputs of 2 to `max_rows` rows (the decode steps of a batch: one
+    row per sequence) as `W @ x.T` instead of `x @ W.T`. Both are the same product; MKL's `x @ W.T` reads the
+    weight far below memory bandwidth when x has a handful of rows. On an AMD EPYC, 200 gate projections of
+    SmolLM2-135M at 8 rows took 43 ms packed, 100 ms weight-major and 124 ms as `nn.Linear` (at 480 rows, a
+    prefill: 232 against 332 ms), for a packing cost of about 0.3 s per generation of the whole model; generation
+    ran faster as bench/decode_linears.py reports. The packed copy doubles the linears' memory while generating.
+    Gradients, autocast, other devices and dtypes keep `nn.Linear`'s own forward. The sums run in another order,
+    so logits differ in the last bits (tests/test_generate.py). Modules whose forward is already replaced on the
+    instance (accelerate's hooks, ...) are left alone."""
+    import torch
+
+    cpu_fp32 = [
+        m
+        for m in model.modules()
+        if type(m) is torch.nn.Linear
+        and "forward" not in m.__dict__
+        and m.weight.device.type == "cpu"
+        and m.weight.dtype == torch.float32
+    ]
+    with replaced_forwards(cpu_fp32, _packed_forward, max_rows=max_rows, packed=None):
+        yield
+
+
+def _packed_forward(self, x):
+    return _linear(self, x, self.weight, self.bias)
+
+
+def _linear(self, x, weight, bias):
+    """`F.linear(x, weight, bias)` outside autograd and autocast on oneDNN's packed copy of `weight` (kept in
+    `self.packed`), or weight-major when x has 2 to `self.max_rows` rows."""
+    import torch
+
+    if torch.is_grad_enabled() or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
+        return torch.nn.functional.linear(x, weight, bias)
+    if self.packed is None and _PACKING["ok"]:
+        try:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, WEIGHT_MAJOR_ROWS)
+        except (AttributeError, RuntimeError):  # a build without oneDNN's packed linear
+            _PACKING["ok"] = False
+    if self.packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
+    rows = x.numel() // x.shape[-1] if x.numel() else 0  # one row: a matrix-vector product either way
+    if rows < 2 or rows > self.max_rows:
+        return torch.nn.functional.linear(x, weight, bias)
+    y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@contextlib.contextmanager
+def merged_lora_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
+    """While generating on the CPU in fp32, each LoRA-adapted linear of `model` (peft's `lora.Linear`) runs as one
+    linear of weight `W + scaling * B @ A` instead of peft's `W x + scaling * B(A x)`: peft's form costs two small
+    products, a scale and an add per linear per decode step, which made a LoRA policy generate slower than the
+    same model fully fine-tuned (bench/lora_decode.py). The merged weight of a layer is computed on its first
+    call inside the context, from the adapter as it is then, runs as `packed_linears` runs a linear, and
+    is dropped on exit. Nothing of the model is written: peft's own merge would round W in place, and the base
+    weights are the frozen reference PPO's KL is measured against. A call with gradients, under autocast, with
+    the adapters disabled (the reference, `disable_adapter()`) or merged, or with peft's per-call keywords takes
+    peft's own forward; layers with several active adapters, a variant (DoRA), fan-in-fan-out weights or active
+    dropout, and other devices and dtypes are left alone. The sums run in another order, so logits differ in the
+    last bits (tests/test_generate.py)."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # peft absent: no LoRA layers to merge
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear) and simple_lora(m)]
+    with replaced_forwards(layers, _merged_lora_forward, max_rows=max_rows, merged_weight=None, packed=None):
+        yield
+
+
+def _merged_lora_forward(self, x, *args, **kwargs):
+    import torch
+
+    if (
+        args
+        or kwargs
+        or torch.is_grad_enabled()
+        or self.disable_adapters
+        or self.merged
+        or torch.is_autocast_enabled("cpu")
+        or x.dtype != torch.float32
+    ):
+        return type(self).forward(self, x, *args, **kwargs)
+    if self.merged_weight is None:
+        name = self.active_adapters[0]
+        delta = self.lora_B[name].weight @ self.lora_A[name].weight
+        self.merged_weight = torch.add(self.base_layer.weight, delta, alpha=self.scaling[name])
+    return _linear(self, x, self.merged_weight, self.base_layer.bias)
+
+
+@contextlib.contextmanager
+def grouped_kv_attention():
+    """While active, transformers' SDPA attention on the CPU passes grouped keys and values as they are to
+    `scaled_dot_product_attention(enable_gqa=True)`. transformers does so only on CUDA without a mask; elsewhere
+    it first repeats the whole key-value cache once per query head, a fresh copy per layer and decode step
+    (SmolLM2: 3 key-value heads for 9 query heads). Same kernel and sums: the same logits. A no-op where the
+    installed transformers has no such switch."""
+    from transformers.integrations import sdpa_attention
+
+    original = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
+    if original is None:  # pragma: no cover - another transformers layout
+        yield
+        return
+
+    def use_gqa(attention_mask, key, value):
+        on_cpu = key.device.type == "cpu" and key.shape[-1] == value.shape[-1]
+        return on_cpu or original(attention_mask, key, value)
+
+    sdpa_attention.use_gqa_in_sdpa = use_gqa
+    try:
+        yield
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = original
+
+
+def sampling_processors(sampling) -> list | None:
+    """transformers logits processors that draw each next token from exactly the distribution `sampling`
+    describes: logits divided by the temperature, then top-k, then top-p (transformers' own warpers, in the order
+    its sampling applies them), then `InverseTransformSampler`, which leaves the drawn token's score at 0 and
+    every other at -inf so that generation with `do_sample` off (an argmax) takes it. None at temperature 0
+    (greedy)."""
+    if sampling.temperature <= 0:
+        return None
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    steps = []
+    if sampling.temperature != 1.0:
+        steps.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        steps.append(TopKLogitsWarper(top_k=sampling.top_k))
+    if sampling.top_p < 1.0:
+        steps.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return LogitsProcessorList([*steps, InverseTransformSampler()])
+
+
+class InverseTransformSampler:
+    """One token per row from softmax(scores): the first token whose cumulative probability (float64) exceeds
+    a uniform number scaled to the row's total, from torch's generator (seeded by the caller). Tokens of zero
+    probability (filtered to -inf) are never drawn. transformers draws with `torch.multinomial`, which on the
+    CPU takes one exponential number per vocabulary entry and row from a scalar generator: 12.9 ms of a 90 ms
+    decode step of SmolLM2 at batch 8 (49,152 entries), against 8 numbers here."""
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        cdf = torch.softmax(scores.float(), -1).cumsum(-1, dtype=torch.float64)
+        total = cdf[:, -1:]
+        u = torch.rand(total.shape, dtype=torch.float64, device=cdf.device) * total
+        u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # below the total even when rounded up
+        token = torch.searchsorted(cdf, u, right=True)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
