@@ -154,6 +154,46 @@ def test_packed_forward_equals_padded(monkeypatch, batched):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
 
 
+def test_a_tied_embedding_takes_its_gradient_sparse_into_the_heads_dense_one(monkeypatch):
+    """With the LM head in the backward, the tied embedding's gradient is taken sparse (no vocabulary-sized zero
+    fill) and summed into the head's: the same dense gradient as the embedding module's own backward gives. A
+    backward without the head (values only) keeps the module's dense path, so no sparse gradient reaches the
+    optimizer."""
+    import torch.nn.functional as F
+
+    policy = PolicyModel(load_model("tiny-random-llama"), value_head=True)
+    emb = policy.lm.get_input_embeddings()
+    assert policy.lm.get_output_embeddings().weight is emb.weight  # the tiny model ties them, as SmolLM2 does
+    torch.nn.init.normal_(policy.v_head.weight)
+    ids = torch.randint(3, 250, (3, 20), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    sparse_calls = []
+    original = F.embedding
+
+    def spy(*args, **kwargs):
+        sparse_calls.append(kwargs.get("sparse", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "embedding", spy)
+    grads = []
+    for tied in (True, False):
+        policy.zero_grad(set_to_none=True)
+        monkeypatch.setattr(policy, "varlen", True)
+        out = policy(ids, mask, 6, 0.7, logprobs=tied, values=True)
+        loss = out["values"].sum() + (out["logprobs"].sum() if tied else 0)
+        loss.backward()
+        assert not emb.weight.grad.is_sparse
+        grads.append(emb.weight.grad.clone())
+    assert sparse_calls[0] is True and not any(sparse_calls[1:])
+    policy.zero_grad(set_to_none=True)
+    policy.varlen = False  # the padded forward: the embedding module's own dense gradient
+    out = policy(ids, mask, 6, 0.7, values=True)
+    (out["values"].sum() + out["logprobs"].sum()).backward()
+    torch.testing.assert_close(grads[0], emb.weight.grad, rtol=1e-3, atol=1e-4)
+    assert (grads[0] - grads[1]).abs().max() > 1e-3  # the head's share is in the first
+
+
 @pytest.mark.parametrize("batched", [True, False])
 def test_rows_that_sample_one_prompt_share_it_in_the_packed_forward(monkeypatch, batched):
     """RLOO's and GRPO's rows sample each prompt several times: the packed forward computes the system prompt

@@ -21,14 +21,23 @@ from cai.runtime.settings import fp32_head
 # ---- packed forwards over prompt + response, read at the response positions ----
 
 
-def response_states(model, input_ids, attention_mask, n_response: int, varlen: bool = True, shift: int = 1):
+def response_states(
+    model,
+    input_ids,
+    attention_mask,
+    n_response: int,
+    varlen: bool = True,
+    shift: int = 1,
+    tied_head: bool = False,
+):
     """Last hidden states at the positions that predict each real response token (the last `n_response`
     columns where `attention_mask` is 1): [n_real, H], in row-major order of the response mask.
 
     With `varlen`, the real tokens of all rows are packed into one sequence: no padding is computed, the prefix
     that every row shares (a chat template's system prompt) is computed once, and so is each prompt that several
     rows sample (RLOO's and GRPO's groups). Otherwise the padded batch runs with its attention mask. Both give the
-    same states, and the same gradients. `shift=0` gives the states at the tokens themselves.
+    same states, and the same gradients. `shift=0` gives the states at the tokens themselves. `tied_head`: the LM
+    head is in the same backward (cai.runtime.packing.packed_states).
     """
     B, T = input_ids.shape
     rmask = attention_mask[:, T - n_response :].bool()
@@ -49,7 +58,7 @@ def response_states(model, input_ids, attention_mask, n_response: int, varlen: b
         by_prompt.setdefault(tuple(seqs[i][: n_prompt[i]].tolist()), []).append(i)
     groups = list(by_prompt.values())
     packed = pack([[seqs[i] for i in g] for g in groups], input_ids.device)
-    h = packed_states(model, packed)
+    h = packed_states(model, packed, tied_head)
     where = [None] * B
     for w, i in zip(packed.where, (i for g in groups for i in g)):
         where[i] = w
@@ -164,7 +173,8 @@ class PolicyModel(nn.Module):
     ):
         """dict(logprobs, values, entropy), each [B, R] for the last R = n_response columns, 0 on padding."""
         _, head = trunk_of(self.lm)
-        h = response_states(self.lm, input_ids, attention_mask, n_response, self.varlen)
+        # the LM head runs in this forward's graph when log-probs are asked for
+        h = response_states(self.lm, input_ids, attention_mask, n_response, self.varlen, tied_head=logprobs)
         out = {}
         if logprobs or entropy:
             R = n_response
