@@ -14,14 +14,13 @@ place".
 from __future__ import annotations
 
 import contextlib
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rounds import decode_args, decode_inputs, print_machine, ratio_cell, rotating_rounds  # noqa: E402
+from rounds import decode_args, decode_inputs, print_machine, print_ratio_table, rotating_rounds  # noqa: E402
 
 WAYS = ("repeated keys", "grouped keys")
 
@@ -50,14 +49,7 @@ def main() -> None:
     timed(prompts[:2], "grouped keys")  # warm-up
     secs, same = rotating_rounds(WAYS, sizes, args.rounds, lambda b, w: timed(prompts[:b], w), WAYS)
 
-    print("\n| batch | repeated keys s | grouped keys s | repeated / grouped (median, range) | same tokens |")
-    print("|---:|---:|---:|---|---|")
-    for b in sizes:
-        med = {w: statistics.median(secs[b, w]) for w in WAYS}
-        print(
-            f"| {b} | {med['repeated keys']:.2f} | {med['grouped keys']:.2f} | "
-            f"{ratio_cell(secs[b, 'repeated keys'], secs[b, 'grouped keys'])} | {'yes' if same[b] else 'no'} |"
-        )
+    print_ratio_table(sizes, secs, WAYS, {"same tokens": lambda b: "yes" if same[b] else "no"})
 
 
 if __name__ == "__main__":

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rounds import print_machine, ratio_cell, rotating_rounds  # noqa: E402
+from rounds import print_machine, print_ratio_table, rotating_rounds  # noqa: E402
 
 WAYS = ("peft forward", "fused")
 
@@ -96,14 +95,7 @@ def main() -> None:
         f"\nadapter gradients, fused against peft: largest difference {diff:.1e} of the largest gradient; "
         f"peak memory added at batch {sizes[-1]}: fused {peaks['fused']:.0f} MB, peft {peft_peak}"
     )
-    print("\n| batch | peft forward s | fused s | peft / fused (median, range) |")
-    print("|---:|---:|---:|---|")
-    for b in sizes:
-        med = {w: statistics.median(secs[b, w]) for w in WAYS}
-        print(
-            f"| {b} | {med['peft forward']:.2f} | {med['fused']:.2f} | "
-            f"{ratio_cell(secs[b, 'peft forward'], secs[b, 'fused'])} |"
-        )
+    print_ratio_table(sizes, secs, WAYS)
 
 
 if __name__ == "__main__":

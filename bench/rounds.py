@@ -79,3 +79,18 @@ def ratio_cell(baseline: list[float], ours: list[float]) -> str:
     """The median of the per-round ratios baseline / ours, with their range: `1.10 (1.07–1.24)`."""
     ratios = [b / o for b, o in zip(baseline, ours)]
     return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
+def print_ratio_table(sizes: list[int], secs: dict, ways: tuple, extra: dict | None = None) -> None:
+    """The markdown table of a benchmark of two ways: per batch size, the median seconds of each way, the ratio
+    cell of the first way (the baseline) to the second, then one cell per `extra` column (a function of the batch
+    size)."""
+    extra = extra or {}
+    base, ours = ways
+    head = ["batch", f"{base} s", f"{ours} s", f"{base} / {ours} (median, range)", *extra]
+    print("\n| " + " | ".join(head) + " |")
+    print("|---:|---:|---:|---|" + "---|" * len(extra))
+    for b in sizes:
+        med = [statistics.median(secs[b, w]) for w in ways]
+        cells = [str(b), f"{med[0]:.2f}", f"{med[1]:.2f}", ratio_cell(secs[b, base], secs[b, ours])]
+        print("| " + " | ".join(cells + [f(b) for f in extra.values()]) + " |")

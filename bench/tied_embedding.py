@@ -16,14 +16,13 @@ gradient. The figures go into docs/benchmarks.md, section "Tied embedding".
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rounds import print_machine, ratio_cell, rotating_rounds  # noqa: E402
+from rounds import print_machine, print_ratio_table, rotating_rounds  # noqa: E402
 
 WAYS = ("dense", "sparse")
 
@@ -82,13 +81,7 @@ def main() -> None:
     diff = float((sparse - dense).abs().max() / dense.abs().max())
     secs, _ = rotating_rounds(WAYS, sizes, args.rounds, timed, WAYS[:1])
     print(f"\ngradients, sparse against dense: largest difference {diff:.1e} of the largest gradient")
-    print("\n| batch | dense s | sparse s | dense / sparse (median, range) |")
-    print("|---:|---:|---:|---|")
-    for b in sizes:
-        med = {w: statistics.median(secs[b, w]) for w in WAYS}
-        print(
-            f"| {b} | {med['dense']:.2f} | {med['sparse']:.2f} | {ratio_cell(secs[b, 'dense'], secs[b, 'sparse'])} |"
-        )
+    print_ratio_table(sizes, secs, WAYS)
 
 
 if __name__ == "__main__":
