@@ -134,12 +134,14 @@ def _varlen_attention(
         for b in pk.batches:
             S, T, P = b.shape
 
+            # gathers by index_select: its backward adds rows (index_add_), 4x faster on the CPU than advanced
+            # indexing's index_put_ with accumulate
             def rows(x, index, width, S=S):  # [1, H, N, D] -> [S, H, width, D] gathered at `index`
-                return x[0][:, index].reshape(x.shape[1], S, width, x.shape[3]).transpose(0, 1)
+                return x[0].index_select(1, index).reshape(x.shape[1], S, width, x.shape[3]).transpose(0, 1)
 
             q, k, v = rows(query, b.q_index, T), rows(key, b.k_index, P + T), rows(value, b.k_index, P + T)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scaling, enable_gqa=gqa)
-            o = o.transpose(0, 1).reshape(H, S * T, D)[:, b.out_src]
+            o = o.transpose(0, 1).reshape(H, S * T, D).index_select(1, b.out_src)
             out = out.index_copy(1, b.out_dst, o)
         return out.unsqueeze(0).transpose(1, 2).contiguous(), None
     outs = [None] * len(pk.segments)

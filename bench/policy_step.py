@@ -1,0 +1,119 @@
+"""A fully fine-tuned policy's training step with one of its packed forward's speed-ups against the way it
+replaced: same model, inputs and process, the order rotating between rounds.
+
+    .venv/bin/python bench/policy_step.py --change tied       # the tied embedding's gradient, sparse or dense
+    .venv/bin/python bench/policy_step.py --change gather     # packed attention's gathers: index_select or indexing
+
+`--change tied`: the tied embedding's gradient taken sparse into the LM head's dense one
+(cai.runtime.packing.packed_states, `tied_head`) against the embedding module's own dense gradient.
+`--change gather`: the packed attention's gathers by `index_select` (backward: index_add_) against advanced
+indexing (backward: index_put_ with accumulate).
+
+A step is what a PPO epoch does to a fully fine-tuned policy: the packed forward (`PolicyModel`) over the built-in
+prompts (through the chat template) each followed by `--response` random tokens, the log-probabilities of the
+response at temperature 0.7, and a backward from their mean. Reported per batch size: the median seconds of
+`--steps` steps each way, the median and range of the per-round ratios of the old way to the new one (above 1:
+the new way is faster), and the largest difference between the two ways' gradients relative to the largest
+gradient. The figures go into docs/benchmarks.md, sections "Tied embedding" and "Packed attention's gathers".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rounds import print_machine, print_ratio_table, rotating_rounds  # noqa: E402
+
+WAYS = {"tied": ("dense", "sparse"), "gather": ("indexing", "index_select")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--change", choices=sorted(WAYS), default="tied")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch-sizes", default="8")
+    ap.add_argument("--response", type=int, default=48, help="response tokens per row, trained")
+    ap.add_argument("--steps", type=int, default=2, help="steps timed together, each way and round")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+
+    import torch
+    from generation import bench_prompts
+
+    from cai.rl import modules
+    from cai.rl.modules import PolicyModel
+    from cai.runtime import generate as gen
+    from cai.runtime.forward import pad
+    from cai.runtime.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    policy = PolicyModel(load_model(args.model)).train()
+    engine = gen.Engine(policy.lm, tok, gen.Sampling())
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    g = torch.Generator().manual_seed(0)
+    prompts = [engine.encode({"messages": m}) for m in bench_prompts(max(sizes))]
+    rows = [p + torch.randint(100, 40000, (args.response,), generator=g).tolist() for p in prompts]
+    inputs = {b: pad(rows[:b], tok.pad_token_id) for b in sizes}
+    sparse_states = modules.packed_states
+    ways = WAYS[args.change]
+
+    def step(b: int) -> None:
+        ids, mask = inputs[b]
+        out = policy(ids, mask, args.response, 0.7)
+        (-out["logprobs"].sum() / mask[:, -args.response :].sum()).backward()
+
+    def indexing_select(
+        x, dim, index
+    ):  # advanced indexing along `dim`, as the packed attention gathered before
+        return x[(slice(None),) * dim + (index,)]
+
+    old_ways = {  # the way replaced: (object, attribute, stand-in)
+        "dense": (
+            modules,
+            "packed_states",
+            lambda model, packed, tied_head=False: sparse_states(model, packed),
+        ),
+        "indexing": (torch.Tensor, "index_select", indexing_select),
+    }
+
+    @contextlib.contextmanager
+    def old(way: str):
+        """A step runs the way `way` inside (the new way: nothing swapped)."""
+        if way not in old_ways:
+            yield
+            return
+        owner, name, stand_in = old_ways[way]
+        own = getattr(owner, name)
+        setattr(owner, name, stand_in)
+        try:
+            yield
+        finally:
+            setattr(owner, name, own)
+
+    def timed(b: int, way: str):
+        with old(way):
+            policy.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(b)
+            return time.perf_counter() - t0, torch.zeros(1)
+
+    def grads(way: str):
+        timed(sizes[0], way)
+        return torch.cat([p.grad.flatten() for p in policy.parameters()])
+
+    print_machine(torch)
+    before, after = grads(ways[0]), grads(ways[1])
+    diff = float((after - before).abs().max() / before.abs().max())
+    secs, _ = rotating_rounds(ways, sizes, args.rounds, timed, ways[:1])
+    print(f"\ngradients, {ways[1]} against {ways[0]}: largest difference {diff:.1e} of the largest gradient")
+    print_ratio_table(sizes, secs, ways)
+
+
+if __name__ == "__main__":
+    main()
