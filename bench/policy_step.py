@@ -59,7 +59,7 @@ def main() -> None:
     prompts = [engine.encode({"messages": m}) for m in bench_prompts(max(sizes))]
     rows = [p + torch.randint(100, 40000, (args.response,), generator=g).tolist() for p in prompts]
     inputs = {b: pad(rows[:b], tok.pad_token_id) for b in sizes}
-    sparse_states = modules.packed_states
+    packed_states = modules.packed_states
     ways = WAYS[args.change]
 
     def step(b: int) -> None:
@@ -67,16 +67,15 @@ def main() -> None:
         out = policy(ids, mask, args.response, 0.7)
         (-out["logprobs"].sum() / mask[:, -args.response :].sum()).backward()
 
-    def indexing_select(
-        x, dim, index
-    ):  # advanced indexing along `dim`, as the packed attention gathered before
+    def indexing_select(x, dim, index):
+        """Advanced indexing along `dim`: how the packed attention gathered before."""
         return x[(slice(None),) * dim + (index,)]
 
     old_ways = {  # the way replaced: (object, attribute, stand-in)
         "dense": (
             modules,
             "packed_states",
-            lambda model, packed, tied_head=False: sparse_states(model, packed),
+            lambda model, packed, tied_head=False: packed_states(model, packed),
         ),
         "indexing": (torch.Tensor, "index_select", indexing_select),
     }

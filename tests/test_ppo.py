@@ -186,6 +186,14 @@ def test_a_tied_embedding_takes_its_gradient_sparse_into_the_heads_dense_one(mon
         assert not emb.weight.grad.is_sparse
         grads.append(emb.weight.grad.clone())
     assert sparse_calls[0] is True and not any(sparse_calls[1:])
+    from cai.runtime import distributed as dist
+
+    with (
+        monkeypatch.context() as m
+    ):  # ZeRO-3 gathers the weight only when the module is called: the module's path
+        m.setattr(dist, "engine", lambda: "deepspeed-zero3")
+        policy(ids, mask, 6, 0.7)["logprobs"].sum().backward()
+    assert not any(sparse_calls[1:])
     policy.zero_grad(set_to_none=True)
     policy.varlen = False  # the padded forward: the embedding module's own dense gradient
     out = policy(ids, mask, 6, 0.7, values=True)

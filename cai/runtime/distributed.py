@@ -80,6 +80,13 @@ def engine() -> str:
     return "ddp" if world_size() > 1 else "single"
 
 
+def whole_weights() -> bool:
+    """Whether every process holds each module's weights whole (one process, DDP, ZeRO 0-2): a fast path may then
+    read a module's weight without calling the module. ZeRO-3 and FSDP shard the weights and gather a module's
+    only when that module itself is called."""
+    return engine() in ("single", "ddp", "deepspeed-zero0", "deepspeed-zero1", "deepspeed-zero2")
+
+
 def accelerator_cpu(device: str) -> bool:
     """The `cpu` flag for accelerate (Accelerator(cpu=...), TrainingArguments.use_cpu) on `device`: True on a
     CPU, except under a DeepSpeed launch, where it would silently switch DeepSpeed off (DeepSpeed runs on CPU

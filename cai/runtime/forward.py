@@ -208,7 +208,7 @@ def fused_lora_linears(model):
     except ImportError:
         yield
         return
-    if dist.engine() not in ("single", "ddp", "deepspeed-zero0", "deepspeed-zero1", "deepspeed-zero2"):
+    if not dist.whole_weights():
         yield
         return
     layers = [

@@ -256,8 +256,8 @@ def packed_states(model, packed: Packed, tied_head: bool = False):
     embedding's (tied, as in SmolLM2) and trains, the embedding's own gradient is taken sparse (the rows of the
     row's tokens): autograd adds it into the head's dense gradient in place, instead of filling a dense zero
     gradient of the vocabulary's size (113 MB for SmolLM2) and adding the two, which cost about 8% of a policy
-    forward and backward on the CPU. The sum, and the `.grad` the optimizer reads, stay dense. Not under ZeRO-3
-    or FSDP, whose hooks gather the weight only when the embedding module itself is called."""
+    forward and backward on the CPU. The sum, and the `.grad` the optimizer reads, stay dense. Only where the
+    weights are whole (`dist.whole_weights`: not ZeRO-3 or FSDP)."""
     import torch
 
     trunk, head = trunk_of(model)
@@ -269,7 +269,7 @@ def packed_states(model, packed: Packed, tied_head: bool = False):
         and head is not None
         and head.weight is emb.weight
         and emb.weight.requires_grad
-        and dist.engine() in ("single", "ddp", "deepspeed-zero0", "deepspeed-zero1", "deepspeed-zero2")
+        and dist.whole_weights()
     )
     inputs = {"input_ids": packed.ids}
     if sparse:
