@@ -178,3 +178,38 @@ def test_selected_logprobs_by_hand_and_against_log_softmax():
     assert grad_got.sum(-1).abs().max() < 1e-5
     small = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: selected_logprobs(x, torch.tensor([0, 5, 2]), 1.3), (small,))
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0, float("nan")])
+def test_gradient_clipping_matches_torch_and_leaves_unclipped_gradients_alone(scale):
+    """The trainer's clip gives what torch.nn.utils.clip_grad_norm_ gives: the same norm and gradients, NaN
+    spreading the same way; under the limit the gradients are not rewritten (same storage, same values)."""
+    from cai.rl.engine import clip_gradients
+
+    g = torch.Generator().manual_seed(0)
+    made = [torch.randn(5, 3, generator=g) * 0.1, torch.randn(7, generator=g) * 0.1]
+    made[1][2] *= scale
+
+    def params():
+        ps = [torch.nn.Parameter(torch.zeros_like(t)) for t in made]
+        for p, t in zip(ps, made):
+            p.grad = t.clone()
+        return ps + [torch.nn.Parameter(torch.zeros(2))]  # one without a gradient
+
+    ours, theirs = params(), params()
+    before = [p.grad.data_ptr() for p in ours[:2]]
+    norm = clip_gradients(ours, 1.0)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    torch.testing.assert_close(norm, expected, equal_nan=True)
+    for a, b in zip(ours[:2], theirs[:2]):
+        torch.testing.assert_close(a.grad, b.grad, equal_nan=True, rtol=0, atol=0)
+    if scale == 1.0:  # norm ~0.4: nothing clipped, the very tensors handed in
+        assert float(norm) < 1.0
+        assert [p.grad.data_ptr() for p in ours[:2]] == before
+        assert all(torch.equal(p.grad, t) for p, t in zip(ours[:2], made))
+    elif scale == 100.0:
+        assert float(
+            torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours[:2]]))
+        ) == pytest.approx(1.0, rel=1e-5)
+    else:
+        assert all(torch.isnan(p.grad).all() for p in ours[:2])

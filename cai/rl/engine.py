@@ -163,10 +163,25 @@ class Stepper:
         if self.fsdp:  # sharded gradients: the norm is gathered over the shards (DTensor-aware)
             norm = self.acc._clip_grad_norm_dtensor_aware(params, self.max_grad_norm)
         else:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            norm = clip_gradients(params, self.max_grad_norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def clip_gradients(params: list, max_norm: float):
+    """`torch.nn.utils.clip_grad_norm_` (the same norm, the same scaled gradients, NaN or inf spreading the same
+    way) without its multiply when nothing is clipped: torch scales every gradient by min(1, max / (norm + 1e-6))
+    to avoid reading the norm back from the device, and a scale of 1 still reads and writes every gradient (75 ms
+    of a 200 ms clip over two fully fine-tuned SmolLM2-135M on a CPU). The norm is read back here; the trainer
+    reads it anyway for its metrics. Returns the norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if not bool(
+        norm + 1e-6 <= max_norm
+    ):  # the coefficient torch would apply is below 1, or the norm is not finite
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 class GroupAdamW(torch.optim.AdamW):
