@@ -254,9 +254,9 @@ def packed_states(model, packed: Packed, tied_head: bool = False):
 
     `tied_head`: the caller puts the LM head in the same backward. Where that head's weight is the input
     embedding's (tied, as in SmolLM2) and trains, the embedding's own gradient is taken sparse (the rows of the
-    row's tokens): autograd adds it into the head's dense gradient in place, instead of filling a dense zero
-    gradient of the vocabulary's size (113 MB for SmolLM2) and adding the two, which cost about 8% of a policy
-    forward and backward on the CPU. The sum, and the `.grad` the optimizer reads, stay dense. Only where the
+    row's tokens): autograd adds those rows to a copy of the head's dense gradient, instead of filling a dense
+    zero gradient of the vocabulary's size (113 MB for SmolLM2) and adding the two, which cost about 8% of a
+    policy forward and backward on the CPU. The sum, and the `.grad` the optimizer reads, stay dense. Only where the
     weights are whole (`dist.whole_weights`: not ZeRO-3 or FSDP)."""
     import torch
 
