@@ -388,3 +388,46 @@ def test_lora_training_linears_stay_peft_under_zero3(tiny_dir, monkeypatch):
     monkeypatch.setattr(dist, "engine", lambda: "deepspeed-zero3")
     with fused_lora_linears(model):
         assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_a_beginning_all_prompts_share_runs_once_and_samples_the_same(tiny, lora):
+    import torch
+
+    from cai.runtime import decode
+    from cai.runtime import generate as gen
+
+    model, tok = (lora_tiny(), tiny[1]) if lora else tiny
+    system = tok("system: you are a careful and kind assistant who answers briefly. user:")["input_ids"]
+    own = ["the sea", "and the wind and the rain and the sea", "x", "the sea"]  # a prompt twice (k samples)
+    prompts = [system + tok(t)["input_ids"] for t in own]
+    assert len(system) >= decode.MIN_SHARED_PREFIX
+    backend = gen.HFBackend(model, tok)
+    sampling = Sampling(max_new_tokens=10, temperature=1.0)
+    embed = (model.get_base_model() if lora else model).get_input_embeddings()
+    fed = []
+    hook = embed.register_forward_hook(lambda m, args, out: fed.append(tuple(args[0].shape)))
+    try:
+        shared = backend.generate_ids(prompts, sampling, seed=5, with_logits=True)
+        first_two, fed[:] = fed[:2], []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gen, "SHARE_PREFIX", False)
+            padded = backend.generate_ids(prompts, sampling, seed=5, with_logits=True)
+    finally:
+        hook.remove()
+    # the shared beginning once as one row, then each prompt's own tokens, padded to the longest own part
+    n = len(system)  # the own parts begin with different tokens
+    longest = max(len(p) for p in prompts)
+    assert first_two == [(1, n), (4, longest - n)]
+    assert fed[0] == (4, longest)
+    assert torch.equal(shared.response_ids, padded.response_ids)
+    assert torch.equal(shared.prompt_ids, padded.prompt_ids)  # callers still get the left-padded prompts
+    torch.testing.assert_close(shared.logits, padded.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_prompts_sharing_too_little_are_generated_as_one_padded_batch(tiny):
+    from cai.runtime import decode
+
+    model, tok = tiny
+    prompts = [tok(t)["input_ids"] for t in ("the sea and the wind and the rain", "a storm at sea, and rain")]
+    assert decode.shared_prefix_inputs(model, prompts, tok.pad_token_id, "cpu") is None

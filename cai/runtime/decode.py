@@ -5,6 +5,8 @@ or a logits processor that leaves the model as it was:
   weight near memory bandwidth at a decode step's handful of rows;
 - `merged_lora_linears`: each LoRA linear as one linear of weight `W + s·BA`, instead of peft's extra products;
 - `grouped_kv_attention`: attention reads the grouped keys and values in place instead of repeating them per head;
+- `shared_prefix_inputs`: the beginning every prompt of a batch shares (a chat template's system prompt, one
+  prompt sampled k times) computed once, its key-value cache repeated to every row;
 - `sampling_processors`: the next token drawn by inverse transform from the recipe's distribution, one random
   number per row instead of one per vocabulary entry.
 
@@ -17,11 +19,14 @@ from __future__ import annotations
 
 import contextlib
 
-from cai.runtime.forward import replaced_forwards, simple_lora
+from cai.runtime.forward import pad, replaced_forwards, simple_lora
+from cai.runtime.packing import common_prefix
 
 # the most rows a linear may take to run weight-major in `packed_linears` without packing (decode steps have batch
 # rows), and the rows oneDNN packs weights for
 WEIGHT_MAJOR_ROWS = 64
+# the fewest tokens every prompt of a batch must share for `shared_prefix_inputs` to compute them once
+MIN_SHARED_PREFIX = 8
 # whether oneDNN's packed linear works in this torch build (cleared on its first failure)
 _PACKING = {"ok": True}
 
@@ -146,6 +151,37 @@ def grouped_kv_attention():
         yield
     finally:
         sdpa_attention.use_gqa_in_sdpa = original
+
+
+def shared_prefix_inputs(model, prompts: list[list[int]], pad_id: int, device):
+    """The inputs of `model.generate` for `prompts` with their shared beginning computed once: (input_ids,
+    attention_mask, past_key_values), or None where the prompts share fewer than `MIN_SHARED_PREFIX` tokens or
+    the model's cache is not transformers' plain `DynamicCache` (sliding windows, hybrid models, ...).
+    Call under the generation's own contexts (no gradients, autocast, linears): the prefix runs through the
+    model once, as one row, and its keys and values are repeated to every row. Rows are laid out
+    [prefix | padding | own tokens]; transformers counts positions from the attention mask, so each token keeps
+    its position and attends to exactly what it attends to in the left-padded batch, and generate feeds only the
+    tokens after the cache. Every prompt keeps at least one token of its own. The prefix's sums run on another
+    number of rows and the padding sits elsewhere, so logits differ from the left-padded batch's in the last
+    bits (tests/test_generate.py)."""
+    import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    n = common_prefix(prompts, MIN_SHARED_PREFIX)
+    if not n:
+        return None
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    cache = DynamicCache(config=config)
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    prefix = torch.as_tensor([list(prompts[0][:n])], dtype=torch.long, device=device)
+    model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(len(prompts))
+    own, own_mask = pad([list(p[n:]) for p in prompts], pad_id)
+    ids = torch.cat([prefix.cpu().expand(len(prompts), n), own], 1)
+    mask = torch.cat([torch.ones(len(prompts), n, dtype=torch.long), own_mask], 1)
+    return ids.to(device), mask.to(device), cache
 
 
 def sampling_processors(sampling) -> list | None:

@@ -1,7 +1,8 @@
 """The one batched generation engine: critique-revise, pair sampling, CoT feedback and PPO rollouts all use it.
 
 - Requests are chat messages (rendered with the tokenizer's chat template) or raw text.
-- Batches are sorted by prompt length (less padding), left-padded, and generated with the KV cache.
+- Batches are sorted by prompt length (less padding), left-padded, and generated with the KV cache; the
+  beginning all prompts of a batch share (a system prompt) is computed once (cai.runtime.decode).
 - Each batch is seeded from the recipe seed and its item ids, so the same seed and recipe give the same
   text on CPU, also after a resume.
 - `Engine.run(..., out_path=...)` appends each finished batch to a JSONL file; a rerun skips finished ids,
@@ -25,10 +26,19 @@ from cai.errors import UserError
 from cai.hashing import derive_seed
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
-from cai.runtime.decode import grouped_kv_attention, merged_lora_linears, packed_linears, sampling_processors
+from cai.runtime.decode import (
+    grouped_kv_attention,
+    merged_lora_linears,
+    packed_linears,
+    sampling_processors,
+    shared_prefix_inputs,
+)
 from cai.runtime.forward import pad as left_pad
 from cai.runtime.models import load_for_inference, load_tokenizer, resolve
 from cai.runtime.rundir import append_jsonl, read_jsonl, repair_jsonl
+
+# HFBackend computes the beginning all prompts of a batch share once (cai.runtime.decode.shared_prefix_inputs)
+SHARE_PREFIX = True
 
 
 @dataclass
@@ -137,9 +147,14 @@ class HFBackend:
             merged_lora_linears(self.model),
             grouped_kv_attention(),
         ):
+            shared = shared_prefix_inputs(self.model, prompts, pad, device) if SHARE_PREFIX else None
+            if shared:
+                given, given_mask, kwargs["past_key_values"] = shared
+            else:
+                given, given_mask = ids.to(device), mask.to(device)
             out = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
+                input_ids=given,
+                attention_mask=given_mask,
                 generation_config=config,
                 logits_processor=sampling_processors(sampling),
                 **kwargs,
