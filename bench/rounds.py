@@ -46,9 +46,12 @@ def rotating_rounds(ways: tuple, sizes: list[int], rounds: int, timed, same_ways
     return secs, same
 
 
-def decode_args(description: str, batch_sizes: str = "8,32", threads: bool = False):
-    """The decode benchmarks' options: --model, --batch-sizes, --max-new-tokens, --rounds (and --threads)."""
+def decode_args(description: str, batch_sizes: str = "8,32", threads: bool = False, extra=None):
+    """The decode benchmarks' options: --model, --batch-sizes, --max-new-tokens, --rounds (and --threads), and
+    those `extra(parser)` adds."""
     ap = argparse.ArgumentParser(description=description)
+    if extra:
+        extra(ap)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--batch-sizes", default=batch_sizes)
     ap.add_argument("--max-new-tokens", type=int, default=48)

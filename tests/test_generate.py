@@ -65,6 +65,23 @@ def test_batches_are_sorted_by_prompt_length(tiny):
     assert flat == sorted(flat, reverse=True)
 
 
+def test_a_run_packs_each_linear_once_for_all_its_batches(tiny, monkeypatch):
+    import torch
+
+    reorders = []
+    own = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_reorder_linear_weight", lambda w, b: reorders.append(w) or own(w, b)
+    )
+    linears = sum(isinstance(m, torch.nn.Linear) for m in tiny[0].modules())
+    held = engine(tiny, batch_size=4).run(requests(10), show=False)  # 3 batches
+    assert len(reorders) == linears
+    per_batch = engine(tiny, batch_size=4)
+    per_batch.backend = Recorder(per_batch.backend)  # not an HFBackend: each batch packs its own
+    assert per_batch.run(requests(10), show=False) == held
+    assert len(reorders) == linears + 3 * linears
+
+
 def test_resume_skips_finished_ids_and_tolerates_a_truncated_line(tiny, tmp_path):
     reqs = requests(10)
     full = tmp_path / "full.jsonl"

@@ -43,7 +43,8 @@ def packed_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
     ran faster as bench/decode_linears.py reports. The packed copy doubles the linears' memory while generating.
     Gradients, autocast, other devices and dtypes keep `nn.Linear`'s own forward. The sums run in another order,
     so logits differ in the last bits (tests/test_generate.py). Modules whose forward is already replaced on the
-    instance (accelerate's hooks, ...) are left alone."""
+    instance (accelerate's hooks, an enclosing `packed_linears`: `Engine.run` holds one around all its batches, so
+    the weights are packed once per run) are left alone."""
     import torch
 
     cpu_fp32 = [

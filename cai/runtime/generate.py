@@ -37,8 +37,7 @@ from cai.runtime.forward import pad as left_pad
 from cai.runtime.models import load_for_inference, load_tokenizer, resolve
 from cai.runtime.rundir import append_jsonl, read_jsonl, repair_jsonl
 
-# HFBackend computes the beginning all prompts of a batch share once (cai.runtime.decode.shared_prefix_inputs)
-SHARE_PREFIX = True
+SHARE_PREFIX = True  # HFBackend computes a batch's shared beginning once (decode.shared_prefix_inputs)
 
 
 @dataclass
@@ -233,9 +232,7 @@ class VLLMBackend:
         responses = vllm_engine.generate(self.llm, prompts, sampling, seed)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         ids, mask = left_pad(prompts, pad)
-        cut = [
-            r[: r.index(eos) + 1] if eos in r else r for r in responses
-        ]  # up to and including the first EOS
+        cut = [r[: r.index(eos) + 1] if eos in r else r for r in responses]  # up to the first EOS, with it
         resp, rmask = left_pad(cut, pad, side="right")
         finished = torch.tensor([eos in r for r in responses], dtype=torch.bool)
         return Generated(ids, mask, resp, rmask, finished)
@@ -355,17 +352,22 @@ class Engine:
         W, r = dist.world_size(), dist.rank()
         pending_batches = [[i for i in b if requests[i]["id"] not in done] for b in batches]
         pending_batches = [b for b in pending_batches if b]
-        for start in range(0, len(pending_batches), W):
-            group = pending_batches[start : start + W]
-            mine = group[r] if r < len(group) else []
-            rows = self._generate_rows(mine, requests, encoded, ids) if mine else []
-            all_rows = [row for part in dist.gather_objects(rows) for row in part]
-            if out_path is not None and dist.is_main():
-                append_jsonl(out_path, all_rows)
-            done.update({row["id"]: row for row in all_rows})
-            new_tokens += sum(row["new_tokens"] for row in all_rows)
-            bar.update(len(all_rows))
-            bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - t0, 1e-9):.1f}")
+        # the HF backend's decode weights (packed linears, merged LoRA) made once for all batches, not per batch
+        with contextlib.ExitStack() as held:
+            if isinstance(self.backend, HFBackend):
+                held.enter_context(packed_linears(self.backend.model))
+                held.enter_context(merged_lora_linears(self.backend.model))
+            for start in range(0, len(pending_batches), W):
+                group = pending_batches[start : start + W]
+                mine = group[r] if r < len(group) else []
+                rows = self._generate_rows(mine, requests, encoded, ids) if mine else []
+                all_rows = [row for part in dist.gather_objects(rows) for row in part]
+                if out_path is not None and dist.is_main():
+                    append_jsonl(out_path, all_rows)
+                done.update({row["id"]: row for row in all_rows})
+                new_tokens += sum(row["new_tokens"] for row in all_rows)
+                bar.update(len(all_rows))
+                bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - t0, 1e-9):.1f}")
         bar.close()
         return [done[i] for i in ids]
 
