@@ -442,9 +442,16 @@ def test_a_beginning_all_prompts_share_runs_once_and_samples_the_same(tiny, lora
     torch.testing.assert_close(shared.logits, padded.logits, rtol=1e-4, atol=1e-4)
 
 
-def test_prompts_sharing_too_little_are_generated_as_one_padded_batch(tiny):
+def test_prompts_sharing_too_little_or_under_zero3_are_generated_as_one_padded_batch(tiny, monkeypatch):
     from cai.runtime import decode
+    from cai.runtime import distributed as dist
 
     model, tok = tiny
     prompts = [tok(t)["input_ids"] for t in ("the sea and the wind and the rain", "a storm at sea, and rain")]
     assert decode.shared_prefix_inputs(model, prompts, tok.pad_token_id, "cpu") is None
+    system = tok("system: you are a careful and kind assistant who answers briefly. user:")["input_ids"]
+    shared = [system + p for p in prompts]
+    assert decode.shared_prefix_inputs(model, shared, tok.pad_token_id, "cpu") is not None
+    # ZeRO-3 processes must run as many forwards as each other, and another's prompts may share nothing
+    monkeypatch.setattr(dist, "engine", lambda: "deepspeed-zero3")
+    assert decode.shared_prefix_inputs(model, shared, tok.pad_token_id, "cpu") is None

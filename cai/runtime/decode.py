@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 
+from cai.runtime import distributed as dist
 from cai.runtime.forward import pad, replaced_forwards, simple_lora
 from cai.runtime.packing import common_prefix
 
@@ -157,7 +158,9 @@ def grouped_kv_attention():
 def shared_prefix_inputs(model, prompts: list[list[int]], pad_id: int, device):
     """The inputs of `model.generate` for `prompts` with their shared beginning computed once: (input_ids,
     attention_mask, past_key_values), or None where the prompts share fewer than `MIN_SHARED_PREFIX` tokens or
-    the model's cache is not transformers' plain `DynamicCache` (sliding windows, hybrid models, ...).
+    the model's cache is not transformers' plain `DynamicCache` (sliding windows, hybrid models, ...), and under
+    ZeRO-3 or FSDP, where every process must run as many forwards as the others (`synced_gpus`) and another
+    process's prompts may share nothing.
     Call under the generation's own contexts (no gradients, autocast, linears): the prefix runs through the
     model once, as one row, and its keys and values are repeated to every row. Rows are laid out
     [prefix | padding | own tokens]; transformers counts positions from the attention mask, so each token keeps
@@ -170,7 +173,7 @@ def shared_prefix_inputs(model, prompts: list[list[int]], pad_id: int, device):
     from transformers.cache_utils import DynamicLayer
 
     n = common_prefix(prompts, MIN_SHARED_PREFIX)
-    if not n:
+    if not n or not dist.whole_weights():
         return None
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     cache = DynamicCache(config=config)
