@@ -179,11 +179,11 @@ def shared_prefix_inputs(model, prompts: list[list[int]], pad_id: int, device):
     cache = DynamicCache(config=config)
     if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
-    prefix = torch.as_tensor([list(prompts[0][:n])], dtype=torch.long, device=device)
-    model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prefix = torch.as_tensor([list(prompts[0][:n])], dtype=torch.long)
+    model(input_ids=prefix.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(len(prompts))
     own, own_mask = pad([list(p[n:]) for p in prompts], pad_id)
-    ids = torch.cat([prefix.cpu().expand(len(prompts), n), own], 1)
+    ids = torch.cat([prefix.expand(len(prompts), n), own], 1)
     mask = torch.cat([torch.ones(len(prompts), n, dtype=torch.long), own_mask], 1)
     return ids.to(device), mask.to(device), cache
 
