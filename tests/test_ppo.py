@@ -63,7 +63,12 @@ def make_trainer(tmp_path, *, lora=False, value_head=False, reward=None, **overr
         lm = wrap_lora(lm, cfg.lora)
     else:
         ref = load_model("tiny-random-llama")
-    critic = None if value_head else ValueModel(load_model("tiny-random-llama", kind="seq_cls"))
+    critic = None
+    if not value_head:
+        seq = load_model("tiny-random-llama", kind="seq_cls")
+        if lora:  # as the policy stage builds a LoRA run's critic
+            seq.model = wrap_lora(seq.model, cfg.lora, task_type="FEATURE_EXTRACTION")
+        critic = ValueModel(seq)
     return PPOTrainer(
         cfg,
         policy=PolicyModel(lm, value_head=value_head),
@@ -302,20 +307,30 @@ def test_lora_reference_is_the_base_model(tmp_path):
     assert (moved - want).abs().max() > 1e-3
 
 
-def test_lora_update_with_fused_linears_equals_peft_forward(tmp_path, monkeypatch):
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_lora_update_with_fused_linears_equals_peft_forward(tmp_path, monkeypatch, minibatches):
     import contextlib
 
+    from peft.tuners.lora import Linear as LoraLinear
+
     from cai.rl import loop
+    from cai.rl import trainer as trainer_module
     from cai.runtime import forward
 
     fused = []
     apply = forward._FusedLora.apply
     monkeypatch.setattr(forward._FusedLora, "apply", lambda *a: fused.append(1) or apply(*a))
-    on = make_trainer(tmp_path / "fused", lora=True, updates=1)
+    settings = dict(lora=True, updates=1, ppo_epochs=2, num_minibatches=minibatches)
+    on = make_trainer(tmp_path / "fused", **settings)
     on.train()
-    assert fused  # the policy's and the critic's adapted linears trained through cai's fused node
-    monkeypatch.setattr(loop, "fused_lora_linears", lambda model: contextlib.nullcontext())
-    off = make_trainer(tmp_path / "peft", lora=True, updates=1)
+    # every training forward of the policy and the critic ran its adapted linears through cai's fused node,
+    # also the critic's epoch-0 forward that the rollout keeps when there is one minibatch
+    layers = sum(isinstance(m, LoraLinear) for part in (on.policy, on.critic) for m in part.modules())
+    assert layers and len(fused) == 2 * minibatches * layers
+    nothing = lambda model: contextlib.nullcontext()  # noqa: E731
+    monkeypatch.setattr(loop, "fused_lora_linears", nothing)
+    monkeypatch.setattr(trainer_module, "fused_lora_linears", nothing)
+    off = make_trainer(tmp_path / "peft", **settings)
     off.train()
     a, b = _params(on), _params(off)
     moved = [n for n in a if "lora_B" in n and float(a[n].abs().max()) > 0]

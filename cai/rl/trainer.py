@@ -38,7 +38,7 @@ from cai.rl.loop import OnPolicyTrainer
 from cai.rl.modules import ActorCritic, PolicyModel, check_varlen, disable_dropout
 from cai.rl.rollout import Rollout, global_stats, prompt_indices, seed_of
 from cai.runtime import distributed as dist
-from cai.runtime.forward import selected_logprobs
+from cai.runtime.forward import fused_lora_linears, selected_logprobs
 
 
 class PPOTrainer(OnPolicyTrainer):
@@ -143,8 +143,8 @@ class PPOTrainer(OnPolicyTrainer):
                 )
                 parts["logprobs"].append(own["logprobs"])
                 parts["entropy"].append(own["entropy"])
-            if reuse_values:
-                with torch.enable_grad():
+            if reuse_values:  # epoch 0's critic forward: its LoRA layers fused as in the other epochs'
+                with torch.enable_grad(), fused_lora_linears(self.critic):
                     self._value_graph = self.critic(ids, am, R)
                 parts["values"].append(self._value_graph.detach())
             else:
