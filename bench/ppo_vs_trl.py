@@ -314,6 +314,16 @@ def run_worker(python: str, kind: str, args, common: list[str]) -> dict:
     return out
 
 
+def round_ratios(slow: list[dict], fast: list[dict]) -> list[float]:
+    """Per round, the median seconds of one configuration's timed updates over another's (all of them, with
+    `--updates` above 1)."""
+
+    def median_seconds(r: dict) -> float:
+        return statistics.median(u["seconds"] for u in r["updates"])
+
+    return [median_seconds(s) / median_seconds(f) for s, f in zip(slow, fast)]
+
+
 def summarize(results: dict[str, list[dict]]) -> dict:
     out = {}
     for kind, runs in results.items():
@@ -484,10 +494,7 @@ def report(results: dict, args) -> None:
         )
 
     trl_s, trl_c = summary["trl"]["seconds"], summary["trl"]["cpu_seconds"]
-    paired = [
-        t["updates"][0]["seconds"] / o["updates"][0]["seconds"]
-        for t, o in zip(results["trl"], results["ours"])
-    ]
+    paired = round_ratios(results["trl"], results["ours"])
     print(
         "\nper-round ratios TRL/ours (wall): "
         + ", ".join(f"{x:.2f}" for x in paired)
@@ -500,10 +507,7 @@ def report(results: dict, args) -> None:
     print(f"ratio of the medians TRL/ours (wall): {trl_s / summary['ours']['seconds']:.2f}")
     print(f"CPU-time ratio TRL/ours (equal settings): {trl_c / summary['ours']['cpu_seconds']:.2f}")
     if "ours-lora" in summary:
-        lora = [
-            t["updates"][0]["seconds"] / o["updates"][0]["seconds"]
-            for t, o in zip(results["trl"], results["ours-lora"])
-        ]
+        lora = round_ratios(results["trl"], results["ours-lora"])
         print(f"speedup of our LoRA default over TRL (full FT), same rounds: {statistics.median(lora):.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
