@@ -117,16 +117,13 @@ def ppo_trainer(tmp_path, *, lora: bool, value_head: bool, dtype: str = "bfloat1
     settings = Settings(dtype=dtype)
     precision = Precision.of(settings, "cpu")
     ref_dir = lm_dir or "tiny-random-llama"
+    base = dict(
+        updates=1, rollout_batch_size=8, response_length=8, ppo_epochs=1, learning_rate=1e-5, temperature=1.0
+    )
     cfg = PPOConfig(
-        updates=1,
-        rollout_batch_size=8,
-        response_length=8,
-        ppo_epochs=1,
-        learning_rate=1e-5,
-        temperature=1.0,
         lora=LoraConfig(r=8, alpha=16) if lora else None,
         critic="value_head" if value_head else "separate",
-        **over,
+        **{**base, **over},
     )
     torch.manual_seed(0)
     lm = load_model(ref_dir, precision.trainable(settings))
@@ -172,6 +169,26 @@ def test_ppo_learns_in_bf16_and_starts_each_update_at_ratio_one(tmp_path, lora, 
     assert row["policy/first_step_approx_kl"] <= trainer.first_step_tolerance == 1e-3
     batch = trainer.rollout(1)
     assert batch.values.dtype == torch.float32
+
+
+def test_critic_forwards_with_gradients_all_run_in_the_recipe_precision(tmp_path, monkeypatch):
+    """With one minibatch the rollout's critic forward keeps its graph for epoch 0; in bf16 it runs under the
+    same autocast as the critic forwards of the other epochs (and as the values without that reuse)."""
+    from cai.rl.modules import ValueModel
+
+    seen = []
+    forward = ValueModel.forward
+
+    def recording(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ValueModel, "forward", recording)
+    trainer = ppo_trainer(tmp_path, lora=False, value_head=False, ppo_epochs=2)
+    trainer.train()
+    assert trainer.cfg.num_minibatches == 1 and trainer.reuse_values
+    assert seen == [True, True]  # epoch 0's (from the rollout) and epoch 1's
 
 
 def test_first_step_ratio_is_exactly_one_in_fp32(tmp_path):

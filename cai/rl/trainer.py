@@ -143,9 +143,9 @@ class PPOTrainer(OnPolicyTrainer):
                 )
                 parts["logprobs"].append(own["logprobs"])
                 parts["entropy"].append(own["entropy"])
-            if reuse_values:  # epoch 0's critic forward: its LoRA layers fused as in the other epochs'
+            if reuse_values:  # epoch 0's critic forward, as the other epochs run it (autocast, fused LoRA)
                 with torch.enable_grad(), fused_lora_linears(self.critic):
-                    self._value_graph = self.critic(ids, am, R)
+                    self._value_graph = self.model(ids, am, R, logprobs=False)["values"]
                 parts["values"].append(self._value_graph.detach())
             else:
                 parts["values"].append(
