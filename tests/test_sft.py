@@ -82,6 +82,62 @@ def test_loss_is_on_the_completion_only(tiny, cr_dir, tmp_path):
         assert tok.decode(labels[first:]) == ex["completion"][0]["content"] + "<|im_end|>\n"  # learns to stop
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_packed_loss_equals_trls_loss_metrics_and_gradients(tiny, cr_dir, tmp_path, monkeypatch, lora):
+    """The SFT loss from one packed forward (no padding, the rows' shared beginning once, the LM head at the
+    completion's positions only) equals TRL's on a padded batch of rows of different lengths: loss, the logged
+    metrics and every gradient; LoRA runs through the fused adapters as in the stage."""
+    import copy
+
+    import torch
+    from trl import SFTTrainer
+
+    from cai.runtime import packing
+    from cai.stages import sft
+
+    model, tok = tiny
+    system = {"role": "system", "content": "You are a careful assistant. Answer briefly and kindly."}
+    examples = [  # a shared system prompt, as SmolLM2's chat template adds: the packed row computes it once
+        {**e, "prompt": [system, *e["prompt"]]}
+        for e in sft.sft_examples(read_jsonl(cr_dir / "data.jsonl"))[:6]
+    ]
+    r = recipe_with(tmp_path, *(["sft.lora={r: 4, alpha: 8}"] if lora else []))
+    trainer = sft.build_trainer(r.sft, r.settings, copy.deepcopy(model), tok, examples, tmp_path / "ck")
+    trainer.model.train()
+    if lora:  # adapters that change the output
+        with torch.no_grad():
+            for name, p in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    batch = next(iter(trainer.get_train_dataloader()))
+    lengths = batch["attention_mask"].sum(1)
+    assert len(lengths) > 1 and lengths.unique().numel() > 1  # padding in the batch
+    packed, pack = [], packing.pack
+    monkeypatch.setattr(packing, "pack", lambda *a: packed.append(pack(*a)) or packed[-1])
+
+    def loss_grads_metrics(compute_loss):
+        trainer.model.zero_grad(set_to_none=True)
+        trainer._metrics["train"].clear()
+        trainer._total_train_tokens = 0
+        loss = compute_loss(trainer.model, dict(batch), num_items_in_batch=None)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        return float(loss), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    ours = loss_grads_metrics(trainer.compute_loss)
+    assert len(packed) == 1 and packed[0].ids.shape[1] < int(lengths.sum())  # the system prompt ran once
+    theirs = loss_grads_metrics(SFTTrainer.compute_loss.__get__(trainer))
+    assert len(packed) == 1  # TRL's own loss did not pack
+    assert abs(ours[0] - theirs[0]) <= 1e-5 * abs(theirs[0]), (ours[0], theirs[0])
+    assert ours[1].keys() == theirs[1].keys() and len(ours[1]) > 0
+    for name, g in theirs[1].items():
+        diff = float((ours[1][name] - g).abs().max())
+        assert diff <= 1e-4 * float(g.abs().max()) + 1e-7, (name, diff)
+    assert ours[2].keys() == theirs[2].keys() == {"entropy", "mean_token_accuracy", "num_tokens"}
+    for k, v in theirs[2].items():
+        assert ours[2][k] == pytest.approx(v, rel=1e-5), k
+
+
 def test_sft_raises_the_likelihood_of_the_revisions(tiny, cr_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -278,3 +278,39 @@ def packed_states(model, packed: Packed, tied_head: bool = False):
     with varlen_attention(model):
         out = trunk(**inputs, position_ids=packed.positions, use_cache=False, cai_packing=packed.packing)
     return out.last_hidden_state[0]
+
+
+def labelled_logits(model, input_ids, attention_mask, labels):
+    """(logits [M, V], targets [M]) at the M positions of a padded batch whose next token is labelled (`labels`
+    -100 elsewhere, as Hugging Face trainers mark prompts and padding), in one packed forward: the shared
+    beginning of the rows (a chat template's system prompt) runs once, padding not at all, and the LM head only
+    at those positions (`logits_to_keep`). The model's own forward runs, so DDP, ZeRO and FSDP see the call. The
+    same logits and gradients as the padded forward's at those positions (tested)."""
+    import torch
+
+    real = attention_mask.bool()
+    seqs = [row[m] for row, m in zip(input_ids, real)]
+    packed = pack([[s] for s in seqs], input_ids.device)
+    keep, targets = [], []
+    for where, lab in zip(packed.where, (lab[m] for lab, m in zip(labels, real))):
+        nxt = lab[1:]
+        j = (nxt != -100).nonzero().squeeze(-1)  # position j predicts token j + 1
+        keep.append(where.to(input_ids.device)[j])
+        targets.append(nxt[j])
+    with varlen_attention(model):
+        out = model(
+            input_ids=packed.ids,
+            position_ids=packed.positions,
+            use_cache=False,
+            cai_packing=packed.packing,
+            logits_to_keep=torch.cat(keep),
+        )
+    return out.logits[0], torch.cat(targets)
+
+
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` and a packed row (`labelled_logits`)."""
+    import inspect
+
+    base = base_of(getattr(model, "module", model))
+    return varlen_supported(base) and "logits_to_keep" in inspect.signature(base.forward).parameters
