@@ -348,6 +348,7 @@ def test_cli_models_prepare_uses_the_cache(smol_cache):
     assert proc.returncode == 0, proc.stderr
     assert f"ready at {cache / 'models' / SMOLLM_ALIAS}" in proc.stdout
     assert "converting" not in proc.stdout  # already cached: nothing converted again
+    assert "(already prepared)" in proc.stdout  # nor loaded again to check it (make demo runs this first)
     proc = subprocess.run(
         [sys.executable, "-m", "cai", "models", "list"], capture_output=True, text=True, env=env, timeout=120
     )

@@ -60,6 +60,10 @@ def _cmd_models_list(a) -> int:
 
 
 def _cmd_models_prepare(a) -> int:
+    if any(row["name"] == a.name and row["cached"] for row in list_models()):
+        # converted and checked before (the cache marks a finished conversion): a run loads it anyway
+        print(f"{a.name}: ready at {prepare(a.name)} (already prepared)")
+        return 0
     t0 = time.time()
     path = prepare(a.name)
     t1 = time.time()
