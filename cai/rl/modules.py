@@ -13,8 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
-from cai.rl.ppo_math import entropy_from_logits
-from cai.runtime.forward import position_ids, selected_logprobs
+from cai.runtime.forward import logit_entropy, position_ids, selected_logprobs
 from cai.runtime.packing import base_of, pack, packed_states, trunk_of, varlen_supported
 from cai.runtime.settings import fp32_head
 
@@ -126,7 +125,7 @@ def logprobs_from_hidden(head, hidden, tokens, temperature: float, entropy: bool
     ent = None
     if entropy:
         with torch.no_grad():
-            ent = entropy_from_logits(logits.detach() / temperature)
+            ent = logit_entropy(logits.detach() / temperature)
     return logp, ent
 
 

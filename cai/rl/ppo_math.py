@@ -192,12 +192,6 @@ def explained_variance(values, returns, mask) -> torch.Tensor:
     return torch.where(var_r > 0, ev, torch.full_like(ev, float("nan")))
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy (nats) of softmax(logits) over the last axis."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 # ---- KL coefficient controllers ----
 
 

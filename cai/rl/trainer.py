@@ -38,7 +38,7 @@ from cai.rl.loop import OnPolicyTrainer
 from cai.rl.modules import ActorCritic, PolicyModel, check_varlen, disable_dropout
 from cai.rl.rollout import Rollout, global_stats, prompt_indices, seed_of
 from cai.runtime import distributed as dist
-from cai.runtime.forward import fused_lora_linears, selected_logprobs
+from cai.runtime.forward import fused_lora_linears, logit_entropy, selected_logprobs
 
 
 class PPOTrainer(OnPolicyTrainer):
@@ -135,7 +135,7 @@ class PPOTrainer(OnPolicyTrainer):
             if gen.logits is not None:
                 logits = gen.logits[s : s + n_chunk, :R].to(dev).float() / cfg.temperature
                 parts["logprobs"].append(selected_logprobs(logits, resp[s : s + n_chunk]))
-                parts["entropy"].append(pm.entropy_from_logits(logits))
+                parts["entropy"].append(logit_entropy(logits))
                 own = self.model(ids, am, R, logprobs=False, values=has_values and not reuse_values)
             else:
                 own = self.model(

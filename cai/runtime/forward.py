@@ -68,21 +68,21 @@ def _log_normaliser(logits, temperature: float):
     return lse
 
 
-def token_statistics(logits, tokens):
-    """Per row of `logits` [N, V], without gradients: the entropy (nats) of softmax(logits), and whether `tokens`
-    [N] is the most likely token; a block of rows at a time (no logits-sized temporaries)."""
+def logit_entropy(logits):
+    """Entropy (nats, fp32, no gradient) of softmax(logits) over the last axis: [..., V] -> [...]; a block of rows
+    at a time (no logits-sized temporaries). The one entropy of cai's metrics (PPO's rollouts, SFT's logs)."""
     import torch
 
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     with torch.no_grad():
-        entropy = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        top = torch.empty(logits.shape[0], dtype=torch.bool, device=logits.device)
-        for i in range(0, logits.shape[0], _ROWS):
-            z = logits[i : i + _ROWS].float()
+        for i in range(0, flat.shape[0], _ROWS):
+            z = flat[i : i + _ROWS].float()
             lse = torch.logsumexp(z, dim=-1)
-            p = (z - lse[:, None]).exp_()
-            entropy[i : i + _ROWS] = lse - (p * z).sum(-1)  # -sum p log p, with log p = z - lse
-            top[i : i + _ROWS] = z.argmax(-1) == tokens[i : i + _ROWS]
-    return entropy, top
+            out[i : i + _ROWS] = lse - ((z - lse[:, None]).exp_() * z).sum(
+                -1
+            )  # -sum p log p, log p = z - lse
+    return out.view(logits.shape[:-1])
 
 
 def _selected_logprobs_function():

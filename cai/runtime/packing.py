@@ -292,8 +292,8 @@ def labelled_logits(model, input_ids, attention_mask, labels):
     seqs = [row[m] for row, m in zip(input_ids, real)]
     packed = pack([[s] for s in seqs], input_ids.device)
     keep, targets = [], []
-    for where, lab in zip(packed.where, (lab[m] for lab, m in zip(labels, real))):
-        nxt = lab[1:]
+    for where, lab, m in zip(packed.where, labels, real):
+        nxt = lab[m][1:]
         j = (nxt != -100).nonzero().squeeze(-1)  # position j predicts token j + 1
         keep.append(where.to(input_ids.device)[j])
         targets.append(nxt[j])
