@@ -7,7 +7,8 @@ global batch is kept by halving the per-device batch sizes in the 2-process run.
 - SFT and PM: per-step losses and gradient norms agree within LOSS_RTOL / GRAD_RTOL, and the saved weights
   within WEIGHT_ATOL (DDP averages gradients over ranks, so the maths is the same up to float summation
   order: measured differences are ~1e-7 relative);
-- PPO runs one update with rollouts sharded over the two processes.
+- PPO runs one update with rollouts sharded over the two processes;
+- soft-label DPO's packed log-probs give the one-process losses, gathered reward metrics and weights.
 DeepSpeed (when installed): one-process ZeRO-2 and ZeRO-3 runs of the SFT and PM stages through
 recipes/accelerate/zero{2,3}.yaml match the reference run (losses, gradient norms, saved weights), and every
 shipped DeepSpeed config passes DeepSpeed's own config parser. (With 2 CPU processes accelerate gives
@@ -234,6 +235,28 @@ def test_ppo_update_on_two_processes_equals_one_process(runs, tmp_path):
     ):
         assert abs(a[k] - b[k]) <= PPO_TOL * max(1.0, abs(a[k])), f"ppo {k}: {a[k]} vs {b[k]}"
     compare_weights(one / "policy" / "policy", split / "policy" / "policy")
+
+
+def test_dpo_on_two_processes_equals_one_process(runs, tmp_path):
+    """Soft-label DPO (full fine-tune against a frozen copy, packed log-probs) with the global batch of pairs
+    split over 2 processes: the same per-step losses, gradient norms and reward metrics (gathered from both) and
+    the same trained policy as one process, from the very same SFT model and pairs."""
+    one, _, _ = runs
+    out = {}
+    for n in (1, 2):
+        d = out[n] = tmp_path / f"dpo-{n}"
+        shutil.copytree(one, d)
+        shutil.rmtree(d / "policy")
+        sets = COMMON + per_device(1)[:2] + ["policy.algorithm=dpo", "dpo.max_steps=2", "dpo.probe_prompts=1"]
+        sets += [f"dpo.batch_size={GLOBAL_BATCH // n}", "dpo.learning_rate=1e-3", "dpo.probe_every=10"]
+        if n == 1:
+            launch([sys.executable] + cai_run(d, sets, only=["policy"]))
+        else:
+            launch(two_cpu_processes() + cai_run(d, sets, only=["policy"]), {"ACCELERATE_USE_CPU": "1"})
+        assert read_manifest(d / "policy")["world_size"] == n
+    batch = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    compare_metrics(out[1], out[2], "policy", steps=2, batch_metrics=batch)
+    compare_weights(out[1] / "policy" / "policy", out[2] / "policy" / "policy")
 
 
 # ------------------------------------------------------------------------------------------- DeepSpeed

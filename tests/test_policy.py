@@ -19,7 +19,7 @@ from cai.rl.modules import PolicyModel
 from cai.rl.rewards import FunctionReward
 from cai.runtime.models import load_model, load_tokenizer, wrap_lora
 from cai.runtime.rundir import MetricsLog
-from cai.runtime.settings import Precision
+from cai.runtime.settings import Precision, Settings
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +72,7 @@ def learnable_pairs(n: int = 24, seed: int = 0) -> list[dict]:
     return rows
 
 
-def dpo_trainer(tmp_path, rows, *, lora: bool, steps: int = 12, lr: float = 1e-3):
+def dpo_trainer(tmp_path, rows, *, lora: bool, steps: int = 12, lr: float = 1e-3, dtype: str = "float32"):
     from cai.rl.dpo import build_trainer
 
     cfg = DPOConfig(
@@ -85,8 +85,9 @@ def dpo_trainer(tmp_path, rows, *, lora: bool, steps: int = 12, lr: float = 1e-3
         lora=LoraConfig(r=8, alpha=16) if lora else None,
     )
     tok, model = load_tokenizer("tiny-random-llama"), load_model("tiny-random-llama")
-    ref = None if lora else load_model("tiny-random-llama")
-    args = (cfg, 0, "cpu", Precision(compute="float32"), model, ref, tok, rows, rows, tmp_path / "ckpt", [])
+    precision = Precision(compute=dtype)
+    ref = None if lora else load_model("tiny-random-llama", Settings(dtype=precision.frozen))
+    args = (cfg, 0, "cpu", precision, model, ref, tok, rows, rows, tmp_path / "ckpt", [])
     return build_trainer(*args)
 
 
@@ -107,6 +108,45 @@ def test_soft_dpo_equals_trls_sigmoid_loss_at_p_one(tmp_path):
     )
     assert abs(float(ours.detach()) - math.log(2)) > 1e-3
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_packed_sequence_logps_equal_trls_padded_ones_values_and_gradients(tmp_path, lora, monkeypatch):
+    """Each pair's prompt once, no padding, the head at the completions only: the same policy and reference
+    log-probs, and the same gradients, as TRL's padded forward."""
+    from cai.rl import dpo
+
+    rows = learnable_pairs(8)
+    for i, r in enumerate(rows):  # prompts and replies of different lengths
+        r["messages"][0]["content"] += " Please." * i
+        r["response_b"] += " and more" * (i % 3)
+    trainer = dpo_trainer(tmp_path, rows, lora=lora)
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the policy off the reference
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    lengths = inputs["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # rows of different lengths: the padded batch pads
+    assert trainer.packs(trainer.model, inputs)
+    weights = torch.randn(inputs["input_ids"].shape[0])
+
+    def logps_and_grads(packed: bool):
+        monkeypatch.setattr(dpo, "PACKED", packed)
+        trainer.model.zero_grad()
+        (policy, ref) = trainer.pair_logps(trainer.model, inputs)
+        (torch.cat(policy) * weights).sum().backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+        return torch.cat(policy).detach(), torch.cat(ref), grads
+
+    packed, padded = logps_and_grads(True), logps_and_grads(False)
+    assert (packed[0] - packed[1]).abs().max() > 1e-3  # the policy is not its reference
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(packed[1], padded[1], rtol=1e-5, atol=1e-4)
+    assert len(packed[2]) == len(padded[2]) > 0
+    for a, b in zip(packed[2], padded[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_dpo_learns_a_learnable_preference_and_its_lora_reference_is_the_base(tmp_path):

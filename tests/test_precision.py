@@ -80,6 +80,24 @@ def test_sft_learns_in_bf16_and_saves_fp32_master_weights(tiny, cr_dir, tmp_path
     assert ctx.summary["precision"]["compute"] == "bfloat16"
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dpo_learns_in_bf16_from_its_packed_log_probs(tmp_path, lora):
+    """Soft-label DPO under bf16 autocast on fp32 master weights (the reference a frozen bf16 copy, or the
+    adapters off): its packed sequence log-probs move the implicit reward to the learnable preference."""
+    from test_policy import dpo_trainer, learnable_pairs
+
+    from cai.rl.dpo import implicit_accuracy
+
+    trainer = dpo_trainer(tmp_path, learnable_pairs(), lora=lora, lr=1e-2 if lora else 3e-3, dtype="bfloat16")
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert trainer.packs(trainer.model, batch) and trainer.args.bf16
+    before = implicit_accuracy(trainer)  # near ties: the policy is its reference, up to bf16 rounding
+    trainer.train()
+    after = implicit_accuracy(trainer)
+    assert after["accuracy"] >= 0.9 and after["mean_margin"] > before["mean_margin"] + 0.5, (before, after)
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+
+
 @pytest.mark.parametrize(
     "head,lora", [("classifier", False), ("classifier", True), ("value_head", False), ("value_head", True)]
 )

@@ -11,7 +11,14 @@ import math
 
 from cai.runtime import distributed as dist
 from cai.runtime.forward import continuation_logprob, joined_ids, position_ids
-from cai.runtime.packing import base_of, chunk_groups, pack, varlen_attention, varlen_supported
+from cai.runtime.packing import (
+    base_of,
+    chunk_groups,
+    keeps_logits,
+    pack,
+    takes_logits_to_keep,
+    varlen_attention,
+)
 
 OPTION_LETTERS = "ABCDEFGHIJ"
 PACKED = (
@@ -135,7 +142,7 @@ def _fast_batches(model, split, fast: list[int], groups, batch_size: int) -> lis
 def packable(model) -> bool:
     """Whether next-token reads may run packed: a plain decoder whose forward keeps chosen logits
     (cai.runtime.packing)."""
-    return PACKED and varlen_supported(model) and _keeps_logits(base_of(model))
+    return PACKED and keeps_logits(model)
 
 
 def _next_token_logprobs(model, tokenizer, groups: list[list[list[int]]]):
@@ -163,7 +170,7 @@ def _next_token_logprobs(model, tokenizer, groups: list[list[list[int]]]):
     for j, s in enumerate(seqs):
         ids[j, T - len(s) :] = torch.tensor(s)
         mask[j, T - len(s) :] = 1
-    kwargs = {"logits_to_keep": 1} if _keeps_logits(model) else {}
+    kwargs = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
     with torch.no_grad():
         out = model(
             input_ids=ids.to(device),
@@ -172,13 +179,3 @@ def _next_token_logprobs(model, tokenizer, groups: list[list[list[int]]]):
             **kwargs,
         )
     return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
-
-
-def _keeps_logits(model) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (HF causal LMs do; it saves the full-vocab projection)."""
-    import inspect
-
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False

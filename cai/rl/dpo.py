@@ -3,8 +3,10 @@ metrics as the on-policy learners.
 
 `SoftDPOTrainer` is TRL's DPOTrainer (its dataset tokenisation through the chat template, collator, reference
 handling — a frozen SFT copy, or with LoRA the adapters switched off — training loop, checkpoints and engines)
-with one new piece: every pair carries its own target p, the AI label, and the loss is
-−[p·log σ(βΔ) + (1−p)·log σ(−βΔ)] (cai.pm.loss.dpo_loss): DPO at p ∈ {0, 1}, conservative DPO at a uniform p.
+with two new pieces: every pair carries its own target p, the AI label, and the loss is
+−[p·log σ(βΔ) + (1−p)·log σ(−βΔ)] (cai.pm.loss.dpo_loss): DPO at p ∈ {0, 1}, conservative DPO at a uniform p;
+and the sequence log-probs of the policy and the reference come from one packed forward each (each pair's prompt
+once, no padding, the LM head at the completions only), TRL's padded forward being the fallback.
 Each pair is oriented so that the preferred response (p ≥ 0.5) is TRL's 'chosen', so its reward metrics
 (rewards/chosen, rewards/accuracies, rewards/margins) keep their meaning.
 
@@ -18,21 +20,29 @@ tokens of both sides of each pair, per second).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
 import torch
+from accelerate.utils import is_peft_model
 from trl import DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import use_adapter
 
 from cai.pm.loss import dpo_loss, soft_targets
 from cai.rl import ppo_math as pm
 from cai.rl.modules import PolicyModel
 from cai.rl.rollout import sample, seed_of
+from cai.runtime.forward import selected_logprobs
 from cai.runtime.generate import HFBackend
 from cai.runtime.models import peft_config
+from cai.runtime.packing import keeps_logits, labelled_logits
 from cai.runtime.training import fuse_lora_training, training_args
 from cai.stats import wilson_ci
+
+PACKED = True  # False: every sequence log-prob from TRL's padded forward (bench/dpo_step.py compares the two)
 
 
 def dpo_rows(pairs: list[dict], hard: bool = False) -> list[dict]:
@@ -78,8 +88,21 @@ class SoftDPOTrainer(DPOTrainer):
             self._signature_columns = list(self._signature_columns) + ["p"]
 
     def sequence_logps(self, model, inputs) -> torch.Tensor:
-        """Summed log-probabilities of each row's completion tokens ([2B]: the chosen rows, then the rejected)."""
+        """Summed log-probabilities of each row's completion tokens ([2B]: the chosen rows, then the rejected).
+
+        Packed where it can be (`packs`): one forward over each pair's prompt once and its two completions, no
+        padding, the LM head at the completions' positions only (cai.runtime.packing.labelled_logits). TRL's way
+        scores every padded position in vocabulary tiles, with the prompt twice. The same values and gradients
+        (tests/test_policy.py)."""
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        if self.packs(model, inputs):
+            ids, attn = inputs["input_ids"], inputs["attention_mask"]
+            n = ids.shape[0] // 2
+            logits, targets = labelled_logits(model, ids, attn, labels, groups=[[i, i + n] for i in range(n)])
+            logp = selected_logprobs(logits, targets)
+            counts = ((labels[:, 1:] != -100) & attn[:, 1:].bool()).sum(1)
+            rows = torch.repeat_interleave(torch.arange(2 * n, device=logp.device), counts.to(logp.device))
+            return logp.new_zeros(2 * n).index_add(0, rows, logp)
         out = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
@@ -89,6 +112,29 @@ class SoftDPOTrainer(DPOTrainer):
         )
         mask = inputs["completion_mask"][..., 1:]
         return (out.log_probs[:, -mask.size(1) :] * mask).sum(1)
+
+    def packs(self, model, inputs) -> bool:
+        """Whether `sequence_logps` runs packed: the collator's plain inputs (no padding-free position ids, no
+        images), no length-desensitised weighting (`ld_alpha`), a model that takes a packed row."""
+        return (
+            PACKED
+            and set(inputs) <= {"input_ids", "attention_mask", "completion_mask", "p"}
+            and self.ld_alpha is None
+            and keeps_logits(model)
+        )
+
+    def compute_ref_log_probs(self, model, inputs):
+        """The reference's (chosen, rejected) sequence log-probs, as TRL takes them (the frozen copy, or the
+        policy with its adapters off), through `sequence_logps`."""
+        if not self.packs(model, inputs):
+            return super().compute_ref_log_probs(model, inputs)
+        off = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            peft = self.accelerator.unwrap_model(self.model)
+            off = use_adapter(peft, adapter_name="ref" if "ref" in peft.peft_config else None)
+        no_ckpt = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
+        with torch.no_grad(), no_ckpt, off, self.accelerator.autocast():
+            return self.sequence_logps(model, inputs).chunk(2)
 
     def pair_logps(self, model, inputs):
         """((policy chosen, policy rejected), (reference chosen, reference rejected)) sequence log-probs."""

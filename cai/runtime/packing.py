@@ -280,22 +280,26 @@ def packed_states(model, packed: Packed, tied_head: bool = False):
     return out.last_hidden_state[0]
 
 
-def labelled_logits(model, input_ids, attention_mask, labels):
+def labelled_logits(model, input_ids, attention_mask, labels, groups: list[list[int]] | None = None):
     """(logits [M, V], targets [M]) at the M positions of a padded batch whose next token is labelled (`labels`
     -100 elsewhere, as Hugging Face trainers mark prompts and padding), in one packed forward: the shared
     beginning of the rows (a chat template's system prompt) runs once, padding not at all, and the LM head only
-    at those positions (`logits_to_keep`). The model's own forward runs, so DDP, ZeRO and FSDP see the call. The
-    same logits and gradients as the padded forward's at those positions (tested)."""
+    at those positions (`logits_to_keep`). `groups`: rows that share more of their beginning (a DPO pair's chosen
+    and rejected rows, the same prompt), as lists of row indices; by default each row alone. The M positions come
+    row by row in row order, each row's in order. The model's own forward runs, so DDP, ZeRO and FSDP see the
+    call. The same logits and gradients as the padded forward's at those positions (tested)."""
     import torch
 
     real = attention_mask.bool()
     seqs = [row[m] for row, m in zip(input_ids, real)]
-    packed = pack([[s] for s in seqs], input_ids.device)
+    groups = groups or [[i] for i in range(len(seqs))]
+    packed = pack([[seqs[i] for i in g] for g in groups], input_ids.device)
+    where = dict(zip((i for g in groups for i in g), packed.where))
     keep, targets = [], []
-    for where, lab, m in zip(packed.where, labels, real):
+    for i, (lab, m) in enumerate(zip(labels, real)):
         nxt = lab[m][1:]
         j = (nxt != -100).nonzero().squeeze(-1)  # position j predicts token j + 1
-        keep.append(where.to(input_ids.device)[j])
+        keep.append(where[i].to(input_ids.device)[j])
         targets.append(nxt[j])
     with varlen_attention(model):
         out = model(
@@ -310,7 +314,16 @@ def labelled_logits(model, input_ids, attention_mask, labels):
 
 def keeps_logits(model) -> bool:
     """Whether the model's forward takes `logits_to_keep` and a packed row (`labelled_logits`)."""
+    base = base_of(getattr(model, "module", model))
+    return varlen_supported(base) and takes_logits_to_keep(base)
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (Hugging Face causal LMs do; it saves the head's
+    product at every position)."""
     import inspect
 
-    base = base_of(getattr(model, "module", model))
-    return varlen_supported(base) and "logits_to_keep" in inspect.signature(base.forward).parameters
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
