@@ -12,19 +12,16 @@ copy). TRL 1.16 runs the chosen and the rejected rows padded, the prompt twice, 
 in vocabulary tiles; packed, each pair's prompt runs once, padding not at all, and the LM head at the completions'
 positions only, for the policy and for the reference.
 
-Printed: the machine's rates, each way's seconds per round (`Trainer.train`, the whole epoch), the median and range
-of the per-round ratios (TRL's over packed: above 1, packed is faster), and the checks that both ways trained
-alike: the same mean loss and the largest weight difference after the epoch, relative to the largest weight.
-The figures go into docs/benchmarks.md, section "DPO: sequence log-probs from a packed forward".
+Printed (bench/rounds.py, `compare_trainings`): the machine's rates, each way's seconds per round of
+`Trainer.train`, the per-round ratios, and the two ways' mean losses and weights after the epoch. The figures go
+into docs/benchmarks.md, section "DPO: sequence log-probs from a packed forward".
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from rounds import print_machine  # noqa: E402
+from rounds import compare_trainings, print_machine  # noqa: E402
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 WAYS = ("TRL padded", "packed")
@@ -89,28 +86,8 @@ def main() -> None:
         for side in ("response_a", "response_b")
     )
     print(f"{len(pairs)} pairs, {tokens} tokens in both sides' transcripts, full={args.full}", flush=True)
-    secs = {w: [] for w in WAYS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            order = WAYS if r % 2 == 0 else WAYS[::-1]
-            got = {w: train(w, Path(tmp) / f"{r}-{i}") for i, w in enumerate(order)}
-            for w in WAYS:
-                secs[w].append(got[w][0])
-            print(f"round {r + 1}: " + ", ".join(f"{w} {got[w][0]:.1f} s" for w in WAYS), flush=True)
+    compare_trainings(WAYS, args.rounds, train)
     dpo.PACKED = True
-    (_, loss_trl, w_trl), (_, loss_packed, w_packed) = got[WAYS[0]], got[WAYS[1]]
-    ratios = [a / b for a, b in zip(secs[WAYS[0]], secs[WAYS[1]])]
-    print(f"\nmean loss: TRL {loss_trl:.6f}, packed {loss_packed:.6f}")
-    diff = float((w_packed - w_trl).abs().max() / w_trl.abs().max())
-    print(f"weights after the epoch: largest difference {diff:.1e} of the largest weight")
-    print("\n| way | median s | rounds |")
-    print("|---|---:|---|")
-    for w in WAYS:
-        print(f"| {w} | {statistics.median(secs[w]):.1f} | {', '.join(f'{s:.1f}' for s in secs[w])} |")
-    print(
-        f"\nspeed-up (TRL / packed): median {statistics.median(ratios):.2f}, "
-        f"range {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds"
-    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Shared by the generation benchmarks: their command line and inputs, the machine's rates line, rounds that time
-each way in turn, and the ratio cell of their tables.
+"""Shared by the benchmarks: the generation benchmarks' command line and inputs, the machine's rates line, rounds
+that time each way in turn (decoding, and two ways of training), and the ratio cell of their tables.
 
 Each round runs every batch size once each way, the order of the ways rotating from round to round, so that load
 on a shared machine hits every way alike.
@@ -44,6 +44,37 @@ def rotating_rounds(ways: tuple, sizes: list[int], rounds: int, timed, same_ways
                 flush=True,
             )
     return secs, same
+
+
+def compare_trainings(ways: tuple, rounds: int, train) -> None:
+    """Two ways of training the same thing, `train(way, out_dir) -> (seconds, mean loss, trained weights)` from a
+    fresh model each time, alternating which goes first; prints each round, the checks that both trained alike
+    (the last round's mean losses, their weights' largest difference relative to the largest weight), the seconds
+    per way and the per-round ratios (the first way's over the second's: above 1, the second is faster)."""
+    import tempfile
+    from pathlib import Path
+
+    secs = {w: [] for w in ways}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            order = ways if r % 2 == 0 else ways[::-1]
+            got = {w: train(w, Path(tmp) / f"{r}-{i}") for i, w in enumerate(order)}
+            for w in ways:
+                secs[w].append(got[w][0])
+            print(f"round {r + 1}: " + ", ".join(f"{w} {got[w][0]:.1f} s" for w in ways), flush=True)
+    (_, loss_a, w_a), (_, loss_b, w_b) = got[ways[0]], got[ways[1]]
+    ratios = [a / b for a, b in zip(secs[ways[0]], secs[ways[1]])]
+    print(f"\nmean loss: {ways[0]} {loss_a:.6f}, {ways[1]} {loss_b:.6f}")
+    diff = float((w_b - w_a).abs().max() / w_a.abs().max())
+    print(f"weights after the epoch: largest difference {diff:.1e} of the largest weight")
+    print("\n| way | median s | rounds |")
+    print("|---|---:|---|")
+    for w in ways:
+        print(f"| {w} | {statistics.median(secs[w]):.1f} | {', '.join(f'{s:.1f}' for s in secs[w])} |")
+    print(
+        f"\nspeed-up ({ways[0]} / {ways[1]}): median {statistics.median(ratios):.2f}, "
+        f"range {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds"
+    )
 
 
 def decode_args(description: str, batch_sizes: str = "8,32", threads: bool = False, extra=None):

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from rounds import print_machine  # noqa: E402
+from rounds import compare_trainings, print_machine  # noqa: E402
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 WAYS = ("TRL loss", "packed")
@@ -98,27 +96,7 @@ def main() -> None:
     print(
         f"{len(data)} examples, {sum(lengths)} tokens (longest {max(lengths)}), lora={args.lora}", flush=True
     )
-    secs = {w: [] for w in WAYS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            order = WAYS if r % 2 == 0 else WAYS[::-1]
-            got = {w: train(w, Path(tmp) / f"{r}-{i}") for i, w in enumerate(order)}
-            for w in WAYS:
-                secs[w].append(got[w][0])
-            print(f"round {r + 1}: " + ", ".join(f"{w} {got[w][0]:.1f} s" for w in WAYS), flush=True)
-    (_, loss_trl, w_trl), (_, loss_packed, w_packed) = got[WAYS[0]], got[WAYS[1]]
-    ratios = [a / b for a, b in zip(secs[WAYS[0]], secs[WAYS[1]])]
-    print(f"\nmean loss: TRL {loss_trl:.6f}, packed {loss_packed:.6f}")
-    diff = float((w_packed - w_trl).abs().max() / w_trl.abs().max())
-    print(f"weights after the epoch: largest difference {diff:.1e} of the largest weight")
-    print("\n| way | median s | rounds |")
-    print("|---|---:|---|")
-    for w in WAYS:
-        print(f"| {w} | {statistics.median(secs[w]):.1f} | {', '.join(f'{s:.1f}' for s in secs[w])} |")
-    print(
-        f"\nspeed-up (TRL / packed): median {statistics.median(ratios):.2f}, "
-        f"range {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds"
-    )
+    compare_trainings(WAYS, args.rounds, train)
 
 
 if __name__ == "__main__":
