@@ -96,13 +96,14 @@ class SoftDPOTrainer(DPOTrainer):
         (tests/test_policy.py)."""
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         if self.packs(model, inputs):
-            ids, attn = inputs["input_ids"], inputs["attention_mask"]
+            ids = inputs["input_ids"]
             n = ids.shape[0] // 2
-            logits, targets = labelled_logits(model, ids, attn, labels, groups=[[i, i + n] for i in range(n)])
+            pairs = [[i, i + n] for i in range(n)]
+            logits, targets, rows = labelled_logits(
+                model, ids, inputs["attention_mask"], labels, groups=pairs
+            )
             logp = selected_logprobs(logits, targets)
-            counts = ((labels[:, 1:] != -100) & attn[:, 1:].bool()).sum(1)
-            rows = torch.repeat_interleave(torch.arange(2 * n, device=logp.device), counts.to(logp.device))
-            return logp.new_zeros(2 * n).index_add(0, rows, logp)
+            return logp.new_zeros(2 * n).index_add(0, rows.to(logp.device), logp)
         out = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],

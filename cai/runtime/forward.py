@@ -79,9 +79,8 @@ def logit_entropy(logits):
         for i in range(0, flat.shape[0], _ROWS):
             z = flat[i : i + _ROWS].float()
             lse = torch.logsumexp(z, dim=-1)
-            out[i : i + _ROWS] = lse - ((z - lse[:, None]).exp_() * z).sum(
-                -1
-            )  # -sum p log p, log p = z - lse
+            p = (z - lse[:, None]).exp_()
+            out[i : i + _ROWS] = lse - (p * z).sum(-1)  # -sum p log p, with log p = z - lse
     return out.view(logits.shape[:-1])
 
 

@@ -281,13 +281,14 @@ def packed_states(model, packed: Packed, tied_head: bool = False):
 
 
 def labelled_logits(model, input_ids, attention_mask, labels, groups: list[list[int]] | None = None):
-    """(logits [M, V], targets [M]) at the M positions of a padded batch whose next token is labelled (`labels`
-    -100 elsewhere, as Hugging Face trainers mark prompts and padding), in one packed forward: the shared
+    """(logits [M, V], targets [M], rows [M]) at the M positions of a padded batch whose next token is labelled
+    (`labels` -100 elsewhere, as Hugging Face trainers mark prompts and padding), in one packed forward: the shared
     beginning of the rows (a chat template's system prompt) runs once, padding not at all, and the LM head only
     at those positions (`logits_to_keep`). `groups`: rows that share more of their beginning (a DPO pair's chosen
     and rejected rows, the same prompt), as lists of row indices; by default each row alone. The M positions come
-    row by row in row order, each row's in order. The model's own forward runs, so DDP, ZeRO and FSDP see the
-    call. The same logits and gradients as the padded forward's at those positions (tested)."""
+    row by row in row order, each row's in order; `rows` holds each one's row. The model's own forward runs, so
+    DDP, ZeRO and FSDP see the call. The same logits and gradients as the padded forward's at those positions
+    (tested)."""
     import torch
 
     real = attention_mask.bool()
@@ -295,12 +296,13 @@ def labelled_logits(model, input_ids, attention_mask, labels, groups: list[list[
     groups = groups or [[i] for i in range(len(seqs))]
     packed = pack([[seqs[i] for i in g] for g in groups], input_ids.device)
     where = dict(zip((i for g in groups for i in g), packed.where))
-    keep, targets = [], []
+    keep, targets, rows = [], [], []
     for i, (lab, m) in enumerate(zip(labels, real)):
         nxt = lab[m][1:]
         j = (nxt != -100).nonzero().squeeze(-1)  # position j predicts token j + 1
         keep.append(where[i].to(input_ids.device)[j])
         targets.append(nxt[j])
+        rows.append(torch.full_like(j, i))
     with varlen_attention(model):
         out = model(
             input_ids=packed.ids,
@@ -309,7 +311,7 @@ def labelled_logits(model, input_ids, attention_mask, labels, groups: list[list[
             cai_packing=packed.packing,
             logits_to_keep=torch.cat(keep),
         )
-    return out.logits[0], torch.cat(targets)
+    return out.logits[0], torch.cat(targets), torch.cat(rows)
 
 
 def keeps_logits(model) -> bool:

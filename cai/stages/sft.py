@@ -104,7 +104,7 @@ def packed_loss(trainer):
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
         if not plain or return_outputs or set(inputs) != INPUTS or not keeps_logits(model):
             return own(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        logits, targets = labelled_logits(
+        logits, targets, _ = labelled_logits(
             model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         )
         logp = selected_logprobs(logits, targets)
