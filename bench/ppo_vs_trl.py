@@ -434,10 +434,10 @@ def main() -> None:
             if kind == "ours-lora" and r >= lora_rounds:
                 continue
             out = run_worker(py, kind, args, common)
-            out["round"] = r
+            out.update(round=r, load=os.getloadavg()[0])  # the load after this process, as the file keeps it
             results[kind].append(out)
             with open(args.results, "a") as f:
-                f.write(json.dumps({"kind": kind, "round": r, "load": os.getloadavg()[0], **out}) + "\n")
+                f.write(json.dumps({"kind": kind, **out}) + "\n")
     print(f"[bench] load average after: {os.getloadavg()[0]:.1f}", flush=True)
     report(results, args)
 
