@@ -16,7 +16,8 @@ of the processes. The compute floor (bench/floor.py): the FLOPs of an update fro
 token counts, at the fp32 matmul rate and copy rate measured by this process at the start of each round; each
 configuration's share of the floor = floor seconds / its seconds per update. The last line is `speedup X.XX` = TRL's seconds per update / ours at equal settings, the
 median over rounds of the ratio of the two back-to-back processes (robust to load that changes between rounds).
-`--summarize` prints the summary again from the saved per-process results.
+`--summarize [FILE ...]` prints the summary again from saved per-process results, pooling the rounds of several
+files (each ratio beside the distribution-free interval of its median: 75% with 3 rounds, 95% needs 6).
 """
 
 from __future__ import annotations
@@ -315,13 +316,37 @@ def run_worker(python: str, kind: str, args, common: list[str]) -> dict:
 
 
 def round_ratios(slow: list[dict], fast: list[dict]) -> list[float]:
-    """Per round, the median seconds of one configuration's timed updates over another's (all of them, with
-    `--updates` above 1)."""
+    """Per round that timed both, the median seconds of one configuration's timed updates over another's (all of
+    them, with `--updates` above 1); rounds are matched by their "round" key, so a configuration timed in fewer
+    rounds (`--lora-rounds`) or results pooled from several files pair up right."""
 
     def median_seconds(r: dict) -> float:
         return statistics.median(u["seconds"] for u in r["updates"])
 
-    return [median_seconds(s) / median_seconds(f) for s, f in zip(slow, fast)]
+    by_round = {f["round"]: f for f in fast}
+    return [median_seconds(s) / median_seconds(by_round[s["round"]]) for s in slow if s["round"] in by_round]
+
+
+def with_interval(ratios: list[float]) -> str:
+    """The median of per-round ratios with its distribution-free interval (cai.stats.median_interval), e.g.
+    `1.62 (97% interval 1.48-1.73 over 6 rounds)`: the rounds are independent draws of the same ratio."""
+    from cai.stats import median_interval  # not at the top: TRL's worker runs this file in a venv without cai
+
+    lo, hi, coverage = median_interval(ratios)
+    return f"{statistics.median(ratios):.2f} ({coverage:.0%} interval {lo:.2f}-{hi:.2f} over {len(ratios)} rounds)"
+
+
+def load_results(paths: list[str]) -> dict[str, list[dict]]:
+    """The per-process rows of one or more results files, by configuration ("rates": each round's measured rates);
+    with several files the rounds are renamed file.round so that they stay apart when pooled."""
+    results: dict[str, list[dict]] = defaultdict(list)
+    for i, path in enumerate(paths):
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line)
+            if len(paths) > 1:
+                row["round"] = f"{i}.{row['round']}"
+            results[row["kind"]].append(row)
+    return results
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:
@@ -361,7 +386,12 @@ def main() -> None:
         default=str(Path.home() / ".cache" / "cai" / "bench" / "ppo" / "results.jsonl"),
         help="each worker's result is appended here (a fresh file per run)",
     )
-    ap.add_argument("--summarize", action="store_true", help="only print the summary of the --results file")
+    ap.add_argument(
+        "--summarize",
+        nargs="*",
+        metavar="RESULTS",
+        help="only print the summary of these results files (default: --results), their rounds pooled",
+    )
     ap.add_argument(
         "--threads", type=int, default=0, help="torch threads in every worker (0: torch's default)"
     )
@@ -384,12 +414,8 @@ def main() -> None:
         print("RESULT " + json.dumps(fn(args)), flush=True)
         return
 
-    if args.summarize:
-        results: dict[str, list[dict]] = defaultdict(list)
-        for line in Path(args.results).read_text().splitlines():
-            row = json.loads(line)
-            results[row["kind"]].append(row)  # "rates" rows: each round's measured rates
-        report(results, args)
+    if args.summarize is not None:
+        report(load_results(args.summarize or [args.results]), args)
         return
     trl_python = str(ensure_venv(Path(args.venv)))
     work = Path.home() / ".cache" / "cai" / "bench" / "ppo"
@@ -508,11 +534,13 @@ def report(results: dict, args) -> None:
     print(f"CPU-time ratio TRL/ours (equal settings): {trl_c / summary['ours']['cpu_seconds']:.2f}")
     if "ours-lora" in summary:
         lora = round_ratios(results["trl"], results["ours-lora"])
-        print(f"speedup of our LoRA default over TRL (full FT), same rounds: {statistics.median(lora):.2f}")
+        print(f"speedup of our LoRA default over TRL (full FT), same rounds: {with_interval(lora)}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     # the speedup: the median of the per-round ratios (each round's TRL and our processes ran back to back, so a
-    # change of load between rounds cancels out; the ratio of the medians is printed above for reference)
+    # change of load between rounds cancels out; the ratio of the medians is printed above for reference), its
+    # interval on the line before, the bare figure last
+    print(f"speedup at equal settings: {with_interval(paired)}")
     print(f"speedup {statistics.median(paired):.2f}")
 
 

@@ -1,4 +1,4 @@
-"""Statistics in pure Python, the one place for them: Wilson and bootstrap intervals, agreement with human
+"""Statistics in pure Python, the one place for them: Wilson, bootstrap and median intervals, agreement with human
 labels, calibration (ECE, reliability bins), the per-tag summary of an evaluation, least squares and correlation.
 
 Proportions (accuracy, agreement, win rate) get Wilson intervals, which stay honest at small n: 0 of 8 is
@@ -78,6 +78,25 @@ def bootstrap_ci(
     lo = means[int(math.floor((1 - level) / 2 * n_boot))]
     hi = means[min(n_boot - 1, int(math.ceil((1 + level) / 2 * n_boot)) - 1)]
     return (lo, hi)
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Distribution-free interval of the median of independent draws: the order statistics (x_(k), x_(n+1-k))
+    of the narrowest such pair that covers the median with probability >= `level`, which is
+    1 - 2·P(Binomial(n, 1/2) <= k - 1). Returns (low, high, coverage). Below 6 draws no pair reaches 95%: the
+    range is returned with the coverage it has (75% for 3 draws)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        return (float("nan"), float("nan"), 0.0)
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return (xs[k - 1], xs[n - k], coverage(k))
 
 
 def reliability_bins(probs: list[float], outcomes: list[float], n_bins: int = 10) -> list[dict]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 
 import pytest
 
 from cai.cli.main import main
-from cai.stats import bootstrap_ci, calibration_points, ece, reliability_bins, summarise
+from cai.stats import bootstrap_ci, calibration_points, ece, median_interval, reliability_bins, summarise
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +195,21 @@ def test_statistics_by_hand():
         and s["per_tag"]["a"]["accuracy"] == 0.5
         and s["mean_margin"] == pytest.approx(0.625)
     )
+
+
+def test_median_interval_by_hand_and_by_simulation():
+    # the textbook order statistics: n = 20 -> (x_6, x_15), coverage 1 - 2·P(Bin(20, 1/2) <= 5) = 0.9586
+    assert median_interval(list(range(20, 0, -1))) == (6, 15, pytest.approx(0.958611, abs=1e-6))
+    assert median_interval([1.66, 1.56, 1.59]) == (1.56, 1.66, 0.75)  # 3 rounds: the range, at 75%
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0, 6.0])[2] == pytest.approx(1 - 2 / 64)
+    # it covers the true median of a skewed distribution (exponential: ln 2) at least as often as it says
+    rng = random.Random(0)
+    for n in (7, 15):
+        hits, coverage = 0, median_interval([rng.random() for _ in range(n)])[2]
+        for _ in range(4000):
+            lo, hi, _ = median_interval([rng.expovariate(1.0) for _ in range(n)])
+            hits += lo <= math.log(2) <= hi
+        assert hits / 4000 >= coverage - 0.015 and coverage >= 0.95
 
 
 @pytest.fixture(scope="module")
