@@ -14,10 +14,11 @@ shared machine hits every side; each process runs one warm-up update and then `-
 Reported: the median seconds per update over all timed updates, the median of each phase, and the peak RSS
 of the processes. The compute floor (bench/floor.py): the FLOPs of an update from the model's shapes and the
 token counts, at the fp32 matmul rate and copy rate measured by this process at the start of each round; each
-configuration's share of the floor = floor seconds / its seconds per update. The last line is `speedup X.XX` = TRL's seconds per update / ours at equal settings, the
-median over rounds of the ratio of the two back-to-back processes (robust to load that changes between rounds).
-`--summarize [FILE ...]` prints the summary again from saved per-process results, pooling the rounds of several
-files (each ratio beside the distribution-free interval of its median: 75% with 3 rounds, 95% needs 6).
+configuration's share of the floor = floor seconds / its seconds per update. The last line is `speedup X.XX` =
+TRL's seconds per update / ours at equal settings, the median over rounds of the ratio of the two back-to-back
+processes (robust to load that changes between rounds); the line before gives it with the distribution-free
+interval of that median (75% with 3 rounds, 95% needs 6). `--summarize [FILE ...]` prints the summary again from
+saved per-process results, pooling the rounds of several files.
 """
 
 from __future__ import annotations
@@ -316,9 +317,9 @@ def run_worker(python: str, kind: str, args, common: list[str]) -> dict:
 
 
 def round_ratios(slow: list[dict], fast: list[dict]) -> list[float]:
-    """Per round that timed both, the median seconds of one configuration's timed updates over another's (all of
-    them, with `--updates` above 1); rounds are matched by their "round" key, so a configuration timed in fewer
-    rounds (`--lora-rounds`) or results pooled from several files pair up right."""
+    """Per round that timed both, the median seconds of one configuration's timed updates over another's (all
+    of them, with `--updates` above 1); rounds are matched by their "round" key, so a configuration timed in
+    fewer rounds (`--lora-rounds`) or results pooled from several files pair up right."""
 
     def median_seconds(r: dict) -> float:
         return statistics.median(u["seconds"] for u in r["updates"])
@@ -337,8 +338,8 @@ def with_interval(ratios: list[float]) -> str:
 
 
 def load_results(paths: list[str]) -> dict[str, list[dict]]:
-    """The per-process rows of one or more results files, by configuration ("rates": each round's measured rates);
-    with several files the rounds are renamed file.round so that they stay apart when pooled."""
+    """The per-process rows of one or more results files, by configuration ("rates": each round's measured
+    rates); with several files the rounds are renamed file.round so that they stay apart when pooled."""
     results: dict[str, list[dict]] = defaultdict(list)
     for i, path in enumerate(paths):
         for line in Path(path).read_text().splitlines():

@@ -1,5 +1,6 @@
-"""Statistics in pure Python, the one place for them: Wilson, bootstrap and median intervals, agreement with human
-labels, calibration (ECE, reliability bins), the per-tag summary of an evaluation, least squares and correlation.
+"""Statistics in pure Python, the one place for them: Wilson, bootstrap and median intervals, agreement with
+human labels, calibration (ECE, reliability bins), the per-tag summary of an evaluation, least squares and
+correlation.
 
 Proportions (accuracy, agreement, win rate) get Wilson intervals, which stay honest at small n: 0 of 8 is
 [0, 0.32], where a bootstrap says [0, 0]. Below SMALL_N items a proportion is flagged as a small sample."""
