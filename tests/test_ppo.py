@@ -383,6 +383,32 @@ def test_reusing_the_rollout_critic_graph_is_exact(tmp_path):
         torch.testing.assert_close(runs[0][name], runs[1][name], rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_policy_and_critic_backward_one_after_the_other_is_exact(tmp_path, lora):
+    """On one process a separate critic takes its own forward and backward after the policy's: the same
+    parameters as one backward of the summed loss, with critic warm-up, minibatches and accumulation."""
+    runs, calls = [], []
+    for split in (True, False):
+        settings = dict(updates=2, ppo_epochs=2, num_minibatches=2, grad_accum=2, critic_warmup_updates=1)
+        trainer = make_trainer(tmp_path / str(split), lora=lora, **settings)
+        trainer.split_backward = split
+        n = []
+
+        def counted(loss, last, backward=trainer.stepper.backward, n=n):
+            n.append(1)
+            backward(loss, last)
+
+        trainer.stepper.backward = counted
+        trainer.train()
+        runs.append(_params(trainer))
+        calls.append(len(n))
+    # per update 2 epochs x 2 minibatches x 2 micro-batches; update 1 warms the critic up (one backward each
+    # either way), update 2 takes two where split
+    assert calls == [8 + 16, 8 + 8]
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_stop_string_truncates_and_counts_as_finished(tmp_path):
     from cai.rl.rollout import cut_at_stop
     from cai.runtime.generate import Generated

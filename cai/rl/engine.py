@@ -131,6 +131,8 @@ class Stepper:
     def __init__(self, acc, model, opt, max_grad_norm: float):
         self.acc, self.model, self.opt, self.max_grad_norm = acc, model, opt, max_grad_norm
         self.deepspeed, self.fsdp = is_deepspeed(acc), is_fsdp(acc)
+        # one process under no engine: backward may run more than once per forward
+        self.plain_single = not (self.deepspeed or self.fsdp) and acc.num_processes == 1
 
     def no_sync(self, last: bool):
         """Skip DDP's gradient all-reduce on all but the last micro-batch of a minibatch."""

@@ -95,7 +95,7 @@ class PPOTrainer(OnPolicyTrainer):
         if deepspeed:
             self._check_varlen(ref)
         self.kl_ctl = pm.make_kl_controller(cfg)
-        self._value_graph, self.reuse_values = None, True
+        self._value_graph, self.reuse_values, self.split_backward = None, True, True
         ckpt.resume(self)
 
     def _check_varlen(self, ref) -> None:
@@ -299,7 +299,12 @@ class PPOTrainer(OnPolicyTrainer):
         cfg, R = self.cfg, batch.mask.shape[1]
         ids, am, mask = batch.input_ids[mi], batch.attention_mask[mi], batch.mask[mi]
         reuse = self._value_graph is not None
-        out = self.model(ids, am, R, cfg.temperature, logprobs=not critic_only, values=not reuse)
+        # a separate critic on one plain process: policy and critic take a forward and backward each, one after
+        # the other (their parameters are disjoint, so the gradients are those of the summed loss) and only one
+        # model's activations are alive at a time; engines that expect one backward per forward get the sum
+        split = self.split_backward and self.critic is not None and self.stepper.plain_single
+        values = not reuse and not split
+        out = self.model(ids, am, R, cfg.temperature, logprobs=not critic_only, values=values)
         loss, st = torch.zeros((), device=mask.device), None
         if not critic_only:
             args = (out["logprobs"], batch.logprobs[mi], batch.advantages[mi], mask, cfg.clip_range)
@@ -308,8 +313,14 @@ class PPOTrainer(OnPolicyTrainer):
             losses["loss/policy"] += float(pg.detach())
             logs["policy/approx_kl"].append(float(st["approx_kl"]))
             logs["policy/clipfrac"].append(float(st["clipfrac"]))
+            if split:
+                self._check_finite(pg.detach(), "loss", update)
+                self.stepper.backward(pg, last)
+                loss, out = torch.zeros((), device=mask.device), {}
         if reuse:
             vpred, self._value_graph = self._value_graph[mi], None
+        elif split:
+            vpred = self.model(ids, am, R, logprobs=False)["values"]
         else:
             vpred = out["values"]
         vargs = (vpred, batch.values[mi], batch.returns[mi], mask, cfg.clip_range_value)
