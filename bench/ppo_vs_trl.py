@@ -5,7 +5,10 @@
 Settings (both sides): SmolLM2-135M-Instruct as policy, reference, value and reward model (a sequence-classifier
 head on the same weights), full fine-tune, a separate value model, batch 8, response length 48, 4 PPO epochs,
 1 minibatch, temperature 0.7, no gradient checkpointing, fp32 on CPU. The same 8 prompts every update.
-Also timed: our default configuration (LoRA policy with the reference = adapters off, LoRA critic).
+Also timed: our default configuration (LoRA policy with the reference = adapters off, LoRA critic), and TRL
+in a process started with glibc's malloc keeping freed memory (MALLOC_MMAP_MAX_=0, no trimming), which our
+trainer sets for itself on a CPU (cai.runtime.settings.keep_freed_memory): its speed-up line says how much of
+ours is that setting.
 
 TRL 1.12.0 runs in its own virtualenv, made by this script on first use (`--venv`, default
 ~/.cache/cai/bench/trl112: `pip install torch==2.13.0`, then trl==1.12.0 and the project's transformers,
@@ -41,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(
     batch=8, response_length=48, epochs=4, minibatches=1, temperature=0.7, lr=1e-5, kl_coef=0.05, seed=0
 )
+# the environment of the "trl-kept" processes: glibc's malloc without mmap and without trimming
+KEPT_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(10**12)}
 PHASES = ["generate", "ref", "value", "reward", "train_forward", "backward", "optimizer"]
 
 
@@ -300,6 +305,8 @@ def prepare_inputs(work: Path) -> tuple[str, str, str]:
 
 def run_worker(python: str, kind: str, args, common: list[str]) -> dict:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    if kind == "trl-kept":
+        env.update(KEPT_ENV)
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, *common]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
@@ -383,6 +390,12 @@ def main() -> None:
         help="time our LoRA configuration in the first N rounds only (default: all)",
     )
     ap.add_argument(
+        "--kept-rounds",
+        type=int,
+        default=None,
+        help="time TRL with freed memory kept in the first N rounds only (default: all)",
+    )
+    ap.add_argument(
         "--results",
         default=str(Path.home() / ".cache" / "cai" / "bench" / "ppo" / "results.jsonl"),
         help="each worker's result is appended here (a fresh file per run)",
@@ -397,7 +410,7 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch threads in every worker (0: torch's default)"
     )
     ap.add_argument("--json", help="also write the summary here")
-    ap.add_argument("--worker", choices=["trl", "ours", "ours-lora"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["trl", "trl-kept", "ours", "ours-lora"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--reward", help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
@@ -409,6 +422,7 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         fn = {
             "trl": worker_trl,
+            "trl-kept": worker_trl,
             "ours": lambda a: worker_ours(a, False),
             "ours-lora": lambda a: worker_ours(a, True),
         }[args.worker]
@@ -434,8 +448,14 @@ def main() -> None:
         "--threads",
         str(args.threads),
     ]
-    kinds = [("trl", trl_python), ("ours", sys.executable), ("ours-lora", sys.executable)]
+    kinds = [
+        ("trl", trl_python),
+        ("ours", sys.executable),
+        ("ours-lora", sys.executable),
+        ("trl-kept", trl_python),
+    ]
     lora_rounds = args.rounds if args.lora_rounds is None else args.lora_rounds
+    kept_rounds = args.rounds if args.kept_rounds is None else args.kept_rounds
     Path(args.results).unlink(missing_ok=True)
     print(
         f"[bench] load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch threads: {args.threads or 'default'}",
@@ -458,7 +478,7 @@ def main() -> None:
             f.write(json.dumps({"kind": "rates", **results["rates"][-1]}) + "\n")
         order = kinds if r % 2 == 0 else kinds[::-1]  # alternate which side goes first
         for kind, py in order:
-            if kind == "ours-lora" and r >= lora_rounds:
+            if (kind == "ours-lora" and r >= lora_rounds) or (kind == "trl-kept" and r >= kept_rounds):
                 continue
             out = run_worker(py, kind, args, common)
             out.update(round=r, load=os.getloadavg()[0])  # the load after this process, as the file keeps it
@@ -482,7 +502,7 @@ def floor_shares(results: dict) -> dict:
     processes against the rates measured at its start."""
     rates = {r["round"]: r for r in results.get("rates", [])}
     out = {}
-    for kind in ("trl", "ours", "ours-lora"):
+    for kind in ("trl", "ours", "ours-lora", "trl-kept"):
         floors, shares = [], []
         for run in results.get(kind, []):
             r = rates.get(run.get("round"))
@@ -504,6 +524,7 @@ def report(results: dict, args) -> None:
         "trl": "TRL 1.12.0 PPOTrainer",
         "ours": "ours, equal settings (full FT)",
         "ours-lora": "ours, default (LoRA r=16)",
+        "trl-kept": "TRL 1.12.0, freed memory kept",
     }
     cols = PHASES + ["other"]
     print(
@@ -536,6 +557,9 @@ def report(results: dict, args) -> None:
     if "ours-lora" in summary:
         lora = round_ratios(results["trl"], results["ours-lora"])
         print(f"speedup of our LoRA default over TRL (full FT), same rounds: {with_interval(lora)}")
+    if "trl-kept" in results:
+        kept = round_ratios(results["trl-kept"], results["ours"])
+        print(f"speedup at equal settings over TRL with freed memory kept too: {with_interval(kept)}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     # the speedup: the median of the per-round ratios (each round's TRL and our processes ran back to back, so a

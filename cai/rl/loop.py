@@ -23,7 +23,7 @@ from cai.runtime import vllm_engine
 from cai.runtime.forward import fused_lora_linears
 from cai.runtime.generate import HFBackend
 from cai.runtime.rundir import SAMPLES, append_jsonl, read_jsonl
-from cai.runtime.settings import Precision
+from cai.runtime.settings import Precision, keep_freed_memory
 
 
 class OnPolicyTrainer:
@@ -56,6 +56,8 @@ class OnPolicyTrainer:
             dist.skip_deepspeed_shm_kernel()  # as `cai run` does, for a trainer driven from Python
             accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=self.precision.mixed)
         self.acc = accelerator
+        if self.acc.device.type == "cpu":  # the update's large tensors reuse freed memory (no page faults)
+            keep_freed_memory()
         self.show_progress, self.metrics, self.run_token = show_progress, metrics, run_token
         # old log-probs: from the sampling logits where that is exact (fp32), else from a training-like forward;
         # always from the forward when vLLM samples (cai.rl.colocate)

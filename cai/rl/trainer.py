@@ -9,7 +9,8 @@ One update:
 3. Rewards −β·KL per token plus the score on the last token; GAE; advantage whitening.
 4. `ppo_epochs` passes over shuffled minibatches (gradient accumulation inside), clipped policy and value
    losses as exact token means over the minibatch (over every process), one global gradient-norm clip, one
-   LR-schedule step per update.
+   LR-schedule step per update. On one process a separate critic takes its forward and backward after the
+   policy's (the gradients of the summed loss, with one model's activations alive at a time).
 
 The rollout machinery, the update loop and checkpoints are shared with other on-policy trainers (cai.rl.loop);
 the critic-free learners (cai.rl.group: RLOO, GRPO) subclass this one and replace the advantages (group
