@@ -15,6 +15,9 @@ DeepSpeed and FSDP get the same effect from their own mixed-precision settings (
 fills them): bf16 compute, fp32 master weights in the optimizer. Without this, AdamW on bf16 weights silently
 drops every update smaller than half a bf16 step (most of them at lr 1e-5), and a bf16 head quantises rewards to
 three significant digits.
+
+Last, one process setting the on-policy trainers make on a CPU: `keep_freed_memory` (glibc's malloc keeps what a
+training step frees for the next one).
 """
 
 from __future__ import annotations
@@ -156,10 +159,10 @@ def keep_freed_memory() -> bool:
     (no `mmap` per large block, no trimming), so a training step's large tensors reuse memory the previous step
     freed instead of faulting in fresh zeroed pages from the kernel each time. By default every block above
     32 MiB (and many above 128 KiB) is mapped on allocation and unmapped on free: on this project's 2-core CPU a
-    PPO update's training forward took 9.5-14.2 s with the default against 6.9-8.8 s with this (docs/benchmarks.md,
-    "Freed memory kept in the process"). The process's memory is not returned to the system until it exits; its
-    peak is unchanged. The same as starting Python with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1. Linux with
-    glibc only; returns whether it was set."""
+    PPO update's training forward took 9.5-14.2 s with the default against 6.9-8.8 s with this, at the same peak
+    memory (docs/benchmarks.md, "Freed memory kept in the process"). What the process has held is not returned to
+    the system until it exits. The same as starting Python with MALLOC_MMAP_MAX_=0 and MALLOC_TRIM_THRESHOLD_
+    above any heap size. Linux with glibc only; returns whether it was set."""
     import ctypes
     import sys
 
