@@ -488,10 +488,6 @@ def test_stage_writes_metrics_and_policy(tmp_path, tiny_recipe, tiny_dir, monkey
         run(recipe, only=["ppo"], force=True)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))
-
-
 KEPT_MEMORY_SCRIPT = """
 import resource, sys, torch
 from cai.runtime.settings import keep_freed_memory
@@ -521,3 +517,7 @@ def test_keeping_freed_memory_reuses_it_instead_of_faulting_in_fresh_pages():
         last[way] = int(run.stdout)
     assert last["default"] >= 400  # 824 MiB: 211k faults in 4 KiB pages here, 412 in 2 MiB huge pages
     assert last["kept"] < last["default"] / 100
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
