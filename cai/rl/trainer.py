@@ -96,7 +96,9 @@ class PPOTrainer(OnPolicyTrainer):
         if deepspeed:
             self._check_varlen(ref)
         self.kl_ctl = pm.make_kl_controller(cfg)
-        self._value_graph, self.reuse_values, self.split_backward = None, True, True
+        self._value_graph, self.reuse_values = None, True
+        # a separate critic on one plain process takes its forward and backward after the policy's (_micro_step)
+        self.split_backward = self.critic is not None and self.stepper.plain_single
         ckpt.resume(self)
 
     def _check_varlen(self, ref) -> None:
@@ -300,12 +302,11 @@ class PPOTrainer(OnPolicyTrainer):
         cfg, R = self.cfg, batch.mask.shape[1]
         ids, am, mask = batch.input_ids[mi], batch.attention_mask[mi], batch.mask[mi]
         reuse = self._value_graph is not None
-        # a separate critic on one plain process: policy and critic take a forward and backward each, one after
-        # the other (their parameters are disjoint, so the gradients are those of the summed loss) and only one
-        # model's activations are alive at a time; engines that expect one backward per forward get the sum
-        split = self.split_backward and self.critic is not None and self.stepper.plain_single
-        values = not reuse and not split
-        out = self.model(ids, am, R, cfg.temperature, logprobs=not critic_only, values=values)
+        # split: policy and critic take a forward and backward each, one after the other (their parameters are
+        # disjoint, so the gradients are those of the summed loss) and only one model's activations are alive at
+        # a time; engines that expect one backward per forward get the sum
+        split = self.split_backward
+        out = self.model(ids, am, R, cfg.temperature, logprobs=not critic_only, values=not (reuse or split))
         loss, st = torch.zeros((), device=mask.device), None
         if not critic_only:
             args = (out["logprobs"], batch.logprobs[mi], batch.advantages[mi], mask, cfg.clip_range)
@@ -317,7 +318,7 @@ class PPOTrainer(OnPolicyTrainer):
             if split:
                 self._check_finite(pg.detach(), "loss", update)
                 self.stepper.backward(pg, last)
-                loss, out = torch.zeros((), device=mask.device), {}
+                loss = torch.zeros((), device=mask.device)
         if reuse:
             vpred, self._value_graph = self._value_graph[mi], None
         elif split:
