@@ -69,17 +69,17 @@ def test_a_run_packs_each_linear_once_for_all_its_batches(tiny, monkeypatch):
     import torch
 
     reorders = []
-    own = torch.ops.mkldnn._reorder_linear_weight
+    own = torch.ops.mkl._mkl_reorder_linear_weight
     monkeypatch.setattr(
-        torch.ops.mkldnn, "_reorder_linear_weight", lambda w, b: reorders.append(w) or own(w, b)
+        torch.ops.mkl, "_mkl_reorder_linear_weight", lambda w, rows: reorders.append(rows) or own(w, rows)
     )
     linears = sum(isinstance(m, torch.nn.Linear) for m in tiny[0].modules())
-    held = engine(tiny, batch_size=4).run(requests(10), show=False)  # 3 batches
-    assert len(reorders) == linears
+    held = engine(tiny, batch_size=4).run(requests(10), show=False)  # batches of 4, 4 and 2 rows
+    assert sorted(reorders) == [2] * linears + [4] * linears  # for 4 rows once, again for the last batch's 2
     per_batch = engine(tiny, batch_size=4)
     per_batch.backend = Recorder(per_batch.backend)  # not an HFBackend: each batch packs its own
     assert per_batch.run(requests(10), show=False) == held
-    assert len(reorders) == linears + 3 * linears
+    assert len(reorders) == 2 * linears + 3 * linears
 
 
 def test_resume_skips_finished_ids_and_tolerates_a_truncated_line(tiny, tmp_path):
@@ -181,14 +181,15 @@ def tiny_model_settings():
 
 
 class LinearCalls:
-    """Counts the F.linear, torch.mm and oneDNN packed-linear calls made inside it (a torch function mode)."""
+    """Counts the F.linear, torch.mm, oneDNN packed-linear and MKL packed-linear calls made inside it (a torch
+    function mode)."""
 
     def __init__(self):
         import torch
         from torch.overrides import TorchFunctionMode
 
-        counts = self.counts = {"linear": 0, "mm": 0, "packed": 0}
-        packed = torch.ops.mkldnn._linear_pointwise
+        counts = self.counts = {"linear": 0, "mm": 0, "packed": 0, "mkl": 0}
+        packed, mkl = torch.ops.mkldnn._linear_pointwise, torch.ops.mkl._mkl_linear
 
         class Mode(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -198,6 +199,8 @@ class LinearCalls:
                     counts["mm"] += 1
                 elif func is packed:
                     counts["packed"] += 1
+                elif func is mkl:
+                    counts["mkl"] += 1
                 return func(*args, **(kwargs or {}))
 
         self.mode = Mode()
@@ -210,11 +213,46 @@ class LinearCalls:
         return self.mode.__exit__(*exc)
 
 
-def test_generation_linears_run_packed_with_the_same_outputs(tiny):
+def test_decode_steps_run_on_weights_packed_for_their_rows_by_mkl(tiny):
     import torch
 
     from cai.runtime.decode import packed_linears
 
+    model, _ = tiny
+    lin = next(m for m in model.modules() if type(m) is torch.nn.Linear)
+    steps = [torch.randn(4, 1, lin.in_features), torch.randn(4, 1, lin.in_features)]  # a batch's decode steps
+    last = torch.randn(3, 1, lin.in_features)  # a smaller batch: packed again for 3 rows
+    others = [
+        torch.randn(1, 5, lin.in_features),  # a prefill
+        torch.randn(70, 1, lin.in_features),  # over the 64-row limit
+        torch.randn(4, lin.in_features),  # not a decode step's shape
+        torch.randn(1, 1, lin.in_features),  # one row: a matrix-vector product
+    ]
+    packs = []  # each packed copy the layer held, with its rows
+    with torch.no_grad():
+        plain = [lin(x) for x in steps + [last] + others]
+        with packed_linears(model), LinearCalls() as calls:
+            got = []
+            for x in steps + [last] + others:
+                got.append(lin(x))
+                held = lin.__dict__["mkl_packed"]
+                if held is not None and not any(held[1] is p for _, p in packs):
+                    packs.append(held)
+    assert calls == {"linear": 4, "mm": 0, "packed": 0, "mkl": 3}
+    assert [rows for rows, _ in packs] == [4, 3]  # once per row count, not per call
+    for g, p in zip(got, plain):
+        assert g.shape == p.shape
+        torch.testing.assert_close(g, p, rtol=1e-5, atol=1e-6)
+    assert not any("forward" in m.__dict__ or "mkl_packed" in m.__dict__ for m in model.modules())
+
+
+def test_without_mkl_packing_generation_linears_run_on_onednn_packing(tiny, monkeypatch):
+    import torch
+
+    from cai.runtime import decode
+    from cai.runtime.decode import packed_linears
+
+    monkeypatch.setitem(decode._PACKING, "mkl", False)  # a torch build without MKL's packed linear
     model, _ = tiny
     lin = next(m for m in model.modules() if type(m) is torch.nn.Linear)
     inputs = [
@@ -226,13 +264,13 @@ def test_generation_linears_run_packed_with_the_same_outputs(tiny):
         plain = [lin(x) for x in inputs]
         with packed_linears(model), LinearCalls() as calls:
             got = [lin(x) for x in inputs]  # decode step, one row, a prefill: all on oneDNN's packed weight
-    assert calls == {"linear": 0, "mm": 0, "packed": 3}
+    assert calls == {"linear": 0, "mm": 0, "packed": 3, "mkl": 0}
     for g, p in zip(got, plain):
         assert g.shape == p.shape
         torch.testing.assert_close(g, p, rtol=1e-5, atol=1e-6)
     with packed_linears(model), LinearCalls() as calls:
         lin(inputs[0])  # gradients on: nn.Linear's own forward
-    assert calls == {"linear": 1, "mm": 0, "packed": 0}
+    assert calls == {"linear": 1, "mm": 0, "packed": 0, "mkl": 0}
     # restored on exit: nothing left on the instances
     assert not any("forward" in m.__dict__ or "packed" in m.__dict__ for m in model.modules())
 
@@ -242,7 +280,8 @@ def test_without_packing_decode_sized_linears_run_weight_major(tiny, monkeypatch
 
     from cai.runtime import decode
 
-    monkeypatch.setitem(decode._PACKING, "ok", False)  # a torch build without oneDNN's packed linear
+    monkeypatch.setitem(decode._PACKING, "ok", False)  # a torch build without MKL's or oneDNN's packed linear
+    monkeypatch.setitem(decode._PACKING, "mkl", False)
     model, _ = tiny
     lin = next(m for m in model.modules() if type(m) is torch.nn.Linear)
     few = torch.randn(2, 3, lin.in_features)  # 6 rows: a decode step
@@ -252,32 +291,33 @@ def test_without_packing_decode_sized_linears_run_weight_major(tiny, monkeypatch
         plain_few, plain_many, plain_one = lin(few), lin(many), lin(one)
         with decode.packed_linears(model), LinearCalls() as calls:
             got_few = lin(few)
-        assert calls == {"linear": 0, "mm": 1, "packed": 0}
+        assert calls == {"linear": 0, "mm": 1, "packed": 0, "mkl": 0}
         kept = []
         for x in (many, one):
             with decode.packed_linears(model), LinearCalls() as calls:
                 kept.append(lin(x))
-            assert calls == {"linear": 1, "mm": 0, "packed": 0}
+            assert calls == {"linear": 1, "mm": 0, "packed": 0, "mkl": 0}
     assert got_few.shape == plain_few.shape and got_few.is_contiguous()
     torch.testing.assert_close(got_few, plain_few, rtol=1e-5, atol=1e-6)
     assert torch.equal(kept[0], plain_many) and torch.equal(kept[1], plain_one)
 
 
-@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("packing", ["mkl", "packed", "mm"])
 def test_generation_with_fast_linears_samples_the_same_tokens(tiny, monkeypatch, packing):
     import torch
 
     from cai.runtime import decode
     from cai.runtime import generate as gen
 
-    monkeypatch.setitem(decode._PACKING, "ok", packing)
+    monkeypatch.setitem(decode._PACKING, "mkl", packing == "mkl")
+    monkeypatch.setitem(decode._PACKING, "ok", packing == "packed")
     model, tok = tiny
     prompts = [tok(f"the sea {'and the wind ' * i}")["input_ids"] for i in range(4)]
     backend = gen.HFBackend(model, tok)
     sampling = Sampling(max_new_tokens=12, temperature=1.0)
     with LinearCalls() as calls:
         on = backend.generate_ids(prompts, sampling, seed=3, with_logits=True)
-    assert calls["packed" if packing else "mm"] > 0  # the fast path ran
+    assert calls[packing] > 0  # the fast path ran
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gen, "packed_linears", lambda model: contextlib.nullcontext())
         off = backend.generate_ids(prompts, sampling, seed=3, with_logits=True)
@@ -309,14 +349,14 @@ def test_lora_layers_run_as_one_merged_linear_without_touching_the_model(tiny_di
     model = lora_tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
-    x = torch.randn(2, 3, layer.in_features)  # 6 rows: a decode step
+    x = torch.randn(6, 1, layer.in_features)  # 6 rows: a decode step
     with torch.no_grad():
         peft_out = layer(x)
         base_out = layer.base_layer(x)
         with merged_lora_linears(model), LinearCalls() as calls:
             got = layer(x)
             merged = layer.merged_weight
-        assert calls == {"linear": 0, "mm": 0, "packed": 1}  # one product, not base + A + B
+        assert calls == {"linear": 0, "mm": 0, "packed": 0, "mkl": 1}  # one product, not base + A + B
         with merged_lora_linears(model), model.disable_adapter():
             assert torch.equal(layer(x), base_out)  # the reference: adapters off, peft's own forward
     scale = layer.scaling["default"]
@@ -329,7 +369,8 @@ def test_lora_layers_run_as_one_merged_linear_without_touching_the_model(tiny_di
         assert layer.merged_weight is None
     assert calls["linear"] == 3
     # restored on exit, nothing written: the base weights stay the reference
-    assert not any(k in m.__dict__ for m in model.modules() for k in ("forward", "merged_weight", "packed"))
+    leftovers = ("forward", "merged_weight", "packed", "mkl_packed")
+    assert not any(k in m.__dict__ for m in model.modules() for k in leftovers)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not layer.merged
 

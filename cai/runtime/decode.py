@@ -1,8 +1,8 @@
 """What generation does to a model while it decodes on the CPU (cai.runtime.generate's HF backend), each a context
 or a logits processor that leaves the model as it was:
 
-- `packed_linears`: every linear on a copy of its weight packed for oneDNN (or weight-major), which reads the
-  weight near memory bandwidth at a decode step's handful of rows;
+- `packed_linears`: every linear of a decode step on a copy of its weight packed by MKL for that step's rows (or
+  oneDNN's packing, or weight-major), which reads the weight near memory bandwidth at a handful of rows;
 - `merged_lora_linears`: each LoRA linear as one linear of weight `W + s·BA`, instead of peft's extra products;
 - `grouped_kv_attention`: attention reads the grouped keys and values in place instead of repeating them per head;
 - `shared_prefix_inputs`: the beginning every prompt of a batch shares (a chat template's system prompt, one
@@ -28,20 +28,25 @@ from cai.runtime.packing import common_prefix
 WEIGHT_MAJOR_ROWS = 64
 # the fewest tokens every prompt of a batch must share for `shared_prefix_inputs` to compute them once
 MIN_SHARED_PREFIX = 8
-# whether oneDNN's packed linear works in this torch build (cleared on its first failure)
-_PACKING = {"ok": True}
+# whether MKL's ("mkl") and oneDNN's ("ok") packed linears work in this torch build (each cleared on its first failure)
+_PACKING = {"ok": True, "mkl": True}
 
 
 @contextlib.contextmanager
 def packed_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
-    """While generating on the CPU in fp32, each `nn.Linear` of `model` runs on a copy of its weight packed for
-    oneDNN (`torch.ops.mkldnn`, made on the layer's first call inside the context and dropped on exit), or, where
-    this torch build has no such packing, takes inputs of 2 to `max_rows` rows (the decode steps of a batch: one
-    row per sequence) as `W @ x.T` instead of `x @ W.T`. Both are the same product; MKL's `x @ W.T` reads the
-    weight far below memory bandwidth when x has a handful of rows. On an AMD EPYC, 200 gate projections of
-    SmolLM2-135M at 8 rows took 43 ms packed, 100 ms weight-major and 124 ms as `nn.Linear` (at 480 rows, a
-    prefill: 232 against 332 ms), for a packing cost of about 0.3 s per generation of the whole model; generation
-    ran faster as bench/decode_linears.py reports. The packed copy doubles the linears' memory while generating.
+    """While generating on the CPU in fp32, each `nn.Linear` of `model` runs a decode step (one position per row, 2
+    to `max_rows` rows) on a copy of its weight packed by MKL for exactly that many rows
+    (`torch.ops.mkl._mkl_reorder_linear_weight`: made on the layer's first such call inside the context, made
+    again if the rows change, dropped on exit); other inputs (prefills) take `nn.Linear`'s own forward. Where
+    this torch build has no MKL packing, every input runs on a copy packed for oneDNN (`torch.ops.mkldnn`), and
+    without that, inputs of 2 to `max_rows` rows run as `W @ x.T` instead of `x @ W.T`. All are the same product;
+    MKL's `x @ W.T` reads the weight far below memory bandwidth when x has a handful of rows. On an Intel Xeon
+    (AVX-512), the 210 linears of a SmolLM2-135M decode step at 8 rows took 24-26 ms MKL-packed, 34 ms on
+    oneDNN's packing and 48 ms as `nn.Linear` (MKL's packing wants the exact rows: made for 64, 8 rows ran at half
+    speed), and a 320-row prefill 312 ms as `nn.Linear` against 410 ms on oneDNN's packing; on an AMD EPYC, 200
+    gate projections at 8 rows took 43 ms on oneDNN's packing, 100 ms weight-major and 124 ms as `nn.Linear`.
+    Packing SmolLM2-135M's linears costs 0.15-0.3 s per generation either way; bench/decode_linears.py times
+    generation every way. The packed copy (one: MKL's or oneDNN's) doubles the linears' memory while generating.
     Gradients, autocast, other devices and dtypes keep `nn.Linear`'s own forward. The sums run in another order,
     so logits differ in the last bits (tests/test_generate.py). Modules whose forward is already replaced on the
     instance (accelerate's hooks, an enclosing `packed_linears`: `Engine.run` holds one around all its batches, so
@@ -56,7 +61,7 @@ def packed_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
         and m.weight.device.type == "cpu"
         and m.weight.dtype == torch.float32
     ]
-    with replaced_forwards(cpu_fp32, _packed_forward, max_rows=max_rows, packed=None):
+    with replaced_forwards(cpu_fp32, _packed_forward, max_rows=max_rows, packed=None, mkl_packed=None):
         yield
 
 
@@ -65,12 +70,25 @@ def _packed_forward(self, x):
 
 
 def _linear(self, x, weight, bias):
-    """`F.linear(x, weight, bias)` outside autograd and autocast on oneDNN's packed copy of `weight` (kept in
-    `self.packed`), or weight-major when x has 2 to `self.max_rows` rows."""
+    """`F.linear(x, weight, bias)` outside autograd and autocast: a decode step on MKL's copy of `weight` packed
+    for its rows (`self.mkl_packed`: rows, packed), or else on oneDNN's packed copy (`self.packed`), or
+    weight-major when x has 2 to `self.max_rows` rows."""
     import torch
 
     if torch.is_grad_enabled() or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
         return torch.nn.functional.linear(x, weight, bias)
+    if _PACKING["mkl"]:
+        rows = x.numel() // x.shape[-1]
+        if not (x.dim() == 3 and x.shape[1] == 1 and 2 <= rows <= self.max_rows):
+            # not a decode step of several rows (one row: a matrix-vector product, at memory bandwidth already)
+            return torch.nn.functional.linear(x, weight, bias)
+        try:
+            if self.mkl_packed is None or self.mkl_packed[0] != rows:
+                self.mkl_packed = None  # the old copy goes before the new one is made
+                self.mkl_packed = (rows, torch.ops.mkl._mkl_reorder_linear_weight(weight, rows))
+            return torch.ops.mkl._mkl_linear(x.contiguous(), self.mkl_packed[1], weight, bias, rows)
+        except (AttributeError, RuntimeError):  # a build without MKL's packed linear
+            _PACKING["mkl"] = False
     if self.packed is None and _PACKING["ok"]:
         try:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, WEIGHT_MAJOR_ROWS)
@@ -106,7 +124,9 @@ def merged_lora_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
         yield
         return
     layers = [m for m in model.modules() if isinstance(m, LoraLinear) and simple_lora(m)]
-    with replaced_forwards(layers, _merged_lora_forward, max_rows=max_rows, merged_weight=None, packed=None):
+    with replaced_forwards(
+        layers, _merged_lora_forward, max_rows=max_rows, merged_weight=None, packed=None, mkl_packed=None
+    ):
         yield
 
 
