@@ -6,8 +6,8 @@ model, prompts, seeds and process.
     .venv/bin/python bench/decode_linears.py --batch-sizes 8 --rounds 5 --max-new-tokens 48
 
 Each round generates every batch size once each of four ways (`nn.Linear`, weight-major, oneDNN-packed,
-MKL-packed; the order rotating between rounds), with the same seed. Reported per batch size: the median seconds of each way, the
-median of the per-round ratios of `nn.Linear`'s seconds to each other way's (above 1: faster than
+MKL-packed; the order rotating between rounds), with the same seed. Reported per batch size: the median seconds
+of each way, the median of the per-round ratios of `nn.Linear`'s seconds to each other way's (above 1: faster than
 `nn.Linear`), their range, and whether all ways sampled the same tokens. The machine's fp32 matmul and copy
 rates (bench/floor.py) are printed first, since the ratios depend on the CPU and its memory bandwidth. The
 figures go into docs/benchmarks.md, section "Decode-step linears".

@@ -23,8 +23,8 @@ from cai.runtime import distributed as dist
 from cai.runtime.forward import pad, replaced_forwards, simple_lora
 from cai.runtime.packing import common_prefix
 
-# the most rows a linear may take to run weight-major in `packed_linears` without packing (decode steps have batch
-# rows), and the rows oneDNN packs weights for
+# the most rows a decode step may have to run on MKL's packing in `packed_linears` (or weight-major, where no
+# packing works; a decode step has one row per sequence), and the rows oneDNN packs weights for
 WEIGHT_MAJOR_ROWS = 64
 # the fewest tokens every prompt of a batch must share for `shared_prefix_inputs` to compute them once
 MIN_SHARED_PREFIX = 8
