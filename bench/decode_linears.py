@@ -44,14 +44,14 @@ def main() -> None:
 
     def timed(batch: list[list[int]], way: str):
         gen.packed_linears = own if way != "nn.Linear" else (lambda m: contextlib.nullcontext())
-        fwd._PACKING.update(ok=way == "oneDNN", mkl=way == "MKL")
+        fwd._PACKING.update(onednn=way == "oneDNN", mkl=way == "MKL")
         try:
             t0 = time.perf_counter()
             out = backend.generate_ids(batch, sampling, seed=0)
             return time.perf_counter() - t0, out.response_ids
         finally:
             gen.packed_linears = own
-            fwd._PACKING.update(ok=True, mkl=True)
+            fwd._PACKING.update(onednn=True, mkl=True)
 
     print_machine(torch)
     timed(prompts[:1], "MKL")  # warm-up

@@ -280,7 +280,8 @@ def test_without_packing_decode_sized_linears_run_weight_major(tiny, monkeypatch
 
     from cai.runtime import decode
 
-    monkeypatch.setitem(decode._PACKING, "ok", False)  # a torch build without MKL's or oneDNN's packed linear
+    # a torch build without MKL's or oneDNN's packed linear
+    monkeypatch.setitem(decode._PACKING, "onednn", False)
     monkeypatch.setitem(decode._PACKING, "mkl", False)
     model, _ = tiny
     lin = next(m for m in model.modules() if type(m) is torch.nn.Linear)
@@ -310,7 +311,7 @@ def test_generation_with_fast_linears_samples_the_same_tokens(tiny, monkeypatch,
     from cai.runtime import generate as gen
 
     monkeypatch.setitem(decode._PACKING, "mkl", packing == "mkl")
-    monkeypatch.setitem(decode._PACKING, "ok", packing == "packed")
+    monkeypatch.setitem(decode._PACKING, "onednn", packing == "packed")
     model, tok = tiny
     prompts = [tok(f"the sea {'and the wind ' * i}")["input_ids"] for i in range(4)]
     backend = gen.HFBackend(model, tok)

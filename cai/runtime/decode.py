@@ -28,8 +28,8 @@ from cai.runtime.packing import common_prefix
 WEIGHT_MAJOR_ROWS = 64
 # the fewest tokens every prompt of a batch must share for `shared_prefix_inputs` to compute them once
 MIN_SHARED_PREFIX = 8
-# whether MKL's ("mkl") and oneDNN's ("ok") packed linears work in this torch build (each cleared on its first failure)
-_PACKING = {"ok": True, "mkl": True}
+# whether MKL's and oneDNN's packed linears work in this torch build (each cleared on its first failure)
+_PACKING = {"mkl": True, "onednn": True}
 
 
 @contextlib.contextmanager
@@ -89,11 +89,11 @@ def _linear(self, x, weight, bias):
             return torch.ops.mkl._mkl_linear(x.contiguous(), self.mkl_packed[1], weight, bias, rows)
         except (AttributeError, RuntimeError):  # a build without MKL's packed linear
             _PACKING["mkl"] = False
-    if self.packed is None and _PACKING["ok"]:
+    if self.packed is None and _PACKING["onednn"]:
         try:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, WEIGHT_MAJOR_ROWS)
         except (AttributeError, RuntimeError):  # a build without oneDNN's packed linear
-            _PACKING["ok"] = False
+            _PACKING["onednn"] = False
     if self.packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
     rows = x.numel() // x.shape[-1] if x.numel() else 0  # one row: a matrix-vector product either way
