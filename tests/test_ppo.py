@@ -494,19 +494,21 @@ from cai.runtime.settings import keep_freed_memory
 if sys.argv[1] == "kept":
     assert keep_freed_memory()
 faults = []
-for _ in range(4):  # a training step's pattern: large tensors of several sizes, held together, then freed
+for _ in range(8):  # a training step's pattern: large tensors of several sizes, held together, then freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     held = [torch.ones(n * 2**18) for n in (40, 160, 256, 12, 256, 100)]  # 3 to 64 MiB each
     del held
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(faults[-1])
+print(sorted(faults[-4:])[1])  # the last four repetitions' lower median
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_keeping_freed_memory_reuses_it_instead_of_faulting_in_fresh_pages():
     """keep_freed_memory (which the on-policy trainers set on a CPU) lasts for the process, so each way runs in
-    its own: with glibc's defaults every repetition faults in all its pages anew; kept, none."""
+    its own: with glibc's defaults every repetition faults in all its pages anew; kept, none once the heap has
+    settled (the first 1-3 repetitions kept may still fault in part, and a later one 3k pages now and then,
+    hence the median of the last four of eight)."""
     import subprocess
 
     last = {}
