@@ -14,10 +14,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from cai.runtime.rundir import read_jsonl, read_manifest
+from cai.errors import UserError
+from cai.runtime.rundir import append_jsonl, read_jsonl, read_manifest
+from cai.runtime.training import STATE_FILE, TOKEN_FILE, resume_point, token_callback
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["critique_revise", "sft", "feedback", "preference_model", "policy"]
@@ -108,3 +111,29 @@ def test_sigkill_in_three_stages_then_the_same_command_finishes(tmp_path, tiny_d
     assert (rdir / "sft" / "model" / "config.json").is_file() and (
         rdir / "policy" / "policy" / "config.json"
     ).is_file()
+
+
+def test_a_kill_while_an_hf_checkpoint_is_saved_leaves_the_run_resumable(tmp_path):
+    """The token goes in before the trainer writes the checkpoint; trainer_state.json (written last) marks it
+    complete. A folder a kill left without it is removed and the run resumes from the one before."""
+    hf = tmp_path / "hf"
+    args = SimpleNamespace(output_dir=str(hf))
+    callback = token_callback("token-a")
+    for step in (2, 4):
+        state = SimpleNamespace(global_step=step, is_world_process_zero=True)
+        callback.on_step_end(args, state, SimpleNamespace(should_save=step == 4))
+    assert not (hf / "checkpoint-2").exists()  # no save decided at step 2: nothing written
+    assert (hf / "checkpoint-4" / TOKEN_FILE).read_text() == "token-a\n"  # before the trainer's own files
+    # a complete checkpoint at step 2, and step 4 killed after the weights, before trainer_state.json
+    (hf / "checkpoint-2").mkdir()
+    (hf / "checkpoint-2" / STATE_FILE).write_text("{}")
+    (hf / "checkpoint-2" / TOKEN_FILE).write_text("token-a\n")
+    (hf / "checkpoint-4" / "model.safetensors").write_bytes(b"partial")
+    metrics = tmp_path / "m.jsonl"
+    append_jsonl(metrics, [{"step": s} for s in (1, 2, 3, 4)])
+    assert resume_point(hf, metrics, "sft", "token-a") == str(hf / "checkpoint-2")
+    assert not (hf / "checkpoint-4").exists() and [r["step"] for r in read_jsonl(metrics)] == [1, 2]
+    # a complete checkpoint without the token is still refused
+    (hf / "checkpoint-2" / TOKEN_FILE).unlink()
+    with pytest.raises(UserError, match="not written by this run"):
+        resume_point(hf, metrics, "sft", "token-a")

@@ -84,40 +84,65 @@ def metrics_callback(log):
 
 
 TOKEN_FILE = "cai_run_token"
+STATE_FILE = "trainer_state.json"  # the trainer writes it last: a checkpoint folder without it is incomplete
 
 
 def token_callback(run_token: str | None):
-    """A TrainerCallback that writes the run token into every checkpoint the trainer saves."""
+    """A TrainerCallback that writes the run token into every checkpoint the trainer saves, before the trainer
+    writes anything of it: a kill while a checkpoint is saved leaves a folder without trainer_state.json
+    (incomplete, skipped on resume), never a complete checkpoint without the token."""
     from transformers import TrainerCallback
 
+    def write(args, state, control):
+        if run_token and control.should_save and state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / TOKEN_FILE).write_text(run_token + "\n")
+
     class WriteToken(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if run_token and state.is_world_process_zero:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if folder.is_dir():
-                    (folder / TOKEN_FILE).write_text(run_token + "\n")
+        # the trainer's own flow callback runs first and decides `should_save`; the save follows these hooks
+        def on_step_end(self, args, state, control, **kwargs):
+            write(args, state, control)
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            write(args, state, control)
 
     return WriteToken()
 
 
-def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str | None = None) -> str | None:
-    """The newest checkpoint in `ckpt_dir` to resume from, or None; the metrics rows logged after it are dropped
-    (the resumed run logs those steps again), and a fresh start clears the metrics file. A checkpoint without
-    this run's token (token_callback) is refused: checkpoints hold pickles, so only the run that wrote one
-    loads it."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """checkpoint-N folders, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
 
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    if last and run_token is not None:
-        token = Path(last) / TOKEN_FILE
+
+def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str | None = None) -> str | None:
+    """The newest complete checkpoint in `ckpt_dir` to resume from, or None; the metrics rows logged after it are
+    dropped (the resumed run logs those steps again), and a fresh start clears the metrics file. Newer folders
+    that a kill left incomplete (no trainer_state.json) are removed. A checkpoint without this run's token
+    (token_callback) is refused: checkpoints hold pickles, so only the run that wrote one loads it."""
+    folders = _checkpoints(ckpt_dir)
+    complete = [p for p in folders if (p / STATE_FILE).is_file()]
+    last = complete[0] if complete else None
+    if last is not None and run_token is not None:
+        token = last / TOKEN_FILE
         if not token.is_file() or token.read_text().strip() != run_token:
             raise UserError(
                 f"{last}: not written by this run (its run token differs from RUN/run.json's); a checkpoint is "
                 "loaded only by the run that wrote it: delete it, or start a new run directory"
             )
     if dist.is_main():
+        for p in folders:
+            if last is not None and p == last:
+                break
+            print(
+                f"[cai] {what}: removing {p}, a checkpoint left incomplete by an interrupted save", flush=True
+            )
+            shutil.rmtree(p, ignore_errors=True)
         if last:
-            step = int(Path(last).name.split("-")[-1])
+            step = int(last.name.split("-", 1)[1])
             rows = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= step]
             metrics_path.unlink(missing_ok=True)
             append_jsonl(metrics_path, rows)
@@ -125,7 +150,7 @@ def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str |
         else:
             metrics_path.unlink(missing_ok=True)
     dist.barrier()
-    return last
+    return str(last) if last else None
 
 
 def is_sharded(trainer) -> bool:
