@@ -51,7 +51,7 @@ def main() -> None:
             return time.perf_counter() - t0, out.response_ids
         finally:
             gen.packed_linears = own
-            fwd._PACKING.update(onednn=True, mkl=True)
+            fwd._PACKING.update(onednn=True, mkl=None)
 
     print_machine(torch)
     timed(prompts[:1], "MKL")  # warm-up

@@ -28,23 +28,38 @@ from cai.runtime.packing import common_prefix
 WEIGHT_MAJOR_ROWS = 64
 # the fewest tokens every prompt of a batch must share for `shared_prefix_inputs` to compute them once
 MIN_SHARED_PREFIX = 8
-# whether MKL's and oneDNN's packed linears work in this torch build (each cleared on its first failure)
-_PACKING = {"mkl": True, "onednn": True}
+# whether MKL's and oneDNN's packed linears are used (each cleared on its first failure, in a build without it);
+# MKL's is decided on first use by the CPU's maker (`intel_cpu`)
+_PACKING = {"mkl": None, "onednn": True}
+
+
+def intel_cpu(cpuinfo="/proc/cpuinfo") -> bool:
+    """Whether the CPU is Intel's (Linux's /proc/cpuinfo says so). MKL's packed GEMM beat oneDNN's at decode steps
+    on an Intel Xeon (24-26 against 34 ms for a SmolLM2 step at 8 rows) but not on an AMD EPYC, where it ran
+    no faster than `nn.Linear` (53-59 ms against oneDNN's 31-32 ms): MKL takes slower code paths on other
+    makers' CPUs."""
+    try:
+        with open(cpuinfo) as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
 def packed_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
-    """While generating on the CPU in fp32, each `nn.Linear` of `model` runs a decode step (one position per row, 2
-    to `max_rows` rows) on a copy of its weight packed by MKL for exactly that many rows
-    (`torch.ops.mkl._mkl_reorder_linear_weight`: made on the layer's first such call inside the context, made
-    again if the rows change, dropped on exit); other inputs (prefills) take `nn.Linear`'s own forward. Where
-    this torch build has no MKL packing, every input runs on a copy packed for oneDNN (`torch.ops.mkldnn`), and
+    """While generating on the CPU in fp32, each `nn.Linear` of `model` on an Intel CPU (`intel_cpu`) runs a decode
+    step (one position per row, 2 to `max_rows` rows) on a copy of its weight packed by MKL for exactly that many
+    rows (`torch.ops.mkl._mkl_reorder_linear_weight`: made on the layer's first such call inside the context, made
+    again if the rows change, dropped on exit); other inputs (prefills) take `nn.Linear`'s own forward. On other
+    CPUs, or where this torch build has no MKL packing, every input runs on a copy packed for oneDNN
+    (`torch.ops.mkldnn`), and
     without that, inputs of 2 to `max_rows` rows run as `W @ x.T` instead of `x @ W.T`. All are the same product;
     MKL's `x @ W.T` reads the weight far below memory bandwidth when x has a handful of rows. On an Intel Xeon
     (AVX-512), the 210 linears of a SmolLM2-135M decode step at 8 rows took 24-26 ms MKL-packed, 34 ms on
     oneDNN's packing and 48 ms as `nn.Linear` (MKL's packing wants the exact rows: made for 64, 8 rows ran at half
     speed), and a 320-row prefill 312 ms as `nn.Linear` against 410 ms on oneDNN's packing; on an AMD EPYC, 200
-    gate projections at 8 rows took 43 ms on oneDNN's packing, 100 ms weight-major and 124 ms as `nn.Linear`.
+    gate projections at 8 rows took 43 ms on oneDNN's packing, 100 ms weight-major and 124 ms as `nn.Linear`, and
+    the 210 linears of a decode step 31-32 ms on oneDNN's packing against 53-59 ms MKL-packed.
     Packing SmolLM2-135M's linears costs 0.15-0.3 s per generation either way; bench/decode_linears.py times
     generation every way. The packed copy (one: MKL's or oneDNN's) doubles the linears' memory while generating.
     Gradients, autocast, other devices and dtypes keep `nn.Linear`'s own forward. The sums run in another order,
@@ -77,6 +92,8 @@ def _linear(self, x, weight, bias):
 
     if torch.is_grad_enabled() or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
         return torch.nn.functional.linear(x, weight, bias)
+    if _PACKING["mkl"] is None:
+        _PACKING["mkl"] = intel_cpu()
     if _PACKING["mkl"]:
         rows = x.numel() // x.shape[-1]
         if not (x.dim() == 3 and x.shape[1] == 1 and 2 <= rows <= self.max_rows):
