@@ -52,10 +52,9 @@ def packed_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
     rows (`torch.ops.mkl._mkl_reorder_linear_weight`: made on the layer's first such call inside the context, made
     again if the rows change, dropped on exit); other inputs (prefills) take `nn.Linear`'s own forward. On other
     CPUs, or where this torch build has no MKL packing, every input runs on a copy packed for oneDNN
-    (`torch.ops.mkldnn`), and
-    without that, inputs of 2 to `max_rows` rows run as `W @ x.T` instead of `x @ W.T`. All are the same product;
-    MKL's `x @ W.T` reads the weight far below memory bandwidth when x has a handful of rows. On an Intel Xeon
-    (AVX-512), the 210 linears of a SmolLM2-135M decode step at 8 rows took 24-26 ms MKL-packed, 34 ms on
+    (`torch.ops.mkldnn`), and without that, inputs of 2 to `max_rows` rows run as `W @ x.T` instead of `x @ W.T`.
+    All are the same product; MKL's `x @ W.T` reads the weight far below memory bandwidth when x has a handful
+    of rows. On an Intel Xeon (AVX-512), the 210 linears of a SmolLM2-135M decode step at 8 rows took 24-26 ms MKL-packed, 34 ms on
     oneDNN's packing and 48 ms as `nn.Linear` (MKL's packing wants the exact rows: made for 64, 8 rows ran at half
     speed), and a 320-row prefill 312 ms as `nn.Linear` against 410 ms on oneDNN's packing; on an AMD EPYC, 200
     gate projections at 8 rows took 43 ms on oneDNN's packing, 100 ms weight-major and 124 ms as `nn.Linear`, and
