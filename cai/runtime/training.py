@@ -110,12 +110,11 @@ def token_callback(run_token: str | None):
     return WriteToken()
 
 
-def _checkpoints(ckpt_dir: Path) -> list[Path]:
-    """checkpoint-N folders, newest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the checkpoint-N folders, newest first."""
+    found = ckpt_dir.glob("checkpoint-*") if ckpt_dir.is_dir() else []
+    steps = [(p.name.removeprefix("checkpoint-"), p) for p in found if p.is_dir()]
+    return sorted(((int(n), p) for n, p in steps if n.isdigit()), reverse=True)
 
 
 def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str | None = None) -> str | None:
@@ -124,8 +123,7 @@ def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str |
     that a kill left incomplete (no trainer_state.json) are removed. A checkpoint without this run's token
     (token_callback) is refused: checkpoints hold pickles, so only the run that wrote one loads it."""
     folders = _checkpoints(ckpt_dir)
-    complete = [p for p in folders if (p / STATE_FILE).is_file()]
-    last = complete[0] if complete else None
+    step, last = next(((n, p) for n, p in folders if (p / STATE_FILE).is_file()), (0, None))
     if last is not None and run_token is not None:
         token = last / TOKEN_FILE
         if not token.is_file() or token.read_text().strip() != run_token:
@@ -134,15 +132,14 @@ def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str |
                 "loaded only by the run that wrote it: delete it, or start a new run directory"
             )
     if dist.is_main():
-        for p in folders:
-            if last is not None and p == last:
+        for _, p in folders:
+            if p == last:
                 break
             print(
                 f"[cai] {what}: removing {p}, a checkpoint left incomplete by an interrupted save", flush=True
             )
             shutil.rmtree(p, ignore_errors=True)
         if last:
-            step = int(last.name.split("-", 1)[1])
             rows = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= step]
             metrics_path.unlink(missing_ok=True)
             append_jsonl(metrics_path, rows)
