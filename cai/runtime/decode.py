@@ -54,11 +54,12 @@ def packed_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
     CPUs, or where this torch build has no MKL packing, every input runs on a copy packed for oneDNN
     (`torch.ops.mkldnn`), and without that, inputs of 2 to `max_rows` rows run as `W @ x.T` instead of `x @ W.T`.
     All are the same product; MKL's `x @ W.T` reads the weight far below memory bandwidth when x has a handful
-    of rows. On an Intel Xeon (AVX-512), the 210 linears of a SmolLM2-135M decode step at 8 rows took 24-26 ms MKL-packed, 34 ms on
-    oneDNN's packing and 48 ms as `nn.Linear` (MKL's packing wants the exact rows: made for 64, 8 rows ran at half
-    speed), and a 320-row prefill 312 ms as `nn.Linear` against 410 ms on oneDNN's packing; on an AMD EPYC, 200
-    gate projections at 8 rows took 43 ms on oneDNN's packing, 100 ms weight-major and 124 ms as `nn.Linear`, and
-    the 210 linears of a decode step 31-32 ms on oneDNN's packing against 53-59 ms MKL-packed.
+    of rows. On an Intel Xeon (AVX-512), the 210 linears of a SmolLM2-135M decode step at 8 rows took 24-26 ms
+    MKL-packed, 34 ms on oneDNN's packing and 48 ms as `nn.Linear` (MKL's packing wants the exact rows: made
+    for 64, 8 rows ran at half speed), and a 320-row prefill 312 ms as `nn.Linear` against 410 ms on oneDNN's
+    packing; on an AMD EPYC, 200 gate projections at 8 rows took 43 ms on oneDNN's packing, 100 ms
+    weight-major and 124 ms as `nn.Linear`, and the 210 linears of a decode step 31-32 ms on oneDNN's packing
+    against 53-59 ms MKL-packed.
     Packing SmolLM2-135M's linears costs 0.15-0.3 s per generation either way; bench/decode_linears.py times
     generation every way. The packed copy (one: MKL's or oneDNN's) doubles the linears' memory while generating.
     Gradients, autocast, other devices and dtypes keep `nn.Linear`'s own forward. The sums run in another order,
