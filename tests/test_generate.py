@@ -24,6 +24,14 @@ def requests(n=10):
     ]
 
 
+@pytest.fixture
+def mkl_packing(monkeypatch):
+    """Decode steps on MKL's packing, as on an Intel CPU, whichever CPU runs the tests."""
+    from cai.runtime import decode
+
+    monkeypatch.setitem(decode._PACKING, "mkl", True)
+
+
 def engine(tiny, seed=0, batch_size=4, max_new_tokens=8):
     model, tok = tiny
     return Engine(
@@ -65,12 +73,9 @@ def test_batches_are_sorted_by_prompt_length(tiny):
     assert flat == sorted(flat, reverse=True)
 
 
-def test_a_run_packs_each_linear_once_for_all_its_batches(tiny, monkeypatch):
+def test_a_run_packs_each_linear_once_for_all_its_batches(tiny, monkeypatch, mkl_packing):
     import torch
 
-    from cai.runtime import decode
-
-    monkeypatch.setitem(decode._PACKING, "mkl", True)  # as on an Intel CPU
     reorders = []
     own = torch.ops.mkl._mkl_reorder_linear_weight
     monkeypatch.setattr(
@@ -216,13 +221,10 @@ class LinearCalls:
         return self.mode.__exit__(*exc)
 
 
-def test_decode_steps_run_on_weights_packed_for_their_rows_by_mkl(tiny, monkeypatch):
+def test_decode_steps_run_on_weights_packed_for_their_rows_by_mkl(tiny, mkl_packing):
     import torch
 
-    from cai.runtime import decode
     from cai.runtime.decode import packed_linears
-
-    monkeypatch.setitem(decode._PACKING, "mkl", True)  # as on an Intel CPU
 
     model, _ = tiny
     lin = next(m for m in model.modules() if type(m) is torch.nn.Linear)
@@ -370,14 +372,11 @@ def lora_tiny():
     return model
 
 
-def test_lora_layers_run_as_one_merged_linear_without_touching_the_model(tiny_dir, monkeypatch):
+def test_lora_layers_run_as_one_merged_linear_without_touching_the_model(tiny_dir, mkl_packing):
     import torch
     from peft.tuners.lora import Linear as LoraLinear
 
-    from cai.runtime import decode
     from cai.runtime.decode import merged_lora_linears
-
-    monkeypatch.setitem(decode._PACKING, "mkl", True)  # as on an Intel CPU
 
     model = lora_tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -58,8 +58,7 @@ def packed_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
     MKL-packed, 34 ms on oneDNN's packing and 48 ms as `nn.Linear` (MKL's packing wants the exact rows: made
     for 64, 8 rows ran at half speed), and a 320-row prefill 312 ms as `nn.Linear` against 410 ms on oneDNN's
     packing; on an AMD EPYC, 200 gate projections at 8 rows took 43 ms on oneDNN's packing, 100 ms
-    weight-major and 124 ms as `nn.Linear`, and the 210 linears of a decode step 31-32 ms on oneDNN's packing
-    against 53-59 ms MKL-packed.
+    weight-major and 124 ms as `nn.Linear` (MKL's packing there: `intel_cpu`).
     Packing SmolLM2-135M's linears costs 0.15-0.3 s per generation either way; bench/decode_linears.py times
     generation every way. The packed copy (one: MKL's or oneDNN's) doubles the linears' memory while generating.
     Gradients, autocast, other devices and dtypes keep `nn.Linear`'s own forward. The sums run in another order,
