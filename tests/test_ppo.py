@@ -371,6 +371,29 @@ def test_resume_equals_straight_run(tmp_path):
     assert rows_b[-1]["objective/score"] == pytest.approx(rows_a[-1]["objective/score"], abs=1e-9)
 
 
+def test_critic_warmup_with_a_value_head_clips_the_head_alone(tmp_path, monkeypatch):
+    """During warm-up the value loss reaches the frozen trunk through a value head: those gradients are dropped,
+    so the clip's norm (and `grad/norm`) is the head's, and the policy does not move."""
+    import cai.rl.engine as engine
+
+    clipped = []
+
+    def recording(params, max_norm, clip=engine.clip_gradients):
+        clipped.append({id(p) for p in params})
+        return clip(params, max_norm)
+
+    monkeypatch.setattr(engine, "clip_gradients", recording)
+    trainer = make_trainer(tmp_path, value_head=True, updates=2, ppo_epochs=1, critic_warmup_updates=1)
+    head = {id(p) for p in trainer.policy.v_head.parameters()}
+    lm_before = {n: p.detach().clone() for n, p in trainer.policy.lm.named_parameters()}
+    trainer.train(until=1)
+    assert clipped and all(ids == head for ids in clipped)
+    for n, p in trainer.policy.lm.named_parameters():
+        assert torch.equal(p, lm_before[n]), n
+    trainer.train()  # after warm-up the trunk trains and counts again
+    assert len(clipped[-1]) > len(head)
+
+
 def test_reusing_the_rollout_critic_graph_is_exact(tmp_path):
     """With one minibatch, epoch 0 reuses the critic's rollout forward (with its graph): same result as recomputing."""
     runs = []

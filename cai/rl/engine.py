@@ -151,9 +151,15 @@ class Stepper:
 
     def step(self, critic_only: bool) -> float:
         """Clip and apply the accumulated gradients. During critic warm-up the policy group is frozen: no step
-        and no optimizer state, under every engine (DeepSpeed steps all groups, so the optimizer skips it)."""
+        and no optimizer state, under every engine (DeepSpeed steps all groups, so the optimizer skips it), and
+        its gradients (a value head's loss reaches the trunk) are dropped before the norm, except under DeepSpeed,
+        whose engine clips over every gradient it holds."""
         for group in self.opt.param_groups:
             group["frozen"] = critic_only and group.get("name") == "policy"
+            if group["frozen"] and not self.deepspeed:
+                # a value head's loss reaches the frozen trunk: those gradients neither step nor count in the norm
+                for p in group["params"]:
+                    p.grad = None
         if self.deepspeed:
             self.model.step()  # clips jointly, steps and zeroes the gradients
             norm = self.model.get_global_grad_norm()
