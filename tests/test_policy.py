@@ -247,3 +247,24 @@ def test_group_learner_lora_reference_is_the_base_and_batches_hold_whole_groups(
     assert (moved - want).abs().max() > 1e-3
     with pytest.raises(UserError, match="multiple of policy.samples_per_prompt"):
         group_trainer(tmp_path / "bad", "rloo", rollout_batch_size=6)
+
+
+def test_critic_free_arms_name_the_critic_settings_they_ignore():
+    """A `ppo` block shared by a PPO and an RLOO arm may set PPO's critic and GAE settings; the RLOO and GRPO arms
+    name the ones the recipe set (not defaults), PPO's arm none."""
+    from test_recipe import ROOT
+
+    from cai.config.arms import expand_arms
+    from cai.config.load import load_recipe
+    from cai.stages.policy import unused_settings
+
+    recipe = load_recipe(
+        ROOT / "recipes" / "compare-algorithms.yaml",
+        ["ppo.vf_coef=0.5", "ppo.lam=0.9", "ppo.whiten_advantages=false"],
+    )
+    arms = dict(expand_arms(recipe))
+    expected = ["ppo.vf_coef", "ppo.lam", "ppo.whiten_advantages"]
+    assert unused_settings(arms["rloo"].ppo, "rloo") == expected
+    assert unused_settings(arms["rloo"].ppo, "grpo") == expected
+    assert unused_settings(arms["ppo"].ppo, "ppo") == []
+    assert unused_settings(load_recipe(ROOT / "recipes" / "compare-algorithms.yaml").ppo, "rloo") == []

@@ -143,9 +143,34 @@ def on_policy_trainer(ctx, cfg, acc, prompts, pm_dir, metrics):
     return GroupTrainer(cfg, algorithm=algorithm, samples_per_prompt=c.policy.samples_per_prompt, **common)
 
 
+# the `ppo` block's critic and GAE settings, which the critic-free learners (RLOO, GRPO) do not read
+CRITIC_SETTINGS = (
+    "critic",
+    "critic_learning_rate",
+    "critic_warmup_updates",
+    "vf_coef",
+    "clip_range_value",
+    "gamma",
+    "lam",
+    "whiten_rewards",
+    "whiten_advantages",
+)
+
+
+def unused_settings(ppo, algorithm: str) -> list[str]:
+    """The critic and GAE settings the recipe sets in its `ppo` block that `algorithm` does not read (an arm of a
+    recipe whose `ppo` block serves PPO and RLOO alike may set them; they only matter to PPO)."""
+    if algorithm not in ("rloo", "grpo"):
+        return []
+    return [f"ppo.{k}" for k in CRITIC_SETTINGS if k in ppo.model_fields_set]
+
+
 def run_on_policy(ctx, prompts: list[dict]) -> None:
     """PPO, RLOO or GRPO, in `policy.rounds` rounds of `ppo.updates` updates (online RLAIF between rounds)."""
     c, out = ctx.config, ctx.out_dir
+    unused = unused_settings(c.ppo, c.policy.algorithm)
+    if unused and dist.is_main():
+        print(f"[cai] policy: {c.policy.algorithm} has no critic; ignoring {', '.join(unused)}", flush=True)
     rounds, per_round = c.policy.rounds, c.ppo.updates
     if rounds > 1 and c.ppo.reward != "pm":
         raise UserError(
