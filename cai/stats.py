@@ -240,6 +240,47 @@ def correlation_ci(r: float | None, n: int, z: float = 1.959964) -> tuple[float,
     return (math.tanh(centre - half), math.tanh(centre + half))
 
 
+def cluster_correlation_ci(
+    a: list[float], b: list[float], groups: list, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the Pearson correlation of paired observations that come in clusters
+    (responses to one prompt share its effects on both length and score, so they are not independent draws and
+    Fisher's z over all of them is too narrow): whole clusters are drawn with replacement. Each cluster enters
+    through its sums, so a resample costs one pass over the clusters. None below 4 clusters, or when fewer than
+    half the resamples have a defined correlation."""
+    ma, mb = sum(a) / max(len(a), 1), sum(b) / max(len(b), 1)
+    sums: dict = {}
+    for x, y, g in zip(a, b, groups):  # centred first: no cancellation in the variances
+        x, y = x - ma, y - mb
+        c = sums.setdefault(g, [0, 0.0, 0.0, 0.0, 0.0, 0.0])
+        c[0] += 1
+        c[1] += x
+        c[2] += y
+        c[3] += x * x
+        c[4] += y * y
+        c[5] += x * y
+    clusters = list(sums.values())
+    k = len(clusters)
+    if k < 4:
+        return None
+    rng, rs = random.Random(seed), []
+    for _ in range(n_boot):
+        t = [0.0] * 6
+        for _ in range(k):
+            c = clusters[rng.randrange(k)]
+            for i in range(6):
+                t[i] += c[i]
+        n, sx, sy, sxx, syy, sxy = t
+        va, vb = sxx - sx * sx / n, syy - sy * sy / n
+        if va > 1e-12 * max(sxx, 1e-300) and vb > 1e-12 * max(syy, 1e-300):
+            rs.append(max(-1.0, min(1.0, (sxy - sx * sy / n) / math.sqrt(va * vb))))
+    if len(rs) < n_boot / 2:
+        return None
+    rs.sort()
+    m = len(rs)
+    return (rs[int(math.floor((1 - level) / 2 * m))], rs[min(m - 1, int(math.ceil((1 + level) / 2 * m)) - 1)])
+
+
 def fit_through_origin(f1: list[float], f2: list[float], ys: list[float]) -> tuple[float, float]:
     """Least squares y = c1·f1 + c2·f2 (no intercept): (c1, c2); a ValueError when the features are collinear."""
     s11 = sum(a * a for a in f1)

@@ -78,6 +78,35 @@ def test_length_correlation_warns_when_the_score_is_mostly_length():
     low = length_correlation([3, 1, 4, 1, 5, 9], texts[::-1])
     assert not low["mostly_length"] and "warning" not in low and low["n"] == 6
     assert length_correlation([1, 1, 1], ["a", "bb", "ccc"])["r"] is None  # constant scores: undefined
+    grouped = length_correlation(
+        [1, 2, 3, 4, 5, 6, 7, 8], ["a" * i for i in range(1, 9)], [0, 0, 1, 1, 2, 2, 3, 3]
+    )
+    assert grouped["ci_method"] == "bootstrap over 4 prompts" and grouped["ci95"] == [1.0, 1.0]
+    assert length_correlation([1, 2, 3], ["a", "bb", "ccc"], [0, 1, 2])["ci95"] is None  # under 4 clusters
+
+
+def test_clustered_correlation_interval_covers_where_fishers_z_does_not():
+    """Responses to one prompt share its effect on length and score (x = u + e, y = u + e', r = 0.5 overall, none
+    within a prompt): over 8 samples to each of 30 prompts, Fisher's z over all 240 is too narrow, the bootstrap
+    over prompts near its level. Seeded draws, 100 simulated runs."""
+    import random
+
+    from cai.stats import cluster_correlation_ci, correlation_ci, pearson
+
+    rng, fisher, cluster = random.Random(1), 0, 0
+    for run in range(100):
+        a, b, g = [], [], []
+        for prompt in range(30):
+            u = rng.gauss(0, 1)
+            for _ in range(8):
+                a.append(u + rng.gauss(0, 1))
+                b.append(u + rng.gauss(0, 1))
+                g.append(prompt)
+        lo, hi = correlation_ci(pearson(a, b), len(a))
+        fisher += lo <= 0.5 <= hi
+        lo, hi = cluster_correlation_ci(a, b, g, n_boot=300, seed=run)
+        cluster += lo <= 0.5 <= hi
+    assert fisher <= 85 and cluster >= 88, (fisher, cluster)
 
 
 def test_fisher_interval_and_fit_through_origin_by_hand():

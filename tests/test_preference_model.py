@@ -46,6 +46,10 @@ def test_hard_labels_centring_and_accuracy():
     assert pair_accuracy(r_a, r_b, p) == 0.0
     assert pair_accuracy(r_a, r_b, torch.tensor([0.5, 0.9])) == 1.0  # the tie is left out
     assert math.isnan(pair_accuracy(r_a, r_b, torch.tensor([0.5, 0.5])))
+    # a tie in score is half right whichever side the label prefers (a constant PM is at chance)
+    same = torch.zeros(4)
+    assert pair_accuracy(same, same, torch.tensor([0.9, 0.1, 0.2, 0.3])) == 0.5
+    assert pair_accuracy(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.9, 0.1])) == 0.75
 
 
 def test_scores_read_at_last_real_token_any_padding(tiny_dir):

@@ -86,7 +86,7 @@ def test_report_of_a_tiny_run_has_every_section(tiny_run):
     assert fit["n"] >= 2 and set(fit) >= {"a", "b", "r2"}
     side = data["policies"]["arms"]["tiny"]  # the final policy against the SFT model, beside its baseline
     assert side["pm_score"]["n"] == 4 and side["win_rate_vs_sft"]["n"] == 4 and side["sqrt_kl"] >= 0
-    assert data["policies"]["sft_pm_score"]["n"] == 4 and "| peak memory of the policy stage | " in md
+    assert side["sft_pm_score"]["n"] == 4 and "| peak memory of the policy stage | " in md
     m = read_manifest(rep)
     assert m["status"] == "complete" and "win_rate" in m["summary"]
 
@@ -208,6 +208,9 @@ def test_comparison_run_on_the_tiny_model_has_one_column_per_arm(tmp_path, root,
     agreement = data["label_agreement"]["pairs"][f"{arms[0]}|{arms[1]}"]
     assert agreement["n"] > 0 and 0.0 <= agreement["agreement"] <= 1.0
     assert set(data["kl_fit"]) == set(arms)
+    # each arm's PM-score baseline is its own SFT model's: here the arms share one, so one score
+    sft_scores = [data["policies"]["arms"][a]["sft_pm_score"] for a in arms]
+    assert sft_scores[0]["n"] > 0 and sft_scores[0] == sft_scores[1]
     assert {f"final:{a}" for a in arms} <= set(data["win_rate"]["results"])
     _images_exist(rdir / "report", md)
     assert "time by arm" in capsys.readouterr().out
@@ -236,3 +239,17 @@ def test_epoch_means_group_logged_steps_by_epoch():
     assert epoch_means(rows) == [3.0, 1.5]
     assert epoch_means([{"loss": 1.0}]) == []  # no epoch logged
     assert epoch_means(rows + [{"epoch": 2.0, "loss": float("nan")}]) == [3.0, 1.5]
+
+
+def test_held_out_pm_accuracy_counts_only_the_pairs_whose_label_picks_a_side(tiny_run):
+    """A label of exactly 0.5 (common with chain-of-thought clamping) has no side, so pair accuracy leaves it
+    out; the interval and n shown are over the pairs it counts, not every held-out pair."""
+    from cai.report.sections import _held_out
+    from cai.stats import wilson_ci
+
+    t = {"held_out_accuracy": 0.75, "held_out_pairs": 40, "held_out_scored": 20}
+    lo, hi = wilson_ci(15, 20)
+    assert _held_out(t) == f"0.750 [{lo:.2f}, {hi:.2f}] (n = 20, small)"
+    assert "(n = 40" in _held_out({k: v for k, v in t.items() if k != "held_out_scored"})  # a run from before
+    summary = json.loads((tiny_run / "preference_model" / "manifest.json").read_text())["summary"]
+    assert 0 <= summary["held_out_scored"] <= summary["held_out_pairs"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from cai.stats import bootstrap_ci, correlation_ci, mean, pearson
+from cai.stats import bootstrap_ci, cluster_correlation_ci, correlation_ci, mean, pearson
 
 UNTRAINED = "untrained"
 LONGER, SHORTER, COMMON = "prefer longer", "prefer shorter", "most common answer"
@@ -115,13 +115,23 @@ def compare(hits: list[float], baselines: dict[str, list[float]], chance: float,
     return out
 
 
-def length_correlation(scores: list[float], texts: list[str]) -> dict:
-    """Pearson correlation of scores with response length in characters, with its 95% CI (Fisher z), and
-    whether the scores mostly measure length (|r| >= LENGTH_WARN)."""
+def length_correlation(
+    scores: list[float], texts: list[str], groups: list | None = None, unit: str = "prompts"
+) -> dict:
+    """Pearson correlation of scores with response length in characters, with its 95% CI, and whether the scores
+    mostly measure length (|r| >= LENGTH_WARN). With `groups` (each text's prompt or item) the interval is a
+    bootstrap over the groups (`unit` names them), since texts of one group share its effects; without, Fisher's z
+    over the texts."""
     lengths = [float(len(t)) for t in texts]
-    r = pearson(list(map(float, scores)), lengths)
-    ci = correlation_ci(r, len(lengths))
-    out = {"r": r, "ci95": list(ci) if ci else None, "n": len(lengths), "mostly_length": False}
+    scores = list(map(float, scores))
+    r = pearson(scores, lengths)
+    if groups is None:
+        ci, method = correlation_ci(r, len(lengths)), "Fisher z"
+    else:
+        ci = cluster_correlation_ci(scores, lengths, groups) if r is not None else None
+        method = f"bootstrap over {len(set(groups))} {unit}"
+    out = {"r": r, "ci95": list(ci) if ci else None, "ci_method": method, "n": len(lengths)}
+    out["mostly_length"] = False
     if r is not None and abs(r) >= LENGTH_WARN:
         out["mostly_length"] = True
         out["warning"] = (
@@ -155,8 +165,9 @@ def describe(result: dict) -> tuple[list[str], list[str]]:
     length = result.get("length")
     if length and length.get("r") is not None:
         ci = f" [{_ci(*length['ci95'])}]" if length.get("ci95") else ""
+        how = f"; CI by {length['ci_method']}" if length.get("ci_method") and ci else ""
         lines.append(
-            f"correlation of score with response length: r = {length['r']:.2f}{ci} (n = {length['n']})"
+            f"correlation of score with response length: r = {length['r']:.2f}{ci} (n = {length['n']}{how})"
         )
     warnings = list(result.get("flags") or [])
     if length and length.get("warning"):

@@ -104,7 +104,8 @@ def pm_result(items, raw: list[float], untrained_raw: list[float] | None, fmt: s
     if untrained_raw is not None:
         base = {UNTRAINED: [credit(s, c) for s, c in zip(_per_item(items, untrained_raw), correct)], **base}
     out.update(compare(hits, base, out["chance"], seed))
-    out["length"] = length_correlation(raw, [c for cs in cands for c in cs])
+    groups = [i for i, cs in enumerate(cands) for _ in cs]  # an item's candidates share its prompt
+    out["length"] = length_correlation(raw, [c for cs in cands for c in cs], groups, unit="items")
     return out
 
 

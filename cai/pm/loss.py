@@ -29,11 +29,13 @@ def preference_loss(r_a, r_b, p_a, *, hard: bool = False, center_coef: float = 0
 
 
 def pair_accuracy(r_a, r_b, p_a):
-    """Share of pairs (with a non-tied label) whose score order agrees with the label; nan when all tie."""
+    """Share of pairs (with a non-tied label) whose score order agrees with the label, a tie in score counting
+    half whichever side the label prefers (as ties share the credit everywhere else); nan when all labels tie."""
     keep = p_a != 0.5
     if not bool(keep.any()):
         return float("nan")
-    return float(((r_a > r_b) == (p_a > 0.5))[keep].float().mean())
+    hit = ((r_a > r_b) == (p_a > 0.5)).float().masked_fill(r_a == r_b, 0.5)
+    return float(hit[keep].mean())
 
 
 def dpo_loss(logp_a, logp_b, ref_logp_a, ref_logp_b, p_a, beta: float):

@@ -55,9 +55,9 @@ def tokenise_pairs(tokenizer, rows: list[dict], max_length: int, response_len: b
 
 
 def held_out_eval(model, tokenizer, rows: list[dict], max_length: int, batch_size: int) -> dict:
-    """Pair accuracy (against p_a > 0.5), mean margin and soft loss of a PM on pairs; for a value-head PM also
-    `lm_loss`, the preferred responses' mean next-token NLL averaged over the pairs that prefer one (as the
-    training loss has it), and `lm_tokens`."""
+    """Pair accuracy (against p_a > 0.5, over the `n_scored` of `n` pairs whose label is not 0.5), mean margin and
+    soft loss of a PM on pairs; for a value-head PM also `lm_loss`, the preferred responses' mean next-token NLL
+    averaged over the pairs that prefer one (as the training loss has it), and `lm_tokens`."""
     import torch
 
     from cai.pm.value_head import ValueHeadPM, preferred_rows, response_lm_labels
@@ -104,6 +104,7 @@ def held_out_eval(model, tokenizer, rows: list[dict], max_length: int, batch_siz
     r_a, r_b = scores[:n], scores[n:]
     result = {
         "n": n,
+        "n_scored": int((p_a != 0.5).sum()),  # the pairs `accuracy` counts: a label of 0.5 has no side
         "accuracy": pair_accuracy(r_a, r_b, p_a),
         "mean_margin": float(((r_a - r_b) * torch.sign(p_a - 0.5)).mean()),
         "soft_loss": float(preference_loss(r_a, r_b, p_a)),

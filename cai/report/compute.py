@@ -203,3 +203,9 @@ def pm_evaluations(config, model_dirs: dict[str, Path], out_dir: Path) -> dict:
         del scorer, untrained
         gc.collect()
     return out
+
+
+def scored_pairs(summary: dict) -> int | None:
+    """The held-out pairs a PM stage summary's accuracy counts (those whose label is not 0.5); a run from before
+    `held_out_scored` gives all its held-out pairs."""
+    return summary.get("held_out_scored", summary.get("held_out_pairs"))

@@ -80,7 +80,10 @@ def _analyse(rep, arm, policy_dir: Path) -> dict | None:
         return None
     rows = [r for u in updates for r in samples[u]]
     out = {"n": len(rows), "updates": updates, "kl": [float(kl_of[u]) for u in updates]}
-    out["length_proxy"] = length_correlation([r["score"] for r in rows], [r["response"] for r in rows])
+    prompt_of = [r.get("prompt_id") for r in rows]  # every sample of a prompt, across updates, is one cluster
+    out["length_proxy"] = length_correlation(
+        [r["score"] for r in rows], [r["response"] for r in rows], prompt_of
+    )
     out["proxy"] = fits(out["kl"], gains({u: [r["score"] for r in samples[u]] for u in updates}))
     gold = rep.index.stage_dir("gold", arm)
     cr = rep.index.stage_dir("critique_revise", arm)
@@ -96,8 +99,10 @@ def _analyse(rep, arm, policy_dir: Path) -> dict | None:
             by_update[u] = got
     if len(by_update) == len(updates):
         out["gold"] = fits(out["kl"], gains(by_update))
-        texts = [r["response"] for r, s in zip(rows, scores) if s is not None]
-        out["length_gold"] = length_correlation([s for s in scores if s is not None], texts)
+        kept = [(r, s) for r, s in zip(rows, scores) if s is not None]
+        out["length_gold"] = length_correlation(
+            [s for _, s in kept], [r["response"] for r, _ in kept], [r.get("prompt_id") for r, _ in kept]
+        )
     return out
 
 
@@ -143,7 +148,8 @@ def section(rep) -> list[str]:
     md = ["### Does the PM measure length? (policy samples)\n"]
     md.append(
         "Pearson correlation of each PM's score of the policy's sampled responses with their length in characters "
-        "(95% CI by Fisher's z); |r| ≥ 0.7 means the PM mostly measures length.\n"
+        "(95% CI by a bootstrap over prompts: a prompt's samples, in one update or across updates, are not "
+        "independent); |r| ≥ 0.7 means the PM mostly measures length.\n"
     )
     rows = [
         [f"{label}: {pm}", with_ci(res[key], "r")]

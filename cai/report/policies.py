@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cai.markdown import num, table, with_ci
-from cai.report.compute import win_rates
+from cai.report.compute import scored_pairs, win_rates
 from cai.rl.rewards import PreferenceModelReward
 from cai.runtime.rundir import read_json, read_jsonl, read_manifest
 from cai.stats import bootstrap_ci, small_n, small_n_note, wilson_ci
@@ -77,12 +77,14 @@ def comparison_section(rep) -> list[str]:
         return responses.get(names.get(str(d))) if d is not None else None
 
     scores, wins, data = {}, {}, {}
-    sft_any = next((answers("sl-cai", a) for a in dirs if answers("sl-cai", a)), None)
-    baseline = (
-        pm_scores(pm_dir, config.settings, held, sft_any, config.report.batch_size)
-        if pm_dir and sft_any
-        else None
-    )
+    by_sft: dict[str, dict] = {}  # the PM score of each distinct SFT model (arms may train their own)
+    for a in dirs:
+        sft = answers("sl-cai", a)
+        if pm_dir and sft and str(models[("sl-cai", a)]) not in by_sft:
+            by_sft[str(models[("sl-cai", a)])] = pm_scores(
+                pm_dir, config.settings, held, sft, config.report.batch_size
+            )
+    baseline = {a: by_sft.get(str(models.get(("sl-cai", a)))) for a in dirs}  # each arm's own SFT model
     against: dict[str, dict] = {}  # arms by the SFT model they are judged against (one judge load for each)
     for a in dirs:
         final, sft = answers("final", a), answers("sl-cai", a)
@@ -100,7 +102,7 @@ def comparison_section(rep) -> list[str]:
         rows.append(
             ["PM score of held-out responses [95% CI] (n)"] + [with_ci(scores.get(a), "mean") for a in dirs]
         )
-        rows.append(["… the SFT model's (baseline)"] + [with_ci(baseline, "mean")] * len(dirs))
+        rows.append(["… its SFT model's (baseline)"] + [with_ci(baseline[a], "mean") for a in dirs])
     rows.append(
         ["sqrt(KL) to the SFT model, end of training"] + [num(last_sqrt_kl(d)) for d in dirs.values()]
     )
@@ -117,18 +119,19 @@ def comparison_section(rep) -> list[str]:
     for a in dirs:
         data[label(a)] = {
             "pm_score": scores.get(a),
+            "sft_pm_score": baseline[a],
             "win_rate_vs_sft": wins.get(a),
             "sqrt_kl": last_sqrt_kl(dirs[a]),
         }
-    rep.data["policies"] = {"pm": str(pm_dir) if pm_dir else None, "sft_pm_score": baseline, "arms": data}
+    rep.data["policies"] = {"pm": str(pm_dir) if pm_dir else None, "arms": data}
     md = ["## Policies side by side\n"]
     md.append(
         f"The final policy of each arm on the same {len(held)} held-out prompts. PM score: the normalised score "
-        f"of one common preference model (`{pm_dir}`; 0 is the mean of its training responses, 1 their standard "
-        "deviation) for every arm, beside the SFT model's; win rate: the common judge "
-        f"(`{config.models.judge}`) comparing each final policy's response with the SFT model's, both orders "
-        "averaged, a tie half, 0.5 = no difference. sqrt(KL) is the last logged k3 estimate on training prompts "
-        "(DPO: its last probe).\n"
+        f"of one common preference model (`{pm_dir}`; 0 is the mean of its reference responses, 1 their standard "
+        "deviation: its `score_norm.json` says which responses) for every arm, beside the arm's SFT model's; "
+        f"win rate: the common judge (`{config.models.judge}`) comparing each final policy's response with the "
+        "SFT model's, both orders averaged, a tie half, 0.5 = no difference. sqrt(KL) is the last logged k3 "
+        "estimate on training prompts (DPO: its last probe).\n"
     )
     md.append(table(["", *[label(a) for a in dirs]], rows))
     if small_n(len(held)):
@@ -176,7 +179,7 @@ def _round_row(r: dict, fb_stats: dict | None, pm_sum: dict) -> list:
     pairs = (fb_stats or {}) if first else (r.get("pairs") or {})
     held = r.get("pm_held_out") or {}
     acc = pm_sum.get("held_out_accuracy") if first else held.get("accuracy")
-    n = pm_sum.get("held_out_pairs") if first else held.get("n")
+    n = scored_pairs(pm_sum) if first else held.get("n")
     updates = r.get("updates") or [None, None]
     return [
         r.get("round"),

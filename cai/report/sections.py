@@ -20,6 +20,7 @@ from cai.report.compute import (
     label_agreement,
     metric_series,
     pm_evaluations,
+    scored_pairs,
     win_rates,
 )
 from cai.report.evalview import baseline_rows, baseline_warnings, check_baseline_rows
@@ -141,9 +142,9 @@ def pm_section(rep) -> list[str]:
             ],
         )
     )
-    small = [k for k, t in train.items() if small_n(t.get("held_out_pairs"))]
+    small = [k for k, t in train.items() if small_n(scored_pairs(t))]
     if small:
-        n = min(train[k].get("held_out_pairs") or 0 for k in small)
+        n = min(scored_pairs(train[k]) or 0 for k in small)
         md.append(
             f"> **Small sample:** held-out accuracy of {', '.join(small)}: {small_n_note(n, 'held-out pairs')}.\n"
         )
@@ -192,7 +193,7 @@ def pm_section(rep) -> list[str]:
 
 def _held_out(t: dict) -> str:
     """The PM's held-out accuracy with its Wilson interval and n, from the stage summary."""
-    acc, n = t.get("held_out_accuracy"), t.get("held_out_pairs")
+    acc, n = t.get("held_out_accuracy"), scored_pairs(t)
     if acc is None or not n:
         return "—"
     return with_ci({"accuracy": acc, "ci95": wilson_ci(acc * n, n), "n": n})

@@ -126,6 +126,7 @@ def run(ctx) -> Path:
     ctx.summary.update(
         train_pairs=len(train_rows),
         held_out_pairs=after.get("n", 0),
+        held_out_scored=after.get("n_scored", 0),  # held-out pairs whose label picks a side: the accuracy's n
         held_out_accuracy=after.get("accuracy"),
         held_out_accuracy_before=before.get("accuracy"),
         score_mean=norm["mean"],
