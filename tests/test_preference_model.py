@@ -544,3 +544,19 @@ def test_held_out_eval_packed_equals_padded(tiny_dir, monkeypatch):
     padded = held_out_eval(model, tok, rows, max_length=64, batch_size=4)
     assert packed["n"] == padded["n"] == 7 and packed["accuracy"] == padded["accuracy"]
     assert packed["scores"] == pytest.approx(padded["scores"], abs=1e-5)
+
+
+def test_held_out_lm_loss_divides_by_every_pair_as_training_does(tiny_dir):
+    """A value-head PM's held-out LM loss is the training one (pair_lm_loss): preferred responses' NLLs over the
+    number of pairs, a tied label adding 0, so a tie appended to 4 pairs scales it by 4/5."""
+    from cai.pm.pairs import held_out_eval
+    from cai.pm.value_head import ValueHeadPM
+    from cai.runtime.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-random-llama", padding_side="right")
+    pm = ValueHeadPM.from_pretrained("tiny-random-llama", seed=3)
+    rows = synthetic_pairs(4)
+    four = held_out_eval(pm, tok, rows, max_length=64, batch_size=4)
+    five = held_out_eval(pm, tok, rows + [{**rows[0], "p_a": 0.5}], max_length=64, batch_size=4)
+    assert four["lm_loss"] > 0 and five["lm_loss"] == pytest.approx(four["lm_loss"] * 4 / 5, rel=1e-5)
+    assert five["n"] == 5 and five["n_scored"] == 4 and five["accuracy"] == four["accuracy"]

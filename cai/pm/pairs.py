@@ -57,10 +57,10 @@ def tokenise_pairs(tokenizer, rows: list[dict], max_length: int, response_len: b
 def held_out_eval(model, tokenizer, rows: list[dict], max_length: int, batch_size: int) -> dict:
     """Pair accuracy (against p_a > 0.5, over the `n_scored` of `n` pairs whose label is not 0.5), mean margin and
     soft loss of a PM on pairs; for a value-head PM also `lm_loss`, the preferred responses' mean next-token NLL
-    averaged over the pairs that prefer one (as the training loss has it), and `lm_tokens`."""
+    summed and divided by the number of pairs, a tie adding 0 (as the training loss has it), and `lm_tokens`."""
     import torch
 
-    from cai.pm.value_head import ValueHeadPM, preferred_rows, response_lm_labels
+    from cai.pm.value_head import ValueHeadPM, pair_lm_loss, preferred_rows, response_lm_labels
 
     if not rows:
         return {"n": 0}
@@ -111,6 +111,6 @@ def held_out_eval(model, tokenizer, rows: list[dict], max_length: int, batch_siz
         "scores": scores.tolist(),
     }
     if vh:
-        n_pref = int(keep.sum())
-        result.update(lm_loss=float(nll.sum()) / n_pref if n_pref else None, lm_tokens=n_tok)
+        # as in training (pair_lm_loss): over every pair, a tie adding 0
+        result.update(lm_loss=float(pair_lm_loss(nll, n)) if bool(keep.any()) else None, lm_tokens=n_tok)
     return result
