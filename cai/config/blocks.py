@@ -154,6 +154,12 @@ class PolicyConfig(Strict):
 
 class DPOConfig(TrainConfig):
     learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    max_length: int = Field(
+        512,
+        ge=8,
+        description="Truncate each prompt and response to this many tokens, keeping the start (TRL's keep_start): "
+        "a longer pair loses the end of its responses, unlike the PM, which keeps the end.",
+    )
     beta: float = Field(
         0.1, gt=0, description="β: the strength of the implicit KL to the reference (SFT) model."
     )
