@@ -363,3 +363,24 @@ def test_the_command_line_exits_2_with_one_line(tmp_path, capsys, argv_of, conte
     assert main(argv_of(p)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err and p.name in err
+
+
+def test_a_run_directory_that_is_a_file_and_a_damaged_score_norm_are_one_line_errors(tmp_path, capsys, root):
+    """--run-dir naming a file (or a path under one), a PM folder whose score_norm.json does not parse or lacks
+    its keys: one line naming the path, exit 2; a negative --limit is refused by the parser (exit 2), where it used
+    to slice items off the end."""
+    from cai.pm.scoring import read_norm
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for rdir in (afile, afile / "run"):
+        assert main(["run", str(root / "recipes/tiny.yaml"), "--run-dir", str(rdir)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --run-dir {rdir}: {afile} is a file, not a directory\n"
+    for text in ('{"mean": 0.1', "{}", '{"mean": "x", "std": 1}'):
+        (tmp_path / "score_norm.json").write_text(text)
+        with pytest.raises(UserError, match="score_norm.json: a JSON object with numbers 'mean' and 'std'"):
+            read_norm(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["pm", "eval", "--model", str(tmp_path), "--suite", "ai-risk", "--limit", "-3"])
+    assert exc.value.code == 2 and "--limit: -3: at least 1 expected" in capsys.readouterr().err

@@ -338,3 +338,29 @@ def test_a_stage_view_reads_only_its_declared_keys():
     assert stage_view(recipe, "policy").dpo.beta == recipe.dpo.beta
     with pytest.raises(UndeclaredRead):
         getattr(stage_view(Recipe(name="y"), "policy"), "dpo")  # noqa: B009
+
+
+def test_a_constitutions_few_shot_files_count_in_the_stage_fingerprints(tmp_path):
+    """A constitution names its few-shot files; editing one re-runs the stages that read it (critique_revise,
+    feedback), like an edit to the constitution itself. One without few-shot files keeps its plain digest."""
+    from cai.config.layout import stage_config
+
+    plain = (ROOT / "constitutions" / "harmless-specific.yaml").read_text()
+    (tmp_path / "plain.yaml").write_text(plain)
+    (tmp_path / "c.yaml").write_text(
+        plain.replace(
+            "\nprinciples:", "\nfew_shot:\n  critique_revise: cr.json\n  feedback: fb.json\nprinciples:", 1
+        )
+    )
+    assert "few_shot:" in (tmp_path / "c.yaml").read_text()
+    for name in ("cr.json", "fb.json"):
+        (tmp_path / name).write_text("[]")
+    recipe = Recipe(name="x", constitution=str(tmp_path / "c.yaml"))
+    before = {s: stage_config(recipe, s) for s in ("critique_revise", "feedback", "sft")}
+    assert set(before["critique_revise"]["constitution"]["few_shot"]) == {"critique_revise", "feedback"}
+    (tmp_path / "cr.json").write_text('[{"edited": true}]')
+    after = {s: stage_config(recipe, s) for s in before}
+    assert after["critique_revise"] != before["critique_revise"] and after["feedback"] != before["feedback"]
+    assert after["sft"] == before["sft"]
+    cfg = stage_config(Recipe(name="x", constitution=str(tmp_path / "plain.yaml")), "critique_revise")
+    assert set(cfg["constitution"]) == {"file", "sha256"}

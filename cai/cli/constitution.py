@@ -17,7 +17,14 @@ import json
 import sys
 from pathlib import Path
 
-from cai.cli.options import add_labeller_flags, add_model_flags, labeller_config, settings_of, validate_each
+from cai.cli.options import (
+    add_labeller_flags,
+    add_model_flags,
+    labeller_config,
+    positive_int,
+    settings_of,
+    validate_each,
+)
 from cai.constitution import effect, effect_report, probes
 from cai.constitution.fewshot import feedback_examples
 from cai.constitution.lint import NEAR_DUPLICATE, lint
@@ -242,7 +249,7 @@ def register(sub) -> None:
         help=f"probes a --require'd principle needs (default {probes.MIN_PROBES})",
     )
     t.add_argument(
-        "--max-probes", type=int, metavar="N", help="at most N probes per principle (a quick check)"
+        "--max-probes", type=positive_int, metavar="N", help="at most N probes per principle (a quick check)"
     )
     t.add_argument("--out", help="folder for test.json and test.md (default runs/constitution-test/<name>)")
     t.set_defaults(func=_cmd_test)
@@ -276,7 +283,7 @@ def _effect_command(cs) -> None:
     e.add_argument(
         "--pairs", required=True, help="RUN/feedback/pairs.jsonl (or JSONL with prompt/response_a/b)"
     )
-    e.add_argument("--limit", type=int, help="label a seeded sample of at most N pairs")
+    e.add_argument("--limit", type=positive_int, help="label a seeded sample of at most N pairs")
     e.add_argument(
         "--pm", metavar="DIR", help="trained preference model: how often it agrees with OLD vs NEW"
     )

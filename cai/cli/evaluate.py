@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cai.cli.options import add_labeller_flags, add_model_flags, labeller_config, settings_of
+from cai.cli.options import add_labeller_flags, add_model_flags, labeller_config, positive_int, settings_of
 from cai.config.layout import plan, stage_view
 from cai.config.load import load_run_recipe
 from cai.constitution.fewshot import feedback_examples
@@ -125,7 +125,7 @@ def _suite_flags(p) -> None:
         "is recognised from its keys (HH chosen/rejected; question + answer_matching_behavior; prompt + "
         "corrects/incorrects)",
     )
-    p.add_argument("--limit", type=int, help="evaluate at most this many items (a seeded sample)")
+    p.add_argument("--limit", type=positive_int, help="evaluate at most this many items (a seeded sample)")
     p.add_argument(
         "--out", default=DEFAULT_OUT, help=f"folder for the JSON, markdown and PNG (default {DEFAULT_OUT})"
     )
@@ -138,9 +138,12 @@ def register(sub) -> None:
     e = pm.add_parser("eval", help="accuracy, CI, margin, calibration of a PM on an evaluation suite")
     e.add_argument("--model", required=True, help="a preference_model/model folder (or the stage folder)")
     e.add_argument(
-        "--max-length", type=int, default=1024, help="left-truncate conversations to this many tokens"
+        "--max-length",
+        type=positive_int,
+        default=1024,
+        help="left-truncate conversations to this many tokens",
     )
-    e.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    e.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     e.add_argument(
         "--backbone",
         help="the untrained baseline's backbone (default: the one in the PM folder's pm_origin.json)",

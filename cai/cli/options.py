@@ -17,6 +17,17 @@ from cai.runtime.settings import Settings
 LABELLER_FIELDS = ("both_orders", "num_principles", "few_shot", "num_few_shot", "score_batch_size")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (a negative --limit would slice items off the end)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': a whole number expected") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1 expected")
+    return value
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -120,7 +120,14 @@ def fingerprint(recipe: Recipe, stage: str, input_ids: dict[str, str | None]) ->
 
 
 def run_dir_of(recipe: Recipe, override: str | None = None) -> Path:
-    return Path(override or recipe.run_dir or Path("runs") / recipe.name)
+    """The run directory (--run-dir, else the recipe's run_dir, else runs/<name>); an error when it, or a folder
+    above it, is a file."""
+    rdir = Path(override or recipe.run_dir or Path("runs") / recipe.name)
+    for p in (rdir, *rdir.parents):
+        if p.exists() and not p.is_dir():
+            where = "--run-dir" if override else "run_dir" if recipe.run_dir else "the run directory"
+            raise UserError(f"{where} {rdir}: {p} is a file, not a directory")
+    return rdir
 
 
 def select_stages(recipe: Recipe, only: list[str] | None, start: str | None) -> list[str]:

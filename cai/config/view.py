@@ -24,7 +24,9 @@ from pydantic import BaseModel
 from cai.config.load import field_at, ref_kind
 from cai.config.pm_spec import effective_pm_config
 from cai.config.recipe import Recipe
+from cai.errors import UserError
 from cai.hashing import sha256_file
+from cai.yamlio import load_yaml
 
 # A key whose value falls back to other keys: the first one set in the recipe gives it.
 FALLBACKS = {
@@ -97,8 +99,13 @@ class RecipeView:
         return list(self._values)
 
     def fingerprint_dict(self) -> dict:
-        """The declared values as JSON, files referenced by `FileRef` keys replaced by their content hash."""
-        return {k: _hashable(v, _annotation(self._prefix + k)) for k, v in self._values.items()}
+        """The declared values as JSON, files referenced by `FileRef` keys replaced by their content hash (a
+        constitution's with the few-shot files it names)."""
+        out = {k: _hashable(v, _annotation(self._prefix + k)) for k, v in self._values.items()}
+        for k in CONSTITUTION_KEYS:
+            if isinstance(out.get(k), dict):
+                out[k] = _with_few_shot(self._values[k], out[k])
+        return out
 
 
 def view_of(recipe: Recipe, keys, stage: str) -> RecipeView:
@@ -113,6 +120,24 @@ def _annotation(key: str):
 
 
 _FILE_HASHES: dict[tuple, str] = {}
+CONSTITUTION_KEYS = ("constitution", "feedback_constitution")
+
+
+def _with_few_shot(path: str, digest: dict) -> dict:
+    """A constitution's digest with those of the few-shot files its `few_shot` block names (relative to it, as
+    cai.constitution.schema.load_constitution resolves them): an edit to one re-runs the stages that read them. A
+    constitution without few-shot files keeps its plain digest."""
+    try:
+        data, _ = load_yaml(path)
+    except UserError:  # preflight reports a bad constitution; its content hash still stands
+        return digest
+    shots = data.get("few_shot") if isinstance(data, dict) else None
+    if not isinstance(shots, dict):
+        return digest
+    files = {
+        k: file_digest(str(Path(path).parent / v)) for k, v in sorted(shots.items()) if isinstance(v, str)
+    }
+    return {**digest, "few_shot": files} if files else digest
 
 
 def file_digest(path: str) -> dict | str:

@@ -137,8 +137,11 @@ def read_norm(model_dir: str | Path) -> dict:
     p = Path(model_dir) / NORM_FILE
     if not p.is_file():
         return {"mean": 0.0, "std": 1.0}
-    data = json.loads(p.read_text())
-    return {"mean": float(data["mean"]), "std": float(data["std"]) or 1.0}
+    try:
+        data = json.loads(p.read_text())
+        return {"mean": float(data["mean"]), "std": float(data["std"]) or 1.0}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{p}: a JSON object with numbers 'mean' and 'std' expected ({exc})") from None
 
 
 class RewardScorer:
