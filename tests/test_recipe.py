@@ -245,6 +245,8 @@ def test_set_values_are_read_safely(tmp_path):
         ("sft.batch_size=abc", "--set sft.batch_size=abc: key 'sft.batch_size'"),
         ("sedd=1", "--set sedd=1: unknown key 'sedd'; did you mean 'seed'?"),
         ("seed", "--set 'seed': key.path=value is expected"),
+        ("=5", "--set '=5': key.path=value is expected"),  # it blamed the recipe file's first line
+        ("sft..lr=1", "--set 'sft..lr=1': key.path=value is expected"),
         ("name.first=x", "'name' is not a mapping"),
     ],
 )

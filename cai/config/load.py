@@ -169,10 +169,10 @@ def apply_overrides(data: dict, overrides: list[str] | None, base: Path | None =
     (default: the current directory)."""
     base = base or Path.cwd()
     for item in overrides or []:
-        if "=" not in item:
-            raise UserError(f"--set '{item}': key.path=value is expected")
         key, _, text = item.partition("=")
         key, value = key.strip(), parse_value(text)
+        if "=" not in item or not all(part.strip() for part in key.split(".")):
+            raise UserError(f"--set '{item}': key.path=value is expected")
         try:
             info = field_at(key)
         except UserError:
