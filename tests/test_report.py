@@ -141,6 +141,16 @@ def test_cai_report_rebuilds_a_run_and_rejects_a_non_run(tiny_run, tmp_path, cap
     assert strip(after) == strip(before)  # cached generations and the same seed: the same report
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    # a damaged stats file (a hand edit: the run writes it whole) leaves its rows empty, not a traceback
+    stats = tiny_run / "feedback" / "stats.json"
+    kept = stats.read_text()
+    try:
+        stats.write_text("{bad")
+        assert main(["report", str(tiny_run)]) == 0
+        assert "### Labels" in (tiny_run / "report" / "report.md").read_text()
+    finally:
+        stats.write_text(kept)
+        main(["report", str(tiny_run)])  # the session's run as the other tests read it
 
 
 def _documented_tiny_command(root: Path) -> list[str]:

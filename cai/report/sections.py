@@ -7,7 +7,6 @@ column per arm (one column for a run without arms); a missing stage output gives
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cai.feedback.labeller import check_warning
@@ -26,7 +25,7 @@ from cai.report.compute import (
 from cai.report.evalview import baseline_rows, baseline_warnings, check_baseline_rows
 from cai.report.klfit import KL_NAMES, analyze_logs
 from cai.report.winrates import mix_kinds, win_rate_md
-from cai.runtime.rundir import read_jsonl, read_manifest
+from cai.runtime.rundir import read_json, read_jsonl, read_manifest
 from cai.stats import SMALL_N, small_n, small_n_note, wilson_ci
 
 PPO_PANELS = [
@@ -54,10 +53,7 @@ def feedback_section(rep) -> list[str]:
     if not any(d and (d / "stats.json").is_file() for d in dirs.values()):
         return []
     md = ["## AI feedback\n", "### Labeller check\n"]
-    checks = {
-        a: json.loads((d / "check.json").read_text()) if d and (d / "check.json").is_file() else None
-        for a, d in dirs.items()
-    }
+    checks = {a: read_json(d / "check.json") if d else None for a, d in dirs.items()}
     data["labeller_check"] = {label(a): c for a, c in checks.items()}
     if not any(checks.values()):
         md.append(
@@ -80,10 +76,7 @@ def feedback_section(rep) -> list[str]:
             w = c and (c.get("warning") or check_warning(c))
             if w:
                 md.append(f"> **Warning{f' ({label(a)})' if len(arms) > 1 else ''}:** {w}.\n")
-    stats = {
-        a: json.loads((d / "stats.json").read_text()) if d and (d / "stats.json").is_file() else {}
-        for a, d in dirs.items()
-    }
+    stats = {a: (read_json(d / "stats.json") or {}) if d else {} for a, d in dirs.items()}
     keys = [
         ("pairs", "AI-labelled pairs"),
         ("mean_p_a", "mean p(A)"),
