@@ -75,10 +75,18 @@ def bootstrap_ci(
     if n == 0:
         return (float("nan"), float("nan"))
     rng = random.Random(seed)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    lo = means[int(math.floor((1 - level) / 2 * n_boot))]
-    hi = means[min(n_boot - 1, int(math.ceil((1 + level) / 2 * n_boot)) - 1)]
-    return (lo, hi)
+    return _percentiles(
+        sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot)), level
+    )
+
+
+def _percentiles(draws: list[float], level: float) -> tuple[float, float]:
+    """The central `level` interval of sorted bootstrap draws (percentile method)."""
+    m = len(draws)
+    return (
+        draws[int(math.floor((1 - level) / 2 * m))],
+        draws[min(m - 1, int(math.ceil((1 + level) / 2 * m)) - 1)],
+    )
 
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -267,18 +275,12 @@ def cluster_correlation_ci(
     for _ in range(n_boot):
         t = [0.0] * 6
         for _ in range(k):
-            c = clusters[rng.randrange(k)]
-            for i in range(6):
-                t[i] += c[i]
+            t = [u + v for u, v in zip(t, clusters[rng.randrange(k)])]
         n, sx, sy, sxx, syy, sxy = t
         va, vb = sxx - sx * sx / n, syy - sy * sy / n
         if va > 1e-12 * max(sxx, 1e-300) and vb > 1e-12 * max(syy, 1e-300):
             rs.append(max(-1.0, min(1.0, (sxy - sx * sy / n) / math.sqrt(va * vb))))
-    if len(rs) < n_boot / 2:
-        return None
-    rs.sort()
-    m = len(rs)
-    return (rs[int(math.floor((1 - level) / 2 * m))], rs[min(m - 1, int(math.ceil((1 + level) / 2 * m)) - 1)])
+    return _percentiles(sorted(rs), level) if len(rs) >= n_boot / 2 else None
 
 
 def fit_through_origin(f1: list[float], f2: list[float], ys: list[float]) -> tuple[float, float]:

@@ -130,8 +130,13 @@ def length_correlation(
     else:
         ci = cluster_correlation_ci(scores, lengths, groups) if r is not None else None
         method = f"bootstrap over {len(set(groups))} {unit}"
-    out = {"r": r, "ci95": list(ci) if ci else None, "ci_method": method, "n": len(lengths)}
-    out["mostly_length"] = False
+    out = {
+        "r": r,
+        "ci95": list(ci) if ci else None,
+        "ci_method": method,
+        "n": len(lengths),
+        "mostly_length": False,
+    }
     if r is not None and abs(r) >= LENGTH_WARN:
         out["mostly_length"] = True
         out["warning"] = (

@@ -70,7 +70,7 @@ def kl_per_token(logp, ref_logp, mask, estimator: str = "k1") -> torch.Tensor:
         raise ValueError(f"kl estimator '{estimator}': 'k1' or 'k3' expected")
     kl = kl_k1(logp, ref_logp) if estimator == "k1" else kl_k3(logp, ref_logp)
     # selected, not multiplied: k3 of a padded position's arbitrary log-probs can overflow to inf, and inf * 0 is NaN
-    return torch.where(mask.bool(), kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+    return torch.where(mask.bool(), kl, kl.new_zeros(()))
 
 
 # ---- rewards and advantages ----
