@@ -114,6 +114,23 @@ def test_resume_skips_finished_ids_and_tolerates_a_truncated_line(tiny, tmp_path
     assert e.run(reqs, out_path=part, show=False) == expected and rec.batches == []
 
 
+def test_a_batch_written_in_part_reruns_whole_and_samples_what_an_uninterrupted_run_did(tiny, tmp_path):
+    reqs = requests(10)
+    full = tmp_path / "full.jsonl"
+    expected = engine(tiny).run(reqs, out_path=full, show=False)
+    lines = full.read_text().splitlines(keepends=True)
+    # the second batch (rows 4-7) torn after its first row: rows 5-7 are left to do
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
+    e = engine(tiny)
+    rec = Recorder(e.backend)
+    e.backend = rec
+    got = e.run(reqs, out_path=part, show=False)
+    assert [len(b) for b in rec.batches] == [4, 2]  # the torn batch with its batchmates, then the last
+    assert got == expected
+    assert sorted(part.read_text().splitlines()) == sorted(line.rstrip("\n") for line in lines)
+
+
 def test_raw_text_requests_and_unique_ids(tiny):
     e = engine(tiny)
     rows = e.run([{"id": "a", "text": "Once upon a time"}, {"id": "b", "text": "The sea"}], show=False)

@@ -350,8 +350,9 @@ class Engine:
         # round and only the main process appends them. Seeds depend on item ids, so content is identical
         # to a single-process run.
         W, r = dist.world_size(), dist.rank()
-        pending_batches = [[i for i in b if requests[i]["id"] not in done] for b in batches]
-        pending_batches = [b for b in pending_batches if b]
+        # A batch with any row left to do runs whole, with its own seed and batchmates, and keeps the rows not yet
+        # written: a batch written in part (a torn write) then samples what an uninterrupted run samples.
+        pending_batches = [b for b in batches if any(ids[i] not in done for i in b)]
         # the HF backend's decode weights (packed linears, merged LoRA) made once for all batches, not per batch
         with contextlib.ExitStack() as held:
             if isinstance(self.backend, HFBackend):
@@ -361,6 +362,7 @@ class Engine:
                 group = pending_batches[start : start + W]
                 mine = group[r] if r < len(group) else []
                 rows = self._generate_rows(mine, requests, encoded, ids) if mine else []
+                rows = [row for row in rows if row["id"] not in done]
                 all_rows = [row for part in dist.gather_objects(rows) for row in part]
                 if out_path is not None and dist.is_main():
                     append_jsonl(out_path, all_rows)
