@@ -173,6 +173,19 @@ def test_dataset_source_local_folder_and_file(tmp_path):
         load_source(PromptSource(type="dataset", path=str(f)))
 
 
+def test_a_dataset_data_file_with_a_bad_line_is_an_error_naming_it(tmp_path):
+    lines = tmp_path / "d.jsonl"
+    lines.write_text('{"q": "one"}\n{"q": "two"\n{"q": "three"}\n')
+    with pytest.raises(UserError, match=r"d\.jsonl:2: invalid JSON"):
+        load_source(PromptSource(type="dataset", path=str(lines), column="q"))
+    document = tmp_path / "d.json"
+    document.write_text('[\n{"q": "one"},\n{"q": "two"}\n{"q": "three"}\n]\n')
+    with pytest.raises(UserError, match=r"d\.json:4: invalid JSON"):
+        load_source(PromptSource(type="dataset", path=str(document), column="q"))
+    document.write_text('[\n{"q": "one"},\n{"q": "two"}\n]\n')
+    assert len(load_source(PromptSource(type="dataset", path=str(document), column="q"))) == 2
+
+
 def test_dataset_hub_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.time()

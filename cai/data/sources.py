@@ -3,6 +3,7 @@ JSONL files and `datasets` datasets, each a list of prompt rows; the train / hel
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 from cai.data.hh import parse_hh_transcript
 from cai.errors import UserError
 from cai.runtime.models import hub_reachable
-from cai.yamlio import iter_jsonl
+from cai.yamlio import iter_jsonl, load_json
 
 # --- Prompt sets from a recipe's `prompts` block -------------------------------------------------------------
 # A prompt row: {"id", "messages": [{"role", "content"}, ...] ending with a user turn, "category", "source",
@@ -204,6 +205,8 @@ def _read_dataset(src, where: str) -> list[dict]:
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types; the user gets one line
+        if src.path and Path(src.path).is_file() and Path(src.path).suffix in (".json", ".jsonl", ".gz"):
+            _name_bad_json_line(Path(src.path))  # a JSON data file's bad line, named as the jsonl source does
         raise UserError(
             f"{where}: cannot load dataset '{ref}' (split '{src.split}'): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
@@ -227,6 +230,25 @@ def _read_dataset(src, where: str) -> list[dict]:
             }
         )
     return rows
+
+
+def _name_bad_json_line(path: Path) -> None:
+    """Raise the UserError naming the first line of a JSON data file that does not parse, read as one JSON
+    document or, when it is not one and starts with an object, as JSON lines; return when it parses."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+        json.loads(text)
+        return  # one valid document: the loader's own message says what it lacks
+    except (OSError, EOFError, UnicodeDecodeError):
+        return  # not readable as text: the loader's own message says so
+    except json.JSONDecodeError:
+        pass
+    if text.lstrip().startswith("{"):
+        for _ in iter_jsonl(path):
+            pass
+    load_json(path, "dataset file")
 
 
 def _open_dataset(datasets, src, where: str):
