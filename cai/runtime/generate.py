@@ -5,8 +5,7 @@
   beginning all prompts of a batch share (a system prompt) is computed once (cai.runtime.decode).
 - Each batch is seeded from the recipe seed and its item ids, so the same seed and recipe give the same
   text on CPU, also after a resume.
-- `Engine.run(..., out_path=...)` appends each finished batch to a JSONL file; a rerun skips finished ids,
-  so a killed run loses at most one batch.
+- `Engine.run(..., out_path=...)` appends each finished batch to a JSONL file; a rerun skips finished ids.
 
 Generation settings come from the recipe alone: a model's own generation_config.json never applies (see
 `recipe_settings_only`). Backends implement `generate_ids`. `HFBackend` uses `transformers.generate`, with
@@ -350,8 +349,7 @@ class Engine:
         # round and only the main process appends them. Seeds depend on item ids, so content is identical
         # to a single-process run.
         W, r = dist.world_size(), dist.rank()
-        # A batch with any row left to do runs whole, with its own seed and batchmates, and keeps the rows not yet
-        # written: a batch written in part (a torn write) then samples what an uninterrupted run samples.
+        # a batch with rows left to do runs whole (its seed, its batchmates): a torn one samples as if never torn
         pending_batches = [b for b in batches if any(ids[i] not in done for i in b)]
         # the HF backend's decode weights (packed linears, merged LoRA) made once for all batches, not per batch
         with contextlib.ExitStack() as held:
