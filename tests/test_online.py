@@ -4,6 +4,7 @@ report and the sqrt(KL) fit."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -75,6 +76,11 @@ def test_round_two_samples_round_ones_policy_and_a_kill_between_rounds_resumes(r
     assert manifest["summary"]["rounds"][1]["sampled_from"]["hash"] == r1["policy_hash"]
     assert r2["pairs"]["pairs"] > 0 and r2["pm_agreement"]["n"] > 0 and (r2["pm_held_out"]["n"] or 0) >= 1
     assert (out / "rounds" / "round-2" / "pm" / "model" / "score_norm.json").is_file()
+    # round 2's PM continued the stage's PM: no prompt that PM trained on is held out to measure the new one
+    stage_split = json.loads((rdir / "preference_model" / "model" / "pm_split.json").read_text())
+    round_split = json.loads((out / "rounds" / "round-2" / "pm" / "model" / "pm_split.json").read_text())
+    assert round_split["held_out_prompts"] and stage_split["train_prompts"]
+    assert not set(round_split["held_out_prompts"]) & set(stage_split["train_prompts"])
     # ... and its responses are exactly what that policy samples with the round's seed (not the SFT model's)
     c = stage_view(recipe, "policy")
     settings = c.settings.with_(seed=derive_seed(f"{c.settings.seed}:round-2:sample"))

@@ -52,6 +52,27 @@ def test_hard_labels_centring_and_accuracy():
     assert pair_accuracy(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.9, 0.1])) == 0.75
 
 
+def test_a_split_that_continues_a_pm_keeps_its_prompts_on_their_side():
+    from cai.pm.pairs import split_pairs, split_record
+
+    def pairs(prompts):
+        return [{"id": f"{p}:{k}", "prompt_id": p} for p in prompts for k in range(2)]
+
+    first = [f"p{i}" for i in range(20)]
+    train, held = split_pairs(pairs(first), 0.25, 0)
+    record = split_record(train, held)
+    assert len(record["held_out_prompts"]) == 5 and len(record["train_prompts"]) == 15
+    assert split_pairs(pairs(first), 0.25, 0) == (train, held)  # seeded
+    # an online round: the same prompts, one fewer, and 8 new ones (27 prompts: 7 held out)
+    later = first[1:] + [f"q{i}" for i in range(8)]
+    plain = split_record(*split_pairs(pairs(later), 0.25, 0))
+    assert set(plain["held_out_prompts"]) & set(record["train_prompts"])  # without `before`: a leak
+    kept = split_record(*split_pairs(pairs(later), 0.25, 0, record))
+    assert set(kept["held_out_prompts"]) >= set(record["held_out_prompts"]) - {"p0"}
+    assert not set(kept["held_out_prompts"]) & set(record["train_prompts"])
+    assert len(kept["held_out_prompts"]) == 7 and len(kept["train_prompts"]) == 20
+
+
 def test_scores_read_at_last_real_token_any_padding(tiny_dir):
     from cai.runtime.models import load_model, load_tokenizer
 

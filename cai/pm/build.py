@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cai.pm.pairs import held_out_eval, tokenise_pairs
+from cai.pm.pairs import held_out_eval, split_record, tokenise_pairs
 from cai.pm.scoring import NORM_FILE, RewardScorer, scalar_head
 from cai.runtime import distributed as dist
 from cai.runtime.models import load_model, load_tokenizer, peft_config, resolve, wrap_lora
@@ -31,6 +31,7 @@ from cai.runtime.training import (
 from cai.stats import mean_std
 
 ORIGIN_FILE = "pm_origin.json"
+SPLIT_FILE = "pm_split.json"  # the prompt ids a PM trained on and held out (cai.pm.pairs.split_record)
 
 
 def fresh_pm(
@@ -182,6 +183,7 @@ def train_pm(
     if dist.is_main():
         write_origin(out, cfg.backbone, cfg.head, settings.seed)
         write_json(out / NORM_FILE, norm)
+        write_json(out / SPLIT_FILE, split_record(train_rows, eval_rows))
     dist.barrier()
     return {
         "before": before,

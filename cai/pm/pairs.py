@@ -11,17 +11,32 @@ from cai.pm.scoring import can_pack, conversation_ids, pair_scores, sequence_sco
 from cai.runtime.forward import pad
 
 
-def split_pairs(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Train/held-out split by prompt (all pairs of a prompt on one side), seeded."""
-    prompts = sorted({r.get("prompt_id", r["id"]) for r in rows})
-    random.Random(f"{seed}:pm-split").shuffle(prompts)
-    n_eval = int(round(len(prompts) * eval_fraction))
-    if eval_fraction > 0 and n_eval == 0 and len(prompts) > 1:
+def split_pairs(
+    rows: list[dict], eval_fraction: float, seed: int, before: dict | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Train/held-out split by prompt (all pairs of a prompt on one side), seeded. `before` is the split of the
+    PM this one continues from (`pm_split.json`: its train and held-out prompt ids): its prompts keep their side,
+    so nothing it trained on is held out now, and only prompts new to this split fill the held-out share."""
+    ids = {r.get("prompt_id", r["id"]) for r in rows}
+    n_eval = int(round(len(ids) * eval_fraction))
+    if eval_fraction > 0 and n_eval == 0 and len(ids) > 1:
         n_eval = 1
-    held = set(prompts[:n_eval])
+    was_held = set(before["held_out_prompts"]) & ids if before else set()
+    seen = (set(before["train_prompts"]) | was_held) if before else set()
+    fresh = sorted(ids - seen)
+    random.Random(f"{seed}:pm-split").shuffle(fresh)
+    held = was_held | set(fresh[: max(n_eval - len(was_held), 0)])
     return [r for r in rows if r.get("prompt_id", r["id"]) not in held], [
         r for r in rows if r.get("prompt_id", r["id"]) in held
     ]
+
+
+def split_record(train_rows: list[dict], held_rows: list[dict]) -> dict:
+    """A PM's split as `pm_split.json` holds it: the prompt ids it trained on and those it held out."""
+    return {
+        "train_prompts": sorted({r.get("prompt_id", r["id"]) for r in train_rows}),
+        "held_out_prompts": sorted({r.get("prompt_id", r["id"]) for r in held_rows}),
+    }
 
 
 def response_token_count(tokenizer, messages: list[dict], full_ids: list[int]) -> int:

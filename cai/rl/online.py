@@ -2,7 +2,8 @@
 of RL-policy samples: round 1 is the policy stage as usual (against RUN/preference_model); before each later
 round r, the policy that round r − 1 ended with samples fresh response pairs, the feedback model labels them under
 the feedback constitution, and the PM of round r − 1 trains further on the new pairs together with all the old
-ones. The policy then continues from its checkpoint against the new PM. The steps are the feedback stage's
+ones (and the PM block's human_data mix); a prompt keeps the side of the train/held-out split it had for that PM
+(its pm_split.json), so nothing it trained on is held out to measure the next. The policy then continues from its checkpoint against the new PM. The steps are the feedback stage's
 (cai.feedback.pairs) and the preference_model stage's (cai.pm.build).
 
 Layout in the policy stage's folder: rounds/round-<r>/round.json (what the round did, its status), and for a
@@ -21,10 +22,11 @@ from pathlib import Path
 from cai.config.fields import merged_generation
 from cai.constitution.fewshot import feedback_examples
 from cai.constitution.schema import load_constitution
+from cai.data.hh import human_pairs
 from cai.feedback.labeller import build_labeller
 from cai.feedback.pairs import form_pairs, label_pairs, pair_stats, sample_responses
 from cai.hashing import derive_seed, hash_outputs
-from cai.pm.build import responses_of, train_pm
+from cai.pm.build import SPLIT_FILE, responses_of, train_pm
 from cai.pm.pairs import held_out_eval, split_pairs
 from cai.pm.scoring import RewardScorer
 from cai.runtime import distributed as dist
@@ -138,10 +140,14 @@ def refresh(ctx, r: int, prev_pm: Path, prompts: list[dict]) -> Path:
     new = [row for row in sample_and_label(c, out, r, chosen) if row.get("p_a") is not None]
     cfg = c.preference_model
     update_round(out, r, pm_agreement=pm_agreement(prev_pm, c.settings, cfg, new))
-    old = [row for row in read_jsonl(ctx.input_dir("feedback") / "pairs.jsonl") if row.get("p_a") is not None]
+    old = read_jsonl(ctx.input_dir("feedback") / "pairs.jsonl")
     for q in range(2, r):
         old += read_jsonl(round_dir(out, q) / "pairs.jsonl")
-    train, held = split_pairs(old + new, cfg.eval_fraction, c.settings.seed)
+    rows = [row for row in old if row.get("p_a") is not None] + new
+    if cfg.human_data is not None:  # the preference_model stage's mix, kept at its ratio to the AI pairs
+        rows += human_pairs(cfg.human_data.path, cfg.human_data.ratio, len(rows), c.settings.seed)
+    # the previous PM's prompts keep their side: none it trained on is held out to measure this one
+    train, held = split_pairs(rows, cfg.eval_fraction, c.settings.seed, read_json(Path(prev_pm) / SPLIT_FILE))
     new_ids = {row["id"] for row in new}
     # the reward normalisation: the responses of the current policy (the new pairs), those the PM trains on when
     # every new pair went to training
