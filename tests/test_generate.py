@@ -131,6 +131,30 @@ def test_a_batch_written_in_part_reruns_whole_and_samples_what_an_uninterrupted_
     assert sorted(part.read_text().splitlines()) == sorted(line.rstrip("\n") for line in lines)
 
 
+def test_under_several_processes_only_the_main_one_repairs_and_reads_a_resumed_file(
+    tiny, tmp_path, monkeypatch
+):
+    """Every rank repairing and reading one torn file at once made ranks disagree on what was done (their
+    batch plans, and so their collectives, then differ) and could cut finished rows: rank 0 alone repairs and
+    reads, the others take its reading."""
+    from cai.runtime import distributed
+
+    reqs = requests(10)
+    full = tmp_path / "full.jsonl"
+    expected = engine(tiny).run(reqs, out_path=full, show=False)
+    torn = full.read_bytes()[:-5]
+    part = tmp_path / "part.jsonl"
+    part.write_bytes(torn)
+    # a rank other than the main one, to which the main one sends its reading: every row done
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: read_jsonl(full))
+    e = engine(tiny)
+    rec = Recorder(e.backend)
+    e.backend = rec
+    assert e.run(reqs, out_path=part, show=False) == expected
+    assert rec.batches == [] and part.read_bytes() == torn  # nothing planned, the file left to the main rank
+
+
 def test_raw_text_requests_and_unique_ids(tiny):
     e = engine(tiny)
     rows = e.run([{"id": "a", "text": "Once upon a time"}, {"id": "b", "text": "The sea"}], show=False)

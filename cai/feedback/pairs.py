@@ -16,7 +16,7 @@ from cai.feedback.labeller import PairToLabel, check_warning, hh_check
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
 from cai.runtime.generate import Engine
-from cai.runtime.rundir import append_jsonl, read_jsonl, repair_jsonl, write_json
+from cai.runtime.rundir import append_jsonl, resumed_rows, write_json
 
 LABEL_CHUNK = 32  # pairs labelled (and appended to pairs.jsonl) at a time
 
@@ -75,8 +75,7 @@ def form_pairs(
 def label_pairs(labeller, pairs: list[dict], principles: list[list], out_path: Path) -> None:
     """Label the pairs not yet in `out_path`, each under its sampled principles, appending chunk by chunk.
     Every process takes part (the option scoring is split between them); the main process appends."""
-    repair_jsonl(out_path)
-    done = {row["id"] for row in read_jsonl(out_path)}
+    done = {row["id"] for row in resumed_rows(out_path)}
     todo = [i for i, p in enumerate(pairs) if p["id"] not in done]
     chunks = [todo[s : s + LABEL_CHUNK] for s in range(0, len(todo), LABEL_CHUNK)]
     for n, chunk in enumerate(chunks):

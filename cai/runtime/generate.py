@@ -34,7 +34,7 @@ from cai.runtime.decode import (
 )
 from cai.runtime.forward import pad as left_pad
 from cai.runtime.models import load_for_inference, load_tokenizer, resolve
-from cai.runtime.rundir import append_jsonl, read_jsonl, repair_jsonl
+from cai.runtime.rundir import append_jsonl, resumed_rows
 
 SHARE_PREFIX = True  # HFBackend computes a batch's shared beginning once (decode.shared_prefix_inputs)
 
@@ -330,8 +330,7 @@ class Engine:
             raise ValueError("generation requests need unique ids")
         done: dict[str, dict] = {}
         if out_path is not None:
-            repair_jsonl(out_path)
-            done = {row["id"]: row for row in read_jsonl(out_path)}
+            done = {row["id"]: row for row in resumed_rows(out_path)}
         encoded = [self.encode(r) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: (-len(encoded[i]), i))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]

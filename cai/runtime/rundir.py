@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import UserError
+from cai.runtime import distributed as dist
 
 MANIFEST = "manifest.json"
 RUN_INFO = "run.json"  # RUN/run.json: what the latest `cai run` ran with (recipe, constitutions, code)
@@ -151,6 +152,17 @@ def repair_jsonl(path: str | Path) -> None:
     if raw and not raw.endswith(b"\n"):
         cut = raw.rfind(b"\n") + 1
         path.write_bytes(raw[:cut])
+
+
+def resumed_rows(path: str | Path) -> list[dict]:
+    """The rows a resumed JSONL file holds, the same on every process: the main process alone drops a torn last
+    line and reads the file, and the others take its reading (several ranks repairing and reading one file at
+    once disagreed on what was done, and could cut finished rows)."""
+    rows = None
+    if dist.is_main():
+        repair_jsonl(path)
+        rows = read_jsonl(path)
+    return dist.broadcast_object(rows)
 
 
 @dataclass
