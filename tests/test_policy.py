@@ -268,3 +268,21 @@ def test_critic_free_arms_name_the_critic_settings_they_ignore():
     assert unused_settings(arms["rloo"].ppo, "grpo") == expected
     assert unused_settings(arms["ppo"].ppo, "ppo") == []
     assert unused_settings(load_recipe(ROOT / "recipes" / "compare-algorithms.yaml").ppo, "rloo") == []
+
+
+@pytest.mark.parametrize("critic", ["separate", "value_head"])
+def test_critic_warm_up_tells_ddp_to_expect_parameters_without_gradients(critic):
+    """Warm-up updates train the critic alone: a value-head critic's untied LM head gets no gradient either,
+    and DDP without find_unused_parameters stops at the next forward (seen with 2 processes)."""
+    from cai.config.blocks import PPOConfig
+    from cai.runtime.settings import Settings
+    from cai.stages.policy import accelerator
+
+    def handler(warmup):
+        acc = accelerator(
+            Settings(device="cpu"), PPOConfig(critic=critic, critic_warmup_updates=warmup), "ppo"
+        )
+        return getattr(acc, "ddp_handler", None)
+
+    assert handler(2) is not None and handler(2).find_unused_parameters
+    assert handler(0) is None  # no warm-up: DDP's faster default

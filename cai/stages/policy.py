@@ -100,8 +100,9 @@ def accelerator(settings, cfg, algorithm: str):
     from accelerate.utils import DistributedDataParallelKwargs
 
     handlers = []
-    if algorithm == "ppo" and cfg.critic_warmup_updates and cfg.critic == "separate":
-        # warm-up updates leave the policy out of the loss: DDP must expect parameters without gradients
+    if algorithm == "ppo" and cfg.critic_warmup_updates:
+        # warm-up updates leave the policy out of the loss (a separate critic's policy, or a value-head critic's
+        # untied LM head): DDP must expect parameters without gradients
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(
         cpu=dist.accelerator_cpu(settings.torch_device()),
