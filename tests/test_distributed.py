@@ -249,6 +249,7 @@ def test_dpo_on_two_processes_equals_one_process(runs, tmp_path):
         shutil.rmtree(d / "policy")
         sets = COMMON + per_device(1)[:2] + ["policy.algorithm=dpo", "dpo.max_steps=2", "dpo.probe_prompts=1"]
         sets += [f"dpo.batch_size={GLOBAL_BATCH // n}", "dpo.learning_rate=1e-3", "dpo.probe_every=10"]
+        sets += ["dpo.eval_fraction=0.34"]  # held-out pairs that each process holds a share of
         if n == 1:
             launch([sys.executable] + cai_run(d, sets, only=["policy"]))
         else:
@@ -257,6 +258,17 @@ def test_dpo_on_two_processes_equals_one_process(runs, tmp_path):
     batch = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
     compare_metrics(out[1], out[2], "policy", steps=2, batch_metrics=batch)
     compare_weights(out[1] / "policy" / "policy", out[2] / "policy" / "policy")
+    # the held-out implicit accuracy counts every process's pairs, and the token count every process's tokens
+    evals = [json.loads((out[n] / "policy" / "eval.json").read_text()) for n in (1, 2)]
+    for key in ("held_out_before", "held_out"):
+        assert evals[0][key]["n"] == evals[1][key]["n"] >= 2
+        assert evals[0][key]["accuracy"] == evals[1][key]["accuracy"]
+        assert_close(evals[0][key]["mean_margin"], evals[1][key]["mean_margin"], 1e-3, key)
+    tokens = [
+        [r["policy_tokens"] for r in read_jsonl(out[n] / "policy" / "metrics.jsonl") if "loss" in r]
+        for n in (1, 2)
+    ]
+    assert tokens[0] == tokens[1] and tokens[0][-1] > 0
 
 
 # ------------------------------------------------------------------------------------------- DeepSpeed

@@ -179,11 +179,15 @@ class SoftDPOTrainer(DPOTrainer):
         if self.model.training and "loss" in logs and self._t_last is not None:
             now = time.perf_counter()
             seconds = max(now - self._t_last - self.probe_seconds, 1e-9)
-            self._tokens_total += self._tokens
+            # every process's tokens (each logs; the main process writes), as PPO counts them
+            tokens = int(
+                self.accelerator.reduce(torch.tensor(self._tokens, device=self.accelerator.device), "sum")
+            )
+            self._tokens_total += tokens
             logs.update(
                 {
                     "time/train": seconds,
-                    "tokens_per_s": self._tokens / seconds,
+                    "tokens_per_s": tokens / seconds,
                     "policy_tokens": self._tokens_total,
                 }
             )
@@ -239,8 +243,9 @@ def implicit_accuracy(trainer: SoftDPOTrainer) -> dict:
     for inputs in trainer.get_eval_dataloader():
         inputs = trainer._prepare_inputs(inputs)
         (pc, pr), (rc, rr) = trainer.pair_logps(model, inputs)
-        margin = (trainer.beta * ((pc - rc) - (pr - rr))).float()
-        keep = inputs["p"].to(margin.device) != 0.5
+        # every process's share of the eval pairs (accelerate shards them), the last batch's padding dropped
+        margin = trainer.accelerator.gather_for_metrics((trainer.beta * ((pc - rc) - (pr - rr))).float())
+        keep = trainer.accelerator.gather_for_metrics(inputs["p"].to(margin.device).float()) != 0.5
         wins += float(((margin > 0).float() + 0.5 * (margin == 0).float())[keep].sum())
         n += int(keep.sum())
         margins += margin[keep].tolist()
