@@ -117,6 +117,24 @@ def test_explained_variance():
     assert math.isnan(float(pm.explained_variance(ret, torch.ones_like(ret), MASK)))
 
 
+
+def test_explained_variance_over_processes_is_the_whole_batchs():
+    """Two processes' halves: the variance over both (what the trainer passes) gives the whole batch's explained
+    variance; the mean of each half's does not."""
+    g = torch.Generator().manual_seed(0)
+    ret, val = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    mask = torch.ones(4, 6)
+    mask[1, 4:] = 0
+    whole = float(pm.explained_variance(val, ret, mask))
+
+    def over_both(x, m):  # as global_stats sums both halves' moments
+        return pm.masked_var(x, m, unbiased=False)
+
+    halves = [(val[i : i + 2], ret[i : i + 2], mask[i : i + 2]) for i in (0, 2)]
+    mean_of_halves = sum(float(pm.explained_variance(*h)) for h in halves) / 2
+    assert abs(mean_of_halves - whole) > 0.05
+    assert float(pm.explained_variance(val, ret, mask, over_both)) == pytest.approx(whole, abs=1e-6)
+
 def test_entropy_from_logits():
     from cai.runtime.forward import logit_entropy
 

@@ -186,10 +186,13 @@ def value_loss(values, old_values, returns, mask, clip_range: float, n_tokens=No
     return loss, clipfrac
 
 
-def explained_variance(values, returns, mask) -> torch.Tensor:
-    """1 − Var[R − V] / Var[R] over real tokens (nan when the returns do not vary)."""
-    var_r = masked_var(returns, mask, unbiased=False)
-    ev = 1.0 - masked_var(returns - values, mask, unbiased=False) / var_r
+def explained_variance(values, returns, mask, variance=None) -> torch.Tensor:
+    """1 − Var[R − V] / Var[R] over real tokens (nan when the returns do not vary). `variance(x, mask)` is the
+    masked variance of this batch by default; under several processes the trainer passes one over all of them
+    (a mean of per-process ratios is not the batch's ratio)."""
+    variance = variance or (lambda x, m: masked_var(x, m, unbiased=False))
+    var_r = variance(returns, mask)
+    ev = 1.0 - variance(returns - values, mask) / var_r
     return torch.where(var_r > 0, ev, torch.full_like(ev, float("nan")))
 
 

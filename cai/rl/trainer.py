@@ -226,8 +226,8 @@ class PPOTrainer(OnPolicyTrainer):
             **self._sample_stats(s, kl_seq, beta),
             "objective/reward": self._mean(score.mean()),
             "objective/non_score_reward": self._mean(non_score.sum(1).mean()),
-            "val/explained_variance": self._mean(
-                pm.explained_variance(values, returns, mask).nan_to_num(0.0)
+            "val/explained_variance": float(
+                pm.explained_variance(values, returns, mask, lambda x, m: global_stats(x, m)[1]).nan_to_num(0.0)
             ),
         }
         return Rollout(
