@@ -111,6 +111,51 @@ def test_hh_source_gives_the_conversation_up_to_the_last_human_turn(shared_data)
     assert len(train) == 40 and len(held) == 10
 
 
+def test_hh_files_of_one_name_in_two_folders_give_distinct_ids(tmp_path):
+    """HH ships harmless-base/train.jsonl.gz and helpful-base/train.jsonl.gz: ids made from the file name alone
+    clashed ("train-1" twice) and the GPU recipes' prompts did not load."""
+    for folder, word in (("harmless-base", "steal"), ("helpful-base", "bake")):
+        (tmp_path / folder).mkdir()
+        text = f"\n\nHuman: how do I {word}?\n\nAssistant: like this"
+        (tmp_path / folder / "train.jsonl").write_text(json.dumps({"chosen": text, "rejected": text}) + "\n")
+    both = cfg(
+        *(
+            {"type": "hh", "path": str(tmp_path / f / "train.jsonl")}
+            for f in ("harmless-base", "helpful-base")
+        )
+    )
+    train, _ = load_prompts(both, 0)
+    assert sorted(r["id"] for r in train) == ["harmless-base/train-1", "helpful-base/train-1"]
+    alone, _ = load_prompts(cfg({"type": "hh", "path": str(tmp_path / "helpful-base" / "train.jsonl")}), 0)
+    assert [r["id"] for r in alone] == ["train-1"]  # a name no other source has keeps its ids
+
+
+def test_an_hh_pair_whose_replies_answer_different_conversations_is_left_out(tmp_path):
+    """Two harmless-base dev rows glue the last human turn into an assistant turn on one side only: their
+    replies answer different questions, so the row is not a preference pair."""
+    from cai.data.hh import NotComparable, hh_pair_rows
+    from cai.eval.suites import load_items, suite_from_data
+
+    good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    glued = {
+        "chosen": "\n\nHuman: a\n\nAssistant: b Human: c?\n\nAssistant: d",
+        "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c?\n\nAssistant: e",
+    }
+    ends_with_assistant = {
+        "chosen": "\n\nHuman: a\n\nAssistant: b\n\nAssistant: d",
+        "rejected": "\n\nHuman: a\n\nAssistant: b\n\nAssistant: e",
+    }
+    for row in (glued, ends_with_assistant):
+        with pytest.raises(NotComparable):
+            split_hh_pair(row)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, glued, good)))
+    rows, skipped = hh_pair_rows(path)
+    assert len(rows) == 2 and skipped == 1
+    items = load_items(suite_from_data(path))
+    assert sorted(it.id for it in items) == ["pairs:1", "pairs:3"]
+
+
 def test_parse_hh_transcript_roles():
     msgs = parse_hh_transcript("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: so")
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
@@ -184,6 +229,19 @@ def test_a_dataset_data_file_with_a_bad_line_is_an_error_naming_it(tmp_path):
         load_source(PromptSource(type="dataset", path=str(document), column="q"))
     document.write_text('[\n{"q": "one"},\n{"q": "two"}\n]\n')
     assert len(load_source(PromptSource(type="dataset", path=str(document), column="q"))) == 2
+
+
+def test_a_dataset_folder_with_a_bad_line_names_its_file_and_rows_count_from_one(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"q": "one"}\n')
+    (folder / "b.jsonl").write_text('{"q": "two"}\n{"q": \n')
+    with pytest.raises(UserError, match=r"b\.jsonl:2: invalid JSON"):
+        load_source(PromptSource(type="dataset", path=str(folder), column="q"))
+    rows = tmp_path / "r.jsonl"
+    rows.write_text('{"q": "one"}\n{"q": "two"}\n{"q": ""}\n')
+    with pytest.raises(UserError, match="row 3"):  # the third row, the file's line 3
+        load_source(PromptSource(type="dataset", path=str(rows), column="q"))
 
 
 def test_dataset_hub_name_offline_is_a_clear_error(monkeypatch):

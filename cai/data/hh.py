@@ -35,6 +35,11 @@ def parse_hh_transcript(text: str) -> list[dict]:
     return [{"role": t["role"], "content": t["content"]} for t in parse_transcript(text)]
 
 
+class NotComparable(ValueError):
+    """An HH row whose two replies answer different conversations (2 of the 1800 harmless-base dev rows: the
+    last human turn glued into an assistant turn on one side), left out wherever pairs are read."""
+
+
 def split_hh_pair(row: dict) -> tuple[list[dict], str, str]:
     """An HH preference row → (conversation up to the last human turn, chosen reply, rejected reply); a ValueError
     for a row that is not one."""
@@ -43,6 +48,11 @@ def split_hh_pair(row: dict) -> tuple[list[dict], str, str]:
     chosen, rejected = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
     if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
         raise ValueError("an HH pair must end with an assistant turn")
+    if chosen[:-1] != rejected[:-1] or len(chosen) < 2 or chosen[-2]["role"] != "user":
+        # a reply is only comparable to one answering the same conversation, which ends with the human
+        raise NotComparable(
+            "an HH pair's two transcripts must share the conversation up to a last human turn"
+        )
     return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
 
 

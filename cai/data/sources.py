@@ -31,10 +31,16 @@ def load_prompts(cfg, seed: int) -> tuple[list[dict], list[dict]]:
     the mix of sources. `helpful_fraction`, if set, trims the training rows to that share of helpful prompts.
     """
     train, held, seen_ids, seen_text = [], [], set(), set()
+    stems = [_stem(Path(src.path)) if src.path else None for src in cfg.sources]
     for i, src in enumerate(cfg.sources):
         where = f"prompts.sources[{i}]"
+        # files of one name in two folders (HH's harmless-base/train and helpful-base/train): their ids made
+        # from the name carry the folder too
+        prefix = (
+            f"{Path(src.path).parent.name}/{stems[i]}" if stems[i] and stems.count(stems[i]) > 1 else None
+        )
         rows = []
-        for row in load_source(src, where):
+        for row in load_source(src, where, prefix):
             key = _conversation_key(row["messages"])
             if key in seen_text:
                 continue
@@ -58,18 +64,19 @@ def load_prompts(cfg, seed: int) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
-def load_source(src, where: str = "prompts.sources") -> list[dict]:
-    """All prompt rows of one `PromptSource`, in file order, after the category filter."""
+def load_source(src, where: str = "prompts.sources", prefix: str | None = None) -> list[dict]:
+    """All prompt rows of one `PromptSource`, in file order, after the category filter. Rows without an id of
+    their own get `<prefix>-<line>`, the prefix being the file's name without its suffixes unless given."""
     if src.type == "builtin":
         rows = []
         for kind in src.kinds:
             rows.extend(_read_builtin(kind))
     elif src.type == "hh":
-        rows = _read_hh(_need_file(src, where), src.kind)
+        rows = _read_hh(_need_file(src, where), src.kind, prefix)
     elif src.type == "jsonl":
-        rows = _read_jsonl(_need_file(src, where), src.column, src.kind)
+        rows = _read_jsonl(_need_file(src, where), src.column, src.kind, prefix)
     elif src.type == "dataset":
-        rows = _read_dataset(src, where)
+        rows = _read_dataset(src, where, prefix)
     else:  # pragma: no cover - the schema rejects other types
         raise UserError(f"{where}.type: unknown source type '{src.type}'")
     if src.categories is not None:
@@ -143,8 +150,8 @@ def _read_builtin(kind: str) -> list[dict]:
     return rows
 
 
-def _read_hh(path: Path, kind: str) -> list[dict]:
-    rows, stem = [], _stem(path)
+def _read_hh(path: Path, kind: str, prefix: str | None) -> list[dict]:
+    rows, stem = [], prefix or _stem(path)
     for n, obj in iter_jsonl(path):
         text = obj.get("chosen", obj.get("prompt"))
         if not isinstance(text, str) or not isinstance(obj.get("rejected", ""), str):
@@ -164,8 +171,8 @@ def _read_hh(path: Path, kind: str) -> list[dict]:
     return rows
 
 
-def _read_jsonl(path: Path, column: str, kind: str) -> list[dict]:
-    rows, stem = [], _stem(path)
+def _read_jsonl(path: Path, column: str, kind: str, prefix: str | None) -> list[dict]:
+    rows, stem = [], prefix or _stem(path)
     for n, obj in iter_jsonl(path):
         if column not in obj:
             raise UserError(f"{path}:{n}: key '{column}' (prompts column) is missing")
@@ -191,7 +198,7 @@ def _read_jsonl(path: Path, column: str, kind: str) -> list[dict]:
     return rows
 
 
-def _read_dataset(src, where: str) -> list[dict]:
+def _read_dataset(src, where: str, prefix: str | None) -> list[dict]:
     """A `datasets` dataset: a local folder (save_to_disk or data files), a data file, or a hub name."""
     ref = src.path or src.name
     if not ref:
@@ -205,8 +212,11 @@ def _read_dataset(src, where: str) -> list[dict]:
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types; the user gets one line
-        if src.path and Path(src.path).is_file() and Path(src.path).suffix in (".json", ".jsonl", ".gz"):
-            _name_bad_json_line(Path(src.path))  # a JSON data file's bad line, named as the jsonl source does
+        # a JSON data file's bad line (of the file, or of a folder's files), named as the jsonl source does
+        files = sorted(Path(src.path).rglob("*")) if src.path and Path(src.path).is_dir() else [Path(ref)]
+        for f in files:
+            if src.path and f.is_file() and f.suffix in (".json", ".jsonl", ".gz"):
+                _name_bad_json_line(f)
         raise UserError(
             f"{where}: cannot load dataset '{ref}' (split '{src.split}'): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
@@ -219,11 +229,11 @@ def _read_dataset(src, where: str) -> list[dict]:
     for n, obj in enumerate(ds):
         row_kind = obj.get("kind") or src.kind
         if row_kind not in KINDS:
-            raise UserError(f"{where}: dataset '{ref}' row {n}: 'kind' must be one of {list(KINDS)}")
+            raise UserError(f"{where}: dataset '{ref}' row {n + 1}: 'kind' must be one of {list(KINDS)}")
         rows.append(
             {
-                "id": str(obj.get("id") or f"{label}-{n}"),
-                "messages": to_messages(obj[src.column], f"{where}: dataset '{ref}' row {n}"),
+                "id": str(obj.get("id") or f"{prefix or label}-{n}"),
+                "messages": to_messages(obj[src.column], f"{where}: dataset '{ref}' row {n + 1}"),
                 "category": str(obj.get("category") or "dataset"),
                 "source": f"dataset:{label}",
                 "kind": row_kind,

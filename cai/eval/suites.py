@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cai.data.hh import parse_hh_transcript, split_hh_pair
+from cai.data.hh import NotComparable, parse_hh_transcript, split_hh_pair
 from cai.errors import UserError
 from cai.yamlio import iter_jsonl, line_of, load_json, load_validated, named_file
 
@@ -160,12 +160,15 @@ def _letter(opt: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _item(spec: SuiteSpec, path: Path, n: int, row: dict) -> Item:
+def _item(spec: SuiteSpec, path: Path, n: int, row: dict) -> Item | None:
     where = f"{path}:{n}"
     iid = f"{path.stem}:{n}"
     try:
         if spec.format == "hh_pairs":
-            messages, chosen, rejected = split_hh_pair(row)
+            try:
+                messages, chosen, rejected = split_hh_pair(row)
+            except NotComparable:
+                return None  # left out, as the PM's human pairs and the labeller check leave it out
             return Item(iid, path.stem, messages, [chosen, rejected])
         if spec.format == "ai_risk":
             q = row["question"]
@@ -240,7 +243,7 @@ def load_items(spec: SuiteSpec, limit: int | None = None, seed: int = 0) -> list
         matches = sorted(glob.glob(pattern)) or [pattern]
         for m in matches:
             path = Path(m)
-            items = [_item(spec, path, n, row) for n, row in _rows(path)]
+            items = [it for n, row in _rows(path) if (it := _item(spec, path, n, row)) is not None]
             random.Random(f"{seed}:{path.name}").shuffle(items)
             per_file.append(items)
     limit = limit or spec.limit
