@@ -69,6 +69,20 @@ def test_echo_and_degenerate_filters():
     assert revision_problem("I can't help with that, but here is a safer idea.", [req]) is None
 
 
+def test_a_prompts_system_turn_stays_before_the_few_shot_examples():
+    prompt = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hi?"}]
+    fewshot = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    msgs = conversation(prompt, "Arr.", [{"critique_request": "CR"}], fewshot)
+    assert [(m["role"], m["content"]) for m in msgs] == [
+        ("system", "You are a pirate."),
+        ("user", "Q"),
+        ("assistant", "A"),
+        ("user", "Hi?"),
+        ("assistant", "Arr."),
+        ("user", "CR"),
+    ]
+
+
 def test_conversation_carries_on_round_after_round():
     prompt = [{"role": "user", "content": "How do I pick a lock?"}]
     r1 = {"critique_request": "CR1", "critique": "C1", "revision_request": "RR1", "revision": "R1"}

@@ -123,14 +123,17 @@ def sample_principle(constitution, seed: int, prompt_id: str, round_no: int):
 def conversation(
     prompt: list[dict], initial: str, rounds: list[dict], fewshot: list[dict] | None = None
 ) -> list[dict]:
-    """Few-shot examples, the prompt, the initial answer and each round's critique/revision turns.
+    """The prompt's system turns, few-shot examples, the rest of the prompt, the initial answer and each round's
+    critique/revision turns (a system turn stays first, where the initial answer saw it and templates want it).
 
     A round is {'critique_request', 'critique'?, 'revision_request'?, 'revision'?}; turns are added while present,
     so the last round may stop after its critique request (to generate the critique) or its revision request.
     """
+    k = next((i for i, m in enumerate(prompt) if m["role"] != "system"), len(prompt))
     msgs = (
-        [dict(m) for m in (fewshot or [])]
-        + [dict(m) for m in prompt]
+        [dict(m) for m in prompt[:k]]
+        + [dict(m) for m in (fewshot or [])]
+        + [dict(m) for m in prompt[k:]]
         + [{"role": "assistant", "content": initial}]
     )
     for r in rounds:
