@@ -569,3 +569,74 @@ def test_prompts_sharing_too_little_or_under_zero3_are_generated_as_one_padded_b
     # ZeRO-3 processes must run as many forwards as each other, and another's prompts may share nothing
     monkeypatch.setattr(dist, "engine", lambda: "deepspeed-zero3")
     assert decode.shared_prefix_inputs(model, shared, tok.pad_token_id, "cpu") is None
+
+
+def test_repetition_penalty_reads_each_rows_own_tokens_by_hand():
+    import torch
+
+    from cai.runtime.decode import RowRepetitionPenalty
+
+    penalty = RowRepetitionPenalty([[3, 4], [5]], 2.0)
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, -1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0, -1.0]])
+    left_padded = torch.tensor([[3, 4], [0, 5]])  # row 1's pad (id 0) is not one of its tokens
+    got = penalty(left_padded, scores.clone())
+    assert got.tolist() == [[1, 1, 1, 0.5, -2, 1], [1, 1, 1, 1, 1, -2]]
+    got = penalty(torch.tensor([[3, 4, 1], [0, 5, 3]]), scores.clone())  # each row appended a token
+    assert got.tolist() == [[1, 0.5, 1, 0.5, -2, 1], [1, 1, 1, 0.5, 1, -2]]
+
+
+def test_a_rows_repetition_penalty_does_not_depend_on_its_batchmates(tiny, monkeypatch):
+    """Left padding is the EOS token here: transformers' penalty read it as a token of the padded row, so a
+    short prompt's EOS was penalised beside a longer prompt and not alone (vLLM never sees padding)."""
+    import copy
+
+    import torch
+
+    from cai.runtime import decode
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    with (
+        torch.no_grad()
+    ):  # the tiny model's EOS row is zero (its logit 0, which no penalty moves): a real one
+        model.get_input_embeddings().weight[tok.eos_token_id] = torch.randn(model.config.hidden_size) * 0.5
+    seen, own = [], decode.InverseTransformSampler.__call__
+    monkeypatch.setattr(
+        decode.InverseTransformSampler,
+        "__call__",
+        lambda self, i, s: seen.append(s.clone()) or own(self, i, s),
+    )
+    short = {"id": "a", "text": "Once upon a time"}
+    long = {"id": "b", "text": "Once upon a time there was a very long prompt indeed, " * 3}
+    sampling = Sampling(max_new_tokens=1, temperature=1.0, repetition_penalty=1.5)
+    first = []
+    for reqs in ([short], [short, long]):
+        seen.clear()
+        Engine(model, tok, sampling, batch_size=8, seed=0).run(reqs, show=False)
+        first.append(seen[0][-1])  # the short prompt is the last row (longest first)
+    assert torch.allclose(first[0], first[1], atol=1e-5)
+
+
+def test_stop_strings_are_looked_for_in_the_response_alone_and_end_it_there(tiny):
+    """transformers' stop_strings matched a stop string begun by the prompt's last character, and the padding
+    written after the stopped row then read as a sampled EOS (mask 1, finished) that PPO would train on."""
+    from cai.runtime.generate import HFBackend
+
+    model, tok = tiny
+    backend = HFBackend(model, tok)
+    ids = [
+        tok(p, add_special_tokens=False)["input_ids"] for p in ("Once upon a time:", "A much longer prompt")
+    ]
+    sampled = Sampling(max_new_tokens=6, temperature=1.0)
+    plain = backend.generate_ids(ids, sampled, 1)
+    first, second = (tok.decode(plain.response_ids[0, k : k + 1].tolist()) for k in (0, 1))
+    across = ":" + first  # begun by the prompt's last character
+    assert across not in tok.decode(plain.response_ids[0].tolist())
+    got = backend.generate_ids(ids, Sampling(max_new_tokens=6, temperature=1.0, stop_strings=(across,)), 1)
+    assert got.response_ids.tolist() == plain.response_ids.tolist()  # no stop inside either response
+    assert got.response_mask.tolist() == plain.response_mask.tolist() == [[1] * 6] * 2
+    assert got.finished.tolist() == plain.finished.tolist() == [False, False]
+    inside = Sampling(max_new_tokens=6, temperature=1.0, stop_strings=(first + second,))
+    got = backend.generate_ids(ids, inside, 1)
+    assert got.response_mask[0].tolist() == [1, 1, 0, 0, 0, 0] and bool(got.finished[0])  # up to the stop
+    assert got.response_ids[0, :2].tolist() == plain.response_ids[0, :2].tolist()

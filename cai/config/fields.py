@@ -51,7 +51,11 @@ class GenerationConfig(Strict):
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables it.")
-    repetition_penalty: float = Field(1.0, gt=0.0, description="HF repetition penalty; 1.0 disables it.")
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0.0,
+        description="Repetition penalty (CTRL's, as transformers and vLLM apply it) over each row's prompt and reply tokens; 1.0 disables it.",
+    )
 
 
 class GenerationOverride(Strict):

@@ -8,7 +8,8 @@ or a logits processor that leaves the model as it was:
 - `shared_prefix_inputs`: the beginning every prompt of a batch shares (a chat template's system prompt, one
   prompt sampled k times) computed once, its key-value cache repeated to every row;
 - `sampling_processors`: the next token drawn by inverse transform from the recipe's distribution, one random
-  number per row instead of one per vocabulary entry.
+  number per row instead of one per vocabulary entry, after a repetition penalty over each row's own tokens;
+- `ResponseStopStrings`: stop strings looked for in the response alone.
 
 Each is exact in what it computes or samples; the linears' sums run in another order (last bits of the logits),
 and the sampler draws other tokens than transformers' for a seed. Figures: docs/benchmarks.md, "Decode step".
@@ -224,17 +225,20 @@ def shared_prefix_inputs(model, prompts: list[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device), cache
 
 
-def sampling_processors(sampling) -> list | None:
+def sampling_processors(sampling, prompts: list[list[int]] | None = None) -> list | None:
     """transformers logits processors that draw each next token from exactly the distribution `sampling`
-    describes: logits divided by the temperature, then top-k, then top-p (transformers' own warpers, in the order
-    its sampling applies them), then `InverseTransformSampler`, which leaves the drawn token's score at 0 and
-    every other at -inf so that generation with `do_sample` off (an argmax) takes it. None at temperature 0
-    (greedy)."""
-    if sampling.temperature <= 0:
-        return None
+    describes: the repetition penalty over each row's own tokens (`RowRepetitionPenalty`, given the `prompts`),
+    logits divided by the temperature, then top-k, then top-p (transformers' own warpers, in the order its
+    sampling applies them), then `InverseTransformSampler`, which leaves the drawn token's score at 0 and every
+    other at -inf so that generation with `do_sample` off (an argmax) takes it. At temperature 0 (greedy) only
+    the penalty, or None."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     steps = []
+    if sampling.repetition_penalty != 1.0 and prompts is not None:
+        steps.append(RowRepetitionPenalty(prompts, sampling.repetition_penalty))
+    if sampling.temperature <= 0:
+        return LogitsProcessorList(steps) if steps else None
     if sampling.temperature != 1.0:
         steps.append(TemperatureLogitsWarper(sampling.temperature))
     if sampling.top_k:
@@ -242,6 +246,69 @@ def sampling_processors(sampling) -> list | None:
     if sampling.top_p < 1.0:
         steps.append(TopPLogitsWarper(top_p=sampling.top_p))
     return LogitsProcessorList([*steps, InverseTransformSampler()])
+
+
+class RowRepetitionPenalty:
+    """The repetition penalty over the tokens of each row's own prompt and of what it generated so far: a seen
+    token's positive logit divided by the penalty, a negative one multiplied (as transformers and vLLM define
+    it). transformers' processor reads every id of `input_ids`, so a left-padded row's padding (often the EOS
+    token) was penalised too, making a row's text depend on its batchmates and differ from vLLM's; and a prefix
+    held only in the key-value cache (`shared_prefix_inputs`) was not penalised at all."""
+
+    def __init__(self, prompts: list[list[int]], penalty: float):
+        self.prompts, self.penalty, self.seen = prompts, penalty, None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.seen is None:  # the first step: the prompts' tokens
+            self.seen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+            for row, ids in enumerate(self.prompts):
+                self.seen[row, torch.as_tensor(ids, dtype=torch.long, device=scores.device)] = True
+        else:  # later steps: the token the previous step appended
+            self.seen.scatter_(1, input_ids[:, -1:], True)
+        penalised = torch.where(scores > 0, scores / self.penalty, scores * self.penalty)
+        return torch.where(self.seen, penalised, scores)
+
+
+class ResponseStopStrings:
+    """A stopping criterion for `model.generate`: a row stops when its response (the tokens after `start`, the
+    padded prompt's length) contains a stop string, found in the last tokens' text at each step. transformers'
+    `stop_strings` also matched a stop string begun by the prompt's end, and the padding written after a stopped
+    row then read as a sampled EOS. `ends[row]` is the number of response tokens up to the one that completed the
+    stop string (0 while the row has not stopped), so the caller masks what follows, as vLLM cuts there."""
+
+    def __init__(self, tokenizer, stops, start: int):
+        self.tokenizer, self.stops, self.start, self.ends = tokenizer, tuple(stops), start, None
+        self.window = max(len(s) for s in self.stops) + 4  # tokens: a stop string ends within the last ones
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        if self.ends is None:
+            self.ends = torch.zeros(input_ids.shape[0], dtype=torch.long)
+        n = input_ids.shape[1] - self.start
+        for row in (self.ends == 0).nonzero().flatten().tolist():
+            tail = input_ids[row, max(self.start, input_ids.shape[1] - self.window) :].tolist()
+            if any(s in self.tokenizer.decode(tail, skip_special_tokens=True) for s in self.stops):
+                self.ends[row] = n
+        return (self.ends > 0).to(input_ids.device)
+
+
+def cut_responses(resp, eos: int, pad: int, stop_ends=None):
+    """(responses, mask, finished) of generated tokens: each row kept up to and including its first EOS or, with
+    `stop_ends` (ResponseStopStrings.ends: > 0 for a row a stop string stopped), the token that completed its
+    stop string; padding after that. A row is finished when it sampled an EOS or stopped on a string."""
+    import torch
+
+    is_eos = resp == eos
+    keep = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS before this position
+    finished = (is_eos & keep).any(-1)
+    if stop_ends is not None:
+        stopped = stop_ends > 0
+        keep &= ~stopped[:, None] | (torch.arange(resp.shape[1]) < stop_ends[:, None])
+        finished |= stopped
+    return torch.where(keep, resp, torch.full_like(resp, pad)), keep.long(), finished
 
 
 class InverseTransformSampler:

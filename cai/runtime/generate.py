@@ -26,6 +26,8 @@ from cai.hashing import derive_seed
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
 from cai.runtime.decode import (
+    ResponseStopStrings,
+    cut_responses,
     grouped_kv_attention,
     merged_lora_linears,
     packed_linears,
@@ -124,6 +126,7 @@ class HFBackend:
         import contextlib
 
         import torch
+        from transformers import StoppingCriteriaList
 
         tok = self.tokenizer
         pad, eos = tok.pad_token_id, tok.eos_token_id
@@ -131,9 +134,8 @@ class HFBackend:
         ids, mask = left_pad(prompts, pad)
         P = ids.shape[1]
         config = generation_config(sampling, tok, with_logits)
-        kwargs = (
-            dict(stop_strings=list(sampling.stop_strings), tokenizer=tok) if sampling.stop_strings else {}
-        )
+        stops = ResponseStopStrings(tok, sampling.stop_strings, P) if sampling.stop_strings else None
+        kwargs = {"stopping_criteria": StoppingCriteriaList([stops])} if stops else {}
         was_training = self.model.training
         self.model.eval()
         torch.manual_seed(seed)
@@ -154,7 +156,7 @@ class HFBackend:
                 input_ids=given,
                 attention_mask=given_mask,
                 generation_config=config,
-                logits_processor=sampling_processors(sampling),
+                logits_processor=sampling_processors(sampling, prompts),
                 **kwargs,
             )
         logits = None
@@ -163,26 +165,22 @@ class HFBackend:
             out = out.sequences
         if was_training:
             self.model.train()
-        resp = out[:, P:].cpu()
-        is_eos = resp == eos
-        seen_eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-        rmask = (~seen_eos_before).long()
-        resp = torch.where(rmask.bool(), resp, torch.full_like(resp, pad))
-        finished = (is_eos & rmask.bool()).any(-1)
+        ends = stops.ends if stops is not None else None
+        resp, rmask, finished = cut_responses(out[:, P:].cpu(), eos, pad, ends)
         return Generated(ids, mask, resp, rmask, finished, logits)
 
 
 def generation_config(sampling: Sampling, tokenizer, with_logits: bool = False):
-    """The transformers GenerationConfig of `sampling` for `HFBackend`: the length, the repetition penalty, and
-    transformers' own sampling off (its temperature, top-k and top-p apply only to it), because
-    `cai.runtime.decode.sampling_processors` applies the temperature, top-k and top-p and draws the token; a
-    model's own defaults are set aside by `recipe_settings_only`."""
+    """The transformers GenerationConfig of `sampling` for `HFBackend`: the length, and transformers' own
+    sampling and repetition penalty off, because `cai.runtime.decode.sampling_processors` applies the penalty
+    (over each row's own tokens), the temperature, top-k and top-p and draws the token; a model's own defaults
+    are set aside by `recipe_settings_only`."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
         do_sample=False,
-        repetition_penalty=sampling.repetition_penalty,
+        repetition_penalty=1.0,  # the recipe's is decode.RowRepetitionPenalty's, over each row's own tokens
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,
