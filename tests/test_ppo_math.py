@@ -117,7 +117,6 @@ def test_explained_variance():
     assert math.isnan(float(pm.explained_variance(ret, torch.ones_like(ret), MASK)))
 
 
-
 def test_explained_variance_over_processes_is_the_whole_batchs():
     """Two processes' halves: the variance over both (what the trainer passes) gives the whole batch's explained
     variance; the mean of each half's does not."""
@@ -134,6 +133,7 @@ def test_explained_variance_over_processes_is_the_whole_batchs():
     mean_of_halves = sum(float(pm.explained_variance(*h)) for h in halves) / 2
     assert abs(mean_of_halves - whole) > 0.05
     assert float(pm.explained_variance(val, ret, mask, over_both)) == pytest.approx(whole, abs=1e-6)
+
 
 def test_entropy_from_logits():
     from cai.runtime.forward import logit_entropy

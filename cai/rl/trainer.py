@@ -227,7 +227,9 @@ class PPOTrainer(OnPolicyTrainer):
             "objective/reward": self._mean(score.mean()),
             "objective/non_score_reward": self._mean(non_score.sum(1).mean()),
             "val/explained_variance": float(
-                pm.explained_variance(values, returns, mask, lambda x, m: global_stats(x, m)[1]).nan_to_num(0.0)
+                pm.explained_variance(values, returns, mask, lambda x, m: global_stats(x, m)[1]).nan_to_num(
+                    0.0
+                )
             ),
         }
         return Rollout(
