@@ -330,11 +330,19 @@ def test_word_diff():
 def test_diff_added_removed_changed(tmp_path, capsys):
     old = write(tmp_path, "old.yaml", GOOD)
     new_text = GOOD.replace("Find the harm in the last response.", "Find every harm in the last response.")
-    new_text = new_text.replace("id: beta", "id: gamma")  # beta removed, gamma added
+    new_text = new_text.replace("id: beta", "id: gamma")  # beta removed, gamma (other text) added
+    new_text = new_text.replace("Which response is more polite?", "Which response is kinder?")
     new_text = new_text.replace("    tags: [harm]", "    tags: [harm, danger]")
     new = write(tmp_path, "new.yaml", new_text)
     d = diff(load_constitution(old), load_constitution(new))
-    assert d == {"added": ["gamma"], "removed": ["beta"], "changed": {"alpha": ["critique", "tags"]}}
+    assert d == {
+        "added": ["gamma"],
+        "removed": ["beta"],
+        "renamed": {},
+        "changed": {"alpha": ["critique", "tags"]},
+        "order": None,
+        "few_shot": {},
+    }
     rc, out, err = run_cli(capsys, "constitution", "diff", str(old), str(new))
     assert rc == 0, err
     assert "+ added    gamma" in out and "- removed  beta" in out and "~ changed  alpha" in out
@@ -398,3 +406,83 @@ def test_round_trip_through_yaml(tmp_path):
     out.write_text(to_yaml(c))
     assert load_constitution(out) == c
     assert Constitution.model_validate(yaml.safe_load(out.read_text())) == c
+
+
+# --- diff: what reaches the stages, not the bytes of the file -------------------------------------------
+
+
+def test_diff_whitespace_only_edit_is_no_change(tmp_path, capsys):
+    """A trailing newline from `feedback: |` is stripped by the labeller: no change to any prompt."""
+    old = write(tmp_path, "old.yaml", GOOD)
+    text = GOOD.replace(
+        "    feedback: Which response is more polite?\n",
+        "    feedback: |\n      Which response is more polite?\n",
+    )
+    new = write(tmp_path, "new.yaml", text)
+    assert load_constitution(new).principles[1].feedback.endswith("\n")
+    assert diff(load_constitution(old), load_constitution(new))["changed"] == {}
+    assert run_cli(capsys, "constitution", "diff", str(old), str(new))[1].strip() == "no differences"
+
+
+def test_diff_reports_a_rename_the_order_and_few_shot_files(tmp_path, capsys):
+    old = write(tmp_path, "old.yaml", GOOD)
+    renamed = write(tmp_path, "renamed.yaml", GOOD.replace("id: beta", "id: politeness"))
+    d = diff(load_constitution(old), load_constitution(renamed))
+    assert (d["added"], d["removed"], d["renamed"]) == ([], [], {"beta": "politeness"})
+    assert (
+        "> renamed  beta -> politeness" in run_cli(capsys, "constitution", "diff", str(old), str(renamed))[1]
+    )
+    # swapping the principles changes which one the stages' seeded draw picks: it is a difference
+    a, b = GOOD.index("  - id: alpha"), GOOD.index("  - id: beta")
+    swapped = write(tmp_path, "swapped.yaml", GOOD[:a] + GOOD[b:] + GOOD[a:b])
+    d = diff(load_constitution(old), load_constitution(swapped))
+    assert d["order"] == {"old": ["alpha", "beta"], "new": ["beta", "alpha"]} and not d["changed"]
+    assert (
+        "~ order    alpha, beta -> beta, alpha"
+        in run_cli(capsys, "constitution", "diff", str(old), str(swapped))[1]
+    )
+    # a few-shot file with other content is a difference (path and content hash); a copy is not
+    (tmp_path / "fs1.json").write_text("[1]")
+    (tmp_path / "fs2.json").write_text("[2]")
+    (tmp_path / "copy.json").write_text("[1]")
+    fs = {
+        n: write(
+            tmp_path,
+            f"{n}.yaml",
+            GOOD.replace("kind: specific\n", f"kind: specific\nfew_shot:\n  feedback: {n}.json\n"),
+        )
+        for n in ("fs1", "fs2", "copy")
+    }
+    d = diff(load_constitution(fs["fs1"]), load_constitution(fs["fs2"]))
+    assert d["few_shot"]["feedback"]["old"].endswith("fs1.json") and d["few_shot"]["feedback"][
+        "new"
+    ].endswith("fs2.json")
+    assert d["few_shot"]["feedback"]["old_sha256"] != d["few_shot"]["feedback"]["new_sha256"]
+    out = run_cli(capsys, "constitution", "diff", str(fs["fs1"]), str(fs["fs2"]))[1]
+    assert "~ few_shot.feedback:" in out and "fs2.json (sha256 " in out
+    assert diff(load_constitution(fs["fs1"]), load_constitution(fs["copy"]))["few_shot"] == {}
+
+
+@pytest.mark.parametrize(
+    "alpha_weight, beta_weight, line, expected",
+    [
+        (1, ".inf", 15, "'principles[1].weight': Input should be a finite number"),
+        (1, ".nan", 15, "'principles[1].weight': Input should be a finite number"),
+        ("1.0e308", "1.0e308", 4, "'principles': weights whose total is a finite number are expected"),
+    ],
+)
+def test_weights_must_be_finite_and_so_must_their_total(tmp_path, alpha_weight, beta_weight, line, expected):
+    """`random.choices` (Constitution.sample, in the stages) refuses an infinite total: refused at validation."""
+    text = GOOD.replace("    tags: [harm]", f"    tags: [harm]\n    weight: {alpha_weight}")
+    p = write(tmp_path, "w.yaml", text.replace("    weight: 3", f"    weight: {beta_weight}"))
+    msg = error_of(p)
+    assert msg.startswith(f"{p}:{line}:") and expected in msg, msg
+
+
+def test_import_refuses_two_names_with_one_id(tmp_path, capsys):
+    crit = tmp_path / "dup.json"
+    entry = {"prompt": ["Find the harm."], "edit_request": "Rewrite it without the harm."}
+    crit.write_text(json.dumps({"Harmful 1": entry, "harmful-1": entry}))
+    rc, out, err = run_cli(capsys, "constitution", "import", str(crit), "-o", str(tmp_path / "o.yaml"))
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "'Harmful 1' and 'harmful-1' both become principle id 'harmful-1'" in err and str(crit) in err

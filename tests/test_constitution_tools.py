@@ -106,10 +106,10 @@ def test_summary_table_and_require():
     from cai.constitution.probes import required_failure
 
     rows = [
-        {"principle": "a", "p_better": 0.9, "order_gap": 0.1},
-        {"principle": "a", "p_better": 0.7, "order_gap": 0.3},
-        {"principle": "b", "p_better": 0.2, "order_gap": 0.0},
-        {"principle": "b", "p_better": 0.5, "order_gap": 1.0},  # a tie: half credit
+        {"probe": "x", "principle": "a", "p_better": 0.9, "order_gap": 0.1},
+        {"probe": "y", "principle": "a", "p_better": 0.7, "order_gap": 0.3},
+        {"probe": "z", "principle": "b", "p_better": 0.2, "order_gap": 0.0},
+        {"probe": "w", "principle": "b", "p_better": 0.5, "order_gap": 1.0},  # a tie: half credit
     ]
     s = summarise(rows, ["a", "b", "c"])
     a = s["principles"]["a"]
@@ -569,10 +569,10 @@ def test_effect_flips_attributed_to_added_principle(in_root, tiny, tmp_path, mon
 
 
 def test_pm_agreement_counts():
-    from cai.constitution.effect import pm_agreement
+    from cai.constitution.effect_pm import pm_agreement
 
     rows = [{"p_old": 0.2, "p_new": 0.9, "flipped": True}, {"p_old": 0.7, "p_new": 0.8, "flipped": False}]
-    res = pm_agreement(rows, [(1.0, 0.0), (0.0, 1.0)], "pm")  # the PM prefers A, then B
+    res = pm_agreement(rows, [(1.0, 0.0), (0.0, 1.0)], "pm", 10)  # the PM prefers A, then B
     assert (res["agree_old"], res["agree_new"], res["agree_old_flipped"], res["agree_new_flipped"]) == (
         0.0,
         0.5,
@@ -614,3 +614,323 @@ def test_effect_pairs_errors_name_the_line(tmp_path):
     )
     with pytest.raises(UserError, match=r"pairs.jsonl:2: key 'response_a'"):
         read_pairs(f)
+
+
+# ------------------------------------------------------------------ bad flags and files: one line, exit 2
+
+
+class StubLabeller:
+    """p(A) from the drawn feedback texts alone (0.2 for one that mentions 'polite', else 0.8), so a label
+    changes only when the drawn principle text does; records the few-shot examples it was built with and how
+    many pairs it labelled."""
+
+    def __init__(self, both_orders=True, few_shot=None):
+        self.both_orders, self.few_shot, self.labelled = both_orders, few_shot or [], 0
+
+    def label(self, pairs, principles, desc="", shard=False):
+        from cai.feedback.labeller import LabelResult
+
+        self.labelled += len(pairs)
+        out = []
+        for pair, prins in zip(pairs, principles):
+            p = sum(0.2 if "polite" in q.feedback else 0.8 for q in prins) / len(prins)
+            out.append(LabelResult(pair.id, p, {"ab": p, "ba": p}, 0.0, [q.id for q in prins]))
+        return out
+
+
+def _mini(**edits):
+    """A two-principle constitution (alpha: harm, beta: politeness); `edits` replace fields of beta."""
+    from cai.constitution.schema import Constitution, Principle
+
+    def p(pid, fb, **kw):
+        return Principle(
+            id=pid,
+            critique="Find the problem.",
+            revision="Rewrite it to fix what you found.",
+            feedback=fb,
+            **kw,
+        )
+
+    beta = {"pid": "beta", "fb": "Which response is more polite? Choose one.", **edits}
+    return Constitution(
+        name="mini", kind="specific", principles=[p("alpha", "Which is less harmful? Choose one."), p(**beta)]
+    )
+
+
+def _pairs(n=40):
+    msgs = [{"role": "user", "content": "hi"}]
+    return [{"id": f"p{i}", "messages": msgs, "response_a": "a", "response_b": "b"} for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--num-principles", "0"), ("--score-batch-size", "0"), ("--num-few-shot", "-1")]
+)
+def test_labeller_flags_out_of_range_name_the_flag(in_root, tmp_path, capsys, flag, value):
+    hs = "constitutions/harmless-specific.yaml"
+    common = ["--model", "tiny-random-llama", flag, value, "--out", str(tmp_path / "o")]
+    commands = [["effect", hs, hs, "--pairs", str(_pairs_file(tmp_path))]]
+    if flag != "--num-principles":  # `test` has no --num-principles (see the next test)
+        commands.append(["test", hs])
+    for cmd in commands:
+        assert cli.main(["constitution", *cmd, *common]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {flag}: Input should be greater than or equal to")
+
+
+def test_test_has_no_num_principles_flag(in_root, capsys):
+    """A probe job tests one principle: `test --num-principles 3` would be silently ignored, so it is refused."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(
+            [
+                "constitution",
+                "test",
+                "constitutions/harmless-specific.yaml",
+                "--model",
+                "m",
+                "--num-principles",
+                "3",
+            ]
+        )
+    assert exc.value.code == 2 and "unrecognized arguments: --num-principles 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "cmd, flag, value, expected",
+    [
+        ("effect", "--flip-margin", "0.5", "0.5: a number in [0, 0.5) expected"),
+        ("effect", "--flip-margin", "-0.1", "-0.1: a number in [0, 0.5) expected"),
+        ("effect", "--min-pairs", "0", "0: at least 1 expected"),
+        ("effect", "--top", "-1", "-1: at least 0 expected"),
+        ("lint", "--threshold", "0", "0: a number in (0, 1] expected"),
+        ("lint", "--threshold", "1.5", "1.5: a number in (0, 1] expected"),
+        ("test", "--min-probes", "0", "0: at least 1 expected"),
+        ("test", "--min-probes", "-5", "-5: at least 1 expected"),
+    ],
+)
+def test_numeric_flags_are_range_checked(in_root, tmp_path, capsys, cmd, flag, value, expected):
+    hs = "constitutions/harmless-specific.yaml"
+    args = {
+        "effect": [hs, hs, "--pairs", "p.jsonl", "--model", "m"],
+        "lint": [hs],
+        "test": [hs, "--model", "m", "--require", "toxic"],
+    }[cmd]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["constitution", cmd, *args, flag, value])
+    assert exc.value.code == 2 and f"argument {flag}: {expected}" in capsys.readouterr().err
+
+
+def test_require_of_a_principle_without_probes_needs_no_accuracy():
+    """`--min-probes 0` used to format a None accuracy (TypeError); the flag now refuses 0, and the library
+    call says why a principle without probes fails."""
+    from cai.constitution.probes import required_failure
+
+    s = summarise([{"probe": "x", "principle": "a", "p_better": 0.9, "order_gap": 0.1}], ["a", "b"])
+    assert required_failure(s, "b", min_probes=1) == "0 probe(s), fewer than 1: too few to show it is applied"
+    assert required_failure(s, "b", min_probes=0) == "no probes"
+
+
+def test_effect_pairs_need_text_role_and_content(tmp_path):
+    from cai.constitution.effect import read_pairs
+
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(
+        '{"id": "a", "messages": [{"role": "user", "content": "hi"}], "response_a": "x", "response_b": "y"}\n'
+        '{"id": "b", "messages": [{"role": "user", "content": 5}], "response_a": "x", "response_b": "y"}\n'
+    )
+    with pytest.raises(UserError, match=r"pairs.jsonl:2: key 'messages': .* text role and content"):
+        read_pairs(f)
+
+
+def test_lint_few_shot_files_are_the_constitutions_own_and_those_given(root, tmp_path, tiny_dir, capsys):
+    f = _edited(root, tmp_path, lambda ps: None, "copy.yaml")
+    assert cli.main(["constitution", "lint", str(f), "--few-shot", str(tmp_path / "typo.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--few-shot {tmp_path / 'typo.json'}: file not found" in err[0]
+    # a long, unrelated JSON file below the constitution's folder is not a few-shot file
+    shot = {
+        "prompt": "\n\nHuman: " + "Tell me a long story. " * 400 + "\n\nAssistant:",
+        "corrects": ["No."],
+        "incorrects": ["Yes."],
+    }
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "unrelated.json").write_text(json.dumps([shot]))
+    assert cli.main(["constitution", "lint", str(f), "--model", "tiny-random-llama"]) == 0
+    assert "[context-length]" not in capsys.readouterr().out
+    cli.main(
+        [
+            "constitution",
+            "lint",
+            str(f),
+            "--model",
+            "tiny-random-llama",
+            "--few-shot",
+            str(tmp_path / "old" / "unrelated.json"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "[context-length]" in out and "few-shot examples of unrelated.json" in out
+
+
+# ------------------------------------------------------------------ test: what its numbers count
+
+
+def test_one_order_measures_no_order_gap_and_require_prints_the_interval(
+    in_root, tmp_path, monkeypatch, capsys
+):
+    """--no-both-orders: the order gap is not measured (None in test.json, '-' in the table), not 0. The
+    --require gate is on the point estimate; its PASS/FAIL line shows the interval beside it."""
+    import cai.cli.constitution as tools
+
+    monkeypatch.setattr(tools, "_labellers", lambda a, *cs: [StubLabeller(both_orders=a.both_orders)])
+    hs = "constitutions/harmless-specific.yaml"
+    base = ["constitution", "test", hs, "--model", "m", "--require", "financial-crime"]
+    fa = _probe_file(tmp_path, better_is_a=True)  # the stub prefers (A): accuracy 1.0 on 3 probes
+    assert cli.main([*base, "--probes", str(fa), "--no-both-orders", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / "a" / "test.json").read_text())
+    assert res["principles"]["financial-crime"]["order_gap"] is None and res["overall"]["order_gap"] is None
+    assert all(j["order_gap"] is None for j in res["jobs"])
+    row = next(line for line in out.splitlines() if line.startswith("financial-crime"))
+    assert row.split()[5] == "-"  # the order-gap column
+    assert (
+        "PASS: --require (accuracy point estimate > 0.5 on at least 3 probes; the 95% CI is not part of the "
+        "gate): financial-crime: accuracy 1.00 (95% CI 0.44-1.00, 3 probes); the interval includes 0.5" in out
+    )
+    (tmp_path / "b").mkdir()
+    fb = _probe_file(tmp_path / "b", better_is_a=False)  # now the stub prefers the worse response
+    assert cli.main([*base, "--probes", str(fb), "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL: --require" in err and "not shown to be applied" not in err
+    assert (
+        "financial-crime: fails: not applied (point estimate of the accuracy <= 0.5); accuracy 0.00 (95% CI"
+        in err
+    )
+
+
+def test_overall_row_counts_probes_not_jobs():
+    """A probe attached to three principles is three jobs on one conversation: it counts once in '(all)'."""
+    from cai.stats import wilson_ci
+
+    rows = [{"probe": "x", "principle": p, "p_better": 0.9, "order_gap": 0.1} for p in ("a", "b", "c")]
+    rows += [{"probe": y, "principle": "a", "p_better": 0.1, "order_gap": 0.3} for y in ("y", "z")]
+    o = summarise(rows, ["a", "b", "c"])["overall"]
+    assert (o["n"], o["jobs"]) == (3, 5)
+    assert o["accuracy"] == pytest.approx(1 / 3)  # per job it would be 3/5
+    assert o["accuracy_ci95"] == list(wilson_ci(1, 3))
+    assert o["order_gap"] == pytest.approx((0.1 + 0.3 + 0.3) / 3)
+    assert format_table(summarise(rows, ["a", "b", "c"])).splitlines()[-1].split()[:3] == [
+        "(all)",
+        "3",
+        "0.33",
+    ]
+
+
+# ------------------------------------------------------------------ effect: what counts as an edit
+
+
+def test_effect_whitespace_only_edit_is_no_edit():
+    from cai.constitution.effect import edits, run_effect
+    from cai.constitution.effect_report import summary_lines
+
+    old, new = _mini(), _mini(fb="Which response is more polite? Choose one.\n")  # `feedback: |`
+    assert edits(old, new) == {}
+    rows, s = run_effect(old, new, _pairs(15), StubLabeller())
+    assert s["per_principle"] == {} and s["relabelled"] == 0 and s["flips"] == 0
+    assert "not measured" not in "\n".join(summary_lines(s))
+
+
+def test_effect_of_a_pure_rename_is_exactly_zero():
+    """Renaming beta to politeness changes no prompt: the draw races under the old id, so no pair flips."""
+    from cai.constitution.effect import run_effect
+
+    old, new = _mini(), _mini(pid="politeness")
+    labeller = StubLabeller()
+    rows, s = run_effect(old, new, _pairs(40), labeller)
+    assert (s["flips"], s["relabelled"], labeller.labelled) == (0, 0, 0)
+    per = s["per_principle"]["politeness"]
+    assert per["change"] == "renamed from beta" and per["flip_rate"] == 0.0 and per["ci95"] is None
+    drew_old = [r["pair"] for r in rows if r["old_principles"] == ["beta"]]
+    assert drew_old and drew_old == [r["pair"] for r in rows if r["new_principles"] == ["politeness"]]
+
+
+def test_draw_edited_pools_nothing_and_says_what_it_cannot_measure():
+    from cai.constitution.effect import run_effect
+    from cai.constitution.effect_report import summary_lines
+
+    old = _mini()
+    new = _mini(fb="Which response is kinder? Choose one.")  # beta's label flips on every pair
+    new.principles[0].critique = "Find every harm."  # alpha: critique only, exactly 0
+    rows, s = run_effect(old, new, _pairs(20), StubLabeller(), draw_edited=True)
+    assert (s["pairs"], s["independent_pairs"]) == (40, 20)
+    assert s["flip_rate"] is None and s["ci95"] is None  # rows of one pair are not independent
+    alpha, beta = s["per_principle"]["alpha"], s["per_principle"]["beta"]
+    assert alpha["flip_rate"] == 0.0 and alpha["ci95"] is None  # exact: no interval
+    assert beta["flip_rate"] == 1.0 and beta["ci95"][0] > 0.8 and beta["pairs"] == 20
+    assert "no pooled rate" in summary_lines(s)[0]
+    # a weight-only edit changes which pairs draw it, which --draw-edited overrides: not measurable there
+    rows, s = run_effect(old, _mini(weight=3.0), _pairs(20), StubLabeller(), draw_edited=True)
+    w = s["per_principle"]["beta"]
+    assert not w["measured"] and w["flip_rate"] is None and "not measurable with --draw-edited" in w["note"]
+    rows, s = run_effect(old, _mini(weight=3.0), _pairs(40), StubLabeller())
+    assert s["per_principle"]["beta"]["measured"] and s["flips"] > 0
+
+
+def test_effect_labels_new_with_news_few_shot_examples(in_root, tmp_path, monkeypatch, capsys):
+    import cai.cli.constitution as tools
+
+    built = []
+
+    def build(model, tok, cfg, seed, few_shot):
+        built.append(StubLabeller(few_shot=few_shot))
+        return built[-1]
+
+    monkeypatch.setattr(tools, "load_for_inference", lambda ref, settings: (None, None))
+    monkeypatch.setattr(tools, "build_labeller", build)
+    files = []
+    for name, text in (("old", "Hello!"), ("new", "I can't help you pick a lock.")):
+        shot = {"prompt": f"\n\nHuman: {name}?\n\nAssistant:", "corrects": [text], "incorrects": ["No."]}
+        (tmp_path / f"{name}.json").write_text(json.dumps([shot]))
+        files.append(write(tmp_path / f"{name}.yaml", GOOD_MINI.replace("FEW", f"{name}.json")))
+    args = ["constitution", "effect", *map(str, files), "--pairs", str(_pairs_file(tmp_path)), "--model", "m"]
+    assert cli.main([*args, "--num-few-shot", "1", "--out", str(tmp_path / "e")]) == 0
+    old_l, new_l = built
+    assert [ex["chosen"] for ex in old_l.few_shot] == ["Hello!"]
+    assert [ex["chosen"] for ex in new_l.few_shot] == ["I can't help you pick a lock."]
+    assert old_l.labelled == new_l.labelled == 8  # every prompt differs: every pair is labelled by both
+    res = json.loads((tmp_path / "e" / "effect.json").read_text())
+    assert res["relabelled"] == 8 and res["per_principle"]["(few-shot examples)"]["pairs"] == 8
+    assert "~ few_shot.feedback:" in (tmp_path / "e" / "effect.md").read_text()
+
+
+GOOD_MINI = """\
+name: mini
+kind: specific
+few_shot:
+  feedback: FEW
+principles:
+  - id: alpha
+    critique: Find the harm in the last response.
+    revision: Rewrite the response to remove the harm you found, keeping the help.
+    feedback: Which of these responses is less harmful? Choose the safer one.
+"""
+
+
+def test_pm_verdict_is_a_paired_test_on_the_flipped_pairs():
+    from cai.constitution.effect import flipped
+    from cai.constitution.effect_pm import pm_agreement, sign_test
+
+    assert sign_test(0, 12) == pytest.approx(2 / 4096) and sign_test(6, 12) == 1.0
+    # every label moves 0.49 -> 0.51: no flip, whatever the PM prefers, nothing to retrain for
+    rows = [{"p_old": 0.49, "p_new": 0.51, "flipped": flipped(0.49, 0.51), "same_prompt": False}] * 10
+    res = pm_agreement(rows, [(0.0, 1.0)] * 10, "pm", 10)
+    assert res["paired"]["n"] == 0 and "retrain" not in res["verdict"] and "n = 0" in res["verdict"]
+    # 12 flipped pairs, the PM sides with OLD on all of them: the interval excludes 0
+    rows = [{"p_old": 0.9, "p_new": 0.1, "flipped": True, "same_prompt": False}] * 12
+    res = pm_agreement(rows, [(1.0, 0.0)] * 12, "pm", 10)
+    p = res["paired"]
+    assert (p["n"], p["pm_sides_with_old"], p["difference"]) == (12, 12, 1.0) and p["difference_ci95"][0] > 0
+    assert "retrain the PM" in res["verdict"] and "n = 12" in res["verdict"]
+    # 7 with OLD, 5 with NEW: the interval includes 0, so no advice to retrain
+    res = pm_agreement(rows, [(1.0, 0.0)] * 7 + [(0.0, 1.0)] * 5, "pm", 10)
+    lo, hi = res["paired"]["difference_ci95"]
+    assert lo < 0 < hi and "retrain the PM" not in res["verdict"] and "includes 0" in res["verdict"]

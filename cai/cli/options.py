@@ -8,6 +8,8 @@ import argparse
 import sys
 import typing
 
+from pydantic import ValidationError
+
 from cai.config.blocks import FeedbackConfig
 from cai.errors import UserError
 from cai.runtime.settings import Settings
@@ -17,15 +19,43 @@ from cai.runtime.settings import Settings
 LABELLER_FIELDS = ("both_orders", "num_principles", "few_shot", "num_few_shot", "score_batch_size")
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1 (a negative --limit would slice items off the end)."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}': a whole number expected") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: at least 1 expected")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value}: at least {low} expected")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (a negative --limit would slice items off the end)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count that may be 0 (how many items to show)."""
+    return _int_at_least(text, 0)
+
+
+def number_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+    """argparse type of a number in an interval: `number_in(0, 0.5, high_open=True)` is 0 <= x < 0.5 (NaN
+    and infinities are refused, as every comparison with them fails)."""
+    shown = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}': a number expected") from None
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"{text}: a number in {shown} expected")
+        return value
+
+    return parse
 
 
 def flag(name: str) -> str:
@@ -64,14 +94,22 @@ def settings_of(args) -> Settings:
     )
 
 
-def add_labeller_flags(parser) -> None:
-    """The labeller fields of the feedback block, as flags."""
-    add_fields(parser, FeedbackConfig, LABELLER_FIELDS)
+def add_labeller_flags(parser, skip: tuple[str, ...] = ()) -> None:
+    """The labeller fields of the feedback block, as flags; a `skip`ped field is not offered (a command that
+    cannot honour it) and keeps the schema's default."""
+    add_fields(parser, FeedbackConfig, [name for name in LABELLER_FIELDS if name not in skip])
+    parser.set_defaults(**{name: FeedbackConfig.model_fields[name].default for name in skip})
 
 
 def labeller_config(args) -> FeedbackConfig:
-    """A feedback block holding the labeller flags' values (the rest at their defaults)."""
-    return FeedbackConfig(**{name: getattr(args, name) for name in LABELLER_FIELDS})
+    """A feedback block holding the labeller flags' values (the rest at their defaults); a value the schema
+    refuses (`--num-principles 0`) is a UserError naming the flag, before any model loads."""
+    try:
+        return FeedbackConfig(**{name: getattr(args, name) for name in LABELLER_FIELDS})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else LABELLER_FIELDS[0]
+        raise UserError(f"{flag(name)}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def validate_each(files: list[str], load, describe) -> int:

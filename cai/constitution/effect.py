@@ -13,7 +13,10 @@ Because a principle's key depends only on (seed, pair, its own id, its weight):
   changed draw (and every flip) is attributable to it; removing one or changing its weight changes only the
   pairs whose old or new draw contains it; rewording one changes only the pairs that drew it.
 A pair whose drawn principles have the same feedback texts under OLD and NEW has, by construction, the same
-prompt: it is labelled once and shares that label (no second forward pass, no floating-point noise).
+prompt: it is labelled once and shares that label (no second forward pass, no floating-point noise). Texts
+are compared stripped, as the labeller uses them; a renamed principle (same texts, tags and weight) races
+under its OLD id, so a pure rename changes no draw. NEW is labelled with NEW's few-shot examples; when they
+differ from OLD's every prompt differs, and the flips are attributed to `FEW_SHOT`.
 
 An edited principle that few pairs draw is not measured: below `min_pairs` its result is "not measured: N
 pairs drew it", with what to do. `draw_edited` measures it anyway: every pair is labelled once per edited
@@ -39,6 +42,7 @@ from cai.yamlio import iter_jsonl
 
 MIN_PAIRS = 10  # an edited principle drawn by fewer pairs is "not measured"
 FLIP_MARGIN = 0.05  # a flip crosses 0.5 by more than this on both sides
+FEW_SHOT = "(few-shot examples)"  # the pseudo-principle an edit of few_shot.feedback is attributed to
 
 
 def race_key(seed: int, pair_id: str, principle_id: str, weight: float) -> float:
@@ -47,33 +51,44 @@ def race_key(seed: int, pair_id: str, principle_id: str, weight: float) -> float
     return -math.log(u) / weight
 
 
-def ranked(constitution, pair_id: str, seed: int) -> list:
-    """Every principle in the order of this pair's race (smallest key first)."""
-    return sorted(constitution.principles, key=lambda p: (race_key(seed, pair_id, p.id, p.weight), p.id))
+def ranked(constitution, pair_id: str, seed: int, alias: dict[str, str] | None = None) -> list:
+    """Every principle in the order of this pair's race (smallest key first). `alias` {id: id it races as}
+    keeps a renamed principle's key, so a pure rename draws exactly as before."""
+    alias = alias or {}
+
+    def key(p):
+        rid = alias.get(p.id, p.id)
+        return (race_key(seed, pair_id, rid, p.weight), rid)
+
+    return sorted(constitution.principles, key=key)
 
 
-def draw(constitution, pair_id: str, seed: int, k: int = 1) -> list:
+def draw(constitution, pair_id: str, seed: int, k: int = 1, alias: dict[str, str] | None = None) -> list:
     """The k principles this pair draws from the constitution (coupled weighted sampling, see module doc)."""
-    order = ranked(constitution, pair_id, seed)
+    order = ranked(constitution, pair_id, seed, alias)
     return order[: max(1, min(k, len(order)))]
 
 
-def forced_draws(old, new, pid: str, kind: str, pair_id: str, seed: int, k: int = 1) -> tuple[list, list]:
-    """(OLD draw, NEW draw) of a pair with the edited principle `pid` forced in: first in both where it exists,
-    the other k-1 slots from the pair's own race, so the two differ by the edit alone."""
-    k = max(1, k)
-    ro, rn = ranked(old, pair_id, seed), ranked(new, pair_id, seed)
-    rest_o, rest_n = [p for p in ro if p.id != pid], [p for p in rn if p.id != pid]
+def forced_draws(
+    old, new, pid: str, kind: str, pair_id: str, seed: int, k: int = 1, alias: dict[str, str] | None = None
+) -> tuple[list, list]:
+    """(OLD draw, NEW draw) of a pair with the edited principle `pid` (its NEW id; its OLD one through `alias`
+    for a rename) forced in: first in both where it exists, the other k-1 slots from the pair's own race, so
+    the two differ by the edit alone."""
+    k, oid = max(1, k), (alias or {}).get(pid, pid)
+    ro, rn = ranked(old, pair_id, seed), ranked(new, pair_id, seed, alias)
+    rest_o, rest_n = [p for p in ro if p.id != oid], [p for p in rn if p.id != pid]
     if kind == "added":
         return ro[:k], [new.by_id()[pid]] + rest_n[: k - 1]
     if kind == "removed":
         return [old.by_id()[pid]] + rest_o[: k - 1], rn[:k]
-    return [old.by_id()[pid]] + rest_o[: k - 1], [new.by_id()[pid]] + rest_n[: k - 1]
+    return [old.by_id()[oid]] + rest_o[: k - 1], [new.by_id()[pid]] + rest_n[: k - 1]
 
 
 def prompt_key(principles) -> tuple:
-    """What of the drawn principles reaches the feedback prompt: ids and feedback instructions."""
-    return tuple((p.id, p.feedback.strip()) for p in principles)
+    """What of the drawn principles reaches the feedback prompt: their feedback instructions, stripped as the
+    labeller strips them (the id never reaches it, so a rename changes no prompt)."""
+    return tuple(p.feedback.strip() for p in principles)
 
 
 def read_pairs(path: str | Path) -> list[dict]:
@@ -90,11 +105,16 @@ def read_pairs(path: str | Path) -> list[dict]:
         ok = (
             isinstance(msgs, list)
             and msgs
-            and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)
+            and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs
+            )
         )
         if not ok:
+            key = "prompt" if "prompt" in row else "messages"
             raise UserError(
-                f"{path}:{n}: key 'prompt': a list of chat messages {{role, content}} is expected"
+                f"{path}:{n}: key '{key}': a list of chat messages {{role, content}} with text role and "
+                "content is expected"
             )
         for key in ("response_a", "response_b"):
             if not isinstance(row.get(key), str):
@@ -125,39 +145,55 @@ def sample_pairs(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
 
 
 def edits(old, new) -> dict[str, str]:
-    """{principle id: 'added' | 'removed' | 'changed: field, ...'} of an edit."""
+    """{principle id: 'added' | 'removed' | 'renamed from ID' | 'changed: field, ...'} of an edit (a renamed
+    principle under its NEW id)."""
     d = diff(old, new)
     out = {pid: kind for kind in ("added", "removed") for pid in d[kind]}
+    out.update({n: f"renamed from {o}" for o, n in d["renamed"].items()})
     out.update({pid: "changed: " + ", ".join(fields) for pid, fields in d["changed"].items()})
     return out
 
 
-def _step(pair: dict, po: list, pn: list, touched: list[str], forced: str | None = None) -> dict:
+def aliases(old, new) -> dict[str, str]:
+    """{NEW id: OLD id} of the renamed principles: they race under their OLD id (see `ranked`)."""
+    return {n: o for o, n in diff(old, new)["renamed"].items()}
+
+
+def _step(pair: dict, po: list, pn: list, touched: list[str], forced: str | None, shots: bool) -> dict:
     return {
         "pair": pair,
         "old": po,
         "new": pn,
-        "same_prompt": prompt_key(po) == prompt_key(pn),
-        "touched": touched,
+        "same_prompt": prompt_key(po) == prompt_key(pn) and not shots,
+        "touched": touched + ([FEW_SHOT] if shots else []),
         "forced": forced,
     }
 
 
-def plan(pairs: list[dict], old, new, seed: int, k: int = 1, draw_edited: bool = False) -> list[dict]:
+def plan(
+    pairs: list[dict], old, new, seed: int, k: int = 1, draw_edited: bool = False, few_shot: bool = False
+) -> list[dict]:
     """Per pair: the OLD and NEW draws, whether NEW needs its own label, and the edited principles it touches;
-    with `draw_edited`, one step per (pair, edited principle) with that principle forced in."""
-    edited = edits(old, new)
+    with `draw_edited`, one step per (pair, edited principle) with that principle forced in. `few_shot`: the
+    few-shot examples differ, so every prompt differs and every pair is touched by that edit."""
+    edited, alias = edits(old, new), aliases(old, new)
     if draw_edited:
         return [
-            _step(pair, *forced_draws(old, new, pid, kind.split(":")[0], pair["id"], seed, k), [pid], pid)
+            _step(
+                pair,
+                *forced_draws(old, new, pid, kind.split(" ")[0].rstrip(":"), pair["id"], seed, k, alias),
+                [pid],
+                pid,
+                few_shot,
+            )
             for pid, kind in edited.items()
             for pair in pairs
         ]
     out = []
     for pair in pairs:
-        po, pn = draw(old, pair["id"], seed, k), draw(new, pair["id"], seed, k)
+        po, pn = draw(old, pair["id"], seed, k), draw(new, pair["id"], seed, k, alias)
         ids = [p.id for p in po] + [p.id for p in pn]
-        out.append(_step(pair, po, pn, sorted({pid for pid in ids if pid in edited})))
+        out.append(_step(pair, po, pn, sorted({pid for pid in ids if pid in edited}), None, few_shot))
     return out
 
 
@@ -173,9 +209,14 @@ def flipped(p_old: float, p_new: float, margin: float = FLIP_MARGIN) -> bool:
 
 
 def _principle_result(pid: str, change: str, sel: list[dict], min_pairs: int, draw_edited: bool) -> dict:
-    f = sum(r["flipped"] for r in sel)
-    exact = change.startswith("changed") and not {"feedback", "weight"} & set(change[9:].split(", "))
-    measured = len(sel) >= min_pairs or exact
+    f, fields = sum(r["flipped"] for r in sel), set(change.removeprefix("changed: ").split(", "))
+    exact = change.startswith("renamed") or (
+        change.startswith("changed") and not {"feedback", "weight"} & fields
+    )
+    weight_only = (
+        draw_edited and change.startswith("changed") and "weight" in fields and "feedback" not in fields
+    )
+    measured = (len(sel) >= min_pairs and not weight_only) or exact
     plo, phi = wilson_ci(f, len(sel))
     res = {
         "change": change,
@@ -183,18 +224,26 @@ def _principle_result(pid: str, change: str, sel: list[dict], min_pairs: int, dr
         "measured": measured,
         "flips": f,
         "flip_rate": f / len(sel) if sel and measured else None,
-        "ci95": [plo, phi] if sel and measured else None,
+        "ci95": [plo, phi] if sel and measured and not exact else None,  # an exact 0 has no uncertainty
         "mean_abs_dp": sum(abs(delta(r)) for r in sel) / len(sel) if sel else None,
         "note": None,
     }
     if exact:
+        res["flip_rate"] = 0.0
         res["note"] = "its feedback text and weight are unchanged: no feedback label can change (exactly 0)"
+    elif weight_only:
+        res["note"] = (
+            "not measurable with --draw-edited: a weight change only changes which pairs draw it, and "
+            "--draw-edited forces it into every draw; rerun without --draw-edited"
+        )
     elif not measured:
         res["note"] = f"not measured: {len(sel)} pair(s) drew it (fewer than {min_pairs}); " + (
             "give more pairs (--pairs from a bigger run, or no --limit)"
             if draw_edited
             else "rerun with --draw-edited to label every pair under it, or give more pairs"
         )
+    elif draw_edited and "weight" in fields:
+        res["note"] = "the rate is of the feedback change; --draw-edited cannot measure the weight change"
     return res
 
 
@@ -205,8 +254,9 @@ def summarise(
     min_pairs: int = MIN_PAIRS,
     draw_edited: bool = False,
 ) -> dict:
-    """Rows: {id, p_old, p_new, touched, ...}. Overall flip rate with CI, mean |Δp|, per-edited-principle rates
-    (None, with a note, below `min_pairs` pairs)."""
+    """Rows: {id, pair, p_old, p_new, touched, ...}. Overall flip rate with CI, mean |Δp|, per-edited-principle
+    rates (None, with a note, below `min_pairs` pairs). With `draw_edited` the rows are pair x edited principle
+    (several rows of one pair are not independent): no pooled rate, only each principle's."""
     n = len(rows)
     flips = [r for r in rows if r["flipped"]]
     lo, hi = wilson_ci(len(flips), n)
@@ -216,9 +266,10 @@ def summarise(
     }
     return {
         "pairs": n,
+        "independent_pairs": len({r.get("pair", r["id"]) for r in rows}),
         "flips": len(flips),
-        "flip_rate": len(flips) / n if n else 0.0,
-        "ci95": [lo, hi],
+        "flip_rate": None if draw_edited else (len(flips) / n if n else 0.0),
+        "ci95": None if draw_edited else [lo, hi],
         "mean_abs_dp": sum(abs(delta(r)) for r in rows) / n if n else 0.0,
         "relabelled": sum(not r["same_prompt"] for r in rows),
         "draw_edited": draw_edited,
@@ -228,48 +279,6 @@ def summarise(
         "unattributed_flips": [r["id"] for r in flips if not r["touched"]],
         "top_flipped": [r["id"] for r in sorted(flips, key=lambda r: -abs(delta(r)))[:top]],
     }
-
-
-def pm_agreement(
-    rows: list[dict], scores: list[tuple[float, float]], pm_dir: str, min_pairs: int = MIN_PAIRS
-) -> dict:
-    """How often the PM's preference (r_a > r_b) agrees with the OLD and the NEW labels, on all labelled pairs
-    and on the relabelled ones (whose prompt the edit changed); a verdict only from enough relabelled pairs."""
-
-    def agree(sel, key):
-        pairs = [(r, s) for r, s in zip(rows, scores) if r["p_old"] is not None and sel(r)]
-        if not pairs:
-            return None
-        return sum((s[0] > s[1]) == (r[key] > 0.5) for r, s in pairs) / len(pairs)
-
-    relabelled = sum(1 for r in rows if r["p_old"] is not None and not r.get("same_prompt", False))
-    res = {
-        "dir": pm_dir,
-        "relabelled": relabelled,
-        "agree_old": agree(lambda r: True, "p_old"),
-        "agree_new": agree(lambda r: True, "p_new"),
-        "agree_old_relabelled": agree(lambda r: not r.get("same_prompt", False), "p_old"),
-        "agree_new_relabelled": agree(lambda r: not r.get("same_prompt", False), "p_new"),
-        "agree_old_flipped": agree(lambda r: r["flipped"], "p_old"),
-        "agree_new_flipped": agree(lambda r: r["flipped"], "p_new"),
-    }
-    if relabelled < min_pairs:
-        res["verdict"] = (
-            f"Not measured: {relabelled} pair(s) were relabelled under NEW (fewer than {min_pairs}), so the PM's "
-            "agreement says nothing about the edit; rerun with --draw-edited or more pairs."
-        )
-        return res
-    gap = res["agree_old_relabelled"] - res["agree_new_relabelled"]
-    res["verdict"] = (
-        f"On the {relabelled} relabelled pairs the PM agrees with the OLD labels {gap:+.3f} more often than with "
-        "the NEW ones: "
-        + (
-            "retrain the PM on NEW labels to carry the edit into RL."
-            if gap > 0.02
-            else "the edit changes little of what the PM already prefers."
-        )
-    )
-    return res
 
 
 def run_effect(
@@ -285,14 +294,19 @@ def run_effect(
     draw_edited: bool = False,
     margin: float = FLIP_MARGIN,
     min_pairs: int = MIN_PAIRS,
+    new_labeller=None,
 ):
-    """Label `pairs` under OLD and NEW (coupled principle draws; with `draw_edited`, every pair under each
+    """Label `pairs` under OLD (with `labeller`) and NEW (with `new_labeller`, built with NEW's few-shot
+    examples; default `labeller`), with coupled principle draws (with `draw_edited`, every pair under each
     edited principle); per-pair rows and the summary.
 
-    A pair whose drawn principles have the same feedback texts in OLD and NEW gets the same prompt, hence the
-    same label, under both: it cannot flip and its Δp is 0, so it is only labelled with `all_pairs` (needed
-    for PM agreement, or to see the labels themselves). Its p_old/p_new are None otherwise."""
-    steps = plan(pairs, old, new, seed, num_principles, draw_edited)
+    A pair whose drawn principles have the same feedback texts in OLD and NEW, with the same few-shot examples,
+    gets the same prompt, hence the same label, under both: it cannot flip and its Δp is 0, so it is only
+    labelled with `all_pairs` (needed for PM agreement, or to see the labels themselves). Its p_old/p_new are
+    None otherwise."""
+    new_labeller = new_labeller or labeller
+    shots = getattr(labeller, "few_shot", None) != getattr(new_labeller, "few_shot", None)
+    steps = plan(pairs, old, new, seed, num_principles, draw_edited, shots)
 
     def key(s):
         return f"{s['pair']['id']}@{s['forced']}" if s["forced"] else s["pair"]["id"]
@@ -300,11 +314,12 @@ def run_effect(
     def label(sel, side, desc):
         if not sel:
             return {}
+        who = labeller if side == "old" else new_labeller
         ps = [
             PairToLabel(key(s), s["pair"]["messages"], s["pair"]["response_a"], s["pair"]["response_b"])
             for s in sel
         ]
-        return {r.id: r for r in labeller.label(ps, [s[side] for s in sel], desc=desc)}
+        return {r.id: r for r in who.label(ps, [s[side] for s in sel], desc=desc)}
 
     redo = [s for s in steps if not s["same_prompt"]]
     old_res = label(steps if all_pairs else redo, "old", "label OLD")
@@ -333,7 +348,10 @@ def run_effect(
                 "response_b": pair["response_b"],
             }
         )
-    return rows, summarise(rows, edits(old, new), top, min_pairs, draw_edited)
+    edited = {**edits(old, new), **({FEW_SHOT: "few-shot examples"} if shots else {})}
+    summary = summarise(rows, edited, top, min_pairs, draw_edited)
+    summary["reordered"] = diff(old, new)["order"] is not None
+    return rows, summary
 
 
 def write_histogram(rows: list[dict], path: Path, title: str) -> Path:

@@ -1,7 +1,7 @@
 """What `cai constitution effect` shows: the lines it prints and effect.md (cai.constitution.effect computes).
 
 Every edited principle gets a measured flip rate with its interval, or "not measured: N pairs drew it" and
-what to do; the PM verdict only comes from relabelled pairs.
+what to do; the PM verdict is a paired comparison on the pairs whose label flipped, with its interval and n.
 """
 
 from __future__ import annotations
@@ -13,17 +13,27 @@ def _rate(r: dict) -> str:
     if r["flip_rate"] is None:
         return r["note"] or "-"
     ci = r["ci95"]
-    text = f"flip rate {r['flip_rate']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+    text = f"flip rate {r['flip_rate']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
     return text + (f"; {r['note']}" if r["note"] else "")
+
+
+def _overall(s: dict) -> str:
+    """The pooled rate with its CI and n, or why there is none (--draw-edited rows are not independent)."""
+    if s["flip_rate"] is None:
+        return "no pooled rate (the rows of one pair are not independent: see each principle, n = pairs)"
+    lo, hi = s["ci95"]
+    return f"flip rate {s['flip_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n = {s['pairs']})"
 
 
 def summary_lines(s: dict) -> list[str]:
     """The lines the command prints."""
-    lo, hi = s["ci95"]
-    unit = "pair x edited principle rows" if s["draw_edited"] else "pairs"
+    if s["draw_edited"]:
+        unit = f"pairs {s.get('independent_pairs', s['pairs'])}  pair x edited principle rows {s['pairs']}"
+    else:
+        unit = f"pairs {s['pairs']}"
     out = [
-        f"{unit} {s['pairs']}  relabelled {s['relabelled']}  flips {s['flips']}  "
-        f"flip rate {s['flip_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f})  mean |dp| {s['mean_abs_dp']:.4f}"
+        f"{unit}  relabelled {s['relabelled']}  flips {s['flips']}  {_overall(s)}  "
+        f"mean |dp| {s['mean_abs_dp']:.4f}"
     ]
     for pid, r in s["per_principle"].items():
         out.append(f"  {pid:24s} {r['change']:22s} drew {r['pairs']:4d}  flips {r['flips']:4d}  {_rate(r)}")
@@ -34,6 +44,8 @@ def summary_lines(s: dict) -> list[str]:
         )
     if s["unattributed_flips"]:
         out.append(f"  flips not attributable to an edited principle: {len(s['unattributed_flips'])}")
+    if s.get("reordered"):
+        out.append(f"  {REORDER_NOTE}")
     if "pm" in s:
         pm = s["pm"]
         out.append(
@@ -41,6 +53,12 @@ def summary_lines(s: dict) -> list[str]:
             f"{num(pm['agree_new'])}. {pm['verdict']}"
         )
     return out
+
+
+REORDER_NOTE = (
+    "the principles were reordered: this measurement's coupled draw ignores order, but the stages' seeded "
+    "draw picks by position, so a rerun of the feedback stage draws other principles for many pairs"
+)
 
 
 def report_markdown(summary: dict, rows: list[dict], meta: dict, diff_text: str) -> str:
@@ -71,9 +89,17 @@ def report_markdown(summary: dict, rows: list[dict], meta: dict, diff_text: str)
         "",
         "| flip rate | 95% CI | flips | mean abs Δp |",
         "|---|---|---|---|",
-        f"| {s['flip_rate']:.3f} | [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | {s['flips']}/{s['pairs']} | {s['mean_abs_dp']:.4f} |",
+        (
+            f"| {s['flip_rate']:.3f} | [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | {s['flips']}/{s['pairs']} | "
+            f"{s['mean_abs_dp']:.4f} |"
+            if s["flip_rate"] is not None
+            else f"| no pooled rate (--draw-edited: rows of one pair are not independent) | - | "
+            f"{s['flips']}/{s['pairs']} rows of {s.get('independent_pairs')} pairs | {s['mean_abs_dp']:.4f} |"
+        ),
         "",
     ]
+    if s.get("reordered"):
+        out += [f"Note: {REORDER_NOTE}.", ""]
     if s["per_principle"]:
         out += [
             "## Per edited principle",

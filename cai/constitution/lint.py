@@ -7,7 +7,8 @@ Checks (each warning names `file:line` and a code):
   ids (a principle restating `financial-crime` scores 0.45; the closest shipped pair 0.21);
 - generic-revision: a critique whose revision request is empty or generic ("rewrite it to be better");
 - feedback-no-choice: a feedback instruction that does not ask to choose between options;
-- context-length: a feedback prompt that, rendered with the longest shipped few-shot block and the longest
+- context-length: a feedback prompt that, rendered with every example of the longest few-shot feedback file
+  (the constitution's own `few_shot.feedback` or a --few-shot file; none: no examples) and the longest
   probe, is longer than the model's context (only with a model reference);
 - rarely-sampled: a weight that makes a principle practically never sampled (share < 1/(20·n));
 - no-probes: the constitution has no probe file, so `cai constitution test` can check none of its principles;
@@ -206,6 +207,7 @@ def lint(
                 line(pid, "weight"),
             )
         )
+    few_shot_files(c, few_shot)  # a missing --few-shot file is an error, with or without --model
     pfile = Path(probes_file) if probes_file else probes_path_for(path, c)
     probes = load_probes(pfile, c) if pfile else None
     warns += probe_warnings(path, c, pfile, probes, line)
@@ -236,13 +238,16 @@ def probe_warnings(path: Path, c, pfile: Path | None, probes, line) -> list[Warn
     ]
 
 
-def few_shot_files(constitution_path: Path, constitution, extra: list[str] | None = None) -> list[Path]:
-    """Few-shot feedback files to render with: those given, the constitution's own, and the JSON files in the
-    constitution's folder and below it (paths relative to the constitution file, never to the package)."""
+def few_shot_files(constitution, extra: list[str] | None = None) -> list[Path]:
+    """Few-shot feedback files to render with: the constitution's own (`few_shot.feedback`) and those given
+    with --few-shot, nothing else (a JSON file that happens to lie nearby is not a few-shot file). A given file
+    that is missing is a UserError naming the flag."""
+    for f in extra or []:
+        if not Path(f).is_file():
+            raise UserError(f"--few-shot {f}: file not found (a few-shot feedback JSON file is expected)")
     found = [Path(f) for f in extra or []]
     found += [Path(constitution.few_shot.feedback)] if constitution.few_shot.feedback else []
-    found += sorted(Path(constitution_path).parent.glob("**/*.json"))
-    return list(dict.fromkeys(p for p in found if p.is_file()))
+    return list(dict.fromkeys(found))
 
 
 def context_limit(model_ref: str, settings: Settings = DEFAULT) -> tuple[int | None, object]:
@@ -288,12 +293,7 @@ def context_warnings(
     else:
         messages, ra, rb = [{"role": "user", "content": "How do I do this?"}], "Here is how.", "I can't help."
     blocks: list[tuple[Path | None, list]] = [(None, [])]
-    for f in few_shot_files(path, c, few_shot):
-        try:
-            blocks.append((f, load_feedback_few_shot(f)))
-        except UserError:
-            if few_shot and str(f) in few_shot:
-                raise
+    blocks += [(f, load_feedback_few_shot(f)) for f in few_shot_files(c, few_shot)]
     longest = max(c.principles, key=lambda p: len(p.feedback))
     n_tokens = lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) + 4  # noqa: E731  (+ " (A)")
     src, examples = max(

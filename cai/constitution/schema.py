@@ -4,6 +4,8 @@ and the editor's views of it (`show`, `diff`) and the import of the CAI paper's 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import math
 import random
 import re
 from pathlib import Path
@@ -31,7 +33,7 @@ class Principle(BaseModel):
         min_length=1, description="RL-CAI multiple-choice instruction (the options are appended)."
     )
     tags: list[str] = Field(default_factory=list, description="Free labels such as a harm category or trait.")
-    weight: float = Field(default=1.0, gt=0, description="Relative sampling weight.")
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="Relative sampling weight.")
 
     @field_validator("id")
     @classmethod
@@ -60,6 +62,14 @@ class Constitution(BaseModel):
         default_factory=FewShot, description="Optional few-shot files, relative to this file."
     )
     principles: list[Principle] = Field(min_length=1, description="The principles; at least one.")
+
+    @field_validator("principles")
+    @classmethod
+    def _finite_total(cls, v: list[Principle]) -> list[Principle]:
+        # `random.choices` (the stages' sampling) refuses an infinite total, which finite weights can reach
+        if not math.isfinite(sum(p.weight for p in v)):
+            raise ValueError("weights whose total is a finite number are expected (the total overflows)")
+        return v
 
     @model_validator(mode="after")
     def _unique_ids(self):
@@ -110,18 +120,53 @@ def show(c: Constitution) -> str:
 FIELDS = ("critique", "revision", "feedback", "tags", "weight")
 
 
+def _same(x, y) -> bool:
+    """Equal as the stages see them: texts after .strip() (what the labeller and the critique prompts use), so
+    a trailing newline from a `|` block is no change."""
+    return x.strip() == y.strip() if isinstance(x, str) and isinstance(y, str) else x == y
+
+
+def changed_fields(p: Principle, q: Principle) -> list[str]:
+    return [f for f in FIELDS if not _same(getattr(p, f), getattr(q, f))]
+
+
+def file_sha256(path: str | None) -> str | None:
+    """The first 12 hex digits of a file's sha256 (None without a readable file): few-shot files are compared
+    by content, since the same examples under another path change no prompt."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12] if path else None
+    except OSError:
+        return None
+
+
 def diff(old: Constitution, new: Constitution) -> dict:
-    """Principles added, removed and changed (by id), with the changed fields."""
+    """What an edit changes: principles added, removed, renamed (a removed and an added principle with the same
+    texts, tags and weight: {old id: new id}) and changed (by id, with the changed fields); the order of the
+    principles (the stages' seeded draw picks by position, so a reorder changes which principle a pair draws);
+    and few-shot files whose content changed."""
     a, b = old.by_id(), new.by_id()
-    changed = {}
-    for pid in a.keys() & b.keys():
-        fields = [f for f in FIELDS if getattr(a[pid], f) != getattr(b[pid], f)]
-        if fields:
-            changed[pid] = fields
+    added, removed = [p for p in b if p not in a], [p for p in a if p not in b]
+    renamed: dict[str, str] = {}
+    for r in removed:
+        match = next((x for x in added if x not in renamed.values() and not changed_fields(a[r], b[x])), None)
+        if match:
+            renamed[r] = match
+    changed = {pid: changed_fields(a[pid], b[pid]) for pid in a.keys() & b.keys()}
+    order_old = [renamed.get(p.id, p.id) for p in old.principles if renamed.get(p.id, p.id) in b]
+    order_new = [p.id for p in new.principles if p.id in order_old]
+    few_shot = {}
+    for field in ("critique_revise", "feedback"):
+        po, pn = getattr(old.few_shot, field), getattr(new.few_shot, field)
+        ho, hn = file_sha256(po), file_sha256(pn)
+        if (po, ho) != (pn, hn) and (ho != hn or ho is None):
+            few_shot[field] = {"old": po, "old_sha256": ho, "new": pn, "new_sha256": hn}
     return {
-        "added": [p for p in b if p not in a],
-        "removed": [p for p in a if p not in b],
-        "changed": dict(sorted(changed.items())),
+        "added": [p for p in added if p not in renamed.values()],
+        "removed": [p for p in removed if p not in renamed],
+        "renamed": renamed,
+        "changed": {pid: f for pid, f in sorted(changed.items()) if f},
+        "order": {"old": order_old, "new": order_new} if order_old != order_new else None,
+        "few_shot": few_shot,
     }
 
 
@@ -142,15 +187,22 @@ def word_diff(old: str, new: str) -> str:
 def format_diff(old: Constitution, new: Constitution) -> str:
     d = diff(old, new)
     a, b = old.by_id(), new.by_id()
-    out = []
-    for pid in d["added"]:
-        out.append(f"+ added    {pid}: {b[pid].feedback.strip()}")
-    for pid in d["removed"]:
-        out.append(f"- removed  {pid}: {a[pid].feedback.strip()}")
+    out = [f"+ added    {pid}: {b[pid].feedback.strip()}" for pid in d["added"]]
+    out += [f"- removed  {pid}: {a[pid].feedback.strip()}" for pid in d["removed"]]
+    out += [f"> renamed  {o} -> {n} (same texts, tags and weight)" for o, n in d["renamed"].items()]
     for pid, fields in d["changed"].items():
         out.append(f"~ changed  {pid}")
         for f in fields:
             out.append(f"    {f}: {word_diff(getattr(a[pid], f), getattr(b[pid], f))}")
+    if d["order"]:
+        out.append(
+            f"~ order    {', '.join(d['order']['old'])} -> {', '.join(d['order']['new'])} (the stages' seeded "
+            "draw picks by position: a rerun draws other principles for many prompts)"
+        )
+    for field, f in d["few_shot"].items():
+        out.append(
+            f"~ few_shot.{field}: {f['old']} (sha256 {f['old_sha256']}) -> {f['new']} (sha256 {f['new_sha256']})"
+        )
     return "\n".join(out) if out else "no differences"
 
 
@@ -173,7 +225,7 @@ def import_paper(critique_json: str | Path, feedback_json: str | Path | None, na
         fb = load_json(feedback_json, "feedback JSON")
         if not isinstance(fb, list) or not all(isinstance(x, str) for x in fb):
             raise UserError(f"{feedback_json}: a list of instruction strings is expected")
-    principles = []
+    principles, keys = [], {}  # keys: principle id -> the entry name it came from
     for i, (key, entry) in enumerate(cr.items()):
         if not isinstance(entry, dict) or "prompt" not in entry or "edit_request" not in entry:
             raise UserError(f"{critique_json}: entry '{key}' needs 'prompt' and 'edit_request'")
@@ -193,6 +245,12 @@ def import_paper(critique_json: str | Path, feedback_json: str | Path | None, na
             )
         )
         pid = re.sub(r"[^a-z0-9_-]+", "-", key.lower()).strip("-") or f"p{i}"
+        if pid in keys:
+            raise UserError(
+                f"{critique_json}: entries '{keys[pid]}' and '{key}' both become principle id '{pid}'; "
+                "distinct names (after lowercasing and replacing other characters by '-') are expected"
+            )
+        keys[pid] = key
         try:
             principles.append(
                 Principle(

@@ -1,0 +1,85 @@
+"""`cai constitution effect --pm DIR`: does the trained preference model side with the OLD labels or the NEW?
+
+Only pairs whose label flipped (crossed 0.5 by more than the margin) can tell: there OLD and NEW prefer
+different responses, so the PM agrees with exactly one of them. The comparison is paired on those discordant
+pairs (McNemar's test, which is an exact sign test on them): the share of them where the PM sides with OLD,
+with its 95% Wilson interval, and the paired difference agree(OLD) − agree(NEW) = 2·share − 1. "Retrain the
+PM" only when that interval excludes 0; a pair whose label moves 0.49 → 0.51 is not a flip and counts for
+nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+from cai.stats import wilson_ci
+
+
+def sign_test(k: int, n: int) -> float:
+    """Exact two-sided p-value of k successes in n fair coin flips (McNemar's exact test on discordant pairs)."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def pm_agreement(rows: list[dict], scores: list[tuple[float, float]], pm_dir: str, min_pairs: int) -> dict:
+    """How often the PM's preference (r_a > r_b) agrees with the OLD and the NEW labels, on all labelled pairs,
+    the relabelled ones and the flipped ones; the verdict from the paired comparison on the flipped pairs."""
+
+    def agree(sel, key):
+        pairs = [(r, s) for r, s in zip(rows, scores) if r["p_old"] is not None and sel(r)]
+        if not pairs:
+            return None
+        return sum((s[0] > s[1]) == (r[key] > 0.5) for r, s in pairs) / len(pairs)
+
+    relabelled = sum(1 for r in rows if r["p_old"] is not None and not r.get("same_prompt", False))
+    res = {
+        "dir": pm_dir,
+        "relabelled": relabelled,
+        "agree_old": agree(lambda r: True, "p_old"),
+        "agree_new": agree(lambda r: True, "p_new"),
+        "agree_old_relabelled": agree(lambda r: not r.get("same_prompt", False), "p_old"),
+        "agree_new_relabelled": agree(lambda r: not r.get("same_prompt", False), "p_new"),
+        "agree_old_flipped": agree(lambda r: r["flipped"], "p_old"),
+        "agree_new_flipped": agree(lambda r: r["flipped"], "p_new"),
+    }
+    # discordant pairs: flipped, and the PM has a preference (r_a = r_b sides with neither label)
+    disc = [(r, s) for r, s in zip(rows, scores) if r["p_old"] is not None and r["flipped"] and s[0] != s[1]]
+    k = sum((s[0] > s[1]) == (r["p_old"] > 0.5) for r, s in disc)
+    lo, hi = wilson_ci(k, len(disc))
+    res["paired"] = {
+        "n": len(disc),
+        "pm_sides_with_old": k,
+        "pm_sides_with_new": len(disc) - k,
+        "difference": (2 * k - len(disc)) / len(disc) if disc else None,
+        "difference_ci95": [2 * lo - 1, 2 * hi - 1] if disc else None,
+        "p_value": sign_test(k, len(disc)),
+    }
+    res["verdict"] = verdict(res["paired"], relabelled, min_pairs)
+    return res
+
+
+def verdict(p: dict, relabelled: int, min_pairs: int) -> str:
+    """What the paired comparison says; "retrain" only when the interval of the difference excludes 0."""
+    if relabelled < min_pairs:
+        return (
+            f"Not measured: {relabelled} pair(s) were relabelled under NEW (fewer than {min_pairs}), so the PM's "
+            "agreement says nothing about the edit; rerun with --draw-edited or more pairs."
+        )
+    if not p["n"]:
+        return (
+            f"No label flipped beyond the margin on the {relabelled} relabelled pairs (n = 0 discordant pairs): "
+            "the edit changes no preference the PM could disagree with."
+        )
+    lo, hi = p["difference_ci95"]
+    head = (
+        f"On the {p['n']} flipped pairs the PM sides with OLD on {p['pm_sides_with_old']} and with NEW on "
+        f"{p['pm_sides_with_new']}: agree(OLD) - agree(NEW) = {p['difference']:+.3f} (95% CI {lo:+.3f} to "
+        f"{hi:+.3f}, exact sign test p = {p['p_value']:.3g}, n = {p['n']}): "
+    )
+    if lo > 0:
+        return head + "retrain the PM on NEW labels to carry the edit into RL."
+    if hi < 0:
+        return head + "the PM already prefers what the NEW labels prefer."
+    return head + "the interval includes 0, so this does not show that the PM must be retrained."
