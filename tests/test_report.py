@@ -263,3 +263,24 @@ def test_held_out_pm_accuracy_counts_only_the_pairs_whose_label_picks_a_side(tin
     assert "(n = 40" in _held_out({k: v for k, v in t.items() if k != "held_out_scored"})  # a run from before
     summary = json.loads((tiny_run / "preference_model" / "manifest.json").read_text())["summary"]
     assert 0 <= summary["held_out_scored"] <= summary["held_out_pairs"]
+
+
+def test_win_rates_use_only_prompts_every_arm_held_out(tmp_path):
+    """An arm with another prompt limit trains on some of the first arm's held-out prompts: they are left out."""
+    from types import SimpleNamespace
+
+    from cai.report.sections import held_out_by_every_arm
+    from cai.runtime.rundir import append_jsonl
+
+    dirs = {}
+    for arm, held in (("a", ["p1", "p2", "p3"]), ("b", ["p1", "p3", "p9"]), ("c", None)):
+        dirs[arm] = tmp_path / arm
+        dirs[arm].mkdir()
+        append_jsonl(
+            dirs[arm] / "held_out.jsonl", [{"id": i, "kind": "red_team"} for i in held or ["p1", "p2", "p3"]]
+        )
+    index = SimpleNamespace(stage_dir=lambda stage, arm: dirs[arm])
+    rep = SimpleNamespace(arms=["a", "b", "c"], index=index)
+    assert [r["id"] for r in held_out_by_every_arm(rep)] == ["p1", "p3"]
+    rep.arms = ["a", "c"]  # the same prompts: all of them
+    assert [r["id"] for r in held_out_by_every_arm(rep)] == ["p1", "p2", "p3"]

@@ -267,7 +267,7 @@ def generations_section(rep) -> list[str]:
     cr = rep.index.stage_dir("critique_revise", arms[0])
     if not cr:
         return []
-    held = mix_kinds(read_jsonl(cr / "held_out.jsonl"))[: config.report.win_rate_prompts]
+    held = mix_kinds(held_out_by_every_arm(rep))[: config.report.win_rate_prompts]
     examples = [r for r in read_jsonl(cr / "data.jsonl") if r.get("kind") == "red_team"][
         : config.report.examples
     ]
@@ -314,6 +314,14 @@ def generations_section(rep) -> list[str]:
     rep.generated = {"held": held_req, "responses": responses, "names": cand_name, "dirs": model_dir}
     md.append(_examples(examples, final_by_arm))
     return md
+
+
+def held_out_by_every_arm(rep) -> list[dict]:
+    """The first arm's held-out prompts that every arm held out: arms whose prompt settings differ (a swept
+    limit or held-out share) may have trained on some of the first arm's held-out prompts."""
+    first, *others = [rep.index.stage_dir("critique_revise", a) for a in rep.arms]
+    ids = [{r["id"] for r in read_jsonl(d / "held_out.jsonl")} for d in others if d and d != first]
+    return [r for r in read_jsonl(first / "held_out.jsonl") if all(r["id"] in s for s in ids)]
 
 
 def _model_dir(index, kind: str, arm) -> Path | None:
