@@ -343,14 +343,18 @@ def test_near_duplicates_catch_a_principle_restated_in_other_words(root, tmp_pat
     assert "[near-duplicate]" not in capsys.readouterr().out
 
 
-def test_lint_context_length_and_threshold(root, tmp_path, tiny_dir, capsys):
-    shot = {
-        "prompt": "\n\nHuman: " + "Tell me a long story. " * 40 + "\n\nAssistant:",
+def long_shot(repeats: int) -> dict:
+    """A few-shot feedback example whose question repeats a sentence `repeats` times."""
+    return {
+        "prompt": "\n\nHuman: " + "Tell me a long story. " * repeats + "\n\nAssistant:",
         "corrects": ["No."],
         "incorrects": ["Yes."],
     }
+
+
+def test_lint_context_length_and_threshold(root, tmp_path, tiny_dir, capsys):
     few = tmp_path / "few.json"
-    few.write_text(json.dumps([shot] * 6))
+    few.write_text(json.dumps([long_shot(40)] * 6))
     f = root / "constitutions/good-for-humanity.yaml"
     assert (
         cli.main(
@@ -604,15 +608,25 @@ def test_draw_edited_forces_the_edited_principle_into_coupled_draws(root, tmp_pa
     assert sum(s["new"][0].id == "crypto-scams" for s in plan(pairs, old, new, seed=0)) < 10
 
 
-def test_effect_pairs_errors_name_the_line(tmp_path):
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ('{"id": "b", "messages": "hi", "response_a": 3, "response_b": "y"}', "key 'response_a'"),
+        (
+            '{"id": "b", "messages": [{"role": "user", "content": 5}], "response_a": "x", "response_b": "y"}',
+            "key 'messages': .* text role and content",
+        ),
+    ],
+)
+def test_effect_pairs_errors_name_the_line(tmp_path, bad, message):
     from cai.constitution.effect import read_pairs
 
     f = tmp_path / "pairs.jsonl"
-    f.write_text(
-        '{"id": "a", "messages": [{"role": "user", "content": "hi"}], "response_a": "x", "response_b": "y"}\n'
-        '{"id": "b", "messages": "hi", "response_a": 3, "response_b": "y"}\n'
+    good = (
+        '{"id": "a", "messages": [{"role": "user", "content": "hi"}], "response_a": "x", "response_b": "y"}'
     )
-    with pytest.raises(UserError, match=r"pairs.jsonl:2: key 'response_a'"):
+    f.write_text(good + "\n" + bad + "\n")
+    with pytest.raises(UserError, match=r"pairs.jsonl:2: " + message):
         read_pairs(f)
 
 
@@ -729,44 +743,18 @@ def test_require_of_a_principle_without_probes_needs_no_accuracy():
     assert required_failure(s, "b", min_probes=0) == "no probes"
 
 
-def test_effect_pairs_need_text_role_and_content(tmp_path):
-    from cai.constitution.effect import read_pairs
-
-    f = tmp_path / "pairs.jsonl"
-    f.write_text(
-        '{"id": "a", "messages": [{"role": "user", "content": "hi"}], "response_a": "x", "response_b": "y"}\n'
-        '{"id": "b", "messages": [{"role": "user", "content": 5}], "response_a": "x", "response_b": "y"}\n'
-    )
-    with pytest.raises(UserError, match=r"pairs.jsonl:2: key 'messages': .* text role and content"):
-        read_pairs(f)
-
-
 def test_lint_few_shot_files_are_the_constitutions_own_and_those_given(root, tmp_path, tiny_dir, capsys):
     f = _edited(root, tmp_path, lambda ps: None, "copy.yaml")
     assert cli.main(["constitution", "lint", str(f), "--few-shot", str(tmp_path / "typo.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--few-shot {tmp_path / 'typo.json'}: file not found" in err[0]
     # a long, unrelated JSON file below the constitution's folder is not a few-shot file
-    shot = {
-        "prompt": "\n\nHuman: " + "Tell me a long story. " * 400 + "\n\nAssistant:",
-        "corrects": ["No."],
-        "incorrects": ["Yes."],
-    }
     (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "unrelated.json").write_text(json.dumps([shot]))
+    (tmp_path / "old" / "unrelated.json").write_text(json.dumps([long_shot(400)]))
     assert cli.main(["constitution", "lint", str(f), "--model", "tiny-random-llama"]) == 0
     assert "[context-length]" not in capsys.readouterr().out
-    cli.main(
-        [
-            "constitution",
-            "lint",
-            str(f),
-            "--model",
-            "tiny-random-llama",
-            "--few-shot",
-            str(tmp_path / "old" / "unrelated.json"),
-        ]
-    )
+    given = ["--few-shot", str(tmp_path / "old" / "unrelated.json")]
+    cli.main(["constitution", "lint", str(f), "--model", "tiny-random-llama", *given])
     out = capsys.readouterr().out
     assert "[context-length]" in out and "few-shot examples of unrelated.json" in out
 
