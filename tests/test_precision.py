@@ -120,13 +120,79 @@ def test_pm_learns_in_bf16(tiny_recipe, tmp_path, head, lora):
     if lora:
         sets.append("preference_model.lora={r: 8, alpha: 16}")
     run = tmp_path / "run"
-    feedback_fixture(run, synthetic_pairs(96))
-    pipeline.run(tiny_recipe(*sets), only=["preference_model"], quiet=True)
+    rows = synthetic_pairs(96)
+    feedback_fixture(run, rows)
+    recipe = tiny_recipe(*sets)
+    pipeline.run(recipe, only=["preference_model"], quiet=True)
     out = run / "preference_model"
     ev = json.loads((out / "eval.json").read_text())
     assert ev["held_out"]["accuracy"] >= 0.85 > ev["held_out_before"]["accuracy"], ev
     assert saved_dtypes(out / "model") == {torch.float32}
     assert read_manifest(out)["summary"]["precision"]["compute"] == "bfloat16"
+    # the held-out figures and score_norm.json are those of the saved PM as PPO's reward loads it (bf16 trunk,
+    # the fp32 head as saved): the normalised rewards PPO computes have mean 0 and std 1 on the reference set
+    from types import SimpleNamespace
+
+    from cai.pm.pairs import held_out_eval, split_pairs
+    from cai.pm.scoring import RewardScorer
+    from cai.stages.preference_model import reference_responses
+
+    scorer = RewardScorer(out / "model", recipe.settings)
+    train, held = split_pairs(rows, 0.25, recipe.seed)
+    again = held_out_eval(scorer.model, scorer.tokenizer, held, 256, 8)
+    assert again["accuracy"] == ev["held_out"]["accuracy"]
+    assert again["mean_margin"] == pytest.approx(ev["held_out"]["mean_margin"], abs=1e-6)
+    cap = recipe.preference_model.norm_sample
+    ref, _ = reference_responses(SimpleNamespace(input_dir=lambda stage: run / stage), train, held, cap, 0)
+    scores = scorer.score([h["messages"] + [{"role": "assistant", "content": h["text"]}] for h in ref])
+    norm = json.loads((out / "model" / "score_norm.json").read_text())
+    assert float(scores.mean()) == pytest.approx(norm["mean"], abs=1e-6)
+
+
+def test_a_pm_head_stays_fp32_through_a_bf16_save_and_a_bf16_load(tiny_dir, tmp_path):
+    """save_dtype bfloat16 wrote the classifier's score head in bf16 (the value head in fp32 files holding
+    bf16-rounded values), and a bf16 load rounded an fp32 head: the head is saved and reloaded as trained."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from cai.pm.build import fresh_pm
+    from cai.pm.scoring import RewardScorer, scalar_head
+    from cai.runtime.training import save_trained
+
+    for head_kind, head_file, key in (
+        ("classifier", "model.safetensors", "score.weight"),
+        ("value_head", "value_head.safetensors", "weight"),
+    ):
+        model, tok = fresh_pm("tiny-random-llama", head_kind, Settings(seed=3))
+        trained = scalar_head(model).weight.detach().clone()
+        assert not torch.equal(trained, trained.bfloat16().float())  # values bf16 cannot hold
+        folder = tmp_path / head_kind
+        save_trained(SimpleNamespace(), model, tok, folder, merge=False, dtype="bfloat16")
+        with safe_open(str(folder / head_file), "pt") as f:
+            assert torch.equal(f.get_tensor(key), trained)  # fp32, as trained
+        loaded = scalar_head(RewardScorer(folder, BF16).model).weight
+        assert loaded.dtype == torch.float32 and torch.equal(loaded.detach(), trained)
+
+
+def test_a_pm_folder_without_its_head_is_refused_not_scored_with_a_random_one(tiny_dir, tmp_path):
+    import shutil
+
+    from cai.errors import UserError
+    from cai.pm.build import fresh_pm
+    from cai.pm.scoring import RewardScorer
+    from cai.runtime.training import save_trained
+
+    with pytest.raises(UserError, match="no trained score head"):
+        RewardScorer(tiny_dir)  # a causal LM folder: no score head in its weights
+    model, tok = fresh_pm("tiny-random-llama", "value_head", Settings())
+    from types import SimpleNamespace
+
+    save_trained(SimpleNamespace(), model, tok, tmp_path / "vh", merge=False)
+    shutil.copytree(tmp_path / "vh", tmp_path / "headless")
+    (tmp_path / "headless" / "value_head.safetensors").unlink()
+    with pytest.raises(UserError, match="value_head.safetensors: missing"):
+        RewardScorer(tmp_path / "headless")
 
 
 def ppo_trainer(tmp_path, *, lora: bool, value_head: bool, dtype: str = "bfloat16", lm_dir=None, **over):

@@ -170,16 +170,22 @@ def train_pm(
     """Train a PM (`cfg`: a preference_model block) on `train_rows`, from `init` (a PM folder) when given,
     resuming from out_dir/checkpoints; write out_dir/model with pm_origin.json and score_norm.json (the scores of
     the reference responses `norm_from` = (responses, record of where they came from)). Returns the held-out
-    evaluation before and after, the training sample's, the norm and the precision."""
+    evaluation before and after, the training sample's, the norm and the precision. What comes after training
+    is measured on the saved PM reloaded as PPO's reward loads it, so score_norm.json normalises the scores PPO
+    sees; the trainer's in-memory copy ran under training's autocast, or in fp32 for a merged LoRA."""
     model, tok = fresh_pm(cfg.backbone, cfg.head, settings, cfg.lora, init=init)
     before = held_out_eval(model, tok, eval_rows, cfg.max_length, cfg.batch_size)
     loss = {"loss": cfg.loss, "center_coef": cfg.center_coef, "lm_coef": cfg.lm_coef}
     model, trainer = fit(cfg, settings, model, tok, train_rows, out_dir, metrics, what, run_token, **loss)
-    after = held_out_eval(model, tok, eval_rows, cfg.max_length, cfg.batch_size)
-    train_eval = held_out_eval(model, tok, train_rows[: cfg.norm_sample], cfg.max_length, cfg.batch_size)
-    norm = score_norm(model, tok, *norm_from, cfg.batch_size)
     out, precision = Path(out_dir) / "model", Precision.of(settings)
     save_trained(trainer, model, tok, out, merge=bool(cfg.lora), dtype=precision.save)
+    # the saved PM as PPO and evaluation load it (the recipe's dtype, its fp32 head, no training autocast)
+    saved = RewardScorer(out, settings)
+    after = held_out_eval(saved.model, saved.tokenizer, eval_rows, cfg.max_length, cfg.batch_size)
+    train_eval = held_out_eval(
+        saved.model, saved.tokenizer, train_rows[: cfg.norm_sample], cfg.max_length, cfg.batch_size
+    )
+    norm = score_norm(saved.model, saved.tokenizer, *norm_from, cfg.batch_size)
     if dist.is_main():
         write_origin(out, cfg.backbone, cfg.head, settings.seed)
         write_json(out / NORM_FILE, norm)

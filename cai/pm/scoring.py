@@ -144,6 +144,32 @@ def read_norm(model_dir: str | Path) -> dict:
         raise UserError(f"{p}: a JSON object with numbers 'mean' and 'std' expected ({exc})") from None
 
 
+def load_saved_head(model, model_dir: Path) -> None:
+    """Put the classifier's scalar head back as it was saved, in fp32 (cai.runtime.settings): loading the model
+    in the recipe's dtype rounded it to bf16 with the trunk. A folder whose weights hold no head is refused: the
+    loader would have scored with a randomly initialised one."""
+    import json
+
+    from safetensors import safe_open
+
+    head = fp32_head(scalar_head(model))
+    name = next(n for n, m in model.named_modules() if m is head)
+    index = model_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    state = {}
+    for f in files or ["model.safetensors"]:
+        with safe_open(str(model_dir / f), framework="pt") as st:
+            state.update(
+                {k[len(name) + 1 :]: st.get_tensor(k) for k in st.keys() if k.startswith(name + ".")}
+            )
+    if set(state) != set(head.state_dict()):
+        raise UserError(
+            f"preference model '{model_dir}': its weights hold no trained score head ('{name}'); a "
+            "preference_model/model folder is expected"
+        )
+    head.load_state_dict({k: v.float() for k, v in state.items()})
+
+
 class RewardScorer:
     """A trained preference model loaded for scoring (PPO rewards, evaluation): a sequence classifier
     (num_labels=1) or, when the folder has the marker of cai.pm.value_head, a causal LM with a value head."""
@@ -165,7 +191,7 @@ class RewardScorer:
             self.model = ValueHeadPM.from_pretrained(model_dir, settings, device=device)
         else:
             self.model = load_model(str(model_dir), settings, kind="seq_cls", device=device)
-            fp32_head(scalar_head(self.model))  # scores in fp32 on any trunk (cai.runtime.settings)
+            load_saved_head(self.model, model_dir)
         self.model.eval()
         norm = read_norm(model_dir)
         self.mean, self.std = norm["mean"], norm["std"]

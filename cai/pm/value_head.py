@@ -169,6 +169,8 @@ class ValueHeadPM(nn.Module):
         hidden = cfg.hidden_size
         r = resolve(str(ref))
         path = Path(r.path) / HEAD_WEIGHTS if r.kind == "dir" else None
+        if path is not None and not path.is_file() and is_value_head_dir(path.parent):
+            raise UserError(f"{path}: missing, though {MARKER} says the folder is a value-head PM")
         if path is None or not path.is_file():
             return cls(lm, new_value_head(hidden, seed, std=getattr(cfg, "initializer_range", 0.02) or 0.02))
         state = load_file(str(path))

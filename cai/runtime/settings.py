@@ -150,6 +150,11 @@ def fp32_head(linear):
     return linear
 
 
+def fp32_heads(model) -> list:
+    """The heads of `model` that `fp32_head` made (their weights stay fp32 when the trunk is saved in bf16)."""
+    return [m for m in model.modules() if _FP32_LINEAR is not None and isinstance(m, _FP32_LINEAR)]
+
+
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 

@@ -64,13 +64,11 @@ def run(ctx) -> Path:
     model, trainer = fit(
         cfg, settings, model, tok, train, ctx.out_dir, ctx.metrics(), "gold", ctx.run_token, loss=cfg.loss
     )
-    model.eval()
-    raw = score_items(
-        RewardScorer.wrap(model, tok, "gold"), items, cfg.batch_size, cfg.max_length, "gold: eval"
-    )
-    result = pm_result(items, raw, untrained, "hh_pairs", settings.seed)
     out = ctx.out_dir / "model"
     save_trained(trainer, model, tok, out, merge=bool(cfg.lora), dtype=Precision.of(settings).save)
+    # scored as the report's gold judge loads it (the recipe's dtype, its fp32 head), not the trainer's copy
+    raw = score_items(RewardScorer(out, settings), items, cfg.batch_size, cfg.max_length, "gold: eval")
+    result = pm_result(items, raw, untrained, "hh_pairs", settings.seed)
     scores = [float(x) for x in raw]
     mean, std = mean_std(scores)
     if dist.is_main():
