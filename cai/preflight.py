@@ -155,7 +155,23 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
                 p = problem(kind, value, stage)
                 if p:
                     lines.append(f"{here}: {f'arm {own!r}: ' if own else ''}key '{key}': {what}{p}")
-    return lines + vllm_problems(recipe, chosen)
+    return lines + vllm_problems(recipe, chosen) + adapter_only_problems(variants, recipe, chosen)
+
+
+def adapter_only_problems(variants, recipe: Recipe, stages: list[str]) -> list[str]:
+    """A line when `sft.merge_lora: false` (an adapter-only SFT folder) meets a stage that loads the SFT model
+    as a whole model: the policy stage refused it only after the stages before it had run, and the report left
+    the SL-CAI model out."""
+    readers = [s for s in ("policy", "report") if s in stages]
+    for arm, variant in variants:
+        if readers and variant.sft.lora is not None and not variant.sft.merge_lora:
+            own = arm if arm and variant.sft.merge_lora != recipe.sft.merge_lora else None
+            return [
+                f"{_locate(recipe, ('sft', 'merge_lora'), own)}: {f'arm {own!r}: ' if own else ''}key "
+                f"'sft.merge_lora': false writes an adapter-only SFT folder, which {' and '.join(readers)} "
+                "load as a whole model; keep it true (the default), or run the sft stage alone"
+            ]
+    return []
 
 
 def vllm_problems(recipe: Recipe, stages: list[str]) -> list[str]:

@@ -96,6 +96,20 @@ def test_a_constitution_that_does_not_load_and_a_model_folder_without_config(tmp
     )
 
 
+def test_an_adapter_only_sft_folder_is_refused_before_the_stages_that_load_it_whole(tmp_path):
+    """`sft.merge_lora: false` saves adapters alone: the policy stage refused that folder only after SFT,
+    feedback and the PM had run. Preflight names the key; running the sft stage alone is fine."""
+    text = "name: x\nmodels:\n  policy: tiny-random-llama\nsft:\n  lora: {r: 4}\n  merge_lora: false\n"
+    p = write(tmp_path, text + f"constitution: {ROOT / 'constitutions' / 'harmless-specific.yaml'}\n")
+    lines = check(load_recipe(p))
+    assert len(lines) == 1 and lines[0].startswith(
+        f"{p}:6: key 'sft.merge_lora': false writes an adapter-only"
+    )
+    assert "policy and report" in lines[0]
+    assert check(load_recipe(p), stages=["sft"]) == []
+    assert check(load_recipe(p, ["sft.merge_lora=true"])) == []
+
+
 def test_shipped_cpu_recipes_pass_and_gpu_recipes_name_their_downloads(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     ok = ["recipes/tiny.yaml", "recipes/quickstart.yaml", "recipes/compare-specific-general.yaml"]
