@@ -23,7 +23,11 @@ class CritiqueReviseConfig(Strict):
 
 class SFTConfig(TrainConfig):
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
-    merge_lora: bool = Field(True, description="Merge LoRA adapters into the saved model.")
+    merge_lora: bool = Field(
+        True,
+        description="Merge LoRA adapters into the saved model; false saves the adapters alone, which the policy "
+        "stage and the report cannot load (preflight refuses it when they run).",
+    )
     include_helpful: bool = Field(
         True, description="Train on helpful prompts' initial answers too, as the paper does."
     )
