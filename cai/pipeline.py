@@ -169,7 +169,9 @@ def _step(
             _say(
                 f"warning: {unit.key} reads {k}, which is out of date with the recipe (not selected in this run)"
             )
-    if complete and old.get("fingerprint") == fp and unit.stage not in forced:
+    # with --arm, --force reruns those arms' own stages and the report; shared stages run when out of date
+    force_this = unit.stage in forced and (not arms or unit.arm in arms or unit.stage == "report")
+    if complete and old.get("fingerprint") == fp and not force_this:
         _say(f"{unit.key}: up to date, skipped ({unit.dir}){'; --force reruns it' if explicit else ''}")
         outputs[unit.key] = old.get("output")
         summary.add(unit, old, ran=False)

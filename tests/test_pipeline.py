@@ -214,6 +214,9 @@ def test_sweep_expands_into_arms_that_share_upstream_stages(fake, recipe):
     fake.calls.clear()
     pipeline.run(r, quiet=True, arms=["kl_coef=0.1"], start="policy", force=True)
     assert fake.calls == ["arms/kl_coef=0.1/policy", "report"]
+    fake.calls.clear()  # --arm with --force reruns that arm's own stages, not the shared ones before them
+    pipeline.run(r, quiet=True, arms=["kl_coef=0.1"], force=True)
+    assert fake.calls == ["arms/kl_coef=0.1/policy", "report"]
 
 
 def _arms_recipe(recipe, tmp_path, root):
