@@ -371,3 +371,24 @@ def test_editing_a_pm_spec_setting_changes_the_preference_model_fingerprint(tmp_
     assert pipeline.fingerprint(recipe, "preference_model", {})[0] == before
     spec.write_text(spec.read_text().replace("center_coef: 0.01", "center_coef: 0.02"))
     assert pipeline.fingerprint(recipe, "preference_model", {})[0] != before  # a setting of the spec does
+
+
+def test_a_new_labeller_check_set_reruns_the_report_but_not_the_pm_or_the_policy(recipe, tmp_path):
+    """check.json is the report's alone: the feedback output id the PM and the policy read covers the pairs,
+    so a larger check set (a tighter interval) does not retrain them; the report reads the feedback block."""
+    from cai.config.layout import fingerprint
+
+    d = tmp_path / "feedback"
+    d.mkdir()
+    (d / "pairs.jsonl").write_text('{"id": "p0", "p_a": 0.7}\n')
+    (d / "check.json").write_text('{"agreement": 0.6}\n')
+    before = pipeline._output_id(d, "feedback", "fp")
+    (d / "check.json").write_text('{"agreement": 0.7}\n')
+    assert pipeline._output_id(d, "feedback", "fp") == before
+    (d / "pairs.jsonl").write_text('{"id": "p0", "p_a": 0.2}\n')
+    assert pipeline._output_id(d, "feedback", "fp") != before
+    check = "feedback.check_set={path: ../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz, limit: %d}"
+    a, b = recipe(check % 8), recipe(check % 16)
+    inputs = {s: "x" for s in STAGES}
+    for stage, reruns in (("preference_model", False), ("policy", False), ("report", True)):
+        assert (fingerprint(a, stage, inputs)[0] != fingerprint(b, stage, inputs)[0]) is reruns, stage

@@ -68,7 +68,8 @@ STAGES: dict[str, StageSpec] = {
             "feedback.generation",
             "generation",
         ),
-        outputs=("pairs.jsonl", "check.json"),
+        # the later stages read the pairs; the report, which reads check.json too, reads the feedback block
+        outputs=("pairs.jsonl",),
     ),
     "preference_model": StageSpec(("settings", "preference_model"), ("feedback",), outputs=("model",)),
     "policy": StageSpec(
@@ -86,6 +87,7 @@ STAGES: dict[str, StageSpec] = {
             "models.feedback",
             "models.judge",
             "generation",
+            "feedback",
             "report",
         ),
         ("gold", "critique_revise", "sft", "feedback", "preference_model", "policy"),
