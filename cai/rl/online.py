@@ -161,7 +161,8 @@ def refresh(ctx, r: int, prev_pm: Path, prompts: list[dict]) -> Path:
     ref = responses_of(norm_rows)
     random.Random(f"{c.settings.seed}:round-{r}:norm-sample").shuffle(ref)
     ref = ref[: cfg.norm_sample]
-    record = {"n": len(ref), "sample": sample, "from": str(rd / "pairs.jsonl"), "policy": [f"round-{r - 1}"]}
+    record = {"n": len(ref), "sample": sample, "from": f"policy/rounds/round-{r}/pairs.jsonl"}
+    record["policy"] = [f"round-{r - 1}"]
     log = MetricsLog(rd / "pm" / "metrics.jsonl")
     fit = train_pm(
         cfg,

@@ -79,7 +79,8 @@ def reference_responses(ctx, train_rows: list[dict], eval_rows: list[dict], cap:
     record = {
         "n": len(held),
         "sample": source,
-        "from": str(path) if path.is_file() else str(ctx.input_dir("feedback") / "pairs.jsonl"),
+        # the file within its stage folder: the PM's output id must not depend on how the run folder is spelled
+        "from": f"feedback/{path.name if path.is_file() else 'pairs.jsonl'}",
         "policy": sorted({str(h["policy"]) for h in held if h["policy"]}) or None,
         "prompts": len({json.dumps(h["messages"]) for h in held}),
         "scored_as": "as PPO scores them: the score at the last token of the untruncated conversation",
