@@ -373,7 +373,9 @@ def test_value_head_pm_learns_a_signal_and_round_trips(tiny_recipe, tmp_path):
     k = recipe.preference_model.norm_sample
     ctx = SimpleNamespace(input_dir=lambda stage: run / stage)
     ref, record = reference_responses(ctx, train, held_out, k, recipe.seed)
-    assert record["from"] == "feedback/pairs.jsonl"  # not the run folder's spelling: the PM's output id holds it
+    assert (
+        record["from"] == "feedback/pairs.jsonl"
+    )  # not the run folder's spelling: the PM's output id holds it
     held_texts = {s: {r[f"response_{s}"] for r in held_out} for s in "ab"}
     assert len(ref) == k and all(h["text"] in held_texts["a"] | held_texts["b"] for h in ref)
     assert {s for h in ref for s in "ab" if h["text"] in held_texts[s]} == {"a", "b"}  # both sides
