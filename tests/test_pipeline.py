@@ -154,6 +154,8 @@ def test_contradictory_or_impossible_selections_are_errors(fake, recipe):
         pipeline.run(recipe("stages=[critique_revise, sft]"), only=["policy"], quiet=True)
     with pytest.raises(UserError, match="--from report: stage 'report' is not in"):
         pipeline.run(recipe("stages=[critique_revise, sft]"), start="report", quiet=True)
+    with pytest.raises(UserError, match="--from gold: the stage is off; set gold.enabled: true"):
+        pipeline.run(recipe(), start="gold", quiet=True)  # was a ValueError traceback
     assert fake.calls == []
 
 

@@ -145,9 +145,9 @@ def select_stages(recipe: Recipe, only: list[str] | None, start: str | None) -> 
             raise UserError(
                 f"{flag} {s}: stage '{s}' is not in this recipe's stages ({', '.join(recipe.stages)})"
             )
-    for s in only or []:
+    for flag, s in [("--only", s) for s in only or []] + ([("--from", start)] if start else []):
         if not active(recipe, s):
-            raise UserError(f"--only {s}: the stage is off; set {s}.enabled: true")
+            raise UserError(f"{flag} {s}: the stage is off; set {s}.enabled: true")
     stages = [s for s in ORDER if s in recipe.stages and active(recipe, s)]
     if start:
         before = [s for s in only or [] if ORDER.index(s) < ORDER.index(start)]
