@@ -155,7 +155,58 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
                 p = problem(kind, value, stage)
                 if p:
                     lines.append(f"{here}: {f'arm {own!r}: ' if own else ''}key '{key}': {what}{p}")
-    return lines + vllm_problems(recipe, chosen) + adapter_only_problems(variants, recipe, chosen)
+    lines += vllm_problems(recipe, chosen) + adapter_only_problems(variants, recipe, chosen)
+    return lines + list(dict.fromkeys(policy_problems(variants, recipe, chosen)))
+
+
+def needed_stages(recipe: Recipe, stage: str) -> dict[str, str]:
+    """{upstream stage: why} of what `stage` reads in this recipe's configuration."""
+    if stage == "sft":
+        return {"critique_revise": "its data"}
+    if stage == "feedback":
+        return {"critique_revise": "its prompts"} | (
+            {"sft": "feedback.policy: sft samples from it"} if recipe.feedback.policy == "sft" else {}
+        )
+    if stage == "preference_model":
+        return {"feedback": "its labelled pairs"}
+    if stage == "policy":
+        need = {"critique_revise": "its prompts", "sft": "the policy to start from"}
+        if recipe.ppo.reward == "pm":
+            need["preference_model"] = "ppo.reward: pm"
+        if recipe.policy.algorithm == "dpo" or recipe.policy.rounds > 1:
+            need["feedback"] = "its pairs (dpo, online rounds)"
+        return need
+    return {}
+
+
+def policy_problems(variants, recipe: Recipe, stages: list[str]) -> Iterator[str]:
+    """What would stop a stage only after the stages before it ran: an upstream stage the recipe leaves out of
+    `stages`, a reward function that does not import, online rounds without a PM reward."""
+    for arm, variant in variants:
+        tag = f"arm {arm!r}: " if arm else ""
+        for stage in (s for s in stages if s != "report"):
+            for need, why in needed_stages(variant, stage).items():
+                if need not in recipe.stages:
+                    yield (
+                        f"{_locate(recipe, ('stages',), None)}: key 'stages': {tag}stage '{stage}' needs "
+                        f"'{need}' ({why}), which the stages leave out"
+                    )
+        if "policy" not in stages:
+            continue
+        own = arm if arm and variant.ppo.reward != recipe.ppo.reward else None
+        if variant.ppo.reward != "pm":
+            from cai.rl.rewards import load_function  # imports the recipe's module, as the run would
+
+            try:
+                load_function(variant.ppo.reward)
+            except UserError as exc:
+                msg = str(exc).removeprefix("ppo.reward: ")
+                yield f"{_locate(recipe, ('ppo', 'reward'), own)}: {tag}key 'ppo.reward': {msg}"
+            if variant.policy.rounds > 1:
+                yield (
+                    f"{_locate(recipe, ('policy', 'rounds'), None)}: {tag}key 'policy.rounds': online rounds "
+                    "train the PM further each round; they need ppo.reward: pm"
+                )
 
 
 def adapter_only_problems(variants, recipe: Recipe, stages: list[str]) -> list[str]:

@@ -110,6 +110,22 @@ def test_an_adapter_only_sft_folder_is_refused_before_the_stages_that_load_it_wh
     assert check(load_recipe(p, ["sft.merge_lora=true"])) == []
 
 
+def test_what_would_stop_the_policy_stage_late_is_found_first(tmp_path):
+    """Each of these failed only at the policy stage, after critique_revise, SFT, feedback and the PM had run."""
+    base = f"name: x\nmodels:\n  policy: tiny-random-llama\nconstitution: {ROOT / 'constitutions/harmless-specific.yaml'}\n"
+    p = write(tmp_path, base + "stages: [critique_revise, sft, feedback, policy, report]\n")
+    assert check(load_recipe(p)) == [
+        f"{p}:5: key 'stages': stage 'policy' needs 'preference_model' (ppo.reward: pm), which the stages leave out"
+    ]
+    p = write(tmp_path, base + "ppo:\n  reward: cai.rl.rewardz:length\n")
+    (line,) = check(load_recipe(p))
+    assert line.startswith(f"{p}:6: key 'ppo.reward': cannot import module 'cai.rl.rewardz'")
+    p = write(tmp_path, base + "ppo:\n  reward: math:hypot\npolicy:\n  rounds: 2\n")
+    rounds = "online rounds train the PM further each round; they need ppo.reward: pm"
+    assert check(load_recipe(p)) == [f"{p}:8: key 'policy.rounds': {rounds}"]
+    assert check(load_recipe(p), stages=["critique_revise", "sft"]) == []
+
+
 def test_shipped_cpu_recipes_pass_and_gpu_recipes_name_their_downloads(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     ok = ["recipes/tiny.yaml", "recipes/quickstart.yaml", "recipes/compare-specific-general.yaml"]
