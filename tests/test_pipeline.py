@@ -266,6 +266,18 @@ def test_arm_and_sweep_keys_are_validated(recipe, tmp_path):
         pipeline.plan(recipe("arms=[{name: a, set: {ppo.kl_cof: 0.1}}]"), rdir)
     with pytest.raises(UserError, match="cannot differ between arms"):
         pipeline.plan(recipe("arms=[{name: a, set: {run_dir: x}}]"), rdir)
+    # read only by the one report or the one gold judge: an arm's value was silently ignored
+    for key, value in (
+        ("report.win_rate_prompts", 2),
+        ("models.judge", "tiny-random-llama"),
+        ("gold.enabled", "true"),
+    ):
+        with pytest.raises(
+            UserError, match=f"'{key}' cannot differ between arms .the report and the gold judge"
+        ):
+            pipeline.plan(recipe(f"arms=[{{name: a, set: {{{key}: {value}}}}}]"), rdir)
+    with pytest.raises(UserError, match="'gold.max_steps' cannot differ"):
+        pipeline.plan(recipe("sweep={gold.max_steps: [1, 2]}"), rdir)
     with pytest.raises(UserError, match="used twice"):
         pipeline.plan(recipe("arms=[{name: a}, {name: a}]"), rdir)
     with pytest.raises(UserError, match="must use only"):

@@ -21,6 +21,8 @@ from cai.yamlio import line_of, load_yaml
 
 # keys an arm may not change: they name the run or its shape, not a stage's behaviour
 FIXED_KEYS = {"name", "run_dir", "arms", "sweep", "stages", "tracker"}
+# keys only the report or the gold judge read: one of each serves every arm, so an arm's value was ignored
+ONE_PER_RUN = ("report", "models.judge", "gold")
 _SAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 
 
@@ -47,6 +49,11 @@ def sweep_point_name(point: dict[str, Any]) -> str:
 def _check_key(key: str, where: str) -> None:
     if key.split(".")[0] in FIXED_KEYS:
         raise UserError(f"{where}: '{key}' cannot differ between arms (they share one run)")
+    if any(key == k or key.startswith(k + ".") for k in ONE_PER_RUN):
+        raise UserError(
+            f"{where}: '{key}' cannot differ between arms (the report and the gold judge are one per run, "
+            "over every arm); set it outside `arms`/`sweep`"
+        )
     try:
         validate_dotted_key(key)
     except UserError as exc:
