@@ -406,3 +406,22 @@ def test_a_new_labeller_check_set_reruns_the_report_but_not_the_pm_or_the_policy
     inputs = {s: "x" for s in STAGES}
     for stage, reruns in (("preference_model", False), ("policy", False), ("report", True)):
         assert (fingerprint(a, stage, inputs)[0] != fingerprint(b, stage, inputs)[0]) is reruns, stage
+
+
+def test_editing_a_suite_file_the_report_names_reruns_the_report(recipe, tmp_path):
+    """Suites are named references: a path's content was not hashed, so a report over an edited suite file
+    stayed "up to date" with the old numbers."""
+    from cai.config.layout import fingerprint
+
+    suite = tmp_path / "mine.jsonl"
+    suite.write_text(
+        '{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}\n'
+    )
+    r = recipe(f"report.suites=[pairs, {suite}]")
+    before = fingerprint(r, "report", {})[0]
+    suite.write_text(suite.read_text() * 2)
+    assert fingerprint(r, "report", {})[0] != before
+    assert (
+        fingerprint(recipe("report.suites=[pairs]"), "report", {})[0]
+        == fingerprint(recipe("report.suites=[pairs]"), "report", {})[0]
+    )

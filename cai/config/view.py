@@ -162,7 +162,8 @@ def _hashable(value, annotation):
             annotation = annotation.annotation
         inner = [a for a in typing.get_args(annotation) if typing.get_args(a) or a is not type(None)]
         return [_hashable(v, inner[0] if inner else annotation) for v in value]
-    if isinstance(value, str) and annotation is not None and ref_kind(annotation) == "file":
+    kind = ref_kind(annotation) if isinstance(value, str) and annotation is not None else None
+    if kind == "file" or (kind == "named" and Path(value).is_file()):  # a suite file given by its path too
         return file_digest(value)
     if isinstance(value, dict):
         return {k: _hashable(v, None) for k, v in value.items()}
