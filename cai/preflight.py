@@ -28,6 +28,7 @@ from cai.errors import UserError
 from cai.eval.suites import load_suite
 from cai.runtime import vllm_engine
 from cai.runtime.models import model_problem
+from cai.runtime.runlog import tracker_problem
 
 NOT_REFS = {"settings", "name", "stages"}
 REQUIRED = {"constitution", "feedback_constitution"}  # files a stage that reads them cannot do without
@@ -156,6 +157,8 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
                 if p:
                     lines.append(f"{here}: {f'arm {own!r}: ' if own else ''}key '{key}': {what}{p}")
     lines += vllm_problems(recipe, chosen) + adapter_only_problems(variants, recipe, chosen)
+    if tracker_problem(recipe.tracker):  # `cai run` refused it after writing the run folder
+        lines.append(f"{_locate(recipe, ('tracker',), None)}: key 'tracker': {tracker_problem(recipe.tracker)}")
     return lines + list(dict.fromkeys(policy_problems(variants, recipe, chosen)))
 
 

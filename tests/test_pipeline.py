@@ -315,6 +315,9 @@ def test_tracker_gets_live_and_replayed_metrics_with_stage_prefixes(fake, recipe
 
     tracker = Fake()
     monkeypatch.setattr(pipeline, "make_tracker", lambda recipe, rdir: tracker)
+    monkeypatch.setattr(
+        "cai.preflight.tracker_problem", lambda name: None
+    )  # as if tensorboard were installed
     pipeline.run(recipe("tracker=tensorboard"), quiet=True)
     keys = {k for _, v in tracker.logged for k in v}
     assert {"sft/loss", "policy/loss", "report/loss"} <= keys and tracker.finished
@@ -336,6 +339,12 @@ def test_tensorboard_without_the_package_is_a_user_error(recipe, tmp_path):
     with pytest.raises(UserError, match="pip install tensorboard"):
         runlog.make_tracker(recipe("tracker=tensorboard"), tmp_path)
     assert runlog.make_tracker(recipe(), tmp_path) is None
+    # found before anything runs or is written (`cai run` wrote the run folder first)
+    from cai.preflight import check
+
+    assert check(recipe("tracker=tensorboard"))[-1].endswith(
+        "key 'tracker': 'tensorboard' needs the tensorboard package (pip install tensorboard)"
+    )
 
 
 def test_summary_lists_stages_times_and_key_metrics(fake, recipe, capsys):

@@ -18,22 +18,26 @@ MAX_METRICS = 5  # key metrics shown per stage in the printed summary
 _PEAK = {"reset": False}  # whether the last reset_peak_memory() reset the resident-set high-water mark
 
 
+def tracker_problem(name: str | None) -> str | None:
+    """Why the tracker `name` cannot start here (its package is not installed), or None."""
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(name or "", ())
+    if packages and all(importlib.util.find_spec(p) is None for p in packages):
+        return f"'{name}' needs the {packages[0]} package (pip install {packages[0]})"
+    return None
+
+
 def make_tracker(recipe, run_dir: Path):
     """The recipe's tracker, started, or None (the default). Only the main process tracks."""
     if not recipe.tracker or not dist.is_main():
         return None
+    problem = tracker_problem(recipe.tracker)
+    if problem:
+        raise UserError(f"tracker: {problem}")
     if recipe.tracker == "tensorboard":
-        if (
-            importlib.util.find_spec("tensorboard") is None
-            and importlib.util.find_spec("tensorboardX") is None
-        ):
-            raise UserError("tracker: 'tensorboard' needs the tensorboard package (pip install tensorboard)")
         from accelerate.tracking import TensorBoardTracker
 
         tracker = TensorBoardTracker(recipe.name, str(run_dir / "tracker"))
     elif recipe.tracker == "wandb":
-        if importlib.util.find_spec("wandb") is None:
-            raise UserError("tracker: 'wandb' needs the wandb package (pip install wandb)")
         from accelerate.tracking import WandBTracker
 
         tracker = WandBTracker(recipe.name, dir=str(run_dir / "tracker"))
