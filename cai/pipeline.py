@@ -122,6 +122,9 @@ def run_info(recipe: Recipe, layout: Layout) -> dict:
         "packages": package_versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    seeds = {name: r.seed for name, r in layout.arms.items()}
+    if len(set(seeds.values())) > 1:  # a seed sweep: each arm's own seed
+        info["arm_seeds"] = seeds
     if src is not None and Path(src.path).is_file():  # a recipe rebuilt from RUN/recipe.json keeps the entry
         info["recipe"] = {
             "file": str(src.path.resolve()),

@@ -434,3 +434,13 @@ def test_editing_a_suite_file_the_report_names_reruns_the_report(recipe, tmp_pat
         fingerprint(recipe("report.suites=[pairs]"), "report", {})[0]
         == fingerprint(recipe("report.suites=[pairs]"), "report", {})[0]
     )
+
+
+def test_a_seed_sweep_records_each_arms_seed(fake, recipe):
+    from cai.runtime.rundir import read_run_info
+
+    pipeline.run(recipe("sweep={seed: [1, 2]}"), quiet=True)
+    info = read_run_info(fake.run_dir)
+    assert info["arm_seeds"] == {"seed=1": 1, "seed=2": 2}  # run.json said seed 0 alone
+    pipeline.run(recipe(), run_dir=fake.run_dir / "plain", quiet=True)
+    assert "arm_seeds" not in read_run_info(fake.run_dir / "plain")

@@ -144,7 +144,12 @@ def what_ran(rep: Report) -> list[str]:
         ["constitution", f"`{f}` (sha256 `{h[:16]}`)"] for f, h in (info.get("constitutions") or {}).items()
     ]
     rows += [
-        ["seed", info.get("seed", rep.config.settings.seed)],
+        [
+            "seed",
+            ", ".join(f"{a}: {v}" for a, v in info["arm_seeds"].items())
+            if info.get("arm_seeds")
+            else info.get("seed", rep.config.settings.seed),
+        ],
         ["cai", code],
         ["packages", ", ".join(f"{k} {v}" for k, v in (info.get("packages") or {}).items() if k != "cai")],
     ]
