@@ -22,6 +22,7 @@ from cai.runtime.rundir import write_json
 from cai.runtime.settings import Precision, fp32_head
 from cai.runtime.training import (
     fuse_lora_training,
+    is_sharded,
     metrics_callback,
     resume_point,
     save_trained,
@@ -155,6 +156,18 @@ def score_norm(model, tok, held: list[dict], record: dict, batch_size: int) -> d
     return {"mean": mean, "std": std, **record}
 
 
+def measure_saved(trainer, model, tok, out: Path, settings, save, measure):
+    """`save()` the trained PM, and return `measure(scorer)` of it as PPO's reward will load it: the saved folder
+    reloaded (the recipe's dtype, its fp32 head, no training autocast). Under DeepSpeed or FSDP, whose loads
+    partition a model that then needs an engine to run, the trainer's own copy is measured, before the save."""
+    if is_sharded(trainer):
+        result = measure(RewardScorer.wrap(model.eval(), tok, "trained PM"))
+        save()
+        return result
+    save()
+    return measure(RewardScorer(out, settings))
+
+
 def train_pm(
     cfg,
     settings,
@@ -178,14 +191,20 @@ def train_pm(
     loss = {"loss": cfg.loss, "center_coef": cfg.center_coef, "lm_coef": cfg.lm_coef}
     model, trainer = fit(cfg, settings, model, tok, train_rows, out_dir, metrics, what, run_token, **loss)
     out, precision = Path(out_dir) / "model", Precision.of(settings)
-    save_trained(trainer, model, tok, out, merge=bool(cfg.lora), dtype=precision.save)
-    # the saved PM as PPO and evaluation load it (the recipe's dtype, its fp32 head, no training autocast)
-    saved = RewardScorer(out, settings)
-    after = held_out_eval(saved.model, saved.tokenizer, eval_rows, cfg.max_length, cfg.batch_size)
-    train_eval = held_out_eval(
-        saved.model, saved.tokenizer, train_rows[: cfg.norm_sample], cfg.max_length, cfg.batch_size
-    )
-    norm = score_norm(saved.model, saved.tokenizer, *norm_from, cfg.batch_size)
+
+    def measure(pm):
+        return (
+            held_out_eval(pm.model, pm.tokenizer, eval_rows, cfg.max_length, cfg.batch_size),
+            held_out_eval(
+                pm.model, pm.tokenizer, train_rows[: cfg.norm_sample], cfg.max_length, cfg.batch_size
+            ),
+            score_norm(pm.model, pm.tokenizer, *norm_from, cfg.batch_size),
+        )
+
+    def save():
+        save_trained(trainer, model, tok, out, merge=bool(cfg.lora), dtype=precision.save)
+
+    after, train_eval, norm = measure_saved(trainer, model, tok, out, settings, save, measure)
     if dist.is_main():
         write_origin(out, cfg.backbone, cfg.head, settings.seed)
         write_json(out / NORM_FILE, norm)

@@ -167,7 +167,14 @@ def load_saved_head(model, model_dir: Path) -> None:
             f"preference model '{model_dir}': its weights hold no trained score head ('{name}'); a "
             "preference_model/model folder is expected"
         )
-    head.load_state_dict({k: v.float() for k, v in state.items()})
+    params = list(head.parameters())
+    if any(hasattr(q, "ds_id") for q in params):  # loaded partitioned (ZeRO-3): whole while it is set
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            head.load_state_dict({k: v.float() for k, v in state.items()})
+    else:
+        head.load_state_dict({k: v.float() for k, v in state.items()})
 
 
 class RewardScorer:

@@ -22,7 +22,7 @@ from cai.data.hh import hh_pair_rows
 from cai.errors import UserError
 from cai.eval.measure import pm_result, score_items
 from cai.eval.suites import Item
-from cai.pm.build import fit, fresh_pm, write_origin
+from cai.pm.build import fit, fresh_pm, measure_saved, write_origin
 from cai.pm.scoring import NORM_FILE, RewardScorer
 from cai.runtime import distributed as dist
 from cai.runtime.rundir import write_json
@@ -65,9 +65,17 @@ def run(ctx) -> Path:
         cfg, settings, model, tok, train, ctx.out_dir, ctx.metrics(), "gold", ctx.run_token, loss=cfg.loss
     )
     out = ctx.out_dir / "model"
-    save_trained(trainer, model, tok, out, merge=bool(cfg.lora), dtype=Precision.of(settings).save)
-    # scored as the report's gold judge loads it (the recipe's dtype, its fp32 head), not the trainer's copy
-    raw = score_items(RewardScorer(out, settings), items, cfg.batch_size, cfg.max_length, "gold: eval")
+    raw = measure_saved(  # scored as the report's gold judge loads it (the recipe's dtype, its fp32 head)
+        trainer,
+        model,
+        tok,
+        out,
+        settings,
+        lambda: save_trained(
+            trainer, model, tok, out, merge=bool(cfg.lora), dtype=Precision.of(settings).save
+        ),
+        lambda judge: score_items(judge, items, cfg.batch_size, cfg.max_length, "gold: eval"),
+    )
     result = pm_result(items, raw, untrained, "hh_pairs", settings.seed)
     scores = [float(x) for x in raw]
     mean, std = mean_std(scores)
