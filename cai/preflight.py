@@ -158,7 +158,9 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
                     lines.append(f"{here}: {f'arm {own!r}: ' if own else ''}key '{key}': {what}{p}")
     lines += vllm_problems(recipe, chosen) + adapter_only_problems(variants, recipe, chosen)
     if tracker_problem(recipe.tracker):  # `cai run` refused it after writing the run folder
-        lines.append(f"{_locate(recipe, ('tracker',), None)}: key 'tracker': {tracker_problem(recipe.tracker)}")
+        lines.append(
+            f"{_locate(recipe, ('tracker',), None)}: key 'tracker': {tracker_problem(recipe.tracker)}"
+        )
     return lines + list(dict.fromkeys(policy_problems(variants, recipe, chosen)))
 
 
