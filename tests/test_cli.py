@@ -212,6 +212,17 @@ ERRORS = [
         ("run", "recipes/tiny.yaml", "--set", "ppo.kl=0.1", "--run-dir", "{d}/run"),
         "--set ppo.kl=0.1: unknown key",
     ),
+    (
+        (
+            "run",
+            "recipes/tiny.yaml",
+            "--set",
+            "arms=[{{name: a, set: {{ppo.kl_coef: abc}}}}]",
+            "--run-dir",
+            "{d}/run",
+        ),
+        "error: --set arms=[{name: a, set: {ppo.kl_coef: abc}}]: arms.0 (a)",  # it named tiny.yaml:3
+    ),
     (("models", "prepare", "gpt-17"), "unknown model alias 'gpt-17'"),
 ]
 

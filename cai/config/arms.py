@@ -126,8 +126,10 @@ def load_checked(path, overrides: list[str] | None = None) -> Recipe:
     try:
         expand_arms(recipe)
     except UserError as exc:
-        _, lines = load_yaml(path)
         m = re.match(r"arms\.(\d+)", str(exc))
         loc = ("arms", int(m.group(1))) if m else ("sweep",) if str(exc).startswith("sweep") else ("arms",)
+        if recipe.source is not None and loc[0] in recipe.source.overrides:  # written by --set, not the file
+            raise UserError(f"{recipe.source.locate(loc)}: {exc}") from None
+        _, lines = load_yaml(path)
         raise UserError(f"{file_line(path, line_of(lines, loc))}: {exc}") from None
     return recipe
