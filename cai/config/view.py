@@ -163,7 +163,10 @@ def _hashable(value, annotation):
         inner = [a for a in typing.get_args(annotation) if typing.get_args(a) or a is not type(None)]
         return [_hashable(v, inner[0] if inner else annotation) for v in value]
     kind = ref_kind(annotation) if isinstance(value, str) and annotation is not None else None
-    if kind == "file" or (kind == "named" and Path(value).is_file()):  # a suite file given by its path too
+    # a named data file (a suite given as its .jsonl) by content too; a named YAML (a suite, a PM spec) is
+    # expanded where it is read, so its path stands for it
+    data_file = kind == "named" and value.endswith((".jsonl", ".json", ".gz")) and Path(value).is_file()
+    if kind == "file" or data_file:
         return file_digest(value)
     if isinstance(value, dict):
         return {k: _hashable(v, None) for k, v in value.items()}
