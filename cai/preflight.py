@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from cai.config.arms import expand_arms
+from cai.config.fields import POLICY_WORDS
 from cai.config.layout import active, reads_of
 from cai.config.load import field_at, ref_kind
 from cai.config.recipe import Recipe
@@ -44,6 +45,8 @@ def refs_of(value, info, loc: tuple) -> Iterator[tuple[tuple, str, str]]:
             yield from refs_of(item, info, loc + (i,))
     elif isinstance(value, str) and value and info is not None:
         kind = ref_kind(info)
+        if kind == "policy":  # 'sft'/'base' are the run's own models; anything else a model reference
+            kind = None if value in POLICY_WORDS else "model"
         if kind:
             yield loc, kind, value
 
@@ -75,8 +78,6 @@ def stage_refs(recipe: Recipe, stage: str) -> Iterator[tuple[tuple, str, str | N
             continue
         for where, kind, v in refs_of(value, field_at(src), loc):
             yield where, "suite" if where[:2] == ("report", "suites") else kind, v, ""
-    if stage == "feedback" and recipe.feedback.policy not in ("sft", "base"):
-        yield ("feedback", "policy"), "model", recipe.feedback.policy, ""
 
 
 def _pm_refs(recipe: Recipe) -> Iterator[tuple[tuple, str, str | None, str]]:

@@ -366,3 +366,25 @@ def test_a_constitutions_few_shot_files_count_in_the_stage_fingerprints(tmp_path
     assert after["sft"] == before["sft"]
     cfg = stage_config(Recipe(name="x", constitution=str(tmp_path / "plain.yaml")), "critique_revise")
     assert set(cfg["constitution"]) == {"file", "sha256"}
+
+
+def test_feedback_policy_names_a_model_folder_relative_to_the_recipe(tmp_path, monkeypatch):
+    """feedback.policy held its path as written, so the same recipe named another folder (or none) when run
+    from another directory; 'sft' and 'base' stay the run's own models, even beside folders of those names."""
+    from cai.preflight import check
+
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "models" / "mine" / "config.json").write_text("{}")
+    (tmp_path / "sub" / "sft").mkdir(parents=True)
+    r = tmp_path / "sub" / "r.yaml"
+    r.write_text("name: x\nmodels:\n  policy: tiny-random-llama\nfeedback:\n  policy: ../models/mine\n")
+    monkeypatch.chdir(tmp_path / "models")  # elsewhere
+    recipe = load_recipe(r)
+    assert recipe.feedback.policy == str(tmp_path / "models" / "mine")
+    assert not [
+        ln for ln in check(recipe, stages=["feedback"]) if "feedback.policy" in ln and "not found" in ln
+    ]
+    r.write_text("name: x\nmodels:\n  policy: tiny-random-llama\nfeedback:\n  policy: sft\n")
+    assert load_recipe(r).feedback.policy == "sft"
+    bad = load_recipe(r, ["feedback.policy=./no-such-folder"])
+    assert any("key 'feedback.policy': model" in ln for ln in check(bad, stages=["feedback"]))

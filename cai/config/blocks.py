@@ -9,7 +9,16 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cai.config.fields import FileRef, GenerationOverride, LoraConfig, ModelRef, NamedRef, Strict, TrainConfig
+from cai.config.fields import (
+    FileRef,
+    GenerationOverride,
+    LoraConfig,
+    ModelRef,
+    NamedRef,
+    PolicyRef,
+    Strict,
+    TrainConfig,
+)
 
 
 class CritiqueReviseConfig(Strict):
@@ -44,7 +53,7 @@ class HumanMix(Strict):
 
 
 class FeedbackConfig(Strict):
-    policy: str = Field(
+    policy: PolicyRef = Field(
         "sft",
         description="Who samples the responses: 'sft' (the SFT output), 'base' (models.policy) or a model ref.",
     )

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 @dataclass(frozen=True)
 class Ref:
     """Marks a recipe field whose value points at a file: kind 'file' (always a path), 'model' (a path when it
-    looks like one: a folder, a .gguf file, './x'; else an alias or hub id) or 'named' (a shipped name, else a
-    file path)."""
+    looks like one: a folder, a .gguf file, './x'; else an alias or hub id), 'named' (a shipped name, else a
+    file path) or 'policy' ('sft' or 'base', the run's own models, else as 'model')."""
 
     kind: str
 
@@ -27,6 +27,10 @@ ModelRef = Annotated[str, Ref("model")]
 
 
 NamedRef = Annotated[str, Ref("named")]
+
+
+PolicyRef = Annotated[str, Ref("policy")]
+POLICY_WORDS = ("sft", "base")  # a PolicyRef's names of the run's own models
 
 
 class Strict(BaseModel):

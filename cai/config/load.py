@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cai.config.fields import Ref
+from cai.config.fields import POLICY_WORDS, Ref
 from cai.config.recipe import Recipe
 from cai.errors import UserError, where
 from cai.yamlio import line_of, load_yaml, model_in, validation_error
@@ -90,6 +90,8 @@ def looks_like_path(value: str, kind: str, base: Path) -> bool:
     """Whether a reference names a path (else an alias, a shipped name or a hub id)."""
     if kind == "file":
         return True
+    if kind == "policy":  # 'sft' and 'base' name the run's own models, even beside a folder of that name
+        return value not in POLICY_WORDS and looks_like_path(value, "model", base)
     if value.startswith((".", "/", "~")) or (base / value).exists():
         return True
     ends = (".gguf",) if kind == "model" else (".yaml", ".yml", ".json", ".jsonl", ".gz")
