@@ -27,6 +27,7 @@ from cai.config.view import source_key, value_of
 from cai.constitution.schema import load_constitution
 from cai.errors import UserError
 from cai.eval.suites import load_suite
+from cai.rl.rewards import load_function
 from cai.runtime import vllm_engine
 from cai.runtime.models import model_problem
 from cai.runtime.runlog import tracker_problem
@@ -201,9 +202,7 @@ def policy_problems(variants, recipe: Recipe, stages: list[str]) -> Iterator[str
             continue
         own = arm if arm and variant.ppo.reward != recipe.ppo.reward else None
         if variant.ppo.reward != "pm":
-            from cai.rl.rewards import load_function  # imports the recipe's module, as the run would
-
-            try:
+            try:  # imports the recipe's module, as the run would
                 load_function(variant.ppo.reward)
             except UserError as exc:
                 msg = str(exc).removeprefix("ppo.reward: ")
