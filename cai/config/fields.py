@@ -58,7 +58,8 @@ class GenerationConfig(Strict):
     repetition_penalty: float = Field(
         1.0,
         gt=0.0,
-        description="Repetition penalty (CTRL's, as transformers and vLLM apply it) over each row's prompt and reply tokens; 1.0 disables it.",
+        description="Repetition penalty (CTRL's, as transformers and vLLM apply it) over each row's prompt and "
+        "reply tokens; 1.0 disables it.",
     )
 
 

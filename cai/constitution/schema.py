@@ -158,7 +158,7 @@ def diff(old: Constitution, new: Constitution) -> dict:
     for field in ("critique_revise", "feedback"):
         po, pn = getattr(old.few_shot, field), getattr(new.few_shot, field)
         ho, hn = file_sha256(po), file_sha256(pn)
-        if (po, ho) != (pn, hn) and (ho != hn or ho is None):
+        if ho != hn or (ho is None and po != pn):  # content differs; or, unreadable, the path does
             few_shot[field] = {"old": po, "old_sha256": ho, "new": pn, "new_sha256": hn}
     return {
         "added": [p for p in added if p not in renamed.values()],

@@ -213,9 +213,10 @@ def _read_dataset(src, where: str, prefix: str | None) -> list[dict]:
         raise
     except Exception as exc:  # datasets raises many types; the user gets one line
         # a JSON data file's bad line (of the file, or of a folder's files), named as the jsonl source does
-        files = sorted(Path(src.path).rglob("*")) if src.path and Path(src.path).is_dir() else [Path(ref)]
+        local = Path(src.path) if src.path else None
+        files = sorted(local.rglob("*")) if local and local.is_dir() else [local] if local else []
         for f in files:
-            if src.path and f.is_file() and f.suffix in (".json", ".jsonl", ".gz"):
+            if f.is_file() and f.suffix in (".json", ".jsonl", ".gz"):
                 _name_bad_json_line(f)
         raise UserError(
             f"{where}: cannot load dataset '{ref}' (split '{src.split}'): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"

@@ -148,7 +148,7 @@ def load_saved_head(model, model_dir: Path) -> None:
     """Put the classifier's scalar head back as it was saved, in fp32 (cai.runtime.settings): loading the model
     in the recipe's dtype rounded it to bf16 with the trunk. A folder whose weights hold no head is refused: the
     loader would have scored with a randomly initialised one."""
-    import json
+    import contextlib
 
     from safetensors import safe_open
 
@@ -167,13 +167,12 @@ def load_saved_head(model, model_dir: Path) -> None:
             f"preference model '{model_dir}': its weights hold no trained score head ('{name}'); a "
             "preference_model/model folder is expected"
         )
-    params = list(head.parameters())
+    params, whole = list(head.parameters()), contextlib.nullcontext()
     if any(hasattr(q, "ds_id") for q in params):  # loaded partitioned (ZeRO-3): whole while it is set
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            head.load_state_dict({k: v.float() for k, v in state.items()})
-    else:
+        whole = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    with whole:
         head.load_state_dict({k: v.float() for k, v in state.items()})
 
 

@@ -143,13 +143,14 @@ def what_ran(rep: Report) -> list[str]:
     rows += [
         ["constitution", f"`{f}` (sha256 `{h[:16]}`)"] for f, h in (info.get("constitutions") or {}).items()
     ]
+    seeds = info.get("arm_seeds")  # a seed sweep: each arm's
+    seed = (
+        ", ".join(f"{a}: {v}" for a, v in seeds.items())
+        if seeds
+        else info.get("seed", rep.config.settings.seed)
+    )
     rows += [
-        [
-            "seed",
-            ", ".join(f"{a}: {v}" for a, v in info["arm_seeds"].items())
-            if info.get("arm_seeds")
-            else info.get("seed", rep.config.settings.seed),
-        ],
+        ["seed", seed],
         ["cai", code],
         ["packages", ", ".join(f"{k} {v}" for k, v in (info.get("packages") or {}).items() if k != "cai")],
     ]

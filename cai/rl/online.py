@@ -3,8 +3,9 @@ of RL-policy samples: round 1 is the policy stage as usual (against RUN/preferen
 round r, the policy that round r − 1 ended with samples fresh response pairs, the feedback model labels them under
 the feedback constitution, and the PM of round r − 1 trains further on the new pairs together with all the old
 ones (and the PM block's human_data mix); a prompt keeps the side of the train/held-out split it had for that PM
-(its pm_split.json), so nothing it trained on is held out to measure the next. The policy then continues from its checkpoint against the new PM. The steps are the feedback stage's
-(cai.feedback.pairs) and the preference_model stage's (cai.pm.build).
+(its pm_split.json), so nothing it trained on is held out to measure the next. The policy then continues from
+its checkpoint against the new PM. The steps are the feedback stage's (cai.feedback.pairs) and the
+preference_model stage's (cai.pm.build).
 
 Layout in the policy stage's folder: rounds/round-<r>/round.json (what the round did, its status), and for a
 round after the first responses.jsonl, pairs.jsonl, pm/ (checkpoints/, metrics.jsonl, model/); each round but the
@@ -161,8 +162,12 @@ def refresh(ctx, r: int, prev_pm: Path, prompts: list[dict]) -> Path:
     ref = responses_of(norm_rows)
     random.Random(f"{c.settings.seed}:round-{r}:norm-sample").shuffle(ref)
     ref = ref[: cfg.norm_sample]
-    record = {"n": len(ref), "sample": sample, "from": f"policy/rounds/round-{r}/pairs.jsonl"}
-    record["policy"] = [f"round-{r - 1}"]
+    record = {
+        "n": len(ref),
+        "sample": sample,
+        "from": f"policy/rounds/round-{r}/pairs.jsonl",  # within the run: the PM's output id holds it
+        "policy": [f"round-{r - 1}"],
+    }
     log = MetricsLog(rd / "pm" / "metrics.jsonl")
     fit = train_pm(
         cfg,

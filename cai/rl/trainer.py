@@ -221,16 +221,14 @@ class PPOTrainer(OnPolicyTrainer):
         if cfg.whiten_advantages:
             advantages = pm.whiten(advantages, mask, stats=global_stats(advantages, mask))
         kl_seq = self._mean(kl.sum(1).mean())
+        # over every process's tokens: a mean of per-process ratios is not the batch's
+        explained = pm.explained_variance(values, returns, mask, lambda x, m: global_stats(x, m)[1])
         self.kl_ctl.update(kl_seq, n_steps=len(idx) * dist.world_size())
         stats = {
             **self._sample_stats(s, kl_seq, beta),
             "objective/reward": self._mean(score.mean()),
             "objective/non_score_reward": self._mean(non_score.sum(1).mean()),
-            "val/explained_variance": float(
-                pm.explained_variance(values, returns, mask, lambda x, m: global_stats(x, m)[1]).nan_to_num(
-                    0.0
-                )
-            ),
+            "val/explained_variance": float(explained.nan_to_num(0.0)),
         }
         return Rollout(
             input_ids, attn, mask, logprobs, ref_logprobs, values * mask, advantages, returns, stats

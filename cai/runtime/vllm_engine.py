@@ -204,7 +204,7 @@ def sampling_params(sampling, seed: int, n: int) -> list:
             repetition_penalty=sampling.repetition_penalty,
             seed=derive_seed(f"{seed}:{j}"),
             stop=list(sampling.stop_strings) or None,
-            include_stop_str_in_output=True,  # the tokens up to the stop, as HF's stop_strings keeps them
+            include_stop_str_in_output=True,  # the tokens up to the stop, as HF's ResponseStopStrings keeps them
             skip_special_tokens=False,
             detokenize=bool(sampling.stop_strings),  # the engine decodes; vLLM needs text only to find stops
         )
