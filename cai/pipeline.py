@@ -20,6 +20,7 @@ from cai.config.layout import (
     Layout,
     Unit,
     fingerprint,
+    inputs_of,
     plan,
     run_dir_of,
     select_stages,
@@ -190,7 +191,7 @@ def _step(
     elif old is not None:
         _say(f"{unit.key}: resuming an interrupted run (status '{old.get('status')}')")
     ctx_inputs = {name: layout.units[k].dir for name, k in unit.inputs.items()}
-    cache = shared_cache_dir(layout, unit, {d: input_ids.get(d) for d in STAGES[unit.stage].inputs})
+    cache = shared_cache_dir(layout, unit, {d: input_ids.get(d) for d in inputs_of(unit.recipe, unit.stage)})
     manifest = _run_stage(
         unit,
         ctx_inputs,

@@ -113,6 +113,16 @@ def test_config_change_reruns_the_stage_and_everything_downstream(fake, recipe):
     assert fake.calls == []
 
 
+def test_feedback_sampling_from_the_base_model_does_not_read_the_sft_output(fake, recipe):
+    """With `feedback.policy: base` the stage samples from models.policy: a retrained SFT model reruns the
+    policy stage (its reference) but not the labelled pairs and the PM."""
+    pipeline.run(recipe("feedback.policy=base"), quiet=True)
+    assert "sft" not in fake.ctxs["feedback"].inputs
+    fake.calls.clear()
+    pipeline.run(recipe("feedback.policy=base", "sft.learning_rate=0.01"), quiet=True)
+    assert fake.calls == ["sft", "policy", "report"]
+
+
 def test_only_and_from(fake, recipe, tmp_path, capsys):
     with pytest.raises(UserError, match="'feedback' needs 'critique_revise'"):
         pipeline.run(recipe(), only=["feedback"], quiet=True)

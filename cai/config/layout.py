@@ -38,6 +38,7 @@ class StageSpec:
     shared: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     more: Callable[[Recipe], tuple[str, ...]] | None = None  # keys read only in some configurations
+    unread: Callable[[Recipe], tuple[str, ...]] | None = None  # inputs not read in some configurations
 
 
 # what an online round reads besides the policy stage's own blocks: the labeller and the PM's training settings
@@ -70,6 +71,7 @@ STAGES: dict[str, StageSpec] = {
         ),
         # the later stages read the pairs; the report, which reads check.json too, reads the feedback block
         outputs=("pairs.jsonl",),
+        unread=lambda r: () if r.feedback.policy == "sft" else ("sft",),  # it samples from another model
     ),
     "preference_model": StageSpec(("settings", "preference_model"), ("feedback",), outputs=("model",)),
     "policy": StageSpec(
@@ -99,6 +101,14 @@ def reads_of(recipe: Recipe, stage: str) -> tuple[str, ...]:
     """The recipe keys `stage` reads in this recipe: its declared ones and those its configuration adds."""
     spec = STAGES[stage]
     return spec.reads + (spec.more(recipe) if spec.more else ())
+
+
+def inputs_of(recipe: Recipe, stage: str) -> tuple[str, ...]:
+    """The upstream stages `stage` reads in this recipe: its declared ones less those its configuration leaves
+    unread, so that a new output of an unread stage does not rerun it."""
+    spec = STAGES[stage]
+    unread = spec.unread(recipe) if spec.unread else ()
+    return tuple(d for d in spec.inputs if d not in unread)
 
 
 def active(recipe: Recipe, stage: str) -> bool:
@@ -210,7 +220,7 @@ def plan(recipe: Recipe, run_dir: str | Path) -> Layout:
     for name, arm in arms or [(None, recipe)]:
         m: dict[str, str] = {}
         for i, s in enumerate(body):
-            reads = {d: m[d] for d in STAGES[s].inputs if d in m}
+            reads = {d: m[d] for d in inputs_of(arm, s) if d in m}
             if name is not None and i >= split:
                 key = f"arms/{name}/{s}"
                 units[key] = Unit(key, s, rdir / key, arm, name, reads, [name])
