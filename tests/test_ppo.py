@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -369,6 +370,46 @@ def test_resume_equals_straight_run(tmp_path):
     assert rows_b[1]["policy/approx_kl"] > 0
     assert rows_b[-1]["objective/kl_coef"] == pytest.approx(rows_a[-1]["objective/kl_coef"], rel=1e-9)
     assert rows_b[-1]["objective/score"] == pytest.approx(rows_a[-1]["objective/score"], abs=1e-9)
+
+
+def test_a_kill_before_the_first_checkpoint_logs_each_update_once(tmp_path):
+    """With save_every 2 a kill after update 1 leaves its metrics row and no checkpoint: the rerun starts at
+    update 0 and must not keep the killed run's row beside its own."""
+    settings = dict(updates=2, ppo_epochs=1, save_every=2)
+    make_trainer(tmp_path, **settings).train(until=1)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    rerun = make_trainer(tmp_path, **settings)
+    assert rerun.step == 0
+    rerun.train()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_kill_while_a_checkpoint_replaces_one_of_its_step_keeps_it(tmp_path, monkeypatch):
+    """An online round's end saves the step train() saved already. A kill between removing the old folder and
+    renaming the new one left only step-N.tmp (complete), which `latest` read as int('N.tmp') and crashed on."""
+    from cai.rl import checkpoint as ck
+
+    d = tmp_path / "checkpoints"
+    kw = dict(weights={"policy": {"x": torch.zeros(2)}}, optimizer_state={}, state={"run_token": "t"})
+    ck.save(d, 8, **kw)
+    renames = []
+    real = Path.rename
+
+    def killed_at_the_second_rename(self, target):
+        renames.append(target)
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(d, 8, **kw)
+    monkeypatch.setattr(Path, "rename", real)
+    assert not (d / "step-000008").exists() and (d / "step-000008.tmp" / "state.json").is_file()
+    assert ck.latest(d) == d / "step-000008"  # the complete temporary folder is taken, under its own name
+    assert json.loads((d / "step-000008" / "state.json").read_text())["step"] == 8
+    (d / "step-000003.tmp").mkdir()  # an incomplete save is never read
+    assert ck.latest(d) == d / "step-000008"
 
 
 def test_critic_warmup_with_a_value_head_clips_the_head_alone(tmp_path, monkeypatch):

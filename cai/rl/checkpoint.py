@@ -27,16 +27,28 @@ from cai.runtime.rundir import append_jsonl, read_jsonl
 PREFIX = "step-"
 
 
+def _step_of(name: str) -> int | None:
+    """N of a regular checkpoint's folder name step-N, else None (a temporary or a replaced folder)."""
+    digits = name[len(PREFIX) :]
+    return int(digits) if name.startswith(PREFIX) and digits.isdigit() else None
+
+
 def latest(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder, or None."""
+    """The newest complete checkpoint folder, or None. A save killed between finishing its temporary folder
+    (state.json is written last) and renaming it is completed here first, so that checkpoint is not lost."""
     if not ckpt_dir.is_dir():
         return None
+    for tmp in ckpt_dir.glob(f"{PREFIX}*.tmp"):
+        final = tmp.with_name(tmp.name[: -len(".tmp")])
+        if (tmp / "state.json").is_file() and not final.exists() and dist.is_main():
+            tmp.rename(final)
+    dist.barrier()
     done = [
         p
         for p in ckpt_dir.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()
+        if p.is_dir() and _step_of(p.name) is not None and (p / "state.json").is_file()
     ]
-    return max(done, key=lambda p: int(p.name[len(PREFIX) :]), default=None)
+    return max(done, key=lambda p: _step_of(p.name), default=None)
 
 
 def check_token(path: Path, found: str | None, expected: str | None) -> None:
@@ -108,8 +120,14 @@ def save(
     barrier()
     if is_main:
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
+        # a folder of the same name is replaced only once the new one is complete: at every moment one of
+        # them is whole under a name `latest` reads (step-N, or step-N.tmp with its state.json)
+        replaced = final.with_name(final.name + ".old")
+        shutil.rmtree(replaced, ignore_errors=True)
+        if final.exists():
+            final.rename(replaced)
         tmp.rename(final)
+        shutil.rmtree(replaced, ignore_errors=True)
         if name is None:  # keep only the newest regular checkpoint
             for old in ckpt_dir.iterdir():
                 if old.is_dir() and old.name.startswith(PREFIX) and old != final:
@@ -136,7 +154,8 @@ def resume(trainer) -> None:
     optimizers, schedulers, KL controller, RNG state and step; metrics rows logged after it are dropped."""
 
     path = latest(trainer.ckpt_dir)
-    if path is None:
+    if path is None:  # a start, or a run killed before its first checkpoint: its rows are logged again
+        _drop_rows_after(trainer)
         return
     check_token(path, json.loads((path / "state.json").read_text()).get("run_token"), trainer.run_token)
     weights, optim, state, rng = load(path, dist.rank())
@@ -164,12 +183,19 @@ def resume(trainer) -> None:
     if rng is not None:
         set_rng_state(rng)
     trainer.step = int(state["step"])
+    _drop_rows_after(trainer)
     if trainer.acc.is_main_process:
-        if trainer.metrics is not None:  # the updates after the checkpoint are logged again
-            rows = [r for r in read_jsonl(trainer.metrics.path) if r.get("step", 0) <= trainer.step]
-            Path(trainer.metrics.path).unlink(missing_ok=True)
-            append_jsonl(trainer.metrics.path, rows)
         print(f"[ppo] resumed from {path} (update {trainer.step})", flush=True)
+
+
+def _drop_rows_after(trainer) -> None:
+    """Drop the metrics rows of updates after the trainer's step: those updates run, and are logged, again."""
+    if trainer.acc.is_main_process and trainer.metrics is not None:
+        rows = read_jsonl(trainer.metrics.path)
+        kept = [r for r in rows if r.get("step", 0) <= trainer.step]
+        if len(kept) < len(rows):
+            Path(trainer.metrics.path).unlink(missing_ok=True)
+            append_jsonl(trainer.metrics.path, kept)
 
 
 def save_trainer(trainer, step: int, name: str | None = None) -> Path:

@@ -192,8 +192,8 @@ def run_on_policy(ctx, prompts: list[dict]) -> None:
         trainer = on_policy_trainer(ctx, cfg, acc, prompts, pm_dir, metrics)
         trainer.train(until=r * per_round)
         last = r == rounds
-        if not last:  # the checkpoint the next round continues from
-            trainer.save(trainer.step)
+        if not last and trainer.step % cfg.save_every:  # the checkpoint the next round continues from
+            trainer.save(trainer.step)  # (train() wrote it already at a multiple of save_every)
         dest = out / "policy" if last else online.round_dir(out, r) / "policy"
         trainer.save_policy(dest, fresh_policy=lambda: fresh_policy(cfg, c.settings, sft_dir))
         if rounds > 1:
