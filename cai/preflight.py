@@ -188,7 +188,8 @@ def needed_stages(recipe: Recipe, stage: str) -> dict[str, str]:
 
 def policy_problems(variants, recipe: Recipe, stages: list[str]) -> Iterator[str]:
     """What would stop a stage only after the stages before it ran: an upstream stage the recipe leaves out of
-    `stages`, a reward function that does not import, online rounds without a PM reward."""
+    `stages`, a reward function that does not import, online rounds without a PM reward, an RLOO or GRPO batch
+    that does not hold whole groups."""
     for arm, variant in variants:
         tag = f"arm {arm!r}: " if arm else ""
         for stage in (s for s in stages if s != "report"):
@@ -200,6 +201,13 @@ def policy_problems(variants, recipe: Recipe, stages: list[str]) -> Iterator[str
                     )
         if "policy" not in stages:
             continue
+        k, rows = variant.policy.samples_per_prompt, variant.ppo.rollout_batch_size
+        if variant.policy.algorithm in ("rloo", "grpo") and rows % k:
+            yield (
+                f"{_locate(recipe, ('ppo', 'rollout_batch_size'), None)}: {tag}key 'ppo.rollout_batch_size': "
+                f"{rows} is not a multiple of policy.samples_per_prompt ({k}); an update samples k responses "
+                "to each of its prompts"
+            )
         own = arm if arm and variant.ppo.reward != recipe.ppo.reward else None
         if variant.ppo.reward != "pm":
             try:  # imports the recipe's module, as the run would

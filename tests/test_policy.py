@@ -249,6 +249,38 @@ def test_group_learner_lora_reference_is_the_base_and_batches_hold_whole_groups(
         group_trainer(tmp_path / "bad", "rloo", rollout_batch_size=6)
 
 
+def test_grpo_weighs_its_kl_term_by_the_coefficient_it_logs(tmp_path, monkeypatch):
+    """With an adaptive β the controller moves once per rollout; GRPO's k3 term used the moved value while
+    `objective/kl_coef` showed the one before. β is recovered from each micro-batch: (loss - policy loss) / kl."""
+    import cai.rl.group as group
+
+    trainer = group_trainer(
+        tmp_path, "grpo", updates=2, ppo_epochs=2, num_minibatches=1, adaptive_kl=True, kl_coef=0.5,
+        target_kl=0.001, kl_horizon=10,
+    )  # fmt: skip
+    parts, used = {}, []
+    policy_loss, token_mean = group.pm.policy_loss, group.pm.token_mean
+    monkeypatch.setattr(group.pm, "policy_loss", lambda *a, **k: parts.update(p=policy_loss(*a, **k)[0]) or (
+        parts["p"], policy_loss(*a, **k)[1]))  # fmt: skip
+    monkeypatch.setattr(
+        group.pm, "token_mean", lambda *a, **k: parts.update(kl=token_mean(*a, **k)) or parts["kl"]
+    )
+    backward = trainer.stepper.backward
+
+    def recording(loss, last):
+        if abs(float(parts["kl"])) > 1e-6:  # 0 while the policy still equals its reference
+            used.append((trainer.step, float((loss - parts["p"]) / parts["kl"])))
+        return backward(loss, last)
+
+    monkeypatch.setattr(trainer.stepper, "backward", recording)
+    hist = trainer.train()
+    logged = [h["objective/kl_coef"] for h in hist]
+    assert logged[0] != logged[1]  # the controller moved β
+    assert {step for step, _ in used} == {0, 1}
+    for step, beta in used:
+        assert beta == pytest.approx(logged[step], rel=1e-3), step
+
+
 def test_critic_free_arms_name_the_critic_settings_they_ignore():
     """A `ppo` block shared by a PPO and an RLOO arm may set PPO's critic and GAE settings; the RLOO and GRPO arms
     name the ones the recipe set (not defaults), PPO's arm none."""

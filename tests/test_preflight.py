@@ -124,6 +124,17 @@ def test_what_would_stop_the_policy_stage_late_is_found_first(tmp_path):
     rounds = "online rounds train the PM further each round; they need ppo.reward: pm"
     assert check(load_recipe(p)) == [f"{p}:8: key 'policy.rounds': {rounds}"]
     assert check(load_recipe(p), stages=["critique_revise", "sft"]) == []
+    p = write(
+        tmp_path,
+        base + "ppo:\n  rollout_batch_size: 6\npolicy:\n  algorithm: grpo\n  samples_per_prompt: 4\n",
+    )
+    assert check(load_recipe(p)) == [
+        f"{p}:6: key 'ppo.rollout_batch_size': 6 is not a multiple of policy.samples_per_prompt (4); an update "
+        "samples k responses to each of its prompts"
+    ]
+    assert check(load_recipe(p, ["policy.algorithm=ppo"])) == []
+    with pytest.raises(UserError, match=r"ppo.grad_accum.*\(2 × 4\).*rollout_batch_size is 6"):
+        load_recipe(p, ["ppo.num_minibatches=2", "ppo.grad_accum=4"])
 
 
 def test_shipped_cpu_recipes_pass_and_gpu_recipes_name_their_downloads(capsys, monkeypatch):

@@ -314,6 +314,17 @@ class PPOConfig(Strict):
         "before a warning; default 1e-6 in fp32, 1e-3 in bf16/fp16.",
     )
 
+    @field_validator("grad_accum")
+    @classmethod
+    def _a_micro_batch_each(cls, v, info):
+        rows, minibatches = info.data.get("rollout_batch_size"), info.data.get("num_minibatches")
+        if rows is not None and minibatches is not None and rows < minibatches * v:
+            raise ValueError(
+                f"num_minibatches × grad_accum ({minibatches} × {v}) micro-batches need at least that many rows "
+                f"in a rollout; rollout_batch_size is {rows}"
+            )
+        return v
+
     @field_validator("top_k", "top_p")
     @classmethod
     def _plain_softmax(cls, v, info):

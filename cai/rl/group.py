@@ -82,6 +82,7 @@ class GroupTrainer(PPOTrainer):
             "objective/reward": self._mean(reward.mean()),
             "group/reward_std": self._mean(spread),
             "group/no_signal": self._mean(flat),  # groups whose k rewards are all equal
+            "_kl_coef": beta,  # GRPO's loss uses the β logged for this update, before the controller moves it
         }
         zeros = torch.zeros_like(mask)
         return Rollout(
@@ -98,7 +99,7 @@ class GroupTrainer(PPOTrainer):
         losses["loss/policy"] += float(loss.detach())
         if self.algorithm == "grpo":
             kl = pm.token_mean(pm.kl_k3(out["logprobs"], batch.ref_logprobs[mi]), mask, n_tokens)
-            loss = loss + self.kl_ctl.value * kl
+            loss = loss + batch.stats["_kl_coef"] * kl
             losses["loss/kl"] += float(kl.detach())
         logs["policy/approx_kl"].append(float(st["approx_kl"]))
         logs["policy/clipfrac"].append(float(st["clipfrac"]))
