@@ -123,6 +123,17 @@ def test_feedback_sampling_from_the_base_model_does_not_read_the_sft_output(fake
     assert fake.calls == ["sft", "policy", "report"]
 
 
+def test_the_dtype_of_saved_models_reruns_only_the_stages_that_save_one(fake, recipe):
+    """critique_revise writes no model: a new save_dtype reran its generation. The stages that save (and those
+    reading what they saved) rerun."""
+    pipeline.run(recipe(), quiet=True)
+    fake.calls.clear()
+    pipeline.run(recipe("save_dtype=bfloat16"), quiet=True)
+    assert fake.calls == ["sft", "feedback", "preference_model", "policy", "report"]
+    assert fake.ctxs["feedback"].config.settings.save_dtype == "float32"  # not its to read
+    assert fake.ctxs["sft"].config.settings.save_dtype == "bfloat16"
+
+
 def test_only_and_from(fake, recipe, tmp_path, capsys):
     with pytest.raises(UserError, match="'feedback' needs 'critique_revise'"):
         pipeline.run(recipe(), only=["feedback"], quiet=True)
@@ -444,6 +455,24 @@ def test_editing_a_suite_file_the_report_names_reruns_the_report(recipe, tmp_pat
         fingerprint(recipe("report.suites=[pairs]"), "report", {})[0]
         == fingerprint(recipe("report.suites=[pairs]"), "report", {})[0]
     )
+
+
+def test_editing_a_dataset_folder_a_prompt_source_names_reruns_critique_revise(recipe, tmp_path):
+    """A `dataset` source may name a folder of data files: it counted by its path, so edited prompts left the
+    stage "up to date" with the old ones."""
+    from cai.config.layout import fingerprint
+
+    folder = tmp_path / "prompts"
+    (folder / "part").mkdir(parents=True)
+    (folder / "part" / "train.jsonl").write_text('{"prompt": "How do I pick a lock?"}\n')
+    r = recipe(f"prompts={{sources: [{{type: dataset, path: {folder}, column: prompt}}]}}")
+    before = fingerprint(r, "critique_revise", {})[0]
+    assert fingerprint(r, "critique_revise", {})[0] == before
+    (folder / "part" / "train.jsonl").write_text('{"prompt": "Something else entirely."}\n')
+    edited = fingerprint(r, "critique_revise", {})[0]
+    assert edited != before
+    (folder / "part" / "train.jsonl").rename(folder / "part" / "test.jsonl")  # a split renamed: another dataset
+    assert fingerprint(r, "critique_revise", {})[0] != edited
 
 
 def test_a_seed_sweep_records_each_arms_seed(fake, recipe):

@@ -38,6 +38,7 @@ class StageSpec:
     shared: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     more: Callable[[Recipe], tuple[str, ...]] | None = None  # keys read only in some configurations
+    saves_models: bool = True  # False: settings.save_dtype is not its to read (nor in its fingerprint)
     unread: Callable[[Recipe], tuple[str, ...]] | None = None  # inputs not read in some configurations
 
 
@@ -55,6 +56,7 @@ STAGES: dict[str, StageSpec] = {
     "critique_revise": StageSpec(
         ("settings", "models.policy", "constitution", "prompts", "generation", "critique_revise"),
         (),
+        saves_models=False,
         outputs=("prompts.jsonl", "held_out.jsonl", "data.jsonl", "stats.json"),
     ),
     "sft": StageSpec(("settings", "models.policy", "sft"), ("critique_revise",), outputs=("model",)),
@@ -71,6 +73,7 @@ STAGES: dict[str, StageSpec] = {
         ),
         # the later stages read the pairs; the report, which reads check.json too, reads the feedback block
         outputs=("pairs.jsonl",),
+        saves_models=False,
         unread=lambda r: () if r.feedback.policy == "sft" else ("sft",),  # it samples from another model
     ),
     "preference_model": StageSpec(("settings", "preference_model"), ("feedback",), outputs=("model",)),
@@ -93,6 +96,7 @@ STAGES: dict[str, StageSpec] = {
             "report",
         ),
         ("gold", "critique_revise", "sft", "feedback", "preference_model", "policy"),
+        saves_models=False,
     ),
 }
 
@@ -118,7 +122,7 @@ def active(recipe: Recipe, stage: str) -> bool:
 
 def stage_view(recipe: Recipe, stage: str) -> RecipeView:
     """The read-only view of the recipe that `stage` gets: its declared keys only."""
-    return view_of(recipe, reads_of(recipe, stage), stage)
+    return view_of(recipe, reads_of(recipe, stage), stage, STAGES[stage].saves_models)
 
 
 def stage_config(recipe: Recipe, stage: str) -> dict:
@@ -251,6 +255,6 @@ def shared_cache_dir(layout: Layout, unit: Unit, input_ids: dict[str, str | None
     keys = STAGES[unit.stage].shared
     if not layout.arms or not keys:
         return None
-    view = view_of(unit.recipe, keys, unit.stage)
+    view = view_of(unit.recipe, keys, unit.stage, STAGES[unit.stage].saves_models)
     key = hash_json({"config": view.fingerprint_dict(), "inputs": input_ids})
     return layout.run_dir / "shared" / f"{unit.stage}-{key}"

@@ -1,7 +1,8 @@
 """A stage's read-only view of the recipe: exactly the keys it declares (cai.config.layout.STAGES), each with
 its fallbacks resolved once, here:
 
-- `settings`: device, dtype, trust_remote_code and seed as one cai.runtime.settings.Settings;
+- `settings`: device, dtype, trust_remote_code, seed and save_dtype as one cai.runtime.settings.Settings
+  (save_dtype at its default for a stage that writes no model);
 - `models.feedback`: models.feedback, else models.policy;
 - `models.judge`: models.judge, else the feedback model;
 - `models.reward_backbone`: models.reward_backbone, else models.policy;
@@ -25,7 +26,7 @@ from cai.config.load import field_at, ref_kind
 from cai.config.pm_spec import effective_pm_config
 from cai.config.recipe import Recipe
 from cai.errors import UserError
-from cai.hashing import sha256_file
+from cai.hashing import hash_json, sha256_file
 from cai.yamlio import load_yaml
 
 # A key whose value falls back to other keys: the first one set in the recipe gives it.
@@ -108,8 +109,13 @@ class RecipeView:
         return out
 
 
-def view_of(recipe: Recipe, keys, stage: str) -> RecipeView:
-    return RecipeView({k: value_of(recipe, k) for k in keys}, stage)
+def view_of(recipe: Recipe, keys, stage: str, saves_models: bool = True) -> RecipeView:
+    """The view of `keys` for `stage`. A stage that writes no model gets `settings` with the default save_dtype,
+    so changing the dtype of saved models does not rerun its generation or labelling."""
+    values = {k: value_of(recipe, k) for k in keys}
+    if not saves_models and "settings" in values:
+        values["settings"] = values["settings"].with_(save_dtype=type(values["settings"])().save_dtype)
+    return RecipeView(values, stage)
 
 
 def _annotation(key: str):
@@ -141,15 +147,25 @@ def _with_few_shot(path: str, digest: dict) -> dict:
 
 
 def file_digest(path: str) -> dict | str:
-    """{"file": name, "sha256": ...} of an existing file (cached by size and mtime); the path itself otherwise."""
+    """{"file": name, "sha256": ...} of an existing file (cached by size and mtime); of a folder (a dataset saved
+    to disk, a folder of data files) the same over every file below it, by relative path; the path itself
+    otherwise (a hub name)."""
     p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        listing = [{"file": f.relative_to(p).as_posix(), "sha256": _sha256(f)} for f in files]
+        return {"folder": p.name, "sha256": hash_json(listing)}
     if not p.is_file():
         return path
+    return {"file": p.name, "sha256": _sha256(p)}
+
+
+def _sha256(p: Path) -> str:
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key not in _FILE_HASHES:
         _FILE_HASHES[key] = sha256_file(p)
-    return {"file": p.name, "sha256": _FILE_HASHES[key]}
+    return _FILE_HASHES[key]
 
 
 def _hashable(value, annotation):
