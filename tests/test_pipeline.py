@@ -471,7 +471,7 @@ def test_editing_a_dataset_folder_a_prompt_source_names_reruns_critique_revise(r
     (folder / "part" / "train.jsonl").write_text('{"prompt": "Something else entirely."}\n')
     edited = fingerprint(r, "critique_revise", {})[0]
     assert edited != before
-    (folder / "part" / "train.jsonl").rename(folder / "part" / "test.jsonl")  # a split renamed: another dataset
+    (folder / "part" / "train.jsonl").rename(folder / "part" / "test.jsonl")  # a renamed split: other data
     assert fingerprint(r, "critique_revise", {})[0] != edited
 
 
