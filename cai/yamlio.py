@@ -135,8 +135,11 @@ def validation_error(path, exc, lines: dict[tuple, int], model_cls=None) -> User
     else:
         expected = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
-        shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
-        msg = f"key '{key}': {expected} (got {shown[:60]})"
+        if isinstance(got, dict) and kind == "value_error":  # a check across a block's keys: they are named
+            msg = f"key '{key}': {expected}"
+        else:
+            shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+            msg = f"key '{key}': {expected} (got {shown[:60]})"
     return UserError(f"{where(path, line_of(lines, loc))}: {msg}")
 
 

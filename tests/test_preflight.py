@@ -133,8 +133,10 @@ def test_what_would_stop_the_policy_stage_late_is_found_first(tmp_path):
         "samples k responses to each of its prompts"
     ]
     assert check(load_recipe(p, ["policy.algorithm=ppo"])) == []
-    with pytest.raises(UserError, match=r"ppo.grad_accum.*\(2 × 4\).*rollout_batch_size is 6"):
+    with pytest.raises(UserError, match=r"key 'ppo'.*\(2 × 4\).*rollout_batch_size is 6"):
         load_recipe(p, ["ppo.num_minibatches=2", "ppo.grad_accum=4"])
+    with pytest.raises(UserError, match=r"\(8 × 1\).*rollout_batch_size is 6"):  # grad_accum left at 1
+        load_recipe(p, ["ppo.num_minibatches=8"])
 
 
 def test_shipped_cpu_recipes_pass_and_gpu_recipes_name_their_downloads(capsys, monkeypatch):

@@ -314,16 +314,14 @@ class PPOConfig(Strict):
         "before a warning; default 1e-6 in fp32, 1e-3 in bf16/fp16.",
     )
 
-    @field_validator("grad_accum")
-    @classmethod
-    def _a_micro_batch_each(cls, v, info):
-        rows, minibatches = info.data.get("rollout_batch_size"), info.data.get("num_minibatches")
-        if rows is not None and minibatches is not None and rows < minibatches * v:
+    @model_validator(mode="after")
+    def _a_micro_batch_each(self):  # after: each of the three may be left at its default
+        if self.rollout_batch_size < self.num_minibatches * self.grad_accum:
             raise ValueError(
-                f"num_minibatches × grad_accum ({minibatches} × {v}) micro-batches need at least that many rows "
-                f"in a rollout; rollout_batch_size is {rows}"
+                f"num_minibatches × grad_accum ({self.num_minibatches} × {self.grad_accum}) micro-batches need "
+                f"at least that many rows in a rollout; rollout_batch_size is {self.rollout_batch_size}"
             )
-        return v
+        return self
 
     @field_validator("top_k", "top_p")
     @classmethod
