@@ -109,11 +109,14 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
 
 
 def reliability_bins(probs: list[float], outcomes: list[float], n_bins: int = 10) -> list[dict]:
-    """Equal-width bins of predicted probability: count, mean prediction, observed frequency."""
+    """Equal-width bins of predicted probability: count, mean prediction, observed frequency (a non-finite
+    probability, from a NaN or infinite score, belongs to no bin and is left out)."""
     bins = [
         {"lo": i / n_bins, "hi": (i + 1) / n_bins, "n": 0, "p_sum": 0.0, "y_sum": 0.0} for i in range(n_bins)
     ]
     for p, y in zip(probs, outcomes):
+        if not math.isfinite(p):
+            continue
         b = bins[min(int(p * n_bins), n_bins - 1)]
         b["n"] += 1
         b["p_sum"] += p
@@ -216,12 +219,35 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict:
     return {"a": a, "b": b, "r2": r2, "se_b": se_b, "n": n}
 
 
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
+_T975 = [
+    float(t)
+    for t in "12.706 4.303 3.182 2.776 2.571 2.447 2.365 2.306 2.262 2.228 2.201 2.179 2.160 2.145 2.131 2.120 "
+    "2.110 2.101 2.093 2.086 2.080 2.074 2.069 2.064 2.060 2.056 2.052 2.048 2.045 2.042".split()
+]
+
+
+def slope_ci(fit: dict) -> tuple[float, float] | None:
+    """95% interval of a linear_fit's slope, b ± t(0.975, n − 2)·SE (Cornish–Fisher above 30 degrees of freedom);
+    None below 3 points."""
+    df, se = fit.get("n", 0) - 2, fit.get("se_b")
+    if df < 1 or se is None or not math.isfinite(se):
+        return None
+    z = 1.959964
+    t = (
+        _T975[df - 1]
+        if df <= 30
+        else z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df * df)
+    )
+    return (fit["b"] - t * se, fit["b"] + t * se)
+
+
 def pearson(a: list[float], b: list[float]) -> float | None:
     n = len(a)
     if n < 2:
         return None
     ma, mb = sum(a) / n, sum(b) / n
-    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    va, vb = sum((x - ma) * (x - ma) for x in a), sum((y - mb) * (y - mb) for y in b)  # inf, never an error
     if va <= 0 or vb <= 0:
         return None
     return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / math.sqrt(va * vb)

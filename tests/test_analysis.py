@@ -9,7 +9,7 @@ import random
 import pytest
 
 from cai.cli.main import main
-from cai.report.klfit import fit_sqrt_kl, kl_reward, overoptimisation
+from cai.report.klfit import KL_K3, fit_sqrt_kl, kl_reward, overoptimisation
 from cai.runtime.rundir import append_jsonl
 from cai.stats import linear_fit
 
@@ -141,3 +141,65 @@ def test_a_run_directory_gives_its_current_arms_in_recipe_order(tmp_path, root, 
     ):  # stale: policy/, old/
         append_jsonl(run / d / "metrics.jsonl", [{"step": 1, "objective/kl": 0.1, "objective/score": 0.2}])
     assert [label for label, _ in find_ppo_logs(run)] == ["kl_coef=0.2", "kl_coef=0.02"]
+
+
+def test_online_rounds_are_fitted_over_the_last_round_with_a_note(tmp_path):
+    """Each online round's PM is retrained, so its raw scores are not comparable with another round's: a fit over
+    every round read round 2's higher scale as a steep gain."""
+    from cai.report.klfit import analyze_logs
+
+    rows = [
+        {
+            "step": s,
+            "round": 1 if s <= 6 else 2,
+            KL_K3: 0.1 * s,
+            "objective/score": (3.0 if s > 6 else 0.0) + 0.01 * s,
+        }
+        for s in range(1, 13)
+    ]
+    append_jsonl(tmp_path / "metrics.jsonl", rows)
+    s = analyze_logs([("run", tmp_path / "metrics.jsonl")])[0]
+    assert s["n"] == 6 and s["round"] == 2 and s["kl"] == pytest.approx([0.1 * k for k in range(7, 13)])
+    assert s["fit"]["b"] < 0.2 and "the fit uses only the last round (2)" in s["note"]
+    append_jsonl(
+        tmp_path / "one.jsonl", [{KL_K3: 0.1 * k, "objective/score": k, "step": k} for k in range(1, 5)]
+    )
+    one = analyze_logs([("one", tmp_path / "one.jsonl")])[0]
+    assert one["note"] is None and one["round"] is None and one["n"] == 4
+
+
+def test_the_proxy_curve_of_online_rounds_uses_the_last_round(tmp_path):
+    from types import SimpleNamespace
+
+    from cai.report import overopt
+    from cai.runtime.rundir import SAMPLES
+
+    log = [{"step": s, "round": 1 if s <= 3 else 2, KL_K3: 0.1 * s} for s in range(1, 7)]
+    append_jsonl(tmp_path / "metrics.jsonl", log)
+    samples = [
+        {
+            "update": s,
+            "i": i,
+            "prompt_id": f"p{i}",
+            "response": "x" * (i + 1),
+            "score": (5.0 if s > 3 else 0.0) + i,
+        }
+        for s in range(1, 7)
+        for i in range(4)
+    ]
+    append_jsonl(tmp_path / SAMPLES, samples)
+    rep = SimpleNamespace(index=SimpleNamespace(stage_dir=lambda s, a=None: None))
+    res = overopt._analyse(rep, None, tmp_path)
+    assert res["proxy"]["kl"] == pytest.approx([0.4, 0.5, 0.6]) and res["proxy"]["gain"] == [0.0, 0.0, 0.0]
+    assert res["length_proxy"]["n"] == 12 and "proxy curve and its length check" in res["note"]
+
+
+def test_slope_interval_uses_t_with_n_minus_2_degrees_of_freedom():
+    from cai.stats import slope_ci
+
+    fit = linear_fit([0.0, 1.0, 2.0, 3.0, 4.0], [0.1, 0.9, 2.2, 2.8, 4.1])
+    lo, hi = slope_ci(fit)
+    assert (lo + hi) / 2 == pytest.approx(fit["b"]) and (hi - lo) / 2 == pytest.approx(3.182 * fit["se_b"])
+    assert slope_ci(linear_fit([0.0, 1.0], [0.0, 1.0])) is None  # two points: no interval
+    wide = {"b": 0.0, "se_b": 1.0, "n": 42}  # 40 degrees of freedom: t = 2.021
+    assert slope_ci(wide)[1] == pytest.approx(2.021, abs=1e-3)

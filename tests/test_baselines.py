@@ -150,3 +150,39 @@ def test_samples_of_a_resumed_update_keep_the_last_block_and_gains_by_hand(tmp_p
     by_update = {u: [r["score"] for r in got[u]] for u in got}
     sd = math.sqrt(sum((x - 2.666667) ** 2 for x in [0, 2, 1, 3, 4, 6]) / 5)
     assert gains(by_update) == pytest.approx([0.0, 1.0 / sd, 4.0 / sd], rel=1e-5)
+
+
+def test_an_uninformative_answer_text_scores_chance_and_is_never_flagged_below_it():
+    """Each text right on exactly half the items: leaving an item out tipped the prior against its own right
+    answer on every item (accuracy 0, 'far below chance'). Within one vote the candidates are tied."""
+    cands, correct = [], []
+    for i in range(200):
+        c = ["Yes", "No"] if i % 3 else ["No", "Yes"]
+        cands.append(c)
+        correct.append(c.index("Yes" if i % 2 == 0 else "No"))
+    hits = trivial_hits(cands, correct, option_suite=True)[COMMON]
+    assert sum(hits) / len(hits) == pytest.approx(0.5)
+    out = compare([0.5] * 200, {COMMON: [0.0] * 200}, chance=0.5)  # however it scores, never 'below chance'
+    assert not out["baselines"][COMMON]["far_from_chance"] and out["flags"] == []
+    # an informative text still decides: "No" right on 3 of 4 other items beats "Yes" by more than a vote
+    cands = [["Yes", "No"]] * 5
+    assert trivial_hits(cands, [1, 1, 1, 1, 0], option_suite=True)[COMMON] == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_baselines_get_wilson_intervals_and_a_small_lift_is_marked_unreliable():
+    """A bootstrap of three equal hits is [1, 1]: the baseline looked far from chance at n = 3."""
+    from cai.report.evalview import lift_cell
+    from cai.stats import wilson_ci
+
+    out = compare([1.0] * 3, {LONGER: [1.0] * 3, SHORTER: [0.0] * 3}, chance=0.5)
+    assert (
+        out["baselines"][LONGER]["ci95"] == list(wilson_ci(3, 3))
+        and out["baselines"][LONGER]["ci95"][0] < 0.5
+    )
+    assert not any(r["far_from_chance"] for r in out["baselines"].values()) and out["flags"] == []
+    assert out["lift"]["small_sample"] and out["lift"]["note"].startswith("unreliable: only 3 items")
+    assert lift_cell(out["lift"]).endswith("(n = 3, small: unreliable)")
+    lines, _ = describe({"n": 3, **out})
+    assert any("lift over the best baseline" in line and "unreliable" in line for line in lines)
+    big = compare([1.0] * 40, {LONGER: [1.0] * 20 + [0.0] * 20}, chance=0.5)
+    assert "note" not in big["lift"] and big["baselines"][LONGER]["ci95"] == list(wilson_ci(20, 40))

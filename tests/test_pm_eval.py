@@ -289,3 +289,27 @@ def test_data_files_are_suites_recognised_by_their_keys(tmp_path, capsys):
     assert err.count("\n") == 1 and "hh_pairs: {chosen, rejected}" in err and "multiple_choice" in err
     assert main(["pm", "eval", "--model", str(tmp_path), "--suite", str(tmp_path / "none.jsonl")]) == 2
     assert "none.jsonl: suite data file not found" in capsys.readouterr().err
+
+
+def test_a_non_finite_pm_score_is_a_one_line_error_naming_the_model_and_suite():
+    """A NaN score crashed pm eval and the report inside the reliability bins (int(NaN))."""
+    import torch
+
+    from cai.errors import UserError
+    from cai.eval.measure import score_items
+    from cai.eval.suites import Item
+
+    class Broken:
+        model_dir = "runs/x/preference_model/model"
+
+        def score(self, convs, **kw):
+            return torch.tensor([float("nan"), 0.0, float("inf"), 1.0])
+
+    items = [Item(f"s:{i}", "t", [{"role": "user", "content": "q"}], ["a", "b"]) for i in range(2)]
+    with pytest.raises(UserError) as err:
+        score_items(Broken(), items, 2, None, "pm eval s", "hh-harmless")
+    msg = str(err.value)
+    assert "\n" not in msg and "runs/x/preference_model/model" in msg and "'hh-harmless'" in msg
+    assert "2 of 4 scores" in msg
+    bins = reliability_bins([float("nan"), 0.95, float("inf")], [1.0, 1.0, 0.0])
+    assert sum(b["n"] for b in bins) == 1 and bins[9]["freq"] == 1.0

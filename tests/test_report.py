@@ -9,6 +9,8 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
 from cai.cli.main import main
 from cai.runtime.rundir import read_jsonl, read_manifest
 
@@ -78,15 +80,18 @@ def test_report_of_a_tiny_run_has_every_section(tiny_run):
     gold = json.loads((tiny_run / "gold" / "eval.json").read_text())["held_out"]
     assert gold["n"] == 16 and "untrained" in gold["baselines"] and "lift" in gold
     assert f"The gold PM on {gold['n']} held-out human pairs" in md
-    # a gold PM without demonstrated skill is called so, beside its curve and its win rates
+    # a gold PM without demonstrated skill is called so, beside its curve and both tables of its win rates
     assert md.count("the gold PM does not beat its best baseline") == (
-        2 if gold["lift"]["ci95"][0] <= 0 else 0
+        3 if gold["lift"]["ci95"][0] <= 0 else 0
     )
     fit = data["kl_fit"]["tiny"]
     assert fit["n"] >= 2 and set(fit) >= {"a", "b", "r2"}
     side = data["policies"]["arms"]["tiny"]  # the final policy against the SFT model, beside its baseline
     assert side["pm_score"]["n"] == 4 and side["win_rate_vs_sft"]["n"] == 4 and side["sqrt_kl"] >= 0
     assert side["sft_pm_score"]["n"] == 4 and "| peak memory of the policy stage | " in md
+    assert data["policies"]["judge"] == data["win_rate"]["judge"]  # the gold PM judges both tables
+    assert set(side["win_rate_vs_sft"]["by_kind"]) == {"red_team", "helpful"}
+    assert side["pm_score_gain_vs_sft"]["n"] == 4 and "| final − SFT, paired over prompts" in md
     m = read_manifest(rep)
     assert m["status"] == "complete" and "win_rate" in m["summary"]
 
@@ -284,3 +289,212 @@ def test_win_rates_use_only_prompts_every_arm_held_out(tmp_path):
     assert [r["id"] for r in held_out_by_every_arm(rep)] == ["p1", "p3"]
     rep.arms = ["a", "c"]  # the same prompts: all of them
     assert [r["id"] for r in held_out_by_every_arm(rep)] == ["p1", "p2", "p3"]
+
+
+def _policy_rep(tmp_path, gold: bool = False, manifest: dict | None = None):
+    """A one-arm report whose held-out prompts have kinds, for cai.report.policies.comparison_section, with the
+    sections' generated prompts, responses and model folders as generations_section stores them."""
+    from types import SimpleNamespace
+
+    pol = tmp_path / "policy"
+    pol.mkdir(parents=True, exist_ok=True)
+    (pol / "metrics.jsonl").write_text('{"step": 1, "objective/sqrt_kl": 0.5}\n')
+    if manifest is not None:
+        (pol / "manifest.json").write_text(json.dumps(manifest))
+    dirs = {"policy": pol}
+    if gold:
+        (tmp_path / "gold" / "model").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "gold" / "model" / "config.json").write_text("{}")
+        dirs["gold"] = tmp_path / "gold"
+    kinds = ["red_team", "helpful", "helpful"]
+    held = [
+        {"id": f"held:{i}", "messages": [{"role": "user", "content": "x"}], "kind": k}
+        for i, k in enumerate(kinds)
+    ]
+    resp = {r["id"]: "r" for r in held}
+    sft, fin = tmp_path / "sft" / "model", pol / "policy"
+    models = SimpleNamespace(judge="the-judge", feedback="the-judge", policy="p")
+    return SimpleNamespace(
+        arms=[None],
+        label=lambda a: "run",
+        data={},
+        index=SimpleNamespace(stage_dir=lambda s, a=None: dirs.get(s), arms=[]),
+        config=SimpleNamespace(settings=None, report=SimpleNamespace(batch_size=1), models=models),
+        generated={
+            "held": held,
+            "responses": {"sl": resp, "fi": resp},
+            "names": {str(sft): "sl", str(fin): "fi"},
+            "dirs": {("sl-cai", None): sft, ("final", None): fin},
+        },
+    )
+
+
+def test_policies_side_by_side_asks_each_kind_its_question_and_names_its_judge(tmp_path, monkeypatch):
+    """The vs-SFT win rate was judged on prompts without their kind (every helpful prompt asked about harm), by
+    models.judge even when a gold PM judged the main table, and without the judge's caveat and note."""
+    from cai.report import compute, policies
+
+    seen = {}
+
+    def fake(name):
+        def judge(config, *args):
+            prompts, cands = (args[1], args[3]) if name == "gold" else (args[0], args[2])
+            seen[name] = [p.get("kind") for p in prompts]
+            kinds = [p.get("kind") or "red_team" for p in prompts]
+            return {"results": {n: compute.summarise_wins([1.0] * len(prompts), kinds) for n in cands}}
+
+        return judge
+
+    monkeypatch.setattr(policies, "win_rates", fake("labeller"))
+    monkeypatch.setattr(policies, "gold_win_rates", fake("gold"), raising=False)  # absent before the fix
+    rep = _policy_rep(tmp_path, manifest={"seconds": 1.0, "peak_memory": {"rss_mib": 10.0}})
+    md = "\n".join(policies.comparison_section(rep))
+    assert seen == {"labeller": ["red_team", "helpful", "helpful"]}
+    assert set(rep.data["policies"]["arms"]["run"]["win_rate_vs_sft"]["by_kind"]) == {"helpful", "red_team"}
+    assert "“Which of these assistant responses is more helpful?" in md and "on helpful ones" in md
+    assert "the judge is the feedback model whose labels trained the PM" in md
+    assert "(n = 3, small) †" in md and "> **Caveat (†):** the judge `the-judge` was not checked" in md
+    seen.clear()
+    rep = _policy_rep(tmp_path / "g", gold=True)
+    md = "\n".join(policies.comparison_section(rep))
+    assert list(seen) == ["gold"] and rep.data["policies"]["judge"].endswith("gold/model")
+    assert "judged by the gold PM" in md and "†" not in md
+
+
+def test_generations_section_keeps_the_kind_of_each_held_out_prompt(tmp_path, monkeypatch):
+    """What the policy comparison judges (rep.generated['held']) must carry each prompt's kind."""
+    from types import SimpleNamespace
+
+    from cai.report import sections
+    from cai.runtime.rundir import append_jsonl
+
+    cr = tmp_path / "critique_revise"
+    cr.mkdir()
+    append_jsonl(
+        cr / "held_out.jsonl",
+        [{"id": "a", "kind": "red_team", "messages": []}, {"id": "b", "kind": "helpful", "messages": []}],
+    )
+    append_jsonl(cr / "data.jsonl", [])
+    monkeypatch.setattr(sections, "generate", lambda config, d, reqs, *a: {r["id"]: "t" for r in reqs})
+    monkeypatch.setattr(sections, "win_rate_md", lambda *a: [])
+    monkeypatch.setattr(sections, "win_rates", lambda config, prompts, *a: {"results": {}})
+    settings = SimpleNamespace(seed=0)
+    config = SimpleNamespace(
+        report=SimpleNamespace(win_rate_prompts=10, examples=0),
+        generation=SimpleNamespace(model_dump=lambda mode: {}),
+        settings=settings,
+        models=SimpleNamespace(policy="p"),
+    )
+    index = SimpleNamespace(stage_dir=lambda s, a=None: cr if s == "critique_revise" else None)
+    rep = SimpleNamespace(
+        arms=[None], label=lambda a: "run", data={}, config=config, gen_dir=tmp_path, index=index
+    )
+    monkeypatch.setattr(sections, "_model_dir", lambda index, kind, arm: tmp_path / kind)
+    sections.generations_section(rep)
+    assert [(r["id"], r["kind"]) for r in rep.generated["held"]] == [
+        ("held:a", "red_team"),
+        ("held:b", "helpful"),
+    ]
+
+
+def test_label_agreement_matches_pairs_by_their_responses_not_their_sample_ids(tmp_path):
+    """Pair ids are sample indices ('<prompt>:<i>-<j>'): arms with their own SFT model reuse them for other
+    responses. Only the same prompt and two responses count, in either order (then p -> 1 - p)."""
+    from cai.report.compute import label_agreement
+    from cai.runtime.rundir import append_jsonl
+
+    def pair(k, a, b, p):
+        return {
+            "id": f"p{k}:0-1",
+            "prompt_id": f"p{k}",
+            "response_a": a,
+            "response_b": b,
+            "p_a": p,
+            "source": "ai",
+        }
+
+    append_jsonl(tmp_path / "x.jsonl", [pair(k, "I refuse", "Sure", 0.9) for k in range(6)])
+    append_jsonl(tmp_path / "y.jsonl", [pair(k, f"other {k}", "else", 0.1) for k in range(6)])
+    swapped = [pair(k, "Sure", "I refuse", 0.2 if k < 4 else 0.7) for k in range(6)]  # agrees on p0..p3
+    append_jsonl(tmp_path / "z.jsonl", swapped)
+    res = label_agreement({a: tmp_path / f"{a}.jsonl" for a in "xyz"})["pairs"]
+    assert res["x|y"]["n"] == 0 and res["x|y"]["agreement"] is None
+    assert res["x|z"]["n"] == 6 and res["x|z"]["agreement"] == pytest.approx(4 / 6)
+
+
+def test_policy_memory_and_time_missing_from_a_manifest_show_a_dash(tmp_path, monkeypatch):
+    from cai.report import compute, policies
+
+    assert policies._memory({}) == "—" and policies._memory({"status": "failed", "seconds": 3.0}) == "—"
+    assert (
+        policies._memory({"peak_memory": {"rss_mib": 812.3, "cuda_mib": 100.0}})
+        == "812 MiB RSS, 100 MiB CUDA"
+    )
+    monkeypatch.setattr(
+        policies,
+        "win_rates",
+        lambda c, p, b, cands: {"results": {n: compute.summarise_wins([1.0], ["x"]) for n in cands}},
+    )
+    md = "\n".join(policies.comparison_section(_policy_rep(tmp_path)))  # no manifest at all
+    assert "| policy stage time | — |" in md and "| peak memory of the policy stage | — |" in md
+
+
+def test_final_minus_sft_pm_score_is_paired_over_prompts(tmp_path, monkeypatch):
+    """The final policy and the SFT model are scored on the same prompts: their difference gets a paired CI,
+    far narrower than the two separate intervals when the prompts vary more than the gain."""
+    from cai.report import compute, policies
+    from cai.stats import bootstrap_ci
+
+    rep = _policy_rep(tmp_path)
+    base = {f"held:{i}": float(i) for i in range(3)}  # prompt effects 0, 1, 2
+    gain = {"held:0": 0.5, "held:1": 0.6, "held:2": 0.7}
+
+    def scores(pm_dir, settings, prompts, responses, batch_size):
+        by_id = {
+            k: base[k] + (gain[k] if responses is rep.generated["responses"]["fi"] else 0.0) for k in base
+        }
+        vals = list(by_id.values())
+        return {"mean": sum(vals) / 3, "ci95": list(bootstrap_ci(vals)), "n": 3, "by_id": by_id}
+
+    rep.generated["responses"]["fi"] = dict(
+        rep.generated["responses"]["fi"]
+    )  # a distinct object from the SFT's
+    monkeypatch.setattr(policies, "pm_scores", scores)
+    monkeypatch.setattr(policies, "_common_pm", lambda rep: tmp_path / "pm")
+    monkeypatch.setattr(
+        policies,
+        "win_rates",
+        lambda c, p, b, cands: {"results": {n: compute.summarise_wins([1.0], ["x"]) for n in cands}},
+    )
+    md = "\n".join(policies.comparison_section(rep))
+    got = rep.data["policies"]["arms"]["run"]
+    assert got["pm_score_gain_vs_sft"]["mean"] == pytest.approx(0.6) and got["pm_score_gain_vs_sft"]["n"] == 3
+    lo, hi = got["pm_score_gain_vs_sft"]["ci95"]
+    assert 0.5 - 1e-9 <= lo <= 0.6 <= hi <= 0.7 + 1e-9  # the separate intervals span about 0 to 2
+    assert "| final − SFT, paired over prompts [95% CI] (n) | 0.600 [" in md
+    assert "by_id" not in got["pm_score"] and "by_id" not in got["sft_pm_score"]  # not in report.json
+
+
+def test_pm_held_out_accuracy_is_shown_beside_the_untrained_pm_on_the_same_pairs(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from cai.report import sections
+    from cai.stats import wilson_ci
+
+    pm = tmp_path / "preference_model"
+    (pm / "model").mkdir(parents=True)
+    (pm / "model" / "config.json").write_text("{}")
+    summary = {"train_pairs": 400, "held_out_pairs": 100, "held_out_scored": 80, "held_out_accuracy": 0.6}
+    summary["held_out_accuracy_before"] = 0.625
+    (pm / "manifest.json").write_text(json.dumps({"summary": summary}))
+    rep = SimpleNamespace(
+        arms=[None],
+        label=lambda a: "run",
+        out=tmp_path,
+        data={},
+        index=SimpleNamespace(stage_dir=lambda s, a=None: pm if s == "preference_model" else None),
+        config=SimpleNamespace(report=SimpleNamespace(suites=[])),
+    )
+    md = "\n".join(sections.pm_section(rep))
+    lo, hi = wilson_ci(0.625 * 80, 80)
+    assert f"| … the untrained PM on the same pairs (baseline) | 0.625 [{lo:.2f}, {hi:.2f}] (n = 80) |" in md

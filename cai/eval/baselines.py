@@ -6,18 +6,30 @@ On the same items as the model under test:
 - `prefer longer` / `prefer shorter`: the candidate with the most / fewest characters wins;
 - `most common answer` (option suites: ai_risk, multiple_choice): the candidate whose text is most often the
   right answer among the *other* items of the suite (leave-one-out, so an item never votes for itself).
+  Leaving an item out moves its own candidates' rates by one vote, against its right answer; candidates whose
+  rates differ by no more than that are tied, so an answer text that carries no information scores chance.
 
 Ties among the top candidates share the credit (1/m each), as for the model. `compare` gives each baseline's
-accuracy with its 95% bootstrap CI, the lift of the model over the best baseline (and over the untrained model)
-as a paired bootstrap CI of the per-item difference, and a flag for a baseline already far from chance. The
-correlation of scores with response length says whether a PM mostly measures length.
+accuracy with its 95% Wilson interval (as the model's), the lift of the model over the best baseline (and over
+the untrained model) as a paired bootstrap CI of the per-item difference (marked unreliable below SMALL_N items),
+and a flag for a baseline already far from chance. The correlation of scores with response length says whether
+a PM mostly measures length.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from cai.stats import bootstrap_ci, cluster_correlation_ci, correlation_ci, mean, pearson
+from cai.stats import (
+    bootstrap_ci,
+    cluster_correlation_ci,
+    correlation_ci,
+    mean,
+    pearson,
+    small_n,
+    small_n_note,
+    wilson_ci,
+)
 
 UNTRAINED = "untrained"
 LONGER, SHORTER, COMMON = "prefer longer", "prefer shorter", "most common answer"
@@ -56,6 +68,20 @@ def answer_prior(candidates: list[list[str]], correct: list[int]) -> list[list[f
     return out
 
 
+def prior_hits(candidates: list[list[str]], correct: list[int]) -> list[float]:
+    """Per-item credit of the 'most common answer' baseline. Leaving an item out lowers its right candidate's rate
+    and raises a wrong one's by up to 1/(seen + 1) each (seen: the text's count over all items), so the top
+    candidate is tied with every candidate within that reach: an uninformative text prior (each text right half
+    the time) scores chance, not 0."""
+    seen = Counter(_norm(t) for cands in candidates for t in cands)
+    out = []
+    for cands, c, row in zip(candidates, correct, answer_prior(candidates, correct)):
+        reach = max(1.0 / (seen[_norm(t)] + 1) for t in cands) + 1e-12
+        top = max(row)
+        out.append(credit([top if top - p <= reach else p for p in row], c))
+    return out
+
+
 def length_hits(lengths: list[list[float]], correct: list[int]) -> dict[str, list[float]]:
     """Per-item credit of preferring the longest and the shortest candidate, from the candidates' lengths."""
     return {
@@ -70,8 +96,7 @@ def trivial_hits(
     """Per-item credit of the trivial baselines that fit the suite's format."""
     out = length_hits([[float(len(t)) for t in cands] for cands in candidates], correct)
     if option_suite:
-        prior = answer_prior(candidates, correct)
-        out[COMMON] = [credit(p, c) for p, c in zip(prior, correct)]
+        out[COMMON] = prior_hits(candidates, correct)
     return out
 
 
@@ -81,20 +106,24 @@ def far_from_chance(accuracy: float, ci: tuple[float, float], chance: float) -> 
 
 def _paired_lift(hits: list[float], base: list[float], seed: int) -> dict:
     diffs = [a - b for a, b in zip(hits, base)]
-    return {"value": mean(diffs), "ci95": list(bootstrap_ci(diffs, seed=seed)), "n": len(diffs)}
+    out = {"value": mean(diffs), "ci95": list(bootstrap_ci(diffs, seed=seed)), "n": len(diffs)}
+    if small_n(len(diffs)):  # a bootstrap over a few items collapses: [0, 0] for three equal pairs
+        out.update(small_sample=True, note=f"unreliable: {small_n_note(len(diffs))}")
+    return out
 
 
 def compare(hits: list[float], baselines: dict[str, list[float]], chance: float, seed: int = 0) -> dict:
-    """Each baseline's accuracy [95% CI] and whether it is far from chance; the model's lift over the best
-    baseline (and over the untrained model) with a paired bootstrap CI; plain-words flags."""
+    """Each baseline's accuracy [95% Wilson CI] and whether it is far from chance; the model's lift over the best
+    baseline (and over the untrained model) with a paired bootstrap CI; plain-words flags. The 'most common
+    answer' baseline is never flagged below chance: leaving each item out can only tip it against the item."""
     table = {}
     for name, h in baselines.items():
-        acc, ci = mean(h), bootstrap_ci(h, seed=seed)
+        acc, ci = mean(h), wilson_ci(sum(h), len(h))
         table[name] = {
             "accuracy": acc,
             "ci95": list(ci),
             "n": len(h),
-            "far_from_chance": far_from_chance(acc, ci, chance),
+            "far_from_chance": far_from_chance(acc, ci, chance) and not (name == COMMON and acc < chance),
         }
     out: dict = {"baselines": table, "flags": []}
     if not table or not hits:
@@ -162,8 +191,9 @@ def describe(result: dict) -> tuple[list[str], list[str]]:
         lift = result.get(key)
         if lift and lift.get("value") is not None:
             over = f" ({lift['over']})" if key == "lift" else ""
+            note = f"; {lift['note']}" if lift.get("note") else ""
             lines.append(
-                f"lift over {what}{over}: {lift['value']:+.3f} (95% CI {_ci(*lift['ci95'], signed=True)})"
+                f"lift over {what}{over}: {lift['value']:+.3f} (95% CI {_ci(*lift['ci95'], signed=True)}{note})"
             )
     if result.get("untrained_note"):
         lines.append(result["untrained_note"])

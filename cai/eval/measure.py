@@ -36,7 +36,7 @@ from cai.feedback.options import OPTION_LETTERS, normalise, option_continuations
 from cai.markdown import num
 from cai.plots import reliability_png
 from cai.pm.build import read_origin, untrained_scorer
-from cai.pm.scoring import RewardScorer
+from cai.pm.scoring import RewardScorer, check_finite
 from cai.runtime.models import load_for_inference
 from cai.runtime.rundir import write_json
 from cai.runtime.settings import DEFAULT, Settings
@@ -70,16 +70,16 @@ def _write(result: dict, out_dir: str | Path, kind: str) -> dict:
 
 
 def score_items(
-    scorer: RewardScorer, items, batch_size: int, max_length: int | None, desc: str
+    scorer: RewardScorer, items, batch_size: int, max_length: int | None, desc: str, suite: str | None = None
 ) -> list[float]:
     """A PM's raw score of every candidate of every item, items in order; an item's candidates share its
-    conversation, which a packed forward computes once (cai.pm.scoring)."""
+    conversation, which a packed forward computes once (cai.pm.scoring). A NaN or infinite score is a one-line
+    UserError naming the PM and the suite (`desc` when no suite is given)."""
     convs = [it.messages + [{"role": "assistant", "content": c}] for it in items for c in it.candidates]
     starts = list(itertools.accumulate((len(it.candidates) for it in items), initial=0))
     groups = [list(range(a, b)) for a, b in zip(starts, starts[1:])]
-    return scorer.score(
-        convs, batch_size=batch_size, max_length=max_length, desc=desc, groups=groups
-    ).tolist()
+    raw = scorer.score(convs, batch_size=batch_size, max_length=max_length, desc=desc, groups=groups).tolist()
+    return check_finite(raw, scorer.model_dir, suite or desc)
 
 
 def _per_item(items, raw: list[float]) -> list[list[float]]:
@@ -130,9 +130,9 @@ def evaluate_pm(
     if untrained == "auto":
         untrained = untrained_for(scorer, settings)
         note = "no untrained baseline: the PM folder has no pm_origin.json (give --backbone to build it)"
-    raw = score_items(scorer, items, batch_size, max_length, f"pm eval {spec.name}")
+    raw = score_items(scorer, items, batch_size, max_length, f"pm eval {spec.name}", spec.name)
     base_raw = (
-        score_items(untrained, items, batch_size, max_length, f"pm eval {spec.name}: untrained")
+        score_items(untrained, items, batch_size, max_length, f"pm eval {spec.name}: untrained", spec.name)
         if isinstance(untrained, RewardScorer)
         else None
     )

@@ -9,6 +9,7 @@ sequence classifier's `score`, or the `v_head` of a causal LM with a value head 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from cai.errors import UserError
@@ -174,6 +175,18 @@ def load_saved_head(model, model_dir: Path) -> None:
         whole = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
     with whole:
         head.load_state_dict({k: v.float() for k, v in state.items()})
+
+
+def check_finite(scores: list[float], model, suite: str) -> list[float]:
+    """The scores, or a one-line UserError naming the PM, the suite and how many scores are NaN or infinite (a
+    diverged or broken head), which no accuracy, calibration or correlation can be computed from."""
+    bad = sum(not math.isfinite(x) for x in scores)
+    if bad:
+        raise UserError(
+            f"preference model '{model}': {bad} of {len(scores)} scores on suite '{suite}' are not finite "
+            "(NaN or inf): its weights or head are broken; retrain it or check its dtype"
+        )
+    return scores
 
 
 class RewardScorer:

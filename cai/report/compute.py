@@ -54,11 +54,21 @@ def first_key(path: Path, candidates: list[str]) -> str | None:
 
 
 # -------------------------------------------------------------------------------- label agreement
+def _pair_key(r: dict) -> tuple[tuple, float]:
+    """(prompt id, the two responses in a fixed order) and p(the first of them) for a labelled pair: a pair id is
+    '<prompt>:<i>-<j>' (sample indices), which names different responses in arms with their own SFT model or
+    seed, so pairs are matched by what they compare; the same two responses in swapped order give p -> 1 - p."""
+    prompt = r.get("prompt_id") or str(r["id"]).rsplit(":", 1)[0]
+    a, b, p = str(r.get("response_a")), str(r.get("response_b")), float(r["p_a"])
+    return ((prompt, a, b), p) if a <= b else ((prompt, b, a), 1.0 - p)
+
+
 def label_agreement(pairs_files: dict[str, Path]) -> dict:
-    """Between every two arms: on the AI-labelled pairs both have (matched by id), the share where they
-    prefer the same response (a tie on either side counts half) and the correlation of their p_a."""
+    """Between every two arms: on the AI-labelled pairs both have (the same prompt and the same two responses,
+    in either order), the share where they prefer the same response (a tie on either side counts half) and the
+    correlation of their p(first response)."""
     labels = {
-        arm: {r["id"]: float(r["p_a"]) for r in read_jsonl(p) if r.get("source", "ai") == "ai" and "p_a" in r}
+        arm: dict(_pair_key(r) for r in read_jsonl(p) if r.get("source", "ai") == "ai" and "p_a" in r)
         for arm, p in pairs_files.items()
     }
     arms = list(labels)

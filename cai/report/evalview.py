@@ -12,7 +12,8 @@ def lift_cell(lift: dict | None) -> str:
     if not lift or lift.get("value") is None:
         return "—"
     lo, hi = lift["ci95"]
-    return f"{lift['value']:+.3f} [{lo:+.2f}, {hi:+.2f}] over {lift['over']} (n = {lift['n']})"
+    small = ", small: unreliable" if lift.get("small_sample") else ""
+    return f"{lift['value']:+.3f} [{lo:+.2f}, {hi:+.2f}] over {lift['over']} (n = {lift['n']}{small})"
 
 
 def baseline_rows(suite: str, results: list[dict]) -> list[list]:

@@ -115,10 +115,30 @@ def kl_key(rows: list[dict]) -> str:
     return KL_K3 if any(isinstance(r.get(KL_K3), (int, float)) for r in rows) else KL
 
 
-def read_ppo_log(path: str | Path) -> tuple[list[float], list[float], str]:
-    """(KL, score, KL column) per update from a PPO metrics.jsonl; rows without both are skipped."""
+def rounds_of(rows: list[dict]) -> list[int]:
+    """The online rounds a policy log's rows carry (`round`, logged only with policy.rounds > 1), in order."""
+    return sorted({r["round"] for r in rows if isinstance(r.get("round"), int)})
+
+
+def round_note(rounds: list[int], what: str) -> str | None:
+    """Why only the last round counts, when the log has several: each round's PM is retrained (and normalised
+    anew), so raw scores of different rounds are not on one scale."""
+    if len(rounds) < 2:
+        return None
+    return (
+        f"the log has {len(rounds)} online rounds, each scored by its own round's PM (retrained and normalised "
+        f"anew, so scores are not comparable across rounds): {what} uses only the last round ({rounds[-1]})"
+    )
+
+
+def read_ppo_log(path: str | Path, last_round: bool = False) -> tuple[list[float], list[float], str]:
+    """(KL, score, KL column) per update from a PPO metrics.jsonl; rows without both are skipped. With
+    `last_round`, a log of several online rounds gives only its last round's updates."""
     rows = read_jsonl(path)
     key = kl_key(rows)
+    rounds = rounds_of(rows)
+    if last_round and len(rounds) > 1:
+        rows = [r for r in rows if r.get("round") == rounds[-1]]
     kl, score = [], []
     for row in rows:
         k, s = row.get(key), row.get(SCORE)
@@ -181,10 +201,12 @@ def _layout(run_dir: Path):
 
 def analyze_logs(logs: list[tuple[str, Path]]) -> list[dict]:
     """One fit per log with at least 3 usable updates; each: label, path, KL column, kl, score, fit, warnings.
-    Updates with a negative KL estimate (only the reward's k1 column can have them) are left out and counted."""
+    Updates with a negative KL estimate (only the reward's k1 column can have them) are left out and counted. A
+    log of several online rounds is fitted over its last round only (round_note says so)."""
     series = []
     for label, path in logs:
-        kl_all, score_all, key = read_ppo_log(path)
+        kl_all, score_all, key = read_ppo_log(path, last_round=True)
+        rounds = rounds_of(read_jsonl(path))
         keep = [i for i, k in enumerate(kl_all) if k >= 0]
         kl, score = [kl_all[i] for i in keep], [score_all[i] for i in keep]
         dropped = len(kl_all) - len(kl)
@@ -194,7 +216,9 @@ def analyze_logs(logs: list[tuple[str, Path]]) -> list[dict]:
             if dropped
             else None
         )
+        note = "; ".join(x for x in (round_note(rounds, "the fit"), note) if x) or None
         s = {"label": label, "path": str(path), "kl_key": key, "n": len(kl), "dropped": dropped, "note": note}
+        s["round"] = rounds[-1] if len(rounds) > 1 else None
         if len(kl) < 3:
             s.update(
                 fit=None,

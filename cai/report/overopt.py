@@ -18,7 +18,7 @@ from cai.eval.baselines import length_correlation
 from cai.markdown import table, with_ci
 from cai.plots import plot_overoptimisation
 from cai.pm.scoring import RewardScorer
-from cai.report.klfit import fit_gao, fit_sqrt_kl, kl_key
+from cai.report.klfit import fit_gao, fit_sqrt_kl, kl_key, round_note, rounds_of
 from cai.runtime.rundir import SAMPLES, read_jsonl
 from cai.stats import mean_std
 
@@ -80,11 +80,23 @@ def _analyse(rep, arm, policy_dir: Path) -> dict | None:
         return None
     rows = [r for u in updates for r in samples[u]]
     out = {"n": len(rows), "updates": updates, "kl": [float(kl_of[u]) for u in updates]}
-    prompt_of = [r.get("prompt_id") for r in rows]  # every sample of a prompt, across updates, is one cluster
+    # online rounds: each round's proxy PM is retrained, so its raw scores are compared within the last round only
+    rounds, round_of = rounds_of(log), {r.get("step"): r.get("round") for r in log}
+    proxy_u = [u for u in updates if len(rounds) < 2 or round_of.get(u) == rounds[-1]]
+    out["note"] = round_note(rounds, "the proxy curve and its length check")
+    proxy_rows = [r for u in proxy_u for r in samples[u]]
+    prompt_of = [
+        r.get("prompt_id") for r in proxy_rows
+    ]  # every sample of a prompt, across updates, is a cluster
     out["length_proxy"] = length_correlation(
-        [r["score"] for r in rows], [r["response"] for r in rows], prompt_of
+        [r["score"] for r in proxy_rows], [r["response"] for r in proxy_rows], prompt_of
     )
-    out["proxy"] = fits(out["kl"], gains({u: [r["score"] for r in samples[u]] for u in updates}))
+    if proxy_u:
+        proxy_kl = [float(kl_of[u]) for u in proxy_u]
+        out["proxy"] = {
+            **fits(proxy_kl, gains({u: [r["score"] for r in samples[u]] for u in proxy_u})),
+            "kl": proxy_kl,
+        }
     gold = rep.index.stage_dir("gold", arm)
     cr = rep.index.stage_dir("critique_revise", arm)
     if gold is None or not (gold / "model" / "config.json").is_file() or cr is None:
@@ -158,6 +170,7 @@ def section(rep) -> list[str]:
         if key in res
     ]
     md.append(table(["PM", "r [95% CI] (n)"], rows))
+    md += [f"> **Note ({label}):** {res['note']}.\n" for label, res in results.items() if res.get("note")]
     for label, res in results.items():
         for key in ("length_proxy", "length_gold"):
             if (res.get(key) or {}).get("warning"):
@@ -178,9 +191,9 @@ def _gold_block(rep, results: dict) -> list[str]:
     )
     series = []
     for label, res in results.items():
-        d = [math.sqrt(max(k, 0.0)) for k in res["kl"]]
         for pm in ("proxy", "gold"):
             if res.get(pm):
+                d = [math.sqrt(max(k, 0.0)) for k in res[pm].get("kl", res["kl"])]
                 series.append({"label": f"{label}: {pm}", "d": d, **res[pm]})
     plot_overoptimisation(
         rep.out / "overoptimisation.png", series, "Proxy and gold PM score against sqrt(KL)"

@@ -1,14 +1,16 @@
 """The report's policy comparison: every arm's final policy side by side, whatever optimised it (PPO, RLOO,
-GRPO, DPO, online rounds), on the same held-out prompts — the score of one common PM, sqrt(KL) to the SFT model
-at the end of training, the harmlessness win rate against the SFT model from the common judge, the policy
-stage's time and peak memory — and, for online runs, score, KL, labels and PM agreement round by round."""
+GRPO, DPO, online rounds), on the same held-out prompts — the score of one common PM (and the paired gain over
+the SFT model), sqrt(KL) to the SFT model at the end of training, the win rate against the SFT model from the
+common judge (the gold PM when the run has one), the policy stage's time and peak memory — and, for online runs,
+score, KL, labels and PM agreement round by round."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from cai.markdown import num, table, with_ci
-from cai.report.compute import scored_pairs, win_rates
+from cai.report.compute import gold_win_rates, scored_pairs, win_rates
+from cai.report.winrates import gold_judge, judge_notes
 from cai.rl.rewards import PreferenceModelReward
 from cai.runtime.rundir import read_json, read_jsonl, read_manifest
 from cai.stats import bootstrap_ci, small_n, small_n_note, wilson_ci
@@ -38,14 +40,34 @@ def last_sqrt_kl(stage_dir: Path) -> float | None:
 def pm_scores(
     pm_dir: Path, settings, prompts: list[dict], responses: dict[str, str], batch_size: int
 ) -> dict:
-    """Mean normalised score of one PM over responses to the prompts, with a bootstrap 95% CI and n."""
+    """Mean normalised score of one PM over responses to the prompts, with a bootstrap 95% CI and n, and each
+    prompt's score under `by_id` (for paired differences; not written to report.json)."""
     rows = [p for p in prompts if p["id"] in responses]
     if not rows:
         return {"n": 0}
     reward = PreferenceModelReward(pm_dir, settings, batch_size=batch_size)
     _, score = reward([p["messages"] for p in rows], [responses[p["id"]] for p in rows])
     values = [float(x) for x in score]
-    return {"mean": sum(values) / len(values), "ci95": list(bootstrap_ci(values)), "n": len(values)}
+    return {
+        "mean": sum(values) / len(values),
+        "ci95": list(bootstrap_ci(values)),
+        "n": len(values),
+        "by_id": {p["id"]: v for p, v in zip(rows, values)},
+    }
+
+
+def paired_gain(final: dict | None, sft: dict | None) -> dict | None:
+    """Final policy minus its SFT model, prompt by prompt on the prompts both were scored on: the mean difference
+    with a paired bootstrap 95% CI (as cai.eval.baselines' lift), n; None without both."""
+    a, b = (final or {}).get("by_id") or {}, (sft or {}).get("by_id") or {}
+    diffs = [a[k] - b[k] for k in a if k in b]
+    if not diffs:
+        return None
+    return {"mean": sum(diffs) / len(diffs), "ci95": list(bootstrap_ci(diffs)), "n": len(diffs)}
+
+
+def _public(res: dict | None) -> dict | None:
+    return {k: v for k, v in res.items() if k != "by_id"} if res else res
 
 
 def _common_pm(rep) -> Path | None:
@@ -55,11 +77,46 @@ def _common_pm(rep) -> Path | None:
 
 
 def _memory(m: dict) -> str:
+    """'812 MiB RSS, 2048 MiB CUDA' from a manifest's peak_memory; '—' when it has none (an old run, a failed stage)."""
     peak = m.get("peak_memory") or {}
+    if peak.get("rss_mib") is None:
+        return "—"
     parts = [f"{peak['rss_mib']:.0f} MiB RSS" + (" (process)" if peak.get("rss_since") == "process" else "")]
     if peak.get("cuda_mib") is not None:
         parts.append(f"{peak['cuda_mib']:.0f} MiB CUDA")
-    return ", ".join(parts) if peak.get("rss_mib") is not None else "—"
+    return ", ".join(parts)
+
+
+def _wins_vs_sft(config, dirs: dict, held: list[dict], answers, models: dict, gold: Path | None) -> dict:
+    """Each arm's win rate against its own SFT model, by the gold PM when there is one, else the common judge."""
+    against: dict[str, dict] = {}  # arms by the SFT model they are judged against (one judge load for each)
+    for a in dirs:
+        final, sft = answers("final", a), answers("sl-cai", a)
+        if final and sft:
+            against.setdefault(str(models[("sl-cai", a)]), {"sft": sft, "arms": {}})["arms"][a] = final
+    wins = {}
+    for group in against.values():
+        # a run without arms has one arm, None
+        names = {a: "final policy" if a is None else str(a) for a in group["arms"]}
+        cands = {names[a]: final for a, final in group["arms"].items()}
+        if gold is not None:
+            res = gold_win_rates(config, gold, held, group["sft"], cands)
+        else:
+            res = win_rates(config, held, group["sft"], cands)
+        wins.update({a: res["results"].get(names[a]) for a in group["arms"]})
+    return wins
+
+
+def _stage_rows(dirs: dict) -> list[list]:
+    """Time, seconds per 1,000 policy tokens and peak memory of each arm's policy stage ('—' where unrecorded)."""
+    manifests = [read_manifest(d) or {} for d in dirs.values()]
+    return [
+        ["policy stage time"]
+        + [f"{m['seconds']:.1f} s" if m.get("seconds") is not None else "—" for m in manifests],
+        ["seconds per 1,000 policy tokens"]
+        + [num((m.get("summary") or {}).get("seconds_per_1k_policy_tokens")) for m in manifests],
+        ["peak memory of the policy stage"] + [_memory(m) for m in manifests],
+    ]
 
 
 def comparison_section(rep) -> list[str]:
@@ -70,13 +127,15 @@ def comparison_section(rep) -> list[str]:
         return []
     config, label = rep.config, rep.label
     held, responses, names, models = gen["held"], gen["responses"], gen["names"], gen["dirs"]
-    pm_dir = _common_pm(rep)
+    # the gold PM judges when the run has one, as in the main win-rate table
+    pm_dir, gold = _common_pm(rep), gold_judge(rep)
+    judge = str(gold) if gold is not None else config.models.judge
 
     def answers(kind: str, a) -> dict[str, str] | None:
         d = models.get((kind, a))
         return responses.get(names.get(str(d))) if d is not None else None
 
-    scores, wins, data = {}, {}, {}
+    scores, data = {}, {}
     by_sft: dict[str, dict] = {}  # the PM score of each distinct SFT model (arms may train their own)
     for a in dirs:
         sft = answers("sl-cai", a)
@@ -85,55 +144,56 @@ def comparison_section(rep) -> list[str]:
                 pm_dir, config.settings, held, sft, config.report.batch_size
             )
     baseline = {a: by_sft.get(str(models.get(("sl-cai", a)))) for a in dirs}  # each arm's own SFT model
-    against: dict[str, dict] = {}  # arms by the SFT model they are judged against (one judge load for each)
-    for a in dirs:
-        final, sft = answers("final", a), answers("sl-cai", a)
-        if final and pm_dir:
-            scores[a] = pm_scores(pm_dir, config.settings, held, final, config.report.batch_size)
-        if final and sft:
-            against.setdefault(str(models[("sl-cai", a)]), {"sft": sft, "arms": {}})["arms"][a] = final
-    for group in against.values():
-        # a run without arms has one arm, None
-        names = {a: "final policy" if a is None else str(a) for a in group["arms"]}
-        res = win_rates(config, held, group["sft"], {names[a]: final for a, final in group["arms"].items()})
-        wins.update({a: res["results"].get(names[a]) for a in group["arms"]})
+    for a in [a for a in dirs if pm_dir and answers("final", a)]:
+        scores[a] = pm_scores(pm_dir, config.settings, held, answers("final", a), config.report.batch_size)
+    wins = _wins_vs_sft(config, dirs, held, answers, models, gold)
+    gain = {a: paired_gain(scores.get(a), baseline[a]) for a in dirs}
     rows = [["algorithm"] + [algorithm_label(d) for d in dirs.values()]]
     if pm_dir:
         rows.append(
             ["PM score of held-out responses [95% CI] (n)"] + [with_ci(scores.get(a), "mean") for a in dirs]
         )
         rows.append(["… its SFT model's (baseline)"] + [with_ci(baseline[a], "mean") for a in dirs])
+        rows.append(
+            ["final − SFT, paired over prompts [95% CI] (n)"] + [with_ci(gain[a], "mean") for a in dirs]
+        )
     rows.append(
         ["sqrt(KL) to the SFT model, end of training"] + [num(last_sqrt_kl(d)) for d in dirs.values()]
     )
+    how, notes, caveat = judge_notes(rep, judge, gold is not None, "the SFT model")
+    mark = " †" if caveat else ""
     rows.append(
-        ["win rate against the SFT model [95% CI] (n)"] + [with_ci(wins.get(a), "win_rate") for a in dirs]
+        ["win rate against the SFT model [95% CI] (n)"]
+        + [with_ci(wins.get(a), "win_rate") + (mark if wins.get(a) else "") for a in dirs]
     )
-    manifests = {a: read_manifest(d) or {} for a, d in dirs.items()}
-    rows.append(["policy stage time"] + [f"{m.get('seconds', 0):.1f} s" for m in manifests.values()])
-    rows.append(
-        ["seconds per 1,000 policy tokens"]
-        + [num((m.get("summary") or {}).get("seconds_per_1k_policy_tokens")) for m in manifests.values()]
-    )
-    rows.append(["peak memory of the policy stage"] + [_memory(m) for m in manifests.values()])
+    rows += _stage_rows(dirs)
     for a in dirs:
         data[label(a)] = {
-            "pm_score": scores.get(a),
-            "sft_pm_score": baseline[a],
+            "pm_score": _public(scores.get(a)),
+            "sft_pm_score": _public(baseline[a]),
+            "pm_score_gain_vs_sft": gain[a],
             "win_rate_vs_sft": wins.get(a),
             "sqrt_kl": last_sqrt_kl(dirs[a]),
         }
-    rep.data["policies"] = {"pm": str(pm_dir) if pm_dir else None, "arms": data}
+    rep.data["policies"] = {
+        "pm": str(pm_dir) if pm_dir else None,
+        "judge": judge,
+        "judge_caveat": caveat,
+        "arms": data,
+    }
     md = ["## Policies side by side\n"]
     md.append(
         f"The final policy of each arm on the same {len(held)} held-out prompts. PM score: the normalised score "
         f"of one common preference model (`{pm_dir}`; 0 is the mean of its reference responses, 1 their standard "
-        "deviation: its `score_norm.json` says which responses) for every arm, beside the arm's SFT model's; "
-        f"win rate: the common judge (`{config.models.judge}`) comparing each final policy's response with the "
-        "SFT model's, both orders averaged, a tie half, 0.5 = no difference. sqrt(KL) is the last logged k3 "
-        "estimate on training prompts (DPO: its last probe).\n"
+        "deviation: its `score_norm.json` says which responses) for every arm, beside the arm's SFT model's, and "
+        "their difference prompt by prompt (paired bootstrap CI); "
+        f"win rate of each final policy's response against the SFT model's, {how}; a tie counts half, "
+        "0.5 = no difference. sqrt(KL) is the last logged k3 estimate on training prompts (DPO: its last probe).\n"
     )
+    md += notes
     md.append(table(["", *[label(a) for a in dirs]], rows))
+    if caveat:
+        md.append(f"> **Caveat (†):** {caveat}.\n")
     if small_n(len(held)):
         md.append(f"> **Small sample:** {small_n_note(len(held), 'held-out prompts')}.\n")
     return md

@@ -24,9 +24,9 @@ from cai.report.compute import (
 )
 from cai.report.evalview import baseline_rows, baseline_warnings, check_baseline_rows
 from cai.report.klfit import KL_NAMES, analyze_logs
-from cai.report.winrates import mix_kinds, win_rate_md
+from cai.report.winrates import gold_judge, mix_kinds, win_rate_md
 from cai.runtime.rundir import read_json, read_jsonl, read_manifest
-from cai.stats import SMALL_N, small_n, small_n_note, wilson_ci
+from cai.stats import SMALL_N, slope_ci, small_n, small_n_note, wilson_ci
 
 PPO_PANELS = [
     ("objective/score", "PM score (reward)"),
@@ -111,8 +111,8 @@ def feedback_section(rep) -> list[str]:
             rows.append(row)
         md.append("### Agreement between the arms' AI labels\n")
         md.append(
-            "Share of the shared response pairs on which two arms' labels prefer the same response, and the "
-            "correlation of their p(A).\n"
+            "Share of the shared response pairs (the same prompt and the same two responses, in either order) on "
+            "which two arms' labels prefer the same response, and the correlation of their p(A).\n"
         )
         md.append(table(["", *names], rows))
     return md
@@ -132,6 +132,8 @@ def pm_section(rep) -> list[str]:
             [
                 ["training pairs"] + [t.get("train_pairs") for t in train.values()],
                 ["held-out pair accuracy (AI labels) [95% CI]"] + [_held_out(t) for t in train.values()],
+                ["… the untrained PM on the same pairs (baseline)"]
+                + [_held_out(t, "held_out_accuracy_before") for t in train.values()],
             ],
         )
     )
@@ -184,9 +186,10 @@ def pm_section(rep) -> list[str]:
     return md
 
 
-def _held_out(t: dict) -> str:
-    """The PM's held-out accuracy with its Wilson interval and n, from the stage summary."""
-    acc, n = t.get("held_out_accuracy"), scored_pairs(t)
+def _held_out(t: dict, key: str = "held_out_accuracy") -> str:
+    """The PM's held-out accuracy (or, with key 'held_out_accuracy_before', the untrained PM's on the same pairs)
+    with its Wilson interval and n, from the stage summary."""
+    acc, n = t.get(key), scored_pairs(t)
     if acc is None or not n:
         return "—"
     return with_ci({"accuracy": acc, "ci95": wilson_ci(acc * n, n), "n": n})
@@ -210,7 +213,11 @@ def ppo_section(rep) -> list[str]:
     if curves_png(out / "ppo_curves.png", PPO_PANELS, curves):
         md.append("![PPO curves](ppo_curves.png)\n")
     series = analyze_logs(list(logs.items()))
-    data["kl_fit"] = {s["label"]: s["fit"] for s in series if s.get("fit")}
+    data["kl_fit"] = {
+        s["label"]: {**s["fit"], "b_ci95": slope_ci(s["fit"]), "round": s.get("round")}
+        for s in series
+        if s.get("fit")
+    }
     md.append("### Reward against sqrt(KL)\n")
     md.append(
         "Fit of the PM score = a + b·sqrt(KL) over the updates (DPO: its probes; Bai et al. 2022 found it roughly "
@@ -228,7 +235,7 @@ def ppo_section(rep) -> list[str]:
                 ["", *[s["label"] for s in fitted]],
                 [
                     ["a"] + [f["a"] for f in fits],
-                    ["b"] + [f["b"] for f in fits],
+                    ["b [95% CI]"] + [_slope(f) for f in fits],
                     ["R²"] + [f["r2"] for f in fits],
                     ["updates"] + [s["n"] for s in fitted],
                     ["max KL"] + [f["kl_max"] for f in fits],
@@ -243,6 +250,12 @@ def ppo_section(rep) -> list[str]:
         if s.get("warning"):
             md.append(f"> **Warning ({s['label']}):** {s['warning']}.\n")
     return md
+
+
+def _slope(fit: dict) -> str:
+    """b with its 95% interval (t with n − 2 degrees of freedom); b alone below 3 points."""
+    ci = slope_ci(fit)
+    return f"{fit['b']:.3g} [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else f"{fit['b']:.3g}"
 
 
 def _algorithm(stage_dir: Path) -> str:
@@ -295,6 +308,9 @@ def generations_section(rep) -> list[str]:
         for (kind, a), d in model_dir.items()
         if kind == "final" and d is not None
     }
+    judged = [
+        {**r, "kind": p.get("kind") or "red_team"} for r, p in zip(held_req, held)
+    ]  # the judge's question
     if held and responses:
         initial = generate(
             config,
@@ -303,15 +319,14 @@ def generations_section(rep) -> list[str]:
             g / f"initial-{hash_json([gen_key, config.models.policy])}.jsonl",
             "report: initial model",
         )
-        judged = [{**r, "kind": p.get("kind") or "red_team"} for r, p in zip(held_req, held)]
-        gold = rep.index.stage_dir("gold", arms[0])
-        if gold is not None and (gold / "model" / "config.json").is_file():
-            wr = gold_win_rates(config, gold / "model", judged, initial, responses)
+        gold = gold_judge(rep)
+        if gold is not None:
+            wr = gold_win_rates(config, gold, judged, initial, responses)
         else:
             wr = win_rates(config, judged, initial, responses)
         data["win_rate"] = wr
         md += win_rate_md(rep, wr, len(held), {k: cand_name.get(str(d)) for k, d in model_dir.items() if d})
-    rep.generated = {"held": held_req, "responses": responses, "names": cand_name, "dirs": model_dir}
+    rep.generated = {"held": judged, "responses": responses, "names": cand_name, "dirs": model_dir}
     md.append(_examples(examples, final_by_arm))
     return md
 

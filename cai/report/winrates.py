@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from cai.markdown import table
+from cai.report.compute import JUDGE_HELPFUL, JUDGE_PRINCIPLE
 from cai.report.overopt import gold_warning
 from cai.stats import small_n, small_n_note
 
@@ -49,34 +50,48 @@ def mix_kinds(rows: list[dict]) -> list[dict]:
     return [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
 
 
-def win_rate_md(rep, wr: dict, n_held: int, names: dict) -> list[str]:
-    """The win-rate table: one column per arm; overall and per prompt kind."""
-    arms, label, config = rep.arms, rep.label, rep.config
-    if wr["principle"] is None:
+def gold_judge(rep) -> Path | None:
+    """The gold PM that judges win rates when the run trained one (stage `gold`), else None (a labeller judges)."""
+    gold = rep.index.stage_dir("gold", rep.arms[0])
+    return gold / "model" if gold is not None and (gold / "model" / "config.json").is_file() else None
+
+
+def judge_notes(rep, judge: str, gold: bool, against: str) -> tuple[str, list[str], str | None]:
+    """How win rates against `against` ('the initial model', 'the SFT model') were judged, in words; the notes
+    beneath their table (a gold PM without demonstrated signal, a judge that is the feedback model); and the
+    caveat their cells are marked with (judge_caveat; None for the gold PM or a judge that passed its check)."""
+    if gold:
         how = (
-            f"judged by the gold PM (`{wr['judge']}`), trained on human preference pairs: a win is a higher gold "
-            "score than the initial model's response to the same prompt"
+            f"judged by the gold PM (`{judge}`), trained on human preference pairs: a win is a higher gold "
+            f"score than {against}'s response to the same prompt"
         )
     else:
         how = (
-            f"judged by `{wr['judge']}` (one common judge for every arm, never an arm's own PM) asked “"
-            f"{wr['principle']}” on red-team prompts and “{wr['helpful_principle']}” on helpful ones; both "
-            "orders are averaged"
+            f"judged by `{judge}` (one common judge for every arm, never an arm's own PM) asked “"
+            f"{JUDGE_PRINCIPLE}” on red-team prompts and “{JUDGE_HELPFUL}” on helpful ones; both orders are "
+            "averaged"
         )
+    notes = []
+    if gold and gold_warning(Path(judge).parent):
+        notes.append(f"> **Warning:** {gold_warning(Path(judge).parent)}.\n")
+    if not gold and judge == rep.config.models.feedback:
+        notes.append(
+            "> **Note:** the judge is the feedback model whose labels trained the PM, so it is not independent; "
+            "`gold.enabled: true` (with `gold.data`) makes an independent gold PM the judge.\n"
+        )
+    return how, notes, None if gold else judge_caveat(rep, judge)
+
+
+def win_rate_md(rep, wr: dict, n_held: int, names: dict) -> list[str]:
+    """The win-rate table: one column per arm; overall and per prompt kind."""
+    arms, label, config = rep.arms, rep.label, rep.config
+    how, notes, caveat = judge_notes(rep, wr["judge"], wr["principle"] is None, "the initial model")
     md = ["## Win rate against the initial model\n"]
     md.append(
         f"On {n_held} held-out prompts, {how}; a tie counts half; 0.5 means no difference from the initial "
         f"model `{config.models.policy}` (95% Wilson CI).\n"
     )
-    if wr["principle"] is None and gold_warning(Path(wr["judge"]).parent):
-        md.append(f"> **Warning:** {gold_warning(Path(wr['judge']).parent)}.\n")
-    if wr["principle"] is not None and wr["judge"] == config.models.feedback:
-        md.append(
-            "> **Note:** the judge is the feedback model whose labels trained the PM, so it is not independent; "
-            "`gold.enabled: true` (with `gold.data`) makes an independent gold PM the judge.\n"
-        )
-
-    caveat = judge_caveat(rep, wr["judge"]) if wr["principle"] is not None else None
+    md += notes
     wr["judge_caveat"] = caveat
 
     def cell(kind: str, a, by: str | None = None) -> str:
