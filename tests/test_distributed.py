@@ -271,6 +271,63 @@ def test_dpo_on_two_processes_equals_one_process(runs, tmp_path):
     assert tokens[0] == tokens[1] and tokens[0][-1] > 0
 
 
+def test_pm_partial_last_batch_on_two_processes_equals_one_batch(tmp_path, tiny_dir):
+    """A value-head PM with an LM term on 11 training pairs, global batch 4: the third step has 3 pairs, which
+    accelerate evens over 2 processes × 2 micro-batches by repeating a pair. The repeat is left out of the loss
+    and the metrics, and each step is the mean over its global batch's pairs: one process with one batch of 4
+    takes the same steps (losses, gradient norms, pooled metrics, weights)."""
+    from safetensors.torch import load_file
+
+    from cai.runtime.rundir import append_jsonl, write_json
+
+    words = ["alpha", "kilo", "tango", "zulu", "yes", "no"]
+    rows = [
+        {
+            "id": f"s{i}",
+            "prompt_id": f"q{i}",
+            "messages": [{"role": "user", "content": f"q{i % 5}?"}],
+            "response_a": f"{words[i % 4]} {words[4 + i % 2]}.",
+            "response_b": f"{words[(i + 1) % 4]} {words[5 - i % 2]}.",
+            "p_a": [0.9, 0.2, 0.5][i % 3],
+            "source": "ai",
+        }
+        for i in range(14)
+    ]
+    sets = [
+        "stages=[feedback, preference_model]",
+        "preference_model.head=value_head",
+        "preference_model.lm_coef=0.5",
+        # the value head's bias has a zero gradient without centring: Adam would turn float noise into steps
+        "preference_model.center_coef=0.01",
+        "preference_model.max_steps=3",
+        "preference_model.eval_fraction=0.2",  # 3 of the 14 prompts: 11 training pairs
+        "preference_model.norm_sample=2",
+    ]
+    out = {}
+    for n, (bs, ga) in ((1, (4, 1)), (2, (1, 2))):
+        run = out[n] = tmp_path / f"run{n}"
+        (run / "feedback").mkdir(parents=True)
+        append_jsonl(run / "feedback" / "pairs.jsonl", rows)
+        write_json(
+            run / "feedback" / "manifest.json",
+            {"stage": "feedback", "status": "complete", "fingerprint": "f", "output": "o"},
+        )
+        cmd = cai_run(run, sets + [f"preference_model.batch_size={bs}", f"preference_model.grad_accum={ga}"])
+        cmd += ["--only", "preference_model"]
+        if n == 1:
+            launch([sys.executable] + cmd)
+        else:
+            launch(two_cpu_processes() + cmd, {"ACCELERATE_USE_CPU": "1"})
+        assert read_manifest(run / "preference_model")["world_size"] == n
+    assert json.loads((out[1] / "preference_model" / "eval.json").read_text())["train_pairs"] == 11
+    batch = ("accuracy", "margin", "mean_reward", "lm_loss")
+    compare_metrics(out[1], out[2], "preference_model", steps=3, batch_metrics=batch)
+    compare_weights(out[1] / "preference_model" / "model", out[2] / "preference_model" / "model")
+    heads = [load_file(str(out[n] / "preference_model" / "model" / "value_head.safetensors")) for n in (1, 2)]
+    for k in heads[0]:
+        assert float((heads[0][k] - heads[1][k]).abs().max()) <= WEIGHT_ATOL, k
+
+
 # ------------------------------------------------------------------------------------------- DeepSpeed
 def filled_deepspeed_config(ds_file: Path, micro_batch: int = 2, grad_accum: int = 1, world: int = 1) -> dict:
     """A DeepSpeed JSON with its "auto" entries filled the way accelerate and the HF Trainer fill them."""

@@ -584,3 +584,37 @@ def test_held_out_lm_loss_divides_by_every_pair_as_training_does(tiny_dir):
     five = held_out_eval(pm, tok, rows + [{**rows[0], "p_a": 0.5}], max_length=64, batch_size=4)
     assert four["lm_loss"] > 0 and five["lm_loss"] == pytest.approx(four["lm_loss"] * 4 / 5, rel=1e-5)
     assert five["n"] == 5 and five["n_scored"] == 4 and five["accuracy"] == four["accuracy"]
+
+
+def test_grad_accum_and_a_partial_last_batch_take_the_one_batch_step(tiny_recipe, tmp_path):
+    """11 training pairs, a global batch of 4 (so the third step has 3 pairs) as 4×1, 2×2 and 1×4 micro-batches
+    × accumulation: each step is the mean over its global batch's pairs (the lone pair of a 2+1 window does not
+    weigh double), so the steps, the weights and the logged metrics (pooled over the step's pairs; a micro-batch
+    whose labels all tie adds no nan) are those of one batch of 4."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    rows = synthetic_pairs(14)
+    for i, r in enumerate(rows):
+        r["p_a"] = 0.5 if i % 3 == 0 else r["p_a"]  # ties: labels that pick no side
+    feedback_fixture(run, rows)
+    common = (
+        "preference_model.max_steps=3",
+        "preference_model.eval_fraction=0.2",
+        "preference_model.norm_sample=2",
+    )
+    got = {}
+    for bs, ga in ((4, 1), (2, 2), (1, 4)):
+        sets = (*common, f"preference_model.batch_size={bs}", f"preference_model.grad_accum={ga}")
+        out = stage_run(tiny_recipe(*sets), run, f"b{bs}g{ga}")
+        assert json.loads((out / "eval.json").read_text())["train_pairs"] == 11
+        logged = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
+        got[bs, ga] = logged, load_file(str(out / "model" / "model.safetensors"))
+    ref_rows, ref_w = got[4, 1]
+    assert len(ref_rows) == 3
+    for key, (logged, w) in got.items():
+        for k in ref_w:  # the 2+1 window's step weighed its lone pair double: 1.6e-4 apart
+            assert torch.allclose(w[k], ref_w[k], rtol=0, atol=1e-5), (key, k)
+        for a, b in zip(ref_rows, logged):  # scores differ by float order only (~1e-7)
+            for k in ("loss", "grad_norm", "accuracy", "margin", "mean_reward", "reward_std"):
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (key, a["step"], k)

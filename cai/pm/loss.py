@@ -20,22 +20,33 @@ def centring_loss(r_a, r_b):
     return (r_a + r_b) ** 2
 
 
-def preference_loss(r_a, r_b, p_a, *, hard: bool = False, center_coef: float = 0.0):
-    """Mean PM loss over a batch: soft labels (or labels rounded to 0/1 with `hard`) plus optional centring."""
-    loss = soft_label_loss(r_a, r_b, soft_targets(p_a, hard)).mean()
+def pair_losses(r_a, r_b, p_a, *, hard: bool = False, center_coef: float = 0.0):
+    """Each pair's PM loss: soft labels (or labels rounded to 0/1 with `hard`) plus optional centring."""
+    loss = soft_label_loss(r_a, r_b, soft_targets(p_a, hard))
     if center_coef:
-        loss = loss + center_coef * centring_loss(r_a, r_b).mean()
+        loss = loss + center_coef * centring_loss(r_a, r_b)
     return loss
 
 
-def pair_accuracy(r_a, r_b, p_a):
-    """Share of pairs (with a non-tied label) whose score order agrees with the label, a tie in score counting
-    half whichever side the label prefers (as ties share the credit everywhere else); nan when all labels tie."""
+def preference_loss(r_a, r_b, p_a, *, hard: bool = False, center_coef: float = 0.0):
+    """Mean PM loss over a batch (pair_losses averaged)."""
+    return pair_losses(r_a, r_b, p_a, hard=hard, center_coef=center_coef).mean()
+
+
+def pair_hits(r_a, r_b, p_a):
+    """(hits, scored): over the pairs with a non-tied label (scored), how many have a score order that agrees
+    with it, a tie in score counting half whichever side the label prefers (as ties share the credit everywhere
+    else). Sums, so that batches pool into one accuracy (tensors)."""
     keep = p_a != 0.5
-    if not bool(keep.any()):
-        return float("nan")
     hit = ((r_a > r_b) == (p_a > 0.5)).float().masked_fill(r_a == r_b, 0.5)
-    return float(hit[keep].mean())
+    return hit[keep].sum(), keep.sum()
+
+
+def pair_accuracy(r_a, r_b, p_a):
+    """Share of pairs (with a non-tied label) whose score order agrees with the label (pair_hits); nan when all
+    labels tie."""
+    hits, scored = pair_hits(r_a, r_b, p_a)
+    return float(hits / scored) if int(scored) else float("nan")
 
 
 def dpo_loss(logp_a, logp_b, ref_logp_a, ref_logp_b, p_a, beta: float):

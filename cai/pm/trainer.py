@@ -5,6 +5,13 @@ both heads.
 optional reward centring (cai.pm.loss), read at each sequence's last real token (cai.pm.scoring). For a
 value-head PM (cai.pm.value_head.ValueHeadPM) it adds `lm_coef` × the LM loss on the preferred responses, and saves and
 resumes checkpoints in that model's own folder format (the LM or its LoRA adapters, plus the value head).
+
+A step's loss is the mean over its global batch's pairs however they are split into micro-batches (gradient
+accumulation) and processes, as cai.stages.sft's packed_loss does for tokens: `get_batch_samples` counts the
+step's real pairs over every process (the pairs accelerate repeats to even out an epoch's last batches under DDP
+are masked out), each micro-batch's loss is its pairs' summed loss over that count (× the number of processes,
+which DDP averages over), and the Trainer does not divide by the accumulation count. The logged metrics
+(accuracy, margin, rewards, LM loss) are pooled over every real pair since the last log.
 """
 
 from __future__ import annotations
@@ -13,9 +20,23 @@ import torch
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from cai.pm.loss import pair_accuracy, preference_loss
+from cai.pm.loss import pair_hits, pair_losses
 from cai.pm.scoring import can_pack, pair_scores, sequence_scores
-from cai.pm.value_head import ValueHeadPM, pair_lm_loss, preferred_rows, response_lm_labels
+from cai.pm.value_head import ValueHeadPM, pair_lm_nll, preferred_rows, response_lm_labels
+
+REAL = "pair_real"  # the batch key get_batch_samples adds: which pairs are real (not accelerate's repeats)
+# the sums each micro-batch adds to the pooled metrics (PreferenceTrainer.log), over every process's real pairs
+SUMS = ("pairs", "scored", "hits", "margin", "rewards", "reward_sum", "reward_sq", "lm_sum")
+
+
+def real_pairs(n: int, end_of_data: bool, remainder: int, rank: int):
+    """Which of a micro-batch's `n` pairs are real. Under DDP accelerate evens the epoch's last round of batches
+    over the processes with pairs repeated from the epoch's start; gathered in rank order, the round's first
+    `remainder` (the dataset size modulo the global micro-batch) are the real ones. One process: all are real."""
+    keep = torch.ones(n, dtype=torch.bool)
+    if end_of_data and remainder > 0:
+        keep = torch.arange(n) + rank * n < remainder
+    return keep
 
 
 class SoftLabelCollator(DataCollatorForPreference):
@@ -33,8 +54,13 @@ class PreferenceTrainer(RewardTrainer):
     """RewardTrainer with cai's loss; also trains a cai.pm_value_head.ValueHeadPM (its own checkpoint
     format: the LM or its LoRA adapters, plus value_head.safetensors) with an optional LM loss."""
 
+    # compute_loss divides by the step's pair count (num_items_in_batch): the Trainer must not divide by the
+    # accumulation count (TRL's base trainer maps this onto transformers releases that lack the attribute)
+    loss_is_scaled_for_ga = True
+
     def __init__(self, *args, loss: str = "soft", center_coef: float = 0.0, lm_coef: float = 0.0, **kwargs):
         self.pm_loss, self.pm_center, self.pm_lm_coef = loss, center_coef, lm_coef
+        self._pm_sums = {"train": dict.fromkeys(SUMS, 0.0), "eval": dict.fromkeys(SUMS, 0.0)}
         super().__init__(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self):
@@ -67,6 +93,23 @@ class PreferenceTrainer(RewardTrainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         pm.load_checkpoint(resume_from_checkpoint)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """One optimizer step's micro-batches, each marked with its real pairs (REAL), and the number of real
+        pairs over all of them and every process: the divisor of the step's loss."""
+        acc, batches = self.accelerator, []
+        state = acc.gradient_state
+        for _ in range(num_batches):
+            try:
+                batch = next(epoch_iterator)
+            except StopIteration:
+                break
+            batch[REAL] = real_pairs(
+                len(batch["p_a"]), state.end_of_dataloader, state.remainder, acc.process_index
+            )
+            batches.append(batch)
+        local = sum(int(b[REAL].sum()) for b in batches)
+        return batches, acc.gather(torch.tensor([local], device=device)).sum()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         p_a = inputs["p_a"]
@@ -84,24 +127,56 @@ class PreferenceTrainer(RewardTrainer):
             )
         r_a, r_b = torch.chunk(scores, 2)
         p_a = p_a.to(r_a.device)
-        loss = preference_loss(
-            r_a, r_b, p_a, hard=self.pm_loss == "bradley_terry", center_coef=self.pm_center
-        )
+        real = inputs.get(REAL, torch.ones_like(p_a, dtype=torch.bool)).to(r_a.device)
+        hard = self.pm_loss == "bradley_terry"
+        per_pair = pair_losses(r_a, r_b, p_a, hard=hard, center_coef=self.pm_center)
         if kwargs:
-            lm_loss = pair_lm_loss(out.lm_nll, r_a.shape[0])
-            loss = loss + self.pm_lm_coef * lm_loss
-        with torch.no_grad():
-            m = self._metrics[mode]
-            if kwargs:  # the mean over every process's pairs (equal numbers of pairs per process)
-                m["lm_loss"].append(float(self.accelerator.gather_for_metrics(lm_loss.detach()[None]).mean()))
-            # metrics over the global batch: every process's pairs (equal shapes: accelerate evens batches)
-            r_a, r_b, p_a = self.accelerator.gather_for_metrics(
-                torch.stack([r_a.detach().float(), r_b.detach().float(), p_a.float()], 1)
-            ).unbind(1)
+            lm = pair_lm_nll(out.lm_nll).to(per_pair.dtype)
+            per_pair = per_pair + self.pm_lm_coef * lm
+        total = (per_pair * real).sum()
+        if num_items_in_batch is None:  # evaluation: this batch's mean
+            loss = total / real.sum().clamp(min=1)
+        else:  # the step's mean over its global batch; DDP averages the processes' gradients, hence the factor
+            n = torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
+            loss = total / n * self.accelerator.num_processes
+        with torch.no_grad():  # sums over every process's real pairs, pooled in log
+            r_a, r_b, p_a = (t.detach().double()[real] for t in (r_a, r_b, p_a))
+            hits, scored = pair_hits(r_a, r_b, p_a)
             both = torch.cat([r_a, r_b])
-            m["accuracy"].append(pair_accuracy(r_a, r_b, p_a))
-            m["margin"].append(float(((r_a - r_b) * torch.sign(p_a - 0.5)).mean()))
-            m["mean_reward"].append(float(both.mean()))
-            if both.numel() > 1:
-                m["reward_std"].append(float(both.std()))
+            lm_sum = lm.detach().double()[real].sum() if kwargs else both.new_zeros(())
+            stats = torch.stack(
+                [
+                    real.sum().double(),
+                    scored.double(),
+                    hits,
+                    ((r_a - r_b) * torch.sign(p_a - 0.5)).sum(),
+                    both.new_tensor(float(both.numel())),
+                    both.sum(),
+                    (both**2).sum(),
+                    lm_sum,
+                ]
+            )
+            sums = self._pm_sums[mode]
+            for k, v in zip(SUMS, self.accelerator.gather(stats[None]).sum(0).tolist()):
+                sums[k] += v
         return (loss, {"scores": scores}) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        """The metrics pooled over every real pair since the last log (accuracy left out when no pair had a
+        non-tied label), then RewardTrainer's log."""
+        mode = "train" if self.model.training else "eval"
+        s, m = self._pm_sums[mode], self._metrics[mode]
+        if s["pairs"] > 0:
+            if s["scored"] > 0:
+                m["accuracy"] = [s["hits"] / s["scored"]]
+            m["margin"] = [s["margin"] / s["pairs"]]
+            n = s["rewards"]
+            m["mean_reward"] = [s["reward_sum"] / n]
+            if n > 1:
+                m["reward_std"] = [
+                    max(s["reward_sq"] - s["reward_sum"] ** 2 / n, 0.0) ** 0.5 / (n - 1) ** 0.5
+                ]
+            if self.pm_lm_coef > 0:
+                m["lm_loss"] = [s["lm_sum"] / s["pairs"]]
+        self._pm_sums[mode] = dict.fromkeys(SUMS, 0.0)
+        super().log(logs, start_time)

@@ -85,10 +85,17 @@ class ValueHeadOutput:
     lm_tokens: torch.Tensor | None = None
 
 
+def pair_lm_nll(lm_nll):
+    """Each pair's LM loss from the rows' mean token NLLs (its A rows, then its B rows): its preferred
+    response's, 0 for a tie (no row of a pair but the preferred one has LM labels)."""
+    a, b = torch.chunk(lm_nll, 2)
+    return a + b
+
+
 def pair_lm_loss(lm_nll, n_pairs: int):
     """The LM loss of a preference batch: the preferred responses' mean token NLLs summed, over the number of
-    pairs (a tie has no preferred response and adds 0). A per-pair mean, like the preference loss, so equal
-    per-process batches under DDP average to the one-process loss exactly."""
+    pairs (a tie has no preferred response and adds 0). A per-pair mean, like the preference loss (training
+    sums pair_lm_nll over a step's pairs and divides by their number, as it does the preference loss)."""
     return lm_nll.sum() / max(n_pairs, 1)
 
 
