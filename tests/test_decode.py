@@ -127,3 +127,63 @@ def test_generation_samples_through_the_sampler_and_a_seed_repeats_it(tiny, monk
     calls.clear()
     greedy = backend.generate_ids(prompts, gen.Sampling(max_new_tokens=10, temperature=0.0), seed=5)
     assert not calls and greedy.response_ids.shape[0] == 4
+
+
+def test_a_model_s_other_end_of_turn_ids_end_its_replies_as_transformers_generate_does(tmp_path):
+    """Gemma-it's generation_config.json ends turns on [<eos>, <end_of_turn>] while its tokenizer's EOS is <eos>:
+    the engine stopped only at the tokenizer's, so replies ran past the end of the turn to max_new_tokens."""
+    from cai.runtime.decode import end_token_ids
+    from cai.runtime.generate import Engine, HFBackend
+    from cai.runtime.models import build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok).eval()
+    reqs = [{"id": f"t{i}", "text": "Once upon a time " + "the sea " * i} for i in range(3)]
+    greedy = Sampling(max_new_tokens=12, temperature=0.0)
+    plain = Engine(model, tok, greedy, batch_size=3)
+    g = plain.backend.generate_ids([plain.encode(r) for r in reqs], greedy, 0)
+    turn_end = int(g.response_ids[0, 3])  # a stand-in for <end_of_turn>: the model emits it by step 4
+    first = g.response_ids[0].tolist().index(turn_end)
+    model.generation_config.eos_token_id = [tok.eos_token_id, turn_end]
+    assert end_token_ids(tok, model) == [tok.eos_token_id, turn_end]
+    model.save_pretrained(str(tmp_path))  # the folder a vLLM engine starts from: its generation_config.json
+    assert end_token_ids(tok, str(tmp_path)) == [tok.eos_token_id, turn_end]
+    row = Engine(model, tok, greedy, batch_size=3).run(reqs, show=False)[0]
+    assert (row["new_tokens"], row["finish"]) == (first + 1, "eos")
+    ids = tok(reqs[0]["text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=12, do_sample=False).shape[1] - ids.shape[1] == first + 1
+    cut = HFBackend(model, tok).generate_ids([plain.encode(reqs[0])], greedy, 0)
+    assert cut.response_mask[0].tolist() == [1] * (first + 1) + [0] * (cut.response_mask.shape[1] - first - 1)
+    assert bool(cut.finished[0]) and model.generation_config.eos_token_id == [tok.eos_token_id, turn_end]
+
+
+def test_stop_strings_of_many_tokens_and_special_tokens_stop_hf_as_they_stop_vllm(tiny):
+    """HF looked for stop strings in text decoded without special tokens (vLLM: with them), so '<|im_start|>'
+    never stopped HF, and in the last len(stop) + 4 tokens, which miss '用户：' (9 byte-level tokens)."""
+    import torch
+
+    from cai.rl.rollout import cut_at_stop
+    from cai.runtime.decode import ResponseStopStrings, text_before_stop
+    from cai.runtime.generate import Generated
+
+    _, tok = tiny
+    prompt = tok("Q: say hi\nA:", add_special_tokens=False)["input_ids"]
+    for stop, resp, before in [
+        ("用户：", "好的。用户：你好", "好的。"),
+        ("<|im_start|>", "ok<|im_start|>user", "ok"),
+        ("User:", " fine. User: hi", " fine. "),
+    ]:
+        ids = tok(resp, add_special_tokens=False)["input_ids"]
+        upto = len(tok(resp[: resp.index(stop) + len(stop)], add_special_tokens=False)["input_ids"])
+        crit = ResponseStopStrings(tok, (stop,), len(prompt))
+        stopped = next(
+            (t for t in range(1, len(ids) + 1) if crit(torch.tensor([prompt + ids[:t]]), None)[0]), None
+        )
+        assert stopped == upto, stop
+        assert text_before_stop(tok, ids, (stop,)) == (before, upto)
+        one = torch.ones(1, len(ids), dtype=torch.long)
+        gen = Generated(torch.tensor([prompt]), one[:, :1], torch.tensor([ids]), one, torch.tensor([False]))
+        texts, mask, finished = cut_at_stop(tok, gen, stop)  # PPO's cut: the same tokens, the same text
+        assert texts == [before.strip()] and int(mask.sum()) == upto and finished.tolist() == [True]
+    plain = tok("no stop here", add_special_tokens=False)["input_ids"]
+    assert text_before_stop(tok, plain, ("<|im_start|>",)) == ("no stop here", None)

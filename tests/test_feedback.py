@@ -137,3 +137,52 @@ def test_base_policy_and_missing_prompts(tiny_recipe, tmp_path):
     with pytest.raises(UserError, match="no training prompts"):
         feedback.run(ctx)
     assert feedback.policy_ref(ctx) == "tiny-random-llama"
+
+
+def test_the_chain_of_thought_engine_gets_the_recipe_settings_and_vllm_memory(
+    tiny_recipe, tiny_dir, tmp_path, monkeypatch
+):
+    """The labeller's reasoning Engine was built without the recipe's settings and memory share: on vLLM it
+    started with trust_remote_code off, seed 0 and the default memory whatever the recipe said."""
+    import pytest
+
+    from cai.runtime import vllm_engine
+    from cai.runtime.rundir import StageContext
+    from cai.stages import feedback
+
+    recipe = tiny_recipe(
+        "stages=[critique_revise,sft,feedback]",
+        "feedback.chain_of_thought=true",
+        "generation.backend=vllm",
+        "generation.vllm_memory=0.2",
+        "trust_remote_code=true",
+        "seed=5",
+    )
+    run = tmp_path / "run"
+    upstream(run, tiny_dir, n=2)
+
+    def responses(ref, settings, gen, prompts, k, *rest):
+        return [{"id": f"{p['id']}#{j}", "text": f"reply {j}"} for p in prompts for j in range(k)]
+
+    made = []
+
+    def stop(labeller, *args):
+        made.append(labeller)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(feedback, "sample_responses", responses)
+    monkeypatch.setattr(feedback, "labeller_check", stop)
+    ctx = StageContext(
+        config=stage_view(recipe, "feedback"),
+        stage="feedback",
+        out_dir=run / "feedback",
+        inputs={"critique_revise": run / "critique_revise", "sft": run / "sft"},
+    )
+    with pytest.raises(KeyboardInterrupt):
+        feedback.run(ctx)
+    started = []
+    monkeypatch.setattr(vllm_engine, "available", lambda: True)
+    monkeypatch.setattr(vllm_engine, "start", lambda model, **kw: started.append(kw) or "LLM")
+    made[0]._engine()
+    (kw,) = started
+    assert (kw["trust_remote_code"], kw["seed"], kw["memory"]) == (True, 5, 0.2)

@@ -622,3 +622,52 @@ def test_stop_strings_are_looked_for_in_the_response_alone_and_end_it_there(tiny
     got = backend.generate_ids(ids, inside, 1)
     assert got.response_mask[0].tolist() == [1, 1, 0, 0, 0, 0] and bool(got.finished[0])  # up to the stop
     assert got.response_ids[0, :2].tolist() == plain.response_ids[0, :2].tolist()
+
+
+def test_an_empty_prompt_is_refused_naming_its_request(tiny):
+    """An empty raw-text request crashed the HF engine alone, and in a batch 'generated' from padding."""
+    from cai.errors import UserError
+
+    for reqs in (
+        [{"id": "e", "text": ""}],
+        [{"id": "x", "text": "Once upon a time"}, {"id": "e", "text": ""}],
+    ):
+        with pytest.raises(UserError, match=r"^generation request 'e': empty prompt") as err:
+            engine(tiny).run(reqs, show=False)
+        assert "\n" not in str(err.value)
+
+
+def test_a_gguf_file_is_refused_for_vllm_not_swapped_for_the_model_beside_it(tiny_dir, tmp_path, monkeypatch):
+    """vLLM starts from a folder: a .gguf reference handed it the file's folder, which may hold another model."""
+    import shutil
+
+    from cai.config.fields import GenerationConfig
+    from cai.config.recipe import Recipe
+    from cai.errors import UserError
+    from cai.preflight import vllm_problems
+    from cai.runtime import vllm_engine
+
+    folder = tmp_path / "models"
+    shutil.copytree(tiny_dir, folder)  # another model's config.json and weights beside the file
+    gguf = folder / "other.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    started = []
+    monkeypatch.setattr(vllm_engine, "available", lambda: True)
+    monkeypatch.setattr(vllm_engine, "start", lambda model, **kw: started.append(model) or "LLM")
+    with pytest.raises(UserError, match=r"^model '.*other.Q4_1.gguf': .*cannot run a .gguf file") as err:
+        Engine.load(str(gguf), tiny_model_settings(), GenerationConfig(backend="vllm"), seed=0)
+    assert "\n" not in str(err.value) and started == []
+    recipe = Recipe(name="x", models={"policy": str(gguf)}, generation={"backend": "vllm"})
+    (line,) = vllm_problems(recipe, ["critique_revise"])
+    assert "key 'models.policy'" in line and "other.Q4_1.gguf" in line and "\n" not in line
+    cot = Recipe(
+        name="x",
+        models={"feedback": str(gguf)},
+        generation={"backend": "vllm"},
+        feedback={"chain_of_thought": True},
+    )
+    (line,) = vllm_problems(
+        cot, ["feedback"]
+    )  # the labeller's reasoning engine; responses come from the SFT model
+    assert "key 'models.feedback'" in line
+    assert vllm_problems(Recipe(name="x", models={"policy": str(gguf)}), ["critique_revise"]) == []  # on HF

@@ -215,3 +215,52 @@ def test_a_tiny_run_on_vllm_finishes_and_resumes_after_an_interruption(model_dir
     assert [r["step"] for r in read_jsonl(rdir / "policy" / "metrics.jsonl")] == [1, 2]
     assert len(calls) > before > 0  # critique/revision and response sampling, then the resumed rollouts
     assert (rdir / "policy" / "policy" / "config.json").is_file()
+
+
+def test_a_model_s_other_end_ids_and_stop_strings_end_vllm_rows_as_they_end_hf_rows(model_dir):
+    """vLLM ignored the end ids of a model's generation_config (Gemma-it's <end_of_turn>), and marked a row a
+    stop string ended 'length' where HF said 'eos'."""
+    from collections import Counter
+
+    hf, vl = engines(model_dir, temperature=0.0)
+    reqs = requests()
+    plain = hf.run(reqs, show=False)
+    stop = Counter(c for r in plain for c in set(r["text"][2:10]) if c.isalnum()).most_common(1)[0][0]
+    for e in (hf, vl):
+        e.sampling = Sampling(max_new_tokens=16, temperature=0.0, stop_strings=(stop,))
+    a, b = hf.run(reqs, show=False), vl.run(reqs, show=False)
+    assert a == b and any(r["finish"] == "eos" and r["new_tokens"] < 16 for r in a)
+    # an end-of-turn id beside the tokenizer's EOS in the model's generation_config
+    model, tok = hf.backend.model, hf.tokenizer
+    prompts, greedy = [hf.encode(r) for r in reqs], Sampling(max_new_tokens=12, temperature=0.0)
+    before = hf.backend.generate_ids(prompts, greedy, 0)
+    turn_end = int(before.response_ids[0, 3])
+    model.generation_config.eos_token_id = [tok.eos_token_id, turn_end]
+    x = hf.backend.generate_ids(prompts, greedy, 0)
+    y = VLLMBackend(vl.backend.llm, tok, model).generate_ids(prompts, greedy, 0)
+    assert int(x.response_mask[0].sum()) == before.response_ids[0].tolist().index(turn_end) + 1
+    assert bool(x.finished[0]) and torch.equal(x.finished, y.finished)
+    assert torch.equal(x.response_ids, y.response_ids) and torch.equal(x.response_mask, y.response_mask)
+
+
+def test_an_engine_that_cannot_run_the_model_is_one_line_naming_it(monkeypatch, tmp_path):
+    """The CPU build starts on a head size its attention lacks (the tiny model's 16) and failed on the first
+    generate with a raw traceback; any failure to start is one line naming the model and the cause."""
+    import vllm
+
+    from cai.errors import UserError
+
+    class Refuses:  # starts, then fails on its first step, as vLLM's CPU attention does on head_dim 16
+        def __init__(self, **kwargs):
+            pass
+
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("Unsupported CPU attention configuration: head_dim=16 isa=2\nmore detail")
+
+    monkeypatch.setattr(vllm, "LLM", Refuses)
+    with pytest.raises(UserError) as err:
+        vllm_engine.start(str(tmp_path), dtype="float32")
+    assert str(err.value) == (
+        f"vLLM cannot start on '{tmp_path}': Unsupported CPU attention configuration: head_dim=16 isa=2"
+    )
+    assert not vllm_engine._ENGINE

@@ -132,8 +132,8 @@ def build_labeller(
 ) -> Labeller:
     """The labeller a feedback block asks for: its labeller fields (both_orders, chain_of_thought, cot_clamp,
     score_batch_size), with the few-shot examples it names (cai.constitution.fewshot.feedback_examples) and
-    any other Labeller argument (chat, cot_max_new_tokens, backend). The feedback stage, `cai feedback eval`
-    and `cai constitution test/effect` all build theirs here."""
+    any other Labeller argument (chat, cot_max_new_tokens, backend, settings, memory). The feedback stage, the
+    online rounds, `cai feedback eval` and `cai constitution test/effect` all build theirs here."""
     return Labeller(
         model,
         tokenizer,
@@ -165,6 +165,8 @@ class Labeller:
         cot_max_new_tokens: int = 128,
         backend: str = "hf",
         exact_options: bool = False,
+        settings=None,
+        memory: float | None = None,
     ):
         lo, hi = cot_clamp
         if not 0.0 <= lo <= hi <= 1.0:
@@ -176,6 +178,8 @@ class Labeller:
         self.engine = None  # the chain-of-thought generator, made on first use
         self.cot_max_new_tokens, self.backend = cot_max_new_tokens, backend
         self.exact_options = exact_options  # score whole option continuations, not just the parting letter
+        # the recipe's settings (trust_remote_code, seed) and vLLM memory share for the chain-of-thought engine
+        self.settings, self.memory = settings, memory
 
     def _engine(self):
         if self.engine is None:
@@ -186,6 +190,8 @@ class Labeller:
                 batch_size=self.batch_size,
                 seed=self.seed,
                 backend=self.backend,
+                settings=self.settings,
+                memory=self.memory,
             )
         return self.engine
 

@@ -109,7 +109,7 @@ class VLLMRollouts:
         weights = policy_weights(lm, everything=not self.synced)
         vllm_engine.load_weights(self.llm, weights)
         self.synced, self.sent = True, len(weights)
-        return VLLMBackend(self.llm, self.tokenizer)
+        return VLLMBackend(self.llm, self.tokenizer, lm)  # lm's generation_config end ids, as HF generate's
 
     def rest(self) -> None:
         if self.sleep_mode and not vllm_engine.on_cpu():

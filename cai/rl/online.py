@@ -100,7 +100,15 @@ def sample_and_label(c, out_dir: Path, r: int, prompts: list[dict]) -> list[dict
     model, tok = load_for_inference(c.models.feedback, c.settings)
     examples = feedback_examples(cfg, constitution)
     labeller = build_labeller(
-        model, tok, cfg, seed, examples, cot_max_new_tokens=gen.max_new_tokens, backend=gen.backend
+        model,
+        tok,
+        cfg,
+        seed,
+        examples,
+        cot_max_new_tokens=gen.max_new_tokens,
+        backend=gen.backend,
+        settings=c.settings,
+        memory=gen.vllm_memory,
     )
     label_pairs(labeller, pairs, principles, rd / "pairs.jsonl")
     vllm_engine.release()  # a vLLM engine of the sampling or labelling must not hold memory while the PM trains

@@ -9,6 +9,7 @@ import torch
 
 from cai.hashing import derive_seed
 from cai.runtime import distributed as dist
+from cai.runtime.decode import text_before_stop
 from cai.runtime.generate import Generated, Sampling
 
 
@@ -76,20 +77,16 @@ def sample(backend, prompts: list[list[int]], cfg, seed_for, *, with_logits: boo
 
 def cut_at_stop(tokenizer, gen, stop: str | None):
     """(decoded texts, response mask, finished flags) of a cai.generate.Generated batch, truncated at `stop`:
-    the tokens up to the one that completes the stop string are kept, and such a response counts as finished."""
+    the tokens up to the one that completes the stop string are kept, and such a response counts as finished.
+    The stop string is looked for as the engine's backends look for it (cai.runtime.decode.text_before_stop)."""
     mask, finished = gen.response_mask.clone(), gen.finished.clone()
     texts = []
     for j in range(mask.shape[0]):
         n = int(mask[j].sum())
-        ids = gen.response_ids[j, :n].tolist()
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if stop and stop in text:
-            k = next(
-                k for k in range(1, n + 1) if stop in tokenizer.decode(ids[:k], skip_special_tokens=True)
-            )
+        text, k = text_before_stop(tokenizer, gen.response_ids[j, :n].tolist(), (stop,) if stop else ())
+        if k is not None:
             mask[j, k:] = 0
             finished[j] = True
-            text = text[: text.index(stop)]
         texts.append(text.strip())
     return texts, mask, finished
 

@@ -9,7 +9,9 @@ or a logits processor that leaves the model as it was:
   prompt sampled k times) computed once, its key-value cache repeated to every row;
 - `sampling_processors`: the next token drawn by inverse transform from the recipe's distribution, one random
   number per row instead of one per vocabulary entry, after a repetition penalty over each row's own tokens;
-- `ResponseStopStrings`: stop strings looked for in the response alone.
+- `ResponseStopStrings`: stop strings looked for in the response alone;
+- `end_token_ids`, `cut_responses`, `text_before_stop`: where a response ends (the tokenizer's EOS or one of the
+  model's other end-of-turn ids, or a stop string) and its text, alike for the HF and vLLM backends and PPO.
 
 Each is exact in what it computes or samples; the linears' sums run in another order (last bits of the logits),
 and the sampler draws other tokens than transformers' for a seed. Figures: docs/benchmarks.md, "Decode step".
@@ -32,6 +34,10 @@ MIN_SHARED_PREFIX = 8
 # whether MKL's and oneDNN's packed linears are used (each cleared on its first failure, in a build without it);
 # MKL's is decided on first use by the CPU's maker (`intel_cpu`)
 _PACKING = {"mkl": None, "onednn": True}
+# skip_special_tokens when stop strings are looked for (ResponseStopStrings, text_before_stop, PPO's cut): a
+# special token's text counts, as vLLM looks for them (cai.runtime.vllm_engine.sampling_params), so a stop string
+# such as '<|im_start|>' stops both backends
+STOP_SKIP_SPECIAL = False
 
 
 def intel_cpu(cpuinfo="/proc/cpuinfo") -> bool:
@@ -273,14 +279,17 @@ class RowRepetitionPenalty:
 
 class ResponseStopStrings:
     """A stopping criterion for `model.generate`: a row stops when its response (the tokens after `start`, the
-    padded prompt's length) contains a stop string, found in the last tokens' text at each step. transformers'
-    `stop_strings` also matched a stop string begun by the prompt's end, and the padding written after a stopped
-    row then read as a sampled EOS. `ends[row]` is the number of response tokens up to the one that completed the
-    stop string (0 while the row has not stopped), so the caller masks what follows, as vLLM cuts there."""
+    padded prompt's length) contains a stop string, found in the last tokens' text (special tokens' text
+    included, `STOP_SKIP_SPECIAL`) at each step. transformers' `stop_strings` also matched a stop string begun
+    by the prompt's end, and the padding written after a stopped row then read as a sampled EOS. `ends[row]` is
+    the number of response tokens up to the one that completed the stop string (0 while the row has not
+    stopped), so the caller masks what follows, as vLLM cuts there. The window of last tokens holds a stop
+    string's UTF-8 bytes and 4 more: a token carries at least one byte (byte-level tokens split a multi-byte
+    character over several), and the first may begin before the stop string does."""
 
     def __init__(self, tokenizer, stops, start: int):
         self.tokenizer, self.stops, self.start, self.ends = tokenizer, tuple(stops), start, None
-        self.window = max(len(s) for s in self.stops) + 4  # tokens: a stop string ends within the last ones
+        self.window = max(len(s.encode("utf-8")) for s in self.stops) + 4  # tokens
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
@@ -290,25 +299,78 @@ class ResponseStopStrings:
         n = input_ids.shape[1] - self.start
         for row in (self.ends == 0).nonzero().flatten().tolist():
             tail = input_ids[row, max(self.start, input_ids.shape[1] - self.window) :].tolist()
-            if any(s in self.tokenizer.decode(tail, skip_special_tokens=True) for s in self.stops):
+            text = self.tokenizer.decode(tail, skip_special_tokens=STOP_SKIP_SPECIAL)
+            if any(s in text for s in self.stops):
                 self.ends[row] = n
         return (self.ends > 0).to(input_ids.device)
 
 
-def cut_responses(resp, eos: int, pad: int, stop_ends=None):
-    """(responses, mask, finished) of generated tokens: each row kept up to and including its first EOS or, with
-    `stop_ends` (ResponseStopStrings.ends: > 0 for a row a stop string stopped), the token that completed its
-    stop string; padding after that. A row is finished when it sampled an EOS or stopped on a string."""
+def end_token_ids(tokenizer, source=None) -> list[int]:
+    """The ids that end a response: the tokenizer's EOS, then the model's generation_config `eos_token_id`s
+    (Gemma-it: <eos> and <end_of_turn>; Llama-3-Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>), which
+    transformers' own generate stops at too. `source`: a model (or peft wrapper), a GenerationConfig, or a model
+    folder or hub id (its generation_config.json, where it has one). Read before `recipe_settings_only` sets the
+    model's generation_config aside: only its end ids are taken from it."""
+    config = source
+    if isinstance(source, str):
+        from transformers import GenerationConfig
+
+        try:
+            config = GenerationConfig.from_pretrained(source)
+        except (OSError, ValueError):  # no generation_config.json
+            config = None
+    elif hasattr(source, "generation_config"):  # a model
+        inner = source.get_base_model() if hasattr(source, "get_base_model") else source
+        config = inner.generation_config
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    extra = getattr(config, "eos_token_id", None)
+    for i in [extra] if isinstance(extra, int) else list(extra or ()):
+        if int(i) not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def cut_responses(resp, end_ids, pad: int, stop_ends=None):
+    """(responses, mask, finished) of generated tokens: each row kept up to and including its first end id
+    (`end_token_ids`, or one id) or, with `stop_ends` (ResponseStopStrings.ends: > 0 for a row a stop string
+    stopped), the token that completed its stop string; padding after that. A row is finished when it sampled
+    an end id or stopped on a string."""
     import torch
 
-    is_eos = resp == eos
-    keep = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS before this position
+    ends = torch.as_tensor([end_ids] if isinstance(end_ids, int) else list(end_ids), dtype=resp.dtype)
+    is_eos = torch.isin(resp, ends)
+    keep = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no end id before this position
     finished = (is_eos & keep).any(-1)
     if stop_ends is not None:
         stopped = stop_ends > 0
         keep &= ~stopped[:, None] | (torch.arange(resp.shape[1]) < stop_ends[:, None])
         finished |= stopped
     return torch.where(keep, resp, torch.full_like(resp, pad)), keep.long(), finished
+
+
+def text_before_stop(tokenizer, ids: list[int], stops) -> tuple[str, int | None]:
+    """(text, k) of response token ids: the text without special tokens, up to where the first stop string
+    begins, and the number of tokens up to the one that completes a stop string (None where none occurs). Stop
+    strings are looked for in the text with special tokens (`STOP_SKIP_SPECIAL`), as ResponseStopStrings and
+    vLLM look for them."""
+    stops = [s for s in stops or () if s]
+
+    def text(k: int) -> str:
+        return tokenizer.decode(ids[:k], skip_special_tokens=STOP_SKIP_SPECIAL)
+
+    full = text(len(ids))
+    begins = [full.find(s) for s in stops if s in full]
+    if not begins:
+        return tokenizer.decode(ids, skip_special_tokens=True), None
+    lo, hi = 1, len(ids)  # the fewest tokens whose text holds a stop string (more tokens keep holding it)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if any(s in text(mid) for s in stops) else (mid + 1, hi)
+    before = full[: min(begins)]
+    j = lo  # the most tokens whose text lies wholly before the stop string, then the rest of a token's text
+    while j and not before.startswith(text(j)):
+        j -= 1
+    return tokenizer.decode(ids[:j], skip_special_tokens=True) + before[len(text(j)) :], lo
 
 
 class InverseTransformSampler:

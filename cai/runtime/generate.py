@@ -28,11 +28,13 @@ from cai.runtime import vllm_engine
 from cai.runtime.decode import (
     ResponseStopStrings,
     cut_responses,
+    end_token_ids,
     grouped_kv_attention,
     merged_lora_linears,
     packed_linears,
     sampling_processors,
     shared_prefix_inputs,
+    text_before_stop,
 )
 from cai.runtime.forward import pad as left_pad
 from cai.runtime.models import load_for_inference, load_tokenizer, resolve
@@ -71,7 +73,7 @@ class Generated:
     prompt_mask: object  # LongTensor [B, P]
     response_ids: object  # LongTensor [B, R]
     response_mask: object  # LongTensor [B, R], 1 up to and including EOS
-    finished: object  # BoolTensor [B]: ended with EOS
+    finished: object  # BoolTensor [B]: ended with an end id (decode.end_token_ids) or a stop string
     logits: object = None  # FloatTensor [B, R, V]: raw next-token logits, with_logits only
 
     @classmethod
@@ -129,11 +131,11 @@ class HFBackend:
         from transformers import StoppingCriteriaList
 
         tok = self.tokenizer
-        pad, eos = tok.pad_token_id, tok.eos_token_id
+        pad, ends = tok.pad_token_id, end_token_ids(tok, self.model)  # before recipe_settings_only
         device = next(self.model.parameters()).device
         ids, mask = left_pad(prompts, pad)
         P = ids.shape[1]
-        config = generation_config(sampling, tok, with_logits)
+        config = generation_config(sampling, tok, with_logits, ends)
         stops = ResponseStopStrings(tok, sampling.stop_strings, P) if sampling.stop_strings else None
         kwargs = {"stopping_criteria": StoppingCriteriaList([stops])} if stops else {}
         was_training = self.model.training
@@ -165,16 +167,15 @@ class HFBackend:
             out = out.sequences
         if was_training:
             self.model.train()
-        ends = stops.ends if stops is not None else None
-        resp, rmask, finished = cut_responses(out[:, P:].cpu(), eos, pad, ends)
+        stopped = stops.ends if stops is not None else None
+        resp, rmask, finished = cut_responses(out[:, P:].cpu(), ends, pad, stopped)
         return Generated(ids, mask, resp, rmask, finished, logits)
 
 
-def generation_config(sampling: Sampling, tokenizer, with_logits: bool = False):
-    """The transformers GenerationConfig of `sampling` for `HFBackend`: the length, and transformers' own
-    sampling and repetition penalty off, because `cai.runtime.decode.sampling_processors` applies the penalty
-    (over each row's own tokens), the temperature, top-k and top-p and draws the token; a model's own defaults
-    are set aside by `recipe_settings_only`."""
+def generation_config(sampling: Sampling, tokenizer, with_logits: bool = False, end_ids=None):
+    """The transformers GenerationConfig of `sampling` for `HFBackend`: the length, the end ids (default the
+    tokenizer's EOS), and transformers' own sampling and repetition penalty off: `decode.sampling_processors`
+    applies the penalty (over each row's own tokens), temperature, top-k and top-p and draws the token."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
@@ -182,7 +183,7 @@ def generation_config(sampling: Sampling, tokenizer, with_logits: bool = False):
         do_sample=False,
         repetition_penalty=1.0,  # the recipe's is decode.RowRepetitionPenalty's, over each row's own tokens
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=list(end_ids) if end_ids else tokenizer.eos_token_id,
         use_cache=True,
         output_logits=with_logits,
         return_dict_in_generate=with_logits,
@@ -192,8 +193,8 @@ def generation_config(sampling: Sampling, tokenizer, with_logits: bool = False):
 @contextlib.contextmanager
 def recipe_settings_only(model):
     """While generating, the model's own generation_config.json (a published repetition penalty, top-k, ...)
-    is set aside: transformers would otherwise fill every setting we leave unset from it, silently sampling
-    from another distribution than the one a recipe names (and PPO optimises)."""
+    is set aside (its end ids are read before: decode.end_token_ids): transformers would otherwise fill every
+    setting we leave unset from it, sampling from another distribution than the recipe's (and PPO optimises)."""
     from transformers import GenerationConfig
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -207,10 +208,12 @@ def recipe_settings_only(model):
 
 class VLLMBackend:
     """Generation through a vLLM engine in this process (cai.runtime.vllm_engine), packed as HFBackend packs its
-    output; each prompt is sampled with its own seed, derived from the batch seed and its place."""
+    output; each prompt is sampled with its own seed, derived from the batch seed and its place. `ends_from`:
+    the model, folder or hub id whose generation_config names end ids beside the tokenizer's EOS."""
 
-    def __init__(self, llm, tokenizer):
+    def __init__(self, llm, tokenizer, ends_from=None):
         self.llm, self.tokenizer = llm, tokenizer
+        self.end_ids = end_token_ids(tokenizer, ends_from)
 
     def generate_ids(
         self,
@@ -226,13 +229,13 @@ class VLLMBackend:
 
         if with_logits:
             raise ValueError("the vLLM backend does not return logits: compute log-probs with a forward pass")
-        responses = vllm_engine.generate(self.llm, prompts, sampling, seed)
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        responses, stopped = vllm_engine.generate(self.llm, prompts, sampling, seed, self.end_ids)
+        pad, ends = self.tokenizer.pad_token_id, set(self.end_ids)
         ids, mask = left_pad(prompts, pad)
-        cut = [r[: r.index(eos) + 1] if eos in r else r for r in responses]  # up to the first EOS, with it
+        cut = [r[: next((k + 1 for k, t in enumerate(r) if t in ends), len(r))] for r in responses]
         resp, rmask = left_pad(cut, pad, side="right")
-        finished = torch.tensor([eos in r for r in responses], dtype=torch.bool)
-        return Generated(ids, mask, resp, rmask, finished)
+        # finish_reason 'stop' (an end id or a stop string), as HF's cut_responses marks them
+        return Generated(ids, mask, resp, rmask, torch.tensor(stopped, dtype=torch.bool))
 
 
 def make_backend(name: str, model, tokenizer, settings=None, memory: float | None = None) -> Backend:
@@ -241,7 +244,7 @@ def make_backend(name: str, model, tokenizer, settings=None, memory: float | Non
     if name == "hf":
         return HFBackend(model, tokenizer)
     if name == "vllm":
-        return VLLMBackend(vllm_engine.start_for(model, settings, memory), tokenizer)
+        return VLLMBackend(vllm_engine.start_for(model, settings, memory), tokenizer, model)
     raise UserError(f"generation.backend '{name}': 'hf' or 'vllm' expected")
 
 
@@ -296,7 +299,10 @@ class Engine:
             model, tok = load_for_inference(ref, settings)
             return cls.for_config(model, tok, gen, seed, settings)
         vllm_engine.require("generation.backend 'vllm'")
-        return cls.for_config(resolve(ref).path, load_tokenizer(ref, settings), gen, seed, settings)
+        where = resolve(ref)
+        if where.kind == "gguf":  # its folder may hold another model vLLM would start on
+            raise UserError(vllm_engine.gguf_refusal(ref))
+        return cls.for_config(where.path, load_tokenizer(ref, settings), gen, seed, settings)
 
     def encode(self, request: dict) -> list[int]:
         """Token ids of a request: {'messages': [...]} through the chat template, or {'text': ...} as is."""
@@ -330,6 +336,9 @@ class Engine:
         if out_path is not None:
             done = {row["id"]: row for row in resumed_rows(out_path)}
         encoded = [self.encode(r) for r in requests]
+        for r, e in zip(requests, encoded):  # an empty prompt: a crash alone, padding read as one in a batch
+            if not e:
+                raise UserError(f"generation request '{r['id']}': empty prompt (no tokens to continue)")
         order = sorted(range(len(requests)), key=lambda i: (-len(encoded[i]), i))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         todo = sum(1 for r in requests if r["id"] not in done)
@@ -375,10 +384,11 @@ class Engine:
         rows = []
         for j, i in enumerate(batch):
             n = int(gen.response_mask[j].sum())
-            text = self.tokenizer.decode(gen.response_ids[j, :n].tolist(), skip_special_tokens=True)
+            resp = gen.response_ids[j, :n].tolist()
+            text, _ = text_before_stop(self.tokenizer, resp, self.sampling.stop_strings)
             row = {
                 "id": ids[i],
-                "text": _cut_at_stop(text, self.sampling.stop_strings).strip(),
+                "text": text.strip(),
                 "prompt_tokens": len(encoded[i]),
                 "new_tokens": n,
                 "finish": "eos" if bool(gen.finished[j]) else "length",
@@ -387,11 +397,3 @@ class Engine:
                 row["meta"] = requests[i]["meta"]
             rows.append(row)
         return rows
-
-
-def _cut_at_stop(text: str, stops) -> str:
-    for s in stops or ():
-        k = text.find(s)
-        if k >= 0:
-            text = text[:k]
-    return text

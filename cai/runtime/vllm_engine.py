@@ -9,7 +9,8 @@ to sleep. `cai.runtime.generate.VLLMBackend` (the stages) and `cai.rl.colocate` 
   model it samples from; `start` with the same arguments returns the running one).
 - Sampling settings come from the recipe alone, as with HF: the engine never reads the model's
   generation_config.json (`generation_config="vllm"`), and every request gets explicit sampling parameters,
-  with its own seed (so a row's text does not depend on which other rows share its batch).
+  with its own seed (so a row's text does not depend on which other rows share its batch); only the config's
+  end ids are passed, as `stop_token_ids` (cai.runtime.decode.end_token_ids, what HF generate stops at too).
 - vLLM changes its process while it starts: environment variables that later subprocesses inherit
   (`LD_PRELOAD`, `LD_LIBRARY_PATH`, `LOCAL_WORLD_SIZE`, ...) and, on the CPU, `torch.set_num_threads` (replaced
   by a no-op). Both are put back once the engine runs, so training in the same process and the processes it
@@ -120,8 +121,10 @@ def start(
             enable_sleep_mode=sleep_mode and not cpu,
             **kwargs,
         )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"vLLM cannot start on '{model}': {str(exc).strip().splitlines()[0]}") from None
+        _first_step(llm)
+    except Exception as exc:  # any failure to start: a config it refuses, a head size its CPU attention lacks
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"vLLM cannot start on '{model}': {cause}") from None
     finally:
         torch.set_num_threads = saved_threads
         for k, v in saved_env.items():
@@ -131,6 +134,25 @@ def start(
                 os.environ[k] = v
     _ENGINE[key] = llm
     return llm
+
+
+def _first_step(llm) -> None:
+    """One greedy token of a one-token prompt: an engine can start on a model it cannot run and fail only on its
+    first step (the CPU build's attention refuses head size 16 there), which then belongs to starting it."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    llm.generate([TokensPrompt(prompt_token_ids=[0])], greedy, use_tqdm=False)
+
+
+def gguf_refusal(ref: str) -> str:
+    """The one line that refuses a .gguf file for vLLM (it starts from a folder: the file's may hold another
+    model)."""
+    return (
+        f"model '{ref}': generation.backend 'vllm' cannot run a .gguf file ({Path(ref).name}); give a "
+        "Hugging Face model folder (convert the file once with save_pretrained) or use backend 'hf'"
+    )
 
 
 def dtype_name(settings) -> str:
@@ -189,8 +211,9 @@ def _clear_kept_frames() -> None:
                 obj.clear()
 
 
-def sampling_params(sampling, seed: int, n: int) -> list:
-    """One vLLM SamplingParams per prompt with the recipe's settings, each seeded from `seed` and its place."""
+def sampling_params(sampling, seed: int, n: int, end_ids=()) -> list:
+    """One vLLM SamplingParams per prompt with the recipe's settings, each seeded from `seed` and its place;
+    `end_ids` (cai.runtime.decode.end_token_ids) end a response besides the tokenizer's EOS."""
     from vllm import SamplingParams
 
     greedy = sampling.temperature <= 0
@@ -204,24 +227,26 @@ def sampling_params(sampling, seed: int, n: int) -> list:
             repetition_penalty=sampling.repetition_penalty,
             seed=derive_seed(f"{seed}:{j}"),
             stop=list(sampling.stop_strings) or None,
+            stop_token_ids=list(end_ids) or None,
             include_stop_str_in_output=True,  # the tokens up to the stop, as HF's ResponseStopStrings keeps them
-            skip_special_tokens=False,
+            skip_special_tokens=False,  # stop strings are looked for as decode.STOP_SKIP_SPECIAL says HF does
             detokenize=bool(sampling.stop_strings),  # the engine decodes; vLLM needs text only to find stops
         )
         for j in range(n)
     ]
 
 
-def generate(llm, prompts: list[list[int]], sampling, seed: int) -> list[list[int]]:
-    """The sampled token ids of each prompt (EOS included when it ended there)."""
+def generate(llm, prompts: list[list[int]], sampling, seed: int, end_ids=()):
+    """(the sampled token ids of each prompt, the end id included where it ended on one; whether each ended on
+    an end id or a stop string: vLLM's finish_reason 'stop', not 'length')."""
     from vllm.inputs import TokensPrompt
 
     outs = llm.generate(
         [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-        sampling_params(sampling, seed, len(prompts)),
+        sampling_params(sampling, seed, len(prompts), end_ids),
         use_tqdm=False,
     )
-    return [list(o.outputs[0].token_ids) for o in outs]
+    return [list(o.outputs[0].token_ids) for o in outs], [o.outputs[0].finish_reason == "stop" for o in outs]
 
 
 def load_weights(llm, weights) -> None:

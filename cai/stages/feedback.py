@@ -67,6 +67,8 @@ def run(ctx) -> Path:
         feedback_examples(cfg, constitution),
         cot_max_new_tokens=gen.max_new_tokens,
         backend=gen.backend,
+        settings=c.settings,
+        memory=gen.vllm_memory,
     )
     check_rng = random.Random(f"{seed}:check-principles")
     check = labeller_check(
