@@ -6,8 +6,9 @@ their fallbacks resolved the way the stage sees them (cai.config.view), and ever
 reference (FileRef, ModelRef, NamedRef in cai.config.recipe) is checked: a file exists; a constitution loads;
 a model is an alias whose source is there, a model folder, a .gguf file, or a hub id `org/name` that is in the
 local cache or on a reachable hub (cai.runtime.models.model_problem); an evaluation suite loads and its data
-files are there; a preference-model spec loads. Each problem is one line naming the recipe file and line (or
-the `--set` item, or the arm) and the key.
+files are there; a preference-model spec loads; no reference is empty, and a file is not a folder (a `dataset`
+prompt source's may be); a LoRA block's `target_modules` name modules of its model. Each problem is one line
+naming the recipe file and line (or the `--set` item, or the arm) and the key.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from cai.config.arms import expand_arms
 from cai.config.fields import POLICY_WORDS
 from cai.config.layout import active, reads_of
 from cai.config.load import field_at, ref_kind
+from cai.config.lora_targets import module_names, unmatched
 from cai.config.recipe import Recipe
 from cai.config.view import source_key, value_of
 from cai.constitution.schema import load_constitution
@@ -34,6 +36,7 @@ from cai.runtime.runlog import tracker_problem
 
 NOT_REFS = {"settings", "name", "stages"}
 REQUIRED = {"constitution", "feedback_constitution"}  # files a stage that reads them cannot do without
+EXPECTED = {"file": "a file", "path": "a file or folder", "model": "a model reference", "suite": "a suite"}
 
 
 def refs_of(value, info, loc: tuple) -> Iterator[tuple[tuple, str, str]]:
@@ -44,7 +47,7 @@ def refs_of(value, info, loc: tuple) -> Iterator[tuple[tuple, str, str]]:
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             yield from refs_of(item, info, loc + (i,))
-    elif isinstance(value, str) and value and info is not None:
+    elif isinstance(value, str) and info is not None:  # '' too: `problem` calls it empty
         kind = ref_kind(info)
         if kind == "policy":  # 'sft'/'base' are the run's own models; anything else a model reference
             kind = None if value in POLICY_WORDS else "model"
@@ -78,7 +81,16 @@ def stage_refs(recipe: Recipe, stage: str) -> Iterator[tuple[tuple, str, str | N
             yield loc, "constitution", value, ""
             continue
         for where, kind, v in refs_of(value, field_at(src), loc):
-            yield where, "suite" if where[:2] == ("report", "suites") else kind, v, ""
+            if where[:2] == ("report", "suites"):
+                kind = "suite"
+            elif kind == "file" and _folder_allowed(recipe, where):
+                kind = "path"
+            yield where, kind, v, ""
+
+
+def _folder_allowed(recipe: Recipe, loc: tuple) -> bool:
+    """Whether a FileRef may name a folder: a `dataset` prompt source's local path (a dataset saved to disk)."""
+    return loc[-1] == "path" and getattr(_get(recipe, loc[:-1]), "type", None) == "dataset"
 
 
 def _pm_refs(recipe: Recipe) -> Iterator[tuple[tuple, str, str | None, str]]:
@@ -118,7 +130,11 @@ def problem(kind: str, value: str | None, stage: str) -> str | None:
         except UserError as exc:
             return f"the constitution does not load: {exc}"
         return None
-    if kind == "file":
+    if kind in EXPECTED and not value:
+        return f"empty; {EXPECTED[kind]} is expected"
+    if kind == "file" and Path(value).is_dir():
+        return f"a folder, where a file is expected: {value}"
+    if kind in ("file", "path"):
         return None if Path(value).exists() else f"file not found: {value}"
     if kind == "model":
         p = model_problem(value)
@@ -159,6 +175,7 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
                 if p:
                     lines.append(f"{here}: {f'arm {own!r}: ' if own else ''}key '{key}': {what}{p}")
     lines += vllm_problems(recipe, chosen) + adapter_only_problems(variants, recipe, chosen)
+    lines += lora_problems(variants, recipe, chosen)
     if tracker_problem(recipe.tracker):  # `cai run` refused it after writing the run folder
         lines.append(
             f"{_locate(recipe, ('tracker',), None)}: key 'tracker': {tracker_problem(recipe.tracker)}"
@@ -238,11 +255,54 @@ def adapter_only_problems(variants, recipe: Recipe, stages: list[str]) -> list[s
     return []
 
 
+def lora_problems(variants, recipe: Recipe, stages: list[str]) -> list[str]:
+    """A line for each LoRA `target_modules` name that matches no module of the model it adapts (peft refused
+    it only inside the stage, after the stages before it had run). Only a model already on this machine is
+    checked, built on the meta device from its config (no weights are read)."""
+    lines = []
+    for arm, variant in variants:
+        for loc, lora, ref, head in _lora_uses(variant, stages):
+            if lora is None or not isinstance(lora.target_modules, list) or not isinstance(ref, str):
+                continue
+            modules = module_names(ref, head, variant.trust_remote_code)
+            if modules is None:
+                continue
+            names, linear = modules
+            own = arm if arm and _get(recipe, loc) != _get(variant, loc) else None
+            for target in unmatched(lora.target_modules, names):
+                lines.append(
+                    f"{_locate(recipe, loc, own)}: {f'arm {own!r}: ' if own else ''}key '{'.'.join(loc)}': "
+                    f"'{target}' matches no module of model '{ref}' (its linear layers: {', '.join(linear)})"
+                )
+    return list(dict.fromkeys(lines))
+
+
+def _lora_uses(recipe: Recipe, stages: list[str]) -> Iterator[tuple[tuple, object, object, str]]:
+    """(location of target_modules, LoRA block, model reference, head) of each stage to run that adapts a model
+    with LoRA; the policy stage adapts the SFT model, which has the modules of models.policy."""
+    if "sft" in stages:
+        yield ("sft", "lora", "target_modules"), recipe.sft.lora, recipe.models.policy, "causal_lm"
+    if "policy" in stages:
+        block = "dpo" if recipe.policy.algorithm == "dpo" else "ppo"
+        lora = getattr(recipe, block).lora
+        yield (block, "lora", "target_modules"), lora, recipe.models.policy, "causal_lm"
+    for stage in ("preference_model", "gold"):
+        if stage not in stages:
+            continue
+        try:
+            cfg = value_of(recipe, stage)  # with the spec merged, the backbone resolved
+        except UserError:
+            continue  # reported as the spec's problem
+        own = getattr(recipe, stage).lora is not None or stage == "gold"
+        loc = (stage, "lora", "target_modules") if own else (stage, "spec")
+        yield loc, cfg.lora, cfg.backbone, "seq_cls" if cfg.head == "classifier" else "causal_lm"
+
+
 def vllm_problems(recipe: Recipe, stages: list[str]) -> list[str]:
-    """A line for each key that asks a stage to run on vLLM when vLLM is not installed, naming the extra."""
-    if vllm_engine.available():
-        return []
-    asked = []
+    """A line for each key that asks a stage to run on vLLM when vLLM is not installed, naming the extra, and
+    for each .gguf model such a stage would start vLLM on (vLLM starts from the file's folder, which may hold
+    another model)."""
+    asked, models = [], []
     online = recipe.policy.rounds > 1 and "policy" in stages  # later rounds sample as the feedback stage does
     overrides = {"critique_revise": recipe.critique_revise.generation, "feedback": recipe.feedback.generation}
     for stage in ("critique_revise", "feedback", "report"):
@@ -251,14 +311,32 @@ def vllm_problems(recipe: Recipe, stages: list[str]) -> list[str]:
         own = getattr(overrides.get(stage), "backend", None)  # the stage's own choice, or None: the recipe's
         if (own or recipe.generation.backend) == "vllm":
             asked.append((stage, "generation", "backend") if own else ("generation", "backend"))
+            models += _vllm_models(recipe, stage)
     on_policy = recipe.policy.algorithm != "dpo"
     if recipe.ppo.rollout_backend == "vllm" and on_policy and "policy" in stages:
-        asked.append(("ppo", "rollout_backend"))
-    return [
+        asked.append(("ppo", "rollout_backend"))  # its engine starts from the policy's config, not a file
+    lines = [
         f"{_locate(recipe, loc, None)}: key '{'.'.join(loc)}': vLLM is not installed; install the extra: "
         f"{vllm_engine.EXTRA}"
         for loc in dict.fromkeys(asked)
+        if not vllm_engine.available()
     ]
+    for key in dict.fromkeys(models):
+        src, value = source_key(recipe, key), value_of(recipe, key)
+        if isinstance(value, str) and Path(value).suffix == ".gguf":
+            where = _locate(recipe, tuple(src.split(".")), None)
+            lines.append(f"{where}: key '{src}': {vllm_engine.gguf_refusal(value)}")
+    return lines
+
+
+def _vllm_models(recipe: Recipe, stage: str) -> list[str]:
+    """The keys of the models a stage on vLLM starts its engine on (the SFT output is a folder)."""
+    if stage != "feedback":
+        return ["models.policy"]  # critique_revise samples from it; the report samples the initial model
+    which = recipe.feedback.policy
+    keys = [] if which == "sft" else ["models.policy" if which == "base" else "feedback.policy"]
+    cot = ["models.feedback"] if recipe.feedback.chain_of_thought else []  # the labeller's reasoning
+    return keys + cot
 
 
 def _locate(recipe: Recipe, loc: tuple, arm: str | None) -> str:

@@ -238,3 +238,16 @@ def test_errors_are_one_line_exit_2_no_traceback(bad_files, argv, expected):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
     assert not (bad_files / "run").exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_flag_out_of_range_is_a_user_error_naming_the_flag(seed):
+    """--seed -1 reached transformers' set_seed (a numpy traceback); Settings now refuses it, and the model
+    flags turn that into one line naming the flag."""
+    from cai.cli.options import settings_of
+    from cai.errors import UserError
+
+    args = argparse.Namespace(device="cpu", dtype="auto", trust_remote_code=False, seed=seed)
+    with pytest.raises(UserError, match=r"^--seed: Input should be"):
+        settings_of(args)
+    assert settings_of(argparse.Namespace(**{**vars(args), "seed": 7})).seed == 7

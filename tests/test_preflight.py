@@ -150,3 +150,43 @@ def test_shipped_cpu_recipes_pass_and_gpu_recipes_name_their_downloads(capsys, m
         ": key 'prompts.sources[" in ln or "check_set.path': file not found" in ln or "Qwen/" in ln
         for ln in lines
     ), lines
+
+
+BASE = f"name: x\nmodels:\n  policy: tiny-random-llama\nconstitution: {ROOT / 'constitutions/harmless-specific.yaml'}\n"
+
+
+def test_a_lora_target_that_matches_no_module_of_the_model_is_named(tmp_path, tiny_dir):
+    """peft refused a misspelt target module only inside the stage, after the stages before it had run; the
+    model is built from its config on the meta device, so no weights are read."""
+    p = write(tmp_path, BASE + "sft:\n  lora: {r: 4, target_modules: [q_proj, q_projj]}\n")
+    (line,) = check(load_recipe(p), stages=["sft"])
+    assert line.startswith(f"{p}:6: key 'sft.lora.target_modules': 'q_projj' matches no module of model")
+    assert "q_proj, up_proj, v_proj" in line  # the linear layers it has
+    assert check(load_recipe(p, ["sft.lora.target_modules=[q_proj, self_attn.v_proj]"]), stages=["sft"]) == []
+    pm = load_recipe(p, ["preference_model.lora={target_modules: [score, lm_head]}"])  # a classifier PM
+    (line,) = check(pm, stages=["preference_model"])
+    assert "key 'preference_model.lora.target_modules': 'lm_head' matches no module" in line
+    ppo = load_recipe(p, ["ppo.lora={target_modules: [qproj]}"])
+    assert ["'qproj' matches no module" in ln for ln in check(ppo, stages=["policy"])] == [True]
+
+
+def test_a_folder_or_an_empty_value_where_a_file_or_model_is_needed_is_named(tmp_path):
+    """Preflight asked only whether a path existed, and skipped empty values: a folder for check_set, human
+    data or few-shot, or feedback.policy '', failed only in the stage that read it."""
+    p = write(tmp_path, BASE)
+    folder = str(tmp_path)
+    cases = {
+        f"feedback.check_set={{path: {folder}}}": "key 'feedback.check_set.path': a folder, where a file",
+        f"preference_model.human_data={{path: {folder}}}": "key 'preference_model.human_data.path': a folder",
+        f"feedback.few_shot={folder}": "key 'feedback.few_shot': a folder, where a file is expected",
+        "feedback.policy=''": "key 'feedback.policy': empty; a model reference is expected",
+        "feedback.few_shot=''": "key 'feedback.few_shot': empty; a file is expected",
+    }
+    for override, want in cases.items():
+        lines = check(load_recipe(p, [override]), stages=["feedback", "preference_model"])
+        assert any(want in ln for ln in lines), (override, lines)
+    # a `dataset` prompt source may name a folder (a dataset saved to disk)
+    src = f"prompts={{sources: [{{type: dataset, path: {folder}}}]}}"
+    assert check(load_recipe(p, [src]), stages=["critique_revise"]) == []
+    src = f"prompts={{sources: [{{type: jsonl, path: {folder}}}]}}"
+    assert "a folder, where a file is expected" in check(load_recipe(p, [src]), stages=["critique_revise"])[0]

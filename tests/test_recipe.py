@@ -232,8 +232,8 @@ def test_set_values_are_read_safely(tmp_path):
     marker = tmp_path / "pwned"
     value = f'!!python/object/apply:os.system ["touch {marker}"]'
     assert parse_value(value) == value  # not a YAML tag that runs code: just a string
-    r = load_recipe(write(tmp_path, MINI), [f"name={value}"])
-    assert r.name == value
+    r = load_recipe(write(tmp_path, MINI), [f"ppo.stop_string={value}"])
+    assert r.ppo.stop_string == value
     assert not marker.exists()
     assert parse_value("[1, 2]") == [1, 2] and parse_value("0.5") == 0.5 and parse_value("no") is False
 
@@ -388,3 +388,168 @@ def test_feedback_policy_names_a_model_folder_relative_to_the_recipe(tmp_path, m
     assert load_recipe(r).feedback.policy == "sft"
     bad = load_recipe(r, ["feedback.policy=./no-such-folder"])
     assert any("key 'feedback.policy': model" in ln for ln in check(bad, stages=["feedback"]))
+
+
+# --- values the schema refused only later ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_out_of_numpys_range_is_refused_by_the_recipe(tmp_path, seed):
+    """seed -1 or 2**32 validated, then the sft stage died in transformers' set_seed with a traceback."""
+    from pydantic import ValidationError
+
+    from cai.runtime.settings import Settings
+
+    assert "key 'seed'" in error_of(write(tmp_path, MINI), [f"seed={seed}"])
+    with pytest.raises(ValidationError):
+        Settings(seed=int(seed))
+    assert load_recipe(write(tmp_path, MINI), [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("sft.lora.target_modules=[]", "sft.lora.target_modules"),  # peft raised inside the stage
+        ("feedback.cot_clamp=[0.6, 0.4]", "feedback.cot_clamp"),  # the labeller refused it, after SFT
+        ("feedback.cot_clamp=[-0.1, 0.5]", "feedback.cot_clamp"),
+        ("ppo.learning_rate=.inf", "ppo.learning_rate"),
+        ("ppo.reward_clip=.inf", "ppo.reward_clip"),
+        ("ppo.missing_eos_penalty=.nan", "ppo.missing_eos_penalty"),
+        ("ppo.updates=true", "ppo.updates"),
+        ("sft.learning_rate=yes", "sft.learning_rate"),
+        ("name=''", "name"),  # the run directory was runs/ itself
+        ("name=../../escaped", "name"),  # ... or outside it
+        ("name=..", "name"),
+        ("name=/abs/elsewhere", "name"),
+    ],
+)
+def test_values_a_stage_would_refuse_or_misread_are_refused_by_the_schema(tmp_path, override, key):
+    assert f"key '{key}'" in error_of(write(tmp_path, MINI), [override])
+
+
+def test_the_schema_still_takes_the_values_next_to_the_refused_ones(tmp_path):
+    r = load_recipe(
+        write(tmp_path, MINI),
+        ["sft.lora.target_modules=[q_proj]", "feedback.cot_clamp=[0.5, 0.5]", "name=run-2.b_c+d=e"],
+    )
+    assert r.sft.lora.target_modules == ["q_proj"] and r.feedback.cot_clamp == (0.5, 0.5)
+    assert r.ppo.missing_eos_penalty is None and r.name == "run-2.b_c+d=e"
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("###", "###"),  # was None: YAML read it as a comment
+        ("</s> # end", "</s> # end"),  # was '</s>'
+        ("#", "#"),
+        ("'a #b'", "a #b"),  # a quoted '#' was always kept
+        ("null", None),
+        ("~", None),
+        ("", None),
+        ("a#b", "a#b"),
+    ],
+)
+def test_a_set_value_is_not_cut_at_a_yaml_comment(text, value):
+    assert parse_value(text) == value
+
+
+# --- --set errors are blamed on the --set ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "ppo.kl_coef.x=1",  # the error is at ppo.kl_coef, a prefix of the --set key
+        "feedback.check_set.limit=5",  # missing feedback.check_set.path: the block the --set made
+        "sweep.ppo.kl_coef=[0.1, 0.2]",  # the error is at sweep.ppo
+    ],
+)
+def test_a_bad_set_is_blamed_on_the_set_not_a_line_of_the_file(tmp_path, override):
+    """The error's key was matched against the --set key one way only: these named an unrelated recipe line."""
+    msg = error_of(write(tmp_path, MINI), [override])
+    assert msg.startswith(f"--set {override}: "), msg
+
+
+def test_an_error_the_file_made_is_still_blamed_on_the_file(tmp_path):
+    p = write(tmp_path, MINI.replace("batch_size: 2", "batch_size: 0"))
+    assert error_of(p, ["sft.learning_rate=1e-4"]).startswith(f"{p}:9:")
+
+
+# --- preference-model specs merge key by key -------------------------------------------------------------
+
+
+def test_a_nested_key_over_a_spec_keeps_the_specs_other_nested_keys(tmp_path):
+    """--set preference_model.lora.r=8 over a spec with lora {r: 16, alpha: 64, dropout: 0.1} gave alpha 32
+    and dropout 0.0: the recipe's lora block replaced the spec's whole, its unset keys at their defaults."""
+    from cai.config.view import value_of
+
+    (tmp_path / "spec.yaml").write_text("loss: bradley_terry\nlora: {r: 16, alpha: 64, dropout: 0.1}\n")
+    p = write(tmp_path, MINI + "preference_model:\n  spec: spec.yaml\n  lora: {r: 8}\n")
+    pm = value_of(load_recipe(p), "preference_model")
+    assert (pm.lora.r, pm.lora.alpha, pm.lora.dropout, pm.loss) == (8, 64, 0.1, "bradley_terry")
+    pm = value_of(load_recipe(p, ["preference_model.lora=null"]), "preference_model")
+    assert pm.lora is None  # a key the recipe sets to null still wins
+
+
+# --- a suite file's content counts in the report's fingerprint ---------------------------------------------
+
+
+def test_editing_a_suite_yaml_the_report_names_changes_its_fingerprint(tmp_path):
+    """A suite YAML was hashed by its path: an edit to it (its format, its data file) left the report 'up to
+    date' with the old numbers."""
+    from cai.config.layout import stage_config
+
+    rows = '{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}\n'
+    (tmp_path / "a.jsonl").write_text(rows)
+    (tmp_path / "b.jsonl").write_text(rows)
+    suite = tmp_path / "mine.yaml"
+    suite.write_text("name: mine\nformat: hh_pairs\nfiles: [a.jsonl]\n")
+    r = load_recipe(write(tmp_path, MINI), [f"report.suites=[pairs, {suite}]"])
+    before = stage_config(r, "report")
+    assert stage_config(r, "report") == before
+    assert before["report"]["suites"][0] == "pairs"
+    suite.write_text("# a comment\nname: mine\nformat: hh_pairs\nfiles: [a.jsonl]\n")
+    assert stage_config(r, "report") == before  # the suite's settings and its data count, not its text
+    suite.write_text("name: mine\nformat: hh_pairs\nfiles: [a.jsonl]\ntemplate: plain\n")
+    edited = stage_config(r, "report")
+    assert edited != before
+    (tmp_path / "a.jsonl").write_text(rows * 2)
+    assert stage_config(r, "report") != edited
+    suite.write_text("name: mine\nformat: hh_pairs\nfiles: [b.jsonl]\ntemplate: plain\n")
+    assert stage_config(r, "report") != edited  # another data file
+
+
+# --- model references with a path anchored at the recipe ---------------------------------------------------
+
+
+def test_a_model_folder_of_three_parts_is_relative_to_the_recipe_not_the_current_directory(
+    tmp_path, monkeypatch
+):
+    """'runs/q/sft/model' cannot be a hub id (org/name): it was left as written when no such folder was beside
+    the recipe, so it named a folder under the current directory."""
+    (tmp_path / "runs" / "q" / "sft" / "model").mkdir(parents=True)
+    (tmp_path / "recipes").mkdir()
+    r = write(tmp_path / "recipes", "name: r\nmodels:\n  policy: runs/q/sft/model\n")
+    monkeypatch.chdir(tmp_path)
+    want = str(tmp_path / "recipes" / "runs" / "q" / "sft" / "model")
+    assert load_recipe(r).models.policy == want
+    assert load_recipe(r, ["models.feedback=org/name"]).models.feedback == "org/name"  # a hub id stays
+
+
+# --- arms cannot change a one-per-run key by writing a block ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arm_set",
+    ["{models: {judge: smollm2-135m-instruct}}", "{gold: {enabled: true}}", "{models: {policy: x}, name: y}"],
+)
+def test_an_arm_cannot_set_a_one_per_run_key_inside_a_block(tmp_path, arm_set):
+    from cai.config.arms import expand_arms
+
+    r = load_recipe(write(tmp_path, MINI), [f"arms=[{{name: a, set: {arm_set}}}]"])
+    with pytest.raises(UserError, match="cannot differ between arms"):
+        expand_arms(r)
+    ok = load_recipe(
+        write(tmp_path, MINI), ["arms=[{name: a, set: {models: {feedback: tiny-random-llama}}}]"]
+    )
+    assert expand_arms(ok)[0][1].models.feedback == "tiny-random-llama"

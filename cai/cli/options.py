@@ -89,9 +89,15 @@ def add_model_flags(parser) -> None:
 
 
 def settings_of(args) -> Settings:
-    return Settings(
-        device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, seed=args.seed
-    )
+    """The model flags as Settings; a value the schema refuses (`--seed -1`) is a UserError naming the flag."""
+    try:
+        return Settings(
+            device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, seed=args.seed
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "seed"
+        raise UserError(f"{flag(name)}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def add_labeller_flags(parser, skip: tuple[str, ...] = ()) -> None:

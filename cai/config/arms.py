@@ -46,14 +46,22 @@ def sweep_point_name(point: dict[str, Any]) -> str:
     return "_".join(parts)
 
 
-def _check_key(key: str, where: str) -> None:
-    if key.split(".")[0] in FIXED_KEYS:
-        raise UserError(f"{where}: '{key}' cannot differ between arms (they share one run)")
-    if any(key == k or key.startswith(k + ".") for k in ONE_PER_RUN):
-        raise UserError(
-            f"{where}: '{key}' cannot differ between arms (the report and the gold judge are one per run, "
-            "over every arm); set it outside `arms`/`sweep`"
-        )
+def _keys_set(key: str, value: Any) -> list[str]:
+    """`key` and, when its value is a block ({models: {judge: X}}), the dotted keys inside it."""
+    if not isinstance(value, dict):
+        return [key]
+    return [key] + [k for sub, v in value.items() for k in _keys_set(f"{key}.{sub}", v)]
+
+
+def _check_key(key: str, where: str, value: Any = None) -> None:
+    for k in _keys_set(key, value):
+        if k.split(".")[0] in FIXED_KEYS:
+            raise UserError(f"{where}: '{k}' cannot differ between arms (they share one run)")
+        if any(k == one or k.startswith(one + ".") for one in ONE_PER_RUN):
+            raise UserError(
+                f"{where}: '{k}' cannot differ between arms (the report and the gold judge are one per run, "
+                "over every arm); set it outside `arms`/`sweep`"
+            )
     try:
         validate_dotted_key(key)
     except UserError as exc:
@@ -82,7 +90,7 @@ def arm_recipe(base: Recipe, overrides: dict[str, Any], where: str) -> Recipe:
     base recipe sets are carried over, so a preference-model spec still yields to exactly those keys."""
     data = base.model_dump(mode="json", exclude={"arms", "sweep"}, exclude_unset=True)
     for key, value in overrides.items():
-        _check_key(key, f"{where}.{key}")
+        _check_key(key, f"{where}.{key}", value)
         _merge(data, key, value)
     try:
         return Recipe.model_validate(data)

@@ -10,14 +10,17 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from cai.config.fields import (
+    CheckSet,
     FileRef,
     GenerationOverride,
+    HumanMix,
     LoraConfig,
     ModelRef,
     NamedRef,
     PolicyRef,
     Strict,
     TrainConfig,
+    UnitRange,
 )
 
 
@@ -42,16 +45,6 @@ class SFTConfig(TrainConfig):
     )
 
 
-class CheckSet(Strict):
-    path: FileRef = Field(description="Human-labelled pairs in HH format (chosen/rejected).")
-    limit: int = Field(64, ge=1, description="Pairs sampled from it.")
-
-
-class HumanMix(Strict):
-    path: FileRef = Field(description="Human preference pairs in HH format, label 1.0 for chosen.")
-    ratio: float = Field(0.5, gt=0.0, description="Human pairs per AI-labelled pair.")
-
-
 class FeedbackConfig(Strict):
     policy: PolicyRef = Field(
         "sft",
@@ -70,7 +63,9 @@ class FeedbackConfig(Strict):
     chain_of_thought: bool = Field(
         False, description="Generate step-by-step reasoning before reading the option probabilities."
     )
-    cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="Clamp CoT probabilities to this range.")
+    cot_clamp: UnitRange = Field(
+        (0.4, 0.6), description="Clamp CoT probabilities to this range [low, high], 0 <= low <= high <= 1."
+    )
     few_shot: FileRef | None = Field(
         None, description="Few-shot feedback file (paper JSON); overrides the constitution's."
     )

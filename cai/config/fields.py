@@ -1,14 +1,14 @@
 """The building blocks of the recipe schema: the markers of fields that name files (FileRef: a path; ModelRef:
 an alias, a model folder, a .gguf file or a hub id; NamedRef: a shipped name or a file), which the loader
 anchors at the recipe's folder and preflight checks, and the blocks several stages share (generation, LoRA,
-training)."""
+training, human preference pairs)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,26 @@ POLICY_WORDS = ("sft", "base")  # a PolicyRef's names of the run's own models
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A block of the recipe: unknown keys, infinities, NaN and a boolean for a number are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value, info):
+        ann = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and ann in (int, float, int | None, float | None):
+            raise ValueError("a number is expected, not true/false")
+        return value
+
+
+def _unit_range(pair: tuple[float, float]) -> tuple[float, float]:
+    if not 0.0 <= pair[0] <= pair[1] <= 1.0:
+        raise ValueError(f"[low, high] with 0 <= low <= high <= 1 is expected, not {list(pair)}")
+    return pair
+
+
+UnitRange = Annotated[tuple[float, float], AfterValidator(_unit_range)]
 
 
 class GenerationConfig(Strict):
@@ -85,7 +104,28 @@ class LoraConfig(Strict):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA alpha.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
-    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules to adapt.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Modules to adapt: 'all-linear', or a non-empty list of module names (each matches a module "
+        "whose name is it or ends with '.' and it, e.g. q_proj); preflight checks them against the model.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, modules):
+        if not modules:  # peft refused it inside the stage
+            raise ValueError("'all-linear' or a non-empty list of module names is expected")
+        return modules
+
+
+class CheckSet(Strict):
+    path: FileRef = Field(description="Human-labelled pairs in HH format (chosen/rejected).")
+    limit: int = Field(64, ge=1, description="Pairs sampled from it.")
+
+
+class HumanMix(Strict):
+    path: FileRef = Field(description="Human preference pairs in HH format, label 1.0 for chosen.")
+    ratio: float = Field(0.5, gt=0.0, description="Human pairs per AI-labelled pair.")
 
 
 class TrainConfig(Strict):

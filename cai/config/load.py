@@ -23,12 +23,20 @@ from cai.yamlio import line_of, load_yaml, model_in, validation_error
 RECIPE_FILE = "recipe.json"
 
 
+NULL_WORDS = ("", "~", "null", "Null", "NULL")
+
+
 def parse_value(text: str) -> Any:
-    """A `--set` value: YAML scalar/list syntax, read safely (`0.1`, `true`, `[1, 2]`, `null`)."""
+    """A `--set` value: YAML scalar/list syntax, read safely (`0.1`, `true`, `[1, 2]`, `null`). A value that
+    YAML would read as a comment (`###`, `</s> # end`) is the text itself, not null or cut at the '#'."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    comment = text.lstrip().startswith("#") or " #" in text or "\t#" in text
+    if comment and not (isinstance(value, str) and "#" in value):  # a '#' inside quotes is kept by YAML
+        return text
+    return text if value is None and text.strip() not in NULL_WORDS else value
 
 
 def set_dotted(data: dict, key: str, value: Any, source: str = "--set") -> None:
@@ -93,6 +101,8 @@ def looks_like_path(value: str, kind: str, base: Path) -> bool:
     if kind == "policy":  # 'sft' and 'base' name the run's own models, even beside a folder of that name
         return value not in POLICY_WORDS and looks_like_path(value, "model", base)
     if value.startswith((".", "/", "~")) or (base / value).exists():
+        return True
+    if kind == "model" and value.strip("/").count("/") >= 2:  # a hub id is org/name: this is a folder
         return True
     ends = (".gguf",) if kind == "model" else (".yaml", ".yml", ".json", ".jsonl", ".gz")
     return value.endswith(ends) or (kind == "named" and "/" in value)
@@ -199,15 +209,24 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        err = validation_error(path, exc, lines, Recipe)
+        bad = _error_key(exc)
         for item in overrides or []:  # a bad --set value is reported as such, not at a line of the file
             key = item.partition("=")[0].strip()
-            if any(f"'{key}{end}" in str(err) for end in ("'", ".", "[")):
+            if any(a == b or a.startswith(b + ".") for a, b in ((bad, key), (key, bad))):
                 raise validation_error(f"--set {item}", exc, {}, Recipe) from None
-        raise err from None
+        raise validation_error(path, exc, lines, Recipe) from None
     sets = {item.partition("=")[0].strip(): item for item in overrides or []}
     recipe._source = RecipeSource(path, lines, sets)
     return recipe
+
+
+def _error_key(exc: ValidationError) -> str:
+    """The dotted key of the error `validation_error` reports (of a missing key: the block that lacks it)."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+    loc = loc[:-1] if err["type"] == "missing" else loc
+    return ".".join(str(p) for p in loc if not isinstance(p, int))
 
 
 def load_run_recipe(run_dir: str | Path) -> Recipe:

@@ -1,6 +1,7 @@
 """Preference-model specs: a spec file is a partial `preference_model` block of the recipe schema, validated
 by it, its file references relative to the spec file. A recipe names one with `preference_model.spec` (a
-name in cai/pm/specs, or a file); the keys the recipe's block sets itself win over the spec's.
+name in cai/pm/specs, or a file); the keys the recipe's block sets itself win over the spec's, key by key in a
+nested block (`lora.r` alone keeps the spec's other `lora` keys).
 `effective_pm_config` is the one place that merges them and resolves the backbone's fallbacks."""
 
 from __future__ import annotations
@@ -36,7 +37,16 @@ def load_pm_spec(ref: str) -> dict:
         block = PreferenceModelConfig.model_validate(data)
     except ValidationError as exc:
         raise validation_error(path, exc, lines, PreferenceModelConfig) from None
-    return block.model_dump(include=block.model_fields_set)
+    return block.model_dump(exclude_unset=True)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """`base` with `top`'s keys over it; a block (a dict) in both merges key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        old = out.get(key)
+        out[key] = deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
 
 
 def effective_pm_config(cfg: PreferenceModelConfig, policy: str, reward_backbone: str | None):
@@ -45,8 +55,8 @@ def effective_pm_config(cfg: PreferenceModelConfig, policy: str, reward_backbone
     merged = cfg.model_dump()
     if cfg.spec:
         spec = load_pm_spec(cfg.spec)
-        own = cfg.model_dump(include=cfg.model_fields_set)
-        merged = {**merged, **spec, **own}
+        own = cfg.model_dump(exclude_unset=True)  # in a nested block too, only the keys the recipe set
+        merged = deep_merge(deep_merge(merged, spec), own)
     merged["backbone"] = merged.get("backbone") or reward_backbone or policy
     try:
         out = PreferenceModelConfig.model_validate(merged)

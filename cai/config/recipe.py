@@ -7,6 +7,7 @@ are marked (cai.config.fields) and anchored at the recipe's folder. A preference
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator
@@ -98,8 +99,10 @@ class Arm(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(description="Run name; the default run directory is runs/<name>.")
-    seed: int = Field(0, description=_SETTING["seed"].description)
+    name: str = Field(
+        description="Run name (letters, digits and . _ + = -); the default run directory is runs/<name>."
+    )
+    seed: int = Field(0, ge=0, lt=2**32, description=_SETTING["seed"].description)
     run_dir: FileRef | None = Field(
         None, description="Run directory; default runs/<name> in the current directory."
     )
@@ -156,6 +159,16 @@ class Recipe(Strict):
         None, description="A sweep over one or more dotted keys, run as arms."
     )
     _source: Any = PrivateAttr(default=None)  # cai.config.load.RecipeSource: for messages naming file:line
+
+    @field_validator("name")
+    @classmethod
+    def _a_folder_name(cls, name):
+        if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or name in (".", ".."):
+            raise ValueError(
+                "a run name of letters, digits and . _ + = - (not '.' or '..') is expected: it names the folder "
+                "runs/<name>"
+            )
+        return name
 
     @field_validator("stages", mode="before")
     @classmethod

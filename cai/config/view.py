@@ -16,12 +16,15 @@ not declare raises `UndeclaredRead`: what a stage reads is what its fingerprint 
 
 from __future__ import annotations
 
+import glob
+import os
 import typing
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from cai.config.fields import NamedRef
 from cai.config.load import field_at, ref_kind
 from cai.config.pm_spec import effective_pm_config
 from cai.config.recipe import Recipe
@@ -106,6 +109,8 @@ class RecipeView:
         for k in CONSTITUTION_KEYS:
             if isinstance(out.get(k), dict):
                 out[k] = _with_few_shot(self._values[k], out[k])
+        if isinstance(out.get("report"), dict):
+            out["report"]["suites"] = [suite_digest(v) for v in self._values["report"].suites]
         return out
 
 
@@ -144,6 +149,26 @@ def _with_few_shot(path: str, digest: dict) -> dict:
         k: file_digest(str(Path(path).parent / v)) for k, v in sorted(shots.items()) if isinstance(v, str)
     }
     return {**digest, "few_shot": files} if files else digest
+
+
+def suite_digest(ref: str) -> dict | str:
+    """A suite named by its YAML file: its settings and the content digests of its data files (relative to it,
+    as cai.eval.suites.load_suite resolves them), so an edit to either reruns the report; a shipped name or a
+    data file as `_hashable` gives it."""
+    if not (ref.endswith((".yaml", ".yml")) and Path(ref).is_file()):
+        return _hashable(ref, NamedRef)
+    try:
+        data, _ = load_yaml(ref)
+    except UserError:  # preflight reports a bad suite; its content hash still stands
+        return file_digest(ref)
+    if not isinstance(data, dict) or not isinstance(data.get("files"), list):
+        return file_digest(ref)
+    base = Path(ref).resolve().parent
+    files = sorted({f for p in data["files"] if isinstance(p, str) for f in glob.glob(os.path.join(base, p))})
+    return {
+        "suite": {k: v for k, v in data.items() if k != "files"},
+        "files": [file_digest(f) for f in files],
+    }
 
 
 def file_digest(path: str) -> dict | str:

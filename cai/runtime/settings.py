@@ -43,7 +43,9 @@ class Settings(BaseModel):
     trust_remote_code: bool = Field(
         False, description="Allow model repos to run their own code. Off by default."
     )
-    seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="Seed for sampling, shuffling and initialisation (0 to 2**32 - 1)."
+    )
     save_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of trained models written to disk (training keeps fp32 master weights)."
     )
