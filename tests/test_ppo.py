@@ -412,6 +412,20 @@ def test_a_kill_while_a_checkpoint_replaces_one_of_its_step_keeps_it(tmp_path, m
     assert ck.latest(d) == d / "step-000008"
 
 
+def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(tmp_path, monkeypatch):
+    """Each process samples its own share of the prompts with its own RNG state: resumed under another process
+    count, the run went on as a different run without a word."""
+    from cai.runtime import distributed as dist
+
+    make_trainer(tmp_path, updates=1, ppo_epochs=1, save_every=1).train()
+    assert json.loads((tmp_path / "checkpoints" / "step-000001" / "state.json").read_text())["world_size"] == 1
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    with pytest.raises(UserError, match=r"written by a run of 1 process\(es\), resumed with 2"):
+        make_trainer(tmp_path, updates=1, ppo_epochs=1, save_every=1)
+    monkeypatch.setattr(dist, "world_size", lambda: 1)
+    assert make_trainer(tmp_path, updates=1, ppo_epochs=1, save_every=1).step == 1
+
+
 def test_critic_warmup_with_a_value_head_clips_the_head_alone(tmp_path, monkeypatch):
     """During warm-up the value loss reaches the frozen trunk through a value head: those gradients are dropped,
     so the clip's norm (and `grad/norm`) is the head's, and the policy does not move."""

@@ -62,6 +62,16 @@ def check_token(path: Path, found: str | None, expected: str | None) -> None:
         )
 
 
+def check_world_size(path: Path, saved: int | None, now: int) -> None:
+    """Resume only with the number of processes that wrote the checkpoint: each process samples its own share of
+    the prompts and holds its own RNG state, so another count would continue as a different run."""
+    if saved is not None and saved != now:
+        raise UserError(
+            f"{path}: written by a run of {saved} process(es), resumed with {now}; resume with "
+            f"`accelerate launch --num_processes {saved}`, or start a new run directory"
+        )
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate())}
     if torch.cuda.is_available():
@@ -157,7 +167,9 @@ def resume(trainer) -> None:
     if path is None:  # a start, or a run killed before its first checkpoint: its rows are logged again
         _drop_rows_after(trainer)
         return
-    check_token(path, json.loads((path / "state.json").read_text()).get("run_token"), trainer.run_token)
+    saved = json.loads((path / "state.json").read_text())
+    check_token(path, saved.get("run_token"), trainer.run_token)
+    check_world_size(path, saved.get("world_size"), dist.world_size())
     weights, optim, state, rng = load(path, dist.rank())
     if trainer.stepper.deepspeed:
         if not (path / "deepspeed").is_dir():
@@ -215,6 +227,7 @@ def save_trainer(trainer, step: int, name: str | None = None) -> Path:
         "kl_controller": trainer.kl_ctl.state_dict(),
         "scheduler": trainer.sched.state_dict(),
         "run_token": trainer.run_token,
+        "world_size": dist.world_size(),
     }
     return save(
         trainer.ckpt_dir,
