@@ -418,7 +418,9 @@ def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(tm
     from cai.runtime import distributed as dist
 
     make_trainer(tmp_path, updates=1, ppo_epochs=1, save_every=1).train()
-    assert json.loads((tmp_path / "checkpoints" / "step-000001" / "state.json").read_text())["world_size"] == 1
+    assert (
+        json.loads((tmp_path / "checkpoints" / "step-000001" / "state.json").read_text())["world_size"] == 1
+    )
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     with pytest.raises(UserError, match=r"written by a run of 1 process\(es\), resumed with 2"):
         make_trainer(tmp_path, updates=1, ppo_epochs=1, save_every=1)
