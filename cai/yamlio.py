@@ -38,10 +38,14 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
         if context and cmark and cmark.line + 1 != line:
             problem += f" ({context} started on line {cmark.line + 1})"
         raise UserError(f"{where(path, line)}: YAML does not parse: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested too deeply to read (hundreds of levels)") from None
     lines: dict[tuple, int] = {}
     if node is not None:
         try:
             _walk(node, (), lines, set(), [0])
+        except RecursionError:
+            raise UserError(f"{path}: YAML nested too deeply to read (hundreds of levels)") from None
         except _DuplicateKey as dup:  # the safe loader would silently keep the last one
             loc, line, first = dup.args
             raise UserError(f"{path}:{line}: duplicate key '{dotted(loc)}' (first on line {first})") from None

@@ -287,6 +287,8 @@ def cases(r: Reader) -> list[tuple[str, bytes, bool]]:
         out.append(("a line that is not an object", _jsonl_not_object(r), r.lines))
     if r.fmt == "yaml":
         out += [(name, text, True) for name, text in yaml_alias_cases(r.sample).items()]
+        first = next(iter(r.sample))  # deeper than Python's recursion limit lets the YAML parser go
+        out.append(("nested 1,200 levels", f"{first}: {'[' * 1200}{']' * 1200}\n".encode(), False))
     for path in key_paths(r.sample):
         doc = with_wrong_type(r.sample, path)
         out.append((f"wrong type at {'.'.join(map(str, path))}", serialise(r.fmt, doc), r.lines))

@@ -421,6 +421,7 @@ def test_a_seed_out_of_numpys_range_is_refused_by_the_recipe(tmp_path, seed):
         ("name=../../escaped", "name"),  # ... or outside it
         ("name=..", "name"),
         ("name=/abs/elsewhere", "name"),
+        ("ppo.stop_string=''", "ppo.stop_string"),  # every response would be cut to nothing
     ],
 )
 def test_values_a_stage_would_refuse_or_misread_are_refused_by_the_schema(tmp_path, override, key):

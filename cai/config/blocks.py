@@ -258,7 +258,7 @@ class PPOConfig(Strict):
         description="Subtract this from the score of responses without EOS (the PM scores a truncated reply as if "
         "it were finished).",
     )
-    stop_string: str | None = Field(None, description="Truncate responses at this string.")
+    stop_string: str | None = Field(None, min_length=1, description="Truncate responses at this string.")
     critic: Literal["separate", "value_head"] = Field(
         "separate", description="Separate value model, or a value head on the policy trunk."
     )
