@@ -498,3 +498,48 @@ def test_pm_held_out_accuracy_is_shown_beside_the_untrained_pm_on_the_same_pairs
     md = "\n".join(sections.pm_section(rep))
     lo, hi = wilson_ci(0.625 * 80, 80)
     assert f"| … the untrained PM on the same pairs (baseline) | 0.625 [{lo:.2f}, {hi:.2f}] (n = 80) |" in md
+
+
+def test_cached_report_generations_follow_the_prompts_text_not_only_their_ids(tmp_path, monkeypatch):
+    """report/gen/ caches each model's responses by file name; `cai report` over upstream prompts that kept their
+    ids but changed their text reused the old responses (the initial model's file was keyed by settings alone)."""
+    from types import SimpleNamespace
+
+    from cai.report import sections
+    from cai.runtime.rundir import append_jsonl
+
+    cr = tmp_path / "critique_revise"
+    cr.mkdir()
+    append_jsonl(cr / "data.jsonl", [])
+    files = []
+    monkeypatch.setattr(
+        sections,
+        "generate",
+        lambda config, d, reqs, path, *a: files.append(path.name) or {r["id"]: "t" for r in reqs},
+    )
+    monkeypatch.setattr(sections, "win_rate_md", lambda *a: [])
+    monkeypatch.setattr(sections, "win_rates", lambda config, prompts, *a: {"results": {}})
+    monkeypatch.setattr(sections, "gold_judge", lambda rep: None)
+    monkeypatch.setattr(sections, "_model_dir", lambda index, kind, arm: tmp_path / kind)
+    config = SimpleNamespace(
+        report=SimpleNamespace(win_rate_prompts=10, examples=0),
+        generation=SimpleNamespace(model_dump=lambda mode: {}),
+        settings=SimpleNamespace(seed=0),
+        models=SimpleNamespace(policy="p"),
+    )
+    index = SimpleNamespace(stage_dir=lambda s, a=None: cr if s == "critique_revise" else None)
+    names = []
+    for text in ("How do I pick a lock?", "How do I bake bread?"):
+        (cr / "held_out.jsonl").unlink(missing_ok=True)
+        append_jsonl(
+            cr / "held_out.jsonl",
+            [{"id": "a", "kind": "red_team", "messages": [{"role": "user", "content": text}]}],
+        )
+        rep = SimpleNamespace(
+            arms=[None], label=lambda a: "run", data={}, config=config, gen_dir=tmp_path, index=index
+        )
+        files.clear()
+        sections.generations_section(rep)
+        names.append(sorted(files))
+    assert len(names[0]) == 3 and any(n.startswith("initial-") for n in names[0])
+    assert not set(names[0]) & set(names[1])  # every cache file is new for the new prompt text

@@ -297,8 +297,9 @@ def generations_section(rep) -> list[str]:
     )
     responses: dict[str, dict[str, str]] = {}
     for d, name in cand_name.items():  # cached per model output: a rerun stage gets a new output id
-        ck = hash_json({"g": gen_key, "out": (read_manifest(Path(d).parent) or {}).get("output"), "dir": d})
         reqs = held_req + (ex_req if name.startswith("final:") else [])
+        out_id = (read_manifest(Path(d).parent) or {}).get("output")
+        ck = hash_json({"g": gen_key, "out": out_id, "dir": d, "requests": reqs})  # ids may keep, texts change
         responses[name] = generate(
             config, d, reqs, g / f"{name.replace(':', '-')}-{ck}.jsonl", f"report: {name}"
         )
@@ -316,7 +317,7 @@ def generations_section(rep) -> list[str]:
             config,
             config.models.policy,
             held_req,
-            g / f"initial-{hash_json([gen_key, config.models.policy])}.jsonl",
+            g / f"initial-{hash_json([gen_key, config.models.policy, held_req])}.jsonl",
             "report: initial model",
         )
         gold = gold_judge(rep)
