@@ -618,3 +618,32 @@ def test_grad_accum_and_a_partial_last_batch_take_the_one_batch_step(tiny_recipe
         for a, b in zip(ref_rows, logged):  # scores differ by float order only (~1e-7)
             for k in ("loss", "grad_norm", "accuracy", "margin", "mean_reward", "reward_std"):
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (key, a["step"], k)
+
+
+def test_the_pm_human_mix_counts_ai_pairs_and_draws_no_pair_the_feedback_mix_drew(tiny_recipe, tmp_path):
+    """feedback.human_mix and preference_model.human_data over the same HH file drew the same shuffled pairs: the
+    PM trained on them twice, and its ratio counted the feedback's human pairs as AI-labelled ones."""
+    from types import SimpleNamespace
+
+    from cai.data.hh import human_pairs
+    from cai.stages.preference_model import load_pairs
+
+    hh = tmp_path / "hh.jsonl"
+    append_jsonl(
+        hh,
+        [
+            {
+                "chosen": f"\n\nHuman: q{i}\n\nAssistant: yes {i}",
+                "rejected": f"\n\nHuman: q{i}\n\nAssistant: no {i}",
+            }
+            for i in range(40)
+        ],
+    )
+    ai = synthetic_pairs(10)
+    run = tmp_path / "run"
+    feedback_fixture(run, ai + human_pairs(hh, 0.5, len(ai), seed=0))  # what feedback.human_mix writes
+    cfg = SimpleNamespace(human_data=SimpleNamespace(path=str(hh), ratio=0.5))
+    ctx = SimpleNamespace(input_dir=lambda stage: run / stage)
+    rows = load_pairs(ctx, cfg, seed=0)
+    human = [(r["messages"][-1]["content"], r["response_a"]) for r in rows if r.get("source") == "human"]
+    assert len(human) == len(set(human)) == 5 + 5  # each mix's 0.5 × 10 AI pairs, no pair twice

@@ -70,11 +70,17 @@ def read_hh(path: str | Path) -> list[dict]:
     return rows
 
 
-def human_pairs(path, ratio: float, n_ai: int, seed: int) -> list[dict]:
-    """round(ratio·n_ai) human pairs from an HH file, the chosen reply as response_a with p_a = 1.0."""
+def human_pairs(path, ratio: float, n_ai: int, seed: int, taken: list[dict] = ()) -> list[dict]:
+    """round(ratio·n_ai) human pairs from an HH file, the chosen reply as response_a with p_a = 1.0; none of the
+    pairs already among `taken` (the same conversation and replies: feedback.human_mix's from the same file)."""
     rows, _ = hh_pair_rows(path)
     random.Random(f"{seed}:human_mix").shuffle(rows)
-    return rows[: round(ratio * n_ai)]
+    have = {_pair_text(r) for r in taken}
+    return [r for r in rows if _pair_text(r) not in have][: round(ratio * n_ai)]
+
+
+def _pair_text(row: dict) -> tuple:
+    return (repr(row.get("messages")), str(row.get("response_a")).strip(), str(row.get("response_b")).strip())
 
 
 def hh_pair_rows(path: str | Path) -> tuple[list[dict], int]:

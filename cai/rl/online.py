@@ -154,7 +154,8 @@ def refresh(ctx, r: int, prev_pm: Path, prompts: list[dict]) -> Path:
         old += read_jsonl(round_dir(out, q) / "pairs.jsonl")
     rows = [row for row in old if row.get("p_a") is not None] + new
     if cfg.human_data is not None:  # the preference_model stage's mix, kept at its ratio to the AI pairs
-        rows += human_pairs(cfg.human_data.path, cfg.human_data.ratio, len(rows), c.settings.seed)
+        n_ai = sum(row.get("source") != "human" for row in rows)
+        rows += human_pairs(cfg.human_data.path, cfg.human_data.ratio, n_ai, c.settings.seed, taken=rows)
     # the previous PM's prompts keep their side: none it trained on is held out to measure this one
     train, held = split_pairs(rows, cfg.eval_fraction, c.settings.seed, read_json(Path(prev_pm) / SPLIT_FILE))
     new_ids = {row["id"] for row in new}

@@ -40,8 +40,9 @@ def load_pairs(ctx, cfg, seed: int) -> list[dict]:
     """The labelled feedback pairs, plus the human pairs of `preference_model.human_data` when set."""
     path = ctx.input_dir("feedback") / "pairs.jsonl"
     rows = [row for row in read_jsonl(path) if row.get("p_a") is not None]
-    if cfg.human_data is not None:
-        rows += human_pairs(cfg.human_data.path, cfg.human_data.ratio, len(rows), seed)
+    if cfg.human_data is not None:  # its ratio is to the AI-labelled pairs (not feedback.human_mix's)
+        n_ai = sum(row.get("source") != "human" for row in rows)
+        rows += human_pairs(cfg.human_data.path, cfg.human_data.ratio, n_ai, seed, taken=rows)
     if len(rows) < 2:
         raise UserError(f"{path}: at least 2 labelled pairs are needed to train a PM")
     return rows
