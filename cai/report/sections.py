@@ -299,7 +299,8 @@ def generations_section(rep) -> list[str]:
     for d, name in cand_name.items():  # cached per model output: a rerun stage gets a new output id
         reqs = held_req + (ex_req if name.startswith("final:") else [])
         out_id = (read_manifest(Path(d).parent) or {}).get("output")
-        ck = hash_json({"g": gen_key, "out": out_id, "dir": d, "requests": reqs})  # ids may keep, texts change
+        # the requests' text too: prompts may keep their ids and change their text
+        ck = hash_json({"g": gen_key, "out": out_id, "dir": d, "requests": reqs})
         responses[name] = generate(
             config, d, reqs, g / f"{name.replace(':', '-')}-{ck}.jsonl", f"report: {name}"
         )
