@@ -328,6 +328,44 @@ def test_pm_partial_last_batch_on_two_processes_equals_one_batch(tmp_path, tiny_
         assert float((heads[0][k] - heads[1][k]).abs().max()) <= WEIGHT_ATOL, k
 
 
+def test_sft_partial_last_batch_on_two_processes_equals_one_batch(tmp_path, tiny_dir):
+    """SFT on 11 examples, global batch 4: the third step has 3 examples, which accelerate evens over 2 processes
+    × 2 micro-batches by repeating one. The repeat is left out of the loss, its token count and the logged metrics
+    (num_tokens; entropy and accuracy pooled over the step's real tokens): one process with one batch of 4 takes
+    the same steps (losses, gradient norms, metrics, weights)."""
+    from cai.runtime.rundir import append_jsonl, write_json
+
+    words = ["alpha", "kilo", "tango", "zulu", "yes", "no", "maybe"]
+    rows = [
+        {
+            "kind": "red_team",
+            "prompt": [{"role": "user", "content": f"q{i} {words[i % 7]}?"}],
+            "final": " ".join(words[(i + k) % 7] for k in range(2 + i % 4)) + ".",
+        }
+        for i in range(11)
+    ]
+    sets = ["stages=[critique_revise, sft]", "sft.max_steps=3", "sft.save_steps=10"]
+    out = {}
+    for n, (bs, ga) in ((1, (4, 1)), (2, (1, 2))):
+        run = out[n] = tmp_path / f"run{n}"
+        (run / "critique_revise").mkdir(parents=True)
+        append_jsonl(run / "critique_revise" / "data.jsonl", rows)
+        write_json(
+            run / "critique_revise" / "manifest.json",
+            {"stage": "critique_revise", "status": "complete", "fingerprint": "f", "output": "o"},
+        )
+        cmd = cai_run(run, sets + [f"sft.batch_size={bs}", f"sft.grad_accum={ga}"], only=["sft"])
+        if n == 1:
+            launch([sys.executable] + cmd)
+        else:
+            launch(two_cpu_processes() + cmd, {"ACCELERATE_USE_CPU": "1"})
+        assert read_manifest(run / "sft")["world_size"] == n
+    compare_metrics(
+        out[1], out[2], "sft", steps=3, batch_metrics=("entropy", "mean_token_accuracy", "num_tokens")
+    )
+    compare_weights(out[1] / "sft" / "model", out[2] / "sft" / "model")
+
+
 # ------------------------------------------------------------------------------------------- DeepSpeed
 def filled_deepspeed_config(ds_file: Path, micro_batch: int = 2, grad_accum: int = 1, world: int = 1) -> dict:
     """A DeepSpeed JSON with its "auto" entries filled the way accelerate and the HF Trainer fill them."""

@@ -202,6 +202,9 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(cr_dir, tmp_path, monk
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # and logs the same token counts: the count goes on from its checkpoint's (sft.TOKENS_FILE), not from 0
+    tokens = [[r["num_tokens"] for r in read_jsonl(d / "metrics.jsonl")] for d in (out, ref)]
+    assert tokens[0] == tokens[1] and 0 < tokens[0][1] < tokens[0][2] < tokens[0][3], tokens
 
 
 def test_lora_is_merged_on_save(tiny, cr_dir, tmp_path, monkeypatch):

@@ -23,20 +23,11 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from cai.pm.loss import pair_hits, pair_losses
 from cai.pm.scoring import can_pack, pair_scores, sequence_scores
 from cai.pm.value_head import ValueHeadPM, pair_lm_nll, preferred_rows, response_lm_labels
+from cai.runtime.training import real_rows
 
 REAL = "pair_real"  # the batch key get_batch_samples adds: which pairs are real (not accelerate's repeats)
 # the sums each micro-batch adds to the pooled metrics (PreferenceTrainer.log), over every process's real pairs
 SUMS = ("pairs", "scored", "hits", "margin", "rewards", "reward_sum", "reward_sq", "lm_sum")
-
-
-def real_pairs(n: int, end_of_data: bool, remainder: int, rank: int):
-    """Which of a micro-batch's `n` pairs are real. Under DDP accelerate evens the epoch's last round of batches
-    over the processes with pairs repeated from the epoch's start; gathered in rank order, the round's first
-    `remainder` (the dataset size modulo the global micro-batch) are the real ones. One process: all are real."""
-    keep = torch.ones(n, dtype=torch.bool)
-    if end_of_data and remainder > 0:
-        keep = torch.arange(n) + rank * n < remainder
-    return keep
 
 
 class SoftLabelCollator(DataCollatorForPreference):
@@ -103,7 +94,7 @@ class PreferenceTrainer(RewardTrainer):
                 batch = next(epoch_iterator)
             except StopIteration:
                 break
-            batch[REAL] = real_pairs(
+            batch[REAL] = real_rows(
                 len(batch["p_a"]), state.end_of_dataloader, state.remainder, acc.process_index
             )
             batches.append(batch)

@@ -88,27 +88,49 @@ TOKEN_FILE = "cai_run_token"
 STATE_FILE = "trainer_state.json"  # the trainer writes it last: a checkpoint folder without it is incomplete
 
 
-def token_callback(run_token: str | None):
-    """A TrainerCallback that writes the run token into every checkpoint the trainer saves, before the trainer
-    writes anything of it: a kill while a checkpoint is saved leaves a folder without trainer_state.json
-    (incomplete, skipped on resume), never a complete checkpoint without the token."""
+def save_callback(write):
+    """A TrainerCallback that calls `write(folder)` on the main process for every checkpoint folder the trainer is
+    about to save, before the trainer writes anything of it: a kill while a checkpoint is saved leaves a folder
+    without trainer_state.json (incomplete, skipped on resume), never a complete checkpoint without the file."""
     from transformers import TrainerCallback
 
-    def write(args, state, control):
-        if run_token and control.should_save and state.is_world_process_zero:
+    def on_save(args, state, control):
+        if control.should_save and state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / TOKEN_FILE).write_text(run_token + "\n")
+            write(folder)
 
-    class WriteToken(TrainerCallback):
+    class BeforeSave(TrainerCallback):
         # the trainer's own flow callback runs first and decides `should_save`; the save follows these hooks
         def on_step_end(self, args, state, control, **kwargs):
-            write(args, state, control)
+            on_save(args, state, control)
 
         def on_epoch_end(self, args, state, control, **kwargs):
-            write(args, state, control)
+            on_save(args, state, control)
 
-    return WriteToken()
+    return BeforeSave()
+
+
+def token_callback(run_token: str | None):
+    """A save_callback writing the run token into every checkpoint (resume_point checks it)."""
+
+    def write(folder: Path) -> None:
+        if run_token:
+            (folder / TOKEN_FILE).write_text(run_token + "\n")
+
+    return save_callback(write)
+
+
+def real_rows(n: int, end_of_data: bool, remainder: int, rank: int):
+    """Which of a micro-batch's `n` rows are real. Under DDP accelerate evens the epoch's last round of batches
+    over the processes with rows repeated from the epoch's start; gathered in rank order, the round's first
+    `remainder` (the dataset size modulo the global micro-batch) are the real ones. One process: all are real."""
+    import torch
+
+    keep = torch.ones(n, dtype=torch.bool)
+    if end_of_data and remainder > 0:
+        keep = torch.arange(n) + rank * n < remainder
+    return keep
 
 
 def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:

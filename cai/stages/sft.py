@@ -24,12 +24,14 @@ from cai.runtime import distributed as dist
 from cai.runtime.forward import logit_entropy, selected_logprobs
 from cai.runtime.models import load_model, load_tokenizer, peft_config
 from cai.runtime.packing import keeps_logits, labelled_logits
-from cai.runtime.rundir import read_jsonl
+from cai.runtime.rundir import read_json, read_jsonl, write_json
 from cai.runtime.settings import Precision
 from cai.runtime.training import (
     fuse_lora_training,
     metrics_callback,
+    real_rows,
     resume_point,
+    save_callback,
     save_trained,
     token_callback,
     training_args,
@@ -37,6 +39,8 @@ from cai.runtime.training import (
 from cai.stats import epoch_means
 
 INPUTS = {"input_ids", "attention_mask", "labels"}  # what TRL's collator gives for padded text
+REAL = "sft_real"  # the batch key packed_loss adds: which rows are real (not accelerate's repeats)
+TOKENS_FILE = "cai_num_tokens.json"  # in each checkpoint: the tokens trained on so far (num_tokens)
 
 
 def sft_examples(records: list[dict], include_helpful: bool = True) -> list[dict]:
@@ -89,10 +93,16 @@ def packed_loss(trainer):
     vocabulary tiles with its entropy and their gradients: about half of a step's time on SmolLM2-135M
     (docs/benchmarks.md). Same loss and gradients (tests/test_sft.py). Anything else (another loss type, label
     smoothing, a custom loss, MoE auxiliary losses, padding-free or multimodal inputs, a model without
-    `logits_to_keep`, a call for outputs) takes TRL's loss."""
+    `logits_to_keep`, a call for outputs) takes TRL's loss.
+
+    A step's loss is the mean over its global batch's completion tokens however the batch is split into
+    micro-batches and processes (as cai.pm.trainer does for pairs): the rows accelerate repeats to even out an
+    epoch's last batches under DDP (cai.runtime.training.real_rows) lose their labels as the step's batches are
+    drawn, so they are out of the loss, its token count (num_items_in_batch) and the metrics; num_tokens counts
+    the real rows only; entropy and mean_token_accuracy are pooled over every real token since the last log."""
     import torch
 
-    own = trainer.compute_loss
+    own, own_batches = trainer.compute_loss, trainer.get_batch_samples
     args, acc = trainer.args, trainer.accelerator
     plain = (
         args.loss_type == "nll"
@@ -100,10 +110,30 @@ def packed_loss(trainer):
         and trainer.compute_loss_func is None
         and not trainer.aux_loss_enabled
     )
+    pooled = {"train": [0.0, 0.0, 0.0], "eval": [0.0, 0.0, 0.0]}  # tokens, entropy sum, right guesses
+
+    def get_batch_samples(epoch_iterator, num_batches, device):
+        return own_batches(marked(acc, epoch_iterator), num_batches, device)
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        real = inputs.pop(REAL, None)
+        mode = "train" if trainer.model.training else "eval"
+        before = trainer._total_train_tokens
         if not plain or return_outputs or set(inputs) != INPUTS or not keeps_logits(model):
-            return own(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            out = own(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        else:
+            out = loss_and_metrics(model, inputs, num_items_in_batch, mode)
+        if mode == "train" and "attention_mask" in inputs:  # every process's real rows' tokens
+            mask = inputs["attention_mask"]
+            if real is not None:
+                mask = mask[real.to(mask.device)]
+            tokens = int(acc.gather(mask.sum()[None]).sum())
+            trainer._total_train_tokens = before + tokens // trainer._tp_size
+            trainer._metrics[mode]["num_tokens"] = [trainer._total_train_tokens]
+        return out
+
+    def loss_and_metrics(model, inputs, num_items_in_batch, mode):
         logits, targets, _ = labelled_logits(
             model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         )
@@ -114,22 +144,47 @@ def packed_loss(trainer):
         )
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (acc.num_processes // trainer.get_tp_size())  # as TRL: DDP averages over processes
-        with torch.no_grad():  # the metrics over every process's tokens, as TRL logs them
+        with torch.no_grad():  # the metrics over every process's tokens, pooled since the last log
             entropy, top = logit_entropy(logits), logits.argmax(-1) == targets
             stats = torch.stack([n.float(), entropy.sum(), top.sum().float()])[None]
-            valid, ent, right = (float(x) for x in acc.gather_for_metrics(stats).sum(0))
-            mode = "train" if trainer.model.training else "eval"
-            m = trainer._metrics[mode]
-            m["entropy"].append(ent / valid if valid > 0 else 0.0)
-            m["mean_token_accuracy"].append(right / valid if valid > 0 else 0.0)
-            if mode == "train":
-                tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()[None]).sum().item()
-                trainer._total_train_tokens += tokens // trainer._tp_size
+            m, sums = trainer._metrics[mode], pooled[mode]
+            if "entropy" not in m:  # TRL's log cleared the metrics: a new logging interval
+                sums[:] = [0.0, 0.0, 0.0]
+            sums[:] = [a + float(b) for a, b in zip(sums, acc.gather(stats).sum(0))]
+            valid, ent, right = sums
+            m["entropy"] = [ent / valid if valid > 0 else 0.0]
+            m["mean_token_accuracy"] = [right / valid if valid > 0 else 0.0]
             m["num_tokens"] = [trainer._total_train_tokens]
         return loss
 
     trainer.compute_loss = compute_loss
+    trainer.get_batch_samples = get_batch_samples
     return trainer
+
+
+def marked(acc, epoch_iterator):
+    """The batches of `epoch_iterator`, each marked with its real rows (REAL); the rows accelerate repeats to even
+    out an epoch's last batches over the processes (cai.runtime.training.real_rows) lose their labels."""
+    state = acc.gradient_state
+    for batch in epoch_iterator:  # drawn one at a time: the state is that of this batch
+        real = real_rows(len(batch["input_ids"]), state.end_of_dataloader, state.remainder, acc.process_index)
+        if "labels" in batch and not bool(real.all()):
+            batch["labels"] = batch["labels"].masked_fill(~real.to(batch["labels"].device)[:, None], -100)
+        batch[REAL] = real
+        yield batch
+
+
+def count_tokens(trainer, resumed: str | None) -> None:
+    """Keep `num_tokens` counting across a resume: each checkpoint stores the count (TOKENS_FILE), and a resumed
+    run starts from its checkpoint's (TRL starts every trainer at 0)."""
+    if resumed:
+        saved = read_json(Path(resumed) / TOKENS_FILE) or {}
+        trainer._total_train_tokens = int(saved.get("num_tokens", 0))
+    trainer.add_callback(
+        save_callback(
+            lambda folder: write_json(folder / TOKENS_FILE, {"num_tokens": trainer._total_train_tokens})
+        )
+    )
 
 
 def run(ctx) -> Path:
@@ -146,6 +201,7 @@ def run(ctx) -> Path:
     last = resume_point(ckpt_dir, metrics.path, "sft", ctx.run_token)
     callbacks = [metrics_callback(metrics), token_callback(ctx.run_token)]
     trainer = build_trainer(cfg, c.settings, model, tok, examples, ckpt_dir, callbacks)
+    count_tokens(trainer, last)
     result = trainer.train(resume_from_checkpoint=last)
     merge = bool(cfg.lora) and cfg.merge_lora
     save_trained(trainer, trainer.model, tok, out / "model", merge=merge, dtype=precision.save)
