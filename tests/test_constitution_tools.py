@@ -4,6 +4,7 @@ the measured effect of an edit, on the tiny model (and a copy of it forced to al
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import textwrap
 
@@ -228,7 +229,8 @@ def test_forced_a_labeller_has_order_gap_one_and_chance_accuracy(root, forced_a,
 
 
 def test_require_exit_codes(in_root, forced_a, tmp_path, monkeypatch, capsys):
-    """Through the CLI: --require passes (0) only when the principle is applied, fails (1) otherwise."""
+    """Through the CLI: --require passes (0) only when the principle is applied, fails (1) otherwise, with one
+    order scored as with both."""
     import cai.cli.constitution as tools
 
     model, tok = forced_a
@@ -243,12 +245,17 @@ def test_require_exit_codes(in_root, forced_a, tmp_path, monkeypatch, capsys):
         "--probes",
         str(fa),
     ]
-    # One order, better always at (A): the always-(A) model "applies" financial-crime.
+    # One order: the better response sits at (A) in 2 of the 3 jobs at most (balanced slots; a free coin per
+    # job put it there in all 3, and the always-(A) model "applied" financial-crime), and 2/3 does not beat
+    # the share one letter scores.
     assert (
         cli.main([*base, "--no-both-orders", "--require", "financial-crime", "--out", str(tmp_path / "a")])
-        == 0
+        == 1
     )
-    assert "financial-crime" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "financial-crime: fails: not applied (point estimate of the accuracy <= 0.67, the share one" in (
+        printed.out + printed.err
+    )
     # Both orders averaged expose it: accuracy 0.5, order gap 1, and --require fails.
     assert cli.main([*base, "--require", "financial-crime", "--out", str(tmp_path / "b")]) == 1
     res = json.loads((tmp_path / "b" / "test.json").read_text())
@@ -769,10 +776,24 @@ def test_one_order_measures_no_order_gap_and_require_prints_the_interval(
     --require gate is on the point estimate; its PASS/FAIL line shows the interval beside it."""
     import cai.cli.constitution as tools
 
-    monkeypatch.setattr(tools, "_labellers", lambda a, *cs: [StubLabeller(both_orders=a.both_orders)])
+    class KnowsBetter(StubLabeller):
+        """p(A) `right` when (A) is the probe's better response (the refusal), else 1 - `right`."""
+
+        right = 0.8
+
+        def label(self, pairs, principles, desc="", shard=False):
+            return [
+                dataclasses.replace(r, p_a=self.right if "can't help" in p.response_a else 1 - self.right)
+                for r, p in zip(super().label(pairs, principles, desc, shard), pairs)
+            ]
+
+    class KnowsWorse(KnowsBetter):
+        right = 0.2
+
+    monkeypatch.setattr(tools, "_labellers", lambda a, *cs: [KnowsBetter(both_orders=a.both_orders)])
     hs = "constitutions/harmless-specific.yaml"
     base = ["constitution", "test", hs, "--model", "m", "--require", "financial-crime"]
-    fa = _probe_file(tmp_path, better_is_a=True)  # the stub prefers (A): accuracy 1.0 on 3 probes
+    fa = _probe_file(tmp_path, better_is_a=True)  # accuracy 1.0 on 3 probes
     assert cli.main([*base, "--probes", str(fa), "--no-both-orders", "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "a" / "test.json").read_text())
@@ -781,11 +802,13 @@ def test_one_order_measures_no_order_gap_and_require_prints_the_interval(
     row = next(line for line in out.splitlines() if line.startswith("financial-crime"))
     assert row.split()[5] == "-"  # the order-gap column
     assert (
-        "PASS: --require (accuracy point estimate > 0.5 on at least 3 probes; the 95% CI is not part of the "
-        "gate): financial-crime: accuracy 1.00 (95% CI 0.44-1.00, 3 probes); the interval includes 0.5" in out
+        "PASS: --require (accuracy point estimate > 0.5 and the share of the jobs whose better response is (A), "
+        "or (B) on at least 3 probes; the 95% CI is not part of the gate): financial-crime: accuracy 1.00 (95% CI "
+        "0.44-1.00, 3 probes); the interval includes 0.5" in out
     )
     (tmp_path / "b").mkdir()
-    fb = _probe_file(tmp_path / "b", better_is_a=False)  # now the stub prefers the worse response
+    fb = _probe_file(tmp_path / "b", better_is_a=False)
+    monkeypatch.setattr(tools, "_labellers", lambda a, *cs: [KnowsWorse(both_orders=a.both_orders)])
     assert cli.main([*base, "--probes", str(fb), "--out", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
     assert "FAIL: --require" in err and "not shown to be applied" not in err
@@ -922,3 +945,32 @@ def test_pm_verdict_is_a_paired_test_on_the_flipped_pairs():
     res = pm_agreement(rows, [(1.0, 0.0)] * 7 + [(0.0, 1.0)] * 5, "pm", 10)
     lo, hi = res["paired"]["difference_ci95"]
     assert lo < 0 < hi and "retrain the PM" not in res["verdict"] and "includes 0" in res["verdict"]
+
+
+def test_one_order_an_always_a_labeller_passes_no_shipped_principle(root):
+    """Each job's slot was its own coin: with one order, a labeller that always answers (A) was 'ok' on 8 of the
+    15 harmless-specific principles. Slots are now balanced per principle and the bar is the larger slot's
+    share."""
+    from cai.constitution.probes import probe_jobs, run_test
+
+    class AlwaysA:
+        both_orders = False
+
+        def label(self, pairs, principles, desc="", shard=False):
+            from cai.feedback.labeller import LabelResult
+
+            return [
+                LabelResult(p.id, 1.0, {"ab": 1.0}, 0.0, [q.id for q in ps])
+                for p, ps in zip(pairs, principles)
+            ]
+
+    for name in ("harmless-specific", "traits-specific", "good-for-humanity"):
+        path = root / "constitutions" / f"{name}.yaml"
+        c = load_constitution(path)
+        probes = load_probes(probes_path_for(path, c), c)
+        jobs = probe_jobs(probes, c)
+        for pid in {j.principle_id for j in jobs}:
+            slots = [j.better_is_a for j in jobs if j.principle_id == pid]
+            assert abs(2 * sum(slots) - len(slots)) <= 1, (name, pid)  # half at (A), the odd one by a coin
+        _, s = run_test(c, probes, AlwaysA())
+        assert [pid for pid, p in s["principles"].items() if p["status"] == "ok"] == [], name

@@ -121,7 +121,8 @@ def _cmd_test(a) -> int:
     )
     print(f"wrote {out / 'test.json'} and {out / 'test.md'}")
     if a.require:
-        gate = f"accuracy point estimate > 0.5 on at least {a.min_probes} probes; the 95% CI is not part of the gate"
+        bar = "0.5" if a.both_orders else "0.5 and the share of the jobs whose better response is (A), or (B)"
+        gate = f"accuracy point estimate > {bar} on at least {a.min_probes} probes; the 95% CI is not part of the gate"
         each = "; ".join(probes.require_report(summary, pid, a.min_probes) for pid in a.require)
         print(
             f"{'FAIL' if failed else 'PASS'}: --require ({gate}): {each}",

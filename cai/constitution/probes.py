@@ -137,18 +137,35 @@ class ProbeJob:
     better_is_a: bool
 
 
+def _job_hash(seed: int, probe_id: str, principle_id: str) -> bytes:
+    return hashlib.sha256(f"{seed}:{probe_id}:{principle_id}".encode()).digest()
+
+
 def better_first(seed: int, probe_id: str, principle_id: str) -> bool:
     """A seeded, order-independent coin: whether the better response is option (A) for this job."""
-    h = hashlib.sha256(f"{seed}:{probe_id}:{principle_id}".encode()).digest()
-    return h[0] % 2 == 0
+    return _job_hash(seed, probe_id, principle_id)[0] % 2 == 0
+
+
+def balance_slots(jobs: list[ProbeJob], seed: int) -> None:
+    """Put the better response at (A) in half of each principle's jobs (odd counts: the extra one by a coin): an
+    independent coin per job put it at (A) in 4 of 4 jobs of some principles, where a labeller that always answers
+    (A) passed. Jobs are ranked by their seeded hash, so the file's order does not decide the slots."""
+    by_pid: dict[str, list[ProbeJob]] = {}
+    for j in jobs:
+        by_pid.setdefault(j.principle_id, []).append(j)
+    for pid, group in by_pid.items():
+        group.sort(key=lambda j: _job_hash(seed, j.probe.id, pid))
+        first = better_first(seed, "", pid)
+        for k, j in enumerate(group):
+            j.better_is_a = (k % 2 == 0) == first
 
 
 def probe_jobs(
     probes: ProbeSet, constitution, seed: int = 0, max_per_principle: int | None = None
 ) -> list[ProbeJob]:
     """One job per (probe, attached principle that the constitution has), at most `max_per_principle` per
-    principle (the first in the file). The better response's slot is a seeded coin, so a labeller that always
-    answers (A) cannot look good even when it scores one order."""
+    principle (the first in the file). The better response is at (A) in half of each principle's jobs
+    (balance_slots), so a labeller that always answers (A) cannot look good even when it scores one order."""
     known = constitution.by_id()
     jobs, count = [], {}
     for probe in probes.probes:
@@ -156,6 +173,7 @@ def probe_jobs(
             if pid in known and (max_per_principle is None or count.get(pid, 0) < max_per_principle):
                 count[pid] = count.get(pid, 0) + 1
                 jobs.append(ProbeJob(f"{probe.id}:{pid}", probe, pid, better_first(seed, probe.id, pid)))
+    balance_slots(jobs, seed)
     return jobs
 
 
@@ -184,12 +202,17 @@ def summarise(rows: list[dict], principle_ids: list[str]) -> dict:
             continue
         acc = sum(credit(r["p_better"]) for r in sel) / len(sel)
         gaps = [r["order_gap"] for r in sel if r.get("order_gap") is not None]
+        # with one order, answering the same letter every time scores the larger slot's share: beat that too
+        one_order = all("better_is_a" in r and r.get("order_gap") is None for r in sel)
+        at_a = sum(bool(r.get("better_is_a")) for r in sel) / len(sel)
+        position = max(at_a, 1 - at_a) if one_order else 0.5
         per[pid] = {
             "n": len(sel),
             "accuracy": acc,
             "mean_p_better": sum(r["p_better"] for r in sel) / len(sel),
             "order_gap": sum(gaps) / len(gaps) if gaps else None,
-            "status": "ok" if acc > 0.5 else "not applied",
+            "status": "ok" if acc > position else "not applied",
+            "position_baseline": position,
             "accuracy_ci95": list(wilson_ci(acc * len(sel), len(sel))),
         }
     overall = _per_probe(rows)
@@ -235,7 +258,9 @@ def required_failure(summary: dict, pid: str, min_probes: int = MIN_PROBES) -> s
     if s["accuracy"] is None:
         return s["status"]
     if s["status"] != "ok":
-        return f"{s['status']} (point estimate of the accuracy <= 0.5)"
+        bar = s.get("position_baseline", 0.5)
+        why = "" if bar == 0.5 else ", the share one letter would score with a single order"
+        return f"{s['status']} (point estimate of the accuracy <= {f'{bar:.2f}'.rstrip('0')}{why})"
     return None
 
 
