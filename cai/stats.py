@@ -108,6 +108,17 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     return (xs[k - 1], xs[n - k], coverage(k))
 
 
+def balanced_coins(n: int, rng) -> list[bool]:
+    """n seeded coins, exactly half of them True (an odd one drawn): for putting the right answer at (A) in half
+    of the items, so that a judge that always answers the same letter scores chance, not the coins' imbalance
+    (21 of 30 free coins came up (A) for seed 0)."""
+    coins = [k % 2 == 1 for k in range(n)]
+    if n % 2:
+        coins[-1] = rng.random() < 0.5
+    rng.shuffle(coins)
+    return coins
+
+
 def reliability_bins(probs: list[float], outcomes: list[float], n_bins: int = 10) -> list[dict]:
     """Equal-width bins of predicted probability: count, mean prediction, observed frequency (a non-finite
     probability, from a NaN or infinite score, belongs to no bin and is left out)."""

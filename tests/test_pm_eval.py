@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -313,3 +314,74 @@ def test_a_non_finite_pm_score_is_a_one_line_error_naming_the_model_and_suite():
     assert "2 of 4 scores" in msg
     bins = reliability_bins([float("nan"), 0.95, float("inf")], [1.0, 1.0, 0.0])
     assert sum(b["n"] for b in bins) == 1 and bins[9]["freq"] == 1.0
+
+
+def test_one_order_feedback_eval_puts_the_right_answer_at_a_in_half_the_items(tiny_dir, monkeypatch):
+    """Each item's slot was a free coin: with --no-both-orders a labeller that always answers (A) scored 0.700
+    on 30 items (21 right answers at (A)). Now half the items have it at (A), and no order gap is claimed."""
+    from types import SimpleNamespace
+
+    import cai.eval.measure as measure
+    from cai.constitution.schema import load_constitution
+    from cai.feedback.labeller import LabelResult
+    from cai.runtime.models import load_model, load_tokenizer
+
+    class AlwaysA:
+        def label(self, pairs, principles, desc=""):
+            return [LabelResult(p.id, 1.0, {"ab": 1.0}, 0.0, []) for p in pairs]
+
+    monkeypatch.setattr(measure, "build_labeller", lambda *a, **k: AlwaysA())
+    cfg = SimpleNamespace(both_orders=False, num_principles=1, score_batch_size=4)
+    c = load_constitution(Path(__file__).resolve().parents[1] / "constitutions/harmless-specific.yaml")
+    for n in (30, 31):
+        res = measure.evaluate_feedback(
+            "tiny", "pairs", cfg, limit=n, constitution=c,
+            model=load_model("tiny-random-llama"), tokenizer=load_tokenizer("tiny-random-llama"),
+        )  # fmt: skip
+        assert abs(res["accuracy"] * n - n / 2) <= 0.5, res["accuracy"]
+        assert res["mean_order_gap"] is None
+    with pytest.raises(measure.UserError, match="give --constitution"):  # before any model is loaded
+        measure.evaluate_feedback("no-such-model-is-loaded", "pairs", cfg, limit=2)
+
+
+def test_identical_candidates_tie_exactly_under_the_packed_forward(pm_dir):
+    """A packed forward scored an item's identical candidates ~1e-8 apart, so 'right' == 'wrong' counted as a
+    win or a loss instead of a tie (accuracy 1.000 on a suite of identical pairs)."""
+    import torch
+
+    from cai.eval.measure import pm_result, score_items
+    from cai.eval.suites import Item
+    from cai.pm.scoring import RewardScorer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # where the packed rows' rounding differed (seen with OMP_NUM_THREADS=1)
+    scorer = RewardScorer(pm_dir)
+    bread = [{"role": "user", "content": "how do I bake bread?"}]
+    items = [
+        Item("x:1", "t", [{"role": "user", "content": "hi"}], ["a", "a"]),
+        Item("x:2", "t", [{"role": "user", "content": "hi"}], ["hello there", "hello there"]),
+        Item("x:3", "t", bread, ["Mix flour and water.", "Mix flour and water."]),
+    ]
+    try:
+        raw = score_items(scorer, items, 8, 1024, "ties")
+    finally:
+        torch.set_num_threads(threads)
+    assert all(raw[2 * i] == raw[2 * i + 1] for i in range(3)), raw
+    assert pm_result(items, raw, None, "hh_pairs", 0)["accuracy"] == 0.5
+
+
+def test_a_pm_origin_seed_that_is_not_an_integer_is_a_one_line_error(pm_dir, tmp_path):
+    import shutil
+
+    from cai.errors import UserError
+    from cai.eval.measure import untrained_for
+    from cai.pm.scoring import RewardScorer
+    from cai.runtime.settings import DEFAULT
+
+    d = tmp_path / "pm"
+    shutil.copytree(pm_dir, d)
+    (d / "pm_origin.json").write_text(
+        '{"backbone": "tiny-random-llama", "head": "classifier", "seed": "abc"}'
+    )
+    with pytest.raises(UserError, match=r"pm_origin.json: key 'seed': an integer .* not 'abc'"):
+        untrained_for(RewardScorer(d), DEFAULT)

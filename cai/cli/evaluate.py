@@ -31,7 +31,8 @@ def _print(result: dict) -> None:
     if "mean_margin" in result:
         line += f", mean margin {result['mean_margin']:.3f}"
     if "mean_order_gap" in result:
-        line += f", mean order gap {result['mean_order_gap']:.3f}"
+        gap = result["mean_order_gap"]
+        line += f", mean order gap {'n/a (one order)' if gap is None else f'{gap:.3f}'}"
     print(line)
     for tag, row in result["per_tag"].items():
         tlo, thi = row["ci95"]

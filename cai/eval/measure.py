@@ -40,7 +40,7 @@ from cai.pm.scoring import RewardScorer, check_finite
 from cai.runtime.models import load_for_inference
 from cai.runtime.rundir import write_json
 from cai.runtime.settings import DEFAULT, Settings
-from cai.stats import small_n_note, summarise
+from cai.stats import balanced_coins, small_n_note, summarise
 
 
 def _write(result: dict, out_dir: str | Path, kind: str) -> dict:
@@ -74,12 +74,17 @@ def score_items(
 ) -> list[float]:
     """A PM's raw score of every candidate of every item, items in order; an item's candidates share its
     conversation, which a packed forward computes once (cai.pm.scoring). A NaN or infinite score is a one-line
-    UserError naming the PM and the suite (`desc` when no suite is given)."""
-    convs = [it.messages + [{"role": "assistant", "content": c}] for it in items for c in it.candidates]
-    starts = list(itertools.accumulate((len(it.candidates) for it in items), initial=0))
+    UserError naming the PM and the suite (`desc` when no suite is given). An item's identical candidates are
+    scored once and share the score, so they tie exactly (a packed forward's rounding parted them by ~1e-8)."""
+    distinct = [list(dict.fromkeys(it.candidates)) for it in items]
+    convs = [
+        it.messages + [{"role": "assistant", "content": c}] for it, cs in zip(items, distinct) for c in cs
+    ]
+    starts = list(itertools.accumulate((len(cs) for cs in distinct), initial=0))
     groups = [list(range(a, b)) for a, b in zip(starts, starts[1:])]
     raw = scorer.score(convs, batch_size=batch_size, max_length=max_length, desc=desc, groups=groups).tolist()
-    return check_finite(raw, scorer.model_dir, suite or desc)
+    check_finite(raw, scorer.model_dir, suite or desc)
+    return [raw[start + cs.index(c)] for it, cs, start in zip(items, distinct, starts) for c in it.candidates]
 
 
 def _per_item(items, raw: list[float]) -> list[list[float]]:
@@ -155,6 +160,11 @@ def untrained_for(
     if not ref:
         return None
     seed = origin.get("seed", settings.seed)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise UserError(
+            f"{scorer.model_dir}/pm_origin.json: key 'seed': an integer from 0 to 2**32 - 1 is expected, "
+            f"not {seed!r}"
+        )
     return untrained_scorer(ref, origin.get("head") or scorer.head, settings.with_(seed=int(seed)))
 
 
@@ -178,21 +188,22 @@ def evaluate_feedback(
     spec = load_suite(suite)
     seed = settings.seed
     items = load_items(spec, limit, seed)
+    if (
+        spec.format in ("hh_pairs", "ai_risk") and constitution is None
+    ):  # before a model takes minutes to load
+        raise UserError(
+            f"suite '{spec.name}' compares responses: give --constitution (its principles are asked)"
+        )
     if model is None or tokenizer is None:
         model, tokenizer = load_for_inference(model_ref, settings)
     chat = (template or spec.template) == "chat"
     rng = random.Random(f"{seed}:feedback-eval")
     extra: dict = {"template": "chat" if chat else "plain", "both_orders": labeller_cfg.both_orders}
     if spec.format in ("hh_pairs", "ai_risk"):
-        if constitution is None:
-            raise UserError(
-                f"suite '{spec.name}' compares responses: give --constitution (its principles are asked)"
-            )
         lab = build_labeller(model, tokenizer, labeller_cfg, seed, few_shot, chat=chat)
         pairs, a_right = [], []
-        for it in items:
+        for it, flip in zip(items, balanced_coins(len(items), rng)):  # the right answer at (B) in half
             right, wrong = it.candidates[it.correct], it.candidates[1 - it.correct]
-            flip = rng.random() < 0.5
             pairs.append(PairToLabel(it.id, it.messages, wrong if flip else right, right if flip else wrong))
             a_right.append(not flip)
         prins = [constitution.sample(rng, labeller_cfg.num_principles) for _ in pairs]
@@ -203,7 +214,10 @@ def evaluate_feedback(
             constitution=constitution.name,
             num_principles=labeller_cfg.num_principles,
             num_few_shot=len(few_shot or []),
-            mean_order_gap=sum(r.order_gap for r in res) / max(len(res), 1),
+            # one order measures no position bias: None, not a gap of 0
+            mean_order_gap=sum(r.order_gap for r in res) / max(len(res), 1)
+            if labeller_cfg.both_orders
+            else None,
             mean_p_right=sum(p_right) / max(len(p_right), 1),
         )
     else:
@@ -287,7 +301,8 @@ def markdown(result: dict, png_name: str | None) -> str:
         lines.append(f"- mean margin (right − best wrong score): {f(result['mean_margin'])}")
     if "mean_order_gap" in result:
         lines.append(
-            f"- mean order gap (|p_a shown first − p_a shown second|): {f(result['mean_order_gap'])}"
+            "- mean order gap (|p_a shown first − p_a shown second|): "
+            + ("n/a (one order scored)" if result["mean_order_gap"] is None else f(result["mean_order_gap"]))
         )
     lines.append(f"- expected calibration error: {f(result['ece'])}")
     margin = "mean_margin" in result

@@ -33,7 +33,7 @@ from cai.data.hh import split_hh_pair
 from cai.errors import UserError
 from cai.feedback.options import option_continuations, option_probs
 from cai.runtime.generate import Engine, Sampling
-from cai.stats import agreement
+from cai.stats import agreement, balanced_coins
 
 INTRO = "Consider the following conversation between a human and an assistant:"
 ANSWER_CUE = "The answer is:"
@@ -279,17 +279,18 @@ def hh_check(
 ) -> dict:
     """Agreement of the labeller with HH human labels, with the real labelling's prompt, principles and orders.
 
-    rows: HH {"chosen", "rejected"} transcripts; the chosen reply is put at A or B at random (rng), so a
-    position-biased labeller cannot score above chance by always answering the same letter. With `shard`, a
+    rows: HH {"chosen", "rejected"} transcripts; the chosen reply is put at A in half of the pairs (seeded by rng),
+    so a position-biased labeller cannot score above chance by always answering the same letter. With `shard`, a
     collective call (see Labeller.label): the ranks split the work and all return the one-process result.
     """
-    pairs, human_a, lengths = [], [], []
+    usable = []
     for i, row in enumerate(rows):
         try:
-            messages, chosen, rejected = split_hh_pair(row)
+            usable.append((i, *split_hh_pair(row)))
         except (KeyError, ValueError):
             continue
-        a_is_chosen = rng.random() < 0.5
+    pairs, human_a, lengths = [], [], []
+    for (i, messages, chosen, rejected), a_is_chosen in zip(usable, balanced_coins(len(usable), rng)):
         a, b = (chosen, rejected) if a_is_chosen else (rejected, chosen)
         pairs.append(PairToLabel(id=f"check-{i}", messages=messages, response_a=a, response_b=b))
         human_a.append(a_is_chosen)
