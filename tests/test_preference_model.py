@@ -647,3 +647,27 @@ def test_the_pm_human_mix_counts_ai_pairs_and_draws_no_pair_the_feedback_mix_dre
     rows = load_pairs(ctx, cfg, seed=0)
     human = [(r["messages"][-1]["content"], r["response_a"]) for r in rows if r.get("source") == "human"]
     assert len(human) == len(set(human)) == 5 + 5  # each mix's 0.5 × 10 AI pairs, no pair twice
+
+
+def test_a_rerun_after_the_last_step_trains_no_further_step(tiny_recipe, tmp_path):
+    """A kill after the last training step (its checkpoint written) and before the stage finished: resuming from
+    that checkpoint ran one more step when max_steps did not end an epoch (steps 1-5, then 6), and with a
+    constant schedule moved the weights. The finished checkpoint's weights are taken as they are."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    feedback_fixture(run, synthetic_pairs(24))
+    recipe = tiny_recipe(
+        "preference_model.batch_size=4",
+        "preference_model.max_steps=3",
+        "preference_model.save_steps=3",
+        "preference_model.learning_rate=5e-3",
+        "preference_model.lr_scheduler=constant",
+    )
+    out = stage_run(recipe, run)
+    first = load_file(str(out / "model" / "model.safetensors"))
+    assert (out / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
+    stage_run(recipe, run)  # as the pipeline reruns an unfinished stage: in place
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "loss" in m] == [1, 2, 3]
+    again = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)

@@ -27,6 +27,7 @@ from cai.runtime.training import (
     resume_point,
     save_trained,
     token_callback,
+    train_from,
     training_args,
 )
 from cai.stats import mean_std
@@ -128,7 +129,7 @@ def fit(cfg, settings, model, tok, train_rows, out_dir: Path, metrics, what: str
     last = resume_point(ckpt_dir, metrics.path, what, run_token)
     callbacks = [metrics_callback(metrics), token_callback(run_token)]
     trainer = build_trainer(cfg, settings, model, tok, train_rows, ckpt_dir, callbacks, **loss)
-    trainer.train(resume_from_checkpoint=last)
+    train_from(trainer, last)
     trained = trainer.model.merge_and_unload() if cfg.lora else trainer.model
     return trained, trainer
 

@@ -173,6 +173,27 @@ def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str |
     return str(last) if last else None
 
 
+def train_from(trainer, last: str | None):
+    """`trainer.train(resume_from_checkpoint=last)`, except when `last` already holds every step (a kill after the
+    last step, before the stage finished): transformers would skip the trained batches and run one step more
+    than max_steps when they do not end an epoch. Then the checkpoint's weights and state are loaded as they are
+    and None is returned. Sharded trainers (DeepSpeed, FSDP) load weights only inside train(): they train."""
+    import json
+
+    state_file = Path(last) / STATE_FILE if last else None
+    if state_file is not None and state_file.is_file() and not is_sharded(trainer):
+        state = json.loads(state_file.read_text())
+        # this run's step budget: its max_steps, else (an epoch budget) the one the checkpoint's run computed
+        target = trainer.args.max_steps if trainer.args.max_steps > 0 else state.get("max_steps")
+        if target and state.get("global_step", 0) >= target:
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(last)
+            trainer.state = TrainerState.load_from_json(str(state_file))
+            return None
+    return trainer.train(resume_from_checkpoint=last)
+
+
 def is_sharded(trainer) -> bool:
     """Whether the trainer's weights live in DeepSpeed or FSDP shards (gathered by the trainer to save)."""
     return bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))

@@ -37,7 +37,7 @@ from cai.runtime import distributed as dist
 from cai.runtime.models import load_model, load_tokenizer, wrap_lora
 from cai.runtime.rundir import read_json, read_jsonl, write_json
 from cai.runtime.settings import Precision
-from cai.runtime.training import metrics_callback, resume_point, save_trained, token_callback
+from cai.runtime.training import metrics_callback, resume_point, save_trained, token_callback, train_from
 
 
 def load_prompts(path: Path) -> list[dict]:
@@ -253,7 +253,7 @@ def run_dpo(ctx, prompts: list[dict]) -> dict:
         if dist.is_main():
             write_json(out / "eval.json", {"held_out_before": before})
     before = (read_json(out / "eval.json") or {}).get("held_out_before") if last else before
-    trainer.train(resume_from_checkpoint=last)
+    train_from(trainer, last)
     after = dpo.implicit_accuracy(trainer)
     save_trained(
         trainer, trainer.model, tok, out / "policy", merge=cfg.lora is not None, dtype=precision.save

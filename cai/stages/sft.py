@@ -34,6 +34,7 @@ from cai.runtime.training import (
     save_callback,
     save_trained,
     token_callback,
+    train_from,
     training_args,
 )
 from cai.stats import epoch_means
@@ -202,7 +203,7 @@ def run(ctx) -> Path:
     callbacks = [metrics_callback(metrics), token_callback(ctx.run_token)]
     trainer = build_trainer(cfg, c.settings, model, tok, examples, ckpt_dir, callbacks)
     count_tokens(trainer, last)
-    result = trainer.train(resume_from_checkpoint=last)
+    result = train_from(trainer, last)
     merge = bool(cfg.lora) and cfg.merge_lora
     save_trained(trainer, trainer.model, tok, out / "model", merge=merge, dtype=precision.save)
     rows = [r for r in read_jsonl(metrics.path) if "loss" in r]
@@ -227,7 +228,7 @@ def run(ctx) -> Path:
         loss_last_epoch=round(per_epoch[-1], 4) if per_epoch else None,
         loss_first=rows[0]["loss"] if rows else None,
         loss_last=rows[-1]["loss"] if rows else None,
-        train_seconds=round(float(result.metrics.get("train_runtime", 0.0)), 1),
+        train_seconds=round(float((result.metrics if result else {}).get("train_runtime", 0.0)), 1),
         precision=precision.record(),
     )
     return out
