@@ -267,12 +267,18 @@ def lora_problems(variants, recipe: Recipe, stages: list[str]) -> list[str]:
             modules = module_names(ref, head, variant.trust_remote_code)
             if modules is None:
                 continue
-            names, linear = modules
+            names, linear, tied = modules
             own = arm if arm and _get(recipe, loc) != _get(variant, loc) else None
+            where = f"{_locate(recipe, loc, own)}: {f'arm {own!r}: ' if own else ''}key '{'.'.join(loc)}'"
             for target in unmatched(lora.target_modules, names):
                 lines.append(
-                    f"{_locate(recipe, loc, own)}: {f'arm {own!r}: ' if own else ''}key '{'.'.join(loc)}': "
-                    f"'{target}' matches no module of model '{ref}' (its linear layers: {', '.join(linear)})"
+                    f"{where}: '{target}' matches no module of model '{ref}' (its linear layers: {', '.join(linear)})"
+                )
+            for target in [t for t in lora.target_modules if not unmatched([t], tied)]:
+                lines.append(
+                    f"{where}: '{target}' is tied to the input embedding in model '{ref}': merging its adapter "
+                    "(when the model is saved, and when weights go to vLLM) would change the embedding too; leave "
+                    "it out"
                 )
     return list(dict.fromkeys(lines))
 

@@ -168,6 +168,15 @@ def test_a_lora_target_that_matches_no_module_of_the_model_is_named(tmp_path, ti
     assert "key 'preference_model.lora.target_modules': 'lm_head' matches no module" in line
     ppo = load_recipe(p, ["ppo.lora={target_modules: [qproj]}"])
     assert ["'qproj' matches no module" in ln for ln in check(ppo, stages=["policy"])] == [True]
+    # the tiny model ties its LM head to the input embedding: a merged lm_head adapter changed the embedding
+    # of the saved model and of the weights sent to vLLM (greedy rows 0/8 equal to HF's after 2 updates)
+    tied = load_recipe(p, ["ppo.lora={target_modules: [q_proj, lm_head]}"])
+    (line,) = check(tied, stages=["policy"])
+    assert line.endswith(
+        "key 'ppo.lora.target_modules': 'lm_head' is tied to the input embedding in model 'tiny-random-llama': "
+        "merging its adapter (when the model is saved, and when weights go to vLLM) would change the embedding "
+        "too; leave it out"
+    )
 
 
 def test_a_folder_or_an_empty_value_where_a_file_or_model_is_needed_is_named(tmp_path):

@@ -23,10 +23,12 @@ def local_model_dir(ref: str) -> Path | None:
 
 
 @functools.lru_cache(maxsize=16)
-def module_names(ref: str, head: str, trust_remote_code: bool) -> tuple[list[str], list[str]] | None:
-    """(every module name, the distinct last parts of its linear layers' names) of the model `ref` with `head`
-    ('causal_lm' or 'seq_cls'), built from its config on the meta device; None when the model is not on this
-    machine or its config does not build."""
+def module_names(
+    ref: str, head: str, trust_remote_code: bool
+) -> tuple[list[str], list[str], list[str]] | None:
+    """(every module name, the distinct last parts of its linear layers' names, the names of modules whose weight
+    is tied to another's) of the model `ref` with `head` ('causal_lm' or 'seq_cls'), built from its config on
+    the meta device; None when the model is not on this machine or its config does not build."""
     path = local_model_dir(ref)
     if path is None:
         return None
@@ -43,7 +45,11 @@ def module_names(ref: str, head: str, trust_remote_code: bool) -> tuple[list[str
         return None
     names = [n for n, _ in model.named_modules() if n]
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-    return names, linear
+    tied = []
+    if head == "causal_lm" and getattr(model.config, "tie_word_embeddings", False):
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = [n for n, m in model.named_modules() if n and m in (out, inp)]
+    return names, linear, tied
 
 
 def unmatched(targets: list[str], names: list[str]) -> list[str]:
