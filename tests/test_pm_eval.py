@@ -152,6 +152,15 @@ def test_suite_file_with_a_bad_row_names_the_line(tmp_path):
     with pytest.raises(UserError, match=r"mc.jsonl:2: key 'corrects'"):
         load_items(load_suite(str(suite)))
     data.write_text(data.read_text().splitlines()[0] + "\n")
+    for bad in (
+        "a/b",
+        "../x",
+        "..",
+    ):  # it names the result files: 'a/b' wrote into a folder, '../x' outside --out
+        suite.write_text(f"name: '{bad}'\nformat: multiple_choice\nfiles: [{data}]\n")
+        with pytest.raises(UserError, match=r"mine.yaml:1: key 'name': a name usable as a file name"):
+            load_suite(str(suite))
+    suite.write_text(f"name: mine\nformat: multiple_choice\nfiles: [{data}]\n")
     (item,) = load_items(load_suite(str(suite)))
     assert (
         item.candidates == ["(A) x", "(B) y"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai.data.hh import NotComparable, parse_hh_transcript, split_hh_pair
 from cai.errors import UserError
@@ -37,7 +37,9 @@ class _Strict(BaseModel):
 
 
 class SuiteSpec(_Strict):
-    name: str = Field(description="Suite name (by convention the file stem).")
+    name: str = Field(
+        description="Suite name (by convention the file stem); it names the result files, so no '/' and not '.'/'..'."
+    )
     description: str = Field("", description="What the suite measures.")
     format: Literal["hh_pairs", "ai_risk", "multiple_choice"] = Field(
         description="hh_pairs: HH chosen/rejected transcripts; ai_risk: question with answer_matching_behavior and "
@@ -60,6 +62,13 @@ class SuiteSpec(_Strict):
         "file", description="Per-tag breakdown: by file, by number of human turns, or by option count."
     )
     limit: int | None = Field(None, ge=1, description="Default number of items (the CLI's --limit wins).")
+
+    @field_validator("name")
+    @classmethod
+    def _a_file_name(cls, v):  # results are written as <out>/<kind>-<name>.json: 'a/b' or '../x' left --out
+        if not v.strip() or "/" in v or "\\" in v or v in (".", ".."):
+            raise ValueError("a name usable as a file name is expected (no '/' or '\\', not '.' or '..')")
+        return v
 
 
 def is_data_file(ref: str | Path) -> bool:
