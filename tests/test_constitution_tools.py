@@ -584,12 +584,16 @@ def test_pm_agreement_counts():
 
     rows = [{"p_old": 0.2, "p_new": 0.9, "flipped": True}, {"p_old": 0.7, "p_new": 0.8, "flipped": False}]
     res = pm_agreement(rows, [(1.0, 0.0), (0.0, 1.0)], "pm", 10)  # the PM prefers A, then B
-    assert (res["agree_old"], res["agree_new"], res["agree_old_flipped"], res["agree_new_flipped"]) == (
-        0.0,
-        0.5,
-        0.0,
-        1.0,
+    keys = ("agree_old", "agree_new", "agree_old_flipped", "agree_new_flipped")
+    assert [res[k]["agreement"] for k in keys] == [0.0, 0.5, 0.0, 1.0]
+    assert res["agree_new"]["n"] == 2 and res["agree_new"]["ci95"] == pytest.approx(
+        [0.0945, 0.9055], abs=1e-3
     )
+    # a PM tie counts half; a label of exactly 0.5 prefers nothing and is left out
+    rows.append({"p_old": 0.5, "p_new": 0.9, "flipped": False})
+    res = pm_agreement(rows, [(1.0, 0.0), (0.0, 1.0), (2.0, 2.0)], "pm", 10)
+    assert res["agree_old"]["n"] == 2 and res["agree_new"]["n"] == 3
+    assert res["agree_new"]["agreement"] == pytest.approx(1.5 / 3)
 
 
 def test_a_flip_crosses_half_by_more_than_the_margin():

@@ -27,11 +27,14 @@ def pm_agreement(rows: list[dict], scores: list[tuple[float, float]], pm_dir: st
     """How often the PM's preference (r_a > r_b) agrees with the OLD and the NEW labels, on all labelled pairs,
     the relabelled ones and the flipped ones; the verdict from the paired comparison on the flipped pairs."""
 
-    def agree(sel, key):
-        pairs = [(r, s) for r, s in zip(rows, scores) if r["p_old"] is not None and sel(r)]
+    def agree(sel, key) -> dict | None:
+        """{agreement, ci95 (Wilson), n} over the selected pairs whose label prefers a side (a label of 0.5 is
+        no preference); a PM tie (r_a = r_b) counts half."""
+        pairs = [(r, s) for r, s in zip(rows, scores) if r["p_old"] is not None and sel(r) and r[key] != 0.5]
         if not pairs:
             return None
-        return sum((s[0] > s[1]) == (r[key] > 0.5) for r, s in pairs) / len(pairs)
+        hits = sum(0.5 if s[0] == s[1] else float((s[0] > s[1]) == (r[key] > 0.5)) for r, s in pairs)
+        return {"agreement": hits / len(pairs), "ci95": list(wilson_ci(hits, len(pairs))), "n": len(pairs)}
 
     relabelled = sum(1 for r in rows if r["p_old"] is not None and not r.get("same_prompt", False))
     res = {

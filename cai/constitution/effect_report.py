@@ -6,7 +6,7 @@ what to do; the PM verdict is a paired comparison on the pairs whose label flipp
 
 from __future__ import annotations
 
-from cai.markdown import num, quote
+from cai.markdown import num, quote, with_ci
 
 
 def _rate(r: dict) -> str:
@@ -49,8 +49,8 @@ def summary_lines(s: dict) -> list[str]:
     if "pm" in s:
         pm = s["pm"]
         out.append(
-            f"PM agreement (all labelled pairs): old labels {num(pm['agree_old'])}, new labels "
-            f"{num(pm['agree_new'])}. {pm['verdict']}"
+            f"PM agreement (all labelled pairs): old labels {with_ci(pm['agree_old'], 'agreement')}, new labels "
+            f"{with_ci(pm['agree_new'], 'agreement')}. {pm['verdict']}"
         )
     return out
 
@@ -127,10 +127,18 @@ def report_markdown(summary: dict, rows: list[dict], meta: dict, diff_text: str)
             "",
             f"PM: `{pm['dir']}`",
             "",
+            "PM agreement with each set of labels [95% CI] (n): a PM tie counts half, a label of 0.5 is left out.",
+            "",
             "| labels | PM agrees (all pairs) | PM agrees (relabelled pairs) | PM agrees (flipped pairs) |",
             "|---|---|---|---|",
-            f"| OLD | {num(pm['agree_old'])} | {num(pm['agree_old_relabelled'])} | {num(pm['agree_old_flipped'])} |",
-            f"| NEW | {num(pm['agree_new'])} | {num(pm['agree_new_relabelled'])} | {num(pm['agree_new_flipped'])} |",
+            *[
+                f"| {name} | "
+                + " | ".join(
+                    with_ci(pm[f"agree_{key}{part}"], "agreement") for part in ("", "_relabelled", "_flipped")
+                )
+                + " |"
+                for name, key in (("OLD", "old"), ("NEW", "new"))
+            ],
             "",
             f"Relabelled pairs: {pm['relabelled']}. {pm['verdict']}",
             "",
