@@ -148,7 +148,9 @@ def pm_section(rep) -> list[str]:
     evals = pm_evaluations(config, {k: d / "model" for k, d in dirs.items()}, out)
     data["pm_eval"] = evals
     suites = config.report.suites
-    md.append(f"### Evaluation suites ({config.report.eval_limit} items each, same items for every PM)\n")
+    md.append(
+        f"### Evaluation suites (up to {config.report.eval_limit} items each, the same items for every PM)\n"
+    )
     md.append(
         "Accuracy [95% Wilson interval] (n): the share of items where the PM scores the harmless answer higher; "
         f"n below {SMALL_N} is marked small. "
