@@ -12,8 +12,8 @@ Each pair is oriented so that the preferred response (p ≥ 0.5) is TRL's 'chose
 
 DPO samples nothing, so a `Probe` does it every `dpo.probe_every` steps (and before the first and after the
 last): responses to a fixed set of training prompts, sampled as the `ppo` block samples (one engine, fixed
-seeds), scored by `ppo.reward` (the normalised PM when the run has one) with the KL to the reference, logged as
-objective/score, objective/kl, objective/kl_k3 and objective/sqrt_kl — what the report and
+seeds), scored by `ppo.reward` (the PM's raw score when the run has one, as PPO logs it) with the KL to the
+reference, logged as objective/score, objective/kl, objective/kl_k3 and objective/sqrt_kl — what the report and
 `cai analyze kl-reward` read from every algorithm. Training rows add time/train and tokens_per_s (response
 tokens of both sides of each pair, per second).
 """
