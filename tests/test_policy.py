@@ -72,7 +72,9 @@ def learnable_pairs(n: int = 24, seed: int = 0) -> list[dict]:
     return rows
 
 
-def dpo_trainer(tmp_path, rows, *, lora: bool, steps: int = 12, lr: float = 1e-3, dtype: str = "float32"):
+def dpo_trainer(
+    tmp_path, rows, *, lora: bool, steps: int = 12, lr: float = 1e-3, dtype: str = "float32", save_steps=100
+):
     from cai.rl.dpo import build_trainer
 
     cfg = DPOConfig(
@@ -81,7 +83,8 @@ def dpo_trainer(tmp_path, rows, *, lora: bool, steps: int = 12, lr: float = 1e-3
         learning_rate=lr,
         beta=0.1,
         max_length=128,
-        save_steps=100,
+        save_steps=save_steps,
+        logging_steps=1,
         lora=LoraConfig(r=8, alpha=16) if lora else None,
     )
     tok, model = load_tokenizer("tiny-random-llama"), load_model("tiny-random-llama")
@@ -179,6 +182,24 @@ def test_dpo_learns_a_learnable_preference_and_its_lora_reference_is_the_base(tm
     torch.testing.assert_close(ref, base(ids, mask, 4)["logprobs"], rtol=0, atol=1e-6)
     with torch.no_grad():
         assert (PolicyModel(lm)(ids, mask, 4)["logprobs"] - ref).abs().max() > 1e-3
+
+
+def test_dpo_policy_tokens_carry_across_a_resume(tmp_path):
+    """policy_tokens lived in memory only: a run resumed from a checkpoint logged it from 0 again (128, 190, ...
+    where the straight run logged 628, 690, ...). Each checkpoint now stores the count."""
+
+    def tokens(trainer):
+        return [h["policy_tokens"] for h in trainer.state.log_history if "policy_tokens" in h]
+
+    straight = dpo_trainer(tmp_path / "a", learnable_pairs(), lora=True, steps=4, save_steps=2)
+    straight.train()
+    resumed = dpo_trainer(tmp_path / "b", learnable_pairs(), lora=True, steps=4, save_steps=2)
+    resumed.train()  # the same run, then resumed from its step-2 checkpoint as after a kill at step 3
+    ckpt = tmp_path / "b" / "ckpt" / "checkpoint-2"
+    again = dpo_trainer(tmp_path / "b", learnable_pairs(), lora=True, steps=4, save_steps=2)
+    again.resume_tokens(str(ckpt))
+    again.train(resume_from_checkpoint=str(ckpt))
+    assert len(tokens(straight)) == 4 and tokens(again)[-2:] == tokens(straight)[-2:]
 
 
 # ------------------------------------------------------------------------------------------ RLOO, GRPO

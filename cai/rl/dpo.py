@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 
 import torch
 from accelerate.utils import is_peft_model
@@ -39,8 +40,11 @@ from cai.runtime.forward import selected_logprobs
 from cai.runtime.generate import HFBackend
 from cai.runtime.models import peft_config
 from cai.runtime.packing import keeps_logits, labelled_logits
+from cai.runtime.rundir import read_json, write_json
 from cai.runtime.training import fuse_lora_training, training_args
 from cai.stats import wilson_ci
+
+TOKENS_FILE = "cai_policy_tokens.json"  # in each checkpoint: the policy tokens trained on so far
 
 PACKED = True  # False: every sequence log-prob from TRL's padded forward (bench/dpo_step.py compares the two)
 
@@ -81,6 +85,25 @@ class SoftDPOTrainer(DPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._tokens, self._tokens_total, self._t_last, self.probe_seconds = 0, 0, None, 0.0
+
+    def _save_checkpoint(self, model, trial):
+        """The checkpoint, with the policy tokens trained on so far (TOKENS_FILE) written into it first, so a
+        resumed run's policy_tokens continues (every process takes part in the count)."""
+        pending = int(
+            self.accelerator.reduce(torch.tensor(self._tokens, device=self.accelerator.device), "sum")
+        )
+        if self.args.should_save:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / TOKENS_FILE, {"policy_tokens": self._tokens_total + pending})
+        super()._save_checkpoint(model, trial)
+
+    def resume_tokens(self, checkpoint: str | None) -> None:
+        """Continue the policy_tokens count of the run that wrote `checkpoint` (0 without its file)."""
+        if checkpoint:
+            self._tokens_total = int(
+                (read_json(Path(checkpoint) / TOKENS_FILE) or {}).get("policy_tokens", 0)
+            )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

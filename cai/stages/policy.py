@@ -247,6 +247,7 @@ def run_dpo(ctx, prompts: list[dict]) -> dict:
         callbacks,
     )
     trainer = dpo.build_trainer(*args)
+    trainer.resume_tokens(last)
     probing.trainer = trainer
     if last is None:  # the implicit reward before training (the SFT model against itself: every pair a tie)
         before = dpo.implicit_accuracy(trainer)
