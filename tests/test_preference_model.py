@@ -187,7 +187,7 @@ def test_lora_bradley_terry_spec_and_resume(tiny_recipe, tmp_path, monkeypatch):
     spec.write_text("loss: bradley_terry\nlora: {r: 4, alpha: 8}\nlearning_rate: 1.0e-3\n")
     recipe = tiny_recipe(
         f"preference_model.spec={spec}",
-        "preference_model.max_steps=4",
+        "preference_model.max_steps=6",
         "preference_model.save_steps=2",
         "preference_model.batch_size=4",
         "preference_model.learning_rate=5e-3",
@@ -204,29 +204,48 @@ def test_lora_bradley_terry_spec_and_resume(tiny_recipe, tmp_path, monkeypatch):
         out_dir=out,
         inputs={"feedback": run / "feedback"},
     )
-    stage.run(ctx)
-    model = AutoModelForSequenceClassification.from_pretrained(out / "model", num_labels=1)
-    assert model.config.num_labels == 1 and not any("lora" in n for n, _ in model.named_parameters())
+    with killed_at_step(monkeypatch, 4):  # its checkpoint-4 written
+        stage.run(ctx)
     assert max(m["step"] for m in read_jsonl(out / "metrics.jsonl")) == 4
 
-    # resume: a longer run continues from the last checkpoint instead of starting over
-    recipe2 = tiny_recipe(
-        f"preference_model.spec={spec}",
-        "preference_model.max_steps=6",
-        "preference_model.save_steps=2",
-        "preference_model.batch_size=4",
-        "preference_model.learning_rate=5e-3",
-    )
-    stage.run(
-        StageContext(
-            config=stage_view(recipe2, "preference_model"),
-            stage="preference_model",
-            out_dir=out,
-            inputs={"feedback": run / "feedback"},
-        )
-    )
+    # resume: the rerun continues from the last checkpoint instead of starting over
+    stage.run(ctx)
     steps = [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6]
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model", num_labels=1)
+    assert model.config.num_labels == 1 and not any("lora" in n for n, _ in model.named_parameters())
+    assert not (out / "checkpoints").exists()  # a finished PM keeps no checkpoint (gigabytes when full)
+
+
+class _Killed(BaseException):
+    """What a SIGKILL leaves: the stage stops where it is (no handler of cai's catches it)."""
+
+
+def killed_at_step(monkeypatch, step: int):
+    """A context in which PM training dies as it starts the step after `step` (checkpoints up to `step` are
+    written), as a kill would leave it."""
+    import contextlib
+
+    from cai.pm.trainer import PreferenceTrainer
+
+    real = PreferenceTrainer.training_step
+
+    def dying(self, *args, **kwargs):
+        if self.state.global_step == step:
+            raise _Killed
+        return real(self, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def ctx():
+        monkeypatch.setattr(PreferenceTrainer, "training_step", dying)
+        try:
+            yield
+        except _Killed:
+            pass
+        finally:
+            monkeypatch.setattr(PreferenceTrainer, "training_step", real)
+
+    return ctx()
 
 
 def test_specs_and_suites_validate(tmp_path):
@@ -436,8 +455,8 @@ def test_lm_coef_keeps_the_value_head_pm_a_language_model(tiny_recipe, tmp_path)
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_value_head_resume_matches_an_uninterrupted_run(tiny_recipe, tmp_path, lora, capsys):
-    """4 steps, then resumed to 6, gives the weights of 6 steps in one go: the checkpoint (the LM or its
+def test_value_head_resume_matches_an_uninterrupted_run(tiny_recipe, tmp_path, lora, capsys, monkeypatch):
+    """Killed after step 4 of 6 and rerun gives the weights of 6 steps in one go: the checkpoint (the LM or its
     LoRA adapters, the value head, the optimizer) is loaded back."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -451,16 +470,19 @@ def test_value_head_resume_matches_an_uninterrupted_run(tiny_recipe, tmp_path, l
         "preference_model.learning_rate=5e-3",
         "preference_model.lr_scheduler=constant",
         "preference_model.save_steps=2",
+        "preference_model.max_steps=6",
     ]
     if lora:
         common.append("preference_model.lora={r: 4, alpha: 8}")
-    whole = stage_run(tiny_recipe(*common, "preference_model.max_steps=6"), run, "whole")
-    part = stage_run(tiny_recipe(*common, "preference_model.max_steps=4"), run, "part")
+    whole = stage_run(tiny_recipe(*common), run, "whole")
+    with killed_at_step(monkeypatch, 4):
+        part = stage_run(tiny_recipe(*common), run, "part")
+    part = run / "part"
     ckpt = part / "checkpoints" / "checkpoint-4"
     assert (ckpt / "value_head.safetensors").is_file()
     assert (ckpt / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
     capsys.readouterr()
-    stage_run(tiny_recipe(*common, "preference_model.max_steps=6"), run, "part")
+    stage_run(tiny_recipe(*common), run, "part")
     assert "resuming from" in capsys.readouterr().out
     assert [m["step"] for m in read_jsonl(part / "metrics.jsonl") if "loss" in m] == [1, 2, 3, 4, 5, 6]
     for name in ("value_head.safetensors", "model.safetensors"):
@@ -649,11 +671,13 @@ def test_the_pm_human_mix_counts_ai_pairs_and_draws_no_pair_the_feedback_mix_dre
     assert len(human) == len(set(human)) == 5 + 5  # each mix's 0.5 × 10 AI pairs, no pair twice
 
 
-def test_a_rerun_after_the_last_step_trains_no_further_step(tiny_recipe, tmp_path):
+def test_a_rerun_after_the_last_step_trains_no_further_step(tiny_recipe, tmp_path, monkeypatch):
     """A kill after the last training step (its checkpoint written) and before the stage finished: resuming from
-    that checkpoint ran one more step when max_steps did not end an epoch (steps 1-5, then 6), and with a
+    that checkpoint ran one more step when max_steps did not end an epoch (steps 1-3, then 4), and with a
     constant schedule moved the weights. The finished checkpoint's weights are taken as they are."""
     from safetensors.torch import load_file
+
+    import cai.pm.build as build
 
     run = tmp_path / "run"
     feedback_fixture(run, synthetic_pairs(24))
@@ -664,10 +688,22 @@ def test_a_rerun_after_the_last_step_trains_no_further_step(tiny_recipe, tmp_pat
         "preference_model.learning_rate=5e-3",
         "preference_model.lr_scheduler=constant",
     )
-    out = stage_run(recipe, run)
-    first = load_file(str(out / "model" / "model.safetensors"))
+    whole = stage_run(recipe, run, "whole")
+    real = build.save_trained
+
+    def killed(trainer, *args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(build, "save_trained", killed)
+    with pytest.raises(_Killed):
+        stage_run(recipe, run)
+    monkeypatch.setattr(build, "save_trained", real)
+    out = run / "preference_model"
     assert (out / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
     stage_run(recipe, run)  # as the pipeline reruns an unfinished stage: in place
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "loss" in m] == [1, 2, 3]
-    again = load_file(str(out / "model" / "model.safetensors"))
-    assert all(torch.equal(first[k], again[k]) for k in first)
+    a, b = (
+        load_file(str(whole / "model" / "model.safetensors")),
+        load_file(str(out / "model" / "model.safetensors")),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -12,6 +12,7 @@ over it).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from cai.pm.pairs import held_out_eval, split_record, tokenise_pairs
@@ -134,6 +135,14 @@ def fit(cfg, settings, model, tok, train_rows, out_dir: Path, metrics, what: str
     return trained, trainer
 
 
+def drop_checkpoints(out_dir: Path) -> None:
+    """Remove out_dir/checkpoints once the trained PM and its records are written: they served a resume only,
+    and hold the weights and optimizer state twice over (gigabytes for a full fine-tune)."""
+    if dist.is_main():
+        shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
+    dist.barrier()
+
+
 def responses_of(rows: list[dict]) -> list[dict]:
     """Both responses of every AI-written pair (human pairs left out), as reference responses for score_norm."""
     return [
@@ -211,6 +220,7 @@ def train_pm(
         write_json(out / NORM_FILE, norm)
         write_json(out / SPLIT_FILE, split_record(train_rows, eval_rows))
     dist.barrier()
+    drop_checkpoints(out_dir)
     return {
         "before": before,
         "after": after,

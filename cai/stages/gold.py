@@ -9,7 +9,7 @@ gold against sqrt(KL), the over-optimisation picture) and uses it as the win-rat
 
 It reads no other stage, so it runs first and arms share it. Outputs (RUN/gold/): model/ (a PM folder with
 pm_origin.json and score_norm.json: the mean and std of its scores of the held-out responses, both sides),
-eval.json, metrics.jsonl, checkpoints/.
+eval.json, metrics.jsonl, checkpoints/ (resume; removed once the PM is written).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cai.data.hh import hh_pair_rows
 from cai.errors import UserError
 from cai.eval.measure import pm_result, score_items
 from cai.eval.suites import Item
-from cai.pm.build import fit, fresh_pm, measure_saved, write_origin
+from cai.pm.build import drop_checkpoints, fit, fresh_pm, measure_saved, write_origin
 from cai.pm.scoring import NORM_FILE, RewardScorer
 from cai.runtime import distributed as dist
 from cai.runtime.rundir import write_json
@@ -112,6 +112,7 @@ def run(ctx) -> Path:
         }
         write_json(ctx.out_dir / "eval.json", report)
     dist.barrier()
+    drop_checkpoints(ctx.out_dir)
     lift = result.get("lift") or {}
     ctx.summary.update(
         train_pairs=len(train),

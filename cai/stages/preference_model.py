@@ -17,8 +17,8 @@ policy stage trains the PM further with them).
 Outputs (RUN/preference_model/): model/ (the PM folder with its tokenizer, score_norm.json and pm_origin.json:
 the backbone, head and seed the untrained baseline of an evaluation is rebuilt from), metrics.jsonl,
 eval.json (held-out pair accuracy before/after; for a value-head PM also the LM loss on the preferred responses),
-checkpoints/ (resume). `preference_model.spec` names a spec whose keys this block's own keys override
-(cai.config.pm_spec); the stage reads the merged block.
+checkpoints/ (resume; removed once the PM is written). `preference_model.spec` names a spec whose keys this
+block's own keys override (cai.config.pm_spec); the stage reads the merged block.
 """
 
 from __future__ import annotations
