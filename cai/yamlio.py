@@ -233,15 +233,25 @@ def load_json(path: str | Path, what: str = "JSON file"):
         raise UserError(f"{path}: the {what} nests too deeply") from None
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate's escape
+
+
 def iter_jsonl(path: str | Path, what: str = "a JSON object"):
-    """(line number, object) for each non-empty line of a .jsonl or .jsonl.gz file; errors name file:line."""
+    """(line number, object) for each non-empty line of a .jsonl or .jsonl.gz file; errors name file:line (bad
+    JSON, text that is not UTF-8, a lone surrogate escape such as "\\ud83d", nesting too deep)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise UserError(
+                        f"{path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
@@ -250,8 +260,20 @@ def iter_jsonl(path: str | Path, what: str = "a JSON object"):
                     raise UserError(
                         f"{path}:{n}: invalid JSON ({exc.msg}); {what} per line is expected"
                     ) from None
+                except RecursionError:
+                    raise UserError(
+                        f"{path}:{n}: the JSON nests too deeply; {what} per line is expected"
+                    ) from None
                 if not isinstance(obj, dict):
                     raise UserError(f"{path}:{n}: {what} per line is expected")
+                if _SURROGATE_ESCAPE.search(line):
+                    try:  # a pair of escapes is one character; one alone cannot be written as UTF-8
+                        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+                    except UnicodeEncodeError as exc:
+                        raise UserError(
+                            f"{path}:{n}: a lone UTF-16 surrogate escape ({exc.object[exc.start]!r}) is "
+                            "not a character; escape the whole pair or write the character itself"
+                        ) from None
                 yield n, obj
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError) as exc:  # missing, unreadable, not gzip, truncated gzip
         raise UserError(f"{path}: cannot read: {exc}") from None

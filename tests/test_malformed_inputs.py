@@ -386,3 +386,41 @@ def test_a_run_directory_that_is_a_file_and_a_damaged_score_norm_are_one_line_er
     with pytest.raises(SystemExit) as exc:
         main(["pm", "eval", "--model", str(tmp_path), "--suite", "ai-risk", "--limit", "-3"])
     assert exc.value.code == 2 and "--limit: -3: at least 1 expected" in capsys.readouterr().err
+
+
+def test_jsonl_readers_name_the_line_of_a_bad_byte_a_lone_surrogate_and_deep_nesting(
+    tmp_path, monkeypatch, root
+):
+    """A non-UTF-8 byte was reported with a buffer position and no line, a JSON-escaped lone surrogate was
+    accepted (and writing it out later raised UnicodeEncodeError), and deep nesting raised RecursionError."""
+    monkeypatch.chdir(root)
+    problems, n = [], 0
+    for r in readers(tmp_path):
+        if not r.fmt.startswith("jsonl"):
+            continue
+        good = "".join(json.dumps(x) + "\n" for x in r.sample)
+        row = copy.deepcopy(r.sample[-1])
+        key = next(k for k, v in row.items() if isinstance(v, str))
+        row[key] += "\ud83d"  # json.dumps writes it as the escape "\\ud83d"
+        line = len(r.sample) + 1
+        for case, extra in (
+            ("not UTF-8", b'{"x": "caf\xe9"}\n'),
+            ("lone surrogate", (json.dumps(row) + "\n").encode()),
+            ("nested too deep", b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"),
+        ):
+            content = good.encode() + extra
+            p = tmp_path / f"{r.name.split()[0]}-{n}.{r.fmt}"
+            p.write_bytes(gzip.compress(content) if r.fmt == "jsonl.gz" else content)
+            n += 1
+            try:
+                r.read(p)
+            except UserError as exc:
+                if f"{p.name}:{line}: " not in str(exc) or "\n" in str(exc):
+                    problems.append(f"{r.name} / {case}: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - what the test is looking for
+                problems.append(f"{r.name} / {case}: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            problems.append(f"{r.name} / {case}: accepted")
+    assert n >= 18
+    assert not problems, "\n".join(problems)

@@ -261,3 +261,103 @@ def test_duplicate_prompts_are_dropped_and_duplicate_ids_rejected(tmp_path):
     q.write_text('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n')
     with pytest.raises(UserError, match="'x' appears twice"):
         load_prompts(cfg({"type": "jsonl", "path": str(q)}), 0)
+
+
+def test_a_dataset_row_that_is_not_utf8_names_the_file_line(tmp_path):
+    """pyarrow's JSON loader let a Latin-1 byte through and the row loop then raised a pyarrow traceback."""
+    f = tmp_path / "lat.jsonl"
+    f.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"lat\.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        load_source(PromptSource(type="dataset", path=str(f)))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "b.jsonl").write_bytes(f.read_bytes())
+    with pytest.raises(UserError, match=r"b\.jsonl:2: not UTF-8"):
+        load_source(PromptSource(type="dataset", path=str(folder)))
+
+
+def test_a_valid_jsonl_dataset_file_is_not_blamed_and_the_loaders_cause_is_shown(tmp_path):
+    """A folder of valid JSON-lines files whose columns differ was blamed as 'a.jsonl:2: invalid JSON (Extra
+    data)', and with nothing to blame the message was datasets' generic one."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"prompt": "a1"}\n{"prompt": "a2"}\n')
+    (folder / "b.jsonl").write_text('{"prompt": "b1", "id": "x"}\n{"text": "b2"}\n')
+    with pytest.raises(UserError) as err:
+        load_source(PromptSource(type="dataset", path=str(folder)))
+    msg = str(err.value)
+    assert "invalid JSON" not in msg and "An error occurred while generating" not in msg, msg
+    assert msg.startswith("prompts.sources: cannot load dataset") and "\n" not in msg
+    surrogate = tmp_path / "s.jsonl"  # pyarrow refuses it: the line is named
+    surrogate.write_text('{"prompt": "a"}\n{"prompt": "x \\ud83d y"}\n')
+    with pytest.raises(UserError, match=r"s\.jsonl:2: a lone UTF-16 surrogate"):
+        load_source(PromptSource(type="dataset", path=str(surrogate)))
+
+
+def test_a_dataset_folder_mixing_formats_is_refused(tmp_path):
+    """datasets loaded only the parquet file of a folder holding a.jsonl and b.parquet."""
+    import datasets
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"prompt": f"j{i}"}) + "\n" for i in range(3)))
+    datasets.Dataset.from_list([{"prompt": f"p{i}"} for i in range(5)]).to_parquet(
+        str(tmp_path / "b.parquet")
+    )
+    with pytest.raises(UserError, match=r"several formats \(json, parquet\)"):
+        load_source(PromptSource(type="dataset", path=str(tmp_path)))
+
+
+def test_text_before_an_hh_transcript_is_kept_and_hh_prompts_parse():
+    """'Here is a conversation...\\n\\nHuman: ...' lost its preamble and question (the CAI paper's
+    HarmfulVsEthical rows); a prompt-only or CRLF transcript stayed one turn with the labels in it."""
+    text = "Below is a chat.\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how do I pick a lock?\n\nAnswer:"
+    assert to_messages(text, "x") == [{"role": "user", "content": text}]
+    assert to_messages("\n\nHuman: How do I pick a lock?", "x") == [
+        {"role": "user", "content": "How do I pick a lock?"}
+    ]
+    crlf = "\r\n\r\nHuman: How do I pick a lock?\r\n\r\nAssistant: Use a wrench.\r\n\r\nHuman: And then?"
+    assert to_messages(crlf, "x") == [
+        {"role": "user", "content": "How do I pick a lock?"},
+        {"role": "assistant", "content": "Use a wrench."},
+        {"role": "user", "content": "And then?"},
+    ]
+
+
+def test_consecutive_turns_of_one_role_are_merged():
+    """harmless-base dev rows 668, 764 and 1320 have two assistant turns in a row, which strict chat templates
+    ('roles must alternate') refuse."""
+    text = "\n\nHuman: a\n\nAssistant: b\n\nAssistant: c\n\nHuman: d\n\nHuman: e\n\nAssistant: f"
+    assert to_messages(text, "x") == [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b\n\nc"},
+        {"role": "user", "content": "d\n\ne"},
+    ]
+
+
+def test_an_hh_rows_own_kind_wins_and_is_checked(tmp_path):
+    p = tmp_path / "hh.jsonl"
+    rows = [
+        {"chosen": "\n\nHuman: Write a haiku about rain.\n\nAssistant: ok", "kind": "helpful"},
+        {"chosen": "\n\nHuman: x\n\nAssistant: y"},
+    ]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["kind"] for r in load_source(PromptSource(type="hh", path=str(p)))] == ["helpful", "red_team"]
+    p.write_text(p.read_text() + json.dumps({"chosen": "\n\nHuman: z", "kind": "bogus"}) + "\n")
+    with pytest.raises(UserError, match=r"hh\.jsonl:3: key 'kind'"):
+        load_source(PromptSource(type="hh", path=str(p)))
+
+
+def test_rows_a_limit_left_out_do_not_block_a_later_source(tmp_path):
+    """De-duplication ran before `limit`: a later source lost every row an earlier one read, kept or not."""
+    lines = "".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(5))
+    (tmp_path / "a.jsonl").write_text(lines)
+    (tmp_path / "b.jsonl").write_text(lines)
+    train, _ = load_prompts(
+        cfg(
+            {"type": "jsonl", "path": str(tmp_path / "a.jsonl"), "limit": 2},
+            {"type": "jsonl", "path": str(tmp_path / "b.jsonl")},
+        ),
+        0,
+    )
+    texts = [r["messages"][0]["content"] for r in train]
+    assert sorted(texts) == [f"question {i}" for i in range(5)]
+    assert sum(r["id"].startswith("a-") for r in train) == 2

@@ -18,10 +18,11 @@ HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 def parse_transcript(text: str, roles: dict[str, str] | None = None, drop_empty: bool = False) -> list[dict]:
     """Split a transcript into {"role", "content", "label"} turns, in order. `roles` maps a turn label ('Human')
     to a chat role ('user'); a turn starts at the beginning or after a blank line. Contents are stripped; with
-    `drop_empty`, empty turns (a trailing 'Assistant:') are left out."""
+    `drop_empty`, empty turns (a trailing 'Assistant:') are left out. Windows line ends (CRLF) read as LF;
+    text before the first label is not a turn (callers that keep it check that the text starts with one)."""
     roles = roles or HH_ROLES
     pattern = re.compile(r"(?:^|\n\n)(" + "|".join(map(re.escape, roles)) + r"):[ ]?")
-    parts = pattern.split(text.lstrip("\n"))
+    parts = pattern.split(text.replace("\r\n", "\n").lstrip())
     turns = []
     for label, content in zip(parts[1::2], parts[2::2]):
         content = content.strip()
@@ -33,6 +34,20 @@ def parse_transcript(text: str, roles: dict[str, str] | None = None, drop_empty:
 def parse_hh_transcript(text: str) -> list[dict]:
     """An HH transcript as chat messages {"role", "content"}, in order (empty turns kept)."""
     return [{"role": t["role"], "content": t["content"]} for t in parse_transcript(text)]
+
+
+def merge_same_role(messages: list[dict]) -> list[dict]:
+    """Consecutive turns of one role as one turn, the non-empty contents joined by a blank line: strict chat
+    templates need user and assistant turns to alternate, and a few HH rows (harmless-base dev 668, 764, 1320)
+    have two assistant turns in a row."""
+    out = []
+    for m in messages:
+        if out and out[-1]["role"] == m["role"]:
+            joined = "\n\n".join(c for c in (out[-1]["content"], m["content"]) if c)
+            out[-1] = {**out[-1], "content": joined}
+        else:
+            out.append(dict(m))
+    return out
 
 
 class NotComparable(ValueError):

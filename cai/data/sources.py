@@ -4,12 +4,12 @@ JSONL files and `datasets` datasets, each a list of prompt rows; the train / hel
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import random
-import re
 from pathlib import Path
 
-from cai.data.hh import parse_hh_transcript
+from cai.data.hh import merge_same_role, parse_hh_transcript
 from cai.errors import UserError
 from cai.runtime.models import hub_reachable
 from cai.yamlio import iter_jsonl, load_json
@@ -21,14 +21,19 @@ from cai.yamlio import iter_jsonl, load_json
 BUILTIN_DIR = Path(__file__).resolve().parent / "prompts"
 BUILTIN_FILES = {"red_team": "red_team.jsonl", "helpful": "helpful.jsonl"}
 KINDS = ("red_team", "helpful")
+DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".gz": "json"}
+# a saved dataset's or hub snapshot's own files, not data
+METADATA_FILES = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
 
 
 def load_prompts(cfg, seed: int) -> tuple[list[dict], list[dict]]:
     """Prompt rows from every source of a `PromptsConfig`: (train rows, held-out rows).
 
-    Each source is loaded, filtered by category, de-duplicated, shuffled with a seed of its own and cut to its
-    `limit`; then each source is split into train and held out (`held_out` of it, rounded), so both halves keep
-    the mix of sources. `helpful_fraction`, if set, trims the training rows to that share of helpful prompts.
+    Each source is loaded, filtered by category, de-duplicated (against itself and the rows earlier sources
+    kept: a row a source's `limit` cut does not block a later source), shuffled with a seed of its own and cut
+    to its `limit`; then each source is split into train and held out (`held_out` of it, rounded), so both
+    halves keep the mix of sources. `helpful_fraction`, if set, trims the training rows to that share of
+    helpful prompts.
     """
     train, held, seen_ids, seen_text = [], [], set(), set()
     stems = [_stem(Path(src.path)) if src.path else None for src in cfg.sources]
@@ -39,21 +44,26 @@ def load_prompts(cfg, seed: int) -> tuple[list[dict], list[dict]]:
         prefix = (
             f"{Path(src.path).parent.name}/{stems[i]}" if stems[i] and stems.count(stems[i]) > 1 else None
         )
-        rows = []
+        rows, keys, ids = [], set(), set()
         for row in load_source(src, where, prefix):
             key = _conversation_key(row["messages"])
-            if key in seen_text:
+            if key in seen_text or key in keys:
                 continue
-            seen_text.add(key)
+            keys.add(key)
+            if row["id"] in ids:
+                raise UserError(f"{where}: prompt id '{row['id']}' appears twice (ids must be unique)")
+            ids.add(row["id"])
+            rows.append(row)
+        random.Random(f"{seed}:prompts:{i}").shuffle(rows)
+        if src.limit is not None:
+            rows = rows[: src.limit]
+        for row in rows:
             if row["id"] in seen_ids:
                 raise UserError(
                     f"{where}: prompt id '{row['id']}' appears twice (ids must be unique across sources)"
                 )
             seen_ids.add(row["id"])
-            rows.append(row)
-        random.Random(f"{seed}:prompts:{i}").shuffle(rows)
-        if src.limit is not None:
-            rows = rows[: src.limit]
+            seen_text.add(_conversation_key(row["messages"]))
         n_held = round(len(rows) * cfg.held_out)
         held.extend(rows[:n_held])
         train.extend(rows[n_held:])
@@ -97,14 +107,15 @@ def _need_file(src, where: str) -> Path:
 
 
 def to_messages(value, where: str) -> list[dict]:
-    """A prompt value as chat messages: a string (a single user turn, or an HH transcript), or a message list.
+    """A prompt value as chat messages: a string (an HH transcript if it starts with 'Human:', else one user
+    turn as written), or a message list.
 
     The conversation is cut after its last user turn, so an HH transcript that ends with an assistant reply
-    becomes the prompt that reply answered.
+    becomes the prompt that reply answered; a transcript's consecutive turns of one role become one turn.
     """
     if isinstance(value, str):
-        if re.search(r"(^|\n\n)Human:", value) and "Assistant:" in value:
-            messages = parse_hh_transcript(value)
+        if value.lstrip().startswith("Human:"):
+            messages = merge_same_role(parse_hh_transcript(value))
         else:
             messages = [{"role": "user", "content": value.strip()}]
     elif isinstance(value, list):
@@ -156,14 +167,13 @@ def _read_hh(path: Path, kind: str, prefix: str | None) -> list[dict]:
         text = obj.get("chosen", obj.get("prompt"))
         if not isinstance(text, str) or not isinstance(obj.get("rejected", ""), str):
             raise UserError(f"{path}:{n}: an HH transcript in 'chosen' (and 'rejected', if any) is expected")
-        messages = to_messages(text, f"{path}:{n}")
         rows.append(
             {
                 "id": f"{stem}-{n}",
-                "messages": messages,
+                "messages": to_messages(text, f"{path}:{n}"),
                 "category": "hh",
                 "source": f"hh:{path.name}",
-                "kind": kind,
+                "kind": _row_kind(obj, kind, f"{path}:{n}"),
             }
         )
     if not rows:
@@ -176,9 +186,7 @@ def _read_jsonl(path: Path, column: str, kind: str, prefix: str | None) -> list[
     for n, obj in iter_jsonl(path):
         if column not in obj:
             raise UserError(f"{path}:{n}: key '{column}' (prompts column) is missing")
-        row_kind = obj.get("kind", kind)
-        if row_kind not in KINDS:
-            raise UserError(f"{path}:{n}: key 'kind': one of {list(KINDS)} is expected, got {row_kind!r}")
+        row_kind = _row_kind(obj, kind, f"{path}:{n}")
         for key, types in (("id", (str, int)), ("category", (str,))):
             if key in obj and (not isinstance(obj[key], types) or isinstance(obj[key], bool)):
                 raise UserError(
@@ -198,6 +206,14 @@ def _read_jsonl(path: Path, column: str, kind: str, prefix: str | None) -> list[
     return rows
 
 
+def _row_kind(obj: dict, kind: str, where: str) -> str:
+    """A row's own 'kind' if it has one (checked), else the source's."""
+    row_kind = obj.get("kind", kind)
+    if row_kind not in KINDS:
+        raise UserError(f"{where}: key 'kind': one of {list(KINDS)} is expected, got {row_kind!r}")
+    return row_kind
+
+
 def _read_dataset(src, where: str, prefix: str | None) -> list[dict]:
     """A `datasets` dataset: a local folder (save_to_disk or data files), a data file, or a hub name."""
     ref = src.path or src.name
@@ -212,14 +228,9 @@ def _read_dataset(src, where: str, prefix: str | None) -> list[dict]:
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types; the user gets one line
-        # a JSON data file's bad line (of the file, or of a folder's files), named as the jsonl source does
-        local = Path(src.path) if src.path else None
-        files = sorted(local.rglob("*")) if local and local.is_dir() else [local] if local else []
-        for f in files:
-            if f.is_file() and f.suffix in (".json", ".jsonl", ".gz"):
-                _name_bad_json_line(f)
+        _name_bad_local_line(src)
         raise UserError(
-            f"{where}: cannot load dataset '{ref}' (split '{src.split}'): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"{where}: cannot load dataset '{ref}' (split '{src.split}'): {_cause(exc)}"
         ) from None
     if src.column not in ds.column_names:
         raise UserError(
@@ -227,7 +238,7 @@ def _read_dataset(src, where: str, prefix: str | None) -> list[dict]:
         )
     label = Path(ref).name if src.path else ref
     rows = []
-    for n, obj in enumerate(ds):
+    for n, obj in _dataset_rows(ds, src, where, ref):
         row_kind = obj.get("kind") or src.kind
         if row_kind not in KINDS:
             raise UserError(f"{where}: dataset '{ref}' row {n + 1}: 'kind' must be one of {list(KINDS)}")
@@ -243,22 +254,68 @@ def _read_dataset(src, where: str, prefix: str | None) -> list[dict]:
     return rows
 
 
-def _name_bad_json_line(path: Path) -> None:
-    """Raise the UserError naming the first line of a JSON data file that does not parse, read as one JSON
-    document or, when it is not one and starts with an object, as JSON lines; return when it parses."""
+def _dataset_rows(ds, src, where: str, ref: str):
+    """(index, row) for each row of a loaded dataset; a row it cannot read (text that is not UTF-8, which the
+    JSON loader lets through) is a UserError naming the local file's line where it can, else the row."""
+    rows = iter(ds)
+    for n in itertools.count():
+        try:
+            obj = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:  # pyarrow's decoding errors and others: one line
+            _name_bad_local_line(src)
+            raise UserError(f"{where}: cannot read dataset '{ref}' at row {n + 1}: {_cause(exc)}") from None
+        yield n, obj
+
+
+def _cause(exc: BaseException) -> str:
+    """One line for a loader's error: the error it wraps if any (datasets' own says only "An error occurred
+    while generating the dataset"), its first line and, if it has more, its last."""
+    err = exc.__cause__ or exc
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def _name_bad_local_line(src) -> None:
+    """Raise the UserError naming the first bad line of a local dataset's text files (the file, or a folder's
+    files): a byte that is not UTF-8, or JSON that does not parse; return when none has one."""
+    local = Path(src.path).expanduser() if src.path else None
+    files = sorted(local.rglob("*")) if local and local.is_dir() else [local] if local else []
+    for f in files:
+        if f.is_file() and f.suffix in (".json", ".jsonl", ".gz", ".csv") and f.name not in METADATA_FILES:
+            _name_bad_line(f)
+
+
+def _name_bad_line(path: Path) -> None:
+    """Raise the UserError naming a data file's first line that is not UTF-8 or, for JSON, the first line
+    that does not parse, the file read as one JSON document or, when it is not one and starts with an object,
+    as JSON lines; return when it reads."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    byte = f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1}"
+                    raise UserError(f"{path}:{n}: not UTF-8 text ({byte})") from None
+        if ".csv" in path.suffixes:
+            return
         with opener(path, "rt", encoding="utf-8") as f:
             text = f.read()
         json.loads(text)
         return  # one valid document: the loader's own message says what it lacks
-    except (OSError, EOFError, UnicodeDecodeError):
-        return  # not readable as text: the loader's own message says so
+    except (OSError, EOFError, RecursionError):
+        return  # not readable: the loader's own message says so
     except json.JSONDecodeError:
         pass
     if text.lstrip().startswith("{"):
         for _ in iter_jsonl(path):
             pass
+        return  # valid JSON lines: the loader's own message says what is wrong
     load_json(path, "dataset file")
 
 
@@ -274,14 +331,20 @@ def _open_dataset(datasets, src, where: str):
                     raise UserError(f"{where}.split: '{src.split}' not in {list(ds)}")
                 ds = ds[src.split]
             return ds
+        if p.is_dir():  # datasets would load the files of one format and leave the others out
+            formats = {
+                DATA_FORMATS[f.suffix]
+                for f in p.rglob("*")
+                if f.suffix in DATA_FORMATS and f.name not in METADATA_FILES and f.is_file()
+                if not any(part.startswith((".", "_")) for part in f.relative_to(p).parts)
+            }
+            if len(formats) > 1:
+                raise UserError(
+                    f"{where}.path: the folder {src.path} holds data files of several formats "
+                    f"({', '.join(sorted(formats))}); one format per folder is expected"
+                )
         if p.is_file():
-            fmt = {
-                ".jsonl": "json",
-                ".json": "json",
-                ".csv": "csv",
-                ".parquet": "parquet",
-                ".gz": "json",
-            }.get(p.suffix)
+            fmt = DATA_FORMATS.get(p.suffix)
             if fmt is None:
                 raise UserError(
                     f"{where}.path: unknown data file type '{p.suffix}' (json, jsonl, csv or parquet)"
