@@ -69,16 +69,27 @@ def answer_prior(candidates: list[list[str]], correct: list[int]) -> list[list[f
 
 
 def prior_hits(candidates: list[list[str]], correct: list[int]) -> list[float]:
-    """Per-item credit of the 'most common answer' baseline. Leaving an item out lowers its right candidate's rate
-    and raises a wrong one's by up to 1/(seen + 1) each (seen: the text's count over all items), so the top
-    candidate is tied with every candidate within that reach: an uninformative text prior (each text right half
-    the time) scores chance, not 0."""
-    seen = Counter(_norm(t) for cands in candidates for t in cands)
+    """Per-item credit of the 'most common answer' baseline: the candidate with the best leave-one-out rate
+    (answer_prior), tied with every candidate it does not beat by more than this item's own vote. Leaving the
+    item out tips the counts against its own right answer, so where the texts are balanced (each right half the
+    time) the leave-one-out choice was wrong on every item (accuracy 0); a choice that would survive giving this
+    item's vote to the other candidate is not tipped. A text seen in no other item keeps the prior's 0.5."""
+    right: Counter = Counter()
+    seen: Counter = Counter()
+    for cands, c in zip(candidates, correct):
+        for j, text in enumerate(cands):
+            seen[_norm(text)] += 1
+            right[_norm(text)] += j == c
     out = []
-    for cands, c, row in zip(candidates, correct, answer_prior(candidates, correct)):
-        reach = max(1.0 / (seen[_norm(t)] + 1) for t in cands) + 1e-12
-        top = max(row)
-        out.append(credit([top if top - p <= reach else p for p in row], c))
+    for cands, c, loo in zip(candidates, correct, answer_prior(candidates, correct)):
+        lo, hi = [], []  # each text's smoothed rate were this item a wrong / a right vote for it
+        for j, text in enumerate(cands):
+            r, n = right[_norm(text)] - (j == c), seen[_norm(text)] - 1  # the other items' counts
+            lo.append((r + 1) / (n + 3) if n else 0.5)
+            hi.append((r + 2) / (n + 3) if n else 0.5)
+        top = max(range(len(cands)), key=lambda j: loo[j])
+        tied = [j for j in range(len(cands)) if j == top or not lo[top] > hi[j]]
+        out.append(1.0 / len(tied) if c in tied else 0.0)
     return out
 
 
