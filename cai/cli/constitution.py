@@ -95,7 +95,8 @@ def _cmd_test(a) -> int:
     )
     print(probes.format_table(summary))
     if summary["not_applied"]:
-        print(f"not applied (accuracy <= 0.5): {', '.join(summary['not_applied'])}")
+        bar = "0.5" if a.both_orders else "0.5, or with one order <= the share one letter scores"
+        print(f"not applied (accuracy <= {bar}): {', '.join(summary['not_applied'])}")
     if summary["untested"]:
         print(f"no probes: {', '.join(summary['untested'])}")
     out = Path(a.out or Path("runs") / "constitution-test" / Path(a.constitution).stem)
@@ -252,8 +253,9 @@ def register(sub) -> None:
         "--require",
         action="append",
         metavar="ID",
-        help="exit 1 unless this principle's accuracy point estimate is above 0.5 on at least --min-probes "
-        "probes (a gate on the point estimate: its 95%% CI, printed beside it, may still include 0.5)",
+        help="exit 1 unless this principle's accuracy point estimate is above 0.5 (with --no-both-orders also "
+        "above the share one letter scores) on at least --min-probes probes (a gate on the point estimate: its "
+        "95%% CI, printed beside it, may still include 0.5)",
     )
     t.add_argument(
         "--min-probes",
