@@ -167,6 +167,10 @@ def test_an_uninformative_answer_text_scores_chance_and_is_never_flagged_below_i
     # an informative text still decides: "No" right on 3 of 4 other items beats "Yes" by more than a vote
     cands = [["Yes", "No"]] * 5
     assert trivial_hits(cands, [1, 1, 1, 1, 0], option_suite=True)[COMMON] == [1.0, 1.0, 1.0, 1.0, 0.0]
+    # ... and beside a text no other item has (its rate is the prior's 0.5, not a vote's reach from "Yes")
+    cands = [["Yes", f"something else {i}"] for i in range(10)]
+    hits = trivial_hits(cands, [0] * 7 + [1] * 3, option_suite=True)[COMMON]
+    assert hits == [1.0] * 7 + [0.0] * 3
 
 
 def test_baselines_get_wilson_intervals_and_a_small_lift_is_marked_unreliable():
