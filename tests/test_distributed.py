@@ -271,14 +271,35 @@ def test_dpo_on_two_processes_equals_one_process(runs, tmp_path):
     assert tokens[0] == tokens[1] and tokens[0][-1] > 0
 
 
+def one_batch_of_4_and_two_processes(tmp_path, upstream: tuple[str, str], rows, stage: str, sets) -> dict:
+    """{1: run, 2: run}: `stage` run alone on `rows` (the upstream stage's file, marked complete) by one process
+    with batch 4, and by two gloo processes with batch 1 × grad_accum 2 (the same global batch of 4)."""
+    from cai.runtime.rundir import append_jsonl, write_json
+
+    out = {}
+    for n, (bs, ga) in ((1, (4, 1)), (2, (1, 2))):
+        run = out[n] = tmp_path / f"run{n}"
+        (run / upstream[0]).mkdir(parents=True)
+        append_jsonl(run / upstream[0] / upstream[1], rows)
+        write_json(
+            run / upstream[0] / "manifest.json",
+            {"stage": upstream[0], "status": "complete", "fingerprint": "f", "output": "o"},
+        )
+        cmd = cai_run(run, sets + [f"{stage}.batch_size={bs}", f"{stage}.grad_accum={ga}"], only=[stage])
+        if n == 1:
+            launch([sys.executable] + cmd)
+        else:
+            launch(two_cpu_processes() + cmd, {"ACCELERATE_USE_CPU": "1"})
+        assert read_manifest(run / stage)["world_size"] == n
+    return out
+
+
 def test_pm_partial_last_batch_on_two_processes_equals_one_batch(tmp_path, tiny_dir):
     """A value-head PM with an LM term on 11 training pairs, global batch 4: the third step has 3 pairs, which
     accelerate evens over 2 processes × 2 micro-batches by repeating a pair. The repeat is left out of the loss
     and the metrics, and each step is the mean over its global batch's pairs: one process with one batch of 4
     takes the same steps (losses, gradient norms, pooled metrics, weights)."""
     from safetensors.torch import load_file
-
-    from cai.runtime.rundir import append_jsonl, write_json
 
     words = ["alpha", "kilo", "tango", "zulu", "yes", "no"]
     rows = [
@@ -303,22 +324,9 @@ def test_pm_partial_last_batch_on_two_processes_equals_one_batch(tmp_path, tiny_
         "preference_model.eval_fraction=0.2",  # 3 of the 14 prompts: 11 training pairs
         "preference_model.norm_sample=2",
     ]
-    out = {}
-    for n, (bs, ga) in ((1, (4, 1)), (2, (1, 2))):
-        run = out[n] = tmp_path / f"run{n}"
-        (run / "feedback").mkdir(parents=True)
-        append_jsonl(run / "feedback" / "pairs.jsonl", rows)
-        write_json(
-            run / "feedback" / "manifest.json",
-            {"stage": "feedback", "status": "complete", "fingerprint": "f", "output": "o"},
-        )
-        cmd = cai_run(run, sets + [f"preference_model.batch_size={bs}", f"preference_model.grad_accum={ga}"])
-        cmd += ["--only", "preference_model"]
-        if n == 1:
-            launch([sys.executable] + cmd)
-        else:
-            launch(two_cpu_processes() + cmd, {"ACCELERATE_USE_CPU": "1"})
-        assert read_manifest(run / "preference_model")["world_size"] == n
+    out = one_batch_of_4_and_two_processes(
+        tmp_path, ("feedback", "pairs.jsonl"), rows, "preference_model", sets
+    )
     assert json.loads((out[1] / "preference_model" / "eval.json").read_text())["train_pairs"] == 11
     batch = ("accuracy", "margin", "mean_reward", "lm_loss")
     compare_metrics(out[1], out[2], "preference_model", steps=3, batch_metrics=batch)
@@ -333,7 +341,6 @@ def test_sft_partial_last_batch_on_two_processes_equals_one_batch(tmp_path, tiny
     × 2 micro-batches by repeating one. The repeat is left out of the loss, its token count and the logged metrics
     (num_tokens; entropy and accuracy pooled over the step's real tokens): one process with one batch of 4 takes
     the same steps (losses, gradient norms, metrics, weights)."""
-    from cai.runtime.rundir import append_jsonl, write_json
 
     words = ["alpha", "kilo", "tango", "zulu", "yes", "no", "maybe"]
     rows = [
@@ -345,21 +352,7 @@ def test_sft_partial_last_batch_on_two_processes_equals_one_batch(tmp_path, tiny
         for i in range(11)
     ]
     sets = ["stages=[critique_revise, sft]", "sft.max_steps=3", "sft.save_steps=10"]
-    out = {}
-    for n, (bs, ga) in ((1, (4, 1)), (2, (1, 2))):
-        run = out[n] = tmp_path / f"run{n}"
-        (run / "critique_revise").mkdir(parents=True)
-        append_jsonl(run / "critique_revise" / "data.jsonl", rows)
-        write_json(
-            run / "critique_revise" / "manifest.json",
-            {"stage": "critique_revise", "status": "complete", "fingerprint": "f", "output": "o"},
-        )
-        cmd = cai_run(run, sets + [f"sft.batch_size={bs}", f"sft.grad_accum={ga}"], only=["sft"])
-        if n == 1:
-            launch([sys.executable] + cmd)
-        else:
-            launch(two_cpu_processes() + cmd, {"ACCELERATE_USE_CPU": "1"})
-        assert read_manifest(run / "sft")["world_size"] == n
+    out = one_batch_of_4_and_two_processes(tmp_path, ("critique_revise", "data.jsonl"), rows, "sft", sets)
     compare_metrics(
         out[1], out[2], "sft", steps=3, batch_metrics=("entropy", "mean_token_accuracy", "num_tokens")
     )

@@ -139,14 +139,39 @@ def test_base_policy_and_missing_prompts(tiny_recipe, tmp_path):
     assert feedback.policy_ref(ctx) == "tiny-random-llama"
 
 
+def labeller_engine_start(monkeypatch, module, stop_at: str, run) -> dict:
+    """The keyword arguments the labeller that `module` builds would start its chain-of-thought vLLM engine
+    with: `run()` goes until `module.<stop_at>` receives the labeller (responses stubbed, no model sampled)."""
+    import pytest
+
+    from cai.runtime import vllm_engine
+
+    def responses(ref, settings, gen, prompts, k, *rest):
+        return [{"id": f"{p['id']}#{j}", "text": f"reply {j}"} for p in prompts for j in range(k)]
+
+    made = []
+
+    def stop(labeller, *args):
+        made.append(labeller)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "sample_responses", responses)
+    monkeypatch.setattr(module, stop_at, stop)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    started = []
+    monkeypatch.setattr(vllm_engine, "available", lambda: True)
+    monkeypatch.setattr(vllm_engine, "start", lambda model, **kw: started.append(kw) or "LLM")
+    made[0]._engine()
+    (kw,) = started
+    return kw
+
+
 def test_the_chain_of_thought_engine_gets_the_recipe_settings_and_vllm_memory(
     tiny_recipe, tiny_dir, tmp_path, monkeypatch
 ):
     """The labeller's reasoning Engine was built without the recipe's settings and memory share: on vLLM it
     started with trust_remote_code off, seed 0 and the default memory whatever the recipe said."""
-    import pytest
-
-    from cai.runtime import vllm_engine
     from cai.runtime.rundir import StageContext
     from cai.stages import feedback
 
@@ -160,29 +185,11 @@ def test_the_chain_of_thought_engine_gets_the_recipe_settings_and_vllm_memory(
     )
     run = tmp_path / "run"
     upstream(run, tiny_dir, n=2)
-
-    def responses(ref, settings, gen, prompts, k, *rest):
-        return [{"id": f"{p['id']}#{j}", "text": f"reply {j}"} for p in prompts for j in range(k)]
-
-    made = []
-
-    def stop(labeller, *args):
-        made.append(labeller)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(feedback, "sample_responses", responses)
-    monkeypatch.setattr(feedback, "labeller_check", stop)
     ctx = StageContext(
         config=stage_view(recipe, "feedback"),
         stage="feedback",
         out_dir=run / "feedback",
         inputs={"critique_revise": run / "critique_revise", "sft": run / "sft"},
     )
-    with pytest.raises(KeyboardInterrupt):
-        feedback.run(ctx)
-    started = []
-    monkeypatch.setattr(vllm_engine, "available", lambda: True)
-    monkeypatch.setattr(vllm_engine, "start", lambda model, **kw: started.append(kw) or "LLM")
-    made[0]._engine()
-    (kw,) = started
+    kw = labeller_engine_start(monkeypatch, feedback, "labeller_check", lambda: feedback.run(ctx))
     assert (kw["trust_remote_code"], kw["seed"], kw["memory"]) == (True, 5, 0.2)

@@ -300,6 +300,20 @@ def _jsonl_not_object(r: Reader) -> bytes:
     return gzip.compress(text.encode()) if r.fmt == "jsonl.gz" else text.encode()
 
 
+def user_error_of(r: Reader, p: Path, case: str, problems: list[str]) -> str | None:
+    """The UserError text reading `p` gives; None, with a problem noted, when it is accepted or raises another
+    exception."""
+    try:
+        r.read(p)
+    except UserError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - what the test is looking for
+        problems.append(f"{r.name} / {case}: {type(exc).__name__}: {str(exc)[:120]}")
+        return None
+    problems.append(f"{r.name} / {case}: accepted")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- tests
 def test_the_valid_samples_are_valid(tmp_path, monkeypatch, root):
     """The generators start from files every reader accepts (so each failure below is the malformation's)."""
@@ -318,19 +332,13 @@ def test_every_reader_gives_one_line_naming_the_file(tmp_path, monkeypatch, root
             p = tmp_path / f"{r.name.split()[0]}-{k}.{r.fmt}"
             p.write_bytes(content)
             n += 1
-            try:
-                r.read(p)
-            except UserError as exc:
-                msg = str(exc)
-                if "\n" in msg or p.name not in msg:
-                    problems.append(f"{r.name} / {case}: not one line naming the file: {msg!r}")
-                elif needs_line and f"{p.name}:" not in msg:
-                    problems.append(f"{r.name} / {case}: no line number: {msg!r}")
+            msg = user_error_of(r, p, case, problems)
+            if msg is None:
                 continue
-            except Exception as exc:  # noqa: BLE001 - what the test is looking for
-                problems.append(f"{r.name} / {case}: {type(exc).__name__}: {str(exc)[:120]}")
-                continue
-            problems.append(f"{r.name} / {case}: accepted")
+            if "\n" in msg or p.name not in msg:
+                problems.append(f"{r.name} / {case}: not one line naming the file: {msg!r}")
+            elif needs_line and f"{p.name}:" not in msg:
+                problems.append(f"{r.name} / {case}: no line number: {msg!r}")
     assert n > 200
     assert not problems, f"{len(problems)} of {n} cases:\n" + "\n".join(problems)
 
@@ -412,15 +420,8 @@ def test_jsonl_readers_name_the_line_of_a_bad_byte_a_lone_surrogate_and_deep_nes
             p = tmp_path / f"{r.name.split()[0]}-{n}.{r.fmt}"
             p.write_bytes(gzip.compress(content) if r.fmt == "jsonl.gz" else content)
             n += 1
-            try:
-                r.read(p)
-            except UserError as exc:
-                if f"{p.name}:{line}: " not in str(exc) or "\n" in str(exc):
-                    problems.append(f"{r.name} / {case}: {exc}")
-                continue
-            except Exception as exc:  # noqa: BLE001 - what the test is looking for
-                problems.append(f"{r.name} / {case}: {type(exc).__name__}: {str(exc)[:120]}")
-                continue
-            problems.append(f"{r.name} / {case}: accepted")
+            msg = user_error_of(r, p, case, problems)
+            if msg is not None and (f"{p.name}:{line}: " not in msg or "\n" in msg):
+                problems.append(f"{r.name} / {case}: {msg}")
     assert n >= 18
     assert not problems, "\n".join(problems)

@@ -148,7 +148,7 @@ def test_a_rounds_chain_of_thought_labeller_gets_the_recipe_settings_and_vllm_me
 ):
     """As in the feedback stage: the online round's labeller started its reasoning engine on vLLM with
     trust_remote_code off, seed 0 and the default memory share, whatever the recipe said."""
-    from cai.runtime import vllm_engine
+    from test_feedback import labeller_engine_start
 
     monkeypatch.chdir(root)
     recipe = load_recipe(
@@ -157,23 +157,11 @@ def test_a_rounds_chain_of_thought_labeller_gets_the_recipe_settings_and_vllm_me
         + ["generation.backend=vllm", "generation.vllm_memory=0.2", "trust_remote_code=true", "seed=5"],
     )
     prompts = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"Question {i}?"}]} for i in range(2)]
-
-    def responses(ref, settings, gen, prompts, k, *rest):
-        return [{"id": f"{p['id']}#{j}", "text": f"reply {j}"} for p in prompts for j in range(k)]
-
-    made = []
-
-    def stop(labeller, *args):
-        made.append(labeller)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(online, "sample_responses", responses)
-    monkeypatch.setattr(online, "label_pairs", stop)
-    with pytest.raises(KeyboardInterrupt):
-        online.sample_and_label(stage_view(recipe, "policy"), tmp_path / "policy", 2, prompts)
-    started = []
-    monkeypatch.setattr(vllm_engine, "available", lambda: True)
-    monkeypatch.setattr(vllm_engine, "start", lambda model, **kw: started.append(kw) or "LLM")
-    made[0]._engine()
-    (kw,) = started
+    view = stage_view(recipe, "policy")
+    kw = labeller_engine_start(
+        monkeypatch,
+        online,
+        "label_pairs",
+        lambda: online.sample_and_label(view, tmp_path / "policy", 2, prompts),
+    )
     assert (kw["trust_remote_code"], kw["seed"], kw["memory"]) == (True, 5, 0.2)

@@ -49,23 +49,24 @@ def _norm(text: str) -> str:
     return " ".join(str(text).lower().split())
 
 
-def answer_prior(candidates: list[list[str]], correct: list[int]) -> list[list[float]]:
-    """Per item, each candidate's smoothed rate of being the right answer, (right + 1) / (seen + 2), counted over
-    the other items only (its own item left out)."""
+def _other_counts(candidates: list[list[str]], correct: list[int]) -> list[list[tuple[int, int]]]:
+    """Per item, each candidate text's (times right, times seen) over the other items only."""
     right: Counter = Counter()
     seen: Counter = Counter()
     for cands, c in zip(candidates, correct):
         for j, text in enumerate(cands):
             seen[_norm(text)] += 1
             right[_norm(text)] += j == c
-    out = []
-    for cands, c in zip(candidates, correct):
-        row = []
-        for j, text in enumerate(cands):
-            t = _norm(text)
-            row.append((right[t] - (j == c) + 1) / (seen[t] - 1 + 2))
-        out.append(row)
-    return out
+    return [
+        [(right[_norm(t)] - (j == c), seen[_norm(t)] - 1) for j, t in enumerate(cands)]
+        for cands, c in zip(candidates, correct)
+    ]
+
+
+def answer_prior(candidates: list[list[str]], correct: list[int]) -> list[list[float]]:
+    """Per item, each candidate's smoothed rate of being the right answer, (right + 1) / (seen + 2), counted over
+    the other items only (its own item left out)."""
+    return [[(r + 1) / (n + 2) for r, n in row] for row in _other_counts(candidates, correct)]
 
 
 def prior_hits(candidates: list[list[str]], correct: list[int]) -> list[float]:
@@ -74,21 +75,13 @@ def prior_hits(candidates: list[list[str]], correct: list[int]) -> list[float]:
     item out tips the counts against its own right answer, so where the texts are balanced (each right half the
     time) the leave-one-out choice was wrong on every item (accuracy 0); a choice that would survive giving this
     item's vote to the other candidate is not tipped. A text seen in no other item keeps the prior's 0.5."""
-    right: Counter = Counter()
-    seen: Counter = Counter()
-    for cands, c in zip(candidates, correct):
-        for j, text in enumerate(cands):
-            seen[_norm(text)] += 1
-            right[_norm(text)] += j == c
     out = []
-    for cands, c, loo in zip(candidates, correct, answer_prior(candidates, correct)):
-        lo, hi = [], []  # each text's smoothed rate were this item a wrong / a right vote for it
-        for j, text in enumerate(cands):
-            r, n = right[_norm(text)] - (j == c), seen[_norm(text)] - 1  # the other items' counts
-            lo.append((r + 1) / (n + 3) if n else 0.5)
-            hi.append((r + 2) / (n + 3) if n else 0.5)
-        top = max(range(len(cands)), key=lambda j: loo[j])
-        tied = [j for j in range(len(cands)) if j == top or not lo[top] > hi[j]]
+    for row, c in zip(_other_counts(candidates, correct), correct):
+        loo = [(r + 1) / (n + 2) for r, n in row]
+        lo = [(r + 1) / (n + 3) if n else 0.5 for r, n in row]  # were this item a wrong vote for the text
+        hi = [(r + 2) / (n + 3) if n else 0.5 for r, n in row]  # ... a right one
+        top = max(range(len(row)), key=lambda j: loo[j])
+        tied = [j for j in range(len(row)) if j == top or not lo[top] > hi[j]]
         out.append(1.0 / len(tied) if c in tied else 0.0)
     return out
 
