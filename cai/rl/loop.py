@@ -74,8 +74,6 @@ class OnPolicyTrainer:
                 raise UserError(
                     f"{self.name}.rollout_backend 'vllm' does not run under FSDP; use DDP or DeepSpeed"
                 )
-        if cfg.rollout_batch_size < cfg.num_minibatches * cfg.grad_accum:
-            raise UserError(f"{self.name}.rollout_batch_size: must be at least num_minibatches × grad_accum")
         self.prompt_ids = [self._encode(row["messages"]) for row in prompts]
         self.prompt_msgs = [row["messages"] for row in prompts]
         self.prompt_keys = [str(row.get("id", i)) for i, row in enumerate(prompts)]

@@ -5,6 +5,7 @@ under ZeRO-3 or FSDP."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -178,8 +179,6 @@ def train_from(trainer, last: str | None):
     last step, before the stage finished): transformers would skip the trained batches and run one step more
     than max_steps when they do not end an epoch. Then the checkpoint's weights and state are loaded as they are
     and None is returned. Sharded trainers (DeepSpeed, FSDP) load weights only inside train(): they train."""
-    import json
-
     state_file = Path(last) / STATE_FILE if last else None
     if state_file is not None and state_file.is_file() and not is_sharded(trainer):
         state = json.loads(state_file.read_text())
