@@ -73,6 +73,10 @@ def test_round_two_samples_round_ones_policy_and_a_kill_between_rounds_resumes(r
     r1, r2 = online.read_round(out, 1), online.read_round(out, 2)
     assert r2["sampled_from"] == {"path": "rounds/round-1/policy", "hash": online.folder_hash(first)}
     assert r1["policy_hash"] == r2["sampled_from"]["hash"]
+    stage_pm = (
+        rdir / "preference_model" / "model"
+    )  # named relative to the run: no absolute path in the record
+    assert r2["pm_from"] == {"path": "preference_model/model", "hash": online.folder_hash(stage_pm)}
     assert manifest["summary"]["rounds"][1]["sampled_from"]["hash"] == r1["policy_hash"]
     assert r2["pairs"]["pairs"] > 0 and r2["pm_agreement"]["n"] > 0 and (r2["pm_held_out"]["n"] or 0) >= 1
     assert (out / "rounds" / "round-2" / "pm" / "model" / "score_norm.json").is_file()

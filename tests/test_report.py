@@ -77,7 +77,12 @@ def test_report_of_a_tiny_run_has_every_section(tiny_run):
     samples = data["policy_samples"]["tiny"]
     assert samples["n"] == 12 and len(samples["proxy"]["gain"]) == len(samples["gold"]["gain"]) == 3
     assert samples["proxy"]["gain"][0] == 0.0 and samples["length_gold"]["n"] == 12
-    gold = json.loads((tiny_run / "gold" / "eval.json").read_text())["held_out"]
+    gold_eval = json.loads((tiny_run / "gold" / "eval.json").read_text())
+    norm = json.loads((tiny_run / "gold" / "model" / "score_norm.json").read_text())
+    assert gold_eval["data"] == norm["from"] and set(gold_eval["data"]) == {"file", "sha256"}
+    here = str(Path(__file__).resolve().parents[2])  # the folder holding the checkout and ../shared
+    assert here not in json.dumps([gold_eval, norm])  # its output id is the same wherever the checkout lives
+    gold = gold_eval["held_out"]
     assert gold["n"] == 16 and "untrained" in gold["baselines"] and "lift" in gold
     assert f"The gold PM on {gold['n']} held-out human pairs" in md
     # a gold PM without demonstrated skill is called so, beside its curve and both tables of its win rates

@@ -59,6 +59,14 @@ def is_complete(out_dir: Path, r: int) -> bool:
     return read_round(out_dir, r).get("status") == "complete"
 
 
+def _rel(path: Path, base: Path) -> str:
+    """`path` relative to `base` where it lies below it (round records must not depend on the checkout's place)."""
+    try:
+        return Path(path).resolve().relative_to(Path(base).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def folder_hash(folder: Path) -> str:
     """The content hash of a model folder (cai.hashing.hash_outputs, as a stage's output id)."""
     folder = Path(folder)
@@ -143,7 +151,7 @@ def refresh(ctx, r: int, prev_pm: Path, prompts: list[dict]) -> Path:
         r,
         status="running",
         sampled_from={"path": str(policy.relative_to(out)), "hash": folder_hash(policy)},
-        pm_from=str(prev_pm),
+        pm_from={"path": _rel(prev_pm, out.parent), "hash": folder_hash(prev_pm)},
     )
     chosen = round_prompts(prompts, c.policy.round_prompts, c.settings.seed, r)
     new = [row for row in sample_and_label(c, out, r, chosen) if row.get("p_a") is not None]

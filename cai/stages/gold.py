@@ -22,6 +22,7 @@ from cai.data.hh import hh_pair_rows
 from cai.errors import UserError
 from cai.eval.measure import pm_result, score_items
 from cai.eval.suites import Item
+from cai.hashing import sha256_file
 from cai.pm.build import drop_checkpoints, fit, fresh_pm, measure_saved, write_origin
 from cai.pm.scoring import NORM_FILE, RewardScorer
 from cai.runtime import distributed as dist
@@ -79,6 +80,8 @@ def run(ctx) -> Path:
     result = pm_result(items, raw, untrained, "hh_pairs", settings.seed)
     scores = [float(x) for x in raw]
     mean, std = mean_std(scores)
+    # by name and content, not by path: the output id must not depend on where the checkout lives
+    data = {"file": Path(cfg.data).name, "sha256": sha256_file(cfg.data)}
     if dist.is_main():
         write_origin(out, cfg.backbone, cfg.head, settings.seed)
         write_json(
@@ -88,12 +91,12 @@ def run(ctx) -> Path:
                 "std": std,
                 "n": len(scores),
                 "sample": "both responses of the held-out human pairs (never trained on)",
-                "from": str(cfg.data),
+                "from": data,
                 "scored_as": f"left-truncated to {cfg.max_length} tokens, as in training",
             },
         )
         report = {
-            "data": str(cfg.data),
+            "data": data,
             "backbone": cfg.backbone,
             "head": cfg.head,
             "loss": cfg.loss,
