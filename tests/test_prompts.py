@@ -333,6 +333,35 @@ def test_consecutive_turns_of_one_role_are_merged():
     ]
 
 
+def test_turns_of_one_role_in_a_row_are_merged_in_pairs_suites_and_few_shot_too(tmp_path):
+    """The merge reached prompts only: PM pairs, eval suites and the labeller's few-shot examples still gave the
+    chat template two assistant turns in a row (harmless-base dev 668, 764, 1320), or two user turns where an
+    empty assistant turn was dropped."""
+    from cai.constitution.fewshot import load_feedback_few_shot
+    from cai.data.hh import hh_pair_rows
+    from cai.eval.suites import load_items, suite_from_data
+
+    convo = "\n\nHuman: a\n\nAssistant: b\n\nAssistant: c\n\nHuman: d"
+    row = {"chosen": convo + "\n\nAssistant: yes", "rejected": convo + "\n\nAssistant: no"}
+    want = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b\n\nc"},
+        {"role": "user", "content": "d"},
+    ]
+    assert split_hh_pair(row) == (want, "yes", "no")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(row) + "\n")
+    assert hh_pair_rows(pairs)[0][0]["messages"] == want
+    assert load_items(suite_from_data(pairs))[0].messages == want
+    dropped = "\n\nHuman: a\n\nAssistant:\n\nHuman: b\n\nAssistant:"  # the empty assistant turn goes
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"prompt": dropped, "corrects": ["x"], "incorrects": ["y"]}) + "\n")
+    assert load_items(suite_from_data(mc))[0].messages == [{"role": "user", "content": "a\n\nb"}]
+    shots = tmp_path / "shots.json"
+    shots.write_text(json.dumps([{"prompt": dropped, "corrects": ["x"], "incorrects": ["y"]}]))
+    assert load_feedback_few_shot(shots)[0]["messages"] == [{"role": "user", "content": "a\n\nb"}]
+
+
 def test_an_hh_rows_own_kind_wins_and_is_checked(tmp_path):
     p = tmp_path / "hh.jsonl"
     rows = [

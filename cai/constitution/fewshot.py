@@ -38,17 +38,6 @@ def parse_transcript(text: str) -> list[dict]:
     return hh.parse_transcript(text, ROLES, drop_empty=True)
 
 
-def _merge_same_role(messages: list[dict]) -> list[dict]:
-    """Join consecutive turns of the same role (chat templates expect alternation)."""
-    out: list[dict] = []
-    for m in messages:
-        if out and out[-1]["role"] == m["role"]:
-            out[-1]["content"] += "\n\n" + m["content"]
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
 def load_fewshot(path: str | Path, n: int | None = None) -> list[list[dict]]:
     """The first `n` (default all) few-shot transcripts of a file, each as a list of chat messages.
 
@@ -77,7 +66,7 @@ def load_fewshot(path: str | Path, n: int | None = None) -> list[list[dict]]:
             turns = item
         else:
             raise UserError(f"{where}: a transcript string or a list of messages is expected")
-        messages = _merge_same_role(turns)
+        messages = hh.merge_same_role([{"role": m["role"], "content": m["content"]} for m in turns])
         if not messages or messages[0]["role"] != "user" or messages[-1]["role"] != "assistant":
             raise UserError(
                 f"{where}: the transcript must start with a user turn and end with an assistant turn"
@@ -115,7 +104,7 @@ def load_feedback_few_shot(path) -> list[dict]:
         prompt = row["prompt"].rstrip()
         if prompt.endswith("Assistant:"):
             prompt = prompt[: -len("Assistant:")]
-        messages = [m for m in hh.parse_hh_transcript(prompt) if m["content"]]
+        messages = hh.merge_same_role([m for m in hh.parse_hh_transcript(prompt) if m["content"]])
         if not messages or messages[-1]["role"] != "user":
             raise UserError(f"{path}: item {i}: the prompt must end with a Human turn")
         for good, bad in zip(row["corrects"], row["incorrects"]):

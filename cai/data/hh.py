@@ -56,8 +56,8 @@ class NotComparable(ValueError):
 
 
 def split_hh_pair(row: dict) -> tuple[list[dict], str, str]:
-    """An HH preference row → (conversation up to the last human turn, chosen reply, rejected reply); a ValueError
-    for a row that is not one."""
+    """An HH preference row → (conversation up to the last human turn, its same-role turns merged; chosen reply,
+    rejected reply); a ValueError for a row that is not one."""
     if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
         raise ValueError("'chosen' and 'rejected' must be transcript strings")
     chosen, rejected = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
@@ -68,7 +68,8 @@ def split_hh_pair(row: dict) -> tuple[list[dict], str, str]:
         raise NotComparable(
             "an HH pair's two transcripts must share the conversation up to a last human turn"
         )
-    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+    # turns of one role in a row inside the conversation are one turn (strict templates need alternation)
+    return merge_same_role(chosen[:-1]), chosen[-1]["content"], rejected[-1]["content"]
 
 
 def read_hh(path: str | Path) -> list[dict]:

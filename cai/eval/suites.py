@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cai.data.hh import NotComparable, parse_hh_transcript, split_hh_pair
+from cai.data.hh import NotComparable, merge_same_role, parse_hh_transcript, split_hh_pair
 from cai.errors import UserError
 from cai.yamlio import iter_jsonl, line_of, load_json, load_validated, named_file
 
@@ -219,7 +219,7 @@ def _item(spec: SuiteSpec, path: Path, n: int, row: dict) -> Item | None:
         text = prompt.rstrip()
         text = text[: -len("Assistant:")] if text.endswith("Assistant:") else text
         messages = (
-            [m for m in parse_hh_transcript(text) if m["content"]]
+            merge_same_role([m for m in parse_hh_transcript(text) if m["content"]])
             if "Human:" in text
             else [{"role": "user", "content": text.strip()}]
         )
