@@ -240,23 +240,26 @@ def test_ppo_update_on_two_processes_equals_one_process(runs, tmp_path):
 def test_dpo_on_two_processes_equals_one_process(runs, tmp_path):
     """Soft-label DPO (full fine-tune against a frozen copy, packed log-probs) with the global batch of pairs
     split over 2 processes: the same per-step losses, gradient norms and reward metrics (gathered from both) and
-    the same trained policy as one process, from the very same SFT model and pairs."""
+    the same trained policy as one process, from the very same SFT model and pairs. One epoch whose last batch
+    is partial: the pairs accelerate repeats to even it out over the processes are left out of the step."""
     one, _, _ = runs
     out = {}
     for n in (1, 2):
         d = out[n] = tmp_path / f"dpo-{n}"
         shutil.copytree(one, d)
         shutil.rmtree(d / "policy")
-        sets = COMMON + per_device(1)[:2] + ["policy.algorithm=dpo", "dpo.max_steps=2", "dpo.probe_prompts=1"]
+        sets = COMMON + per_device(1)[:2] + ["policy.algorithm=dpo", "dpo.epochs=1", "dpo.probe_prompts=1"]
         sets += [f"dpo.batch_size={GLOBAL_BATCH // n}", "dpo.learning_rate=1e-3", "dpo.probe_every=10"]
-        sets += ["dpo.eval_fraction=0.34"]  # held-out pairs that each process holds a share of
+        sets += ["dpo.eval_fraction=0.25"]  # held-out pairs that each process holds a share of; 9 to train on
         if n == 1:
             launch([sys.executable] + cai_run(d, sets, only=["policy"]))
         else:
             launch(two_cpu_processes() + cai_run(d, sets, only=["policy"]), {"ACCELERATE_USE_CPU": "1"})
         assert read_manifest(d / "policy")["world_size"] == n
+    pairs = json.loads((out[1] / "policy" / "eval.json").read_text())["train_pairs"]
+    assert pairs % GLOBAL_BATCH, pairs  # a partial last batch
     batch = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-    compare_metrics(out[1], out[2], "policy", steps=2, batch_metrics=batch)
+    compare_metrics(out[1], out[2], "policy", steps=-(-pairs // GLOBAL_BATCH), batch_metrics=batch)
     compare_weights(out[1] / "policy" / "policy", out[2] / "policy" / "policy")
     # the held-out implicit accuracy counts every process's pairs, and the token count every process's tokens
     evals = [json.loads((out[n] / "policy" / "eval.json").read_text()) for n in (1, 2)]

@@ -73,13 +73,22 @@ def learnable_pairs(n: int = 24, seed: int = 0) -> list[dict]:
 
 
 def dpo_trainer(
-    tmp_path, rows, *, lora: bool, steps: int = 12, lr: float = 1e-3, dtype: str = "float32", save_steps=100
+    tmp_path,
+    rows,
+    *,
+    lora: bool,
+    steps: int = 12,
+    lr: float = 1e-3,
+    dtype: str = "float32",
+    save_steps=100,
+    batch: tuple[int, int] = (8, 1),
 ):
     from cai.rl.dpo import build_trainer
 
     cfg = DPOConfig(
         max_steps=steps,
-        batch_size=8,
+        batch_size=batch[0],
+        grad_accum=batch[1],
         learning_rate=lr,
         beta=0.1,
         max_length=128,
@@ -182,6 +191,58 @@ def test_dpo_learns_a_learnable_preference_and_its_lora_reference_is_the_base(tm
     torch.testing.assert_close(ref, base(ids, mask, 4)["logprobs"], rtol=0, atol=1e-6)
     with torch.no_grad():
         assert (PolicyModel(lm)(ids, mask, 4)["logprobs"] - ref).abs().max() > 1e-3
+
+
+def test_dpo_grad_accum_and_a_partial_last_batch_take_the_one_batch_step(tmp_path):
+    """11 pairs, a global batch of 4 (the third step has 3 pairs) as 4×1, 2×2 and 1×4 micro-batches ×
+    accumulation: each step is the mean over its pairs, so the weights, losses and metrics are those of one batch
+    of 4. Each micro-batch's mean divided by the accumulation count weighed the 2+1 window's lone pair double."""
+    got = {}
+    for bs, ga in ((4, 1), (2, 2), (1, 4)):
+        trainer = dpo_trainer(
+            tmp_path / f"b{bs}", learnable_pairs(11), lora=False, steps=3, lr=1e-2, batch=(bs, ga)
+        )
+        trainer.args.lr_scheduler_type = "constant"
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+        got[bs, ga] = logs, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    ref_logs, ref_w = got[4, 1]
+    assert len(ref_logs) == 3
+    for key, (logs, w) in got.items():
+        for k in ref_w:  # Adam at lr 1e-2 turns float-order noise into 1.5e-5; the old 2+1 window: 1.2e-2
+            assert torch.allclose(w[k], ref_w[k], rtol=0, atol=1e-4), (key, k)
+        metrics = (
+            "loss",
+            "grad_norm",
+            "rewards/margins",
+            "rewards/accuracies",
+            "target/mean",
+            "policy_tokens",
+        )
+        for a, b in zip(ref_logs, logs):
+            for k in metrics:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (key, a["step"], k)
+
+
+def test_the_dpo_probe_runs_on_every_process_and_the_main_one_logs_it():
+    """The probe ran on the main process only: under ZeRO-3 or FSDP its forwards need every rank's shard, so the
+    main process waited for the others forever. Every rank samples the same prompts; only rank 0 logs."""
+    from types import SimpleNamespace
+
+    from cai.rl.dpo import probe_callback
+
+    calls, logged = [], []
+    metrics = SimpleNamespace(log=lambda row, step: logged.append(step))
+    cb = probe_callback(lambda lm, ref: calls.append(lm) or {"objective/kl": 0.0}, metrics, every=2)
+    for main in (True, False):
+        calls.clear(), logged.clear()
+        cb.done = set()
+        state = SimpleNamespace(global_step=0, is_world_process_zero=main)
+        cb.on_train_begin(None, state, None, model="lm")
+        state.global_step = 2
+        cb.on_step_end(None, state, None, model="lm")
+        cb.on_train_end(None, state, None, model="lm")  # step 2 again: not probed twice
+        assert len(calls) == 2 and logged == ([0, 2] if main else [])
 
 
 def test_dpo_policy_tokens_carry_across_a_resume(tmp_path):

@@ -23,7 +23,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from cai.pm.loss import pair_hits, pair_losses
 from cai.pm.scoring import can_pack, pair_scores, sequence_scores
 from cai.pm.value_head import ValueHeadPM, pair_lm_nll, preferred_rows, response_lm_labels
-from cai.runtime.training import real_rows
+from cai.runtime.training import step_batches
 
 REAL = "pair_real"  # the batch key get_batch_samples adds: which pairs are real (not accelerate's repeats)
 # the sums each micro-batch adds to the pooled metrics (PreferenceTrainer.log), over every process's real pairs
@@ -87,19 +87,7 @@ class PreferenceTrainer(RewardTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """One optimizer step's micro-batches, each marked with its real pairs (REAL), and the number of real
         pairs over all of them and every process: the divisor of the step's loss."""
-        acc, batches = self.accelerator, []
-        state = acc.gradient_state
-        for _ in range(num_batches):
-            try:
-                batch = next(epoch_iterator)
-            except StopIteration:
-                break
-            batch[REAL] = real_rows(
-                len(batch["p_a"]), state.end_of_dataloader, state.remainder, acc.process_index
-            )
-            batches.append(batch)
-        local = sum(int(b[REAL].sum()) for b in batches)
-        return batches, acc.gather(torch.tensor([local], device=device)).sum()
+        return step_batches(self.accelerator, epoch_iterator, num_batches, device, REAL, "p_a")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"

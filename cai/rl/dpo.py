@@ -41,9 +41,10 @@ from cai.runtime.generate import HFBackend
 from cai.runtime.models import peft_config
 from cai.runtime.packing import keeps_logits, labelled_logits
 from cai.runtime.rundir import read_json, write_json
-from cai.runtime.training import fuse_lora_training, training_args
+from cai.runtime.training import fuse_lora_training, step_batches, training_args
 from cai.stats import wilson_ci
 
+REAL = "dpo_real"  # the batch key get_batch_samples adds: which pairs are real (not accelerate's repeats)
 TOKENS_FILE = "cai_policy_tokens.json"  # in each checkpoint: the policy tokens trained on so far
 
 PACKED = True  # False: every sequence log-prob from TRL's padded forward (bench/dpo_step.py compares the two)
@@ -80,7 +81,11 @@ class TargetCollator(DataCollatorForPreference):
 
 
 class SoftDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer whose loss takes each pair's target p (see the module docstring)."""
+    """TRL's DPOTrainer whose loss takes each pair's target p (see the module docstring). A step's loss is the
+    mean over its global batch's real pairs however it is split into micro-batches and processes (the pairs
+    accelerate repeats to even out an epoch's last batches under DDP are left out), as the PM trainer's."""
+
+    loss_is_scaled_for_ga = True  # divided by the step's real pair count, not by the accumulation count
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -170,27 +175,42 @@ class SoftDPOTrainer(DPOTrainer):
         ref = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else model, batch)
         return policy, ref
 
-    def _compute_loss(self, model, inputs, return_outputs):
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        return step_batches(self.accelerator, epoch_iterator, num_batches, device, REAL, "p")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
+        inputs = dict(inputs)
+        real = inputs.pop(REAL, None)
         (pc, pr), (rc, rr) = self.pair_logps(model, inputs)
         target = inputs["p"].to(pc.device, pc.dtype)
-        loss = dpo_loss(pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), target, self.beta).mean()
+        real = torch.ones_like(target, dtype=torch.bool) if real is None else real.to(pc.device)
+        total = (dpo_loss(pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), target, self.beta) * real).sum()
+        if num_items_in_batch is None:  # evaluation: this batch's mean
+            loss = total / real.sum().clamp(min=1)
+        else:  # the step's mean over its global batch; DDP averages the processes' gradients, hence the factor
+            n = torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
+            loss = total / n * self.accelerator.num_processes
         if mode == "train":
-            self._tokens += int(inputs["completion_mask"].sum())
+            self._tokens += int(inputs["completion_mask"][real.repeat(2).to(pc.device)].sum())
         with torch.no_grad():
             chosen, rejected = self.beta * (pc - rc), self.beta * (pr - rr)
-            rows = self.accelerator.gather_for_metrics(
-                torch.stack([chosen.float(), rejected.float(), pc.float(), pr.float(), target.float()], 1)
-            )
-            c, r, lc, lr, t = rows.unbind(1)
+            gather = self.accelerator.gather_for_metrics if mode == "eval" else self.accelerator.gather
+            rows = gather(torch.stack([chosen, rejected, pc, pr, target, real.to(pc.dtype)], 1).float())
+            c, r, lc, lr, t, _ = rows[rows[:, 5] > 0].unbind(1)
             m = self._metrics[mode]
-            m["rewards/chosen"].append(float(c.mean()))
-            m["rewards/rejected"].append(float(r.mean()))
-            m["rewards/accuracies"].append(float((c > r).float().mean()))
-            m["rewards/margins"].append(float((c - r).mean()))
-            m["logps/chosen"].append(float(lc.mean()))
-            m["logps/rejected"].append(float(lr.mean()))
-            m["target/mean"].append(float(t.mean()))
+            values = {"rewards/chosen": c, "rewards/rejected": r, "rewards/accuracies": (c > r).float()}
+            values.update(
+                {"rewards/margins": c - r, "logps/chosen": lc, "logps/rejected": lr, "target/mean": t}
+            )
+            for (
+                k,
+                v,
+            ) in values.items():  # one value per real pair: TRL's log averages them, pooled over the step
+                m[k].extend(v.tolist())
         return (loss, {}) if return_outputs else loss
 
     def training_step(self, *args, **kwargs):
@@ -345,7 +365,8 @@ class Probe:
 
 def probe_callback(probe: Probe, metrics, every: int, ref_lm=None):
     """A TrainerCallback that runs the probe before the first step, every `every` steps and after the last, on
-    the main process, and logs its row at the step it ran."""
+    every process (the same prompts and seeds: sharded weights (ZeRO-3, FSDP) need every rank in each forward,
+    and under DDP the others would wait for it anyway); the main process logs its row at the step it ran."""
     from transformers import TrainerCallback
 
     class Probing(TrainerCallback):
@@ -353,11 +374,12 @@ def probe_callback(probe: Probe, metrics, every: int, ref_lm=None):
             self.trainer, self.done = None, set()
 
         def _run(self, state, model):
-            if not state.is_world_process_zero or state.global_step in self.done:
+            if state.global_step in self.done:
                 return
             t0 = time.perf_counter()
             row = probe(model, ref_lm)
-            metrics.log(row, step=state.global_step)
+            if state.is_world_process_zero:
+                metrics.log(row, step=state.global_step)
             self.done.add(state.global_step)
             if self.trainer is not None and self.trainer._t_last is not None:  # inside a timed stretch
                 self.trainer.probe_seconds += time.perf_counter() - t0

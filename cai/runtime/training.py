@@ -134,6 +134,27 @@ def real_rows(n: int, end_of_data: bool, remainder: int, rank: int):
     return keep
 
 
+def step_batches(acc, epoch_iterator, num_batches: int, device, key: str, rows_of: str):
+    """One optimizer step's micro-batches (a Trainer's get_batch_samples), each marked under `key` with its real
+    rows (real_rows; a batch has len(batch[rows_of]) of them), and the number of real rows over all of them and
+    every process: a loss summed over real rows and divided by it is the global batch's mean however the batch
+    is split into micro-batches and processes."""
+    import torch
+
+    state, batches = acc.gradient_state, []
+    for _ in range(num_batches):
+        try:
+            batch = next(epoch_iterator)
+        except StopIteration:
+            break
+        batch[key] = real_rows(
+            len(batch[rows_of]), state.end_of_dataloader, state.remainder, acc.process_index
+        )
+        batches.append(batch)
+    local = sum(int(b[key].sum()) for b in batches)
+    return batches, acc.gather(torch.tensor([local], device=device)).sum()
+
+
 def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of the checkpoint-N folders, newest first."""
     found = ckpt_dir.glob("checkpoint-*") if ckpt_dir.is_dir() else []
