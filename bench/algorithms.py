@@ -9,8 +9,12 @@ as the policy being optimised and the reference, LoRA r 16 (reference = adapters
   x k = 4), response length 48, temperature 0.7, 2 epochs, 1 minibatch, learning rate 1e-4; the reward is a PM
   (SmolLM2 with a seeded sequence-classification head, as bench/ppo_vs_trl.py makes it); PPO's critic is a
   separate LoRA value model on the same weights. Policy tokens: the sampled response tokens.
-- DPO (cai.rl.dpo): batches of 4 HH pairs (harmless-base dev, ../shared/data; 8 sequences, as the on-policy
-  updates hold 8 responses), max length 256, beta 0.1, learning rate 5e-5. Policy tokens: the response tokens of both sides of every pair (what it trains on).
+- DPO (cai.rl.dpo): pairs made once by this script (`make_pairs`): SmolLM2's own responses to the 8 bench prompts
+  (the PPO prompts: the first 8 built-in red-team prompts), 3 per prompt (48 new tokens, temperature 0.7), paired
+  as the feedback stage pairs them (cai.feedback.pairs.form_pairs: up to 3 per prompt, identical ones skipped,
+  so up to 24 pairs), each with a seeded soft label (p_a drawn from 0.5-1 or 0-0.5 by a seeded coin); batches of
+  4 pairs (8 sequences, as the on-policy updates hold 8 responses), max length 512, beta 0.1, learning rate
+  5e-5, LoRA r 16. Policy tokens: the response tokens of both sides of every pair (what it trains on).
 Each process runs one warm-up update (step) and then `--updates` timed ones (DPO: 2x as many steps);
 reported: process CPU seconds and wall seconds per 1,000 policy tokens over the timed ones, and the peak
 resident memory of the process (all its models loaded; not a per-token quantity).
@@ -30,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from rounds import positive_int  # noqa: E402
+
 ALGORITHMS = ["ppo", "rloo", "grpo", "dpo"]
 
 
@@ -190,7 +196,7 @@ def summarize(kind: str, out: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--updates", type=int, default=2, help="timed updates per on-policy algorithm")
+    ap.add_argument("--updates", type=positive_int, default=2, help="timed updates per on-policy algorithm")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench-algorithms.json")
     ap.add_argument("--only", nargs="*", choices=ALGORITHMS, default=ALGORITHMS)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rounds import decode_args, decode_inputs, print_machine, print_ratio_table, rotating_rounds  # noqa: E402
+from rounds import decode_args, decode_inputs, positive_int, print_machine, print_ratio_table, rotating_rounds  # noqa: E402
 
 WAYS = {"prefix": ("left-padded", "shared prefix"), "held": ("per batch", "held for the run")}
 
@@ -45,7 +45,9 @@ def main() -> None:
         __doc__.split("\n\n")[0],
         extra=lambda ap: (
             ap.add_argument("--change", choices=sorted(WAYS), default="prefix"),
-            ap.add_argument("--prompts", type=int, default=32, help="--change held: prompts per run"),
+            ap.add_argument(
+                "--prompts", type=positive_int, default=32, help="--change held: prompts per run"
+            ),
         ),
     )
 
@@ -56,7 +58,7 @@ def main() -> None:
 
     ways = WAYS[args.change]
     if args.change == "held":
-        args.batch_sizes = f"{args.batch_sizes},{args.prompts}"  # decode_inputs loads the largest as prompts
+        args.batch_sizes = [*args.batch_sizes, args.prompts]  # decode_inputs loads the largest as prompts
     model, tok, sampling, sizes, prompts = decode_inputs(args)
     if args.change == "held":
         sizes = sizes[:-1]

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from rounds import compare_trainings, print_machine  # noqa: E402
+from rounds import compare_trainings, positive_int, print_machine  # noqa: E402
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 WAYS = ("TRL padded", "packed")
@@ -38,8 +38,8 @@ WAYS = ("TRL padded", "packed")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--pairs", type=int, default=24)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pairs", type=positive_int, default=24)
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--full", action="store_true", help="a full fine-tune against a frozen copy, not LoRA")
     args = ap.parse_args()
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rounds import int_list, positive_int  # noqa: E402
 
 
 def bench_prompts(n: int, seed: int = 0) -> list[list[dict]]:
@@ -112,11 +113,11 @@ def vllm_engine_for(a, sampling, batch_size: int):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--prompts", type=positive_int, default=32)
     p.add_argument(
         "--naive-prompts", type=int, default=None, help="prompts for the naive loop (default: all)"
     )
-    p.add_argument("--batch-sizes", default="16", help="comma-separated engine batch sizes")
+    p.add_argument("--batch-sizes", type=int_list, default="16", help="comma-separated engine batch sizes")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument(
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "runs": {},
     }
-    sizes = [int(b) for b in a.batch_sizes.split(",")]
+    sizes = a.batch_sizes
     for b in sizes:
         res["runs"][f"engine, batch {b}"] = run_engine(
             Engine(model, tok, sampling, batch_size=b, seed=0), requests

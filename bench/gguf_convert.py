@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from rounds import positive_int  # noqa: E402
 
 
 def by_transformers(gguf: Path, out: Path) -> None:
@@ -43,7 +44,7 @@ def by_transformers(gguf: Path, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=positive_int, default=2)
     args = ap.parse_args()
 
     import transformers  # noqa: F401  (imported before timing: both sides need it)

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rounds import positive_int  # noqa: E402
 
 SHAPES = {  # Llama-shaped; the byte-level tokenizer's vocabulary padded to a realistic LM-head size
     "0.5b": dict(
@@ -328,8 +329,8 @@ def main() -> int:
     p.add_argument(
         "--tiny", action="store_true", help="a tiny model on the CPU (checks the script, not a GPU)"
     )
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--updates", type=int, default=2)
+    p.add_argument("--steps", type=positive_int, default=4)
+    p.add_argument("--updates", type=positive_int, default=2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--packed-rows", type=int, default=256)

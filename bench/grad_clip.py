@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rounds import print_machine, ratio_cell  # noqa: E402
+from rounds import positive_int, print_machine, ratio_cell  # noqa: E402
 
 WAYS = ("torch", "ours")
 
@@ -28,8 +28,8 @@ WAYS = ("torch", "ours")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--steps", type=int, default=5, help="clips timed together, each way and round")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=positive_int, default=5, help="clips timed together, each way and round")
+    ap.add_argument("--rounds", type=positive_int, default=5)
     args = ap.parse_args()
 
     import torch

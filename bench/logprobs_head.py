@@ -22,19 +22,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rounds import print_machine, ratio_cell, rotating_rounds  # noqa: E402
+from rounds import int_list, positive_int, print_machine, ratio_cell, rotating_rounds  # noqa: E402
 
 WAYS = ("divide + TRL selective_log_softmax", "selected_logprobs")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch-sizes", default="8")
+    ap.add_argument("--batch-sizes", type=int_list, default="8")
     ap.add_argument("--response", type=int, default=48, help="response positions per row")
     ap.add_argument("--vocab", type=int, default=49152, help="SmolLM2's vocabulary by default")
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--steps", type=int, default=10, help="steps timed together, each way and round")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=positive_int, default=10, help="steps timed together, each way and round")
+    ap.add_argument("--rounds", type=positive_int, default=5)
     args = ap.parse_args()
 
     import torch
@@ -42,7 +42,7 @@ def main() -> None:
 
     from cai.runtime.forward import selected_logprobs
 
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    sizes = args.batch_sizes
     g = torch.Generator().manual_seed(0)
     data = {
         b: (

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rounds import print_machine, print_ratio_table, rotating_rounds  # noqa: E402
+from rounds import int_list, positive_int, print_machine, print_ratio_table, rotating_rounds  # noqa: E402
 
 WAYS = ("peft forward", "fused")
 
@@ -32,11 +32,11 @@ WAYS = ("peft forward", "fused")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--batch-sizes", default="8")
+    ap.add_argument("--batch-sizes", type=int_list, default="8")
     ap.add_argument("--tokens", type=int, default=82, help="tokens per row (prompt and response)")
     ap.add_argument("--response", type=int, default=48, help="positions whose log-probabilities are trained")
-    ap.add_argument("--steps", type=int, default=3, help="steps timed together, each way and round")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=positive_int, default=3, help="steps timed together, each way and round")
+    ap.add_argument("--rounds", type=positive_int, default=5)
     args = ap.parse_args()
 
     import torch
@@ -50,7 +50,7 @@ def main() -> None:
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    sizes = args.batch_sizes
     vocab = model.get_input_embeddings().weight.shape[0]
     inputs = {
         b: torch.randint(0, vocab, (b, args.tokens), generator=torch.Generator().manual_seed(b))

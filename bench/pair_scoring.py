@@ -12,7 +12,9 @@ SmolLM2-135M-Instruct with a seeded scalar head (or `--pm`, a trained PM folder)
   held-out evaluation before and after, score normalisation) on `--train-pairs` HH pairs as its feedback.
 
 Printed: seconds of each side per round, the speed-ups (median over rounds of the paired ratios) and the checks
-that both sides agree (eval: the same accuracy, scores within 1e-4; stage: held-out accuracy and score mean).
+that both sides agree (eval: the same accuracy, and every pair's raw scores within 1e-4 of the other side's, the
+largest difference printed: else a one-line message and exit 1, before the speed-ups; stage: held-out accuracy
+and score mean, printed).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from rounds import positive_int  # noqa: E402
 
+SCORE_TOLERANCE = 1e-4  # the most a packed raw score may differ from the padded one
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 
 
@@ -56,13 +60,37 @@ def set_packed(on: bool) -> None:
 
 
 def time_eval(pm: Path, n: int) -> tuple[float, dict]:
+    """Seconds of `evaluate_pm` and its result, with "scores": the PM's raw scores of every conversation, in the
+    order it scored them."""
     from cai.eval.measure import evaluate_pm
     from cai.pm.scoring import RewardScorer
 
     scorer = RewardScorer(pm)
+    scored, score = [], scorer.score
+
+    def keep(*args, **kwargs):
+        out = score(*args, **kwargs)
+        scored.extend(out.tolist())
+        return out
+
+    scorer.score = keep
     t0 = time.perf_counter()
     result = evaluate_pm(scorer, "pairs", limit=n)
-    return time.perf_counter() - t0, result
+    return time.perf_counter() - t0, {**result, "scores": scored}
+
+
+def eval_disagreement(packed: dict, padded: dict) -> tuple[float, str | None]:
+    """The largest difference between the two sides' raw scores, and what disagrees (None: they agree): a score
+    further than SCORE_TOLERANCE, another accuracy or another number of scores."""
+    a, b = packed["scores"], padded["scores"]
+    if len(a) != len(b) or not a:
+        return float("nan"), f"{len(a)} scores packed, {len(b)} padded"
+    diff = max(abs(x - y) for x, y in zip(a, b))
+    if not diff <= SCORE_TOLERANCE:
+        return diff, f"largest score difference {diff:.1e} > {SCORE_TOLERANCE:.0e}"
+    if packed["accuracy"] != padded["accuracy"]:
+        return diff, f"accuracy {packed['accuracy']:.4f} packed, {padded['accuracy']:.4f} padded"
+    return diff, None
 
 
 def feedback_rows(n: int, seed: int = 0) -> list[dict]:
@@ -97,9 +125,9 @@ def time_stage(run: Path) -> tuple[float, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--eval-pairs", type=int, default=128)
-    ap.add_argument("--train-pairs", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--eval-pairs", type=positive_int, default=128)
+    ap.add_argument("--train-pairs", type=positive_int, default=64)
+    ap.add_argument("--rounds", type=positive_int, default=2)
     ap.add_argument("--pm", help="a trained PM folder for the eval part (default: SmolLM2 + a seeded head)")
     ap.add_argument("--skip-stage", action="store_true")
     args = ap.parse_args()
@@ -138,9 +166,11 @@ def main() -> None:
             f"{statistics.median(times[part][True]):.1f} | {speedups[part]:.2f} |"
         )
     ev = checks["eval"]
+    diff, wrong = eval_disagreement(ev[True], ev[False])
     print(
-        f"\npm eval agrees: accuracy {ev[True]['accuracy']:.4f} packed, {ev[False]['accuracy']:.4f} padded; "
-        f"mean margin {ev[True]['mean_margin']:.5f} / {ev[False]['mean_margin']:.5f}"
+        f"\npm eval: accuracy {ev[True]['accuracy']:.4f} packed, {ev[False]['accuracy']:.4f} padded; "
+        f"mean margin {ev[True]['mean_margin']:.5f} / {ev[False]['mean_margin']:.5f}; largest raw score "
+        f"difference {diff:.1e} over {len(ev[True]['scores'])} scores"
     )
     if checks["stage"]:
         st = checks["stage"]
@@ -149,6 +179,9 @@ def main() -> None:
             f"{st[True]['held_out']['accuracy']:.4f} / {st[False]['held_out']['accuracy']:.4f}; score mean "
             f"{st[True]['score_norm']['mean']:.5f} / {st[False]['score_norm']['mean']:.5f}"
         )
+    if wrong:
+        sys.exit(f"[bench] pm eval: packed and padded disagree: {wrong}")
+    print("pm eval agrees")
     for part, x in speedups.items():
         print(f"speedup {part} {x:.2f}")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rounds import print_machine, print_ratio_table, rotating_rounds  # noqa: E402
+from rounds import int_list, positive_int, print_machine, print_ratio_table, rotating_rounds  # noqa: E402
 
 WAYS = {"tied": ("dense", "sparse"), "gather": ("indexing", "index_select")}
 
@@ -36,10 +36,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--change", choices=sorted(WAYS), default="tied")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--batch-sizes", default="8")
+    ap.add_argument("--batch-sizes", type=int_list, default="8")
     ap.add_argument("--response", type=int, default=48, help="response tokens per row, trained")
-    ap.add_argument("--steps", type=int, default=2, help="steps timed together, each way and round")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=positive_int, default=2, help="steps timed together, each way and round")
+    ap.add_argument("--rounds", type=positive_int, default=5)
     args = ap.parse_args()
 
     import torch
@@ -54,7 +54,7 @@ def main() -> None:
     tok = load_tokenizer(args.model)
     policy = PolicyModel(load_model(args.model)).train()
     engine = gen.Engine(policy.lm, tok, gen.Sampling())
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    sizes = args.batch_sizes
     g = torch.Generator().manual_seed(0)
     prompts = [engine.encode({"messages": m}) for m in bench_prompts(max(sizes))]
     rows = [p + torch.randint(100, 40000, (args.response,), generator=g).tolist() for p in prompts]

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rounds import positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("hf", "hf+vllm", "vllm")
 STEP_KINDS = (
@@ -160,10 +162,10 @@ def main() -> None:
     p.add_argument(
         "--overhead", action="store_true", help="training steps without and with vLLM in the process"
     )
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=positive_int, default=6)
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--updates", type=int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=2)
+    p.add_argument("--updates", type=positive_int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="write every process's figures here")
     args = p.parse_args()

@@ -11,13 +11,19 @@ trainer sets for itself on a CPU (cai.runtime.settings.keep_freed_memory): its s
 ours is that setting.
 
 TRL 1.12.0 runs in its own virtualenv, made by this script on first use (`--venv`, default
-~/.cache/cai/bench/trl112: `pip install torch==2.13.0`, then trl==1.12.0 and the project's transformers,
-accelerate and datasets). Each round starts one process per configuration, alternating, so that load on a
+~/.cache/cai/bench/trl112: `pip install torch==V` at this interpreter's torch version, then trl==1.12.0 and this
+interpreter's transformers, accelerate and datasets, each pinned to the version installed here), and remade where
+any of the five differs. Each worker records the versions it ran with, and the report prints both sides'. Each round starts one process per configuration, alternating, so that load on a
 shared machine hits every side; each process runs one warm-up update and then `--updates` timed ones.
 Reported: the median seconds per update over all timed updates, the median of each phase, and the peak RSS
 of the processes. The compute floor (bench/floor.py): the FLOPs of an update from the model's shapes and the
-token counts, at the fp32 matmul rate and copy rate measured by this process at the start of each round; each
-configuration's share of the floor = floor seconds / its seconds per update. The last line is `speedup X.XX` =
+token counts, at the fp32 matmul rate and copy rate measured by this process at the start of each round; a
+configuration's share of a floor = floor seconds / its seconds per update. Two floors per configuration: the
+settings' floor (every prompt's tokens in every trunk pass, the rollout's critic forward of its own: the work of
+a padded batch, which is what TRL runs, so TRL's own floor is this one), and its own floor, the work the trainer
+itself must do: ours computes the 8 prompts' shared opening once per trunk pass (packed forwards, generation's
+shared prefix) and, at one minibatch, takes the rollout's values from epoch 0's critic forward (cai.rl.trainer).
+The LoRA rows count the adapters' products (r from LORA) and the frozen weights' input gradients. The last line is `speedup X.XX` =
 TRL's seconds per update / ours at equal settings, the median over rounds of the ratio of the two back-to-back
 processes (robust to load that changes between rounds); the line before gives it with the distribution-free
 interval of that median (75% with 3 rounds, 95% needs 6). `--summarize [FILE ...]` prints the summary again from
@@ -39,6 +45,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from floor import decoder_shapes, floor_seconds, machine_rates, update_work
+from rounds import positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(
@@ -46,6 +53,11 @@ SETTINGS = dict(
 )
 # the environment of the "trl-kept" processes: glibc's malloc without mmap and without trimming
 KEPT_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(10**12)}
+TRL_VERSION = "1.12.0"
+# pinned in TRL's virtualenv to the versions this interpreter runs (ensure_venv)
+PINNED = ("torch", "transformers", "accelerate", "datasets")
+LORA = dict(r=16, alpha=32)  # our default configuration's adapters
+WORK = Path.home() / ".cache" / "cai" / "bench" / "ppo"
 PHASES = ["generate", "ref", "value", "reward", "train_forward", "backward", "optimizer"]
 
 
@@ -72,6 +84,13 @@ class Clock:
 
     def snapshot(self) -> dict:
         return dict(self.total)
+
+
+def installed_versions(names) -> dict:
+    """The installed version of each package in `names`, in this interpreter."""
+    from importlib.metadata import version
+
+    return {n: version(n) for n in names}
 
 
 def diff(a: dict, b: dict) -> dict:
@@ -173,7 +192,12 @@ def worker_trl(args) -> dict:
         {"seconds": t1 - t0, "cpu_seconds": c1 - c0, **diff(p0, p1)}
         for (t0, c0, p0), (t1, c1, p1) in zip(marks, marks[1:])
     ]
-    return {"updates": updates[1:], "warmup": updates[0], "peak_rss_mb": peak_rss_mb()}
+    return {
+        "updates": updates[1:],
+        "warmup": updates[0],
+        "peak_rss_mb": peak_rss_mb(),
+        "versions": installed_versions((*PINNED, "trl")),
+    }
 
 
 # ---------------------------------------------------------------- our worker (project venv)
@@ -203,7 +227,7 @@ def worker_ours(args, lora: bool) -> dict:
         learning_rate=s["lr"],
         kl_coef=s["kl_coef"],
         save_every=10**6,
-        lora=LoraConfig(r=16, alpha=32) if lora else None,
+        lora=LoraConfig(**LORA) if lora else None,
     )
     lm = load_model(args.model)
     ref = None
@@ -254,27 +278,49 @@ def worker_ours(args, lora: bool) -> dict:
                 **diff(p0, clock.snapshot()),
             }
         )
-    return {"updates": updates[1:], "warmup": updates[0], "peak_rss_mb": peak_rss_mb()}
+    return {
+        "updates": updates[1:],
+        "warmup": updates[0],
+        "peak_rss_mb": peak_rss_mb(),
+        "versions": installed_versions((*PINNED, "peft")),
+    }
 
 
 # ---------------------------------------------------------------- driver
+VERSIONS = (
+    "import importlib.metadata as m, json, sys; print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
+)
+
+
+def venv_versions(py: Path, names: list[str]) -> dict | None:
+    """The versions of `names` installed in the virtualenv of `py`; None where one is missing."""
+    proc = subprocess.run([str(py), "-c", VERSIONS, *names], capture_output=True, text=True)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
 def ensure_venv(venv: Path) -> Path:
+    """TRL 1.12.0's virtualenv with this interpreter's torch, transformers, accelerate and datasets: made on first
+    use, and reinstalled where any of the five versions differs."""
+    want = {"trl": TRL_VERSION, **installed_versions(PINNED)}
     py = venv / "bin" / "python"
-    if (
-        py.is_file()
-        and subprocess.run(
-            [str(py), "-c", "import trl, sys; sys.exit(trl.__version__ != '1.12.0')"]
-        ).returncode
-        == 0
-    ):
+    have = venv_versions(py, list(want)) if py.is_file() else None
+    if have == want:
         return py
-    print(f"[bench] creating the TRL 1.12.0 virtualenv in {venv} (once, ~2 min)", flush=True)
+    pins = ", ".join(f"{k} {v}" for k, v in want.items())
+    if have is None:
+        print(f"[bench] creating the TRL virtualenv in {venv} ({pins}; once, ~2 min)", flush=True)
+    else:
+        old = ", ".join(f"{k} {have[k]}" for k in want if have[k] != want[k])
+        print(f"[bench] the TRL virtualenv in {venv} has {old}: installing {pins}", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run(pip + ["torch==2.13.0"], check=True)
-    subprocess.run(
-        pip + ["trl==1.12.0", "transformers==5.23.0", "accelerate==1.15.0", "datasets==5.2.0"], check=True
-    )
+    # torch alone and first, at this interpreter's exact version (its local label too, e.g. 2.13.0+cpu: the local
+    # CPU wheel), so that no other requirement pulls a CUDA build
+    subprocess.run(pip + [f"torch=={want['torch']}"], check=True)
+    subprocess.run(pip + [f"{k}=={v}" for k, v in want.items() if k != "torch"], check=True)
+    have = venv_versions(py, list(want))
+    if have != want:
+        raise SystemExit(f"[bench] the TRL virtualenv in {venv} has {have} after installing, not {want}")
     return py
 
 
@@ -344,16 +390,33 @@ def with_interval(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.2f} ({coverage:.0%} interval {lo:.2f}-{hi:.2f} over {len(ratios)} rounds)"
 
 
-def load_results(paths: list[str]) -> dict[str, list[dict]]:
+def load_results(paths: list[str], error=None) -> dict[str, list[dict]]:
     """The per-process rows of one or more results files, by configuration ("rates": each round's measured
-    rates); with several files the rounds are renamed file.round so that they stay apart when pooled."""
+    rates); with several files the rounds are renamed file.round so that they stay apart when pooled. Each file
+    must exist and hold rows of TRL and of ours (a run that timed one round at least): else `error(message)`
+    (the parser's error: one line, exit 2)."""
+    error = error or (lambda msg: sys.exit(msg))
     results: dict[str, list[dict]] = defaultdict(list)
     for i, path in enumerate(paths):
-        for line in Path(path).read_text().splitlines():
-            row = json.loads(line)
+        if not Path(path).is_file():
+            error(f"--summarize: {path}: no such file")
+        kinds = set()
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            try:
+                row = json.loads(line)
+                kinds.add(row["kind"])
+                if row["kind"] != "rates" and not row["updates"]:
+                    raise KeyError("updates")
+            except (ValueError, KeyError, TypeError) as e:
+                error(
+                    f"--summarize: {path}:{n}: not a row of this benchmark's results ({type(e).__name__}: {e})"
+                )
             if len(paths) > 1:
                 row["round"] = f"{i}.{row['round']}"
             results[row["kind"]].append(row)
+        missing = [k for k in ("trl", "ours") if k not in kinds]
+        if missing:
+            error(f"--summarize: {path} holds no rows of {' and '.join(missing)} (an interrupted run?)")
     return results
 
 
@@ -377,10 +440,13 @@ def summarize(results: dict[str, list[dict]]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--rounds", type=int, default=3, help="alternating rounds (one process per configuration each)"
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="alternating rounds (one process per configuration each)",
     )
     ap.add_argument(
-        "--updates", type=int, default=1, help="timed updates per process, after one warm-up update"
+        "--updates", type=positive_int, default=1, help="timed updates per process, after one warm-up update"
     )
     ap.add_argument("--venv", default=str(Path.home() / ".cache" / "cai" / "bench" / "trl112"))
     ap.add_argument(
@@ -397,7 +463,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--results",
-        default=str(Path.home() / ".cache" / "cai" / "bench" / "ppo" / "results.jsonl"),
+        default=str(WORK / "results.jsonl"),
         help="each worker's result is appended here (a fresh file per run)",
     )
     ap.add_argument(
@@ -430,12 +496,14 @@ def main() -> None:
         return
 
     if args.summarize is not None:
-        report(load_results(args.summarize or [args.results]), args)
+        report(load_results(args.summarize or [args.results], ap.error), args)
         return
+    for name in ("lora_rounds", "kept_rounds"):
+        if (getattr(args, name) or 0) < 0:
+            ap.error(f"--{name.replace('_', '-')}: a count of rounds (0 or more) is expected")
     trl_python = str(ensure_venv(Path(args.venv)))
-    work = Path.home() / ".cache" / "cai" / "bench" / "ppo"
-    work.mkdir(parents=True, exist_ok=True)
-    model, reward, prompts = prepare_inputs(work)
+    WORK.mkdir(parents=True, exist_ok=True)
+    model, reward, prompts = prepare_inputs(WORK)
     common = [
         "--model",
         model,
@@ -456,6 +524,7 @@ def main() -> None:
     ]
     lora_rounds = args.rounds if args.lora_rounds is None else args.lora_rounds
     kept_rounds = args.rounds if args.kept_rounds is None else args.kept_rounds
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).unlink(missing_ok=True)
     print(
         f"[bench] load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch threads: {args.threads or 'default'}",
@@ -468,7 +537,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     for r in range(args.rounds):
         rates = machine_rates()
-        results["rates"].append({"round": r, **rates, **work_of(model, prompts)})
+        results["rates"].append({"round": r, **rates, "count": count_inputs(model, prompts)})
         print(
             f"[bench] round {r}: matmul {rates['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
             f"{rates['copy_bytes'] / 1e9:.1f} GB/s",
@@ -489,31 +558,87 @@ def main() -> None:
     report(results, args)
 
 
-def work_of(model_dir: str, prompts: str) -> dict:
-    """The FLOPs and decoding bytes of an update at SETTINGS, full fine-tune and LoRA (bench/floor.py)."""
-    shapes = decoder_shapes(json.loads((Path(model_dir) / "config.json").read_text()))
-    lens = [len(x) for x in json.loads(Path(prompts).read_text())["input_ids"]]
-    args = (shapes, lens, SETTINGS["response_length"], SETTINGS["epochs"])
-    return {"full": update_work(*args), "lora": update_work(*args, lora=True)}
+def count_inputs(model_dir: str, prompts: str) -> dict:
+    """What the floors are counted from (kept with each round's rates): the model's shapes, the prompts' token
+    counts, the tokens every prompt begins with as cai's packed forwards share them (cai.runtime.packing's
+    common_prefix; generation's prefill shares the same) and the rank of our LoRA configuration."""
+    from cai.runtime.packing import common_prefix  # not at the top: TRL's worker runs this file without cai
+
+    ids = json.loads(Path(prompts).read_text())["input_ids"]
+    return {
+        "shapes": decoder_shapes(json.loads((Path(model_dir) / "config.json").read_text())),
+        "prompt_lens": [len(x) for x in ids],
+        "shared_prefix": common_prefix(ids),
+        "lora_r": LORA["r"],
+    }
+
+
+def stored_count() -> dict:
+    """`count_inputs` of the model and prompts a run leaves in WORK, for results files kept before the rounds
+    stored their counts."""
+    from cai.runtime.models import alias_dir
+
+    model, prompts = alias_dir("smollm2-135m-instruct"), WORK / "prompts.json"
+    if not (model / "config.json").is_file() or not prompts.is_file():
+        raise SystemExit(f"[bench] the results hold no token counts and {prompts} or {model} is missing")
+    print(f"[bench] the results hold no token counts: counted from {prompts} and {model}", flush=True)
+    return count_inputs(str(model), str(prompts))
+
+
+def floor_works(count: dict) -> dict:
+    """Per configuration, (the settings' work, its own work) of one update (bench/floor.py). The settings': every
+    prompt's tokens in every trunk pass and the rollout's critic forward of its own, the work of a padded batch;
+    TRL's own is that one. Ours: the prompts' shared opening once per trunk pass and, at one minibatch, the
+    rollout's values from epoch 0's critic forward (cai.rl.trainer's reuse_values)."""
+    args = (count["shapes"], count["prompt_lens"], SETTINGS["response_length"], SETTINGS["epochs"])
+    own = dict(shared_prefix=count["shared_prefix"], rollout_value=SETTINGS["minibatches"] != 1)
+    full, lora = update_work(*args), update_work(*args, lora_r=count["lora_r"])
+    return {
+        "trl": (full, full),
+        "trl-kept": (full, full),
+        "ours": (full, update_work(*args, **own)),
+        "ours-lora": (lora, update_work(*args, lora_r=count["lora_r"], **own)),
+    }
 
 
 def floor_shares(results: dict) -> dict:
-    """Per configuration: (median floor seconds, median share of the floor) over the rounds, each round's
-    processes against the rates measured at its start."""
+    """Per configuration: (settings' floor s, share of it, own floor s, share of it), the medians over the
+    rounds, each round's processes against the rates measured at its start."""
     rates = {r["round"]: r for r in results.get("rates", [])}
+    fallback = None
     out = {}
     for kind in ("trl", "ours", "ours-lora", "trl-kept"):
-        floors, shares = [], []
+        cols = [[], [], [], []]
         for run in results.get(kind, []):
             r = rates.get(run.get("round"))
             if r is None:
                 continue
-            f = floor_seconds(r["lora" if kind == "ours-lora" else "full"], r)
-            floors += [f]
-            shares += [f / statistics.median(u["seconds"] for u in run["updates"])]
-        if shares:
-            out[kind] = (statistics.median(floors), statistics.median(shares))
+            if "count" not in r and fallback is None:
+                fallback = stored_count()
+            seconds = statistics.median(u["seconds"] for u in run["updates"])
+            for i, work in enumerate(floor_works(r.get("count") or fallback)[kind]):
+                f = floor_seconds(work, r)
+                cols[2 * i].append(f)
+                cols[2 * i + 1].append(f / seconds)
+        if cols[0]:
+            out[kind] = tuple(statistics.median(c) for c in cols)
     return out
+
+
+def versions_line(results: dict) -> str:
+    """Both sides' package versions as their workers recorded them, and which of the pinned ones differ."""
+    sides = {}
+    for side, kinds in (("TRL", ("trl", "trl-kept")), ("ours", ("ours", "ours-lora"))):
+        seen = {json.dumps(r["versions"]) for k in kinds for r in results.get(k, []) if "versions" in r}
+        sides[side] = [json.loads(v) for v in sorted(seen)]
+    if not all(sides.values()):
+        return "versions: not recorded (results from before the workers kept them)"
+    text = "; ".join(
+        f"{side} " + " / ".join(", ".join(f"{k} {v}" for k, v in vs.items()) for vs in sets)
+        for side, sets in sides.items()
+    )
+    differ = sorted({p for a in sides["TRL"] for b in sides["ours"] for p in PINNED if a.get(p) != b.get(p)})
+    return f"versions: {text}" + (f" -- DIFFERENT on the two sides: {', '.join(differ)}" if differ else "")
 
 
 def report(results: dict, args) -> None:
@@ -530,16 +655,17 @@ def report(results: dict, args) -> None:
     print(
         "\n| configuration | s/update | CPU s/update | "
         + " | ".join(cols)
-        + " | peak RSS MB | n | floor s | share of floor |"
+        + " | peak RSS MB | n | settings' floor s | share | own floor s | share of own floor |"
     )
-    print("|---|---:|---:|" + "---:|" * len(cols) + "---:|---:|---:|---:|")
+    print("|---|---:|---:|" + "---:|" * len(cols) + "---:|---:|---:|---:|---:|---:|")
     for kind, row in summary.items():
-        floor, share = shares.get(kind, (float("nan"), float("nan")))
+        f_set, s_set, f_own, s_own = shares.get(kind, (float("nan"),) * 4)
         print(
             f"| {names[kind]} | {row['seconds']:.1f} | {row['cpu_seconds']:.1f} | "
             + " | ".join(f"{row[c]:.1f}" for c in cols)
-            + f" | {row['peak_rss_mb']:.0f} | {row['n']} | {floor:.1f} | {share:.0%} |"
+            + f" | {row['peak_rss_mb']:.0f} | {row['n']} | {f_set:.1f} | {s_set:.0%} | {f_own:.1f} | {s_own:.0%} |"
         )
+    print("\n" + versions_line(results))
 
     trl_s, trl_c = summary["trl"]["seconds"], summary["trl"]["cpu_seconds"]
     paired = round_ratios(results["trl"], results["ours"])
@@ -549,8 +675,8 @@ def report(results: dict, args) -> None:
         + f"; load averages: {', '.join(str(round(r.get('load', float('nan')), 1)) for r in results['ours'])}"
     )
     print(
-        "share of the compute floor (floor s / s per update, median over rounds): "
-        + ", ".join(f"{names[k]} {v[1]:.2f}" for k, v in shares.items())
+        "share of its own compute floor (floor s / s per update, median over rounds; of the settings' floor): "
+        + ", ".join(f"{names[k]} {v[3]:.2f} ({v[1]:.2f})" for k, v in shares.items())
     )
     print(f"ratio of the medians TRL/ours (wall): {trl_s / summary['ours']['seconds']:.2f}")
     print(f"CPU-time ratio TRL/ours (equal settings): {trl_c / summary['ours']['cpu_seconds']:.2f}")

@@ -1,5 +1,6 @@
-"""Shared by the benchmarks: the generation benchmarks' command line and inputs, the machine's rates line, rounds
-that time each way in turn (decoding, and two ways of training), and the ratio cell of their tables.
+"""Shared by the benchmarks: the argparse types of their counts, the generation benchmarks' command line and
+inputs, the machine's rates line, rounds that time each way in turn (decoding, and two ways of training), and the
+ratio cell of their tables.
 
 Each round runs every batch size once each way, the order of the ways rotating from round to round, so that load
 on a shared machine hits every way alike.
@@ -10,8 +11,30 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 
 from floor import machine_rates
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count (rounds, updates, steps, examples, pairs): an integer of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of 1 or more is expected, not {text!r}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type of --batch-sizes: comma-separated whole numbers of 1 or more, e.g. 8,32."""
+    try:
+        return [positive_int(x) for x in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"comma-separated whole numbers of 1 or more are expected (e.g. 8,32), not {text!r}"
+        ) from None
 
 
 def print_machine(torch) -> None:
@@ -84,9 +107,9 @@ def decode_args(description: str, batch_sizes: str = "8,32", threads: bool = Fal
     if extra:
         extra(ap)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--batch-sizes", default=batch_sizes)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch-sizes", type=int_list, default=batch_sizes)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=48)
+    ap.add_argument("--rounds", type=positive_int, default=3)
     if threads:
         ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return ap.parse_args()
@@ -104,7 +127,7 @@ def decode_inputs(args):
     model, tok = load_for_inference(args.model)
     sampling = gen.Sampling(max_new_tokens=args.max_new_tokens, temperature=0.7)
     engine = gen.Engine(model, tok, sampling)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    sizes = args.batch_sizes
     prompts = [engine.encode({"messages": m}) for m in bench_prompts(max(sizes))]
     return model, tok, sampling, sizes, prompts
 
@@ -128,3 +151,10 @@ def print_ratio_table(sizes: list[int], secs: dict, ways: tuple, extra: dict | N
         med = [statistics.median(secs[b, w]) for w in ways]
         cells = [str(b), f"{med[0]:.2f}", f"{med[1]:.2f}", ratio_cell(secs[b, base], secs[b, ours])]
         print("| " + " | ".join(cells + [f(b) for f in extra.values()]) + " |")
+
+
+if __name__ == "__main__":
+    sys.stderr.write(
+        "bench/rounds.py is a module of the benchmarks (the decode and training benchmarks import it), not a script\n"
+    )
+    sys.exit(2)

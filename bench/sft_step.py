@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from rounds import compare_trainings, print_machine  # noqa: E402
+from rounds import compare_trainings, positive_int, print_machine  # noqa: E402
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 WAYS = ("TRL loss", "packed")
@@ -48,8 +48,8 @@ def examples(n: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--examples", type=int, default=24)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--examples", type=positive_int, default=24)
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--lora", action="store_true", help="rank-16 LoRA instead of a full fine-tune")
     args = ap.parse_args()
 
