@@ -258,7 +258,9 @@ def test_trust_remote_code_is_off_by_default(tiny_dir, tmp_path):
         "AutoModelForCausalLM": "custom_llama.CustomModel",
     }
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="trust_remote_code"):
+    with pytest.raises(
+        UserError, match="custom code; if you trust it, set trust_remote_code .recipe. or --trust-remote-code"
+    ):
         load_model(str(folder))
     assert not marker.exists()
     load_model(str(folder), Settings(trust_remote_code=True))  # the recipe turned it on: now the code runs

@@ -273,7 +273,7 @@ def resolve(ref: str) -> Resolved:
 def _load_problem(exc: Exception) -> str:
     """One line about why from_pretrained failed; custom code is named as such (trust_remote_code is off)."""
     if "trust_remote_code" in str(exc):
-        return "it contains custom code; set `trust_remote_code: true` in the recipe only if you trust it"
+        return "it contains custom code; if you trust it, set trust_remote_code (recipe) or --trust-remote-code"
     if "model.safetensors" in str(exc):
         return "no safetensors weights found (pickled .bin weights are not loaded; re-save the model as safetensors)"
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
