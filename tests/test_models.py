@@ -259,7 +259,8 @@ def test_trust_remote_code_is_off_by_default(tiny_dir, tmp_path):
     }
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        UserError, match="custom code; if you trust it, set trust_remote_code .recipe. or --trust-remote-code"
+        UserError,
+        match="it has custom code; if you trust it, set trust_remote_code .recipe. or --trust-remote-code",
     ):
         load_model(str(folder))
     assert not marker.exists()
@@ -465,3 +466,22 @@ def test_gguf_errors_name_the_file(tmp_path):
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(UserError, match=r"empty\.gguf: not a GGUF file"):
         gguf_llama.load_llama(tmp_path / "empty.gguf")
+
+
+def test_prepare_keeps_the_copy_another_process_finished_first(tmp_path, monkeypatch):
+    """Two `cai models prepare` at once: the one that finished second deleted the first one's complete copy (in
+    use by its stage) to put its own in place. It now keeps the first copy and drops its own."""
+    from cai.runtime import models
+
+    monkeypatch.setenv("CAI_CACHE", str(tmp_path))
+    target = models.alias_dir(models.TINY_ALIAS)
+
+    def other_process_wins(out):
+        target.mkdir(parents=True)
+        (target / ".complete").write_text("the other process\n")
+        (out / "mine").write_text("x")
+
+    monkeypatch.setattr(models, "_build_tiny", other_process_wins)
+    assert models.prepare(models.TINY_ALIAS) == target
+    assert (target / ".complete").read_text() == "the other process\n" and not (target / "mine").exists()
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary copy left behind

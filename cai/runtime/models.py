@@ -1,11 +1,10 @@
 """The one model loader: aliases, local HF directories, .gguf files and hub ids, loaded with one Settings
-object (device, dtype, trust_remote_code); LoRA wrapping for every training stage.
-
-Heavy imports (torch, transformers, peft) happen inside functions so that `import cai.runtime.models` is cheap.
-"""
+object (device, dtype, trust_remote_code); LoRA wrapping for every training stage. Heavy imports (torch,
+transformers, peft) happen inside functions so that `import cai.runtime.models` is cheap."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import logging
@@ -88,8 +87,11 @@ def prepare(name: str, quiet: bool = False) -> Path:
     else:
         _convert_gguf(smollm_gguf(), tmp, quiet=quiet)
     (tmp / ".complete").write_text(f"built in {time.time() - t0:.1f}s\n")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    if not _is_complete(target):  # else another process finished first: keep its copy, which may be in use
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover
+        with contextlib.suppress(OSError):  # another process's copy landed in between
+            tmp.rename(target)
+    shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -273,7 +275,7 @@ def resolve(ref: str) -> Resolved:
 def _load_problem(exc: Exception) -> str:
     """One line about why from_pretrained failed; custom code is named as such (trust_remote_code is off)."""
     if "trust_remote_code" in str(exc):
-        return "it contains custom code; if you trust it, set trust_remote_code (recipe) or --trust-remote-code"
+        return "it has custom code; if you trust it, set trust_remote_code (recipe) or --trust-remote-code"
     if "model.safetensors" in str(exc):
         return "no safetensors weights found (pickled .bin weights are not loaded; re-save the model as safetensors)"
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -353,8 +355,7 @@ def _no_load_report(record) -> bool:
 
 
 def _say_new_head(ref: str, role: str | None, info: dict) -> None:
-    """One line when a scalar head was newly initialised (expected: it is trained next); other missing or
-    unexpected weights are a warning that lists them."""
+    """One line when a scalar head was newly initialised (trained next); other missing/unexpected weights warn."""
     missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
     head = [k for k in missing if k.split(".")[0] in ("score", "classifier")]
     who, other = f"{role or 'model'} '{ref}'", [k for k in missing if k not in head]
