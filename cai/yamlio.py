@@ -25,8 +25,9 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
         raise UserError(f"{path}: file not found")
     try:
         text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except UnicodeDecodeError as exc:  # one decode of the whole file: exc.start is its byte offset
+        line = path.read_bytes().count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}:{line}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -43,7 +44,7 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
     lines: dict[tuple, int] = {}
     if node is not None:
         try:
-            _walk(node, (), lines, set(), [0])
+            _walk(node, (), lines, set(), [0, set()])
         except RecursionError:
             raise UserError(f"{path}: YAML nested too deeply to read (hundreds of levels)") from None
         except _DuplicateKey as dup:  # the safe loader would silently keep the last one
@@ -62,17 +63,20 @@ class _BadAlias(Exception):
     pass
 
 
-MAX_NODES = 100_000  # a document whose aliases expand past this many nodes is refused (an "alias bomb")
+MAX_NODES = 100_000  # a document whose aliases repeat more than this many values is refused (an "alias bomb")
 
 
 def _walk(node, prefix: tuple, lines: dict[tuple, int], path: set, count: list) -> None:
-    """Record the line of every key; refuse an alias that contains itself or aliases that expand too far."""
+    """Record the line of every key; refuse an alias that contains itself or aliases that expand too far.
+    `count`: [values reached again through an alias, ids of the nodes seen]; only repeats count toward
+    MAX_NODES, so a big file without aliases is read in full."""
     line = node.start_mark.line + 1
     if id(node) in path:
         raise _BadAlias(
             f"key '{dotted(prefix)}': a YAML alias refers to itself (an anchor inside its own value)", line
         )
-    count[0] += 1
+    count[0] += id(node) in count[1]
+    count[1].add(id(node))
     if count[0] > MAX_NODES:
         raise _BadAlias(
             f"YAML aliases expand to more than {MAX_NODES} values (near key '{dotted(prefix)}')", line

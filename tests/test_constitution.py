@@ -442,9 +442,13 @@ def test_diff_reports_a_rename_the_order_and_few_shot_files(tmp_path, capsys):
         in run_cli(capsys, "constitution", "diff", str(old), str(swapped))[1]
     )
     # a few-shot file with other content is a difference (path and content hash); a copy is not
-    (tmp_path / "fs1.json").write_text("[1]")
-    (tmp_path / "fs2.json").write_text("[2]")
-    (tmp_path / "copy.json").write_text("[1]")
+    for name, answer in (
+        ("fs1", "No."),
+        ("fs2", "Yes."),
+        ("copy", "No."),
+    ):  # few-shot files validate is checked
+        shot = {"prompt": "\n\nHuman: Hi?\n\nAssistant:", "corrects": [answer], "incorrects": ["Go away."]}
+        (tmp_path / f"{name}.json").write_text(json.dumps([shot]))
     fs = {
         n: write(
             tmp_path,
@@ -486,3 +490,118 @@ def test_import_refuses_two_names_with_one_id(tmp_path, capsys):
     rc, out, err = run_cli(capsys, "constitution", "import", str(crit), "-o", str(tmp_path / "o.yaml"))
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "'Harmful 1' and 'harmful-1' both become principle id 'harmful-1'" in err and str(crit) in err
+
+
+@pytest.mark.parametrize(
+    "old, new, line, key",
+    [
+        (
+            "    critique: Find the harm in the last response.",
+            "    critique: '   '",
+            6,
+            "principles[0].critique",
+        ),
+        ("    revision: Rewrite the response politely.", '    revision: "\\n"', 12, "principles[1].revision"),
+        ("    feedback: Which response is less harmful?", "    feedback: |\n", 8, None),
+        ("name: mini", "name: ' '", 1, "name"),
+        ("    tags: [harm]", "    tags: [harm, ' ']", 9, "principles[0].tags[1]"),
+    ],
+)
+def test_blank_texts_are_refused(tmp_path, old, new, line, key):
+    msg = error_of(write(tmp_path, "blank.yaml", GOOD.replace(old, new)))
+    if key is None:  # a `|` block of blank lines is "" to YAML: refused as empty
+        assert "principles[0].feedback" in msg
+    else:
+        assert msg.startswith(f"{tmp_path / 'blank.yaml'}:{line}: key '{key}': a text that is not blank"), msg
+
+
+def test_few_shot_files_of_the_wrong_format_are_refused(tmp_path, shared_data):
+    paper = shared_data / "cai-paper"
+    swapped = f"few_shot:\n  critique_revise: {paper / 'RLMadisonFewShotPrompts.json'}\n"
+    swapped += f"  feedback: {paper / 'CritiqueRevisionFewShotPrompts.json'}\n"
+    p = write(tmp_path, "swapped.yaml", GOOD.replace("kind: specific\n", "kind: specific\n" + swapped))
+    msg = error_of(p)
+    assert msg.startswith(f"{p}:5: key 'few_shot.critique_revise': not a usable few-shot file: {paper}"), msg
+    assert "item 0: a transcript string or a list of messages is expected" in msg
+    p.write_text(p.read_text().replace("critique_revise: " + str(paper / "RLMadison"), "critique_revise: x"))
+    p = write(
+        tmp_path,
+        "fb.yaml",
+        GOOD.replace(
+            "kind: specific\n",
+            "kind: specific\n" + swapped.split("\n", 2)[0] + "\n" + swapped.split("\n")[2] + "\n",
+        ),
+    )
+    msg = error_of(p)
+    assert (
+        msg.startswith(f"{p}:5: key 'few_shot.feedback': not a usable few-shot file:") and "'prompt'" in msg
+    )
+    right = f"few_shot:\n  critique_revise: {paper / 'CritiqueRevisionFewShotPrompts.json'}\n"
+    right += f"  feedback: {paper / 'RLMadisonFewShotPrompts.json'}\n"
+    load_constitution(
+        write(tmp_path, "right.yaml", GOOD.replace("kind: specific\n", "kind: specific\n" + right))
+    )
+
+
+def test_import_refuses_lists_of_different_lengths(tmp_path, capsys):
+    crit = tmp_path / "cr.json"
+    entries = {f"e{i}": {"prompt": [f"Critique {i}."], "edit_request": f"Revise {i}."} for i in range(3)}
+    crit.write_text(json.dumps(entries))
+    for n in (1, 5):
+        fb = tmp_path / f"fb{n}.json"
+        fb.write_text(json.dumps([f"Which is better, {i}?" for i in range(n)]))
+        rc, out, err = run_cli(
+            capsys, "constitution", "import", str(crit), "--feedback", str(fb), "-o", str(tmp_path / "o.yaml")
+        )
+        assert rc == 2 and f"{n} feedback instruction(s) but 3 critique/revision entries" in err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.yaml").exists()
+
+
+@pytest.mark.parametrize("weight", ["true", "yes", "'2'", "false"])
+def test_weight_is_a_number_not_a_bool_or_text(tmp_path, weight):
+    p = write(tmp_path, "w.yaml", GOOD.replace("    weight: 3", f"    weight: {weight}"))
+    assert error_of(p).startswith(f"{p}:14: key 'principles[1].weight': Input should be a valid number")
+
+
+def test_weight_accepts_ints_floats_and_exponents(tmp_path):
+    for weight, value in (("2", 2.0), ("0.5", 0.5), ("1e-3", 1e-3), ("2.5E+2", 250.0)):
+        p = write(tmp_path, "w.yaml", GOOD.replace("    weight: 3", f"    weight: {weight}"))
+        assert load_constitution(p).principles[1].weight == value
+
+
+def test_diff_ignores_a_reformatted_few_shot_file(tmp_path, capsys):
+    shots = [{"prompt": "\n\nHuman: Hi?\n\nAssistant:", "corrects": ["Hello."], "incorrects": ["Go away."]}]
+    (tmp_path / "a.json").write_text(json.dumps(shots))
+    (tmp_path / "b.json").write_text(json.dumps(shots, indent=2))
+    shots[0]["corrects"] = ["Hello there."]
+    (tmp_path / "c.json").write_text(json.dumps(shots))
+    fs = {
+        n: write(
+            tmp_path,
+            f"{n}.yaml",
+            GOOD.replace("kind: specific\n", f"kind: specific\nfew_shot:\n  feedback: {n}.json\n"),
+        )
+        for n in "abc"
+    }
+    assert run_cli(capsys, "constitution", "diff", str(fs["a"]), str(fs["b"]))[1].strip() == "no differences"
+    assert "~ few_shot.feedback:" in run_cli(capsys, "constitution", "diff", str(fs["a"]), str(fs["c"]))[1]
+
+
+def test_non_utf8_error_names_the_line(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(GOOD.replace("two principles", "caf\xe9").encode("latin-1"))
+    assert error_of(p).startswith(f"{p}:2: not a UTF-8 text file")
+
+
+def test_a_big_file_without_aliases_is_no_alias_bomb(tmp_path, monkeypatch):
+    import cai.yamlio
+
+    monkeypatch.setattr(cai.yamlio, "MAX_NODES", 50)  # a file of 100 principles has ~600 values, no alias
+    many = "".join(
+        f"  - id: p{i}\n    critique: c{i}\n    revision: r{i}\n    feedback: Which {i}?\n"
+        for i in range(100)
+    )
+    assert len(load_constitution(write(tmp_path, "big.yaml", GOOD + many)).principles) == 102
+    bomb = 'a: &a ["x", "x", "x", "x", "x", "x", "x", "x"]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b]\n'
+    with pytest.raises(UserError, match="YAML aliases expand to more than 50 values"):
+        load_constitution(write(tmp_path, "bomb.yaml", bomb + GOOD))

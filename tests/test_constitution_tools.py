@@ -978,3 +978,115 @@ def test_one_order_an_always_a_labeller_passes_no_shipped_principle(root):
             assert abs(2 * sum(slots) - len(slots)) <= 1, (name, pid)  # half at (A), the odd one by a coin
         _, s = run_test(c, probes, AlwaysA())
         assert [pid for pid, p in s["principles"].items() if p["status"] == "ok"] == [], name
+
+
+def test_pm_verdict_counts_each_pair_once_under_draw_edited():
+    from cai.constitution.effect_pm import pm_agreement
+
+    # --draw-edited: 10 pairs x 3 edited principles, every row flips OLD (A) -> NEW (B); the PM sides with OLD
+    # on 7 of the 10 pairs: 10 votes (7 vs 3, the interval includes 0), not 30 rows
+    rows = [
+        {
+            "id": f"p{i}@{pid}",
+            "pair": f"p{i}",
+            "p_old": 0.8,
+            "p_new": 0.2,
+            "flipped": True,
+            "same_prompt": False,
+        }
+        for pid in ("alpha", "beta", "gamma")
+        for i in range(10)
+    ]
+    scores = [(1.0, 0.0) if int(r["pair"][1:]) < 7 else (0.0, 1.0) for r in rows]
+    res = pm_agreement(rows, scores, "pm", 10)
+    p = res["paired"]
+    assert (p["n"], p["pm_sides_with_old"], p["mixed"], res["relabelled"]) == (10, 7, 0, 10)
+    assert p["difference_ci95"][0] < 0 and "retrain the PM" not in res["verdict"]
+    assert res["agree_old_flipped"]["n"] == 10 and res["agree_old_flipped"]["agreement"] == pytest.approx(0.7)
+    # a pair whose rows flip in opposite directions is no vote; --min-pairs counts pairs, not rows
+    rows[0] = {**rows[0], "p_old": 0.2, "p_new": 0.8}
+    p = pm_agreement(rows, scores, "pm", 10)["paired"]
+    assert (p["n"], p["mixed"]) == (9, 1)
+    keep = [i for i in range(30) if i % 10 < 5]  # pairs p0-p4, three rows each
+    res = pm_agreement([rows[i] for i in keep], [scores[i] for i in keep], "pm", 10)
+    assert res["relabelled"] == 5 and res["verdict"].startswith("Not measured: 5 pair(s)")
+
+
+def test_a_probe_may_not_list_a_principle_twice(root, tmp_path):
+    from cai.constitution.probes import ProbeSet, probe_jobs
+
+    f = tmp_path / "p.yaml"
+    f.write_text(
+        "constitution: harmless-specific\nprobes:\n  - id: a\n    principles:\n      - toxic\n      - toxic\n"
+        "    conversation: [{role: user, content: hi}]\n    better: x\n    worse: y\n"
+    )
+    with pytest.raises(UserError) as e:
+        load_probes(f)
+    assert str(e.value).startswith(f"{f}:6: key 'probes[0].principles[1]': duplicate principle id 'toxic'")
+    assert "\n" not in str(e.value)
+    # one probe counts once per principle, however it was built
+    ps = ProbeSet.model_construct(probes=[_probe_constructed(["toxic", "toxic", "toxic"])])
+    c = load_constitution(root / "constitutions/harmless-specific.yaml")
+    assert ps.coverage() == {"toxic": 1} and len(probe_jobs(ps, c)) == 1
+
+
+def _probe_constructed(principles):
+    from cai.constitution.probes import Message, Probe
+
+    msg = Message(role="user", content="hi")
+    return Probe.model_construct(id="a", principles=principles, conversation=[msg], better="x", worse="y")
+
+
+def _stubbed_cli(monkeypatch, loads: list):
+    import cai.cli.constitution as tools
+
+    monkeypatch.setattr(tools, "load_for_inference", lambda ref, settings: loads.append(ref) or (None, None))
+    monkeypatch.setattr(
+        tools, "build_labeller", lambda model, tok, cfg, seed, few_shot: StubLabeller(True, few_shot)
+    )
+
+
+def _few_shot_edit(tmp_path):
+    files = []
+    for name, text in (("old", "Hello!"), ("new", "I can't help you pick a lock.")):
+        shot = {"prompt": f"\n\nHuman: {name}?\n\nAssistant:", "corrects": [text], "incorrects": ["No."]}
+        (tmp_path / f"{name}.json").write_text(json.dumps([shot]))
+        files.append(str(write(tmp_path / f"{name}.yaml", GOOD_MINI.replace("FEW", f"{name}.json"))))
+    return ["constitution", "effect", *files, "--pairs", str(_pairs_file(tmp_path)), "--model", "m"]
+
+
+def test_effect_says_a_few_shot_edit_is_not_measured_without_few_shot_examples(tmp_path, monkeypatch, capsys):
+    _stubbed_cli(monkeypatch, [])
+    args = _few_shot_edit(tmp_path)
+    assert cli.main([*args, "--out", str(tmp_path / "e0")]) == 0
+    note = "few_shot.feedback changed but --num-few-shot is 0: not measured; pass --num-few-shot N"
+    assert note in capsys.readouterr().out and note in (tmp_path / "e0" / "effect.md").read_text()
+    res = json.loads((tmp_path / "e0" / "effect.json").read_text())
+    assert res["notes"][0].startswith(note) and res["measured"] is False
+    assert cli.main([*args, "--num-few-shot", "1", "--min-pairs", "5", "--out", str(tmp_path / "e1")]) == 0
+    res = json.loads((tmp_path / "e1" / "effect.json").read_text())
+    assert res["notes"] == [] and res["measured"] is True and "not measured" not in capsys.readouterr().out
+
+
+def test_an_out_path_in_the_way_is_refused_before_any_model_loads(root, tmp_path, monkeypatch, capsys):
+    loads: list = []
+    _stubbed_cli(monkeypatch, loads)
+    (tmp_path / "occupied").write_text("a file\n")
+    occupied = str(tmp_path / "occupied")
+    cons = str(root / "constitutions/good-for-humanity.yaml")
+    for argv, words in (
+        ([*_few_shot_edit(tmp_path), "--out", occupied], "an existing file; a folder for the report"),
+        (["constitution", "test", cons, "--model", "m", "--out", occupied], "an existing file; a folder"),
+        (
+            ["constitution", "test", cons, "--model", "m", "--out", occupied + "/sub"],
+            "is a file, not a folder",
+        ),
+        (
+            ["constitution", "import", str(root / "constitutions/x.json"), "-o", str(tmp_path)],
+            "an existing folder",
+        ),
+    ):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err and err.startswith("error: -")
+    assert loads == []

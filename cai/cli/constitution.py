@@ -31,7 +31,15 @@ from cai.constitution import effect, effect_report, probes
 from cai.constitution.effect_pm import pm_agreement
 from cai.constitution.fewshot import feedback_examples
 from cai.constitution.lint import NEAR_DUPLICATE, lint
-from cai.constitution.schema import format_diff, import_paper, json_schema, load_constitution, show, to_yaml
+from cai.constitution.schema import (
+    diff,
+    format_diff,
+    import_paper,
+    json_schema,
+    load_constitution,
+    show,
+    to_yaml,
+)
 from cai.errors import UserError
 from cai.feedback.labeller import build_labeller
 from cai.pm.scoring import RewardScorer
@@ -55,7 +63,21 @@ def _cmd_diff(a) -> int:
     return 0
 
 
+def _out_path(path: str | Path, flag: str, folder: bool = True) -> Path:
+    """`path` checked before any work: a folder (`folder`) or a file to write, not blocked by a file or folder
+    in the way (a UserError naming the flag)."""
+    path = Path(path)
+    want = "a folder for the report" if folder else "a file path to write"
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{flag} {path}: an existing {'file' if folder else 'folder'}; {want} is expected")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{flag} {path}: {above} is a file, not a folder; {want} is expected")
+    return path
+
+
 def _cmd_import(a) -> int:
+    _out_path(a.out, "-o", folder=False)
     name = a.name or Path(a.out).stem
     c = import_paper(a.critique_json, a.feedback, name)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +107,7 @@ def _cmd_test(a) -> int:
             f"{a.constitution}: no probe file beside it (probes/{Path(a.constitution).stem}.yaml); give --probes FILE"
         )
     probe_set = probes.load_probes(pfile, c)
+    out = _out_path(a.out or Path("runs") / "constitution-test" / Path(a.constitution).stem, "--out")
     unknown = [pid for pid in a.require or [] if pid not in c.by_id()]
     if unknown:
         raise UserError(f"--require: unknown principle(s) {', '.join(unknown)} in constitution '{c.name}'")
@@ -99,7 +122,6 @@ def _cmd_test(a) -> int:
         print(f"not applied (accuracy <= {bar}): {', '.join(summary['not_applied'])}")
     if summary["untested"]:
         print(f"no probes: {', '.join(summary['untested'])}")
-    out = Path(a.out or Path("runs") / "constitution-test" / Path(a.constitution).stem)
     failed = probes.required_failures(summary, a.require or [], a.min_probes)
     result = {
         "constitution": c.name,
@@ -161,6 +183,9 @@ def pm_scores(pm_dir: str, rows: list[dict], batch_size: int, settings) -> list[
 
 def _cmd_effect(a) -> int:
     old, new = load_constitution(a.old), load_constitution(a.new)
+    out = _out_path(
+        a.out or Path("runs") / "constitution-effect" / f"{Path(a.old).stem}-vs-{Path(a.new).stem}", "--out"
+    )
     every = effect.read_pairs(a.pairs)
     pairs = effect.sample_pairs(every, a.limit, a.seed)
     old_labeller, new_labeller = _labellers(a, old, new)
@@ -181,7 +206,8 @@ def _cmd_effect(a) -> int:
     if a.pm:
         scores = pm_scores(a.pm, rows, a.score_batch_size, settings_of(a))
         summary["pm"] = pm_agreement(rows, scores, a.pm, a.min_pairs)
-    out = Path(a.out or Path("runs") / "constitution-effect" / f"{Path(a.old).stem}-vs-{Path(a.new).stem}")
+    summary["notes"] = _unmeasured_few_shot(a, old, new)
+    summary["measured"] = summary["measured"] and not summary["notes"]
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "old": str(a.old),
@@ -207,6 +233,20 @@ def _cmd_effect(a) -> int:
     print("\n".join(effect_report.summary_lines(summary)))
     print(f"wrote {out / 'effect.md'}, {out / 'effect.json'}, {out / 'delta_p.png'}, {out / 'labels.jsonl'}")
     return 0
+
+
+def _unmeasured_few_shot(a, old, new) -> list[str]:
+    """Notes on a few_shot.feedback edit that this run cannot measure: the labels use no few-shot examples, or
+    --few-shot's file for both constitutions."""
+    if "feedback" not in diff(old, new)["few_shot"]:
+        return []
+    if a.num_few_shot == 0:
+        return [
+            "few_shot.feedback changed but --num-few-shot is 0: not measured; pass --num-few-shot N as in your recipe"
+        ]
+    if a.few_shot:
+        return [f"few_shot.feedback changed but --few-shot {a.few_shot} replaces both files: not measured"]
+    return []
 
 
 def _labeller_command(cs, name: str, help: str, skip: tuple[str, ...] = ()):

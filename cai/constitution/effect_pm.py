@@ -31,18 +31,29 @@ def pm_agreement(rows: list[dict], scores: list[tuple[float, float]], pm_dir: st
 
     def agree(sel, key) -> dict | None:
         """{agreement, ci95 (Wilson), n} over the selected pairs whose label prefers a side (one within TIE of
-        0.5 is no preference: float noise would pick a side); a PM tie (r_a = r_b) counts half."""
-        pairs = [
-            (r, s)
-            for r, s in zip(rows, scores)
-            if r["p_old"] is not None and sel(r) and abs(r[key] - 0.5) >= TIE
-        ]
-        if not pairs:
+        0.5 is no preference: float noise would pick a side); a PM tie (r_a = r_b) counts half. The rows of one
+        pair (--draw-edited: one per edited principle) are one pair: its credit is their mean, n counts pairs."""
+        by_pair: dict = {}
+        for i, (r, s) in enumerate(zip(rows, scores)):
+            if r["p_old"] is not None and sel(r) and abs(r[key] - 0.5) >= TIE:
+                hit = 0.5 if s[0] == s[1] else float((s[0] > s[1]) == (r[key] > 0.5))
+                by_pair.setdefault(r.get("pair", i), []).append(hit)
+        if not by_pair:
             return None
-        hits = sum(0.5 if s[0] == s[1] else float((s[0] > s[1]) == (r[key] > 0.5)) for r, s in pairs)
-        return {"agreement": hits / len(pairs), "ci95": list(wilson_ci(hits, len(pairs))), "n": len(pairs)}
+        hits = sum(sum(h) / len(h) for h in by_pair.values())
+        return {
+            "agreement": hits / len(by_pair),
+            "ci95": list(wilson_ci(hits, len(by_pair))),
+            "n": len(by_pair),
+        }
 
-    relabelled = sum(1 for r in rows if r["p_old"] is not None and not r.get("same_prompt", False))
+    relabelled = len(
+        {
+            r.get("pair", i)
+            for i, r in enumerate(rows)
+            if r["p_old"] is not None and not r.get("same_prompt", False)
+        }
+    )
     res = {
         "dir": pm_dir,
         "relabelled": relabelled,
@@ -53,9 +64,14 @@ def pm_agreement(rows: list[dict], scores: list[tuple[float, float]], pm_dir: st
         "agree_old_flipped": agree(lambda r: r["flipped"], "p_old"),
         "agree_new_flipped": agree(lambda r: r["flipped"], "p_new"),
     }
-    # discordant pairs: flipped, and the PM has a preference (r_a = r_b sides with neither label)
-    disc = [(r, s) for r, s in zip(rows, scores) if r["p_old"] is not None and r["flipped"] and s[0] != s[1]]
-    k = sum((s[0] > s[1]) == (r["p_old"] > 0.5) for r, s in disc)
+    # discordant pairs: flipped, and the PM has a preference (r_a = r_b sides with neither label). The rows of
+    # one pair are one vote, counted only when its flipped rows agree on the direction (else "mixed", left out)
+    votes: dict = {}
+    for i, (r, s) in enumerate(zip(rows, scores)):
+        if r["p_old"] is not None and r["flipped"] and s[0] != s[1]:
+            votes.setdefault(r.get("pair", i), set()).add((s[0] > s[1]) == (r["p_old"] > 0.5))
+    disc = [v.pop() for v in votes.values() if len(v) == 1]
+    k = sum(disc)
     lo, hi = wilson_ci(k, len(disc))
     res["paired"] = {
         "n": len(disc),
@@ -64,6 +80,7 @@ def pm_agreement(rows: list[dict], scores: list[tuple[float, float]], pm_dir: st
         "difference": (2 * k - len(disc)) / len(disc) if disc else None,
         "difference_ci95": [2 * lo - 1, 2 * hi - 1] if disc else None,
         "p_value": sign_test(k, len(disc)),
+        "mixed": len(votes) - len(disc),
     }
     res["verdict"] = verdict(res["paired"], relabelled, min_pairs)
     return res
@@ -76,14 +93,19 @@ def verdict(p: dict, relabelled: int, min_pairs: int) -> str:
             f"Not measured: {relabelled} pair(s) were relabelled under NEW (fewer than {min_pairs}), so the PM's "
             "agreement says nothing about the edit; rerun with --draw-edited or more pairs."
         )
+    mixed = p.get("mixed", 0)
+    left = (
+        f"{mixed} pair(s) whose labels flipped both ways under different principles left out" if mixed else ""
+    )
     if not p["n"]:
         return (
-            f"No label flipped beyond the margin on the {relabelled} relabelled pairs (n = 0 discordant pairs): "
-            "the edit changes no preference the PM could disagree with."
+            f"{'No pair flipped one way' if mixed else 'No label flipped'} beyond the margin on the {relabelled} "
+            f"relabelled pairs (n = 0 discordant pairs{'; ' + left if left else ''}): the edit changes no "
+            "preference the PM could disagree with."
         )
     lo, hi = p["difference_ci95"]
     head = (
-        f"On the {p['n']} flipped pairs the PM sides with OLD on {p['pm_sides_with_old']} and with NEW on "
+        f"On the {p['n']} flipped pairs{f' ({left})' if left else ''} the PM sides with OLD on {p['pm_sides_with_old']} and with NEW on "
         f"{p['pm_sides_with_new']}: agree(OLD) - agree(NEW) = {p['difference']:+.3f} (95% CI {lo:+.3f} to "
         f"{hi:+.3f}, exact sign test p = {p['p_value']:.3g}, n = {p['n']}): "
     )

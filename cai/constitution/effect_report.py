@@ -46,6 +46,7 @@ def summary_lines(s: dict) -> list[str]:
         out.append(f"  flips not attributable to an edited principle: {len(s['unattributed_flips'])}")
     if s.get("reordered"):
         out.append(f"  {REORDER_NOTE}")
+    out += [f"  note: {note}" for note in s.get("notes", [])]
     if "pm" in s:
         pm = s["pm"]
         out.append(
@@ -100,6 +101,7 @@ def report_markdown(summary: dict, rows: list[dict], meta: dict, diff_text: str)
     ]
     if s.get("reordered"):
         out += [f"Note: {REORDER_NOTE}.", ""]
+    out += [x for note in s.get("notes", []) for x in (f"Note: {note}.", "")]
     if s["per_principle"]:
         out += [
             "## Per edited principle",

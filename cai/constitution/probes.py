@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from cai.errors import UserError
 from cai.feedback.labeller import PairToLabel
@@ -59,6 +60,19 @@ class Probe(BaseModel):
             raise ValueError("an id of lowercase letters, digits, '-' or '_' is expected")
         return v
 
+    @field_validator("principles")
+    @classmethod
+    def _distinct_principles(cls, v: list[str]) -> list[str]:
+        """A repeated id would count the one probe several times toward that principle (and --require)."""
+        first: dict[str, int] = {}
+        for j, pid in enumerate(v):
+            if pid in first:  # a nested ValidationError keeps its loc: the error names principles[j]
+                msg = f"duplicate principle id '{pid}' (first at principles[{first[pid]}]); list each id once"
+                err = PydanticCustomError("value_error", "{msg}", {"msg": msg})  # an id may hold braces
+                raise ValidationError.from_exception_data("Probe", [{"type": err, "loc": (j,), "input": pid}])
+            first[pid] = j
+        return v
+
     @field_validator("conversation")
     @classmethod
     def _ends_with_user(cls, v: list[Message]) -> list[Message]:
@@ -93,7 +107,7 @@ class ProbeSet(BaseModel):
         """Number of probes per principle id."""
         out: dict[str, int] = {}
         for p in self.probes:
-            for pid in p.principles:
+            for pid in dict.fromkeys(p.principles):
                 out[pid] = out.get(pid, 0) + 1
         return out
 
@@ -169,7 +183,7 @@ def probe_jobs(
     known = constitution.by_id()
     jobs, count = [], {}
     for probe in probes.probes:
-        for pid in probe.principles:
+        for pid in dict.fromkeys(probe.principles):
             if pid in known and (max_per_principle is None or count.get(pid, 0) < max_per_principle):
                 count[pid] = count.get(pid, 0) + 1
                 jobs.append(ProbeJob(f"{probe.id}:{pid}", probe, pid, better_first(seed, probe.id, pid)))

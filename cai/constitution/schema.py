@@ -5,35 +5,58 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import math
 import random
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from cai.constitution.fewshot import load_feedback_few_shot, load_fewshot
 from cai.errors import UserError
 from cai.yamlio import check_unique_ids, line_of, load_json, load_validated
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
+def _not_blank(v: str) -> str:
+    if not v.strip():  # the stages strip every text: one of spaces and newlines would reach them as ""
+        raise ValueError("a text that is not blank (only spaces or newlines) is expected")
+    return v
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+
+
 class Principle(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(description="Unique id within the constitution: lowercase letters, digits, '-' or '_'.")
-    critique: str = Field(
+    critique: Text = Field(
         min_length=1, description="SL-CAI critique request about the assistant's last response."
     )
-    revision: str = Field(
+    revision: Text = Field(
         min_length=1, description="SL-CAI revision request: rewrite the response to fix it."
     )
-    feedback: str = Field(
+    feedback: Text = Field(
         min_length=1, description="RL-CAI multiple-choice instruction (the options are appended)."
     )
-    tags: list[str] = Field(default_factory=list, description="Free labels such as a harm category or trait.")
-    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="Relative sampling weight.")
+    tags: list[Text] = Field(
+        default_factory=list, description="Free labels such as a harm category or trait."
+    )
+    weight: float = Field(  # strict: a number (an int is one), not true, 'yes' or '2'
+        default=1.0, gt=0, allow_inf_nan=False, strict=True, description="Relative sampling weight."
+    )
 
     @field_validator("id")
     @classmethod
@@ -41,6 +64,15 @@ class Principle(BaseModel):
         if not _ID.match(v):
             raise ValueError("an id of lowercase letters, digits, '-' or '_' is expected")
         return v
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _exponent_number(cls, v):
+        # PyYAML (YAML 1.1) reads 1e-3 and 1.0e308 as text, YAML 1.2 as numbers: those are numbers here too
+        return float(v) if isinstance(v, str) and _EXPONENT.fullmatch(v) else v
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class FewShot(BaseModel):
@@ -55,7 +87,7 @@ class FewShot(BaseModel):
 class Constitution(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="Short name; by convention the file stem.")
+    name: Text = Field(description="Short name; by convention the file stem.")
     description: str = Field(default="", description="What this constitution is for.")
     kind: Literal["specific", "general"] = Field(description="Many specific principles, or one general one.")
     few_shot: FewShot = Field(
@@ -95,7 +127,18 @@ def load_constitution(path: str | Path) -> Constitution:
             setattr(c.few_shot, field, str((path.parent / rel).resolve()))
         if getattr(c.few_shot, field) and not Path(getattr(c.few_shot, field)).is_file():
             raise UserError(f"{path}:{line_of(lines, ('few_shot', field))}: few-shot file not found: {rel}")
+        if getattr(c.few_shot, field):  # the format too: the stage that reads it would fail hours later
+            try:
+                _FEW_SHOT_LOADERS[field](getattr(c.few_shot, field))
+            except UserError as exc:
+                line = line_of(lines, ("few_shot", field))
+                raise UserError(
+                    f"{path}:{line}: key 'few_shot.{field}': not a usable few-shot file: {exc}"
+                ) from None
     return c
+
+
+_FEW_SHOT_LOADERS = {"critique_revise": lambda f: load_fewshot(f, 1), "feedback": load_feedback_few_shot}
 
 
 def json_schema() -> dict:
@@ -131,12 +174,20 @@ def changed_fields(p: Principle, q: Principle) -> list[str]:
 
 
 def file_sha256(path: str | None) -> str | None:
-    """The first 12 hex digits of a file's sha256 (None without a readable file): few-shot files are compared
-    by content, since the same examples under another path change no prompt."""
+    """The first 12 hex digits of the sha256 of a file's content (None without a readable file): few-shot files
+    are compared by content, since the same examples under another path change no prompt. JSON is hashed as
+    its parsed content (sorted keys, no spacing), so re-indenting it is no change; other bytes as they are."""
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12] if path else None
+        raw = Path(path).read_bytes() if path else None
     except OSError:
         return None
+    if raw is None:
+        return None
+    try:
+        raw = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8): the bytes themselves
+        pass
+    return hashlib.sha256(raw).hexdigest()[:12]
 
 
 def diff(old: Constitution, new: Constitution) -> dict:
@@ -225,6 +276,11 @@ def import_paper(critique_json: str | Path, feedback_json: str | Path | None, na
         fb = load_json(feedback_json, "feedback JSON")
         if not isinstance(fb, list) or not all(isinstance(x, str) for x in fb):
             raise UserError(f"{feedback_json}: a list of instruction strings is expected")
+        if len(fb) != len(cr):  # paired by position: extra ones would be dropped, missing ones defaulted
+            raise UserError(
+                f"{feedback_json}: {len(fb)} feedback instruction(s) but {len(cr)} critique/revision entries in "
+                f"{critique_json}; the two lists pair by position, so the same number is expected"
+            )
     principles, keys = [], {}  # keys: principle id -> the entry name it came from
     for i, (key, entry) in enumerate(cr.items()):
         if not isinstance(entry, dict) or "prompt" not in entry or "edit_request" not in entry:
