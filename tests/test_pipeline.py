@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cai import pipeline
-from cai.config.layout import STAGES
+from cai.config.layout import STAGES, inputs_of, plan, stage_view
 from cai.config.load import load_recipe, load_run_recipe
 from cai.errors import UserError
 from cai.runtime.rundir import read_jsonl, read_manifest
@@ -83,12 +83,14 @@ def recipe(tmp_path, root, monkeypatch):
 
 
 def test_rerun_skips_every_stage_whose_manifest_matches(fake, recipe, capsys):
-    rdir = pipeline.run(recipe(), quiet=True)
+    m_recipe = recipe()
+    rdir = pipeline.run(m_recipe, quiet=True)
     assert fake.calls == BODY + ["report"]
     for s in BODY + ["report"]:
         m = read_manifest(rdir / s)
         assert m["status"] == "complete" and m["fingerprint"] and m["output"] and "seconds" in m
-        assert m["inputs"].keys() == set(STAGES[s].inputs) - {"gold"}  # the gold judge is off
+        # the gold judge is off; PPO with a PM reward reads the PM, not the feedback pairs
+        assert m["inputs"].keys() == set(inputs_of(m_recipe, s)) - {"gold"}
     fake.calls.clear()
     capsys.readouterr()
     pipeline.run(recipe())
@@ -483,3 +485,177 @@ def test_a_seed_sweep_records_each_arms_seed(fake, recipe):
     assert info["arm_seeds"] == {"seed=1": 1, "seed=2": 2}  # run.json said seed 0 alone
     pipeline.run(recipe(), run_dir=fake.run_dir / "plain", quiet=True)
     assert "arm_seeds" not in read_run_info(fake.run_dir / "plain")
+
+
+def test_a_kill_during_a_reset_leaves_the_old_folder_whole_or_nothing(fake, recipe, monkeypatch):
+    """`--force` killed while the old files were deleted one by one left the old complete manifest without its
+    model (the next run skipped the stage as up to date), or the old files without a manifest."""
+    rdir = pipeline.run(recipe(), quiet=True)
+    sft = rdir / "sft"
+    before = sorted(p.name for p in sft.iterdir())
+    real_rmtree, real_unlink = shutil.rmtree, Path.unlink
+
+    def mine(p) -> bool:  # the stage folder's files, or the folder under another name
+        return Path(p).parent == sft or (Path(p).parent == rdir and "sft" in Path(p).name)
+
+    def rmtree(path, *a, **k):  # the kill lands just after the first removal
+        real_rmtree(path, *a, **k)
+        if mine(path):
+            raise KeyboardInterrupt
+
+    def unlink(self, *a, **k):
+        real_unlink(self, *a, **k)
+        if mine(self):
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", rmtree)
+        m.setattr(Path, "unlink", unlink)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(recipe(), only=["sft"], force=True, quiet=True)
+    assert (sorted(p.name for p in sft.iterdir()) if sft.is_dir() else []) in (before, [])
+    fake.calls.clear()
+    pipeline.run(recipe(), quiet=True)
+    assert fake.calls == ["sft"] and (sft / "model").is_dir() and read_manifest(sft)["status"] == "complete"
+    # a trash folder that a kill left is removed by the next run
+    trash = pipeline._trash_of(sft)
+    (trash / "model").mkdir(parents=True)
+    pipeline.run(recipe(), quiet=True)
+    assert not trash.exists() and (sft / "model").is_dir()
+
+
+def test_files_without_a_manifest_start_clean(fake, recipe, capsys):
+    """The manifest is written before anything else: files without one (the old config's partial output, left
+    by a kill during a reset) were resumed under the new config."""
+    fake.fail_once = {"sft"}
+    with pytest.raises(RuntimeError):
+        pipeline.run(recipe(), quiet=True)
+    sft = fake.run_dir / "sft"
+    (sft / "manifest.json").unlink()
+    pipeline.run(recipe("sft.learning_rate=0.01"), quiet=True)
+    assert "files without a manifest" in capsys.readouterr().out
+    m = read_manifest(sft)
+    assert m["resumed"] is False and m["summary"]["resumed"] is False and not (sft / "partial.txt").exists()
+
+
+def test_force_reruns_an_interrupted_stage_from_scratch(fake, recipe):
+    fake.fail_once = {"sft"}
+    with pytest.raises(RuntimeError):
+        pipeline.run(recipe(), quiet=True)
+    pipeline.run(recipe(), only=["sft"], force=True, quiet=True)
+    m = read_manifest(fake.run_dir / "sft")
+    assert m["resumed"] is False and m["summary"]["resumed"] is False  # it resumed the partial output
+    assert [a["status"] for a in m["attempts"]] == ["complete"]
+
+
+def test_a_resumed_stage_keeps_every_attempts_time_and_peak_memory(fake, recipe, monkeypatch):
+    """A killed attempt (manifest still `running`), a failed one, then the one that completes: the manifest
+    recorded only the last attempt's seconds and peak memory, and so did the report."""
+    import os
+    import time
+
+    from cai.report import build, policies
+    from cai.report.build import Report, RunIndex
+
+    level = {"rss_mib": 900.0}
+    monkeypatch.setattr(pipeline, "peak_memory", lambda: {**level, "rss_since": "stage"})
+    real_write = pipeline._write_manifest
+
+    def sigkill(out_dir, manifest):  # a SIGKILL: sft's failure is never recorded
+        if manifest["stage"] != "sft" or manifest["status"] == "running":
+            real_write(out_dir, manifest)
+
+    fake.fail_once = {"sft"}
+    with monkeypatch.context() as m, pytest.raises(RuntimeError):
+        m.setattr(pipeline, "_write_manifest", sigkill)
+        pipeline.run(recipe(), quiet=True)
+    sft = fake.run_dir / "sft"
+    killed = read_manifest(sft)
+    assert killed["status"] == "running"
+    t0 = time.mktime(time.strptime(killed["started"], "%Y-%m-%dT%H:%M:%S"))
+    for f in sft.rglob("*"):  # its last file was written 30 s after it started
+        os.utime(f, (t0 + 30, t0 + 30))
+    fake.fail_once = {"sft"}
+    with pytest.raises(RuntimeError):
+        pipeline.run(recipe(), quiet=True)
+    level["rss_mib"] = 100.0
+    rdir = pipeline.run(recipe(), quiet=True)
+    m = read_manifest(sft)
+    attempts = m["attempts"]
+    assert [a["status"] for a in attempts] == ["killed", "failed", "complete"]
+    assert 30 <= attempts[0]["seconds"] < 31.5 and attempts[0]["started"] == killed["started"]
+    assert m["seconds"] == attempts[-1]["seconds"] < 5 and m["started"] == attempts[-1]["started"]
+    assert m["seconds_total"] == pytest.approx(sum(a["seconds"] for a in attempts), abs=0.02)
+    assert m["peak_memory"]["rss_mib"] == 900.0  # the failed attempt's; the last one's is 100
+    assert policies._stage_rows({None: sft})[0][1] == f"{m['seconds_total']:.1f} s"
+    r = load_run_recipe(rdir)
+    rep = Report(
+        stage_view(r, "report"), RunIndex(rdir, [], plan(r, rdir).run_index()), rdir / "r", rdir / "g"
+    )
+    row = next(ln for ln in build.stage_table(rep)[1].splitlines() if ln.startswith("| sft "))
+    assert f"| {m['seconds_total']:.1f} s |" in row
+
+
+def test_the_policy_stage_reads_the_pm_only_for_a_pm_reward(fake, recipe, tmp_path, monkeypatch):
+    """With `ppo.reward` a function no algorithm reads the PM, and PPO, RLOO and GRPO read no feedback pairs
+    (DPO and online rounds do): a retrained PM reran the policy, and `--only policy` wanted both complete."""
+    (tmp_path / "rewards_mod.py").write_text(
+        "def short(prompts, responses, **kw):\n    return [0.0] * len(responses)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn, all4 = "ppo.reward=rewards_mod:short", ("critique_revise", "sft", "feedback", "preference_model")
+    cases = {
+        (): ("critique_revise", "sft", "preference_model"),
+        (fn,): ("critique_revise", "sft"),
+        ("policy.algorithm=rloo", fn): ("critique_revise", "sft"),
+        ("policy.algorithm=dpo",): all4,  # its probes are scored by the PM
+        ("policy.algorithm=dpo", fn): ("critique_revise", "sft", "feedback"),
+        ("policy.rounds=2",): all4,
+    }
+    for sets, reads in cases.items():
+        assert inputs_of(recipe(*sets), "policy") == reads, sets
+    pipeline.run(recipe(fn), quiet=True)
+    assert set(fake.ctxs["policy"].inputs) == {"critique_revise", "sft"}
+    fake.calls.clear()
+    pipeline.run(recipe(fn, "preference_model.learning_rate=0.01"), quiet=True)
+    assert fake.calls == ["preference_model", "report"]
+    pipeline.run(recipe(), quiet=True)
+    fake.calls.clear()
+    pipeline.run(recipe("preference_model.learning_rate=0.01"), quiet=True)
+    assert fake.calls == ["preference_model", "policy", "report"]
+    other = fake.run_dir / "other"
+    pipeline.run(recipe(fn), run_dir=other, only=["critique_revise", "sft"], quiet=True)
+    pipeline.run(recipe(fn), run_dir=other, only=["policy"], quiet=True)
+    assert read_manifest(other / "policy")["status"] == "complete"
+
+
+def test_the_feedback_output_id_covers_the_responses_the_pm_reads(tmp_path):
+    """The PM sets its reward normalisation from feedback/responses.jsonl: new responses must retrain it."""
+    d = tmp_path / "feedback"
+    d.mkdir()
+    (d / "pairs.jsonl").write_text('{"id": "p0", "p_a": 0.7}\n')
+    (d / "responses.jsonl").write_text('{"id": "p0-0", "text": "a"}\n')
+    before = pipeline._output_id(d, "feedback", "fp")
+    (d / "responses.jsonl").write_text('{"id": "p0-0", "text": "b"}\n')
+    assert pipeline._output_id(d, "feedback", "fp") != before
+
+
+def test_what_ran_names_the_cai_run_that_made_each_stage(fake, recipe):
+    """RUN/run.json is the latest `cai run`'s: after `--only report --set report.examples=3` the report showed
+    that run's `--set` items and seed for stages trained with others."""
+    from cai.report import build
+    from cai.report.build import Report, RunIndex
+
+    rdir = pipeline.run(recipe("ppo.kl_coef=0.1", "seed=7"), quiet=True)
+    pipeline.run(recipe("report.examples=3"), only=["report"], quiet=True)
+    r = load_run_recipe(rdir)
+    rep = Report(
+        stage_view(r, "report"), RunIndex(rdir, [], plan(r, rdir).run_index()), rdir / "r", rdir / "g"
+    )
+    md = "\n".join(build.what_ran(rep))
+    assert "`--set report.examples=3`" in md.split("Made by an earlier")[0]
+    row = next(ln for ln in md.splitlines() if ln.startswith("| `policy` |"))
+    assert "`--set ppo.kl_coef=0.1` `--set seed=7` | 7 |" in row and "report.examples" not in row
+    pipeline.run(recipe("ppo.kl_coef=0.1", "seed=7"), only=["policy"], force=True, quiet=True)
+    md = "\n".join(build.what_ran(rep))
+    assert "| `policy` |" not in md and "| `sft` |" in md  # the policy now made by the latest run

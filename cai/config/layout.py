@@ -51,6 +51,14 @@ def _policy_reads(recipe: Recipe) -> tuple[str, ...]:
     return (("dpo",) if p.algorithm == "dpo" else ()) + (ONLINE_READS if p.rounds > 1 else ())
 
 
+def _policy_unread(recipe: Recipe) -> tuple[str, ...]:
+    """The PM only scores with `ppo.reward: pm` (PPO, RLOO, GRPO, and DPO's probes; online rounds need it); the
+    feedback pairs are read by DPO and online rounds only."""
+    p = recipe.policy
+    pm = ("preference_model",) if recipe.ppo.reward != "pm" else ()
+    return pm + (("feedback",) if p.algorithm != "dpo" and p.rounds == 1 else ())
+
+
 STAGES: dict[str, StageSpec] = {
     "gold": StageSpec(("settings", "gold"), (), outputs=("model", "eval.json")),
     "critique_revise": StageSpec(
@@ -71,8 +79,9 @@ STAGES: dict[str, StageSpec] = {
             "feedback.generation",
             "generation",
         ),
-        # the later stages read the pairs; the report, which reads check.json too, reads the feedback block
-        outputs=("pairs.jsonl",),
+        # the later stages read the pairs (the PM also the responses, for its reward normalisation); the report,
+        # which reads check.json too, reads the feedback block
+        outputs=("pairs.jsonl", "responses.jsonl"),
         saves_models=False,
         unread=lambda r: () if r.feedback.policy == "sft" else ("sft",),  # it samples from another model
     ),
@@ -82,6 +91,7 @@ STAGES: dict[str, StageSpec] = {
         ("critique_revise", "sft", "feedback", "preference_model"),
         outputs=("policy",),
         more=_policy_reads,
+        unread=_policy_unread,
     ),
     "report": StageSpec(
         (

@@ -154,7 +154,27 @@ def what_ran(rep: Report) -> list[str]:
         ["cai", code],
         ["packages", ", ".join(f"{k} {v}" for k, v in (info.get("packages") or {}).items() if k != "cai")],
     ]
-    return ["## What ran\n", table(["", ""], rows)]
+    return ["## What ran\n", table(["", ""], rows)] + earlier_runs(rep, info.get("invocation"))
+
+
+def earlier_runs(rep: Report, current: str | None) -> list[str]:
+    """The stages that an earlier `cai run` than the one above made (RUN/run.json holds the latest one's, e.g.
+    an `--only report` run's), each with that run's `--set` items, seed and commit, from its manifest."""
+    rows, seen = [], set()
+    for a in rep.arms:
+        for s in BODY:
+            d = rep.index.stage_dir(s, a)
+            inv = ((read_manifest(d) or {}).get("invocation") or {}) if d and d not in seen else {}
+            seen.add(d)
+            if inv.get("id") and inv["id"] != current:
+                sets = " ".join(f"`--set {x}`" for x in inv.get("set") or []) or "—"
+                commit = (inv.get("commit") or "")[:12] + (" (modified)" if inv.get("modified") else "")
+                rel = d.relative_to(rep.index.run_dir) if d.is_relative_to(rep.index.run_dir) else d
+                rows.append([f"`{rel}`", inv.get("started"), sets, inv.get("seed"), commit or "—"])
+    if not rows:
+        return []
+    head = "Made by an earlier `cai run` (the table above is the latest one's):\n"
+    return [head, table(["stage", "started", "--set", "seed", "commit"], rows)]
 
 
 def stage_table(rep: Report) -> list[str]:
@@ -174,14 +194,15 @@ def stage_table(rep: Report) -> list[str]:
             for a in rep.arms:
                 m = manifests[(s, a)]
                 shared = "shared · " if idx.shared(s, a) else ""
-                cells.append(f"{shared}{m['status']} · {m.get('seconds', 0):.1f} s" if m else "not run")
+                secs = (m.get("seconds_total") or m.get("seconds") or 0) if m else 0  # every attempt's
+                cells.append(f"{shared}{m['status']} · {secs:.1f} s" if m else "not run")
             rows.append([s] + cells)
         return ["## Stages\n", table(["stage"] + [rep.label(a) for a in rep.arms], rows)]
     rows = [
         [
             s,
             m["status"] if m else "not run",
-            f"{m['seconds']:.1f} s" if m and m.get("seconds") is not None else "—",
+            f"{m.get('seconds_total', m['seconds']):.1f} s" if m and m.get("seconds") is not None else "—",
             key_metrics((m or {}).get("summary"), limit=6),
         ]
         for s in stage_ids

@@ -112,7 +112,10 @@ def _stage_rows(dirs: dict) -> list[list]:
     manifests = [read_manifest(d) or {} for d in dirs.values()]
     return [
         ["policy stage time"]
-        + [f"{m['seconds']:.1f} s" if m.get("seconds") is not None else "—" for m in manifests],
+        + [
+            f"{m.get('seconds_total', m['seconds']):.1f} s" if m.get("seconds") is not None else "—"
+            for m in manifests
+        ],
         ["seconds per 1,000 policy tokens"]
         + [num((m.get("summary") or {}).get("seconds_per_1k_policy_tokens")) for m in manifests],
         ["peak memory of the policy stage"] + [_memory(m) for m in manifests],
