@@ -244,6 +244,23 @@ def test_sweep_expands_into_arms_that_share_upstream_stages(fake, recipe):
     assert fake.calls == ["arms/kl_coef=0.1/policy", "report"]
 
 
+def test_arms_share_a_later_stage_that_reads_no_stage_they_differ_in(fake, recipe):
+    """Arms shared only the stages before the first one that differs: a sweep over SFT settings with feedback
+    sampling the base model labelled the same pairs and trained the same PM once per arm."""
+    r = recipe("feedback.policy=base", "sweep={sft.learning_rate: [0.001, 0.01]}")
+    arms = [f"arms/learning_rate={x}" for x in ("0.001", "0.01")]
+    pipeline.run(r, quiet=True)
+    assert fake.calls == ["critique_revise", "feedback", "preference_model"] + [
+        f"{a}/{s}" for a in arms for s in ("sft", "policy")
+    ] + ["report"]
+    layout = pipeline.plan(r, fake.run_dir)
+    assert layout.units[f"{arms[1]}/policy"].inputs["preference_model"] == "preference_model"
+    assert layout.units[f"{arms[1]}/policy"].inputs["sft"] == f"{arms[1]}/sft"
+    # feedback that samples the SFT model reads the stage the arms differ in: one per arm, as before
+    per_arm = pipeline.plan(recipe("sweep={sft.learning_rate: [0.001, 0.01]}"), fake.run_dir)
+    assert [k for k in per_arm.units if k.endswith("feedback")] == [f"{a}/feedback" for a in arms]
+
+
 def _arms_recipe(recipe, tmp_path, root):
     gfh = tmp_path / "gfh.yaml"
     shutil.copy(root / "constitutions/good-for-humanity.yaml", gfh)

@@ -8,8 +8,8 @@ trust_remote_code and seed) and upstream stages; a stage whose keys depend on th
 (file references by content) and the output ids of those stages, and the stage gets a read-only view of exactly
 those keys (cai.config.view): reading another key raises.
 
-With arms (`recipe.arms` / `recipe.sweep`), the stages before the first one whose configuration differs
-between arms are shared in RUN/<stage>; from that stage on, each arm's stages go in RUN/arms/<arm>/<stage>.
+With arms (`recipe.arms` / `recipe.sweep`), a stage whose configuration is the same in every arm and whose
+every input is itself shared is shared, in RUN/<stage>; each arm's other stages go in RUN/arms/<arm>/<stage>.
 The report is one, in RUN/report, over all arms.
 """
 
@@ -224,18 +224,20 @@ def plan(recipe: Recipe, run_dir: str | Path) -> Layout:
     rdir = Path(run_dir)
     body = [s for s in ORDER if s in recipe.stages and s != "report" and active(recipe, s)]
     arms = expand_arms(recipe)
-    # arms share every stage before the first one whose config is not the same in all arms
-    split = next(
-        (i for i, s in enumerate(body) if len({hash_json(stage_config(a, s)) for _, a in arms}) > 1),
-        len(body),
-    )
+    # arms share a stage whose config is the same in all arms and whose every input is itself shared (so a
+    # feedback stage that samples the base model is shared by a sweep over SFT settings)
+    shared_stages: set[str] = set()
+    for s in body:
+        same = len({hash_json(stage_config(a, s)) for _, a in arms}) <= 1
+        if same and all(d in shared_stages for _, a in arms for d in inputs_of(a, s) if d in body):
+            shared_stages.add(s)
     units: dict[str, Unit] = {}
     where: dict[str | None, dict[str, str]] = {}
     for name, arm in arms or [(None, recipe)]:
         m: dict[str, str] = {}
-        for i, s in enumerate(body):
+        for s in body:
             reads = {d: m[d] for d in inputs_of(arm, s) if d in m}
-            if name is not None and i >= split:
+            if name is not None and s not in shared_stages:
                 key = f"arms/{name}/{s}"
                 units[key] = Unit(key, s, rdir / key, arm, name, reads, [name])
             else:
