@@ -26,6 +26,7 @@ from cai.rl.trainer import PPOTrainer
 from cai.runtime.models import load_model, load_tokenizer, wrap_lora
 from cai.runtime.rundir import MetricsLog, read_jsonl, read_manifest
 from cai.runtime.settings import Precision, Settings, fp32_head
+from cai.stages.policy import reference
 
 PROMPTS = [{"messages": [{"role": "user", "content": f"Write something, please ({i})."}]} for i in range(8)]
 BF16 = Settings(dtype="bfloat16")
@@ -196,7 +197,8 @@ def test_a_pm_folder_without_its_head_is_refused_not_scored_with_a_random_one(ti
 
 
 def ppo_trainer(tmp_path, *, lora: bool, value_head: bool, dtype: str = "bfloat16", lm_dir=None, **over):
-    """One tiny PPO trainer as the ppo stage builds it: fp32 master policy (and critic), reference in `dtype`."""
+    """One tiny PPO trainer as the ppo stage builds it: fp32 master policy (and critic), the reference as the
+    stage loads it (cai.stages.policy.reference: the policy's weights dtype, run under its autocast)."""
     from accelerate import Accelerator
 
     settings = Settings(dtype=dtype)
@@ -212,7 +214,7 @@ def ppo_trainer(tmp_path, *, lora: bool, value_head: bool, dtype: str = "bfloat1
     )
     torch.manual_seed(0)
     lm = load_model(ref_dir, precision.trainable(settings))
-    ref = None if lora else load_model(ref_dir, settings)
+    ref = None if lora else reference(ref_dir, settings, "cpu")
     if lora:
         lm = wrap_lora(lm, cfg.lora)
     critic = (
@@ -375,3 +377,122 @@ def test_the_gpu_smoke_script_runs_its_phases_on_the_cpu(tmp_path):
     )
     assert phases[7:10] == ["forward-16-padded", "forward-16-batched", "forward-16-loop"]
     assert phases[10:] == ["generate-hf", "generate-vllm"][: len(phases) - 10]  # vLLM's when it is installed
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+def test_bf16_full_fine_tune_starts_at_kl_zero_to_its_reference(tmp_path, tiny_dir, algorithm):
+    """Before any step the policy is its reference: with the stage's models (fp32 masters under bf16 autocast,
+    the reference loaded and run as the policy) the KL of the first rollout is exactly 0, k1 and k3, in bf16 as
+    in fp32 (a bf16-weights reference without autocast gave a KL of +0.002 on this model)."""
+    from accelerate import Accelerator
+
+    from cai.rl.group import GroupTrainer
+    from cai.stages.policy import build_models
+
+    settings = Settings(dtype="bfloat16", device="cpu")
+    precision = Precision.of(settings, "cpu")
+    cfg = PPOConfig(critic="value_head", rollout_batch_size=4, response_length=16, temperature=1.0)
+    torch.manual_seed(0)
+    policy, ref, critic, tok = build_models(cfg, settings, str(tiny_dir), "cpu", critic=algorithm == "ppo")
+    assert ref is not None and {p.dtype for p in ref.parameters()} == {torch.float32}
+    common = dict(
+        policy=policy,
+        ref_model=ref,
+        tokenizer=tok,
+        reward=FunctionReward(lowercase_fraction),
+        prompts=PROMPTS,
+        out_dir=tmp_path,
+        accelerator=Accelerator(cpu=True, mixed_precision=precision.mixed),
+        show_progress=False,
+        precision=precision,
+    )
+    if algorithm == "ppo":
+        trainer = PPOTrainer(cfg, critic=critic, **common)
+    else:
+        trainer = GroupTrainer(cfg, algorithm=algorithm, samples_per_prompt=2, **common)
+    batch = trainer.rollout(0)
+    assert batch.mask.sum() > 0
+    assert torch.equal(batch.logprobs * batch.mask, batch.ref_logprobs * batch.mask)
+    assert batch.stats["objective/kl"] == 0.0 and batch.stats["objective/kl_k3"] == 0.0
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_bf16_dpo_before_training_is_all_ties_and_its_probe_at_kl_zero(tmp_path, lora, monkeypatch):
+    """The untrained DPO policy against its reference in bf16: every held-out pair a tie (accuracy 0.5, margin 0)
+    and the step-0 probe's KL exactly 0, as in fp32 (the policy's forwards ran without autocast, the reference's
+    with it: accuracy 0.29, margin -3e-4); the probe's forwards run in bf16 (they ran fp32 maths)."""
+    from test_policy import learnable_pairs
+
+    from cai.config.blocks import DPOConfig
+    from cai.rl import dpo
+    from cai.stages.policy import reference
+
+    settings = Settings(dtype="bfloat16", device="cpu")
+    precision = Precision.of(settings, "cpu")
+    cfg = DPOConfig(
+        max_steps=1, batch_size=8, beta=0.1, max_length=128, lora=LoraConfig(r=8, alpha=16) if lora else None
+    )
+    tok, model = (
+        load_tokenizer("tiny-random-llama"),
+        load_model("tiny-random-llama", precision.trainable(settings)),
+    )
+    ref = None if lora else reference("tiny-random-llama", settings, "cpu")
+    rows = learnable_pairs()
+    trainer = dpo.build_trainer(cfg, 0, "cpu", precision, model, ref, tok, rows, rows, tmp_path / "ckpt", [])
+    before = dpo.implicit_accuracy(trainer)
+    assert before["n"] == len(rows) and (before["accuracy"], before["mean_margin"]) == (0.5, 0.0), before
+    probe = dpo.Probe(PPOConfig(response_length=16), tok, PROMPTS[:4], None, 0, precision.autocast("cpu"))
+    seen, forward = [], PolicyModel.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(PolicyModel, "forward", recording)
+    row = probe(trainer.model, ref)
+    assert row["objective/kl"] == 0.0 and row["objective/kl_k3"] == 0.0, row
+    assert seen == [True, True]  # the policy's and the reference's
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selected_logprobs_gradient_on_bf16_logits_is_the_exact_one_rounded_once(temperature):
+    """The gradient (onehot - softmax) g / T on bf16 logits is formed in fp32 and rounded once into bf16: within
+    one bf16 step of the exact (fp64) gradient, or 1e-5 (fp32's own 1 - p at p ~ 1 - 1e-6). Formed in bf16, the
+    1 - p of a confident target (p ~ 0.99) lost most of its digits (errors of 1e-3 to 100% at the target)."""
+    from cai.runtime.forward import selected_logprobs
+
+    torch.manual_seed(0)
+    n, vocab = 40, 1000  # more rows than one block of the backward
+    z = torch.randn(n, vocab) * 2
+    tokens = torch.randint(0, vocab, (n,))
+    z[torch.arange(n), tokens] += torch.linspace(0.0, 16.0, n)  # from unsure targets to p ~ 0.999
+    weights = torch.rand(n) + 0.5
+    zb = z.bfloat16()
+    x = zb.clone().requires_grad_(True)
+    (selected_logprobs(x, tokens, temperature) * weights).sum().backward()
+    y = zb.double().requires_grad_(True)
+    logp = torch.log_softmax(y / temperature, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    (logp * weights.double()).sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    exact = y.grad.float()
+    torch.testing.assert_close(x.grad.float(), exact, rtol=2**-8, atol=1e-5)
+    at_target = x.grad.float()[torch.arange(n), tokens]
+    assert at_target.min() > 0  # 1 - p never cancels to 0
+
+
+@pytest.mark.parametrize("head", ["classifier", "value_head"])
+def test_untrained_pm_baseline_is_held_in_the_recipe_dtype_with_an_fp32_head(tiny_dir, head):
+    """`cai evaluate pm`'s untrained baseline under dtype bfloat16 is held as the trained PM it is compared with
+    is loaded: a bf16 trunk and the fp32 head, whose values are those fresh_pm initialised (it was a whole fp32
+    model)."""
+    from cai.pm.build import fresh_pm, untrained_scorer
+    from cai.pm.scoring import scalar_head
+
+    settings = Settings(dtype="bfloat16", device="cpu", seed=5)
+    scorer = untrained_scorer("tiny-random-llama", head, settings)
+    head_params = {id(p) for p in scalar_head(scorer.model).parameters()}
+    trunk = {p.dtype for p in scorer.model.parameters() if id(p) not in head_params}
+    assert trunk == {torch.bfloat16}
+    fresh = scalar_head(fresh_pm("tiny-random-llama", head, settings)[0]).weight
+    assert scalar_head(scorer.model).weight.dtype == torch.float32
+    assert torch.equal(scalar_head(scorer.model).weight.detach(), fresh.detach())

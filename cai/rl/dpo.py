@@ -275,8 +275,8 @@ def build_trainer(cfg, seed: int, device: str, precision, model, ref, tok, train
 @torch.no_grad()
 def implicit_accuracy(trainer: SoftDPOTrainer) -> dict:
     """The implicit reward model's agreement with the labels on the trainer's eval pairs: the share where
-    β·log(π/π_ref) ranks the preferred side higher (a tie counts half; pairs labelled 0.5 are left out), with
-    its Wilson interval and n, and the mean margin."""
+    β·log(π/π_ref) ranks the preferred side higher (a tie counts half; pairs labelled 0.5 are left out), with its
+    Wilson interval and n, and the mean margin (the policy's forwards under autocast, as the reference's)."""
     if trainer.eval_dataset is None or len(trainer.eval_dataset) == 0:
         return {"n": 0}
     model = trainer.model
@@ -285,7 +285,8 @@ def implicit_accuracy(trainer: SoftDPOTrainer) -> dict:
     wins, n, margins = 0.0, 0, []
     for inputs in trainer.get_eval_dataloader():
         inputs = trainer._prepare_inputs(inputs)
-        (pc, pr), (rc, rr) = trainer.pair_logps(model, inputs)
+        with trainer.accelerator.autocast():
+            (pc, pr), (rc, rr) = trainer.pair_logps(model, inputs)
         # every process's share of the eval pairs (accelerate shards them), the last batch's padding dropped
         margin = trainer.accelerator.gather_for_metrics((trainer.beta * ((pc - rc) - (pr - rr))).float())
         keep = trainer.accelerator.gather_for_metrics(inputs["p"].to(margin.device).float()) != 0.5
@@ -332,12 +333,13 @@ class Probe:
         )
         t_gen, t0 = time.perf_counter() - t0, time.perf_counter()
         R = mask.shape[1]
-        out = PolicyModel(lm)(ids, attn, R, cfg.temperature, entropy=True)
-        if ref_lm is None:
-            with lm.disable_adapter():
-                ref = PolicyModel(lm)(ids, attn, R, cfg.temperature)["logprobs"]
-        else:
-            ref = PolicyModel(ref_lm)(ids, attn, R, cfg.temperature)["logprobs"]
+        with self.autocast or contextlib.nullcontext():  # both forwards as sampling's: KL 0 at the start
+            out = PolicyModel(lm)(ids, attn, R, cfg.temperature, entropy=True)
+            if ref_lm is None:
+                with lm.disable_adapter():
+                    ref = PolicyModel(lm)(ids, attn, R, cfg.temperature)["logprobs"]
+            else:
+                ref = PolicyModel(ref_lm)(ids, attn, R, cfg.temperature)["logprobs"]
         logp = out["logprobs"]
         k3 = float(pm.kl_per_token(logp, ref, mask, "k3").sum(1).mean())
         row = {

@@ -154,8 +154,9 @@ class PPOTrainer(OnPolicyTrainer):
                 parts["values"].append(
                     own["values"] if has_values else torch.zeros_like(resp[s : s + n_chunk])
                 )
-            if self.ref is not None:
-                parts["ref"].append(self.ref(ids, am, R, cfg.temperature)["logprobs"])
+            if self.ref is not None:  # under the policy's autocast (the prepared model's): KL 0 at the start
+                with self.acc.autocast():
+                    parts["ref"].append(self.ref(ids, am, R, cfg.temperature)["logprobs"])
             else:  # the LoRA policy with its adapters off
                 off = self.model(ids, am, R, cfg.temperature, values=False, adapters=False)
                 parts["ref"].append(off["logprobs"])

@@ -102,18 +102,21 @@ def _selected_logprobs_function():
 
         @staticmethod
         def backward(ctx, grad):
+            # formed in at least fp32 a block of rows at a time and rounded once into the logits' dtype: in bf16
+            # onehot - softmax cancels for a confident target (1 - p), losing its gradient
             logits, tokens, lse = ctx.saved_tensors
             T = ctx.temperature
-            g = (grad / T).to(logits.dtype)
-            out = torch.empty_like(logits)
+            g = grad.to(lse.dtype) / T
+            out, same = torch.empty_like(logits), logits.dtype == lse.dtype
             for i in range(0, logits.shape[0], _ROWS):
-                block = out[i : i + _ROWS]
+                rows = slice(i, i + _ROWS)  # fp32 (fp64) logits in place in `out`, else one block's copy
+                block = out[rows].copy_(logits[rows]) if same else logits[rows].to(lse.dtype)
                 if T != 1.0:
-                    torch.div(logits[i : i + _ROWS], T, out=block)
-                else:
-                    block.copy_(logits[i : i + _ROWS])
-                block.sub_(lse[i : i + _ROWS, None]).exp_().mul_(-g[i : i + _ROWS, None])
-            out.scatter_add_(-1, tokens[:, None], g[:, None])
+                    block.div_(T)
+                block.sub_(lse[rows, None]).exp_().mul_(-g[rows, None])
+                block.scatter_add_(-1, tokens[rows, None], g[rows, None])
+                if not same:
+                    out[rows] = block
             return out, None, None
 
     return SelectedLogprobs

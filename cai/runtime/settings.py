@@ -7,7 +7,8 @@ preference model, PPO):
 
 - trainable parameters and their optimizer state are fp32 (master weights);
 - compute runs in the recipe's dtype under autocast (bf16 on a GPU by default, fp32 on a CPU);
-- frozen models (reference policy, preference model, labeller, judge) are held in the recipe's dtype;
+- frozen models (preference model, labeller, judge) are held in the recipe's dtype; a fully fine-tuned policy's
+  reference is held like the policy's weights and run under its autocast, so the KL starts at exactly 0;
 - scalar heads (value heads, a preference model's score head) and the scores they give are fp32 on any trunk;
 - saved models hold the fp32 master weights, unless `save_dtype` asks for another dtype.
 

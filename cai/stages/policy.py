@@ -10,9 +10,10 @@ the algorithm `policy.algorithm` names, and write policy/.
   has one (and `ppo.reward` is 'pm'), its probes are scored by it like the others' updates.
 
 Every algorithm: the policy is RUN/sft/model, fully fine-tuned or with LoRA (`ppo.lora` / `dpo.lora`); the
-reference is a frozen copy of it in the recipe's dtype, or with LoRA the same weights with the adapters switched
-off; the reward (`ppo.reward`) is 'pm' — RUN/preference_model/model, normalised with its stored mean/std — or an
-import path 'module:function' (cai.rl.rewards); prompts are RUN/critique_revise/prompts.jsonl.
+reference is a frozen copy of it with the policy's weights (fp32 masters, run under the same autocast: the KL
+starts at exactly 0), or with LoRA the same weights with the adapters switched off; the reward (`ppo.reward`)
+is 'pm' — RUN/preference_model/model, normalised with its stored mean/std — or an import path
+'module:function' (cai.rl.rewards); prompts are RUN/critique_revise/prompts.jsonl.
 With `policy.rounds` > 1 the on-policy algorithms run online rounds (cai.rl.online).
 
 Outputs: policy/ (HF causal-LM folder with tokenizer, LoRA merged), metrics.jsonl (a row per update, or per
@@ -53,7 +54,7 @@ def load_prompts(path: Path) -> list[dict]:
 
 def build_models(cfg, settings, sft_dir: str, device: str, critic: bool = True):
     """(policy, reference or None, critic or None, tokenizer) as a ppo block asks (no critic for a critic-free
-    learner): the policy and critic with fp32 master weights, the frozen reference in the recipe's dtype."""
+    learner): the policy and critic with fp32 master weights, the frozen reference as `reference` loads it."""
     from cai.rl.modules import PolicyModel, ValueModel
 
     trainable = Precision.of(settings, device).trainable(settings)
@@ -63,7 +64,7 @@ def build_models(cfg, settings, sft_dir: str, device: str, critic: bool = True):
     if cfg.lora is not None:
         lm = wrap_lora(lm, cfg.lora)
     else:
-        ref = load_model(sft_dir, settings, device=device)
+        ref = reference(sft_dir, settings, device)
     policy = PolicyModel(lm, value_head=critic and cfg.critic == "value_head")
     value = None
     if critic and cfg.critic == "separate":
@@ -74,6 +75,14 @@ def build_models(cfg, settings, sft_dir: str, device: str, critic: bool = True):
             setattr(seq, prefix, wrap_lora(getattr(seq, prefix), cfg.lora, task_type="FEATURE_EXTRACTION"))
         value = ValueModel(seq)
     return policy, ref, value, tok
+
+
+def reference(sft_dir: str, settings, device: str):
+    """The frozen reference of a fully fine-tuned policy: the SFT weights in the policy's weight dtype (fp32
+    masters; the trainers run it under the policy's autocast), so that before the first step the policy is its
+    reference to the bit and the KL starts at exactly 0 (a bf16 copy would differ by bf16 rounding). The cost:
+    one fp32 copy of the model instead of a bf16 one."""
+    return load_model(sft_dir, Precision.of(settings, device).trainable(settings), device=device)
 
 
 def fresh_policy(cfg, settings, sft_dir: str):
@@ -221,7 +230,7 @@ def run_dpo(ctx, prompts: list[dict]) -> dict:
     torch.manual_seed(settings.seed)
     tok = load_tokenizer(sft_dir, settings, padding_side="left")
     model = load_model(sft_dir, precision.trainable(settings), device=device)
-    ref = None if cfg.lora is not None else load_model(sft_dir, settings, device=device)
+    ref = None if cfg.lora is not None else reference(sft_dir, settings, device)
     has_pm = "preference_model" in ctx.inputs
     reward = None
     if c.ppo.reward != "pm" or has_pm:
