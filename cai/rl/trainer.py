@@ -154,8 +154,8 @@ class PPOTrainer(OnPolicyTrainer):
                 parts["values"].append(
                     own["values"] if has_values else torch.zeros_like(resp[s : s + n_chunk])
                 )
-            if self.ref is not None:  # under the policy's autocast (the prepared model's): KL 0 at the start
-                with self.acc.autocast():
+            if self.ref is not None:  # under the policy's autocast dtype: KL 0 at the start (accelerate's own
+                with self.precision.autocast(self.acc.device):  # context broke FSDP2's next generation)
                     parts["ref"].append(self.ref(ids, am, R, cfg.temperature)["logprobs"])
             else:  # the LoRA policy with its adapters off
                 off = self.model(ids, am, R, cfg.temperature, values=False, adapters=False)
