@@ -1,6 +1,6 @@
 """Hashes, the one place for them: of bytes, files and JSON-able values (fingerprints of the pipeline), of a
-stage's outputs by content (its output id), and 32-bit seeds derived from a text key (the same on every
-machine and after a resume)."""
+stage's outputs by content (its output id), 32-bit seeds derived from a text key (the same on every machine
+and after a resume), and uniform numbers counted from a seed (the sampler's per-row randomness)."""
 
 from __future__ import annotations
 
@@ -70,3 +70,32 @@ def derive_seed(key: str) -> int:
     """A 32-bit seed from a text key: the first 4 bytes of its SHA-256, little-endian. Callers build the key
     from the recipe seed and what the seed is for (a step, a batch's item ids, an update and a rank)."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment; its multipliers follow (as signed 64-bit numbers below)
+MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+def _int64(c: int) -> int:
+    c %= 1 << 64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z, s: int):
+    return (z >> s) & ((1 << (64 - s)) - 1)  # a logical shift of int64 tensors (torch's `>>` keeps the sign)
+
+
+def _mix64(z):
+    z = (z ^ _shr(z, 30)) * _int64(MIX[0])  # int64 products and sums wrap around: arithmetic modulo 2**64
+    z = (z ^ _shr(z, 27)) * _int64(MIX[1])
+    return z ^ _shr(z, 31)
+
+
+def row_uniforms(seeds, step: int):
+    """Uniform numbers in [0, 1) (float64, 53 random bits), one per seed (a sequence or an int64 tensor): number
+    `step` of splitmix64's stream started from the mixed seed, for every seed at once in torch; each number
+    depends on its seed and `step` alone (the sampler's per-row randomness: cai.runtime.decode)."""
+    import torch
+
+    key = _mix64(torch.as_tensor(seeds, dtype=torch.int64) + _int64(GOLDEN))
+    return _shr(_mix64(key + _int64((step + 1) * GOLDEN)), 11).double() * 2.0**-53

@@ -187,3 +187,86 @@ def test_stop_strings_of_many_tokens_and_special_tokens_stop_hf_as_they_stop_vll
         assert texts == [before.strip()] and int(mask.sum()) == upto and finished.tolist() == [True]
     plain = tok("no stop here", add_special_tokens=False)["input_ids"]
     assert text_before_stop(tok, plain, ("<|im_start|>",)) == ("no stop here", None)
+
+
+def test_row_uniforms_are_splitmix64_numbers_of_each_seed_and_step_alone():
+    """cai.hashing.row_uniforms computes splitmix64 (wrapping int64 arithmetic, logical shifts by masking) for
+    every seed at once: the numbers equal a plain-Python splitmix64, depend on (seed, step) alone, and are
+    uniform over seeds and over the steps of one seed."""
+    import torch
+
+    from cai.hashing import row_uniforms
+
+    m64 = (1 << 64) - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+        return z ^ (z >> 31)
+
+    def reference(seed, step):
+        key = mix((seed + 0x9E3779B97F4A7C15) & m64)
+        return (mix((key + (step + 1) * 0x9E3779B97F4A7C15) & m64) >> 11) * 2.0**-53
+
+    seeds = [0, 1, 2, 12345, 2**31 - 1, 2**32 - 1]
+    for step in (0, 1, 7, 1000):
+        got = row_uniforms(seeds, step)
+        assert got.dtype == torch.float64
+        assert got.tolist() == [reference(s, step) for s in seeds]
+        assert row_uniforms(seeds[2:3], step).tolist() == got[2:3].tolist()  # a row alone: the same number
+    over_seeds = row_uniforms(list(range(20000)), 3)
+    over_steps = torch.stack([row_uniforms([42], t) for t in range(20000)]).flatten()
+    for u in (over_seeds, over_steps):
+        assert ((u >= 0) & (u < 1)).all()
+        assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+
+
+def test_the_sampler_with_row_seeds_draws_each_token_with_its_softmax_probability():
+    import torch
+
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")], [0.0, 0.0, 3.0, 0.5, -2.0]])
+    draws = 20000
+    got = frequencies(scores, InverseTransformSampler(list(range(draws * len(scores)))), draws)
+    want = torch.softmax(scores, -1)
+    sd = (want * (1 - want) / draws).sqrt()
+    assert ((got - want).abs() <= 4 * sd + 1e-9).all(), (got, want)
+    assert got[0, 4] == 0
+
+
+def test_a_row_samples_the_same_tokens_alone_or_among_other_rows(tiny):
+    """With one seed per prompt, a row's response does not depend on which prompts share its generate call (its
+    batchmates, their number and order): PPO's rollouts then do not depend on ppo.generation_batch_size nor on
+    the number of processes. One seed for the call (the generation stages' batch seed) keeps its meaning."""
+    import torch
+
+    from cai.runtime import generate as gen
+
+    model, tok = tiny
+    backend = gen.HFBackend(model, tok)
+    prompts = [tok(f"the sea {'and the wind ' * i}")["input_ids"] for i in range(4)]
+    seeds = [11, 12, 13, 14]
+    sampling = gen.Sampling(max_new_tokens=10, temperature=1.0)
+
+    def responses(rows):
+        out = backend.generate_ids([prompts[j] for j in rows], sampling, [seeds[j] for j in rows])
+        return {
+            j: out.response_ids[i, : int(out.response_mask[i].sum())].tolist() for i, j in enumerate(rows)
+        }
+
+    together = responses([0, 1, 2, 3])
+    assert len({tuple(r) for r in together.values()}) > 1
+    assert together == {**responses([3, 1]), **responses([2, 0])} == {j: responses([j])[j] for j in range(4)}
+    # one seed per call, as before: the call's rows draw from torch's generator, seeded by it
+    first = backend.generate_ids(prompts, sampling, seed=5).response_ids
+    assert torch.equal(backend.generate_ids(prompts, sampling, seed=5).response_ids, first)
+
+
+def test_vllm_requests_take_one_seed_per_prompt_when_given():
+    """The vLLM backend takes the same seeds as HF's: one per prompt as given (PPO's rows), or a call's seed
+    with each prompt's derived from it and the prompt's place (the generation stages' batches)."""
+    pytest.importorskip("vllm")
+    from cai.hashing import derive_seed
+    from cai.runtime.vllm_engine import sampling_params
+
+    assert [p.seed for p in sampling_params(Sampling(), [5, 9], 2)] == [5, 9]
+    assert [p.seed for p in sampling_params(Sampling(), 3, 2)] == [derive_seed("3:0"), derive_seed("3:1")]

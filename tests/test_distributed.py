@@ -48,7 +48,6 @@ COMMON = [
     "ppo.updates=1",
     "ppo.ppo_epochs=1",
     "ppo.response_length=8",
-    "ppo.generation_batch_size=2",  # each process's share: sampling seeded by place, not by process
     f"feedback.check_set={{path: {ROOT.parent / 'shared/data/hh-rlhf/harmless-base-dev.jsonl.gz'}, limit: 6}}",
 ]
 
@@ -163,6 +162,7 @@ def test_two_processes_world_size_and_engine(runs):
         assert m1["world_size"] == 1 and m1["engine"] == "single", (stage, m1)
     # only the main process prints the pipeline's lines and writes files
     assert log.count("[cai] sft: running") == 1
+    assert log.count("[critique_revise] ") == 1  # the stage's summary line
     assert read_jsonl(two / "sft" / "metrics.jsonl")  # written once, not once per rank
     assert len(read_jsonl(two / "sft" / "metrics.jsonl")) == len(read_jsonl(one / "sft" / "metrics.jsonl"))
 
@@ -206,8 +206,9 @@ def test_training_losses_match_single_process(runs):
 
 def test_ppo_update_on_two_processes_equals_one_process(runs, tmp_path):
     """DDP PPO with the global batch split over 2 processes, from the very same SFT model and PM, gives the
-    one-process update: the same samples (each generate call seeded by its place in the global batch), the same
-    rewards and advantages (global whitening statistics), the same step (losses are token sums over the global
+    one-process update: the same samples (each row seeded by its place in the global batch, whichever rows share
+    its generate call: ppo.generation_batch_size is left at its default, one call of 4 rows against one of 2 on
+    each process), the same rewards and advantages (global whitening statistics), the same step (losses are token sums over the global
     token count). What remains is float summation order: PPO_TOL on the metrics, WEIGHT_ATOL on the policy."""
     one, two, _ = runs
     assert (
@@ -222,6 +223,8 @@ def test_ppo_update_on_two_processes_equals_one_process(runs, tmp_path):
     assert read_manifest(split / "policy")["world_size"] == 2
     (a,), (b,) = read_jsonl(one / "policy" / "metrics.jsonl"), read_jsonl(split / "policy" / "metrics.jsonl")
     assert a["response/length"] == b["response/length"]
+    s1, s2 = read_jsonl(one / "policy" / "samples.jsonl"), read_jsonl(split / "policy" / "samples.jsonl")
+    assert len(s1) == GLOBAL_BATCH and [r["response"] for r in s1] == [r["response"] for r in s2]
     # the same samples: entropy differs only by float order (the logits of 2 rows against 4 take other kernel
     # paths on some CPUs: 44.169006 against 44.169004 on an AMD EPYC), while other samples would move it by ~1e-2
     for k in (
@@ -407,6 +410,8 @@ def test_accelerate_configs_parse(name):
     assert (CONFIGS / name).read_text().lstrip().startswith("#"), "each config starts with when to pick it"
     if kind == "FSDP":
         assert cfg.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # stage outputs are HF folders
+        # true would make transformers load zeros into every model on ranks != 0 (check_launch_env refuses it)
+        assert cfg.fsdp_config["fsdp_cpu_ram_efficient_loading"] is False
     if kind != "DEEPSPEED":
         return
     ds_file = ROOT / cfg.deepspeed_config["deepspeed_config_file"]
@@ -425,6 +430,24 @@ def test_accelerate_configs_parse(name):
     assert (str(got.value if hasattr(got, "value") else got) if got else None) == offload
     if stage == 3:
         assert parsed.zero_config.gather_16bit_weights_on_model_save, "ZeRO-3 must save whole weights"
+
+
+def test_fsdp_cpu_ram_efficient_loading_is_refused(monkeypatch):
+    """A user's FSDP config with fsdp_cpu_ram_efficient_loading: true (accelerate's launcher exports it) is refused
+    in one line before any model loads: transformers would give every rank but the first zero weights."""
+    from cai.errors import UserError
+    from cai.runtime import distributed as dist
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(UserError, match="fsdp_cpu_ram_efficient_loading") as err:
+        dist.init_from_env()
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    dist.check_launch_env()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    dist.check_launch_env()
 
 
 def test_deepspeed_parser_rejects_a_bad_config(tmp_path):

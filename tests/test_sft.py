@@ -253,3 +253,64 @@ def test_unmerged_lora_saves_an_adapter_both_loaders_open(tmp_path):
         load_model(str(tmp_path / "model")),
     ):
         torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+
+
+@pytest.mark.parametrize("dtype,mixed", [("float32", "no"), ("bfloat16", "bf16")])
+def test_the_recipes_precision_wins_over_the_launchers(tiny, tmp_path, monkeypatch, request, dtype, mixed):
+    """`accelerate launch` with a config's mixed_precision (multi_gpu.yaml, fsdp.yaml: bf16) exports
+    ACCELERATE_MIXED_PRECISION; the trainer still runs in the recipe's precision: no autocast for an fp32
+    recipe, bf16 for a bf16 one. The launcher's value is left in the environment as it was."""
+    import copy
+
+    from accelerate.state import AcceleratorState
+
+    from cai.stages.sft import build_trainer
+
+    # accelerate's one process-wide state cannot change its mixed precision: fresh here, and left fresh for the
+    # tests after this one (a run does not switch: one recipe, one dtype)
+    AcceleratorState._reset_state()
+    request.addfinalizer(AcceleratorState._reset_state)
+    model, tok = tiny
+    launcher = "no" if mixed == "bf16" else "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    r = recipe_with(tmp_path)
+    examples = [
+        {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello"}],
+        }
+    ] * 2
+    trainer = build_trainer(
+        r.sft, r.settings.with_(dtype=dtype), copy.deepcopy(model), tok, examples, tmp_path / "ck"
+    )
+    assert trainer.args.mixed_precision == mixed
+    assert trainer.accelerator.mixed_precision == mixed
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == launcher
+
+
+def test_a_checkpoint_of_another_process_count_is_refused(tmp_path):
+    """SFT, the PM and DPO resume only with the number of processes that wrote the checkpoint, as PPO does:
+    token_callback records it beside the run token, and resume_point refuses another count in one line."""
+    from types import SimpleNamespace
+
+    from cai.errors import UserError
+    from cai.runtime.rundir import append_jsonl
+    from cai.runtime.training import STATE_FILE, WORLD_FILE, resume_point, token_callback
+
+    hf = tmp_path / "hf"
+    state = SimpleNamespace(global_step=2, is_world_process_zero=True)
+    token_callback("token-a").on_step_end(
+        SimpleNamespace(output_dir=str(hf)), state, SimpleNamespace(should_save=True)
+    )
+    ck = hf / "checkpoint-2"
+    assert (ck / WORLD_FILE).read_text().strip() == "1"
+    (ck / STATE_FILE).write_text("{}")
+    metrics = tmp_path / "m.jsonl"
+    append_jsonl(metrics, [{"step": s} for s in (1, 2, 3)])
+    assert resume_point(hf, metrics, "sft", "token-a") == str(ck)  # written by one process, resumed by one
+    (ck / WORLD_FILE).write_text("2\n")  # as a 2-process run writes it
+    append_jsonl(metrics, [{"step": 3}])
+    with pytest.raises(UserError, match=r"written by a run of 2 process\(es\), resumed with 1") as err:
+        resume_point(hf, metrics, "sft", "token-a")
+    assert "\n" not in str(err.value)
+    assert [r["step"] for r in read_jsonl(metrics)] == [1, 2, 3]  # refused before anything was dropped

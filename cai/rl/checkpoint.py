@@ -23,6 +23,7 @@ from cai.rl import engine
 from cai.rl.modules import load_trainable_state, trainable_state
 from cai.runtime import distributed as dist
 from cai.runtime.rundir import append_jsonl, read_jsonl
+from cai.runtime.training import check_world_size
 
 PREFIX = "step-"
 
@@ -59,16 +60,6 @@ def check_token(path: Path, found: str | None, expected: str | None) -> None:
         raise UserError(
             f"{path}: not written by this run (its run token differs from RUN/run.json's); "
             "a checkpoint is loaded only by the run that wrote it: delete it, or start a new run directory"
-        )
-
-
-def check_world_size(path: Path, saved: int | None, now: int) -> None:
-    """Resume only with the number of processes that wrote the checkpoint: each process samples its own share of
-    the prompts and holds its own RNG state, so another count would continue as a different run."""
-    if saved is not None and saved != now:
-        raise UserError(
-            f"{path}: written by a run of {saved} process(es), resumed with {now}; resume with "
-            f"`accelerate launch --num_processes {saved}`, or start a new run directory"
         )
 
 

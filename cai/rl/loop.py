@@ -17,7 +17,7 @@ from cai.rl import checkpoint as ckpt
 from cai.rl import engine
 from cai.rl import ppo_math as pm
 from cai.rl.colocate import VLLMRollouts
-from cai.rl.rollout import sample, seed_of
+from cai.rl.rollout import row_seeds, sample
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
 from cai.runtime.forward import fused_lora_linears
@@ -114,7 +114,7 @@ class OnPolicyTrainer:
                 self._backend(unwrapped.policy.lm),
                 [self.prompt_ids[i] for i in idx],
                 self.cfg,
-                lambda k, n: seed_of(self.seed, "sample", update, dist.rank() * n + k),
+                row_seeds(self.seed, update, len(idx)),
                 with_logits=self.logprobs_from_generation,
                 autocast=self.precision.autocast(self.acc.device),
                 device=self.acc.device,

@@ -33,6 +33,12 @@ def seed_of(*parts) -> int:
     return derive_seed(repr(parts))
 
 
+def row_seeds(seed: int, update: int, n: int) -> list[int]:
+    """The sampling seeds of this process's `n` rollout rows in an update: each from the row's place in the
+    global batch (rank r holds places r·n to r·n + n - 1), the same whatever the number of processes."""
+    return [seed_of(seed, "sample", update, dist.rank() * n + j) for j in range(n)]
+
+
 def prompt_indices(n_prompts: int, batch: int, update: int, seed: int) -> list[int]:
     """This process's prompt indices for an update: the global stream runs through seeded permutations of the
     prompts (one per epoch); each update takes `batch` × world size of it, and each rank its own slice."""
@@ -46,11 +52,12 @@ def prompt_indices(n_prompts: int, batch: int, update: int, seed: int) -> list[i
     return out
 
 
-def sample(backend, prompts: list[list[int]], cfg, seed_for, *, with_logits: bool, autocast, device):
+def sample(backend, prompts: list[list[int]], cfg, seeds, *, with_logits: bool, autocast, device):
     """Sample responses to `prompts` (token ids) as a ppo block says, in generate calls of
-    `generation_batch_size` rows, call k of n seeded by `seed_for(k, n)` (its place in the global batch, so that
-    sampling does not depend on the number of processes). Returns (generation, decoded texts, response mask
-    [B, R] (float), finished [B], input ids and attention mask of prompt + response [B, P + R])."""
+    `generation_batch_size` rows. `seeds`: one seed per prompt (`row_seeds`: each row samples from its own seed,
+    so its text does not depend on which rows share its generate call, nor on the number of processes), or
+    `seeds(k, n)`, the seed of generate call k of n. Returns (generation, decoded texts, response mask [B, R]
+    (float), finished [B], input ids and attention mask of prompt + response [B, P + R])."""
     sampling = Sampling(
         max_new_tokens=cfg.response_length,
         temperature=cfg.temperature,
@@ -59,12 +66,16 @@ def sample(backend, prompts: list[list[int]], cfg, seed_for, *, with_logits: boo
         stop_strings=(cfg.stop_string,) if cfg.stop_string else (),
     )
     size = cfg.generation_batch_size or cfg.rollout_batch_size
-    shards = [prompts[s : s + size] for s in range(0, len(prompts), size)]
+    starts = range(0, len(prompts), size)
     parts = [
         backend.generate_ids(
-            shard, sampling, seed_for(k, len(shards)), with_logits=with_logits, autocast=autocast
+            prompts[s : s + size],
+            sampling,
+            seeds[s : s + size] if isinstance(seeds, list) else seeds(k, len(starts)),
+            with_logits=with_logits,
+            autocast=autocast,
         )
-        for k, shard in enumerate(shards)
+        for k, s in enumerate(starts)
     ]
     gen = parts[0] if len(parts) == 1 else Generated.concat(parts, backend.tokenizer.pad_token_id)
     texts, mask, finished = cut_at_stop(backend.tokenizer, gen, cfg.stop_string)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 
+from cai.hashing import row_uniforms
 from cai.runtime import distributed as dist
 from cai.runtime.forward import pad, replaced_forwards, simple_lora
 from cai.runtime.packing import common_prefix
@@ -231,13 +232,13 @@ def shared_prefix_inputs(model, prompts: list[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device), cache
 
 
-def sampling_processors(sampling, prompts: list[list[int]] | None = None) -> list | None:
+def sampling_processors(sampling, prompts: list[list[int]] | None = None, row_seeds=None) -> list | None:
     """transformers logits processors that draw each next token from exactly the distribution `sampling`
     describes: the repetition penalty over each row's own tokens (`RowRepetitionPenalty`, given the `prompts`),
     logits divided by the temperature, then top-k, then top-p (transformers' own warpers, in the order its
-    sampling applies them), then `InverseTransformSampler`, which leaves the drawn token's score at 0 and every
-    other at -inf so that generation with `do_sample` off (an argmax) takes it. At temperature 0 (greedy) only
-    the penalty, or None."""
+    sampling applies them), then `InverseTransformSampler(row_seeds)`, which leaves the drawn token's score at 0
+    and every other at -inf so that generation with `do_sample` off (an argmax) takes it. At temperature 0
+    (greedy) only the penalty, or None."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     steps = []
@@ -251,7 +252,7 @@ def sampling_processors(sampling, prompts: list[list[int]] | None = None) -> lis
         steps.append(TopKLogitsWarper(top_k=sampling.top_k))
     if sampling.top_p < 1.0:
         steps.append(TopPLogitsWarper(top_p=sampling.top_p))
-    return LogitsProcessorList([*steps, InverseTransformSampler()])
+    return LogitsProcessorList([*steps, InverseTransformSampler(row_seeds)])
 
 
 class RowRepetitionPenalty:
@@ -374,18 +375,25 @@ def text_before_stop(tokenizer, ids: list[int], stops) -> tuple[str, int | None]
 
 
 class InverseTransformSampler:
-    """One token per row from softmax(scores): the first token whose cumulative probability (float64) exceeds
-    a uniform number scaled to the row's total, from torch's generator (seeded by the caller). Tokens of zero
-    probability (filtered to -inf) are never drawn. transformers draws with `torch.multinomial`, which on the
-    CPU takes one exponential number per vocabulary entry and row from a scalar generator: 12.9 ms of a 90 ms
-    decode step of SmolLM2 at batch 8 (49,152 entries), against 8 numbers here."""
+    """One token per row from softmax(scores): the first token whose cumulative probability (float64) exceeds a
+    uniform number scaled to the row's total, from torch's generator (seeded by the caller), or with `row_seeds`
+    from the row's seed and the step (cai.hashing.row_uniforms: a row's tokens do not depend on its batchmates).
+    Tokens of zero probability (filtered to -inf) are never drawn. transformers' `torch.multinomial` takes one
+    exponential number per vocabulary entry and row on the CPU: 12.9 ms of a 90 ms SmolLM2 decode step at
+    batch 8 (49,152 entries), against 8 numbers here."""
+
+    def __init__(self, row_seeds=None):
+        self.row_seeds, self.step = row_seeds, 0
 
     def __call__(self, input_ids, scores):
         import torch
 
         cdf = torch.softmax(scores.float(), -1).cumsum(-1, dtype=torch.float64)
         total = cdf[:, -1:]
-        u = torch.rand(total.shape, dtype=torch.float64, device=cdf.device) * total
-        u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # below the total even when rounded up
+        if self.row_seeds is None:
+            u = torch.rand(total.shape, dtype=torch.float64, device=cdf.device)
+        else:
+            u, self.step = row_uniforms(self.row_seeds, self.step).to(cdf.device)[:, None], self.step + 1
+        u = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))  # below the total
         token = torch.searchsorted(cdf, u, right=True)
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from cai.errors import UserError
+
 
 def _dist():
     import torch.distributed as dist
@@ -16,6 +18,7 @@ def _dist():
 
 def init_from_env() -> None:
     """Join the process group when launched by accelerate/torchrun (gloo on CPU, nccl on GPU)."""
+    check_launch_env()
     skip_deepspeed_shm_kernel()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _dist() is not None:
         return
@@ -33,6 +36,23 @@ def init_from_env() -> None:
             # as accelerate does for FSDP: full state dicts are gathered on CPU
             backend = "cuda:nccl,cpu:gloo"
     dist.init_process_group(backend=backend)
+
+
+def check_launch_env() -> None:
+    """Refuse an FSDP launch with `fsdp_cpu_ram_efficient_loading: true`: transformers then fills every model that
+    `from_pretrained` loads on processes other than each machine's first with zeros (expecting FSDP to broadcast
+    rank 0's weights), and cai loads whole models outside FSDP too: generation models, the labeller, PPO's
+    reference and preference models."""
+    env = os.environ
+    on = ("1", "true", "yes", "y", "on", "t")
+    if (
+        env.get("ACCELERATE_USE_FSDP", "").lower() in on
+        and env.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in on
+    ):
+        raise UserError(
+            "accelerate config: fsdp_config.fsdp_cpu_ram_efficient_loading is true (FSDP_CPU_RAM_EFFICIENT_LOADING"
+            "); expected false: with it every process but the first loads its models as zeros"
+        )
 
 
 def skip_deepspeed_shm_kernel() -> None:

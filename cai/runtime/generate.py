@@ -105,7 +105,7 @@ class Generated:
 
 
 class Backend(Protocol):
-    def generate_ids(self, prompts: list[list[int]], sampling: Sampling, seed: int) -> Generated: ...
+    def generate_ids(self, prompts: list[list[int]], sampling: Sampling, seed: int | list) -> Generated: ...
 
 
 class HFBackend:
@@ -119,14 +119,13 @@ class HFBackend:
         self,
         prompts: list[list[int]],
         sampling: Sampling,
-        seed: int,
+        seed: int | list[int],
         with_logits: bool = False,
         autocast=None,
     ) -> Generated:
-        """Sample responses from exactly the distribution `sampling` describes; `with_logits` also returns the
-        raw logits of every step. `autocast` is a context (cai.runtime.settings) to generate under."""
-        import contextlib
-
+        """Sample responses from exactly the distribution `sampling` describes, seeded by `seed` (or one seed per
+        prompt: a row's tokens then do not depend on its batchmates); `with_logits` also returns the raw logits
+        of every step; `autocast` is a context (cai.runtime.settings) to generate under."""
         import torch
         from transformers import StoppingCriteriaList
 
@@ -140,7 +139,8 @@ class HFBackend:
         kwargs = {"stopping_criteria": StoppingCriteriaList([stops])} if stops else {}
         was_training = self.model.training
         self.model.eval()
-        torch.manual_seed(seed)
+        rows = None if isinstance(seed, int) else list(seed)  # one seed per prompt
+        torch.manual_seed(seed if rows is None else derive_seed(repr(rows)))
         with (
             torch.no_grad(),
             recipe_settings_only(self.model),
@@ -158,7 +158,7 @@ class HFBackend:
                 input_ids=given,
                 attention_mask=given_mask,
                 generation_config=config,
-                logits_processor=sampling_processors(sampling, prompts),
+                logits_processor=sampling_processors(sampling, prompts, rows),
                 **kwargs,
             )
         logits = None
@@ -219,7 +219,7 @@ class VLLMBackend:
         self,
         prompts: list[list[int]],
         sampling: Sampling,
-        seed: int,
+        seed: int | list[int],
         with_logits: bool = False,
         autocast=None,
     ) -> Generated:

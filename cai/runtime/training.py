@@ -6,6 +6,7 @@ under ZeRO-3 or FSDP."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -29,7 +30,10 @@ def training_args(args_cls, cfg, out_dir: Path, seed: int, device: str, precisio
     """`args_cls` (TRL's SFTConfig or RewardConfig) filled from a cai.config.recipe.TrainConfig block:
     schedule, batch, checkpoints every `save_steps` (the newest two kept), mixed precision as the precision
     policy says (fp32 weights, autocast to the compute dtype), no hub, no gradient checkpointing (TRL defaults
-    it on; ~12x slower on a CPU), the CPU flag accelerate needs; `extra` adds or overrides."""
+    it on; ~12x slower on a CPU), the CPU flag accelerate needs; `extra` adds or overrides. The recipe's precision
+    wins over the launcher's: with bf16 and fp16 both False, TrainingArguments would take `accelerate launch`'s
+    mixed_precision (ACCELERATE_MIXED_PRECISION) and train an fp32 recipe under bf16 autocast; DeepSpeed's "auto"
+    bf16/fp16 entries are filled from the same value."""
     common = dict(
         output_dir=str(out_dir),
         num_train_epochs=cfg.epochs,
@@ -54,7 +58,18 @@ def training_args(args_cls, cfg, out_dir: Path, seed: int, device: str, precisio
         dataloader_num_workers=0,
         disable_tqdm=not dist.is_main(),
     )
-    return args_cls(**{**common, **extra})
+    launcher = os.environ.get(MIXED_ENV)
+    os.environ[MIXED_ENV] = precision.mixed  # what TrainingArguments (and its DeepSpeed plugin) read
+    try:
+        return args_cls(**{**common, **extra})
+    finally:
+        if launcher is None:
+            os.environ.pop(MIXED_ENV, None)
+        else:
+            os.environ[MIXED_ENV] = launcher
+
+
+MIXED_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
 def fuse_lora_training(trainer):
@@ -86,6 +101,7 @@ def metrics_callback(log):
 
 
 TOKEN_FILE = "cai_run_token"
+WORLD_FILE = "cai_world_size"  # the number of processes that wrote the checkpoint
 STATE_FILE = "trainer_state.json"  # the trainer writes it last: a checkpoint folder without it is incomplete
 
 
@@ -113,13 +129,25 @@ def save_callback(write):
 
 
 def token_callback(run_token: str | None):
-    """A save_callback writing the run token into every checkpoint (resume_point checks it)."""
+    """A save_callback writing the run token and the number of processes into every checkpoint (resume_point
+    checks both)."""
 
     def write(folder: Path) -> None:
         if run_token:
             (folder / TOKEN_FILE).write_text(run_token + "\n")
+        (folder / WORLD_FILE).write_text(f"{dist.world_size()}\n")
 
     return save_callback(write)
+
+
+def check_world_size(path: Path, saved: int | None, now: int) -> None:
+    """Resume only with the number of processes that wrote the checkpoint: each process samples its own share of
+    the data and holds its own RNG state, so another count would continue as a different run."""
+    if saved is not None and saved != now:
+        raise UserError(
+            f"{path}: written by a run of {saved} process(es), resumed with {now}; resume with "
+            f"`accelerate launch --num_processes {saved}`, or start a new run directory"
+        )
 
 
 def real_rows(n: int, end_of_data: bool, remainder: int, rank: int):
@@ -166,7 +194,8 @@ def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str |
     """The newest complete checkpoint in `ckpt_dir` to resume from, or None; the metrics rows logged after it are
     dropped (the resumed run logs those steps again), and a fresh start clears the metrics file. Newer folders
     that a kill left incomplete (no trainer_state.json) are removed. A checkpoint without this run's token
-    (token_callback) is refused: checkpoints hold pickles, so only the run that wrote one loads it."""
+    (token_callback) is refused: checkpoints hold pickles, so only the run that wrote one loads it; so is one
+    written by another number of processes (check_world_size)."""
     folders = _checkpoints(ckpt_dir)
     step, last = next(((n, p) for n, p in folders if (p / STATE_FILE).is_file()), (0, None))
     if last is not None and run_token is not None:
@@ -176,6 +205,8 @@ def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str |
                 f"{last}: not written by this run (its run token differs from RUN/run.json's); a checkpoint is "
                 "loaded only by the run that wrote it: delete it, or start a new run directory"
             )
+    if last is not None and (last / WORLD_FILE).is_file():
+        check_world_size(last, int((last / WORLD_FILE).read_text()), dist.world_size())
     if dist.is_main():
         for _, p in folders:
             if p == last:

@@ -211,8 +211,9 @@ def _clear_kept_frames() -> None:
                 obj.clear()
 
 
-def sampling_params(sampling, seed: int, n: int, end_ids=()) -> list:
-    """One vLLM SamplingParams per prompt with the recipe's settings, each seeded from `seed` and its place;
+def sampling_params(sampling, seed: int | list[int], n: int, end_ids=()) -> list:
+    """One vLLM SamplingParams per prompt with the recipe's settings, each seeded from `seed` and its place (or
+    by `seed[j]`, a list of one seed per prompt);
     `end_ids` (cai.runtime.decode.end_token_ids) end a response besides the tokenizer's EOS."""
     from vllm import SamplingParams
 
@@ -225,7 +226,7 @@ def sampling_params(sampling, seed: int, n: int, end_ids=()) -> list:
             top_p=1.0 if greedy else sampling.top_p,
             top_k=0 if greedy else sampling.top_k,
             repetition_penalty=sampling.repetition_penalty,
-            seed=derive_seed(f"{seed}:{j}"),
+            seed=derive_seed(f"{seed}:{j}") if isinstance(seed, int) else int(seed[j]),
             stop=list(sampling.stop_strings) or None,
             stop_token_ids=list(end_ids) or None,
             include_stop_str_in_output=True,  # the tokens up to the stop, as HF's ResponseStopStrings keeps them
@@ -236,7 +237,7 @@ def sampling_params(sampling, seed: int, n: int, end_ids=()) -> list:
     ]
 
 
-def generate(llm, prompts: list[list[int]], sampling, seed: int, end_ids=()):
+def generate(llm, prompts: list[list[int]], sampling, seed: int | list[int], end_ids=()):
     """(the sampled token ids of each prompt, the end id included where it ended on one; whether each ended on
     an end id or a stop string: vLLM's finish_reason 'stop', not 'length')."""
     from vllm.inputs import TokensPrompt

@@ -331,10 +331,11 @@ def run(ctx) -> Path:
         generated_tokens=stats["timing"]["generated_tokens"],
         tokens_per_s=stats["timing"]["tokens_per_s"],
     )
-    print(
-        f"[critique_revise] {len(kept)} records ({stats['records']['red_team']} revised, "
-        f"{stats['records']['helpful']} helpful), {len(rejects)} rejected {stats['rejected']['by_reason']}, "
-        f"{stats['timing']['tokens_per_s']} generated tok/s",
-        flush=True,
-    )
+    if dist.is_main():
+        print(
+            f"[critique_revise] {len(kept)} records ({stats['records']['red_team']} revised, "
+            f"{stats['records']['helpful']} helpful), {len(rejects)} rejected {stats['rejected']['by_reason']}, "
+            f"{stats['timing']['tokens_per_s']} generated tok/s",
+            flush=True,
+        )
     return out
