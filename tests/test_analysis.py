@@ -203,3 +203,57 @@ def test_slope_interval_uses_t_with_n_minus_2_degrees_of_freedom():
     assert slope_ci(linear_fit([0.0, 1.0], [0.0, 1.0])) is None  # two points: no interval
     wide = {"b": 0.0, "se_b": 1.0, "n": 42}  # 40 degrees of freedom: t = 2.021
     assert slope_ci(wide)[1] == pytest.approx(2.021, abs=1e-3)
+
+
+def test_metrics_files_get_a_default_out_and_distinct_labels(tmp_path, capsys):
+    """A metrics.jsonl target without --out crashed (NotADirectoryError: FILE/analysis); two logs given by path
+    were both labelled 'metrics.jsonl'. The fit's b now comes with its 95% interval."""
+    kl, r = _synthetic(0.1, 0.5, n=8)
+    rows = [{"step": i, KL_K3: k, "objective/score": s} for i, (k, s) in enumerate(zip(kl, r))]
+    for d in ("x/a/policy", "x/b/policy", "y/b/policy"):
+        append_jsonl(tmp_path / d / "metrics.jsonl", rows)
+    log = tmp_path / "x/a/policy/metrics.jsonl"
+    assert main(["analyze", "kl-reward", str(log)]) == 0
+    assert (tmp_path / "x/a/policy/analysis/kl_reward.json").is_file()
+    assert "score = 0.1 + 0.5·sqrt(KL) (b 95% CI 0.5 to 0.5)" in capsys.readouterr().out
+    logs = [str(tmp_path / d / "metrics.jsonl") for d in ("x/a/policy", "x/b/policy", "y/b/policy")]
+    assert main(["analyze", "kl-reward", *logs, "--out", str(tmp_path / "o")]) == 0
+    data = json.loads((tmp_path / "o" / "kl_reward.json").read_text())
+    assert [s["label"] for s in data["series"]] == ["a", "x/b", "y/b"]
+    assert data["series"][0]["b_ci95"] == pytest.approx([0.5, 0.5])
+
+
+def test_bad_log_lines_are_one_line_errors_but_a_torn_last_line(tmp_path, capsys):
+    """A PNG or a non-UTF-8 line crashed with UnicodeDecodeError, a JSON line that is not an object with
+    AttributeError; one bad line in the middle silently dropped every update after it. Only a torn last line
+    (a kill mid-write: no newline) is left out."""
+    from cai.runtime.rundir import read_jsonl
+
+    kl, r = _synthetic(0.1, 0.5, n=8)
+    good = "".join(json.dumps({KL_K3: k, "objective/score": s}) + "\n" for k, s in zip(kl, r))
+    cases = {
+        "png": (b"\x89PNG\r\n\x1a\n\x00\x00", r"png/metrics.jsonl:1: not UTF-8 text"),
+        "latin1": (good.encode() + b"\xff\xfe\n", r"latin1/metrics.jsonl:9: not UTF-8 text"),
+        "array": ((good + "[1, 2]\n").encode(), r"array/metrics.jsonl:9: an array; expected one JSON object"),
+        "middle": ((good[:40] + "\n" + good).encode(), r"middle/metrics.jsonl:1: not valid JSON"),
+    }
+    for name, (raw, message) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_bytes(raw)
+        assert main(["analyze", "kl-reward", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err.replace("\\", "/"), err
+    (tmp_path / "torn.jsonl").write_text(good + good[:30])
+    assert len(read_jsonl(tmp_path / "torn.jsonl")) == 8
+
+
+def test_rows_appended_after_a_torn_last_line_start_on_a_line_of_their_own(tmp_path):
+    """A kill mid-write leaves a torn last line; the resumed run's next append joined it, which reads as one bad
+    line in the middle (now a refusal, before a silent loss of every later row)."""
+    from cai.runtime.rundir import append_jsonl, read_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    append_jsonl(log, [{"step": 1}, {"step": 2}])
+    log.write_bytes(log.read_bytes() + b'{"step": 3, "loss"')  # killed while writing step 3
+    append_jsonl(log, [{"step": 3}, {"step": 4}])
+    assert read_jsonl(log) == [{"step": s} for s in (1, 2, 3, 4)]

@@ -641,16 +641,20 @@ def test_a_gguf_file_is_refused_for_vllm_not_swapped_for_the_model_beside_it(tin
     """vLLM starts from a folder: a .gguf reference handed it the file's folder, which may hold another model."""
     import shutil
 
+    import gguf as gguf_package
+    from test_models import write_tiny_gguf
+
     from cai.config.fields import GenerationConfig
     from cai.config.recipe import Recipe
     from cai.errors import UserError
     from cai.preflight import vllm_problems
     from cai.runtime import vllm_engine
+    from cai.runtime.models import load_model
 
     folder = tmp_path / "models"
     shutil.copytree(tiny_dir, folder)  # another model's config.json and weights beside the file
     gguf = folder / "other.Q4_1.gguf"
-    gguf.write_bytes(b"GGUF")
+    write_tiny_gguf(gguf, load_model(str(tiny_dir)), gguf_package.GGMLQuantizationType.F32)
     started = []
     monkeypatch.setattr(vllm_engine, "available", lambda: True)
     monkeypatch.setattr(vllm_engine, "start", lambda model, **kw: started.append(model) or "LLM")

@@ -318,7 +318,7 @@ def test_smollm_second_load_reads_the_cache_without_converting(smol_cache, monke
     def no_conversion(*args, **kwargs):
         raise AssertionError("the second load converted the GGUF again")
 
-    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(models.gguf_llama, "convert", no_conversion)
     model = load_model(SMOLLM_ALIAS)
     assert sum(p.numel() for p in model.parameters()) > 100_000_000
 
@@ -349,7 +349,7 @@ def test_cli_models_prepare_uses_the_cache(smol_cache):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert f"ready at {cache / 'models' / SMOLLM_ALIAS}" in proc.stdout
+    assert f"ready at {cache / 'models' / alias_dir(SMOLLM_ALIAS).name}" in proc.stdout
     assert "converting" not in proc.stdout  # already cached: nothing converted again
     assert "(already prepared)" in proc.stdout  # nor loaded again to check it (make demo runs this first)
     proc = subprocess.run(
@@ -367,9 +367,10 @@ def llama_cpp_order(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, model, quant, arch: str = "llama") -> None:
+def write_tiny_gguf(path: Path, model, quant, arch: str = "llama", extra=None) -> None:
     """The tiny model as a llama.cpp-style GGUF: norms in F32, matrices in `quant`, no output.weight (tied). The
-    tensor names come from cai's table; transformers' loader, which the test compares with, has its own."""
+    tensor names come from cai's table; transformers' loader, which the test compares with, has its own.
+    `extra(writer)` adds metadata (a tokenizer)."""
     import gguf
 
     from cai.runtime.gguf_llama import LAYER_NAMES, TOP_NAMES
@@ -407,6 +408,8 @@ def write_tiny_gguf(path: Path, model, quant, arch: str = "llama") -> None:
             writer.add_tensor(to_gguf[name], arr)
         else:
             writer.add_tensor(to_gguf[name], gguf.quants.quantize(arr, quant), raw_dtype=quant)
+    if extra is not None:
+        extra(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -485,3 +488,157 @@ def test_prepare_keeps_the_copy_another_process_finished_first(tmp_path, monkeyp
     assert models.prepare(models.TINY_ALIAS) == target
     assert (target / ".complete").read_text() == "the other process\n" and not (target / "mine").exists()
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary copy left behind
+
+
+def tokenizer_metadata(tok, pre: str | None = None, merges: tuple = ()):
+    """`extra` for write_tiny_gguf: the tiny tokenizer (plus `merges`, each 'a b' -> token 'ab') as GGUF
+    metadata, the way llama.cpp's converter writes a byte-level BPE tokenizer."""
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    tokens += [m.replace(" ", "") for m in merges]
+
+    def add(writer):
+        writer.add_tokenizer_model("gpt2")
+        if pre is not None:
+            writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+        writer.add_token_merges(list(merges))
+        writer.add_pad_token_id(tok.pad_token_id)
+        writer.add_chat_template(tok.chat_template)
+
+    return add
+
+
+def test_gguf_refs_are_checked_before_loading(tmp_path):
+    """A split GGUF loaded its first part with the other part's weights random; a truncated header crashed
+    with struct.error (and `cai recipe validate` passed it); a type the gguf package cannot dequantise crashed
+    with NotImplementedError; a file without tokenizer metadata crashed with KeyError. Now each is a one-line
+    UserError, the first three from the preflight check (`local_problem`)."""
+    import gguf
+    import numpy as np
+
+    from cai.runtime.models import local_problem, model_problem
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    Q = gguf.GGMLQuantizationType
+    write_tiny_gguf(tmp_path / "whole.gguf", model, Q.F32, extra=tokenizer_metadata(tok))
+    assert local_problem(str(tmp_path / "whole.gguf")) is None
+    (tmp_path / "UPPER.GGUF").write_bytes((tmp_path / "whole.gguf").read_bytes())
+    assert local_problem(str(tmp_path / "UPPER.GGUF")) is None  # was "not found"
+    assert resolve(str(tmp_path / "UPPER.GGUF")).gguf_file == "UPPER.GGUF"
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((tmp_path / "whole.gguf").read_bytes()[:200])
+    assert model_problem(str(cut)) == "truncated GGUF file (ends inside a string)"
+
+    real = gguf.GGUFWriter.__init__
+
+    def two_parts(self, path, arch, **kw):
+        real(self, path, arch, split_max_tensors=10, **kw)
+
+    split = tmp_path / "split"
+    split.mkdir()
+    gguf.GGUFWriter.__init__ = two_parts
+    try:
+        write_tiny_gguf(split / "tiny.gguf", model, Q.F32)
+    finally:
+        gguf.GGUFWriter.__init__ = real
+    first = split / "tiny-00001-of-00002.gguf"
+    with pytest.raises(
+        UserError, match=r"split GGUF \(2 files\): merge it first \(llama-gguf-split --merge\)"
+    ):
+        load_model(str(first))
+
+    def fake_quantize(arr, qtype):  # bytes of the right size: Q1_0 has no dequantiser in the gguf package
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        return np.zeros((*arr.shape[:-1], arr.shape[-1] // block * size), dtype=np.uint8)
+
+    quantize, gguf.quants.quantize = gguf.quants.quantize, fake_quantize
+    try:
+        write_tiny_gguf(tmp_path / "q1.gguf", model, Q.Q1_0)
+    finally:
+        gguf.quants.quantize = quantize
+    with pytest.raises(UserError, match=r"q1\.gguf': GGML tensor type Q1_0 cannot be dequantised"):
+        load_model(str(tmp_path / "q1.gguf"))
+    write_tiny_gguf(tmp_path / "notok.gguf", model, Q.F32)
+    assert model_problem(str(tmp_path / "notok.gguf")).startswith("the GGUF file has no tokenizer")
+    with pytest.raises(UserError, match=r"notok\.gguf': the GGUF file has no tokenizer") as info:
+        load_tokenizer(str(tmp_path / "notok.gguf"))
+    assert "\n" not in str(info.value)
+
+
+def test_load_refuses_a_checkpoint_missing_weights(tmp_path, tiny_dir):
+    """A GGUF labelled another architecture (mamba) loaded with every weight random, silently. Now a missing
+    weight is refused in one line; a new scalar head (a PM on a causal LM) is still expected, and said."""
+    import gguf
+
+    write_tiny_gguf(
+        tmp_path / "mamba.gguf",
+        build_tiny_model(build_tiny_tokenizer()),
+        gguf.GGMLQuantizationType.F32,
+        "mamba",
+    )
+    with pytest.raises(UserError, match=r"mamba\.gguf': the checkpoint lacks \d+ weight\(s\) \(backbone\."):
+        load_model(str(tmp_path / "mamba.gguf"))
+    model = load_model(str(tiny_dir), kind="seq_cls", role="preference model")
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+
+
+def test_gguf_tokenizer_splits_digits_like_smollm2(tmp_path):
+    """SmolLM2's GGUF names the pre-tokenizer 'smollm' (every digit split off first); transformers built plain
+    ByteLevel, so numbers and the spaces before them tokenised differently from SmolLM2's own tokenizer. Both
+    `load_tokenizer` of a .gguf and the alias conversion now split digits; the alias folder is versioned so an
+    old cache is rebuilt."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from cai.runtime import gguf_llama
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    merges = ("Ġ 1",)  # ' 1' is one token unless the digit is split off first
+    space, one, merged = tok.convert_tokens_to_ids("Ġ"), tok.convert_tokens_to_ids("1"), len(tok)
+    for pre, want in (
+        ("smollm", [space, one, one]),
+        ("starcoder", [space, one, one]),
+        ("gpt-2", [merged, one]),
+    ):
+        path = tmp_path / f"{pre}.gguf"
+        write_tiny_gguf(
+            path, model, gguf.GGMLQuantizationType.F32, extra=tokenizer_metadata(tok, pre, merges)
+        )
+        assert load_tokenizer(str(path))(" 11", add_special_tokens=False).input_ids == want, pre
+    gguf_llama.convert(tmp_path / "smollm.gguf", tmp_path / "converted", quiet=True)
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / "converted"))
+    assert saved(" 11", add_special_tokens=False).input_ids == [space, one, one]
+    assert alias_dir(SMOLLM_ALIAS).name == f"{SMOLLM_ALIAS}-v2"  # caches converted without it rebuild
+
+
+def test_gguf_convert_bench_alternates_which_side_goes_first(monkeypatch, capsys):
+    """bench/gguf_convert.py timed transformers first in every round (its docstring said alternating), so the
+    first side also paid the imports both share."""
+    import importlib.util
+
+    from cai.runtime import gguf_llama, models
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "bench"))
+    spec = importlib.util.spec_from_file_location("gguf_convert_bench", root / "bench" / "gguf_convert.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    order = []
+
+    def side(name):
+        def run(gguf, out, quiet=False):
+            order.append(name)
+            (out / "model.safetensors").write_bytes(b"same")
+
+        return run
+
+    monkeypatch.setattr(bench, "by_transformers", side("transformers"))
+    monkeypatch.setattr(gguf_llama, "convert", side("cai"))
+    monkeypatch.setattr(models, "smollm_gguf", lambda: Path("smol.gguf"))
+    monkeypatch.setattr(sys, "argv", ["gguf_convert.py", "--rounds", "3"])
+    bench.main()
+    assert order == ["transformers", "cai", "cai", "transformers", "transformers", "cai"]
+    assert "weights byte-identical in every round: True" in capsys.readouterr().out

@@ -89,13 +89,15 @@ def _cmd_feedback_eval(a) -> int:
 
 
 def _cmd_kl_reward(a) -> int:
-    out = a.out or Path(a.run_dirs[0]) / "analysis"
+    first = Path(a.run_dirs[0])
+    out = a.out or (first.parent if first.is_file() else first) / "analysis"
     result = kl_reward(a.run_dirs, out)
     for s in result["series"]:
         if s["a"] is not None:
             sign = "-" if s["b"] < 0 else "+"
+            ci = f" (b 95% CI {s['b_ci95'][0]:.3g} to {s['b_ci95'][1]:.3g})" if s["b_ci95"] else ""
             print(
-                f"{s['label']}: score = {s['a']:.4g} {sign} {abs(s['b']):.4g}·sqrt(KL)  R²={s['r2']:.3f}  "
+                f"{s['label']}: score = {s['a']:.4g} {sign} {abs(s['b']):.4g}·sqrt(KL){ci}  R²={s['r2']:.3f}  "
                 f"n={s['n']}  max KL={s['kl_max']:.3g}  (KL: {s['kl_key']}, {s['kl']})"
             )
         if s["note"]:
@@ -177,7 +179,10 @@ def register(sub) -> None:
     k.add_argument(
         "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, policy folders or metrics.jsonl"
     )
-    k.add_argument("--out", help="output folder (default: FIRST_RUN_DIR/analysis)")
+    k.add_argument(
+        "--out",
+        help="output folder (default: FIRST_RUN_DIR/analysis; for a metrics file, its folder's analysis/)",
+    )
     k.set_defaults(func=_cmd_kl_reward)
 
     r = sub.add_parser("report", help="write RUN_DIR/report/report.md (with PNGs) for a run")

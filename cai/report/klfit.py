@@ -23,7 +23,7 @@ from cai.config.load import RECIPE_FILE, load_run_recipe
 from cai.errors import UserError
 from cai.plots import plot_kl_reward
 from cai.runtime.rundir import read_jsonl, write_json
-from cai.stats import fit_through_origin, linear_fit
+from cai.stats import fit_through_origin, linear_fit, slope_ci
 
 SCORE, KL, KL_K3 = "objective/score", "objective/kl", "objective/kl_k3"
 STAGE_DIRS = ("policy", "ppo")  # the policy stage's folder; 'ppo' in runs made before it was renamed
@@ -245,11 +245,32 @@ def summarize(series: list[dict]) -> dict:
                 "kl": KL_NAMES[s["kl_key"]],
                 "dropped": s["dropped"],
                 **{k: f.get(k) for k in ("a", "b", "r2", "se_b", "kl_max", "reward_first", "reward_last")},
+                "b_ci95": list(slope_ci(f) or ()) or None if f else None,
                 "warning": s.get("warning"),
                 "note": s.get("note"),
             }
         )
     return {"model": "score = a + b * sqrt(KL)", "series": out}
+
+
+def distinct_names(targets: list[str | Path]) -> list[str]:
+    """A label per target: the shortest path suffix that no other target shares, of the run each names (a
+    metrics file and a policy/ or ppo/ folder are named by the folder above). Two logs given as
+    a/policy/metrics.jsonl and b/policy/metrics.jsonl both used to be 'metrics.jsonl'."""
+    parts = []
+    for t in targets:
+        p = Path(t).resolve()
+        if p.is_file():
+            p = p.parent
+        if p.name in STAGE_DIRS:
+            p = p.parent
+        parts.append(p.parts)
+    names = []
+    for i, own in enumerate(parts):
+        others = [q for j, q in enumerate(parts) if j != i]
+        k = next((k for k in range(1, len(own)) if all(q[-k:] != own[-k:] for q in others)), len(own))
+        names.append("/".join(own[-k:]).lstrip("/") or str(targets[i]))
+    return names
 
 
 def kl_reward(targets: list[str | Path], out_dir: str | Path) -> dict:
@@ -258,7 +279,9 @@ def kl_reward(targets: list[str | Path], out_dir: str | Path) -> dict:
     for t in targets:
         if not Path(t).exists():
             raise UserError(f"{t}: no such run directory or file")
-        found = find_ppo_logs(t, label_prefix="" if len(targets) == 1 else Path(t).name)
+    names = distinct_names(targets) if len(targets) > 1 else [""] * len(targets)
+    for t, name in zip(targets, names):
+        found = find_ppo_logs(t, label_prefix=name)
         if not found:
             raise UserError(
                 f"{t}: no policy log found (expected policy/metrics.jsonl or arms/*/policy/metrics.jsonl)"

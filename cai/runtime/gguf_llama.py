@@ -16,6 +16,7 @@ Format facts used (GGUF v2/v3, as written by llama.cpp's converter):
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from pathlib import Path
@@ -118,12 +119,30 @@ def _tensor(data, offset: int, dims: list[int], qtype: int, path: Path):
         kind = GGMLQuantizationType(qtype)
     except ValueError:
         raise UserError(f"{path}: unknown GGML tensor type {qtype}") from None
+    if not _can_dequantize(kind):
+        raise UserError(
+            f"{path}: GGML tensor type {kind.name} cannot be dequantised (the gguf package lacks it)"
+        )
     block, size = GGML_QUANT_SIZES[kind]
     nbytes = math.prod(dims) // block * size
     if offset + nbytes > data.shape[0]:
         raise UserError(f"{path}: truncated GGUF file (a tensor ends past the end of the file)")
     shape = tuple(reversed(dims))  # GGUF lists the innermost dimension first
     return shape, kind, data[offset : offset + nbytes]
+
+
+@functools.cache
+def _can_dequantize(kind) -> bool:
+    """Whether the `gguf` package dequantises this GGML type (what transformers' loader and `dequantize` use)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import dequantize as by_gguf
+
+    try:
+        by_gguf(np.zeros(GGML_QUANT_SIZES[kind][1], dtype=np.uint8), kind)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def dequantize(raw, kind):
@@ -226,3 +245,73 @@ def load_llama(path: Path) -> tuple[object, dict]:
             w.astype("float32", copy=False).copy()
         )  # F32 tensors are views of the map
     return config, state
+
+
+DIGITS_FIRST = ("smollm", "starcoder")  # tokenizer.ggml.pre of tokenizers that split off every digit first
+
+
+def header_info(path: Path) -> dict:
+    """What a load needs to know of a GGUF file before loading it, cached per file version: `problem` (why it
+    cannot load, or None: unreadable, a split file, a tensor type with no dequantiser), `pre` (the tokenizer's
+    pre-tokenizer name) and `tokenizer` (whether it carries one)."""
+    stat = Path(path).stat()
+    return _header_info(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _header_info(path: str, mtime_ns: int, size: int) -> dict:
+    try:
+        meta, _ = read(Path(path))
+    except UserError as exc:
+        return {"problem": str(exc).removeprefix(f"{path}: "), "pre": None, "tokenizer": False}
+    except (ValueError, OverflowError) as exc:  # a corrupt header that the reader's checks do not name
+        return {"problem": f"not a readable GGUF file ({exc})", "pre": None, "tokenizer": False}
+    count = meta.get("split.count", 1)
+    split = isinstance(count, int) and count > 1
+    return {
+        "problem": f"split GGUF ({count} files): merge it first (llama-gguf-split --merge)"
+        if split
+        else None,
+        "pre": meta.get("tokenizer.ggml.pre"),
+        "tokenizer": "tokenizer.ggml.tokens" in meta,
+    }
+
+
+def fix_pre_tokenizer(tok, pre: str | None):
+    """Give a tokenizer built from a GGUF file the pre-tokenizer its vocabulary was learned with, where
+    transformers falls back to plain ByteLevel: SmolLM2 ('smollm') and StarCoder split every digit first."""
+    if pre in DIGITS_FIRST:
+        from tokenizers import pre_tokenizers as pt
+
+        tok.backend_tokenizer.pre_tokenizer = pt.Sequence(
+            [
+                pt.Digits(individual_digits=True),
+                pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+            ]
+        )
+    return tok
+
+
+def convert(gguf: Path, out: Path, quiet: bool = False) -> None:
+    """Dequantise a Llama GGUF once and save fp32 safetensors (+ tokenizer); later loads take well under a
+    second. The weights and config come from `load_llama` (one pass over the file), the tokenizer from
+    transformers' GGUF reader, with the pre-tokenizer the file names (`fix_pre_tokenizer`)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    if not quiet:
+        print(f"converting {gguf.name} to safetensors in {out.parent} (once, ~15 s)", flush=True)
+    info = header_info(gguf)
+    if info["problem"]:
+        raise UserError(f"{gguf}: {info['problem']}")
+    tok = fix_pre_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name), info["pre"])
+    config, state = load_llama(gguf)
+    with torch.device("meta"):  # no random initialisation: every weight comes from the file
+        model = LlamaForCausalLM(config)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    if missing or result.unexpected_keys:
+        raise UserError(f"{gguf}: tensors missing {sorted(missing)}, unexpected {result.unexpected_keys}")
+    model.tie_weights()
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))

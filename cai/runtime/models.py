@@ -23,6 +23,7 @@ from cai.runtime.settings import DEFAULT, Settings
 TINY_ALIAS = "tiny-random-llama"
 SMOLLM_ALIAS = "smollm2-135m-instruct"
 TINY_VERSION = "v1"  # bump when the tiny model's recipe changes, so caches rebuild
+SMOLLM_VERSION = "v2"  # bump when the conversion changes (v2: SmolLM2's digit-splitting pre-tokenizer)
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -63,8 +64,8 @@ def smollm_gguf() -> Path:
 
 
 def alias_dir(name: str) -> Path:
-    suffix = f"-{TINY_VERSION}" if name == TINY_ALIAS else ""
-    return cache_root() / "models" / f"{name}{suffix}"
+    version = {TINY_ALIAS: TINY_VERSION, SMOLLM_ALIAS: SMOLLM_VERSION}.get(name)
+    return cache_root() / "models" / (f"{name}-{version}" if version else name)
 
 
 def _is_complete(path: Path) -> bool:
@@ -85,7 +86,7 @@ def prepare(name: str, quiet: bool = False) -> Path:
     if name == TINY_ALIAS:
         _build_tiny(tmp)
     else:
-        _convert_gguf(smollm_gguf(), tmp, quiet=quiet)
+        gguf_llama.convert(smollm_gguf(), tmp, quiet=quiet)
     (tmp / ".complete").write_text(f"built in {time.time() - t0:.1f}s\n")
     if not _is_complete(target):  # else another process finished first: keep its copy, which may be in use
         shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover
@@ -93,28 +94,6 @@ def prepare(name: str, quiet: bool = False) -> Path:
             tmp.rename(target)
     shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _convert_gguf(gguf: Path, out: Path, quiet: bool = False) -> None:
-    """Dequantise a Llama GGUF once and save fp32 safetensors (+ tokenizer); later loads take well under a
-    second. The weights and config come from cai.runtime.gguf_llama (one pass over the file), the tokenizer from
-    transformers' GGUF reader."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    if not quiet:
-        print(f"converting {gguf.name} to safetensors in {out.parent} (once, ~15 s)", flush=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config, state = gguf_llama.load_llama(gguf)
-    with torch.device("meta"):  # no random initialisation: every weight comes from the file
-        model = LlamaForCausalLM(config)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    if missing or result.unexpected_keys:
-        raise UserError(f"{gguf}: tensors missing {sorted(missing)}, unexpected {result.unexpected_keys}")
-    model.tie_weights()
-    model.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
 
 
 def build_tiny_tokenizer():
@@ -188,6 +167,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+NO_TOKENIZER = "the GGUF file has no tokenizer (no tokenizer.ggml.tokens metadata)"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -202,8 +182,8 @@ def local_problem(ref: str) -> str | None:
                 return str(exc).split(": ", 1)[-1]
         return None
     p = Path(ref).expanduser()
-    if p.suffix == ".gguf":
-        return None if p.is_file() else "GGUF file not found"
+    if p.suffix.lower() == ".gguf":
+        return gguf_llama.header_info(p)["problem"] if p.is_file() else "GGUF file not found"
     if p.is_dir():
         # a peft adapter folder (adapter_config.json) also loads: transformers attaches it to its base model
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
@@ -245,8 +225,15 @@ def hub_problem(ref: str, timeout: float = 10.0) -> str | None:
 
 
 def model_problem(ref: str) -> str | None:
-    """Why a model reference will not load (preflight), or None: `local_problem`, then `hub_problem`."""
+    """Why a model reference will not load (preflight), or None: `local_problem` (and a .gguf file without a
+    tokenizer), then `hub_problem`."""
     problem = local_problem(ref)
+    if (
+        not problem
+        and Path(ref).suffix.lower() == ".gguf"
+        and not gguf_llama.header_info(Path(ref).expanduser())["tokenizer"]
+    ):
+        problem = NO_TOKENIZER
     if problem or ref in ALIASES or Path(ref).expanduser().exists():
         return problem
     return hub_problem(ref)
@@ -260,7 +247,7 @@ def resolve(ref: str) -> Resolved:
     if ref in ALIASES:
         return Resolved(ref, "dir", str(prepare(ref)))
     p = Path(ref).expanduser()
-    if p.suffix == ".gguf":
+    if p.suffix.lower() == ".gguf":
         return Resolved(ref, "gguf", str(p.parent), gguf_file=p.name)
     if p.is_dir():
         return Resolved(ref, "dir", str(p))
@@ -287,10 +274,15 @@ def load_tokenizer(ref: str, settings: Settings = DEFAULT, *, padding_side: str 
 
     r = resolve(ref)
     kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
+    info = gguf_llama.header_info(Path(r.path) / r.gguf_file) if r.gguf_file else {}
+    if r.gguf_file and not info["tokenizer"]:
+        raise UserError(f"model '{ref}': {NO_TOKENIZER}")
     try:
         tok = AutoTokenizer.from_pretrained(r.path, trust_remote_code=settings.trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"model '{ref}': cannot load the tokenizer: {_load_problem(exc)}") from None
+    if r.gguf_file:
+        gguf_llama.fix_pre_tokenizer(tok, info["pre"])
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
@@ -317,18 +309,17 @@ def load_model(
     """Load a model with the settings' dtype and trust_remote_code onto `device` (default: the settings'
     device): kind 'causal_lm' or 'seq_cls' (a scalar head, `num_labels`). Weights are read from safetensors
     only. Dropout is left to the caller. A scalar head that the checkpoint lacks (a PM or critic built on a
-    causal LM) is expected: instead of the library's load report, one line names the model's `role`."""
+    causal LM) is expected: instead of the library's load report, one line names the model's `role`; any other
+    weight the checkpoint lacks (another architecture, part of a split file) is refused."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     r = resolve(ref)
     device = device or settings.torch_device()
     kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {"use_safetensors": True}  # never pickled weights
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
-    if kind == "seq_cls":
-        kwargs.update(num_labels=num_labels, output_loading_info=True)
+    kwargs.update(output_loading_info=True, **({"num_labels": num_labels} if kind == "seq_cls" else {}))
     log = logging.getLogger("transformers.modeling_utils")
-    if kind == "seq_cls":  # a new scalar head is expected: `_say_new_head` reports it in one line
-        log.addFilter(_no_load_report)
+    log.addFilter(_no_load_report)  # `_say_new_head` reports what the checkpoint lacked, in one line
     try:
         model = cls.from_pretrained(
             r.path, dtype=settings.torch_dtype(device), trust_remote_code=settings.trust_remote_code, **kwargs
@@ -337,9 +328,8 @@ def load_model(
         raise UserError(f"model '{ref}': cannot load weights: {_load_problem(exc)}") from None
     finally:
         log.removeFilter(_no_load_report)
-    if kind == "seq_cls":
-        model, info = model
-        _say_new_head(ref, role, info)
+    model, info = model
+    _say_new_head(ref, role, info, tied=bool(getattr(model.config, "tie_word_embeddings", False)))
     if r.gguf_file:  # dequantised in memory: make it trainable and saveable like any other model
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -354,15 +344,23 @@ def _no_load_report(record) -> bool:
     return "LOAD REPORT" not in record.getMessage()
 
 
-def _say_new_head(ref: str, role: str | None, info: dict) -> None:
-    """One line when a scalar head was newly initialised (trained next); other missing/unexpected weights warn."""
+def _say_new_head(ref: str, role: str | None, info: dict, tied: bool = False) -> None:
+    """One line when a scalar head was newly initialised (trained next); refuses any other missing weight (it
+    would be random) but a tied lm_head; unexpected weights warn."""
     missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
     head = [k for k in missing if k.split(".")[0] in ("score", "classifier")]
-    who, other = f"{role or 'model'} '{ref}'", [k for k in missing if k not in head]
+    who = f"{role or 'model'} '{ref}'"
+    other = [k for k in missing if k not in head and not (tied and k == "lm_head.weight")]
+    if other:
+        more = f" and {len(other) - 3} more" if len(other) > 3 else ""
+        raise UserError(
+            f"model '{ref}': the checkpoint lacks {len(other)} weight(s) ({', '.join(sorted(other)[:3])}{more}), "
+            "which would load random: a model of another architecture, or one part of a split checkpoint?"
+        )
     if head and os.environ.get("RANK", "0") == "0":
         print(f"[cai] {who}: new scalar head ({', '.join(head)}), randomly initialised, to be trained")
-    if other or unexpected:
-        print(f"[cai] warning: {who}: weights missing {other[:5]}, unexpected {unexpected[:5]}", flush=True)
+    if unexpected:
+        print(f"[cai] warning: {who}: unexpected weights {unexpected[:5]} (not used)", flush=True)
 
 
 def wrap_lora(model, lora, task_type: str = "CAUSAL_LM"):

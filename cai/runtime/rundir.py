@@ -113,29 +113,49 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read JSONL, ignoring a truncated last line (a run killed mid-write)."""
+    """Read JSONL rows, ignoring a truncated last line (a run killed mid-write: it has no newline). Any other
+    line that is not UTF-8 JSON, or a row that is not an object, is a UserError naming path:line (a bad line
+    in the middle silently dropped every row after it)."""
     path = Path(path)
     if not path.is_file():
         return []
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = raw.strip()
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                if not raw.endswith(b"\n"):  # only the last line can lack one
+                    break
+                what = (
+                    "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"not valid JSON ({exc.msg})"
+                )
+                raise UserError(f"{path}:{n}: {what}; expected one JSON object per line") from None
+            if not isinstance(row, dict):
+                kind = {list: "an array", str: "a string", bool: "a boolean"}.get(
+                    type(row), "a number or null"
+                )
+                raise UserError(f"{path}:{n}: {kind}; expected one JSON object per line")
+            rows.append(row)
     return rows
 
 
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:
-    """Append rows in one write and fsync, so a kill loses at most the batch being written."""
+    """Append rows in one write and fsync, so a kill loses at most the batch being written; a torn last line
+    such a kill left is dropped first, so the rows start on a line of their own."""
     if not rows:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            repair_jsonl(path)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     with open(path, "a", encoding="utf-8") as f:
         f.write(data)
