@@ -450,6 +450,10 @@ def test_a_new_labeller_check_set_reruns_the_report_but_not_the_pm_or_the_policy
     assert pipeline._output_id(d, "feedback", "fp") == before
     (d / "pairs.jsonl").write_text('{"id": "p0", "p_a": 0.2}\n')
     assert pipeline._output_id(d, "feedback", "fp") != before
+    # the PM sets its reward normalisation from responses.jsonl: new responses must retrain it
+    before = pipeline._output_id(d, "feedback", "fp")
+    (d / "responses.jsonl").write_text('{"id": "p0-0", "text": "b"}\n')
+    assert pipeline._output_id(d, "feedback", "fp") != before
     check = "feedback.check_set={path: ../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz, limit: %d}"
     a, b = recipe(check % 8), recipe(check % 16)
     inputs = {s: "x" for s in STAGES}
@@ -644,17 +648,6 @@ def test_the_policy_stage_reads_the_pm_only_for_a_pm_reward(fake, recipe, tmp_pa
     pipeline.run(recipe(fn), run_dir=other, only=["critique_revise", "sft"], quiet=True)
     pipeline.run(recipe(fn), run_dir=other, only=["policy"], quiet=True)
     assert read_manifest(other / "policy")["status"] == "complete"
-
-
-def test_the_feedback_output_id_covers_the_responses_the_pm_reads(tmp_path):
-    """The PM sets its reward normalisation from feedback/responses.jsonl: new responses must retrain it."""
-    d = tmp_path / "feedback"
-    d.mkdir()
-    (d / "pairs.jsonl").write_text('{"id": "p0", "p_a": 0.7}\n')
-    (d / "responses.jsonl").write_text('{"id": "p0-0", "text": "a"}\n')
-    before = pipeline._output_id(d, "feedback", "fp")
-    (d / "responses.jsonl").write_text('{"id": "p0-0", "text": "b"}\n')
-    assert pipeline._output_id(d, "feedback", "fp") != before
 
 
 def test_what_ran_names_the_cai_run_that_made_each_stage(fake, recipe):
