@@ -51,7 +51,7 @@ class FakeStages:
             for name in STAGES[stage].outputs:  # what the output id hashes: the same text
                 out = ctx.out_dir / name if "." in name else ctx.out_dir / name / "out.txt"
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(text)
+                out.write_text(json.dumps({"text": text}) + "\n" if name.endswith(".jsonl") else text)
             if stage == "feedback":
                 rows = read_jsonl(ctx.shared_path("responses.jsonl"))
                 if not rows:
@@ -620,11 +620,11 @@ def test_a_resumed_stage_keeps_every_attempts_time_and_peak_memory(fake, recipe,
 def test_the_policy_stage_reads_the_pm_only_for_a_pm_reward(fake, recipe, tmp_path, monkeypatch):
     """With `ppo.reward` a function no algorithm reads the PM, and PPO, RLOO and GRPO read no feedback pairs
     (DPO and online rounds do): a retrained PM reran the policy, and `--only policy` wanted both complete."""
-    (tmp_path / "rewards_mod.py").write_text(
+    (tmp_path / "zero_reward_mod.py").write_text(
         "def short(prompts, responses, **kw):\n    return [0.0] * len(responses)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    fn, all4 = "ppo.reward=rewards_mod:short", ("critique_revise", "sft", "feedback", "preference_model")
+    fn, all4 = "ppo.reward=zero_reward_mod:short", ("critique_revise", "sft", "feedback", "preference_model")
     cases = {
         (): ("critique_revise", "sft", "preference_model"),
         (fn,): ("critique_revise", "sft"),
