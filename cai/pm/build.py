@@ -20,7 +20,7 @@ from cai.pm.scoring import NORM_FILE, RewardScorer, scalar_head
 from cai.runtime import distributed as dist
 from cai.runtime.models import load_model, load_tokenizer, peft_config, resolve, wrap_lora
 from cai.runtime.rundir import write_json
-from cai.runtime.settings import Precision, fp32_head, fp32_heads
+from cai.runtime.settings import Precision, cast_keeping_fp32_heads, fp32_head
 from cai.runtime.training import (
     fuse_lora_training,
     is_sharded,
@@ -258,9 +258,5 @@ def untrained_scorer(backbone: str, head: str, settings) -> RewardScorer:
     model, tok = fresh_pm(backbone, head, settings, role="untrained baseline")
     dtype = settings.torch_dtype(str(next(model.parameters()).device))
     if dtype != torch.float32:
-        heads = fp32_heads(model)  # their fp32 values kept as initialised, not rounded through the cast
-        kept = [{k: v.detach().clone() for k, v in h.state_dict().items()} for h in heads]
-        model.to(dtype)
-        for h, state in zip(heads, kept):
-            h.float().load_state_dict(state)
+        cast_keeping_fp32_heads(model, dtype)  # the head keeps its fp32 values as initialised
     return RewardScorer.wrap(model.eval(), tok, f"untrained {backbone}")

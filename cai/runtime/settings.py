@@ -158,6 +158,16 @@ def fp32_heads(model) -> list:
     return [m for m in model.modules() if _FP32_LINEAR is not None and isinstance(m, _FP32_LINEAR)]
 
 
+def cast_keeping_fp32_heads(model, dtype) -> None:
+    """Cast `model` to `dtype` in place, its fp32 heads (`fp32_head`) kept in fp32 with their exact values (not
+    rounded through the cast)."""
+    heads = fp32_heads(model)
+    kept = [{k: v.detach().clone() for k, v in h.state_dict().items()} for h in heads]
+    model.to(dtype)
+    for head, state in zip(heads, kept):
+        head.float().load_state_dict(state)
+
+
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 

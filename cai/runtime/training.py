@@ -14,7 +14,7 @@ from cai.errors import UserError
 from cai.runtime import distributed as dist
 from cai.runtime.forward import fused_lora_linears
 from cai.runtime.rundir import append_jsonl, read_jsonl
-from cai.runtime.settings import fp32_heads
+from cai.runtime.settings import cast_keeping_fp32_heads
 
 
 def checkpointing_key(args_cls) -> str:
@@ -269,11 +269,9 @@ def save_trained(trainer, model, tokenizer, path: Path, merge: bool, dtype: str 
     elif dist.is_main():
         if merge and hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        heads = fp32_heads(model)  # a PM's scalar head is saved in fp32 whatever the save dtype
-        kept = [{k: v.detach().clone() for k, v in h.state_dict().items()} for h in heads]
-        model.to(getattr(torch, dtype))
-        for head, state in zip(heads, kept):
-            head.float().load_state_dict(state)
+        cast_keeping_fp32_heads(
+            model, getattr(torch, dtype)
+        )  # a PM's scalar head stays fp32 in any save dtype
         model.save_pretrained(str(tmp), safe_serialization=True)
     if dist.is_main():
         tokenizer.padding_side = "left"  # the loader's and the generation engine's convention
