@@ -326,7 +326,7 @@ class Probe:
             HFBackend(lm, self.tok),
             self.ids,
             cfg,
-            lambda k, n: seed_of(self.seed, "probe", k),
+            [seed_of(self.seed, "probe", j) for j in range(len(self.ids))],  # each row its own seed
             with_logits=False,
             autocast=self.autocast,
             device=device,

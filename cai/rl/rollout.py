@@ -54,10 +54,10 @@ def prompt_indices(n_prompts: int, batch: int, update: int, seed: int) -> list[i
 
 def sample(backend, prompts: list[list[int]], cfg, seeds, *, with_logits: bool, autocast, device):
     """Sample responses to `prompts` (token ids) as a ppo block says, in generate calls of
-    `generation_batch_size` rows. `seeds`: one seed per prompt (`row_seeds`: each row samples from its own seed,
-    so its text does not depend on which rows share its generate call, nor on the number of processes), or
-    `seeds(k, n)`, the seed of generate call k of n. Returns (generation, decoded texts, response mask [B, R]
-    (float), finished [B], input ids and attention mask of prompt + response [B, P + R])."""
+    `generation_batch_size` rows. `seeds`: one seed per prompt (`row_seeds`): each row samples from its own seed,
+    so its text does not depend on which rows share its generate call, nor on the number of processes. Returns
+    (generation, decoded texts, response mask [B, R] (float), finished [B], input ids and attention mask of
+    prompt + response [B, P + R])."""
     sampling = Sampling(
         max_new_tokens=cfg.response_length,
         temperature=cfg.temperature,
@@ -66,16 +66,11 @@ def sample(backend, prompts: list[list[int]], cfg, seeds, *, with_logits: bool, 
         stop_strings=(cfg.stop_string,) if cfg.stop_string else (),
     )
     size = cfg.generation_batch_size or cfg.rollout_batch_size
-    starts = range(0, len(prompts), size)
     parts = [
         backend.generate_ids(
-            prompts[s : s + size],
-            sampling,
-            seeds[s : s + size] if isinstance(seeds, list) else seeds(k, len(starts)),
-            with_logits=with_logits,
-            autocast=autocast,
+            prompts[s : s + size], sampling, seeds[s : s + size], with_logits=with_logits, autocast=autocast
         )
-        for k, s in enumerate(starts)
+        for s in range(0, len(prompts), size)
     ]
     gen = parts[0] if len(parts) == 1 else Generated.concat(parts, backend.tokenizer.pad_token_id)
     texts, mask, finished = cut_at_stop(backend.tokenizer, gen, cfg.stop_string)
