@@ -81,7 +81,7 @@ def run(
     `only` restricts to these stages; `start` selects that stage and everything after it; `force` reruns the
     selected stages even when they are up to date; `arms` restricts arm-specific stages to these arms.
     """
-    dist.init_from_env()  # under `accelerate launch`/torchrun: join the process group once, before any stage
+    dist.init_from_env(recipe.device)  # under `accelerate launch`/torchrun: join the process group once
     rdir = run_dir_of(recipe, str(run_dir) if run_dir else None)
     selected = set(select_stages(recipe, only, start))
     forced = selected if force else set()
@@ -292,11 +292,11 @@ def _killed_seconds(started: str | None, out_dir: Path) -> float | None:
     return round(max(0.0, max(stamps, default=t0) - t0), 2)
 
 
-def _end_attempt(manifest: dict, status: str, seconds: float) -> None:
-    """Close this attempt (the manifest's last): its status, time and peak memory; and the manifest's:
-    `seconds` is this attempt's, `seconds_total` every attempt's, `peak_memory` the highest recorded."""
+def _end_attempt(manifest: dict, status: str, seconds: float, measured: dict | None = None) -> None:
+    """Close this attempt (the manifest's last): its status, time and peak memory (`measured`, else this process's);
+    and the manifest's: `seconds` is this attempt's, `seconds_total` every attempt's, `peak_memory` the highest."""
     attempts = manifest["attempts"]
-    attempts[-1].update(status=status, seconds=seconds, peak_memory=peak_memory())
+    attempts[-1].update(status=status, seconds=seconds, peak_memory=measured or peak_memory())
     peak: dict = {}
     for p in [a["peak_memory"] for a in attempts if a.get("peak_memory")]:
         for k, v in p.items():
@@ -378,7 +378,7 @@ def _run_stage(
     seconds = round(time.time() - t0, 2)
     if stage_tracker is not None:
         stage_tracker.replay_if_silent(out_dir / "metrics.jsonl")
-    _end_attempt(manifest, "complete", seconds)
+    _end_attempt(manifest, "complete", seconds, peak_memory(all_ranks=True))  # every rank is here
     manifest.update(
         ended=time.strftime(TIME_FORMAT),
         summary=ctx.summary,

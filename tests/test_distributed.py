@@ -160,6 +160,10 @@ def test_two_processes_world_size_and_engine(runs):
         assert m["status"] == "complete" and m["world_size"] == 2 and m["engine"] == "ddp", (stage, m)
         m1 = read_manifest(one / stage)
         assert m1["world_size"] == 1 and m1["engine"] == "single", (stage, m1)
+        # peak memory over both processes: the larger of the two, and what they held together
+        peak = m["peak_memory"]
+        assert peak["processes"] == 2 and peak["rss_mib"] < peak["rss_mib_total"] <= 2 * peak["rss_mib"], peak
+        assert "processes" not in m1["peak_memory"], m1["peak_memory"]
     # only the main process prints the pipeline's lines and writes files
     assert log.count("[cai] sft: running") == 1
     assert log.count("[critique_revise] ") == 1  # the stage's summary line
@@ -585,3 +589,30 @@ def test_deepspeed_launch_keeps_deepspeed_on_cpu(monkeypatch):
     assert dist.accelerator_cpu("cpu") and not dist.accelerator_cpu("cuda")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert not dist.accelerator_cpu("cpu")
+
+
+@pytest.mark.parametrize(
+    "device, use_cpu, expected",
+    [("cpu", "", "gloo"), ("auto", "", "nccl"), ("cuda", "", "nccl"), ("auto", "true", "gloo")],
+)
+def test_process_group_backend_follows_the_recipe_device(monkeypatch, device, use_cpu, expected):
+    """On a machine with GPUs, a launch of a `device: cpu` recipe joins a gloo group (nccl cannot reduce the CPU
+    tensors its models give); a GPU recipe joins nccl, and a launch with --cpu gloo."""
+    import torch
+    import torch.distributed as tdist
+
+    from cai.runtime import distributed as dist
+
+    if tdist.is_available() and tdist.is_initialized():
+        pytest.skip("a process group is already open in this process")
+    chosen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: chosen.append(("device", i)))
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend: chosen.append(("backend", backend)))
+    dist.init_from_env(device)
+    assert ("backend", expected) in chosen
+    assert (("device", 1) in chosen) == (expected == "nccl")

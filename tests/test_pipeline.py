@@ -579,7 +579,7 @@ def test_a_resumed_stage_keeps_every_attempts_time_and_peak_memory(fake, recipe,
     from cai.report.build import Report, RunIndex
 
     level = {"rss_mib": 900.0}
-    monkeypatch.setattr(pipeline, "peak_memory", lambda: {**level, "rss_since": "stage"})
+    monkeypatch.setattr(pipeline, "peak_memory", lambda **kw: {**level, "rss_since": "stage"})
     real_write = pipeline._write_manifest
 
     def sigkill(out_dir, manifest):  # a SIGKILL: sft's failure is never recorded

@@ -438,6 +438,10 @@ def test_policy_memory_and_time_missing_from_a_manifest_show_a_dash(tmp_path, mo
         policies._memory({"peak_memory": {"rss_mib": 812.3, "cuda_mib": 100.0}})
         == "812 MiB RSS, 100 MiB CUDA"
     )
+    two = {"rss_mib": 812.3, "rss_mib_total": 1500.2, "processes": 2, "rss_since": "stage"}
+    assert policies._memory({"peak_memory": two}) == (
+        "812 MiB RSS (largest of 2 processes; 1500 MiB together)"
+    )
     monkeypatch.setattr(
         policies,
         "win_rates",

@@ -82,6 +82,8 @@ def _memory(m: dict) -> str:
     if peak.get("rss_mib") is None:
         return "—"
     parts = [f"{peak['rss_mib']:.0f} MiB RSS" + (" (process)" if peak.get("rss_since") == "process" else "")]
+    if (peak.get("processes") or 1) > 1:  # the largest process's, and all of them together
+        parts[0] += f" (largest of {peak['processes']} processes; {peak['rss_mib_total']:.0f} MiB together)"
     if peak.get("cuda_mib") is not None:
         parts.append(f"{peak['cuda_mib']:.0f} MiB CUDA")
     return ", ".join(parts)

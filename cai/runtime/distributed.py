@@ -16,8 +16,9 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def init_from_env() -> None:
-    """Join the process group when launched by accelerate/torchrun (gloo on CPU, nccl on GPU)."""
+def init_from_env(device: str = "auto") -> None:
+    """Join the process group when launched by accelerate/torchrun: nccl where the run's models go on GPUs, gloo
+    where they stay on the CPU (`device` 'cpu', a launch with `--cpu`, or no GPU). `device` is the recipe's."""
     check_launch_env()
     skip_deepspeed_shm_kernel()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _dist() is not None:
@@ -25,11 +26,12 @@ def init_from_env() -> None:
     import torch
     import torch.distributed as dist
 
-    backend = (
-        "nccl"
-        if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
-        else "gloo"
+    on_gpu = (
+        device != "cpu"
+        and torch.cuda.is_available()
+        and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
     )
+    backend = "nccl" if on_gpu else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before the group: collectives use it
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":

@@ -105,10 +105,14 @@ def reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_memory() -> dict:
+def peak_memory(all_ranks: bool = False) -> dict:
     """Peak memory since reset_peak_memory(), this process's, in MiB: `rss_mib` (resident set; `rss_since`
     says 'stage' when the reset worked, 'process' when it is the high-water mark since the process started) and
-    `cuda_mib` (peak CUDA allocation by torch, when used)."""
+    `cuda_mib` (peak CUDA allocation by torch, when used). `all_ranks` (a collective: every rank calls it): over
+    every process of the run, each figure's largest, and with several processes their number (`processes`) and
+    the sum of their resident sets (`rss_mib_total`: what they held together, on one machine)."""
+    if all_ranks:
+        return _largest(dist.gather_objects(peak_memory()))
     out: dict = {}
     try:
         status = Path("/proc/self/status").read_text()
@@ -122,6 +126,20 @@ def peak_memory() -> dict:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def _largest(peaks: list[dict]) -> dict:
+    if len(peaks) == 1:
+        return peaks[0]
+    out: dict = {}
+    for key in ("rss_mib", "cuda_mib"):
+        values = [p[key] for p in peaks if p.get(key) is not None]
+        if values:
+            out[key] = max(values)
+    out["rss_since"] = "stage" if all(p.get("rss_since") == "stage" for p in peaks) else "process"
+    out["rss_mib_total"] = round(sum(p.get("rss_mib") or 0.0 for p in peaks), 1)
+    out["processes"] = len(peaks)
     return out
 
 
