@@ -293,8 +293,9 @@ def _killed_seconds(started: str | None, out_dir: Path) -> float | None:
 
 
 def _end_attempt(manifest: dict, status: str, seconds: float, measured: dict | None = None) -> None:
-    """Close this attempt (the manifest's last): its status, time and peak memory (`measured`, else this process's);
-    and the manifest's: `seconds` is this attempt's, `seconds_total` every attempt's, `peak_memory` the highest."""
+    """Close this attempt (the manifest's last): its status, time and peak memory (`measured`, else this
+    process's); and the manifest's: `seconds` is this attempt's, `seconds_total` every attempt's, `peak_memory` the
+    highest."""
     attempts = manifest["attempts"]
     attempts[-1].update(status=status, seconds=seconds, peak_memory=measured or peak_memory())
     peak: dict = {}
