@@ -3,7 +3,8 @@ human labels, calibration (ECE, reliability bins), the per-tag summary of an eva
 correlation.
 
 Proportions (accuracy, agreement, win rate) get Wilson intervals, which stay honest at small n: 0 of 8 is
-[0, 0.32], where a bootstrap says [0, 0]. Below SMALL_N items a proportion is flagged as a small sample."""
+[0, 0.32], where a bootstrap says [0, 0]; items that come in clusters (several pairs of one prompt) get them at
+the effective sample size (clustered_ci). Below SMALL_N items a proportion is flagged as a small sample."""
 
 from __future__ import annotations
 
@@ -50,6 +51,36 @@ def wilson_ci(successes: float, n: int, z: float = 1.959964) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p)))  # contains p despite rounding
+
+
+def clustered_ci(values, clusters, z: float = 1.959964) -> tuple[float, float]:
+    """95% interval of the mean p of per-item credits in [0, 1] that come in clusters (pairs of one prompt): a
+    Wilson interval at the effective sample size n_eff = n / deff, deff Kish's design effect (Kish 1965, Survey
+    Sampling) V_c / V_srs, clamped to >= 1: V_c = Σ_g (Y_g − p·n_g)² / n² is the cluster-robust (sandwich,
+    ratio-estimator) variance of p (Y_g, n_g: cluster g's credit sum and size), V_srs = Σ_i (y_i − p)² / n² the
+    same for independent items (p(1 − p)/n for 0/1 credits). k copies of m items give n_eff = m; all singletons
+    give wilson_ci exactly; where V_c says nothing (all credits equal, or one cluster) n_eff = number of clusters."""
+    values = [float(v) for v in values]
+    clusters = list(clusters)
+    if len(values) != len(clusters):
+        raise ValueError(f"clustered_ci: {len(values)} values but {len(clusters)} cluster labels")
+    n = len(values)
+    totals: dict = {}
+    for v, g in zip(values, clusters):
+        t = totals.setdefault(g, [0.0, 0])
+        t[0] += v
+        t[1] += 1
+    m = len(totals)
+    if m == n:
+        return wilson_ci(sum(values), n, z)
+    p = sum(values) / n
+    v_srs = sum((v - p) ** 2 for v in values) / (n * n)
+    if m < 2 or v_srs <= 0:
+        n_eff = float(m)
+    else:
+        v_c = sum((y - p * k) ** 2 for y, k in totals.values()) / (n * n)
+        n_eff = n / max(1.0, v_c / v_srs)
+    return wilson_ci(p * n_eff, n_eff, z)
 
 
 def agreement(p_a: list[float], human_a: list[bool]) -> dict:

@@ -38,8 +38,13 @@ def pair_hits(r_a, r_b, p_a):
     with it, a tie in score counting half whichever side the label prefers (as ties share the credit everywhere
     else). Sums, so that batches pool into one accuracy (tensors)."""
     keep = p_a != 0.5
-    hit = ((r_a > r_b) == (p_a > 0.5)).float().masked_fill(r_a == r_b, 0.5)
-    return hit[keep].sum(), keep.sum()
+    return pair_credit(r_a, r_b, p_a)[keep].sum(), keep.sum()
+
+
+def pair_credit(r_a, r_b, p_a):
+    """Each pair's credit for pair_hits: 1 when its score order agrees with its label, 0.5 for a tie in score,
+    else 0 (meaningless where the label ties)."""
+    return ((r_a > r_b) == (p_a > 0.5)).float().masked_fill(r_a == r_b, 0.5)
 
 
 def pair_accuracy(r_a, r_b, p_a):

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import random
 
-from cai.pm.loss import pair_accuracy, preference_loss
+from cai.pm.loss import pair_accuracy, pair_credit, preference_loss
 from cai.pm.scoring import can_pack, conversation_ids, pair_scores, sequence_scores
 from cai.runtime.forward import pad
+from cai.stats import clustered_ci
 
 
 def split_pairs(
@@ -70,9 +71,10 @@ def tokenise_pairs(tokenizer, rows: list[dict], max_length: int, response_len: b
 
 
 def held_out_eval(model, tokenizer, rows: list[dict], max_length: int, batch_size: int) -> dict:
-    """Pair accuracy (against p_a > 0.5, over the `n_scored` of `n` pairs whose label is not 0.5), mean margin and
-    soft loss of a PM on pairs; for a value-head PM also `lm_loss`, the preferred responses' mean next-token NLL
-    summed and divided by the number of pairs, a tie adding 0 (as the training loss has it), and `lm_tokens`."""
+    """Pair accuracy (against p_a > 0.5, over the `n_scored` of `n` pairs whose label is not 0.5) with its 95%
+    interval clustered by prompt (`clusters`: the prompts of those pairs), mean margin and soft loss of a PM on
+    pairs; for a value-head PM also `lm_loss`, the preferred responses' mean next-token NLL summed and divided by
+    the number of pairs, a tie adding 0 (as the training loss has it), and `lm_tokens`."""
     import torch
 
     from cai.pm.value_head import ValueHeadPM, pair_lm_loss, preferred_rows, response_lm_labels
@@ -117,10 +119,16 @@ def held_out_eval(model, tokenizer, rows: list[dict], max_length: int, batch_siz
                 n_tok += int(out.lm_tokens.sum())
     model.train(was)
     r_a, r_b = scores[:n], scores[n:]
+    scored = [i for i, p in enumerate(p_a.tolist()) if p != 0.5]  # those `accuracy` counts: 0.5 has no side
+    credit = pair_credit(r_a, r_b, p_a).tolist()
+    prompts = [rows[i].get("prompt_id", rows[i]["id"]) for i in scored]
     result = {
         "n": n,
-        "n_scored": int((p_a != 0.5).sum()),  # the pairs `accuracy` counts: a label of 0.5 has no side
+        "n_scored": len(scored),
         "accuracy": pair_accuracy(r_a, r_b, p_a),
+        # pairs of one prompt are not independent: the interval is clustered by prompt
+        "ci95": list(clustered_ci([credit[i] for i in scored], prompts)) if scored else None,
+        "clusters": len(set(prompts)),
         "mean_margin": float(((r_a - r_b) * torch.sign(p_a - 0.5)).mean()),
         "soft_loss": float(preference_loss(r_a, r_b, p_a)),
         "scores": scores.tolist(),

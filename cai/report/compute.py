@@ -219,3 +219,15 @@ def scored_pairs(summary: dict) -> int | None:
     """The held-out pairs a PM stage summary's accuracy counts (those whose label is not 0.5); a run from before
     `held_out_scored` gives all its held-out pairs."""
     return summary.get("held_out_scored", summary.get("held_out_pairs"))
+
+
+def held_out_result(acc: float | None, n: int | None, block: dict | None) -> dict | None:
+    """A PM's held-out accuracy over n scored pairs as with_ci shows it, with the interval clustered by prompt
+    that its held-out evaluation `block` (eval.json's held_out, a round's pm_held_out) carries and the number of
+    prompts; a run from before that gets Wilson's interval over pairs. None without an accuracy."""
+    if acc is None or not n:
+        return None
+    block = block or {}
+    if block.get("ci95") and block.get("clusters"):
+        return {"accuracy": acc, "ci95": list(block["ci95"]), "n": n, "clusters": block["clusters"]}
+    return {"accuracy": acc, "ci95": list(wilson_ci(acc * n, n)), "n": n}

@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from cai.markdown import num, table, with_ci
-from cai.report.compute import gold_win_rates, scored_pairs, win_rates
+from cai.report.compute import gold_win_rates, held_out_result, scored_pairs, win_rates
 from cai.report.winrates import gold_judge, judge_notes
 from cai.rl.rewards import PreferenceModelReward
 from cai.runtime.rundir import read_json, read_jsonl, read_manifest
-from cai.stats import bootstrap_ci, small_n, small_n_note, wilson_ci
+from cai.stats import bootstrap_ci, small_n, small_n_note
 
 
 def _policy_dirs(rep) -> dict:
@@ -215,7 +215,8 @@ def rounds_section(rep) -> list[str]:
         fb, pm = rep.index.stage_dir("feedback", a), rep.index.stage_dir("preference_model", a)
         fb_stats = read_json(fb / "stats.json") if fb else None
         pm_sum = (read_manifest(pm) or {}).get("summary", {}) if pm else {}
-        rows = [_round_row(r, fb_stats, pm_sum) for r in rounds]
+        pm_held = (read_json(pm / "eval.json") or {}).get("held_out") if pm else None
+        rows = [_round_row(r, fb_stats, pm_sum, pm_held) for r in rounds]
         md.append(f"## Online rounds{f' ({rep.label(a)})' if len(rep.arms) > 1 else ''}\n")
         md.append(
             "Each round after the first samples pairs from the policy the previous round ended with (its folder's "
@@ -239,12 +240,14 @@ def rounds_section(rep) -> list[str]:
     return md
 
 
-def _round_row(r: dict, fb_stats: dict | None, pm_sum: dict) -> list:
+def _round_row(r: dict, fb_stats: dict | None, pm_sum: dict, pm_held: dict | None = None) -> list:
+    """One round's table row; round 1's PM is the preference_model stage's (its summary, and `pm_held`, its
+    eval.json's held-out block)."""
     first = r.get("round") == 1
     pairs = (fb_stats or {}) if first else (r.get("pairs") or {})
-    held = r.get("pm_held_out") or {}
+    held = pm_held if first else (r.get("pm_held_out") or {})
     acc = pm_sum.get("held_out_accuracy") if first else held.get("accuracy")
-    n = scored_pairs(pm_sum) if first else held.get("n")
+    n = scored_pairs(pm_sum) if first else held.get("n_scored", held.get("n"))
     updates = r.get("updates") or [None, None]
     return [
         r.get("round"),
@@ -254,7 +257,5 @@ def _round_row(r: dict, fb_stats: dict | None, pm_sum: dict) -> list:
         pairs.get("pairs"),
         num(pairs.get("mean_confidence")),
         "— (the feedback stage's labels)" if first else with_ci(r.get("pm_agreement")),
-        with_ci({"accuracy": acc, "ci95": list(wilson_ci(acc * n, n)), "n": n})
-        if n and acc is not None
-        else "—",
+        with_ci(held_out_result(acc, n, held)),
     ]

@@ -16,6 +16,7 @@ from cai.plots import curves_png, plot_kl_reward
 from cai.report.compute import (
     generate,
     gold_win_rates,
+    held_out_result,
     label_agreement,
     metric_series,
     pm_evaluations,
@@ -26,7 +27,7 @@ from cai.report.evalview import baseline_rows, baseline_warnings, check_baseline
 from cai.report.klfit import KL_NAMES, analyze_logs
 from cai.report.winrates import gold_judge, mix_kinds, win_rate_md
 from cai.runtime.rundir import read_json, read_jsonl, read_manifest
-from cai.stats import SMALL_N, slope_ci, small_n, small_n_note, wilson_ci
+from cai.stats import SMALL_N, slope_ci, small_n, small_n_note
 
 PPO_PANELS = [
     ("objective/score", "PM score (reward)"),
@@ -126,14 +127,19 @@ def pm_section(rep) -> list[str]:
         return []
     md = ["## Preference model\n"]
     train = {k: (read_manifest(d) or {}).get("summary", {}) for k, d in dirs.items()}
+    ev = {k: read_json(d / "eval.json") or {} for k, d in dirs.items()}
     md.append(
         table(
             ["", *dirs],
             [
                 ["training pairs"] + [t.get("train_pairs") for t in train.values()],
-                ["held-out pair accuracy (AI labels) [95% CI]"] + [_held_out(t) for t in train.values()],
+                ["held-out pair accuracy (AI labels) [95% CI]"]
+                + [_held_out(t, block=ev[k].get("held_out")) for k, t in train.items()],
                 ["… the untrained PM on the same pairs (baseline)"]
-                + [_held_out(t, "held_out_accuracy_before") for t in train.values()],
+                + [
+                    _held_out(t, "held_out_accuracy_before", ev[k].get("held_out_before"))
+                    for k, t in train.items()
+                ],
             ],
         )
     )
@@ -188,13 +194,11 @@ def pm_section(rep) -> list[str]:
     return md
 
 
-def _held_out(t: dict, key: str = "held_out_accuracy") -> str:
+def _held_out(t: dict, key: str = "held_out_accuracy", block: dict | None = None) -> str:
     """The PM's held-out accuracy (or, with key 'held_out_accuracy_before', the untrained PM's on the same pairs)
-    with its Wilson interval and n, from the stage summary."""
-    acc, n = t.get(key), scored_pairs(t)
-    if acc is None or not n:
-        return "—"
-    return with_ci({"accuracy": acc, "ci95": wilson_ci(acc * n, n), "n": n})
+    and n from the stage summary, with the interval clustered by prompt of its eval.json `block`
+    (held_out_result)."""
+    return with_ci(held_out_result(t.get(key), scored_pairs(t), block))
 
 
 def ppo_section(rep) -> list[str]:

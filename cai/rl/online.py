@@ -34,7 +34,6 @@ from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
 from cai.runtime.models import load_for_inference
 from cai.runtime.rundir import MetricsLog, read_json, read_jsonl, write_json
-from cai.stats import wilson_ci
 
 ROUND_FILE = "round.json"
 
@@ -128,13 +127,14 @@ def sample_and_label(c, out_dir: Path, r: int, prompts: list[dict]) -> list[dict
 
 def pm_agreement(pm_dir: Path, settings, cfg, rows: list[dict]) -> dict:
     """How often a PM ranks the side the labeller preferred higher on pairs it never saw (ties left out), with
-    its Wilson interval and n: the labeller's agreement with the PM the policy has been optimising."""
+    its interval clustered by prompt, n and the prompts: the labeller's agreement with the PM the policy has been
+    optimising."""
     scorer = RewardScorer(pm_dir, settings)
     res = held_out_eval(scorer.model, scorer.tokenizer, rows, cfg.max_length, cfg.batch_size)
     n = sum(1 for r in rows if float(r["p_a"]) != 0.5)
     out = {"n": n, "accuracy": res.get("accuracy"), "mean_margin": res.get("mean_margin")}
     if n and res.get("accuracy") == res.get("accuracy"):  # not nan
-        out["ci95"] = list(wilson_ci(res["accuracy"] * n, n))
+        out.update(ci95=res["ci95"], clusters=res["clusters"])
     return out
 
 
