@@ -42,6 +42,7 @@ from cai.runtime.rundir import (
     code_version,
     package_versions,
     read_manifest,
+    run_lock,
     run_token,
     update_run_info,
     write_json,
@@ -92,28 +93,29 @@ def run(
         if unknown:
             raise UserError(f"--arm {unknown[0]}: no such arm; arms: {', '.join(layout.arms) or 'none'}")
     invocation = None
-    if dist.is_main():
-        rdir.mkdir(parents=True, exist_ok=True)
-        write_json(rdir / RECIPE_FILE, recipe.model_dump(mode="json", exclude_unset=True))
-        invocation = invocation_of(update_run_info(rdir, run_info(recipe, layout)))
-        run_token(rdir)
-        for trash in [_trash_of(u.dir) for u in layout.units.values() if _trash_of(u.dir).is_dir()]:
-            shutil.rmtree(trash, ignore_errors=True)  # what a kill during a reset left
-    dist.barrier()
-    token = dist.broadcast_object(run_token(rdir) if dist.is_main() else None)
-    tracker = make_tracker(recipe, rdir)
-    summary = Summary(layout, quiet=quiet)
-    outputs: dict[str, str | None] = {}  # unit key -> output id of its complete manifest
-    explicit = bool(only or start)
-    try:
-        for unit in layout.units.values():
-            _step(
-                layout, unit, outputs, selected, forced, arms, tracker, summary, explicit, token, invocation
-            )
-    finally:
-        if tracker is not None:
-            tracker.finish()
-    summary.finish()
+    with run_lock(rdir):  # RUN/.lock on the main process: a second `cai run` on RUN stops
+        if dist.is_main():
+            rdir.mkdir(parents=True, exist_ok=True)
+            write_json(rdir / RECIPE_FILE, recipe.model_dump(mode="json", exclude_unset=True))
+            invocation = invocation_of(update_run_info(rdir, run_info(recipe, layout)))
+            run_token(rdir)
+            for trash in [_trash_of(u.dir) for u in layout.units.values() if _trash_of(u.dir).is_dir()]:
+                shutil.rmtree(trash, ignore_errors=True)  # what a kill during a reset left
+        dist.barrier()
+        token = dist.broadcast_object(run_token(rdir) if dist.is_main() else None)
+        tracker = make_tracker(recipe, rdir)
+        summary = Summary(layout, quiet=quiet)
+        outputs: dict[str, str | None] = {}  # unit key -> output id of its complete manifest
+        explicit = bool(only or start)
+        try:
+            for u in layout.units.values():
+                _step(
+                    layout, u, outputs, selected, forced, arms, tracker, summary, explicit, token, invocation
+                )
+        finally:
+            if tracker is not None:
+                tracker.finish()
+        summary.finish()
     return rdir
 
 

@@ -4,6 +4,7 @@ feedback models and finished runs (cai.eval.measure, cai.report)."""
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from cai.cli.options import add_labeller_flags, add_model_flags, labeller_config, positive_int, settings_of
@@ -17,6 +18,7 @@ from cai.eval.suites import SUITE_DIR, load_suite
 from cai.pm.scoring import RewardScorer
 from cai.report.build import RunIndex, build
 from cai.report.klfit import kl_reward
+from cai.runtime.rundir import run_lock
 from cai.stats import small_n_note
 
 DEFAULT_OUT = "runs/eval"
@@ -112,7 +114,8 @@ def _cmd_report(a) -> int:
     recipe = load_run_recipe(a.run_dir)
     layout = plan(recipe, a.run_dir)
     index = RunIndex(layout.run_dir, list(layout.arms), layout.run_index())
-    data = build(index, stage_view(recipe, "report"), a.out)
+    with run_lock(a.run_dir) if a.out is None else nullcontext():  # it writes RUN/report: not during a run
+        data = build(index, stage_view(recipe, "report"), a.out)
     print(f"wrote {Path(a.out or Path(a.run_dir) / 'report') / 'report.md'}")
     for k, v in data["summary"].items():
         print(f"  {k}: {v}")

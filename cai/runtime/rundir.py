@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,14 @@ from typing import Any
 from cai.errors import UserError
 from cai.runtime import distributed as dist
 
+try:
+    import fcntl
+except ImportError:  # Windows: no run lock
+    fcntl = None
+
 MANIFEST = "manifest.json"
 RUN_INFO = "run.json"  # RUN/run.json: what the latest `cai run` ran with (recipe, constitutions, code)
+LOCK = ".lock"  # RUN/.lock: held by the `cai run` or `cai report` writing into RUN
 
 
 SAMPLES = "samples.jsonl"  # an on-policy stage's sampled responses with their scores (cai.rl.loop)
@@ -87,6 +95,38 @@ def run_token(run_dir: str | Path) -> str:
     if not info.get("run_token"):
         info = update_run_info(run_dir, {"run_token": secrets.token_hex(16)})
     return info["run_token"]
+
+
+@contextmanager
+def run_lock(run_dir: str | Path):
+    """Hold RUN/.lock (an exclusive flock; the folder is made) while a command writes into the run directory,
+    so a second `cai run` or `cai report` on it stops with a UserError instead of racing it. Only the main
+    process takes it; the OS drops it when the holder ends, even on a kill, so a stale file never blocks.
+    A no-op without fcntl (Windows)."""
+    if fcntl is None or not dist.is_main():
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+", encoding="utf-8") as f:  # closing it releases the lock
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            try:
+                h = json.loads(f.read())
+                holder = f"pid {h['pid']} on {h['host']}, since {h['started']}"
+            except (ValueError, TypeError, KeyError):
+                holder = "another process"
+            raise UserError(
+                f"{run_dir}: another cai command ({holder}) is writing into this run directory "
+                f"(it holds {run_dir / LOCK}); wait for it or pass another run directory"
+            ) from None
+        f.truncate(0)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        f.write(json.dumps(me))  # for the message a second command prints
+        f.flush()
+        yield
 
 
 def read_json(p: Path) -> dict | None:
