@@ -496,3 +496,153 @@ def test_untrained_pm_baseline_is_held_in_the_recipe_dtype_with_an_fp32_head(tin
     fresh = scalar_head(fresh_pm("tiny-random-llama", head, settings)[0]).weight
     assert scalar_head(scorer.model).weight.dtype == torch.float32
     assert torch.equal(scalar_head(scorer.model).weight.detach(), fresh.detach())
+
+
+# ---- a LoRA adapter's frozen base in the compute dtype, merged in fp32 at save time
+
+
+def held_dtypes(model) -> set:
+    """(trains, dtype) of every floating parameter of `model` but the frozen original of a head that peft trains a
+    copy of (`modules_to_save`: an fp32 head, left as it was)."""
+    named = model.named_parameters()
+    return {
+        (p.requires_grad, p.dtype) for n, p in named if p.is_floating_point() and "original_module" not in n
+    }
+
+
+def fp32_merge_by_hand(base, trained: dict, peft_cfg=None):
+    """The weights an fp32 base gives: `trained` (adapters and heads) copied into `base` (loaded in fp32, wrapped
+    with `peft_cfg` unless it is wrapped already) and merged in fp32."""
+    import copy
+
+    from peft import get_peft_model
+
+    if peft_cfg is not None:
+        base = get_peft_model(base, copy.deepcopy(peft_cfg))
+    params = dict(base.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.float32}
+    with torch.no_grad():
+        for name, value in trained.items():
+            params[name].copy_(value.float())
+    return base.merge_and_unload().state_dict()
+
+
+def capture_trained(model) -> dict:
+    """What the save merges: the trained parameters, and the merge of them into the half base (for contrast)."""
+    import copy
+
+    return {
+        "dtypes": held_dtypes(model),
+        "trained": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "half_merge": {k: v.float() for k, v in copy.deepcopy(model).merge_and_unload().state_dict().items()},
+    }
+
+
+def assert_fp32_merge(saved: dict, by_hand: dict, half_merge: dict) -> None:
+    assert saved.keys() == by_hand.keys() and not any("lora_" in k for k in saved)
+    worst = max(float((saved[k].float() - by_hand[k].float()).abs().max()) for k in saved)
+    assert worst <= 1e-7, worst
+    assert any(not torch.equal(saved[k].float(), half_merge[k]) for k in saved)  # not the bf16 base's merge
+
+
+def test_bf16_lora_sft_holds_its_base_in_bf16_and_saves_the_fp32_merge(cr_dir, tmp_path, monkeypatch):  # noqa: F811
+    from cai.stages import sft
+
+    seen, save = {}, sft.save_trained
+
+    def capturing(trainer, model, *args, **kwargs):
+        seen.update(capture_trained(model), config=model.peft_config["default"])
+        return save(trainer, model, *args, **kwargs)
+
+    monkeypatch.setattr(sft, "save_trained", capturing)
+    out = tmp_path / "sft"
+    run_sft(cr_dir, out, "dtype=bfloat16", "sft.lora={r: 4, alpha: 8}", "sft.learning_rate=1.0e-2")
+    assert seen["dtypes"] == {
+        (False, torch.bfloat16),
+        (True, torch.float32),
+    }  # frozen base bf16, adapters fp32
+    assert saved_dtypes(out / "model") == {torch.float32}
+    saved = load_model(str(out / "model")).state_dict()
+    by_hand = fp32_merge_by_hand(load_model("tiny-random-llama"), seen["trained"], seen["config"])
+    assert_fp32_merge(saved, by_hand, seen["half_merge"])
+
+
+@pytest.mark.parametrize("head", ["classifier", "value_head"])
+def test_bf16_lora_pm_holds_its_base_in_bf16_and_merges_in_fp32(tmp_path, monkeypatch, head):
+    """The PM a stage trains with LoRA under bf16: the frozen trunk bf16, adapters and the fp32 head fp32; the
+    trained PM fit returns (and saves) is the adapters merged into the backbone loaded in fp32."""
+    from cai.config.blocks import PreferenceModelConfig
+    from cai.pm import build
+
+    settings = Settings(dtype="bfloat16", device="cpu")
+    lora = LoraConfig(r=8, alpha=16)
+    cfg = PreferenceModelConfig(
+        backbone="tiny-random-llama", head=head, lora=lora, max_steps=2, batch_size=8, learning_rate=1e-2
+    )
+    model, tok = build.fresh_pm(cfg.backbone, head, settings, lora)
+    seen, merge = {}, build.merged_lora
+
+    def capturing(trained, fresh):
+        seen.update(capture_trained(trained))
+        seen["config"] = trained.peft_config["default"] if head == "classifier" else None
+        return merge(trained, fresh)
+
+    monkeypatch.setattr(build, "merged_lora", capturing)
+    rows, log = synthetic_pairs(16), MetricsLog(tmp_path / "metrics.jsonl")
+    merged, _ = build.fit(cfg, settings, model, tok, rows, tmp_path, log, "pm", loss="soft")
+    assert seen["dtypes"] == {(False, torch.bfloat16), (True, torch.float32)}
+    fp32 = build.fresh_pm(cfg.backbone, head, settings.with_(dtype="float32"), lora)[0]
+    by_hand = fp32_merge_by_hand(fp32, seen["trained"], seen["config"])
+    assert_fp32_merge(merged.state_dict(), by_hand, seen["half_merge"])
+
+
+def test_bf16_lora_ppo_holds_policy_and_critic_bases_in_bf16_and_saves_the_fp32_merge(tmp_path):
+    from accelerate import Accelerator
+
+    from cai.stages.policy import build_models, fresh_policy
+
+    settings = Settings(dtype="bfloat16", device="cpu")
+    precision = Precision.of(settings, "cpu")
+    cfg = PPOConfig(lora=LoraConfig(r=8, alpha=16), critic="separate", updates=1, rollout_batch_size=8)
+    policy, ref, critic, tok = build_models(cfg, settings, "tiny-random-llama", "cpu")
+    assert ref is None
+    assert held_dtypes(policy.lm) == held_dtypes(critic) == {(False, torch.bfloat16), (True, torch.float32)}
+    torch.manual_seed(1)
+    with torch.no_grad():  # trained adapters: B away from its zero start
+        for name, p in policy.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    seen = capture_trained(policy.lm)
+    trainer = PPOTrainer(
+        cfg,
+        policy=policy,
+        tokenizer=tok,
+        reward=FunctionReward(lowercase_fraction),
+        prompts=PROMPTS,
+        out_dir=tmp_path,
+        critic=critic,
+        ref_model=None,
+        accelerator=Accelerator(cpu=True, mixed_precision=precision.mixed),
+        seed=0,
+        metrics=MetricsLog(tmp_path / "metrics.jsonl"),
+        show_progress=False,
+        precision=precision,
+        run_token="token-a",
+    )
+    trainer.save_policy(
+        tmp_path / "policy", fresh_policy=lambda: fresh_policy(cfg, settings, "tiny-random-llama")
+    )
+    assert saved_dtypes(tmp_path / "policy") == {torch.float32}
+    saved = load_model(str(tmp_path / "policy")).state_dict()
+    by_hand = fp32_merge_by_hand(fresh_policy(cfg, settings, "tiny-random-llama"), seen["trained"])
+    assert_fp32_merge(saved, by_hand, seen["half_merge"])
+
+
+def test_fp32_lora_bases_stay_fp32_and_a_half_base_stays_fp32_under_sharding(monkeypatch):
+    lora = LoraConfig(r=8, alpha=16)
+    fp32, bf16 = Settings(dtype="float32"), Settings(dtype="bfloat16")
+    assert Precision.of(fp32, "cpu").base(fp32, lora).dtype == "float32"
+    assert Precision.of(bf16, "cpu").base(bf16, None).dtype == "float32"  # full fine-tuning: fp32 masters
+    assert Precision.of(bf16, "cpu").base(bf16, lora).dtype == "bfloat16"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # whole-model engines keep one dtype: fp32 as before
+    assert Precision.of(bf16, "cpu").base(bf16, lora).dtype == "float32"

@@ -24,6 +24,7 @@ from cai.runtime.settings import Precision, cast_keeping_fp32_heads, fp32_head
 from cai.runtime.training import (
     fuse_lora_training,
     is_sharded,
+    merged_lora,
     metrics_callback,
     resume_point,
     save_trained,
@@ -46,7 +47,8 @@ def fresh_pm(
     init: str | None = None,
 ):
     """(PM to train, tokenizer): a sequence classifier with a new score head, or a causal LM with a value head
-    (both initialised from the seed), with fp32 master weights and an fp32 head (cai.runtime.settings); LoRA
+    (both initialised from the seed), with fp32 master weights (a LoRA adapter's frozen base in the compute
+    dtype: Precision.base) and an fp32 head (cai.runtime.settings); LoRA
     on the LM of a value-head PM here, the classifier's through TRL. With `init` (a PM folder), its weights and
     head are the starting point instead of the backbone's."""
     import torch
@@ -55,7 +57,7 @@ def fresh_pm(
 
     backbone = init or backbone
     tok = load_tokenizer(backbone, settings, padding_side="right")
-    trainable = Precision.of(settings).trainable(settings)
+    trainable = Precision.of(settings).base(settings, lora)  # a LoRA base in the compute dtype
     if (
         head == "value_head"
     ):  # causal LM + value head (seeded); LoRA on the LM, the value head trained in full
@@ -123,15 +125,34 @@ def build_trainer(
     return fuse_lora_training(trainer)  # LoRA layers train in fewer passes over memory
 
 
-def fit(cfg, settings, model, tok, train_rows, out_dir: Path, metrics, what: str, run_token=None, **loss):
-    """Train `model` on the pairs, resuming from out_dir/checkpoints (only from a checkpoint of this run:
-    `run_token`); (trained model, LoRA merged; trainer)."""
+def fit(
+    cfg,
+    settings,
+    model,
+    tok,
+    train_rows,
+    out_dir: Path,
+    metrics,
+    what: str,
+    run_token=None,
+    init=None,
+    **loss,
+):
+    """Train `model` (fresh_pm's, from `init` when given) on the pairs, resuming from out_dir/checkpoints (only
+    from a checkpoint of this run: `run_token`); (trained model, LoRA merged, in fp32 into an fp32 copy of the
+    backbone when the base was held in bf16/fp16: merged_lora; trainer)."""
     ckpt_dir = out_dir / "checkpoints"
     last = resume_point(ckpt_dir, metrics.path, what, run_token)
     callbacks = [metrics_callback(metrics), token_callback(run_token)]
     trainer = build_trainer(cfg, settings, model, tok, train_rows, ckpt_dir, callbacks, **loss)
     train_from(trainer, last)
-    trained = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+    fp32 = settings.with_(dtype="float32", device="cpu")
+    role = "preference model backbone, an fp32 copy to merge LoRA into"
+
+    def fresh():
+        return fresh_pm(cfg.backbone, cfg.head, fp32, cfg.lora, role=role, init=init)[0]
+
+    trained = merged_lora(trainer.model, fresh) if cfg.lora else trainer.model
     return trained, trainer
 
 
@@ -199,7 +220,9 @@ def train_pm(
     model, tok = fresh_pm(cfg.backbone, cfg.head, settings, cfg.lora, init=init)
     before = held_out_eval(model, tok, eval_rows, cfg.max_length, cfg.batch_size)
     loss = {"loss": cfg.loss, "center_coef": cfg.center_coef, "lm_coef": cfg.lm_coef}
-    model, trainer = fit(cfg, settings, model, tok, train_rows, out_dir, metrics, what, run_token, **loss)
+    model, trainer = fit(
+        cfg, settings, model, tok, train_rows, out_dir, metrics, what, run_token, init, **loss
+    )
     out, precision = Path(out_dir) / "model", Precision.of(settings)
 
     def measure(pm):

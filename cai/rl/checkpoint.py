@@ -23,7 +23,7 @@ from cai.rl import engine
 from cai.rl.modules import load_trainable_state, trainable_state
 from cai.runtime import distributed as dist
 from cai.runtime.rundir import append_jsonl, read_jsonl
-from cai.runtime.training import check_world_size
+from cai.runtime.training import check_world_size, merged_lora
 
 PREFIX = "step-"
 
@@ -239,7 +239,8 @@ def save_policy(trainer, path, fresh_policy=None) -> Path:
 
     Under ZeRO-3 or FSDP the weights are sharded: every process takes part in gathering them, and the main
     process loads them into `fresh_policy()`, a CPU copy of the policy's LM built as it was (LoRA-wrapped
-    alike)."""
+    alike, its base in fp32). A LoRA base held in bf16 or fp16 is not merged into: the adapters are merged in
+    fp32 into `fresh_policy()` (cai.runtime.training.merged_lora)."""
     path = Path(path)
     lm, state = trainer.policy.lm, None
     if engine.zero_stage(trainer.acc) == 3:
@@ -260,8 +261,7 @@ def save_policy(trainer, path, fresh_policy=None) -> Path:
         lm = fresh_policy()
         lm.load_state_dict(state)
     if trainer.acc.is_main_process:
-        if hasattr(lm, "merge_and_unload"):
-            lm = lm.merge_and_unload()
+        lm = merged_lora(lm, fresh_policy)  # in fp32 into fresh_policy() when the base is held in bf16/fp16
         lm.to(getattr(torch, trainer.precision.save))  # the precision policy's save dtype (fp32 by default)
         lm.save_pretrained(str(path), safe_serialization=True)
         trainer.tok.save_pretrained(str(path))

@@ -9,6 +9,9 @@ preference model, PPO):
 - compute runs in the recipe's dtype under autocast (bf16 on a GPU by default, fp32 on a CPU);
 - frozen models (preference model, labeller, judge) are held in the recipe's dtype; a fully fine-tuned policy's
   reference is held like the policy's weights and run under its autocast, so the KL starts at exactly 0;
+- the frozen base under a LoRA adapter is held in the recipe's dtype too (`Precision.base`; fp32 under DeepSpeed
+  and FSDP), its adapters in fp32, and a save merges the adapters in fp32 into an fp32 copy of the base reloaded
+  from its own files (cai.runtime.training.merged_lora), so the saved weights are an fp32 base's;
 - scalar heads (value heads, a preference model's score head) and the scores they give are fp32 on any trunk;
 - saved models hold the fp32 master weights, unless `save_dtype` asks for another dtype.
 
@@ -31,6 +34,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai.errors import UserError
+from cai.runtime import distributed as dist
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -108,6 +112,15 @@ class Precision:
         """The settings to load a model that will be trained: its weights in fp32."""
         return settings.with_(dtype=self.master)
 
+    def base(self, settings: Settings, lora) -> Settings:
+        """The settings to load a model that will be trained, with LoRA when `lora` is set: fp32 master weights,
+        except a LoRA adapter's frozen base, held in the compute dtype (half the memory, no per-call cast under
+        autocast; peft keeps the adapters in fp32). Under DeepSpeed or FSDP the base stays fp32 (their flat
+        shards take one dtype, and a save there merges the gathered weights as they are)."""
+        if lora and self.compute != self.master and lora_base_may_be_half():
+            return settings.with_(dtype=self.compute)
+        return self.trainable(settings)
+
     def autocast(self, device):
         """Autocast to the compute dtype on `device` (a no-op in fp32), for forwards outside a prepared model
         (generation)."""
@@ -120,6 +133,11 @@ class Precision:
     def record(self) -> dict:
         """What a stage's manifest records about its precision."""
         return {**asdict(self), "frozen": self.frozen}
+
+
+def lora_base_may_be_half() -> bool:
+    """Whether a LoRA adapter's frozen base may be held in a half dtype in this launch: one process or DDP."""
+    return dist.engine() in ("single", "ddp")
 
 
 def linear_fp32(linear, hidden):

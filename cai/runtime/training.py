@@ -14,7 +14,7 @@ from cai.errors import UserError
 from cai.runtime import distributed as dist
 from cai.runtime.forward import fused_lora_linears
 from cai.runtime.rundir import append_jsonl, read_jsonl
-from cai.runtime.settings import cast_keeping_fp32_heads
+from cai.runtime.settings import cast_keeping_fp32_heads, lora_base_may_be_half
 
 
 def checkpointing_key(args_cls) -> str:
@@ -250,11 +250,54 @@ def is_sharded(trainer) -> bool:
     return bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
 
 
-def save_trained(trainer, model, tokenizer, path: Path, merge: bool, dtype: str = "float32") -> None:
+def half_base(model) -> bool:
+    """Whether `model`'s frozen weights (a LoRA adapter's base, `Precision.base`) are held in a half dtype."""
+    import torch
+
+    frozen = (p for p in model.parameters() if not p.requires_grad and p.is_floating_point())
+    return lora_base_may_be_half() and any(p.dtype != torch.float32 for p in frozen)
+
+
+def merged_lora(model, fresh=None):
+    """`model` with its LoRA adapters merged into its weights (`merge_and_unload`; a model without them is
+    returned as it is). When the frozen base is held in a half dtype (`half_base`) and `fresh` is given, the merge
+    is not made into the rounded base: `fresh()` builds the model again in fp32 from the base's own files (on the
+    CPU, LoRA-wrapped as `model` was, or wrapped here with `model`'s own peft config), takes `model`'s trained
+    parameters (those with requires_grad: adapters, heads), and is merged in fp32. The weights are then exactly
+    those the fp32 base of an fp32-held run gives, before any save cast."""
+    import copy
+
+    import torch
+
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    if fresh is None or not half_base(model):
+        return model.merge_and_unload()
+    trained = {n: p.detach().to("cpu", torch.float32) for n, p in model.named_parameters() if p.requires_grad}
+    with torch.random.fork_rng(devices=[]):  # a fresh head's initialisation leaves the run's RNG as it was
+        full = fresh()
+    if not hasattr(full, "merge_and_unload") and hasattr(model, "peft_config"):
+        from peft import get_peft_model
+
+        full = get_peft_model(full, copy.deepcopy(model.peft_config[model.active_adapter]))
+    params = dict(full.named_parameters())
+    missing = sorted(set(trained) - set(params))
+    if missing:
+        raise RuntimeError(f"fp32 LoRA merge: the fp32 copy lacks the trained parameters {missing[:3]}")
+    with torch.no_grad():
+        for name, value in trained.items():
+            params[name].copy_(value)
+    return full.merge_and_unload()
+
+
+def save_trained(
+    trainer, model, tokenizer, path: Path, merge: bool, dtype: str = "float32", fresh=None
+) -> None:
     """Write the trained model as a folder of safetensors with its tokenizer (left padding), atomically (a
     temporary folder renamed into place), its weights in `dtype` (the precision policy's save dtype). With
-    `merge`, LoRA adapters are merged into the weights and this process's copy is saved; otherwise sharded
-    weights are gathered by the trainer, every process taking part (so every process calls this)."""
+    `merge`, LoRA adapters are merged into the weights (in fp32 into `fresh()` when the base is held in a half
+    dtype: merged_lora) and this process's copy is saved; otherwise sharded weights are gathered by the
+    trainer, every process taking part (so every process calls this)."""
     import torch
 
     path = Path(path)
@@ -267,8 +310,8 @@ def save_trained(trainer, model, tokenizer, path: Path, merge: bool, dtype: str 
         if dist.is_main():
             (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the folder holds safetensors only
     elif dist.is_main():
-        if merge and hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
+        if merge:
+            model = merged_lora(model, fresh)
         cast_keeping_fp32_heads(
             model, getattr(torch, dtype)
         )  # a PM's scalar head stays fp32 in any save dtype

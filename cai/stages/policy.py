@@ -54,10 +54,11 @@ def load_prompts(path: Path) -> list[dict]:
 
 def build_models(cfg, settings, sft_dir: str, device: str, critic: bool = True):
     """(policy, reference or None, critic or None, tokenizer) as a ppo block asks (no critic for a critic-free
-    learner): the policy and critic with fp32 master weights, the frozen reference as `reference` loads it."""
+    learner): the policy and critic with fp32 master weights (a LoRA adapter's frozen base in the compute dtype:
+    Precision.base), the frozen reference as `reference` loads it."""
     from cai.rl.modules import PolicyModel, ValueModel
 
-    trainable = Precision.of(settings, device).trainable(settings)
+    trainable = Precision.of(settings, device).base(settings, cfg.lora)
     tok = load_tokenizer(sft_dir, settings, padding_side="left")
     lm = load_model(sft_dir, trainable, device=device)
     ref = None
@@ -86,7 +87,8 @@ def reference(sft_dir: str, settings, device: str):
 
 
 def fresh_policy(cfg, settings, sft_dir: str):
-    """A CPU copy of the policy's LM as build_models makes it (for gathering sharded weights into)."""
+    """A CPU copy of the policy's LM as build_models makes it, its base in fp32 (for gathering sharded weights
+    into, and for merging LoRA adapters in fp32: cai.runtime.training.merged_lora)."""
     lm = load_model(sft_dir, settings.with_(dtype="float32"), device="cpu")
     return wrap_lora(lm, cfg.lora) if cfg.lora is not None else lm
 
@@ -229,7 +231,7 @@ def run_dpo(ctx, prompts: list[dict]) -> dict:
     precision = Precision.of(settings, device)
     torch.manual_seed(settings.seed)
     tok = load_tokenizer(sft_dir, settings, padding_side="left")
-    model = load_model(sft_dir, precision.trainable(settings), device=device)
+    model = load_model(sft_dir, precision.base(settings, cfg.lora), device=device)
     ref = None if cfg.lora is not None else reference(sft_dir, settings, device)
     has_pm = "preference_model" in ctx.inputs
     reward = None
@@ -265,8 +267,15 @@ def run_dpo(ctx, prompts: list[dict]) -> dict:
     before = (read_json(out / "eval.json") or {}).get("held_out_before") if last else before
     train_from(trainer, last)
     after = dpo.implicit_accuracy(trainer)
+    fp32 = settings.with_(dtype="float32", device="cpu")  # the base to merge a LoRA adapter into, in fp32
     save_trained(
-        trainer, trainer.model, tok, out / "policy", merge=cfg.lora is not None, dtype=precision.save
+        trainer,
+        trainer.model,
+        tok,
+        out / "policy",
+        merge=cfg.lora is not None,
+        dtype=precision.save,
+        fresh=lambda: load_model(sft_dir, fp32),
     )
     return {"train_pairs": len(train), "held_out_before": before, "held_out": after, "beta": cfg.beta}
 

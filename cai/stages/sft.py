@@ -196,7 +196,7 @@ def run(ctx) -> Path:
     if not examples:
         raise UserError(f"{data_path}: no usable records to fine-tune on (critique_revise kept none)")
     precision = Precision.of(c.settings)
-    model = load_model(c.models.policy, precision.trainable(c.settings))
+    model = load_model(c.models.policy, precision.base(c.settings, cfg.lora))  # a LoRA base: compute dtype
     tok = load_tokenizer(c.models.policy, c.settings, padding_side="right")
     ckpt_dir, metrics = out / "checkpoints", ctx.metrics()
     last = resume_point(ckpt_dir, metrics.path, "sft", ctx.run_token)
@@ -205,7 +205,16 @@ def run(ctx) -> Path:
     count_tokens(trainer, last)
     result = train_from(trainer, last)
     merge = bool(cfg.lora) and cfg.merge_lora
-    save_trained(trainer, trainer.model, tok, out / "model", merge=merge, dtype=precision.save)
+    fp32 = c.settings.with_(dtype="float32", device="cpu")  # the base to merge a LoRA adapter into, in fp32
+    save_trained(
+        trainer,
+        trainer.model,
+        tok,
+        out / "model",
+        merge=merge,
+        dtype=precision.save,
+        fresh=lambda: load_model(c.models.policy, fp32),
+    )
     rows = [r for r in read_jsonl(metrics.path) if "loss" in r]
     if trainer.is_world_process_zero():
         if rows:
