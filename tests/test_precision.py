@@ -199,7 +199,6 @@ def test_a_pm_folder_without_its_head_is_refused_not_scored_with_a_random_one(ti
 def ppo_trainer(tmp_path, *, lora: bool, value_head: bool, dtype: str = "bfloat16", lm_dir=None, **over):
     """One tiny PPO trainer as the ppo stage builds it: fp32 master policy (and critic), the reference as the
     stage loads it (cai.stages.policy.reference: the policy's weights dtype, run under its autocast)."""
-    from accelerate import Accelerator
 
     settings = Settings(dtype=dtype)
     precision = Precision.of(settings, "cpu")
@@ -220,10 +219,18 @@ def ppo_trainer(tmp_path, *, lora: bool, value_head: bool, dtype: str = "bfloat1
     critic = (
         None if value_head else ValueModel(load_model(ref_dir, precision.trainable(settings), kind="seq_cls"))
     )
+    policy = PolicyModel(lm, value_head=value_head)
+    return tiny_ppo_trainer(cfg, policy, critic, ref, load_tokenizer(ref_dir), precision, tmp_path)
+
+
+def tiny_ppo_trainer(cfg, policy, critic, ref, tok, precision, tmp_path):
+    """A PPOTrainer on the given models, the lowercase-fraction reward and the test prompts, on the CPU."""
+    from accelerate import Accelerator
+
     return PPOTrainer(
         cfg,
-        policy=PolicyModel(lm, value_head=value_head),
-        tokenizer=load_tokenizer(ref_dir),
+        policy=policy,
+        tokenizer=tok,
         reward=FunctionReward(lowercase_fraction),
         prompts=PROMPTS,
         out_dir=tmp_path,
@@ -597,7 +604,6 @@ def test_bf16_lora_pm_holds_its_base_in_bf16_and_merges_in_fp32(tmp_path, monkey
 
 
 def test_bf16_lora_ppo_holds_policy_and_critic_bases_in_bf16_and_saves_the_fp32_merge(tmp_path):
-    from accelerate import Accelerator
 
     from cai.stages.policy import build_models, fresh_policy
 
@@ -613,22 +619,7 @@ def test_bf16_lora_ppo_holds_policy_and_critic_bases_in_bf16_and_saves_the_fp32_
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     seen = capture_trained(policy.lm)
-    trainer = PPOTrainer(
-        cfg,
-        policy=policy,
-        tokenizer=tok,
-        reward=FunctionReward(lowercase_fraction),
-        prompts=PROMPTS,
-        out_dir=tmp_path,
-        critic=critic,
-        ref_model=None,
-        accelerator=Accelerator(cpu=True, mixed_precision=precision.mixed),
-        seed=0,
-        metrics=MetricsLog(tmp_path / "metrics.jsonl"),
-        show_progress=False,
-        precision=precision,
-        run_token="token-a",
-    )
+    trainer = tiny_ppo_trainer(cfg, policy, critic, None, tok, precision, tmp_path)
     trainer.save_policy(
         tmp_path / "policy", fresh_policy=lambda: fresh_policy(cfg, settings, "tiny-random-llama")
     )
