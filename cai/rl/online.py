@@ -131,7 +131,7 @@ def pm_agreement(pm_dir: Path, settings, cfg, rows: list[dict]) -> dict:
     optimising."""
     scorer = RewardScorer(pm_dir, settings)
     res = held_out_eval(scorer.model, scorer.tokenizer, rows, cfg.max_length, cfg.batch_size)
-    n = sum(1 for r in rows if float(r["p_a"]) != 0.5)
+    n = res["n_scored"]  # the pairs whose label picks a side: those the accuracy counts
     out = {"n": n, "accuracy": res.get("accuracy"), "mean_margin": res.get("mean_margin")}
     if n and res.get("accuracy") == res.get("accuracy"):  # not nan
         out.update(ci95=res["ci95"], clusters=res["clusters"])
