@@ -42,8 +42,8 @@ ALGORITHMS = ["ppo", "rloo", "grpo", "dpo"]
 def on_policy(kind: str, model: str, reward_dir: str, prompts: list[dict], updates: int) -> dict:
     import torch
 
-    from cai.config.blocks import PPOConfig
     from cai.config.fields import LoraConfig
+    from cai.config.policy import PPOConfig
     from cai.rl.group import GroupTrainer
     from cai.rl.modules import PolicyModel, ValueModel
     from cai.rl.rewards import PreferenceModelReward
@@ -124,8 +124,8 @@ def dpo(model: str, pairs_file: str, updates: int) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from cai.config.blocks import DPOConfig
     from cai.config.fields import LoraConfig
+    from cai.config.policy import DPOConfig
     from cai.rl.dpo import build_trainer
     from cai.runtime.models import load_model, load_tokenizer
     from cai.runtime.settings import Precision

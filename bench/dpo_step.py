@@ -45,8 +45,8 @@ def main() -> None:
 
     import torch
 
-    from cai.config.blocks import DPOConfig
     from cai.config.fields import LoraConfig
+    from cai.config.policy import DPOConfig
     from cai.data.hh import hh_pair_rows
     from cai.rl import dpo
     from cai.runtime.models import load_model, load_tokenizer

@@ -205,8 +205,8 @@ def ppo_phase(model_dir, settings, work, a, lora: bool, critic: str):
     import torch
     from accelerate import Accelerator
 
-    from cai.config.blocks import PPOConfig
     from cai.config.fields import LoraConfig
+    from cai.config.policy import PPOConfig
     from cai.rl.rewards import FunctionReward
     from cai.rl.trainer import PPOTrainer
     from cai.runtime.settings import Precision

@@ -47,8 +47,8 @@ def worker(args) -> dict:
     sys.path.insert(0, str(ROOT))
     if args.threads:
         torch.set_num_threads(args.threads)
-    from cai.config.blocks import PPOConfig
     from cai.config.fields import LoraConfig
+    from cai.config.policy import PPOConfig
     from cai.rl.modules import PolicyModel, ValueModel
     from cai.rl.rewards import FunctionReward
     from cai.rl.trainer import PPOTrainer

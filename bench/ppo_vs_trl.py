@@ -205,8 +205,8 @@ def worker_ours(args, lora: bool) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from cai.config.blocks import PPOConfig
     from cai.config.fields import LoraConfig
+    from cai.config.policy import PPOConfig
     from cai.rl import trainer as tr
     from cai.rl.modules import PolicyModel, ValueModel
     from cai.rl.rewards import PreferenceModelReward

@@ -28,8 +28,8 @@ def lowercase_fraction(prompts, responses, **kwargs):
 
 def build(out_dir: Path, accelerator=None, lora: bool = False):
     """The separate-critic run, or with `lora` a LoRA policy with a value head (reference = adapters off)."""
-    from cai.config.blocks import PPOConfig
     from cai.config.fields import LoraConfig
+    from cai.config.policy import PPOConfig
     from cai.rl.modules import PolicyModel, ValueModel
     from cai.rl.rewards import FunctionReward
     from cai.rl.trainer import PPOTrainer

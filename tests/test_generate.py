@@ -146,8 +146,8 @@ def test_raw_text_requests_and_unique_ids(tiny):
 
 
 def test_asking_for_vllm_without_it_is_one_line_naming_the_extra(tiny, tiny_dir, monkeypatch, tmp_path):
-    from cai.config.blocks import PPOConfig
     from cai.config.fields import GenerationConfig
+    from cai.config.policy import PPOConfig
     from cai.errors import UserError
     from cai.rl.modules import PolicyModel
     from cai.rl.rewards import FunctionReward

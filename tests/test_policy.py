@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_ppo import PROMPTS, lowercase_fraction
 
-from cai.config.blocks import DPOConfig, PPOConfig
 from cai.config.fields import LoraConfig
+from cai.config.policy import DPOConfig, PPOConfig
 from cai.errors import UserError
 from cai.pm.loss import dpo_loss
 from cai.rl.modules import PolicyModel
@@ -264,7 +264,7 @@ def test_dpo_policy_tokens_carry_across_a_resume(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ RLOO, GRPO
-def group_trainer(tmp_path, algorithm: str, *, lora: bool = False, **overrides):
+def group_trainer(tmp_path, algorithm: str, *, lora: bool = False, loss_mean: str = "token", **overrides):
     from cai.rl.group import GroupTrainer
 
     settings = dict(
@@ -287,6 +287,7 @@ def group_trainer(tmp_path, algorithm: str, *, lora: bool = False, **overrides):
         cfg,
         algorithm=algorithm,
         samples_per_prompt=4,
+        loss_mean=loss_mean,
         policy=PolicyModel(lm),
         tokenizer=load_tokenizer("tiny-random-llama"),
         reward=FunctionReward(lowercase_fraction),
@@ -363,6 +364,57 @@ def test_grpo_weighs_its_kl_term_by_the_coefficient_it_logs(tmp_path, monkeypatc
         assert beta == pytest.approx(logged[step], rel=1e-3), step
 
 
+@pytest.mark.parametrize("loss_mean", ["token", "sequence"])
+def test_group_loss_over_uneven_micro_batches_is_the_minibatch_mean(tmp_path, loss_mean):
+    """GRPO's clipped loss plus β·k3, accumulated over three micro-batches of responses of different lengths, has
+    the gradient of one mean over the minibatch: over its tokens ('token'), or over its responses of each one's
+    token mean ('sequence', the GRPO paper's)."""
+    trainer = group_trainer(
+        tmp_path, "grpo", loss_mean=loss_mean, updates=1, ppo_epochs=1, num_minibatches=1, grad_accum=3,
+        rollout_batch_size=8, kl_coef=0.3, learning_rate=1e-3,
+    )  # fmt: skip
+    trainer.train()  # one update: the policy now differs from its reference, so the KL term has a gradient
+    batch = trainer.rollout(1)
+    for r in range(8):  # responses of 2 to 5 tokens
+        batch.mask[r, 2 + r % 4 :] = 0
+    batch.advantages *= batch.mask
+    params = [p for p in trainer.policy.parameters() if p.requires_grad]
+    trainer.opt.zero_grad(set_to_none=True)
+    n, logs = trainer._loss_count(batch.mask), {k: [] for k in trainer.log_keys}
+    for k, mi in enumerate(torch.tensor_split(torch.arange(8), 3)):
+        losses = dict.fromkeys(trainer.loss_keys, 0.0)
+        trainer._micro_step(batch, mi, n, False, k == 2, 1, logs, losses)
+    got = [p.grad.clone() for p in params]
+
+    m, R = batch.mask, batch.mask.shape[1]
+    lp = trainer.model(batch.input_ids, batch.attention_mask, R, trainer.cfg.temperature, values=False)[
+        "logprobs"
+    ]
+    ratio = torch.exp(lp - batch.logprobs)
+    clipped = torch.clamp(ratio, 0.8, 1.2)
+    per_token = torch.maximum(-batch.advantages * ratio, -batch.advantages * clipped)
+    per_token = per_token + batch.stats["_kl_coef"] * (
+        torch.exp(batch.ref_logprobs - lp) - (batch.ref_logprobs - lp) - 1
+    )
+    if loss_mean == "token":
+        want_loss = (per_token * m).sum() / m.sum()
+    else:
+        want_loss = ((per_token * m).sum(1) / m.sum(1)).mean()
+    want = torch.autograd.grad(want_loss, params)
+    assert max(float(g.abs().max()) for g in want) > 1e-4
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_a_sequence_mean_is_refused_where_the_loss_is_not_per_response(tmp_path):
+    from cai.config.policy import PolicyConfig
+
+    assert PolicyConfig(algorithm="grpo", loss_mean="sequence").loss_mean == "sequence"
+    for algorithm in ("ppo", "dpo"):
+        with pytest.raises(ValueError, match="rloo or grpo"):
+            PolicyConfig(algorithm=algorithm, loss_mean="sequence")
+
+
 def test_critic_free_arms_name_the_critic_settings_they_ignore():
     """A `ppo` block shared by a PPO and an RLOO arm may set PPO's critic and GAE settings; the RLOO and GRPO arms
     name the ones the recipe set (not defaults), PPO's arm none."""
@@ -388,7 +440,7 @@ def test_critic_free_arms_name_the_critic_settings_they_ignore():
 def test_critic_warm_up_tells_ddp_to_expect_parameters_without_gradients(critic):
     """Warm-up updates train the critic alone: a value-head critic's untied LM head gets no gradient either,
     and DDP without find_unused_parameters stops at the next forward (seen with 2 processes)."""
-    from cai.config.blocks import PPOConfig
+    from cai.config.policy import PPOConfig
     from cai.runtime.settings import Settings
     from cai.stages.policy import accelerator
 

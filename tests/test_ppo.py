@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai.config.blocks import PPOConfig
 from cai.config.fields import LoraConfig
+from cai.config.policy import PPOConfig
 from cai.errors import UserError
 from cai.rl.modules import PolicyModel, ValueModel
 from cai.rl.rewards import FunctionReward, make_reward

@@ -97,6 +97,23 @@ def test_policy_loss_clips_by_hand():
     assert logp.grad[0, 0] == 0 and logp.grad[0, 2] == 0 and logp.grad[0, 1] != 0
 
 
+def test_sequence_mean_weighs_each_response_once_by_hand():
+    # two responses of 1 and 3 tokens (row 1 padded at its end), advantages 3 and -1, ratio 1 everywhere
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([[3.0, 3.0, 3.0], [-1.0, -1.0, -1.0]]) * mask
+    w = pm.sequence_weights(mask)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]]))
+    assert pm.sequence_weights(torch.zeros(1, 3)).tolist() == [[0.0, 0.0, 0.0]]  # an empty row weighs nothing
+    logp = torch.zeros(2, 3, requires_grad=True)
+    # token mean: (-3 + 1 + 1 + 1) / 4 = 0; sequence mean: (-3 + 1) / 2 = -1
+    token, _ = pm.policy_loss(logp, torch.zeros(2, 3), adv, mask, 0.2)
+    seq, st = pm.policy_loss(logp, torch.zeros(2, 3), adv, mask, 0.2, n_tokens=2, weights=w)
+    assert float(token) == pytest.approx(0.0) and float(seq) == pytest.approx(-1.0)
+    assert float(st["ratio"]) == pytest.approx(1.0)  # the stats stay token means
+    seq.backward()  # d/dlogp of -A·ρ/|o_i|/2 at ρ = 1: -3/2 on the short row, 1/6 on each token of the long one
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.5, 0.0, 0.0], [1 / 6, 1 / 6, 1 / 6]]))
+
+
 def test_value_loss_clips_by_hand():
     v = torch.tensor([[1.0, 0.9, 3.0]])
     old = torch.tensor([[0.5, 0.0, 0.0]])

@@ -15,8 +15,8 @@ from test_ppo import lowercase_fraction
 from test_preference_model import feedback_fixture, synthetic_pairs
 from test_sft import cr_dir, mean_loglik, run_sft  # noqa: F401  (cr_dir: a fixture)
 
-from cai.config.blocks import PPOConfig
 from cai.config.fields import LoraConfig
+from cai.config.policy import PPOConfig
 from cai.errors import UserError
 from cai.rl import checkpoint
 from cai.rl import ppo_math as pm
@@ -430,7 +430,7 @@ def test_bf16_dpo_before_training_is_all_ties_and_its_probe_at_kl_zero(tmp_path,
     with it: accuracy 0.29, margin -3e-4); the probe's forwards run in bf16 (they ran fp32 maths)."""
     from test_policy import learnable_pairs
 
-    from cai.config.blocks import DPOConfig
+    from cai.config.policy import DPOConfig
     from cai.rl import dpo
     from cai.stages.policy import reference
 

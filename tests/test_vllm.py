@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai.config.blocks import PPOConfig
 from cai.config.fields import LoraConfig
+from cai.config.policy import PPOConfig
 from cai.rl.modules import PolicyModel
 from cai.rl.rewards import FunctionReward
 from cai.rl.trainer import PPOTrainer

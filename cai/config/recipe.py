@@ -14,16 +14,14 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from cai.config.blocks import (
     CritiqueReviseConfig,
-    DPOConfig,
     FeedbackConfig,
     GoldConfig,
-    PolicyConfig,
-    PPOConfig,
     PreferenceModelConfig,
     ReportConfig,
     SFTConfig,
 )
 from cai.config.fields import FileRef, GenerationConfig, ModelRef, Strict
+from cai.config.policy import DPOConfig, PolicyConfig, PPOConfig
 from cai.runtime.settings import Device, DType, Settings
 
 _SETTING = Settings.model_fields

@@ -11,8 +11,10 @@ function, missing-EOS penalty, clipping). Then, per prompt group (cai.rl.ppo_mat
 - GRPO (Shao et al. 2024): the advantage is the score's group z-score; the KL to the reference enters the loss
   as β times the token mean of the k3 estimate (never negative, its gradient the KL's).
 
-Each response token gets its sequence's advantage, and PPO's clipped surrogate (cai.rl.ppo_math.policy_loss,
-exact token means over the global minibatch) runs over `ppo_epochs` passes, as in PPO. With one epoch and one
+Each response token gets its sequence's advantage, and PPO's clipped surrogate (cai.rl.ppo_math.policy_loss)
+runs over `ppo_epochs` passes, as in PPO: with `loss_mean` 'token' (the default) an exact token mean over the
+global minibatch, with 'sequence' the mean over its responses of each response's token mean (the GRPO paper's
+1/G Σ_i 1/|o_i| Σ_t; GRPO's KL term alike). With one epoch and one
 minibatch the ratio is 1 and the step is REINFORCE with the group baseline.
 
 Why not TRL's RLOOTrainer / GRPOTrainer: they run their own generation loop (their own sampling, not cai's one
@@ -43,9 +45,12 @@ class GroupTrainer(PPOTrainer):
     log_keys = ("policy/approx_kl", "policy/clipfrac", "loss/policy", "loss/kl")
     loss_keys = ("loss/policy", "loss/kl")
 
-    def __init__(self, cfg, *, algorithm: str, samples_per_prompt: int, **kwargs):
+    def __init__(self, cfg, *, algorithm: str, samples_per_prompt: int, loss_mean: str = "token", **kwargs):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm '{algorithm}': one of {', '.join(ALGORITHMS)} expected")
+        if loss_mean not in ("token", "sequence"):
+            raise ValueError(f"loss_mean '{loss_mean}': 'token' or 'sequence' expected")
+        self.loss_mean = loss_mean
         k = samples_per_prompt
         if cfg.rollout_batch_size % k:
             raise UserError(
@@ -89,16 +94,22 @@ class GroupTrainer(PPOTrainer):
             input_ids, attn, mask, logprobs, ref_logprobs, zeros, adv[:, None] * mask, zeros, stats
         )
 
+    def _loss_count(self, mask):
+        """Per-sequence means count the minibatch's responses (rows with a token) where token means count tokens."""
+        return super()._loss_count(mask if self.loss_mean == "token" else mask.sum(1) > 0)
+
     def _micro_step(self, batch, mi, n_tokens, critic_only, last, update, logs, losses):
-        """Forward, clipped policy loss (+ GRPO's β·k3 KL term) and backward of one micro-batch."""
+        """Forward, clipped policy loss (+ GRPO's β·k3 KL term) and backward of one micro-batch; `n_tokens` is
+        _loss_count's normaliser (tokens or responses)."""
         cfg, R = self.cfg, batch.mask.shape[1]
         ids, am, mask = batch.input_ids[mi], batch.attention_mask[mi], batch.mask[mi]
+        w = mask if self.loss_mean == "token" else pm.sequence_weights(mask)
         out = self.model(ids, am, R, cfg.temperature, values=False)
         args = (out["logprobs"], batch.logprobs[mi], batch.advantages[mi], mask, cfg.clip_range)
-        loss, st = pm.policy_loss(*args, n_tokens=n_tokens)
+        loss, st = pm.policy_loss(*args, n_tokens=n_tokens, weights=w)
         losses["loss/policy"] += float(loss.detach())
         if self.algorithm == "grpo":
-            kl = pm.token_mean(pm.kl_k3(out["logprobs"], batch.ref_logprobs[mi]), mask, n_tokens)
+            kl = pm.token_mean(pm.kl_k3(out["logprobs"], batch.ref_logprobs[mi]), w, n_tokens)
             loss = loss + batch.stats["_kl_coef"] * kl
             losses["loss/kl"] += float(kl.detach())
         logs["policy/approx_kl"].append(float(st["approx_kl"]))

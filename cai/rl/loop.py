@@ -27,7 +27,7 @@ from cai.runtime.settings import Precision, keep_freed_memory
 
 
 class OnPolicyTrainer:
-    """The shared part of an on-policy trainer; `cfg` is a block with the rollout settings of cai.config.blocks
+    """The shared part of an on-policy trainer; `cfg` is a block with the rollout settings of cai.config.policy
     (PPOConfig), `reward(prompts, responses, **kw) -> (raw [B], reward [B])` (cai.rl.rewards)."""
 
     name = "ppo"

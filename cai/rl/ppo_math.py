@@ -153,9 +153,18 @@ def token_mean(x: torch.Tensor, mask: torch.Tensor, n_tokens=None) -> torch.Tens
     return masked_mean(x, mask) if n_tokens is None else masked_sum(x, mask) / n_tokens
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip_range: float, n_tokens=None):
+def sequence_weights(mask: torch.Tensor) -> torch.Tensor:
+    """Per-token weights 1/|o_i| on each row's real tokens (a row sums to 1, an empty row to 0): token_mean with
+    these weights and the row count in place of the token count is the mean over sequences of each sequence's
+    token mean, the GRPO paper's average (Shao et al. 2024), where token weights 1 average over all tokens."""
+    m = mask.to(torch.float32)
+    return m / m.sum(1, keepdim=True).clamp(min=1)
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_range: float, n_tokens=None, weights=None):
     """Clipped surrogate: mean over tokens of max(−A·ρ, −A·clip(ρ, 1±ε)), ρ = exp(logp − old_logp) (over
-    `n_tokens` tokens when given, see token_mean).
+    `n_tokens` tokens when given, see token_mean; `weights` in place of the mask in that mean, e.g.
+    sequence_weights with the sequence count as `n_tokens`; the stats stay token means).
 
     Returns (loss, stats): approx_kl = mean ½(logp − old_logp)², clipfrac = share of clipped tokens, ratio = mean
     ρ, ratio_dev = max |ρ − 1| (the first-step check: 0 before any step when old and new log-probs agree).
@@ -164,7 +173,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip_range: float, n_tokens=No
     ratio = torch.exp(diff)
     loss1 = -advantages * ratio
     loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = token_mean(torch.maximum(loss1, loss2), mask, n_tokens)
+    loss = token_mean(torch.maximum(loss1, loss2), mask if weights is None else weights, n_tokens)
     with torch.no_grad():
         stats = {
             "approx_kl": masked_mean(0.5 * diff.pow(2), mask),

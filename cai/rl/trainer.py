@@ -247,10 +247,7 @@ class PPOTrainer(OnPolicyTrainer):
         for epoch in range(cfg.ppo_epochs):
             epoch_kl = []
             for m, mb in enumerate(torch.tensor_split(torch.randperm(B, generator=g), cfg.num_minibatches)):
-                # the minibatch's token count over every process: micro-batch losses are sums over it, times the
-                # number of processes (gradients are averaged over them), so the step is the exact token mean
-                n_tokens = dist.all_reduce_sum(batch.mask[mb.to(batch.mask.device)].sum().double()).float()
-                n_tokens = n_tokens.clamp(min=1) / dist.world_size()
+                n_tokens = self._loss_count(batch.mask[mb.to(batch.mask.device)])
                 micro = [x for x in torch.tensor_split(mb, cfg.grad_accum) if len(x)]
                 losses = dict.fromkeys(self.loss_keys, 0.0)  # the minibatch's token means (summed below)
                 for k, mi in enumerate(micro):
@@ -287,6 +284,12 @@ class PPOTrainer(OnPolicyTrainer):
         if first:
             out.update(self._first_step(first, update))
         return out
+
+    def _loss_count(self, mask):
+        """The minibatch's token count over every process, over the number of processes: micro-batch losses are
+        sums over it and gradients are averaged over processes, so the step is the minibatch's exact token mean."""
+        n = dist.all_reduce_sum(mask.sum().double()).float()
+        return n.clamp(min=1) / dist.world_size()
 
     def _micro_step(
         self,

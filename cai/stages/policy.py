@@ -152,7 +152,8 @@ def on_policy_trainer(ctx, cfg, acc, prompts, pm_dir, metrics):
         return PPOTrainer(cfg, critic=critic, **common)
     from cai.rl.group import GroupTrainer
 
-    return GroupTrainer(cfg, algorithm=algorithm, samples_per_prompt=c.policy.samples_per_prompt, **common)
+    k, mean = c.policy.samples_per_prompt, c.policy.loss_mean
+    return GroupTrainer(cfg, algorithm=algorithm, samples_per_prompt=k, loss_mean=mean, **common)
 
 
 # the `ppo` block's critic and GAE settings, which the critic-free learners (RLOO, GRPO) do not read
