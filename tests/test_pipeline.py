@@ -280,8 +280,14 @@ def test_arms_share_responses_and_a_changed_constitution_reruns_only_that_arm(fa
     assert (
         read_manifest(fake.run_dir / "arms/general/feedback")["summary"]["sampled"] == 0
     )  # reused the pairs
-    fake.calls.clear()
-    gfh.write_text(gfh.read_text() + "\n# edited\n")
+    fake.calls.clear()  # a comment, the layout and the quoting are not what the constitution says: nothing reruns
+    text = gfh.read_text()
+    gfh.write_text(
+        "# edited\n" + text.replace("name: good-for-humanity", "name: 'good-for-humanity'  # same")
+    )
+    pipeline.run(r, quiet=True)
+    assert fake.calls == []
+    gfh.write_text(text.replace("best for humanity as a whole", "best for everyone"))  # a principle's words
     pipeline.run(r, quiet=True)
     assert fake.calls == [f"arms/general/{s}" for s in own] + ["report"]
     assert fake.ctxs["arms/general/feedback"].cache_dir == caches["arms/general/feedback"]

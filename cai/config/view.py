@@ -108,7 +108,7 @@ class RecipeView:
         out = {k: _hashable(v, _annotation(self._prefix + k)) for k, v in self._values.items()}
         for k in CONSTITUTION_KEYS:
             if isinstance(out.get(k), dict):
-                out[k] = _with_few_shot(self._values[k], out[k])
+                out[k] = _constitution_digest(self._values[k], out[k])
         if isinstance(out.get("report"), dict):
             out["report"]["suites"] = [suite_digest(v) for v in self._values["report"].suites]
         return out
@@ -134,21 +134,24 @@ _FILE_HASHES: dict[tuple, str] = {}
 CONSTITUTION_KEYS = ("constitution", "feedback_constitution")
 
 
-def _with_few_shot(path: str, digest: dict) -> dict:
-    """A constitution's digest with those of the few-shot files its `few_shot` block names (relative to it, as
-    cai.constitution.schema.load_constitution resolves them): an edit to one re-runs the stages that read them. A
-    constitution without few-shot files keeps its plain digest."""
+def _constitution_digest(path: str, digest: dict) -> dict:
+    """A constitution's digest by what it says, not how it is written: the hash of its parsed YAML, so an edit
+    to a comment, the layout or the quoting re-runs nothing; with the digests of the few-shot files its
+    `few_shot` block names (relative to it, as cai.constitution.schema.load_constitution resolves them), so an
+    edit to one re-runs the stages that read them. A file that does not parse keeps its byte digest (preflight
+    reports it)."""
     try:
         data, _ = load_yaml(path)
-    except UserError:  # preflight reports a bad constitution; its content hash still stands
+    except UserError:
         return digest
+    out = {"file": digest["file"], "content": hash_json(data)}
     shots = data.get("few_shot") if isinstance(data, dict) else None
     if not isinstance(shots, dict):
-        return digest
+        return out
     files = {
         k: file_digest(str(Path(path).parent / v)) for k, v in sorted(shots.items()) if isinstance(v, str)
     }
-    return {**digest, "few_shot": files} if files else digest
+    return {**out, "few_shot": files} if files else out
 
 
 def suite_digest(ref: str) -> dict | str:
