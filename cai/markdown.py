@@ -36,13 +36,17 @@ def table(header: list[str], rows: list[list]) -> str:
 def with_ci(res: dict | None, key: str = "accuracy") -> str:
     """'0.812 [0.71, 0.89] (n = 64)' from a result dict with `key`, optional 'ci95' and 'n' ('(n = 8, small)'
     below cai.stats.SMALL_N; '(n = 64 in 32 prompts)' when 'clusters', the prompts of a clustered interval, is
-    below n); '—' when absent, 'error: ...' when the result is an error."""
+    below n, and then small when the prompts are: pairs of one prompt count for less than independent ones); '—'
+    when absent, 'error: ...' when the result is an error."""
     if not res or res.get(key) is None:
         return "—" if not res or "error" not in res else f"error: {res['error'][:80]}"
     ci, n, k = res.get("ci95"), res.get("n"), res.get("clusters")
     text = f"{res[key]:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{res[key]:.3f}"
-    of = f" in {k} prompts" if k is not None and n is not None and k < n else ""
-    return text + (f" (n = {n}{of}{', small' if small_n(n) else ''})" if n is not None else "")
+    clustered = k is not None and n is not None and k < n
+    of = f" in {k} prompts" if clustered else ""
+    return text + (
+        f" (n = {n}{of}{', small' if small_n(k if clustered else n) else ''})" if n is not None else ""
+    )
 
 
 def clean(text: str, limit: int = 600) -> str:

@@ -126,7 +126,7 @@ def test_report_pm_table_shows_the_clustered_interval_and_the_prompts():
     clusters = [j // 2 for j in range(40)]  # 2 equal pairs per prompt
     ci = clustered_ci(values, clusters)
     text = _held_out(t, block={"ci95": list(ci), "clusters": 20})
-    assert text == f"0.750 [{ci[0]:.2f}, {ci[1]:.2f}] (n = 40 in 20 prompts)"
+    assert text == f"0.750 [{ci[0]:.2f}, {ci[1]:.2f}] (n = 40 in 20 prompts, small)"
     assert _width(ci) > _width(wilson_ci(30, 40))
     lo, hi = wilson_ci(30, 40)
     plain = f"0.750 [{lo:.2f}, {hi:.2f}] (n = 40)"
@@ -144,7 +144,7 @@ def test_report_online_rounds_show_clustered_intervals():
     pm_sum = {"held_out_accuracy": 0.75, "held_out_pairs": 40, "held_out_scored": 40}
     pm_held = {"accuracy": 0.75, "n": 40, "n_scored": 40, "ci95": [0.5, 0.9], "clusters": 20}
     first = _round_row({"round": 1}, {"pairs": 80}, pm_sum, pm_held)
-    assert first[-1] == "0.750 [0.50, 0.90] (n = 40 in 20 prompts)"
+    assert first[-1] == "0.750 [0.50, 0.90] (n = 40 in 20 prompts, small)"
     r2 = {
         "round": 2,
         "pairs": {"pairs": 24},

@@ -510,6 +510,16 @@ def test_pm_held_out_accuracy_is_shown_beside_the_untrained_pm_on_the_same_pairs
     md = "\n".join(sections.pm_section(rep))
     lo, hi = wilson_ci(0.625 * 80, 80)
     assert f"| … the untrained PM on the same pairs (baseline) | 0.625 [{lo:.2f}, {hi:.2f}] (n = 80) |" in md
+    assert "Small sample" not in md
+    # the same 80 pairs from 20 prompts: the prompts count, so the accuracy is marked small and the note says so
+    held = {"accuracy": 0.6, "n": 100, "n_scored": 80, "ci95": [0.4, 0.78], "clusters": 20}
+    (pm / "eval.json").write_text(json.dumps({"held_out": held}))
+    md = "\n".join(sections.pm_section(rep))
+    assert "| 0.600 [0.40, 0.78] (n = 80 in 20 prompts, small) |" in md
+    assert (
+        "> **Small sample:** held-out accuracy of run: only 20 held-out prompts (80 pairs) (fewer than 30)"
+        in md
+    )
 
 
 def test_cached_report_generations_follow_the_prompts_text_not_only_their_ids(tmp_path, monkeypatch):

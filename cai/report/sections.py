@@ -143,11 +143,20 @@ def pm_section(rep) -> list[str]:
             ],
         )
     )
-    small = [k for k, t in train.items() if small_n(scored_pairs(t))]
+    # pairs of one prompt count for less than independent pairs: where they share prompts, the prompts decide
+    pairs = {k: scored_pairs(t) for k, t in train.items()}
+    units = {
+        k: pairs[k]
+        if pairs[k] is None
+        else min(pairs[k], (ev[k].get("held_out") or {}).get("clusters") or pairs[k])
+        for k in train
+    }
+    small = [k for k in train if small_n(units[k])]
     if small:
-        n = min(scored_pairs(train[k]) or 0 for k in small)
+        k = min(small, key=units.get)
+        what = "held-out pairs" if units[k] == pairs[k] else f"held-out prompts ({pairs[k]} pairs)"
         md.append(
-            f"> **Small sample:** held-out accuracy of {', '.join(small)}: {small_n_note(n, 'held-out pairs')}.\n"
+            f"> **Small sample:** held-out accuracy of {', '.join(small)}: {small_n_note(units[k], what)}.\n"
         )
     if not config.report.suites:
         return md
