@@ -194,6 +194,16 @@ def test_group_advantages_by_hand():
     assert float(spread) == pytest.approx(math.sqrt(7.0) / 2) and float(flat) == 0.5
 
 
+@pytest.mark.parametrize("value", [-1.5255959033966064, -211.52194213867188, 0.7])
+def test_a_group_of_equal_rewards_has_no_advantage_whatever_the_rounding(value):
+    # the mean of three equal floats can differ from them by an ulp: GRPO divided that residue by its eps
+    r = torch.tensor([value] * 3 + [1.0, 2.0, 4.0])
+    for adv in (pm.grpo_advantages(r, 3), pm.rloo_advantages(r, 3)):
+        assert adv[:3].tolist() == [0.0, 0.0, 0.0] and adv[3:].abs().min() > 0.1
+    assert float(pm.group_stats(r, 3)[1]) == 0.5
+    assert float(pm.group_stats(r[:3], 3)[1]) == 1.0
+
+
 def test_selected_logprobs_by_hand_and_against_log_softmax():
     from cai.runtime.forward import selected_logprobs
 

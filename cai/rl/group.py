@@ -9,7 +9,9 @@ function, missing-EOS penalty, clipping). Then, per prompt group (cai.rl.ppo_mat
 - RLOO (Ahmadian et al. 2024): the sequence reward is the score − β·Σ_t KL_t (k1, as PPO's penalty); the
   advantage is that reward minus the mean of the group's other k − 1 rewards;
 - GRPO (Shao et al. 2024): the advantage is the score's group z-score; the KL to the reference enters the loss
-  as β times the token mean of the k3 estimate (never negative, its gradient the KL's).
+  as β times the token mean of the k3 estimate, as in the paper. k3 is never negative and its value estimates
+  KL(π‖π_ref), but with the samples held fixed its expected gradient is that of the reverse KL(π_ref‖π): the two
+  agree near the reference and part further from it. A group whose rewards are all equal has advantage 0.
 
 Each response token gets its sequence's advantage, and PPO's clipped surrogate (cai.rl.ppo_math.policy_loss)
 runs over `ppo_epochs` passes, as in PPO: with `loss_mean` 'token' (the default) an exact token mean over the

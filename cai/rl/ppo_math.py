@@ -120,27 +120,36 @@ def gae(
     return adv, (adv + v) * m
 
 
+def flat_groups(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """[G, 1] True for each group of k whose rewards are all exactly equal (no learning signal). Tested by
+    equality, not by a zero spread: the rounding of a float mean leaves r − mean ≈ 1e-7·|r| and a std above 0."""
+    r = rewards.reshape(-1, k)
+    return (r == r[:, :1]).all(1, keepdim=True)
+
+
 def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): each of a prompt's k sequence rewards
-    minus the mean of the other k − 1 (an unbiased baseline: it does not depend on the sample itself)."""
+    minus the mean of the other k − 1 (an unbiased baseline: it does not depend on the sample itself); exactly
+    0 for a group whose rewards are all equal (flat_groups)."""
     r = rewards.reshape(-1, k)
-    baseline = (r.sum(1, keepdim=True) - r) / (k - 1)
-    return (r - baseline).reshape(-1)
+    adv = r - (r.sum(1, keepdim=True) - r) / (k - 1)
+    return adv.masked_fill(flat_groups(r, k), 0.0).reshape(-1)
 
 
 def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
     """GRPO (Shao et al. 2024): each of a prompt's k rewards minus the group mean, over the group's standard
-    deviation (with Bessel's correction) + eps; a group whose rewards are all equal gives 0."""
+    deviation (with Bessel's correction) + eps; exactly 0 for a group whose rewards are all equal (flat_groups:
+    its rounding residue over eps would otherwise be a signal of up to 0.1 at PM-scale rewards)."""
     r = rewards.reshape(-1, k)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).reshape(-1)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    return adv.masked_fill(flat_groups(r, k), 0.0).reshape(-1)
 
 
 def group_stats(rewards: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean within-group standard deviation of the rewards, share of groups whose rewards are all equal: they
     carry no learning signal)."""
     r = rewards.reshape(-1, k)
-    std = r.std(1)
-    return std.mean(), (std == 0).to(rewards.dtype).mean()
+    return r.std(1).mean(), flat_groups(r, k).to(rewards.dtype).mean()
 
 
 # ---- losses ----
