@@ -264,7 +264,9 @@ def test_dpo_policy_tokens_carry_across_a_resume(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ RLOO, GRPO
-def group_trainer(tmp_path, algorithm: str, *, lora: bool = False, loss_mean: str = "token", **overrides):
+def group_trainer(
+    tmp_path, algorithm: str, *, lora=False, loss_mean="token", scale_rewards=True, **overrides
+):
     from cai.rl.group import GroupTrainer
 
     settings = dict(
@@ -288,6 +290,7 @@ def group_trainer(tmp_path, algorithm: str, *, lora: bool = False, loss_mean: st
         algorithm=algorithm,
         samples_per_prompt=4,
         loss_mean=loss_mean,
+        scale_rewards=scale_rewards,
         policy=PolicyModel(lm),
         tokenizer=load_tokenizer("tiny-random-llama"),
         reward=FunctionReward(lowercase_fraction),
@@ -406,13 +409,26 @@ def test_group_loss_over_uneven_micro_batches_is_the_minibatch_mean(tmp_path, lo
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
-def test_a_sequence_mean_is_refused_where_the_loss_is_not_per_response(tmp_path):
+def test_grpo_without_reward_scaling_centres_the_same_rollouts_rewards_only(tmp_path):
+    scaled = group_trainer(tmp_path / "a", "grpo", updates=1).rollout(0)
+    centred = group_trainer(tmp_path / "b", "grpo", updates=1, scale_rewards=False).rollout(0)
+    assert torch.equal(scaled.input_ids, centred.input_ids)  # the same samples and rewards
+    a, b = scaled.advantages[:, 0].view(-1, 4), centred.advantages[:, 0].view(-1, 4)
+    assert b.sum(1).abs().max() < 1e-5 and b.abs().max() > 1e-3  # centred within each prompt's group
+    torch.testing.assert_close(a, b / (b.std(1, keepdim=True) + 1e-4))
+
+
+def test_group_loss_settings_are_refused_for_the_algorithms_they_do_not_apply_to():
     from cai.config.policy import PolicyConfig
 
     assert PolicyConfig(algorithm="grpo", loss_mean="sequence").loss_mean == "sequence"
+    assert PolicyConfig(algorithm="grpo", scale_rewards=False).scale_rewards is False
     for algorithm in ("ppo", "dpo"):
         with pytest.raises(ValueError, match="rloo or grpo"):
             PolicyConfig(algorithm=algorithm, loss_mean="sequence")
+    for algorithm in ("ppo", "rloo", "dpo"):
+        with pytest.raises(ValueError, match="algorithm grpo"):
+            PolicyConfig(algorithm=algorithm, scale_rewards=False)
 
 
 def test_critic_free_arms_name_the_critic_settings_they_ignore():

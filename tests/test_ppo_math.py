@@ -186,6 +186,8 @@ def test_group_advantages_by_hand():
     # GRPO: (r − mean) / (std + eps), std with Bessel's correction: mean 3, std sqrt(7)
     s = math.sqrt(7.0) + 1e-4
     assert pm.grpo_advantages(r, 3).tolist() == pytest.approx([-2 / s, -1 / s, 3 / s, 0.0, 0.0, 0.0])
+    # Dr. GRPO: centred, not divided by the spread
+    assert pm.grpo_advantages(r, 3, scale=False).tolist() == pytest.approx([-2.0, -1.0, 3.0, 0.0, 0.0, 0.0])
     # a leave-one-out advantage is k/(k−1) times the centred reward, so each group's advantages sum to 0
     assert pm.rloo_advantages(r, 3).tolist() == pytest.approx(
         (1.5 * (r - r.view(2, 3).mean(1).repeat_interleave(3))).tolist()

@@ -35,6 +35,12 @@ class PolicyConfig(Strict):
         "'sequence', each response's token mean, then the mean over responses (the GRPO paper's objective; "
         "every response counts the same).",
     )
+    scale_rewards: bool = Field(
+        True,
+        description="grpo: divide each group's centred rewards by the group's standard deviation (the GRPO "
+        "paper); false leaves them centred only, as Dr. GRPO (Liu et al. 2025) does: the division gives the most "
+        "weight to prompts whose samples barely differ.",
+    )
     rounds: int = Field(
         1,
         ge=1,
@@ -58,6 +64,13 @@ class PolicyConfig(Strict):
                 "a per-sequence mean is for the critic-free learners (algorithm rloo or grpo); PPO's advantages "
                 "are per token and DPO's loss is per pair"
             )
+        return v
+
+    @field_validator("scale_rewards")
+    @classmethod
+    def _grpo_only(cls, v, info):
+        if not v and info.data.get("algorithm") != "grpo":
+            raise ValueError("only GRPO scales its advantages by the group's spread (algorithm grpo)")
         return v
 
     @field_validator("rounds")

@@ -8,16 +8,17 @@ function, missing-EOS penalty, clipping). Then, per prompt group (cai.rl.ppo_mat
 
 - RLOO (Ahmadian et al. 2024): the sequence reward is the score − β·Σ_t KL_t (k1, as PPO's penalty); the
   advantage is that reward minus the mean of the group's other k − 1 rewards;
-- GRPO (Shao et al. 2024): the advantage is the score's group z-score; the KL to the reference enters the loss
-  as β times the token mean of the k3 estimate, as in the paper. k3 is never negative and its value estimates
-  KL(π‖π_ref), but with the samples held fixed its expected gradient is that of the reverse KL(π_ref‖π): the two
-  agree near the reference and part further from it. A group whose rewards are all equal has advantage 0.
+- GRPO (Shao et al. 2024): the advantage is the score's group z-score (centred only with `scale_rewards` off,
+  as in Dr. GRPO); the KL to the reference enters the loss as β times the token mean of the k3 estimate, as in
+  the paper. k3 is never negative and its value estimates KL(π‖π_ref), but with the samples held fixed its
+  expected gradient is that of the reverse KL(π_ref‖π): the two agree near the reference and part further
+  from it.
 
-Each response token gets its sequence's advantage, and PPO's clipped surrogate (cai.rl.ppo_math.policy_loss)
-runs over `ppo_epochs` passes, as in PPO: with `loss_mean` 'token' (the default) an exact token mean over the
-global minibatch, with 'sequence' the mean over its responses of each response's token mean (the GRPO paper's
-1/G Σ_i 1/|o_i| Σ_t; GRPO's KL term alike). With one epoch and one
-minibatch the ratio is 1 and the step is REINFORCE with the group baseline.
+A group whose rewards are all equal has advantage 0. Each response token gets its sequence's advantage, and
+PPO's clipped surrogate (cai.rl.ppo_math.policy_loss) runs over `ppo_epochs` passes, as in PPO: with `loss_mean`
+'token' (the default) an exact token mean over the global minibatch, with 'sequence' the mean over its
+responses of each response's token mean (the GRPO paper's 1/G Σ_i 1/|o_i| Σ_t; GRPO's KL term alike). With one
+epoch and one minibatch the ratio is 1 and the step is REINFORCE with the group baseline.
 
 Why not TRL's RLOOTrainer / GRPOTrainer: they run their own generation loop (their own sampling, not cai's one
 engine with its per-place seeds and, under issue 14, vLLM), their own checkpoints (no exact resume with the run
@@ -47,12 +48,14 @@ class GroupTrainer(PPOTrainer):
     log_keys = ("policy/approx_kl", "policy/clipfrac", "loss/policy", "loss/kl")
     loss_keys = ("loss/policy", "loss/kl")
 
-    def __init__(self, cfg, *, algorithm: str, samples_per_prompt: int, loss_mean: str = "token", **kwargs):
+    def __init__(
+        self, cfg, *, algorithm: str, samples_per_prompt: int, loss_mean="token", scale_rewards=True, **kwargs
+    ):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm '{algorithm}': one of {', '.join(ALGORITHMS)} expected")
         if loss_mean not in ("token", "sequence"):
             raise ValueError(f"loss_mean '{loss_mean}': 'token' or 'sequence' expected")
-        self.loss_mean = loss_mean
+        self.loss_mean, self.scale_rewards = loss_mean, scale_rewards
         k = samples_per_prompt
         if cfg.rollout_batch_size % k:
             raise UserError(
@@ -80,7 +83,7 @@ class GroupTrainer(PPOTrainer):
             adv = pm.rloo_advantages(reward, k)
         else:  # GRPO: the score alone; the KL is a loss term (_micro_step)
             reward = score
-            adv = pm.grpo_advantages(reward, k)
+            adv = pm.grpo_advantages(reward, k, scale=self.scale_rewards)
         kl_seq = self._mean(kl.sum(1).mean())
         self.kl_ctl.update(kl_seq, n_steps=len(idx) * dist.world_size())
         spread, flat = pm.group_stats(reward, k)

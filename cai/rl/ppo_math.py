@@ -136,12 +136,15 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return adv.masked_fill(flat_groups(r, k), 0.0).reshape(-1)
 
 
-def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
     """GRPO (Shao et al. 2024): each of a prompt's k rewards minus the group mean, over the group's standard
-    deviation (with Bessel's correction) + eps; exactly 0 for a group whose rewards are all equal (flat_groups:
-    its rounding residue over eps would otherwise be a signal of up to 0.1 at PM-scale rewards)."""
+    deviation (with Bessel's correction) + eps, or not divided with `scale` off (Dr. GRPO, Liu et al. 2025);
+    exactly 0 for a group whose rewards are all equal (flat_groups: its rounding residue over eps would
+    otherwise be a signal of up to 0.1 at PM-scale rewards)."""
     r = rewards.reshape(-1, k)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    adv = r - r.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(1, keepdim=True) + eps)
     return adv.masked_fill(flat_groups(r, k), 0.0).reshape(-1)
 
 

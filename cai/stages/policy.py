@@ -152,8 +152,15 @@ def on_policy_trainer(ctx, cfg, acc, prompts, pm_dir, metrics):
         return PPOTrainer(cfg, critic=critic, **common)
     from cai.rl.group import GroupTrainer
 
-    k, mean = c.policy.samples_per_prompt, c.policy.loss_mean
-    return GroupTrainer(cfg, algorithm=algorithm, samples_per_prompt=k, loss_mean=mean, **common)
+    p = c.policy
+    return GroupTrainer(
+        cfg,
+        algorithm=algorithm,
+        samples_per_prompt=p.samples_per_prompt,
+        loss_mean=p.loss_mean,
+        scale_rewards=p.scale_rewards,
+        **common,
+    )
 
 
 # the `ppo` block's critic and GAE settings, which the critic-free learners (RLOO, GRPO) do not read
