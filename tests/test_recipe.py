@@ -365,7 +365,7 @@ def test_a_constitutions_few_shot_files_count_in_the_stage_fingerprints(tmp_path
     assert after["critique_revise"] != before["critique_revise"] and after["feedback"] != before["feedback"]
     assert after["sft"] == before["sft"]
     cfg = stage_config(Recipe(name="x", constitution=str(tmp_path / "plain.yaml")), "critique_revise")
-    assert set(cfg["constitution"]) == {"file", "sha256"}
+    assert set(cfg["constitution"]) == {"file", "content"}  # its parsed YAML: a comment edit reruns nothing
 
 
 def test_feedback_policy_names_a_model_folder_relative_to_the_recipe(tmp_path, monkeypatch):

@@ -143,21 +143,7 @@ def pm_section(rep) -> list[str]:
             ],
         )
     )
-    # pairs of one prompt count for less than independent pairs: where they share prompts, the prompts decide
-    pairs = {k: scored_pairs(t) for k, t in train.items()}
-    units = {
-        k: pairs[k]
-        if pairs[k] is None
-        else min(pairs[k], (ev[k].get("held_out") or {}).get("clusters") or pairs[k])
-        for k in train
-    }
-    small = [k for k in train if small_n(units[k])]
-    if small:
-        k = min(small, key=units.get)
-        what = "held-out pairs" if units[k] == pairs[k] else f"held-out prompts ({pairs[k]} pairs)"
-        md.append(
-            f"> **Small sample:** held-out accuracy of {', '.join(small)}: {small_n_note(units[k], what)}.\n"
-        )
+    md += _small_sample_note(train, ev)
     if not config.report.suites:
         return md
     evals = pm_evaluations(config, {k: d / "model" for k, d in dirs.items()}, out)
@@ -201,6 +187,24 @@ def pm_section(rep) -> list[str]:
                 md.append(f"![calibration {k} {s}]({Path(png).relative_to(out).as_posix()})")
     md.append("")
     return md
+
+
+def _small_sample_note(train: dict, ev: dict) -> list[str]:
+    """The note under the PM table for accuracies over few items. Pairs of one prompt count for less than
+    independent pairs: where they share prompts, the prompts decide."""
+    pairs = {k: scored_pairs(t) for k, t in train.items()}
+    units = {
+        k: pairs[k]
+        if pairs[k] is None
+        else min(pairs[k], (ev[k].get("held_out") or {}).get("clusters") or pairs[k])
+        for k in train
+    }
+    small = [k for k in train if small_n(units[k])]
+    if not small:
+        return []
+    k = min(small, key=units.get)
+    what = "held-out pairs" if units[k] == pairs[k] else f"held-out prompts ({pairs[k]} pairs)"
+    return [f"> **Small sample:** held-out accuracy of {', '.join(small)}: {small_n_note(units[k], what)}.\n"]
 
 
 def _held_out(t: dict, key: str = "held_out_accuracy", block: dict | None = None) -> str:
