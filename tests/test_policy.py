@@ -316,6 +316,9 @@ def test_group_learners_raise_the_reward_with_a_finite_kl(tmp_path, algorithm, s
     assert hist[0]["policy/first_step_approx_kl"] < 1e-6  # sampled and trained with the same weights
     assert ("loss/kl" in hist[-1]) == (algorithm == "grpo") and "loss/value" not in hist[-1]
     assert all(0 <= h["group/no_signal"] <= 1 for h in hist)
+    for h in hist:  # the KL-regularised objective, logged as PPO logs it
+        want = h["objective/score"] - h["objective/kl_coef"] * h["objective/kl"]
+        assert h["objective/reward"] == pytest.approx(want, abs=1e-5)
 
 
 def test_group_learner_lora_reference_is_the_base_and_batches_hold_whole_groups(tmp_path):

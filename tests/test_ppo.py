@@ -102,6 +102,9 @@ def test_reward_rises_and_kl_stays_finite(tmp_path, monkeypatch, sampled_reward)
     assert after > before + 0.1, (before, after, [h["objective/score"] for h in hist])
     assert all(math.isfinite(h["objective/kl"]) for h in hist)
     assert hist[-1]["objective/kl"] > 0  # the policy moved away from the reference
+    for h in hist:  # no reward shaping here: the KL-regularised objective is the score − β·KL
+        want = h["objective/score"] - h["objective/kl_coef"] * h["objective/kl"]
+        assert h["objective/reward"] == pytest.approx(want, abs=1e-5)
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 8
     for key in (

@@ -78,8 +78,9 @@ class GroupTrainer(PPOTrainer):
 
         beta = self.kl_ctl.value
         kl = pm.kl_per_token(logprobs, ref_logprobs, mask, cfg.kl_estimator)
+        penalised = score - beta * kl.sum(1)  # the KL-regularised objective, logged alike by every learner
         if self.algorithm == "rloo":  # the KL penalty is part of the sequence reward
-            reward = score - beta * kl.sum(1)
+            reward = penalised
             adv = pm.rloo_advantages(reward, k)
         else:  # GRPO: the score alone; the KL is a loss term (_micro_step)
             reward = score
@@ -89,7 +90,7 @@ class GroupTrainer(PPOTrainer):
         spread, flat = pm.group_stats(reward, k)
         stats = {
             **self._sample_stats(s, kl_seq, beta),
-            "objective/reward": self._mean(reward.mean()),
+            "objective/reward": self._mean(penalised.mean()),
             "group/reward_std": self._mean(spread),
             "group/no_signal": self._mean(flat),  # groups whose k rewards are all equal
             "_kl_coef": beta,  # GRPO's loss uses the β logged for this update, before the controller moves it

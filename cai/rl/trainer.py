@@ -227,7 +227,7 @@ class PPOTrainer(OnPolicyTrainer):
         self.kl_ctl.update(kl_seq, n_steps=len(idx) * dist.world_size())
         stats = {
             **self._sample_stats(s, kl_seq, beta),
-            "objective/reward": self._mean(score.mean()),
+            "objective/reward": self._mean((score + non_score.sum(1)).mean()),  # score − β·Σ KL, as RLOO/GRPO
             "objective/non_score_reward": self._mean(non_score.sum(1).mean()),
             "val/explained_variance": float(explained.nan_to_num(0.0)),
         }
