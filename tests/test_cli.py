@@ -251,3 +251,56 @@ def test_a_seed_flag_out_of_range_is_a_user_error_naming_the_flag(seed):
     with pytest.raises(UserError, match=r"^--seed: Input should be"):
         settings_of(args)
     assert settings_of(argparse.Namespace(**{**vars(args), "seed": 7})).seed == 7
+
+
+def test_a_closed_stdout_pipe_ends_quietly():
+    """`cai ... | head` printed a BrokenPipeError traceback, exit code 1."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cai", "recipe", "schema"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    proc.stdout.close()  # the reader is gone before cai writes a line (`cai ... | head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+def test_an_os_error_is_one_line_exit_2(monkeypatch, capsys):
+    """An OSError a check did not foresee (a folder that cannot be made) was a traceback with exit code 1."""
+
+    def fail(a):
+        raise FileNotFoundError(2, "No such file or directory", "/proc/no/run")
+
+    monkeypatch.setattr(cli, "_cmd_recipe_schema", fail)
+    assert cli.main(["recipe", "schema"]) == 2
+    assert capsys.readouterr().err == "error: /proc/no/run: No such file or directory\n"
+
+
+@pytest.fixture
+def finished_looking_run(tmp_path, tiny_recipe):
+    """A run folder with only its recipe.json (what `cai report` reads first)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.json").write_text(tiny_recipe().model_dump_json())
+    return run
+
+
+def test_every_out_is_checked_before_any_work(tmp_path, finished_looking_run, capsys):
+    """pm eval, feedback eval, analyze kl-reward and report crashed with a FileExistsError traceback on an
+    --out that is a file, the eval commands only after scoring; they now refuse it first, in one line."""
+    occupied = tmp_path / "occupied"
+    occupied.write_text("a file\n")
+    for argv, out in (
+        (["pm", "eval", "--model", "no-such-pm", "--suite", "pairs"], occupied),
+        (["feedback", "eval", "--model", "no-such-model", "--suite", "harmful-vs-ethical"], occupied),
+        (["feedback", "eval", "--model", "no-such-model", "--suite", "pairs"], occupied / "sub"),
+        (["analyze", "kl-reward", str(tmp_path / "no-run")], occupied),
+        (["report", str(finished_looking_run)], occupied),
+    ):
+        assert cli.main([*argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --out {out}: ") and "\n" not in err, err
+    (finished_looking_run / "report").write_text("in the way\n")  # the default --out, RUN/report
+    assert cli.main(["report", str(finished_looking_run)]) == 2
+    assert "an existing file; a folder" in capsys.readouterr().err

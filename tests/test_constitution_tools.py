@@ -1075,7 +1075,7 @@ def test_an_out_path_in_the_way_is_refused_before_any_model_loads(root, tmp_path
     occupied = str(tmp_path / "occupied")
     cons = str(root / "constitutions/good-for-humanity.yaml")
     for argv, words in (
-        ([*_few_shot_edit(tmp_path), "--out", occupied], "an existing file; a folder for the report"),
+        ([*_few_shot_edit(tmp_path), "--out", occupied], "an existing file; a folder to write the results into"),
         (["constitution", "test", cons, "--model", "m", "--out", occupied], "an existing file; a folder"),
         (
             ["constitution", "test", cons, "--model", "m", "--out", occupied + "/sub"],
@@ -1090,3 +1090,52 @@ def test_an_out_path_in_the_way_is_refused_before_any_model_loads(root, tmp_path
         err = capsys.readouterr().err.strip()
         assert words in err and "\n" not in err and err.startswith("error: -")
     assert loads == []
+
+
+def test_a_given_few_shot_file_is_checked_even_when_no_example_is_used(root, tmp_path, monkeypatch, capsys):
+    """--few-shot FILE with --num-few-shot 0 (the default) was never read: a missing or broken file passed
+    (`constitution test` exit 0, `lint` without --model exit 0); it is now an error before any model loads."""
+    loads: list = []
+    _stubbed_cli(monkeypatch, loads)
+    (tmp_path / "bad.json").write_text("{oops")
+    cons = str(root / "constitutions/harmless-specific.yaml")
+    for argv, words in (
+        (
+            ["constitution", "test", cons, "--model", "m", "--few-shot", str(tmp_path / "no.json")],
+            "cannot read",
+        ),
+        ([*_few_shot_edit(tmp_path), "--few-shot", str(tmp_path / "bad.json")], "invalid JSON"),
+        (["constitution", "lint", cons, "--few-shot", str(tmp_path / "bad.json")], "invalid JSON"),
+    ):
+        assert cli.main([*argv, "--out", str(tmp_path / "o")] if argv[1] != "lint" else argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --few-shot ") and words in err and "\n" not in err, err
+    assert loads == [] and not (tmp_path / "o").exists()
+
+
+def test_effect_checks_the_pm_folder_before_labelling(tmp_path, monkeypatch, capsys):
+    """A wrong --pm folder was reported only after both constitutions were labelled (minutes)."""
+    loads: list = []
+    _stubbed_cli(monkeypatch, loads)
+    argv = [*_few_shot_edit(tmp_path), "--pm", str(tmp_path / "no-pm"), "--out", str(tmp_path / "e")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: preference model ") and "no config.json" in err and "\n" not in err
+    assert loads == []
+
+
+def test_lint_model_with_custom_code_or_a_broken_config_is_one_line(root, tmp_path, capsys):
+    """`lint --model` read the config with a bare AutoConfig.from_pretrained: a traceback for a folder with
+    custom code (auto_map) or a config.json that is not JSON; now the loader's own one-line message."""
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "config.json").write_text(
+        json.dumps({"model_type": "my_custom", "auto_map": {"AutoConfig": "cfg.MyConfig"}})
+    )
+    (tmp_path / "badcfg").mkdir()
+    (tmp_path / "badcfg" / "config.json").write_text("{oops")
+    cons = str(root / "constitutions/harmless-specific.yaml")
+    for name, words in (("remote", "it has custom code; if you trust it"), ("badcfg", "not a valid JSON")):
+        assert cli.main(["constitution", "lint", cons, "--model", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: model '{tmp_path / name}': cannot load the config: ") and words in err
+        assert "\n" not in err

@@ -394,3 +394,27 @@ def test_a_pm_origin_seed_that_is_not_an_integer_is_a_one_line_error(pm_dir, tmp
     )
     with pytest.raises(UserError, match=r"pm_origin.json: key 'seed': an integer .* not 'abc'"):
         untrained_for(RewardScorer(d), DEFAULT)
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--num-principles", "3"], "--num-principles 3"),
+        (["--num-few-shot", "2"], "--num-few-shot 2"),
+        (["--few-shot", "FS"], "--few-shot "),
+        (["--constitution", "constitutions/harmless-specific.yaml"], "--constitution "),
+    ],
+)
+def test_feedback_eval_refuses_pair_suite_flags_on_a_multiple_choice_suite(
+    shared_data, monkeypatch, capsys, flags, named
+):
+    """A multiple-choice suite asks its own question: --few-shot, --num-few-shot, --num-principles and
+    --constitution changed nothing (the same result JSON, no warning); they are now refused, before any model
+    loads."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    fs = str(shared_data / "cai-paper" / "RLMadisonFewShotPrompts.json")
+    argv = ["feedback", "eval", "--model", "no-such-model", "--suite", "harmful-vs-ethical"]
+    assert main([*argv, *[fs if f == "FS" else f for f in flags]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {named}") and "\n" not in err, err
+    assert "is a multiple-choice suite" in err and "only pair suites" in err

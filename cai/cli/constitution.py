@@ -23,6 +23,7 @@ from cai.cli.options import (
     labeller_config,
     non_negative_int,
     number_in,
+    out_path,
     positive_int,
     settings_of,
     validate_each,
@@ -42,7 +43,7 @@ from cai.constitution.schema import (
 )
 from cai.errors import UserError
 from cai.feedback.labeller import build_labeller
-from cai.pm.scoring import RewardScorer
+from cai.pm.scoring import RewardScorer, pm_model_dir
 from cai.runtime.models import load_for_inference
 from cai.runtime.rundir import write_json
 
@@ -63,21 +64,8 @@ def _cmd_diff(a) -> int:
     return 0
 
 
-def _out_path(path: str | Path, flag: str, folder: bool = True) -> Path:
-    """`path` checked before any work: a folder (`folder`) or a file to write, not blocked by a file or folder
-    in the way (a UserError naming the flag)."""
-    path = Path(path)
-    want = "a folder for the report" if folder else "a file path to write"
-    if path.exists() and path.is_dir() != folder:
-        raise UserError(f"{flag} {path}: an existing {'file' if folder else 'folder'}; {want} is expected")
-    above = next((p for p in path.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise UserError(f"{flag} {path}: {above} is a file, not a folder; {want} is expected")
-    return path
-
-
 def _cmd_import(a) -> int:
-    _out_path(a.out, "-o", folder=False)
+    out_path(a.out, "-o", folder=False)
     name = a.name or Path(a.out).stem
     c = import_paper(a.critique_json, a.feedback, name)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +95,7 @@ def _cmd_test(a) -> int:
             f"{a.constitution}: no probe file beside it (probes/{Path(a.constitution).stem}.yaml); give --probes FILE"
         )
     probe_set = probes.load_probes(pfile, c)
-    out = _out_path(a.out or Path("runs") / "constitution-test" / Path(a.constitution).stem, "--out")
+    out = out_path(a.out or Path("runs") / "constitution-test" / Path(a.constitution).stem, "--out")
     unknown = [pid for pid in a.require or [] if pid not in c.by_id()]
     if unknown:
         raise UserError(f"--require: unknown principle(s) {', '.join(unknown)} in constitution '{c.name}'")
@@ -183,9 +171,11 @@ def pm_scores(pm_dir: str, rows: list[dict], batch_size: int, settings) -> list[
 
 def _cmd_effect(a) -> int:
     old, new = load_constitution(a.old), load_constitution(a.new)
-    out = _out_path(
+    out = out_path(
         a.out or Path("runs") / "constitution-effect" / f"{Path(a.old).stem}-vs-{Path(a.new).stem}", "--out"
     )
+    if a.pm:
+        pm_model_dir(a.pm)  # a wrong --pm folder is refused before both constitutions are labelled
     every = effect.read_pairs(a.pairs)
     pairs = effect.sample_pairs(every, a.limit, a.seed)
     old_labeller, new_labeller = _labellers(a, old, new)

@@ -7,13 +7,21 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from cai.cli.options import add_labeller_flags, add_model_flags, labeller_config, positive_int, settings_of
+from cai.cli.options import (
+    add_labeller_flags,
+    add_model_flags,
+    labeller_config,
+    out_path,
+    positive_int,
+    settings_of,
+)
 from cai.config.layout import plan, stage_view
 from cai.config.load import load_run_recipe
 from cai.constitution.fewshot import feedback_examples
 from cai.constitution.schema import load_constitution
+from cai.errors import UserError
 from cai.eval.baselines import describe
-from cai.eval.measure import evaluate_feedback, evaluate_pm, untrained_for
+from cai.eval.measure import PAIR_FORMATS, evaluate_feedback, evaluate_pm, untrained_for
 from cai.eval.suites import SUITE_DIR, load_suite
 from cai.pm.scoring import RewardScorer
 from cai.report.build import RunIndex, build
@@ -51,6 +59,7 @@ def _print(result: dict) -> None:
 
 
 def _cmd_pm_eval(a) -> int:
+    out_path(a.out, "--out")
     settings = settings_of(a)
     load_suite(a.suite)  # a bad suite is reported before any model is loaded
     scorer = RewardScorer(a.model, settings)
@@ -71,8 +80,32 @@ def _cmd_pm_eval(a) -> int:
     return 0
 
 
+def _pair_only_flags(a, cfg) -> None:
+    """A multiple-choice suite asks its own question: the flags only pair suites use are refused with it."""
+    spec = load_suite(a.suite)
+    if spec.format in PAIR_FORMATS:
+        return
+    given = [
+        f"{name} {value}"
+        for name, value, on in (
+            ("--constitution", a.constitution, a.constitution),
+            ("--few-shot", cfg.few_shot, cfg.few_shot),
+            ("--num-few-shot", cfg.num_few_shot, cfg.num_few_shot > 0),
+            ("--num-principles", cfg.num_principles, cfg.num_principles > 1),
+        )
+        if on
+    ]
+    if given:
+        raise UserError(
+            f"{', '.join(given)}: suite '{spec.name}' is a multiple-choice suite, which asks its own question; "
+            f"only pair suites ({', '.join(PAIR_FORMATS)}) use these"
+        )
+
+
 def _cmd_feedback_eval(a) -> int:
+    out_path(a.out, "--out")
     cfg = labeller_config(a)
+    _pair_only_flags(a, cfg)
     constitution = load_constitution(a.constitution) if a.constitution else None
     shots = feedback_examples(cfg, constitution) if constitution else []
     res = evaluate_feedback(
@@ -92,7 +125,7 @@ def _cmd_feedback_eval(a) -> int:
 
 def _cmd_kl_reward(a) -> int:
     first = Path(a.run_dirs[0])
-    out = a.out or (first.parent if first.is_file() else first) / "analysis"
+    out = out_path(a.out or (first.parent if first.is_file() else first) / "analysis", "--out")
     result = kl_reward(a.run_dirs, out)
     for s in result["series"]:
         if s["a"] is not None:
@@ -112,6 +145,7 @@ def _cmd_kl_reward(a) -> int:
 
 def _cmd_report(a) -> int:
     recipe = load_run_recipe(a.run_dir)
+    out_path(a.out or Path(a.run_dir) / "report", "--out")
     layout = plan(recipe, a.run_dir)
     index = RunIndex(layout.run_dir, list(layout.arms), layout.run_index())
     with run_lock(a.run_dir) if a.out is None else nullcontext():  # it writes RUN/report: not during a run

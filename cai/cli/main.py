@@ -2,13 +2,15 @@
 `cai models` are here; the constitution commands are in cai.cli.constitution, the evaluation and report
 commands in cai.cli.evaluate.
 
-Bad input raises `UserError`, printed as one line (`error: ...`) with exit code 2 and no traceback.
+Bad input raises `UserError`, printed as one line (`error: ...`) with exit code 2 and no traceback; so is an
+OSError (a folder that cannot be made, a full disk).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -153,11 +155,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a closed stdout pipe (`cai ... | head`) ends it quietly with exit code 0."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here at the latest, not as a message at exit
+    except BrokenPipeError:
+        try:  # what is still buffered goes nowhere, so the interpreter's last flush cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        raise
+    except OSError as exc:  # a folder that cannot be made, a disk full, a permission: one line, no traceback
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        what = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"error: {where}{what}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

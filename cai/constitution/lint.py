@@ -28,7 +28,7 @@ from cai.constitution.probes import MIN_PROBES, load_probes, probes_path_for
 from cai.constitution.schema import load_constitution
 from cai.errors import UserError, where
 from cai.feedback.labeller import build_mc_prompt
-from cai.runtime.models import load_tokenizer, resolve
+from cai.runtime.models import _load_problem, load_tokenizer, resolve
 from cai.runtime.settings import DEFAULT, Settings
 from cai.yamlio import load_yaml
 
@@ -241,10 +241,14 @@ def probe_warnings(path: Path, c, pfile: Path | None, probes, line) -> list[Warn
 def few_shot_files(constitution, extra: list[str] | None = None) -> list[Path]:
     """Few-shot feedback files to render with: the constitution's own (`few_shot.feedback`) and those given
     with --few-shot, nothing else (a JSON file that happens to lie nearby is not a few-shot file). A given file
-    that is missing is a UserError naming the flag."""
+    that is missing or not a few-shot feedback file is a UserError naming the flag, with or without --model."""
     for f in extra or []:
         if not Path(f).is_file():
             raise UserError(f"--few-shot {f}: file not found (a few-shot feedback JSON file is expected)")
+        try:
+            load_feedback_few_shot(f)
+        except UserError as exc:
+            raise UserError(f"--few-shot {exc}") from None
     found = [Path(f) for f in extra or []]
     found += [Path(constitution.few_shot.feedback)] if constitution.few_shot.feedback else []
     return list(dict.fromkeys(found))
@@ -256,7 +260,10 @@ def context_limit(model_ref: str, settings: Settings = DEFAULT) -> tuple[int | N
 
     r = resolve(model_ref)
     kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
-    cfg = AutoConfig.from_pretrained(r.path, trust_remote_code=settings.trust_remote_code, **kwargs)
+    try:
+        cfg = AutoConfig.from_pretrained(r.path, trust_remote_code=settings.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:  # custom code with trust_remote_code off, a config.json that is no JSON
+        raise UserError(f"model '{model_ref}': cannot load the config: {_load_problem(exc)}") from None
     limit = None
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         limit = limit or getattr(cfg, key, None)

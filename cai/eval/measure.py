@@ -42,6 +42,10 @@ from cai.runtime.rundir import write_json
 from cai.runtime.settings import DEFAULT, Settings
 from cai.stats import balanced_coins, small_n_note, summarise
 
+# Suite formats whose items are response pairs the labeller judges under sampled principles (with its few-shot
+# examples); every other suite is multiple-choice and asks its own question.
+PAIR_FORMATS = ("hh_pairs", "ai_risk")
+
 
 def _write(result: dict, out_dir: str | Path, kind: str) -> dict:
 
@@ -188,9 +192,7 @@ def evaluate_feedback(
     spec = load_suite(suite)
     seed = settings.seed
     items = load_items(spec, limit, seed)
-    if (
-        spec.format in ("hh_pairs", "ai_risk") and constitution is None
-    ):  # before a model takes minutes to load
+    if spec.format in PAIR_FORMATS and constitution is None:  # before a model takes minutes to load
         raise UserError(
             f"suite '{spec.name}' compares responses: give --constitution (its principles are asked)"
         )
@@ -199,7 +201,7 @@ def evaluate_feedback(
     chat = (template or spec.template) == "chat"
     rng = random.Random(f"{seed}:feedback-eval")
     extra: dict = {"template": "chat" if chat else "plain", "both_orders": labeller_cfg.both_orders}
-    if spec.format in ("hh_pairs", "ai_risk"):
+    if spec.format in PAIR_FORMATS:
         lab = build_labeller(model, tokenizer, labeller_cfg, seed, few_shot, chat=chat)
         pairs, a_right = [], []
         for it, flip in zip(items, balanced_coins(len(items), rng)):  # the right answer at (B) in half

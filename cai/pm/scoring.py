@@ -189,6 +189,19 @@ def check_finite(scores: list[float], model, suite: str) -> list[float]:
     return scores
 
 
+def pm_model_dir(model_dir) -> Path:
+    """The model folder of a preference model given as it or as its preference_model stage folder; a folder
+    without config.json is a UserError (checked before any model loads)."""
+    model_dir = Path(model_dir)
+    if (model_dir / "model" / "config.json").is_file():  # a preference_model stage folder
+        model_dir = model_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        raise UserError(
+            f"preference model '{model_dir}': no config.json (expected a preference_model/model folder)"
+        )
+    return model_dir
+
+
 class RewardScorer:
     """A trained preference model loaded for scoring (PPO rewards, evaluation): a sequence classifier
     (num_labels=1) or, when the folder has the marker of cai.pm.value_head, a causal LM with a value head."""
@@ -196,14 +209,7 @@ class RewardScorer:
     def __init__(self, model_dir, settings: Settings = DEFAULT, device: str | None = None):
         from cai.pm.value_head import ValueHeadPM, is_value_head_dir
 
-        model_dir = Path(model_dir)
-        if (model_dir / "model" / "config.json").is_file():  # a preference_model stage folder
-            model_dir = model_dir / "model"
-        if not (model_dir / "config.json").is_file():
-            raise UserError(
-                f"preference model '{model_dir}': no config.json (expected a preference_model/model folder)"
-            )
-        self.model_dir = model_dir
+        self.model_dir = model_dir = pm_model_dir(model_dir)
         self.tokenizer = load_tokenizer(str(model_dir), settings)
         self.head = "value_head" if is_value_head_dir(model_dir) else "classifier"
         if self.head == "value_head":
