@@ -7,8 +7,9 @@ reference (FileRef, ModelRef, NamedRef in cai.config.recipe) is checked: a file 
 a model is an alias whose source is there, a model folder, a .gguf file, or a hub id `org/name` that is in the
 local cache or on a reachable hub (cai.runtime.models.model_problem); an evaluation suite loads and its data
 files are there; a preference-model spec loads; no reference is empty, and a file is not a folder (a `dataset`
-prompt source's may be); a LoRA block's `target_modules` name modules of its model. Each problem is one line
-naming the recipe file and line (or the `--set` item, or the arm) and the key.
+prompt source's may be); the first row of a file of HH pairs and of an hh or jsonl prompt source reads as its
+stage reads it; a LoRA block's `target_modules` name modules of its model. Each problem is one line naming the
+recipe file and line (or the `--set` item, or the arm) and the key.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from cai.config.lora_targets import module_names, unmatched
 from cai.config.recipe import Recipe
 from cai.config.view import source_key, value_of
 from cai.constitution.schema import load_constitution
+from cai.data.hh import check_pair_file
+from cai.data.sources import load_source
 from cai.errors import UserError
 from cai.eval.suites import load_suite
 from cai.rl.rewards import load_function
@@ -36,7 +39,15 @@ from cai.runtime.runlog import tracker_problem
 
 NOT_REFS = {"settings", "name", "stages"}
 REQUIRED = {"constitution", "feedback_constitution"}  # files a stage that reads them cannot do without
+# "pairs": a file of HH pairs (PAIR_FILES); "prompts": an hh or jsonl prompt source's file
 EXPECTED = {"file": "a file", "path": "a file or folder", "model": "a model reference", "suite": "a suite"}
+EXPECTED |= {"pairs": "a file", "prompts": "a file"}
+PAIR_FILES = {  # the keys that name a file of HH preference pairs (chosen/rejected transcripts)
+    ("feedback", "check_set", "path"),
+    ("feedback", "human_mix", "path"),
+    ("preference_model", "human_data", "path"),
+    ("gold", "data"),
+}
 
 
 def refs_of(value, info, loc: tuple) -> Iterator[tuple[tuple, str, str]]:
@@ -83,14 +94,18 @@ def stage_refs(recipe: Recipe, stage: str) -> Iterator[tuple[tuple, str, str | N
         for where, kind, v in refs_of(value, field_at(src), loc):
             if where[:2] == ("report", "suites"):
                 kind = "suite"
-            elif kind == "file" and _folder_allowed(recipe, where):
-                kind = "path"
+            elif kind == "file":
+                kind = _file_kind(recipe, where)
             yield where, kind, v, ""
 
 
-def _folder_allowed(recipe: Recipe, loc: tuple) -> bool:
-    """Whether a FileRef may name a folder: a `dataset` prompt source's local path (a dataset saved to disk)."""
-    return loc[-1] == "path" and getattr(_get(recipe, loc[:-1]), "type", None) == "dataset"
+def _file_kind(recipe: Recipe, loc: tuple) -> str:
+    """'path' for a `dataset` prompt source's local path (it may be a dataset saved to disk, a folder), 'prompts'
+    for an hh or jsonl source's file, 'pairs' for a file of HH pairs, else 'file'."""
+    if loc in PAIR_FILES:
+        return "pairs"
+    source_type = getattr(_get(recipe, loc[:-1]), "type", None) if loc[:2] == ("prompts", "sources") else None
+    return {"dataset": "path", "hh": "prompts", "jsonl": "prompts"}.get(source_type, "file")
 
 
 def _pm_refs(recipe: Recipe) -> Iterator[tuple[tuple, str, str | None, str]]:
@@ -103,6 +118,7 @@ def _pm_refs(recipe: Recipe) -> Iterator[tuple[tuple, str, str | None, str]]:
     for loc, kind, v in refs_of(pm, None, ("preference_model",)):
         if loc == ("preference_model", "spec"):
             continue  # it loaded
+        kind = "pairs" if kind == "file" and loc in PAIR_FILES else kind
         if _get(own, loc[1:]) == v:
             yield loc, kind, v, ""
         elif loc == ("preference_model", "backbone") and v == value_of(recipe, "models.reward_backbone"):
@@ -116,8 +132,10 @@ def _pm_refs(recipe: Recipe) -> Iterator[tuple[tuple, str, str | None, str]]:
             )
 
 
-def problem(kind: str, value: str | None, stage: str) -> str | None:
-    """What is wrong with one reference, or None."""
+def problem(
+    kind: str, value: str | None, stage: str, block=None, trust_remote_code: bool = False
+) -> str | None:
+    """What is wrong with one reference, or None; `block` is the recipe block that holds it (a prompt source)."""
     if kind == "error":
         return value
     if kind == "constitution":
@@ -132,12 +150,21 @@ def problem(kind: str, value: str | None, stage: str) -> str | None:
         return None
     if kind in EXPECTED and not value:
         return f"empty; {EXPECTED[kind]} is expected"
-    if kind == "file" and Path(value).is_dir():
+    if kind in ("file", "pairs", "prompts") and Path(value).is_dir():
         return f"a folder, where a file is expected: {value}"
-    if kind in ("file", "path"):
-        return None if Path(value).exists() else f"file not found: {value}"
+    if kind in ("file", "path", "pairs", "prompts") and not Path(value).exists():
+        return f"file not found: {value}"
+    if kind in ("pairs", "prompts"):  # its first row, read as the stage reads it
+        try:
+            if kind == "pairs":
+                check_pair_file(value)
+            else:
+                load_source(block, head=True)
+        except UserError as exc:
+            return str(exc)
+        return None
     if kind == "model":
-        p = model_problem(value)
+        p = model_problem(value, trust_remote_code)
         return f"model '{value}': {p}" if p else None
     if kind == "suite":
         try:
@@ -171,7 +198,7 @@ def check(recipe: Recipe, stages: list[str] | None = None, arms: list[str] | Non
                 if (here, key, value) in seen:
                     continue
                 seen.add((here, key, value))
-                p = problem(kind, value, stage)
+                p = problem(kind, value, stage, _get(variant, loc[:-1]), variant.trust_remote_code)
                 if p:
                     lines.append(f"{here}: {f'arm {own!r}: ' if own else ''}key '{key}': {what}{p}")
     lines += vllm_problems(recipe, chosen) + adapter_only_problems(variants, recipe, chosen)

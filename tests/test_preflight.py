@@ -199,3 +199,76 @@ def test_a_folder_or_an_empty_value_where_a_file_or_model_is_needed_is_named(tmp
     assert check(load_recipe(p, [src]), stages=["critique_revise"]) == []
     src = f"prompts={{sources: [{{type: jsonl, path: {folder}}}]}}"
     assert "a folder, where a file is expected" in check(load_recipe(p, [src]), stages=["critique_revise"])[0]
+
+
+def test_pair_files_and_prompt_files_of_the_wrong_format_are_named_with_their_first_row(
+    tmp_path, shared_data
+):
+    """A file of another format for check_set, human_mix, human_data or gold.data, or an hh/jsonl prompt source
+    whose rows lack the transcript or the column, passed validate and failed only in the stage that read it,
+    after the stages before it had run. Its first row is read as the stage reads it."""
+    p = write(tmp_path, BASE)
+    hh = shared_data / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
+    other = tmp_path / "mc.jsonl"
+    other.write_text('{"question": "Q?", "answer_matching_behavior": " (A)"}\n')
+    plain = tmp_path / "plain.jsonl"  # chosen/rejected, but not HH transcripts: every row would be skipped
+    plain.write_text('{"chosen": "yes", "rejected": "no"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    stages = ["gold", "critique_revise", "feedback", "preference_model"]
+    expected = "an object with 'chosen' and 'rejected' transcript strings is expected"
+    for key in ("feedback.check_set", "feedback.human_mix", "preference_model.human_data"):
+        (line,) = check(load_recipe(p, [f"{key}={{path: {other}}}"]), stages)
+        assert line == f"--set {key}={{path: {other}}}: key '{key}.path': {other}:1: {expected}"
+        assert check(load_recipe(p, [f"{key}={{path: {hh}}}"]), stages) == []
+    gold = load_recipe(write(tmp_path, BASE + f"gold:\n  enabled: true\n  data: {plain}\n"))
+    (line,) = check(gold, stages)
+    assert line.startswith(f"{tmp_path / 'r.yaml'}:7: key 'gold.data': {plain}:1: not an HH preference pair")
+    p = write(tmp_path, BASE)
+    (line,) = check(load_recipe(p, [f"gold={{enabled: true, data: {empty}}}"]), stages)
+    assert line.endswith(f"key 'gold.data': {empty}: no preference pairs (the file has no rows)")
+    # prompt sources: the jsonl column, the hh transcript; the category filter is not a format problem
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "How do I bake bread?", "category": "food"}\n')
+    cases = {
+        f"{{type: jsonl, path: {prompts}}}": f"{prompts}:1: key 'prompt' (prompts column) is missing",
+        f"{{type: hh, path: {prompts}}}": f"{prompts}:1: an HH transcript in 'chosen'",
+        f"{{type: hh, path: {other}}}": f"{other}:1: an HH transcript in 'chosen'",
+    }
+    for source, want in cases.items():
+        (line,) = check(load_recipe(p, [f"prompts={{sources: [{source}]}}"]), ["critique_revise"])
+        assert f"key 'prompts.sources[0].path': {want}" in line, line
+    good = [
+        f"{{type: jsonl, path: {prompts}, column: text, categories: [other]}}",
+        f"{{type: hh, path: {hh}}}",
+    ]
+    for source in good:
+        assert check(load_recipe(p, [f"prompts={{sources: [{source}]}}"]), ["critique_revise"]) == []
+
+
+def test_a_model_folder_whose_config_does_not_parse_or_needs_its_own_code_is_named(tmp_path):
+    """A local model folder: a config.json that is not JSON, or an auto_map (custom code) while trust_remote_code
+    is off, passed validate and failed when the stage loaded the model."""
+    broken, custom, known = tmp_path / "broken", tmp_path / "custom", tmp_path / "known"
+    for folder, config in [
+        (broken, "{bad"),
+        (custom, '{"model_type": "my_custom", "auto_map": {"AutoConfig": "cfg.MyConfig"}}'),
+        (known, '{"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "modeling.M"}}'),
+    ]:
+        folder.mkdir()
+        (folder / "config.json").write_text(config)
+    p = write(tmp_path, BASE.replace("tiny-random-llama", "broken"))
+    (line,) = check(load_recipe(p), ["sft"])
+    assert line == (
+        f"{p}:3: key 'models.policy': model '{broken}': {broken / 'config.json'}:1: invalid JSON in the model "
+        "config (Expecting property name enclosed in double quotes)"
+    )
+    p = write(tmp_path, BASE.replace("tiny-random-llama", "custom"))
+    (line,) = check(load_recipe(p), ["sft"])
+    assert line == (
+        f"{p}:3: key 'models.policy': model '{custom}': it has custom code; if you trust it, set "
+        "trust_remote_code (recipe) or --trust-remote-code"
+    )
+    assert check(load_recipe(p, ["trust_remote_code=true"]), ["sft"]) == []
+    # an auto_map beside a model type transformers has: it loads with transformers' own code
+    assert check(load_recipe(write(tmp_path, BASE.replace("tiny-random-llama", "known"))), ["sft"]) == []

@@ -122,6 +122,13 @@ def test_defaults_are_safe():
     assert list(r.stages) == list(STAGES)
 
 
+def test_the_default_policy_is_the_embedded_smollm2():
+    """The README calls SmolLM2 the embedded default; a recipe without models.policy trained the random 2-layer
+    test model, and validate said ok. (Tests name tiny-random-llama in their recipes.)"""
+    assert Recipe(name="x").models.policy == "smollm2-135m-instruct"
+    assert Recipe(name="x", models={"feedback": "tiny-random-llama"}).models.policy == "smollm2-135m-instruct"
+
+
 # --- misspelt keys ---------------------------------------------------------------------------------------
 
 

@@ -34,8 +34,9 @@ LEGACY_STAGES = {"ppo": "policy"}
 
 class ModelsConfig(Strict):
     policy: ModelRef = Field(
-        "tiny-random-llama",
-        description="Helpful model that SL-CAI starts from: alias, HF dir, .gguf or hub id.",
+        "smollm2-135m-instruct",
+        description="Helpful model that SL-CAI starts from: alias, HF dir, .gguf or hub id; default: the "
+        "embedded SmolLM2-135M-Instruct.",
     )
     feedback: ModelRef | None = Field(
         None, description="Feedback (labeller) model for RL-CAI; default: the policy model."

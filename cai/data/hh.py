@@ -86,6 +86,24 @@ def read_hh(path: str | Path) -> list[dict]:
     return rows
 
 
+def check_pair_file(path: str | Path) -> None:
+    """Preflight of an HH pair file (feedback.check_set, human_mix, preference_model.human_data, gold.data): its
+    first row read as the stages read it; a UserError naming file:line when it is not an HH preference pair."""
+    for n, row in iter_jsonl(path, "an object with 'chosen' and 'rejected' transcripts"):
+        if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
+            raise UserError(
+                f"{path}:{n}: an object with 'chosen' and 'rejected' transcript strings is expected"
+            )
+        try:
+            split_hh_pair(row)
+        except NotComparable:
+            pass  # the stages skip such a row; the next ones may be pairs
+        except ValueError as exc:
+            raise UserError(f"{path}:{n}: not an HH preference pair: {exc}") from None
+        return
+    raise UserError(f"{path}: no preference pairs (the file has no rows)")
+
+
 def human_pairs(path, ratio: float, n_ai: int, seed: int, taken: list[dict] = ()) -> list[dict]:
     """round(ratio·n_ai) human pairs from an HH file, the chosen reply as response_a with p_a = 1.0; none of the
     pairs already among `taken` (the same conversation and replies: feedback.human_mix's from the same file)."""

@@ -74,22 +74,25 @@ def load_prompts(cfg, seed: int) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
-def load_source(src, where: str = "prompts.sources", prefix: str | None = None) -> list[dict]:
+def load_source(
+    src, where: str = "prompts.sources", prefix: str | None = None, head: bool = False
+) -> list[dict]:
     """All prompt rows of one `PromptSource`, in file order, after the category filter. Rows without an id of
-    their own get `<prefix>-<line>`, the prefix being the file's name without its suffixes unless given."""
+    their own get `<prefix>-<line>`, the prefix being the file's name without its suffixes unless given. With
+    `head`, an hh or jsonl source's first row only (preflight: its format, before the category filter)."""
     if src.type == "builtin":
         rows = []
         for kind in src.kinds:
             rows.extend(_read_builtin(kind))
     elif src.type == "hh":
-        rows = _read_hh(_need_file(src, where), src.kind, prefix)
+        rows = _read_hh(_need_file(src, where), src.kind, prefix, head)
     elif src.type == "jsonl":
-        rows = _read_jsonl(_need_file(src, where), src.column, src.kind, prefix)
+        rows = _read_jsonl(_need_file(src, where), src.column, src.kind, prefix, head)
     elif src.type == "dataset":
         rows = _read_dataset(src, where, prefix)
     else:  # pragma: no cover - the schema rejects other types
         raise UserError(f"{where}.type: unknown source type '{src.type}'")
-    if src.categories is not None:
+    if src.categories is not None and not head:
         wanted = set(src.categories)
         rows = [r for r in rows if r["category"] in wanted]
         if not rows:
@@ -161,9 +164,9 @@ def _read_builtin(kind: str) -> list[dict]:
     return rows
 
 
-def _read_hh(path: Path, kind: str, prefix: str | None) -> list[dict]:
+def _read_hh(path: Path, kind: str, prefix: str | None, head: bool = False) -> list[dict]:
     rows, stem = [], prefix or _stem(path)
-    for n, obj in iter_jsonl(path):
+    for n, obj in itertools.islice(iter_jsonl(path), 1 if head else None):
         text = obj.get("chosen", obj.get("prompt"))
         if not isinstance(text, str) or not isinstance(obj.get("rejected", ""), str):
             raise UserError(f"{path}:{n}: an HH transcript in 'chosen' (and 'rejected', if any) is expected")
@@ -181,9 +184,9 @@ def _read_hh(path: Path, kind: str, prefix: str | None) -> list[dict]:
     return rows
 
 
-def _read_jsonl(path: Path, column: str, kind: str, prefix: str | None) -> list[dict]:
+def _read_jsonl(path: Path, column: str, kind: str, prefix: str | None, head: bool = False) -> list[dict]:
     rows, stem = [], prefix or _stem(path)
-    for n, obj in iter_jsonl(path):
+    for n, obj in itertools.islice(iter_jsonl(path), 1 if head else None):
         if column not in obj:
             raise UserError(f"{path}:{n}: key '{column}' (prompts column) is missing")
         row_kind = _row_kind(obj, kind, f"{path}:{n}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from cai.errors import UserError
 from cai.runtime import gguf_llama
 from cai.runtime.settings import DEFAULT, Settings
+from cai.yamlio import load_json
 
 TINY_ALIAS = "tiny-random-llama"
 SMOLLM_ALIAS = "smollm2-135m-instruct"
@@ -168,6 +169,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 NO_TOKENIZER = "the GGUF file has no tokenizer (no tokenizer.ggml.tokens metadata)"
+CUSTOM_CODE = "it has custom code; if you trust it, set trust_remote_code (recipe) or --trust-remote-code"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -224,19 +226,33 @@ def hub_problem(ref: str, timeout: float = 10.0) -> str | None:
     return None
 
 
-def model_problem(ref: str) -> str | None:
+def model_problem(ref: str, trust_remote_code: bool = False) -> str | None:
     """Why a model reference will not load (preflight), or None: `local_problem` (and a .gguf file without a
-    tokenizer), then `hub_problem`."""
-    problem = local_problem(ref)
-    if (
-        not problem
-        and Path(ref).suffix.lower() == ".gguf"
-        and not gguf_llama.header_info(Path(ref).expanduser())["tokenizer"]
-    ):
+    tokenizer, a model folder's `config_problem`), then `hub_problem`."""
+    problem, path = local_problem(ref), Path(ref).expanduser()
+    if not problem and path.suffix.lower() == ".gguf" and not gguf_llama.header_info(path)["tokenizer"]:
         problem = NO_TOKENIZER
-    if problem or ref in ALIASES or Path(ref).expanduser().exists():
+    if not problem and (path / "config.json").is_file():  # a model folder (an adapter folder has none)
+        problem = config_problem(path / "config.json", trust_remote_code)
+    if problem or ref in ALIASES or path.exists():
         return problem
     return hub_problem(ref)
+
+
+def config_problem(path: Path, trust_remote_code: bool) -> str | None:
+    """Why a model folder's config.json stops its load: no JSON object, custom code (an auto_map for a model
+    type transformers lacks) with trust_remote_code off; or None."""
+    try:
+        config = load_json(path, "model config")
+    except UserError as exc:
+        return str(exc)
+    if not isinstance(config, dict):
+        return f"{path}: a JSON object is expected in the model config"
+    if not config.get("auto_map") or trust_remote_code:
+        return None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return None if config.get("model_type") in CONFIG_MAPPING_NAMES else CUSTOM_CODE
 
 
 def resolve(ref: str) -> Resolved:
@@ -262,7 +278,7 @@ def resolve(ref: str) -> Resolved:
 def _load_problem(exc: Exception) -> str:
     """One line about why from_pretrained failed; custom code is named as such (trust_remote_code is off)."""
     if "trust_remote_code" in str(exc):
-        return "it has custom code; if you trust it, set trust_remote_code (recipe) or --trust-remote-code"
+        return CUSTOM_CODE
     if "model.safetensors" in str(exc):
         return "no safetensors weights found (pickled .bin weights are not loaded; re-save the model as safetensors)"
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -365,34 +381,19 @@ def _say_new_head(ref: str, role: str | None, info: dict, tied: bool = False) ->
 
 def wrap_lora(model, lora, task_type: str = "CAUSAL_LM"):
     """Wrap `model` with LoRA adapters from a `LoraConfig` block; the one place every stage gets LoRA from."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    cfg = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type=task_type,
-    )
-    return get_peft_model(model, cfg)
+    return get_peft_model(model, peft_config(lora, task_type))
 
 
 def peft_config(lora, task_type: str = "CAUSAL_LM"):
     """The peft LoraConfig for trainers that take one (TRL SFTTrainer/RewardTrainer)."""
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type=task_type,
-    )
+    kw = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
+    return LoraConfig(**kw, task_type=task_type)
 
 
 def list_models() -> list[dict]:
-    rows = []
-    for name, what in ALIASES.items():
-        d = alias_dir(name)
-        rows.append({"name": name, "what": what, "cached": _is_complete(d), "path": str(d)})
-    return rows
+    rows = [(name, what, alias_dir(name)) for name, what in ALIASES.items()]
+    return [{"name": n, "what": w, "cached": _is_complete(d), "path": str(d)} for n, w, d in rows]
