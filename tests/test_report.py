@@ -166,6 +166,30 @@ def test_cai_report_rebuilds_a_run_and_rejects_a_non_run(tiny_run, tmp_path, cap
         main(["report", str(tiny_run)])  # the session's run as the other tests read it
 
 
+def test_cai_report_loads_models_without_remote_code_unless_its_own_flag_says(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    """trust_remote_code came from RUN/recipe.json: a run directory handed over with `true` in it (and a model
+    folder naming its own code) ran that code in `cai report`. Only the command's own flag turns it on."""
+
+    from cai.cli import evaluate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recorded = json.loads((tiny_run / "recipe.json").read_text())
+    recorded["trust_remote_code"] = True
+    recorded["arms"] = [{"name": "a", "set": {"trust_remote_code": True}}]
+    (run / "recipe.json").write_text(json.dumps(recorded))
+    seen = []
+    monkeypatch.setattr(evaluate, "build", lambda index, view, out: seen.append(view) or {"summary": {}})
+    for flag, want in (([], False), (["--trust-remote-code"], True)):
+        assert main(["report", str(run), *flag]) == 0
+        assert seen[-1].settings.trust_remote_code is want
+        recipe = evaluate._report_recipe(str(run), want)
+        assert recipe.trust_remote_code is want and "trust_remote_code" not in recipe.arms[0].set
+    assert "was run with trust_remote_code" in capsys.readouterr().err
+
+
 def _documented_tiny_command(root: Path) -> list[str]:
     """The `--set` arguments of the tiny-model command in the comparison recipe's header."""
     lines = (root / "recipes/compare-specific-general.yaml").read_text().splitlines()

@@ -143,8 +143,34 @@ def _cmd_kl_reward(a) -> int:
     return 0
 
 
+def _report_recipe(run_dir: str, trust: bool):
+    """The run's recipe with trust_remote_code as this command's flag says, not as RUN/recipe.json says: a run
+    directory is a file anyone can hand over, and a recorded `true` would run the code its model folders name."""
+    recipe = load_run_recipe(run_dir)
+    if "trust_remote_code" in (recipe.sweep or {}) and not trust:
+        raise UserError(
+            f"{run_dir}: the run sweeps trust_remote_code; pass --trust-remote-code if you trust it"
+        )
+    arms = [
+        arm.model_copy(update={"set": {k: v for k, v in arm.set.items() if k != "trust_remote_code"}})
+        for arm in recipe.arms or []
+    ]
+    recorded = recipe.trust_remote_code or any(
+        len(a.set) != len(b.set) for a, b in zip(recipe.arms or [], arms)
+    )
+    if recorded and not trust:
+        print(
+            f"note: {run_dir} was run with trust_remote_code; the report loads its models without it unless you "
+            "pass --trust-remote-code",
+            file=sys.stderr,
+        )
+    return recipe.model_copy(
+        update={"trust_remote_code": trust, "arms": arms if recipe.arms else recipe.arms}
+    )
+
+
 def _cmd_report(a) -> int:
-    recipe = load_run_recipe(a.run_dir)
+    recipe = _report_recipe(a.run_dir, a.trust_remote_code)
     out_path(a.out or Path(a.run_dir) / "report", "--out")
     layout = plan(recipe, a.run_dir)
     index = RunIndex(layout.run_dir, list(layout.arms), layout.run_index())
@@ -225,4 +251,9 @@ def register(sub) -> None:
     r = sub.add_parser("report", help="write RUN_DIR/report/report.md (with PNGs) for a run")
     r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `cai run`")
     r.add_argument("--out", help="output folder (default RUN_DIR/report)")
+    r.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="load the run's models with trust_remote_code (off unless given, whatever RUN/recipe.json records)",
+    )
     r.set_defaults(func=_cmd_report)
