@@ -7,7 +7,7 @@ global batch is kept by halving the per-device batch sizes in the 2-process run.
 - SFT and PM: per-step losses and gradient norms agree within LOSS_RTOL / GRAD_RTOL, and the saved weights
   within WEIGHT_ATOL (DDP averages gradients over ranks, so the maths is the same up to float summation
   order: measured differences are ~1e-7 relative);
-- PPO runs one update with rollouts sharded over the two processes;
+- PPO runs one update with rollouts sharded over the two processes; so does GRPO with its per-response mean;
 - soft-label DPO's packed log-probs give the one-process losses, gathered reward metrics and weights.
 DeepSpeed (when installed): one-process ZeRO-2 and ZeRO-3 runs of the SFT and PM stages through
 recipes/accelerate/zero{2,3}.yaml match the reference run (losses, gradient norms, saved weights), and every
@@ -279,6 +279,39 @@ def test_dpo_on_two_processes_equals_one_process(runs, tmp_path):
         for n in (1, 2)
     ]
     assert tokens[0] == tokens[1] and tokens[0][-1] > 0
+
+
+def test_grpo_per_response_mean_on_two_processes_equals_one_process(runs, tmp_path):
+    """GRPO with `policy.loss_mean: sequence` (the loss counts responses, over every process) and groups of 2
+    samples, the global batch of 4 responses split over 2 processes: the same samples, losses and step as one
+    process, from the very same SFT model and PM."""
+    one, _, _ = runs
+    out = {}
+    for n in (1, 2):
+        d = out[n] = tmp_path / f"grpo-{n}"
+        shutil.copytree(one, d)
+        shutil.rmtree(d / "policy")
+        sets = COMMON + per_device(1)[:2] + [f"ppo.rollout_batch_size={GLOBAL_BATCH // n}"]
+        sets += ["policy.algorithm=grpo", "policy.samples_per_prompt=2", "policy.loss_mean=sequence"]
+        if n == 1:
+            launch([sys.executable] + cai_run(d, sets, only=["policy"]))
+        else:
+            launch(two_cpu_processes() + cai_run(d, sets, only=["policy"]), {"ACCELERATE_USE_CPU": "1"})
+        assert read_manifest(d / "policy")["world_size"] == n
+    (a,), (b,) = (read_jsonl(out[n] / "policy" / "metrics.jsonl") for n in (1, 2))
+    s1, s2 = (read_jsonl(out[n] / "policy" / "samples.jsonl") for n in (1, 2))
+    assert len(s1) == GLOBAL_BATCH and [r["response"] for r in s1] == [r["response"] for r in s2]
+    for k in (
+        "objective/score",
+        "objective/reward",
+        "loss/policy",
+        "loss/kl",
+        "grad/norm",
+        "group/reward_std",
+    ):
+        assert abs(a[k] - b[k]) <= PPO_TOL * max(1.0, abs(a[k])), f"grpo {k}: {a[k]} vs {b[k]}"
+    assert a["grad/norm"] > 0
+    compare_weights(out[1] / "policy" / "policy", out[2] / "policy" / "policy")
 
 
 def one_batch_of_4_and_two_processes(tmp_path, upstream: tuple[str, str], rows, stage: str, sets) -> dict:
