@@ -1075,7 +1075,10 @@ def test_an_out_path_in_the_way_is_refused_before_any_model_loads(root, tmp_path
     occupied = str(tmp_path / "occupied")
     cons = str(root / "constitutions/good-for-humanity.yaml")
     for argv, words in (
-        ([*_few_shot_edit(tmp_path), "--out", occupied], "an existing file; a folder to write the results into"),
+        (
+            [*_few_shot_edit(tmp_path), "--out", occupied],
+            "an existing file; a folder to write the results into",
+        ),
         (["constitution", "test", cons, "--model", "m", "--out", occupied], "an existing file; a folder"),
         (
             ["constitution", "test", cons, "--model", "m", "--out", occupied + "/sub"],

@@ -262,7 +262,8 @@ def context_limit(model_ref: str, settings: Settings = DEFAULT) -> tuple[int | N
     kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
     try:
         cfg = AutoConfig.from_pretrained(r.path, trust_remote_code=settings.trust_remote_code, **kwargs)
-    except (OSError, ValueError) as exc:  # custom code with trust_remote_code off, a config.json that is no JSON
+    # custom code with trust_remote_code off, a config.json that is no JSON
+    except (OSError, ValueError) as exc:
         raise UserError(f"model '{model_ref}': cannot load the config: {_load_problem(exc)}") from None
     limit = None
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
