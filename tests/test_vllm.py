@@ -264,3 +264,38 @@ def test_an_engine_that_cannot_run_the_model_is_one_line_naming_it(monkeypatch, 
         f"vLLM cannot start on '{tmp_path}': Unsupported CPU attention configuration: head_dim=16 isa=2"
     )
     assert not vllm_engine._ENGINE
+
+
+def test_vllm_reads_safetensors_weights_only(monkeypatch, tmp_path, tiny_dir):
+    """load_format 'auto' let vLLM fall back to pickled weights (pytorch_model.bin, *.pt: torch.load runs code)
+    in a folder the HF backend refuses. vLLM now reads safetensors only, and a local folder without them is
+    refused before it starts, in the HF backend's words."""
+    import vllm
+
+    from cai.errors import UserError
+
+    calls = []
+
+    class Recorder:  # what the engine is started with; its first step succeeds
+        def __init__(self, **kwargs):
+            calls.append(kwargs)
+
+        def generate(self, *args, **kwargs):
+            return []
+
+    monkeypatch.setattr(vllm, "LLM", Recorder)
+    monkeypatch.setattr(vllm_engine, "_ENGINE", {})  # the fake engine never outlives this test
+    pickled = tmp_path / "binonly"
+    pickled.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (pickled / name).write_bytes((tiny_dir / name).read_bytes())
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UserError) as hf:
+        load_model(str(pickled))
+    with pytest.raises(UserError) as err:
+        vllm_engine.start_for(str(pickled), SETTINGS)
+    assert str(err.value) == str(hf.value) and not calls
+    vllm_engine.start_for(str(tiny_dir), SETTINGS)
+    assert calls[-1]["load_format"] == "safetensors"
+    vllm_engine.start(str(tiny_dir), dtype="float32", dummy=True)
+    assert calls[-1]["load_format"] == "dummy"

