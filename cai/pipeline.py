@@ -39,6 +39,8 @@ from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
 from cai.runtime.rundir import (
     StageContext,
+    check_resettable,
+    check_run_dir,
     code_version,
     package_versions,
     read_manifest,
@@ -84,6 +86,7 @@ def run(
     """
     dist.init_from_env(recipe.device)  # under `accelerate launch`/torchrun: join the process group once
     rdir = run_dir_of(recipe, str(run_dir) if run_dir else None)
+    check_run_dir(rdir, recipe.name, "--run-dir" if run_dir else "run_dir" if recipe.run_dir else None)
     selected = set(select_stages(recipe, only, start))
     forced = selected if force else set()
     preflight(recipe, [s for s in recipe.stages if s in selected], arms)
@@ -225,7 +228,7 @@ def _step(
         _say(f"{unit.key}: files without a manifest (not this pipeline's, or a killed reset), starting clean")
     resume = old is not None and not complete and old.get("fingerprint") == fp and not force_this
     if not resume:
-        _reset_stage(unit.dir)
+        _reset_stage(unit.dir, layout.run_dir)
     ctx_inputs = {name: layout.units[k].dir for name, k in unit.inputs.items()}
     cache = shared_cache_dir(layout, unit, {d: input_ids.get(d) for d in inputs_of(unit.recipe, unit.stage)})
     manifest = _run_stage(
@@ -258,10 +261,12 @@ def _trash_of(out_dir: Path) -> Path:
     return out_dir.with_name(f".{out_dir.name}.trash")
 
 
-def _reset_stage(out_dir: Path) -> None:
+def _reset_stage(out_dir: Path, run_dir: Path) -> None:
     """A stage that starts clean loses its old files at once: the folder is renamed aside (one atomic step: a
     kill leaves the old folder whole, manifest and all, or no folder), a fresh one made, and the old one
-    deleted; a kill during the deletion leaves the trash, which the next run removes."""
+    deleted; a kill during the deletion leaves the trash, which the next run removes. Only a folder cai wrote
+    (check_resettable: a manifest, or inside a cai run directory) is deleted."""
+    check_resettable(out_dir, run_dir)
     if dist.is_main() and out_dir.is_dir():
         trash = _trash_of(out_dir)
         if trash.exists():

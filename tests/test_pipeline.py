@@ -675,3 +675,81 @@ def test_what_ran_names_the_cai_run_that_made_each_stage(fake, recipe):
     pipeline.run(recipe("ppo.kl_coef=0.1", "seed=7"), only=["policy"], force=True, quiet=True)
     md = "\n".join(build.what_ran(rep))
     assert "| `policy` |" not in md and "| `sft` |" in md  # the policy now made by the latest run
+
+
+def test_cai_run_refuses_a_folder_that_is_not_a_run_directory(fake, recipe, tmp_path, capsys):
+    """`--run-dir .` or any folder of the user's: a run reset every folder named like a stage (report/, sft/,
+    ...) and deleted the user's files in it. Now one line, rc 2, and the folder is left exactly as it was."""
+    from cai.cli.main import main
+
+    proj = tmp_path / "proj"
+    (proj / "report").mkdir(parents=True)
+    (proj / "report" / "q3.md").write_text("my quarterly report\n")
+    fake.run_dir = proj  # where the stand-in stages would write
+    assert main(["run", "recipes/tiny.yaml", "--run-dir", str(proj)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: --run-dir {proj}: ") and "not a cai run directory" in err
+    assert sorted(p.relative_to(proj).as_posix() for p in proj.rglob("*")) == ["report", "report/q3.md"]
+    assert (proj / "report" / "q3.md").read_text() == "my quarterly report\n" and fake.calls == []
+    with pytest.raises(UserError, match=r"^run_dir .*: a folder with files that is not a cai run directory"):
+        pipeline.run(recipe(f"run_dir={proj}"), quiet=True)
+    assert fake.calls == [] and not (proj / ".lock").exists()
+
+
+def test_a_run_directory_cai_started_runs_and_resumes(fake, recipe, tmp_path):
+    """A new or empty folder is fine, and so is a run killed at once, which left only RUN/.lock (the first file a
+    run writes) or also recipe.json: the next `cai run` carries on in it."""
+    for first in ([], [".lock"], [".lock", "recipe.json"]):
+        rdir = tmp_path / f"r{len(first)}"
+        rdir.mkdir()
+        for name in first:
+            (rdir / name).write_text("{}" if name == "recipe.json" else "")
+        if first:
+            (rdir / "critique_revise").mkdir()  # the stage folder it made, with no manifest yet
+        fake.run_dir, fake.calls = rdir, []
+        pipeline.run(recipe(), run_dir=rdir, quiet=True)
+        assert fake.calls == BODY + ["report"], first
+        assert json.loads((rdir / "recipe.json").read_text())["name"] == "tiny"
+
+
+def test_a_run_directory_of_another_recipe_is_refused_but_its_arms_share_it(fake, recipe, capsys):
+    """A recipe named 'other' given the run directory of run 'tiny' took it over (replaced its stages and
+    rewrote recipe.json); the same recipe's arms and sweeps live in its run directory and still run there."""
+    from cai.cli.main import main
+
+    rdir = pipeline.run(recipe(), quiet=True)
+    before = {p: p.read_bytes() for p in rdir.rglob("*") if p.is_file() and p.name != ".lock"}
+    fake.calls.clear()
+    assert main(["run", "recipes/tiny.yaml", "--run-dir", str(rdir), "--set", "name=other"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"error: --run-dir {rdir} holds run 'tiny'; this recipe is 'other': give another --run-dir\n"
+    )
+    with pytest.raises(
+        UserError, match=r"^run_dir .* holds run 'tiny'; this recipe is 'other': give another"
+    ):
+        pipeline.run(recipe("name=other"), quiet=True)
+    assert fake.calls == [] and {p: p.read_bytes() for p in before} == before
+    pipeline.run(recipe("sweep={ppo.kl_coef: [0.02, 0.1]}"), quiet=True)
+    assert fake.calls == ["arms/kl_coef=0.02/policy", "arms/kl_coef=0.1/policy", "report"]
+
+
+def test_reset_stage_deletes_only_folders_cai_wrote(tmp_path):
+    """_reset_stage deleted any folder it was given; a folder with files, no manifest and outside a cai run
+    directory is refused and kept; one with a manifest, or inside a run directory, is emptied."""
+    mine = tmp_path / "proj" / "report"
+    mine.mkdir(parents=True)
+    (mine / "q3.md").write_text("mine")
+    with pytest.raises(UserError, match="not cai's to delete"):
+        pipeline._reset_stage(mine, tmp_path / "proj")
+    assert (mine / "q3.md").read_text() == "mine"
+    (mine / "manifest.json").write_text("{}")
+    pipeline._reset_stage(mine, tmp_path / "proj")
+    assert mine.is_dir() and not any(mine.iterdir())
+    rdir = tmp_path / "run"
+    (rdir / "arms" / "a" / "sft").mkdir(parents=True)
+    (rdir / "arms" / "a" / "sft" / "half.bin").write_text("x")  # a killed reset's files, in a run directory
+    (rdir / "recipe.json").write_text("{}")
+    pipeline._reset_stage(rdir / "arms" / "a" / "sft", rdir)
+    assert not any((rdir / "arms" / "a" / "sft").iterdir())

@@ -24,6 +24,10 @@ except ImportError:  # Windows: no run lock
 MANIFEST = "manifest.json"
 RUN_INFO = "run.json"  # RUN/run.json: what the latest `cai run` ran with (recipe, constitutions, code)
 LOCK = ".lock"  # RUN/.lock: held by the `cai run` or `cai report` writing into RUN
+RECIPE = "recipe.json"  # RUN/recipe.json: the recipe the run was made with (cai.config.load.RECIPE_FILE)
+# what `cai run` writes first into a run directory (the lock, then the recipe and run.json): any one of them
+# marks a folder as a cai run directory, even one whose first run was killed at once
+MARKERS = (LOCK, RECIPE, RUN_INFO)
 
 
 SAMPLES = "samples.jsonl"  # an on-policy stage's sampled responses with their scores (cai.rl.loop)
@@ -127,6 +131,50 @@ def run_lock(run_dir: str | Path):
         f.write(json.dumps(me))  # for the message a second command prints
         f.flush()
         yield
+
+
+def is_run_dir(run_dir: str | Path) -> bool:
+    """Whether a folder holds what `cai run` writes first into a run directory (MARKERS)."""
+    return any((Path(run_dir) / name).is_file() for name in MARKERS)
+
+
+def check_run_dir(run_dir: str | Path, name: str, where: str | None = "--run-dir") -> None:
+    """Refuse, before anything is written, a run directory that `cai run` would take from someone: an existing
+    folder with files but none of cai's (a run resets the folders named like its stages), or the run directory
+    of a recipe with another name (arms and sweeps share their recipe's). `where` is how the user named it
+    (--run-dir, run_dir; None: the default runs/<name>)."""
+    rdir = Path(run_dir)
+    if not rdir.is_dir() or not any(rdir.iterdir()):
+        return
+    said = f"{where} {rdir}" if where else str(rdir)
+    if not is_run_dir(rdir):
+        raise UserError(
+            f"{said}: a folder with files that is not a cai run directory (it has no {RECIPE}, {RUN_INFO} "
+            f"or {LOCK}), and a run replaces the folders named like its stages: give a new or empty folder"
+        )
+    try:
+        recorded = json.loads((rdir / RECIPE).read_text())
+    except (OSError, ValueError):  # none yet (a run killed at its start), or damaged: nothing to compare
+        recorded = None
+    other = recorded.get("name") if isinstance(recorded, dict) else None
+    if isinstance(other, str) and other != name:
+        raise UserError(
+            f"{said} holds run '{other}'; this recipe is '{name}': give another {where or '--run-dir'}"
+        )
+
+
+def check_resettable(stage_dir: str | Path, run_dir: str | Path) -> None:
+    """A stage folder cai may delete to start the stage clean: an empty one, one with a manifest, or one inside
+    a run directory cai owns (is_run_dir); anything else is someone else's, and stays."""
+    stage_dir, run_dir = Path(stage_dir), Path(run_dir)
+    if not stage_dir.is_dir() or (stage_dir / MANIFEST).is_file() or not any(stage_dir.iterdir()):
+        return
+    if is_run_dir(run_dir) and stage_dir.resolve().is_relative_to(run_dir.resolve()):
+        return
+    raise UserError(
+        f"{stage_dir}: a folder with files but no {MANIFEST}, outside a cai run directory: not cai's to "
+        f"delete; move it away or give another run directory"
+    )
 
 
 def read_json(p: Path) -> dict | None:
