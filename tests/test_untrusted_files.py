@@ -207,3 +207,29 @@ def test_a_suite_data_file_without_a_usable_name_is_one_line(tmp_path, name):
     with pytest.raises(UserError, match=r"the suite is named by the file name less its suffix") as err:
         load_suite(str(path))
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_a_run_directory_copied_from_another_user_resumes_none_of_its_checkpoints(tmp_path, monkeypatch):
+    """Checkpoints carried RUN/run.json's token as it is, so a run directory handed over whole (run.json and
+    pickled checkpoints) resumed them. The token is now sealed with the user's own key (CAI_CACHE)."""
+    import stat
+
+    from cai.runtime.rundir import KEY_FILE, run_token
+    from cai.runtime.training import STATE_FILE, TOKEN_FILE, resume_point
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("CAI_CACHE", str(tmp_path / "mine"))
+    mine = run_token(run)
+    assert run_token(run) == mine and len(mine) == 32
+    assert stat.S_IMODE((tmp_path / "mine" / KEY_FILE).stat().st_mode) == 0o600
+    ckpt = run / "sft" / "checkpoints" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / STATE_FILE).write_text("{}")
+    (ckpt / TOKEN_FILE).write_text(mine + "\n")
+    metrics = run / "sft" / "metrics.jsonl"
+    assert resume_point(ckpt.parent, metrics, "sft", run_token(run)) == str(ckpt)
+    monkeypatch.setenv("CAI_CACHE", str(tmp_path / "theirs"))  # the same run directory, another user's key
+    assert run_token(run) != mine
+    with pytest.raises(UserError, match="not written by this run"):
+        resume_point(ckpt.parent, metrics, "sft", run_token(run))

@@ -58,7 +58,7 @@ def check_token(path: Path, found: str | None, expected: str | None) -> None:
     copied in from elsewhere is refused before anything of it is loaded."""
     if expected is not None and found != expected:
         raise UserError(
-            f"{path}: not written by this run (its run token differs from RUN/run.json's); "
+            f"{path}: not written by this run (its run token is not this run's, sealed with this user's key); "
             "a checkpoint is loaded only by the run that wrote it: delete it, or start a new run directory"
         )
 

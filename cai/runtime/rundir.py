@@ -15,6 +15,7 @@ from typing import Any
 
 from cai.errors import UserError
 from cai.runtime import distributed as dist
+from cai.runtime.models import cache_root
 
 try:
     import fcntl
@@ -90,15 +91,44 @@ def read_run_info(run_dir: str | Path) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+KEY_FILE = "checkpoint-key"  # in cai's cache: this user's secret that seals the run tokens checkpoints carry
+
+
 def run_token(run_dir: str | Path) -> str:
-    """The run's random token in RUN/run.json, made when the run first starts: checkpoints carry it, and resume
-    loads only those with the run's own."""
+    """What this run's checkpoints carry, and resume asks of them: the random token in RUN/run.json (made when
+    the run first starts) sealed with this user's key (HMAC-SHA256 under `user_key`). A checkpoint from another
+    run carries another token; a run directory copied from someone else, run.json and all, carries seals made
+    under their key: resume loads neither (checkpoints hold pickles)."""
+    import hmac
     import secrets
 
     info = read_run_info(run_dir) or {}
     if not info.get("run_token"):
         info = update_run_info(run_dir, {"run_token": secrets.token_hex(16)})
-    return info["run_token"]
+    return hmac.new(user_key(), info["run_token"].encode(), "sha256").hexdigest()[:32]
+
+
+def user_key() -> bytes:
+    """This user's checkpoint key, CAI_CACHE/checkpoint-key (made once, readable by its owner only); copying it
+    to another machine lets that machine resume this user's run directories."""
+    import secrets
+
+    path = cache_root() / KEY_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it meanwhile
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise UserError(
+            f"{path}: a damaged checkpoint key (delete it: interrupted runs then restart their stage)"
+        )
+    return key.encode()
 
 
 @contextmanager

@@ -202,8 +202,8 @@ def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str |
         token = last / TOKEN_FILE
         if not token.is_file() or token.read_text().strip() != run_token:
             raise UserError(
-                f"{last}: not written by this run (its run token differs from RUN/run.json's); a checkpoint is "
-                "loaded only by the run that wrote it: delete it, or start a new run directory"
+                f"{last}: not written by this run (its run token is not this run's, sealed with this user's key); a "
+                "checkpoint is loaded only by the run that wrote it: delete it, or start a new run directory"
             )
     if last is not None and (last / WORLD_FILE).is_file():
         check_world_size(last, int((last / WORLD_FILE).read_text()), dist.world_size())
