@@ -194,8 +194,10 @@ def _step(
     wanted = unit.stage in selected and (not arms or unit.arm is None or unit.arm in arms)
     if not wanted:
         outputs[unit.key] = old.get("output") if complete else None
-        if complete and old.get("fingerprint") != fp:
-            summary.stale.append(unit.key)
+        if complete and (
+            old.get("fingerprint") != fp or any(k in summary.stale for k in unit.inputs.values())
+        ):
+            summary.stale.append(unit.key)  # its own config changed, or it reads a stage whose config did
         return
     missing = [name for name, k in unit.inputs.items() if outputs.get(k) is None and unit.stage != "report"]
     if missing:

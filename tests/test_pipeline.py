@@ -170,6 +170,20 @@ def test_a_rerun_that_writes_different_files_makes_what_follows_stale(fake, reci
     assert fake.calls == ["feedback", "preference_model", "policy", "report"]
 
 
+def test_what_reads_an_out_of_date_stage_is_listed_out_of_date_too(fake, recipe, capsys):
+    """A changed SFT setting with `--only critique_revise`: the summary listed sft alone as out of date, though
+    everything that reads it (and the report, printed as if current) is out of date with it."""
+    pipeline.run(recipe(), quiet=True)
+    (fake.run_dir / "report" / "report.md").write_text("the report\n")  # the fake report stage writes none
+    capsys.readouterr()
+    pipeline.run(recipe("sft.learning_rate=0.5"), only=["critique_revise"])
+    out = capsys.readouterr().out
+    assert "out of date (not selected): sft, feedback, preference_model, policy, report" in out
+    assert "report.md (out of date: the stages it reads changed and it was not rebuilt)" in out
+    pipeline.run(recipe(), only=["critique_revise"])
+    assert "out of date" not in capsys.readouterr().out
+
+
 def test_contradictory_or_impossible_selections_are_errors(fake, recipe):
     with pytest.raises(UserError, match="--only sft and --from policy contradict each other"):
         pipeline.run(recipe(), only=["sft"], start="policy", quiet=True)

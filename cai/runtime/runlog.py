@@ -206,7 +206,12 @@ class Summary:
         lines.append(f"  {ran} stage(s) ran, {len(self.rows) - ran} skipped; wall time {wall:.1f}s")
         report = rdir / "report" / "report.md"
         if report.is_file():
-            lines.append(f"  report: {report}")
+            old = (
+                " (out of date: the stages it reads changed and it was not rebuilt)"
+                if "report" in self.stale
+                else ""
+            )
+            lines.append(f"  report: {report}{old}")
         if self.stale:
             lines.append(f"  out of date (not selected): {', '.join(self.stale)}")
         print("\n".join(lines), flush=True)
