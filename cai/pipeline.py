@@ -194,10 +194,9 @@ def _step(
     wanted = unit.stage in selected and (not arms or unit.arm is None or unit.arm in arms)
     if not wanted:
         outputs[unit.key] = old.get("output") if complete else None
-        if complete and (
-            old.get("fingerprint") != fp or any(k in summary.stale for k in unit.inputs.values())
-        ):
-            summary.stale.append(unit.key)  # its own config changed, or it reads a stage whose config did
+        reads_stale = any(k in summary.stale for k in unit.inputs.values())  # a stage whose config changed
+        if complete and (old.get("fingerprint") != fp or reads_stale):
+            summary.stale.append(unit.key)
         return
     missing = [name for name, k in unit.inputs.items() if outputs.get(k) is None and unit.stage != "report"]
     if missing:
