@@ -110,8 +110,13 @@ def test_an_adapter_only_sft_folder_is_refused_before_the_stages_that_load_it_wh
     assert check(load_recipe(p, ["sft.merge_lora=true"])) == []
 
 
-def test_what_would_stop_the_policy_stage_late_is_found_first(tmp_path):
+def test_what_would_stop_the_policy_stage_late_is_found_first(tmp_path, monkeypatch):
     """Each of these failed only at the policy stage, after critique_revise, SFT, feedback and the PM had run."""
+    (tmp_path / "my_rewards.py").write_text(
+        "def length(prompts, responses, **kwargs):\n    return [len(r) for r in responses]\n\n"
+        "def no_kwargs(prompts, responses):\n    return [0.0] * len(responses)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
     base = f"name: x\nmodels:\n  policy: tiny-random-llama\nconstitution: {ROOT / 'constitutions/harmless-specific.yaml'}\n"
     p = write(tmp_path, base + "stages: [critique_revise, sft, feedback, policy, report]\n")
     assert check(load_recipe(p)) == [
@@ -120,7 +125,13 @@ def test_what_would_stop_the_policy_stage_late_is_found_first(tmp_path):
     p = write(tmp_path, base + "ppo:\n  reward: cai.rl.rewardz:length\n")
     (line,) = check(load_recipe(p))
     assert line.startswith(f"{p}:6: key 'ppo.reward': cannot import module 'cai.rl.rewardz'")
-    p = write(tmp_path, base + "ppo:\n  reward: math:hypot\npolicy:\n  rounds: 2\n")
+    p = write(tmp_path, base + "ppo:\n  reward: my_rewards:no_kwargs\n")  # it is called with keywords too
+    (line,) = check(load_recipe(p))
+    assert line.startswith(
+        f"{p}:6: key 'ppo.reward': 'my_rewards:no_kwargs' cannot be called as fn(prompts, "
+    )
+    assert line.endswith("a reward function takes the prompts and responses and accepts **kwargs")
+    p = write(tmp_path, base + "ppo:\n  reward: my_rewards:length\npolicy:\n  rounds: 2\n")
     rounds = "online rounds train the PM further each round; they need ppo.reward: pm"
     assert check(load_recipe(p)) == [f"{p}:8: key 'policy.rounds': {rounds}"]
     assert check(load_recipe(p), stages=["critique_revise", "sft"]) == []

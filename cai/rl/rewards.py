@@ -18,6 +18,7 @@ as is (a preference model's score is normalised with the mean and std stored bes
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from cai.errors import UserError
 from cai.pm.scoring import RewardScorer
@@ -40,6 +41,15 @@ def load_function(path: str, where: str = "ppo.reward"):
             raise UserError(f"{where}: module '{module_name}' has no attribute '{attr}'")
     if not callable(fn):
         raise UserError(f"{where}: '{path}' is not callable")
+    try:  # how FunctionReward calls it: a function without **kwargs failed with a traceback in the first update
+        inspect.signature(fn).bind([], [], response_ids=[], finished=[], tokenizer=None)
+    except TypeError as exc:
+        raise UserError(
+            f"{where}: '{path}' cannot be called as fn(prompts, responses, **kwargs) ({exc}); "
+            "a reward function takes the prompts and responses and accepts **kwargs"
+        ) from None
+    except ValueError:  # a builtin without a signature to read: its call will tell
+        pass
     return fn
 
 
