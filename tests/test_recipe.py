@@ -561,3 +561,17 @@ def test_an_arm_cannot_set_a_one_per_run_key_inside_a_block(tmp_path, arm_set):
         write(tmp_path, MINI), ["arms=[{name: a, set: {models: {feedback: tiny-random-llama}}}]"]
     )
     assert expand_arms(ok)[0][1].models.feedback == "tiny-random-llama"
+
+
+def test_a_run_recipe_this_version_cannot_read_names_the_key(tmp_path):
+    """`cai report` on a run whose recipe.json has a key this version lacks said only "(ValidationError)"."""
+    from cai.config.load import load_run_recipe
+
+    (tmp_path / "recipe.json").write_text(json.dumps({"name": "x", "ppo": {"bogus_setting": 1}}))
+    with pytest.raises(
+        UserError, match=r"recipe.json: not a recipe this version can read: key 'ppo.bogus_setting'"
+    ):
+        load_run_recipe(tmp_path)
+    (tmp_path / "recipe.json").write_text("{bad")
+    with pytest.raises(UserError, match=r"not a recipe this version can read \(JSONDecodeError\)"):
+        load_run_recipe(tmp_path)

@@ -236,5 +236,10 @@ def load_run_recipe(run_dir: str | Path) -> Recipe:
         raise UserError(f"{run_dir}: not a run directory ({RECIPE_FILE} is missing; `cai run` writes it)")
     try:
         return Recipe.model_validate(json.loads(p.read_text()))
+    except ValidationError as exc:  # another version's recipe, or a hand edit: name the key
+        err = next((e for e in exc.errors() if e["type"] == "extra_forbidden"), exc.errors()[0])
+        raise UserError(
+            f"{p}: not a recipe this version can read: key '{_error_key(exc)}': {err['msg']}"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
         raise UserError(f"{p}: not a recipe this version can read ({type(exc).__name__})") from None
