@@ -22,7 +22,9 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
     """Parse a YAML file with the safe loader; return (data, {key path: 1-based line})."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(
+            f"{path}: {'a folder, where a file is expected' if path.is_dir() else 'file not found'}"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:  # one decode of the whole file: exc.start is its byte offset
@@ -245,7 +247,9 @@ def iter_jsonl(path: str | Path, what: str = "a JSON object"):
     JSON, text that is not UTF-8, a lone surrogate escape such as "\\ud83d", nesting too deep)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(
+            f"{path}: {'a folder, where a file is expected' if path.is_dir() else 'file not found'}"
+        )
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:

@@ -198,6 +198,8 @@ def bad_files(tmp_path_factory):
 
 ERRORS = [
     (("constitution", "validate", "{d}/missing.yaml"), "file not found"),
+    (("recipe", "validate", "{d}"), "a folder, where a file is expected"),
+    (("constitution", "validate", "{d}"), "a folder, where a file is expected"),
     (("constitution", "validate", "{d}/constitution.yaml"), "constitution.yaml:3:"),
     (("constitution", "validate", "{d}/tabs.yaml"), "YAML does not parse"),
     (("constitution", "show", "{d}/constitution.yaml"), "principles"),
