@@ -244,25 +244,34 @@ def test_ppo_update_on_two_processes_equals_one_process(runs, tmp_path):
     compare_weights(one / "policy" / "policy", split / "policy" / "policy")
 
 
+def policy_on_one_and_two_processes(one: Path, base: Path, sets_of) -> dict:
+    """{1: run, 2: run}: copies of the reference run `one` whose policy stage is run again alone, with the
+    `--set` items `sets_of(n)`, by one process and by two gloo processes."""
+    out = {}
+    for n in (1, 2):
+        d = out[n] = base.with_name(f"{base.name}-{n}")
+        shutil.copytree(one, d)
+        shutil.rmtree(d / "policy")
+        cmd = cai_run(d, sets_of(n), only=["policy"])
+        if n == 1:
+            launch([sys.executable] + cmd)
+        else:
+            launch(two_cpu_processes() + cmd, {"ACCELERATE_USE_CPU": "1"})
+        assert read_manifest(d / "policy")["world_size"] == n
+    return out
+
+
 def test_dpo_on_two_processes_equals_one_process(runs, tmp_path):
     """Soft-label DPO (full fine-tune against a frozen copy, packed log-probs) with the global batch of pairs
     split over 2 processes: the same per-step losses, gradient norms and reward metrics (gathered from both) and
     the same trained policy as one process, from the very same SFT model and pairs. One epoch whose last batch
     is partial: the pairs accelerate repeats to even it out over the processes are left out of the step."""
-    one, _, _ = runs
-    out = {}
-    for n in (1, 2):
-        d = out[n] = tmp_path / f"dpo-{n}"
-        shutil.copytree(one, d)
-        shutil.rmtree(d / "policy")
-        sets = COMMON + per_device(1)[:2] + ["policy.algorithm=dpo", "dpo.epochs=1", "dpo.probe_prompts=1"]
-        sets += [f"dpo.batch_size={GLOBAL_BATCH // n}", "dpo.learning_rate=1e-3", "dpo.probe_every=10"]
-        sets += ["dpo.eval_fraction=0.25"]  # held-out pairs that each process holds a share of; 9 to train on
-        if n == 1:
-            launch([sys.executable] + cai_run(d, sets, only=["policy"]))
-        else:
-            launch(two_cpu_processes() + cai_run(d, sets, only=["policy"]), {"ACCELERATE_USE_CPU": "1"})
-        assert read_manifest(d / "policy")["world_size"] == n
+    sets = COMMON + per_device(1)[:2] + ["policy.algorithm=dpo", "dpo.epochs=1", "dpo.probe_prompts=1"]
+    sets += ["dpo.learning_rate=1e-3", "dpo.probe_every=10"]
+    sets += ["dpo.eval_fraction=0.25"]  # held-out pairs that each process holds a share of; 9 to train on
+    out = policy_on_one_and_two_processes(
+        runs[0], tmp_path / "dpo", lambda n: sets + [f"dpo.batch_size={GLOBAL_BATCH // n}"]
+    )
     pairs = json.loads((out[1] / "policy" / "eval.json").read_text())["train_pairs"]
     assert pairs % GLOBAL_BATCH, pairs  # a partial last batch
     batch = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -285,19 +294,11 @@ def test_grpo_per_response_mean_on_two_processes_equals_one_process(runs, tmp_pa
     """GRPO with `policy.loss_mean: sequence` (the loss counts responses, over every process) and groups of 2
     samples, the global batch of 4 responses split over 2 processes: the same samples, losses and step as one
     process, from the very same SFT model and PM."""
-    one, _, _ = runs
-    out = {}
-    for n in (1, 2):
-        d = out[n] = tmp_path / f"grpo-{n}"
-        shutil.copytree(one, d)
-        shutil.rmtree(d / "policy")
-        sets = COMMON + per_device(1)[:2] + [f"ppo.rollout_batch_size={GLOBAL_BATCH // n}"]
-        sets += ["policy.algorithm=grpo", "policy.samples_per_prompt=2", "policy.loss_mean=sequence"]
-        if n == 1:
-            launch([sys.executable] + cai_run(d, sets, only=["policy"]))
-        else:
-            launch(two_cpu_processes() + cai_run(d, sets, only=["policy"]), {"ACCELERATE_USE_CPU": "1"})
-        assert read_manifest(d / "policy")["world_size"] == n
+    sets = COMMON + per_device(1)[:2]
+    sets += ["policy.algorithm=grpo", "policy.samples_per_prompt=2", "policy.loss_mean=sequence"]
+    out = policy_on_one_and_two_processes(
+        runs[0], tmp_path / "grpo", lambda n: sets + [f"ppo.rollout_batch_size={GLOBAL_BATCH // n}"]
+    )
     (a,), (b,) = (read_jsonl(out[n] / "policy" / "metrics.jsonl") for n in (1, 2))
     s1, s2 = (read_jsonl(out[n] / "policy" / "samples.jsonl") for n in (1, 2))
     assert len(s1) == GLOBAL_BATCH and [r["response"] for r in s1] == [r["response"] for r in s2]

@@ -725,6 +725,12 @@ def test_a_run_directory_cai_started_runs_and_resumes(fake, recipe, tmp_path):
         pipeline.run(recipe(), run_dir=rdir, quiet=True)
         assert fake.calls == BODY + ["report"], first
         assert json.loads((rdir / "recipe.json").read_text())["name"] == "tiny"
+    # a run assembled from a finished stage (its folder with cai's manifest) and nothing else: the next stages run
+    rdir = tmp_path / "assembled"
+    shutil.copytree(tmp_path / "r0" / "critique_revise", rdir / "critique_revise")
+    fake.run_dir, fake.calls = rdir, []
+    pipeline.run(recipe(), run_dir=rdir, quiet=True)
+    assert fake.calls == BODY[1:] + ["report"]
 
 
 def test_a_run_directory_of_another_recipe_is_refused_but_its_arms_share_it(fake, recipe, capsys):

@@ -164,8 +164,13 @@ def run_lock(run_dir: str | Path):
 
 
 def is_run_dir(run_dir: str | Path) -> bool:
-    """Whether a folder holds what `cai run` writes first into a run directory (MARKERS)."""
-    return any((Path(run_dir) / name).is_file() for name in MARKERS)
+    """Whether a folder holds what `cai run` writes first into a run directory (MARKERS), or a stage folder
+    with cai's manifest (its `stage` and `fingerprint`): a run assembled from finished stages of others."""
+    run_dir = Path(run_dir)
+    if any((run_dir / name).is_file() for name in MARKERS):
+        return True
+    manifests = (read_manifest(d) for d in run_dir.iterdir() if d.is_dir() and (d / MANIFEST).is_file())
+    return any(isinstance(m, dict) and {"stage", "fingerprint"} <= m.keys() for m in manifests)
 
 
 def check_run_dir(run_dir: str | Path, name: str, where: str | None = "--run-dir") -> None:
