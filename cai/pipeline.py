@@ -1,14 +1,14 @@
 """`cai run`: runs a recipe's stages in order in a run directory, skipping stages whose manifest matches.
 
-What each stage reads and where each stage of each arm lives is decided in cai.config.layout; this module
-runs the plan. A stage reruns when its fingerprint changes. Its output id is the hash of the content of the
-outputs it declares (cai.config.layout.STAGES), so a rerun that writes the same files leaves everything
-downstream up to date, and one that writes different files makes it rerun. `--only` and `--from` select
-stages; a selected stage that is up to date is skipped unless forced. A stage whose manifest says `running` (killed) with the same fingerprint resumes in
-place: generation from its JSONL, training from its last checkpoint; its manifest keeps every attempt's time.
-A stage that starts clean (changed, forced, or files without a manifest, which the pipeline writes first) is
-reset atomically (_reset_stage). Every stage gets a read-only view of the recipe keys it declares
-(cai.config.view), its own folder, and the folders of the stages it reads.
+What each stage reads and where each stage of each arm lives is decided in cai.config.layout; this module runs
+the plan. A stage reruns when its fingerprint changes. Its output id is the hash of the content of the outputs
+it declares (cai.config.layout.STAGES), so a rerun that writes the same files leaves everything downstream up
+to date, and one that writes different files makes it rerun. `--only` and `--from` select stages; a selected
+stage that is up to date is skipped unless forced. A stage whose manifest says `running` (killed) with the
+same fingerprint resumes in place: generation from its JSONL, training from its last checkpoint; its manifest
+keeps every attempt's time. A stage that starts clean (changed, forced, or files without a manifest, which the
+pipeline writes first) is reset atomically (_reset_stage). Every stage gets a read-only view of the recipe
+keys it declares (cai.config.view), its own folder, and the folders of the stages it reads.
 """
 
 from __future__ import annotations
@@ -86,11 +86,11 @@ def run(
     """
     dist.init_from_env(recipe.device)  # under `accelerate launch`/torchrun: join the process group once
     rdir = run_dir_of(recipe, str(run_dir) if run_dir else None)
-    check_run_dir(rdir, recipe.name, "--run-dir" if run_dir else "run_dir" if recipe.run_dir else None)
     selected = set(select_stages(recipe, only, start))
     forced = selected if force else set()
     preflight(recipe, [s for s in recipe.stages if s in selected], arms)
     layout = plan(recipe, rdir)
+    check_run_dir(rdir, recipe, bool(run_dir), layout.units.values())
     if arms:
         unknown = [a for a in arms if a not in layout.arms]
         if unknown:

@@ -706,9 +706,22 @@ def test_cai_run_refuses_a_folder_that_is_not_a_run_directory(fake, recipe, tmp_
     assert err.startswith(f"error: --run-dir {proj}: ") and "not a cai run directory" in err
     assert sorted(p.relative_to(proj).as_posix() for p in proj.rglob("*")) == ["report", "report/q3.md"]
     assert (proj / "report" / "q3.md").read_text() == "my quarterly report\n" and fake.calls == []
-    with pytest.raises(UserError, match=r"^run_dir .*: a folder with files that is not a cai run directory"):
+    with pytest.raises(
+        UserError, match=r"^run_dir .*: not a cai run directory, and it holds report, which a run"
+    ):
         pipeline.run(recipe(f"run_dir={proj}"), quiet=True)
     assert fake.calls == [] and not (proj / ".lock").exists()
+    # a folder of the user's that holds nothing a run writes (its recipe, constitutions, dot-files, a fresh
+    # volume's lost+found) is a run directory to be: the run goes ahead and leaves those alone
+    exp = tmp_path / "exp"
+    for d in ("constitutions", "lost+found"):
+        (exp / d).mkdir(parents=True)
+    for f in ("recipe.yaml", ".gitkeep", "constitutions/mine.yaml"):
+        (exp / f).write_text("x\n")
+    fake.run_dir = exp
+    pipeline.run(recipe(), run_dir=exp, quiet=True)
+    assert fake.calls == BODY + ["report"]
+    assert all((exp / f).read_text() == "x\n" for f in ("recipe.yaml", ".gitkeep", "constitutions/mine.yaml"))
 
 
 def test_a_run_directory_cai_started_runs_and_resumes(fake, recipe, tmp_path):

@@ -114,7 +114,10 @@ def test_what_would_stop_the_policy_stage_late_is_found_first(tmp_path, monkeypa
     """Each of these failed only at the policy stage, after critique_revise, SFT, feedback and the PM had run."""
     (tmp_path / "my_rewards.py").write_text(
         "def length(prompts, responses, **kwargs):\n    return [len(r) for r in responses]\n\n"
-        "def no_kwargs(prompts, responses):\n    return [0.0] * len(responses)\n"
+        "def no_kwargs(prompts, responses):\n    return [0.0] * len(responses)\n\n"
+        "import functools\n\ndef adapt(fn):\n    @functools.wraps(fn)\n"
+        "    def wrapper(prompts, responses, **kwargs):\n        return fn(prompts, responses)\n"
+        "    return wrapper\n\nwrapped = adapt(no_kwargs)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     base = f"name: x\nmodels:\n  policy: tiny-random-llama\nconstitution: {ROOT / 'constitutions/harmless-specific.yaml'}\n"
@@ -131,6 +134,10 @@ def test_what_would_stop_the_policy_stage_late_is_found_first(tmp_path, monkeypa
         f"{p}:6: key 'ppo.reward': 'my_rewards:no_kwargs' cannot be called as fn(prompts, "
     )
     assert line.endswith("a reward function takes the prompts and responses and accepts **kwargs")
+    p = write(
+        tmp_path, base + "ppo:\n  reward: my_rewards:wrapped\n"
+    )  # its own signature counts, not the inner one's
+    assert check(load_recipe(p)) == []
     p = write(tmp_path, base + "ppo:\n  reward: my_rewards:length\npolicy:\n  rounds: 2\n")
     rounds = "online rounds train the PM further each round; they need ppo.reward: pm"
     assert check(load_recipe(p)) == [f"{p}:8: key 'policy.rounds': {rounds}"]
@@ -235,7 +242,14 @@ def test_pair_files_and_prompt_files_of_the_wrong_format_are_named_with_their_fi
     gold = load_recipe(write(tmp_path, BASE + f"gold:\n  enabled: true\n  data: {plain}\n"))
     (line,) = check(gold, stages)
     assert line.startswith(f"{tmp_path / 'r.yaml'}:7: key 'gold.data': {plain}:1: not an HH preference pair")
+    skipped = tmp_path / "skipped.jsonl"  # a first row the stages skip (it ends on a human turn), then a pair
+    pair = '"\\n\\nHuman: Hi\\n\\nAssistant: Hello"'
+    skipped.write_text(
+        '{"chosen": "\\n\\nHuman: Hi", "rejected": "\\n\\nHuman: Hi"}\n'
+        + f'{{"chosen": {pair}, "rejected": {pair[:-1]}!"}}\n'
+    )
     p = write(tmp_path, BASE)
+    assert check(load_recipe(p, [f"feedback.check_set={{path: {skipped}}}"]), stages) == []
     (line,) = check(load_recipe(p, [f"gold={{enabled: true, data: {empty}}}"]), stages)
     assert line.endswith(f"key 'gold.data': {empty}: no preference pairs (the file has no rows)")
     # prompt sources: the jsonl column, the hh transcript; the category filter is not a format problem

@@ -575,3 +575,15 @@ def test_a_run_recipe_this_version_cannot_read_names_the_key(tmp_path):
     (tmp_path / "recipe.json").write_text("{bad")
     with pytest.raises(UserError, match=r"not a recipe this version can read \(JSONDecodeError\)"):
         load_run_recipe(tmp_path)
+
+
+def test_a_setting_added_later_counts_in_the_fingerprint_only_when_set():
+    """loss_mean and scale_rewards came with 2026-12-06: at their defaults they are left out of the policy
+    stage's fingerprint, so upgrading cai did not rerun a finished policy stage or reset an interrupted one."""
+    from cai.config.layout import stage_config
+
+    plain = stage_config(Recipe(name="x", policy={"algorithm": "grpo"}), "policy")
+    assert "loss_mean" not in plain["policy"] and "scale_rewards" not in plain["policy"]
+    assert plain["policy"]["samples_per_prompt"] == 4  # older fields are hashed at their defaults as before
+    set_ = stage_config(Recipe(name="x", policy={"algorithm": "grpo", "loss_mean": "sequence"}), "policy")
+    assert set_["policy"]["loss_mean"] == "sequence" and set_ != plain

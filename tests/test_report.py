@@ -185,8 +185,7 @@ def test_cai_report_loads_models_without_remote_code_unless_its_own_flag_says(
     for flag, want in (([], False), (["--trust-remote-code"], True)):
         assert main(["report", str(run), *flag]) == 0
         assert seen[-1].settings.trust_remote_code is want
-        recipe = evaluate._report_recipe(str(run), want)
-        assert recipe.trust_remote_code is want and "trust_remote_code" not in recipe.arms[0].set
+        assert seen[-1].report == evaluate.load_run_recipe(run).report  # the recorded layout and settings
     assert "was run with trust_remote_code" in capsys.readouterr().err
 
 

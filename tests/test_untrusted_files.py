@@ -211,7 +211,8 @@ def test_a_suite_data_file_without_a_usable_name_is_one_line(tmp_path, name):
 
 def test_a_run_directory_copied_from_another_user_resumes_none_of_its_checkpoints(tmp_path, monkeypatch):
     """Checkpoints carried RUN/run.json's token as it is, so a run directory handed over whole (run.json and
-    pickled checkpoints) resumed them. The token is now sealed with the user's own key (CAI_CACHE)."""
+    pickled checkpoints) resumed them. The token is now sealed with the user's own key (CAI_KEY, else in
+    ~/.config/cai)."""
     import stat
 
     from cai.runtime.rundir import KEY_FILE, run_token
@@ -219,17 +220,18 @@ def test_a_run_directory_copied_from_another_user_resumes_none_of_its_checkpoint
 
     run = tmp_path / "run"
     run.mkdir()
-    monkeypatch.setenv("CAI_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("CAI_KEY", str(tmp_path / "mine" / KEY_FILE))
     mine = run_token(run)
     assert run_token(run) == mine and len(mine) == 32
     assert stat.S_IMODE((tmp_path / "mine" / KEY_FILE).stat().st_mode) == 0o600
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == [KEY_FILE]  # no temp file left beside it
     ckpt = run / "sft" / "checkpoints" / "checkpoint-2"
     ckpt.mkdir(parents=True)
     (ckpt / STATE_FILE).write_text("{}")
     (ckpt / TOKEN_FILE).write_text(mine + "\n")
     metrics = run / "sft" / "metrics.jsonl"
     assert resume_point(ckpt.parent, metrics, "sft", run_token(run)) == str(ckpt)
-    monkeypatch.setenv("CAI_CACHE", str(tmp_path / "theirs"))  # the same run directory, another user's key
+    monkeypatch.setenv("CAI_KEY", str(tmp_path / "theirs" / KEY_FILE))  # the same run directory, another key
     assert run_token(run) != mine
     with pytest.raises(UserError, match="not written by this run"):
         resume_point(ckpt.parent, metrics, "sft", run_token(run))

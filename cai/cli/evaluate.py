@@ -143,39 +143,28 @@ def _cmd_kl_reward(a) -> int:
     return 0
 
 
-def _report_recipe(run_dir: str, trust: bool):
-    """The run's recipe with trust_remote_code as this command's flag says, not as RUN/recipe.json says: a run
-    directory is a file anyone can hand over, and a recorded `true` would run the code its model folders name."""
-    recipe = load_run_recipe(run_dir)
-    if "trust_remote_code" in (recipe.sweep or {}) and not trust:
-        raise UserError(
-            f"{run_dir}: the run sweeps trust_remote_code; pass --trust-remote-code if you trust it"
-        )
-    arms = [
-        arm.model_copy(update={"set": {k: v for k, v in arm.set.items() if k != "trust_remote_code"}})
-        for arm in recipe.arms or []
-    ]
-    recorded = recipe.trust_remote_code or any(
-        len(a.set) != len(b.set) for a, b in zip(recipe.arms or [], arms)
-    )
-    if recorded and not trust:
+def _trusting(recipe, trust: bool, run_dir: str):
+    """The run's recipe with trust_remote_code as this command's flag says, not as RUN/recipe.json says (a run
+    directory is a file anyone can hand over, and a recorded `true` would run the code its model folders name):
+    the report loads every model with the top-level settings. The layout stays the recorded recipe's."""
+    if (
+        recipe.trust_remote_code or any("trust_remote_code" in a.set for a in recipe.arms or [])
+    ) and not trust:
         print(
             f"note: {run_dir} was run with trust_remote_code; the report loads its models without it unless you "
             "pass --trust-remote-code",
             file=sys.stderr,
         )
-    return recipe.model_copy(
-        update={"trust_remote_code": trust, "arms": arms if recipe.arms else recipe.arms}
-    )
+    return recipe.model_copy(update={"trust_remote_code": trust})
 
 
 def _cmd_report(a) -> int:
-    recipe = _report_recipe(a.run_dir, a.trust_remote_code)
+    recipe = load_run_recipe(a.run_dir)
     out_path(a.out or Path(a.run_dir) / "report", "--out")
     layout = plan(recipe, a.run_dir)
     index = RunIndex(layout.run_dir, list(layout.arms), layout.run_index())
     with run_lock(a.run_dir) if a.out is None else nullcontext():  # it writes RUN/report: not during a run
-        data = build(index, stage_view(recipe, "report"), a.out)
+        data = build(index, stage_view(_trusting(recipe, a.trust_remote_code, a.run_dir), "report"), a.out)
     print(f"wrote {Path(a.out or Path(a.run_dir) / 'report') / 'report.md'}")
     for k, v in data["summary"].items():
         print(f"  {k}: {v}")

@@ -30,6 +30,7 @@ class PolicyConfig(Strict):
     )
     loss_mean: Literal["token", "sequence"] = Field(
         "token",
+        json_schema_extra={"since": "2026-12-06"},
         description="rloo/grpo: how the clipped loss (and GRPO's KL term) averages over a minibatch: 'token', "
         "every response token weighs the same (DAPO's choice, TRL's default; a long response counts more), or "
         "'sequence', each response's token mean, then the mean over responses (the GRPO paper's objective; "
@@ -37,6 +38,7 @@ class PolicyConfig(Strict):
     )
     scale_rewards: bool = Field(
         True,
+        json_schema_extra={"since": "2026-12-06"},
         description="grpo: divide each group's centred rewards by the group's standard deviation (the GRPO "
         "paper); false leaves them centred only, as Dr. GRPO (Liu et al. 2025) does: the division gives the most "
         "weight to prompts whose samples barely differ.",

@@ -196,10 +196,19 @@ def _sha256(p: Path) -> str:
     return _FILE_HASHES[key]
 
 
+def _new_default(model: BaseModel, name: str, info) -> bool:
+    """A field added after runs were made (`json_schema_extra={"since": date}`) at its default: left out of the
+    fingerprint, so upgrading cai does not rerun (and reset an interrupted) stage whose recipe did not change."""
+    return bool((info.json_schema_extra or {}).get("since")) and getattr(model, name) == info.default
+
+
 def _hashable(value, annotation):
     if isinstance(value, BaseModel):
+        fields = type(value).model_fields.items()
         return {
-            name: _hashable(getattr(value, name), info) for name, info in type(value).model_fields.items()
+            name: _hashable(getattr(value, name), info)
+            for name, info in fields
+            if not _new_default(value, name, info)
         }
     if isinstance(value, (list, tuple)):
         if getattr(annotation, "metadata", None) is not None:  # a FieldInfo: its annotation holds the items'

@@ -5,6 +5,7 @@ rows {"chosen", "rejected"} that differ only in the last assistant turn, and hum
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from pathlib import Path
@@ -86,22 +87,25 @@ def read_hh(path: str | Path) -> list[dict]:
     return rows
 
 
-def check_pair_file(path: str | Path) -> None:
-    """Preflight of an HH pair file (feedback.check_set, human_mix, preference_model.human_data, gold.data): its
-    first row read as the stages read it; a UserError naming file:line when it is not an HH preference pair."""
-    for n, row in iter_jsonl(path, "an object with 'chosen' and 'rejected' transcripts"):
+def check_pair_file(path: str | Path, rows: int = 100) -> None:
+    """Preflight of an HH pair file (feedback.check_set, human_mix, preference_model.human_data, gold.data), read
+    as the stages read it: a row that is not an object with 'chosen' and 'rejected' strings stops them (a
+    UserError naming file:line); one whose transcripts do not make a pair they skip, so the file passes once one
+    of its first `rows` rows is an HH preference pair."""
+    first = None
+    for n, row in itertools.islice(
+        iter_jsonl(path, "an object with 'chosen' and 'rejected' transcripts"), rows
+    ):
         if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
             raise UserError(
                 f"{path}:{n}: an object with 'chosen' and 'rejected' transcript strings is expected"
             )
         try:
             split_hh_pair(row)
-        except NotComparable:
-            pass  # the stages skip such a row; the next ones may be pairs
-        except ValueError as exc:
-            raise UserError(f"{path}:{n}: not an HH preference pair: {exc}") from None
-        return
-    raise UserError(f"{path}: no preference pairs (the file has no rows)")
+            return
+        except ValueError as exc:  # NotComparable among them: the stages skip such a row
+            first = first or f"{path}:{n}: not an HH preference pair: {exc}"
+    raise UserError(first or f"{path}: no preference pairs (the file has no rows)")
 
 
 def human_pairs(path, ratio: float, n_ai: int, seed: int, taken: list[dict] = ()) -> list[dict]:

@@ -22,7 +22,7 @@ from cai.errors import UserError
 from cai.rl import engine
 from cai.rl.modules import load_trainable_state, trainable_state
 from cai.runtime import distributed as dist
-from cai.runtime.rundir import append_jsonl, read_jsonl
+from cai.runtime.rundir import NOT_SEALED, append_jsonl, read_jsonl
 from cai.runtime.training import check_world_size, merged_lora
 
 PREFIX = "step-"
@@ -58,8 +58,8 @@ def check_token(path: Path, found: str | None, expected: str | None) -> None:
     copied in from elsewhere is refused before anything of it is loaded."""
     if expected is not None and found != expected:
         raise UserError(
-            f"{path}: not written by this run (its run token is not this run's, sealed with this user's key); "
-            "a checkpoint is loaded only by the run that wrote it: delete it, or start a new run directory"
+            f"{path}: not written by this run: {NOT_SEALED}; delete {path.parent} to restart the stage, "
+            "or start a new run directory"
         )
 
 

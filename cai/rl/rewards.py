@@ -42,7 +42,7 @@ def load_function(path: str, where: str = "ppo.reward"):
     if not callable(fn):
         raise UserError(f"{where}: '{path}' is not callable")
     try:  # how FunctionReward calls it: a function without **kwargs failed with a traceback in the first update
-        inspect.signature(fn).bind([], [], response_ids=[], finished=[], tokenizer=None)
+        inspect.signature(fn, follow_wrapped=False).bind([], [], response_ids=[], finished=[], tokenizer=None)
     except TypeError as exc:
         raise UserError(
             f"{where}: '{path}' cannot be called as fn(prompts, responses, **kwargs) ({exc}); "

@@ -15,7 +15,6 @@ from typing import Any
 
 from cai.errors import UserError
 from cai.runtime import distributed as dist
-from cai.runtime.models import cache_root
 
 try:
     import fcntl
@@ -91,6 +90,12 @@ def read_run_info(run_dir: str | Path) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+# why resume refuses a checkpoint whose token is not this run's seal (cai.runtime.training, cai.rl.checkpoint)
+NOT_SEALED = (
+    "its run token is not this run's sealed with this user's key (a checkpoint of another run, of this run "
+    "under another user's or machine's key, or written before cai sealed checkpoints); a checkpoint is loaded "
+    "only by the run that wrote it"
+)
 KEY_FILE = "checkpoint-key"  # in cai's cache: this user's secret that seals the run tokens checkpoints carry
 
 
@@ -108,25 +113,38 @@ def run_token(run_dir: str | Path) -> str:
     return hmac.new(user_key(), info["run_token"].encode(), "sha256").hexdigest()[:32]
 
 
-def user_key() -> bytes:
-    """This user's checkpoint key, CAI_CACHE/checkpoint-key (made once, readable by its owner only); copying it
-    to another machine lets that machine resume this user's run directories."""
-    import secrets
+def key_path() -> Path:
+    """This user's checkpoint key: $CAI_KEY, else $XDG_CONFIG_HOME (or ~/.config)/cai/checkpoint-key. Not in the
+    model cache, which several users may share or find read-only."""
+    if os.environ.get("CAI_KEY"):
+        return Path(os.environ["CAI_KEY"])
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "cai" / KEY_FILE
 
-    path = cache_root() / KEY_FILE
+
+def user_key() -> bytes:
+    """This user's checkpoint key (key_path; made once, readable by its owner only); copying it to another
+    machine lets that machine resume this user's run directories. Made whole or not at all: a private temp file
+    linked into place, so a process that loses the race reads the winner's key, never half of one."""
+    import secrets
+    import tempfile
+
+    path = key_path()
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".key.")  # mode 0600
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it meanwhile
-            pass
-        else:
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_hex(32) + "\n")
+            os.link(tmp, path)
+        except FileExistsError:  # another process made it meanwhile: its key stands
+            pass
+        finally:
+            os.unlink(tmp)
     key = path.read_text().strip()
     if len(key) < 32:
         raise UserError(
-            f"{path}: a damaged checkpoint key (delete it: interrupted runs then restart their stage)"
+            f"{path}: a damaged checkpoint key (delete it; the checkpoints it sealed then cannot resume: delete "
+            "the checkpoints/ folders of interrupted stages too)"
         )
     return key.encode()
 
@@ -165,28 +183,38 @@ def run_lock(run_dir: str | Path):
 
 def is_run_dir(run_dir: str | Path) -> bool:
     """Whether a folder holds what `cai run` writes first into a run directory (MARKERS), or a stage folder
-    with cai's manifest (its `stage` and `fingerprint`): a run assembled from finished stages of others."""
+    with cai's manifest (its `status` and `fingerprint`): a run assembled from finished stages of others."""
     run_dir = Path(run_dir)
     if any((run_dir / name).is_file() for name in MARKERS):
         return True
     manifests = (read_manifest(d) for d in run_dir.iterdir() if d.is_dir() and (d / MANIFEST).is_file())
-    return any(isinstance(m, dict) and {"stage", "fingerprint"} <= m.keys() for m in manifests)
+    return any(isinstance(m, dict) and {"status", "fingerprint"} <= m.keys() for m in manifests)
 
 
-def check_run_dir(run_dir: str | Path, name: str, where: str | None = "--run-dir") -> None:
+# what a run writes at the top of its run directory besides its stages' folders (cai.pipeline, cai.config.layout)
+RUN_FOLDERS = ("arms", "shared", "analysis")
+
+
+def check_run_dir(run_dir: str | Path, recipe, flag: bool, writes) -> None:
     """Refuse, before anything is written, a run directory that `cai run` would take from someone: an existing
-    folder with files but none of cai's (a run resets the folders named like its stages), or the run directory
-    of a recipe with another name (arms and sweeps share their recipe's). `where` is how the user named it
-    (--run-dir, run_dir; None: the default runs/<name>)."""
-    rdir = Path(run_dir)
-    if not rdir.is_dir() or not any(rdir.iterdir()):
+    folder that is not a cai run directory (is_run_dir) yet holds something a run writes or replaces (`writes`:
+    the units of its layout, whose folders are its stages', and RUN_FOLDERS), or the run directory of a recipe with another name (arms and
+    sweeps share their recipe's). Other files of the user's (a recipe, its constitutions, dot-files) stay and
+    do not stop it. `flag`: the user named it with --run-dir (else the recipe's run_dir, or runs/<name>)."""
+    rdir, name = Path(run_dir), recipe.name
+    where = "--run-dir" if flag else "run_dir" if recipe.run_dir else None
+    if not rdir.is_dir():
         return
     said = f"{where} {rdir}" if where else str(rdir)
     if not is_run_dir(rdir):
-        raise UserError(
-            f"{said}: a folder with files that is not a cai run directory (it has no {RECIPE}, {RUN_INFO} "
-            f"or {LOCK}), and a run replaces the folders named like its stages: give a new or empty folder"
-        )
+        ours = {Path(u.dir).relative_to(rdir).parts[0] for u in writes} | set(RUN_FOLDERS)
+        taken = sorted(p.name for p in rdir.iterdir() if p.name in ours)
+        if taken:
+            raise UserError(
+                f"{said}: not a cai run directory, and it holds {', '.join(taken)}, which a run would replace: "
+                "give a new folder, or move those away"
+            )
+        return
     try:
         recorded = json.loads((rdir / RECIPE).read_text())
     except (OSError, ValueError):  # none yet (a run killed at its start), or damaged: nothing to compare

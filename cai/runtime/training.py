@@ -13,7 +13,7 @@ from pathlib import Path
 from cai.errors import UserError
 from cai.runtime import distributed as dist
 from cai.runtime.forward import fused_lora_linears
-from cai.runtime.rundir import append_jsonl, read_jsonl
+from cai.runtime.rundir import NOT_SEALED, append_jsonl, read_jsonl
 from cai.runtime.settings import cast_keeping_fp32_heads, lora_base_may_be_half
 
 
@@ -202,8 +202,8 @@ def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str |
         token = last / TOKEN_FILE
         if not token.is_file() or token.read_text().strip() != run_token:
             raise UserError(
-                f"{last}: not written by this run (its run token is not this run's, sealed with this user's key); a "
-                "checkpoint is loaded only by the run that wrote it: delete it, or start a new run directory"
+                f"{last}: not written by this run: {NOT_SEALED}; delete {ckpt_dir} to restart the stage, or "
+                "start a new run directory"
             )
     if last is not None and (last / WORLD_FILE).is_file():
         check_world_size(last, int((last / WORLD_FILE).read_text()), dist.world_size())
