@@ -96,7 +96,7 @@ NOT_SEALED = (
     "under another user's or machine's key, or written before cai sealed checkpoints); a checkpoint is loaded "
     "only by the run that wrote it"
 )
-KEY_FILE = "checkpoint-key"  # in cai's cache: this user's secret that seals the run tokens checkpoints carry
+KEY_FILE = "checkpoint-key"  # this user's secret that seals the run tokens checkpoints carry (key_path)
 
 
 def run_token(run_dir: str | Path) -> str:
@@ -198,9 +198,10 @@ RUN_FOLDERS = ("arms", "shared", "analysis")
 def check_run_dir(run_dir: str | Path, recipe, flag: bool, writes) -> None:
     """Refuse, before anything is written, a run directory that `cai run` would take from someone: an existing
     folder that is not a cai run directory (is_run_dir) yet holds something a run writes or replaces (`writes`:
-    the units of its layout, whose folders are its stages', and RUN_FOLDERS), or the run directory of a recipe with another name (arms and
-    sweeps share their recipe's). Other files of the user's (a recipe, its constitutions, dot-files) stay and
-    do not stop it. `flag`: the user named it with --run-dir (else the recipe's run_dir, or runs/<name>)."""
+    the units of its layout, whose folders are its stages', and RUN_FOLDERS), or the run directory of a recipe
+    with another name (arms and sweeps share their recipe's). Other files of the user's (a recipe, its
+    constitutions, dot-files) stay and do not stop it. `flag`: the user named it with --run-dir (else the
+    recipe's run_dir, or runs/<name>)."""
     rdir, name = Path(run_dir), recipe.name
     where = "--run-dir" if flag else "run_dir" if recipe.run_dir else None
     if not rdir.is_dir():
