@@ -208,6 +208,17 @@ def test_training_losses_match_single_process(runs):
     compare_weights(one / "preference_model" / "model", two / "preference_model" / "model")
 
 
+def same_update(one: Path, two: Path, keys) -> tuple[dict, dict]:
+    """Two runs' single policy update: the same samples, and `keys` of its metrics within PPO_TOL (absolute, or
+    relative above 1); their metrics rows."""
+    (a,), (b,) = (read_jsonl(d / "policy" / "metrics.jsonl") for d in (one, two))
+    s1, s2 = (read_jsonl(d / "policy" / "samples.jsonl") for d in (one, two))
+    assert len(s1) == GLOBAL_BATCH and [r["response"] for r in s1] == [r["response"] for r in s2]
+    for k in keys:
+        assert abs(a[k] - b[k]) <= PPO_TOL * max(1.0, abs(a[k])), f"{k}: {a[k]} vs {b[k]}"
+    return a, b
+
+
 def test_ppo_update_on_two_processes_equals_one_process(runs, tmp_path):
     """DDP PPO with the global batch split over 2 processes, from the very same SFT model and PM, gives the
     one-process update: the same samples (each row seeded by its place in the global batch, whichever rows share
@@ -225,22 +236,11 @@ def test_ppo_update_on_two_processes_equals_one_process(runs, tmp_path):
     sets = COMMON + per_device(1)[:2] + [f"ppo.rollout_batch_size={GLOBAL_BATCH // 2}"]
     launch(two_cpu_processes() + cai_run(split, sets, only=["policy"]), {"ACCELERATE_USE_CPU": "1"})
     assert read_manifest(split / "policy")["world_size"] == 2
-    (a,), (b,) = read_jsonl(one / "policy" / "metrics.jsonl"), read_jsonl(split / "policy" / "metrics.jsonl")
-    assert a["response/length"] == b["response/length"]
-    s1, s2 = read_jsonl(one / "policy" / "samples.jsonl"), read_jsonl(split / "policy" / "samples.jsonl")
-    assert len(s1) == GLOBAL_BATCH and [r["response"] for r in s1] == [r["response"] for r in s2]
     # the same samples: entropy differs only by float order (the logits of 2 rows against 4 take other kernel
     # paths on some CPUs: 44.169006 against 44.169004 on an AMD EPYC), while other samples would move it by ~1e-2
-    for k in (
-        "objective/entropy",
-        "objective/score",
-        "objective/reward",
-        "objective/kl",
-        "loss/value",
-        "loss/policy",
-        "grad/norm",
-    ):
-        assert abs(a[k] - b[k]) <= PPO_TOL * max(1.0, abs(a[k])), f"ppo {k}: {a[k]} vs {b[k]}"
+    keys = ("objective/entropy", "objective/score", "objective/reward", "objective/kl", "loss/value")
+    a, b = same_update(one, split, (*keys, "loss/policy", "grad/norm"))
+    assert a["response/length"] == b["response/length"]
     compare_weights(one / "policy" / "policy", split / "policy" / "policy")
 
 
@@ -299,18 +299,8 @@ def test_grpo_per_response_mean_on_two_processes_equals_one_process(runs, tmp_pa
     out = policy_on_one_and_two_processes(
         runs[0], tmp_path / "grpo", lambda n: sets + [f"ppo.rollout_batch_size={GLOBAL_BATCH // n}"]
     )
-    (a,), (b,) = (read_jsonl(out[n] / "policy" / "metrics.jsonl") for n in (1, 2))
-    s1, s2 = (read_jsonl(out[n] / "policy" / "samples.jsonl") for n in (1, 2))
-    assert len(s1) == GLOBAL_BATCH and [r["response"] for r in s1] == [r["response"] for r in s2]
-    for k in (
-        "objective/score",
-        "objective/reward",
-        "loss/policy",
-        "loss/kl",
-        "grad/norm",
-        "group/reward_std",
-    ):
-        assert abs(a[k] - b[k]) <= PPO_TOL * max(1.0, abs(a[k])), f"grpo {k}: {a[k]} vs {b[k]}"
+    keys = ("objective/score", "objective/reward", "loss/policy", "loss/kl", "grad/norm", "group/reward_std")
+    a, _ = same_update(out[1], out[2], keys)
     assert a["grad/norm"] > 0
     compare_weights(out[1] / "policy" / "policy", out[2] / "policy" / "policy")
 
