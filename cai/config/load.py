@@ -18,9 +18,10 @@ from pydantic import ValidationError
 from cai.config.fields import POLICY_WORDS, Ref
 from cai.config.recipe import Recipe
 from cai.errors import UserError, where
+from cai.runtime.rundir import RECIPE
 from cai.yamlio import line_of, load_yaml, model_in, validation_error
 
-RECIPE_FILE = "recipe.json"
+RECIPE_FILE = RECIPE  # RUN/recipe.json, the recipe a run was made with
 
 
 NULL_WORDS = ("", "~", "null", "Null", "NULL")

@@ -22,8 +22,8 @@ from cai.errors import UserError
 from cai.rl import engine
 from cai.rl.modules import load_trainable_state, trainable_state
 from cai.runtime import distributed as dist
-from cai.runtime.rundir import NOT_SEALED, append_jsonl, read_jsonl
-from cai.runtime.training import check_world_size, merged_lora
+from cai.runtime.rundir import append_jsonl, read_jsonl
+from cai.runtime.training import check_token, check_world_size, merged_lora
 
 PREFIX = "step-"
 
@@ -50,17 +50,6 @@ def latest(ckpt_dir: Path) -> Path | None:
         if p.is_dir() and _step_of(p.name) is not None and (p / "state.json").is_file()
     ]
     return max(done, key=lambda p: _step_of(p.name), default=None)
-
-
-def check_token(path: Path, found: str | None, expected: str | None) -> None:
-    """Resume only from a checkpoint this run wrote: its run token must be the run's (RUN/run.json). A
-    checkpoint holds pickled optimizer state (and, under DeepSpeed, pickles read with weights_only=False), so one
-    copied in from elsewhere is refused before anything of it is loaded."""
-    if expected is not None and found != expected:
-        raise UserError(
-            f"{path}: not written by this run: {NOT_SEALED}; delete {path.parent} to restart the stage, "
-            "or start a new run directory"
-        )
 
 
 def rng_state() -> dict:

@@ -24,7 +24,7 @@ except ImportError:  # Windows: no run lock
 MANIFEST = "manifest.json"
 RUN_INFO = "run.json"  # RUN/run.json: what the latest `cai run` ran with (recipe, constitutions, code)
 LOCK = ".lock"  # RUN/.lock: held by the `cai run` or `cai report` writing into RUN
-RECIPE = "recipe.json"  # RUN/recipe.json: the recipe the run was made with (cai.config.load.RECIPE_FILE)
+RECIPE = "recipe.json"  # RUN/recipe.json: the recipe the run was made with (cai.pipeline writes it; cai.config.load reads it)
 # what `cai run` writes first into a run directory (the lock, then the recipe and run.json): any one of them
 # marks a folder as a cai run directory, even one whose first run was killed at once
 MARKERS = (LOCK, RECIPE, RUN_INFO)

@@ -190,6 +190,17 @@ def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(((int(n), p) for n, p in steps if n.isdigit()), reverse=True)
 
 
+def check_token(path: Path, found: str | None, expected: str | None) -> None:
+    """Resume only from a checkpoint this run wrote: the run token it carries (`found`) must be the run's seal
+    (`expected`, cai.runtime.rundir.run_token). A checkpoint holds pickled optimizer state (under DeepSpeed,
+    pickles read with weights_only=False), so one from elsewhere is refused before anything of it is loaded."""
+    if expected is not None and found != expected:
+        raise UserError(
+            f"{path}: not written by this run: {NOT_SEALED}; delete {path.parent} to restart the stage, "
+            "or start a new run directory"
+        )
+
+
 def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str | None = None) -> str | None:
     """The newest complete checkpoint in `ckpt_dir` to resume from, or None; the metrics rows logged after it are
     dropped (the resumed run logs those steps again), and a fresh start clears the metrics file. Newer folders
@@ -198,13 +209,9 @@ def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str |
     written by another number of processes (check_world_size)."""
     folders = _checkpoints(ckpt_dir)
     step, last = next(((n, p) for n, p in folders if (p / STATE_FILE).is_file()), (0, None))
-    if last is not None and run_token is not None:
+    if last is not None:
         token = last / TOKEN_FILE
-        if not token.is_file() or token.read_text().strip() != run_token:
-            raise UserError(
-                f"{last}: not written by this run: {NOT_SEALED}; delete {ckpt_dir} to restart the stage, or "
-                "start a new run directory"
-            )
+        check_token(last, token.read_text().strip() if token.is_file() else None, run_token)
     if last is not None and (last / WORLD_FILE).is_file():
         check_world_size(last, int((last / WORLD_FILE).read_text()), dist.world_size())
     if dist.is_main():
