@@ -162,7 +162,7 @@ def test_packed_sequence_logps_equal_trls_padded_ones_values_and_gradients(tmp_p
 
 
 def test_dpo_learns_a_learnable_preference_and_its_lora_reference_is_the_base(tmp_path):
-    from cai.rl.dpo import implicit_accuracy
+    from cai.eval.implicit import implicit_accuracy
 
     trainer = dpo_trainer(tmp_path, learnable_pairs(), lora=True, lr=1e-2)
     before = implicit_accuracy(trainer)
@@ -261,6 +261,57 @@ def test_dpo_policy_tokens_carry_across_a_resume(tmp_path):
     again.resume_tokens(str(ckpt))
     again.train(resume_from_checkpoint=str(ckpt))
     assert len(tokens(straight)) == 4 and tokens(again)[-2:] == tokens(straight)[-2:]
+
+
+def judged_by_label(trainer, monkeypatch) -> None:
+    """Makes the trainer's implicit reward rank the preferred side higher on the pairs labelled 0.9 and lower on
+    those labelled 0.8 (margin ±β), through its own batches (the real forwards, then moved)."""
+    pair_logps = trainer.pair_logps
+
+    def judged(model, inputs):
+        (pc, pr), (rc, rr) = pair_logps(model, inputs)
+        sign = torch.where(inputs["p"] > 0.85, 1.0, -1.0).to(pc)
+        return (rc + (pr - rr) + sign, pr), (rc, rr)
+
+    monkeypatch.setattr(trainer, "pair_logps", judged)
+
+
+def test_dpo_implicit_accuracy_interval_is_clustered_by_prompt(tmp_path, monkeypatch):
+    """Held-out pairs of one prompt are not independent: 24 pairs in 6 prompts, each prompt's 4 pairs all right or
+    all wrong, hold 6 prompts' worth of evidence. The interval was Wilson's over the 24 pairs ([0.31, 0.69]); it
+    is clustered by prompt now (cai.stats.clustered_ci: here Wilson's at n = 6, [0.19, 0.81]), and `clusters`
+    counts the prompts of the pairs it scores (a pair labelled 0.5 and its prompt are left out)."""
+    from cai.eval.implicit import implicit_accuracy
+    from cai.stats import clustered_ci, wilson_ci
+
+    rows = learnable_pairs()
+    for i, r in enumerate(rows):  # 4 pairs to each of 6 prompts, all of one prompt's labelled 0.9 or all 0.8
+        r["prompt_id"] = f"q{i % 6}"
+    rows.append({**rows[0], "id": "tie", "prompt_id": "q-tie", "p_a": 0.5})
+    trainer = dpo_trainer(tmp_path, rows, lora=False, batch=(5, 1))  # a prompt's pairs across batches
+    judged_by_label(trainer, monkeypatch)
+    res = implicit_accuracy(trainer)
+    credits = [1.0 if max(r["p_a"], 1 - r["p_a"]) > 0.85 else 0.0 for r in rows[:24]]
+    keys = [r["prompt_id"] for r in rows[:24]]
+    assert (res["n"], res["clusters"], res["accuracy"]) == (24, 6, 0.5), res
+    assert res["ci95"] == pytest.approx(list(clustered_ci(credits, keys)), abs=1e-12)
+    assert res["ci95"] == pytest.approx(list(wilson_ci(3, 6)), abs=1e-9)
+    wilson = wilson_ci(12, 24)
+    assert res["ci95"][0] < wilson[0] - 0.1 and res["ci95"][1] > wilson[1] + 0.1
+
+
+def test_dpo_implicit_accuracy_with_one_pair_per_prompt_is_wilsons(tmp_path, monkeypatch):
+    """One held-out pair per prompt: the clustered interval is exactly the Wilson interval over pairs it was."""
+    from cai.eval.implicit import implicit_accuracy
+    from cai.stats import wilson_ci
+
+    trainer = dpo_trainer(tmp_path, learnable_pairs(), lora=False, batch=(5, 1))
+    judged_by_label(trainer, monkeypatch)
+    res = implicit_accuracy(trainer)
+    assert (res["n"], res["clusters"], res["accuracy"]) == (24, 24, 0.5), res
+    assert res["ci95"] == list(wilson_ci(12.0, 24))
+    monkeypatch.undo()  # the untrained policy: every pair a tie, credit 0.5 each
+    assert implicit_accuracy(trainer)["ci95"] == list(wilson_ci(12.0, 24))
 
 
 # ------------------------------------------------------------------------------------------ RLOO, GRPO

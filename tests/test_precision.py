@@ -88,7 +88,7 @@ def test_dpo_learns_in_bf16_from_its_packed_log_probs(tmp_path, lora):
     adapters off): its packed sequence log-probs move the implicit reward to the learnable preference."""
     from test_policy import dpo_trainer, learnable_pairs
 
-    from cai.rl.dpo import implicit_accuracy
+    from cai.eval.implicit import implicit_accuracy
 
     trainer = dpo_trainer(tmp_path, learnable_pairs(), lora=lora, lr=1e-2 if lora else 3e-3, dtype="bfloat16")
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -431,6 +431,7 @@ def test_bf16_dpo_before_training_is_all_ties_and_its_probe_at_kl_zero(tmp_path,
     from test_policy import learnable_pairs
 
     from cai.config.policy import DPOConfig
+    from cai.eval.implicit import implicit_accuracy
     from cai.rl import dpo
     from cai.stages.policy import reference
 
@@ -446,7 +447,7 @@ def test_bf16_dpo_before_training_is_all_ties_and_its_probe_at_kl_zero(tmp_path,
     ref = None if lora else reference("tiny-random-llama", settings, "cpu")
     rows = learnable_pairs()
     trainer = dpo.build_trainer(cfg, 0, "cpu", precision, model, ref, tok, rows, rows, tmp_path / "ckpt", [])
-    before = dpo.implicit_accuracy(trainer)
+    before = implicit_accuracy(trainer)
     assert before["n"] == len(rows) and (before["accuracy"], before["mean_margin"]) == (0.5, 0.0), before
     probe = dpo.Probe(PPOConfig(response_length=16), tok, PROMPTS[:4], None, 0, precision.autocast("cpu"))
     seen, forward = [], PolicyModel.forward

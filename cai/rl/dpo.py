@@ -42,9 +42,9 @@ from cai.runtime.models import peft_config
 from cai.runtime.packing import keeps_logits, labelled_logits
 from cai.runtime.rundir import read_json, write_json
 from cai.runtime.training import fuse_lora_training, step_batches, training_args
-from cai.stats import wilson_ci
 
 REAL = "dpo_real"  # the batch key get_batch_samples adds: which pairs are real (not accelerate's repeats)
+PROMPT = "prompt_index"  # each pair's prompt, an index into the sorted prompt keys of the rows (dpo_rows)
 TOKENS_FILE = "cai_policy_tokens.json"  # in each checkpoint: the policy tokens trained on so far
 
 PACKED = True  # False: every sequence log-prob from TRL's padded forward (bench/dpo_step.py compares the two)
@@ -52,7 +52,9 @@ PACKED = True  # False: every sequence log-prob from TRL's padded forward (bench
 
 def dpo_rows(pairs: list[dict], hard: bool = False) -> list[dict]:
     """TRL's conversational preference rows from feedback pairs: the preferred side (p_a ≥ 0.5) as 'chosen',
-    and 'p', the target probability that it is the better one (≥ 0.5; 1 for hard labels unless tied)."""
+    'p', the target probability that it is the better one (≥ 0.5; 1 for hard labels unless tied), and PROMPT,
+    its prompt (`prompt_id`, else `id`, as split_pairs groups them) as an index into the rows' sorted prompts."""
+    keys = {k: i for i, k in enumerate(sorted({r.get("prompt_id", r["id"]) for r in pairs}, key=str))}
     out = []
     for r in pairs:
         p = float(soft_targets(torch.tensor(float(r["p_a"])), hard))
@@ -66,17 +68,19 @@ def dpo_rows(pairs: list[dict], hard: bool = False) -> list[dict]:
                 "chosen": [{"role": "assistant", "content": chosen}],
                 "rejected": [{"role": "assistant", "content": rejected}],
                 "p": p if a_first else 1.0 - p,
+                PROMPT: keys[r.get("prompt_id", r["id"])],
             }
         )
     return out
 
 
 class TargetCollator(DataCollatorForPreference):
-    """TRL's preference collator plus each pair's target `p`."""
+    """TRL's preference collator plus each pair's target `p` and its prompt (PROMPT)."""
 
     def torch_call(self, examples):
         out = super().torch_call(examples)
         out["p"] = torch.tensor([float(e["p"]) for e in examples], dtype=torch.float)
+        out[PROMPT] = torch.tensor([int(e[PROMPT]) for e in examples], dtype=torch.long)
         return out
 
 
@@ -112,8 +116,8 @@ class SoftDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if "p" not in self._signature_columns:
-            self._signature_columns = list(self._signature_columns) + ["p"]
+        extra = [c for c in ("p", PROMPT) if c not in self._signature_columns]
+        self._signature_columns = list(self._signature_columns) + extra
 
     def sequence_logps(self, model, inputs) -> torch.Tensor:
         """Summed log-probabilities of each row's completion tokens ([2B]: the chosen rows, then the rejected).
@@ -147,7 +151,7 @@ class SoftDPOTrainer(DPOTrainer):
         images), no length-desensitised weighting (`ld_alpha`), a model that takes a packed row."""
         return (
             PACKED
-            and set(inputs) <= {"input_ids", "attention_mask", "completion_mask", "p"}
+            and set(inputs) <= {"input_ids", "attention_mask", "completion_mask", "p", PROMPT}
             and self.ld_alpha is None
             and keeps_logits(model)
         )
@@ -167,7 +171,7 @@ class SoftDPOTrainer(DPOTrainer):
 
     def pair_logps(self, model, inputs):
         """((policy chosen, policy rejected), (reference chosen, reference rejected)) sequence log-probs."""
-        batch = {k: v for k, v in inputs.items() if k != "p"}
+        batch = {k: v for k, v in inputs.items() if k not in ("p", PROMPT)}
         policy = self.sequence_logps(model, batch).chunk(2)
         if "ref_chosen_logps" in batch:
             return policy, (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
@@ -270,38 +274,6 @@ def build_trainer(cfg, seed: int, device: str, precision, model, ref, tok, train
         peft_config=peft_config(cfg.lora) if cfg.lora is not None else None,
     )
     return fuse_lora_training(trainer)  # LoRA layers train in fewer passes over memory
-
-
-@torch.no_grad()
-def implicit_accuracy(trainer: SoftDPOTrainer) -> dict:
-    """The implicit reward model's agreement with the labels on the trainer's eval pairs: the share where
-    β·log(π/π_ref) ranks the preferred side higher (a tie counts half; pairs labelled 0.5 are left out), with its
-    Wilson interval and n, and the mean margin (the policy's forwards under autocast, as the reference's)."""
-    if trainer.eval_dataset is None or len(trainer.eval_dataset) == 0:
-        return {"n": 0}
-    model = trainer.model
-    was = model.training
-    model.eval()
-    wins, n, margins = 0.0, 0, []
-    for inputs in trainer.get_eval_dataloader():
-        inputs = trainer._prepare_inputs(inputs)
-        with trainer.accelerator.autocast():
-            (pc, pr), (rc, rr) = trainer.pair_logps(model, inputs)
-        # every process's share of the eval pairs (accelerate shards them), the last batch's padding dropped
-        margin = trainer.accelerator.gather_for_metrics((trainer.beta * ((pc - rc) - (pr - rr))).float())
-        keep = trainer.accelerator.gather_for_metrics(inputs["p"].to(margin.device).float()) != 0.5
-        wins += float(((margin > 0).float() + 0.5 * (margin == 0).float())[keep].sum())
-        n += int(keep.sum())
-        margins += margin[keep].tolist()
-    model.train(was)
-    if not n:
-        return {"n": 0}
-    return {
-        "n": n,
-        "accuracy": wins / n,
-        "ci95": list(wilson_ci(wins, n)),
-        "mean_margin": sum(margins) / n,
-    }
 
 
 class Probe:

@@ -30,6 +30,7 @@ import random
 from pathlib import Path
 
 from cai.errors import UserError
+from cai.eval.implicit import implicit_accuracy
 from cai.plots import line_chart
 from cai.pm.pairs import split_pairs
 from cai.rl import online
@@ -269,12 +270,12 @@ def run_dpo(ctx, prompts: list[dict]) -> dict:
     trainer.resume_tokens(last)
     probing.trainer = trainer
     if last is None:  # the implicit reward before training (the SFT model against itself: every pair a tie)
-        before = dpo.implicit_accuracy(trainer)
+        before = implicit_accuracy(trainer)
         if dist.is_main():
             write_json(out / "eval.json", {"held_out_before": before})
     before = (read_json(out / "eval.json") or {}).get("held_out_before") if last else before
     train_from(trainer, last)
-    after = dpo.implicit_accuracy(trainer)
+    after = implicit_accuracy(trainer)
     fp32 = settings.with_(dtype="float32", device="cpu")  # the base to merge a LoRA adapter into, in fp32
     save_trained(
         trainer,
