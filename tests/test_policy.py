@@ -435,6 +435,8 @@ def test_group_loss_over_uneven_micro_batches_is_the_minibatch_mean(tmp_path, lo
     for r in range(8):  # responses of 2 to 5 tokens
         batch.mask[r, 2 + r % 4 :] = 0
     batch.advantages *= batch.mask
+    # old log-probs moved off the current policy's, so that ratios differ from 1 and some are clipped
+    batch.logprobs.add_(0.3 * torch.randn(batch.logprobs.shape, generator=torch.Generator().manual_seed(0)))
     params = [p for p in trainer.policy.parameters() if p.requires_grad]
     trainer.opt.zero_grad(set_to_none=True)
     n, logs = trainer._loss_count(batch.mask), {k: [] for k in trainer.log_keys}
@@ -461,6 +463,15 @@ def test_group_loss_over_uneven_micro_batches_is_the_minibatch_mean(tmp_path, lo
     assert max(float(g.abs().max()) for g in want) > 1e-4
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    # the logged approx-KL and clip fraction are the minibatch's token means too, not means of the micro-batches'
+    diff = (lp - batch.logprobs).detach() * m
+    kl = float((0.5 * diff.pow(2)).sum() / m.sum())
+    clipped_share = float(
+        ((-batch.advantages * clipped > -batch.advantages * ratio).float() * m).sum() / m.sum()
+    )
+    assert trainer._pooled(logs["policy/approx_kl"]) == pytest.approx(kl, rel=1e-4)
+    assert trainer._pooled(logs["policy/clipfrac"]) == pytest.approx(clipped_share, abs=1e-6)
+    assert kl > 1e-6 and 0 < clipped_share < 1
 
 
 def test_grpo_without_reward_scaling_centres_the_same_rollouts_rewards_only(tmp_path):

@@ -190,7 +190,10 @@ class PPOConfig(Strict):
     )
     critic_warmup_updates: int = Field(0, ge=0, description="Updates that train only the critic.")
     early_stop_kl: float | None = Field(
-        None, gt=0, description="Stop an update's epochs once approx-KL exceeds this."
+        None,
+        gt=0,
+        description="Stop an update's epochs once approx-KL (the epoch's token mean, every process's tokens) "
+        "exceeds this.",
     )
     lora: LoraConfig | None = Field(
         None, description="LoRA policy; the reference is the base with adapters disabled."

@@ -118,8 +118,9 @@ class GroupTrainer(PPOTrainer):
             kl = pm.token_mean(pm.kl_k3(out["logprobs"], batch.ref_logprobs[mi]), w, n_tokens)
             loss = loss + batch.stats["_kl_coef"] * kl
             losses["loss/kl"] += float(kl.detach())
-        logs["policy/approx_kl"].append(float(st["approx_kl"]))
-        logs["policy/clipfrac"].append(float(st["clipfrac"]))
+        self._token_stats(
+            logs, mask, **{"policy/approx_kl": st["approx_kl"], "policy/clipfrac": st["clipfrac"]}
+        )
         self._check_finite(loss.detach(), "loss", update)
         self.stepper.backward(loss, last)
         return st

@@ -93,6 +93,23 @@ class OnPolicyTrainer:
         t = torch.as_tensor(float(x), dtype=torch.float64, device=self.acc.device)
         return float(dist.all_reduce_mean(t))
 
+    @staticmethod
+    def _token_stats(logs: dict, mask, **stats) -> None:
+        """Append each micro-batch statistic (a token mean over `mask`) as (sum, token count), so that
+        `_pooled` gives the token mean over every micro-batch and process, not a mean of their means."""
+        n = float(mask.sum())
+        for key, value in stats.items():
+            logs[key].append((float(value) * n, n))
+
+    def _pooled(self, values: list) -> float:
+        """Over processes: the token mean of `_token_stats` pairs, or the mean of a list of means."""
+        if values and isinstance(values[0], tuple):
+            s, n = (sum(part) for part in zip(*values))
+            t = torch.tensor([s, n], dtype=torch.float64, device=self.acc.device)
+            s, n = dist.all_reduce_sum(t).tolist()
+            return s / n if n else 0.0
+        return self._mean(sum(values) / len(values))
+
     def _check_finite(self, value, what: str, update: int) -> None:
         """Stop every process together when `value` is not finite on any of them: each saves its part of a
         checkpoint of the state that diverged, and all raise the same one-line error (a process that stopped

@@ -259,7 +259,7 @@ class PPOTrainer(OnPolicyTrainer):
                     if st is not None and epoch == 0 and m == 0 and k == 0:
                         first = st
                     if st is not None:
-                        epoch_kl.append(float(st["approx_kl"]))
+                        self._token_stats({"kl": epoch_kl}, batch.mask[mi], kl=st["approx_kl"])
                 grad_norms.append(self.stepper.step(critic_only))
                 # the sums of the micro-batch losses, averaged over processes (in `out` below): the exact token
                 # mean of the minibatch, whatever the number of processes
@@ -267,11 +267,7 @@ class PPOTrainer(OnPolicyTrainer):
                     if key != "loss/policy" or not critic_only:
                         logs[key].append(value)
             epochs_done += 1
-            if (
-                cfg.early_stop_kl is not None
-                and epoch_kl
-                and self._mean(sum(epoch_kl) / len(epoch_kl)) > cfg.early_stop_kl
-            ):
+            if cfg.early_stop_kl is not None and epoch_kl and self._pooled(epoch_kl) > cfg.early_stop_kl:
                 break
         lr = self.sched.get_last_lr()[0]  # the policy's LR in this update
         with (
@@ -279,7 +275,7 @@ class PPOTrainer(OnPolicyTrainer):
         ):  # "scheduler stepped before the optimizer": DeepSpeed steps its own copy
             warnings.simplefilter("ignore", UserWarning)
             self.sched.step()
-        out = {k: self._mean(sum(v) / len(v)) for k, v in logs.items() if v}
+        out = {k: self._pooled(v) for k, v in logs.items() if v}
         out.update({"ppo/epochs": epochs_done, "lr": lr, "grad/norm": max(grad_norms, default=0.0)})
         if first:
             out.update(self._first_step(first, update))
@@ -317,8 +313,9 @@ class PPOTrainer(OnPolicyTrainer):
             pg, st = pm.policy_loss(*args, n_tokens=n_tokens)
             loss = loss + pg
             losses["loss/policy"] += float(pg.detach())
-            logs["policy/approx_kl"].append(float(st["approx_kl"]))
-            logs["policy/clipfrac"].append(float(st["clipfrac"]))
+            self._token_stats(
+                logs, mask, **{"policy/approx_kl": st["approx_kl"], "policy/clipfrac": st["clipfrac"]}
+            )
             if split:
                 self._check_finite(pg.detach(), "loss", update)
                 self.stepper.backward(pg, last)
@@ -333,7 +330,7 @@ class PPOTrainer(OnPolicyTrainer):
         vf, vclip = pm.value_loss(*vargs, n_tokens=n_tokens)
         loss = loss + cfg.vf_coef * vf
         losses["loss/value"] += float(vf.detach())
-        logs["val/clipfrac"].append(float(vclip))
+        self._token_stats(logs, mask, **{"val/clipfrac": vclip})
         self._check_finite(loss.detach(), "loss", update)
         self.stepper.backward(loss, last)
         return st
