@@ -316,7 +316,14 @@ def test_dpo_implicit_accuracy_with_one_pair_per_prompt_is_wilsons(tmp_path, mon
 
 # ------------------------------------------------------------------------------------------ RLOO, GRPO
 def group_trainer(
-    tmp_path, algorithm: str, *, lora=False, loss_mean="token", scale_rewards=True, **overrides
+    tmp_path,
+    algorithm: str,
+    *,
+    lora=False,
+    loss_mean="token",
+    scale_rewards=True,
+    precision=None,
+    **overrides,
 ):
     from cai.rl.group import GroupTrainer
 
@@ -351,6 +358,7 @@ def group_trainer(
         seed=0,
         metrics=MetricsLog(tmp_path / "metrics.jsonl"),
         show_progress=False,
+        precision=precision,
     )
 
 

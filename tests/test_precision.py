@@ -6,6 +6,7 @@ refused."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -638,3 +639,23 @@ def test_fp32_lora_bases_stay_fp32_and_a_half_base_stays_fp32_under_sharding(mon
     assert Precision.of(bf16, "cpu").base(bf16, lora).dtype == "bfloat16"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # whole-model engines keep one dtype: fp32 as before
     assert Precision.of(bf16, "cpu").base(bf16, lora).dtype == "float32"
+
+
+def test_grpo_per_response_mean_learns_in_bf16(tmp_path, sampled_reward):
+    """GRPO with the GRPO paper's per-response mean (`loss_mean: sequence`) and its k3 term, under bf16 autocast
+    with fp32 master weights: every update starts at ratio 1 within the bf16 tolerance, losses and KL stay finite,
+    and the sampled reward rises as in fp32 (tests/test_policy.py)."""
+    from test_policy import group_trainer
+
+    settings = Settings(dtype="bfloat16", device="cpu")
+    precision = Precision.of(settings, "cpu")
+    trainer = group_trainer(tmp_path, "grpo", loss_mean="sequence", precision=precision)
+    assert trainer.precision.compute == "bfloat16" and trainer.logprobs_from_generation is False
+    start = load_model("tiny-random-llama")
+    before = sampled_reward(start, trainer.tok, trainer.prompt_ids, lowercase_fraction)
+    hist = trainer.train()
+    after = sampled_reward(trainer.policy.lm, trainer.tok, trainer.prompt_ids, lowercase_fraction)
+    assert after > before + 0.05, (before, after, [h["objective/score"] for h in hist])
+    assert all(math.isfinite(h["loss/policy"]) and math.isfinite(h["loss/kl"]) for h in hist)
+    assert hist[-1]["objective/kl_k3"] > 0
+    assert max(h["policy/first_step_approx_kl"] for h in hist) <= trainer.first_step_tolerance == 1e-3
