@@ -282,6 +282,8 @@ def test_dpo_on_two_processes_equals_one_process(runs, tmp_path):
     for key in ("held_out_before", "held_out"):
         assert evals[0][key]["n"] == evals[1][key]["n"] >= 2
         assert evals[0][key]["accuracy"] == evals[1][key]["accuracy"]
+        assert evals[0][key]["clusters"] == evals[1][key]["clusters"] >= 2  # each pair's prompt, gathered
+        assert evals[0][key]["ci95"] == evals[1][key]["ci95"]
         assert_close(evals[0][key]["mean_margin"], evals[1][key]["mean_margin"], 1e-3, key)
     tokens = [
         [r["policy_tokens"] for r in read_jsonl(out[n] / "policy" / "metrics.jsonl") if "loss" in r]
