@@ -17,13 +17,27 @@ from pydantic import ValidationError
 
 from cai.errors import UserError, where
 
+# A user's YAML file (constitution, probes, recipe, PM spec, suite) larger than this is refused unread.
+MAX_YAML_BYTES = 5_000_000
+# Tags the safe loader turns into values a JSON-like file cannot hold (bytes, a set, lists of pairs):
+# pydantic's lax mode would take bytes as text, so they are refused by name. Dates and timestamps are left to
+# the schemas (no field takes one: each gives a `file:line` "Input should be a valid string" error).
+NOT_JSON_TAGS = {f"tag:yaml.org,2002:{t}": f"!!{t}" for t in ("binary", "set", "omap", "pairs")}
+
 
 def load_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
-    """Parse a YAML file with the safe loader; return (data, {key path: 1-based line})."""
+    """Parse a YAML file with the safe loader; return (data, {key path: 1-based line}). The text is composed
+    once: the key lines are read from the nodes, and the data constructed from the same nodes."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
             f"{path}: {'a folder, where a file is expected' if path.is_dir() else 'file not found'}"
+        )
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:  # the pure-Python parser reads under 1 MB a second: refuse unread
+        raise UserError(
+            f"{path}: a YAML file of {size / 1e6:.1f} MB, over the limit of {MAX_YAML_BYTES / 1e6:g} MB "
+            "(constitutions, recipes and suites are a few KB)"
         )
     try:
         text = path.read_text(encoding="utf-8")
@@ -31,8 +45,15 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
         line = path.read_bytes().count(b"\n", 0, exc.start) + 1
         raise UserError(f"{path}:{line}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters here
+        try:
+            node = loader.get_single_node()  # what yaml.compose does, and yaml.safe_load before constructing
+            # Lines first: constructing flattens `<<` merge keys into the nodes. A problem the walk finds is
+            # raised after constructing, so a YAML error the constructor finds comes first (as it always did).
+            lines = _lines_of(path, node)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = min(mark.line + 1, max(len(text.splitlines()), 1)) if mark else None  # not past the end
@@ -43,51 +64,77 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
         raise UserError(f"{where(path, line)}: YAML does not parse: {problem}") from None
     except RecursionError:
         raise UserError(f"{path}: YAML nested too deeply to read (hundreds of levels)") from None
-    lines: dict[tuple, int] = {}
-    if node is not None:
-        try:
-            _walk(node, (), lines, set(), [0, set()])
-        except RecursionError:
-            raise UserError(f"{path}: YAML nested too deeply to read (hundreds of levels)") from None
-        except _DuplicateKey as dup:  # the safe loader would silently keep the last one
-            loc, line, first = dup.args
-            raise UserError(f"{path}:{line}: duplicate key '{dotted(loc)}' (first on line {first})") from None
-        except _BadAlias as bad:
-            raise UserError(f"{path}:{bad.args[1]}: {bad.args[0]}") from None
+    if isinstance(lines, UserError):
+        raise lines
     return data, lines
+
+
+def _lines_of(path: Path, node) -> dict[tuple, int] | UserError:
+    """{key path: line} of a composed document, or the UserError for a duplicate key, a bad alias or a value
+    that is not JSON-like (returned, not raised: `load_yaml` raises it after constructing)."""
+    lines: dict[tuple, int] = {}
+    if node is None:
+        return lines
+    try:
+        _walk(node, (), lines, set(), [0, set()])
+    except RecursionError:
+        return UserError(f"{path}: YAML nested too deeply to read (hundreds of levels)")
+    except _DuplicateKey as dup:  # the safe loader would silently keep the last one
+        loc, line, first = dup.args
+        return UserError(f"{path}:{line}: duplicate key '{dotted(loc)}' (first on line {first})")
+    except _BadNode as bad:
+        return UserError(f"{path}:{bad.args[1]}: {bad.args[0]}")
+    return lines
 
 
 class _DuplicateKey(Exception):
     pass
 
 
-class _BadAlias(Exception):
+class _BadNode(Exception):
     pass
 
 
 MAX_NODES = 100_000  # a document whose aliases repeat more than this many values is refused (an "alias bomb")
 
 
+def _not_json(node, prefix: tuple, what: str = "value") -> _BadNode | None:
+    if node.tag not in NOT_JSON_TAGS:
+        return None
+    return _BadNode(
+        f"key '{dotted(prefix) or '(top level)'}': a YAML {NOT_JSON_TAGS[node.tag]} {what}, where text, "
+        "numbers, booleans, lists or mappings are expected",
+        node.start_mark.line + 1,
+    )
+
+
 def _walk(node, prefix: tuple, lines: dict[tuple, int], path: set, count: list) -> None:
-    """Record the line of every key; refuse an alias that contains itself or aliases that expand too far.
+    """Record the line of every key; refuse an alias that contains itself, aliases that expand too far, and a
+    value or key whose tag makes it bytes, a set or a list of pairs (NOT_JSON_TAGS).
     `count`: [values reached again through an alias, ids of the nodes seen]; only repeats count toward
     MAX_NODES, so a big file without aliases is read in full."""
     line = node.start_mark.line + 1
     if id(node) in path:
-        raise _BadAlias(
+        raise _BadNode(
             f"key '{dotted(prefix)}': a YAML alias refers to itself (an anchor inside its own value)", line
         )
     count[0] += id(node) in count[1]
     count[1].add(id(node))
     if count[0] > MAX_NODES:
-        raise _BadAlias(
+        raise _BadNode(
             f"YAML aliases expand to more than {MAX_NODES} values (near key '{dotted(prefix)}')", line
         )
     lines.setdefault(prefix, line)
+    bad = _not_json(node, prefix)
+    if bad:
+        raise bad
     path.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             k = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark.line + 1)
+            bad = _not_json(key, prefix + (k,), "key")
+            if bad:
+                raise bad
             if prefix + (k,) in lines and isinstance(key, yaml.ScalarNode) and k != "<<":
                 raise _DuplicateKey(prefix + (k,), key.start_mark.line + 1, lines[prefix + (k,)])
             lines[prefix + (k,)] = key.start_mark.line + 1

@@ -425,3 +425,130 @@ def test_jsonl_readers_name_the_line_of_a_bad_byte_a_lone_surrogate_and_deep_nes
                 problems.append(f"{r.name} / {case}: {msg}")
     assert n >= 18
     assert not problems, "\n".join(problems)
+
+
+_CONSTITUTION = (
+    "name: {name}\nkind: general\nprinciples:\n  - id: a\n    critique: {critique}\n"
+    "    revision: Rewrite it.\n    feedback: Which is less harmful? Choose.\n"
+)
+
+
+@pytest.mark.parametrize(
+    "command, text, line, key, tag",
+    [
+        (
+            "constitution",
+            _CONSTITUTION.format(name="!!binary aGVsbG8=", critique="Why?"),
+            1,
+            "name",
+            "binary",
+        ),
+        (
+            "constitution",
+            _CONSTITUTION.format(name="c", critique="!!binary aGVsbG8="),
+            5,
+            "principles[0].critique",
+            "binary",
+        ),
+        (
+            "constitution",
+            _CONSTITUTION.format(name="c", critique="!!set {a, b}"),
+            5,
+            "principles[0].critique",
+            "set",
+        ),
+        ("recipe", "name: r\nsweep:\n  seed: !!set {1, 2}\n", 3, "sweep.seed", "set"),
+        ("recipe", "name: r\narms: !!omap\n  - a: {name: a}\n", 2, "arms", "omap"),
+        ("recipe", "name: r\nsweep: {seed: !!pairs [{a: 1}]}\n", 2, "sweep.seed", "pairs"),
+        ("recipe", "name: r\nsweep:\n  ? !!binary c2VlZA==\n  : [1, 2]\n", 3, "sweep.c2VlZA==", "binary"),
+    ],
+    ids=["name", "critique", "critique-set", "sweep-set", "arms-omap", "sweep-pairs", "binary-key"],
+)
+def test_yaml_tags_that_make_bytes_sets_or_pairs_are_refused(tmp_path, capsys, command, text, line, key, tag):
+    """The safe loader made `!!binary` bytes (which pydantic took as text: `name: !!binary aGVsbG8=`
+    validated as "hello"), `!!set` a set (taken as a sweep's list) and `!!omap`/`!!pairs` lists of tuples: a
+    user's file holds JSON-like values only, so each is one line naming the file, line, key and tag (exit 2)."""
+    p = tmp_path / "in.yaml"
+    p.write_text(text)
+    assert main([command, "validate", str(p)]) == 2
+    err = capsys.readouterr().err
+    what = "key" if "\n  ? " in text else "value"
+    assert err == (
+        f"error: {p}:{line}: key '{key}': a YAML !!{tag} {what}, where text, "
+        "numbers, booleans, lists or mappings are expected\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "item,tag",
+    [
+        ("name=!!binary Zm9v", "!!binary"),
+        ("sweep={seed: !!set {1, 2}}", "!!set"),
+        ("arms=[{name: a, set: {ppo.updates: !!omap [{a: 1}]}}]", "!!omap or !!pairs"),
+    ],
+)
+def test_set_values_with_non_json_tags_are_refused(item, tag):
+    """`--set name=!!binary Zm9v` named the recipe 'foo': a `--set` value holds what a recipe file may hold."""
+    from cai.config.load import load_recipe
+
+    with pytest.raises(UserError) as exc:
+        load_recipe(Path(__file__).parents[1] / "recipes" / "tiny.yaml", [item])
+    assert str(exc.value) == (
+        f"--set '{item}': a YAML {tag} value, where text, numbers, booleans, lists or mappings are expected"
+    )
+    assert load_recipe(Path(__file__).parents[1] / "recipes" / "tiny.yaml", ["name=Zm9v"]).name == "Zm9v"
+
+
+def test_dates_stay_a_one_line_schema_error_and_plain_files_still_load(tmp_path, capsys):
+    from cai.constitution.schema import load_constitution
+
+    p = tmp_path / "c.yaml"
+    p.write_text(_CONSTITUTION.format(name="c", critique="'!!binary is only text here'"))
+    assert load_constitution(p).principles[0].critique == "!!binary is only text here"
+    p.write_text(_CONSTITUTION.format(name="c", critique="2024-01-01"))
+    assert main(["constitution", "validate", str(p)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {p}:5: key 'principles[0].critique': Input should be a valid string "
+        "(got datetime.date(2024, 1, 1))\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv_of",
+    [
+        lambda p: ["recipe", "validate", str(p)],
+        lambda p: ["constitution", "validate", str(p)],
+        lambda p: ["pm", "eval", "--model", str(p.parent), "--suite", str(p)],
+    ],
+    ids=["recipe", "constitution", "suite"],
+)
+def test_a_yaml_file_over_the_size_limit_is_refused_before_parsing(tmp_path, capsys, argv_of):
+    """A 50 MB constitution took minutes to validate (the pure-Python parser, run twice): a user's YAML file
+    over MAX_YAML_BYTES is one line naming its size and the limit, at once."""
+    from cai.yamlio import MAX_YAML_BYTES
+
+    p = tmp_path / "big.yaml"
+    p.write_text("name: x\ndescription: '" + "a" * MAX_YAML_BYTES + "'\n")
+    assert main(argv_of(p)) == 2
+    err = capsys.readouterr().err
+    limit = "over the limit of 5 MB (constitutions, recipes and suites are a few KB)"
+    assert err == f"error: {p}: a YAML file of 5.0 MB, {limit}\n"
+
+
+def test_a_yaml_file_is_composed_once(tmp_path, monkeypatch):
+    """load_yaml composed the text twice (yaml.compose for the key lines, then yaml.safe_load for the data):
+    the data is now constructed from the same nodes, with the same lines and merge keys."""
+    from cai.yamlio import load_yaml
+
+    calls = []
+    compose = yaml.composer.Composer.compose_document
+    monkeypatch.setattr(
+        yaml.composer.Composer, "compose_document", lambda self: calls.append(1) or compose(self)
+    )
+    p = tmp_path / "m.yaml"
+    p.write_text("base: &b {x: 1, y: 2}\nmerged:\n  <<: *b\n  y: 3\nlist:\n  - 1\n  - {z: 2}\n")
+    data, lines = load_yaml(p)
+    assert len(calls) == 1
+    assert data == {"base": {"x": 1, "y": 2}, "merged": {"x": 1, "y": 3}, "list": [1, {"z": 2}]}
+    assert lines[("merged", "<<")] == 3 and lines[("merged", "y")] == 4 and lines[("list", 1, "z")] == 7
+    assert ("merged", "x") not in lines  # the walk reads the nodes before the merge is flattened into them

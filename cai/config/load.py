@@ -40,6 +40,17 @@ def parse_value(text: str) -> Any:
     return text if value is None and text.strip() not in NULL_WORDS else value
 
 
+_TAGS = {bytes: "!!binary", set: "!!set", tuple: "!!omap or !!pairs"}  # what the safe loader made them from
+
+
+def _not_json(value: Any):
+    """The first part of a parsed `--set` value that a JSON-like file cannot hold (bytes, a set, a pair), or None."""
+    if isinstance(value, (bytes, set, tuple)):
+        return value
+    parts = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((bad for bad in map(_not_json, parts) if bad is not None), None)
+
+
 def set_dotted(data: dict, key: str, value: Any, source: str = "--set") -> None:
     parts = key.split(".")
     node = data
@@ -186,6 +197,11 @@ def apply_overrides(data: dict, overrides: list[str] | None, base: Path | None =
         key, value = key.strip(), parse_value(text)
         if "=" not in item or not all(part.strip() for part in key.split(".")):
             raise UserError(f"--set '{item}': key.path=value is expected")
+        if _not_json(value):  # a tag such as !!binary, !!set or !!omap, as a recipe file may not hold either
+            raise UserError(
+                f"--set '{item}': a YAML {_TAGS[type(_not_json(value))]} value, where text, numbers, "
+                "booleans, lists or mappings are expected"
+            )
         try:
             info = field_at(key)
         except UserError:
