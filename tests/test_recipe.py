@@ -587,3 +587,77 @@ def test_a_setting_added_later_counts_in_the_fingerprint_only_when_set():
     assert plain["policy"]["samples_per_prompt"] == 4  # older fields are hashed at their defaults as before
     set_ = stage_config(Recipe(name="x", policy={"algorithm": "grpo", "loss_mean": "sequence"}), "policy")
     assert set_["policy"]["loss_mean"] == "sequence" and set_ != plain
+
+
+# --- an arm that overrides a --set item says so -------------------------------------------------------------
+
+
+def test_an_arm_overriding_a_command_line_set_says_so_on_stderr(tmp_path, capsys):
+    """`--set ppo.updates=1` reached every arm but one that sets ppo.updates itself, without a word: the arm's
+    value still wins, with one line per clash (the same key, or a block above or below it); none without one."""
+    from cai.config.arms import load_checked
+
+    arms = "\narms:\n  - {name: a, set: {policy.algorithm: rloo}}\n  - {name: b, set: {ppo.updates: 4}}\n"
+    arms += "  - {name: c, set: {ppo: {updates: 3, learning_rate: 0.5}}}\n"
+    path = write(tmp_path, MINI + arms)
+    recipe = load_checked(path, ["ppo.updates=1", "ppo.learning_rate=0.5", "policy.algorithm=grpo"])
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "[cai] arm 'a': its policy.algorithm=rloo overrides --set policy.algorithm=grpo "
+        "(an arm's own settings win: the arms are the recipe's experiment)",
+        "[cai] arm 'b': its ppo.updates=4 overrides --set ppo.updates=1 "
+        "(an arm's own settings win: the arms are the recipe's experiment)",
+        "[cai] arm 'c': its ppo.updates=3 overrides --set ppo.updates=1 "
+        "(an arm's own settings win: the arms are the recipe's experiment)",
+    ]  # c's learning_rate equals the --set value: no clash
+    assert recipe.ppo.updates == 1
+    load_checked(path, ["ppo={updates: 2}"])  # a --set block above the arm's key
+    assert "its ppo.updates=4 overrides --set ppo={updates: 2}" in capsys.readouterr().err
+    load_checked(path, ["ppo.rollout_batch_size=4"])
+    load_checked(path)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "algorithm,unread,read",
+    [
+        (
+            "dpo",
+            ["ppo.vf_coef=0.3", "ppo.ppo_epochs=3", "ppo.lora={r: 4}", "policy.samples_per_prompt=8"],
+            ["ppo.temperature=0.5", "ppo.response_length=7", "ppo.rollout_batch_size=2", "dpo.beta=0.2"],
+        ),
+        (
+            "rloo",
+            [
+                "ppo.vf_coef=0.3",
+                "ppo.critic=value_head",
+                "ppo.whiten_advantages=false",
+                "policy.round_prompts=3",
+            ],
+            ["policy.samples_per_prompt=2", "ppo.ppo_epochs=3", "ppo.kl_coef=0.3"],
+        ),
+        (
+            "ppo",
+            ["policy.samples_per_prompt=2", "policy.round_prompts=3"],
+            ["ppo.vf_coef=0.3", "policy.rounds=2"],
+        ),
+    ],
+)
+def test_the_policy_stage_fingerprints_only_what_its_algorithm_reads(algorithm, unread, read):
+    """A setting the arm's algorithm does not read (`policy.round_prompts` with one round, PPO's critic keys
+    for RLOO, the `ppo` training keys for DPO) reran every arm of compare-algorithms: the stage now sees it at
+    its default, so its fingerprint does not move; a setting it reads still does."""
+    from cai.config.layout import stage_config, stage_view
+
+    tiny = ROOT / "recipes" / "tiny.yaml"
+    base = [f"policy.algorithm={algorithm}"]
+    fingerprint = stage_config(load_recipe(tiny, base), "policy")
+    for item in unread:
+        recipe = load_recipe(tiny, base + [item])
+        assert stage_config(recipe, "policy") == fingerprint, item
+        block, name = item.split("=")[0].split(".")
+        view = getattr(stage_view(recipe, "policy"), block)
+        assert getattr(view, name) == type(view).model_fields[name].default, item
+        assert name in view.model_fields_set  # the stage can still say that the recipe set it
+    for item in read:
+        assert stage_config(load_recipe(tiny, base + [item]), "policy") != fingerprint, item

@@ -6,7 +6,9 @@ trust_remote_code and seed) and upstream stages; a stage whose keys depend on th
 `dpo` only for DPO, and the feedback and PM settings only with online rounds) adds them through `more`
 (`reads_of`). A stage's fingerprint hashes exactly the values of those keys
 (file references by content) and the output ids of those stages, and the stage gets a read-only view of exactly
-those keys (cai.config.view): reading another key raises.
+those keys (cai.config.view): reading another key raises. Within the policy stage's blocks, the keys its
+algorithm and number of rounds do not read (cai.config.policy.unread_settings) are in the view at their defaults,
+so that an arm does not rerun for a setting only another arm reads.
 
 With arms (`recipe.arms` / `recipe.sweep`), a stage whose configuration is the same in every arm and whose
 every input is itself shared is shared, in RUN/<stage>; each arm's other stages go in RUN/arms/<arm>/<stage>.
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cai.config.arms import expand_arms
+from cai.config.policy import unread_settings
 from cai.config.recipe import LEGACY_STAGES, Recipe
 from cai.config.recipe import STAGES as ORDER
 from cai.config.view import RecipeView, view_of
@@ -131,8 +134,10 @@ def active(recipe: Recipe, stage: str) -> bool:
 
 
 def stage_view(recipe: Recipe, stage: str) -> RecipeView:
-    """The read-only view of the recipe that `stage` gets: its declared keys only."""
-    return view_of(recipe, reads_of(recipe, stage), stage, STAGES[stage].saves_models)
+    """The read-only view of the recipe that `stage` gets: its declared keys only, those its configuration does
+    not read at their defaults (the policy stage: cai.config.policy.unread_settings)."""
+    unread = unread_settings(recipe.policy) if stage == "policy" else ()
+    return view_of(recipe, reads_of(recipe, stage), stage, STAGES[stage].saves_models, unread)
 
 
 def stage_config(recipe: Recipe, stage: str) -> dict:

@@ -276,3 +276,46 @@ class PPOConfig(Strict):
                 "(the metrics log the non-negative k3 estimate as objective/kl_k3)"
             )
         return v
+
+
+# the `ppo` block's critic and GAE settings, which the critic-free learners (RLOO, GRPO) do not read
+CRITIC_SETTINGS = (
+    "critic",
+    "critic_learning_rate",
+    "critic_warmup_updates",
+    "vf_coef",
+    "clip_range_value",
+    "gamma",
+    "lam",
+    "whiten_rewards",
+    "whiten_advantages",
+)
+# the `ppo` block's settings DPO reads: its probes sample as the on-policy rollouts do (cai.rl.rollout.sample)
+# and are scored by ppo.reward
+DPO_READS_OF_PPO = (
+    "response_length",
+    "temperature",
+    "top_k",
+    "top_p",
+    "stop_string",
+    "generation_batch_size",
+    "rollout_batch_size",
+    "max_prompt_length",
+    "reward",
+)
+
+
+def unread_settings(policy: PolicyConfig) -> tuple[str, ...]:
+    """The `policy` and `ppo` keys that this algorithm and number of rounds do not read (dotted): the policy
+    stage sees them at their defaults, so they stay out of its fingerprint (changing one reruns nothing), and a
+    recipe that sets one is told that it is ignored."""
+    out = []
+    if policy.algorithm == "dpo":
+        out += [f"ppo.{k}" for k in PPOConfig.model_fields if k not in DPO_READS_OF_PPO]
+    if policy.algorithm in ("rloo", "grpo"):
+        out += [f"ppo.{k}" for k in CRITIC_SETTINGS]
+    else:
+        out.append("policy.samples_per_prompt")
+    if policy.rounds == 1:
+        out.append("policy.round_prompts")
+    return tuple(out)

@@ -114,12 +114,21 @@ class RecipeView:
         return out
 
 
-def view_of(recipe: Recipe, keys, stage: str, saves_models: bool = True) -> RecipeView:
+def view_of(recipe: Recipe, keys, stage: str, saves_models: bool = True, unread=()) -> RecipeView:
     """The view of `keys` for `stage`. A stage that writes no model gets `settings` with the default save_dtype,
-    so changing the dtype of saved models does not rerun its generation or labelling."""
+    so changing the dtype of saved models does not rerun its generation or labelling; the dotted keys `unread`
+    (of blocks in `keys`) are at their defaults, for the same reason."""
     values = {k: value_of(recipe, k) for k in keys}
     if not saves_models and "settings" in values:
         values["settings"] = values["settings"].with_(save_dtype=type(values["settings"])().save_dtype)
+    for key in unread:
+        block, _, name = key.rpartition(".")
+        if block in values:
+            model = values[block]
+            default = type(model).model_fields[name].get_default(call_default_factory=True)
+            values[block] = model.model_copy(update={name: default})
+            # which keys the recipe set stays as it was: the stage names those it ignores (unused_settings)
+            object.__setattr__(values[block], "__pydantic_fields_set__", set(model.model_fields_set))
     return RecipeView(values, stage)
 
 
