@@ -193,3 +193,35 @@ def test_the_chain_of_thought_engine_gets_the_recipe_settings_and_vllm_memory(
     )
     kw = labeller_engine_start(monkeypatch, feedback, "labeller_check", lambda: feedback.run(ctx))
     assert (kw["trust_remote_code"], kw["seed"], kw["memory"]) == (True, 5, 0.2)
+
+
+def test_a_torn_pairs_file_is_labelled_in_the_batches_of_an_uninterrupted_run(tmp_path):
+    """A kill mid-chunk left pairs.jsonl with part of a chunk (and a torn line); the resume re-chunked what was
+    left, so later pairs met other batchmates and their labels moved by ~1e-7, changing the feedback output and
+    rerunning everything after it. A labeller whose label depends on the batch shows the difference exactly."""
+    from cai.feedback.pairs import LABEL_CHUNK, label_pairs
+
+    class Label:
+        def __init__(self, p_a):
+            self.p_a = p_a
+
+        def to_dict(self):
+            return {"p_a": self.p_a}
+
+    class BatchDependent:  # as float sums do: a pair's label depends on the batch it is scored in
+        def label(self, items, principles, desc, shard):
+            first = int(items[0].id.split("-")[1])
+            return [Label(0.5 + 0.001 * first + 1e-6 * len(items)) for _ in items]
+
+    pairs = [
+        {"id": f"p-{i}", "messages": [{"role": "user", "content": "q"}], "response_a": "a", "response_b": "b"}
+        for i in range(2 * LABEL_CHUNK + 8)
+    ]
+    principles = [["harm"]] * len(pairs)
+    straight, resumed = tmp_path / "straight.jsonl", tmp_path / "resumed.jsonl"
+    label_pairs(BatchDependent(), pairs, principles, straight)
+    lines = straight.read_text().splitlines(keepends=True)
+    resumed.write_text("".join(lines[:20]) + lines[20][: len(lines[20]) // 2])  # killed in chunk 1
+    label_pairs(BatchDependent(), pairs, principles, resumed)
+    assert read_jsonl(resumed) == read_jsonl(straight)
+    assert len({r["p_a"] for r in read_jsonl(straight)}) == 3  # three batches

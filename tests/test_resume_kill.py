@@ -137,3 +137,27 @@ def test_a_kill_while_an_hf_checkpoint_is_saved_leaves_the_run_resumable(tmp_pat
     (hf / "checkpoint-2" / TOKEN_FILE).unlink()
     with pytest.raises(UserError, match="not written by this run"):
         resume_point(hf, metrics, "sft", "token-a")
+
+
+def test_a_kill_while_a_resume_rewrites_the_metrics_log_keeps_its_rows(tmp_path):
+    """A resume drops the rows logged after its checkpoint by rewriting metrics.jsonl. It was unlink, then append:
+    a kill between the two (here: the process SIGKILLs itself when the rows are serialised) left no file, and the
+    next resume kept none of the rows before the checkpoint. The rewrite is now one rename of a synced file."""
+    hf, metrics = tmp_path / "hf", tmp_path / "metrics.jsonl"
+    (hf / "checkpoint-2").mkdir(parents=True)
+    (hf / "checkpoint-2" / STATE_FILE).write_text(json.dumps({"global_step": 2}))
+    append_jsonl(metrics, [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)])  # step 3 after the checkpoint
+    child = (
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from pathlib import Path\n"
+        "import cai.runtime.rundir as rundir\n"
+        "from cai.runtime.training import resume_point\n"
+        "rundir.json.dumps = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"resume_point(Path({str(hf)!r}), Path({str(metrics)!r}), 'sft')\n"
+    )
+    assert subprocess.run([sys.executable, "-c", child]).returncode == -signal.SIGKILL
+    assert [r["step"] for r in read_jsonl(metrics)] == [1, 2, 3]  # the old rows, whole
+    assert resume_point(hf, metrics, "sft") == str(hf / "checkpoint-2")
+    assert [r["step"] for r in read_jsonl(metrics)] == [1, 2]
+    assert not list(tmp_path.glob("metrics.jsonl.tmp*"))

@@ -74,10 +74,16 @@ def form_pairs(
 
 def label_pairs(labeller, pairs: list[dict], principles: list[list], out_path: Path) -> None:
     """Label the pairs not yet in `out_path`, each under its sampled principles, appending chunk by chunk.
-    Every process takes part (the option scoring is split between them); the main process appends."""
+    Every process takes part (the option scoring is split between them); the main process appends. The chunks
+    are fixed slices of `pairs`: one a kill left partly written is labelled whole again and only its missing rows
+    appended, so that every pair is scored in the batch it has in an uninterrupted run (the same labels to the
+    last bit, where re-chunking the rest moved batch boundaries and labels by ~1e-7)."""
     done = {row["id"] for row in resumed_rows(out_path)}
-    todo = [i for i, p in enumerate(pairs) if p["id"] not in done]
-    chunks = [todo[s : s + LABEL_CHUNK] for s in range(0, len(todo), LABEL_CHUNK)]
+    chunks = [
+        list(range(s, min(s + LABEL_CHUNK, len(pairs))))
+        for s in range(0, len(pairs), LABEL_CHUNK)
+        if any(p["id"] not in done for p in pairs[s : s + LABEL_CHUNK])
+    ]
     for n, chunk in enumerate(chunks):
         results = labeller.label(
             [
@@ -91,7 +97,11 @@ def label_pairs(labeller, pairs: list[dict], principles: list[list], out_path: P
             shard=True,
         )
         if dist.is_main():
-            rows = [{**pairs[i], **res.to_dict(), "source": "ai"} for i, res in zip(chunk, results)]
+            rows = [
+                {**pairs[i], **res.to_dict(), "source": "ai"}
+                for i, res in zip(chunk, results)
+                if pairs[i]["id"] not in done
+            ]
             append_jsonl(out_path, rows)
 
 

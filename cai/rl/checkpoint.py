@@ -22,7 +22,7 @@ from cai.errors import UserError
 from cai.rl import engine
 from cai.rl.modules import load_trainable_state, trainable_state
 from cai.runtime import distributed as dist
-from cai.runtime.rundir import append_jsonl, read_jsonl
+from cai.runtime.rundir import read_jsonl, rewrite_jsonl
 from cai.runtime.training import check_token, check_world_size, merged_lora
 
 PREFIX = "step-"
@@ -186,8 +186,7 @@ def _drop_rows_after(trainer) -> None:
         rows = read_jsonl(trainer.metrics.path)
         kept = [r for r in rows if r.get("step", 0) <= trainer.step]
         if len(kept) < len(rows):
-            Path(trainer.metrics.path).unlink(missing_ok=True)
-            append_jsonl(trainer.metrics.path, kept)
+            rewrite_jsonl(trainer.metrics.path, kept)
 
 
 def save_trainer(trainer, step: int, name: str | None = None) -> Path:

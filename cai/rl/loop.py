@@ -22,7 +22,7 @@ from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
 from cai.runtime.forward import fused_lora_linears
 from cai.runtime.generate import HFBackend
-from cai.runtime.rundir import SAMPLES, append_jsonl, read_jsonl
+from cai.runtime.rundir import SAMPLES, append_jsonl, read_jsonl, rewrite_jsonl
 from cai.runtime.settings import Precision, keep_freed_memory
 
 
@@ -183,8 +183,7 @@ class OnPolicyTrainer:
             path = self.out_dir / SAMPLES
             kept = [r for r in read_jsonl(path) if r.get("update", 0) <= update]
             if len(kept) != len(read_jsonl(path)):  # a resumed update: drop what the killed run logged of it
-                path.unlink()
-                append_jsonl(path, kept)
+                rewrite_jsonl(path, kept)
             append_jsonl(path, gathered)
 
     def _first_step(self, st: dict, update: int) -> dict:

@@ -28,8 +28,6 @@ RECIPE = "recipe.json"  # RUN/recipe.json: the recipe the run was made with (cai
 # what `cai run` writes first into a run directory (the lock, then the recipe and run.json): any one of them
 # marks a folder as a cai run directory, even one whose first run was killed at once
 MARKERS = (LOCK, RECIPE, RUN_INFO)
-
-
 SAMPLES = "samples.jsonl"  # an on-policy stage's sampled responses with their scores (cai.rl.loop)
 
 
@@ -257,11 +255,7 @@ def read_manifest(stage_dir: str | Path) -> dict | None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename) so an interruption never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
+    _replace_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -315,15 +309,32 @@ def append_jsonl(path: str | Path, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def rewrite_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Replace a JSONL file's rows atomically (a synced temp file renamed over it): a kill while a resumed run
+    rewrites its log leaves the old rows or the new ones, never no file. No rows: no file."""
+    if not rows:
+        return Path(path).unlink(missing_ok=True)
+    _replace_bytes(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+
+
+def _replace_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 def repair_jsonl(path: str | Path) -> None:
-    """Drop a truncated trailing line left by a kill, so appends start on a clean line."""
+    """Drop a truncated trailing line left by a kill, so appends start on a clean line (atomically)."""
     path = Path(path)
     if not path.is_file():
         return
     raw = path.read_bytes()
     if raw and not raw.endswith(b"\n"):
-        cut = raw.rfind(b"\n") + 1
-        path.write_bytes(raw[:cut])
+        _replace_bytes(path, raw[: raw.rfind(b"\n") + 1])
 
 
 def resumed_rows(path: str | Path) -> list[dict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from cai.errors import UserError
 from cai.runtime import distributed as dist
 from cai.runtime.forward import fused_lora_linears
-from cai.runtime.rundir import NOT_SEALED, append_jsonl, read_jsonl
+from cai.runtime.rundir import NOT_SEALED, read_jsonl, rewrite_jsonl
 from cai.runtime.settings import cast_keeping_fp32_heads, lora_base_may_be_half
 
 
@@ -223,9 +223,7 @@ def resume_point(ckpt_dir: Path, metrics_path: Path, what: str, run_token: str |
             )
             shutil.rmtree(p, ignore_errors=True)
         if last:
-            rows = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= step]
-            metrics_path.unlink(missing_ok=True)
-            append_jsonl(metrics_path, rows)
+            rewrite_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= step])
             print(f"[cai] {what}: resuming from {last}", flush=True)
         else:
             metrics_path.unlink(missing_ok=True)

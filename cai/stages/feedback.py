@@ -23,7 +23,7 @@ from cai.feedback.labeller import build_labeller
 from cai.feedback.pairs import form_pairs, label_pairs, labeller_check, pair_stats, sample_responses
 from cai.runtime import distributed as dist
 from cai.runtime.models import load_for_inference
-from cai.runtime.rundir import append_jsonl, read_jsonl, write_json
+from cai.runtime.rundir import append_jsonl, read_jsonl, rewrite_jsonl, write_json
 
 
 def policy_ref(ctx) -> str:
@@ -49,8 +49,7 @@ def run(ctx) -> Path:
     responses = sample_responses(policy_ref(ctx), c.settings, gen, prompts, k, shared, cfg.policy)
     local = ctx.out_dir / "responses.jsonl"
     if shared != local and dist.is_main():
-        local.unlink(missing_ok=True)
-        append_jsonl(local, responses)
+        rewrite_jsonl(local, responses)
     constitution = load_constitution(c.feedback_constitution)
     pairs, identical = form_pairs(
         prompts, responses, k, cfg.max_pairs_per_prompt, random.Random(f"{seed}:pairs")
