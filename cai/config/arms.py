@@ -8,12 +8,14 @@ are given). Each arm is a full `Recipe`, validated like one.
 from __future__ import annotations
 
 import itertools
+import json
 import re
+import sys
 from typing import Any
 
 from pydantic import ValidationError
 
-from cai.config.load import load_recipe, validate_dotted_key
+from cai.config.load import load_recipe, parse_value, validate_dotted_key
 from cai.config.recipe import Recipe
 from cai.errors import UserError
 from cai.errors import where as file_line
@@ -100,8 +102,8 @@ def arm_recipe(base: Recipe, overrides: dict[str, Any], where: str) -> Recipe:
         raise UserError(f"{where}: {loc}: {err['msg']}") from None
 
 
-def expand_arms(recipe: Recipe) -> list[tuple[str, Recipe]]:
-    """[(arm name, arm recipe)] in declaration order; [] for a recipe without arms or sweep."""
+def _named_overrides(recipe: Recipe) -> list[tuple[str, dict[str, Any], str]]:
+    """[(arm name, its dotted-key overrides, where they were written)] in declaration order."""
     named = [(a.name, dict(a.set), f"arms.{i} ({a.name})") for i, a in enumerate(recipe.arms or [])]
     if recipe.sweep:
         keys = list(recipe.sweep)
@@ -116,8 +118,13 @@ def expand_arms(recipe: Recipe) -> list[tuple[str, Recipe]]:
             pname = sweep_point_name(point)
             name = f"{aname}_{pname}" if aname else pname
             named.append((name, {**aset, **point}, (awhere + " × " if awhere else "") + f"sweep {pname}"))
+    return named
+
+
+def expand_arms(recipe: Recipe) -> list[tuple[str, Recipe]]:
+    """[(arm name, arm recipe)] in declaration order; [] for a recipe without arms or sweep."""
     out, seen = [], set()
-    for name, overrides, where in named:
+    for name, overrides, where in _named_overrides(recipe):
         if not name or _SAFE.sub("-", name) != name or name in (".", ".."):
             raise UserError(f"{where}: arm name '{name}' must use only letters, digits and . _ + = -")
         if name in seen:
@@ -127,12 +134,61 @@ def expand_arms(recipe: Recipe) -> list[tuple[str, Recipe]]:
     return out
 
 
+_MISSING = object()
+
+
+def _value_at(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return _MISSING
+        data = data[part]
+    return data
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _overrides_set(leaf: str, key: str, item: str) -> bool:
+    """Whether an arm's `leaf` key replaces what the `--set` item `item` (of `key`) set: the same key, a key
+    above it (a value that is not a block replaces the whole of it), or one the item's block names."""
+    if leaf == key or key.startswith(leaf + "."):
+        return True
+    inside = leaf[len(key) + 1 :] if leaf.startswith(key + ".") else None
+    return inside is not None and _value_at(parse_value(item.partition("=")[2]), inside) is not _MISSING
+
+
+def set_clashes(recipe: Recipe, arms: list[tuple[str, Recipe]]) -> list[str]:
+    """One line per arm key that overrides a command-line `--set` of the same key (or of a block above or below
+    it) with another value: the arm's value wins (the arms are the recipe's experiment), so say so."""
+    sets = recipe.source.overrides if recipe.source is not None else {}
+    if not sets or not arms:
+        return []
+    base, lines = recipe.model_dump(mode="json"), []
+    for (name, overrides, _), (_, arm) in zip(_named_overrides(recipe), arms):
+        data = arm.model_dump(mode="json")
+        for key, value in overrides.items():
+            keys = _keys_set(key, value)
+            for leaf in (k for k in keys if not any(o.startswith(k + ".") for o in keys)):
+                mine = _value_at(data, leaf)
+                if mine is _MISSING or mine == _value_at(base, leaf):
+                    continue
+                lines += [
+                    f"[cai] arm '{name}': its {leaf}={_show(mine)} overrides --set {item} "
+                    "(an arm's own settings win: the arms are the recipe's experiment)"
+                    for s, item in sets.items()
+                    if _overrides_set(leaf, s, item)
+                ]
+    return lines
+
+
 def load_checked(path, overrides: list[str] | None = None) -> Recipe:
     """A recipe file read and validated (cai.config.load.load_recipe) with its arms and sweep expanded, each arm
-    validated as a recipe, so that a bad override is reported at the file and line that wrote it."""
+    validated as a recipe, so that a bad override is reported at the file and line that wrote it. An arm that
+    sets a key a `--set` item also sets keeps its own value, with a line on stderr for each (`set_clashes`)."""
     recipe = load_recipe(path, overrides)
     try:
-        expand_arms(recipe)
+        arms = expand_arms(recipe)
     except UserError as exc:
         m = re.match(r"arms\.(\d+)", str(exc))
         loc = ("arms", int(m.group(1))) if m else ("sweep",) if str(exc).startswith("sweep") else ("arms",)
@@ -140,4 +196,6 @@ def load_checked(path, overrides: list[str] | None = None) -> Recipe:
             raise UserError(f"{recipe.source.locate(loc)}: {exc}") from None
         _, lines = load_yaml(path)
         raise UserError(f"{file_line(path, line_of(lines, loc))}: {exc}") from None
+    for line in set_clashes(recipe, arms):
+        print(line, file=sys.stderr, flush=True)
     return recipe
