@@ -224,7 +224,7 @@ def test_dpo_grad_accum_and_a_partial_last_batch_take_the_one_batch_step(tmp_pat
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (key, a["step"], k)
 
 
-def test_the_dpo_probe_runs_on_every_process_and_the_main_one_logs_it():
+def test_the_dpo_probe_runs_on_every_process_and_the_main_one_logs_it(tmp_path):
     """The probe ran on the main process only: under ZeRO-3 or FSDP its forwards need every rank's shard, so the
     main process waited for the others forever. Every rank samples the same prompts; only rank 0 logs."""
     from types import SimpleNamespace
@@ -232,7 +232,7 @@ def test_the_dpo_probe_runs_on_every_process_and_the_main_one_logs_it():
     from cai.rl.dpo import probe_callback
 
     calls, logged = [], []
-    metrics = SimpleNamespace(log=lambda row, step: logged.append(step))
+    metrics = SimpleNamespace(log=lambda row, step: logged.append(step), path=tmp_path / "metrics.jsonl")
     cb = probe_callback(lambda lm, ref: calls.append(lm) or {"objective/kl": 0.0}, metrics, every=2)
     for main in (True, False):
         calls.clear(), logged.clear()
@@ -519,10 +519,57 @@ def test_critic_free_arms_name_the_critic_settings_they_ignore():
     )
     arms = dict(expand_arms(recipe))
     expected = ["ppo.vf_coef", "ppo.lam", "ppo.whiten_advantages"]
-    assert unused_settings(arms["rloo"].ppo, "rloo") == expected
-    assert unused_settings(arms["rloo"].ppo, "grpo") == expected
-    assert unused_settings(arms["ppo"].ppo, "ppo") == []
-    assert unused_settings(load_recipe(ROOT / "recipes" / "compare-algorithms.yaml").ppo, "rloo") == []
+
+    def critic_keys(arm, algorithm):
+        policy = arm.policy.model_copy(update={"algorithm": algorithm})
+        return [k for k in unused_settings(arm.ppo, policy) if k.startswith("ppo.")]
+
+    assert critic_keys(arms["rloo"], "rloo") == expected
+    assert critic_keys(arms["rloo"], "grpo") == expected
+    assert critic_keys(arms["ppo"], "ppo") == []
+    assert critic_keys(load_recipe(ROOT / "recipes" / "compare-algorithms.yaml"), "rloo") == []
+
+
+def test_each_arm_names_the_settings_its_algorithm_or_round_count_does_not_read(tmp_path, capsys):
+    """policy.samples_per_prompt with PPO or DPO, policy.round_prompts with one round and the `ppo` block's
+    training keys with DPO were accepted and ignored without a word; DPO's probe reads the sampling keys."""
+    from test_recipe import MINI, ROOT, write
+
+    from cai.config.arms import expand_arms
+    from cai.config.load import load_recipe
+    from cai.stages.policy import unused_settings, warn_unused
+
+    sets = ["ppo.vf_coef=0.5", "ppo.temperature=0.9", "ppo.max_prompt_length=64", "ppo.reward=pm"]
+    printed = {}
+    for name, arm in expand_arms(load_recipe(ROOT / "recipes" / "compare-algorithms.yaml", sets)):
+        warn_unused(arm)
+        printed[name] = capsys.readouterr().out
+    assert printed["ppo"] == (
+        "[cai] policy: ppo with 1 round does not read policy.samples_per_prompt, policy.round_prompts; "
+        "ignoring them\n"
+    )
+    assert "does not read ppo.vf_coef, policy.round_prompts;" in printed["rloo"]
+    dpo = printed["dpo"]
+    for key in ("ppo.updates", "ppo.ppo_epochs", "ppo.learning_rate", "ppo.vf_coef", "ppo.lora"):
+        assert key in dpo
+    for key in ("temperature", "max_prompt_length", "rollout_batch_size", "response_length", "reward"):
+        assert f"ppo.{key}" not in dpo  # the probe samples, cuts and scores with them
+    assert "policy.samples_per_prompt" in dpo and "policy.round_prompts" in dpo
+    assert printed["online"].startswith(
+        "[cai] policy: ppo with 2 rounds does not read policy.samples_per_prompt;"
+    )
+    path = write(tmp_path, MINI)
+    for algorithm, keys in [
+        ("ppo", ["ppo.ppo_epochs=2", "ppo.vf_coef=0.5", "policy.rounds=2", "policy.round_prompts=3"]),
+        ("rloo", ["policy.samples_per_prompt=2", "policy.loss_mean=sequence", "ppo.kl_coef=0.1"]),
+        ("grpo", ["policy.scale_rewards=false", "policy.samples_per_prompt=2"]),
+        ("dpo", ["ppo.temperature=0.9", "ppo.rollout_batch_size=2", "ppo.stop_string=END", "dpo.beta=0.2"]),
+    ]:
+        warn_unused(load_recipe(path, [f"policy.algorithm={algorithm}", *keys]))
+        assert capsys.readouterr().out == "", algorithm  # every key set is one the algorithm reads
+    both = load_recipe(path, ["ppo.rollout_batch_size=4", "ppo.generation_batch_size=2"])
+    dpo = both.policy.model_copy(update={"algorithm": "dpo"})
+    assert unused_settings(both.ppo, dpo) == ["ppo.rollout_batch_size"]  # the probe's batch is the latter
 
 
 @pytest.mark.parametrize("critic", ["separate", "value_head"])

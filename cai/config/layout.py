@@ -136,7 +136,7 @@ def active(recipe: Recipe, stage: str) -> bool:
 def stage_view(recipe: Recipe, stage: str) -> RecipeView:
     """The read-only view of the recipe that `stage` gets: its declared keys only, those its configuration does
     not read at their defaults (the policy stage: cai.config.policy.unread_settings)."""
-    unread = unread_settings(recipe.policy) if stage == "policy" else ()
+    unread = unread_settings(recipe.policy, recipe.ppo) if stage == "policy" else ()
     return view_of(recipe, reads_of(recipe, stage), stage, STAGES[stage].saves_models, unread)
 
 

@@ -305,17 +305,21 @@ DPO_READS_OF_PPO = (
 )
 
 
-def unread_settings(policy: PolicyConfig) -> tuple[str, ...]:
+def unread_settings(policy: PolicyConfig, ppo: PPOConfig | None = None) -> tuple[str, ...]:
     """The `policy` and `ppo` keys that this algorithm and number of rounds do not read (dotted): the policy
     stage sees them at their defaults, so they stay out of its fingerprint (changing one reruns nothing), and a
-    recipe that sets one is told that it is ignored."""
+    recipe that sets one is told that it is ignored (cai.stages.policy.unused_settings)."""
     out = []
-    if policy.algorithm == "dpo":
-        out += [f"ppo.{k}" for k in PPOConfig.model_fields if k not in DPO_READS_OF_PPO]
+    if policy.algorithm == "dpo":  # rollout_batch_size only as the default generation_batch_size
+        own_batch = ppo is not None and ppo.generation_batch_size is not None
+        reads = [k for k in DPO_READS_OF_PPO if not (own_batch and k == "rollout_batch_size")]
+        out += [f"ppo.{k}" for k in PPOConfig.model_fields if k not in reads]
     if policy.algorithm in ("rloo", "grpo"):
         out += [f"ppo.{k}" for k in CRITIC_SETTINGS]
     else:
-        out.append("policy.samples_per_prompt")
+        out += ["policy.samples_per_prompt", "policy.loss_mean"]
+    if policy.algorithm != "grpo":
+        out.append("policy.scale_rewards")
     if policy.rounds == 1:
         out.append("policy.round_prompts")
     return tuple(out)

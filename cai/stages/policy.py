@@ -29,6 +29,7 @@ import dataclasses
 import random
 from pathlib import Path
 
+from cai.config.policy import unread_settings
 from cai.errors import UserError
 from cai.eval.implicit import implicit_accuracy
 from cai.plots import line_chart
@@ -164,34 +165,29 @@ def on_policy_trainer(ctx, cfg, acc, prompts, pm_dir, metrics):
     )
 
 
-# the `ppo` block's critic and GAE settings, which the critic-free learners (RLOO, GRPO) do not read
-CRITIC_SETTINGS = (
-    "critic",
-    "critic_learning_rate",
-    "critic_warmup_updates",
-    "vf_coef",
-    "clip_range_value",
-    "gamma",
-    "lam",
-    "whiten_rewards",
-    "whiten_advantages",
-)
+def unused_settings(ppo, policy) -> list[str]:
+    """The keys the recipe set (not defaults) that its algorithm and number of rounds do not read
+    (cai.config.policy.unread_settings; the stage sees them at their defaults). Arms of one recipe share these
+    blocks, so they are named, not refused."""
+    given = {"ppo": ppo.model_fields_set, "policy": policy.model_fields_set}
+    return [k for k in unread_settings(policy, ppo) if k.partition(".")[2] in given[k.partition(".")[0]]]
 
 
-def unused_settings(ppo, algorithm: str) -> list[str]:
-    """The critic and GAE settings the recipe sets in its `ppo` block that `algorithm` does not read (an arm of a
-    recipe whose `ppo` block serves PPO and RLOO alike may set them; they only matter to PPO)."""
-    if algorithm not in ("rloo", "grpo"):
-        return []
-    return [f"ppo.{k}" for k in CRITIC_SETTINGS if k in ppo.model_fields_set]
+def warn_unused(config) -> None:
+    """Print, once, the settings `unused_settings` names for this recipe's policy stage."""
+    p = config.policy
+    unused = unused_settings(config.ppo, p)
+    if unused and dist.is_main():
+        rounds = f" with {p.rounds} round{'s' if p.rounds > 1 else ''}"
+        print(
+            f"[cai] policy: {p.algorithm}{rounds} does not read {', '.join(unused)}; ignoring them",
+            flush=True,
+        )
 
 
 def run_on_policy(ctx, prompts: list[dict]) -> None:
     """PPO, RLOO or GRPO, in `policy.rounds` rounds of `ppo.updates` updates (online RLAIF between rounds)."""
     c, out = ctx.config, ctx.out_dir
-    unused = unused_settings(c.ppo, c.policy.algorithm)
-    if unused and dist.is_main():
-        print(f"[cai] policy: {c.policy.algorithm} has no critic; ignoring {', '.join(unused)}", flush=True)
     rounds, per_round = c.policy.rounds, c.ppo.updates
     if rounds > 1 and c.ppo.reward != "pm":
         raise UserError(
@@ -296,6 +292,7 @@ def run(ctx) -> Path:
     if not (sft_dir / "config.json").is_file():
         raise UserError(f"{sft_dir}: the SFT model is missing (run the sft stage first)")
     prompts = load_prompts(ctx.input_dir("critique_revise") / "prompts.jsonl")
+    warn_unused(c)
     evaluation = run_dpo(ctx, prompts) if algorithm == "dpo" else None
     if algorithm != "dpo":
         run_on_policy(ctx, prompts)
