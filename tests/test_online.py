@@ -169,3 +169,50 @@ def test_a_rounds_chain_of_thought_labeller_gets_the_recipe_settings_and_vllm_me
         lambda: online.sample_and_label(view, tmp_path / "policy", 2, prompts),
     )
     assert (kw["trust_remote_code"], kw["seed"], kw["memory"]) == (True, 5, 0.2)
+
+
+def test_dpo_killed_after_its_last_checkpoint_still_logs_its_last_probe(run_copy, monkeypatch):
+    """A kill after DPO's last checkpoint, before its closing probe (on_train_end): the rerun found every step
+    done, never trained, so never probed; the log and the stage summary then ended at the probe before."""
+    from cai.rl import dpo
+
+    rdir, make = run_copy
+    sets = ("policy.algorithm=dpo", "dpo.max_steps=3", "dpo.save_steps=1", "dpo.probe_every=2")
+    sets += ("dpo.batch_size=4", "dpo.learning_rate=1e-3")
+    straight_dir = rdir.with_name("straight")
+    shutil.copytree(rdir, straight_dir)
+    straight = make(*sets, f"run_dir={straight_dir}")  # a later --set item wins
+    torch.manual_seed(0)
+    pipeline.run(straight, only=["policy"], quiet=True)
+    real = dpo.probe_callback
+
+    def killed_at_the_end(*args, **kwargs):
+        cb = real(*args, **kwargs)
+
+        def on_train_end(*a, **k):
+            raise KeyboardInterrupt
+
+        cb.on_train_end = on_train_end
+        return cb
+
+    monkeypatch.setattr(dpo, "probe_callback", killed_at_the_end)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(make(*sets), only=["policy"], quiet=True)
+    assert read_manifest(rdir / "policy")["status"] == "interrupted"
+    monkeypatch.setattr(dpo, "probe_callback", real)
+    pipeline.run(make(*sets), only=["policy"], quiet=True)
+
+    def probes(d):
+        return [
+            (r["step"], r["objective/kl"])
+            for r in read_jsonl(d / "policy" / "metrics.jsonl")
+            if "objective/kl" in r
+        ]
+
+    assert probes(rdir) == probes(straight_dir) and probes(rdir)[-1][0] == 3
+    summary, want = (read_manifest(d / "policy")["summary"] for d in (rdir, straight_dir))
+    timing = {k for k in want if k.startswith("seconds")}
+    assert {k: v for k, v in summary.items() if k not in timing} == {
+        k: want[k] for k in want if k not in timing
+    }

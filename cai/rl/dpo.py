@@ -40,7 +40,7 @@ from cai.runtime.forward import selected_logprobs
 from cai.runtime.generate import HFBackend
 from cai.runtime.models import peft_config
 from cai.runtime.packing import keeps_logits, labelled_logits
-from cai.runtime.rundir import read_json, write_json
+from cai.runtime.rundir import read_json, read_jsonl, write_json
 from cai.runtime.training import fuse_lora_training, step_batches, training_args
 
 REAL = "dpo_real"  # the batch key get_batch_samples adds: which pairs are real (not accelerate's repeats)
@@ -340,12 +340,15 @@ class Probe:
 def probe_callback(probe: Probe, metrics, every: int, ref_lm=None):
     """A TrainerCallback that runs the probe before the first step, every `every` steps and after the last, on
     every process (the same prompts and seeds: sharded weights (ZeRO-3, FSDP) need every rank in each forward,
-    and under DDP the others would wait for it anyway); the main process logs its row at the step it ran."""
+    and under DDP the others would wait for it anyway); the main process logs its row at the step it ran. A
+    resumed run skips the steps the log already has a probe row for; `finish` runs the last probe where a kill
+    after the last checkpoint left training nothing to do (so no on_train_end)."""
     from transformers import TrainerCallback
 
     class Probing(TrainerCallback):
         def __init__(self):
-            self.trainer, self.done = None, set()
+            self.trainer = None
+            self.done = {r.get("step") for r in read_jsonl(metrics.path) if "objective/kl" in r}
 
         def _run(self, state, model):
             if state.global_step in self.done:
@@ -368,5 +371,8 @@ def probe_callback(probe: Probe, metrics, every: int, ref_lm=None):
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
             self._run(state, model)
+
+        def finish(self, trainer):
+            self._run(trainer.state, trainer.model)
 
     return Probing()

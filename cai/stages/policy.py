@@ -271,6 +271,7 @@ def run_dpo(ctx, prompts: list[dict]) -> dict:
             write_json(out / "eval.json", {"held_out_before": before})
     before = (read_json(out / "eval.json") or {}).get("held_out_before") if last else before
     train_from(trainer, last)
+    probing.finish(trainer)  # the last probe, where a kill after the last checkpoint left no step to train
     after = implicit_accuracy(trainer)
     fp32 = settings.with_(dtype="float32", device="cpu")  # the base to merge a LoRA adapter into, in fp32
     save_trained(
