@@ -117,7 +117,8 @@ def curves_png(
     path: Path, panels: list[tuple[str, str]], data: dict[str, dict[str, tuple[list, list]]], title: str = ""
 ) -> Path | None:
     """A grid of small line charts, one panel per (metric key, panel title), one line per label of `data`
-    ({label: {metric key: (steps, values)}})."""
+    ({label: {metric key: (steps, values)}}), each label in one colour in every panel (also where a label
+    lacks a panel's metric, as DPO lacks policy/clipfrac)."""
     plt = _pyplot()
     panels = [(k, t) for k, t in panels if any(k in d for d in data.values())]
     if not panels:
@@ -125,13 +126,14 @@ def curves_png(
     cols = 2 if len(panels) > 1 else 1
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.3 * rows), dpi=100, squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {label: cycle[i % len(cycle)] for i, label in enumerate(data)}  # a label's colour in every panel
     for ax, (key, name) in zip(axes.flat, panels):
         for label, d in data.items():
             if key in d:
                 xs, ys = d[key]
-                ax.plot(
-                    xs, ys, marker="o" if len(xs) <= 20 else None, markersize=3, linewidth=1.6, label=label
-                )
+                marker = "o" if len(xs) <= 20 else None
+                ax.plot(xs, ys, marker=marker, markersize=3, linewidth=1.6, label=label, color=colour[label])
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

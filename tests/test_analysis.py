@@ -257,3 +257,52 @@ def test_rows_appended_after_a_torn_last_line_start_on_a_line_of_their_own(tmp_p
     log.write_bytes(log.read_bytes() + b'{"step": 3, "loss"')  # killed while writing step 3
     append_jsonl(log, [{"step": 3}, {"step": 4}])
     assert read_jsonl(log) == [{"step": s} for s in (1, 2, 3, 4)]
+
+
+def test_each_label_keeps_its_colour_in_every_curve_panel(tmp_path, monkeypatch):
+    """DPO logs no policy/clipfrac: in that panel the arms after it took the next colour of the cycle, so an
+    arm's colour changed from panel to panel of ppo_curves.png."""
+    import matplotlib.figure
+
+    from cai.plots import curves_png
+
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))
+    )
+    on_policy = {"objective/score": ([1, 2], [0.1, 0.2]), "policy/clipfrac": ([1, 2], [0.0, 0.1])}
+    data = {
+        "ppo": on_policy,
+        "dpo": {"objective/score": ([0, 2], [0.1, 0.3])},
+        "rloo": on_policy,
+        "online": on_policy,
+    }
+    panels = [("objective/score", "PM score"), ("policy/clipfrac", "clip fraction")]
+    assert curves_png(tmp_path / "curves.png", panels, data)
+    (fig,) = figures
+    colours = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes[:2]]
+    assert set(colours[0]) == set(data) and set(colours[1]) == {"ppo", "rloo", "online"}
+    assert all(colours[1][label] == colours[0][label] for label in colours[1])
+    assert len(set(colours[0].values())) == len(data)
+
+
+def test_the_fit_table_counts_points_and_says_they_are_a_dpo_runs_probes(tmp_path):
+    """The row said "updates" and gave DPO's 3 probes though DPO took 4 steps; the curve panel called the raw
+    objective/score "PM score (reward)" though objective/reward is another number (normalised score − β·Σ KL)."""
+    from types import SimpleNamespace
+
+    from cai.report.sections import PPO_PANELS, ppo_section
+
+    kl, r = _synthetic(0.1, 0.5, n=4)
+    rows = [
+        {"step": 2 * i, "objective/kl_k3": k, "objective/score": s} for i, (k, s) in enumerate(zip(kl, r))
+    ]
+    append_jsonl(tmp_path / "run" / "policy" / "metrics.jsonl", rows)
+    index = SimpleNamespace(stage_dir=lambda stage, arm: tmp_path / "run" / stage)
+    rep = SimpleNamespace(arms=[None], label=lambda a: "dpo", out=tmp_path / "out", data={}, index=index)
+    md = "\n".join(ppo_section(rep))
+    assert "| points (PPO/RLOO/GRPO: updates; DPO: probes) | 4 |" in md
+    assert "| updates |" not in md
+    title = dict(PPO_PANELS)["objective/score"]
+    assert title == "PM score (raw, not the reward)"

@@ -200,7 +200,8 @@ def _layout(run_dir: Path):
 
 
 def analyze_logs(logs: list[tuple[str, Path]]) -> list[dict]:
-    """One fit per log with at least 3 usable updates; each: label, path, KL column, kl, score, fit, warnings.
+    """One fit per log with at least 3 usable points (updates; DPO: probes); each: label, path, KL column, n (the
+    points fitted), kl, score, fit, warnings.
     Updates with a negative KL estimate (only the reward's k1 column can have them) are left out and counted. A
     log of several online rounds is fitted over its last round only (round_note says so)."""
     series = []
@@ -222,7 +223,8 @@ def analyze_logs(logs: list[tuple[str, Path]]) -> list[dict]:
         if len(kl) < 3:
             s.update(
                 fit=None,
-                warning=f"{path}: only {len(kl)} update(s) with {SCORE} and a usable {key}; at least 3 are needed",
+                warning=f"{path}: only {len(kl)} point(s) (updates; DPO: probes) with {SCORE} and a usable {key}; "
+                "at least 3 are needed",
             )
         else:
             fit = fit_sqrt_kl(kl, score)

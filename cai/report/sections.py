@@ -30,7 +30,7 @@ from cai.runtime.rundir import read_json, read_jsonl, read_manifest
 from cai.stats import SMALL_N, slope_ci, small_n, small_n_note
 
 PPO_PANELS = [
-    ("objective/score", "PM score (reward)"),
+    ("objective/score", "PM score (raw, not the reward)"),
     ("objective/kl_k3", "KL(π‖π_ref), k3 estimate (≥ 0)"),
     ("objective/kl", "KL(π‖π_ref), the reward's estimator"),
     ("objective/entropy", "entropy"),
@@ -256,7 +256,7 @@ def ppo_section(rep) -> list[str]:
                     ["a"] + [f["a"] for f in fits],
                     ["b [95% CI]"] + [_slope(f) for f in fits],
                     ["R²"] + [f["r2"] for f in fits],
-                    ["updates"] + [s["n"] for s in fitted],
+                    ["points (PPO/RLOO/GRPO: updates; DPO: probes)"] + [s["n"] for s in fitted],
                     ["max KL"] + [f["kl_max"] for f in fits],
                     ["score first → last"]
                     + [f"{f['reward_first']:.3f} → {f['reward_last']:.3f}" for f in fits],
