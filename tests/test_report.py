@@ -588,3 +588,132 @@ def test_cached_report_generations_follow_the_prompts_text_not_only_their_ids(tm
         names.append(sorted(files))
     assert len(names[0]) == 3 and any(n.startswith("initial-") for n in names[0])
     assert not set(names[0]) & set(names[1])  # every cache file is new for the new prompt text
+
+
+def _kl_rep(tmp_path, tiny_dir, perturb: float = 0.0):
+    """A one-arm comparison (as _policy_rep) whose final policy and SFT model are real tiny models: the SFT model
+    is the tiny model, the final policy a copy, its weights moved by `perturb`-sized noise; the policy stage's
+    manifest records its `ppo` sampling block and an output id."""
+    import shutil
+
+    import torch
+
+    from cai.runtime.models import load_model
+    from cai.runtime.settings import Settings
+
+    ppo = {"response_length": 8, "temperature": 0.7, "rollout_batch_size": 2}
+    rep = _policy_rep(tmp_path, manifest={"output": "policy-1", "config": {"ppo": ppo}})
+    fin, sft = rep.generated["dirs"][("final", None)], rep.generated["dirs"][("sl-cai", None)]
+    shutil.copytree(tiny_dir, sft)
+    shutil.copytree(tiny_dir, fin)
+    (sft.parent / "manifest.json").write_text(json.dumps({"output": "sft-1"}))
+    if perturb:
+        lm = load_model(str(tiny_dir))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in lm.parameters():
+                p.add_(perturb * torch.randn(p.shape, generator=g))
+        lm.save_pretrained(str(fin), safe_serialization=True)
+    rep.config.settings = Settings(device="cpu")
+    rep.gen_dir = tmp_path / "gen"
+    return rep
+
+
+def _no_judge(monkeypatch):
+    from cai.report import compute, policies
+
+    monkeypatch.setattr(
+        policies,
+        "win_rates",
+        lambda c, p, b, cands: {"results": {n: compute.summarise_wins([1.0], ["x"]) for n in cands}},
+    )
+
+
+def test_policy_table_kl_of_a_policy_equal_to_its_sft_model_is_zero_on_every_held_out_prompt(
+    tmp_path, tiny_dir, monkeypatch
+):
+    """The table's sqrt(KL) was the last logged k3 estimate on training prompts (the rollout before the last
+    update; DPO: its last probe): with one update it said 0.000 for policies that had moved. It is now measured by
+    the report on the held-out prompts: a policy equal to its SFT model has KL exactly 0, over all of them."""
+    from cai.report import policies
+
+    _no_judge(monkeypatch)
+    rep = _kl_rep(tmp_path, tiny_dir)
+    md = "\n".join(policies.comparison_section(rep))
+    got = rep.data["policies"]["arms"]["run"]
+    n = len(rep.generated["held"])
+    assert got["kl"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": n} and got["sqrt_kl"] == 0.0
+    assert (
+        f"| sqrt(KL) to the SFT model, held-out prompts [95% CI] (n) | 0.000 [0.00, 0.00] (n = {n}, small) |"
+        in md
+    )
+    assert "end of training" not in md and "the same prompts for every arm" in md
+
+
+def test_policy_table_kl_of_a_moved_policy_matches_k3_summed_over_its_sampled_responses(
+    tmp_path, tiny_dir, monkeypatch
+):
+    """The measured KL is the mean over held-out prompts of k3 summed over each response the final policy sampled
+    at the policy stage's settings (temperature 0.7, 8 tokens), computed here directly from the same samples."""
+    import torch
+
+    from cai.report import kl, policies
+    from cai.rl import rollout
+    from cai.runtime.models import load_model
+
+    _no_judge(monkeypatch)
+    rep = _kl_rep(tmp_path, tiny_dir, perturb=0.05)
+    seen = []
+    real = rollout.sample
+    monkeypatch.setattr(rollout, "sample", lambda *a, **k: seen.append((a[2], real(*a, **k))) or seen[-1][1])
+    policies.comparison_section(rep)
+    got = rep.data["policies"]["arms"]["run"]["kl"]
+    assert [cfg.temperature for cfg, _ in seen] == [0.7, 0.7] and seen[0][
+        0
+    ].response_length == 8  # 3 rows, by 2
+    final = load_model(str(rep.generated["dirs"][("final", None)])).eval()
+    sft = load_model(str(rep.generated["dirs"][("sl-cai", None)])).eval()
+    direct = []
+    with torch.no_grad():
+        for _, (_, _, mask, _, ids, attn) in seen:
+            for j in range(ids.shape[0]):
+                x, r = ids[j][attn[j].bool()][None], int(mask[j].sum())  # prompt + response, no padding
+                toks = x[0, -r:]
+                lp = [
+                    torch.log_softmax(m(x).logits[0, -r - 1 : -1] / 0.7, -1).gather(1, toks[:, None])[:, 0]
+                    for m in (final, sft)
+                ]
+                d = lp[1] - lp[0]
+                direct.append(float((d.exp() - 1 - d).sum()))
+    assert got["n"] == 3 and len(direct) == 3
+    assert got["mean"] > 0 and got["mean"] == pytest.approx(sum(direct) / 3, abs=1e-5)
+    lo, hi = got["ci95"]
+    assert lo <= got["mean"] <= hi
+    assert rep.data["policies"]["arms"]["run"]["sqrt_kl"] == pytest.approx(math.sqrt(got["mean"]))
+    assert kl.as_sqrt(got)["ci95"] == [math.sqrt(lo), math.sqrt(hi)]
+
+
+def test_policy_table_kl_is_cached_and_measured_anew_for_a_retrained_arm(tmp_path, tiny_dir, monkeypatch):
+    """A second `cai report` reads the measured KL from report/gen/ without loading a model; a policy stage that
+    ran again (a new output id) is measured anew."""
+    from cai.report import kl, policies
+
+    _no_judge(monkeypatch)
+    rep = _kl_rep(tmp_path, tiny_dir, perturb=0.05)
+    policies.comparison_section(rep)
+    first = rep.data["policies"]["arms"]["run"]["kl"]
+    assert len(list(rep.gen_dir.glob("kl-run-*.json"))) == 1
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(kl, "load_model", refuse)
+    monkeypatch.setattr(kl, "load_tokenizer", refuse)
+    rep.data.clear()
+    policies.comparison_section(rep)
+    assert rep.data["policies"]["arms"]["run"]["kl"] == first
+    stage = rep.generated["dirs"][("final", None)].parent
+    manifest = json.loads((stage / "manifest.json").read_text())
+    (stage / "manifest.json").write_text(json.dumps({**manifest, "output": "policy-2"}))  # the same settings
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        policies.comparison_section(rep)

@@ -1,8 +1,8 @@
 """The report's policy comparison: every arm's final policy side by side, whatever optimised it (PPO, RLOO,
 GRPO, DPO, online rounds), on the same held-out prompts — the score of one common PM (and the paired gain over
-the SFT model), sqrt(KL) to the SFT model at the end of training, the win rate against the SFT model from the
-common judge (the gold PM when the run has one), the policy stage's time and peak memory — and, for online runs,
-score, KL, labels and PM agreement round by round."""
+the SFT model), sqrt(KL) of the final policy to its SFT model measured on those prompts (cai.report.kl), the
+win rate against the SFT model from the common judge (the gold PM when the run has one), the policy stage's time
+and peak memory — and, for online runs, score, KL, labels and PM agreement round by round."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 
 from cai.markdown import num, table, with_ci
 from cai.report.compute import gold_win_rates, held_out_result, scored_pairs, win_rates
+from cai.report.kl import HOW_MEASURED, as_sqrt, kl_to_sft, table_row
 from cai.report.winrates import gold_judge, judge_notes
 from cai.rl.rewards import PreferenceModelReward
-from cai.runtime.rundir import read_json, read_jsonl, read_manifest
+from cai.runtime.rundir import read_json, read_manifest
 from cai.stats import bootstrap_ci, small_n, small_n_note
 
 
@@ -30,11 +31,6 @@ def algorithm_label(stage_dir: Path) -> str:
     name = str(p.get("algorithm", "ppo")).upper()
     rounds = int(p.get("rounds", 1))
     return name + (f", {rounds} rounds" if rounds > 1 else "")
-
-
-def last_sqrt_kl(stage_dir: Path) -> float | None:
-    rows = [r for r in read_jsonl(stage_dir / "metrics.jsonl") if "objective/sqrt_kl" in r]
-    return rows[-1]["objective/sqrt_kl"] if rows else None
 
 
 def pm_scores(
@@ -162,9 +158,8 @@ def comparison_section(rep) -> list[str]:
         rows.append(
             ["final − SFT, paired over prompts [95% CI] (n)"] + [with_ci(gain[a], "mean") for a in dirs]
         )
-    rows.append(
-        ["sqrt(KL) to the SFT model, end of training"] + [num(last_sqrt_kl(d)) for d in dirs.values()]
-    )
+    kl = kl_to_sft(rep, list(dirs), dirs, _config)
+    rows.append(table_row(kl))
     how, notes, caveat = judge_notes(rep, judge, gold is not None, "the SFT model")
     mark = " †" if caveat else ""
     rows.append(
@@ -178,7 +173,8 @@ def comparison_section(rep) -> list[str]:
             "sft_pm_score": _public(baseline[a]),
             "pm_score_gain_vs_sft": gain[a],
             "win_rate_vs_sft": wins.get(a),
-            "sqrt_kl": last_sqrt_kl(dirs[a]),
+            "sqrt_kl": (as_sqrt(kl[a]) or {}).get("mean"),
+            "kl": kl[a],
         }
     rep.data["policies"] = {
         "pm": str(pm_dir) if pm_dir else None,
@@ -193,7 +189,7 @@ def comparison_section(rep) -> list[str]:
         "deviation: its `score_norm.json` says which responses) for every arm, beside the arm's SFT model's, and "
         "their difference prompt by prompt (paired bootstrap CI); "
         f"win rate of each final policy's response against the SFT model's, {how}; a tie counts half, "
-        "0.5 = no difference. sqrt(KL) is the last logged k3 estimate on training prompts (DPO: its last probe).\n"
+        f"0.5 = no difference. {HOW_MEASURED}\n"
     )
     md += notes
     md.append(table(["", *[label(a) for a in dirs]], rows))
