@@ -717,3 +717,15 @@ def test_policy_table_kl_is_cached_and_measured_anew_for_a_retrained_arm(tmp_pat
     (stage / "manifest.json").write_text(json.dumps({**manifest, "output": "policy-2"}))  # the same settings
     with pytest.raises(AssertionError, match="a model was loaded"):
         policies.comparison_section(rep)
+
+
+def test_a_pm_unit_resting_on_few_reference_responses_is_noted(tmp_path):
+    """The comparison's PM scores are in units of the spread of the PM's reference responses (score_norm.json);
+    at the plumbing sizes that was 2 responses to 1 prompt and nothing said so."""
+    from cai.report.policies import _norm_note
+
+    (tmp_path / "score_norm.json").write_text(json.dumps({"mean": 0.18, "std": 0.01, "n": 2, "prompts": 1}))
+    (note,) = _norm_note(tmp_path)
+    assert "standard deviation of 2 reference responses to 1 prompt (" in note
+    (tmp_path / "score_norm.json").write_text(json.dumps({"mean": 0.18, "std": 0.01, "n": 64, "prompts": 40}))
+    assert _norm_note(tmp_path) == [] and _norm_note(None) == []

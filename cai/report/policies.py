@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cai.markdown import num, table, with_ci
+from cai.pm.scoring import NORM_FILE
 from cai.report.compute import gold_win_rates, held_out_result, scored_pairs, win_rates
 from cai.report.kl import HOW_MEASURED, as_sqrt, kl_to_sft, table_row
 from cai.report.winrates import gold_judge, judge_notes
@@ -197,7 +198,21 @@ def comparison_section(rep) -> list[str]:
         md.append(f"> **Caveat (†):** {caveat}.\n")
     if small_n(len(held)):
         md.append(f"> **Small sample:** {small_n_note(len(held), 'held-out prompts')}.\n")
-    return md
+    return md + _norm_note(pm_dir)
+
+
+def _norm_note(pm_dir: Path | None) -> list[str]:
+    """A note when the common PM's unit (the spread of its reference responses, score_norm.json) rests on few."""
+    norm = (read_json(pm_dir / NORM_FILE) if pm_dir else None) or {}
+    n, prompts = norm.get("n"), norm.get("prompts")
+    if not small_n(n):
+        return []
+    to = f" to {prompts} prompt{'s' if prompts != 1 else ''}" if prompts else ""
+    return [
+        f"> **Small normaliser:** the PM scores above are in units of the standard deviation of {n} reference "
+        f"responses{to} (`{NORM_FILE}`); with so few the unit itself is uncertain: compare the arms with one "
+        "another and with the SFT model, not with runs normalised elsewhere.\n"
+    ]
 
 
 def rounds_section(rep) -> list[str]:
