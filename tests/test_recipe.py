@@ -592,7 +592,7 @@ def test_a_setting_added_later_counts_in_the_fingerprint_only_when_set():
 # --- an arm that overrides a --set item says so -------------------------------------------------------------
 
 
-def test_an_arm_overriding_a_command_line_set_says_so_on_stderr(tmp_path, capsys):
+def test_an_arm_overriding_a_command_line_set_says_so_on_stderr(tmp_path, capsys, monkeypatch):
     """`--set ppo.updates=1` reached every arm but one that sets ppo.updates itself, without a word: the arm's
     value still wins, with one line per clash (the same key, or a block above or below it); none without one."""
     from cai.config.arms import load_checked
@@ -615,6 +615,9 @@ def test_an_arm_overriding_a_command_line_set_says_so_on_stderr(tmp_path, capsys
     assert "its ppo.updates=4 overrides --set ppo={updates: 2}" in capsys.readouterr().err
     load_checked(path, ["ppo.rollout_batch_size=4"])
     load_checked(path)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "1")  # the other processes of a launch stay quiet
+    load_checked(path, ["ppo.updates=1"])
     assert capsys.readouterr().err == ""
 
 

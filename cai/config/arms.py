@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import sys
 from typing import Any
@@ -196,6 +197,6 @@ def load_checked(path, overrides: list[str] | None = None) -> Recipe:
             raise UserError(f"{recipe.source.locate(loc)}: {exc}") from None
         _, lines = load_yaml(path)
         raise UserError(f"{file_line(path, line_of(lines, loc))}: {exc}") from None
-    for line in set_clashes(recipe, arms):
+    for line in set_clashes(recipe, arms) if os.environ.get("RANK", "0") == "0" else ():  # once per launch
         print(line, file=sys.stderr, flush=True)
     return recipe
