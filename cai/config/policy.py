@@ -290,19 +290,19 @@ CRITIC_SETTINGS = (
     "whiten_rewards",
     "whiten_advantages",
 )
-# the `ppo` block's settings DPO reads: its probes sample as the on-policy rollouts do (cai.rl.rollout.sample)
-# and are scored by ppo.reward
-DPO_READS_OF_PPO = (
+# the `ppo` block's settings that decide how a rollout samples (cai.rl.rollout.sample: what is sampled, how the
+# prompts are cut and batched): DPO's probes and the report's KL measurement sample with them too
+SAMPLING_SETTINGS = (
     "response_length",
     "temperature",
     "top_k",
     "top_p",
     "stop_string",
+    "max_prompt_length",
     "generation_batch_size",
     "rollout_batch_size",
-    "max_prompt_length",
-    "reward",
 )
+DPO_READS_OF_PPO = SAMPLING_SETTINGS + ("reward",)  # its probes are scored by ppo.reward
 
 
 def unread_settings(policy: PolicyConfig, ppo: PPOConfig | None = None) -> tuple[str, ...]:

@@ -126,9 +126,10 @@ def view_of(recipe: Recipe, keys, stage: str, saves_models: bool = True, unread=
         if block in values:
             model = values[block]
             default = type(model).model_fields[name].get_default(call_default_factory=True)
-            values[block] = model.model_copy(update={name: default})
             # which keys the recipe set stays as it was: the stage names those it ignores (unused_settings)
-            object.__setattr__(values[block], "__pydantic_fields_set__", set(model.model_fields_set))
+            values[block] = type(model).model_construct(
+                _fields_set=set(model.model_fields_set), **{**dict(model), name: default}
+            )
     return RecipeView(values, stage)
 
 

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-from cai.config.policy import PPOConfig
+from cai.config.policy import SAMPLING_SETTINGS, PPOConfig
 from cai.hashing import hash_json
 from cai.markdown import with_ci
 from cai.runtime import distributed as dist
@@ -27,24 +27,13 @@ HOW_MEASURED = (
     "of KL(final ‖ SFT) over each response's tokens and takes the mean over the prompts (bootstrap CI; sqrt of "
     "the mean and of the CI's ends), the same prompts for every arm."
 )
-# the `ppo` keys that decide what the final policy samples (and how the prompts are cut and batched)
-SAMPLING = (
-    "response_length",
-    "temperature",
-    "top_k",
-    "top_p",
-    "stop_string",
-    "max_prompt_length",
-    "generation_batch_size",
-    "rollout_batch_size",
-)
 
 
 def sampling_of(stage_config: dict) -> dict:
     """The sampling keys of a policy stage's recorded `ppo` block (its manifest's config), defaults for any the
     record lacks."""
     ppo = stage_config.get("ppo") or {}
-    return {k: ppo.get(k, PPOConfig.model_fields[k].default) for k in SAMPLING}
+    return {k: ppo.get(k, PPOConfig.model_fields[k].default) for k in SAMPLING_SETTINGS}
 
 
 def summarise(values: list[float]) -> dict | None:
@@ -76,14 +65,11 @@ def measure_kl(config, final_dir: Path, sft_dir: Path, sampling: dict, held: lis
 
     from cai.rl import ppo_math
     from cai.rl.modules import PolicyModel
-    from cai.rl.rollout import sample, seed_of
+    from cai.rl.rollout import encode_prompt, sample, seed_of
 
     cfg, settings = SimpleNamespace(**sampling), config.settings
     tok = load_tokenizer(str(final_dir), settings)
-    ids = []
-    for p in held:  # as cai.rl.dpo.Probe encodes its prompts
-        text = tok.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True)
-        ids.append(tok(text, add_special_tokens=False)["input_ids"][-cfg.max_prompt_length :])
+    ids = [encode_prompt(tok, p["messages"], cfg.max_prompt_length) for p in held]
     size = cfg.generation_batch_size or cfg.rollout_batch_size
     chunks, logp = [], []
     with torch.no_grad():

@@ -35,7 +35,7 @@ from trl.trainer.utils import use_adapter
 from cai.pm.loss import dpo_loss, soft_targets
 from cai.rl import ppo_math as pm
 from cai.rl.modules import PolicyModel
-from cai.rl.rollout import sample, seed_of
+from cai.rl.rollout import encode_prompt, sample, seed_of
 from cai.runtime.forward import selected_logprobs
 from cai.runtime.generate import HFBackend
 from cai.runtime.models import peft_config
@@ -283,11 +283,7 @@ class Probe:
     def __init__(self, cfg, tokenizer, prompts: list[dict], reward, seed: int, autocast=None):
         self.cfg, self.tok, self.reward, self.seed, self.autocast = cfg, tokenizer, reward, seed, autocast
         self.msgs = [p["messages"] for p in prompts]
-        self.ids = [self._encode(m) for m in self.msgs]
-
-    def _encode(self, messages) -> list[int]:
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tok(text, add_special_tokens=False)["input_ids"][-self.cfg.max_prompt_length :]
+        self.ids = [encode_prompt(tokenizer, m, cfg.max_prompt_length) for m in self.msgs]
 
     @torch.no_grad()
     def __call__(self, lm, ref_lm=None) -> dict:

@@ -17,7 +17,7 @@ from cai.rl import checkpoint as ckpt
 from cai.rl import engine
 from cai.rl import ppo_math as pm
 from cai.rl.colocate import VLLMRollouts
-from cai.rl.rollout import row_seeds, sample
+from cai.rl.rollout import encode_prompt, row_seeds, sample
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
 from cai.runtime.forward import fused_lora_linears
@@ -84,9 +84,7 @@ class OnPolicyTrainer:
 
     # ---- helpers ----
     def _encode(self, messages) -> list[int]:
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        return ids[-self.cfg.max_prompt_length :]
+        return encode_prompt(self.tok, messages, self.cfg.max_prompt_length)
 
     def _mean(self, x) -> float:
         """Mean of a scalar over processes."""
@@ -99,7 +97,7 @@ class OnPolicyTrainer:
         `_pooled` gives the token mean over every micro-batch and process, not a mean of their means."""
         n = float(mask.sum())
         for key, value in stats.items():
-            logs[key].append((float(value) * n, n))
+            logs.setdefault(key, []).append((float(value) * n, n))
 
     def _pooled(self, values: list) -> float:
         """Over processes: the token mean of `_token_stats` pairs, or the mean of a list of means."""

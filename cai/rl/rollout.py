@@ -28,6 +28,13 @@ class Rollout:
     stats: dict
 
 
+def encode_prompt(tokenizer, messages: list[dict], max_prompt_length: int) -> list[int]:
+    """A prompt's token ids as every rollout samples it: the chat template with the assistant's turn opened, cut
+    to its last `max_prompt_length` tokens (the on-policy trainers, DPO's probe, the report's KL)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt_length:]
+
+
 def seed_of(*parts) -> int:
     """A 32-bit seed derived from any values (the same on every machine)."""
     return derive_seed(repr(parts))

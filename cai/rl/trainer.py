@@ -245,7 +245,7 @@ class PPOTrainer(OnPolicyTrainer):
         first, grad_norms = {}, []
         epochs_done = 0
         for epoch in range(cfg.ppo_epochs):
-            epoch_kl = []
+            epoch_kl = {}  # the epoch's approx-KL as _token_stats pairs
             for m, mb in enumerate(torch.tensor_split(torch.randperm(B, generator=g), cfg.num_minibatches)):
                 n_tokens = self._loss_count(batch.mask[mb.to(batch.mask.device)])
                 micro = [x for x in torch.tensor_split(mb, cfg.grad_accum) if len(x)]
@@ -259,7 +259,7 @@ class PPOTrainer(OnPolicyTrainer):
                     if st is not None and epoch == 0 and m == 0 and k == 0:
                         first = st
                     if st is not None:
-                        self._token_stats({"kl": epoch_kl}, batch.mask[mi], kl=st["approx_kl"])
+                        self._token_stats(epoch_kl, batch.mask[mi], kl=st["approx_kl"])
                 grad_norms.append(self.stepper.step(critic_only))
                 # the sums of the micro-batch losses, averaged over processes (in `out` below): the exact token
                 # mean of the minibatch, whatever the number of processes
@@ -267,7 +267,11 @@ class PPOTrainer(OnPolicyTrainer):
                     if key != "loss/policy" or not critic_only:
                         logs[key].append(value)
             epochs_done += 1
-            if cfg.early_stop_kl is not None and epoch_kl and self._pooled(epoch_kl) > cfg.early_stop_kl:
+            if (
+                cfg.early_stop_kl is not None
+                and epoch_kl
+                and self._pooled(epoch_kl["kl"]) > cfg.early_stop_kl
+            ):
                 break
         lr = self.sched.get_last_lr()[0]  # the policy's LR in this update
         with (
