@@ -6,6 +6,7 @@ continues as the updated policy does. The engine runs in this process and starts
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,21 @@ def test_sampled_text_repeats_for_a_seed_and_a_resumed_run_equals_a_straight_one
     assert vl.run(reqs, out_path=tmp_path / "part.jsonl", show=False) == full
     assert sum(calls) == len(reqs) - 4
     assert len(read_jsonl(tmp_path / "part.jsonl")) == len(reqs)
+
+
+def test_a_batch_longer_than_one_prefill_step_samples_and_repeats(model_dir):
+    """48 distinct prompts, more tokens than one engine step prefills on the CPU (4,096): vLLM's
+    chunked prefill split a prompt, then rewound its seeded generator, which a CPU generator cannot do, and the
+    critique-revise stage of 48 red-team prompts died ("CPU Generator does not use offset")."""
+    tok = load_tokenizer(str(model_dir))
+    rng = random.Random(0)  # every prompt its own from the first token (vLLM caches shared prefixes)
+    reqs = [{"id": f"l{i}", "text": " ".join(rng.sample(WORDS * 4, len(WORDS) * 3))} for i in range(48)]
+    assert sum(len(tok(r["text"])["input_ids"]) for r in reqs) > 4096 + 2048
+    sampling = Sampling(max_new_tokens=8, temperature=1.0)
+    engine = Engine(str(model_dir), tok, sampling, batch_size=48, seed=3, backend="vllm", settings=SETTINGS)
+    first = [r["text"] for r in engine.run(reqs, show=False)]
+    assert len(first) == 48 and len(set(first)) > 24
+    assert [r["text"] for r in engine.run(reqs, show=False)] == first  # every row by its own seed
 
 
 def test_a_released_engine_is_freed(model_dir):

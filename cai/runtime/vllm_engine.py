@@ -119,6 +119,10 @@ def start(
             load_format="dummy" if dummy else "safetensors",  # 'auto' falls back to pickled *.bin / *.pt
             trust_remote_code=trust_remote_code,
             enforce_eager=cpu,  # the CPU build's compiled graphs cost more start-up than they save here
+            # a prompt prefilled in pieces has its first sampled tokens discarded, and vLLM then rewinds the
+            # request's seeded generator, which a CPU generator cannot do ("CPU Generator does not use offset"):
+            # on the CPU every prompt is prefilled whole, in a step of its own when the budget is spent
+            enable_chunked_prefill=not cpu,
             enable_sleep_mode=sleep_mode and not cpu,
             **kwargs,
         )
