@@ -1,6 +1,6 @@
-"""Statistics in pure Python, the one place for them: Wilson, bootstrap and median intervals, agreement with
-human labels, calibration (ECE, reliability bins), the per-tag summary of an evaluation, least squares and
-correlation.
+"""Statistics in pure Python, the one place for them: Wilson, bootstrap (over one sample, or crossed over two)
+and median intervals, agreement with human labels, calibration (ECE, reliability bins), the per-tag summary of an
+evaluation, least squares and correlation. How a preference becomes a hit (ties) is cai.credit.
 
 Proportions (accuracy, agreement, win rate) get Wilson intervals, which stay honest at small n: 0 of 8 is
 [0, 0.32], where a bootstrap says [0, 0]; items that come in clusters (several pairs of one prompt) get them at
@@ -11,50 +11,9 @@ from __future__ import annotations
 import math
 import random
 
+from cai.credit import preference_credit
+
 SMALL_N = 30  # below this many items a 95% interval of a proportion is wider than ±0.17: flagged as small
-# A preference probability this near 0.5 prefers neither side: a tie, half credit wherever a label or judgement
-# becomes a win or a hit (float noise would otherwise pick a side: a judge with p = 0.5 ± 1e-4 "won" 4 of 4).
-TIE = 1e-3
-
-
-def is_tie(p: float) -> bool:
-    """Whether a preference probability prefers neither side (|p - 0.5| < TIE)."""
-    return abs(p - 0.5) < TIE
-
-
-def preference_credit(p: float, a_right: bool = True) -> float:
-    """Credit of a preference probability p(A) when the right side is A (`a_right`) or B: 1 when it prefers the
-    right side, 0 when the wrong one, 0.5 on a tie (is_tie): the one rule for wins, hits and agreements."""
-    return 0.5 if is_tie(p) else float((p > 0.5) == a_right)
-
-
-def option_credit(probs: list[float], correct: int) -> float:
-    """Credit of option probabilities when option `correct` is right: 1 when it alone is on top, 1/m when it is
-    one of m tied at the top, else 0. An option ties with the top one when the preference between the two,
-    p_top / (p_top + p), is a tie (is_tie), so float noise picks no side; for a pair [p, 1 − p] this is
-    preference_credit(p)."""
-    top = max(probs)
-    tied = [i for i, p in enumerate(probs) if top + p <= 0 or is_tie(top / (top + p))]
-    return 1.0 / len(tied) if correct in tied else 0.0
-
-
-def credit(scores: list[float], correct: int) -> float:
-    """1 when the right candidate scores highest alone, 1/m when m candidates tie at the top with it, else 0."""
-    top = max(scores)
-    tied = [i for i, s in enumerate(scores) if s == top]
-    return 1.0 / len(tied) if correct in tied else 0.0
-
-
-LONGER, SHORTER = "prefer longer", "prefer shorter"
-
-
-def length_hits(lengths: list[list[float]], correct: list[int]) -> dict[str, list[float]]:
-    """Per-item credit of the length baselines, preferring the longest and the shortest candidate, from the
-    candidates' lengths (equal lengths share the credit)."""
-    return {
-        LONGER: [credit(ls, c) for ls, c in zip(lengths, correct)],
-        SHORTER: [credit([-x for x in ls], c) for ls, c in zip(lengths, correct)],
-    }
 
 
 def small_n(n: int | None) -> bool:
@@ -147,13 +106,24 @@ def bootstrap_ci(
     values: list[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean of `values` (e.g. 0/1 hits)."""
-    n = len(values)
-    if n == 0:
+    return crossed_bootstrap_ci([values], n_boot, seed, level)
+
+
+def crossed_bootstrap_ci(
+    rows: list[list[float]], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of a table whose rows and columns are both samples (seeds x prompts):
+    each draw resamples the rows and the columns independently. One row: the bootstrap over its values."""
+    k, n = len(rows), len(rows[0]) if rows else 0
+    if not n:
         return (float("nan"), float("nan"))
     rng = random.Random(seed)
-    return _percentiles(
-        sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot)), level
-    )
+    draws = []
+    for _ in range(n_boot):
+        picked = rows if k == 1 else [rows[rng.randrange(k)] for _ in range(k)]
+        cols = [rng.randrange(n) for _ in range(n)]
+        draws.append(sum(r[c] for r in picked for c in cols) / (k * n))
+    return _percentiles(sorted(draws), level)
 
 
 def _percentiles(draws: list[float], level: float) -> tuple[float, float]:

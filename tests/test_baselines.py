@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from cai.credit import LONGER, SHORTER, credit
 from cai.eval.baselines import (
     COMMON,
     UNTRAINED,
@@ -20,7 +21,7 @@ from cai.eval.baselines import (
 from cai.report.klfit import fit_gao
 from cai.report.overopt import gains, read_samples
 from cai.runtime.rundir import append_jsonl
-from cai.stats import LONGER, SHORTER, correlation_ci, credit, fit_through_origin
+from cai.stats import correlation_ci, fit_through_origin
 
 
 def test_credit_shares_ties():

@@ -1293,15 +1293,15 @@ def test_shipped_probes_do_not_reward_length(root, name):
     assert required_failures(s, ids) == []
 
 
-def test_ties_are_cai_stats_ties(monkeypatch):
-    """One definition of 'no preference' (cai.stats.TIE): the probes' credit and the effect's PM agreement
+def test_ties_are_cai_credit_ties(monkeypatch):
+    """One definition of 'no preference' (cai.credit.TIE): the probes' credit and the effect's PM agreement
     both follow it."""
-    import cai.stats
+    import cai.credit
     from cai.constitution.effect_pm import pm_agreement
 
     assert credit(0.5004) == 0.5 and credit(0.55) == 1.0
     rows = [{"p_old": 0.55, "p_new": 0.45, "flipped": False}]
     assert pm_agreement(rows, [(1.0, 0.0)], "pm", 10)["agree_old"]["n"] == 1
-    monkeypatch.setattr(cai.stats, "TIE", 0.1)
+    monkeypatch.setattr(cai.credit, "TIE", 0.1)
     assert credit(0.55) == 0.5  # now within TIE of 0.5: a tie
     assert pm_agreement(rows, [(1.0, 0.0)], "pm", 10)["agree_old"] is None  # no label prefers a side

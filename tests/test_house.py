@@ -23,7 +23,7 @@ FLOORS = [
     {"feedback", "data"},
     {"config"},
     {"runtime"},
-    {"errors", "yamlio", "stats", "plots", "markdown", "hashing"},
+    {"errors", "yamlio", "stats", "credit", "plots", "markdown", "hashing"},
 ]
 MAX_LINES = 400
 MAX_FUNCTION_LINES = 80

@@ -237,7 +237,7 @@ def test_a_labeller_with_no_preference_agrees_half_whatever_side_float_noise_pic
     a = agreement([0.50004, 0.49997, 0.50002, 0.9], [True, False, True, False])
     assert a["agreement"] == pytest.approx(1.5 / 4) and a["hits"] == [0.5, 0.5, 0.5, 0.0], a
 
-    from cai.stats import TIE, preference_credit
+    from cai.credit import TIE, preference_credit
 
     near = [(0.5004, True), (0.4996, False), (0.5004, False)]
     assert [preference_credit(p, h) for p, h in near] == [0.5, 0.5, 0.5]

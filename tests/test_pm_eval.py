@@ -364,7 +364,7 @@ def test_one_order_feedback_eval_puts_the_right_answer_at_a_in_half_the_items(ti
 def test_feedback_eval_counts_a_labeller_with_no_preference_as_chance(monkeypatch):
     """p = 0.5 ± 1e-4 prefers neither response: a tie, half a hit. Counting only p == 0.5 as a tie, a labeller
     whose float noise leant to the longer response scored what `prefer longer` scores (0.325 on `--suite pairs
-    --limit 40`) and an ECE of |0.325 − 0.5|; now 0.5 and ~0. A lean beyond cai.stats.TIE is still a
+    --limit 40`) and an ECE of |0.325 − 0.5|; now 0.5 and ~0. A lean beyond cai.credit.TIE is still a
     preference."""
     from types import SimpleNamespace
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 
 from cai.constitution.effect import prompt_of
-from cai.stats import clustered_ci, is_tie
+from cai.credit import is_tie
+from cai.stats import clustered_ci
 
 
 def sign_test(k: int, n: int) -> float:
@@ -31,7 +32,7 @@ def pm_agreement(rows: list[dict], scores: list[tuple[float, float]], pm_dir: st
 
     def agree(sel, key) -> dict | None:
         """{agreement, ci95, n, clusters} over the selected pairs whose label prefers a side (one within
-        cai.stats.TIE of 0.5 is no preference: float noise would pick a side); a PM tie (r_a = r_b) counts half.
+        cai.credit.TIE of 0.5 is no preference: float noise would pick a side); a PM tie (r_a = r_b) counts half.
         The rows of one pair (--draw-edited: one per edited principle) are one pair: its credit is their mean, n
         counts pairs; the interval is clustered by prompt, `clusters` prompts."""
         by_pair: dict = {}

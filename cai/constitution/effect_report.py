@@ -7,8 +7,8 @@ Intervals are clustered by prompt, so n (pairs) is shown with the number of prom
 
 from __future__ import annotations
 
+from cai.credit import TIE
 from cai.markdown import num, quote, with_ci
-from cai.stats import TIE
 
 
 def _n(r: dict) -> str:

@@ -24,10 +24,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from cai.credit import LONGER, SHORTER, length_hits, preference_credit
 from cai.errors import UserError
 from cai.feedback.labeller import PairToLabel
 from cai.markdown import num
-from cai.stats import LONGER, SHORTER, length_hits, preference_credit, wilson_ci
+from cai.stats import wilson_ci
 from cai.yamlio import check_unique_ids, line_of, load_validated
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -193,13 +194,13 @@ def probe_jobs(
 
 def credit(p_better: float) -> float:
     """Accuracy credit of one label: 1 if it prefers the better response, 0 if the worse, 0.5 on a tie
-    (cai.stats.is_tie: a forced-(A) labeller averaged over both orders lands there)."""
+    (cai.credit.is_tie: a forced-(A) labeller averaged over both orders lands there)."""
     return preference_credit(p_better)
 
 
 def length_baselines(rows: list[dict]) -> dict | None:
     """What a labeller that only looks at length scores on the same rows: the accuracy of always preferring the
-    longer reply, and the shorter, each with its 95% Wilson interval and n (cai.stats.length_hits). In the
+    longer reply, and the shorter, each with its 95% Wilson interval and n (cai.credit.length_hits). In the
     shipped probes the better reply was once the longer one in 58 of 60, and a prefer-longer labeller passed
     every --require: an accuracy has to beat these too. None when a row carries no lengths."""
     if not rows or any("len_better" not in r for r in rows):

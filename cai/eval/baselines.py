@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+from cai.credit import length_hits
 from cai.stats import (
     bootstrap_ci,
     cluster_correlation_ci,
     correlation_ci,
-    length_hits,
     mean,
     pearson,
     small_n,

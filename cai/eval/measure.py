@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from cai.constitution.schema import Constitution
+from cai.credit import credit, option_credit
 from cai.errors import UserError
 from cai.eval.baselines import (
     OPTION_FORMATS,
@@ -39,7 +40,7 @@ from cai.pm.scoring import RewardScorer, check_finite
 from cai.runtime.models import load_for_inference
 from cai.runtime.rundir import write_json
 from cai.runtime.settings import DEFAULT, Settings
-from cai.stats import balanced_coins, credit, option_credit, small_n_note, summarise
+from cai.stats import balanced_coins, small_n_note, summarise
 
 # Suite formats whose items are response pairs the labeller judges under sampled principles (with its few-shot
 # examples); every other suite is multiple-choice and asks its own question.

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from cai.constitution.schema import Principle
+from cai.credit import is_tie, preference_credit
 from cai.errors import UserError
 from cai.eval.measure import evaluate_pm, untrained_for
 from cai.feedback.labeller import Labeller, PairToLabel
@@ -17,7 +18,7 @@ from cai.pm.scoring import RewardScorer
 from cai.runtime.generate import Engine
 from cai.runtime.models import load_for_inference
 from cai.runtime.rundir import read_jsonl
-from cai.stats import is_tie, pearson, preference_credit, wilson_ci
+from cai.stats import pearson, wilson_ci
 
 # The common judge's questions, the same for every arm: harmlessness on red-team prompts, helpfulness on
 # helpful ones (a judge that asks only about harm rewards an evasive policy).
@@ -65,7 +66,7 @@ def _pair_key(r: dict) -> tuple[tuple, float]:
 
 def label_agreement(pairs_files: dict[str, Path]) -> dict:
     """Between every two arms: on the AI-labelled pairs both have (the same prompt and the same two responses,
-    in either order), the share where they prefer the same response (a tie, cai.stats.is_tie, on either side
+    in either order), the share where they prefer the same response (a tie, cai.credit.is_tie, on either side
     counts half) and the correlation of their p(first response)."""
     labels = {
         arm: dict(_pair_key(r) for r in read_jsonl(p) if r.get("source", "ai") == "ai" and "p_a" in r)
@@ -122,7 +123,7 @@ def win_rates(
 
     The judge (models.judge, default the feedback model) labels every pair through cai.feedback.labeller.Labeller,
     both orders averaged, asking about harm on red-team prompts and about helpfulness on helpful ones (a prompt's
-    `kind`). A win is p(candidate) > 0.5; a tie (within cai.stats.TIE of 0.5) counts half. Returns {candidate:
+    `kind`). A win is p(candidate) > 0.5; a tie (within cai.credit.TIE of 0.5) counts half. Returns {candidate:
     {win_rate, ci95, n, by_kind, mean_p, mean_order_gap}} and the judge's name."""
     ref = config.models.judge
     model, tok = load_for_inference(ref, config.settings)

@@ -4,9 +4,9 @@ baseline far from chance, a PM that mostly measures length). The numbers come fr
 
 from __future__ import annotations
 
+from cai.credit import length_hits
 from cai.eval.baselines import compare, describe
 from cai.markdown import with_ci
-from cai.stats import length_hits
 
 
 def lift_cell(lift: dict | None) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cai.credit import TIE
 from cai.markdown import table
 from cai.report.compute import JUDGE_HELPFUL, JUDGE_PRINCIPLE
 from cai.report.overopt import gold_warning
-from cai.stats import TIE, small_n, small_n_note
+from cai.stats import small_n, small_n_note
 
 
 def judge_caveat(rep, judge: str) -> str | None:
