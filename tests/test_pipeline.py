@@ -258,6 +258,22 @@ def test_sweep_expands_into_arms_that_share_upstream_stages(fake, recipe):
     assert fake.calls == ["arms/kl_coef=0.1/policy", "report"]
 
 
+def test_a_sweep_over_the_policy_seed_shares_every_stage_before_the_policy(fake, recipe):
+    """Repeating one setting over seeds: only the policy stage runs per seed, and it (not the report) gets it."""
+    r = recipe("seed=7", "sweep={policy.seed: [0, 1]}")
+    pipeline.run(r, quiet=True)
+    assert fake.calls == BODY[:4] + ["arms/seed=0/policy", "arms/seed=1/policy", "report"]
+    assert [fake.ctxs[f"arms/seed={s}/policy"].config.settings.seed for s in (0, 1)] == [0, 1]
+    assert fake.ctxs["sft"].config.settings.seed == 7
+    assert fake.ctxs["report"].config.settings.seed == 7
+    outs = {(fake.run_dir / f"arms/seed={s}/policy/out.txt").read_text() for s in (0, 1)}
+    assert len(outs) == 2  # the seed is in the policy stage's fingerprint
+    fake.calls.clear()
+    pipeline.run(recipe("seed=7", "policy.seed=3"), quiet=True)  # without a sweep: the stages before it stand
+    assert fake.calls == ["policy", "report"]
+    assert fake.ctxs["policy"].config.settings.seed == 3
+
+
 def test_arms_share_a_later_stage_that_reads_no_stage_they_differ_in(fake, recipe):
     """Arms shared only the stages before the first one that differs: a sweep over SFT settings with feedback
     sampling the base model labelled the same pairs and trained the same PM once per arm."""

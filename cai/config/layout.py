@@ -135,8 +135,11 @@ def active(recipe: Recipe, stage: str) -> bool:
 
 def stage_view(recipe: Recipe, stage: str) -> RecipeView:
     """The read-only view of the recipe that `stage` gets: its declared keys only, those its configuration does
-    not read at their defaults (the policy stage: cai.config.policy.unread_settings)."""
+    not read at their defaults (the policy stage: cai.config.policy.unread_settings). The policy stage's
+    `settings.seed` is policy.seed when that is set."""
     unread = unread_settings(recipe.policy, recipe.ppo) if stage == "policy" else ()
+    if stage == "policy" and recipe.policy.seed is not None:
+        recipe = recipe.model_copy(update={"seed": recipe.policy.seed})
     return view_of(recipe, reads_of(recipe, stage), stage, STAGES[stage].saves_models, unread)
 
 

@@ -57,6 +57,15 @@ class PolicyConfig(Strict):
         description="Online rounds: training prompts sampled from in each round after the first (a seeded "
         "choice per round); default: all.",
     )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        lt=2**32,
+        json_schema_extra={"since": "2026-12-06"},
+        description="The policy stage's seed (prompt order, sampling, initialisation, online rounds' choices); "
+        "default: the recipe's `seed`. A sweep over it (`sweep: {policy.seed: [0, 1, 2]}`) repeats one setting "
+        "over seeds while every stage before the policy is shared.",
+    )
 
     @field_validator("loss_mean")
     @classmethod
