@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cai.markdown import num, table, with_ci
 from cai.pm.scoring import NORM_FILE
+from cai.report import seeds
 from cai.report.compute import gold_win_rates, held_out_result, scored_pairs, win_rates
 from cai.report.kl import HOW_MEASURED, as_sqrt, kl_to_sft, table_row
 from cai.report.winrates import gold_judge, judge_notes
@@ -177,11 +178,13 @@ def comparison_section(rep) -> list[str]:
             "sqrt_kl": (as_sqrt(kl[a]) or {}).get("mean"),
             "kl": kl[a],
         }
+    over = _over_seeds(rep, dirs, scores, baseline, kl, wins)
     rep.data["policies"] = {
         "pm": str(pm_dir) if pm_dir else None,
         "judge": judge,
         "judge_caveat": caveat,
         "arms": data,
+        **({"over_seeds": over} if over else {}),
     }
     md = ["## Policies side by side\n"]
     md.append(
@@ -198,7 +201,19 @@ def comparison_section(rep) -> list[str]:
         md.append(f"> **Caveat (†):** {caveat}.\n")
     if small_n(len(held)):
         md.append(f"> **Small sample:** {small_n_note(len(held), 'held-out prompts')}.\n")
-    return md + _norm_note(pm_dir)
+    return md + _norm_note(pm_dir) + seeds.section(over)
+
+
+def _over_seeds(rep, dirs: dict, scores: dict, baseline: dict, kl: dict, wins: dict) -> list[dict]:
+    """The arms that differ only in policy.seed, read together (cai.report.seeds)."""
+    inputs = {a: [str(rep.index.stage_dir(s, a)) for s in ("sft", "preference_model")] for a in dirs}
+    groups = seeds.seed_groups({a: _config(d) for a, d in dirs.items()}, inputs)
+    gains = {}
+    for a in dirs:
+        final, sft = (scores.get(a) or {}).get("by_id") or {}, (baseline[a] or {}).get("by_id") or {}
+        gains[a] = {p: final[p] - sft[p] for p in final if p in sft}
+    sqrt_kl = {a: (as_sqrt(kl[a]) or {}).get("mean") for a in dirs}
+    return seeds.over_seeds(groups, gains, sqrt_kl, {a: (wins.get(a) or {}).get("win_rate") for a in dirs})
 
 
 def _norm_note(pm_dir: Path | None) -> list[str]:
