@@ -5,8 +5,9 @@
 Settings (both sides): SmolLM2-135M-Instruct as policy, reference, value and reward model (a sequence-classifier
 head on the same weights), full fine-tune, a separate value model, batch 8, response length 48, 4 PPO epochs,
 1 minibatch, temperature 0.7, no gradient checkpointing, fp32 on CPU. The same 8 prompts every update.
-Also timed: our default configuration (LoRA policy with the reference = adapters off, LoRA critic), with
-`--head-rounds N` the same with its critic as a value head on the policy's trunk (`critic: value_head`), and TRL
+Also timed: our default configuration (LoRA policy with the reference = adapters off, the critic a value head
+on the policy's trunk: `critic: value_head`, the LoRA default since 2026-12-06), with `--separate-rounds N` the same
+with a separate LoRA critic (`critic: separate`, the LoRA default before), and TRL
 in a process started with glibc's malloc keeping freed memory (MALLOC_MMAP_MAX_=0, no trimming), which our
 trainer sets for itself on a CPU (cai.runtime.settings.keep_freed_memory): its speed-up line says how much of
 ours is that setting.
@@ -62,8 +63,8 @@ WORK = Path.home() / ".cache" / "cai" / "bench" / "ppo"
 NAMES = {  # the configurations, as the table names them
     "trl": "TRL 1.12.0 PPOTrainer",
     "ours": "ours, equal settings (full FT)",
-    "ours-lora": "ours, default (LoRA r=16)",
-    "ours-lora-head": "ours, LoRA r=16, critic as a value head (--head-rounds)",
+    "ours-lora": "ours, default (LoRA r=16, critic as a value head)",
+    "ours-lora-separate": "ours, LoRA r=16, separate LoRA critic (--separate-rounds)",
     "trl-kept": "TRL 1.12.0, freed memory kept",
 }
 PHASES = ["generate", "ref", "value", "reward", "train_forward", "backward", "optimizer"]
@@ -488,11 +489,11 @@ def main() -> None:
     )
     ap.add_argument("--json", help="also write the summary here")
     ap.add_argument(
-        "--head-rounds",
+        "--separate-rounds",
         type=int,
         default=0,
-        help="also time our LoRA configuration with its critic as a value head on the policy (critic: value_head) "
-        "in the first N rounds (default: none)",
+        help="also time our LoRA configuration with a separate LoRA critic (critic: separate) in the first N "
+        "rounds (default: none)",
     )
     ap.add_argument("--worker", choices=[*NAMES], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -508,8 +509,8 @@ def main() -> None:
             "trl": worker_trl,
             "trl-kept": worker_trl,
             "ours": lambda a: worker_ours(a, False),
-            "ours-lora": lambda a: worker_ours(a, True),
-            "ours-lora-head": lambda a: worker_ours(a, True, value_head=True),
+            "ours-lora": lambda a: worker_ours(a, True, value_head=True),
+            "ours-lora-separate": lambda a: worker_ours(a, True),
         }[args.worker]
         print("RESULT " + json.dumps(fn(args)), flush=True)
         return
@@ -517,7 +518,7 @@ def main() -> None:
     if args.summarize is not None:
         report(load_results(args.summarize or [args.results], ap.error), args)
         return
-    for name in ("lora_rounds", "kept_rounds", "head_rounds"):
+    for name in ("lora_rounds", "kept_rounds", "separate_rounds"):
         if (getattr(args, name) or 0) < 0:
             ap.error(f"--{name.replace('_', '-')}: a count of rounds (0 or more) is expected")
     trl_python = str(ensure_venv(Path(args.venv)))
@@ -539,7 +540,7 @@ def main() -> None:
         ("trl", trl_python),
         ("ours", sys.executable),
         ("ours-lora", sys.executable),
-        ("ours-lora-head", sys.executable),
+        ("ours-lora-separate", sys.executable),
         ("trl-kept", trl_python),
     ]
     lora_rounds = args.rounds if args.lora_rounds is None else args.lora_rounds
@@ -567,7 +568,11 @@ def main() -> None:
             f.write(json.dumps({"kind": "rates", **results["rates"][-1]}) + "\n")
         order = kinds if r % 2 == 0 else kinds[::-1]  # alternate which side goes first
         for kind, py in order:
-            skip = {"ours-lora": lora_rounds, "trl-kept": kept_rounds, "ours-lora-head": args.head_rounds}
+            skip = {
+                "ours-lora": lora_rounds,
+                "trl-kept": kept_rounds,
+                "ours-lora-separate": args.separate_rounds,
+            }
             if r >= skip.get(kind, args.rounds):
                 continue
             out = run_worker(py, kind, args, common)
@@ -618,12 +623,12 @@ def floor_works(count: dict) -> dict:
         "trl": (full, full),
         "trl-kept": (full, full),
         "ours": (full, update_work(*args, **own)),
-        "ours-lora": (lora, update_work(*args, lora_r=count["lora_r"], **own)),
         # one trunk for policy and critic; the rollout's values from a forward of their own
-        "ours-lora-head": (
+        "ours-lora": (
             update_work(*args, lora_r=count["lora_r"], critic=False),
             update_work(*args, lora_r=count["lora_r"], shared_prefix=count["shared_prefix"], critic=False),
         ),
+        "ours-lora-separate": (lora, update_work(*args, lora_r=count["lora_r"], **own)),
     }
 
 
@@ -654,7 +659,7 @@ def floor_shares(results: dict) -> dict:
 def versions_line(results: dict) -> str:
     """Both sides' package versions as their workers recorded them, and which of the pinned ones differ."""
     sides = {}
-    for side, kinds in (("TRL", ("trl", "trl-kept")), ("ours", ("ours", "ours-lora", "ours-lora-head"))):
+    for side, kinds in (("TRL", ("trl", "trl-kept")), ("ours", ("ours", "ours-lora", "ours-lora-separate"))):
         seen = {json.dumps(r["versions"]) for k in kinds for r in results.get(k, []) if "versions" in r}
         sides[side] = [json.loads(v) for v in sorted(seen)]
     if not all(sides.values()):
@@ -704,10 +709,10 @@ def report(results: dict, args) -> None:
     if "ours-lora" in summary:
         lora = round_ratios(results["trl"], results["ours-lora"])
         print(f"speedup of our LoRA default over TRL (full FT), same rounds: {with_interval(lora)}")
-    if "ours-lora-head" in summary:
-        head = round_ratios(results["trl"], results["ours-lora-head"])
+    if "ours-lora-separate" in summary:
+        sep = round_ratios(results["trl"], results["ours-lora-separate"])
         print(
-            f"speedup of our LoRA default with a value-head critic over TRL (full FT), same rounds: {with_interval(head)}"
+            f"speedup of our LoRA with a separate critic over TRL (full FT), same rounds: {with_interval(sep)}"
         )
     if "trl-kept" in results:
         kept = round_ratios(results["trl-kept"], results["ours"])

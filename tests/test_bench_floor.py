@@ -150,9 +150,14 @@ def test_ppo_vs_trl_gives_each_side_its_own_floor(tmp_path):
     settings, own = works["ours"]
     assert settings == update_work(*args)
     assert own == update_work(*args, shared_prefix=24, rollout_value=False) and own["value"] == 0
-    assert works["ours-lora"] == (
+    assert works["ours-lora-separate"] == (
         update_work(*args, lora_r=16),
         update_work(*args, lora_r=16, shared_prefix=24, rollout_value=False),
+    )
+    # the LoRA default: one trunk for policy and critic, the rollout's values from a forward of their own
+    assert works["ours-lora"] == (
+        update_work(*args, lora_r=16, critic=False),
+        update_work(*args, lora_r=16, shared_prefix=24, critic=False),
     )
     rates = {"matmul_flops": 1e9, "copy_bytes": 1e12}
     run = {"round": 0, "updates": [{"seconds": 10.0}]}

@@ -588,3 +588,22 @@ def test_critic_warm_up_tells_ddp_to_expect_parameters_without_gradients(critic)
 
     assert handler(2) is not None and handler(2).find_unused_parameters
     assert handler(0) is None  # no warm-up: DDP's faster default
+
+
+def test_the_lora_default_critic_is_a_value_head_and_a_full_fine_tune_keeps_a_separate_one(tiny_dir):
+    """With `lora` PPO's critic defaults to a value head on the policy's adapters (one trunk per update; its
+    learning measured against a separate critic in docs/benchmarks.md), without it to a separate value model;
+    a recipe that names one gets it, and a default is not taken for a setting the recipe made."""
+    from cai.stages.policy import build_models
+
+    settings = Settings(device="cpu")
+    lora = PPOConfig(lora=LoraConfig(r=4, alpha=8))
+    assert lora.critic == "value_head" and "critic" not in lora.model_fields_set
+    policy, ref, critic, _ = build_models(lora, settings, str(tiny_dir), "cpu")
+    assert policy.v_head is not None and critic is None and ref is None
+    policy, ref, critic, _ = build_models(PPOConfig(), settings, str(tiny_dir), "cpu")
+    assert policy.v_head is None and critic is not None and ref is not None
+    named = PPOConfig(lora=LoraConfig(r=4, alpha=8), critic="separate")
+    policy, _, critic, _ = build_models(named, settings, str(tiny_dir), "cpu")
+    assert policy.v_head is None and critic is not None
+    assert PPOConfig(critic="value_head").critic == "value_head"

@@ -125,7 +125,11 @@ def view_of(recipe: Recipe, keys, stage: str, saves_models: bool = True, unread=
         block, _, name = key.rpartition(".")
         if block in values:
             model = values[block]
-            default = type(model).model_fields[name].get_default(call_default_factory=True)
+            default = (
+                type(model)
+                .model_fields[name]
+                .get_default(call_default_factory=True, validated_data=dict(model))
+            )
             # which keys the recipe set stays as it was: the stage names those it ignores (unused_settings)
             values[block] = type(model).model_construct(
                 _fields_set=set(model.model_fields_set), **{**dict(model), name: default}

@@ -3,7 +3,8 @@ the algorithm `policy.algorithm` names, and write policy/.
 
 - ppo (the default): PPO against the preference model (or a reward function) with a KL penalty to the SFT model
   (cai.rl.trainer; the `ppo` block). Critic (`ppo.critic`): 'separate' — a value model (the SFT trunk with a
-  zero-initialised scalar head; with LoRA its own adapters) — or 'value_head' on the policy's trunk.
+  zero-initialised scalar head; with LoRA its own adapters), the default for a full fine-tune — or 'value_head'
+  on the policy's trunk, the default with LoRA.
 - rloo, grpo: critic-free, `policy.samples_per_prompt` samples per prompt, group baselines (cai.rl.group; the
   `ppo` block's rollout, optimiser and KL settings).
 - dpo: soft-label DPO on RUN/feedback/pairs.jsonl (cai.rl.dpo; the `dpo` block). It needs no PM; when the run
