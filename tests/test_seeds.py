@@ -13,7 +13,7 @@ from cai.stats import bootstrap_ci, crossed_bootstrap_ci
 
 def _config(critic: str, seed: int, lr: float = 1e-4) -> dict:
     return {
-        "settings": {"seed": 0, "device": "cpu"},
+        "settings": {"seed": seed, "device": "cpu"},  # as a manifest records it: policy.seed wins
         "policy": {"algorithm": "ppo", "seed": seed},
         "ppo": {"critic": critic, "learning_rate": lr},
     }

@@ -57,11 +57,16 @@ def pm_scores(
 def paired_gain(final: dict | None, sft: dict | None) -> dict | None:
     """Final policy minus its SFT model, prompt by prompt on the prompts both were scored on: the mean difference
     with a paired bootstrap 95% CI (as cai.eval.baselines' lift), n; None without both."""
-    a, b = (final or {}).get("by_id") or {}, (sft or {}).get("by_id") or {}
-    diffs = [a[k] - b[k] for k in a if k in b]
+    diffs = list(prompt_gains(final, sft).values())
     if not diffs:
         return None
     return {"mean": sum(diffs) / len(diffs), "ci95": list(bootstrap_ci(diffs)), "n": len(diffs)}
+
+
+def prompt_gains(final: dict | None, sft: dict | None) -> dict:
+    """{prompt id: final − SFT score} on the prompts both pm_scores results scored."""
+    a, b = (final or {}).get("by_id") or {}, (sft or {}).get("by_id") or {}
+    return {k: a[k] - b[k] for k in a if k in b}
 
 
 def _public(res: dict | None) -> dict | None:
@@ -208,10 +213,7 @@ def _over_seeds(rep, dirs: dict, scores: dict, baseline: dict, kl: dict, wins: d
     """The arms that differ only in policy.seed, read together (cai.report.seeds)."""
     inputs = {a: [str(rep.index.stage_dir(s, a)) for s in ("sft", "preference_model")] for a in dirs}
     groups = seeds.seed_groups({a: _config(d) for a, d in dirs.items()}, inputs)
-    gains = {}
-    for a in dirs:
-        final, sft = (scores.get(a) or {}).get("by_id") or {}, (baseline[a] or {}).get("by_id") or {}
-        gains[a] = {p: final[p] - sft[p] for p in final if p in sft}
+    gains = {a: prompt_gains(scores.get(a), baseline[a]) for a in dirs}
     sqrt_kl = {a: (as_sqrt(kl[a]) or {}).get("mean") for a in dirs}
     return seeds.over_seeds(groups, gains, sqrt_kl, {a: (wins.get(a) or {}).get("win_rate") for a in dirs})
 

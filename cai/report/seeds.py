@@ -25,7 +25,8 @@ def _without_seed(config: dict) -> dict:
 
 
 def _seed(config: dict):
-    return (config.get("policy") or {}).get("seed", (config.get("settings") or {}).get("seed"))
+    """The seed the stage ran with: its settings' (policy.seed, when set, is already there: cai.config.layout)."""
+    return (config.get("settings") or {}).get("seed")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, str]:
