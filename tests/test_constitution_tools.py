@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import textwrap
 
 import pytest
@@ -960,7 +961,15 @@ def test_pm_verdict_is_a_paired_test_on_the_flipped_pairs():
     from cai.constitution.effect import flipped
     from cai.constitution.effect_pm import pm_agreement, sign_test
 
-    assert sign_test(0, 12) == pytest.approx(2 / 4096) and sign_test(6, 12) == 1.0
+    # one vote per prompt: McNemar's exact test, 2 * P(Binomial(n, 1/2) <= min(k, n - k)), capped at 1
+    for k, n in [(0, 12), (6, 12), (2, 9), (3, 10), (1, 1)]:
+        binomial = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n)
+        assert sign_test([i < k for i in range(n)], list(range(n))) == pytest.approx(binomial), (k, n)
+    # 12 votes for OLD from 2 prompts are 2 coins, not 12: p = 2/4, where counting votes gave 2/4096
+    assert sign_test([True] * 12, [0] * 6 + [1] * 6) == pytest.approx(0.5)
+    # nets +3 and -1 (prompt 1 splits 1:2): |3 - 1| = 2 is reached by every sign pattern but none below it
+    assert sign_test([True] * 3 + [True, False, False], [0] * 3 + [1] * 3) == pytest.approx(1.0)
+    assert sign_test([True] * 5 + [True, True, True, False], [0] * 5 + [1] * 4) == pytest.approx(0.5)
     # every label moves 0.49 -> 0.51: no flip, whatever the PM prefers, nothing to retrain for
     rows = [{"p_old": 0.49, "p_new": 0.51, "flipped": flipped(0.49, 0.51), "same_prompt": False}] * 10
     res = pm_agreement(rows, [(0.0, 1.0)] * 10, "pm", 10)

@@ -2,28 +2,38 @@
 
 Only pairs whose label flipped (crossed 0.5 by more than the margin) can tell: there OLD and NEW prefer
 different responses, so the PM agrees with exactly one of them. The comparison is paired on those discordant
-pairs (McNemar's test, which is an exact sign test on them): the share of them where the PM sides with OLD,
-with its 95% interval, and the paired difference agree(OLD) − agree(NEW) = 2·share − 1. "Retrain the PM" only
-when that interval excludes 0; a pair whose label moves 0.49 → 0.51 is not a flip and counts for nothing. Pairs
-of one prompt (feedback.max_pairs_per_prompt > 1) are not independent: every interval here is clustered by the
-pair's prompt (cai.stats.clustered_ci), and `clusters` counts the prompts beside n (pairs).
+pairs (McNemar's test, an exact sign test on them): the share of them where the PM sides with OLD, with its 95%
+interval, and the paired difference agree(OLD) − agree(NEW) = 2·share − 1. "Retrain the PM" only when that
+interval excludes 0; a pair whose label moves 0.49 → 0.51 is not a flip and counts for nothing. Pairs of one
+prompt (feedback.max_pairs_per_prompt > 1) are not independent: every interval here is clustered by the pair's
+prompt (cai.stats.clustered_ci), the sign test flips a prompt's votes together (sign_test), and `clusters`
+counts the prompts beside n (pairs).
 """
 
 from __future__ import annotations
-
-import math
 
 from cai.constitution.effect import prompt_of
 from cai.credit import is_tie
 from cai.stats import clustered_ci
 
 
-def sign_test(k: int, n: int) -> float:
-    """Exact two-sided p-value of k successes in n fair coin flips (McNemar's exact test on discordant pairs)."""
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n
-    return min(1.0, 2 * tail)
+def sign_test(sides: list[bool], clusters: list) -> float:
+    """Exact two-sided p-value of the votes `sides` (True: sides with OLD) under "each prompt's votes are as
+    likely flipped": the prompt's net vote d (OLD minus NEW) keeps or flips its sign by a fair coin, and p is the
+    chance that |the sum of the signed d| reaches the observed one. Votes of one prompt move together, so they
+    count as one coin, not several; with one vote per prompt this is McNemar's exact test (a binomial sign test)."""
+    net: dict = {}
+    for side, c in zip(sides, clusters):
+        net[c] = net.get(c, 0) + (1 if side else -1)
+    observed = abs(sum(net.values()))
+    ways = {0: 1}  # sum of the signed net votes -> number of the 2^prompts sign patterns giving it (exact)
+    for d in (abs(v) for v in net.values() if v):
+        nxt: dict = {}
+        for s, w in ways.items():
+            nxt[s + d] = nxt.get(s + d, 0) + w
+            nxt[s - d] = nxt.get(s - d, 0) + w
+        ways = nxt
+    return sum(w for s, w in ways.items() if abs(s) >= observed) / sum(ways.values())
 
 
 def pm_agreement(rows: list[dict], scores: list[tuple[float, float]], pm_dir: str, min_pairs: int) -> dict:
@@ -87,7 +97,7 @@ def pm_agreement(rows: list[dict], scores: list[tuple[float, float]], pm_dir: st
         "pm_sides_with_new": len(disc) - k,
         "difference": (2 * k - len(disc)) / len(disc) if disc else None,
         "difference_ci95": [2 * lo - 1, 2 * hi - 1] if disc else None,
-        "p_value": sign_test(k, len(disc)),
+        "p_value": sign_test([side for _, side in disc], [g for g, _ in disc]),
         "mixed": len(votes) - len(disc),
     }
     res["verdict"] = verdict(res["paired"], relabelled, min_pairs)
@@ -116,7 +126,7 @@ def verdict(p: dict, relabelled: int, min_pairs: int) -> str:
     head = (
         f"On the {p['n']} flipped pairs{f' ({left})' if left else ''} the PM sides with OLD on {p['pm_sides_with_old']} and with NEW on "
         f"{p['pm_sides_with_new']}: agree(OLD) - agree(NEW) = {p['difference']:+.3f} (95% CI {lo:+.3f} to "
-        f"{hi:+.3f}, exact sign test p = {p['p_value']:.3g}, n = {p['n']}{prompts}): "
+        f"{hi:+.3f}, exact sign test over prompts p = {p['p_value']:.3g}, n = {p['n']}{prompts}): "
     )
     if lo > 0:
         return head + "retrain the PM on NEW labels to carry the edit into RL."
