@@ -29,7 +29,14 @@ def test_arms_that_differ_only_in_their_seed_form_one_setting_named_by_what_diff
     ]
     # an arm with its own SFT model is another setting, though its recipe keys match
     inputs["separate-1"] = ["RUN/arms/separate-1/sft", "RUN/preference_model"]
-    assert [len(g) for _, g in seeds.seed_groups(configs, inputs)] == [1, 1, 2]
+    groups = seeds.seed_groups(configs, inputs)
+    assert [len(g) for _, g in groups] == [1, 1, 2]
+    # ... and is told apart by the arm whose folders it reads, where its keys alone would repeat a label
+    assert [label for label, _ in groups] == [
+        "ppo.critic=separate (upstream of separate-0)",
+        "ppo.critic=separate (upstream of separate-1)",
+        "ppo.critic=value_head",
+    ]
     # one seed per setting: nothing to read over seeds
     one = {a: c for a, c in configs.items() if a.endswith("-0")}
     assert seeds.seed_groups(one, inputs) == []

@@ -42,7 +42,9 @@ def _flat(d: dict, prefix: str = "") -> dict[str, str]:
 def seed_groups(configs: dict, inputs: dict) -> list[tuple[str, dict]]:
     """[(label, {seed: arm})] for the arms whose policy-stage config (`configs`, from the manifests) and upstream
     folders (`inputs`) are equal but for the seed, in the arms' order; a label names the keys in which the settings
-    differ ('ppo.critic=value_head'), 'every arm' when there is one setting. Empty unless a setting has 2 seeds."""
+    differ ('ppo.critic=value_head'), 'every arm' when there is one setting; settings whose keys match but whose
+    upstream folders differ (an arm with its own SFT model) add the first arm whose folders they read. Empty unless
+    a setting has 2 seeds."""
     keyed: dict[str, dict] = {}
     for arm, config in configs.items():
         key = json.dumps([_without_seed(config), inputs.get(arm)], sort_keys=True, default=str)
@@ -55,7 +57,11 @@ def seed_groups(configs: dict, inputs: dict) -> list[tuple[str, dict]]:
     for key, group in keyed.items():
         label = ", ".join(f"{k}={json.loads(flats[key][k])}" for k in differ if k in flats[key])
         out.append((label or ("every arm" if len(keyed) == 1 else "the rest"), group))
-    return out
+    labels = [label for label, _ in out]
+    return [
+        (f"{label} (upstream of {next(iter(g.values()))})" if labels.count(label) > 1 else label, g)
+        for label, g in out
+    ]
 
 
 def _table(values: dict, arm_of_seed: dict) -> dict | None:
