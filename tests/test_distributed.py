@@ -295,6 +295,23 @@ def test_dpo_on_two_processes_equals_one_process(runs, tmp_path):
     assert tokens[0] == tokens[1] and tokens[0][-1] > 0
 
 
+def test_lora_ppo_with_its_default_value_head_on_two_processes_equals_one_process(runs, tmp_path):
+    """PPO as the quickstart runs it: a LoRA policy whose critic is, by default, a value head on its adapters, and
+    the reference its adapters off. The global batch of 4 split over 2 DDP processes gives one process's samples,
+    losses, value loss and step, and the same saved (merged) policy. Two epochs at a large learning rate, so that
+    the second moves the adapters and the head away from the rollout's."""
+    sets = COMMON + per_device(1)[:2] + ["ppo.lora={r: 8, alpha: 16}", "ppo.ppo_epochs=2"]
+    sets += ["ppo.learning_rate=3e-3"]
+    out = policy_on_one_and_two_processes(
+        runs[0], tmp_path / "lora", lambda n: sets + [f"ppo.rollout_batch_size={GLOBAL_BATCH // n}"]
+    )
+    assert read_manifest(out[2] / "policy")["config"]["ppo"]["critic"] == "value_head"
+    keys = ("objective/score", "objective/reward", "objective/kl", "loss/policy", "loss/value", "grad/norm")
+    a, _ = same_update(out[1], out[2], (*keys, "policy/approx_kl", "val/explained_variance"))
+    assert a["grad/norm"] > 0 and a["policy/approx_kl"] > 1e-4, a
+    compare_weights(out[1] / "policy" / "policy", out[2] / "policy" / "policy")
+
+
 def test_grpo_per_response_mean_on_two_processes_equals_one_process(runs, tmp_path):
     """GRPO with `policy.loss_mean: sequence` (the loss counts responses, over every process) and groups of 2
     samples, the global batch of 4 responses split over 2 processes: the same samples, losses and step as one
