@@ -12,6 +12,8 @@ counts the prompts beside n (pairs).
 
 from __future__ import annotations
 
+from collections import Counter
+
 from cai.constitution.effect import prompt_of
 from cai.credit import is_tie
 from cai.stats import clustered_ci
@@ -27,11 +29,15 @@ def sign_test(sides: list[bool], clusters: list) -> float:
         net[c] = net.get(c, 0) + (1 if side else -1)
     observed = abs(sum(net.values()))
     ways = {0: 1}  # sum of the signed net votes -> number of the 2^prompts sign patterns giving it (exact)
-    for d in (abs(v) for v in net.values() if v):
+    # the m prompts of one net size d together: j of them positive with C(m, j) patterns, sum d(2j - m)
+    for d, m in Counter(abs(v) for v in net.values() if v).items():
         nxt: dict = {}
-        for s, w in ways.items():
-            nxt[s + d] = nxt.get(s + d, 0) + w
-            nxt[s - d] = nxt.get(s - d, 0) + w
+        c = 1  # C(m, j), stepped by its recurrence
+        for j in range(m + 1):
+            shift = d * (2 * j - m)
+            for s, w in ways.items():
+                nxt[s + shift] = nxt.get(s + shift, 0) + w * c
+            c = c * (m - j) // (j + 1)
         ways = nxt
     return sum(w for s, w in ways.items() if abs(s) >= observed) / sum(ways.values())
 
