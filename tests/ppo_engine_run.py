@@ -188,3 +188,6 @@ if __name__ == "__main__":
         nan_on_rank_1(Path(sys.argv[1]))
     else:
         main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])
+    from cai.runtime import distributed as dist
+
+    dist.end_process(0)  # as `cai` ends a process that has been in a process group

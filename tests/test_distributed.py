@@ -632,6 +632,40 @@ def test_a_non_finite_reward_on_one_process_stops_every_process(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "diverged-step-000001" / "state.json").is_file()
 
 
+ENDS_ITSELF = """
+import atexit, os, sys
+import torch.distributed as d
+from cai.runtime import distributed as dist
+from cai.cli.main import main
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+d.init_process_group("gloo", rank=0, world_size=1)
+if sys.argv[2] == "left":
+    dist.shutdown()
+atexit.register(lambda: print("exit functions ran"))
+print("buffered output", end="")
+main(["recipe", "validate", "no-such-recipe.yaml"])
+print("returned from main")
+"""
+
+
+@pytest.mark.parametrize("group", ["left", "open"])
+def test_cai_ends_a_process_that_was_in_a_group_with_its_exit_code(group):
+    """`cai` ends a process that has been in a process group itself (os._exit after the exit functions), so that
+    gloo's threads, alive after the group is destroyed, cannot abort it in the interpreter's teardown: the
+    command's exit code (2, a bad recipe path), buffered output and exit functions all survive, with the group
+    left or still open (a stage's error)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", ENDS_ITSELF, str(free_port()), group],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no-such-recipe.yaml" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == "buffered outputexit functions ran\n", proc.stdout
+
+
 def test_deepspeed_launch_keeps_deepspeed_on_cpu(monkeypatch):
     """accelerate switches DeepSpeed off when told cpu=True: under a DeepSpeed launch the stages must not."""
     from cai.runtime import distributed as dist

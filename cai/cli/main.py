@@ -155,7 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; a closed stdout pipe (`cai ... | head`) ends it quietly with exit code 0."""
+    """Run one command; a closed stdout pipe (`cai ... | head`) ends it quietly with exit code 0. A process that
+    has been in a process group (a launch by accelerate or torchrun) ends itself here: `dist.end_process`."""
+    code = _quietly(argv)
+    if dist.was_in_group():
+        dist.end_process(code)
+    return code
+
+
+def _quietly(argv: list[str] | None) -> int:
     try:
         try:
             return _main(argv)
