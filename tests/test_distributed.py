@@ -69,7 +69,7 @@ def launch(
     cmd: list[str], env_extra: dict | None = None, unset: tuple[str, ...] = (), timeout: int = 600
 ) -> str:
     # faulthandler: a process killed by a signal prints its threads' Python stacks (a rare SIGABRT, "terminate
-    # called without an active exception", has hit one rank of a 2-process launch in CI; its place is not known)
+    # called without an active exception", hit finished ranks in interpreter teardown: dist.end_process)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"}
     env.update(env_extra or {})
     for k in unset:
