@@ -10,7 +10,7 @@ import sys
 
 from cai.errors import UserError
 
-_WAS_IN_GROUP = False  # this process has been in a torch.distributed group (see end_process)
+_LEFT_GROUP = False  # shutdown() has destroyed this process's torch.distributed group (see was_in_group)
 
 
 def _dist():
@@ -25,7 +25,6 @@ def init_from_env(device: str = "auto") -> None:
     check_launch_env()
     skip_deepspeed_shm_kernel()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _dist() is not None:
-        _note_group()
         return
     import torch
     import torch.distributed as dist
@@ -42,7 +41,6 @@ def init_from_env(device: str = "auto") -> None:
             # as accelerate does for FSDP: full state dicts are gathered on CPU
             backend = "cuda:nccl,cpu:gloo"
     dist.init_process_group(backend=backend)
-    _note_group()
 
 
 def check_launch_env() -> None:
@@ -82,21 +80,17 @@ def skip_deepspeed_shm_kernel() -> None:
 
 def shutdown() -> None:
     """End of a multi-process run: wait for every rank, then leave the group. A no-op in a single process."""
+    global _LEFT_GROUP
     d = _dist()
     if d:
-        _note_group()
         d.barrier()
         d.destroy_process_group()
-
-
-def _note_group() -> None:
-    global _WAS_IN_GROUP
-    _WAS_IN_GROUP = _WAS_IN_GROUP or _dist() is not None
+        _LEFT_GROUP = True
 
 
 def was_in_group() -> bool:
-    """Whether this process has joined a torch.distributed group (cai's or the engine's), now or before."""
-    return _WAS_IN_GROUP or _dist() is not None
+    """Whether this process is in a torch.distributed group (cai's or the engine's) or has left one."""
+    return _LEFT_GROUP or _dist() is not None
 
 
 def end_process(code: int):
