@@ -21,7 +21,9 @@ every prompt of the batch begins with (a chat template's opening), computed once
 forward (cai.runtime.packing, and generation's prefill: cai.runtime.decode.shared_prefix_inputs), so (B − 1) ×
 that prefix's positions, their linears and their attention among themselves, drop out of every trunk pass; and
 `rollout_value=False`, where the rollout's critic forward is the critic's training forward of epoch 0 (cai's
-trainer at one minibatch on one process), not a forward of its own.
+trainer at one minibatch on one process), not a forward of its own; and `last_token=False`, where the training,
+reference and value passes leave out each row's last token, whose state nothing reads (log-probabilities and
+values are read one position before the token: cai.rl.modules.response_states). The reward reads it.
 """
 
 from __future__ import annotations
@@ -103,14 +105,18 @@ def update_work(
     shared_prefix: int = 0,
     rollout_value: bool = True,
     critic: bool = True,
+    last_token: bool = True,
 ) -> dict:
     """FLOPs by phase of one PPO update (every response at full length), and decoding's FLOPs and the bytes
     it streams. `lora_r`: LoRA adapters of that rank on every trunk linear of policy and critic (0: a full
     fine-tune). `shared_prefix`: the tokens every prompt begins with, computed once per trunk pass.
     `rollout_value`: whether the rollout's critic forward is a forward of its own (else epoch 0's is reused).
     `critic`: a separate critic model; without it the values come from a head on the policy's trunk, whose
-    training passes then carry both losses (no second trunk)."""
+    training passes then carry both losses (no second trunk). `last_token`: whether the passes that read the
+    states before each token (training, reference, value) compute each row's last token too."""
     lens = [p + response_length for p in prompt_lens]
+    reward = sum(trunk_pass(s, lens, shared_prefix)[:2])
+    lens = lens if last_token else [n - 1 for n in lens]
     linear, attention, positions = trunk_pass(s, lens, shared_prefix)
     full = linear + attention
     head = head_flops(s, response_length * len(prompt_lens))
@@ -125,7 +131,7 @@ def update_work(
         "prefill": sum(trunk_pass(s, prompt_lens, shared_prefix)[:2]),
         "ref": full + head,
         "value": full + adapters if rollout_value else 0.0,
-        "reward": full,
+        "reward": reward,
         "train": train,
     }
     weights = linear_weights(s) + s["d"] * s["vocab"]

@@ -614,21 +614,24 @@ def stored_count() -> dict:
 def floor_works(count: dict) -> dict:
     """Per configuration, (the settings' work, its own work) of one update (bench/floor.py). The settings': every
     prompt's tokens in every trunk pass and the rollout's critic forward of its own, the work of a padded batch;
-    TRL's own is that one. Ours: the prompts' shared opening once per trunk pass and, at one minibatch, the
-    rollout's values from epoch 0's critic forward (cai.rl.trainer's reuse_values)."""
+    TRL's own is that one. Ours: the prompts' shared opening once per trunk pass, no pass over a row's last token
+    but the reward's and, at one minibatch, the rollout's values from epoch 0's critic forward (cai.rl.trainer's
+    reuse_values)."""
     args = (count["shapes"], count["prompt_lens"], SETTINGS["response_length"], SETTINGS["epochs"])
-    own = dict(shared_prefix=count["shared_prefix"], rollout_value=SETTINGS["minibatches"] != 1)
-    full, lora = update_work(*args), update_work(*args, lora_r=count["lora_r"])
+    packed = dict(shared_prefix=count["shared_prefix"], last_token=False)
+    own = dict(packed, rollout_value=SETTINGS["minibatches"] != 1)
+    r = count["lora_r"]
+    full, lora = update_work(*args), update_work(*args, lora_r=r)
     return {
         "trl": (full, full),
         "trl-kept": (full, full),
         "ours": (full, update_work(*args, **own)),
         # one trunk for policy and critic; the rollout's values from a forward of their own
         "ours-lora": (
-            update_work(*args, lora_r=count["lora_r"], critic=False),
-            update_work(*args, lora_r=count["lora_r"], shared_prefix=count["shared_prefix"], critic=False),
+            update_work(*args, lora_r=r, critic=False),
+            update_work(*args, lora_r=r, critic=False, **packed),
         ),
-        "ours-lora-separate": (lora, update_work(*args, lora_r=count["lora_r"], **own)),
+        "ours-lora-separate": (lora, update_work(*args, lora_r=r, **own)),
     }
 
 

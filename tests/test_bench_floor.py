@@ -114,6 +114,11 @@ def test_the_floor_by_hand_with_a_shared_prefix_a_reused_value_forward_and_lora(
     assert w["value"] == shared + adapters and w["ref"] == shared + head and w["reward"] == shared
     # two epochs: twice the training, the rest once
     assert update_work(s, [3, 5], 2, 2, lora_r=1, shared_prefix=2)["train"] == 2 * w["train"]
+    # without each row's last token (rows of 4 and 6): 8 positions, pairs 10 + 21 - 3; the reward keeps it
+    short = 2 * 120 * 8 + 16 * (31 - 3)
+    w = update_work(*args, shared_prefix=2, rollout_value=False, last_token=False)
+    assert (w["ref"], w["value"], w["reward"]) == (short + head, 0, shared)
+    assert w["train"] == 3 * ((short + head) + short)
 
 
 def test_adapter_flops_are_torchs_count(llama):
@@ -149,15 +154,16 @@ def test_ppo_vs_trl_gives_each_side_its_own_floor(tmp_path):
     assert works["trl"] == works["trl-kept"] == (update_work(*args),) * 2
     settings, own = works["ours"]
     assert settings == update_work(*args)
-    assert own == update_work(*args, shared_prefix=24, rollout_value=False) and own["value"] == 0
+    assert own == update_work(*args, shared_prefix=24, rollout_value=False, last_token=False)
+    assert own["value"] == 0
     assert works["ours-lora-separate"] == (
         update_work(*args, lora_r=16),
-        update_work(*args, lora_r=16, shared_prefix=24, rollout_value=False),
+        update_work(*args, lora_r=16, shared_prefix=24, rollout_value=False, last_token=False),
     )
     # the LoRA default: one trunk for policy and critic, the rollout's values from a forward of their own
     assert works["ours-lora"] == (
         update_work(*args, lora_r=16, critic=False),
-        update_work(*args, lora_r=16, shared_prefix=24, critic=False),
+        update_work(*args, lora_r=16, shared_prefix=24, critic=False, last_token=False),
     )
     rates = {"matmul_flops": 1e9, "copy_bytes": 1e12}
     run = {"round": 0, "updates": [{"seconds": 10.0}]}

@@ -248,7 +248,8 @@ def test_rows_that_sample_one_prompt_share_it_in_the_packed_forward(monkeypatch,
         out = policy(ids, mask, R, 0.7, values=True, entropy=True)
         (out["logprobs"].sum() + out["values"].sum()).backward()
         results.append((out, [p.grad.clone() for p in policy.parameters()]))
-    assert sizes == [10 + 20 + 14 + int(mask[:, 30:].sum())]  # each prompt once, every response token once
+    # each prompt once, every response token once but each row's last, whose state nothing reads
+    assert sizes == [10 + 20 + 14 + int(mask[:, 30:].sum()) - len(rows)]
     (a, ga), (b, gb) = results
     for key in ("logprobs", "values", "entropy"):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)

@@ -50,21 +50,22 @@ def response_states(
         )
         return out.last_hidden_state[:, T - n_response - shift : T - shift][rmask]
     real = attention_mask.bool()
+    # a row's real tokens are contiguous (left-padded prompt, then the response up to EOS): its response tokens
+    # are its last r real ones, read at the states `shift` positions earlier. The last `shift` tokens' states
+    # are read by nothing (causal: no earlier state depends on them), so they are not packed at all.
     seqs = [input_ids[i][real[i]] for i in range(B)]
     n_prompt = real[:, : T - n_response].sum(1).tolist()
     by_prompt: dict[tuple, list[int]] = {}
     for i in range(B):
         by_prompt.setdefault(tuple(seqs[i][: n_prompt[i]].tolist()), []).append(i)
     groups = list(by_prompt.values())
-    packed = pack([[seqs[i] for i in g] for g in groups], input_ids.device)
+    packed = pack([[seqs[i][: len(seqs[i]) - shift] for i in g] for g in groups], input_ids.device)
     h = packed_states(model, packed, tied_head)
     where = [None] * B
     for w, i in zip(packed.where, (i for g in groups for i in g)):
         where[i] = w
-    # a row's real tokens are contiguous (left-padded prompt, then the response up to EOS): its response tokens
-    # are its last r real ones, predicted by the states one position earlier
     r = rmask.sum(1).tolist()
-    idx = torch.cat([w[len(w) - n - shift : len(w) - shift] for w, n in zip(where, r)]).to(h.device)
+    idx = torch.cat([w[len(w) - n :] for w, n in zip(where, r)]).to(h.device)
     return h[idx]
 
 
