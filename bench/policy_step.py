@@ -3,18 +3,24 @@ replaced: same model, inputs and process, the order rotating between rounds.
 
     .venv/bin/python bench/policy_step.py --change tied       # the tied embedding's gradient, sparse or dense
     .venv/bin/python bench/policy_step.py --change gather     # packed attention's gathers: index_select or indexing
+    .venv/bin/python bench/policy_step.py --change onednn     # the linears' products on oneDNN or MKL
+    .venv/bin/python bench/policy_step.py --change onednn --forward-only   # the same, a forward without gradients
 
 `--change tied`: the tied embedding's gradient taken sparse into the LM head's dense one
 (cai.runtime.packing.packed_states, `tied_head`) against the embedding module's own dense gradient.
 `--change gather`: the packed attention's gathers by `index_select` (backward: index_add_) against advanced
 indexing (backward: index_put_ with accumulate).
+`--change onednn`: the linears' forward products on oneDNN (cai.runtime.forward.linear_product, what the trainers
+take on AMD's CPUs) against `F.linear` (MKL). With `--forward-only` a step is the forward alone, without gradients:
+what the reference's and the reward's passes do.
 
 A step is what a PPO epoch does to a fully fine-tuned policy: the packed forward (`PolicyModel`) over the built-in
 prompts (through the chat template) each followed by `--response` random tokens, the log-probabilities of the
-response at temperature 0.7, and a backward from their mean. Reported per batch size: the median seconds of
+response at temperature 0.7, and a backward from their mean, inside `training_linears` as the trainers run it. Reported per batch size: the median seconds of
 `--steps` steps each way, the median and range of the per-round ratios of the old way to the new one (above 1:
 the new way is faster), and the largest difference between the two ways' gradients relative to the largest
-gradient. The figures go into docs/benchmarks.md, sections "Tied embedding" and "Packed attention's gathers".
+gradient. The figures go into docs/benchmarks.md, sections "Tied embedding", "Packed attention's gathers" and
+"Linear products on oneDNN".
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rounds import int_list, positive_int, print_machine, print_ratio_table, rotating_rounds  # noqa: E402
 
-WAYS = {"tied": ("dense", "sparse"), "gather": ("indexing", "index_select")}
+WAYS = {"tied": ("dense", "sparse"), "gather": ("indexing", "index_select"), "onednn": ("mkl", "onednn")}
 
 
 def main() -> None:
@@ -40,6 +46,7 @@ def main() -> None:
     ap.add_argument("--response", type=int, default=48, help="response tokens per row, trained")
     ap.add_argument("--steps", type=positive_int, default=2, help="steps timed together, each way and round")
     ap.add_argument("--rounds", type=positive_int, default=5)
+    ap.add_argument("--forward-only", action="store_true", help="time forwards without gradients")
     args = ap.parse_args()
 
     import torch
@@ -47,8 +54,9 @@ def main() -> None:
 
     from cai.rl import modules
     from cai.rl.modules import PolicyModel
+    from cai.runtime import forward
     from cai.runtime import generate as gen
-    from cai.runtime.forward import pad
+    from cai.runtime.forward import pad, training_linears
     from cai.runtime.models import load_model, load_tokenizer
 
     tok = load_tokenizer(args.model)
@@ -64,8 +72,10 @@ def main() -> None:
 
     def step(b: int) -> None:
         ids, mask = inputs[b]
-        out = policy(ids, mask, args.response, 0.7)
-        (-out["logprobs"].sum() / mask[:, -args.response :].sum()).backward()
+        with training_linears(policy), torch.set_grad_enabled(not args.forward_only):
+            out = policy(ids, mask, args.response, 0.7)
+        if not args.forward_only:
+            (-out["logprobs"].sum() / mask[:, -args.response :].sum()).backward()
 
     def indexing_select(x, dim, index):
         """Advanced indexing along `dim`: how the packed attention gathered before."""
@@ -78,6 +88,7 @@ def main() -> None:
             lambda model, packed, tied_head=False: packed_states(model, packed),
         ),
         "indexing": (torch.Tensor, "index_select", indexing_select),
+        "mkl": (forward, "onednn_linears", lambda: False),
     }
 
     @contextlib.contextmanager
@@ -107,10 +118,16 @@ def main() -> None:
         return torch.cat([p.grad.flatten() for p in policy.parameters()])
 
     print_machine(torch)
-    before, after = grads(ways[0]), grads(ways[1])
-    diff = float((after - before).abs().max() / before.abs().max())
+    if args.change == "onednn" and not forward.onednn_linears():
+        forward.ONEDNN["linears"] = True  # on any CPU, so that the two ways differ
+    if not args.forward_only:
+        before, after = grads(ways[0]), grads(ways[1])
+        diff = float((after - before).abs().max() / before.abs().max())
     secs, _ = rotating_rounds(ways, sizes, args.rounds, timed, ways[:1])
-    print(f"\ngradients, {ways[1]} against {ways[0]}: largest difference {diff:.1e} of the largest gradient")
+    if not args.forward_only:
+        print(
+            f"\ngradients, {ways[1]} against {ways[0]}: largest difference {diff:.1e} of the largest gradient"
+        )
     print_ratio_table(sizes, secs, ways)
 
 

@@ -476,9 +476,10 @@ def test_lora_training_linears_give_peft_outputs_and_gradients_in_fewer_passes(t
     peft_logits, peft_grads, peft_calls = loss_and_grads(False)
     got_logits, got_grads, calls = loss_and_grads(True)
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
-    # peft: three F.linear per adapted layer (base, A, B), then a scale and an add; fused: the base's, with the
-    # adapter's thin products added into it in place
-    assert peft_calls["linear"] - calls["linear"] == 2 * len(layers)
+    # peft: three F.linear per adapted layer (base, A, B), then a scale and an add; fused: the base's (on oneDNN
+    # on AMD's CPUs: cai.runtime.forward.linear_product), with the adapter's thin products added into it in place
+    products = lambda c: c["linear"] + c["packed"]  # noqa: E731
+    assert products(peft_calls) - products(calls) == 2 * len(layers)
     torch.testing.assert_close(got_logits, peft_logits, rtol=1e-5, atol=1e-5)
     assert got_grads.keys() == peft_grads.keys() and any("lora_A" in n for n in got_grads)
     for name, g in got_grads.items():
@@ -491,6 +492,70 @@ def test_lora_training_linears_give_peft_outputs_and_gradients_in_fewer_passes(t
     with fused_lora_linears(model), model.disable_adapter():
         torch.testing.assert_close(model(input_ids=ids).logits, model.base_model.model(input_ids=ids).logits)
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "elsewhere"])
+def test_product_linears_give_f_linear_outputs_and_gradients(tiny, monkeypatch, onednn):
+    """On AMD's CPUs the fp32 linears of training and scoring forwards compute their product on oneDNN, with
+    F.linear's values and gradients up to rounding; elsewhere (and under autocast) F.linear itself."""
+    import torch
+
+    from cai.runtime import forward
+
+    monkeypatch.setitem(forward.ONEDNN, "linears", onednn)
+    model, _ = tiny
+    head = torch.nn.Linear(model.config.vocab_size, 3)  # with a bias, beside the model's bias-free ones
+    ids = torch.randint(0, 200, (2, 9))
+
+    def run(ctx):
+        model.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+        with ctx(model, head), LinearCalls() as calls:
+            out = head(model(input_ids=ids).logits)
+        out.square().mean().backward()
+        params = [*model.named_parameters(), *(("head." + n, p) for n, p in head.named_parameters())]
+        return out.detach(), {n: p.grad.clone() for n, p in params}, calls
+
+    want, want_grads, plain = run(lambda *m: contextlib.nullcontext())
+    got, grads, calls = run(forward.product_linears)
+    products = plain["linear"]
+    assert products > 0 and calls["packed"] == (products if onednn else 0)
+    assert calls["linear"] == (0 if onednn else products)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == want_grads.keys() and "head.bias" in grads
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # without gradients: the product alone
+        plain_logits = model(input_ids=ids).logits
+        with forward.product_linears(model), LinearCalls() as calls:
+            torch.testing.assert_close(model(input_ids=ids).logits, plain_logits, rtol=1e-5, atol=1e-6)
+    assert calls["packed"] == (products - 1 if onednn else 0)  # the model's own, without the head
+    with forward.product_linears(model), torch.autocast("cpu", dtype=torch.bfloat16), LinearCalls() as calls:
+        model(input_ids=ids)
+    assert calls["packed"] == 0  # autocast keeps F.linear (its casts)
+    assert not any("forward" in m.__dict__ for m in [*model.modules(), head])
+
+
+def test_products_go_to_onednn_on_amd_cpus_only(tmp_path, monkeypatch):
+    from cai.runtime import distributed as dist
+    from cai.runtime import forward
+
+    info = tmp_path / "cpuinfo"
+    for vendor in ("GenuineIntel", "AuthenticAMD"):
+        info.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\n")
+        assert forward.cpu_vendor(info) == vendor
+    assert forward.cpu_vendor(tmp_path / "missing") == ""
+    for vendor in ("GenuineIntel", "AuthenticAMD", ""):
+        monkeypatch.setitem(forward.ONEDNN, "linears", None)
+        monkeypatch.setattr(forward, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert forward.onednn_linears() is (vendor == "AuthenticAMD")
+    model = lora_tiny()
+    monkeypatch.setitem(forward.ONEDNN, "linears", True)
+    with forward.product_linears(model):
+        assert any("forward" in m.__dict__ for m in model.modules())
+    monkeypatch.setattr(dist, "engine", lambda: "deepspeed-zero3")  # sharded weights: nothing replaced
+    with forward.product_linears(model):
+        assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 def test_lora_training_linears_stay_peft_under_zero3(tiny_dir, monkeypatch):

@@ -170,7 +170,7 @@ def test_option_tokens_are_scored_as_the_tokenizer_splits_them():
     """A prompt ending in a space must score '(A)' as the token ' (' + ..., not as ' ' + '(' + ... ."""
     import torch
 
-    from cai.runtime.forward import continuation_logprob
+    from cai.feedback.options import continuation_logprob
 
     tok = _bpe_tokenizer()
     assert len(tok.tokenize(" (A)")) < len(tok.tokenize(" ")) + len(tok.tokenize("(A)"))

@@ -333,8 +333,8 @@ def test_lora_update_with_fused_linears_equals_peft_forward(tmp_path, monkeypatc
     layers = sum(isinstance(m, LoraLinear) for part in (on.policy, on.critic) for m in part.modules())
     assert layers and len(fused) == 2 * minibatches * layers
     nothing = lambda model: contextlib.nullcontext()  # noqa: E731
-    monkeypatch.setattr(loop, "fused_lora_linears", nothing)
-    monkeypatch.setattr(trainer_module, "fused_lora_linears", nothing)
+    monkeypatch.setattr(loop, "training_linears", nothing)
+    monkeypatch.setattr(trainer_module, "training_linears", nothing)
     off = make_trainer(tmp_path / "peft", **settings)
     off.train()
     a, b = _params(on), _params(off)
@@ -342,6 +342,31 @@ def test_lora_update_with_fused_linears_equals_peft_forward(tmp_path, monkeypatc
     assert moved  # the update trained the adapters (B starts at zero)
     for name in a:  # the same update up to float rounding
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_update_with_onednn_products_equals_f_linear(tmp_path, monkeypatch):
+    """On AMD's CPUs the rollout's forwards and the training forwards compute their products on oneDNN
+    (cai.runtime.forward.product_linears): the same update as with F.linear, up to float rounding."""
+    from cai.runtime import forward
+
+    calls = []
+    product = forward._onednn_product
+    monkeypatch.setattr(forward, "_onednn_product", lambda *a: calls.append(1) or product(*a))
+    settings = dict(updates=1, ppo_epochs=2)
+    monkeypatch.setitem(forward.ONEDNN, "linears", True)
+    on = make_trainer(tmp_path / "onednn", **settings)
+    on.train()
+    assert calls  # the products ran on oneDNN
+    monkeypatch.setitem(forward.ONEDNN, "linears", False)
+    off = make_trainer(tmp_path / "f_linear", **settings)
+    n = len(calls)
+    off.train()
+    assert len(calls) == n
+    a, b = _params(on), _params(off)
+    for name in a:  # the same update up to float rounding
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    start = _params(make_trainer(tmp_path / "start", **settings))
+    assert any(float((a[k] - start[k]).abs().max()) > 1e-4 for k in a)  # the update changed the weights
 
 
 def _params(trainer):

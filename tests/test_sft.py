@@ -51,7 +51,7 @@ def run_sft(cr_dir, out_dir, *sets):
 
 def mean_loglik(model, tok, records) -> float:
     """Mean per-token log-likelihood of each record's final text (plus end of turn) after its prompt."""
-    from cai.runtime.forward import continuation_logprob
+    from cai.feedback.options import continuation_logprob
 
     prompts = [
         tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in records

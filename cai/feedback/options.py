@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from cai.runtime import distributed as dist
-from cai.runtime.forward import continuation_logprob, joined_ids, position_ids
+from cai.runtime.forward import pad, position_ids, selected_logprobs
 from cai.runtime.packing import (
     base_of,
     chunk_groups,
@@ -34,6 +34,57 @@ def normalise(logps: list[float]) -> list[float]:
     return [x / s for x in ex]
 
 
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0):
+    """log p(token_t | tokens_<t) for t = 1..T-1, shape [B, T-1]; logits are divided by `temperature`."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    # every position's logits as they are (no copy of a [B, T-1, V] slice); the last position predicts a stand-in
+    # token and is dropped (its gradient is zero)
+    nxt = input_ids.roll(-1, dims=1)
+    return selected_logprobs(out.logits.float(), nxt, temperature)[:, :-1]
+
+
+def joined_ids(tokenizer, prompt: str, continuation: str) -> tuple[list[int], int]:
+    """(token ids of prompt + continuation, index of the continuation's first token), as the tokenizer splits
+    the joined text: the continuation's tokens are the suffix after tokenize(prompt) when that is a prefix, else
+    tokenize(continuation) appended to tokenize(prompt)."""
+    # A prompt's trailing spaces belong to the continuation's first token in BPE vocabularies (" (A)"), so
+    # "...is: " + "(A)" is split as "...is:" + " (A)".
+    core = prompt.rstrip(" ")
+    if core != prompt and continuation and not continuation[0].isspace():
+        prompt, continuation = core, prompt[len(core) :] + continuation
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+    if full[: len(p_ids)] != p_ids or len(full) == len(p_ids):
+        full = p_ids + tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    return full, len(p_ids)
+
+
+def continuation_logprob(model, tokenizer, prompts: list[str], continuations: list[str], batch_size: int = 8):
+    """Sum of log p(continuation | prompt) for each (prompt, continuation), robust to tokenizer merges at the
+    boundary: the continuation's tokens are the suffix of tokenize(prompt + continuation) after tokenize(prompt)
+    when that is a prefix, else tokenize(continuation) appended to tokenize(prompt)."""
+    import torch
+
+    device = next(model.parameters()).device
+    seqs, starts = [], []
+    for p, c in zip(prompts, continuations):
+        full, start = joined_ids(tokenizer, p, c)
+        seqs.append(full)
+        starts.append(start)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            chunk, st = seqs[i : i + batch_size], starts[i : i + batch_size]
+            T = max(len(s) for s in chunk)
+            ids, mask = pad(chunk, tokenizer.pad_token_id)
+            lp = token_logprobs(model, ids.to(device), mask.to(device))
+            for j, s in enumerate(chunk):
+                offset = T - len(s)
+                # token k of the sequence (k >= start) is predicted at logprob index offset + k - 1
+                out.append(float(lp[j, offset + st[j] - 1 : offset + len(s) - 1].sum()))
+    return out
+
+
 def option_continuations(tokenizer, prompt: str, n: int = 2) -> list[str]:
     """ " (A)", " (B)", ... after a prompt ending in non-space; "(A)", ... after one ending in a space."""
     sep = "" if prompt[-1:].isspace() else " "
@@ -41,7 +92,7 @@ def option_continuations(tokenizer, prompt: str, n: int = 2) -> list[str]:
 
 
 def option_token_ids(tokenizer, prompt: str, option: str) -> list[int]:
-    """Token ids of prompt + option as cai.scoring.continuation_logprob splits them (the prompt's trailing spaces
+    """Token ids of prompt + option as `continuation_logprob` splits them (the prompt's trailing spaces
     go with the option, and the tokenizer's own merge at the boundary is kept)."""
 
     return joined_ids(tokenizer, prompt, option)[0]
@@ -75,7 +126,7 @@ def option_probs(
 
     Options that part at one token (" (A)" / " (B)") are read from one forward pass of the prompt and their
     common prefix: the probabilities of the parting tokens (the option letters). Other options, or every
-    option with `exact`, are scored by their summed token log-probabilities (cai.scoring.continuation_logprob).
+    option with `exact`, are scored by their summed token log-probabilities (`continuation_logprob`).
     Where the model allows, the one-pass reads are packed (cai.runtime.packing): no padding, and prompts named
     together in `groups` (lists of prompt indices: one pair's option orders and principles) compute their
     shared beginning once. Otherwise requests are sorted by length to pad less.

@@ -22,7 +22,6 @@ from cai.runtime.models import load_model, load_tokenizer, peft_config, resolve,
 from cai.runtime.rundir import write_json
 from cai.runtime.settings import Precision, cast_keeping_fp32_heads, fp32_head
 from cai.runtime.training import (
-    fuse_lora_training,
     is_sharded,
     merged_lora,
     metrics_callback,
@@ -31,6 +30,7 @@ from cai.runtime.training import (
     token_callback,
     train_from,
     training_args,
+    with_training_linears,
 )
 from cai.stats import mean_std
 from cai.yamlio import load_json
@@ -123,7 +123,7 @@ def build_trainer(
         center_coef=center_coef,
         lm_coef=lm_coef,
     )
-    return fuse_lora_training(trainer)  # LoRA layers train in fewer passes over memory
+    return with_training_linears(trainer)  # cai.runtime.forward.training_linears
 
 
 def fit(

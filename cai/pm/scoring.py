@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from cai.errors import UserError
-from cai.runtime.forward import last_token_index, pad, position_ids
+from cai.runtime.forward import last_token_index, pad, position_ids, product_linears
 from cai.runtime.models import load_model, load_tokenizer
 from cai.runtime.packing import chunk_groups, pack, varlen_attention, varlen_supported
 from cai.runtime.settings import DEFAULT, Settings, fp32_head
@@ -238,7 +238,7 @@ class RewardScorer:
         device of `input_ids`; no gradients."""
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), product_linears(self.model):
             scores = sequence_scores(self.model, input_ids.to(self.device), attention_mask.to(self.device))
         return scores.to(input_ids.device)
 
@@ -268,7 +268,7 @@ class RewardScorer:
             groups = sorted(groups, key=lambda g: -max(len(seqs[i]) for i in g))
             for chunk in chunk_groups(groups, batch_size):
                 packed = pack([[seqs[i] for i in g] for g in chunk], self.device)
-                with torch.no_grad():
+                with torch.no_grad(), product_linears(self.model):
                     scores = packed_scores(self.model, packed).cpu()
                 out[[i for g in chunk for i in g]] = scores
                 bar.update(len(scores))

@@ -39,7 +39,7 @@ from cai.rl.loop import OnPolicyTrainer
 from cai.rl.modules import ActorCritic, PolicyModel, check_varlen, disable_dropout
 from cai.rl.rollout import Rollout, global_stats, prompt_indices, seed_of
 from cai.runtime import distributed as dist
-from cai.runtime.forward import fused_lora_linears, logit_entropy, selected_logprobs
+from cai.runtime.forward import logit_entropy, product_linears, selected_logprobs, training_linears
 
 
 class PPOTrainer(OnPolicyTrainer):
@@ -147,7 +147,7 @@ class PPOTrainer(OnPolicyTrainer):
                 parts["logprobs"].append(own["logprobs"])
                 parts["entropy"].append(own["entropy"])
             if reuse_values:  # epoch 0's critic forward, as the other epochs run it (autocast, fused LoRA)
-                with torch.enable_grad(), fused_lora_linears(self.critic):
+                with torch.enable_grad(), training_linears(self.critic):
                     self._value_graph = self.model(ids, am, R, logprobs=False)["values"]
                 parts["values"].append(self._value_graph.detach())
             else:
@@ -170,7 +170,8 @@ class PPOTrainer(OnPolicyTrainer):
         gen, texts, mask, finished, input_ids, attn = self._generate(idx, update)
         t_gen, t0 = time.perf_counter() - t0, time.perf_counter()
         R = mask.shape[1]
-        logprobs, entropy, ref_logprobs, values = self._forwards(gen, input_ids, attn, R)
+        with product_linears(self.model, self.ref):  # the products on oneDNN on AMD's CPUs
+            logprobs, entropy, ref_logprobs, values = self._forwards(gen, input_ids, attn, R)
         t_fwd, t0 = time.perf_counter() - t0, time.perf_counter()
         raw, score = self._score(idx, texts, finished, input_ids[:, -R:], mask, update)
         times = {"time/generate": t_gen, "time/forward": t_fwd, "time/score": time.perf_counter() - t0}

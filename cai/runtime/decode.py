@@ -24,7 +24,7 @@ import contextlib
 
 from cai.hashing import row_uniforms
 from cai.runtime import distributed as dist
-from cai.runtime.forward import pad, replaced_forwards, simple_lora
+from cai.runtime.forward import cpu_vendor, pad, replaced_forwards, simple_lora
 from cai.runtime.packing import common_prefix
 
 # the most rows a decode step may have to run on MKL's packing in `packed_linears` (or weight-major, where no
@@ -46,11 +46,7 @@ def intel_cpu(cpuinfo="/proc/cpuinfo") -> bool:
     on an Intel Xeon (24-26 against 34 ms for a SmolLM2 step at 8 rows) but not on an AMD EPYC, where it ran
     no faster than `nn.Linear` (53-59 ms against oneDNN's 31-32 ms): MKL takes slower code paths on other
     makers' CPUs."""
-    try:
-        with open(cpuinfo) as f:
-            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
-    except OSError:
-        return False
+    return cpu_vendor(cpuinfo) == "GenuineIntel"
 
 
 @contextlib.contextmanager

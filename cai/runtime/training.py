@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cai.errors import UserError
 from cai.runtime import distributed as dist
-from cai.runtime.forward import fused_lora_linears
+from cai.runtime.forward import training_linears
 from cai.runtime.rundir import NOT_SEALED, read_jsonl, rewrite_jsonl
 from cai.runtime.settings import cast_keeping_fp32_heads, lora_base_may_be_half
 
@@ -72,17 +72,17 @@ def training_args(args_cls, cfg, out_dir: Path, seed: int, device: str, precisio
 MIXED_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
-def fuse_lora_training(trainer):
-    """`trainer` (a transformers Trainer) with its loss forwards run under `fused_lora_linears`: a LoRA model's
-    adapted linears train as one autograd node each (cai.runtime.forward). A model without LoRA, and any forward
-    without gradients (evaluation), run as before. Returns the trainer."""
+def with_training_linears(trainer):
+    """`trainer` (a transformers Trainer) with its loss forwards run under `training_linears`
+    (cai.runtime.forward): a LoRA model's adapted linears train as one autograd node each, and on AMD's CPUs the
+    fp32 products run on oneDNN. Returns the trainer."""
     compute_loss = trainer.compute_loss
 
-    def fused(model, *args, **kwargs):
-        with fused_lora_linears(model):
+    def with_linears(model, *args, **kwargs):
+        with training_linears(model):
             return compute_loss(model, *args, **kwargs)
 
-    trainer.compute_loss = fused
+    trainer.compute_loss = with_linears
     return trainer
 
 

@@ -28,7 +28,6 @@ from cai.runtime.rundir import read_json, read_jsonl, write_json
 from cai.runtime.settings import Precision
 from cai.runtime.training import (
     batch_rows,
-    fuse_lora_training,
     metrics_callback,
     resume_point,
     save_callback,
@@ -36,6 +35,7 @@ from cai.runtime.training import (
     token_callback,
     train_from,
     training_args,
+    with_training_linears,
 )
 from cai.stats import epoch_means
 
@@ -84,7 +84,7 @@ def build_trainer(cfg, settings, model, tok, examples: list[dict], ckpt_dir: Pat
         peft_config=peft_config(cfg.lora) if cfg.lora else None,
         callbacks=callbacks,
     )
-    return fuse_lora_training(packed_loss(trainer))  # LoRA layers train in fewer passes over memory
+    return with_training_linears(packed_loss(trainer))  # cai.runtime.forward.training_linears
 
 
 def packed_loss(trainer):
