@@ -16,11 +16,11 @@ what the reference's and the reward's passes do.
 
 A step is what a PPO epoch does to a fully fine-tuned policy: the packed forward (`PolicyModel`) over the built-in
 prompts (through the chat template) each followed by `--response` random tokens, the log-probabilities of the
-response at temperature 0.7, and a backward from their mean, inside `training_linears` as the trainers run it. Reported per batch size: the median seconds of
-`--steps` steps each way, the median and range of the per-round ratios of the old way to the new one (above 1:
-the new way is faster), and the largest difference between the two ways' gradients relative to the largest
-gradient. The figures go into docs/benchmarks.md, sections "Tied embedding", "Packed attention's gathers" and
-"Linear products on oneDNN".
+response at temperature 0.7, and a backward from their mean, inside `training_linears` as the trainers run it.
+Reported per batch size: the median seconds of `--steps` steps each way, the median and range of the per-round
+ratios of the old way to the new one (above 1: the new way is faster), and the largest difference between the two
+ways' gradients relative to the largest gradient. The figures go into docs/benchmarks.md, sections "Tied
+embedding", "Packed attention's gathers" and "Linear products on oneDNN on AMD's CPUs".
 """
 
 from __future__ import annotations

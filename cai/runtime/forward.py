@@ -1,7 +1,8 @@
 """Forward-pass helpers shared by everything that scores text: padding a batch of token sequences, position ids
-under left padding, the last real token of each row; log-probabilities at a temperature with their own backward; and the linears of training and scoring forwards (`training_linears`: LoRA layers' base and adapter
-products as one autograd node, and the products on oneDNN on AMD's CPUs). Generation's own patches of a model
-(packed linears, merged adapters, grouped keys, the sampler) are in cai.runtime.decode."""
+under left padding, the last real token of each row; log-probabilities at a temperature with their own backward;
+and the linears of training and scoring forwards (`training_linears`: LoRA layers' base and adapter products as
+one autograd node, and the products on oneDNN on AMD's CPUs). Generation's own patches of a model (packed
+linears, merged adapters, grouped keys, the sampler) are in cai.runtime.decode."""
 
 from __future__ import annotations
 
@@ -170,10 +171,11 @@ def cpu_vendor(cpuinfo="/proc/cpuinfo") -> str:
 
 
 def onednn_linears() -> bool:
-    """Whether fp32 products of training and scoring forwards run on oneDNN: on AMD's CPUs, where MKL takes a
-    slower code path. On an AMD EPYC (Zen 4, 2026-12-06) a SmolLM2 forward without gradients took 1.09x less time
-    on oneDNN and a policy step (forward and backward) 1.04x less; on an Intel Xeon oneDNN was slower than MKL at
-    these sizes (a 320-row prefill: 410 against 312 ms)."""
+    """Whether fp32 products of training and scoring forwards run on oneDNN: on AMD's CPUs, where MKL takes its
+    AVX2 path. On an AMD EPYC (Zen 4, 2026-12-06) a SmolLM2 forward without gradients ran 1.06x faster so, a policy
+    step (forward and backward) 1.02x and a whole PPO update 1.04x (docs/benchmarks.md, "Linear products on oneDNN
+    on AMD's CPUs"); on an Intel Xeon oneDNN was the slower at these sizes (a 320-row prefill: 410 against 312
+    ms)."""
     if ONEDNN["linears"] is None:
         import torch
 
