@@ -24,7 +24,7 @@ import contextlib
 
 from cai.hashing import row_uniforms
 from cai.runtime import distributed as dist
-from cai.runtime.forward import cpu_vendor, pad, replaced_forwards, simple_lora
+from cai.runtime.forward import cpu_fp32_linears, cpu_vendor, pad, replaced_forwards, simple_lora
 from cai.runtime.packing import common_prefix
 
 # the most rows a decode step may have to run on MKL's packing in `packed_linears` (or weight-major, where no
@@ -69,17 +69,9 @@ def packed_linears(model, max_rows: int = WEIGHT_MAJOR_ROWS):
     so logits differ in the last bits (tests/test_generate.py). Modules whose forward is already replaced on the
     instance (accelerate's hooks, an enclosing `packed_linears`: `Engine.run` holds one around all its batches, so
     the weights are packed once per run) are left alone."""
-    import torch
 
-    cpu_fp32 = [
-        m
-        for m in model.modules()
-        if type(m) is torch.nn.Linear
-        and "forward" not in m.__dict__
-        and m.weight.device.type == "cpu"
-        and m.weight.dtype == torch.float32
-    ]
-    with replaced_forwards(cpu_fp32, _packed_forward, max_rows=max_rows, packed=None, mkl_packed=None):
+    linears = cpu_fp32_linears(model)
+    with replaced_forwards(linears, _packed_forward, max_rows=max_rows, packed=None, mkl_packed=None):
         yield
 
 

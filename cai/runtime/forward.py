@@ -252,12 +252,19 @@ def product_linears(*models):
     oneDNN on AMD's CPUs; elsewhere, or under ZeRO-3 or FSDP, nothing changes). A module whose forward is already
     replaced on the instance (accelerate's hooks, an enclosing context) is left alone. Not for generation: its
     decode steps take packed copies of the weights (cai.runtime.decode.packed_linears)."""
-    import torch
-
     if not onednn_linears() or not dist.whole_weights():
         yield
         return
-    layers = [
+    with replaced_forwards(cpu_fp32_linears(*models), _product_forward):
+        yield
+
+
+def cpu_fp32_linears(*models) -> list:
+    """The plain `nn.Linear`s of `models` (None skipped) with fp32 weights on the CPU whose forward is not
+    replaced on the instance already (accelerate's hooks, an enclosing context)."""
+    import torch
+
+    return [
         m
         for model in models
         if model is not None
@@ -267,8 +274,6 @@ def product_linears(*models):
         and m.weight.device.type == "cpu"
         and m.weight.dtype == torch.float32
     ]
-    with replaced_forwards(layers, _product_forward):
-        yield
 
 
 def _product_forward(self, x):
