@@ -257,18 +257,47 @@ def test_rows_that_sample_one_prompt_share_it_in_the_packed_forward(monkeypatch,
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
 
 
-def test_the_shared_prefix_path_runs_and_is_exact_in_a_rollout(tmp_path, monkeypatch):
-    """Prompts that share a system prompt: the rollout's forwards pack the shared prefix once (checked), and the
-    training forward reproduces the sampling distribution exactly (fp32: approx-KL ~0 before the first step)."""
+def test_packed_attention_runs_a_call_per_segment_on_the_cpu_and_batches_by_depth_when_asked(monkeypatch):
+    """The CPU's default: one attention call per segment, outputs put back in packed order; batched (as on an
+    accelerator): one padded batch per depth of the tree. Both give the same hidden states."""
     from cai.runtime import packing
 
+    g = torch.Generator().manual_seed(4)
+    system = torch.randint(5, 250, (9,), generator=g)
+    groups = [[torch.cat([system, torch.randint(5, 250, (n,), generator=g)]) for n in (6, 11)], [system[:9]]]
+    groups[1][0] = torch.cat([system, torch.randint(5, 250, (4,), generator=g)])
+    model = load_model("tiny-random-llama")
+    states = {}
+    for batched in (None, True):
+        monkeypatch.setattr(packing, "BATCHED_ATTENTION", batched)
+        packed = packing.pack(groups, "cpu")
+        kinds = [type(x).__name__ for x in packed.packing.groups]
+        if batched is None:
+            assert kinds == ["tuple"] * len(kinds) and len(kinds) == 4  # the root, then three sequences
+        else:
+            assert kinds == ["tuple", "_Batch"]  # the root alone, then the three sequences under it
+        with packing.varlen_attention(model):
+            states[batched] = packing.packed_states(model, packed)
+    torch.testing.assert_close(states[None], states[True], rtol=1e-5, atol=1e-6)
+
+
+def test_the_shared_prefix_path_runs_and_is_exact_in_a_rollout(tmp_path, monkeypatch):
+    """Prompts that share a system prompt: the rollout's forwards pack the shared prefix once (checked), and the
+    training forward reproduces the sampling distribution exactly (fp32: approx-KL ~0 before the first step), with
+    the sequences' attention batched as on an accelerator."""
+    from cai.runtime import packing
+
+    monkeypatch.setattr(packing, "BATCHED_ATTENTION", True)
     seen = []
     original = packing.Packing.__init__
 
     def spy(self, start, length, above, device):
         original(self, start, length, above, device)
         prefix = max(sum(n for _, n in a) for a in above)
-        seen.append((prefix, len(start) - 1, self.batched))  # prefix, sequences, one call per layer
+        batched = any(isinstance(g, packing._Batch) and g.shape[0] == len(start) - 1 for g in self.groups)
+        seen.append(
+            (prefix, len(start) - 1, batched)
+        )  # prefix, sequences, the sequences in one call per layer
 
     monkeypatch.setattr(packing.Packing, "__init__", spy)
     system = {"role": "system", "content": "You are a careful assistant who answers briefly and politely."}

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from cai.runtime import distributed as dist
 
 VARLEN = "cai_varlen"
-BATCHED_ATTENTION = True  # one attention call per layer for every segment; False: one call per segment
+# segments' attention: None, one padded batch per depth of the tree on an accelerator and one call per segment on
+# the CPU (Packing); True or False: batched or per segment on any device
+BATCHED_ATTENTION = None
 
 
 def base_of(model):
@@ -94,19 +96,40 @@ class Packing:
     ancestors: `above[s]`, the (start, length) ranges of the root and the group prefix above it, in order (none
     for the root, or for a sequence that shares nothing).
 
-    Batched, the segments go into one padded batch per depth in the tree, one attention call each: the root, the
-    group prefixes (and sequences under the root alone), the replies. Padding a short reply to the length of a long
-    conversation, with the conversation's keys, would cost more attention than the padded batch saves: an HH
-    pair's conversation is hundreds of tokens, its replies tens."""
+    `groups`, one attention call each: padded batches (`_Batch`), one per depth in the tree (the root, the group
+    prefixes and sequences under the root alone, the replies), or segments alone, (start, length, above, mask).
+    Batches are for accelerators, where a call per segment is a launch per segment. On the CPU a call costs next
+    to nothing, and padding does: an HH pair's reply padded to the longest reply of its batch, with the keys of
+    the longest conversation, made the kernel compute 3.5-7x the query-key pairs needed, and `cai pm eval` took
+    1.13x as long (0.99-1.24) as with a call per segment; a PPO step was level either way (docs/benchmarks.md,
+    "Packed attention on the CPU: a call per segment"). `order` puts the groups' outputs, concatenated, back in
+    packed order (None: already in it)."""
 
     def __init__(self, start: list[int], length: list[int], above: list[list[tuple[int, int]]], device):
-        self.segments = list(zip(start, length, above))
-        self.batched = BATCHED_ATTENTION and len(start) > 1
-        if not self.batched:
-            return
-        self.n = sum(length)
-        depths = sorted({len(seg[2]) for seg in self.segments})
-        self.batches = [_Batch([seg for seg in self.segments if len(seg[2]) == d], device) for d in depths]
+        import torch
+
+        segments = list(zip(start, length, above))
+        batched = BATCHED_ATTENTION
+        if batched is None:
+            batched = torch.device(device).type != "cpu"
+        grouped = [[seg] for seg in segments]
+        if batched:
+            depths = sorted({len(seg[2]) for seg in segments})
+            grouped = [[seg for seg in segments if len(seg[2]) == d] for d in depths]
+        self.groups, dst = [], []
+        for group in grouped:
+            if len(group) > 1:
+                self.groups.append(_Batch(group, device))
+                dst.append(self.groups[-1].out_dst)
+                continue
+            s, n, anc = group[0]
+            p = sum(m for _, m in anc)  # its ancestors' tokens, then causally its own
+            mask = torch.ones(n, p + n, dtype=torch.bool, device=device).tril(diagonal=p) if p else None
+            self.groups.append((s, n, anc, mask))
+            dst.append(torch.arange(s, s + n, device=device))
+        dst = torch.cat(dst)
+        in_order = bool((dst == torch.arange(len(dst), device=device)).all())
+        self.order = None if in_order else torch.argsort(dst)
 
 
 def _varlen_attention(
@@ -127,33 +150,33 @@ def _varlen_attention(
     for key_name in ("softcap", "sliding_window", "s_aux"):
         if kwargs.get(key_name) is not None:
             raise NotImplementedError(f"cai_varlen attention does not support {key_name}")
-    pk, gqa = cai_packing, query.shape[1] != key.shape[1]
-    if pk.batched:
-        H, D = query.shape[1], query.shape[3]
-        out = query.new_zeros(H, pk.n, D)
-        for b in pk.batches:
-            S, T, P = b.shape
+    gqa, H, D = query.shape[1] != key.shape[1], query.shape[1], query.shape[3]
+    parts = []
+    for b in cai_packing.groups:
+        if not isinstance(b, _Batch):  # a segment alone: its ancestors' keys and its own, sliced
+            s, n, above, mask = b
+            k = torch.cat([key[:, :, a : a + m] for a, m in above] + [key[:, :, s : s + n]], 2)
+            v = torch.cat([value[:, :, a : a + m] for a, m in above] + [value[:, :, s : s + n]], 2)
+            q = query[:, :, s : s + n]
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scaling, is_causal=mask is None, enable_gqa=gqa
+            )
+            parts.append(o[0])
+            continue
+        S, T, P = b.shape
 
-            # gathers by index_select: its backward adds rows (index_add_), 4x faster on the CPU than advanced
-            # indexing's index_put_ with accumulate
-            def rows(x, index, width, S=S):  # [1, H, N, D] -> [S, H, width, D] gathered at `index`
-                return x[0].index_select(1, index).reshape(x.shape[1], S, width, x.shape[3]).transpose(0, 1)
+        # gathers by index_select: its backward adds rows (index_add_), 4x faster on the CPU than advanced
+        # indexing's index_put_ with accumulate
+        def rows(x, index, width, S=S):  # [1, H, N, D] -> [S, H, width, D] gathered at `index`
+            return x[0].index_select(1, index).reshape(x.shape[1], S, width, x.shape[3]).transpose(0, 1)
 
-            q, k, v = rows(query, b.q_index, T), rows(key, b.k_index, P + T), rows(value, b.k_index, P + T)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scaling, enable_gqa=gqa)
-            o = o.transpose(0, 1).reshape(H, S * T, D).index_select(1, b.out_src)
-            out = out.index_copy(1, b.out_dst, o)
-        return out.unsqueeze(0).transpose(1, 2).contiguous(), None
-    outs = [None] * len(pk.segments)
-    for i, (s, n, above) in enumerate(pk.segments):
-        q = query[:, :, s : s + n]
-        k = torch.cat([key[:, :, a : a + m] for a, m in above] + [key[:, :, s : s + n]], 2)
-        v = torch.cat([value[:, :, a : a + m] for a, m in above] + [value[:, :, s : s + n]], 2)
-        pn = sum(m for _, m in above)
-        allowed = torch.ones(n, pn + n, dtype=torch.bool, device=q.device).tril(diagonal=pn)
-        outs[i] = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
-    order = sorted(range(len(outs)), key=lambda i: pk.segments[i][0])
-    return torch.cat([outs[i] for i in order], 2).transpose(1, 2).contiguous(), None
+        q, k, v = rows(query, b.q_index, T), rows(key, b.k_index, P + T), rows(value, b.k_index, P + T)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scaling, enable_gqa=gqa)
+        parts.append(o.transpose(0, 1).reshape(H, S * T, D).index_select(1, b.out_src))
+    out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    if cai_packing.order is not None:
+        out = out.index_select(1, cai_packing.order)
+    return out.unsqueeze(0).transpose(1, 2).contiguous(), None
 
 
 def varlen_supported(model) -> bool:
