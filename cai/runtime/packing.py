@@ -8,8 +8,8 @@ pair's conversation); every sequence keeps at least one token of its own. Every 
 row: the root, then each group's prefix, then each sequence's own part. Attention (`Packing`): a segment attends
 to all of its ancestors' tokens and causally to its own. Position ids continue from the ancestors, so the hidden
 states are those of each sequence run alone — the same values and gradients as the padded batch (tested), with no
-padding computed and no shared beginning computed twice. Attention runs as one batched call per layer and tree
-depth (gathered into a padded batch for attention only), or one call per segment as the fallback.
+padding computed and no shared beginning computed twice. Attention runs as one call per segment on the CPU, and
+on accelerators as one batched call per layer and tree depth (gathered into a padded batch for attention only).
 torch is imported inside the functions: this module is imported by light ones.
 """
 
