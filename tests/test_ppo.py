@@ -264,8 +264,8 @@ def test_packed_attention_runs_a_call_per_segment_on_the_cpu_and_batches_by_dept
 
     g = torch.Generator().manual_seed(4)
     system = torch.randint(5, 250, (9,), generator=g)
-    groups = [[torch.cat([system, torch.randint(5, 250, (n,), generator=g)]) for n in (6, 11)], [system[:9]]]
-    groups[1][0] = torch.cat([system, torch.randint(5, 250, (4,), generator=g)])
+    rows = [torch.cat([system, torch.randint(5, 250, (n,), generator=g)]) for n in (6, 11, 4)]
+    groups = [rows[:2], rows[2:]]
     model = load_model("tiny-random-llama")
     states = {}
     for batched in (None, True):
@@ -295,9 +295,8 @@ def test_the_shared_prefix_path_runs_and_is_exact_in_a_rollout(tmp_path, monkeyp
         original(self, start, length, above, device)
         prefix = max(sum(n for _, n in a) for a in above)
         batched = any(isinstance(g, packing._Batch) and g.shape[0] == len(start) - 1 for g in self.groups)
-        seen.append(
-            (prefix, len(start) - 1, batched)
-        )  # prefix, sequences, the sequences in one call per layer
+        # prefix, sequences, the sequences in one call per layer
+        seen.append((prefix, len(start) - 1, batched))
 
     monkeypatch.setattr(packing.Packing, "__init__", spy)
     system = {"role": "system", "content": "You are a careful assistant who answers briefly and politely."}
