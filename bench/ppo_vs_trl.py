@@ -24,7 +24,7 @@ configuration's share of a floor = floor seconds / its seconds per update. Two f
 settings' floor (every prompt's tokens in every trunk pass, the rollout's critic forward of its own: the work of
 a padded batch, which is what TRL runs, so TRL's own floor is this one), and its own floor, the work the trainer
 itself must do: ours computes the 8 prompts' shared opening once per trunk pass (packed forwards, generation's
-shared prefix) and, at one minibatch, takes the rollout's values from epoch 0's critic forward (cai.rl.trainer).
+shared prefix) and, at one minibatch, takes the rollout's values from epoch 0's forward (cai.rl.trainer).
 The LoRA rows count the adapters' products (r from LORA) and the frozen weights' input gradients. The last line is `speedup X.XX` =
 TRL's seconds per update / ours at equal settings, the median over rounds of the ratio of the two back-to-back
 processes (robust to load that changes between rounds); the line before gives it with the distribution-free
@@ -615,8 +615,8 @@ def floor_works(count: dict) -> dict:
     """Per configuration, (the settings' work, its own work) of one update (bench/floor.py). The settings': every
     prompt's tokens in every trunk pass and the rollout's critic forward of its own, the work of a padded batch;
     TRL's own is that one. Ours: the prompts' shared opening once per trunk pass, no pass over a row's last token
-    but the reward's and, at one minibatch, the rollout's values from epoch 0's critic forward (cai.rl.trainer's
-    reuse_values)."""
+    but the reward's and, at one minibatch, the rollout's values from epoch 0's forward of the critic or, with a
+    value head, of the policy's trunk (cai.rl.trainer's reuse_graphs)."""
     args = (count["shapes"], count["prompt_lens"], SETTINGS["response_length"], SETTINGS["epochs"])
     packed = dict(shared_prefix=count["shared_prefix"], last_token=False)
     own = dict(packed, rollout_value=SETTINGS["minibatches"] != 1)
@@ -626,10 +626,10 @@ def floor_works(count: dict) -> dict:
         "trl": (full, full),
         "trl-kept": (full, full),
         "ours": (full, update_work(*args, **own)),
-        # one trunk for policy and critic; the rollout's values from a forward of their own
+        # one trunk for policy and critic
         "ours-lora": (
             update_work(*args, lora_r=r, critic=False),
-            update_work(*args, lora_r=r, critic=False, **packed),
+            update_work(*args, lora_r=r, critic=False, **own),
         ),
         "ours-lora-separate": (lora, update_work(*args, lora_r=r, **own)),
     }

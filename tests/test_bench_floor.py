@@ -160,10 +160,10 @@ def test_ppo_vs_trl_gives_each_side_its_own_floor(tmp_path):
         update_work(*args, lora_r=16),
         update_work(*args, lora_r=16, shared_prefix=24, rollout_value=False, last_token=False),
     )
-    # the LoRA default: one trunk for policy and critic, the rollout's values from a forward of their own
+    # the LoRA default: one trunk for policy and critic, the rollout's values from epoch 0's trunk forward
     assert works["ours-lora"] == (
         update_work(*args, lora_r=16, critic=False),
-        update_work(*args, lora_r=16, shared_prefix=24, critic=False, last_token=False),
+        update_work(*args, lora_r=16, shared_prefix=24, critic=False, rollout_value=False, last_token=False),
     )
     rates = {"matmul_flops": 1e9, "copy_bytes": 1e12}
     run = {"round": 0, "updates": [{"seconds": 10.0}]}

@@ -282,7 +282,7 @@ def test_critic_forwards_with_gradients_all_run_in_the_recipe_precision(tmp_path
     monkeypatch.setattr(ValueModel, "forward", recording)
     trainer = ppo_trainer(tmp_path, lora=False, value_head=False, ppo_epochs=2)
     trainer.train()
-    assert trainer.cfg.num_minibatches == 1 and trainer.reuse_values
+    assert trainer.cfg.num_minibatches == 1 and trainer.reuse_graphs
     assert seen == [True, True]  # epoch 0's (from the rollout) and epoch 1's
 
 

@@ -110,7 +110,8 @@ class GroupTrainer(PPOTrainer):
         cfg, R = self.cfg, batch.mask.shape[1]
         ids, am, mask = batch.input_ids[mi], batch.attention_mask[mi], batch.mask[mi]
         w = mask if self.loss_mean == "token" else pm.sequence_weights(mask)
-        out = self.model(ids, am, R, cfg.temperature, values=False)
+        kept, self._epoch0 = self._epoch0 or {}, None  # epoch 0's log-probs kept by the rollout, if any
+        out = self._kept(kept, mi, ids, am, R, logprobs=True, values=False)
         args = (out["logprobs"], batch.logprobs[mi], batch.advantages[mi], mask, cfg.clip_range)
         loss, st = pm.policy_loss(*args, n_tokens=n_tokens, weights=w)
         losses["loss/policy"] += float(loss.detach())

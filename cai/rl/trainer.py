@@ -5,7 +5,8 @@ One update:
    (cai.runtime.generate), from exactly softmax(logits / temperature); the old log-probabilities come from its
    logits in fp32, or from a forward pass like the training one in bf16 (ratio 1 before the first step).
 2. Scoring: reference log-probs (frozen SFT model, or the policy with LoRA adapters disabled), critic values
-   and the sequence score (preference model or reward function) — forwards read only response positions.
+   and the sequence score (preference model or reward function) — forwards read only response positions. With
+   one minibatch on one process, the policy's and critic's forwards that epoch 0 would repeat keep their graphs.
 3. Rewards −β·KL per token plus the score on the last token; GAE; advantage whitening.
 4. `ppo_epochs` passes over shuffled minibatches (gradient accumulation inside), clipped policy and value
    losses as exact token means over the minibatch (over every process), one global gradient-norm clip, one
@@ -25,6 +26,7 @@ are; what differs per engine is in cai.rl.engine.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -96,7 +98,8 @@ class PPOTrainer(OnPolicyTrainer):
         if deepspeed:
             self._check_varlen(ref)
         self.kl_ctl = pm.make_kl_controller(cfg)
-        self._value_graph, self.reuse_values = None, True
+        # epoch 0's forwards, run by the rollout with their graphs (_forwards); False: recomputed
+        self._epoch0, self.reuse_graphs = None, True
         # a separate critic on one plain process takes its forward and backward after the policy's (_micro_step)
         self.split_backward = self.critic is not None and self.stepper.plain_single
         ckpt.resume(self)
@@ -115,45 +118,63 @@ class PPOTrainer(OnPolicyTrainer):
             )
 
     # ---- 1-3. rollout, scoring, advantages ----
-    def _forwards(self, gen, input_ids, attn, R: int):
+    def _forwards(self, gen, input_ids, attn, R: int, critic_only: bool):
         """Old log-probs, entropy, reference log-probs and values of the sampled responses, in chunks of a
-        minibatch: [B, R] each."""
+        minibatch: [B, R] each. On one plain process with one minibatch, nothing changes until the first step,
+        so the forwards that epoch 0 would run and that the rollout needs anyway run here with their graphs
+        (`self._epoch0`, read by `_kept`): the critic's, and the policy's where its trunk runs here (the old
+        log-probs from a forward, or a value head's values). Exact (tests/test_ppo.py)."""
         cfg, dev = self.cfg, self.acc.device
         resp = input_ids[:, -R:]
         n_chunk = max(1, len(input_ids) // cfg.num_minibatches)
         has_values = not self.critic_free
-        # one process, one minibatch: the critic is unchanged until the first step, so its graph from here
-        # serves epoch 0 (exact; tests/test_ppo.py)
-        reuse_values = (
-            self.reuse_values
-            and self.critic is not None
+        head_values = has_values and self.critic is None  # the value head on the policy's trunk
+        sampled = gen.logits is not None  # old log-probs and entropy from the sampling logits
+        fuse = (
+            self.reuse_graphs
             and cfg.num_minibatches == 1
             and cfg.grad_accum == 1
             and dist.world_size() == 1
             and not self.stepper.deepspeed
         )
+        keep_values = fuse and has_values
+        keep_logprobs = fuse and not critic_only and (not sampled or head_values)
+        policy_graph = keep_logprobs or (keep_values and head_values)
         parts = {"logprobs": [], "entropy": [], "ref": [], "values": []}
         for s in range(0, len(input_ids), n_chunk):
             ids, am = input_ids[s : s + n_chunk], attn[s : s + n_chunk]
-            if gen.logits is not None:
+            if sampled:
                 logits = gen.logits[s : s + n_chunk, :R].to(dev).float() / cfg.temperature
                 parts["logprobs"].append(selected_logprobs(logits, resp[s : s + n_chunk]))
                 parts["entropy"].append(logit_entropy(logits))
-                own = self.model(ids, am, R, logprobs=False, values=has_values and not reuse_values)
-            else:
+            # the policy's trunk (with a value head's values), as epoch 0 runs it where its graph is kept
+            with contextlib.ExitStack() as stack:
+                if policy_graph:
+                    stack.enter_context(torch.enable_grad())
+                    stack.enter_context(training_linears(self.policy))
                 own = self.model(
-                    ids, am, R, cfg.temperature, values=has_values and not reuse_values, entropy=True
+                    ids,
+                    am,
+                    R,
+                    cfg.temperature,
+                    logprobs=not sampled or keep_logprobs,
+                    values=head_values or (has_values and not keep_values),
+                    entropy=not sampled,
                 )
-                parts["logprobs"].append(own["logprobs"])
+            kept = {"logprobs": own["logprobs"]} if keep_logprobs else {}
+            if not sampled:
+                parts["logprobs"].append(own["logprobs"].detach())
                 parts["entropy"].append(own["entropy"])
-            if reuse_values:  # epoch 0's critic forward, as the other epochs run it (autocast, fused LoRA)
+            if keep_values and head_values:
+                kept["values"] = own["values"]
+            elif keep_values:  # the separate critic, as the other epochs run it (autocast, fused LoRA)
                 with torch.enable_grad(), training_linears(self.critic):
-                    self._value_graph = self.model(ids, am, R, logprobs=False)["values"]
-                parts["values"].append(self._value_graph.detach())
+                    kept["values"] = self.model(ids, am, R, logprobs=False)["values"]
+            if has_values:
+                parts["values"].append(kept["values"].detach() if keep_values else own["values"])
             else:
-                parts["values"].append(
-                    own["values"] if has_values else torch.zeros_like(resp[s : s + n_chunk])
-                )
+                parts["values"].append(torch.zeros_like(resp[s : s + n_chunk]))
+            self._epoch0 = kept or None
             if self.ref is not None:  # under the policy's autocast dtype: KL 0 at the start (accelerate's own
                 with self.precision.autocast(self.acc.device):  # context broke FSDP2's next generation)
                     parts["ref"].append(self.ref(ids, am, R, cfg.temperature)["logprobs"])
@@ -161,6 +182,17 @@ class PPOTrainer(OnPolicyTrainer):
                 off = self.model(ids, am, R, cfg.temperature, values=False, adapters=False)
                 parts["ref"].append(off["logprobs"])
         return (torch.cat(parts[k]).float() for k in ("logprobs", "entropy", "ref", "values"))
+
+    def _kept(self, kept: dict, mi, ids, am, R: int, logprobs: bool, values: bool) -> dict:
+        """A training forward's `logprobs` and `values` of micro-batch `mi`: those the rollout kept with their
+        graphs (`kept`, epoch 0 only) indexed, the rest from a forward."""
+        out = {
+            k: kept[k][mi] for k, asked in (("logprobs", logprobs), ("values", values)) if asked and k in kept
+        }
+        lp, v = logprobs and "logprobs" not in out, values and "values" not in out
+        if lp or v:
+            out.update(self.model(ids, am, R, self.cfg.temperature, logprobs=lp, values=v))
+        return out
 
     def _sample(self, idx: list[int], update: int) -> SimpleNamespace:
         """Responses to the prompts `idx` and what every on-policy rollout reads of them: the token tensors, the
@@ -171,7 +203,8 @@ class PPOTrainer(OnPolicyTrainer):
         t_gen, t0 = time.perf_counter() - t0, time.perf_counter()
         R = mask.shape[1]
         with product_linears(self.model, self.ref):  # the products on oneDNN on AMD's CPUs
-            logprobs, entropy, ref_logprobs, values = self._forwards(gen, input_ids, attn, R)
+            critic_only = update < self.cfg.critic_warmup_updates and not self.critic_free
+            logprobs, entropy, ref_logprobs, values = self._forwards(gen, input_ids, attn, R, critic_only)
         t_fwd, t0 = time.perf_counter() - t0, time.perf_counter()
         raw, score = self._score(idx, texts, finished, input_ids[:, -R:], mask, update)
         times = {"time/generate": t_gen, "time/forward": t_fwd, "time/score": time.perf_counter() - t0}
@@ -306,12 +339,12 @@ class PPOTrainer(OnPolicyTrainer):
         """Forward, loss and backward of one micro-batch; the policy-loss stats (None during critic warm-up)."""
         cfg, R = self.cfg, batch.mask.shape[1]
         ids, am, mask = batch.input_ids[mi], batch.attention_mask[mi], batch.mask[mi]
-        reuse = self._value_graph is not None
+        kept, self._epoch0 = self._epoch0 or {}, None
         # split: policy and critic take a forward and backward each, one after the other (their parameters are
         # disjoint, so the gradients are those of the summed loss) and only one model's activations are alive at
         # a time; engines that expect one backward per forward get the sum
         split = self.split_backward
-        out = self.model(ids, am, R, cfg.temperature, logprobs=not critic_only, values=not (reuse or split))
+        out = self._kept(kept, mi, ids, am, R, logprobs=not critic_only, values=not split)
         loss, st = torch.zeros((), device=mask.device), None
         if not critic_only:
             args = (out["logprobs"], batch.logprobs[mi], batch.advantages[mi], mask, cfg.clip_range)
@@ -325,12 +358,11 @@ class PPOTrainer(OnPolicyTrainer):
                 self._check_finite(pg.detach(), "loss", update)
                 self.stepper.backward(pg, last)
                 loss = torch.zeros((), device=mask.device)
-        if reuse:
-            vpred, self._value_graph = self._value_graph[mi], None
-        elif split:
-            vpred = self.model(ids, am, R, logprobs=False)["values"]
-        else:
-            vpred = out["values"]
+        vpred = (
+            self._kept(kept, mi, ids, am, R, logprobs=False, values=True)["values"]
+            if split
+            else out["values"]
+        )
         vargs = (vpred, batch.values[mi], batch.returns[mi], mask, cfg.clip_range_value)
         vf, vclip = pm.value_loss(*vargs, n_tokens=n_tokens)
         loss = loss + cfg.vf_coef * vf
