@@ -380,6 +380,32 @@ def test_group_learners_raise_the_reward_with_a_finite_kl(tmp_path, algorithm, s
         assert h["objective/reward"] == pytest.approx(want, abs=1e-5)
 
 
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_group_learners_take_epoch_0s_log_probs_from_the_rollouts_forward(tmp_path, algorithm, monkeypatch):
+    """With one minibatch and old log-probs from a forward, epoch 0 reads that forward's log-probs with their
+    graph: one policy forward fewer per update, the same parameters as recomputing them."""
+    calls, runs = [], []
+
+    def counted(self, *args, forward=PolicyModel.forward, **kwargs):
+        calls[-1] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(PolicyModel, "forward", counted)
+    settings = dict(updates=2, num_minibatches=1, logprobs_from_generation=False)
+    for reuse in (True, False):
+        calls.append(0)
+        trainer = group_trainer(tmp_path / str(reuse), algorithm, **settings)
+        trainer.reuse_graphs = reuse
+        trainer.train()
+        runs.append({n: p.detach().clone() for n, p in trainer.policy.named_parameters()})
+    assert calls[0] == calls[1] - 2  # two updates
+    start = dict(load_model("tiny-random-llama").named_parameters())
+    assert max(float((p - start[n.removeprefix("lm.")]).abs().max()) for n, p in runs[0].items()) > 1e-3
+    # the kept log-probs are indexed by the shuffled rows: the loss sums in another order
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=0, atol=1e-5, msg=name)
+
+
 def test_group_learner_lora_reference_is_the_base_and_batches_hold_whole_groups(tmp_path):
     trainer = group_trainer(tmp_path, "grpo", lora=True, updates=2, learning_rate=2e-2)
     trainer.train()
