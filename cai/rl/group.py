@@ -111,7 +111,7 @@ class GroupTrainer(PPOTrainer):
         ids, am, mask = batch.input_ids[mi], batch.attention_mask[mi], batch.mask[mi]
         w = mask if self.loss_mean == "token" else pm.sequence_weights(mask)
         kept, self._epoch0 = self._epoch0 or {}, None  # epoch 0's log-probs kept by the rollout, if any
-        out = self._kept(kept, mi, ids, am, R, logprobs=True, values=False)
+        out = self._train_forward(kept, mi, ids, am, R, logprobs=True, values=False)
         args = (out["logprobs"], batch.logprobs[mi], batch.advantages[mi], mask, cfg.clip_range)
         loss, st = pm.policy_loss(*args, n_tokens=n_tokens, weights=w)
         losses["loss/policy"] += float(loss.detach())

@@ -122,7 +122,7 @@ class PPOTrainer(OnPolicyTrainer):
         """Old log-probs, entropy, reference log-probs and values of the sampled responses, in chunks of a
         minibatch: [B, R] each. On one plain process with one minibatch, nothing changes until the first step,
         so the forwards that epoch 0 would run and that the rollout needs anyway run here with their graphs
-        (`self._epoch0`, read by `_kept`): the critic's, and the policy's where its trunk runs here (the old
+        (`self._epoch0`, read by `_train_forward`): the critic's, and the policy's where its trunk runs here (the old
         log-probs from a forward, or a value head's values). Exact (tests/test_ppo.py)."""
         cfg, dev = self.cfg, self.acc.device
         resp = input_ids[:, -R:]
@@ -183,7 +183,7 @@ class PPOTrainer(OnPolicyTrainer):
                 parts["ref"].append(off["logprobs"])
         return (torch.cat(parts[k]).float() for k in ("logprobs", "entropy", "ref", "values"))
 
-    def _kept(self, kept: dict, mi, ids, am, R: int, logprobs: bool, values: bool) -> dict:
+    def _train_forward(self, kept: dict, mi, ids, am, R: int, logprobs: bool, values: bool) -> dict:
         """A training forward's `logprobs` and `values` of micro-batch `mi`: those the rollout kept with their
         graphs (`kept`, epoch 0 only) indexed, the rest from a forward."""
         out = {
@@ -344,7 +344,7 @@ class PPOTrainer(OnPolicyTrainer):
         # disjoint, so the gradients are those of the summed loss) and only one model's activations are alive at
         # a time; engines that expect one backward per forward get the sum
         split = self.split_backward
-        out = self._kept(kept, mi, ids, am, R, logprobs=not critic_only, values=not split)
+        out = self._train_forward(kept, mi, ids, am, R, logprobs=not critic_only, values=not split)
         loss, st = torch.zeros((), device=mask.device), None
         if not critic_only:
             args = (out["logprobs"], batch.logprobs[mi], batch.advantages[mi], mask, cfg.clip_range)
@@ -359,7 +359,7 @@ class PPOTrainer(OnPolicyTrainer):
                 self.stepper.backward(pg, last)
                 loss = torch.zeros((), device=mask.device)
         vpred = (
-            self._kept(kept, mi, ids, am, R, logprobs=False, values=True)["values"]
+            self._train_forward(kept, mi, ids, am, R, logprobs=False, values=True)["values"]
             if split
             else out["values"]
         )
