@@ -5,6 +5,7 @@ replaced: same model, inputs and process, the order rotating between rounds.
     .venv/bin/python bench/policy_step.py --change gather     # packed attention's gathers: index_select or indexing
     .venv/bin/python bench/policy_step.py --change onednn     # the linears' products on oneDNN or MKL
     .venv/bin/python bench/policy_step.py --change onednn --forward-only   # the same, a forward without gradients
+    .venv/bin/python bench/policy_step.py --change kernels    # norms and packed attention as one node, or autograd's
 
 `--change tied`: the tied embedding's gradient taken sparse into the LM head's dense one
 (cai.runtime.packing.packed_states, `tied_head`) against the embedding module's own dense gradient.
@@ -13,14 +14,17 @@ indexing (backward: index_put_ with accumulate).
 `--change onednn`: the linears' forward products on oneDNN (cai.runtime.forward.linear_product, what the trainers
 take on AMD's CPUs) against `F.linear` (MKL). With `--forward-only` a step is the forward alone, without gradients:
 what the reference's and the reward's passes do.
+`--change kernels`: the RMSNorms and the packed attention each one autograd node (cai.runtime.kernels) against
+transformers' norm and a call per segment through autograd's slices.
 
 A step is what a PPO epoch does to a fully fine-tuned policy: the packed forward (`PolicyModel`) over the built-in
 prompts (through the chat template) each followed by `--response` random tokens, the log-probabilities of the
-response at temperature 0.7, and a backward from their mean, inside `training_linears` as the trainers run it.
+response at temperature 0.7, and a backward from their mean, inside `training_layers` as the trainers run it.
 Reported per batch size: the median seconds of `--steps` steps each way, the median and range of the per-round
 ratios of the old way to the new one (above 1: the new way is faster), and the largest difference between the two
 ways' gradients relative to the largest gradient. The figures go into docs/benchmarks.md, sections "Tied
-embedding", "Packed attention's gathers" and "Linear products on oneDNN on AMD's CPUs".
+embedding", "Packed attention's gathers", "Linear products on oneDNN on AMD's CPUs" and "Norms and packed
+attention as one autograd node each".
 """
 
 from __future__ import annotations
@@ -35,7 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rounds import int_list, positive_int, print_machine, print_ratio_table, rotating_rounds  # noqa: E402
 
-WAYS = {"tied": ("dense", "sparse"), "gather": ("indexing", "index_select"), "onednn": ("mkl", "onednn")}
+WAYS = {
+    "tied": ("dense", "sparse"),
+    "gather": ("indexing", "index_select"),
+    "onednn": ("mkl", "onednn"),
+    "kernels": ("autograd", "kernels"),
+}
 
 
 def main() -> None:
@@ -50,13 +59,14 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    import torch.nn.functional as F
     from generation import bench_prompts
 
     from cai.rl import modules
     from cai.rl.modules import PolicyModel
-    from cai.runtime import forward
+    from cai.runtime import forward, packing
     from cai.runtime import generate as gen
-    from cai.runtime.forward import pad, training_linears
+    from cai.runtime.forward import pad, training_layers
     from cai.runtime.models import load_model, load_tokenizer
 
     tok = load_tokenizer(args.model)
@@ -72,7 +82,7 @@ def main() -> None:
 
     def step(b: int) -> None:
         ids, mask = inputs[b]
-        with training_linears(policy), torch.set_grad_enabled(not args.forward_only):
+        with training_layers(policy), torch.set_grad_enabled(not args.forward_only):
             out = policy(ids, mask, args.response, 0.7)
         if not args.forward_only:
             (-out["logprobs"].sum() / mask[:, -args.response :].sum()).backward()
@@ -81,14 +91,29 @@ def main() -> None:
         """Advanced indexing along `dim`: how the packed attention gathered before."""
         return x[(slice(None),) * dim + (index,)]
 
-    old_ways = {  # the way replaced: (object, attribute, stand-in)
-        "dense": (
-            modules,
-            "packed_states",
-            lambda model, packed, tied_head=False: packed_states(model, packed),
-        ),
-        "indexing": (torch.Tensor, "index_select", indexing_select),
-        "mkl": (forward, "onednn_linears", lambda: False),
+    def sliced_attention(query, key, value, segments, scale):
+        """Each segment's attention through autograd's slices: how the CPU's packed attention ran before."""
+        parts = []
+        for s, n, above, mask in segments:
+            k = torch.cat([key[:, :, a : a + m] for a, m in above] + [key[:, :, s : s + n]], 2)
+            v = torch.cat([value[:, :, a : a + m] for a, m in above] + [value[:, :, s : s + n]], 2)
+            q = query[:, :, s : s + n]
+            o = F.scaled_dot_product_attention(
+                q, k, v, mask, scale=scale, is_causal=mask is None, enable_gqa=True
+            )
+            parts.append(o.transpose(1, 2))
+        return torch.cat(parts, 1)
+
+    old_ways = {  # the way replaced: (object, attribute, stand-in), ...
+        "dense": [
+            (modules, "packed_states", lambda model, packed, tied_head=False: packed_states(model, packed)),
+        ],
+        "indexing": [(torch.Tensor, "index_select", indexing_select)],
+        "mkl": [(forward, "onednn_linears", lambda: False)],
+        "autograd": [
+            (forward, "fused_norms", lambda model: contextlib.nullcontext()),
+            (packing, "segment_attention", sliced_attention),
+        ],
     }
 
     @contextlib.contextmanager
@@ -97,13 +122,14 @@ def main() -> None:
         if way not in old_ways:
             yield
             return
-        owner, name, stand_in = old_ways[way]
-        own = getattr(owner, name)
-        setattr(owner, name, stand_in)
+        swaps = [(owner, name, getattr(owner, name), stand_in) for owner, name, stand_in in old_ways[way]]
+        for owner, name, _, stand_in in swaps:
+            setattr(owner, name, stand_in)
         try:
             yield
         finally:
-            setattr(owner, name, own)
+            for owner, name, own, _ in swaps:
+                setattr(owner, name, own)
 
     def timed(b: int, way: str):
         with old(way):

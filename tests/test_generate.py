@@ -454,7 +454,7 @@ def test_lora_generation_samples_what_peft_forward_samples(tiny_dir):
     assert not torch.allclose(merged.logits, base.logits, atol=1e-2)  # the adapters were generated with
 
 
-def test_lora_training_linears_give_peft_outputs_and_gradients_in_fewer_passes(tiny_dir):
+def test_lora_training_layers_give_peft_outputs_and_gradients_in_fewer_passes(tiny_dir):
     import torch
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -558,7 +558,7 @@ def test_products_go_to_onednn_on_amd_cpus_only(tmp_path, monkeypatch):
         assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-def test_lora_training_linears_stay_peft_under_zero3(tiny_dir, monkeypatch):
+def test_lora_training_layers_stay_peft_under_zero3(tiny_dir, monkeypatch):
     from cai.runtime import distributed as dist
     from cai.runtime.forward import fused_lora_linears
 

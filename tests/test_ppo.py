@@ -361,8 +361,8 @@ def test_lora_update_with_fused_linears_equals_peft_forward(tmp_path, monkeypatc
     layers = sum(isinstance(m, LoraLinear) for part in (on.policy, on.critic) for m in part.modules())
     assert layers and len(fused) == 2 * minibatches * layers
     nothing = lambda model: contextlib.nullcontext()  # noqa: E731
-    monkeypatch.setattr(loop, "training_linears", nothing)
-    monkeypatch.setattr(trainer_module, "training_linears", nothing)
+    monkeypatch.setattr(loop, "training_layers", nothing)
+    monkeypatch.setattr(trainer_module, "training_layers", nothing)
     off = make_trainer(tmp_path / "peft", **settings)
     off.train()
     a, b = _params(on), _params(off)

@@ -30,7 +30,7 @@ from cai.runtime.training import (
     token_callback,
     train_from,
     training_args,
-    with_training_linears,
+    with_training_layers,
 )
 from cai.stats import mean_std
 from cai.yamlio import load_json
@@ -123,7 +123,7 @@ def build_trainer(
         center_coef=center_coef,
         lm_coef=lm_coef,
     )
-    return with_training_linears(trainer)  # cai.runtime.forward.training_linears
+    return with_training_layers(trainer)  # cai.runtime.forward.training_layers
 
 
 def fit(

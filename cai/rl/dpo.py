@@ -41,7 +41,7 @@ from cai.runtime.generate import HFBackend
 from cai.runtime.models import peft_config
 from cai.runtime.packing import keeps_logits, labelled_logits
 from cai.runtime.rundir import read_json, read_jsonl, write_json
-from cai.runtime.training import step_batches, training_args, with_training_linears
+from cai.runtime.training import step_batches, training_args, with_training_layers
 
 REAL = "dpo_real"  # the batch key get_batch_samples adds: which pairs are real (not accelerate's repeats)
 PROMPT = "prompt_index"  # each pair's prompt, an index into the sorted prompt keys of the rows (dpo_rows)
@@ -273,7 +273,7 @@ def build_trainer(cfg, seed: int, device: str, precision, model, ref, tok, train
         callbacks=callbacks,
         peft_config=peft_config(cfg.lora) if cfg.lora is not None else None,
     )
-    return with_training_linears(trainer)  # cai.runtime.forward.training_linears
+    return with_training_layers(trainer)  # cai.runtime.forward.training_layers
 
 
 class Probe:

@@ -20,7 +20,7 @@ from cai.rl.colocate import VLLMRollouts
 from cai.rl.rollout import encode_prompt, row_seeds, sample
 from cai.runtime import distributed as dist
 from cai.runtime import vllm_engine
-from cai.runtime.forward import training_linears
+from cai.runtime.forward import training_layers
 from cai.runtime.generate import HFBackend
 from cai.runtime.rundir import SAMPLES, append_jsonl, read_jsonl, rewrite_jsonl
 from cai.runtime.settings import Precision, keep_freed_memory
@@ -216,7 +216,9 @@ class OnPolicyTrainer:
             t0 = time.perf_counter()
             batch = self.rollout(u)
             t1 = time.perf_counter()
-            with training_linears(self.model):  # LoRA layers as one node, products on oneDNN on AMD
+            with training_layers(
+                self.model
+            ):  # LoRA layers and norms as one node each, products on oneDNN on AMD
                 train_stats = self.train_on(batch, u)
             row = {**{k: v for k, v in batch.stats.items() if not k.startswith("_")}, **train_stats}
             row["policy/approx_kl"] = row.get("policy/approx_kl", 0.0)

@@ -41,7 +41,7 @@ from cai.rl.loop import OnPolicyTrainer
 from cai.rl.modules import ActorCritic, PolicyModel, check_varlen, disable_dropout
 from cai.rl.rollout import Rollout, global_stats, prompt_indices, seed_of
 from cai.runtime import distributed as dist
-from cai.runtime.forward import logit_entropy, product_linears, selected_logprobs, training_linears
+from cai.runtime.forward import logit_entropy, product_linears, selected_logprobs, training_layers
 
 
 class PPOTrainer(OnPolicyTrainer):
@@ -151,7 +151,7 @@ class PPOTrainer(OnPolicyTrainer):
             with contextlib.ExitStack() as stack:
                 if policy_graph:
                     stack.enter_context(torch.enable_grad())
-                    stack.enter_context(training_linears(self.policy))
+                    stack.enter_context(training_layers(self.policy))
                 own = self.model(
                     ids,
                     am,
@@ -168,7 +168,7 @@ class PPOTrainer(OnPolicyTrainer):
             if keep_values and head_values:
                 kept["values"] = own["values"]
             elif keep_values:  # the separate critic, as the other epochs run it (autocast, fused LoRA)
-                with torch.enable_grad(), training_linears(self.critic):
+                with torch.enable_grad(), training_layers(self.critic):
                     kept["values"] = self.model(ids, am, R, logprobs=False)["values"]
             if has_values:
                 parts["values"].append(kept["values"].detach() if keep_values else own["values"])

@@ -1,7 +1,8 @@
 """Forward-pass helpers shared by everything that scores text: padding a batch of token sequences, position ids
 under left padding, the last real token of each row; log-probabilities at a temperature with their own backward;
-and the linears of training and scoring forwards (`training_linears`: LoRA layers' base and adapter products as
-one autograd node, and the products on oneDNN on AMD's CPUs). Generation's own patches of a model (packed
+and the layers of training and scoring forwards (`training_layers`: LoRA layers' base and adapter products as
+one autograd node, the products on oneDNN on AMD's CPUs, RMSNorms as one node; the autograd functions they call
+are in cai.runtime.kernels). Generation's own patches of a model (packed
 linears, merged adapters, grouped keys, the sampler) are in cai.runtime.decode."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import contextlib
 
 from cai.runtime import distributed as dist
+from cai.runtime.kernels import logprobs, norms
+from cai.runtime.kernels.lazy import LazyFunction
 
 # whether fp32 linears of training and scoring forwards compute their product on oneDNN (`linear_product`): None
 # until the first call decides (`onednn_linears`)
@@ -43,24 +46,7 @@ def selected_logprobs(logits, tokens, temperature: float = 1.0):
     384 positions): the log-normaliser is taken a block of rows at a time, and the backward writes the gradient,
     (onehot(token) - softmax) / temperature, into one buffer."""
     flat = logits.reshape(-1, logits.shape[-1])
-    return _SelectedLogprobs.apply(flat, tokens.reshape(-1), float(temperature)).view(tokens.shape)
-
-
-_ROWS = 32  # rows of logits per block: 32 x 49,152 fp32 is 6 MB, reused from block to block
-
-
-def _log_normaliser(logits, temperature: float):
-    """logsumexp(logits / temperature) per row of a [N, V] tensor, a block of rows at a time."""
-    import torch
-
-    # at least fp32 (bf16 logits are normalised in fp32), fp64 kept for gradcheck
-    lse = logits.new_empty(logits.shape[0], dtype=torch.promote_types(logits.dtype, torch.float32))
-    for i in range(0, logits.shape[0], _ROWS):
-        block = logits[i : i + _ROWS].to(lse.dtype)
-        if temperature != 1.0:
-            block = block / temperature
-        torch.logsumexp(block, dim=-1, out=lse[i : i + _ROWS])
-    return lse
+    return logprobs.SELECTED_LOGPROBS.apply(flat, tokens.reshape(-1), float(temperature)).view(tokens.shape)
 
 
 def logit_entropy(logits):
@@ -71,50 +57,12 @@ def logit_entropy(logits):
     flat = logits.reshape(-1, logits.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     with torch.no_grad():
-        for i in range(0, flat.shape[0], _ROWS):
-            z = flat[i : i + _ROWS].float()
+        for i in range(0, flat.shape[0], logprobs.ROWS):
+            z = flat[i : i + logprobs.ROWS].float()
             lse = torch.logsumexp(z, dim=-1)
             p = (z - lse[:, None]).exp_()
-            out[i : i + _ROWS] = lse - (p * z).sum(-1)  # -sum p log p, with log p = z - lse
+            out[i : i + logprobs.ROWS] = lse - (p * z).sum(-1)  # -sum p log p, with log p = z - lse
     return out.view(logits.shape[:-1])
-
-
-def _selected_logprobs_function():
-    import torch
-
-    class SelectedLogprobs(torch.autograd.Function):
-        """log softmax(z / T)[token] per row of z [N, V]; the gradient (onehot - softmax(z / T)) g / T."""
-
-        @staticmethod
-        def forward(ctx, logits, tokens, temperature):
-            lse = _log_normaliser(logits, temperature)
-            picked = logits.gather(-1, tokens[:, None]).squeeze(-1).to(lse.dtype)
-            if temperature != 1.0:
-                picked = picked / temperature
-            ctx.save_for_backward(logits, tokens, lse)
-            ctx.temperature = temperature
-            return picked - lse
-
-        @staticmethod
-        def backward(ctx, grad):
-            # formed in at least fp32 a block of rows at a time and rounded once into the logits' dtype: in bf16
-            # onehot - softmax cancels for a confident target (1 - p), losing its gradient
-            logits, tokens, lse = ctx.saved_tensors
-            T = ctx.temperature
-            g = grad.to(lse.dtype) / T
-            out, same = torch.empty_like(logits), logits.dtype == lse.dtype
-            for i in range(0, logits.shape[0], _ROWS):
-                rows = slice(i, i + _ROWS)  # fp32 (fp64) logits in place in `out`, else one block's copy
-                block = out[rows].copy_(logits[rows]) if same else logits[rows].to(lse.dtype)
-                if T != 1.0:
-                    block.div_(T)
-                block.sub_(lse[rows, None]).exp_().mul_(-g[rows, None])
-                block.scatter_add_(-1, tokens[rows, None], g[rows, None])
-                if not same:
-                    out[rows] = block
-            return out, None, None
-
-    return SelectedLogprobs
 
 
 def last_token_index(attention_mask):
@@ -281,11 +229,40 @@ def _product_forward(self, x):
 
 
 @contextlib.contextmanager
-def training_linears(model):
-    """The linears of a training forward: LoRA layers as one node each (`fused_lora_linears`), the other fp32
-    linears' products by `linear_product` (`product_linears`)."""
-    with fused_lora_linears(model), product_linears(model):
+def training_layers(model):
+    """The layers of a training forward: LoRA layers as one node each (`fused_lora_linears`), the other fp32
+    linears' products by `linear_product` (`product_linears`), the RMSNorms as one node each (`fused_norms`)."""
+    with fused_lora_linears(model), product_linears(model), fused_norms(model):
         yield
+
+
+@contextlib.contextmanager
+def fused_norms(model):
+    """While inside, each of `model`'s RMSNorms of a known plain kind (`norms.PLAIN_RMS_NORMS`) with an fp32
+    weight on the CPU computes as one autograd node (cai.runtime.kernels.norms) when its input is fp32 and no
+    autocast is on; elsewhere its own forward. Not under ZeRO-3 or FSDP (their hooks gather a module's weights
+    only when the module itself is called)."""
+    if not dist.whole_weights():
+        yield
+        return
+    layers = [
+        m
+        for m in model.modules()
+        if type(m).__name__ in norms.PLAIN_RMS_NORMS
+        and "forward" not in m.__dict__
+        and m.weight.device.type == "cpu"
+        and str(m.weight.dtype) == "torch.float32"
+    ]
+    with replaced_forwards(layers, _fused_norm_forward):
+        yield
+
+
+def _fused_norm_forward(self, x):
+    import torch
+
+    if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return type(self).forward(self, x)
+    return norms.rms_norm(x, self.weight, self.variance_epsilon)
 
 
 @contextlib.contextmanager
@@ -379,18 +356,5 @@ def _fused_lora_function():
     return FusedLora
 
 
-class _LazyFunction:
-    """An autograd Function, made by `factory` on first use so that importing this module does not import torch."""
-
-    def __init__(self, factory):
-        self.factory, self.fn = factory, None
-
-    def apply(self, *args):
-        if self.fn is None:
-            self.fn = self.factory()
-        return self.fn.apply(*args)
-
-
-_FusedLora = _LazyFunction(_fused_lora_function)
-_OneDnnLinear = _LazyFunction(_onednn_linear_function)
-_SelectedLogprobs = _LazyFunction(_selected_logprobs_function)
+_FusedLora = LazyFunction(_fused_lora_function)
+_OneDnnLinear = LazyFunction(_onednn_linear_function)

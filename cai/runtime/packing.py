@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass
 
 from cai.runtime import distributed as dist
+from cai.runtime.kernels.attention import segment_attention
 
 VARLEN = "cai_varlen"
 # segments' attention: None, one padded batch per depth of the tree on an accelerator and one call per segment on
@@ -130,6 +131,21 @@ class Packing:
         dst = torch.cat(dst)
         in_order = bool((dst == torch.arange(len(dst), device=device)).all())
         self.order = None if in_order else torch.argsort(dst)
+        self._additive = {}
+
+    def additive(self, dtype) -> list:
+        """The segments with their masks additive (0 or -inf) in `dtype`, made once per dtype."""
+        if dtype not in self._additive:
+            self._additive[dtype] = [
+                (
+                    s,
+                    n,
+                    a,
+                    None if m is None else m.new_zeros(m.shape, dtype=dtype).masked_fill_(~m, -float("inf")),
+                )
+                for s, n, a, m in self.groups
+            ]
+        return self._additive[dtype]
 
 
 def _varlen_attention(
@@ -150,6 +166,13 @@ def _varlen_attention(
     for key_name in ("softcap", "sliding_window", "s_aux"):
         if kwargs.get(key_name) is not None:
             raise NotImplementedError(f"cai_varlen attention does not support {key_name}")
+    if query.device.type == "cpu" and not any(isinstance(b, _Batch) for b in cai_packing.groups):
+        if torch.is_autocast_enabled("cpu"):  # as F.scaled_dot_product_attention runs under autocast
+            low = torch.get_autocast_dtype("cpu")
+            query, key, value = query.to(low), key.to(low), value.to(low)
+        if query.dtype == key.dtype == value.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            segments = cai_packing.additive(query.dtype)
+            return segment_attention(query, key, value, segments, scaling), None
     gqa, H, D = query.shape[1] != key.shape[1], query.shape[1], query.shape[3]
     parts = []
     for b in cai_packing.groups:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cai.errors import UserError
 from cai.runtime import distributed as dist
-from cai.runtime.forward import training_linears
+from cai.runtime.forward import training_layers
 from cai.runtime.rundir import NOT_SEALED, read_jsonl, rewrite_jsonl
 from cai.runtime.settings import cast_keeping_fp32_heads, lora_base_may_be_half
 
@@ -72,14 +72,14 @@ def training_args(args_cls, cfg, out_dir: Path, seed: int, device: str, precisio
 MIXED_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
-def with_training_linears(trainer):
-    """`trainer` (a transformers Trainer) with its loss forwards run under `training_linears`
+def with_training_layers(trainer):
+    """`trainer` (a transformers Trainer) with its loss forwards run under `training_layers`
     (cai.runtime.forward): a LoRA model's adapted linears train as one autograd node each, and on AMD's CPUs the
     fp32 products run on oneDNN. Returns the trainer."""
     compute_loss = trainer.compute_loss
 
     def with_linears(model, *args, **kwargs):
-        with training_linears(model):
+        with training_layers(model):
             return compute_loss(model, *args, **kwargs)
 
     trainer.compute_loss = with_linears

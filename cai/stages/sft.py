@@ -35,7 +35,7 @@ from cai.runtime.training import (
     token_callback,
     train_from,
     training_args,
-    with_training_linears,
+    with_training_layers,
 )
 from cai.stats import epoch_means
 
@@ -84,7 +84,7 @@ def build_trainer(cfg, settings, model, tok, examples: list[dict], ckpt_dir: Pat
         peft_config=peft_config(cfg.lora) if cfg.lora else None,
         callbacks=callbacks,
     )
-    return with_training_linears(packed_loss(trainer))  # cai.runtime.forward.training_linears
+    return with_training_layers(packed_loss(trainer))  # cai.runtime.forward.training_layers
 
 
 def packed_loss(trainer):
