@@ -2,8 +2,8 @@
 under left padding, the last real token of each row; log-probabilities at a temperature with their own backward;
 and the layers of training and scoring forwards (`training_layers`: LoRA layers' base and adapter products as
 one autograd node, the products on oneDNN on AMD's CPUs, RMSNorms as one node; the autograd functions they call
-are in cai.runtime.kernels). Generation's own patches of a model (packed
-linears, merged adapters, grouped keys, the sampler) are in cai.runtime.decode."""
+are in cai.runtime.kernels). Generation's own patches of a model (packed linears, merged adapters, grouped keys,
+the sampler) are in cai.runtime.decode."""
 
 from __future__ import annotations
 
@@ -240,8 +240,9 @@ def training_layers(model):
 def fused_norms(model):
     """While inside, each of `model`'s RMSNorms of a known plain kind (`norms.PLAIN_RMS_NORMS`) with an fp32
     weight on the CPU computes as one autograd node (cai.runtime.kernels.norms) when its input is fp32 and no
-    autocast is on; elsewhere its own forward. Not under ZeRO-3 or FSDP (their hooks gather a module's weights
-    only when the module itself is called)."""
+    autocast is on; elsewhere its own forward. Not under ZeRO-3 or FSDP: with sharded weights it is untested."""
+    import torch
+
     if not dist.whole_weights():
         yield
         return
@@ -251,7 +252,7 @@ def fused_norms(model):
         if type(m).__name__ in norms.PLAIN_RMS_NORMS
         and "forward" not in m.__dict__
         and m.weight.device.type == "cpu"
-        and str(m.weight.dtype) == "torch.float32"
+        and m.weight.dtype == torch.float32
     ]
     with replaced_forwards(layers, _fused_norm_forward):
         yield

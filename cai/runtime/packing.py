@@ -103,8 +103,9 @@ class Packing:
     to nothing, and padding does: an HH pair's reply padded to the longest reply of its batch, with the keys of
     the longest conversation, made the kernel compute 3.5-7x the query-key pairs needed, and `cai pm eval` took
     1.13x as long (0.99-1.24) as with a call per segment; a PPO step was level either way (docs/benchmarks.md,
-    "Packed attention on the CPU: a call per segment"). `order` puts the groups' outputs, concatenated, back in
-    packed order (None: already in it)."""
+    "Packed attention on the CPU: a call per segment"). There the segments' calls of a layer run as one autograd
+    node (cai.runtime.kernels.attention). `order` puts the groups' outputs, concatenated, back in packed order
+    (None: already in it)."""
 
     def __init__(self, start: list[int], length: list[int], above: list[list[tuple[int, int]]], device):
         import torch
@@ -134,17 +135,14 @@ class Packing:
         self._additive = {}
 
     def additive(self, dtype) -> list:
-        """The segments with their masks additive (0 or -inf) in `dtype`, made once per dtype."""
+        """The segments with their masks additive (0 or -inf) in `dtype`, made once per dtype: what the CPU's
+        segment attention takes (cai.runtime.kernels.attention)."""
+
+        def add(m):
+            return None if m is None else m.new_zeros(m.shape, dtype=dtype).masked_fill_(~m, -float("inf"))
+
         if dtype not in self._additive:
-            self._additive[dtype] = [
-                (
-                    s,
-                    n,
-                    a,
-                    None if m is None else m.new_zeros(m.shape, dtype=dtype).masked_fill_(~m, -float("inf")),
-                )
-                for s, n, a, m in self.groups
-            ]
+            self._additive[dtype] = [(s, n, a, add(m)) for s, n, a, m in self.groups]
         return self._additive[dtype]
 
 

@@ -3,7 +3,7 @@
 transformers' RMSNorm forward (the variance by `pow` and `mean`, `rsqrt`, two products) and autograd's backward
 of it take some fifteen passes over the hidden states; this takes two forward (the norm of each row, then x times
 its scale and the weight, in place) and about six backward, the same maths. SmolLM2's 61 norms, forward and
-backward over a 776-token packed row on the CPU: 78-89 ms against 156-168 ms (docs/benchmarks.md)."""
+backward over a 776-token packed row on the CPU: 76-89 ms against 156-168 ms (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
