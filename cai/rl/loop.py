@@ -216,9 +216,8 @@ class OnPolicyTrainer:
             t0 = time.perf_counter()
             batch = self.rollout(u)
             t1 = time.perf_counter()
-            with training_layers(
-                self.model
-            ):  # LoRA layers and norms as one node each, products on oneDNN on AMD
+            # LoRA layers and norms as one node each, the products on oneDNN on AMD's CPUs
+            with training_layers(self.model):
                 train_stats = self.train_on(batch, u)
             row = {**{k: v for k, v in batch.stats.items() if not k.startswith("_")}, **train_stats}
             row["policy/approx_kl"] = row.get("policy/approx_kl", 0.0)
