@@ -74,15 +74,15 @@ MIXED_ENV = "ACCELERATE_MIXED_PRECISION"
 
 def with_training_layers(trainer):
     """`trainer` (a transformers Trainer) with its loss forwards run under `training_layers`
-    (cai.runtime.forward): a LoRA model's adapted linears train as one autograd node each, and on AMD's CPUs the
-    fp32 products run on oneDNN. Returns the trainer."""
+    (cai.runtime.forward): a LoRA model's adapted linears and the RMSNorms train as one autograd node each, and
+    on AMD's CPUs the fp32 products run on oneDNN. Returns the trainer."""
     compute_loss = trainer.compute_loss
 
-    def with_linears(model, *args, **kwargs):
+    def with_layers(model, *args, **kwargs):
         with training_layers(model):
             return compute_loss(model, *args, **kwargs)
 
-    trainer.compute_loss = with_linears
+    trainer.compute_loss = with_layers
     return trainer
 
 
